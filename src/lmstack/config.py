@@ -1,0 +1,170 @@
+"""Dataclass configs: strict loading from dicts/YAML/JSON, and saving.
+
+Every component has a plain dataclass config. This module turns dicts (from YAML recipes, JSON
+files or `config.json`) into those dataclasses and back, refusing unknown keys and values that
+are not among a `Literal`'s choices, with a message that names the key and what is allowed.
+
+Usage:
+    from lmstack.config import from_dict, to_dict, load_config, save_config
+    cfg = from_dict(ModelConfig, {"d_model": 64, "position": "rope"})
+    save_config(cfg, "run/config.yaml")
+    cfg = load_config(ModelConfig, "run/config.yaml")
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from lmstack.errors import LmstackError
+
+T = TypeVar("T")
+
+
+class ConfigError(LmstackError, ValueError):
+    """A config key or value is not allowed. The message names the key and the allowed values."""
+
+
+def _check_value(path: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{path}={value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(path, arg, value)
+            except (ConfigError, TypeError) as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}={value!r} does not match {hint}: {'; '.join(errors)}")
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping of {hint.__name__} fields, got {value!r}")
+        return from_dict(hint, value, _prefix=path + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        args = get_args(hint)
+        item = args[0] if args else Any
+        items = [_check_value(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`, refusing unknown keys and ill-typed values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_prefix or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {_prefix}{unknown[0]!r} for {cls.__name__}; allowed keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _check_value(_prefix + k, hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict (lists, not tuples) of a dataclass, recursively."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` via a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML or JSON file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid UTF-8 (byte {e.start})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path} is malformed: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike) -> T:
+    """Load dataclass `cls` from a YAML or JSON file, strictly."""
+    return from_dict(cls, read_mapping(path))
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Save a dataclass as YAML (or JSON if the suffix is .json), atomically."""
+    data = to_dict(cfg)
+    text = json.dumps(data, indent=2) + "\n" if str(path).endswith(".json") else yaml.safe_dump(data, sort_keys=False)
+    atomic_write_text(path, text)

@@ -1,0 +1,1 @@
+"""lmstack.tokenizer"""

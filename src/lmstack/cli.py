@@ -70,12 +70,12 @@ def run(argv: list[str]) -> Any:
         if commands is None:
             raise SystemExit(f"lmstack: the '{argv[0]}' stage is not built yet")
         if callable(commands):
-            return CLI(commands, args=argv[1:], prog=f"lmstack {argv[0]}")
+            return CLI(commands, args=argv[1:], prog=f"lmstack {argv[0]}", as_positional=False)
         if len(argv) > 1 and argv[1] in commands:
             # Route to the single function, so jsonargparse's messages name the exact flag at fault.
-            return CLI(commands[argv[1]], args=argv[2:], prog=f"lmstack {argv[0]} {argv[1]}")
-        return CLI(commands, args=argv[1:], prog=f"lmstack {argv[0]}")
-    return CLI(available_stages(), args=argv, prog="lmstack")
+            return CLI(commands[argv[1]], args=argv[2:], prog=f"lmstack {argv[0]} {argv[1]}", as_positional=False)
+        return CLI(commands, args=argv[1:], prog=f"lmstack {argv[0]}", as_positional=False)
+    return CLI(available_stages(), args=argv, prog="lmstack", as_positional=False)
 
 
 def main(argv: list[str] | None = None) -> int:

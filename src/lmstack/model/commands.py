@@ -1,0 +1,127 @@
+"""`lmstack model ...`: inspect, create, convert and sample from models.
+
+Usage:
+    lmstack model info --preset mixtral-small          # params (total/active), FLOPs, KV bytes, memory
+    lmstack model info --model path/to/hf_or_our_dir
+    lmstack model init --preset llama-tiny --out runs/tiny      # a randomly initialised model directory
+    lmstack model convert --src hf_dir --out our_dir            # load any supported HF dir, save it back
+    lmstack model generate --model runs/tiny --prompt "Once upon" --max_new_tokens 32
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+import torch
+
+from lmstack.errors import LmstackError
+
+
+def info(preset: str | None = None, model: str | None = None, context: int | None = None,
+         json_output: bool = False) -> dict:
+    """Print parameter counts (total, active per token), FLOPs per token, KV-cache bytes and weight memory.
+
+    Args:
+        preset: a preset name such as llama-small (see lmstack.model.PRESETS).
+        model: a model directory (ours or HF's) instead of a preset.
+        context: context length for the attention FLOPs (default: the model's max_seq_len).
+        json_output: print JSON instead of a table.
+    """
+    from lmstack.model.counting import format_stats, model_stats
+    from lmstack.model.hf_io import read_config
+    from lmstack.model.presets import preset as make_preset
+
+    if (preset is None) == (model is None):
+        raise LmstackError("give exactly one of --preset or --model")
+    cfg = make_preset(preset) if preset else read_config(model)[0]
+    stats = model_stats(cfg, context)
+    if json_output:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(stats), indent=2))
+    else:
+        print(format_stats(cfg, stats))
+    return {"config": cfg, "stats": stats}
+
+
+def init(preset: str, out: str, seed: int = 0) -> str:
+    """Write a randomly initialised model of a preset to a model directory (HF layout when possible).
+
+    Args:
+        preset: preset name, e.g. llama-tiny.
+        out: output directory.
+        seed: torch seed for the initial weights.
+    """
+    from lmstack.model.hf_io import save_model
+    from lmstack.model.presets import preset as make_preset
+    from lmstack.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    path = save_model(Transformer(make_preset(preset)), out)
+    print(f"wrote {preset} to {path}")
+    return str(path)
+
+
+def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> str:
+    """Load a model directory (any supported HF family or ours) and save it in lmstack's HF layout.
+
+    Args:
+        src: source model directory (config.json + safetensors).
+        out: output directory.
+        dtype: dtype of the saved weights.
+    """
+    from lmstack.model.hf_io import load_model, save_model
+
+    model = load_model(src, dtype=getattr(torch, dtype))
+    path = save_model(model, out)
+    print(f"converted {src} -> {path} ({model.num_parameters():,} parameters, {dtype})")
+    return str(path)
+
+
+def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             cache: Literal["contiguous", "sink", "none"] = "contiguous") -> list[int]:
+    """Sample from a model with the reference KV-cache decode loop.
+
+    Args:
+        model: model directory.
+        prompt: text prompt (needs tokenizer.json in the model directory).
+        prompt_ids: token ids instead of text, e.g. '[1, 2, 3]'.
+        max_new_tokens: tokens to generate.
+        temperature: 0 for greedy decoding.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass (1 = off).
+        seed: sampling seed.
+        cache: contiguous KV cache, a bounded sink cache, or none (recompute the prefix each step).
+    """
+    from pathlib import Path
+
+    from lmstack.model.generate import generate as run
+    from lmstack.model.hf_io import load_model
+
+    m = load_model(model)
+    tok = None
+    if prompt is not None:
+        if not (Path(model) / "tokenizer.json").exists():
+            raise LmstackError(f"{model} has no tokenizer.json; pass --prompt_ids instead of --prompt")
+        from lmstack.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(model)
+        prompt_ids = tok.encode(prompt)
+    if not prompt_ids:
+        raise LmstackError("give --prompt or --prompt_ids")
+    bad = [i for i in prompt_ids if not 0 <= i < m.config.vocab_size]
+    if bad:
+        raise LmstackError(f"prompt ids {bad[:5]} are outside the vocabulary (size {m.config.vocab_size})")
+    start = time.perf_counter()
+    out = run(m, torch.tensor([prompt_ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              eos_id=m.config.eos_token_id, cache=None if cache == "none" else cache, seed=seed)
+    new = out[0, len(prompt_ids):].tolist()
+    elapsed = time.perf_counter() - start
+    print(tok.decode(new) if tok is not None else new)
+    print(f"[{len(new)} tokens in {elapsed:.2f}s, {len(new) / max(elapsed, 1e-9):.1f} tok/s]")
+    return new
+
+
+COMMANDS = {"info": info, "init": init, "convert": convert, "generate": generate}

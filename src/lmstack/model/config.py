@@ -1,0 +1,287 @@
+"""ModelConfig: one dataclass that describes every Transformer lmstack can build.
+
+Model families (llama, mistral, mixtral, qwen2, gpt2, bert) are presets of this one config, never
+subclasses (see presets.py). Zero-valued size fields are derived in __post_init__, so a saved config
+always holds the resolved numbers.
+
+Usage:
+    from lmstack.model.config import ModelConfig
+    cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    cfg = ModelConfig.from_preset("mixtral-tiny", n_layers=4)
+    cfg = ModelConfig.from_dict({"d_model": 64, "position": "alibi"})   # strict: unknown keys raise
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from lmstack.config import ConfigError, from_dict, to_dict
+
+Norm = Literal["layernorm", "rmsnorm"]
+Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+RopeScaling = Literal["none", "linear", "ntk", "yarn", "llama3"]
+MLPKind = Literal["gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu"]
+Backend = Literal["sdpa", "naive", "blockwise"]
+AttentionKind = Literal["softmax", "performer", "linformer"]
+SparsePattern = Literal["none", "longformer", "bigbird", "dilated"]
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return ((x + multiple - 1) // multiple) * multiple
+
+
+@dataclass
+class ModelConfig:
+    # ---- sizes
+    vocab_size: int = 512
+    """Number of token ids the embedding and LM head cover."""
+    d_model: int = 64
+    """Width of the residual stream."""
+    n_layers: int = 2
+    """Number of Transformer blocks."""
+    n_heads: int = 4
+    """Number of query heads."""
+    n_kv_heads: int = 0
+    """Number of key/value heads: n_heads = MHA, 1 = MQA, in between = GQA. 0 means n_heads."""
+    head_dim: int = 0
+    """Width of one head. 0 means d_model // n_heads."""
+    d_ff: int = 0
+    """Hidden width of the MLP. 0 means 4*d_model, or 8/3*d_model rounded up to 32 for gated MLPs."""
+    max_seq_len: int = 256
+    """Longest context the model is built and trained for (RoPE extends past it; learned positions do not)."""
+    # ---- norms
+    norm: Norm = "rmsnorm"
+    """Normalisation layer: layernorm or rmsnorm."""
+    norm_eps: float = 1e-5
+    """Epsilon of every norm."""
+    norm_bias: bool = True
+    """Whether LayerNorm has a bias (ignored for RMSNorm)."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """pre: x + f(norm(x)) (GPT-2, Llama); post: norm(x + f(x)) (BERT, original Transformer)."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys per head before attention (stabilises training at high LR)."""
+    embedding_norm: bool = False
+    """Normalise the summed embeddings before the first block (BERT)."""
+    # ---- positions
+    position: Position = "rope"
+    """Position scheme: learned or sinusoidal (added to embeddings), rope (rotates q/k), alibi (biases scores), none."""
+    rope_theta: float = 10000.0
+    """RoPE base wavelength."""
+    rope_scaling: RopeScaling = "none"
+    """Context extension for RoPE: linear (position interpolation), ntk (static NTK-aware base), yarn, llama3."""
+    rope_factor: float = 1.0
+    """Scaling factor for rope_scaling (the context is stretched by this much)."""
+    rope_original_max_seq_len: int = 0
+    """Context the model was pretrained with, for yarn/llama3. 0 means max_seq_len."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original_len/low_freq_factor are interpolated fully."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original_len/high_freq_factor are left alone."""
+    rope_yarn_beta_fast: float = 32.0
+    """YaRN: rotations above which a dimension is extrapolated (not interpolated)."""
+    rope_yarn_beta_slow: float = 1.0
+    """YaRN: rotations below which a dimension is fully interpolated."""
+    # ---- attention
+    causal: bool = True
+    """Causal (decoder) or bidirectional (encoder) attention."""
+    qkv_bias: bool = False
+    """Bias on the q/k/v projections (qwen2, gpt2, bert)."""
+    out_bias: bool = False
+    """Bias on the attention output projection (gpt2, bert)."""
+    sliding_window: int = 0
+    """Each query sees at most this many keys, itself included (Mistral). 0 turns it off."""
+    sliding_window_layers: list[int] | None = None
+    """Layers that use the sliding window; None means all layers (when sliding_window > 0)."""
+    n_sink_tokens: int = 4
+    """Attention-sink tokens a streaming (sink) cache keeps besides its window (StreamingLLM)."""
+    attn_logit_softcap: float = 0.0
+    """Cap attention logits with cap*tanh(s/cap) (Gemma 2). Needs attn_backend naive or blockwise. 0 = off."""
+    attn_backend: Backend = "sdpa"
+    """sdpa (torch's fused kernels, flash on GPU), naive (explicit softmax), blockwise (FlashAttention reference)."""
+    attn_block_size: int = 128
+    """Tile size of the blockwise backend and of block-sparse patterns' skip test."""
+    attention: AttentionKind = "softmax"
+    """softmax, or linear-cost performer (random features) / linformer (low-rank K/V, bidirectional only)."""
+    performer_features: int = 256
+    """Random features of Performer attention; the estimate approaches softmax attention as this grows."""
+    linformer_k: int = 64
+    """Rows Linformer projects keys and values to along the sequence."""
+    sparse_pattern: SparsePattern = "none"
+    """Sparse attention mask: longformer (window + global tokens), bigbird (window, global, random blocks), dilated."""
+    sparse_global_tokens: int = 0
+    """longformer/bigbird: the first N positions attend to and are seen by every token."""
+    sparse_random_blocks: int = 0
+    """bigbird: random key blocks each query block sees, with blocks of attn_block_size."""
+    sparse_dilation: int = 1
+    """dilated: keys at offsets 0, d, 2d, ... within sliding_window*d."""
+    # ---- MLP and mixture of experts
+    mlp: MLPKind = "swiglu"
+    """MLP kind: gelu, gelu_tanh, relu, relu2, silu, or gated swiglu / geglu."""
+    mlp_bias: bool = False
+    """Bias on MLP projections."""
+    n_experts: int = 0
+    """Routed experts per MoE layer. 0 means a dense model."""
+    moe_top_k: int = 2
+    """Experts each token is routed to."""
+    n_shared_experts: int = 0
+    """Always-on shared experts (DeepSeekMoE / Qwen-MoE style), added to the routed output."""
+    moe_layers: list[int] | None = None
+    """Layers that are MoE; None means all (when n_experts > 0). Others stay dense: hybrid dense/MoE."""
+    moe_d_ff: int = 0
+    """Hidden width of one expert. 0 means d_ff."""
+    moe_renormalize: bool = True
+    """Renormalise the top-k router probabilities to sum to 1 (Mixtral)."""
+    router_aux_loss_coef: float = 0.01
+    """Weight of the Switch-style load-balancing loss (E * sum_i f_i * P_i)."""
+    router_z_loss_coef: float = 0.0
+    """Weight of the router z-loss (mean squared logsumexp of router logits; ST-MoE)."""
+    # ---- embeddings and heads
+    tie_embeddings: bool = False
+    """Share the token embedding with the output projection."""
+    head: Literal["lm", "mlm", "none"] = "lm"
+    """lm: logits over the vocab; mlm: BERT's transform + tied decoder; none: return hidden states."""
+    type_vocab_size: int = 0
+    """Token-type (segment) embeddings, as BERT has. 0 = none."""
+    final_logit_softcap: float = 0.0
+    """Cap output logits with cap*tanh(z/cap). 0 = off."""
+    # ---- block structure
+    parallel_residual: bool = False
+    """x + attn(norm1(x)) + mlp(norm2(x)) in one step (GPT-J / GPT-NeoX)."""
+    n_unique_layers: int = 0
+    """Cross-layer parameter sharing (ALBERT): layer i reuses block i % n_unique_layers. 0 = no sharing."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and residual branches."""
+    init: Literal["gpt2", "normal", "small"] = "gpt2"
+    """Weight init: gpt2 (N(0, std), residual outputs scaled by 1/sqrt(2*n_layers)), normal, small (std sqrt(2/(5d)))."""
+    init_std: float = 0.02
+    """Standard deviation for gpt2/normal init."""
+    # ---- bookkeeping for export
+    bos_token_id: int | None = None
+    """Beginning-of-sequence id written to config.json / generation_config.json."""
+    eos_token_id: int | None = None
+    """End-of-sequence id written to config.json / generation_config.json."""
+    pad_token_id: int | None = None
+    """Padding id written to config.json."""
+    hf_model_type: str = ""
+    """The HF family this config mirrors (llama, mistral, mixtral, qwen2, gpt2, bert); used on export."""
+    name: str = ""
+    """Free-form name, e.g. the preset it came from."""
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim == 0:
+            if self.n_heads <= 0 or self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
+                    "(or set head_dim explicitly)"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.d_ff == 0:
+            self.d_ff = _round_up(int(8 * self.d_model / 3), 32) if self.gated else 4 * self.d_model
+        if self.moe_d_ff == 0:
+            self.moe_d_ff = self.d_ff
+        if self.rope_original_max_seq_len == 0:
+            self.rope_original_max_seq_len = self.max_seq_len
+        self.validate()
+
+    # ---- derived facts
+    @property
+    def gated(self) -> bool:
+        return self.mlp in ("swiglu", "geglu")
+
+    @property
+    def n_query_groups(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def window_for_layer(self, layer: int) -> int:
+        """The sliding window of `layer` (0 = full attention)."""
+        if self.sliding_window and (self.sliding_window_layers is None or layer in self.sliding_window_layers):
+            return self.sliding_window
+        return 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and (self.moe_layers is None or layer in self.moe_layers)
+
+    # ---- validation
+    def _check_choices(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            hint = hints[f.name]
+            if get_origin(hint) is Literal and getattr(self, f.name) not in get_args(hint):
+                allowed = ", ".join(get_args(hint))
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not allowed; choose one of {allowed}")
+
+    def validate(self) -> None:
+        """Raise ConfigError (a ValueError) naming the field for any invalid combination."""
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.n_heads % self.n_kv_heads == 0,
+             f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        need(self.position != "rope" or self.head_dim % 2 == 0, f"position=rope needs an even head_dim, got {self.head_dim}")
+        need(self.rope_scaling == "none" or self.position == "rope",
+             f"rope_scaling={self.rope_scaling!r} needs position='rope', got position={self.position!r}")
+        need(self.rope_scaling == "none" or self.rope_factor >= 1.0,
+             f"rope_factor must be >= 1 when rope_scaling is set, got {self.rope_factor}")
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.sliding_window >= 0, f"sliding_window must be >= 0, got {self.sliding_window}")
+        for name in ("sliding_window_layers", "moe_layers"):
+            layers = getattr(self, name)
+            if layers is not None:
+                bad = [i for i in layers if not 0 <= i < self.n_layers]
+                need(not bad, f"{name} has layer indices {bad} outside 0..{self.n_layers - 1}")
+        need(self.n_sink_tokens >= 0, f"n_sink_tokens must be >= 0, got {self.n_sink_tokens}")
+        need(self.attn_logit_softcap >= 0, f"attn_logit_softcap must be >= 0, got {self.attn_logit_softcap}")
+        need(not (self.attn_logit_softcap and self.attn_backend == "sdpa"),
+             "attn_logit_softcap needs attn_backend='naive' or 'blockwise' (SDPA cannot cap logits)")
+        need(not (self.dropout and self.attn_backend == "blockwise"),
+             "attn_backend='blockwise' has no attention dropout; set dropout=0 or use sdpa/naive")
+        need(self.attn_block_size > 0, f"attn_block_size must be positive, got {self.attn_block_size}")
+        if self.sparse_pattern in ("longformer", "dilated"):
+            need(self.sliding_window > 0, f"sparse_pattern={self.sparse_pattern!r} needs sliding_window > 0")
+        need(self.sparse_dilation >= 1, f"sparse_dilation must be >= 1, got {self.sparse_dilation}")
+        need(self.sparse_global_tokens >= 0 and self.sparse_random_blocks >= 0,
+             "sparse_global_tokens and sparse_random_blocks must be >= 0")
+        if self.attention != "softmax":
+            need(self.position not in ("alibi",), f"attention={self.attention!r} cannot add ALiBi biases")
+            need(not self.sliding_window and self.sparse_pattern == "none",
+                 f"attention={self.attention!r} does not take sliding_window or sparse_pattern masks")
+            need(self.attention != "linformer" or not self.causal, "attention='linformer' needs causal=False")
+            need(self.performer_features > 0 and 0 < self.linformer_k <= self.max_seq_len,
+                 "performer_features must be > 0 and linformer_k in 1..max_seq_len")
+        need(self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}")
+        if self.n_experts:
+            need(1 <= self.moe_top_k <= self.n_experts,
+                 f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
+        need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        need(self.n_shared_experts == 0 or self.n_experts > 0, "n_shared_experts needs n_experts > 0")
+        need(0 <= self.n_unique_layers <= self.n_layers,
+             f"n_unique_layers={self.n_unique_layers} must be between 0 and n_layers={self.n_layers}")
+        need(self.type_vocab_size >= 0, f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        need(not (self.head == "mlm" and self.norm != "layernorm"), "head='mlm' (BERT's transform) needs norm='layernorm'")
+
+    # ---- construction helpers
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        from lmstack.model.presets import preset
+
+        return preset(name, **overrides)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,346 @@
+"""Conversion between HF checkpoints and lmstack: config fields and tensor names, one spec per family.
+
+Supported model_type: llama, mistral, mixtral, qwen2, gpt2, bert. Names map by ordered regex rules;
+the few tensors that do not map one-to-one have small handlers: GPT-2's fused c_attn (and its
+Conv1D weights, stored transposed) and Mixtral's per-expert w1/w2/w3, which we keep stacked.
+
+Usage:
+    cfg = config_from_hf(json.load(open("config.json")))
+    hf_cfg = config_to_hf(cfg)
+    ours = weights_from_hf(cfg, reader)        # reader: name -> tensor, with .keys()
+    theirs = weights_to_hf(cfg, model.state_dict())
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable
+
+import torch
+
+from lmstack.errors import LmstackError
+from lmstack.model.config import ModelConfig
+
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert")
+EXPORTABLE = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert")
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2")
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel"}
+
+# ---------------------------------------------------------------- configs
+_ACT_TO_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
+_ACT_TO_PLAIN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+                 "gelu_fast": "gelu_tanh"}
+
+
+def _unsupported(model_type: str, what: str) -> LmstackError:
+    return LmstackError(f"{model_type} config: {what} is not supported by lmstack")
+
+
+def _rope_fields(hf: dict, model_type: str) -> dict[str, Any]:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    src = params if params.get("rope_type", "default") != "default" else scaling
+    out: dict[str, Any] = {"rope_theta": float(theta)}
+    if kind == "default":
+        return out
+    if kind not in ("linear", "yarn", "llama3"):
+        raise _unsupported(model_type, f"rope scaling type {kind!r} (supported: linear, yarn, llama3)")
+    out.update(rope_scaling=kind, rope_factor=float(src["factor"]))
+    if "original_max_position_embeddings" in src:
+        out["rope_original_max_seq_len"] = int(src["original_max_position_embeddings"])
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(src["low_freq_factor"]), rope_high_freq_factor=float(src["high_freq_factor"]))
+    if kind == "yarn":
+        if src.get("attention_factor") or src.get("mscale") or src.get("truncate") is False:
+            raise _unsupported(model_type, "yarn with attention_factor/mscale/truncate overrides")
+        out.update(rope_yarn_beta_fast=float(src.get("beta_fast") or 32), rope_yarn_beta_slow=float(src.get("beta_slow") or 1))
+    return out
+
+
+def _first_id(value):
+    return value[0] if isinstance(value, list) and value else value
+
+
+def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = None) -> ModelConfig:
+    """ModelConfig from an HF config.json dict."""
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise LmstackError(f"unsupported model_type {mt!r}; lmstack loads: {', '.join(SUPPORTED)}")
+    ids = dict(bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")),
+               pad_token_id=_first_id(hf.get("pad_token_id")), hf_model_type=mt, name=hf.get("_name_or_path", ""))
+    if mt in LLAMA_LIKE:
+        act = hf.get("hidden_act", "silu")
+        if act not in _ACT_TO_GATED:
+            raise _unsupported(mt, f"hidden_act {act!r}")
+        bias = bool(hf.get("attention_bias", False))
+        fields = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                      n_heads=hf["num_attention_heads"],
+                      n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                      head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"],
+                      max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+                      norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope", mlp=_ACT_TO_GATED[act],
+                      qkv_bias=bias or mt == "qwen2", out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **_rope_fields(hf, mt))
+        window = hf.get("sliding_window") or 0
+        if mt == "qwen2":
+            types = hf.get("layer_types")
+            if types and "sliding_attention" in types:
+                fields.update(sliding_window=window,
+                              sliding_window_layers=[i for i, t in enumerate(types) if t == "sliding_attention"])
+            elif not types and hf.get("use_sliding_window") and window:
+                start = hf.get("max_window_layers", 0)
+                fields.update(sliding_window=window, sliding_window_layers=list(range(start, hf["num_hidden_layers"])))
+        elif mt in ("mistral", "mixtral"):
+            fields["sliding_window"] = window
+        if mt == "mixtral":
+            fields.update(n_experts=hf["num_local_experts"], moe_top_k=hf["num_experts_per_tok"],
+                          router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+        return ModelConfig(**fields, **ids)
+    if mt == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _ACT_TO_PLAIN:
+            raise _unsupported(mt, f"activation_function {act!r}")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+            raise _unsupported(mt, "scale_attn_by_inverse_layer_idx / unscaled attention")
+        d = hf["n_embd"]
+        return ModelConfig(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
+                           d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf.get("n_positions", 1024), norm="layernorm",
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), position="learned", mlp=_ACT_TO_PLAIN[act],
+                           qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True, **ids)
+    # bert
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise _unsupported(mt, f"position_embedding_type {hf['position_embedding_type']!r}")
+    act = hf.get("hidden_act", "gelu")
+    if act not in _ACT_TO_PLAIN:
+        raise _unsupported(mt, f"hidden_act {act!r}")
+    mlm = any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in (architectures or hf.get("architectures") or []))
+    return ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                       n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+                       max_seq_len=hf.get("max_position_embeddings", 512), norm="layernorm",
+                       norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post", position="learned",
+                       mlp=_ACT_TO_PLAIN[act], qkv_bias=True, out_bias=True, mlp_bias=True, causal=False,
+                       embedding_norm=True, type_vocab_size=hf.get("type_vocab_size", 2),
+                       head="mlm" if mlm else "none", tie_embeddings=True, **ids)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """An HF config.json dict for cfg; LmstackError if cfg uses something its family cannot express."""
+    mt = cfg.hf_model_type
+    if mt not in EXPORTABLE:
+        raise LmstackError(f"cannot export hf_model_type {mt!r}; exportable: {', '.join(EXPORTABLE)}")
+    ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if mt in LLAMA_LIKE:
+        act = {v: k for k, v in _ACT_TO_GATED.items() if k != "swish"}.get(cfg.mlp)
+        rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+        if cfg.rope_scaling != "none":
+            rope.update(rope_type=cfg.rope_scaling, factor=cfg.rope_factor,
+                        original_max_position_embeddings=cfg.rope_original_max_seq_len)
+            if cfg.rope_scaling == "llama3":
+                rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+            if cfg.rope_scaling == "yarn":
+                rope.update(beta_fast=cfg.rope_yarn_beta_fast, beta_slow=cfg.rope_yarn_beta_slow)
+        out = dict(model_type=mt, architectures=[ARCHITECTURES[mt]], vocab_size=cfg.vocab_size,
+                   hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+                   num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                   hidden_act=act, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                   tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, rope_theta=cfg.rope_theta,
+                   attention_dropout=0.0, dtype="float32", **ids)
+        if mt == "llama":
+            out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+        if mt in ("mistral", "mixtral"):
+            out["sliding_window"] = cfg.sliding_window or None
+        if mt == "qwen2":
+            layers = cfg.sliding_window_layers if cfg.sliding_window_layers is not None else list(range(cfg.n_layers))
+            sliding = bool(cfg.sliding_window)
+            out.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window or None,
+                       max_window_layers=min(layers) if sliding and layers else cfg.n_layers,
+                       layer_types=["sliding_attention" if sliding and i in layers else "full_attention"
+                                    for i in range(cfg.n_layers)])
+        if mt == "mixtral":
+            out.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.moe_top_k,
+                       router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=False)
+    elif mt == "gpt2":
+        act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}.get(cfg.mlp)
+        out = dict(model_type=mt, architectures=[ARCHITECTURES[mt]], vocab_size=cfg.vocab_size, n_embd=cfg.d_model,
+                   n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=cfg.max_seq_len,
+                   activation_function=act, layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True,
+                   attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, dtype="float32", **ids)
+    else:
+        act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}.get(cfg.mlp)
+        out = dict(model_type=mt, architectures=["BertForMaskedLM" if cfg.head == "mlm" else "BertModel"],
+                   vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                   num_attention_heads=cfg.n_heads, intermediate_size=cfg.d_ff, hidden_act=act,
+                   max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
+                   layer_norm_eps=cfg.norm_eps, position_embedding_type="absolute", tie_word_embeddings=True,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, dtype="float32", **ids)
+    if act is None:
+        raise LmstackError(f"mlp={cfg.mlp!r} cannot be expressed as a {mt} config")
+    # Round trip: anything HF cannot express would silently change the model, so refuse instead.
+    back = config_from_hf(out)
+    skip = {"name", "dropout", "init", "init_std", "n_sink_tokens", "attn_backend", "attn_block_size",
+            "router_z_loss_coef", "router_aux_loss_coef", "sliding_window", "sliding_window_layers"}
+    diffs = [k for k in ModelConfig.__dataclass_fields__ if k not in skip and getattr(back, k) != getattr(cfg, k)]
+    windows = [cfg.window_for_layer(i) for i in range(cfg.n_layers)]
+    if [back.window_for_layer(i) for i in range(cfg.n_layers)] != windows:
+        diffs.append("sliding_window")
+    if diffs:
+        raise LmstackError(f"a {mt} config cannot express these lmstack settings: "
+                           + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in diffs))
+    return out
+
+
+# ---------------------------------------------------------------- tensor names
+Rule = tuple[str, str, bool]  # (our regex, hf replacement, transpose)
+
+_LLAMA_RULES: list[Rule] = [
+    (r"^tok_emb\.", "model.embed_tokens.", False),
+    (r"^final_norm\.", "model.norm.", False),
+    (r"^lm_head\.", "lm_head.", False),
+    (r"^blocks\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm.", False),
+    (r"^blocks\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm.", False),
+    (r"^blocks\.(\d+)\.attn\.", r"model.layers.\1.self_attn.", False),
+    (r"^blocks\.(\d+)\.mlp\.router\.", r"model.layers.\1.block_sparse_moe.gate.", False),
+    (r"^blocks\.(\d+)\.mlp\.", r"model.layers.\1.mlp.", False),
+]
+_GPT2_RULES: list[Rule] = [
+    (r"^tok_emb\.", "transformer.wte.", False),
+    (r"^pos_emb\.", "transformer.wpe.", False),
+    (r"^final_norm\.", "transformer.ln_f.", False),
+    (r"^blocks\.(\d+)\.attn_norm\.", r"transformer.h.\1.ln_1.", False),
+    (r"^blocks\.(\d+)\.mlp_norm\.", r"transformer.h.\1.ln_2.", False),
+    (r"^blocks\.(\d+)\.attn\.o_proj\.weight", r"transformer.h.\1.attn.c_proj.weight", True),
+    (r"^blocks\.(\d+)\.attn\.o_proj\.bias", r"transformer.h.\1.attn.c_proj.bias", False),
+    (r"^blocks\.(\d+)\.mlp\.up_proj\.weight", r"transformer.h.\1.mlp.c_fc.weight", True),
+    (r"^blocks\.(\d+)\.mlp\.up_proj\.bias", r"transformer.h.\1.mlp.c_fc.bias", False),
+    (r"^blocks\.(\d+)\.mlp\.down_proj\.weight", r"transformer.h.\1.mlp.c_proj.weight", True),
+    (r"^blocks\.(\d+)\.mlp\.down_proj\.bias", r"transformer.h.\1.mlp.c_proj.bias", False),
+]
+_BERT_RULES: list[Rule] = [
+    (r"^tok_emb\.", "embeddings.word_embeddings.", False),
+    (r"^pos_emb\.", "embeddings.position_embeddings.", False),
+    (r"^type_emb\.", "embeddings.token_type_embeddings.", False),
+    (r"^emb_norm\.", "embeddings.LayerNorm.", False),
+    (r"^blocks\.(\d+)\.attn\.q_proj\.", r"encoder.layer.\1.attention.self.query.", False),
+    (r"^blocks\.(\d+)\.attn\.k_proj\.", r"encoder.layer.\1.attention.self.key.", False),
+    (r"^blocks\.(\d+)\.attn\.v_proj\.", r"encoder.layer.\1.attention.self.value.", False),
+    (r"^blocks\.(\d+)\.attn\.o_proj\.", r"encoder.layer.\1.attention.output.dense.", False),
+    (r"^blocks\.(\d+)\.attn_norm\.", r"encoder.layer.\1.attention.output.LayerNorm.", False),
+    (r"^blocks\.(\d+)\.mlp\.up_proj\.", r"encoder.layer.\1.intermediate.dense.", False),
+    (r"^blocks\.(\d+)\.mlp\.down_proj\.", r"encoder.layer.\1.output.dense.", False),
+    (r"^blocks\.(\d+)\.mlp_norm\.", r"encoder.layer.\1.output.LayerNorm.", False),
+    (r"^mlm_dense\.", "cls.predictions.transform.dense.", False),
+    (r"^mlm_norm\.", "cls.predictions.transform.LayerNorm.", False),
+    (r"^mlm_bias$", "cls.predictions.bias", False),
+]
+# HF tensors that carry no weights we need (buffers, tied copies, BERT's pooler/NSP heads).
+_IGNORED = {
+    "gpt2": [r"\.attn\.(masked_)?bias$", r"^lm_head\.weight$"],
+    "bert": [r"^pooler\.", r"position_ids$", r"^cls\.predictions\.decoder\.", r"^cls\.seq_relationship\."],
+    "llama_like": [r"rotary_emb\.inv_freq$"],
+}
+
+
+def _rules(mt: str) -> list[Rule]:
+    return _LLAMA_RULES if mt in LLAMA_LIKE else _GPT2_RULES if mt == "gpt2" else _BERT_RULES
+
+
+def _rename(mt: str, our_key: str) -> tuple[str, bool] | None:
+    for pattern, repl, transpose in _rules(mt):
+        if re.match(pattern, our_key):
+            return re.sub(pattern, repl, our_key), transpose
+    return None
+
+
+def ignored_hf_keys(cfg: ModelConfig) -> list[str]:
+    mt = cfg.hf_model_type
+    pats = list(_IGNORED.get("llama_like" if mt in LLAMA_LIKE else mt, []))
+    if cfg.tie_embeddings:
+        pats.append(r"^lm_head\.weight$")
+    return pats
+
+
+def weights_from_hf(cfg: ModelConfig, our_keys: Iterable[str], get: Callable[[str], torch.Tensor],
+                    hf_keys: Iterable[str]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Tensors for each of our_keys fetched (lazily, via `get`) from HF names; returns (weights, used hf keys).
+
+    Raises LmstackError naming the first HF tensor our config needs but the checkpoint lacks."""
+    mt = cfg.hf_model_type
+    hf_keys = set(hf_keys)
+    prefix = "bert." if mt == "bert" and any(k.startswith("bert.") for k in hf_keys) else ""
+    used: set[str] = set()
+
+    def fetch(name: str) -> torch.Tensor:
+        full = prefix + name if prefix and not name.startswith("cls.") else name
+        if full not in hf_keys:
+            raise LmstackError(f"the checkpoint lacks tensor {full!r}, which this {mt} config needs "
+                               "(config.json does not fit the weights, or the file is incomplete)")
+        used.add(full)
+        return get(full)
+
+    out: dict[str, torch.Tensor] = {}
+    for key in our_keys:
+        m = re.match(r"^blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$", key)
+        if mt == "gpt2" and m:  # fused c_attn: (D, 3D) Conv1D weight -> three (D, D) Linear weights
+            i, which, kind = m.groups()
+            fused = fetch(f"transformer.h.{i}.attn.c_attn.{kind}")
+            part = fused.chunk(3, dim=-1)["qkv".index(which)]
+            out[key] = part.t().contiguous() if kind == "weight" else part.contiguous()
+            continue
+        m = re.match(r"^blocks\.(\d+)\.mlp\.(w_in|w_out)$", key)
+        if mt == "mixtral" and m:
+            out[key] = _mixtral_experts_from_hf(cfg, int(m.group(1)), m.group(2), fetch, hf_keys, prefix="")
+            continue
+        renamed = _rename(mt, key)
+        if renamed is None:
+            raise LmstackError(f"{mt} checkpoints have no tensor for lmstack parameter {key!r}")
+        name, transpose = renamed
+        t = fetch(name)
+        out[key] = t.t().contiguous() if transpose else t
+    return out, used
+
+
+def _mixtral_experts_from_hf(cfg, layer, which, fetch, hf_keys, prefix) -> torch.Tensor:
+    fused = f"model.layers.{layer}.mlp.experts.{'gate_up_proj' if which == 'w_in' else 'down_proj'}"
+    if fused in hf_keys:  # transformers v5 in-memory layout, if a checkpoint was written that way
+        return fetch(fused)
+    base = f"model.layers.{layer}.block_sparse_moe.experts"
+    if which == "w_in":
+        return torch.stack([torch.cat((fetch(f"{base}.{e}.w1.weight"), fetch(f"{base}.{e}.w3.weight")))
+                            for e in range(cfg.n_experts)])
+    return torch.stack([fetch(f"{base}.{e}.w2.weight") for e in range(cfg.n_experts)])
+
+
+def weights_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF-named tensors for our state dict (contiguous, ready for safetensors)."""
+    mt = cfg.hf_model_type
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        m = re.match(r"^blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$", key)
+        if mt == "gpt2" and m:
+            i, which, kind = m.groups()
+            if which != "q":
+                continue  # written together with q
+            parts = [state[f"blocks.{i}.attn.{p}_proj.{kind}"] for p in "qkv"]
+            fused = torch.cat([p.t() for p in parts], dim=1) if kind == "weight" else torch.cat(parts)
+            out[f"transformer.h.{i}.attn.c_attn.{kind}"] = fused.contiguous()
+            continue
+        m = re.match(r"^blocks\.(\d+)\.mlp\.(w_in|w_out)$", key)
+        if mt == "mixtral" and m:
+            layer, which = m.groups()
+            base = f"model.layers.{layer}.block_sparse_moe.experts"
+            for e in range(cfg.n_experts):
+                if which == "w_in":
+                    gate, up = t[e].chunk(2, dim=0)
+                    out[f"{base}.{e}.w1.weight"], out[f"{base}.{e}.w3.weight"] = gate.contiguous(), up.contiguous()
+                else:
+                    out[f"{base}.{e}.w2.weight"] = t[e].contiguous()
+            continue
+        renamed = _rename(mt, key)
+        if renamed is None:
+            raise LmstackError(f"lmstack parameter {key!r} has no {mt} counterpart")
+        name, transpose = renamed
+        out[name] = (t.t() if transpose else t).contiguous()
+    return out

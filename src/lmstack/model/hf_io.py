@@ -1,0 +1,171 @@
+"""load_model / save_model: HF-layout model directories in and out.
+
+A model directory holds config.json, model.safetensors (or shards + model.safetensors.index.json),
+generation_config.json and, when a tokenizer is given, tokenizer.json. Models of the families HF
+knows (llama, mistral, mixtral, qwen2, gpt2, bert) are written with HF names and config, so
+`transformers.AutoModelForCausalLM.from_pretrained(dir)` loads them; lmstack_config.json keeps our
+full config beside it. Any other config is written in lmstack's own naming (model_type "lmstack").
+
+Loading is lazy by default: the model is built on the meta device (no memory, no init) and its
+parameters become memory-mapped views of the safetensors files (see checkpoint.py).
+
+Usage:
+    model = load_model("hf_dir")                   # fp32 on CPU by default
+    model = load_model("hf_dir", dtype=torch.bfloat16, device="cuda")
+    save_model(model, "out_dir", tokenizer=tok)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmstack.config import ConfigError, atomic_write_text, from_dict, to_dict
+from lmstack.errors import LmstackError
+from lmstack.model.checkpoint import CheckpointReader
+from lmstack.model.config import ModelConfig
+from lmstack.model.hf_convert import EXPORTABLE, config_from_hf, config_to_hf, ignored_hf_keys, weights_from_hf, weights_to_hf
+from lmstack.model.transformer import Transformer
+
+LMSTACK_CONFIG = "lmstack_config.json"
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelConfig, bool]:
+    """(config, uses HF tensor names) for a model directory."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise LmstackError(f"model directory not found: {path}")
+    if not cfg_file.exists():
+        raise LmstackError(f"{path} has no config.json, so it is not a model directory")
+    try:
+        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmstackError(f"{cfg_file} is not valid JSON: {e}") from None
+    if hf.get("model_type") == "lmstack":
+        return _our_config(hf.get("lmstack"), cfg_file), False
+    ours = path / LMSTACK_CONFIG
+    if ours.exists():  # our full config (dropout, backend, ...) beside an HF config.json
+        return _our_config(json.loads(ours.read_text(encoding="utf-8")), ours), True
+    return config_from_hf(hf), True
+
+
+def _our_config(data: Any, source: Path) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, data or {})
+    except ConfigError as e:
+        raise LmstackError(f"{source}: {e}") from None
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+               device: str | torch.device = "cpu", lazy: bool = True) -> Transformer:
+    """A Transformer from our or an HF model directory. dtype=None keeps the checkpoint's dtype.
+
+    lazy=True memory-maps the weights (nothing is read until used); lazy=False reads every file fully
+    into memory first, the way most loaders do."""
+    cfg, hf_names = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    reader = CheckpointReader(path)
+    if lazy:
+        get, names = reader.get, reader.keys()
+    else:
+        from safetensors.torch import load_file
+
+        eager: dict[str, torch.Tensor] = {}
+        for f in sorted(set(reader.weight_map.values())):
+            eager.update(load_file(str(Path(path) / f)))
+        get, names = eager.__getitem__, set(eager)
+    if hf_names:
+        weights, used = weights_from_hf(cfg, expected, get, names)
+        ignore = ignored_hf_keys(cfg)
+    else:
+        missing = [k for k in expected if k not in names]
+        if missing:
+            raise LmstackError(f"{path}: the checkpoint lacks {missing[0]!r}, which its config needs")
+        weights, used, ignore = {k: get(k) for k in expected}, set(expected), []
+    import re
+
+    unexpected = sorted(k for k in names - used if not any(re.search(p, k) for p in ignore))
+    if unexpected:
+        raise LmstackError(f"{path}: the checkpoint has tensors this config does not use, e.g. {unexpected[0]!r} "
+                           f"({len(unexpected)} in all); config.json does not fit the weights")
+    for k, t in weights.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise LmstackError(f"{path}: tensor for {k!r} has shape {tuple(t.shape)} but the config needs "
+                               f"{tuple(expected[k].shape)}; config.json does not fit the weights")
+        target = dtype or t.dtype
+        if t.dtype != target or torch.device(device).type != "cpu":
+            weights[k] = t.to(device=device, dtype=target)
+    model.load_state_dict(weights, assign=True, strict=True)
+    model.materialize_buffers(device)
+    return model.eval()
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: Transformer, path: str | os.PathLike, tokenizer: Any = None,
+               max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write model (and tokenizer, if given) as an HF-layout directory; every file is written atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg: ModelConfig = model.config
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    hf_cfg = None
+    if cfg.hf_model_type in EXPORTABLE:
+        try:
+            hf_cfg = config_to_hf(cfg)
+        except LmstackError as e:
+            print(f"lmstack: saving in lmstack's own layout (transformers cannot load it): {e}")
+    if hf_cfg is not None:
+        tensors = weights_to_hf(cfg, state)
+        config_json = hf_cfg
+    else:
+        tensors = state
+        config_json = {"model_type": "lmstack", "architectures": ["LmstackTransformer"], "lmstack": to_dict(cfg)}
+    # Shard by size, keeping insertion order so layers stay together.
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    for stale in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        _write_safetensors(shards[0], path / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(shard, path / name)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        atomic_write_text(path / "model.safetensors.index.json",
+                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(config_json, indent=2))
+    if hf_cfg is not None:
+        atomic_write_text(path / LMSTACK_CONFIG, json.dumps(to_dict(cfg), indent=2))
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    atomic_write_text(path / "generation_config.json", json.dumps({**gen, "_from_model_config": True}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

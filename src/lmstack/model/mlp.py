@@ -1,0 +1,49 @@
+"""Feed-forward blocks: plain (GELU, ReLU, ReLU², SiLU) and gated (SwiGLU, GeGLU, Shazeer 2020).
+
+A gated MLP computes down(act(gate(x)) * up(x)); a plain one down(act(up(x))). The activation
+registry is shared with the MoE experts.
+
+Usage:
+    mlp = MLP(cfg)              # cfg.mlp picks the kind
+    y = mlp(x)                  # (B, T, d_model)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# mlp kind -> activation applied to the (gate) projection
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": gelu_tanh,
+    "relu": F.relu,
+    "relu2": relu_squared,
+    "silu": F.silu,
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, d_ff: int | None = None):
+        super().__init__()
+        d_ff = d_ff or cfg.d_ff
+        self.act = ACTIVATIONS[cfg.mlp]
+        self.gate_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias) if cfg.gated else None
+        self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,237 @@
+"""The one Transformer class. Every family (llama, mistral, mixtral, qwen2, gpt2, bert) is a ModelConfig.
+
+A block is attention + MLP (or MoE) with pre-norm, post-norm or parallel residuals. Blocks can be
+shared across layers (ALBERT). The model returns logits (B, T, vocab), or hidden states for
+encoders without an LM head.
+
+Usage:
+    from lmstack.model import ModelConfig, Transformer
+    model = Transformer(ModelConfig.from_preset("llama-tiny"))
+    logits = model(idx)                                   # (B, T, vocab)
+    cache = model.new_cache(batch_size=1, max_len=64)
+    logits = model(prompt, cache=cache)                   # prefill, then one token at a time
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + model.aux_loss   # MoE aux loss
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lmstack.errors import LmstackError
+from lmstack.model.attention import Attention
+from lmstack.model.config import ModelConfig
+from lmstack.model.kv_cache import KVCache, SinkCache
+from lmstack.model.masks import AttentionMask, mask_for
+from lmstack.model.mlp import ACTIVATIONS, MLP
+from lmstack.model.moe import MoE
+from lmstack.model.norms import make_norm
+from lmstack.model.positions import RotaryEmbedding, SinusoidalPositions, alibi_slopes
+
+
+class ForwardContext:
+    """What every layer of one forward pass shares: positions, RoPE tables, masks, ALiBi slopes, cache."""
+
+    def __init__(self, model: "Transformer", q_pos, k_pos, cache, doc_ids, key_padding):
+        self.cfg, self.cache = model.config, cache
+        self.q_pos, self.k_pos = q_pos, k_pos
+        self.slopes = model.alibi_slopes if model.config.position == "alibi" else None
+        self._rope = model.rope
+        self.cos_q, self.sin_q = model.rope(q_pos) if model.rope is not None else (None, None)
+        self._doc, self._padding = doc_ids, key_padding
+        self.has_batch_rules = doc_ids is not None or key_padding is not None
+        self._masks: dict[int, AttentionMask] = {}
+
+    def rope_k(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rope(self.k_pos)
+
+    def mask(self, layer: int) -> AttentionMask:
+        window = self.cfg.window_for_layer(layer)
+        n_sink = 0
+        if self.cache is not None and self.cache.window:
+            window = min(w for w in (window, self.cache.window) if w)
+            n_sink = self.cache.n_sink
+        if window not in self._masks:
+            self._masks[window] = mask_for(self.cfg, self.q_pos, self.k_pos, window, n_sink=n_sink,
+                                           doc_q=self._doc, doc_k=self._doc, key_padding=self._padding)
+        return self._masks[window]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.norm_position, self.parallel = cfg.norm_position, cfg.parallel_residual
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+        if self.parallel:
+            return x + self.drop(self.attn(self.attn_norm(x), ctx, layer)) + self.drop(self.mlp(self.mlp_norm(x)))
+        if self.norm_position == "post":
+            x = self.attn_norm(x + self.drop(self.attn(x, ctx, layer)))
+            return self.mlp_norm(x + self.drop(self.mlp(x)))
+        x = x + self.drop(self.attn(self.attn_norm(x), ctx, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        cfg = self.config = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = None
+        if cfg.position == "learned":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        elif cfg.position == "sinusoidal":
+            self.pos_emb = SinusoidalPositions(cfg.d_model, cfg.max_seq_len)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.emb_norm = make_norm(cfg, cfg.d_model) if cfg.embedding_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_unique_layers or cfg.n_layers))
+        self.final_norm = make_norm(cfg, cfg.d_model) if cfg.norm_position == "pre" else None
+        self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        if cfg.position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        self.lm_head = None
+        if cfg.head in ("lm", "mlm") and not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.head == "mlm":  # BERT's prediction head: dense + activation + LayerNorm, then the decoder
+            self.mlm_dense = nn.Linear(cfg.d_model, cfg.d_model)
+            self.mlm_norm = make_norm(cfg, cfg.d_model)
+            self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.checkpoint_blocks = False  # activation checkpointing, switched on by the trainer
+        self.aux_loss = torch.zeros(())
+        self.reset_parameters()
+
+    # ---- init
+    def reset_parameters(self) -> None:
+        cfg = self.config
+        std = math.sqrt(2 / (5 * cfg.d_model)) if cfg.init == "small" else cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.w_in, 0.0, std)
+                nn.init.normal_(module.w_out, 0.0, std)
+        if cfg.init in ("gpt2", "small"):
+            # Residual branches add up over 2 * n_layers sublayers; scaling their output projections keeps
+            # the residual stream's variance independent of depth (GPT-2).
+            scaled = std / math.sqrt(2 * cfg.n_layers)
+            for name, p in self.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight", "w_out")):
+                    nn.init.normal_(p, 0.0, scaled)
+
+    def materialize_buffers(self, device: str | torch.device = "cpu") -> None:
+        """Recompute the non-persistent buffers (RoPE tables, ALiBi slopes, sinusoidal table) on `device`.
+
+        load_model builds the model on the meta device and assigns loaded weights; buffers are not in
+        the checkpoint, so they are rebuilt here."""
+        cfg = self.config
+        with torch.device(device):
+            if self.rope is not None:
+                self.rope = RotaryEmbedding(cfg)
+            if cfg.position == "alibi":
+                self.alibi_slopes = alibi_slopes(cfg.n_heads)
+            if cfg.position == "sinusoidal":
+                self.pos_emb = SinusoidalPositions(cfg.d_model, cfg.max_seq_len)
+            self.aux_loss = torch.zeros(())
+
+    # ---- caches
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None, kind: str = "contiguous",
+                  window: int | None = None, n_sink: int | None = None):
+        """A KV cache for incremental decoding: kind 'contiguous' (max_len positions) or 'sink' (bounded)."""
+        cfg = self.config
+        if kind == "contiguous":
+            p = next(self.parameters())
+            return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len or cfg.max_seq_len,
+                           dtype=p.dtype, device=p.device)
+        if kind == "sink":
+            if cfg.position in ("learned", "sinusoidal"):
+                raise LmstackError(f"a sink cache re-assigns positions, which position={cfg.position!r} cannot do; "
+                                   "use rope, alibi or none")
+            return SinkCache(cfg.n_layers, window or cfg.sliding_window or cfg.max_seq_len // 2,
+                             cfg.n_sink_tokens if n_sink is None else n_sink)
+        raise LmstackError(f"unknown cache kind {kind!r}; choose 'contiguous' or 'sink'")
+
+    # ---- forward
+    def forward(self, idx: torch.Tensor, cache=None, *, doc_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                logits_to_keep: int = 0, return_hidden: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab), or hidden states (B, T, d_model) for head='none'.
+
+        cache: a KVCache/SinkCache from new_cache(); the call appends T positions to it.
+        doc_ids: (B, T) document ids of packed sequences; attention never crosses documents.
+        attention_mask: (B, Tk) 1 for real tokens, 0 for padding keys.
+        logits_to_keep: only compute logits for the last N positions (0 = all); saves work when decoding.
+        """
+        cfg = self.config
+        if idx.dim() != 2:
+            raise LmstackError(f"input ids must have shape (batch, time), got {tuple(idx.shape)}")
+        b, t = idx.shape
+        if cache is None:
+            q_pos = k_pos = torch.arange(t, device=idx.device)
+        else:
+            q_pos, k_pos = cache.positions(t)
+            q_pos, k_pos = q_pos.to(idx.device), k_pos.to(idx.device)
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            if cfg.position == "learned" and int(q_pos[-1]) >= cfg.max_seq_len:
+                raise LmstackError(f"position {int(q_pos[-1])} is past max_seq_len={cfg.max_seq_len}, "
+                                   "the last learned position embedding; shorten the input")
+            x = x + self.pos_emb(q_pos)
+        if self.type_emb is not None:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
+            x = x + self.type_emb(types)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        x = self.drop(x)
+        padding = attention_mask.bool() if attention_mask is not None else None
+        ctx = ForwardContext(self, q_pos, k_pos, cache, doc_ids, padding)
+        aux = x.new_zeros((), dtype=torch.float32)
+        n_unique = len(self.blocks)
+        for layer in range(cfg.n_layers):
+            block = self.blocks[layer % n_unique]
+            if self.checkpoint_blocks and self.training:
+                x = checkpoint(block, x, ctx, layer, use_reentrant=False)
+            else:
+                x = block(x, ctx, layer)
+            if isinstance(block.mlp, MoE):
+                aux = aux + block.mlp.aux_loss
+        self.aux_loss = aux
+        if cache is not None:
+            cache.advance(t)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        if cfg.head == "none" or return_hidden:
+            return x
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., d_model) -> logits (..., vocab)."""
+        cfg = self.config
+        bias = None
+        if cfg.head == "mlm":
+            x = self.mlm_norm(ACTIVATIONS[cfg.mlp](self.mlm_dense(x)))
+            bias = self.mlm_bias
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight, bias)
+        if cfg.final_logit_softcap:
+            logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
+        return logits
+
+    # ---- facts
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n

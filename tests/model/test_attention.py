@@ -155,3 +155,24 @@ def test_softcap_backends_agree(softcap):
     assert (a - b).abs().max() < 1e-5
     if softcap:
         assert (a - naive_attention(q * 4, k, v, mask, 0.25)).abs().max() > 1e-3
+
+
+def test_tile_state_never_contradicts_the_dense_mask():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        t, off = rng.randint(5, 40), rng.choice([0, 7])
+        kw = dict(causal=rng.random() < 0.7, window=rng.choice([0, 1, 3, 8]), n_global=rng.choice([0, 2]),
+                  global_queries=rng.random() < 0.5, dilation=rng.choice([1, 2]), random_blocks=rng.choice([0, 1]),
+                  block_size=4)
+        if not kw["window"]:
+            kw.update(n_global=0, random_blocks=0, dilation=1)
+        m = AttentionMask(q_pos=torch.arange(off, off + t), k_pos=torch.arange(off + t), **kw)
+        dense = m.dense()[0, 0]
+        bq, bk = rng.randint(1, 9), rng.randint(1, 9)
+        for q0 in range(0, t, bq):
+            for k0 in range(0, off + t, bk):
+                qs, ks = slice(q0, min(q0 + bq, t)), slice(k0, min(k0 + bk, off + t))
+                state, tile = m.tile_state(qs, ks), dense[qs, ks]
+                assert not (state == "empty" and tile.any()) and not (state == "full" and not tile.all())

@@ -95,9 +95,12 @@ def blockwise_attention(q, k, v, mask: AttentionMask, scale: float, slopes=None,
         acc = torch.zeros((b, h, n, d), dtype=torch.float32, device=q.device)
         for k0 in range(0, tk, block_k):
             k_sl = slice(k0, min(k0 + block_k, tk))
-            visible = None if mask.is_full() else mask.block(q_sl, k_sl)
-            if visible is not None and not bool(visible.any()):
+            state = "full" if mask.is_full() else mask.tile_state(q_sl, k_sl)
+            if state == "empty":
                 continue  # the whole tile is masked: skip its matmuls entirely
+            visible = None if state == "full" else mask.block(q_sl, k_sl)
+            if visible is not None and not bool(visible.any()):
+                continue
             s = _grouped_scores(qt, k[:, :, k_sl], scale).float()
             if softcap:
                 s = softcap * torch.tanh(s / softcap)

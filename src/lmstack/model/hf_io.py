@@ -66,22 +66,25 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
                device: str | torch.device = "cpu", lazy: bool = True) -> Transformer:
     """A Transformer from our or an HF model directory. dtype=None keeps the checkpoint's dtype.
 
-    lazy=True memory-maps the weights (nothing is read until used); lazy=False reads every file fully
-    into memory first, the way most loaders do."""
+    lazy=True builds the model on the meta device and memory-maps the weights (nothing is read until
+    used, no random init); lazy=False allocates and initialises the model, reads every file fully into
+    memory and copies it in, the way most loaders do."""
     cfg, hf_names = read_config(path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = {k: v for k, v in model.state_dict().items()}
     reader = CheckpointReader(path)
     if lazy:
+        # No allocation and no random init: parameters will be views of the memory-mapped files.
+        with torch.device("meta"):
+            model = Transformer(cfg)
         get, names = reader.get, reader.keys()
     else:
         from safetensors.torch import load_file
 
+        model = Transformer(cfg)  # the usual way: allocate, initialise, then overwrite
         eager: dict[str, torch.Tensor] = {}
         for f in sorted(set(reader.weight_map.values())):
             eager.update(load_file(str(Path(path) / f)))
         get, names = eager.__getitem__, set(eager)
+    expected = {k: v for k, v in model.state_dict().items()}
     if hf_names:
         weights, used = weights_from_hf(cfg, expected, get, names)
         ignore = ignored_hf_keys(cfg)
@@ -103,8 +106,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
         target = dtype or t.dtype
         if t.dtype != target or torch.device(device).type != "cpu":
             weights[k] = t.to(device=device, dtype=target)
-    model.load_state_dict(weights, assign=True, strict=True)
-    model.materialize_buffers(device)
+    if lazy:
+        model.load_state_dict(weights, assign=True, strict=True)
+        model.materialize_buffers(device)
+    else:
+        model.load_state_dict(weights, strict=True)
+        model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()
 
 

@@ -63,6 +63,28 @@ class AttentionMask:
             return False
         return not self.causal or bool(self.q_pos.min() >= self.k_pos.max())
 
+    def tile_state(self, q_sl: slice, k_sl: slice) -> str:
+        """'empty', 'full' or 'partial' for a tile, from position ranges alone when that settles it.
+
+        Positions are increasing, so a tile's extreme offsets are its corners. This lets the blockwise
+        backend skip hidden tiles and unmask full ones without building their (tq, tk) masks."""
+        if self.has_batch_rules:
+            return "partial"
+        q, k = self.q_pos[q_sl], self.k_pos[k_sl]
+        q_lo, q_hi, k_lo, k_hi = int(q[0]), int(q[-1]), int(k[0]), int(k[-1])
+        rescued = self.random_blocks or (self.n_global and (k_lo < self.n_global or
+                                                            (self.global_queries and q_lo < self.n_global)))
+        if self.causal and k_lo > q_hi:
+            return "empty"
+        reach = self.window * self.dilation
+        if self.window and not rescued:
+            far = q_lo - k_hi if self.causal else max(q_lo - k_hi, k_lo - q_hi)
+            if far >= reach:
+                return "empty"
+        causal_ok = not self.causal or k_hi <= q_lo
+        window_ok = not self.window or (self.dilation == 1 and max(q_hi - k_lo, k_hi - q_lo if not self.causal else 0) < reach)
+        return "full" if causal_ok and window_ok else "partial"
+
     # ---- the rule
     def block(self, q_sl: slice = slice(None), k_sl: slice = slice(None)) -> torch.Tensor | None:
         """Visibility of the tile q_pos[q_sl] × k_pos[k_sl] as a (1 or B, 1, tq, tk) bool tensor."""

@@ -1,0 +1,94 @@
+"""Helpers every benchmark uses: timing, peak memory, and writing results/<name>.json in one shape.
+
+Each result: {"benchmark", "metric", "higher_is_better", "ours", "baseline": {"name", "value"},
+"ratio", "goal", "config", "date"}, where ratio > 1 always means we are ahead.
+
+Usage:
+    from _common import result, write_result, timeit
+    secs = timeit(lambda: f(x), repeat=5)
+    write_result("attention", [result("attention", "seconds", False, ours, "naive", base, goal=1.0)])
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of fn() over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def result(name: str, metric: str, higher_is_better: bool, ours: float, baseline_name: str, baseline: float,
+           goal: float | None = None, **config: Any) -> dict:
+    if higher_is_better:
+        ratio = ours / baseline if baseline else float("inf")
+    else:
+        ratio = baseline / ours if ours else float("inf")
+    return {"benchmark": name, "metric": metric, "higher_is_better": higher_is_better, "ours": ours,
+            "baseline": {"name": baseline_name, "value": baseline}, "ratio": round(ratio, 4), "goal": goal,
+            "config": config, "date": datetime.date.today().isoformat()}
+
+
+def write_result(name: str, results: dict | list[dict]) -> Path:
+    """Write benchmarks/results/<name>.json atomically and print each ratio."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+    for r in results if isinstance(results, list) else [results]:
+        goal = f" (goal {r['goal']})" if r.get("goal") is not None else ""
+        print(f"{r['benchmark']}: {r['metric']} ours={r['ours']:.4g} {r['baseline']['name']}="
+              f"{r['baseline']['value']:.4g} ratio={r['ratio']:.3f}{goal}")
+    print(f"wrote {path}")
+    return path
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (Linux: write 5 to /proc/self/clear_refs), so peaks are per phase."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def rss_mb() -> float:
+    kb = _status_kb("VmRSS")
+    return (kb or 0) / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last reset_peak_rss() (VmHWM), in MB."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024

@@ -1,0 +1,85 @@
+"""Linear attention vs softmax attention as T grows: time and peak memory.
+
+Performer (causal, 256 random features) and Linformer (bidirectional, k=256) against naive softmax
+attention and SDPA on the same inputs, T = 512 ... 8192, each in its own subprocess so peak RSS is
+isolated. Ratios are against naive softmax attention of the same causality (>1 = cheaper).
+
+Usage:
+    python benchmarks/linear_attention.py
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from _common import peak_rss_mb, reset_peak_rss, result, rss_mb, write_result
+
+B, H, D = 1, 8, 64
+
+
+def worker(kind: str, t: int) -> dict:
+    import torch
+
+    from lmstack.model import ModelConfig
+    from lmstack.model.backends import naive_attention, sdpa_attention
+    from lmstack.model.linear_attention import LinformerAttention, PerformerAttention
+    from lmstack.model.masks import AttentionMask
+
+    torch.set_num_threads(2)
+    q, k, v = (torch.randn(B, H, t, D) for _ in range(3))
+    pos = torch.arange(t)
+    causal = kind in ("performer", "naive_causal", "sdpa_causal")
+    if kind == "performer":
+        att = PerformerAttention(ModelConfig(d_model=H * D, n_heads=H, performer_features=256), chunk=128)
+        fn = lambda: att(q, k, v, causal=True)
+    elif kind == "linformer":
+        att = LinformerAttention(ModelConfig(d_model=H * D, n_heads=H, max_seq_len=t, linformer_k=256, causal=False))
+        fn = lambda: att(q, k, v, causal=False)
+    else:
+        mask = AttentionMask(q_pos=pos, k_pos=pos, causal=causal)
+        base = naive_attention if kind.startswith("naive") else sdpa_attention
+        fn = lambda: base(q, k, v, mask, D ** -0.5)
+    with torch.no_grad():
+        reset_peak_rss()
+        rss0 = rss_mb()
+        start = time.perf_counter()
+        fn()
+        first = time.perf_counter() - start
+        peak = peak_rss_mb() - rss0
+        start = time.perf_counter()
+        fn()
+        second = time.perf_counter() - start
+    return {"seconds": min(first, second), "peak_mb": peak}
+
+
+def main() -> None:
+    lengths = [512, 1024, 2048, 4096, 8192]
+    rows = {}
+    for t in lengths:
+        for kind in ("naive_causal", "sdpa_causal", "performer", "naive_bidir", "linformer"):
+            if kind.startswith("naive") and t > 4096:
+                continue  # 8192² fp32 scores per head would need ~8 GB
+            out = subprocess.run([sys.executable, __file__, "--worker", kind, str(t)], capture_output=True, text=True,
+                                 check=True)
+            rows[(kind, t)] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = rows[(kind, t)]
+            print(f"T={t:5d} {kind:13s} {r['seconds'] * 1e3:9.1f} ms  peak +{r['peak_mb']:8.1f} MB", flush=True)
+    results = []
+    for t in lengths:
+        for ours, base in (("performer", "naive_causal"), ("linformer", "naive_bidir"), ("performer", "sdpa_causal")):
+            if (base, t) not in rows:
+                continue
+            for metric in ("seconds", "peak_mb"):
+                results.append(result("linear_attention", f"{metric}_{ours}_T{t}", False, rows[(ours, t)][metric],
+                                      base.replace("_", " "), rows[(base, t)][metric], T=t, H=H, D=D,
+                                      features=256))
+    write_result("linear_attention", results)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]))))
+    else:
+        main()

@@ -116,3 +116,17 @@ def test_bad_input_shape_is_named():
 
     with pytest.raises(LmstackError, match="shape"):
         Transformer(ModelConfig())(torch.zeros(5, dtype=torch.long))
+
+
+def test_prefix_lm_prefix_is_bidirectional_suffix_causal():
+    m = Transformer(ModelConfig()).eval()
+    x = torch.randint(0, 512, (2, 10))
+    prefix = torch.tensor([4, 0])
+    y = x.clone()
+    y[:, 3] = (x[:, 3] + 1) % 512  # change a token inside row 0's prefix
+    a, b = m(x, prefix_len=prefix), m(y, prefix_len=prefix)
+    assert (a[0, 0] - b[0, 0]).abs().max() > 1e-5  # row 0: position 0 sees position 3 (prefix is bidirectional)
+    assert (a[1, :3] - b[1, :3]).abs().max() < 1e-6  # row 1 has no prefix: plain causal
+    z = x.clone()
+    z[:, 7] = (x[:, 7] + 1) % 512  # a suffix token never leaks backwards
+    assert (m(z, prefix_len=prefix)[0, :7] - a[0, :7]).abs().max() < 1e-6

@@ -44,12 +44,15 @@ class AttentionMask:
     """(B, Tk) document id of each key."""
     key_padding: torch.Tensor | None = None
     """(B, Tk) True for real keys, False for padding."""
+    prefix_len: torch.Tensor | None = None
+    """(B,) prefix-LM: keys at positions < prefix_len[b] are visible to every query of row b, so the
+    prefix attends bidirectionally while the rest stays causal."""
     _random_cache: dict = field(default_factory=dict, repr=False)
 
     # ---- cheap facts that let backends take fast paths
     @property
     def has_batch_rules(self) -> bool:
-        return self.doc_q is not None or self.key_padding is not None
+        return self.doc_q is not None or self.key_padding is not None or self.prefix_len is not None
 
     def is_plain_causal(self) -> bool:
         """Exactly the standard causal square (SDPA's is_causal=True)."""
@@ -105,6 +108,9 @@ class AttentionMask:
                     local |= q < self.n_global
             allowed &= local
         allowed = allowed[None, None]
+        if self.prefix_len is not None:
+            in_prefix = k[None] < self.prefix_len[:, None, None]  # (B, 1, tk)
+            allowed = allowed | in_prefix[:, None]
         if self.doc_q is not None:
             same_doc = self.doc_q[:, q_sl, None] == self.doc_k[:, None, k_sl]
             allowed = allowed & same_doc[:, None]
@@ -135,11 +141,11 @@ class AttentionMask:
 
 def mask_for(cfg, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, *, n_sink: int = 0,
              doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None,
-             key_padding: torch.Tensor | None = None) -> AttentionMask:
+             key_padding: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None) -> AttentionMask:
     """The mask a model config asks for at one layer (window = that layer's sliding window)."""
     pattern = cfg.sparse_pattern
     kw = dict(q_pos=q_pos, k_pos=k_pos, causal=cfg.causal, window=window, doc_q=doc_q, doc_k=doc_k,
-              key_padding=key_padding, block_size=cfg.attn_block_size, n_global=n_sink)
+              key_padding=key_padding, prefix_len=prefix_len, block_size=cfg.attn_block_size, n_global=n_sink)
     if pattern == "longformer":
         kw.update(n_global=max(n_sink, cfg.sparse_global_tokens), global_queries=True)
     elif pattern == "bigbird":

@@ -35,14 +35,14 @@ from lmstack.model.positions import RotaryEmbedding, SinusoidalPositions, alibi_
 class ForwardContext:
     """What every layer of one forward pass shares: positions, RoPE tables, masks, ALiBi slopes, cache."""
 
-    def __init__(self, model: "Transformer", q_pos, k_pos, cache, doc_ids, key_padding):
+    def __init__(self, model: "Transformer", q_pos, k_pos, cache, doc_ids, key_padding, prefix_len=None):
         self.cfg, self.cache = model.config, cache
         self.q_pos, self.k_pos = q_pos, k_pos
         self.slopes = model.alibi_slopes if model.config.position == "alibi" else None
         self._rope = model.rope
         self.cos_q, self.sin_q = model.rope(q_pos) if model.rope is not None else (None, None)
-        self._doc, self._padding = doc_ids, key_padding
-        self.has_batch_rules = doc_ids is not None or key_padding is not None
+        self._doc, self._padding, self._prefix = doc_ids, key_padding, prefix_len
+        self.has_batch_rules = doc_ids is not None or key_padding is not None or prefix_len is not None
         self._masks: dict[int, AttentionMask] = {}
 
     def rope_k(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +56,8 @@ class ForwardContext:
             n_sink = self.cache.n_sink
         if window not in self._masks:
             self._masks[window] = mask_for(self.cfg, self.q_pos, self.k_pos, window, n_sink=n_sink,
-                                           doc_q=self._doc, doc_k=self._doc, key_padding=self._padding)
+                                           doc_q=self._doc, doc_k=self._doc, key_padding=self._padding,
+                                           prefix_len=self._prefix)
         return self._masks[window]
 
 
@@ -164,12 +165,14 @@ class Transformer(nn.Module):
     # ---- forward
     def forward(self, idx: torch.Tensor, cache=None, *, doc_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                logits_to_keep: int = 0, return_hidden: bool = False) -> torch.Tensor:
+                prefix_len: torch.Tensor | None = None, logits_to_keep: int = 0,
+                return_hidden: bool = False) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab), or hidden states (B, T, d_model) for head='none'.
 
         cache: a KVCache/SinkCache from new_cache(); the call appends T positions to it.
         doc_ids: (B, T) document ids of packed sequences; attention never crosses documents.
         attention_mask: (B, Tk) 1 for real tokens, 0 for padding keys.
+        prefix_len: (B,) prefix-LM: the first prefix_len[b] tokens attend to each other bidirectionally.
         logits_to_keep: only compute logits for the last N positions (0 = all); saves work when decoding.
         """
         cfg = self.config
@@ -194,7 +197,7 @@ class Transformer(nn.Module):
             x = self.emb_norm(x)
         x = self.drop(x)
         padding = attention_mask.bool() if attention_mask is not None else None
-        ctx = ForwardContext(self, q_pos, k_pos, cache, doc_ids, padding)
+        ctx = ForwardContext(self, q_pos, k_pos, cache, doc_ids, padding, prefix_len)
         aux = x.new_zeros((), dtype=torch.float32)
         n_unique = len(self.blocks)
         for layer in range(cfg.n_layers):

@@ -21,6 +21,8 @@ _LAZY = {
     "load_model": "lmstack.model.hf_io",
     "save_model": "lmstack.model.hf_io",
     "load_tokenizer": "lmstack.tokenizer",
+    "train_tokenizer": "lmstack.tokenizer",
+    "Tokenizer": "lmstack.tokenizer",
     "LLM": "lmstack.infer",
     "SamplingParams": "lmstack.infer",
 }

@@ -127,12 +127,16 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_model(model: Transformer, path: str | os.PathLike, tokenizer: Any = None,
-               max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write model (and tokenizer, if given) as an HF-layout directory; every file is written atomically."""
+               max_shard_bytes: int = 2 * 1024**3, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model (and tokenizer, if given) as an HF-layout directory; every file is written atomically.
+
+    state_dict: weights to write instead of model.state_dict(), e.g. a full state gathered from FSDP shards
+    or averaged weights (model then only supplies the config)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg: ModelConfig = model.config
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    source = state_dict if state_dict is not None else model.state_dict()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
     hf_cfg = None
     if cfg.hf_model_type in EXPORTABLE:
         try:

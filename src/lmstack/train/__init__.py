@@ -1,0 +1,1 @@
+"""The training stage: the loop, objectives, optimizers and schedules, checkpoints, distributed training."""

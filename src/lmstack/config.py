@@ -19,7 +19,8 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -168,3 +169,23 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     data = to_dict(cfg)
     text = json.dumps(data, indent=2) + "\n" if str(path).endswith(".json") else yaml.safe_dump(data, sort_keys=False)
     atomic_write_text(path, text)
+
+
+@dataclass(frozen=True)
+class ConfigCommand:
+    """A CLI command configured by one dataclass: its fields are the flags, a recipe YAML fills them.
+
+    `lmstack.cli` parses `--config recipe.yaml --a.b value` into the dataclass and calls `run(cfg)`."""
+
+    config: type
+    run: Callable[[Any], Any]
+
+    def __call__(self, args: list[str], prog: str) -> Any:
+        from jsonargparse import ActionConfigFile, ArgumentParser
+
+        parser = ArgumentParser(prog=prog, description=(self.run.__doc__ or "").strip().split("\n")[0])
+        parser.add_argument("--config", action=ActionConfigFile, help="a recipe YAML holding these fields")
+        parser.add_class_arguments(self.config, nested_key=None, as_group=False)
+        values = parser.instantiate(parser.parse_args(args)).as_dict()
+        values.pop("config", None)
+        return self.run(self.config(**values))

@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -318,8 +318,11 @@ def finish_generation(out: Path, generation: int, start_index: int, inputs: list
             old.rmdir()
 
 
-def run_pipeline(cfg: PipelineConfig) -> Report:
-    """Run the whole pipeline into `cfg.out`; print the table and write the report files."""
+def run_pipeline(cfg: PipelineConfig, before_shards: Callable[[Path], str | None] | None = None) -> Report:
+    """Run the whole pipeline into `cfg.out`; print the table and write the report files.
+
+    before_shards(clean_jsonl_path) runs after cleaning and mixing, before tokenizing; if it returns a
+    tokenizer path, the shards use it. The speedrun trains its BPE tokenizer on the clean text this way."""
     check_config(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,6 +334,10 @@ def run_pipeline(cfg: PipelineConfig) -> Report:
     mark_pending(out / SHARDS, 0, 0)
     cleaned = clean_stage(cfg, dd, report, clean_path)
     copies = mix_stage(cfg, cleaned, clean_path, report)
+    if before_shards is not None:
+        tokenizer = before_shards(clean_path)
+        if tokenizer:
+            cfg.shards.tokenizer = str(tokenizer)
     shard_stage(cfg, repeat_docs(clean_path, copies), report)
     finish_generation(out / SHARDS, 0, 0, cfg.inputs, int(copies.sum()), dd)
     report.sections["seconds"] = round(time.perf_counter() - t0, 2)

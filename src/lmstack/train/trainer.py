@@ -22,6 +22,8 @@ from lmstack.errors import LmstackError
 from lmstack.train.averaging import EMA, SWA, average_checkpoints, swapped
 from lmstack.train.checkpoint import CheckpointManager
 from lmstack.train.config import TrainConfig
+from lmstack.train.distributed import (clip_grad_norm_, distribute_like, full_optimizer_state_dict, gather_full,
+                                       load_full_optimizer_state_dict, load_full_state_dict, total_grad_norm)
 from lmstack.train.metrics import MetricsLogger, measure_matmul_peak
 from lmstack.train.noise_scale import AdaptiveBatch, NoiseScale
 from lmstack.train.precision import Precision
@@ -38,7 +40,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
-    return float(sum(p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None))
+    # total_grad_norm also sums sharded (DTensor) gradients across ranks, so FSDP2/TP see the true norm
+    return float(total_grad_norm(params)) ** 2
 
 
 class Trainer:
@@ -85,8 +88,8 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens_seen, "skipped": self.skipped, "accum": self.accum,
             "loss_mean": self.loss_mean, "loader": self.train_loader.state_dict(),
             "rng": rng_state({"objective": self.generator, "noise": self.noise_gen}),
-            "ema": self.ema.state if self.ema else None,
-            "swa": {"count": self.swa.count, "state": self.swa.state} if self.swa else None,
+            "ema": gather_full(self.ema.state) if self.ema else None,
+            "swa": {"count": self.swa.count, "state": gather_full(self.swa.state)} if self.swa else None,
             "gns": [self.gns.g2, self.gns.trace] if self.gns else None,
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
@@ -97,10 +100,14 @@ class Trainer:
         self.accum, self.loss_mean = extra["accum"], extra["loss_mean"]
         self.train_loader.load_state_dict(extra["loader"])
         restore_rng(extra["rng"], {"objective": self.generator, "noise": self.noise_gen})
+        # Averaged weights were saved whole; slice them back to this rank's shards (a no-op in one process).
         if self.ema and extra.get("ema"):
-            self.ema.state = extra["ema"]
+            self.ema.state = {k: distribute_like(v.to(self.ema.state[k].device), self.ema.state[k])
+                              for k, v in extra["ema"].items()}
         if self.swa and extra.get("swa"):
-            self.swa.count, self.swa.state = extra["swa"]["count"], extra["swa"]["state"]
+            self.swa.count = extra["swa"]["count"]
+            self.swa.state = {k: distribute_like(v.to(self.swa.state[k].device), self.swa.state[k])
+                              for k, v in extra["swa"]["state"].items()}
         if self.gns and extra.get("gns"):
             self.gns.g2, self.gns.trace = extra["gns"]
         if self.precision.scaler and extra.get("scaler"):
@@ -109,10 +116,16 @@ class Trainer:
             self.objective.load_state_dict(extra["objective"])
 
     def save(self) -> Path | None:
-        model_state = self.dist.full_state_dict(self.model) if self.dist is not None else None
+        # Gathering is collective: every rank takes part, rank 0 writes.
+        if self.dist is not None:
+            model_state = self.dist.full_state_dict(self.model)
+            optim_state = full_optimizer_state_dict(self.model, self.optimizer)
+        else:
+            model_state, optim_state = None, self.optimizer.state_dict()
+        extra = self._extra_state()
         if not self.main:
             return None
-        return self.ckpts.save(self.step, self.raw, self.optimizer.state_dict(), self._extra_state(), model_state)
+        return self.ckpts.save(self.step, self.raw, optim_state, extra, model_state)
 
     def try_resume(self) -> bool:
         found = self.ckpts.latest(log=self.log_fn)
@@ -121,11 +134,15 @@ class Trainer:
         model_dir, opt_state, extra = self.ckpts.load(found, model_config=getattr(self.raw, "config", None))
         from lmstack.model.hf_io import load_model
 
-        loaded = load_model(model_dir, dtype=None, device=self.device)
-        with torch.no_grad():
-            for name, p in self.raw.state_dict().items():
-                p.copy_(loaded.state_dict()[name])
-        self.optimizer.load_state_dict(opt_state)
+        loaded = load_model(model_dir, dtype=None, device="cpu").state_dict()
+        if self.dist is not None:
+            load_full_state_dict(self.model, loaded)
+            load_full_optimizer_state_dict(self.model, self.optimizer, opt_state)
+        else:
+            with torch.no_grad():
+                for name, p in self.raw.state_dict().items():
+                    p.copy_(loaded[name])
+            self.optimizer.load_state_dict(opt_state)
         self._restore(extra)
         self.log_fn(f"resumed from {found} at step {self.step}")
         return True
@@ -160,7 +177,7 @@ class Trainer:
                 small_sq = _grad_sq_norm(self.params) * self.accum**2  # one micro-batch's gradient
         if self.dist is not None:
             total_loss = self.dist.all_reduce_mean(total_loss)
-            tokens *= self.dist.world_size
+            tokens *= getattr(self.dist, "dp_size", self.dist.world_size)  # TP ranks share rows
         self.precision.unscale(self.optimizer)
         if small_sq is not None:
             rows = tokens // max(self.tokens_per_row or 1, 1)
@@ -168,10 +185,11 @@ class Trainer:
         if cfg.grad_noise_eta:
             std = math.sqrt(cfg.grad_noise_eta / (1 + self.step) ** cfg.grad_noise_gamma)
             for p in self.params:
-                if p.grad is not None:
-                    p.grad.add_(torch.randn(p.grad.shape, generator=self.noise_gen).to(p.grad) * std)
+                if p.grad is not None:  # full-shape noise, then sliced to this rank's shard (FSDP2/TP)
+                    noise = torch.randn(p.shape, generator=self.noise_gen) * std
+                    p.grad.add_(distribute_like(noise.to(p.device, p.grad.dtype), p.grad))
         if cfg.clip_grad_norm:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm))
+            gnorm = float(clip_grad_norm_(self.params, cfg.clip_grad_norm))
         else:
             gnorm = math.sqrt(_grad_sq_norm(self.params))
         bad = not (math.isfinite(total_loss) and math.isfinite(gnorm))

@@ -1,0 +1,228 @@
+"""`lmstack pretrain`: build the model, data, objective, optimizer and schedule from one run config,
+then train with the Trainer. Recipes in recipes/*.yaml are PretrainConfig files.
+
+The run directory gets config.yaml (the resolved config), metrics.jsonl (+ TensorBoard when
+installed), loss.png and checkpoints/step_*/ (the model there loads with lmstack.load_model).
+
+Usage:
+    lmstack pretrain --config recipes/shakespeare_char.yaml --train.steps 500
+    from lmstack.train.pretrain import PretrainConfig, pretrain
+    summary = pretrain(PretrainConfig(...))
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmstack.config import save_config
+from lmstack.errors import LmstackError
+from lmstack.model.config import ModelConfig
+from lmstack.train.config import TrainConfig
+from lmstack.train.distributed import DistributedConfig
+from lmstack.train.objectives import ObjectiveConfig, build_objective
+from lmstack.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, lr_multiplier
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Training shard directory (from `lmstack data run`); or leave empty and give `text`."""
+    val_shards: str = ""
+    """Validation shard directory (optional)."""
+    text: str = ""
+    """A single text file read as one token stream with random windows (nanoGPT style); needs `tokenizer`."""
+    val_fraction: float = 0.1
+    """With `text`: the last fraction of the stream is the validation split."""
+    tokenizer: str = ""
+    """Tokenizer directory (defaults to the one recorded in the shards' manifest); with `text`, "char"
+    builds a character-level tokenizer from the text itself (nanoGPT's Shakespeare setup)."""
+    batch_size: int = 8
+    """Rows per micro-batch (per rank)."""
+    seq_len: int = 256
+    """Tokens per row."""
+    align_bos: bool = True
+    """Shards: start every row at a document start (best-fit packing)."""
+    doc_ids: bool = False
+    """Shards: mask attention at document boundaries inside packed rows."""
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/pretrain"
+    """Run directory."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model (see `lmstack model info`)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The learning-rate schedule."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """What the model learns to predict."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the tokens come from."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Scale-out across processes (launch with torchrun)."""
+
+
+class _Dist:
+    """The few collective operations the Trainer uses, over lmstack.train.distributed."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.dp_size = world_size  # ranks reading distinct data (smaller under tensor parallelism)
+
+    def all_reduce_mean(self, value: float) -> float:
+        from lmstack.train.distributed import all_reduce_mean
+
+        return float(all_reduce_mean(value))
+
+    def no_sync(self, model, skip: bool):
+        import contextlib
+
+        if skip and hasattr(model, "no_sync"):
+            return model.no_sync()  # DDP: accumulate locally, all-reduce on the last micro-batch
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(not skip)
+        return contextlib.nullcontext()
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        from lmstack.train.distributed import full_state_dict
+
+        return full_state_dict(model)
+
+
+def _load_tokenizer(path: str):
+    from lmstack.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def build_data(cfg: PretrainConfig, rank: int, world_size: int):
+    """(train loader, val loader factory, tokenizer or None, bytes per token or None)."""
+    d = cfg.data
+    seed = cfg.train.seed
+    if d.text:
+        from lmstack.data.windows import RandomWindows
+
+        if not d.tokenizer:
+            raise LmstackError("data.text needs data.tokenizer (a tokenizer directory, or 'char')")
+        try:
+            text = Path(d.text).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise LmstackError(f"data.text file not found: {d.text}") from None
+        except UnicodeDecodeError as e:
+            raise LmstackError(f"data.text {d.text} is not valid UTF-8 (byte {e.start})") from None
+        if d.tokenizer == "char":
+            from lmstack.tokenizer import train_tokenizer
+
+            tok = train_tokenizer(texts=[text], type="char")
+        else:
+            tok = _load_tokenizer(d.tokenizer)
+        ids = np.array(tok.encode(text), dtype=np.int64)
+        split = int(len(ids) * (1 - d.val_fraction))
+        train = RandomWindows(ids[:split], d.batch_size, d.seq_len, seed=seed + 1000 * rank)
+        val_ids = ids[split:]
+        val = (lambda: train.sequential(val_ids)) if len(val_ids) > d.seq_len + 1 else None
+        n_bytes = len(text[int(len(text) * (1 - d.val_fraction)):].encode("utf-8"))
+        return train, val, tok, n_bytes / max(len(val_ids), 1)
+    if not d.shards:
+        raise LmstackError("give data.shards (a shard directory from `lmstack data run`) or data.text")
+    from lmstack.data.loader import LoaderConfig, TokenLoader
+    from lmstack.data.shards import ShardSet
+
+    def loader(path: str, shuffle: bool, r: int, ws: int) -> TokenLoader:
+        return TokenLoader(path, LoaderConfig(batch_size=d.batch_size, seq_len=d.seq_len, align_bos=d.align_bos,
+                                              doc_ids=d.doc_ids, shuffle=shuffle, seed=seed, rank=r, world_size=ws))
+
+    train = loader(d.shards, True, rank, world_size)
+    rows_needed = d.batch_size * (d.seq_len + 1)
+    if train.shards.n_tokens < rows_needed:
+        raise LmstackError(f"the training shards hold {train.shards.n_tokens} tokens, fewer than one batch "
+                           f"({d.batch_size} x {d.seq_len + 1}); lower data.batch_size or data.seq_len")
+    val = (lambda: loader(d.val_shards, False, rank, world_size)) if d.val_shards else None
+    tok_path = d.tokenizer or ShardSet(d.shards).manifest.get("tokenizer", {}).get("spec", "")
+    tok = _load_tokenizer(tok_path) if tok_path and Path(tok_path).exists() else None
+    bpt = None
+    if tok is not None and d.val_shards:
+        vs = ShardSet(d.val_shards)
+        sample = [vs.doc(i) for i in range(min(vs.n_docs, 200))]
+        n_tok = sum(len(s) for s in sample)
+        n_bytes = sum(len(tok.decode([int(t) for t in s], skip_special_tokens=True).encode("utf-8")) for s in sample)
+        bpt = n_bytes / max(n_tok, 1)
+    return train, val, tok, bpt
+
+
+def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
+    """Train a model from scratch (or resume the run in cfg.out) and return a summary."""
+    from lmstack.model.transformer import Transformer
+    from lmstack.train.distributed import init_distributed, parallelize
+    from lmstack.train.trainer import Trainer, resolve_device
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    rank, world_size, device = init_distributed(cfg.distributed) if cfg.distributed.strategy != "none" \
+        else (0, 1, resolve_device(cfg.train.device))
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    from lmstack.train.distributed import data_parallel_info, wrap_optimizer
+
+    # Ranks of one tensor-parallel group must read the same rows: shard data by the data-parallel rank.
+    dp_rank, dp_size = data_parallel_info(cfg.distributed) if world_size > 1 else (0, 1)
+    train, val, tok, bytes_per_token = build_data(cfg, dp_rank, dp_size)
+    model_cfg = cfg.model
+    if tok is not None:
+        if model_cfg.vocab_size < tok.vocab_size:
+            raise LmstackError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                               f"{tok.vocab_size} tokens; set model.vocab_size >= {tok.vocab_size}")
+        ids = {k: getattr(tok, k.replace("_token_id", "_id"), None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        model_cfg = model_cfg.replace(**{k: v for k, v in ids.items() if getattr(model_cfg, k) is None and v is not None})
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(model_cfg).to(device)
+    if tok is not None and cfg.objective.mask_token_id is None and getattr(tok, "mask_id", None) is not None:
+        cfg.objective.mask_token_id = tok.mask_id  # the tokenizer reserves a real <|mask|> token
+    objective = build_objective(cfg.objective, model_cfg, pad_id=getattr(tok, "pad_id", None))
+    for p in objective.parameters():
+        p.data = p.data.to(device)
+    wrapped = model
+    dist = None
+    if world_size > 1:
+        wrapped = parallelize(model, cfg.distributed, device)
+        dist = _Dist(rank, world_size)
+    if cfg.train.compile:
+        wrapped = torch.compile(wrapped)
+    extra = [p for p in objective.parameters() if p.requires_grad]
+    if world_size > 1:
+        if extra:
+            raise LmstackError(f"objective.name={cfg.objective.name!r} trains parameters outside the model "
+                               "(e.g. ELECTRA's generator), which the distributed strategies do not shard or sync yet; "
+                               "run it in a single process")
+        optimizer = wrap_optimizer(wrapped, lambda m: build_optimizer(m, cfg.optim), cfg.distributed)
+    else:
+        optimizer = build_optimizer(model, cfg.optim)
+    if extra:
+        optimizer.add_param_group({"params": extra, "lr": cfg.optim.lr, "base_lr": cfg.optim.lr, "weight_decay": 0.0})
+    steps = cfg.train.steps
+
+    def lr_at(progress: float) -> float:
+        return lr_multiplier(cfg.schedule, int(progress * steps), steps)
+
+    if dist is not None:
+        dist.dp_size = dp_size
+    trainer = Trainer(wrapped, objective, optimizer, lr_at, cfg.train, train, val, out, raw_model=model, dist=dist,
+                      bytes_per_token=bytes_per_token, tokens_per_row=cfg.data.seq_len, log=log)
+    summary = trainer.fit()
+    summary["parameters"] = model.num_parameters()
+    summary["out"] = str(out)
+    if tok is not None and rank == 0 and summary.get("checkpoint"):
+        tok.save(Path(summary["checkpoint"]) / "model")  # the checkpoint's model dir is then self-contained
+    return summary

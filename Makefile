@@ -22,10 +22,11 @@ test: setup
 	$(PY) -m pytest -q
 
 test-slow: setup
+	$(PIP) install -q -e ".[dev,lmeval]"
 	$(PY) -m pytest -q -m slow
 
 speedrun: setup
-	$(VENV)/bin/lmstack speedrun
+	$(VENV)/bin/lmstack speedrun --config recipes/speedrun.yaml
 
 bench: setup
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done

@@ -4,6 +4,9 @@ and any backend from backends.py.
 GQA (Ainslie et al. 2023) shares each K/V head among n_heads/n_kv_heads query heads, which shrinks
 the KV cache by that factor; n_kv_heads = 1 is MQA (Shazeer 2019).
 
+A cache object with an `attend(layer, q, k, v, attention_module)` method (the inference engine's
+paged cache) takes over the K/V write and the attention for the layer; KVCache/SinkCache use update().
+
 Usage:
     attn = Attention(cfg)
     y = attn(x, ctx, layer=0)        # ctx: the per-forward ForwardContext built by the Transformer
@@ -56,6 +59,11 @@ class Attention(nn.Module):
             q = apply_rotary(q, ctx.cos_q, ctx.sin_q)
             if cache is None or cache.rotated_keys:
                 k = apply_rotary(k, ctx.cos_q, ctx.sin_q)
+        if cache is not None and hasattr(cache, "attend"):
+            # A paged cache (lmstack.infer) owns the K/V write and the attention: its batch is many
+            # sequences flattened into one row, each with its own block table.
+            out = cache.attend(layer, q, k, v, self)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)
             if ctx.cos_q is not None and not cache.rotated_keys:

@@ -1,0 +1,409 @@
+"""LLMEngine: requests in, one scheduler step at a time, RequestOutputs out (what servers drive).
+
+One step = schedule (scheduler.py) -> copy-on-write block copies -> speculative proposals
+(speculative.py) -> one forward over the flattened batch (model_runner.py) -> sample / verify /
+beam-select -> stop checks and incremental detokenization (output_processor.py) -> prefix-cache
+registration and freeing of finished sequences.
+
+Usage:
+    engine = LLMEngine("runs/model", max_num_seqs=16)
+    engine.add_request("r1", "Once upon a time", SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            print(out.request_id, out.outputs[0].text)
+    engine.stats()   # running, waiting, blocks, prefix-cache hits, token counters, ...
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmstack.errors import LmstackError
+from lmstack.infer import logits_processors as lp
+from lmstack.infer.block_manager import BlockManager
+from lmstack.infer.model_runner import ModelRunner
+from lmstack.infer.output_processor import OutputProcessor
+from lmstack.infer.outputs import RequestOutput
+from lmstack.infer.sampling_params import SamplingParams, SamplingParamsError
+from lmstack.infer.scheduler import Scheduler
+from lmstack.infer.sequence import Request, Sequence
+from lmstack.infer.threads import engine_threads
+
+_POOL_BYTES_DEFAULT = 1 << 30  # the KV pool is sized to at most 1 GiB unless num_blocks is given
+
+
+def load_model_and_tokenizer(model: Any, tokenizer: Any, dtype: torch.dtype, device: str):
+    """A path or a module -> (eval-mode model, tokenizer or None)."""
+    from lmstack.tokenizer import load_tokenizer
+
+    if isinstance(model, (str, os.PathLike)):
+        from lmstack.model.hf_io import load_model
+
+        path = Path(model)
+        model = load_model(path, dtype=dtype, device=device)
+        if tokenizer is None and (path / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(path)
+    elif isinstance(model, torch.nn.Module):
+        model = model.to(device=device, dtype=dtype)
+    else:
+        raise LmstackError(f"model must be a model directory or a Transformer, got {type(model).__name__}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    return model.eval(), tokenizer
+
+
+class LLMEngine:
+    def __init__(self, model: Any, tokenizer: Any = None, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
+                 block_size: int = 16, num_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
+                 max_model_len: int | None = None, speculative: Any = None, lora_adapters: dict | None = None,
+                 fast_decode: bool = True):
+        for name, v, lo in (("max_num_seqs", max_num_seqs, 1), ("max_batched_tokens", max_batched_tokens, 1),
+                            ("block_size", block_size, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise LmstackError(f"{name} must be an integer >= {lo}, got {v!r}")
+        owned = isinstance(model, (str, os.PathLike))  # loaded here, so nobody else holds its weights
+        self.model, self.tokenizer = load_model_and_tokenizer(model, tokenizer, dtype, device)
+        cfg = self.model.config
+        self.max_model_len = max_model_len or cfg.max_seq_len
+        if num_blocks is None:
+            per_block = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * block_size * torch.finfo(dtype).bits // 8
+            wanted = -(-max_num_seqs * self.max_model_len // block_size)
+            num_blocks = max(min(wanted, _POOL_BYTES_DEFAULT // per_block), -(-self.max_model_len // block_size))
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise LmstackError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, device, fast_decode=fast_decode,
+                                  share_weights=owned)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eos_ids = self._eos_ids()
+        self.spec = None
+        if speculative is not None:
+            from lmstack.infer.speculative import SpeculativeDecoder
+
+            self.spec = SpeculativeDecoder(self, speculative)
+        self.scheduler = Scheduler(self.bm, max_num_seqs, max_batched_tokens,
+                                   lookahead=self.spec.lookahead if self.spec else None)
+        self.lora = None
+        if lora_adapters:
+            from lmstack.infer.lora_hook import LoraManager
+
+            self.lora = LoraManager(self.model, lora_adapters)
+            self.runner.lora_context = self.lora
+        self.guided = None  # built on first use (constrained.py)
+        self.outputs = OutputProcessor(self)
+        self.requests: dict[str, Request] = {}
+        self.counters = dict(prompt_tokens=0, prefill_tokens=0, generation_tokens=0, steps=0,
+                             requests_finished=0, requests_aborted=0)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set()
+        if self.model.config.eos_token_id is not None:
+            ids.add(self.model.config.eos_token_id)
+        if self.tokenizer is not None:
+            for name in ("eos", "assistant_end"):
+                i = self.tokenizer.special_id(name)
+                if i is not None:
+                    ids.add(i)
+        return frozenset(ids)
+
+    # ---- requests
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                     lora: str | None = None, arrival_time: float | None = None) -> Request:
+        """Validate and tokenize a request without touching the engine's state (thread-safe)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise LmstackError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise LmstackError(f"request_id must be a non-empty string, got {request_id!r}")
+        lora = lora or params.lora
+        if lora is not None and (self.lora is None or lora not in self.lora.adapters):
+            known = sorted(self.lora.adapters) if self.lora else []
+            raise SamplingParamsError(f"lora={lora!r} is not a registered adapter; registered: {known}")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.encode(prompt)
+        if len(ids) >= self.max_model_len:
+            raise LmstackError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}; "
+                               "shorten it (prompt + at least one generated token must fit)")
+        room = min(self.max_model_len, self.num_blocks * self.block_size) - len(ids)
+        if room < 1:
+            raise LmstackError(f"the prompt has {len(ids)} tokens but the KV pool holds "
+                               f"{self.num_blocks * self.block_size}; raise num_blocks")
+        req = Request(request_id, text, ids, params, lora=lora, arrival_time=arrival_time, eos_ids=self.eos_ids)
+        req.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if params.bad_words:
+            req.bad_word_ids = self._bad_word_ids(params.bad_words)
+        seq = req.seqs[0]
+        seq.generator = self._generator(params.seed, 0)
+        if params.guided:
+            seq.matcher = self.guided_decoder().new_matcher(params)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        return req
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora: str | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request; it joins the running batch at the next step."""
+        self.add_prepared(self.make_request(request_id, prompt, params, lora, arrival_time))
+
+    def add_prepared(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise LmstackError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.counters["prompt_tokens"] += len(req.prompt_token_ids)
+        if req.params.use_beam_search:
+            from lmstack.infer.beam_search import BeamState
+
+            req.beam = BeamState(req.params, req.max_tokens)
+        self.scheduler.add(req.seqs[0])
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks at once; returns its final output (finish_reason 'abort')."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.aborted = True
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.outputs.finish(seq, "abort")
+            self.scheduler.remove(seq)
+        self.counters["requests_aborted"] += 1
+        return self.outputs.request_output(req, final=True)
+
+    def add_lora(self, name: str, adapter: Any) -> None:
+        """Register a LoRA adapter (an object with apply(module_name, x, base_out)); requests name it."""
+        if self.lora is None:
+            from lmstack.infer.lora_hook import LoraManager
+
+            self.lora = LoraManager(self.model)
+            self.runner.lora_context = self.lora
+        self.lora.register(name, adapter)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        vocab = self.model.config.vocab_size
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise LmstackError("a text prompt needs a tokenizer; pass tokenizer= or give token ids")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            bos = self.tokenizer.bos_id
+            if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+                ids = ids[1:]  # a rendered chat template already starts with BOS; do not add a second
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise LmstackError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        else:
+            raise LmstackError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise LmstackError("the prompt is empty; give at least one token")
+        return ids
+
+    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise SamplingParamsError("bad_words needs a tokenizer to turn words into token ids")
+        out = []
+        for w in words:  # the word alone and after a space: both spellings a BPE model can produce
+            for variant in (w, " " + w.lstrip()):
+                ids = self.tokenizer.encode(variant)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+
+    def guided_decoder(self):
+        if self.guided is None:
+            from lmstack.infer.constrained import GuidedDecoder
+
+            self.guided = GuidedDecoder(self.tokenizer, self.eos_ids, self.model.config.vocab_size)
+        return self.guided
+
+    # ---- the step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns the outputs of every request that changed."""
+        with engine_threads():  # bookkeeping and sampling ops are tiny: one thread (see threads.py)
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise LmstackError(f"the waiting request {self.scheduler.waiting[0].request.request_id!r} does not "
+                                   f"fit the KV pool ({self.num_blocks} blocks of {self.block_size}); raise num_blocks")
+            return self.outputs.collect()
+        self.counters["steps"] += 1
+        if sched.copies:
+            self.runner.cache.copy_blocks(sched.copies)
+            if self.spec is not None:
+                self.spec.copy_blocks(sched.copies)
+        spec_items = [s.seq for s in sched.scheduled if s.lookahead]
+        if spec_items:
+            self.spec.propose(spec_items)
+        batch, logit_rows, plans = [], [], []
+        base = 0  # first row of the next sequence in the flat batch
+        for s in sched.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            tokens = seq.token_ids[start:start + s.num_tokens]
+            spec = seq.spec_tokens if s.lookahead else []
+            first_row = len(logit_rows)
+            req = seq.request
+            prompt_rows = []
+            if req.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1 and seq.index == 0:
+                stop = min(start + s.num_tokens, seq.num_prompt_tokens - 1)
+                prompt_rows = list(range(start, stop))  # position p scores prompt token p + 1
+                logit_rows.extend(base + p - start for p in prompt_rows)
+            ends = start + s.num_tokens == seq.num_tokens
+            n_sample_rows = 0
+            if ends:
+                n_sample_rows = 1 + len(spec)
+                logit_rows.extend(range(base + s.num_tokens - 1, base + s.num_tokens + len(spec)))
+            batch.append((seq, tokens + spec, start))
+            plans.append((s, first_row, prompt_rows, n_sample_rows))
+            if self.lora is not None:
+                self.lora.add_segment(base, len(tokens) + len(spec), req.lora)
+            base += len(tokens) + len(spec)
+        try:
+            logits = self.runner.run(batch, logit_rows)
+        finally:
+            if self.lora is not None:
+                self.lora.clear_segments()
+        return self._after_forward(sched, plans, logits)
+
+    def _after_forward(self, sched, plans, logits: torch.Tensor) -> list[RequestOutput]:
+        to_sample: list[tuple[Sequence, int]] = []
+        for s, first_row, prompt_rows, n_rows in plans:
+            seq, req = s.seq, s.seq.request
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.counters["prefill_tokens"] += min(s.num_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += s.num_tokens
+            if prompt_rows:
+                self.outputs.record_prompt_logprobs(req, prompt_rows, logits[first_row:first_row + len(prompt_rows)])
+            if n_rows:
+                row = first_row + len(prompt_rows)
+                if s.lookahead and seq.spec_tokens:
+                    self.spec.verify(seq, logits[row:row + n_rows])
+                else:
+                    to_sample.append((seq, row))
+        beams = [(seq, row) for seq, row in to_sample if seq.request.beam is not None]
+        plain = [(seq, row) for seq, row in to_sample if seq.request.beam is None]
+        if plain:
+            self._sample(plain, logits)
+        if beams:
+            from lmstack.infer.beam_search import beam_step
+
+            beam_step(self, beams, logits)
+        for s in sched.scheduled:
+            if not s.seq.is_finished and s.seq.block_table:
+                self.bm.register_computed(s.seq)
+        return self.outputs.collect()
+
+    def _sample(self, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
+        expanded: list[tuple[Sequence, int]] = []
+        for seq, row in items:
+            req = seq.request
+            if req.max_tokens == 0:  # prompt scoring only
+                self.outputs.finish(seq, "length")
+                continue
+            expanded.append((seq, row))
+            if not req.forked and req.params.num_sequences > 1:
+                expanded.extend((child, row) for child in self.fork(seq, req.params.num_sequences - 1))
+            req.forked = True
+        if not expanded:
+            return
+        rows = [self.sampling_row(seq) for seq, _ in expanded]
+        raw = logits[[r for _, r in expanded]] if len(expanded) > 1 or expanded[0][1] else logits[:1]
+        if all(r.params.greedy and r.allowed is None and not lp.needs_processing(r.params) for r in rows):
+            tokens = raw.argmax(dim=-1).tolist()  # the hot path of greedy decoding: no processing at all
+        else:
+            tokens = lp.sample(lp.process(raw, rows), rows, self.generator)
+        if any(seq.logprobs is not None for seq, _ in expanded):
+            logprobs = raw.log_softmax(dim=-1)
+        else:  # only the sampled tokens' log-probabilities are needed (cumulative_logprob)
+            logprobs = raw - raw.logsumexp(dim=-1, keepdim=True)
+        for i, ((seq, _), tok) in enumerate(zip(expanded, tokens)):
+            self.outputs.append_token(seq, tok, logprobs[i])
+
+    def sampling_row(self, seq: Sequence, extra: list[int] | None = None) -> lp.SamplingRow:
+        req = seq.request
+        out = seq.output_ids if not extra else seq.output_ids + extra
+        allowed = None
+        if seq.matcher is not None:
+            allowed = self.guided.allowed(seq.matcher)
+        return lp.SamplingRow(req.params, req.prompt_token_ids, out, seq.generator, req.eos_ids,
+                              req.bad_word_ids, allowed)
+
+    def fork(self, seq: Sequence, count: int) -> list[Sequence]:
+        """New sequences sharing seq's history and blocks; they run right after it."""
+        req = seq.request
+        children = []
+        for _ in range(count):
+            child = seq.fork(req.next_index)
+            req.next_index += 1
+            child.generator = self._generator(req.params.seed, child.index)
+            self.bm.fork(seq, child)
+            req.seqs.append(child)
+            children.append(child)
+        running = self.scheduler.running
+        at = running.index(seq) + 1 if seq in running else len(running)
+        running[at:at] = children
+        return children
+
+    # ---- facts
+    def stats(self) -> dict[str, Any]:
+        running = {s.request.request_id for s in self.scheduler.running}
+        c = self.counters
+        out = {
+            "running": len(running),
+            "waiting": len(self.requests) - len(running & set(self.requests)),
+            "running_seqs": len(self.scheduler.running),
+            "waiting_seqs": len(self.scheduler.waiting),
+            "num_blocks_total": self.num_blocks,
+            "num_blocks_free": self.bm.num_free_blocks,
+            "num_blocks_used": self.num_blocks - self.bm.num_free_blocks,
+            "block_size": self.block_size,
+            "kv_cache_bytes": self.runner.cache.nbytes(),
+            "prefix_cache_hit_tokens": self.scheduler.prefix_hit_tokens,
+            "prefix_cache_queried_tokens": self.scheduler.prefix_queried_tokens,
+            "prompt_tokens": c["prompt_tokens"],
+            "prefill_tokens": c["prefill_tokens"],
+            "generation_tokens": c["generation_tokens"],
+            "num_preemptions": self.scheduler.num_preemptions,
+            "requests_finished": c["requests_finished"],
+            "requests_aborted": c["requests_aborted"],
+            "steps": c["steps"],
+        }
+        if self.spec is not None:
+            out.update(self.spec.stats())
+        return out
+
+    def run_to_completion(self, show_progress: bool = False) -> list[RequestOutput]:
+        """Step until every request finished; returns the final outputs in finishing order."""
+        done = []
+        bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.requests), desc="generate", unit="req")
+        start = time.perf_counter()
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    done.append(out)
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.set_postfix(s=f"{time.perf_counter() - start:.1f}")
+            bar.close()
+        return done

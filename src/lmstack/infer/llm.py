@@ -1,0 +1,83 @@
+"""LLM: the offline entry point. Give it prompts, get every completion back (batched by the engine).
+
+Usage:
+    import lmstack
+    llm = lmstack.LLM("runs/model")                          # a model directory with tokenizer.json
+    outs = llm.generate(["Hello", "The sky is"], lmstack.SamplingParams(max_tokens=32, temperature=0.0))
+    print(outs[0].outputs[0].text)
+    outs = llm.generate([[1, 2, 3]], lmstack.SamplingParams(max_tokens=8))          # token ids
+    reply = llm.chat([{"role": "user", "content": "hi"}], lmstack.SamplingParams(max_tokens=32))
+    llm = lmstack.LLM(model, tokenizer=tok, speculative={"method": "ngram", "num_tokens": 4})
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+
+from lmstack.errors import LmstackError
+from lmstack.infer.engine import LLMEngine
+from lmstack.infer.outputs import RequestOutput
+from lmstack.infer.sampling_params import SamplingParams
+
+_counter = itertools.count()
+
+
+def normalize_prompts(prompts: Any) -> list[str | list[int]]:
+    """str | list[str] | list[int] | list[list[int]] -> a list of prompts (each text or token ids)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise LmstackError("prompts is empty; give at least one prompt")
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            return [list(prompts)]
+        if all(isinstance(p, str) or isinstance(p, (list, tuple)) for p in prompts):
+            return [p if isinstance(p, str) else list(p) for p in prompts]
+    raise LmstackError(f"prompts must be a string, a list of strings, token ids or lists of token ids; "
+                       f"got {type(prompts).__name__}")
+
+
+class LLM:
+    def __init__(self, model: Any, tokenizer: Any = None, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
+                 block_size: int = 16, num_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0, **engine_kwargs: Any):
+        """model: a model directory (ours or HF's) or a Transformer; tokenizer: a Tokenizer or its directory
+        (default: the model directory's tokenizer.json). Other keywords go to LLMEngine (max_model_len,
+        speculative, lora_adapters)."""
+        self.engine = LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                                block_size=block_size, num_blocks=num_blocks,
+                                enable_prefix_caching=enable_prefix_caching, dtype=dtype, device=device, seed=seed,
+                                **engine_kwargs)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: Any, params: SamplingParams | list[SamplingParams] | None = None,
+                 lora: str | list[str | None] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Complete every prompt; returns one RequestOutput per prompt, in prompt order."""
+        prompts = normalize_prompts(prompts)
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        loras = lora if isinstance(lora, list) else [lora] * len(prompts)
+        if len(plist) != len(prompts) or len(loras) != len(prompts):
+            raise LmstackError(f"got {len(prompts)} prompts but {len(plist)} params and {len(loras)} adapters")
+        ids = []
+        try:
+            for prompt, p, a in zip(prompts, plist, loras):
+                rid = f"llm-{next(_counter)}"
+                self.engine.add_request(rid, prompt, p, lora=a)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:  # leave the engine as we found it
+                self.engine.abort_request(rid)
+            raise
+        finals = {o.request_id: o for o in self.engine.run_to_completion(show_progress=use_tqdm)}
+        return [finals[r] for r in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             lora: str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """One conversation (a list of {'role', 'content'} dicts) or several; applies the chat template."""
+        if self.tokenizer is None:
+            raise LmstackError("chat needs a tokenizer with a chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True)[0] for c in convs]
+        return self.generate(prompts, params, lora=lora, use_tqdm=use_tqdm)

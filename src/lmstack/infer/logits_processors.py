@@ -1,0 +1,216 @@
+"""Logits processors and the sampler: raw logits (rows, vocab) -> one token per row.
+
+Each processor is a function (logits, rows) -> logits that touches only the rows whose params ask
+for it, so a batch mixing greedy and sampled requests costs nothing extra for the plain ones. They
+run in PROCESSORS order: bans and biases first (they change what is possible), then penalties, then
+temperature and the truncations (top-k, top-p, min-p), which need the final distribution's shape.
+
+- min_tokens: EOS and stop tokens get -inf until min_tokens tokens were generated.
+- bad_words: a word's last token is banned right after the tokens before it were produced.
+- logit_bias: added as given (OpenAI semantics).
+- repetition_penalty (CTRL, Keskar et al. 2019): logit/p if positive else logit*p for every token in
+  prompt or output.
+- frequency / presence penalties (OpenAI): logit - f*count - p*[count > 0] over the output.
+- guided: tokens the grammar forbids get -inf (see constrained.py).
+- temperature, then top_k, top_p (nucleus, Holtzman et al. 2020), min_p (Nguyen et al. 2024).
+
+Usage:
+    rows = [SamplingRow(params, prompt_ids, output_ids, generator=None, eos_ids={2})]
+    probs_or_none, logits = process(logits, rows)
+    tokens = sample(logits, rows)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lmstack.infer.sampling_params import SamplingParams
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingRow:
+    """What the processors need to know about one row of logits."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None = None
+    eos_ids: frozenset[int] = frozenset()
+    bad_word_ids: list[list[int]] = field(default_factory=list)
+    allowed: torch.Tensor | None = None
+    """Bool (vocab,) mask from the guided decoder; None = everything allowed."""
+
+
+def _rows_where(rows: list[SamplingRow], pred: Callable[[SamplingParams], bool]) -> list[int]:
+    return [i for i, r in enumerate(rows) if pred(r.params)]
+
+
+def min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.min_tokens and len(r.output_ids) < p.min_tokens:
+            banned = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(r.eos_ids))
+            if banned:
+                logits[i, list(banned)] = NEG_INF
+    return logits
+
+
+def bad_words(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    for i, r in enumerate(rows):
+        for word in r.bad_word_ids:
+            *prefix, last = word
+            if not prefix or (len(r.output_ids) >= len(prefix) and r.output_ids[-len(prefix):] == prefix):
+                logits[i, last] = NEG_INF
+    return logits
+
+
+def logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    for i in _rows_where(rows, lambda p: bool(p.logit_bias)):
+        ids = [t for t in rows[i].params.logit_bias if t < vocab]
+        if ids:
+            logits[i, ids] += torch.tensor([rows[i].params.logit_bias[t] for t in ids], dtype=logits.dtype)
+    return logits
+
+
+def repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    for i in _rows_where(rows, lambda p: p.repetition_penalty != 1.0):
+        seen = torch.tensor(sorted(set(rows[i].prompt_ids) | set(rows[i].output_ids)), dtype=torch.long)
+        if len(seen):
+            x = logits[i, seen]
+            pen = rows[i].params.repetition_penalty
+            logits[i, seen] = torch.where(x > 0, x / pen, x * pen)
+    return logits
+
+
+def frequency_presence(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    for i in _rows_where(rows, lambda p: p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
+        out = rows[i].output_ids
+        if not out:
+            continue
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=vocab)[:vocab].to(logits.dtype)
+        p = rows[i].params
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def guided(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    for i, r in enumerate(rows):
+        if r.allowed is not None:
+            logits[i].masked_fill_(~r.allowed[: logits.shape[-1]], NEG_INF)
+    return logits
+
+
+def temperature(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    temps = [r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows]
+    if any(t != 1.0 for t in temps):
+        logits = logits / torch.tensor(temps, dtype=logits.dtype)[:, None]
+    return logits
+
+
+def top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    active = [i for i, r in enumerate(rows) if not r.params.greedy and
+              (r.params.top_k or r.params.top_p < 1.0 or r.params.min_p > 0.0)]
+    if not active:
+        return logits
+    sub = logits[active]
+    vocab = sub.shape[-1]
+    top_k = torch.tensor([min(rows[i].params.top_k or vocab, vocab) for i in active])
+    top_p = torch.tensor([rows[i].params.top_p for i in active], dtype=sub.dtype)[:, None]
+    min_p = torch.tensor([rows[i].params.min_p for i in active], dtype=sub.dtype)[:, None]
+    sorted_logits, order = sub.sort(dim=-1, descending=True)
+    # top-k: everything ranked at or past k goes
+    ranks = torch.arange(vocab)[None, :]
+    drop = ranks >= top_k[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    probs = sorted_logits.softmax(dim=-1)
+    # top-p: keep the smallest prefix whose mass reaches top_p (the token that crosses it stays)
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p
+    # min-p: relative to the most likely token
+    drop |= probs < min_p * probs[:, :1]
+    drop[:, 0] = False  # the top token always survives
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    logits[active] = torch.full_like(sub, NEG_INF).scatter(-1, order, sorted_logits)
+    return logits
+
+
+# Applied in this order. Bans and biases, penalties, the grammar, then the distribution's shape.
+PROCESSORS: dict[str, Callable[[torch.Tensor, list[SamplingRow]], torch.Tensor]] = {
+    "min_tokens": min_tokens,
+    "bad_words": bad_words,
+    "logit_bias": logit_bias,
+    "repetition_penalty": repetition_penalty,
+    "frequency_presence": frequency_presence,
+    "guided": guided,
+    "temperature": temperature,
+    "top_k_top_p_min_p": top_k_top_p_min_p,
+}
+
+
+def needs_processing(p: SamplingParams) -> bool:
+    """False for plain greedy / plain temperature sampling, which skip every processor but temperature."""
+    return bool(p.min_tokens or p.bad_words or p.logit_bias or p.repetition_penalty != 1.0
+                or p.frequency_penalty or p.presence_penalty or p.guided or p.top_k or p.top_p < 1.0 or p.min_p)
+
+
+def process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Apply every processor; returns processed float32 logits (a new tensor; the input is untouched)."""
+    logits = logits.float().clone()
+    if any(needs_processing(r.params) or r.allowed is not None for r in rows):
+        for fn in PROCESSORS.values():
+            logits = fn(logits, rows)
+    else:
+        logits = temperature(logits, rows)
+    return logits
+
+
+def process_bans(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Only the processors that change what is allowed or preferred (no temperature or truncation):
+    what beam search scores with."""
+    logits = logits.float().clone()
+    for name, fn in PROCESSORS.items():
+        if name not in ("temperature", "top_k_top_p_min_p"):
+            logits = fn(logits, rows)
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None
+           ) -> list[int]:
+    """Processed logits (rows, vocab) -> one token per row: argmax for greedy rows, else a draw."""
+    greedy = logits.argmax(dim=-1)
+    out = greedy.tolist()
+    for i, r in enumerate(rows):
+        if r.params.greedy:
+            continue
+        probs = logits[i].softmax(dim=-1)
+        out[i] = int(torch.multinomial(probs, 1, generator=r.generator or default_generator))
+    return out
+
+
+def probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The distribution each row samples from: softmax, or one-hot on the argmax for greedy rows."""
+    probs = logits.softmax(dim=-1)
+    for i, r in enumerate(rows):
+        if r.params.greedy:
+            probs[i] = 0.0
+            probs[i, int(logits[i].argmax())] = 1.0
+    return probs
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: list[int], k: int) -> list[dict[int, float]]:
+    """Per row: {chosen token: logprob} plus the k most likely tokens."""
+    out = []
+    top_v, top_i = (logprobs.topk(k, dim=-1) if k else (None, None))
+    chosen_lp = logprobs.gather(-1, torch.tensor(chosen)[:, None])[:, 0].tolist()
+    for r, tok in enumerate(chosen):
+        d = {tok: chosen_lp[r]}
+        if k:
+            for t, v in zip(top_i[r].tolist(), top_v[r].tolist()):
+                d.setdefault(t, v)
+        out.append(d)
+    return out

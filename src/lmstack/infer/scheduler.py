@@ -1,0 +1,134 @@
+"""The scheduler: which sequences run in the next step and on how many tokens (continuous batching).
+
+Every step it fills a token budget (max_batched_tokens) and a sequence budget (max_num_seqs):
+1. Running sequences first, oldest first: a decoding one needs 1 token (+ speculative lookahead slots);
+   one still in its prompt gets the next chunk that fits the budget (chunked prefill), so a long prompt
+   never stalls the others' decoding for more than one chunk.
+2. If no running sequence had to be preempted, waiting ones are admitted in arrival order: each first
+   takes its prefix-cache hits (those tokens cost nothing), then a prompt chunk that fits.
+When a running sequence needs a block and the pool is empty, the newest running sequence is preempted
+by recompute: its blocks are freed and it goes back to the front of the queue with its tokens, to be
+prefilled again later (often straight from the prefix cache). So requests join and leave between
+steps, never waiting for a whole batch to finish (Orca, Yu et al. 2022; vLLM).
+
+Usage:
+    sched = Scheduler(block_manager, max_num_seqs=16, max_batched_tokens=2048)
+    sched.add(seq)
+    out = sched.schedule()      # out.scheduled: [(seq, num_tokens, lookahead)], out.copies: CoW pairs
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from lmstack.infer.block_manager import BlockManager
+from lmstack.infer.sequence import Sequence, Status
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_tokens: int
+    """Known tokens computed this step, starting at seq.num_computed_tokens."""
+    lookahead: int = 0
+    """Extra slots reserved for speculative tokens."""
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[Scheduled] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
+                 lookahead: Callable[[Sequence], int] | None = None):
+        self.bm = block_manager
+        self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
+        self.lookahead = lookahead or (lambda seq: 0)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.prefix_hit_tokens = 0
+        self.prefix_queried_tokens = 0
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = Status.WAITING
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Forget a sequence (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.num_computed_tokens = 0
+        seq.draft_computed = 0
+        seq.request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq, front=True)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, paused: Callable[[Sequence], bool] = lambda s: False) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if paused(seq) or seq.remaining_prefill == 0:
+                i += 1
+                continue
+            n = min(seq.remaining_prefill, budget)
+            look = self.lookahead(seq) if seq.remaining_prefill == 1 else 0
+            copies = self.bm.ensure_slots(seq, seq.num_computed_tokens + n + look)
+            while copies is None:
+                victim = self.running[-1]
+                self.preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+                copies = self.bm.ensure_slots(seq, seq.num_computed_tokens + n + look)
+            if copies is None:
+                break  # seq itself was preempted, and it was the last one
+            out.copies.extend(copies)
+            out.scheduled.append(Scheduled(seq, n, look))
+            budget -= n + look
+            i += 1
+        if out.preempted:
+            return out  # the pool is short: admit nobody new this step
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            fresh = not seq.block_table
+            cached = self.bm.allocate_prefix(seq) if fresh else 0
+            n = min(seq.remaining_prefill, budget)
+            copies = self.bm.ensure_slots(seq, seq.num_computed_tokens + n)
+            if copies is None:
+                if fresh:  # give the hits back; try again when blocks free up
+                    self.bm.free(seq)
+                    seq.num_computed_tokens = 0
+                break
+            if fresh:
+                self.prefix_hit_tokens += cached
+                self.prefix_queried_tokens += seq.num_tokens
+                if seq.request.metrics.first_scheduled_time is None:
+                    seq.request.metrics.num_cached_tokens = cached
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.copies.extend(copies)
+            out.scheduled.append(Scheduled(seq, n, 0))
+            budget -= n
+        return out

@@ -1,0 +1,196 @@
+"""Speculative decoding: cheap proposals verified by one target forward, with a lossless accept rule.
+
+Each decode step a proposer guesses k tokens; the target model scores the last token plus all k
+guesses in one forward pass (k+1 positions, like a short prefill chunk), and the standard rule
+(Leviathan et al. 2023; Chen et al. 2023) keeps a prefix of them:
+    accept guess d_j with probability min(1, p_j(d_j) / q_j(d_j));
+    at the first rejection sample from norm(max(p_j - q_j, 0)) and stop;
+    if all k pass, sample one bonus token from p_{k+1}.
+p is the target's distribution after every logits processor, q the proposer's. The output
+distribution is exactly the target's, so speculation changes speed, never results (greedy: accept
+while the guess equals the target's argmax, then take the argmax: token-identical output).
+
+Proposers (SpeculativeConfig.method):
+- draft: a smaller lmstack model with the same tokenizer. Its K/V live in a second paged pool indexed
+  by the same block tables, so blocks, prefix caching, copy-on-write and preemption need nothing
+  extra; the draft catches up on the tokens it has not seen, then decodes k guesses.
+- ngram: prompt lookup decoding (Saxena 2023): find the latest earlier occurrence of the last n
+  tokens in the sequence and propose what followed it. q is a point mass, so a guess is accepted
+  with probability p(d) and a rejection samples from p with d removed.
+
+Usage:
+    llm = LLM(target_dir, speculative={"method": "draft", "draft_model": draft_dir, "num_tokens": 4})
+    llm = LLM(target_dir, speculative={"method": "ngram", "num_tokens": 4, "ngram_max": 3})
+    llm.engine.stats()["spec_acceptance_rate"]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from lmstack.config import from_dict
+from lmstack.errors import LmstackError
+from lmstack.infer import logits_processors as lp
+from lmstack.infer.sequence import Sequence
+
+
+@dataclass
+class SpeculativeConfig:
+    method: Literal["draft", "ngram"] = "ngram"
+    """draft: a smaller model proposes; ngram: prompt lookup proposes from the sequence itself."""
+    num_tokens: int = 4
+    """Tokens proposed per step (k)."""
+    draft_model: Any = None
+    """method=draft: a model directory or Transformer sharing the target's tokenizer and vocabulary."""
+    ngram_max: int = 4
+    """method=ngram: longest suffix length matched."""
+    ngram_min: int = 1
+    """method=ngram: shortest suffix length matched."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("draft", "ngram"):
+            raise LmstackError(f"speculative method={self.method!r} is not allowed; choose 'draft' or 'ngram'")
+        if not isinstance(self.num_tokens, int) or not 1 <= self.num_tokens <= 32:
+            raise LmstackError(f"speculative num_tokens must be an integer in 1..32, got {self.num_tokens!r}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise LmstackError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if self.method == "draft" and self.draft_model is None:
+            raise LmstackError("speculative method='draft' needs draft_model (a model directory or Transformer)")
+
+
+class SpeculativeDecoder:
+    def __init__(self, engine, config: SpeculativeConfig | dict):
+        if isinstance(config, dict):
+            config = from_dict(SpeculativeConfig, config)
+        self.engine, self.cfg = engine, config
+        self.runner = None
+        if config.method == "draft":
+            from lmstack.infer.engine import load_model_and_tokenizer
+            from lmstack.infer.model_runner import ModelRunner
+
+            p = next(engine.model.parameters())
+            draft, _ = load_model_and_tokenizer(config.draft_model, None, p.dtype, str(p.device))
+            if draft.config.vocab_size != engine.model.config.vocab_size:
+                raise LmstackError(f"the draft model's vocab_size ({draft.config.vocab_size}) differs from the "
+                                   f"target's ({engine.model.config.vocab_size}); they must share a tokenizer")
+            self.runner = ModelRunner(draft, engine.num_blocks, engine.block_size, str(p.device))
+        self.proposed = self.accepted = self.steps = 0
+
+    # ---- hooks the engine calls
+    def lookahead(self, seq: Sequence) -> int:
+        """Slots to reserve for a decoding sequence's guesses (0 = no speculation for it)."""
+        req = seq.request
+        if req.params.guided or req.beam is not None or not req.forked:
+            return 0
+        left = req.max_tokens - seq.num_output_tokens - 1
+        room = self.engine.max_model_len - seq.num_tokens - 1
+        return max(0, min(self.cfg.num_tokens, left, room))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if self.runner is not None:
+            self.runner.cache.copy_blocks(pairs)
+
+    def propose(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            seq.spec_tokens, seq.spec_probs = [], None
+        if self.cfg.method == "ngram":
+            for seq in seqs:
+                seq.spec_tokens = self._ngram(seq.token_ids, self.lookahead(seq))
+        else:
+            self._draft(seqs)
+        self.steps += 1
+
+    def stats(self) -> dict:
+        return {"spec_proposed_tokens": self.proposed, "spec_accepted_tokens": self.accepted,
+                "spec_acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0}
+
+    # ---- proposers
+    def _ngram(self, tokens: list[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        for n in range(min(self.cfg.ngram_max, len(tokens) - 1), self.cfg.ngram_min - 1, -1):
+            suffix = tokens[-n:]
+            for i in range(len(tokens) - n - 1, -1, -1):  # the latest earlier occurrence wins
+                if tokens[i:i + n] == suffix:
+                    return tokens[i + n:i + n + k]
+        return []
+
+    def _draft(self, seqs: list[Sequence]) -> None:
+        eng = self.engine
+        ks = {seq.seq_id: self.lookahead(seq) for seq in seqs}
+        live = [s for s in seqs if ks[s.seq_id] > 0]
+        probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in live}
+        # first pass: catch up on every token the draft has not seen, then guess d1
+        batch = [(s, s.token_ids[s.draft_computed:], s.draft_computed) for s in live]
+        step = 0
+        while live:
+            rows, total = [], 0
+            for _, toks, _ in batch:
+                total += len(toks)
+                rows.append(total - 1)
+            logits = self.runner.run(batch, rows)
+            srows = [eng.sampling_row(s, s.spec_tokens) for s in live]
+            processed = lp.process(logits, srows)
+            guesses = lp.sample(processed, srows, eng.generator)
+            dist = lp.probabilities(processed, srows)
+            nxt = []
+            for i, s in enumerate(live):
+                s.draft_computed = s.num_tokens + step
+                s.spec_tokens.append(guesses[i])
+                probs[s.seq_id].append(dist[i])
+                if len(s.spec_tokens) < ks[s.seq_id]:
+                    nxt.append((s, [guesses[i]], s.num_tokens + step))
+            step += 1
+            batch = nxt
+            live = [b[0] for b in nxt]
+        for s in seqs:
+            if s.spec_tokens:
+                s.spec_probs = torch.stack(probs[s.seq_id])
+
+    # ---- verification
+    def verify(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """logits (k+1, vocab) for [last token, d1..dk]: accept a prefix, append it plus one more token."""
+        eng = self.engine
+        guesses = seq.spec_tokens
+        k = len(guesses)
+        rows = [eng.sampling_row(seq, guesses[:j]) for j in range(k + 1)]
+        processed = lp.process(logits, rows)
+        gen = seq.generator or eng.generator
+        accepted, final = 0, None
+        if seq.request.params.greedy:
+            target = processed.argmax(dim=-1).tolist()
+            while accepted < k and target[accepted] == guesses[accepted]:
+                accepted += 1
+            final = target[accepted]
+        else:
+            p = processed.softmax(dim=-1)
+            for j, d in enumerate(guesses):
+                q = seq.spec_probs[j] if seq.spec_probs is not None else None
+                q_d = float(q[d]) if q is not None else 1.0
+                if float(torch.rand((), generator=gen)) * q_d < float(p[j, d]):  # u < p/q without dividing
+                    accepted += 1
+                    continue
+                if q is not None:
+                    residual = (p[j] - q).clamp(min=0)
+                else:
+                    residual = p[j].clone()
+                    residual[d] = 0.0
+                if float(residual.sum()) <= 0:
+                    residual = p[j]
+                final = int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
+                break
+            if final is None:
+                final = int(torch.multinomial(p[k], 1, generator=gen))
+        self.proposed += k
+        self.accepted += accepted
+        old_len = seq.num_tokens
+        seq.num_computed_tokens += accepted  # the accepted guesses' K/V were written by this forward
+        seq.draft_computed = min(seq.draft_computed, old_len + accepted)
+        logprobs = logits.log_softmax(dim=-1)
+        for j, tok in enumerate(guesses[:accepted] + [final]):
+            eng.outputs.append_token(seq, tok, logprobs[j])
+            if seq.is_finished:
+                break
+        seq.spec_tokens, seq.spec_probs = [], None

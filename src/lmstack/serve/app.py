@@ -1,0 +1,190 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app around one lmstack AsyncLLMEngine.
+
+Routes:
+    GET  /v1/models                 the model (and any LoRA adapters) this server answers to
+    POST /v1/completions            prompt(s) -> text, logprobs, echo (+ SSE streaming)
+    POST /v1/chat/completions       messages -> assistant reply (+ SSE streaming)
+    POST /tokenize, /detokenize     text or messages <-> token ids (vLLM's shapes)
+    GET  /tokenizer_info            special tokens and chat template (lm-eval's remote tokenizer reads it)
+    GET  /health                    200 while the engine runs, 503 after it failed
+    GET  /metrics                   Prometheus text
+    GET  /                          a small web chat page
+
+Two ASGI middlewares wrap the app: the outer one counts every answer by route and status for /metrics;
+the inner one refuses bodies over max_request_bytes (413) before any parsing, even chunked ones.
+A set api_key guards the API routes (401 without `Authorization: Bearer <key>`).
+
+Usage:
+    from lmstack.infer import AsyncLLMEngine
+    app = create_app(AsyncLLMEngine("runs/model"), ServerConfig(model_name="tiny", api_key="sk-local"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
+from lmstack.serve.chat_completions import chat_prompt_ids, create_chat_completion
+from lmstack.serve.completions import create_completion
+from lmstack.serve.errors import APIError, error_response, install_error_handlers
+from lmstack.serve.generate import ClientDisconnected, ServerConfig, ServerState
+from lmstack.serve.metrics import CONTENT_TYPE, ServerMetrics
+from lmstack.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
+                                    ModelList, TokenizeRequest)
+
+STATIC = Path(__file__).resolve().parent / "static"
+_KNOWN_ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+                 "/tokenizer_info", "/health", "/metrics", "/"}
+
+
+class MetricsMiddleware:
+    """Counts every response by route and status code (unknown paths share one label, to bound cardinality)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope["path"] if scope["path"] in _KNOWN_ROUTES else "other"
+            self.metrics.requests.inc(route=route, status=str(status["code"]))
+
+
+class BodyLimitMiddleware:
+    """Reads the body up front (at most max_bytes + 1) and answers 413 when it is too large.
+
+    Content-Length is trusted only to refuse early; a chunked body is counted as it arrives. The body
+    read is then replayed to the app, and later receive() calls go to the server (for disconnects).
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes",
+                             code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await error_response(too_large)(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await error_response(too_large)(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
+    """A FastAPI app serving `aengine` (an lmstack.infer.AsyncLLMEngine) with the limits in `config`."""
+    config = config or ServerConfig()
+    metrics = ServerMetrics(config.model_name)
+    state = ServerState(aengine, config, metrics)
+    app = FastAPI(title="lmstack", description="OpenAI-compatible lmstack server", docs_url=None, redoc_url=None)
+    app.state.lmstack = state
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected):
+        return PlainTextResponse("", status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    async def check_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'")
+
+    auth = [Depends(check_key)]
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        cards = [ModelCard(id=config.model_name, created=state.created, max_model_len=state.max_model_len)]
+        cards += [ModelCard(id=name, created=state.created, root=name, parent=config.model_name,
+                            max_model_len=state.max_model_len) for name in state.adapters()]
+        return ModelList(data=cards).model_dump()
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        return await create_completion(state, request, body)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await create_chat_completion(state, request, body)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest):
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt)
+        else:
+            ids = state.encode(body.prompt, body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest):
+        ids = state.check_ids(body.tokens, param="tokens")
+        return {"prompt": state.tokenizer.decode(ids)}
+
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info():
+        tok = state.tokenizer
+        cfg = tok.tokenizer_config() if hasattr(tok, "tokenizer_config") else {}
+        names = {k: cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template")}
+        return {**names, "model_max_length": state.max_model_len, "vocab_size": tok.vocab_size,
+                "tokenizer_class": type(tok).__name__}
+
+    @app.get("/health")
+    async def health():
+        # The engine's step loop is a background task; if it died, nothing will ever be generated again.
+        loop = getattr(aengine, "_task", None)
+        if loop is not None and loop.done() and not loop.cancelled() and loop.exception() is not None:
+            return JSONResponse({"status": "error", "error": repr(loop.exception())}, status_code=503)
+        return {"status": "ok", "model": config.model_name, "step_errors": getattr(aengine, "errors", 0)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(state.engine_stats()), media_type=CONTENT_TYPE)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def web_chat():
+        page = (STATIC / "chat.html").read_text(encoding="utf-8")
+        # The name lands inside a JS string literal: JSON-escape it, and escape "<" so "</script>" cannot close it.
+        return page.replace('"__MODEL_NAME__"', json.dumps(config.model_name).replace("<", "\\u003c"))
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees every status
+    return app

@@ -1,0 +1,179 @@
+"""`lmstack chat`: talk to a model in the terminal, token by token, with the conversation kept as context.
+
+Two backends with one interface (`stream(messages) -> text pieces`):
+- local: the engine runs in this process on a model directory (optionally with a LoRA adapter);
+- remote: an lmstack (or any OpenAI-compatible) server, read as server-sent events.
+
+Commands inside the chat: /reset (forget the conversation), /system TEXT (set the system prompt),
+/exit (or Ctrl-D). Ctrl-C while the model writes stops that reply and keeps the chat going.
+
+Usage:
+    lmstack chat --model runs/model
+    lmstack chat --model runs/model --adapter runs/lora-math
+    lmstack chat --url http://127.0.0.1:8000 --adapter math --api_key sk-local
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from lmstack.errors import LmstackError
+
+HELP = "commands: /reset  /system TEXT  /exit   (Ctrl-C stops a reply, Ctrl-D quits)"
+
+
+class LocalBackend:
+    """The engine in this process; steps it and yields each new piece of text as it is decoded."""
+
+    def __init__(self, model_dir: str, adapter: str | None = None, device: str = "auto", **engine_kwargs: Any):
+        import lmstack
+        from lmstack.infer import LLMEngine
+        from lmstack.serve.commands import load_adapters, pick_device
+
+        dev, dtype = pick_device(device, "auto")
+        model: Any = model_dir
+        self.adapter, adapters = None, None
+        if adapter is not None:  # the adapter wraps the model's Linears, so load the model first
+            model = lmstack.load_model(model_dir, dtype=dtype, device=dev)
+            self.adapter = Path(adapter).name
+            adapters = load_adapters({self.adapter: adapter}, model)
+            engine_kwargs.setdefault("tokenizer", lmstack.load_tokenizer(model_dir))
+        self.engine = LLMEngine(model, device=dev, dtype=dtype, lora_adapters=adapters, **engine_kwargs)
+        if self.engine.tokenizer is None:
+            raise LmstackError(f"{model_dir}: no tokenizer.json; chat needs the model's tokenizer")
+
+    def stream(self, messages: list[dict], params: dict) -> Iterator[str]:
+        from lmstack.infer import SamplingParams
+
+        ids, _ = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        rid = f"chat-{uuid.uuid4().hex[:8]}"
+        self.engine.add_request(rid, ids, SamplingParams(**params, output_kind="delta"), lora=self.adapter)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == rid and out.outputs[0].text:
+                        yield out.outputs[0].text
+        finally:
+            self.engine.abort_request(rid)  # a no-op once finished; frees the blocks after Ctrl-C
+
+
+class RemoteBackend:
+    """An OpenAI-compatible server's /v1/chat/completions, streamed."""
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 600.0):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.model = model
+
+    def stream(self, messages: list[dict], params: dict) -> Iterator[str]:
+        body = {"messages": messages, "stream": True, **params}
+        if self.model:
+            body["model"] = self.model
+        with self.client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                try:
+                    message = r.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = r.text[:200]
+                raise LmstackError(f"server answered {r.status_code}: {message}")
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise LmstackError(f"server error: {chunk['error'].get('message')}")
+                for c in chunk.get("choices", []):
+                    piece = (c.get("delta") or {}).get("content")
+                    if piece:
+                        yield piece
+
+
+def run_chat(backend: Any, params: dict, read: Callable[[str], str] = input,
+             write: Callable[[str], Any] = sys.stdout.write, system: str | None = None) -> list[dict]:
+    """The read-reply loop; returns the conversation when the user leaves."""
+    history: list[dict] = []
+    write(HELP + "\n")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            write("\n")
+            return history
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return history
+        if text == "/reset":
+            history = []
+            write("(conversation cleared)\n")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            write(f"(system prompt {'set' if system else 'cleared'})\n")
+            continue
+        if text.startswith("/"):
+            write(HELP + "\n")
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        write("model> ")
+        reply = []
+        try:
+            for piece in backend.stream(messages, params):
+                reply.append(piece)
+                write(piece)
+                if hasattr(sys.stdout, "flush") and write is sys.stdout.write:
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            write(" [stopped]")
+        except LmstackError as e:  # e.g. the conversation outgrew the context: say so, keep the chat alive
+            write(f"[error: {e}]\n")
+            history.pop()
+            continue
+        write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def chat(model: str | None = None, url: str | None = None, adapter: str | None = None, system: str | None = None,
+         temperature: float = 0.7, top_p: float = 0.95, max_tokens: int = 256, seed: int | None = None,
+         api_key: str | None = None, device: str = "auto") -> None:
+    """Chat with a model in the terminal, streaming its replies.
+
+    Args:
+        model: Model directory to run in this process (give this or --url).
+        url: Base URL of a running `lmstack serve` (or any OpenAI-compatible server).
+        adapter: LoRA adapter: a directory with --model, or the served adapter's name with --url.
+        system: System prompt.
+        temperature: Sampling temperature (0 = greedy).
+        top_p: Nucleus sampling threshold.
+        max_tokens: Most tokens per reply.
+        seed: Seed for reproducible replies.
+        api_key: Key for --url (default: the LMSTACK_API_KEY variable).
+        device: auto, cpu or cuda (with --model).
+    """
+    if (model is None) == (url is None):
+        raise LmstackError("give exactly one of --model DIR (run here) or --url URL (talk to a server)")
+    params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+    if seed is not None:
+        params["seed"] = seed
+    if model is not None:
+        if not (Path(model) / "config.json").is_file():
+            raise LmstackError(f"--model {model}: no config.json there; give a model directory")
+        backend: Any = LocalBackend(model, adapter, device=device)
+    else:
+        backend = RemoteBackend(url, model=adapter, api_key=api_key or os.environ.get("LMSTACK_API_KEY"))
+    run_chat(backend, params, system=system)
+
+
+COMMANDS = chat

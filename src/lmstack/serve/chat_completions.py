@@ -1,0 +1,156 @@
+"""POST /v1/chat/completions: messages -> the tokenizer's chat template -> the engine -> an assistant reply.
+
+The prompt ids come from `tokenizer.apply_chat_template`, which encodes message text with special
+tokens switched off, so a user typing "<|assistant_start|>" cannot forge a turn. Generation stops at
+<|assistant_end|> (the engine counts it as an end-of-sequence token). Streaming sends OpenAI's
+`chat.completion.chunk` events: a first chunk per choice with the role, content deltas, a last chunk
+with the finish reason, an optional usage chunk, then `data: [DONE]`.
+
+Usage (server side):
+    response = await create_chat_completion(state, request, ChatCompletionRequest(messages=[...]))
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi.responses import JSONResponse
+
+from lmstack.errors import LmstackError
+from lmstack.serve.errors import APIError, from_value_error
+from lmstack.serve.generate import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
+                                    run_streams, sampling_params, sse, stream_error)
+from lmstack.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                                    ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
+                                    DeltaMessage, TokenLogprob, TopLogprob, Usage)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """OpenAI messages -> the {'role', 'content'[, 'tool_calls']} dicts our chat template renders."""
+    out = []
+    for k, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{k}] has a {part.type!r} part; only text parts are supported",
+                                   param=f"messages.{k}.content")
+                texts.append(part.text)
+            content = "".join(texts)
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_calls:
+            d["tool_calls"] = m.tool_calls
+        out.append(d)
+    return out
+
+
+def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True
+                    ) -> list[int]:
+    if not messages:
+        raise APIError(400, "messages is empty; give at least one message", param="messages")
+    try:
+        ids, _ = state.tokenizer.apply_chat_template(message_dicts(messages), add_generation_prompt)
+    except LmstackError as e:
+        raise from_value_error(e) from None
+    return ids
+
+
+def _logprobs(state: ServerState, token_ids: list[int], entries: list[dict[int, float]] | None,
+              top_n: int) -> ChoiceLogprobs:
+    content = []
+    for tok, entry in zip(token_ids, entries or []):
+        s = state.token_text(tok)
+        top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
+        content.append(TokenLogprob(token=s, logprob=entry.get(tok, float("-inf")),
+                                    bytes=list(state.token_bytes(tok)),
+                                    top_logprobs=[TopLogprob(token=state.token_text(t), logprob=v,
+                                                             bytes=list(state.token_bytes(t))) for t, v in top]))
+    return ChoiceLogprobs(content=content)
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason == "abort" else reason
+
+
+async def create_chat_completion(state: ServerState, request, req: ChatCompletionRequest):
+    if req.tools:
+        raise APIError(400, "tools / function calling is not supported by this server", param="tools")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    lora = state.resolve_model(req.model)
+    ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
+    wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = state.check_lengths(len(ids), wanted, param)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(state, req, max_tokens=max_tokens, logprobs=logprobs, lora=lora)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    model = req.model or state.config.model_name
+    state.metrics.prompt_tokens.inc(len(ids))
+    if req.stream:
+        state.validate(ids, params)
+        return EventStream(state, _stream(state, request, req, ids, params, rid, created, model))
+    with state.admit():
+        (final,) = await collect(state, request, [(ids, params)], rid)
+    choices, n_gen = [], 0
+    for j, c in enumerate(final.outputs):
+        lp = _logprobs(state, c.token_ids, c.logprobs, req.top_logprobs or 0) if req.logprobs else None
+        choices.append(ChatChoice(index=j, message=AssistantMessage(content=c.text), logprobs=lp,
+                                  finish_reason=_finish(c.finish_reason), stop_reason=c.stop_reason))
+        n_gen += len(c.token_ids)
+    state.metrics.generation_tokens.inc(n_gen)
+    usage = Usage(prompt_tokens=len(ids), completion_tokens=n_gen, total_tokens=len(ids) + n_gen)
+    return JSONResponse(ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                               usage=usage).model_dump())
+
+
+async def _stream(state: ServerState, request, req: ChatCompletionRequest, ids: list[int], params, rid: str,
+                  created: int, model: str) -> AsyncIterator[str]:
+    sent: dict[int, tuple[int, int]] = {}  # sample index -> (chars, tokens) already sent
+    finished: set[int] = set()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    running_usage = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+
+    def usage() -> Usage:
+        n_gen = sum(t for _, t in sent.values())
+        return Usage(prompt_tokens=len(ids), completion_tokens=n_gen, total_tokens=len(ids) + n_gen)
+
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
+
+    try:
+        # The role goes out at once, so a client sees the reply begin even while the prompt is prefilling.
+        yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
+                     for j in range(req.n)])
+        async for _, out in run_streams(state, request, [(ids, params)], rid):
+            choices = []
+            for c in out.outputs:
+                if c.index in finished:
+                    continue
+                chars, toks = sent.get(c.index, (0, 0))
+                new_text, new_toks = c.text[chars:], c.token_ids[toks:]
+                if not new_text and not (req.logprobs and new_toks) and c.finish_reason is None:
+                    continue  # held back (half a character, or maybe a stop string): wait for more
+                lp = None
+                if req.logprobs and new_toks:
+                    lp = _logprobs(state, new_toks, (c.logprobs or [])[toks:], req.top_logprobs or 0)
+                choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=new_text or None),
+                                               logprobs=lp, finish_reason=_finish(c.finish_reason)))
+                sent[c.index] = (len(c.text), len(c.token_ids))
+                if c.finish_reason is not None:
+                    finished.add(c.index)
+            if choices:
+                yield chunk(choices, usage() if running_usage else None)
+        if include_usage:
+            yield chunk([], usage())
+        yield SSE_DONE
+    except ClientDisconnected:
+        return
+    except Exception as e:  # noqa: BLE001 - the 200 is already out; report in-band, as OpenAI does
+        yield stream_error(e)
+        yield SSE_DONE
+    finally:
+        state.metrics.generation_tokens.inc(sum(t for _, t in sent.values()))

@@ -1,0 +1,145 @@
+"""`lmstack serve`: start the OpenAI-compatible server on a model directory.
+
+Usage:
+    lmstack serve --model runs/model --host 127.0.0.1 --port 8000 --api_key sk-local
+    LMSTACK_API_KEY=sk-local lmstack serve --model runs/model    # keeps the key out of `ps`
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+         -d '{"prompt": "Once upon a time", "max_tokens": 16}'
+
+Python:
+    app, aengine = build_app("runs/model", ServerConfig(api_key="sk-local"), max_num_seqs=8)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lmstack.errors import LmstackError
+from lmstack.serve.generate import ServerConfig
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def pick_device(device: str, dtype: str) -> tuple[str, Any]:
+    """'auto' -> CUDA with bf16 when a GPU is present, else CPU with fp32 (bf16 matmuls crawl on CPU)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise LmstackError(f"dtype={dtype!r} is not allowed; choose auto or one of {', '.join(DTYPES)}")
+    return device, getattr(torch, DTYPES[dtype])
+
+
+def load_adapters(paths: dict[str, str], model: Any) -> dict[str, Any]:
+    """{name: adapter directory} -> {name: adapter object} for the engine's multi-LoRA hook.
+
+    Reading adapter files is the fine-tuning stage's job: `lmstack.adapt.load_adapter(path, model)`
+    returns an object with `apply(module_name, x, base_out)` (see lmstack.infer.lora_hook)."""
+    try:
+        from lmstack.adapt import load_adapter
+    except ImportError:
+        raise LmstackError("serving a LoRA adapter from disk needs lmstack.adapt.load_adapter (the fine-tuning "
+                           "stage), which this install does not have") from None
+    return {name: load_adapter(path, model) for name, path in paths.items()}
+
+
+def parse_adapters(adapters: list[str] | None) -> dict[str, str] | None:
+    """['name=path', ...] -> {name: path}."""
+    if not adapters:
+        return None
+    out = {}
+    for item in adapters:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LmstackError(f"adapter {item!r} must look like NAME=PATH")
+        if not Path(path).exists():
+            raise LmstackError(f"adapter {name!r}: {path} does not exist")
+        out[name] = path
+    return out
+
+
+def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
+    """(FastAPI app, AsyncLLMEngine) for a model directory."""
+    from lmstack.infer import AsyncLLMEngine
+    from lmstack.serve.app import create_app
+
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise LmstackError(f"--model {model}: no config.json there; give a model directory (lmstack or HF layout)")
+    source: Any = str(path)
+    adapter_paths = engine_kwargs.pop("adapter_paths", None)
+    if adapter_paths:  # adapters hook into the model's Linears, so the model is loaded first
+        import lmstack
+
+        source = lmstack.load_model(path, dtype=engine_kwargs.get("dtype"), device=engine_kwargs.get("device", "cpu"))
+        engine_kwargs["lora_adapters"] = load_adapters(adapter_paths, source)
+        engine_kwargs.setdefault("tokenizer", lmstack.load_tokenizer(path))
+    aengine = AsyncLLMEngine(source, **engine_kwargs)
+    if aengine.tokenizer is None:
+        raise LmstackError(f"--model {model}: no tokenizer.json there; the server needs the model's tokenizer")
+    return create_app(aengine, config), aengine
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_name: str | None = None, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
+          max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
+          enable_prefix_caching: bool = True, max_queue: int = 64, max_tokens_limit: int = 4096,
+          max_request_bytes: int = 1 << 20, max_n: int = 16, adapters: list[str] | None = None,
+          device: str = "auto", dtype: str = "auto", threads: int | None = None, seed: int = 0,
+          log_level: str = "info") -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
+
+    Args:
+        model: Model directory (config.json, model.safetensors, tokenizer.json).
+        host: Address to bind; 127.0.0.1 keeps the server private to this machine.
+        port: TCP port.
+        api_key: Require `Authorization: Bearer <key>` (default: the LMSTACK_API_KEY variable, else none).
+        model_name: Name clients use in `model` (default: the directory's name).
+        max_num_seqs: Most sequences decoded together in one batch.
+        max_batched_tokens: Token budget of one engine step (chunked prefill splits longer prompts).
+        max_model_len: Context length (default: the model's max_seq_len).
+        block_size: Tokens per KV-cache block.
+        num_blocks: KV-cache blocks in the pool (default: sized from max_num_seqs and the context).
+        enable_prefix_caching: Reuse the KV blocks of shared prompt prefixes.
+        max_queue: Requests allowed to wait beyond max_num_seqs before the server answers 503.
+        max_tokens_limit: Largest max_tokens a request may ask for.
+        max_request_bytes: Largest request body, in bytes (413 above).
+        max_n: Largest n / best_of per request.
+        adapters: LoRA adapters to serve, each NAME=PATH; clients select one with `model: NAME`.
+        device: auto, cpu or cuda.
+        dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16.
+        threads: CPU threads for torch (default: torch's choice, one per core); on a machine shared with
+            other busy processes, 1 can be much faster than 2.
+        seed: Seed of the engine's sampler (requests can also give their own seed).
+        log_level: uvicorn log level (debug, info, warning, error).
+    """
+    import torch
+    import uvicorn
+
+    if threads is not None:
+        if threads < 1:
+            raise LmstackError(f"threads={threads} is not allowed; threads must be >= 1")
+        torch.set_num_threads(threads)
+    dev, torch_dtype = pick_device(device, dtype)
+    api_key = api_key if api_key is not None else (os.environ.get("LMSTACK_API_KEY") or None)
+    config = ServerConfig(model_name=model_name or Path(model).resolve().name, api_key=api_key,
+                          max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit,
+                          max_queue=max_queue, max_n=max_n)
+    app, aengine = build_app(model, config, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                             max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
+                             enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,
+                             seed=seed, adapter_paths=parse_adapters(adapters))
+    stats = aengine.engine.stats()
+    print(f"lmstack serve: {config.model_name} on http://{host}:{port} ({dev}, {str(torch_dtype)[6:]}, "
+          f"{torch.get_num_threads()} threads, "
+          f"{stats['num_blocks_total']} KV blocks of {stats['block_size']} tokens, "
+          f"auth {'on' if api_key else 'off'})")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+COMMANDS = serve

@@ -1,0 +1,175 @@
+"""POST /v1/completions: the legacy OpenAI completions endpoint (what lm-evaluation-harness drives).
+
+The prompt may be a string, a list of strings, a list of token ids or a list of such lists; each prompt
+becomes one engine request, and its n samples become choices prompt_index * n + sample_index.
+`echo` puts the prompt in front of the text; with `logprobs` it also returns the prompt's per-token
+log-probabilities, in the shape lm-eval's `local-completions` model reads for loglikelihood tasks:
+choices[i].logprobs = {tokens, token_logprobs (None for the first token), top_logprobs, text_offset}.
+
+Usage (server side):
+    response = await create_completion(state, request, CompletionRequest(prompt="Hi", max_tokens=8))
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi.responses import JSONResponse
+
+from lmstack.serve.errors import APIError
+from lmstack.serve.generate import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
+                                    run_streams, sampling_params, sse, stream_error)
+from lmstack.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                    Usage)
+
+
+def _prompts(state: ServerState, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """Every prompt as (text, token ids)."""
+    p = req.prompt
+    if isinstance(p, str):
+        items: list = [p]
+    elif not p:
+        raise APIError(400, "prompt is an empty list; give a string, strings, token ids or lists of ids",
+                       param="prompt")
+    elif all(isinstance(x, int) for x in p):
+        items = [list(p)]
+    else:
+        items = list(p)
+    if len(items) > state.config.max_prompts:
+        raise APIError(400, f"{len(items)} prompts in one request; this server takes at most "
+                            f"{state.config.max_prompts}", param="prompt")
+    out = []
+    for x in items:
+        if isinstance(x, str):
+            out.append((x, state.encode(x, req.add_special_tokens)))
+        else:
+            ids = state.check_ids(list(x))
+            out.append((state.tokenizer.decode(ids) if ids else "", ids))
+    return out
+
+
+def _logprobs(state: ServerState, token_ids: list[int], entries: list[dict[int, float] | None],
+              offset: int) -> CompletionLogprobs:
+    """Per-token logprobs in the legacy shape; `offset` is where the first token starts in the text."""
+    lp = CompletionLogprobs()
+    for tok, entry in zip(token_ids, entries):
+        s = state.token_text(tok)
+        lp.tokens.append(s)
+        lp.text_offset.append(offset)
+        offset += len(s)
+        if entry is None:  # the first prompt token has no context, hence no probability
+            lp.token_logprobs.append(None)
+            lp.top_logprobs.append(None)
+            continue
+        lp.token_logprobs.append(entry.get(tok))
+        # The token itself is included with its alternatives (so a greedy token equals the max, as lm-eval checks).
+        top = sorted(entry.items(), key=lambda kv: -kv[1])
+        lp.top_logprobs.append({state.token_text(t): v for t, v in top})
+    return lp
+
+
+def _choice(state: ServerState, req: CompletionRequest, prompt: tuple[str, list[int]], out: Any, c: Any,
+            index: int, sent_text: int = 0, sent_tokens: int = 0, with_prompt: bool = True) -> CompletionChoice:
+    """One choice; in streaming, only what is new after `sent_text` characters / `sent_tokens` tokens."""
+    text, prompt_text = c.text[sent_text:], ""
+    if req.echo and with_prompt:
+        prompt_text = prompt[0]
+    logprobs = None
+    if req.logprobs is not None:
+        tokens = c.token_ids[sent_tokens:]
+        entries = (c.logprobs or [])[sent_tokens:]
+        # Offsets run over the returned token strings; with echo the completion starts where the prompt's
+        # tokens end (which is len(prompt) unless the tokenizer added special tokens such as <|bos|>).
+        base = sum(len(state.token_text(t)) for t in prompt[1]) if req.echo else 0
+        logprobs = _logprobs(state, tokens, entries, base + sent_text)
+        if prompt_text:
+            head = _logprobs(state, prompt[1], out.prompt_logprobs or [None] * len(prompt[1]), 0)
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                setattr(logprobs, name, getattr(head, name) + getattr(logprobs, name))
+    prompt_logprobs = None
+    if req.prompt_logprobs is not None and with_prompt and out.prompt_logprobs:
+        prompt_logprobs = [None if e is None else {state.token_text(t): v for t, v in e.items()}
+                           for e in out.prompt_logprobs]
+    return CompletionChoice(index=index, text=prompt_text + text, logprobs=logprobs,
+                            finish_reason=c.finish_reason if c.finish_reason != "abort" else None,
+                            stop_reason=c.stop_reason, prompt_logprobs=prompt_logprobs)
+
+
+async def create_completion(state: ServerState, request, req: CompletionRequest):
+    if req.suffix is not None:
+        raise APIError(400, "suffix is not supported by this server", param="suffix")
+    lora = state.resolve_model(req.model)
+    prompts = _prompts(state, req)
+    # Every prompt must fit; with no max_tokens given, generate as many as every prompt leaves room for.
+    max_tokens = min(state.check_lengths(len(ids), req.max_tokens) for _, ids in prompts)
+    params = sampling_params(state, req, max_tokens=max_tokens, logprobs=req.logprobs, lora=lora)
+    if req.echo and req.logprobs is not None:
+        params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)
+    jobs = [(ids, params) for _, ids in prompts]
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    model = req.model or state.config.model_name
+    state.metrics.prompt_tokens.inc(sum(len(ids) for _, ids in prompts))
+    if req.stream:
+        for ids in {tuple(ids) for _, ids in prompts}:
+            state.validate(list(ids), params)
+        return EventStream(state, _stream(state, request, req, prompts, jobs, rid, created, model), len(jobs))
+    with state.admit(len(jobs)):
+        finals = await collect(state, request, jobs, rid)
+    choices, completion_tokens = [], 0
+    for i, out in enumerate(finals):
+        for j, c in enumerate(out.outputs):  # with best_of, c.index names the kept sample, not its rank
+            choices.append(_choice(state, req, prompts[i], out, c, i * req.n + j))
+            completion_tokens += len(c.token_ids)
+    state.metrics.generation_tokens.inc(completion_tokens)
+    n_prompt = sum(len(ids) for _, ids in prompts)
+    usage = Usage(prompt_tokens=n_prompt, completion_tokens=completion_tokens,
+                  total_tokens=n_prompt + completion_tokens)
+    body = CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
+    return JSONResponse(body.model_dump())
+
+
+async def _stream(state: ServerState, request, req: CompletionRequest, prompts, jobs, rid: str, created: int,
+                  model: str) -> AsyncIterator[str]:
+    sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (chars, tokens) already sent
+    generated: dict[tuple[int, int], int] = {}
+    finished: set[tuple[int, int]] = set()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    running_usage = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    n_prompt = sum(len(ids) for _, ids in prompts)
+
+    def usage() -> Usage:
+        n_gen = sum(generated.values())
+        return Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen)
+    try:
+        async for i, out in run_streams(state, request, jobs, rid):
+            choices = []
+            for c in out.outputs:
+                key = (i, c.index)
+                if key in finished:
+                    continue
+                chars, toks = sent.get(key, (0, 0))
+                first = key not in sent
+                new_tokens = len(c.token_ids) > toks and req.logprobs is not None
+                if not (first and req.echo) and len(c.text) == chars and not new_tokens and c.finish_reason is None:
+                    continue  # nothing to show yet (half a character, or text held back for a stop string)
+                if c.finish_reason is not None:
+                    finished.add(key)
+                choices.append(_choice(state, req, prompts[i], out, c, i * req.n + c.index, chars, toks,
+                                       with_prompt=first))
+                sent[key] = (len(c.text), len(c.token_ids))
+                generated[key] = len(c.token_ids)
+            if choices:
+                yield sse(CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                             usage=usage() if running_usage else None))
+        if include_usage:
+            yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage()))
+        yield SSE_DONE
+    except ClientDisconnected:
+        return
+    except Exception as e:  # noqa: BLE001 - the 200 is already out; report in-band, as OpenAI does
+        yield stream_error(e)
+        yield SSE_DONE
+    finally:
+        state.metrics.generation_tokens.inc(sum(generated.values()))

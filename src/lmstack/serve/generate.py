@@ -1,0 +1,350 @@
+"""What /v1/completions and /v1/chat/completions share: admission, sampling params, the engine streams.
+
+- `ServerState` holds the engine, the tokenizer, the limits and the metrics, and admits requests: more
+  than max_num_seqs + max_queue generation requests in flight is a 503, checked before any work.
+- `sampling_params` turns a request into lmstack.infer.SamplingParams (whose ValueErrors name the field).
+- `check_lengths` enforces the context: a prompt that does not fit is 413, prompt + max_tokens that
+  does not fit is 400 (max_tokens), as vLLM answers.
+- `run_streams` drives one engine request per prompt, merged into one stream of (prompt index, output),
+  and watches the client: when it disconnects, every engine request is closed, which aborts it in the
+  engine and frees its KV blocks at once (not at the next token, and not when the request would end).
+
+Usage:
+    state = ServerState(aengine, ServerConfig(model_name="tiny"))
+    with state.admit(n_requests=1):
+        async for i, out in run_streams(state, request, [(ids, params)], "cmpl-1"):
+            ...
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from lmstack.errors import LmstackError
+from lmstack.infer import SamplingParams
+from lmstack.serve.errors import APIError, from_value_error
+from lmstack.tokenizer.pretokenizers import CHAR_TO_BYTE
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+                    "include_stop_str_in_output", "bad_words", "skip_special_tokens", "seed", "use_beam_search",
+                    "beam_width", "length_penalty", "prompt_logprobs")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "lmstack"
+    """Name the server answers to in /v1/models and the `model` field (default: the model folder's name)."""
+    api_key: str | None = None
+    """When set, /v1/*, /tokenize, /detokenize and /tokenizer_info need `Authorization: Bearer <key>`."""
+    max_request_bytes: int = 1 << 20
+    """Largest request body accepted, in bytes (413 above)."""
+    max_tokens_limit: int = 4096
+    """Largest max_tokens a request may ask for (400 above); also the cap when a request gives none."""
+    max_queue: int = 64
+    """Engine requests (one per prompt) that may wait beyond the running batch (max_num_seqs); 503 above."""
+    max_n: int = 16
+    """Largest n (and best_of) a request may ask for (400 above)."""
+    max_prompts: int = 64
+    """Most prompts one /v1/completions request may batch (400 above)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_tokens_limit", "max_n", "max_prompts"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is not allowed; {name} must be an integer >= 1")
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ValueError(f"max_queue={self.max_queue!r} is not allowed; max_queue must be an integer >= 0")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key='' is not allowed; give a non-empty key or None (no auth)")
+
+
+class ClientDisconnected(Exception):
+    """The client went away; the request was aborted."""
+
+
+class ServerState:
+    """The engine and everything the routes share. Lives on the event loop; no locks needed."""
+
+    def __init__(self, aengine: Any, config: ServerConfig, metrics: Any):
+        self.aengine, self.config, self.metrics = aengine, config, metrics
+        self.engine = aengine.engine
+        self.tokenizer = aengine.tokenizer
+        self.max_model_len: int = self.engine.max_model_len
+        self.vocab_size: int = self.engine.model.config.vocab_size
+        self.capacity = self.engine.scheduler.max_num_seqs + config.max_queue
+        self.in_flight = 0
+        self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
+
+    @contextlib.contextmanager
+    def admit(self, prompts: int = 1):
+        """Count a request's engine requests (one per prompt) in flight, or refuse it with 503 when they
+        would not fit. An idle server takes any request, so one large batch cannot be refused forever."""
+        if self.in_flight and self.in_flight + prompts > self.capacity:
+            self.metrics.rejected.inc(reason="overloaded")
+            raise APIError(503, f"the server is overloaded: {self.in_flight} requests in flight "
+                                f"(limit {self.capacity}); retry later")
+        self.in_flight += prompts
+        self.metrics.in_flight.set(self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= prompts
+            self.metrics.in_flight.set(self.in_flight)
+
+    # ---- models and adapters
+    def adapters(self) -> list[str]:
+        lora = getattr(self.engine, "lora", None)
+        return sorted(getattr(lora, "adapters", {}) or {}) if lora is not None else []
+
+    def resolve_model(self, name: str | None) -> str | None:
+        """The request's `model` -> the LoRA adapter to use (None = the base model); unknown names are 404."""
+        if name is None or name == self.config.model_name:
+            return None
+        if name in self.adapters():
+            return name
+        raise APIError(404, f"the model {name!r} does not exist; this server has "
+                            f"{[self.config.model_name] + self.adapters()}", param="model", code="model_not_found")
+
+    def engine_stats(self) -> dict:
+        """The engine's counters. The engine steps in a worker thread, so a read can race a dict that is
+        changing size; such a read is simply retried."""
+        for _ in range(5):
+            try:
+                return self.engine.stats()
+            except RuntimeError:
+                continue
+        return {}
+
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """Build (and drop) the engine request now, so what only the engine checks (a grammar that does not
+        compile, ...) is a 400 before a stream has sent its 200."""
+        try:
+            self.engine.make_request("validate", ids, params)
+        except (LmstackError, ValueError) as e:
+            raise from_value_error(e) from None
+
+    # ---- tokens
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param=param)
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's raw bytes: byte-level BPE tokens map char -> byte; other tokens are their own UTF-8."""
+        piece = self.tokenizer.id_to_token(token_id) or ""
+        if piece and all(c in CHAR_TO_BYTE for c in piece) and token_id not in self.tokenizer.special_ids:
+            return bytes(CHAR_TO_BYTE[c] for c in piece)
+        return self.tokenizer.decode([token_id]).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens spelled out. A token that is only part of a UTF-8 character
+        is written "bytes:\\xe2\\x80" (as OpenAI does), so distinct tokens never share a name (cached)."""
+        s = self._token_text.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id])
+            if "\ufffd" in s:
+                raw = self.token_bytes(token_id)
+                if raw.decode("utf-8", errors="replace") == s and "\ufffd".encode() not in raw:
+                    s = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            self._token_text[token_id] = s
+        return s
+
+    def check_lengths(self, n_prompt: int, max_tokens: int | None, param: str = "max_tokens") -> int:
+        """Validate the prompt length and max_tokens against the context; returns the max_tokens to use."""
+        limit, ctx = self.config.max_tokens_limit, self.max_model_len
+        if n_prompt == 0:
+            raise APIError(400, "the prompt is empty; give at least one token", param="prompt")
+        if n_prompt >= ctx:
+            raise APIError(413, f"the prompt has {n_prompt} tokens but this model's context is {ctx} tokens "
+                                "(the prompt plus at least one generated token must fit)",
+                           param="prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            return min(limit, ctx - n_prompt)
+        if isinstance(max_tokens, bool) or max_tokens < 0:
+            raise APIError(400, f"{param}={max_tokens} is not allowed; {param} must be an integer >= 0", param=param)
+        if max_tokens > limit:
+            raise APIError(400, f"{param}={max_tokens} is above this server's limit of {limit}", param=param)
+        if n_prompt + max_tokens > ctx:
+            raise APIError(400, f"this model's maximum context length is {ctx} tokens, but you requested "
+                                f"{n_prompt + max_tokens} ({n_prompt} in the prompt, {param}={max_tokens}); lower {param}",
+                           param=param, code="context_length_exceeded")
+        return max_tokens
+
+
+def sampling_params(state: ServerState, req: Any, *, max_tokens: int, logprobs: int | None,
+                    lora: str | None) -> SamplingParams:
+    """An OpenAI request -> SamplingParams. Range errors come back as 400 naming the field."""
+    n = req.n
+    best_of = getattr(req, "best_of", None)
+    for name, v in (("n", n), ("best_of", best_of)):
+        if v is not None and v > state.config.max_n:
+            raise APIError(400, f"{name}={v} is above this server's limit of {state.config.max_n}", param=name)
+    if req.stream and best_of is not None and best_of > n:
+        raise APIError(400, "best_of > n cannot be streamed (the best samples are known only at the end)",
+                       param="best_of")
+    kw: dict[str, Any] = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+    kw.update(n=n, max_tokens=max_tokens, logprobs=logprobs, lora=lora)
+    if best_of is not None:
+        kw["best_of"] = best_of
+    if req.stop is not None:
+        kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+        if not kw["stop"]:
+            del kw["stop"]
+    if req.logit_bias:
+        kw["logit_bias"] = dict(req.logit_bias)
+    if req.guided_regex is not None:
+        kw["regex"] = req.guided_regex
+    if req.guided_json is not None:
+        kw["json_schema"] = req.guided_json
+    if req.guided_choice is not None:
+        kw["choice"] = req.guided_choice
+    if req.response_format is not None and req.response_format.type != "text":
+        kw["response_format"] = req.response_format.to_sampling()
+    try:
+        params = SamplingParams(**kw)
+    except (ValueError, TypeError) as e:
+        raise from_value_error(e) from None
+    if lora is not None:
+        params.lora = lora
+    return params
+
+
+# ---------------------------------------------------------------------------------------------- streams
+async def _wait_for_disconnect(request) -> None:
+    """Returns when the client closes the connection (the body was read already, so only that is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+_DONE = object()
+
+
+async def run_streams(state: ServerState, request, jobs: list[tuple[list[int], SamplingParams]],
+                      request_id: str) -> AsyncIterator[tuple[int, Any]]:
+    """Run one engine request per (prompt ids, params); yield (job index, cumulative RequestOutput).
+
+    Raises ClientDisconnected when the client leaves. Whatever way this generator ends (finished,
+    disconnected, error, or closed by the caller), every engine request still running is aborted.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    start = time.perf_counter()
+
+    async def pump(i: int, ids: list[int], params: SamplingParams) -> None:
+        gen = state.aengine.generate(ids, params, f"{request_id}-{i}" if len(jobs) > 1 else request_id)
+        first = True
+        try:
+            async for out in gen:
+                if first and any(c.token_ids for c in out.outputs):
+                    state.metrics.ttft.observe(time.perf_counter() - start)
+                    first = False
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, _DONE))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it in the route
+            queue.put_nowait((i, e))
+        finally:
+            await gen.aclose()  # aborts the engine request if it is still running: its blocks are freed now
+
+    tasks = [asyncio.ensure_future(pump(i, ids, params)) for i, (ids, params) in enumerate(jobs)]
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request)) if request is not None else None
+    if watcher is not None:
+        watcher.add_done_callback(lambda t: t.cancelled() or queue.put_nowait((-1, ClientDisconnected())))
+    remaining, failed = len(jobs), False
+    try:
+        while remaining:
+            batch = [await queue.get()]
+            while not queue.empty():  # outputs are cumulative: when the client lags, only the newest matters
+                batch.append(queue.get_nowait())
+            latest: dict[int, Any] = {}
+            for i, item in batch:
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, ClientDisconnected):
+                    raise item
+                elif isinstance(item, Exception):
+                    failed = True
+                    raise item
+                else:
+                    latest[i] = item
+            for i, out in latest.items():
+                yield i, out
+        state.metrics.e2e.observe(time.perf_counter() - start)
+    finally:
+        if remaining and not failed:
+            # Ended early without an engine error: our watcher saw the client leave, or the response was
+            # cancelled / closed from outside (Starlette cancels a stream whose client disconnected).
+            state.metrics.aborted.inc()
+        if watcher is not None:
+            watcher.cancel()
+        for t in tasks:
+            t.cancel()
+        # The tasks clean up on their own even if this generator is itself being cancelled.
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(state: ServerState, request, jobs, request_id: str) -> list[Any]:
+    """Run the jobs to the end; the final RequestOutput of each, in job order."""
+    finals: list[Any] = [None] * len(jobs)
+    async for i, out in run_streams(state, request, jobs, request_id):
+        finals[i] = out
+    return finals
+
+
+def sse(payload: BaseModel | dict | str) -> str:
+    """One Server-Sent Event: `data: <json>` and a blank line."""
+    if isinstance(payload, BaseModel):
+        body = payload.model_dump_json()
+    elif isinstance(payload, dict):
+        body = json.dumps(payload, ensure_ascii=False)
+    else:
+        body = payload
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that holds an admission ticket from creation until the response is over.
+
+    The ticket is taken here, before the 200 goes out, so an overloaded server can still answer 503;
+    it is released in __call__'s finally, which runs even if the client left before the first chunk
+    (when the body generator never started and so could not release anything itself).
+    """
+
+    def __init__(self, state: ServerState, content: AsyncIterator[str], prompts: int = 1):
+        self._ticket = state.admit(prompts)
+        self._ticket.__enter__()
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(BaseException):
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
+            self._ticket.__exit__(None, None, None)
+
+
+def stream_error(e: Exception) -> str:
+    """An error that happens after the 200 and the first chunks went out: sent as an SSE error event."""
+    err = e if isinstance(e, APIError) else from_value_error(e) if isinstance(e, ValueError) else \
+        APIError(500, f"internal error: {type(e).__name__}")
+    return sse(err.body())

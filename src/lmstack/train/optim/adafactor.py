@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import torch
 
+from lmstack.train.optim.base import ParamwiseOptimizer
+
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean().sqrt()
 
 
-class Adafactor(torch.optim.Optimizer):
+class Adafactor(ParamwiseOptimizer):
     def __init__(self, params, lr: float = 1e-2, beta1: float = 0.0, decay_rate: float = 0.8,
                  clip_threshold: float = 1.0, eps: tuple[float, float] = (1e-30, 1e-3), weight_decay: float = 0.0,
                  relative_step: bool = False, scale_parameter: bool = False):
@@ -33,53 +35,43 @@ class Adafactor(torch.optim.Optimizer):
                                       eps=eps, weight_decay=weight_decay, relative_step=relative_step,
                                       scale_parameter=scale_parameter))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            eps1, eps2 = group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                factored = g.dim() >= 2
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    if factored:  # zeros_like of the reductions, so a sharded (DTensor) grad gets DTensor state
-                        state["exp_avg_sq_row"] = torch.zeros_like(g.mean(dim=-1))
-                        state["exp_avg_sq_col"] = torch.zeros_like(g.mean(dim=-2))
-                    else:
-                        state["exp_avg_sq"] = torch.zeros_like(g)
-                    if group["beta1"]:
-                        state["exp_avg"] = torch.zeros_like(g)
-                state["step"] += 1
-                t = state["step"]
-                beta2t = 1.0 - t ** (-group["decay_rate"])
-                g2 = g.square() + eps1  # eps1 keeps rsqrt finite where a row or column saw only zeros
-                if factored:
-                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-                    row.lerp_(g2.mean(dim=-1), 1 - beta2t)
-                    col.lerp_(g2.mean(dim=-2), 1 - beta2t)
-                    # v_ij = row_i * col_j / mean(row): rsqrt of it, as an outer product of two vectors
-                    row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-                    update = g * row_factor * col.rsqrt().unsqueeze(-2)
-                else:
-                    v = state["exp_avg_sq"]
-                    v.lerp_(g2, 1 - beta2t)
-                    update = g * v.rsqrt()
-                update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
-                if group["beta1"]:
-                    state["exp_avg"].lerp_(update, 1 - group["beta1"])
-                    update = state["exp_avg"]
-                lr = group["lr"]
-                step_size = min(lr, t**-0.5) if group["relative_step"] else lr
-                if group["scale_parameter"]:
-                    update = update * _rms(p).clamp(min=eps2)  # a tensor, so no host sync on GPU
-                if group["weight_decay"]:
-                    p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-step_size)
-        return loss
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        eps1, eps2 = group["eps"]
+        g = p.grad
+        factored = g.dim() >= 2
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            if factored:  # zeros_like of the reductions, so a sharded (DTensor) grad gets DTensor state
+                state["exp_avg_sq_row"] = torch.zeros_like(g.mean(dim=-1))
+                state["exp_avg_sq_col"] = torch.zeros_like(g.mean(dim=-2))
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(g)
+            if group["beta1"]:
+                state["exp_avg"] = torch.zeros_like(g)
+        state["step"] += 1
+        t = state["step"]
+        beta2t = 1.0 - t ** (-group["decay_rate"])
+        g2 = g.square() + eps1  # eps1 keeps rsqrt finite where a row or column saw only zeros
+        if factored:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.lerp_(g2.mean(dim=-1), 1 - beta2t)
+            col.lerp_(g2.mean(dim=-2), 1 - beta2t)
+            # v_ij = row_i * col_j / mean(row): rsqrt of it, as an outer product of two vectors
+            row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            update = g * row_factor * col.rsqrt().unsqueeze(-2)
+        else:
+            v = state["exp_avg_sq"]
+            v.lerp_(g2, 1 - beta2t)
+            update = g * v.rsqrt()
+        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        if group["beta1"]:
+            state["exp_avg"].lerp_(update, 1 - group["beta1"])
+            update = state["exp_avg"]
+        lr = group["lr"]
+        step_size = min(lr, t**-0.5) if group["relative_step"] else lr
+        if group["scale_parameter"]:
+            update = update * _rms(p).clamp(min=eps2)  # a tensor, so no host sync on GPU
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update, alpha=-step_size)

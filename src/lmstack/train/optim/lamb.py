@@ -15,41 +15,28 @@ from __future__ import annotations
 
 import torch
 
+from lmstack.train.optim.base import ParamwiseOptimizer, adam_moments
 
-class Lamb(torch.optim.Optimizer):
+
+class Lamb(ParamwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, max_trust_ratio: float = 10.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       max_trust_ratio=max_trust_ratio))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
-                if group["weight_decay"]:
-                    update.add_(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm(), update.norm()
-                ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                if group["max_trust_ratio"]:
-                    ratio = ratio.clamp(max=group["max_trust_ratio"])
-                p.add_(update * ratio, alpha=-group["lr"])
-        return loss
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        g = p.grad
+        state = self.state[p]
+        t = adam_moments(state, p)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
+        if group["weight_decay"]:
+            update.add_(p, alpha=group["weight_decay"])
+        w_norm, u_norm = p.norm(), update.norm()
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        if group["max_trust_ratio"]:
+            ratio = ratio.clamp(max=group["max_trust_ratio"])
+        p.add_(update * ratio, alpha=-group["lr"])

@@ -16,31 +16,23 @@ from __future__ import annotations
 
 import torch
 
+from lmstack.train.optim.base import ParamwiseOptimizer
 
-class Lion(torch.optim.Optimizer):
+
+class Lion(ParamwiseOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                update = torch.lerp(g, m, beta1).sign_()     # beta1 * m + (1 - beta1) * g
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr)
-                m.lerp_(g, 1 - beta2)
-        return loss
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        g = p.grad
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+        m = state["exp_avg"]
+        update = torch.lerp(g, m, beta1).sign_()     # beta1 * m + (1 - beta1) * g
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(update, alpha=-lr)
+        m.lerp_(g, 1 - beta2)

@@ -27,6 +27,7 @@ import math
 import torch
 
 from lmstack.errors import LmstackError
+from lmstack.train.optim.base import ParamwiseOptimizer, adam_moments
 
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -48,7 +49,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return x.to(g.dtype)
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(ParamwiseOptimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  use_muon: bool = False):
@@ -68,18 +69,8 @@ class Muon(torch.optim.Optimizer):
                     raise LmstackError(f"Muon needs matrices, but parameter {name} has shape {tuple(p.shape)}; "
                                        "put it in a group with use_muon=False (AdamW)")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_step(group)
-            else:
-                self._adamw_step(group)
-        return loss
+    def _group_step(self, group: dict) -> None:
+        (self._muon_step if group["use_muon"] else self._adamw_step)(group)
 
     def _muon_step(self, group: dict) -> None:
         lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -107,12 +98,7 @@ class Muon(torch.optim.Optimizer):
                 continue
             g = p.grad
             state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = state["step"]
+            t = adam_moments(state, p)
             m, v = state["exp_avg"], state["exp_avg_sq"]
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)

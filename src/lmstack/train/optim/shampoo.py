@@ -25,12 +25,13 @@ import math
 
 import torch
 
+from lmstack.train.optim.base import ParamwiseOptimizer, adam_moments
 from lmstack.train.optim.kronecker import full_grad, gram, inverse_root, like_param, precond_sides, rotate
 
 SIDES = ("left", "right")
 
 
-class Shampoo(torch.optim.Optimizer):
+class Shampoo(ParamwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0, shampoo_beta: float = 0.95, precondition_frequency: int = 10,
                  max_precond_dim: int = 1024, damping: float = 1e-6):
@@ -38,31 +39,16 @@ class Shampoo(torch.optim.Optimizer):
                                       shampoo_beta=shampoo_beta, precondition_frequency=precondition_frequency,
                                       max_precond_dim=max_precond_dim, damping=damping))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
-
     def _update(self, p: torch.Tensor, group: dict) -> None:
         beta1, beta2 = group["betas"]
         g = full_grad(p)
         state = self.state[p]
         sides = [side for side, on in zip(SIDES, precond_sides(g.shape, group["max_precond_dim"])) if on]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(g)
-            state["exp_avg_sq"] = torch.zeros_like(g)
+        fresh = not state
+        t = adam_moments(state, g)
+        if fresh:
             for side in sides:
                 state[f"factor_{side}"] = torch.zeros_like(gram(g, side))
-        state["step"] += 1
-        t = state["step"]
         v = state["exp_avg_sq"]
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         adam_dir = g / (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])

@@ -44,12 +44,17 @@ STAGES: dict[str, str] = {
 }
 
 
+# Stages whose required arguments may also be given positionally (`lmstack report runs/x`).
+POSITIONAL_STAGES = {"report"}
+
+
 def _call(command: Any, args: list[str], prog: str) -> Any:
     from jsonargparse import CLI
 
     if isinstance(command, ConfigCommand):
         return command(args, prog)
-    return CLI(command, args=args, prog=prog, as_positional=False)
+    positional = prog.split()[1] in POSITIONAL_STAGES if len(prog.split()) > 1 else False
+    return CLI(command, args=args, prog=prog, as_positional=positional)
 
 
 def _load_stage(stage: str) -> Callable | dict[str, Callable] | None:

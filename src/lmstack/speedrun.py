@@ -6,8 +6,12 @@
 3. the byte-level BPE tokenizer on the cleaned text just before sharding;
 4. pretrain a small llama-style model with a wall-clock budget;
 5. sample from it;
-6. write runs/<timestamp>/report.md with the config, parameter count, tokens seen, time, final
-   validation loss, the loss curve and the samples.
+6. evaluate it briefly (synthetic-world tasks and bits-per-byte on the world's validation text, within
+   eval_seconds) into eval_base.json;
+7. fine-tune it on the world's chat data (QA, arithmetic, instructions, personas) for sft_seconds and score
+   base vs SFT on held-out world tasks (lmstack.adapt.sft_stage) into sft/;
+8. write summary.json and the report card runs/<timestamp>/report.md (lmstack.eval.report), which renders
+   whatever stages the run directory holds.
 
 Usage:
     lmstack speedrun                                   # recipes/speedrun.yaml's defaults
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lmstack.config import save_config, to_dict
+from lmstack.config import save_config
 from lmstack.model.config import ModelConfig
 from lmstack.train.config import TrainConfig
 from lmstack.train.optim import OptimizerConfig, ScheduleConfig
@@ -60,6 +64,26 @@ class SpeedrunConfig:
     """Prompts sampled at the end."""
     sample_tokens: int = 48
     """Tokens generated per sample."""
+    eval_tasks: list[str] = field(default_factory=lambda: ["bigbench_world_birth_country", "world_qa", "world_arithmetic"])
+    """Eval tasks run on the pretrained model, in order (bits-per-byte on the world's validation text is
+    always added); a task that is not available is recorded as skipped."""
+    eval_limit: int = 50
+    """Items per eval task."""
+    eval_seconds: float = 120.0
+    """Time budget of the eval stage; tasks that would start after it are recorded as skipped (0 = no eval)."""
+
+    sft_seconds: float = 120.0
+    """Time budget of the SFT stage on the world's QA, arithmetic, instruction and persona chats (0 = no SFT)."""
+    sft_method: Literal["full", "lora", "dora", "qlora", "adapter", "ia3"] = "full"
+    """How the SFT stage fine-tunes (full fine-tuning is the baseline; the others train adapters)."""
+
+    def __post_init__(self):
+        if self.sft_seconds < 0:
+            raise ValueError(f"sft_seconds must be >= 0 (0 = no SFT stage), got {self.sft_seconds}")
+        if self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be >= 1, got {self.eval_limit}")
+        if self.eval_seconds < 0:
+            raise ValueError(f"eval_seconds must be >= 0 (0 = no eval stage), got {self.eval_seconds}")
 
 
 def _step(msg: str) -> float:
@@ -117,7 +141,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
                                                     min_stop_words=0)),
         decontam=DecontamConfig(paths=[str(world / "qa" / "test.jsonl")]),
         shards=ShardConfig(tokenizer="bytes"), progress=True)
-    report = run_pipeline(pipe, before_shards=train_tok)
+    run_pipeline(pipe, before_shards=train_tok)  # writes data/report.json, which the report card reads
     val_docs = read_all([ReaderConfig(path=str(world / "pretrain" / "val.jsonl"), source="world")])
     write_shards(val_docs, data / "val_shards", ShardConfig(tokenizer=str(tok_dir)), workers=1)
     timings["data_and_tokenizer"] = time.perf_counter() - t
@@ -144,51 +168,84 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
         print(f"{prompt!r} -> {text!r}")
     timings["samples"] = time.perf_counter() - t
 
+    if cfg.eval_seconds > 0:
+        t = _step("6. eval")
+        run_eval_stage(run, model_dir, world, cfg)
+        timings["eval"] = time.perf_counter() - t
+
+    sections = []
+    if cfg.sft_seconds > 0:
+        from lmstack.adapt.sft_stage import sft_stage
+
+        t = _step("7. supervised fine-tuning (chat)")
+        sft_stage(run, model_dir, budget_s=cfg.sft_seconds, world_dir=world, method=cfg.sft_method, seed=cfg.seed,
+                  seq_len=min(256, pcfg.model.max_seq_len))
+        sections.append("sft/report.md")  # base vs SFT on the held-out world tasks, in the report card
+        timings["sft"] = time.perf_counter() - t
+
+    from lmstack.eval.report import build_report
+
     total = time.perf_counter() - start
-    path = write_report(run, cfg, manifest, report, summary, samples, timings, total, tok_seconds.get("seconds"))
+    if tok_seconds.get("seconds") is not None:
+        timings["(tokenizer training, inside data)"] = tok_seconds["seconds"]
+    write_summary(run, cfg, manifest, summary, samples, timings, total, sections)
+    path = build_report(run)
     print(f"\nspeedrun finished in {total / 60:.1f} min; report: {path}")
     print(f"chat with the model: lmstack model generate --model {model_dir} --prompt 'Once upon a time'")
     return {"run": str(run), "report": str(path), "summary": summary, "seconds": total, "samples": samples}
 
 
-def write_report(run: Path, cfg: SpeedrunConfig, world_manifest: dict, data_report, summary: dict,
-                 samples: list[tuple[str, str]], timings: dict[str, float], total: float,
-                 tokenizer_seconds: float | None) -> Path:
+def run_eval_stage(run: Path, model_dir: Path, world: Path, cfg: SpeedrunConfig, stage: str = "base") -> dict:
+    """Evaluate the model on cfg.eval_tasks + bits-per-byte of the world's validation text, within
+    cfg.eval_seconds; writes run/eval_<stage>.json (evaluate()'s format) and per-item logs in run/eval_<stage>/."""
+    from lmstack.config import atomic_write_text
+    from lmstack.eval.evaluator import evaluate
+    from lmstack.eval.local_lm import LocalLM
+    from lmstack.eval.task import list_tasks
+    from lmstack.eval.tasks.perplexity import PerplexityTask
+
+    out_dir = run / f"eval_{stage}"
+    val_text = out_dir / "world_val.txt"
+    docs = [json.loads(line)["text"] for line in (world / "pretrain" / "val.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    atomic_write_text(val_text, "\n\n".join(docs)[:20_000])
+    ppl = PerplexityTask(path=str(val_text))
+    ppl.name = "world_val_bpb"
+    lm = LocalLM(model_dir)
+    available = set(list_tasks())
+    results: dict = {}
+    deadline = time.perf_counter() + cfg.eval_seconds
+    for task in [ppl, *cfg.eval_tasks]:
+        name = task if isinstance(task, str) else task.name
+        if isinstance(task, str) and task not in available:
+            results[name] = {"skipped": f"task {name!r} is not available in this build"}
+        elif time.perf_counter() > deadline:
+            results[name] = {"skipped": f"the eval budget of {cfg.eval_seconds:.0f} s was spent"}
+        else:
+            results.update(evaluate(lm, [task], limit=cfg.eval_limit, bootstrap_iters=200, out_dir=out_dir,
+                                    progress=True)["results"])
+    output = {"results": results, "config": {"model": str(model_dir), "limit": cfg.eval_limit, "stage": stage,
+                                             "budget_s": cfg.eval_seconds}}
+    atomic_write_text(run / f"eval_{stage}.json", json.dumps(output, indent=2, default=str))
+    return output
+
+
+def write_summary(run: Path, cfg: SpeedrunConfig, world_manifest: dict, summary: dict,
+                  samples: list[tuple[str, str]], timings: dict[str, float], total: float,
+                  sections: list[str] | None = None) -> Path:
+    """run/summary.json: what the report card shows beside the stage outputs (timings, result, samples)."""
     from lmstack.config import atomic_write_text
 
     m = cfg.pretrain.model
-    loss_png = Path(cfg.pretrain.out) / "loss.png"
-    lines = [
-        f"# Speedrun report — {run.name}", "",
-        f"Total time: **{total / 60:.1f} min** on this machine.", "",
-        "## Result", "",
-        "| | |", "|---|---|",
-        f"| parameters | {summary['parameters']:,} |",
-        f"| tokens seen | {summary['tokens_seen']:,} |",
-        f"| optimizer steps | {summary['steps']} ({summary['skipped_steps']} skipped) |",
-        f"| training time | {summary['train_seconds']:.0f} s |",
-        f"| final validation loss | {summary.get('val_loss', float('nan')):.4f} nats/token |",
-        f"| validation perplexity | {summary.get('val_ppl', float('nan')):.2f} |",
-        f"| validation bits per byte | {summary.get('val_bpb', float('nan')):.4f} |", "",
-        f"![loss curve]({loss_png.relative_to(run)})", "",
-        "## Samples (temperature 0.8, top-k 50)", "",
-    ]
-    for prompt, text in samples:
-        lines += [f"- **{prompt}** {text.strip()}"]
-    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-    if tokenizer_seconds is not None:
-        lines += [f"| (tokenizer training, inside data) | {tokenizer_seconds:.1f} |"]
-    lines += ["", "## Data", "", f"World: size {cfg.world_size}, seed {cfg.seed}.", "",
-              "Pipeline funnel (kept/dropped per step): see `data/report.md` and `data/funnel.png`.", "",
-              "## Model and training config", "", "```yaml"]
-    import yaml
-
-    lines += [yaml.safe_dump(to_dict(cfg.pretrain), sort_keys=False).rstrip(), "```", ""]
-    lines += [f"Model: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.n_kv_heads} KV), "
-              f"{m.position}, {m.norm}, {m.mlp}; optimizer {cfg.pretrain.optim.name}, schedule {cfg.pretrain.schedule.name}."]
-    path = run / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    data = {"total_seconds": total, "timings": timings, "pretrain": summary,
+            "model": f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.n_kv_heads} KV), "
+                     f"{m.position}, {m.norm}, {m.mlp}; optimizer {cfg.pretrain.optim.name}, "
+                     f"schedule {cfg.pretrain.schedule.name}",
+            "world": {"size": cfg.world_size, "seed": cfg.seed, "pretrain_bytes": world_manifest.get("pretrain_bytes")},
+            "samples": [{"prompt": p, "text": t} for p, t in samples],
+            "samples_note": "temperature 0.8, top-k 50", "sections": sections or []}
+    path = run / "summary.json"
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
     return path
 
 

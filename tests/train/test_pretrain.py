@@ -60,8 +60,10 @@ def test_speedrun_end_to_end_with_a_tiny_budget(tmp_path):
                                                     max_seq_len=64)
     cfg.pretrain.train.max_seconds, cfg.pretrain.train.eval_every = 10, 0
     cfg.pretrain.data.seq_len, cfg.pretrain.data.batch_size = 64, 8
+    cfg.eval_seconds, cfg.eval_limit, cfg.sft_seconds = 20, 5, 10
     out = speedrun(cfg)
     report = Path(out["report"]).read_text()
+    assert "## SFT (full" in report and "SFT, chat template" in report
     assert "final validation loss" in report and "parameters" in report and "loss curve" in report
     assert len(out["samples"]) == 4
     assert from_dict(SpeedrunConfig, {"seed": 1}).seed == 1

@@ -41,7 +41,8 @@ class AttentionMask:
     doc_q: torch.Tensor | None = None
     """(B, Tq) document id of each query; keys of other documents are hidden (packed sequences)."""
     doc_k: torch.Tensor | None = None
-    """(B, Tk) document id of each key."""
+    """(B, Tk) document id of each key; a negative id marks a key every document sees (prefix tuning's
+    virtual tokens)."""
     key_padding: torch.Tensor | None = None
     """(B, Tk) True for real keys, False for padding."""
     prefix_len: torch.Tensor | None = None
@@ -112,7 +113,8 @@ class AttentionMask:
             in_prefix = k[None] < self.prefix_len[:, None, None]  # (B, 1, tk)
             allowed = allowed | in_prefix[:, None]
         if self.doc_q is not None:
-            same_doc = self.doc_q[:, q_sl, None] == self.doc_k[:, None, k_sl]
+            doc_k = self.doc_k[:, None, k_sl]
+            same_doc = (self.doc_q[:, q_sl, None] == doc_k) | (doc_k < 0)
             allowed = allowed & same_doc[:, None]
         if self.key_padding is not None:
             allowed = allowed & self.key_padding[:, None, None, k_sl]

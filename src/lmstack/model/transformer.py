@@ -42,6 +42,8 @@ class ForwardContext:
         self._rope = model.rope
         self.cos_q, self.sin_q = model.rope(q_pos) if model.rope is not None else (None, None)
         self._doc, self._padding, self._prefix = doc_ids, key_padding, prefix_len
+        # A cache that puts keys of its own in front (prefix tuning) says which documents see them.
+        self._doc_k = cache.key_doc_ids(doc_ids) if doc_ids is not None and hasattr(cache, "key_doc_ids") else doc_ids
         self.has_batch_rules = doc_ids is not None or key_padding is not None or prefix_len is not None
         self._masks: dict[int, AttentionMask] = {}
 
@@ -56,7 +58,7 @@ class ForwardContext:
             n_sink = self.cache.n_sink
         if window not in self._masks:
             self._masks[window] = mask_for(self.cfg, self.q_pos, self.k_pos, window, n_sink=n_sink,
-                                           doc_q=self._doc, doc_k=self._doc, key_padding=self._padding,
+                                           doc_q=self._doc, doc_k=self._doc_k, key_padding=self._padding,
                                            prefix_len=self._prefix)
         return self._masks[window]
 

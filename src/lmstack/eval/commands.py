@@ -1,0 +1,103 @@
+"""`lmstack eval`: evaluate a model directory or an OpenAI-compatible server on named tasks.
+
+Usage:
+    lmstack eval --model runs/tiny --tasks arc_easy,hellaswag --num_fewshot 0 --limit 200 --out runs/tiny/eval
+    lmstack eval --model http://127.0.0.1:8000 --tasks arc_easy --tokenizer runs/tiny --limit 50
+    lmstack eval --model runs/tiny --tasks list          # print the available tasks
+"""
+from __future__ import annotations
+
+import math
+
+from lmstack.errors import LmstackError
+
+
+def _server_model_name(url: str) -> str:
+    """The first model a server lists at /v1/models (what it answers to)."""
+    import httpx
+
+    from lmstack.eval.openai_lm import completions_url
+
+    models_url = completions_url(url).rsplit("/", 1)[0] + "/models"
+    try:
+        data = httpx.get(models_url, timeout=30.0).json().get("data") or []
+    except (httpx.HTTPError, ValueError) as e:
+        raise LmstackError(f"cannot list the models at {models_url}: {e}; pass --model_name") from None
+    if not data:
+        raise LmstackError(f"{models_url} lists no models; pass --model_name")
+    return data[0]["id"]
+
+
+def format_table(output: dict) -> str:
+    """A plain-text table: task, metric, value ± stderr, chance, n (skipped tasks say why)."""
+    rows = [("task", "metric", "value", "stderr", "chance", "n")]
+    for name, entry in output["results"].items():
+        if "skipped" in entry:
+            rows.append((name, "skipped", entry["skipped"][:60], "", "", ""))
+            continue
+        chance = entry.get("chance")
+        for metric, value in entry["metrics"].items():
+            if metric.endswith("_stderr"):
+                continue
+            err = entry["metrics"].get(f"{metric}_stderr")
+            rows.append((name, metric, f"{value:.4f}",
+                         "" if err is None or (isinstance(err, float) and math.isnan(err)) else f"{err:.4f}",
+                         "" if chance is None else f"{chance:.4f}", str(entry["n"])))
+            name = ""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = None, out: str | None = None,
+             batch_size: int = 16, device: str = "auto", max_length: int | None = None,
+             tokenizer: str | None = None, model_name: str | None = None, chat_template: bool = False,
+             seed: int = 1234, bootstrap_iters: int = 1000, progress: bool = True) -> dict | list[str]:
+    """Evaluate a model on tasks and print a results table; with --out, write results.json and per-item logs.
+
+    Args:
+        model: a model directory, or the URL of an OpenAI-compatible server (starts with http).
+        tasks: comma-separated task names, or 'list' to print the available tasks.
+        num_fewshot: few-shot examples per prompt (drawn with a fixed seed, never the item itself).
+        limit: evaluate only the first N items of each task.
+        out: output directory for results.json and samples_<task>.jsonl.
+        batch_size: sequences per forward pass (local) or prompts per HTTP request (server).
+        device: auto, cpu or cuda (local models).
+        max_length: context window in tokens (default: the model's; for a server, its context minus one).
+        tokenizer: tokenizer directory (default: the model directory; for a server, optional).
+        model_name: the model name a server answers to (default: the first one it lists).
+        chat_template: wrap prompts in the tokenizer's chat template.
+        seed: seed for few-shot sampling and bootstrap standard errors.
+        bootstrap_iters: bootstrap resamples for standard errors (0 = none).
+        progress: show a progress bar.
+    """
+    from lmstack.eval.evaluator import evaluate as run_eval
+    from lmstack.eval.task import get_task, list_tasks
+
+    if tasks.strip() == "list":
+        names = list_tasks()
+        print("\n".join(names))
+        return names
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise LmstackError(f"--tasks is empty; available tasks: {', '.join(list_tasks())}")
+    for name in names:
+        get_task(name)  # an unknown name fails here, listing the available tasks, before a model is loaded
+    if model.startswith(("http://", "https://")):
+        from lmstack.eval.openai_lm import OpenAICompletionsLM
+
+        lm = OpenAICompletionsLM(model, model_name or _server_model_name(model), tokenizer=tokenizer,
+                                 batch_size=batch_size, max_length=max_length or 2048)
+    else:
+        from lmstack.eval.local_lm import LocalLM
+
+        lm = LocalLM(model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device,
+                     chat_template=chat_template)
+    output = run_eval(lm, names, num_fewshot=num_fewshot, limit=limit, seed=seed, chat_template=chat_template,
+                      bootstrap_iters=bootstrap_iters, out_dir=out, progress=progress)
+    print(format_table(output))
+    if out:
+        print(f"wrote {out}/results.json")
+    return output
+
+
+COMMANDS = evaluate

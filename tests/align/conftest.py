@@ -1,0 +1,22 @@
+"""Tiny tokenizer, tiny llama-style policy and tiny preference data built from the synthetic world."""
+import pytest
+from align_helpers import make_policy
+
+from lmstack.data.world import World
+from lmstack.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def world():
+    return World(seed=0, n_people=30, n_preferences=200, n_arithmetic=60, n_instructions=60)
+
+
+@pytest.fixture(scope="session")
+def tok(world):
+    texts = [r["text"] for r in world.corpus("preferences")] + [r["text"] for r in world.corpus("arithmetic")]
+    return train_tokenizer(texts=texts, type="bpe", vocab_size=400, special_tokens="chat", show_progress=False)
+
+
+@pytest.fixture
+def policy(tok):
+    return make_policy(tok)

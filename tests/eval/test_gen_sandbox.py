@@ -1,0 +1,154 @@
+"""The code sandbox: correct code passes; loops, fork bombs, huge allocations, sockets and big files are each
+stopped and recorded as failures without harming the test process."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+from lmstack.eval.sandbox import SandboxConfig, SandboxResult, resolve_network, run_program, run_programs
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox's rlimits are Linux's")
+
+
+def test_correct_program_passes_and_output_is_captured():
+    res = run_program("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('ok', add(1, 1))")
+    assert res.passed and res.status == "passed" and res.returncode == 0
+    assert res.stdout.strip() == "ok 2"
+
+
+def test_failing_assert_is_failed_with_reason():
+    res = run_program("assert 1 + 1 == 3, 'bad sum'")
+    assert not res.passed and res.status == "failed"
+    assert "AssertionError" in res.reason and "bad sum" in res.stderr
+
+
+def test_infinite_loop_is_killed_at_the_timeout():
+    start = time.perf_counter()
+    res = run_program("while True:\n    pass\n", SandboxConfig(timeout_s=1.0))
+    assert res.status == "timeout" and not res.passed
+    assert time.perf_counter() - start < 6.0
+
+
+def test_cpu_limit_kills_a_busy_loop_even_with_a_long_timeout():
+    res = run_program("while True:\n    pass\n", SandboxConfig(timeout_s=30.0, cpu_s=1))
+    assert res.status == "killed" and res.reason in ("signal SIGXCPU", "signal SIGKILL")
+    assert res.duration_s < 10.0
+
+
+BOMB = """
+import os, sys, time
+for level in range(6):          # bounded: at most 2**6 = 64 processes even if no limit held
+    try:
+        pid = os.fork()
+    except OSError:
+        sys.exit(3)
+    if pid == 0:
+        print('child', os.getpid(), flush=True)
+time.sleep(20)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_fork_bomb_is_capped_by_the_process_limit_and_leaves_no_survivors():
+    # python_guards off: the kernel limit (RLIMIT_NPROC, as an unprivileged user) must hold on its own.
+    res = run_program(BOMB, SandboxConfig(timeout_s=3.0, max_processes=8, python_guards=False))
+    assert not res.passed
+    children = [int(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("child")]
+    assert len(children) < 8            # the limit counts the parent too
+    time.sleep(0.3)
+    assert not [pid for pid in children if _alive(pid)]   # the whole process group was killed
+
+
+def test_fork_is_blocked_by_the_python_guard():
+    res = run_program("import os\nos.fork()\n")
+    assert res.status == "failed" and "PermissionError" in res.reason
+    res = run_program("import subprocess\nsubprocess.run(['true'])\n")
+    assert res.status == "failed" and "PermissionError" in res.reason
+
+
+def test_huge_allocation_fails_with_memory_error():
+    res = run_program("x = bytearray(64 * 1024 ** 3)\n", SandboxConfig(memory_mb=512))
+    assert res.status == "failed" and "MemoryError" in res.reason
+    res = run_program("xs = []\nwhile True:\n    xs.append(bytearray(10 ** 7))\n", SandboxConfig(memory_mb=256))
+    assert res.status == "failed" and "MemoryError" in res.reason
+
+
+@pytest.mark.parametrize("network", ["auto", "socket_block"])
+def test_socket_connect_fails_and_reaches_nothing(network):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n"
+        res = run_program(code, SandboxConfig(timeout_s=5, network=network))
+        assert res.status == "failed"
+        assert res.network == resolve_network(network)
+        with pytest.raises(BlockingIOError):
+            server.accept()                 # nobody connected
+    finally:
+        server.close()
+
+
+def test_namespace_mode_cuts_the_network_even_without_python_guards():
+    if resolve_network("auto") != "namespace":
+        pytest.skip("this kernel does not allow unprivileged user + network namespaces")
+    code = "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=2)\n"
+    res = run_program(code, SandboxConfig(network="namespace", python_guards=False))
+    assert res.status == "failed" and "unreachable" in res.reason.lower()
+
+
+def test_file_size_limit_and_workdir_is_removed():
+    code = "import os\nprint(os.getcwd(), flush=True)\nopen('big.bin', 'wb').write(b'x' * (50 * 1024 * 1024))\n"
+    res = run_program(code, SandboxConfig(max_file_mb=4))
+    assert res.status in ("failed", "killed")
+    workdir = res.stdout.split()[0]
+    assert "lmstack-sandbox-" in workdir and not os.path.exists(workdir)
+
+
+def test_environment_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("LMSTACK_TEST_SECRET", "hunter2")
+    res = run_program("import os\nprint(sorted(os.environ))\nprint(os.environ.get('LMSTACK_TEST_SECRET'))\n")
+    assert res.passed
+    assert "hunter2" not in res.stdout and "LMSTACK_TEST_SECRET" not in res.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="privileges are dropped only from root")
+def test_root_parent_runs_the_program_unprivileged(tmp_path):
+    target = tmp_path / "owned_by_root"
+    target.mkdir(mode=0o755)
+    res = run_program(f"import os\nprint(os.getuid())\nopen({str(target / 'x')!r}, 'w').write('x')\n",
+                      SandboxConfig(python_guards=False))
+    assert res.status == "failed" and "PermissionError" in res.reason
+    assert int(res.stdout.split()[0]) != 0 and not (target / "x").exists()
+
+
+def test_stdlib_imports_work_inside_the_sandbox():
+    res = run_program("import collections.abc, hashlib, math, re, typing, fractions, statistics, json\n"
+                      "print(hashlib.md5(b'a').hexdigest())\n")
+    assert res.passed and res.stdout.strip() == "0cc175b9c0f1b6a831c399e269772661"
+
+
+def test_run_programs_keeps_order_and_the_parent_survives():
+    codes = ["print(1)", "raise SystemExit(2)", "while True: pass", "print(4)"]
+    results = run_programs(codes, SandboxConfig(timeout_s=1.0), workers=2)
+    assert [r.status for r in results] == ["passed", "failed", "timeout", "passed"]
+    assert all(isinstance(r, SandboxResult) for r in results) and results[3].stdout.strip() == "4"
+
+
+@pytest.mark.parametrize("field,value", [("network", "wifi"), ("timeout_s", 0), ("memory_mb", 8), ("cpu_s", 0)])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SandboxConfig(**{field: value})

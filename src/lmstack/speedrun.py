@@ -191,7 +191,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     write_summary(run, cfg, manifest, summary, samples, timings, total, sections)
     path = build_report(run)
     print(f"\nspeedrun finished in {total / 60:.1f} min; report: {path}")
-    print(f"chat with the model: lmstack model generate --model {model_dir} --prompt 'Once upon a time'")
+    print(f"chat with the model: lmstack chat --model {model_dir}")
     return {"run": str(run), "report": str(path), "summary": summary, "seconds": total, "samples": samples}
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +40,7 @@ from lmstack.adapt.sft import (PACKERS, SFTExample, SFTLoader, SFTObjective, des
 from lmstack.config import ConfigError, atomic_write_text, save_config, to_dict
 from lmstack.errors import LmstackError
 from lmstack.train.averaging import swapped
-from lmstack.train.checkpoint import MANIFEST, CheckpointManager, config_differences, sha256
+from lmstack.train.checkpoint import MANIFEST, CheckpointManager, config_differences
 from lmstack.train.config import TrainConfig
 from lmstack.train.optim import OptimizerConfig, ScheduleConfig
 from lmstack.train.state_io import load_tree, save_tree
@@ -131,27 +129,8 @@ class TrainableCheckpoints(CheckpointManager):
     """CheckpointManager's layout, verification and pruning, but the model part is only the trainable tensors
     (an adapter's few thousand numbers, not the frozen base)."""
 
-    def save(self, step: int, model, optimizer_state: Any, extra: dict[str, Any],
-             model_state: dict[str, torch.Tensor] | None = None) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".step_{step:08d}.", suffix=".tmp"))
-        try:
-            save_tree(trainable_state(model), tmp / "trainable")
-            save_tree(optimizer_state, tmp / "optimizer")
-            save_tree(extra, tmp / "state")
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            manifest = {"step": step, "model_config": to_dict(model.config),
-                        "files": {str(p.relative_to(tmp)): sha256(p) for p in files}}
-            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            final = self.path(step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self._prune()
-        return final
+    def write_model(self, model, folder: Path, model_state: dict[str, torch.Tensor] | None) -> None:
+        save_tree(trainable_state(model), folder / "trainable")
 
 
 class SFTTrainer(Trainer):

@@ -56,12 +56,10 @@ class CheckpointManager:
 
     def save(self, step: int, model, optimizer_state: Any, extra: dict[str, Any],
              model_state: dict[str, torch.Tensor] | None = None) -> Path:
-        from lmstack.model.hf_io import save_model
-
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".step_{step:08d}.", suffix=".tmp"))
         try:
-            save_model(model, tmp / "model", state_dict=model_state)
+            self.write_model(model, tmp, model_state)
             save_tree(optimizer_state, tmp / "optimizer")
             save_tree(extra, tmp / "state")
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -77,6 +75,12 @@ class CheckpointManager:
             raise
         self._prune()
         return final
+
+    def write_model(self, model, folder: Path, model_state: dict[str, torch.Tensor] | None) -> None:
+        """The model part of a checkpoint: the whole model in HF layout (subclasses may store less)."""
+        from lmstack.model.hf_io import save_model
+
+        save_model(model, folder / "model", state_dict=model_state)
 
     def _prune(self) -> None:
         done = self.list()

@@ -264,6 +264,7 @@ class Trainer:
         start = time.perf_counter()
         last = {}
         window_tokens, window_start = 0, time.perf_counter()
+        shown_rate = (0.0, 0.0)  # (tokens/s, MFU) shown in the progress bar until the first measurement
         val = {}
         try:
             while self.step < cfg.steps:
@@ -296,10 +297,12 @@ class Trainer:
                     val = self._eval_all()
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
+                if "tokens_per_s" in last:  # the rate is measured every log_every steps; show the latest
+                    shown_rate = (last["tokens_per_s"], last["mfu"])
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}",
-                                    mfu=f"{100 * last.get('mfu', 0):.1f}%")
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{shown_rate[0]:.0f}",
+                                    mfu=f"{100 * shown_rate[1]:.1f}%")
         finally:
             if bar is not None:
                 bar.close()

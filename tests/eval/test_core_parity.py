@@ -27,6 +27,7 @@ def _hflm(model_dir, **kwargs):
 
 
 def test_raw_requests_match_lm_eval_hf(tiny_model_dir):
+    pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
     from lmstack.eval.local_lm import LocalLM

@@ -10,7 +10,9 @@
    eval_seconds) into eval_base.json;
 7. fine-tune it on the world's chat data (QA, arithmetic, instructions, personas) for sft_seconds and score
    base vs SFT on held-out world tasks (lmstack.adapt.sft_stage) into sft/;
-8. write summary.json and the report card runs/<timestamp>/report.md (lmstack.eval.report), which renders
+8. align the SFT model for align_seconds: DPO on the world's preference pairs, then GRPO on arithmetic with
+   the math verifier, measured before and after (lmstack.align.align_stage) into align/;
+9. write summary.json and the report card runs/<timestamp>/report.md (lmstack.eval.report), which renders
    whatever stages the run directory holds.
 
 Usage:
@@ -76,12 +78,17 @@ class SpeedrunConfig:
     """Time budget of the SFT stage on the world's QA, arithmetic, instruction and persona chats (0 = no SFT)."""
     sft_method: Literal["full", "lora", "dora", "qlora", "adapter", "ia3"] = "full"
     """How the SFT stage fine-tunes (full fine-tuning is the baseline; the others train adapters)."""
+    align_seconds: float = 150.0
+    """Training budget of the alignment stage after SFT: DPO on the world's preference pairs, then GRPO on
+    arithmetic with the math verifier (0 = no alignment stage; it needs the SFT stage)."""
 
     def __post_init__(self):
         if self.sft_seconds < 0:
             raise ValueError(f"sft_seconds must be >= 0 (0 = no SFT stage), got {self.sft_seconds}")
         if self.eval_limit < 1:
             raise ValueError(f"eval_limit must be >= 1, got {self.eval_limit}")
+        if self.align_seconds < 0:
+            raise ValueError(f"align_seconds must be >= 0 (0 = no alignment stage), got {self.align_seconds}")
         if self.eval_seconds < 0:
             raise ValueError(f"eval_seconds must be >= 0 (0 = no eval stage), got {self.eval_seconds}")
 
@@ -178,10 +185,18 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
         from lmstack.adapt.sft_stage import sft_stage
 
         t = _step("7. supervised fine-tuning (chat)")
-        sft_stage(run, model_dir, budget_s=cfg.sft_seconds, world_dir=world, method=cfg.sft_method, seed=cfg.seed,
-                  seq_len=min(256, pcfg.model.max_seq_len))
+        sft = sft_stage(run, model_dir, budget_s=cfg.sft_seconds, world_dir=world, method=cfg.sft_method,
+                        seed=cfg.seed, seq_len=min(256, pcfg.model.max_seq_len))
         sections.append("sft/report.md")  # base vs SFT on the held-out world tasks, in the report card
         timings["sft"] = time.perf_counter() - t
+        if cfg.align_seconds > 0:
+            from lmstack.align.align_stage import align_stage
+
+            t = _step("8. alignment (DPO on preference pairs, then GRPO on arithmetic)")
+            align_stage(run, sft_model_dir(model_dir, Path(sft["result"]), run), world, budget_s=cfg.align_seconds,
+                        seed=cfg.seed)
+            sections.append("align/report.md")  # SFT -> aligned, with the base column
+            timings["align"] = time.perf_counter() - t
 
     from lmstack.eval.report import build_report
 
@@ -193,6 +208,21 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     print(f"\nspeedrun finished in {total / 60:.1f} min; report: {path}")
     print(f"chat with the model: lmstack chat --model {model_dir}")
     return {"run": str(run), "report": str(path), "summary": summary, "seconds": total, "samples": samples}
+
+
+def sft_model_dir(base_dir: Path, result: Path, run: Path) -> Path:
+    """A plain model directory of the SFT result: itself for full fine-tuning, else the base with the adapter
+    merged in (written once to run/sft/merged), so the alignment stage trains every weight either way."""
+    if (result / "config.json").is_file():
+        return result
+    from lmstack.adapt import merge_and_unload
+    from lmstack.adapt.finetune import load_result
+    from lmstack.model.hf_io import save_model
+    from lmstack.tokenizer import load_tokenizer
+
+    merged = run / "sft" / "merged"
+    save_model(merge_and_unload(load_result(base_dir, result)), merged, tokenizer=load_tokenizer(base_dir))
+    return merged
 
 
 def run_eval_stage(run: Path, model_dir: Path, world: Path, cfg: SpeedrunConfig, stage: str = "base") -> dict:

@@ -1,4 +1,4 @@
-"""`lmstack align`: dpo and rm runs from a model directory and a JSONL with bad rows; unbuilt methods refused."""
+"""`lmstack align`: dpo, rm and online (grpo/rloo) runs from a model directory and JSONL with bad rows; bad input refused."""
 import json
 
 import pytest
@@ -42,12 +42,40 @@ def test_align_dpo_and_rm(setup, capsys):
     assert json.loads((tmp / "rm" / "summary.json").read_text())["method"] == "rm"
 
 
-def test_unbuilt_methods_and_missing_inputs_are_refused(setup, capsys):
+def test_align_online_grpo_and_rloo(setup, world, tok, capsys):
+    policy_dir, _, tmp = setup
+    recs = [r for r in world.corpus("chat") if r["kind"] == "arithmetic"][:12]
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("\n".join([json.dumps(r) for r in recs] + ['{"answer": 1}']) + "\n", encoding="utf-8")
+    for method in ("grpo", "rloo"):
+        out = tmp / method
+        flags = ["align", "--method", method, "--policy", str(policy_dir), "--data", str(prompts), "--out", str(out),
+                 "--steps", "2", "--group_size", "2", "--prompts_per_step", "2", "--max_new_tokens", "6",
+                 "--reward", "math=1,format=0.5", "--lr", "1e-3", "--eval_prompts", "2", "--val_fraction", "0.2",
+                 "--progress", "false"]
+        assert main(flags) == 0
+        assert "skipped 1: no prompt 1" in capsys.readouterr().out
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["method"] == method and summary["steps"] == 2 and summary["eval_after"]["n"] == 2
+        assert load_model(out / "model").config.vocab_size == tok.vocab_size
+
+    # a reference with another tokenizer is refused before any training
+    from lmstack.tokenizer import train_tokenizer
+
+    other = train_tokenizer(texts=["completely different text " * 50], type="bpe", vocab_size=300,
+                            special_tokens="chat", show_progress=False)
+    ref_dir = tmp / "other_ref"
+    save_model(make_policy(other), ref_dir, tokenizer=other)
+    flags = ["align", "--method", "grpo", "--policy", str(policy_dir), "--data", str(prompts), "--out",
+             str(tmp / "bad"), "--reference_path", str(ref_dir), "--kl_coef", "0.1", "--progress", "false"]
+    assert main(flags) == 2
+    assert "tokenizer" in capsys.readouterr().err and not (tmp / "bad" / "model").exists()
+
+
+def test_missing_inputs_are_refused(setup, capsys):
     policy_dir, data, tmp = setup
-    for method in ("ppo", "grpo", "rloo", "rft"):  # the parser lists what is built and stops
-        with pytest.raises(SystemExit):
-            main(_flags(method, policy_dir, data, tmp / method))
-        assert "'rm', 'dpo', 'cdpo', 'ipo', 'kto'" in capsys.readouterr().err
+    assert main(_flags("grpo", policy_dir, data, tmp / "g") + ["--group_size", "1"]) == 2
+    assert "group_size must be >= 2" in capsys.readouterr().err
     assert main(["align", "--method", "dpo", "--data", str(data), "--progress", "false"]) == 2
     assert "--policy is required" in capsys.readouterr().err
     assert main(["align", "--method", "dpo", "--policy", str(policy_dir), "--data", str(tmp / "none.jsonl")]) == 2

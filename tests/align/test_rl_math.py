@@ -150,3 +150,13 @@ def test_nan_reward_is_masked_from_its_group_and_does_not_poison_the_batch():
     stats = group_stats(rewards, 4)
     assert stats["nan_fraction"] == pytest.approx(1 / 8) and stats["flat_group_fraction"] == 0.0
     assert stats["reward_mean"] == pytest.approx((2 + 6) / 7)
+
+
+def test_score_lands_on_the_last_generated_token_after_a_prompt():
+    """Completions that start after a prompt (the logprobs layout) get their score on their own last token."""
+    from lmstack.align.rl_math import kl_penalized_rewards
+
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]], dtype=torch.float32)
+    zeros = torch.zeros(2, 6)
+    rewards, _ = kl_penalized_rewards(torch.tensor([2.0, -1.0]), zeros, zeros, mask, kl_coef=0.1)
+    assert rewards[0].tolist() == [0, 0, 0, 0, 2.0, 0] and rewards[1].tolist() == [0, 0, -1.0, 0, 0, 0]

@@ -253,3 +253,17 @@ def test_moe_and_sliding_window_models_match_reference():
         llm = LLM(m, block_size=4, num_blocks=64, max_batched_tokens=8)  # chunked prefill across windows
         for p in random_prompts(2, 5, 17, 300, seed=14):
             assert llm.generate([p], GREEDY)[0].outputs[0].token_ids == reference(m, p, 12), overrides
+
+
+def test_padded_vocab_rows_are_never_sampled(tok):
+    """A model whose embedding table is padded past the tokenizer's vocabulary (the speedrun rounds it up to a
+    multiple of 64) must only emit the tokenizer's ids, even when the padded rows hold the largest logits."""
+    model = tiny_model(tok.vocab_size + 64)
+    with torch.no_grad():  # make the padded rows win every argmax and most of the sampling mass
+        model.lm_head.weight[tok.vocab_size:] = model.lm_head.weight[:64] * 50
+    llm = LLM(model, tokenizer=tok)
+    outs = llm.generate(["the of and", "to in a"], SamplingParams(max_tokens=12, temperature=1.0, n=3))
+    ids = [t for o in outs for c in o.outputs for t in c.token_ids]
+    assert ids and max(ids) < tok.vocab_size
+    greedy = llm.generate(["the of and"], SamplingParams(max_tokens=12, temperature=0.0))
+    assert max(greedy[0].outputs[0].token_ids) < tok.vocab_size

@@ -1,5 +1,5 @@
 """lmstack.align: reward models, offline preference optimisation (DPO, cDPO, IPO, KTO), rule-based rewards,
-and the maths of online RL (KL control, GAE, PPO objectives, GRPO/RLOO baselines).
+online RL (PPO, GRPO, RLOO, rejection-sampling fine-tuning) with engine rollouts, and the speedrun's stage.
 
 Modules (one idea each):
     logprobs.py         completion log-probs of a policy; prompt/completion encoding; tokenizer check
@@ -10,11 +10,20 @@ Modules (one idea each):
     reward_model.py     scalar-head reward model, Bradley-Terry training, pairwise accuracy
     dpo.py              the offline preference trainer (frozen reference, adapters-off, or precomputed)
     steps.py            the loop pieces both trainers share (batches, AdamW + schedule, one step)
+    rollout.py          prompt records, engine rollouts from the live policy, greedy held-out evaluation
+    online.py           the online loop every RL method shares (reference, reward, eval, metrics, time budget)
+    grpo.py             GRPO and RLOO (group baselines, clipped ratio, optional k3 KL term)
+    ppo.py              PPO-RLHF: value head, per-token KL penalty, adaptive controller, GAE, whitening
+    rft.py              rejection-sampling fine-tuning in iterative rounds
+    self_consistency.py majority vote over sampled chains; low agreement flags uncertainty
+    self_play.py        asker/answerer self-play dialogue rewarded by the task's verifier
+    align_stage.py      the speedrun's stage: SFT -> DPO -> GRPO, measured before and after
     config.py           AlignConfig, the `lmstack align` run config
-    commands.py         `lmstack align --method rm|dpo|cdpo|ipo|kto ...`
+    commands.py         `lmstack align --method rm|dpo|cdpo|ipo|kto|ppo|grpo|rloo|rft ...`
 
 Usage:
     from lmstack.align.losses import preference_loss
     from lmstack.align.dpo import PreferenceTrainer
     from lmstack.align.reward_model import RewardModel, train_reward_model
+    from lmstack.align.grpo import GroupTrainer          # online: trainer.fit(prompt_records, held_out_records)
 """

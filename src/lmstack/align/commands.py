@@ -3,12 +3,14 @@
     lmstack align --method rm  --policy runs/sft/model --data prefs.jsonl --out runs/rm  --lr 1e-4
     lmstack align --method dpo --policy runs/sft/model --data prefs.jsonl --out runs/dpo --beta 0.1
     lmstack align --method kto --policy runs/sft/model --data kto.jsonl   --out runs/kto
+    lmstack align --method grpo --policy runs/sft/model --data world/chat/train.jsonl --kind arithmetic \
+                  --reward math --group_size 8 --steps 40 --lr 3e-4 --out runs/grpo
+    lmstack align --method ppo|rloo|rft ...          # the same prompt data and reward
     lmstack align --config recipe.yaml --steps 50
 
 Writes into --out: model/ (the aligned policy, or the reward model with its head), metrics.jsonl,
-summary.json (held-out accuracy and margins before and after) and config.yaml. Skipped data rows
-are counted and reported. The online methods (ppo, grpo, rloo, rft) are not accepted yet: --method
-lists only what is built.
+summary.json (held-out accuracy and margins, or held-out greedy reward for online methods, before and
+after) and config.yaml. Skipped data rows are counted and reported.
 """
 from __future__ import annotations
 
@@ -58,10 +60,65 @@ def _load_data(cfg: AlignConfig, log=print):
     return train, [p for p in val if isinstance(p, Pair)], loaded.n_skipped
 
 
+# online method -> "module:class" (imported when used)
+ONLINE_TRAINERS = {"grpo": "lmstack.align.grpo:GroupTrainer", "rloo": "lmstack.align.grpo:GroupTrainer",
+                   "ppo": "lmstack.align.ppo:PPOTrainer", "rft": "lmstack.align.rft:RejectionSamplingTrainer"}
+
+
+def online_trainer_class(method: str):
+    import importlib
+
+    module, _, name = ONLINE_TRAINERS[method].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _load_reference(cfg: AlignConfig, tok, device):
+    if not cfg.reference_path:
+        return None
+    from lmstack.align.logprobs import check_same_tokenizer
+    from lmstack.model.hf_io import load_model
+    from lmstack.tokenizer import load_tokenizer
+
+    check_same_tokenizer(tok, load_tokenizer(cfg.reference_path), "policy", "reference")
+    return load_model(cfg.reference_path, lazy=False, device=device)
+
+
+def _online(cfg: AlignConfig, device, out: Path) -> dict:
+    """ppo / grpo / rloo / rft: prompt records in, reward from cfg.reward, held-out greedy reward out."""
+    from lmstack.align.rewards.spec import reward_from_spec
+    from lmstack.align.rollout import load_prompts
+    from lmstack.align.steps import split_holdout
+
+    if not cfg.data:
+        raise LmstackError("--data is required: a JSONL of prompt records (prompt or messages, plus what the "
+                           "reward checks, e.g. answer)")
+    loaded = load_prompts(cfg.data, cfg.split or None, cfg.kind or None)
+    print(loaded.report())
+    if cfg.val_data:
+        val_loaded = load_prompts(cfg.val_data, None, cfg.kind or None)
+        print("validation: " + val_loaded.report())
+        train, val = loaded.records, val_loaded.records
+    else:
+        train, val = split_holdout(loaded.records, cfg.val_fraction, cfg.seed)
+    policy, tok = _load_policy(cfg, device)
+    reference = _load_reference(cfg, tok, device)
+    reward = reward_from_spec(cfg.reward, device=str(device))
+    save_config(cfg, out / "config.yaml")
+    trainer = online_trainer_class(cfg.method)(policy, tok, cfg, reward, reference=reference)
+    summary = trainer.fit(train, val, out_dir=out)
+    from lmstack.model.hf_io import save_model
+
+    save_model(trainer.policy, out / "model", tokenizer=tok)
+    summary["skipped_rows"] = loaded.n_skipped
+    return summary
+
+
 def align(cfg: AlignConfig) -> dict:
-    """Train a reward model (rm) or align a policy with dpo, cdpo, ipo or kto; print held-out accuracy."""
+    """Train a reward model (rm), align a policy offline (dpo, cdpo, ipo, kto) or online (ppo, grpo, rloo, rft);
+    print held-out accuracy (or held-out greedy reward) before and after."""
     import torch
 
+    from lmstack.align.config import ONLINE
     from lmstack.align.steps import resolve_device
 
     device = resolve_device(cfg.device)
@@ -72,6 +129,12 @@ def align(cfg: AlignConfig) -> dict:
         raise LmstackError("reference='adapters' needs a policy with adapters attached, which a plain model "
                            "directory has not; the CLI supports reference=copy or precomputed (use the Python "
                            "API with lmstack.adapt for LoRA + adapters-off reference)")
+    if cfg.method in ONLINE:
+        summary = _online(cfg, device, out)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "evals")}, indent=2))
+        print(f"wrote {out / 'model'}")
+        return summary
     train, val, skipped = _load_data(cfg)
     policy, tok = _load_policy(cfg, device)
     save_config(cfg, out / "config.yaml")

@@ -1,12 +1,14 @@
 """AlignConfig: one run of `lmstack align` (reward model or offline preference optimisation).
 
-Only the methods that are built are allowed values of `method`; the online methods of issue 9
-(ppo, grpo, rloo, rft) are refused with the list of what works, never accepted silently.
+Offline methods (rm, dpo, cdpo, ipo, kto) read preference pairs; online methods (ppo, grpo, rloo, rft) read
+prompt records, sample from the policy through the inference engine and learn from a reward (`reward`: a
+verifier such as math, a weighted mix, or a trained reward model directory).
 
 Usage:
     from lmstack.align.config import AlignConfig
     cfg = AlignConfig(method="dpo", policy="runs/sft/model", data="prefs.jsonl", out="runs/dpo", beta=0.1)
-    AlignConfig(method="grpo")      # ConfigError: method='grpo' is not allowed; choose one of 'rm', 'dpo', ...
+    cfg = AlignConfig(method="grpo", policy="runs/sft/model", data="world/chat/train.jsonl", kind="arithmetic",
+                      reward="math", group_size=8, steps=40)
 """
 from __future__ import annotations
 
@@ -15,24 +17,29 @@ from typing import Literal
 
 from lmstack.train.optim.config import check_choices, need
 
-Method = Literal["rm", "dpo", "cdpo", "ipo", "kto"]
+Method = Literal["rm", "dpo", "cdpo", "ipo", "kto", "ppo", "grpo", "rloo", "rft"]
+ONLINE = ("ppo", "grpo", "rloo", "rft")
 METHOD_LOSS = {"dpo": "dpo", "cdpo": "cdpo", "ipo": "ipo"}  # paired methods -> losses.PAIR_LOSSES name
 
 
 @dataclass
 class AlignConfig:
     method: Method = "dpo"
-    """rm (Bradley-Terry reward model), dpo (sigmoid), cdpo (DPO + label smoothing), ipo, kto (unpaired)."""
+    """rm (Bradley-Terry reward model), dpo (sigmoid), cdpo (DPO + label smoothing), ipo, kto (unpaired);
+    online: ppo (value head + GAE), grpo (group-normalised), rloo (leave-one-out), rft (rejection-sampling SFT rounds)."""
     policy: str = ""
     """Model directory to start from (the SFT checkpoint; must hold tokenizer.json too)."""
     data: str = ""
-    """Preference JSONL: prompt, chosen, rejected [, confidence] (kto also takes prompt, completion, label)."""
+    """Preference JSONL: prompt, chosen, rejected [, confidence] (kto also takes prompt, completion, label);
+    online methods: prompt records (`prompt` or chat `messages`, plus what the reward checks, e.g. `answer`)."""
     out: str = "runs/align"
     """Output directory: the trained model (or reward model), metrics.jsonl, summary.json, config.yaml."""
     val_data: str = ""
     """Held-out preference JSONL for accuracy/margins; empty = hold out val_fraction of `data`."""
     split: str = ""
     """Read only rows whose `split` field equals this (e.g. 'train' for a world file); empty = all rows."""
+    kind: str = ""
+    """Read only rows whose `kind` field equals this (e.g. 'arithmetic' in the world's chat file); empty = all."""
     val_fraction: float = 0.1
     """Share of `data` held out for evaluation when val_data is empty."""
     template: Literal["auto", "chat", "plain"] = "auto"
@@ -55,6 +62,51 @@ class AlignConfig:
     itself with its adapters disabled (LoRA training; needs lmstack.adapt.disable_adapters)."""
     reference_path: str = ""
     """A different reference model directory (empty = the policy's starting weights); its tokenizer must match."""
+    # ---- online RL (ppo, grpo, rloo, rft)
+    reward: str = "math"
+    """What scores a sample: a registered reward (math, format, instruction, factuality, safety, length, ...),
+    a weighted mix 'math=1,format=0.2', or a reward model directory written by --method rm."""
+    prompts_per_step: int = 8
+    """Prompts rolled out per RL step (each gets group_size samples; ppo and rft: samples per prompt too)."""
+    group_size: int = 8
+    """Samples per prompt: the GRPO/RLOO group, PPO's samples per prompt, RFT's best-of-n."""
+    max_new_tokens: int = 128
+    """Longest sampled reply."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (log-probs for the ratio use the same temperature)."""
+    top_k: int = 0
+    """Top-k truncation of rollouts (0 = off)."""
+    ppo_epochs: int = 1
+    """Optimisation passes over each rollout batch (1 = on-policy: the ratio is 1 and the clip inactive)."""
+    minibatches: int = 1
+    """Minibatches per pass over a rollout batch (more = more, smaller optimizer steps per rollout)."""
+    clip: float = 0.2
+    """PPO/GRPO ratio clip ε: the ratio π/π_old is kept in [1-ε, 1+ε]."""
+    kl_coef: float = 0.0
+    """KL(π || π_ref) weight: GRPO/RLOO add it to the loss (k3 per token), PPO subtracts it from the per-token
+    reward. 0 = no reference model is kept."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """PPO's per-token KL penalty estimator: k1 = log π - log π_ref, k3 = (r - 1) - log r with r = π_ref/π."""
+    kl_target: float = 0.0
+    """PPO adaptive KL controller target (nats per sequence); 0 = fixed kl_coef."""
+    kl_horizon: int = 10000
+    """Adaptive KL controller horizon (samples): how fast kl_coef moves toward the target."""
+    gamma: float = 1.0
+    """PPO discount."""
+    lam: float = 0.95
+    """PPO GAE λ."""
+    vf_coef: float = 0.1
+    """PPO value loss weight."""
+    value_clip: float = 0.2
+    """PPO value clip (the value may move at most this far from its rollout value per step)."""
+    whiten_advantages: bool = True
+    """PPO: whiten advantages over the batch's generated tokens."""
+    rounds: int = 3
+    """RFT: rounds of (sample best-of-n, fine-tune on the winners)."""
+    rft_min_reward: float = 1.0
+    """RFT: a winner must score at least this (with the math verifier: only correct answers are kept)."""
+    eval_prompts: int = 64
+    """Held-out prompts scored greedily before and after (and every eval_every steps); 0 = no evaluation."""
     # ---- reward model
     margin: float = 0.0
     """Bradley-Terry margin m in -log σ(r_c - r_r - m); a row's own `margin` field overrides it."""
@@ -66,7 +118,9 @@ class AlignConfig:
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     steps: int = 200
-    """Optimizer steps."""
+    """Optimizer steps (online methods: RL steps, each a rollout and its updates; rft: SFT steps per round)."""
+    max_seconds: float = 0.0
+    """Stop training after this many seconds (0 = no limit): a time budget, as the speedrun uses."""
     batch_size: int = 8
     """Pairs (or KTO rows) per step."""
     warmup_steps: int = 10
@@ -98,6 +152,7 @@ class AlignConfig:
         need(self.center_coef >= 0, f"center_coef must be >= 0, got {self.center_coef}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.max_seconds >= 0, f"max_seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.max_len >= 2, f"max_len must be >= 2, got {self.max_len}")
         need(self.warmup_steps >= 0 and self.eval_every >= 0 and self.log_every >= 1,
@@ -107,3 +162,17 @@ class AlignConfig:
              "reference='precomputed' does not fit kto: its mismatched KL pairs change every batch; use 'copy'")
         need(self.method == "rm" or self.reference != "adapters" or not self.reference_path,
              "reference='adapters' uses the policy itself; leave reference_path empty")
+        need(self.prompts_per_step >= 1 and self.group_size >= 1, "prompts_per_step and group_size must be >= 1")
+        need(self.method not in ("grpo", "rloo") or self.group_size >= 2,
+             f"method={self.method!r} compares samples within a group: group_size must be >= 2, got {self.group_size}")
+        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        need(0 < self.temperature <= 10, f"temperature must be in (0, 10] for sampling, got {self.temperature}")
+        need(self.ppo_epochs >= 1 and self.minibatches >= 1, "ppo_epochs and minibatches must be >= 1")
+        need(0 < self.clip < 1, f"clip must be in (0, 1), got {self.clip}")
+        need(self.kl_coef >= 0 and self.kl_target >= 0, "kl_coef and kl_target must be >= 0")
+        need(self.kl_target == 0 or self.kl_coef > 0, "kl_target needs kl_coef > 0 (the controller's starting value)")
+        need(self.kl_horizon >= 1, f"kl_horizon must be >= 1, got {self.kl_horizon}")
+        need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
+        need(self.vf_coef >= 0 and self.value_clip > 0, "vf_coef must be >= 0 and value_clip > 0")
+        need(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        need(self.eval_prompts >= 0, f"eval_prompts must be >= 0, got {self.eval_prompts}")

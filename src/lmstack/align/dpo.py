@@ -194,7 +194,12 @@ class PreferenceTrainer:
 
             bar = tqdm(total=cfg.steps, desc=cfg.method, dynamic_ncols=True)
         self.policy.train()
+        done = 0
         for step, rows in zip(range(cfg.steps), batches(train, cfg.batch_size, cfg.seed)):
+            if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+                self.log(f"{cfg.method}: time budget of {cfg.max_seconds:.0f} s reached after {step} steps")
+                break
+            done = step + 1
             out = self.unpaired_loss(rows) if kto else self.paired_loss(rows)
             stats = stepper.step(out["loss"], step)
             row = {"loss": float(out["loss"].detach()), "accuracy": float(out["accuracy"]), **stats}
@@ -217,12 +222,12 @@ class PreferenceTrainer:
             bar.close()
         after = self.evaluate(val)
         if metrics:
-            metrics.log(cfg.steps, {f"val_{k}": v for k, v in after.items()})
+            metrics.log(done, {f"val_{k}": v for k, v in after.items()})
             metrics.close()
         if val:
             self.log(f"{cfg.method}: held-out preference accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "
                      f"margin {before['margin']:.3f} -> {after['margin']:.3f}")
-        return {"method": cfg.method, "steps": cfg.steps, "train_seconds": time.perf_counter() - start,
+        return {"method": cfg.method, "steps": done, "train_seconds": time.perf_counter() - start,
                 "train_rows": len(train), "val_pairs": len(val), "val_before": before, "val_after": after,
                 "history": history}
 

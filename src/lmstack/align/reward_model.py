@@ -175,7 +175,12 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[Pair], val: Sequenc
 
         bar = tqdm(total=cfg.steps, desc="rm", dynamic_ncols=True)
     rm.train()
+    done = 0
     for step, pairs in zip(range(cfg.steps), batches(train, cfg.batch_size, cfg.seed)):
+        if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+            log(f"rm: time budget of {cfg.max_seconds:.0f} s reached after {step} steps")
+            break
+        done = step + 1
         out = _rm_loss(rm, tok, pairs, cfg, device, cache)
         stats = stepper.step(out["loss"], step)
         row = {"loss": float(out["loss"].detach()), "accuracy": float(out["accuracy"]),
@@ -196,9 +201,9 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[Pair], val: Sequenc
         bar.close()
     after = evaluate()
     if metrics:
-        metrics.log(cfg.steps, {f"val_{k}": v for k, v in after.items()})
+        metrics.log(done, {f"val_{k}": v for k, v in after.items()})
         metrics.close()
-    summary = {"method": "rm", "steps": cfg.steps, "train_seconds": time.perf_counter() - start,
+    summary = {"method": "rm", "steps": done, "train_seconds": time.perf_counter() - start,
                "train_pairs": len(train), "val_pairs": len(val), "val_before": before, "val_after": after,
                "history": history}
     if val:

@@ -129,7 +129,8 @@ def kl_penalized_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: t
     kl = kl_estimate(logps, ref_logps, estimator) * mask
     rewards = -kl_coef * kl
     has = mask.sum(-1) > 0
-    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    # the last generated token's index, wherever the completion starts (after a prompt, or at 0)
+    last = mask.shape[-1] - 1 - (mask > 0).long().flip(-1).argmax(-1)
     # A row with no generated token has nowhere to put its score: it contributes nothing.
     rewards[torch.arange(rewards.shape[0]), last] += torch.where(has, scores.to(rewards.dtype), 0.0)
     return rewards, kl

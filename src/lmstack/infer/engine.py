@@ -82,6 +82,10 @@ class LLMEngine:
                                   share_weights=owned)
         self.generator = torch.Generator().manual_seed(seed)
         self.eos_ids = self._eos_ids()
+        # A padded embedding table (vocab rounded up for fast matmuls) has rows no tokenizer id maps to:
+        # the sampler only ever sees the tokenizer's ids, so an untrained row can never be emitted.
+        n_tok = self.tokenizer.vocab_size if self.tokenizer is not None else cfg.vocab_size
+        self.emit_vocab = min(cfg.vocab_size, n_tok)
         self.spec = None
         if speculative is not None:
             from lmstack.infer.speculative import SpeculativeDecoder
@@ -282,6 +286,8 @@ class LLMEngine:
         return self._after_forward(sched, plans, logits)
 
     def _after_forward(self, sched, plans, logits: torch.Tensor) -> list[RequestOutput]:
+        if logits.shape[-1] > self.emit_vocab:
+            logits = logits[..., :self.emit_vocab]
         to_sample: list[tuple[Sequence, int]] = []
         for s, first_row, prompt_rows, n_rows in plans:
             seq, req = s.seq, s.seq.request

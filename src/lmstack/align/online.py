@@ -1,0 +1,174 @@
+"""What every online method shares: the policy, its frozen reference, the reward, prompt batches, held-out
+evaluation, metrics and the loop. GRPO/RLOO (grpo.py), PPO (ppo.py) and rejection sampling (rft.py) each
+write only their `train_step`.
+
+One RL step = sample prompts_per_step prompts, roll each out group_size times with the engine, score the
+samples, and update the policy from them. The reference (for the KL term) is a frozen copy of the starting
+policy, or the policy itself with its adapters disabled when only LoRA weights train (reference='adapters');
+with kl_coef=0 no reference is kept at all.
+
+Usage (subclasses do this; see grpo.py):
+    trainer = GroupTrainer(policy, tok, cfg, reward)
+    summary = trainer.fit(train_records, eval_records, out_dir="runs/grpo")
+    summary["eval_before"]["mean"], summary["eval_after"]["mean"]      # held-out greedy reward (accuracy)
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lmstack.align.config import AlignConfig
+from lmstack.align.logprobs import token_logprobs
+from lmstack.align.rollout import Rollout, evaluate_policy, sample
+from lmstack.align.steps import Stepper, resolve_device
+from lmstack.errors import LmstackError
+
+
+def prompt_stream(records: Sequence[dict], size: int, seed: int) -> Iterator[list[dict]]:
+    """Endless batches of `size` records: shuffled epochs, reshuffled each pass (seeded)."""
+    if not records:
+        raise LmstackError("no training prompts")
+    rng, order = random.Random(seed), []
+    while True:
+        batch = []
+        while len(batch) < size:
+            if not order:
+                order = list(range(len(records)))
+                rng.shuffle(order)
+            batch.append(records[order.pop()])
+        yield batch
+
+
+class OnlineTrainer(abc.ABC):
+    """Base class: subclasses implement train_step(records, step) -> dict of floats."""
+
+    method = "online"
+
+    def __init__(self, policy: nn.Module, tokenizer, cfg: AlignConfig, reward: Callable[[str, str, dict], float],
+                 reference: nn.Module | None = None, log: Callable[[str], None] = print):
+        self.cfg, self.tok, self.reward, self.log = cfg, tokenizer, reward, log
+        self.device = resolve_device(cfg.device)
+        self.policy = policy.to(self.device)
+        self.reference = None
+        if cfg.kl_coef > 0 and cfg.reference != "adapters":
+            from lmstack.align.logprobs import check_same_vocab
+
+            self.reference = copy.deepcopy(policy) if reference is None else reference.to(self.device)
+            check_same_vocab(self.policy, self.reference)
+            self.reference.eval().requires_grad_(False)
+        self.opt_steps = 0
+
+    # ---- pieces subclasses use ------------------------------------------------------------------------
+    def rollout(self, records: Sequence[dict], step: int, n: int | None = None) -> Rollout:
+        cfg = self.cfg
+        return sample(self.policy, self.tok, records, n=n or cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed * 1_000_003 + step,
+                      template=cfg.template)
+
+    def logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T-1) per-token log-probs of the completions under the policy at the rollout temperature."""
+        return token_logprobs(self.policy, batch, self.cfg.temperature)
+
+    @torch.no_grad()
+    def ref_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.cfg.reference == "adapters":
+            from lmstack.align.dpo import adapters_disabled
+
+            ctx = adapters_disabled(self.policy)
+            model = self.policy
+        else:
+            if self.reference is None:
+                raise LmstackError("this run keeps no reference model (kl_coef=0)")
+            ctx, model = contextlib.nullcontext(), self.reference
+        with ctx:
+            return token_logprobs(model, batch, self.cfg.temperature)
+
+    def trainable_module(self) -> nn.Module:
+        """What the optimizer updates (PPO adds its value head)."""
+        return self.policy
+
+    def optimizer_steps_per_rl_step(self) -> int:
+        return self.cfg.ppo_epochs * self.cfg.minibatches
+
+    def minibatch_indices(self, n: int, step: int) -> list[torch.Tensor]:
+        """cfg.minibatches random, nearly equal index sets covering 0..n-1 (seeded by the step)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+        perm = torch.randperm(n, generator=g)
+        return [part for part in perm.chunk(min(self.cfg.minibatches, n)) if part.numel()]
+
+    @abc.abstractmethod
+    def train_step(self, records: list[dict], step: int) -> dict[str, float]:
+        """Roll out `records`, score, update the policy; return the step's statistics (reward_mean, ...)."""
+
+    def evaluate(self, records: Sequence[dict]) -> dict[str, float]:
+        """Greedy held-out reward (accuracy for a 0/1 verifier) on the first eval_prompts records."""
+        if not records or not self.cfg.eval_prompts:
+            return {}
+        return evaluate_policy(self.policy, self.tok, list(records)[:self.cfg.eval_prompts], self.reward,
+                               self.cfg.max_new_tokens, self.cfg.template)
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def fit(self, train: Sequence[dict], val: Sequence[dict] = (), out_dir: str | Path | None = None,
+            on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+        """cfg.steps RL steps over prompt batches of `train`; greedy evaluation on `val` before, every
+        eval_every steps and after. Returns a summary (eval_before/after, history, seconds)."""
+        from lmstack.train.metrics import MetricsLogger
+
+        cfg = self.cfg
+        self.stepper = Stepper(self.trainable_module(), cfg.lr, cfg.steps * self.optimizer_steps_per_rl_step(),
+                               cfg.warmup_steps, cfg.weight_decay, cfg.clip_grad_norm)
+        metrics = MetricsLogger(out_dir) if out_dir else None
+        before = self.evaluate(val)
+        if before:
+            self.log(f"{self.method}: held-out reward before {before['mean']:.3f} ± {before['stderr']:.3f} "
+                     f"(n={before['n']})")
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, desc=self.method, dynamic_ncols=True)
+        history, evals, start = [], [], time.perf_counter()
+        done = 0
+        for step, records in zip(range(cfg.steps), prompt_stream(train, cfg.prompts_per_step, cfg.seed)):
+            if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+                self.log(f"{self.method}: time budget of {cfg.max_seconds:.0f} s reached after {step} steps")
+                break
+            done = step + 1
+            self.policy.train()
+            t0 = time.perf_counter()
+            row = self.train_step(records, step)
+            row["seconds"] = time.perf_counter() - t0
+            history.append({"step": step + 1, **row})
+            if metrics and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                metrics.log(step + 1, row)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and val:
+                ev = self.evaluate(val)
+                evals.append({"step": step + 1, **ev})
+                if metrics:
+                    metrics.log(step + 1, {f"val_{k}": v for k, v in ev.items()})
+            if on_step is not None:
+                on_step(step + 1, row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.2f}")
+        if bar is not None:
+            bar.close()
+        after = self.evaluate(val)
+        if after:
+            evals.append({"step": done, **after})
+            self.log(f"{self.method}: held-out reward after {after['mean']:.3f} ± {after['stderr']:.3f}")
+        if metrics:
+            if after:
+                metrics.log(done, {f"val_{k}": v for k, v in after.items()})
+            metrics.close()
+        return {"method": self.method, "steps": done, "optimizer_steps": self.opt_steps,
+                "train_seconds": time.perf_counter() - start, "train_prompts": len(train), "eval_prompts": len(val),
+                "eval_before": before, "eval_after": after, "evals": evals, "history": history}

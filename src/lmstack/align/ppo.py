@@ -1,0 +1,175 @@
+"""PPO-RLHF: a value head on the policy, a per-token KL penalty against the reference with an adaptive
+controller, GAE, whitened advantages, clipped policy and value objectives (Ziegler et al. 2019; Ouyang et
+al. 2022; TRL's PPO is the reference for the formulas and defaults).
+
+One step:
+  1. roll out group_size samples per prompt with the engine; score each with the reward (verifier or RM);
+  2. one no-grad forward gives the rollout's log-probs π_old and values V_old; the reference gives π_ref;
+  3. per-token rewards: -β·KL_t on every generated token (k1 = log π_old - log π_ref, or k3), plus the
+     score on the last generated token (rl_math.kl_penalized_rewards);
+  4. GAE(γ, λ) over those rewards and V_old gives advantages and returns; advantages are whitened over the
+     batch's generated tokens;
+  5. ppo_epochs passes of `minibatches` minibatches: clipped surrogate + vf_coef · clipped value loss;
+  6. the adaptive controller moves β toward kl_target with the batch's mean per-sequence KL (k1 summed).
+
+The value head sits on the policy's own trunk (one forward gives log-probs and values), as TRL's
+AutoModelForCausalLMWithValueHead does; TRL's newer trainer keeps a separate critic initialised from the
+reward model, which doubles memory and compute: on a CPU the shared trunk is the affordable choice, and
+vf_coef keeps the value loss from dominating the trunk's gradient. The head is not part of the saved
+policy: `save_model(trainer.policy, ...)` writes an ordinary model directory.
+
+A sample whose score is NaN is masked out of every loss term (its tokens weigh nothing) and counted.
+
+Usage:
+    from lmstack.align.ppo import PPOTrainer, plot_kl_per_step
+    cfg = AlignConfig(method="ppo", kl_coef=0.05, kl_target=6.0, group_size=4, ppo_epochs=2, minibatches=2)
+    trainer = PPOTrainer(policy, tok, cfg, reward_from_spec("math"))
+    summary = trainer.fit(train_records, val_records, out_dir="runs/ppo")
+    plot_kl_per_step({"ppo": summary["history"]}, "kl.png", target=cfg.kl_target)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmstack.align.online import OnlineTrainer
+from lmstack.align.rl_math import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, masked_mean,
+                                   ppo_policy_loss, ppo_value_loss, whiten)
+from lmstack.align.rollout import to_batch
+from lmstack.errors import LmstackError
+
+
+class ValueHead(nn.Module):
+    """V(s_t) = w · h_t + b on the policy's final hidden states; starts at 0 so early returns dominate."""
+
+    def __init__(self, d_model: int, device=None):
+        super().__init__()
+        self.proj = nn.Linear(d_model, 1, device=device)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.float()).squeeze(-1)
+
+
+def logps_and_values(policy: nn.Module, value_head: ValueHead, batch: dict[str, torch.Tensor],
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward: per-token log-probs (B, T-1) of the completion tokens (as logprobs.token_logprobs) and
+    values (B, T-1), where values[:, t] is V of the state that emits token t + 1. Both are 0 off the completion."""
+    ids, comp = batch["input_ids"], batch["completion_mask"].bool()
+    scored = torch.zeros_like(comp)
+    scored[:, :-1] = comp[:, 1:]
+    hidden = policy(ids, return_hidden=True)
+    logits = policy.head(hidden[scored]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = ids[:, 1:][scored[:, :-1]]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    logps = logits.new_zeros(ids.shape[0], ids.shape[1] - 1)
+    logps[scored[:, :-1]] = picked
+    values = value_head(hidden[:, :-1]) * scored[:, :-1]
+    return logps, values
+
+
+class _PolicyAndValue(nn.Module):
+    """The parameters the optimizer sees: the policy plus its value head (named so norms/biases get no decay)."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+
+class PPOTrainer(OnlineTrainer):
+    method = "ppo"
+
+    def __init__(self, policy, tokenizer, cfg, reward, reference=None, log=print):
+        from lmstack.model.transformer import Transformer
+
+        if type(policy) is not Transformer:
+            raise LmstackError(f"PPO puts a value head on an lmstack Transformer's hidden states; got "
+                               f"{type(policy).__name__} (merge adapters or unwrap the model first)")
+        super().__init__(policy, tokenizer, cfg, reward, reference, log)
+        self.value_head = ValueHead(policy.config.d_model, device=self.device)
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                       else FixedKLController(cfg.kl_coef))
+
+    def trainable_module(self) -> nn.Module:
+        return _PolicyAndValue(self.policy, self.value_head)
+
+    def train_step(self, records: list[dict], step: int) -> dict[str, float]:
+        cfg = self.cfg
+        ro = self.rollout(records, step)
+        scores = ro.score(self.reward)
+        valid = torch.isfinite(scores)
+        stats = {"reward_mean": float(scores[valid].mean()) if bool(valid.any()) else float("nan"),
+                 "nan_fraction": float(1 - valid.float().mean()), "completion_tokens": ro.mean_length(),
+                 "finished": sum(ro.finished) / len(ro), "kl_coef": self.kl_ctl.value}
+        if not bool(valid.any()):
+            stats["skipped"] = 1.0  # nothing scored: no signal at all
+            return stats
+        batch = to_batch(ro, self.tok, self.device)
+        mask = batch["completion_mask"][:, 1:].float() * valid.to(self.device, torch.float32)[:, None]
+        with torch.no_grad():
+            old_logps, old_values = logps_and_values(self.policy, self.value_head, batch, cfg.temperature)
+            ref = self.ref_logps(batch) if cfg.kl_coef else old_logps
+            rewards, kl = kl_penalized_rewards(torch.nan_to_num(scores, 0.0).to(self.device), old_logps, ref, mask,
+                                               self.kl_ctl.value, cfg.kl_estimator)
+            adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = whiten(adv, mask) * mask
+            seq_kl = ((old_logps - ref) * mask).sum(-1)[valid.to(self.device)]  # k1 summed per sequence
+        stats["kl"] = float(seq_kl.mean())
+        stats["kl_penalty"] = float((kl.sum(-1) * self.kl_ctl.value)[valid.to(self.device)].mean())
+        sums: dict[str, float] = {}
+        n = 0
+        for epoch in range(cfg.ppo_epochs):
+            for idx in self.minibatch_indices(len(ro), step * cfg.ppo_epochs + epoch):
+                idx = idx.to(self.device)
+                sub = {k: v[idx] for k, v in batch.items() if k != "n_truncated"}
+                m = mask[idx]
+                if not bool(m.any()):
+                    continue  # every sample of this minibatch was unscored
+                logps, values = logps_and_values(self.policy, self.value_head, sub, cfg.temperature)
+                pl, st = ppo_policy_loss(logps, old_logps[idx], adv[idx], m, cfg.clip)
+                vl, vst = ppo_value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
+                loss = pl + cfg.vf_coef * vl
+                st.update(vst, policy_loss=float(pl.detach()), value_loss=float(vl.detach()))
+                st.update(self.stepper.step(loss, self.opt_steps))
+                self.opt_steps += 1
+                for k, v in st.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+        stats.update({k: v / max(n, 1) for k, v in sums.items()})
+        stats["value_mean"] = float(masked_mean(old_values, mask))
+        self.kl_ctl.update(stats["kl"], len(ro))
+        return stats
+
+
+def plot_kl_per_step(histories: dict[str, list[dict]], path: str | Path, target: float | None = None,
+                     key: str = "kl") -> Path:
+    """Per-step KL (default: to the reference, nats per sequence) of one or more runs, with the target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, hist in histories.items():
+        pts = [(h["step"], h[key]) for h in hist if key in h]
+        if pts:
+            ax.plot(*zip(*pts), label=name, marker=".", linewidth=1)
+    if target:
+        ax.axhline(target, color="gray", linestyle="--", label=f"target {target:g}")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel({"kl": "KL(π || π_ref) per sequence (nats)", "approx_kl": "KL(π_old || π) per token"}.get(key, key))
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -128,10 +128,13 @@ def test_confidence_as_weight_or_smoothing(tok):
         assert float(smoothed) == pytest.approx(float(expect["loss"]), abs=1e-5)
 
 
-def test_config_refuses_unbuilt_methods_and_bad_values():
-    for method in ("ppo", "grpo", "rloo", "rft"):
-        with pytest.raises(ConfigError, match="choose one of rm, dpo, cdpo, ipo, kto"):
-            AlignConfig(method=method)
+def test_config_refuses_unknown_methods_and_bad_values():
+    with pytest.raises(ConfigError, match="choose one of rm, dpo, cdpo, ipo, kto, ppo, grpo, rloo, rft"):
+        AlignConfig(method="trpo")
+    with pytest.raises(ConfigError, match="temperature"):
+        AlignConfig(method="ppo", temperature=0)
+    with pytest.raises(ConfigError, match="kl_target needs kl_coef"):
+        AlignConfig(method="ppo", kl_target=1.0)
     with pytest.raises(ConfigError, match="label_smoothing"):
         AlignConfig(method="cdpo")
     with pytest.raises(ConfigError, match="beta"):

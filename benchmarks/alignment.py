@@ -78,8 +78,8 @@ def run_group(method, sft, tok, data, before, args) -> list[dict]:
     from lmstack.align.rollout import evaluate_policy
 
     policy = load_model(sft, lazy=False)
-    cfg = AlignConfig(method=method, lr=args.grpo_lr, steps=args.grpo_steps, group_size=8, prompts_per_step=8,
-                      temperature=0.7, max_new_tokens=128, warmup_steps=3, eval_prompts=0, progress=True,
+    cfg = AlignConfig(method=method, lr=args.grpo_lr, steps=args.grpo_steps, group_size=args.group_size,
+                      prompts_per_step=args.prompts_per_step, temperature=args.temperature, max_new_tokens=128, warmup_steps=3, eval_prompts=0, progress=True,
                       device="cpu", seed=0)
     easy = [r for r in data["arithmetic_train"] if r.get("difficulty", 0) <= args.max_difficulty]
     fit = GroupTrainer(policy, tok, cfg, MathReward()).fit(easy)
@@ -88,11 +88,12 @@ def run_group(method, sft, tok, data, before, args) -> list[dict]:
     gain = test["mean"] - before["arithmetic"]
     se = (test["stderr"] ** 2 + before["arithmetic_stderr"] ** 2) ** 0.5
     print(f"{method}: test arithmetic {before['arithmetic']:.3f} -> {test['mean']:.3f} (gain {gain:+.3f} ± {se:.3f}); "
-          f"val {val['mean']:.3f}")
+          f"val {before['arithmetic_val']:.3f} -> {val['mean']:.3f}")
     return [result("alignment", f"{method}_arithmetic_accuracy", True, round(test["mean"], 4), "SFT checkpoint",
                    round(before["arithmetic"], 4), stderr=round(test["stderr"], 4),
                    baseline_stderr=round(before["arithmetic_stderr"], 4), gain_points=round(100 * gain, 2),
-                   gain_stderr_points=round(100 * se, 2), n_test=test["n"], val_after=round(val["mean"], 4),
+                   gain_stderr_points=round(100 * se, 2), n_test=test["n"], val_before=round(before["arithmetic_val"], 4),
+                   val_after=round(val["mean"], 4),
                    steps=fit["steps"], lr=cfg.lr, group_size=cfg.group_size, temperature=cfg.temperature,
                    train_prompts=len(easy), max_difficulty=args.max_difficulty,
                    seconds=round(fit["train_seconds"], 1))]
@@ -109,6 +110,9 @@ def main() -> None:
     ap.add_argument("--grpo_steps", type=int, default=60)
     ap.add_argument("--grpo_lr", type=float, default=1e-4)
     ap.add_argument("--max_difficulty", type=int, default=2)
+    ap.add_argument("--group_size", type=int, default=8)
+    ap.add_argument("--prompts_per_step", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--n_eval", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny model on a shared 2-core box: one thread is faster (see reward_model.py)
@@ -117,7 +121,11 @@ def main() -> None:
     tok = load_tokenizer(sft)
     data = _data(run / "world", tok, load_model(sft).config.max_seq_len)
     start = time.perf_counter()
+    from lmstack.align.rollout import evaluate_policy
+
     before = measure(load_model(sft, lazy=False), tok, data, args.n_eval)
+    before["arithmetic_val"] = evaluate_policy(load_model(sft, lazy=False), tok, data["arithmetic_val"],
+                                               MathReward())["mean"]
     print("SFT:", json.dumps({k: round(v, 3) for k, v in before.items()}))
     rows = []
     if "rm" in args.only:

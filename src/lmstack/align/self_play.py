@@ -1,0 +1,268 @@
+"""Multi-agent self-play dialogue: an asker and an answerer (the same weights in two roles) talk about a
+synthetic-world task, and the task's verifier rewards the answerer.
+
+A dialogue on one task record (an arithmetic problem, or a person and an attribute):
+    asker:    the question                          (user turn)
+    answerer: a reply, sampled from the policy       (assistant turn; the only tokens that are trained)
+    -> the verifier scores the reply (math: the `#### n` is right; qa: the world fact appears in it).
+       Right: the dialogue ends, solved. Wrong: the asker follows up ("That is not right. ..." + the
+       question again) and the answerer tries again, with the whole conversation in its context
+       (the chat template's multi-turn form, as in the world's multi_turn records),
+    ... until max_turns answerer turns or the context is full.
+The dialogue's reward is the verifier's score of the answerer's last turn (1 = solved). Several dialogues
+per task form a group and get GRPO's group-normalised advantages (rl_math.group_advantages); every
+answerer token of a dialogue shares its advantage, asker tokens have none (they are context). Solving in
+fewer turns also ends the dialogue sooner, so dialogue length is a second readout of learning.
+
+Askers (ASKERS): "template" asks the record's own question and templated follow-ups -- at the 4M-parameter
+scale of this project a model-written question is mostly noise, so this is the honest default and the
+"self-play" is then one trained agent against a fixed scripted partner. "policy" lets the policy itself
+write the opening question from a role prompt ("Ask a question about the birth city of Ada Quill."),
+sampled and never trained; follow-ups stay templated. The verifier always checks against the task record,
+so a bad question makes the task harder, never easier.
+
+Usage:
+    from lmstack.align.self_play import SelfPlayTrainer, play, answer_in_reply
+    dialogues = play(policy, tok, records, reward, n=1, max_turns=3, temperature=0.0)   # greedy
+    cfg = AlignConfig(method="grpo", group_size=8, prompts_per_step=4, steps=20, lr=1e-4)
+    summary = SelfPlayTrainer(policy, tok, cfg, build_reward("math")).fit(train, val)
+    summary["eval_before"]["mean_turns"], summary["eval_after"]["mean"]     # dialogue length, accuracy
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from lmstack.align.online import OnlineTrainer
+from lmstack.align.rl_math import group_advantages, group_stats, kl_k3, masked_mean, ppo_policy_loss
+from lmstack.align.rollout import mean_stderr, prompt_text, stop_ids
+from lmstack.errors import LmstackError
+
+Reward = Callable[[str, str, dict], float]
+
+
+def answer_in_reply(prompt: str, completion: str, record: dict) -> float:
+    """qa verifier: 1 when the record's fact (`answer` text) appears in the reply (case and spacing ignored)."""
+    answer = record.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        return float("nan")
+    squash = lambda s: " ".join(s.lower().split())  # noqa: E731
+    return float(squash(answer) in squash(completion))
+
+
+@dataclass
+class Dialogue:
+    """One conversation. ids/mask are the answerer's view of it in the chat template; mask marks the
+    tokens the answerer sampled (its replies and their end tokens)."""
+
+    record: dict
+    questions: list[str] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    answer_tokens: int = 0
+    solved: bool = False
+    done: bool = False
+    stop: str = ""
+    """Why it ended: solved, max_turns, context (no room for another turn)."""
+
+    @property
+    def turns(self) -> int:
+        return len(self.replies)
+
+    @property
+    def reward(self) -> float:
+        return self.rewards[-1] if self.rewards else float("nan")
+
+    def messages(self) -> list[dict]:
+        out = []
+        for q, a in zip(self.questions, self.replies + [None]):
+            out.append({"role": "user", "content": q})
+            if a is not None:
+                out.append({"role": "assistant", "content": a})
+        return out
+
+
+# ---- askers ---------------------------------------------------------------------------------------------
+FOLLOW_UP = "That is not right. Please try again: {question}"
+
+
+def template_opening(policy, tok, dialogues: list[Dialogue], seed: int, temperature: float) -> list[str]:
+    return [prompt_text(d.record) for d in dialogues]
+
+
+def role_prompt(record: dict) -> str:
+    """What the policy asker is told to ask about."""
+    if record.get("person") and record.get("attribute"):
+        return f"Ask a question about the {str(record['attribute']).replace('_', ' ')} of {record['person']}."
+    return f"Ask me this question: {prompt_text(record)}"
+
+
+def policy_opening(policy, tok, dialogues: list[Dialogue], seed: int, temperature: float) -> list[str]:
+    """The policy writes each opening question from a role prompt (sampled, never trained)."""
+    contexts = [tok.apply_chat_template([{"role": "user", "content": role_prompt(d.record)}],
+                                        add_generation_prompt=True)[0] for d in dialogues]
+    outs = generate(policy, tok, contexts, 48, temperature, seed)
+    # An empty question would be an empty user turn; fall back to the role prompt's text (and say so in docs).
+    return [text.strip() or role_prompt(d.record) for (_, text, _), d in zip(outs, dialogues)]
+
+
+ASKERS: dict[str, Callable[..., list[str]]] = {"template": template_opening, "policy": policy_opening}
+"""asker name -> f(policy, tok, dialogues, seed, temperature) -> opening questions."""
+
+
+# ---- playing --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(policy: torch.nn.Module, tok, contexts: list[list[int]], max_new_tokens: int, temperature: float,
+             seed: int) -> list[tuple[list[int], str, bool]]:
+    """One reply per context with the engine: (ids incl. the end token when it stopped, text, finished)."""
+    from lmstack.infer.llm import LLM
+    from lmstack.infer.sampling_params import SamplingParams
+
+    limit = policy.config.max_seq_len
+    params = [SamplingParams(n=1, temperature=temperature, max_tokens=max(1, min(max_new_tokens, limit - len(c))),
+                             stop_token_ids=stop_ids(tok, "chat"), skip_special_tokens=True) for c in contexts]
+    was_training, p0 = policy.training, next(policy.parameters())
+    try:
+        llm = LLM(policy, tokenizer=tok, max_num_seqs=min(64, len(contexts)), dtype=p0.dtype, device=str(p0.device),
+                  seed=seed, max_batched_tokens=max(2048, limit))
+        outs = llm.generate(contexts, params)
+    finally:
+        policy.train(was_training)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason == "stop") for o in outs]
+
+
+def play(policy: torch.nn.Module, tok, records: Sequence[dict], reward: Reward, n: int = 1, max_turns: int = 3,
+         temperature: float = 1.0, max_new_tokens: int = 96, seed: int = 0, asker: str = "template",
+         solved_at: float = 1.0) -> list[Dialogue]:
+    """n dialogues per record (consecutive), each up to max_turns answerer turns. temperature 0 = greedy."""
+    if asker not in ASKERS:
+        raise LmstackError(f"asker={asker!r} is not allowed; choose one of {', '.join(ASKERS)}")
+    if max_turns < 1 or n < 1:
+        raise LmstackError(f"max_turns and n must be >= 1, got {max_turns} and {n}")
+    if temperature == 0 and n > 1:
+        raise LmstackError("greedy dialogues (temperature=0) are identical; use n=1 or temperature > 0")
+    sp = {name: tok.special_id(name) for name in ("user_start", "user_end", "assistant_start", "assistant_end")}
+    if any(v is None for v in sp.values()):
+        raise LmstackError("self-play needs a tokenizer with the chat template's special tokens")
+    dialogues = [Dialogue(r) for r in records for _ in range(n)]
+    limit = policy.config.max_seq_len
+    openings = ASKERS[asker](policy, tok, dialogues, seed, temperature)
+    for turn in range(max_turns):
+        active = []
+        for i, d in enumerate(dialogues):
+            if d.done:
+                continue
+            q = openings[i] if turn == 0 else FOLLOW_UP.format(question=d.questions[0])
+            if turn == 0:
+                new = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)[0]
+            else:  # the template is a concatenation of turns, so a new user turn is appended as ids
+                new = ([sp["user_start"]] + tok.encode(q, allow_special=False) + [sp["user_end"],
+                                                                                   sp["assistant_start"]])
+            if len(d.ids) + len(new) + 1 > limit:
+                d.done, d.stop = True, "context"
+                continue
+            d.questions.append(q)
+            d.ids += new
+            d.mask += [0] * len(new)
+            active.append(d)
+        if not active:
+            break
+        outs = generate(policy, tok, [d.ids for d in active], max_new_tokens, temperature, seed * 1009 + turn)
+        for d, (ids, text, finished) in zip(active, outs):
+            d.ids += ids
+            d.mask += [1] * len(ids)
+            d.answer_tokens += len(ids)
+            if not finished:  # a cut reply is closed for the next turn; the closing token was not sampled
+                d.ids.append(sp["assistant_end"])
+                d.mask.append(0)
+            d.replies.append(text)
+            score = float(reward(d.questions[-1], text, d.record))
+            d.rewards.append(score)
+            if math.isfinite(score) and score >= solved_at:
+                d.done, d.solved, d.stop = True, True, "solved"
+            elif turn + 1 == max_turns:
+                d.done, d.stop = True, "max_turns"
+    return dialogues
+
+
+def dialogue_stats(dialogues: Sequence[Dialogue]) -> dict[str, float]:
+    """Answerer accuracy (solved within the turns, with stderr), first-turn accuracy, and dialogue length."""
+    solved = torch.tensor([float(d.solved) for d in dialogues if math.isfinite(d.reward)])
+    mean, se, count = mean_stderr(solved)
+    first = [float(d.rewards[0] >= 1.0) for d in dialogues if d.rewards and math.isfinite(d.rewards[0])]
+    k = max(1, len(dialogues))
+    return {"mean": mean, "stderr": se, "n": count, "first_turn_accuracy": sum(first) / max(1, len(first)),
+            "mean_turns": sum(d.turns for d in dialogues) / k,
+            "mean_answer_tokens": sum(d.answer_tokens for d in dialogues) / k,
+            "mean_dialogue_tokens": sum(len(d.ids) for d in dialogues) / k}
+
+
+def dialogue_batch(dialogues: Sequence[Dialogue], pad_id: int | None, device) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids/attention_mask/completion_mask (= the answerer's tokens), logprobs.py layout."""
+    t = max(len(d.ids) for d in dialogues)
+    ids = torch.full((len(dialogues), t), 0 if pad_id is None else pad_id, dtype=torch.long)
+    att = torch.zeros((len(dialogues), t), dtype=torch.long)
+    comp = torch.zeros((len(dialogues), t), dtype=torch.long)
+    for i, d in enumerate(dialogues):
+        ids[i, :len(d.ids)] = torch.tensor(d.ids)
+        att[i, :len(d.ids)] = 1
+        comp[i, :len(d.ids)] = torch.tensor(d.mask)
+    return {"input_ids": ids.to(device), "attention_mask": att.to(device), "completion_mask": comp.to(device)}
+
+
+class SelfPlayTrainer(OnlineTrainer):
+    """Policy gradient on the answerer's turns of self-play dialogues (GRPO advantages over group_size
+    dialogues per task). Extra settings read from the config when present: max_turns (3), asker ('template')."""
+
+    method = "self_play"
+
+    @property
+    def max_turns(self) -> int:
+        return int(getattr(self.cfg, "max_turns", 3))
+
+    @property
+    def asker(self) -> str:
+        return str(getattr(self.cfg, "asker", "template"))
+
+    def train_step(self, records: list[dict], step: int) -> dict[str, float]:
+        cfg = self.cfg
+        dialogues = play(self.policy, self.tok, records, self.reward, cfg.group_size, self.max_turns,
+                         cfg.temperature, cfg.max_new_tokens, cfg.seed * 1_000_003 + step, self.asker)
+        rewards = torch.tensor([d.reward for d in dialogues])
+        adv, valid = group_advantages(rewards, cfg.group_size)
+        stats = {**group_stats(rewards, cfg.group_size), **{f"train_{k}": v for k, v in
+                                                            dialogue_stats(dialogues).items() if k != "n"}}
+        informative = valid & (adv != 0)
+        stats["informative_fraction"] = float(informative.float().mean())
+        if not bool(informative.any()) and not cfg.kl_coef:
+            stats["skipped"] = 1.0  # no group with both solved and unsolved dialogues: nothing to learn
+            return stats
+        batch = dialogue_batch(dialogues, self.tok.pad_id, self.device)
+        mask = batch["completion_mask"][:, 1:].float() * valid.to(self.device, torch.float32)[:, None]
+        logps = self.logps(batch)
+        loss, st = ppo_policy_loss(logps, logps.detach(), adv.to(self.device)[:, None].expand_as(logps), mask,
+                                   cfg.clip)  # on-policy: ratio 1, so this is REINFORCE with the group baseline
+        if cfg.kl_coef:
+            kl = masked_mean(kl_k3(logps, self.ref_logps(batch)), mask)
+            loss = loss + cfg.kl_coef * kl
+            st["kl"] = float(kl.detach())
+        st.update(self.stepper.step(loss, self.opt_steps))
+        self.opt_steps += 1
+        stats.update(st, loss=float(loss.detach()))
+        return stats
+
+    def optimizer_steps_per_rl_step(self) -> int:
+        return 1
+
+    def evaluate(self, records: Sequence[dict]) -> dict[str, float]:
+        """Greedy dialogues on the first eval_prompts records: accuracy (mean, stderr, n) and dialogue length."""
+        if not records or not self.cfg.eval_prompts:
+            return {}
+        dialogues = play(self.policy, self.tok, list(records)[:self.cfg.eval_prompts], self.reward, 1,
+                         self.max_turns, 0.0, self.cfg.max_new_tokens, self.cfg.seed, self.asker)
+        return dialogue_stats(dialogues)

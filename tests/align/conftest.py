@@ -20,3 +20,9 @@ def tok(world):
 @pytest.fixture
 def policy(tok):
     return make_policy(tok)
+
+
+@pytest.fixture
+def records(world):
+    """Arithmetic chat records: prompts for the online RL tests."""
+    return [r for r in world.corpus("chat") if r["kind"] == "arithmetic"][:8]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from align_helpers import make_policy
+from align_helpers import letter_e, make_policy
 from lmstack.align.config import AlignConfig
 from lmstack.align.grpo import GroupTrainer
 from lmstack.align.rewards.verifiable import MathReward
@@ -18,14 +18,7 @@ def _cfg(**kw):
     return AlignConfig(**{**base, **kw})
 
 
-def letter_e(prompt, completion, record):
-    """A trivially learnable reward: the share of characters that are 'e' (continuous, so groups differ)."""
-    return completion.count("e") / max(1, len(completion))
 
-
-@pytest.fixture
-def records(world):
-    return [r for r in world.corpus("chat") if r["kind"] == "arithmetic"][:8]
 
 
 def test_rollout_layout(policy, tok, records):

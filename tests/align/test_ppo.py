@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from align_helpers import make_policy
+from align_helpers import letter_e, make_policy
 from lmstack.align.config import AlignConfig
 from lmstack.align.logprobs import token_logprobs
 from lmstack.align.ppo import PPOTrainer, ValueHead, logps_and_values, plot_kl_per_step
@@ -18,13 +18,7 @@ def _cfg(**kw):
     return AlignConfig(**{**base, **kw})
 
 
-def letter_e(prompt, completion, record):
-    return completion.count("e") / max(1, len(completion))
 
-
-@pytest.fixture
-def records(world):
-    return [r for r in world.corpus("chat") if r["kind"] == "arithmetic"][:8]
 
 
 def test_logps_and_values_share_one_forward_and_the_token_layout(policy, tok, records):

@@ -1,8 +1,8 @@
 """The speedrun's SFT stage: fine-tune the pretrained model on the synthetic world's chat data, then score base
 vs SFT on the world's held-out tasks by generating answers.
 
-Training data: the world's chat conversations of kinds qa, multi_turn, arithmetic, instruction and persona
-(train split), mixed with STAGE_MIX weights. Scores (test split, greedy decoding, `n_eval` per task):
+Training data: the world's chat conversations of kinds qa, multi_turn, arithmetic, instruction, persona and
+a little refusal/benign safety data (train split), mixed with STAGE_MIX weights. Scores (test split, greedy decoding, `n_eval` per task):
   qa           the reply contains the true fact (held-out people *and* phrasings: knowledge the model can only
                have from the biographies it read in pretraining)
   arithmetic   the first `#### n` in the reply equals the answer
@@ -27,7 +27,10 @@ import torch
 from lmstack.config import atomic_write_text
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoRA-style methods adapt every attention projection
-STAGE_MIX = {"qa": 3.0, "multi_turn": 1.0, "arithmetic": 3.0, "instruction": 2.0, "persona": 1.0}
+# refusal/benign: a little safety data (refuse the world's forbidden brews, help with their look-alikes), as
+# chat SFT mixes usually carry; the alignment stage then measures what DPO adds on top.
+STAGE_MIX = {"qa": 3.0, "multi_turn": 1.0, "arithmetic": 3.0, "instruction": 2.0, "persona": 1.0, "refusal": 0.5,
+             "benign": 0.5}
 _HASHES = re.compile(r"####\s*(-?[\d,]+)")
 
 

@@ -104,7 +104,7 @@ def _data(world_dir: Path, tok, max_seq_len: int) -> dict[str, Any]:
 
 def align_stage(run_dir: str | Path, sft_dir: str | Path, world_dir: str | Path, budget_s: float = 150.0,
                 dpo_fraction: float = 0.35, seed: int = 0, n_eval: int = 30, max_difficulty: int = 2,
-                dpo_lr: float = 5e-5, grpo_lr: float = 1e-4, log=print) -> dict[str, Any]:
+                dpo_lr: float = 2e-4, grpo_lr: float = 1e-4, log=print) -> dict[str, Any]:
     """DPO then GRPO from sft_dir within budget_s seconds of training; writes run_dir/align/{model,report.md,
     scores.json} and returns {"scores": {"sft": ..., "aligned": ...}, "dpo": ..., "grpo": ..., "report_md"}."""
     from lmstack.align.config import AlignConfig

@@ -58,23 +58,20 @@ class GroupTrainer(OnlineTrainer):
         ref = self.ref_logps(batch) if cfg.kl_coef else None
         sums: dict[str, float] = {}
         n = 0
-        for epoch in range(cfg.ppo_epochs):
-            for idx in self.minibatch_indices(len(ro), step * cfg.ppo_epochs + epoch):
-                idx = idx.to(self.device)
-                sub = {k: v[idx] for k, v in batch.items() if k != "n_truncated"}
-                logps = self.logps(sub)
-                m = mask[idx]
-                old_mb = old[idx] if old is not None else logps.detach()
-                loss, st = ppo_policy_loss(logps, old_mb, adv[idx, None].expand_as(logps), m, cfg.clip)
-                if ref is not None:
-                    kl = masked_mean(kl_k3(logps, ref[idx]), m)
-                    loss = loss + cfg.kl_coef * kl
-                    st["kl"] = float(kl.detach())
-                st.update(self.stepper.step(loss, self.opt_steps))
-                self.opt_steps += 1
-                st["loss"] = float(loss.detach())
-                for k, v in st.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n += 1
+        for idx, sub in self.minibatches(batch, len(ro), step):
+            logps = self.logps(sub)
+            m = mask[idx]
+            old_mb = old[idx] if old is not None else logps.detach()
+            loss, st = ppo_policy_loss(logps, old_mb, adv[idx, None].expand_as(logps), m, cfg.clip)
+            if ref is not None:
+                kl = masked_mean(kl_k3(logps, ref[idx]), m)
+                loss = loss + cfg.kl_coef * kl
+                st["kl"] = float(kl.detach())
+            st.update(self.stepper.step(loss, self.opt_steps))
+            self.opt_steps += 1
+            st["loss"] = float(loss.detach())
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
         stats.update({k: v / n for k, v in sums.items()})
         return stats

@@ -104,6 +104,13 @@ class OnlineTrainer(abc.ABC):
         perm = torch.randperm(n, generator=g)
         return [part for part in perm.chunk(min(self.cfg.minibatches, n)) if part.numel()]
 
+    def minibatches(self, batch: dict[str, torch.Tensor], n: int, step: int) -> Iterator[tuple[torch.Tensor, dict]]:
+        """(indices, sub-batch) for every minibatch of every PPO epoch over a rollout batch of n samples."""
+        for epoch in range(self.cfg.ppo_epochs):
+            for idx in self.minibatch_indices(n, step * self.cfg.ppo_epochs + epoch):
+                idx = idx.to(self.device)
+                yield idx, {k: v[idx] for k, v in batch.items() if k != "n_truncated"}
+
     @abc.abstractmethod
     def train_step(self, records: list[dict], step: int) -> dict[str, float]:
         """Roll out `records`, score, update the policy; return the step's statistics (reward_mean, ...)."""

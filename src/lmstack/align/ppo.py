@@ -124,23 +124,20 @@ class PPOTrainer(OnlineTrainer):
         stats["kl_penalty"] = float((kl.sum(-1) * self.kl_ctl.value)[valid.to(self.device)].mean())
         sums: dict[str, float] = {}
         n = 0
-        for epoch in range(cfg.ppo_epochs):
-            for idx in self.minibatch_indices(len(ro), step * cfg.ppo_epochs + epoch):
-                idx = idx.to(self.device)
-                sub = {k: v[idx] for k, v in batch.items() if k != "n_truncated"}
-                m = mask[idx]
-                if not bool(m.any()):
-                    continue  # every sample of this minibatch was unscored
-                logps, values = logps_and_values(self.policy, self.value_head, sub, cfg.temperature)
-                pl, st = ppo_policy_loss(logps, old_logps[idx], adv[idx], m, cfg.clip)
-                vl, vst = ppo_value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
-                loss = pl + cfg.vf_coef * vl
-                st.update(vst, policy_loss=float(pl.detach()), value_loss=float(vl.detach()))
-                st.update(self.stepper.step(loss, self.opt_steps))
-                self.opt_steps += 1
-                for k, v in st.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n += 1
+        for idx, sub in self.minibatches(batch, len(ro), step):
+            m = mask[idx]
+            if not bool(m.any()):
+                continue  # every sample of this minibatch was unscored
+            logps, values = logps_and_values(self.policy, self.value_head, sub, cfg.temperature)
+            pl, st = ppo_policy_loss(logps, old_logps[idx], adv[idx], m, cfg.clip)
+            vl, vst = ppo_value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
+            loss = pl + cfg.vf_coef * vl
+            st.update(vst, policy_loss=float(pl.detach()), value_loss=float(vl.detach()))
+            st.update(self.stepper.step(loss, self.opt_steps))
+            self.opt_steps += 1
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
         stats.update({k: v / max(n, 1) for k, v in sums.items()})
         stats["value_mean"] = float(masked_mean(old_values, mask))
         self.kl_ctl.update(stats["kl"], len(ro))

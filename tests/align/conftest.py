@@ -1,5 +1,6 @@
 """Tiny tokenizer, tiny llama-style policy and tiny preference data built from the synthetic world."""
 import pytest
+import torch
 from align_helpers import make_policy
 
 from lmstack.data.world import World
@@ -26,3 +27,12 @@ def policy(tok):
 def records(world):
     """Arithmetic chat records: prompts for the online RL tests."""
     return [r for r in world.corpus("chat") if r["kind"] == "arithmetic"][:8]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core box two threads stall each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

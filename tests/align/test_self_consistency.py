@@ -1,17 +1,10 @@
 """Self-consistency: majority vote, agreement and the uncertainty flag on fixed texts, and one tiny-policy run."""
 import pytest
-import torch
 
 from lmstack.align.self_consistency import compare_greedy_majority, gsm8k_answer, self_consistency, vote
 from lmstack.eval.hallucination import agreement
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_vote_on_fixed_chains():

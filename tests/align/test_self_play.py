@@ -11,12 +11,6 @@ from lmstack.align.rollout import prompt_text
 from lmstack.errors import LmstackError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -13,11 +13,7 @@ from lmstack.align.rft import RejectionSamplingTrainer, select_winners
 def _cfg(**kw):
     base = dict(method="rft", group_size=4, prompts_per_step=4, max_new_tokens=8, steps=2, rounds=2, lr=1e-3,
                 batch_size=4, warmup_steps=0, eval_prompts=0, progress=False, device="cpu", rft_min_reward=0.5)
-    extra = {k: kw.pop(k) for k in ("rft_prompts",) if k in kw}  # not (yet) an AlignConfig field: read by getattr
-    cfg = AlignConfig(**{**base, **kw})
-    for k, v in extra.items():
-        setattr(cfg, k, v)
-    return cfg
+    return AlignConfig(**{**base, **kw})
 
 
 

@@ -103,6 +103,8 @@ class AlignConfig:
     """PPO: whiten advantages over the batch's generated tokens."""
     rounds: int = 3
     """RFT: rounds of (sample best-of-n, fine-tune on the winners)."""
+    rft_prompts: int = 256
+    """RFT: training prompts sampled per round (capped at the training set)."""
     rft_min_reward: float = 1.0
     """RFT: a winner must score at least this (with the math verifier: only correct answers are kept)."""
     eval_prompts: int = 64
@@ -174,5 +176,5 @@ class AlignConfig:
         need(self.kl_horizon >= 1, f"kl_horizon must be >= 1, got {self.kl_horizon}")
         need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
         need(self.vf_coef >= 0 and self.value_clip > 0, "vf_coef must be >= 0 and value_clip > 0")
-        need(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        need(self.rounds >= 1 and self.rft_prompts >= 1, "rounds and rft_prompts must be >= 1")
         need(self.eval_prompts >= 0, f"eval_prompts must be >= 0, got {self.eval_prompts}")

@@ -69,7 +69,7 @@ class RejectionSamplingTrainer(OnlineTrainer):
 
     def prompts_per_round(self, n_train: int) -> int:
         """Prompts sampled per round: cfg.rft_prompts (default 256), capped at the training set."""
-        return max(1, min(n_train, int(getattr(self.cfg, "rft_prompts", 256))))
+        return max(1, min(n_train, self.cfg.rft_prompts))
 
     def collect(self, records: list[dict], round_: int) -> tuple[Rollout, torch.Tensor, list[int]]:
         """Best-of-n sampling from the current policy: (rollout, rewards, winner indices). Prompts go to the

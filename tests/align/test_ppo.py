@@ -8,6 +8,7 @@ from align_helpers import letter_e, make_policy
 from lmstack.align.config import AlignConfig
 from lmstack.align.logprobs import token_logprobs
 from lmstack.align.ppo import PPOTrainer, ValueHead, logps_and_values, plot_kl_per_step
+from lmstack.align.rl_math import kl_k1, kl_k3
 from lmstack.align.rollout import sample, to_batch
 from lmstack.model.hf_io import save_model
 
@@ -16,9 +17,6 @@ def _cfg(**kw):
     base = dict(method="ppo", group_size=4, prompts_per_step=2, max_new_tokens=8, steps=2, lr=1e-3, warmup_steps=0,
                 eval_prompts=0, progress=False, device="cpu", kl_coef=0.05)
     return AlignConfig(**{**base, **kw})
-
-
-
 
 
 def test_logps_and_values_share_one_forward_and_the_token_layout(policy, tok, records):
@@ -30,13 +28,20 @@ def test_logps_and_values_share_one_forward_and_the_token_layout(policy, tok, re
     assert torch.allclose(logps, token_logprobs(policy, batch), atol=1e-6)
     on = batch["completion_mask"][:, 1:].bool()
     assert values.shape == logps.shape and bool((values[~on] == 0).all()) and bool((values[on] != 0).all())
+    # values[:, t] reads the hidden state that emits token t + 1, the same position the log-prob is scored at
+    hidden = policy(batch["input_ids"], return_hidden=True)
+    assert torch.allclose(values[on], head(hidden[:, :-1])[on], atol=1e-6)
+    _, _, entropy = logps_and_values(policy, head, batch, with_entropy=True)
+    logits = policy(batch["input_ids"])[:, :-1][on].float()
+    exact = torch.distributions.Categorical(logits=logits).entropy()
+    assert torch.allclose(entropy[on], exact, atol=1e-5) and bool((entropy[~on] == 0).all())
 
 
 def test_one_step_moves_policy_and_value_and_saves_a_plain_model(policy, tok, records, tmp_path):
     before = [p.detach().clone() for p in policy.parameters()]
     trainer = PPOTrainer(policy, tok, _cfg(steps=1, ppo_epochs=2, minibatches=2), letter_e)
     row = trainer.fit(records, [])["history"][0]
-    for key in ("policy_loss", "value_loss", "kl", "clipfrac", "approx_kl", "vf_clipfrac"):
+    for key in ("policy_loss", "value_loss", "kl", "clipfrac", "approx_kl", "vf_clipfrac", "entropy"):
         assert math.isfinite(row[key]), key
     assert trainer.opt_steps == 4 and bool(trainer.value_head.proj.weight.abs().sum() > 0)
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
@@ -55,7 +60,8 @@ def test_nan_scores_are_masked(policy, tok, records):
         return float("nan") if calls["n"] % 2 else 1.0
 
     row = PPOTrainer(policy, tok, _cfg(steps=1), half_nan).fit(records, [])["history"][0]
-    assert row["nan_fraction"] == pytest.approx(0.5) and math.isfinite(row["policy_loss"])
+    assert row["nan_fraction"] == pytest.approx(0.5) and row["nan_count"] == 4 and math.isfinite(row["policy_loss"])
+    assert math.isfinite(row["kl"]) and math.isfinite(row["value_loss"]) and math.isfinite(row["reward_mean"])
     all_nan = PPOTrainer(make_policy(tok), tok, _cfg(steps=1), lambda p, c, r: float("nan"))
     assert all_nan.fit(records, [])["history"][0]["skipped"] == 1.0 and all_nan.opt_steps == 0
 
@@ -81,7 +87,28 @@ def test_ppo_raises_a_learnable_reward(tok, records):
     assert last > first + 0.06 and last > 1.8 * first, (first, last)
 
 
+def test_k1_reward_is_the_kl_gradient_but_k3_reward_is_not():
+    # Exact expectation over a 5-way categorical: E_π[k(a) ∇log π(a)] with k held fixed (a reward) equals
+    # ∇KL(π||ref) for k1, but ∇KL(π||ref) + ∇E_ref[log π] for k3 -- why ppo.py recommends k1 as the penalty.
+    g = torch.Generator().manual_seed(0)
+    theta, ref = torch.randn(5, generator=g, requires_grad=True), torch.randn(5, generator=g).log_softmax(-1)
+
+    def grad(fn):
+        (out,) = torch.autograd.grad(fn(theta.log_softmax(-1)), theta)
+        return out
+
+    def reward_grad(k):
+        return grad(lambda lp: (lp.exp() * k(lp.detach(), ref)).sum())
+
+    kl = grad(lambda lp: (lp.exp() * (lp - ref)).sum())
+    assert torch.allclose(reward_grad(kl_k1), kl, atol=1e-6)
+    assert torch.allclose(reward_grad(kl_k3), kl + grad(lambda lp: (ref.exp() * lp).sum()), atol=1e-6)
+    assert not torch.allclose(reward_grad(kl_k3), kl, atol=1e-3)
+
+
 def test_kl_plot_writes_a_png(tmp_path):
-    hist = [{"step": i + 1, "kl": 0.5 * i} for i in range(5)]
+    hist = [{"step": i + 1, "kl": 0.5 * i, "approx_kl": 0.01 * (i + 1)} for i in range(5)]
     path = plot_kl_per_step({"a": hist, "b": hist[:3]}, tmp_path / "kl.png", target=1.0)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+    one = plot_kl_per_step({"a": hist}, tmp_path / "one.png", keys=("kl",), log_scale=False)
+    assert one.stat().st_size > 1000

@@ -86,7 +86,8 @@ class AlignConfig:
     """KL(π || π_ref) weight: GRPO/RLOO add it to the loss (k3 per token), PPO subtracts it from the per-token
     reward. 0 = no reference model is kept."""
     kl_estimator: Literal["k1", "k3"] = "k1"
-    """PPO's per-token KL penalty estimator: k1 = log π - log π_ref, k3 = (r - 1) - log r with r = π_ref/π."""
+    """PPO's per-token KL penalty estimator: k1 = log π - log π_ref, k3 = (r - 1) - log r with r = π_ref/π.
+    Keep k1 for PPO: as a reward, k3's policy gradient is not the KL gradient (see ppo.py)."""
     kl_target: float = 0.0
     """PPO adaptive KL controller target (nats per sequence); 0 = fixed kl_coef."""
     kl_horizon: int = 10000

@@ -20,6 +20,14 @@ policy: `save_model(trainer.policy, ...)` writes an ordinary model directory.
 
 A sample whose score is NaN is masked out of every loss term (its tokens weigh nothing) and counted.
 
+Prefer kl_estimator='k1' here (TRL's default). As a *reward* (no gradient flows through it) the k3 penalty
+does not regularise: E_π[k3 ∇log π] = ∇KL(π||π_ref) + ∇E_π_ref[log π], so maximising -β·k3 minimises
+KL(π||π_ref) - KL(π_ref||π) (up to a constant), which is flat to second order at π_ref and unbounded below
+(tests/align/test_ppo.py checks this identity exactly). k1's extra term E_π[∇log π] is 0, so k1 is the
+plain KL gradient. Measured from the speedrun SFT checkpoint (lr 1e-4, 24 steps): k1 kept KL to the SFT
+model at ≤ 7.3 nats per reply while k3 ran away to 548 nats as the controller raised β to 2.9. (k3 is the
+right choice as a *loss* term, which is how grpo.py uses it.)
+
 Usage:
     from lmstack.align.ppo import PPOTrainer, plot_kl_per_step
     cfg = AlignConfig(method="ppo", kl_coef=0.05, kl_target=6.0, group_size=4, ppo_epochs=2, minibatches=2)
@@ -55,9 +63,11 @@ class ValueHead(nn.Module):
 
 
 def logps_and_values(policy: nn.Module, value_head: ValueHead, batch: dict[str, torch.Tensor],
-                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     temperature: float = 1.0, with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
     """One forward: per-token log-probs (B, T-1) of the completion tokens (as logprobs.token_logprobs) and
-    values (B, T-1), where values[:, t] is V of the state that emits token t + 1. Both are 0 off the completion."""
+    values (B, T-1), where values[:, t] is V of the state that emits token t + 1. Both are 0 off the completion.
+    with_entropy=True also returns the policy's entropy (B, T-1) at each of those states (nearly free: the
+    logits are already there)."""
     ids, comp = batch["input_ids"], batch["completion_mask"].bool()
     scored = torch.zeros_like(comp)
     scored[:, :-1] = comp[:, 1:]
@@ -70,7 +80,12 @@ def logps_and_values(policy: nn.Module, value_head: ValueHead, batch: dict[str, 
     logps = logits.new_zeros(ids.shape[0], ids.shape[1] - 1)
     logps[scored[:, :-1]] = picked
     values = value_head(hidden[:, :-1]) * scored[:, :-1]
-    return logps, values
+    if not with_entropy:
+        return logps, values
+    probs = torch.softmax(logits, -1)
+    entropy = logps.new_zeros(logps.shape)
+    entropy[scored[:, :-1]] = torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+    return logps, values, entropy
 
 
 class _PolicyAndValue(nn.Module):
@@ -112,7 +127,8 @@ class PPOTrainer(OnlineTrainer):
         batch = to_batch(ro, self.tok, self.device)
         mask = batch["completion_mask"][:, 1:].float() * valid.to(self.device, torch.float32)[:, None]
         with torch.no_grad():
-            old_logps, old_values = logps_and_values(self.policy, self.value_head, batch, cfg.temperature)
+            old_logps, old_values, entropy = logps_and_values(self.policy, self.value_head, batch, cfg.temperature,
+                                                              with_entropy=True)
             ref = self.ref_logps(batch) if cfg.kl_coef else old_logps
             rewards, kl = kl_penalized_rewards(torch.nan_to_num(scores, 0.0).to(self.device), old_logps, ref, mask,
                                                self.kl_ctl.value, cfg.kl_estimator)
@@ -121,6 +137,8 @@ class PPOTrainer(OnlineTrainer):
                 adv = whiten(adv, mask) * mask
             seq_kl = ((old_logps - ref) * mask).sum(-1)[valid.to(self.device)]  # k1 summed per sequence
         stats["kl"] = float(seq_kl.mean())
+        stats["entropy"] = float(masked_mean(entropy, mask))
+        stats["nan_count"] = float((~valid).sum())
         stats["kl_penalty"] = float((kl.sum(-1) * self.kl_ctl.value)[valid.to(self.device)].mean())
         sums: dict[str, float] = {}
         n = 0
@@ -144,24 +162,33 @@ class PPOTrainer(OnlineTrainer):
         return stats
 
 
+KL_LABELS = {"kl": "KL(π || π_ref) per reply (nats)", "approx_kl": "KL(π_old || π) per token"}
+
+
 def plot_kl_per_step(histories: dict[str, list[dict]], path: str | Path, target: float | None = None,
-                     key: str = "kl") -> Path:
-    """Per-step KL (default: to the reference, nats per sequence) of one or more runs, with the target line."""
+                     keys: tuple[str, ...] = ("kl", "approx_kl"), log_scale: bool = True) -> Path:
+    """Per-step KL of one or more runs from their fit() histories, one panel per key: KL to the reference
+    (nats per reply, with the controller's target as a dashed line) and PPO's policy-vs-old approx_kl of the
+    updates. A log y-axis keeps a runaway run and the target readable on one plot. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for name, hist in histories.items():
-        pts = [(h["step"], h[key]) for h in hist if key in h]
-        if pts:
-            ax.plot(*zip(*pts), label=name, marker=".", linewidth=1)
-    if target:
-        ax.axhline(target, color="gray", linestyle="--", label=f"target {target:g}")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel({"kl": "KL(π || π_ref) per sequence (nats)", "approx_kl": "KL(π_old || π) per token"}.get(key, key))
-    ax.legend()
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6.4, 2.8 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        for name, hist in histories.items():
+            # log scale: the first step's KL to the reference is exactly 0 (nothing has moved yet)
+            pts = [(h["step"], h[key]) for h in hist if key in h and (not log_scale or h[key] > 0)]
+            if pts:
+                ax.plot(*zip(*pts), label=name, marker=".", linewidth=1)
+        if target and key == "kl":
+            ax.axhline(target, color="gray", linestyle="--", label=f"target {target:g}")
+        if log_scale and ax.lines:
+            ax.set_yscale("log")
+        ax.set_ylabel(KL_LABELS.get(key, key))
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("RL step")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,12 @@ AttentionMask, optional ALiBi slopes and a logit softcap, and return (B, H, Tq, 
 - sdpa: torch.nn.functional.scaled_dot_product_attention, which picks flash / memory-efficient
   kernels on GPU. Fast paths: no mask for a full view, is_causal for the plain causal square.
 - naive: materialises the T×T score matrix; the reference the others are checked against.
-- blockwise: FlashAttention's algorithm (Dao et al. 2022) written with torch ops: it walks K/V in
-  tiles, keeps a running max and running sum per query row (the online softmax), and never holds more
-  than one Tq_tile × Tk_tile score tile, so memory grows linearly in T. Tiles the mask hides entirely
-  are skipped, which is what makes sparse patterns cheaper.
+- blockwise: FlashAttention-2 (Dao et al. 2022; Dao 2023) written with torch ops, in flash_attention.py:
+  it walks K/V in tiles, keeps a running max and running sum per query row (the online softmax), and
+  never holds more than one Tq_tile × Tk_tile score tile, so memory grows linearly in T. Its backward is
+  its own (an autograd.Function that saves only O and the log-sum-exp and recomputes the tiles), so
+  training memory is linear in T too. Tiles the mask hides entirely are skipped both ways, which is
+  what makes sparse patterns cheaper.
 
 Usage:
     out = BACKENDS["blockwise"](q, k, v, mask, scale=D**-0.5)
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmstack.model.flash_attention import flash_attention
 from lmstack.model.masks import AttentionMask
 from lmstack.model.positions import alibi_bias
 
@@ -83,42 +86,9 @@ def blockwise_attention(q, k, v, mask: AttentionMask, scale: float, slopes=None,
                         dropout_p: float = 0.0, block_q: int = 128, block_k: int = 128) -> torch.Tensor:
     if dropout_p:
         raise ValueError("the blockwise backend has no attention dropout")
-    b, h, tq, d = q.shape
-    tk = k.shape[2]
-    out = torch.empty_like(q)
-    for q0 in range(0, tq, block_q):
-        q_sl = slice(q0, min(q0 + block_q, tq))
-        qt = q[:, :, q_sl]
-        n = qt.shape[2]
-        row_max = torch.full((b, h, n, 1), float("-inf"), dtype=torch.float32, device=q.device)
-        row_sum = torch.zeros((b, h, n, 1), dtype=torch.float32, device=q.device)
-        acc = torch.zeros((b, h, n, d), dtype=torch.float32, device=q.device)
-        for k0 in range(0, tk, block_k):
-            k_sl = slice(k0, min(k0 + block_k, tk))
-            state = "full" if mask.is_full() else mask.tile_state(q_sl, k_sl)
-            if state == "empty":
-                continue  # the whole tile is masked: skip its matmuls entirely
-            visible = None if state == "full" else mask.block(q_sl, k_sl)
-            if visible is not None and not bool(visible.any()):
-                continue
-            s = _grouped_scores(qt, k[:, :, k_sl], scale).float()
-            if softcap:
-                s = softcap * torch.tanh(s / softcap)
-            bias = _scores_bias(mask, slopes, q_sl, k_sl)
-            if bias is not None:
-                s = s + bias
-            if visible is not None:
-                s = s.masked_fill(~visible, float("-inf"))
-            new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))
-            # Rows that have seen nothing yet keep a -inf max; shift by 0 there to avoid inf - inf.
-            shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            p = torch.exp(s - shift)
-            correction = torch.exp(row_max - shift)
-            row_sum = row_sum * correction + p.sum(dim=-1, keepdim=True)
-            acc = acc * correction + _grouped_mix(p, v[:, :, k_sl].float())
-            row_max = new_max
-        out[:, :, q_sl] = (acc / row_sum.clamp(min=1e-30)).to(q.dtype)
-    return out
+    # FlashAttention-2: tiled forward and our own tiled backward (flash_attention.py), so training keeps
+    # O(T) memory instead of autograd saving every score tile.
+    return flash_attention(q, k, v, mask, scale, slopes=slopes, softcap=softcap, block_q=block_q, block_k=block_k)
 
 
 BACKENDS = {"sdpa": sdpa_attention, "naive": naive_attention, "blockwise": blockwise_attention}

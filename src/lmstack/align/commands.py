@@ -5,7 +5,8 @@
     lmstack align --method kto --policy runs/sft/model --data kto.jsonl   --out runs/kto
     lmstack align --method grpo --policy runs/sft/model --data world/chat/train.jsonl --kind arithmetic \
                   --reward math --group_size 8 --steps 40 --lr 3e-4 --out runs/grpo
-    lmstack align --method ppo|rloo|rft ...          # the same prompt data and reward
+    lmstack align --method ppo|trpo|rloo|rft ...     # the same prompt data and reward
+    lmstack align --method grpo ... --reward math=1,rm:runs/rm/model=0.5 --monitor math   # RM in the loop
     lmstack align --config recipe.yaml --steps 50
 
 Writes into --out: model/ (the aligned policy, or the reward model with its head), metrics.jsonl,
@@ -62,7 +63,8 @@ def _load_data(cfg: AlignConfig, log=print):
 
 # online method -> "module:class" (imported when used)
 ONLINE_TRAINERS = {"grpo": "lmstack.align.grpo:GroupTrainer", "rloo": "lmstack.align.grpo:GroupTrainer",
-                   "ppo": "lmstack.align.ppo:PPOTrainer", "rft": "lmstack.align.rft:RejectionSamplingTrainer"}
+                   "ppo": "lmstack.align.ppo:PPOTrainer", "trpo": "lmstack.align.trpo:TRPOTrainer",
+                   "rft": "lmstack.align.rft:RejectionSamplingTrainer"}
 
 
 def online_trainer_class(method: str):

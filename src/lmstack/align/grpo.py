@@ -5,7 +5,9 @@ Each step samples G = group_size replies per prompt and scores them. The advanta
     RLOO   A_i = r_i - mean of the other G-1 rewards              (rl_math.rloo_advantages)
 and every token of the reply shares it. The loss is PPO's clipped surrogate on the per-token ratio
 π/π_old, averaged over all generated tokens of the batch (long and short replies weigh per token, as in
-DAPO/TRL's token-level loss), plus kl_coef · k3-KL(π || π_ref) per token when kl_coef > 0 (GRPO's β).
+DAPO/TRL's token-level loss), plus kl_coef · k3 per token when kl_coef > 0 (GRPO's β). k3's *value* estimates
+KL(π || π_ref) on samples of π, but differentiated as a loss term its expected gradient is
+E_π[(1 - π_ref/π) ∇log π] = ∇ KL(π_ref || π): the term pulls toward the reverse KL (as in DeepSeek's GRPO).
 With ppo_epochs=1 and minibatches=1 the update is exactly on-policy: π_old = π, the ratio is 1 and the
 clip is inactive (TRL's default); more epochs or minibatches reuse each rollout and let the clip work.
 
@@ -41,7 +43,7 @@ class GroupTrainer(OnlineTrainer):
         rewards = ro.score(self.reward)
         adv, valid = BASELINES[self.method](rewards, cfg.group_size)
         stats = {**group_stats(rewards, cfg.group_size), "completion_tokens": ro.mean_length(),
-                 "finished": sum(ro.finished) / len(ro)}
+                 "finished": sum(ro.finished) / len(ro), **self.reward_parts(ro)}
         informative = valid & (adv != 0)
         stats["informative_fraction"] = float(informative.float().mean())
         if not bool(informative.any()) and not cfg.kl_coef:

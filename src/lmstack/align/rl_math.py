@@ -6,7 +6,10 @@ the generated tokens (right padding); per-sample tensors are (N,).
 
 - KL estimators of KL(π || π_ref) from samples of π (Schulman, "Approximating KL divergence"),
   with log r = log π_ref(a) - log π(a):  k1 = -log r,  k2 = (log r)² / 2,  k3 = (r - 1) - log r.
-  k1 is unbiased but can be negative per token; k3 is unbiased and never negative.
+  k1 is unbiased but can be negative per token; k3 is unbiased and never negative. These are statements about
+  the *values*. Used as a loss and differentiated (GRPO's β term), k3's expected gradient is
+  E_π[(1 - r) ∇log π] = -Σ π_ref ∇log π = ∇ KL(π_ref || π), the gradient of the reverse KL, not of KL(π || π_ref);
+  k1 as a loss has expected gradient 0. Only as a (non-differentiated) reward does k1 give ∇ KL(π || π_ref).
 - AdaptiveKLController (Ziegler et al. 2019): β ← β (1 + clip(KL/target - 1, ±0.2) · n_steps/horizon).
 - kl_penalized_rewards: TRL's PPO reward: -β·KL on every token, plus the score on the last token.
 - gae: generalised advantage estimation, A_t = Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γV_{t+1} - V_t.
@@ -77,6 +80,7 @@ def kl_k2(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    # value: an unbiased estimate of KL(π || π_ref); gradient (as a loss): that of KL(π_ref || π), see the docstring
     log_r = ref_logps - logps
     return torch.expm1(log_r) - log_r  # expm1: exact near r = 1, where the policy has barely moved
 

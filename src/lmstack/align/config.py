@@ -17,8 +17,8 @@ from typing import Literal
 
 from lmstack.train.optim.config import check_choices, need
 
-Method = Literal["rm", "dpo", "cdpo", "ipo", "kto", "ppo", "grpo", "rloo", "rft"]
-ONLINE = ("ppo", "grpo", "rloo", "rft")
+Method = Literal["rm", "dpo", "cdpo", "ipo", "kto", "ppo", "trpo", "grpo", "rloo", "rft"]
+ONLINE = ("ppo", "trpo", "grpo", "rloo", "rft")
 METHOD_LOSS = {"dpo": "dpo", "cdpo": "cdpo", "ipo": "ipo"}  # paired methods -> losses.PAIR_LOSSES name
 
 
@@ -26,7 +26,8 @@ METHOD_LOSS = {"dpo": "dpo", "cdpo": "cdpo", "ipo": "ipo"}  # paired methods -> 
 class AlignConfig:
     method: Method = "dpo"
     """rm (Bradley-Terry reward model), dpo (sigmoid), cdpo (DPO + label smoothing), ipo, kto (unpaired);
-    online: ppo (value head + GAE), grpo (group-normalised), rloo (leave-one-out), rft (rejection-sampling SFT rounds)."""
+    online: ppo (value head + GAE), trpo (PPO's advantages, a natural-gradient step under a KL limit),
+    grpo (group-normalised), rloo (leave-one-out), rft (rejection-sampling SFT rounds)."""
     policy: str = ""
     """Model directory to start from (the SFT checkpoint; must hold tokenizer.json too)."""
     data: str = ""
@@ -65,7 +66,11 @@ class AlignConfig:
     # ---- online RL (ppo, grpo, rloo, rft)
     reward: str = "math"
     """What scores a sample: a registered reward (math, format, instruction, factuality, safety, length, ...),
-    a weighted mix 'math=1,format=0.2', or a reward model directory written by --method rm."""
+    a weighted mix 'math=1,format=0.2', or a reward model directory written by --method rm: 'rm:DIR' (or DIR),
+    also inside a mix: 'math=1,rm:runs/rm/model=0.5'. Each part of a mix is logged as score_<name>."""
+    monitor: str = ""
+    """Rewards scored on every rollout and held-out evaluation and logged as score_<name>, never optimised
+    (comma-separated names or rm:DIR), e.g. 'math' beside --reward rm:DIR to see reward over-optimisation."""
     prompts_per_step: int = 8
     """Prompts rolled out per RL step (each gets group_size samples; ppo and rft: samples per prompt too)."""
     group_size: int = 8
@@ -102,6 +107,14 @@ class AlignConfig:
     """PPO value clip (the value may move at most this far from its rollout value per step)."""
     whiten_advantages: bool = True
     """PPO: whiten advantages over the batch's generated tokens."""
+    max_kl: float = 0.01
+    """TRPO trust region: the largest mean per-token KL(π_old || π) an accepted policy step may have."""
+    cg_iters: int = 10
+    """TRPO: conjugate-gradient iterations (Fisher-vector products) per natural-gradient step."""
+    cg_damping: float = 0.1
+    """TRPO: damping λ added to the Fisher (solves (F + λI) x = g), which keeps CG stable."""
+    line_search_steps: int = 10
+    """TRPO: backtracking halvings tried before the step is rejected (the policy then stays put)."""
     rounds: int = 3
     """RFT: rounds of (sample best-of-n, fine-tune on the winners)."""
     rft_prompts: int = 256
@@ -179,3 +192,6 @@ class AlignConfig:
         need(self.vf_coef >= 0 and self.value_clip > 0, "vf_coef must be >= 0 and value_clip > 0")
         need(self.rounds >= 1 and self.rft_prompts >= 1, "rounds and rft_prompts must be >= 1")
         need(self.eval_prompts >= 0, f"eval_prompts must be >= 0, got {self.eval_prompts}")
+        need(self.max_kl > 0 and self.cg_damping >= 0, f"max_kl must be > 0 and cg_damping >= 0, got "
+             f"{self.max_kl} and {self.cg_damping}")
+        need(self.cg_iters >= 1 and self.line_search_steps >= 1, "cg_iters and line_search_steps must be >= 1")

@@ -7,6 +7,11 @@ samples, and update the policy from them. The reference (for the KL term) is a f
 policy, or the policy itself with its adapters disabled when only LoRA weights train (reference='adapters');
 with kl_coef=0 no reference is kept at all.
 
+What the reward is made of is logged too, so that reward over-optimisation shows: each component of a mixture
+(e.g. the math verifier and a reward model in --reward math=1,rm:DIR=0.5) and each cfg.monitor reward (scored,
+never optimised) becomes score_<name> in every step's statistics, in metrics.jsonl and in the held-out
+evaluations, and fit() plots them per step into out_dir/reward_scores.png.
+
 Usage (subclasses do this; see grpo.py):
     trainer = GroupTrainer(policy, tok, cfg, reward)
     summary = trainer.fit(train_records, eval_records, out_dir="runs/grpo")
@@ -27,7 +32,7 @@ from torch import nn
 
 from lmstack.align.config import AlignConfig
 from lmstack.align.logprobs import token_logprobs
-from lmstack.align.rollout import Rollout, evaluate_policy, sample
+from lmstack.align.rollout import Rollout, mean_stderr, sample
 from lmstack.align.steps import Stepper, resolve_device
 from lmstack.errors import LmstackError
 
@@ -65,6 +70,7 @@ class OnlineTrainer(abc.ABC):
             check_same_vocab(self.policy, self.reference)
             self.reference.eval().requires_grad_(False)
         self.opt_steps = 0
+        self.monitors = monitor_rewards(cfg.monitor, str(self.device))
 
     # ---- pieces subclasses use ------------------------------------------------------------------------
     def rollout(self, records: Sequence[dict], step: int, n: int | None = None) -> Rollout:
@@ -72,6 +78,24 @@ class OnlineTrainer(abc.ABC):
         return sample(self.policy, self.tok, records, n=n or cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                       temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed * 1_000_003 + step,
                       template=cfg.template)
+
+    def reward_parts(self, ro: Rollout, with_stderr: bool = False) -> dict[str, float]:
+        """score_<name>: the mean over the rollout of each mixture component and each monitor reward (NaN where a
+        judge does not apply is left out), with score_<name>_stderr and _n when asked."""
+        columns: dict[str, list[float]] = {}
+        if hasattr(self.reward, "components"):
+            for p, c, r in zip(ro.prompts, ro.texts, ro.records):
+                for k, v in self.reward.components(p, c, r).items():
+                    columns.setdefault(k, []).append(float(v))
+        for name, reward in self.monitors.items():
+            columns[name] = ro.score(reward).tolist()
+        out = {}
+        for k, vals in columns.items():
+            mean, se, n = mean_stderr(torch.tensor(vals, dtype=torch.float64))
+            out[f"score_{k}"] = mean
+            if with_stderr:
+                out[f"score_{k}_stderr"], out[f"score_{k}_n"] = se, float(n)
+        return out
 
     def logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T-1) per-token log-probs of the completions under the policy at the rollout temperature."""
@@ -119,8 +143,11 @@ class OnlineTrainer(abc.ABC):
         """Greedy held-out reward (accuracy for a 0/1 verifier) on the first eval_prompts records."""
         if not records or not self.cfg.eval_prompts:
             return {}
-        return evaluate_policy(self.policy, self.tok, list(records)[:self.cfg.eval_prompts], self.reward,
-                               self.cfg.max_new_tokens, self.cfg.template)
+        ro = sample(self.policy, self.tok, list(records)[:self.cfg.eval_prompts], n=1,
+                    max_new_tokens=self.cfg.max_new_tokens, temperature=0.0, template=self.cfg.template)
+        mean, se, n = mean_stderr(ro.score(self.reward))
+        return {"mean": mean, "stderr": se, "n": n, "mean_length": ro.mean_length(),
+                **self.reward_parts(ro, with_stderr=True)}
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def fit(self, train: Sequence[dict], val: Sequence[dict] = (), out_dir: str | Path | None = None,
@@ -176,6 +203,52 @@ class OnlineTrainer(abc.ABC):
             if after:
                 metrics.log(done, {f"val_{k}": v for k, v in after.items()})
             metrics.close()
+        if out_dir and any(k.startswith("score_") for h in history for k in h):
+            plot_reward_scores(history, evals, Path(out_dir) / "reward_scores.png")
         return {"method": self.method, "steps": done, "optimizer_steps": self.opt_steps,
                 "train_seconds": time.perf_counter() - start, "train_prompts": len(train), "eval_prompts": len(val),
                 "eval_before": before, "eval_after": after, "evals": evals, "history": history}
+
+
+def monitor_rewards(spec: str, device: str = "cpu") -> dict[str, Callable[[str, str, dict], float]]:
+    """cfg.monitor ('math,rm:DIR') -> {name: reward}; a reward model is named rm (rm2, ... for more)."""
+    from lmstack.align.rewards.spec import RM_PREFIX, reward_from_spec
+
+    out: dict[str, Callable[[str, str, dict], float]] = {}
+    for name in [n.strip() for n in (spec or "").split(",") if n.strip()]:
+        key = name
+        if name.startswith(RM_PREFIX):
+            key = "rm" if "rm" not in out else f"rm{len(out) + 1}"
+        out[key] = reward_from_spec(name, device=device)
+    return out
+
+
+def plot_reward_scores(history: Sequence[dict], evals: Sequence[dict], path: str | Path) -> Path:
+    """Each score_<name> per RL step (training rollouts, solid) and at each held-out evaluation (greedy,
+    dashed markers): a reward model's score climbing while the verifier's stalls is over-optimisation.
+    Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for h in history for k in h if k.startswith("score_")})
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for key in keys:
+        pts = [(h["step"], h[key]) for h in history if key in h and h[key] == h[key]]
+        if pts:
+            line, = ax.plot(*zip(*pts), label=f"{key[6:]} (rollouts)", linewidth=1)
+            ev = [(e["step"], e[key]) for e in evals if key in e and e[key] == e[key]]
+            if ev:
+                ax.plot(*zip(*ev), linestyle="--", marker="o", color=line.get_color(), label=f"{key[6:]} (held-out)")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -113,7 +113,11 @@ class PPOTrainer(OnlineTrainer):
     def trainable_module(self) -> nn.Module:
         return _PolicyAndValue(self.policy, self.value_head)
 
-    def train_step(self, records: list[dict], step: int) -> dict[str, float]:
+    def prepare(self, records: list[dict], step: int) -> tuple[dict[str, float], dict | None]:
+        """Steps 1-4 of the module docstring: roll out, score, KL-penalised per-token rewards, GAE.
+
+        Returns (stats, prepared) with prepared = None when no sample was scored, else a dict of the batch,
+        mask, old log-probs and values, advantages and returns (TRPO reuses all of it)."""
         cfg = self.cfg
         ro = self.rollout(records, step)
         scores = ro.score(self.reward)
@@ -121,9 +125,10 @@ class PPOTrainer(OnlineTrainer):
         stats = {"reward_mean": float(scores[valid].mean()) if bool(valid.any()) else float("nan"),
                  "nan_fraction": float(1 - valid.float().mean()), "completion_tokens": ro.mean_length(),
                  "finished": sum(ro.finished) / len(ro), "kl_coef": self.kl_ctl.value}
+        stats.update(self.reward_parts(ro))
         if not bool(valid.any()):
             stats["skipped"] = 1.0  # nothing scored: no signal at all
-            return stats
+            return stats, None
         batch = to_batch(ro, self.tok, self.device)
         mask = batch["completion_mask"][:, 1:].float() * valid.to(self.device, torch.float32)[:, None]
         with torch.no_grad():
@@ -140,9 +145,19 @@ class PPOTrainer(OnlineTrainer):
         stats["entropy"] = float(masked_mean(entropy, mask))
         stats["nan_count"] = float((~valid).sum())
         stats["kl_penalty"] = float((kl.sum(-1) * self.kl_ctl.value)[valid.to(self.device)].mean())
+        return stats, {"n": len(ro), "batch": batch, "mask": mask, "old_logps": old_logps, "old_values": old_values,
+                       "adv": adv, "returns": returns}
+
+    def train_step(self, records: list[dict], step: int) -> dict[str, float]:
+        cfg = self.cfg
+        stats, prep = self.prepare(records, step)
+        if prep is None:
+            return stats
+        batch, mask, old_logps, old_values = prep["batch"], prep["mask"], prep["old_logps"], prep["old_values"]
+        adv, returns, ro_n = prep["adv"], prep["returns"], prep["n"]
         sums: dict[str, float] = {}
         n = 0
-        for idx, sub in self.minibatches(batch, len(ro), step):
+        for idx, sub in self.minibatches(batch, ro_n, step):
             m = mask[idx]
             if not bool(m.any()):
                 continue  # every sample of this minibatch was unscored
@@ -158,7 +173,7 @@ class PPOTrainer(OnlineTrainer):
             n += 1
         stats.update({k: v / max(n, 1) for k, v in sums.items()})
         stats["value_mean"] = float(masked_mean(old_values, mask))
-        self.kl_ctl.update(stats["kl"], len(ro))
+        self.kl_ctl.update(stats["kl"], ro_n)
         return stats
 
 

@@ -1,8 +1,17 @@
 """Conversion between HF checkpoints and lmstack: config fields and tensor names, one spec per family.
 
-Supported model_type: llama, mistral, mixtral, qwen2, gpt2, bert. Names map by ordered regex rules;
+Supported model_type: llama, mistral, mixtral, qwen2, gpt2, bert, qwen3. Names map by ordered regex rules;
 the few tensors that do not map one-to-one have small handlers: GPT-2's fused c_attn (and its
 Conv1D weights, stored transposed) and Mixtral's per-expert w1/w2/w3, which we keep stacked.
+
+Per-head q/k RMSNorm (qk_norm=True) is what Qwen3 adds to the llama block: RMSNorm over head_dim on the
+queries and keys, before RoPE, with the block's eps. So a llama-type config with qk_norm exports as
+model_type "qwen3" (`export_type`); nothing else about the block differs, and the parity tests
+(tests/model/test_hf_export_qwen3.py) hold it to transformers' Qwen3ForCausalLM both ways.
+
+A bias-free GPT-2 (nanoGPT's bias=False, recipes/shakespeare_char.yaml) exports as gpt2 with every bias
+tensor written as zeros: LayerNorm/Linear with a zero bias computes exactly what the bias-free layer does.
+Loading such a directory back under our bias-free config checks that those tensors still are zero.
 
 Usage:
     cfg = config_from_hf(json.load(open("config.json")))
@@ -20,12 +29,14 @@ import torch
 from lmstack.errors import LmstackError
 from lmstack.model.config import ModelConfig
 
-SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert")
-EXPORTABLE = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert")
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2")
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3")
+EXPORTABLE = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3")
+REAL_VOCAB_KEY = "lmstack_real_vocab_size"  # ModelConfig.real_vocab_size in an HF config.json (see vocab.py)
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel"}
+                 "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 # ---------------------------------------------------------------- configs
 _ACT_TO_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
@@ -70,7 +81,8 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
     if mt not in SUPPORTED:
         raise LmstackError(f"unsupported model_type {mt!r}; lmstack loads: {', '.join(SUPPORTED)}")
     ids = dict(bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")),
-               pad_token_id=_first_id(hf.get("pad_token_id")), hf_model_type=mt, name=hf.get("_name_or_path", ""))
+               pad_token_id=_first_id(hf.get("pad_token_id")), hf_model_type=mt, name=hf.get("_name_or_path", ""),
+               real_vocab_size=hf.get(REAL_VOCAB_KEY))
     if mt in LLAMA_LIKE:
         act = hf.get("hidden_act", "silu")
         if act not in _ACT_TO_GATED:
@@ -83,9 +95,10 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
                       max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
                       norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope", mlp=_ACT_TO_GATED[act],
                       qkv_bias=bias or mt == "qwen2", out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **_rope_fields(hf, mt))
+                      qk_norm=mt == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                      **_rope_fields(hf, mt))
         window = hf.get("sliding_window") or 0
-        if mt == "qwen2":
+        if mt in ("qwen2", "qwen3"):
             types = hf.get("layer_types")
             if types and "sliding_attention" in types:
                 fields.update(sliding_window=window,
@@ -126,9 +139,16 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
                        head="mlm" if mlm else "none", tie_embeddings=True, **ids)
 
 
+def export_type(cfg: ModelConfig) -> str:
+    """The HF model_type cfg is written as: its hf_model_type, except that a llama with per-head q/k RMSNorm is
+    exactly a Qwen3 block, so it is written as qwen3 (a llama config.json has no field for the q/k norms)."""
+    mt = cfg.hf_model_type
+    return "qwen3" if mt == "llama" and cfg.qk_norm else mt
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """An HF config.json dict for cfg; LmstackError if cfg uses something its family cannot express."""
-    mt = cfg.hf_model_type
+    mt = export_type(cfg)
     if mt not in EXPORTABLE:
         raise LmstackError(f"cannot export hf_model_type {mt!r}; exportable: {', '.join(EXPORTABLE)}")
     ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -148,11 +168,13 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                    hidden_act=act, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                    tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, rope_theta=cfg.rope_theta,
                    attention_dropout=0.0, dtype="float32", **ids)
+        if mt in ("llama", "qwen3"):
+            out.update(attention_bias=cfg.qkv_bias)
         if mt == "llama":
-            out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+            out["mlp_bias"] = cfg.mlp_bias
         if mt in ("mistral", "mixtral"):
             out["sliding_window"] = cfg.sliding_window or None
-        if mt == "qwen2":
+        if mt in ("qwen2", "qwen3"):
             layers = cfg.sliding_window_layers if cfg.sliding_window_layers is not None else list(range(cfg.n_layers))
             sliding = bool(cfg.sliding_window)
             out.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window or None,
@@ -178,9 +200,16 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, dtype="float32", **ids)
     if act is None:
         raise LmstackError(f"mlp={cfg.mlp!r} cannot be expressed as a {mt} config")
+    if cfg.real_vocab_size is not None:
+        # HF configs have no "real rows" field: keep it under our own key (transformers keeps unknown keys as
+        # attributes); save_model also lists the padded ids as generation_config.json's suppress_tokens.
+        out[REAL_VOCAB_KEY] = cfg.real_vocab_size
     # Round trip: anything HF cannot express would silently change the model, so refuse instead.
     back = config_from_hf(out)
-    skip = {"name", "dropout", "init", "init_std", "n_sink_tokens", "attn_backend", "attn_block_size",
+    # Missing GPT-2 biases are written as zeros (_gpt2_zero_biases), which HF's always-biased layers express.
+    zero_bias = {"norm_bias", "qkv_bias", "out_bias", "mlp_bias"} if mt == "gpt2" else set()
+    zero_bias = {k for k in zero_bias if not getattr(cfg, k)}
+    skip = zero_bias | {"name", "hf_model_type", "dropout", "init", "init_std", "n_sink_tokens", "attn_backend", "attn_block_size", "fused_kernels",
             "router_z_loss_coef", "router_aux_loss_coef", "sliding_window", "sliding_window_layers"}
     diffs = [k for k in ModelConfig.__dataclass_fields__ if k not in skip and getattr(back, k) != getattr(cfg, k)]
     windows = [cfg.window_for_layer(i) for i in range(cfg.n_layers)]
@@ -281,6 +310,12 @@ def weights_from_hf(cfg: ModelConfig, our_keys: Iterable[str], get: Callable[[st
         return get(full)
 
     out: dict[str, torch.Tensor] = {}
+    if mt == "gpt2":  # zero biases that our bias-free config has no parameter for: check they still are zero
+        for name, shape in _gpt2_zero_biases(cfg).items():
+            if name in hf_keys and bool(fetch(name).ne(0).any()):
+                raise LmstackError(f"the checkpoint's {name!r} is not zero, but this bias-free gpt2 config (from "
+                                   "lmstack_config.json) has no bias there; remove lmstack_config.json to load it "
+                                   "with biases")
     for key in our_keys:
         m = re.match(r"^blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$", key)
         if mt == "gpt2" and m:  # fused c_attn: (D, 3D) Conv1D weight -> three (D, D) Linear weights
@@ -313,10 +348,32 @@ def _mixtral_experts_from_hf(cfg, layer, which, fetch, hf_keys, prefix) -> torch
     return torch.stack([fetch(f"{base}.{e}.w2.weight") for e in range(cfg.n_experts)])
 
 
+def _gpt2_zero_biases(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF GPT-2 bias tensors that a bias-free config lacks -> their shapes (written as zeros on export)."""
+    d, f = cfg.d_model, cfg.d_ff
+    out: dict[str, tuple[int, ...]] = {}
+    if not cfg.norm_bias:
+        out["transformer.ln_f.bias"] = (d,)
+    for i in range(cfg.n_layers):
+        h = f"transformer.h.{i}"
+        if not cfg.norm_bias:
+            out[f"{h}.ln_1.bias"], out[f"{h}.ln_2.bias"] = (d,), (d,)
+        if not cfg.qkv_bias:
+            out[f"{h}.attn.c_attn.bias"] = (3 * d,)
+        if not cfg.out_bias:
+            out[f"{h}.attn.c_proj.bias"] = (d,)
+        if not cfg.mlp_bias:
+            out[f"{h}.mlp.c_fc.bias"], out[f"{h}.mlp.c_proj.bias"] = (f,), (d,)
+    return out
+
+
 def weights_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF-named tensors for our state dict (contiguous, ready for safetensors)."""
     mt = cfg.hf_model_type
     out: dict[str, torch.Tensor] = {}
+    if mt == "gpt2":
+        dtype = next(iter(state.values())).dtype if state else torch.float32
+        out.update({name: torch.zeros(shape, dtype=dtype) for name, shape in _gpt2_zero_biases(cfg).items()})
     for key, t in state.items():
         m = re.match(r"^blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$", key)
         if mt == "gpt2" and m:

@@ -2,7 +2,7 @@
 
 A model directory holds config.json, model.safetensors (or shards + model.safetensors.index.json),
 generation_config.json and, when a tokenizer is given, tokenizer.json. Models of the families HF
-knows (llama, mistral, mixtral, qwen2, gpt2, bert) are written with HF names and config, so
+knows (llama, mistral, mixtral, qwen2, qwen3, gpt2, bert) are written with HF names and config, so
 `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads them; lmstack_config.json keeps our
 full config beside it. Any other config is written in lmstack's own naming (model_type "lmstack").
 
@@ -176,6 +176,9 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer: Any = Non
     if hf_cfg is not None:
         atomic_write_text(path / LMSTACK_CONFIG, json.dumps(to_dict(cfg), indent=2))
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    if cfg.real_vocab_size is not None and hf_cfg is not None:
+        # transformers' generate() applies suppress_tokens as -inf logits: padded rows stay unsampled there too.
+        gen["suppress_tokens"] = list(range(cfg.real_vocab_size, cfg.vocab_size))
     atomic_write_text(path / "generation_config.json", json.dumps({**gen, "_from_model_config": True}, indent=2))
     if tokenizer is not None:
         tokenizer.save(path)

@@ -14,19 +14,25 @@ Replay (experience replay, e.g. Rolnick et al. 2019) keeps a fixed-size reservoi
 and mixes a share of them into each later task's data. Reservoir sampling gives every example seen so far the
 same chance to be in the buffer, whatever the stream length.
 
-benchmarks/continual.py trains a tiny model on world task A then task B and reports A's accuracy before/after
-with neither, EWC, replay and both.
+Scoring what was kept must use items that neither method saw again: replay retrains on its buffer and the
+Fisher is computed on its own set, so an A item in either would flatter that method. `holdout_split` sets aside
+A's score items first (every copy of an item on the same side, by content) and `continual_sets` draws the Fisher
+set and the replay buffer from the rest only. benchmarks/continual.py trains a tiny model on world task A then
+task B and reports A's accuracy on those held-out items, before/after, with neither, EWC, replay and both.
 
 Usage:
     ewc = EWC.from_examples(model, examples_a, loss_fn, lam=500.0)     # after training on A
     objective = WithPenalty(SFTObjective(), ewc.penalty)                # the Trainer's objective for B
     buf = ReplayBuffer(capacity=200, seed=0); buf.add(examples_a)
     data_b = with_replay(examples_b, buf, ratio=0.25, seed=0)          # B plus 25% replayed A examples
+    sets = continual_sets(examples_a, n_heldout=150, n_fisher=200, replay_capacity=200, key=lambda e: e.ids)
+    sets.heldout, sets.fisher, sets.replay                              # disjoint from heldout by content
 """
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -168,3 +174,48 @@ def with_replay(new: Sequence[Any], buffer: ReplayBuffer, ratio: float = 0.25, s
     mixed = list(new) + buffer.sample(int(round(ratio * len(new))))
     random.Random(seed).shuffle(mixed)
     return mixed
+
+
+def _content_key(item: Any) -> Hashable:
+    ids = getattr(item, "ids", None)  # an SFTExample: its tokens are its content
+    return tuple(ids) if ids is not None else repr(item)
+
+
+def holdout_split(items: Sequence[Any], n_heldout: int, seed: int = 0,
+                  key: Callable[[Any], Any] = _content_key) -> tuple[list[Any], list[Any]]:
+    """(rest, heldout): a seeded choice of n_heldout items, where items with the same content (key) always
+    fall on the same side, so no copy of a held-out item remains in the rest."""
+    groups: dict[Hashable, list[Any]] = {}
+    for item in items:
+        k = key(item)
+        groups.setdefault(tuple(k) if isinstance(k, list) else k, []).append(item)
+    order = list(groups)
+    random.Random(seed).shuffle(order)
+    if not 0 <= n_heldout <= len(items):
+        raise LmstackError(f"n_heldout={n_heldout} must be in [0, {len(items)}] (the number of items)")
+    rest, heldout = [], []
+    for k in order:
+        (heldout if len(heldout) < n_heldout else rest).extend(groups[k])
+    return rest, heldout
+
+
+@dataclass
+class ContinualSets:
+    """Task A's items for a continual-learning run: what is scored, what the Fisher sees, what is replayed."""
+
+    heldout: list[Any]
+    fisher: list[Any]
+    replay: ReplayBuffer
+    rest: list[Any]
+
+
+def continual_sets(items: Sequence[Any], n_heldout: int, n_fisher: int, replay_capacity: int, seed: int = 0,
+                   key: Callable[[Any], Any] = _content_key) -> ContinualSets:
+    """Held-out score items first; the Fisher set (the first n_fisher of a seeded shuffle) and the replay
+    reservoir are drawn from the remaining items only, so neither holds a held-out item (by content)."""
+    rest, heldout = holdout_split(items, n_heldout, seed, key)
+    shuffled = list(rest)
+    random.Random(seed + 1).shuffle(shuffled)
+    buffer = ReplayBuffer(replay_capacity, seed=seed)
+    buffer.add(rest)
+    return ContinualSets(heldout=heldout, fisher=shuffled[:n_fisher], replay=buffer, rest=rest)

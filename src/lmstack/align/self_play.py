@@ -21,21 +21,36 @@ write the opening question from a role prompt ("Ask a question about the birth c
 sampled and never trained; follow-ups stay templated. The verifier always checks against the task record,
 so a bad question makes the task harder, never easier.
 
+Two learning agents (MultiAgentTrainer): the asker is a second model with its own weights and optimizer (a copy
+of the starting policy unless given). It writes each opening question from the role prompt, and both agents
+learn from the same dialogues with their own rewards:
+    answerer  r = 1 when the dialogue is solved (as above)
+    asker     r = solved · faithful, faithful = the question carries exactly the problem's numbers (as a
+              multiset): a question that drops or changes a number, or leaks the answer, earns nothing even
+              if the answerer happens to be right -- the asker is paid for posing the task, not for solving it
+Each agent's tokens get GRPO advantages of its own reward over the group_size dialogues of a task (a
+cooperative game with distinct payoffs; no critic).
+
 Usage:
     from lmstack.align.self_play import SelfPlayTrainer, play, answer_in_reply
     dialogues = play(policy, tok, records, reward, n=1, max_turns=3, temperature=0.0)   # greedy
     cfg = AlignConfig(method="grpo", group_size=8, prompts_per_step=4, steps=20, lr=1e-4)
     summary = SelfPlayTrainer(policy, tok, cfg, build_reward("math")).fit(train, val)
     summary["eval_before"]["mean_turns"], summary["eval_after"]["mean"]     # dialogue length, accuracy
+    summary = MultiAgentTrainer(policy, tok, cfg, build_reward("math")).fit(train, val)     # both agents learn
+    summary["eval_after"]["mean"], summary["eval_after"]["asker_mean"]                      # each agent's reward
 """
 from __future__ import annotations
 
+import copy
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from lmstack.align.logprobs import token_logprobs
 from lmstack.align.online import OnlineTrainer
 from lmstack.align.rl_math import group_advantages, group_stats, kl_k3, masked_mean, ppo_policy_loss
 from lmstack.align.rollout import mean_stderr, prompt_text, stop_ids
@@ -69,6 +84,10 @@ class Dialogue:
     done: bool = False
     stop: str = ""
     """Why it ended: solved, max_turns, context (no room for another turn)."""
+    asker_ids: list[int] = field(default_factory=list)
+    """A model asker's view: its role prompt and the question it sampled (empty for the template asker)."""
+    asker_mask: list[int] = field(default_factory=list)
+    """1 on the tokens the asker sampled."""
 
     @property
     def turns(self) -> int:
@@ -107,6 +126,8 @@ def policy_opening(policy, tok, dialogues: list[Dialogue], seed: int, temperatur
     contexts = [tok.apply_chat_template([{"role": "user", "content": role_prompt(d.record)}],
                                         add_generation_prompt=True)[0] for d in dialogues]
     outs = generate(policy, tok, contexts, 48, temperature, seed)
+    for d, ctx, (ids, _, _) in zip(dialogues, contexts, outs):
+        d.asker_ids, d.asker_mask = list(ctx) + list(ids), [0] * len(ctx) + [1] * len(ids)
     # An empty question would be an empty user turn; fall back to the role prompt's text (and say so in docs).
     return [text.strip() or role_prompt(d.record) for (_, text, _), d in zip(outs, dialogues)]
 
@@ -138,8 +159,9 @@ def generate(policy: torch.nn.Module, tok, contexts: list[list[int]], max_new_to
 
 def play(policy: torch.nn.Module, tok, records: Sequence[dict], reward: Reward, n: int = 1, max_turns: int = 3,
          temperature: float = 1.0, max_new_tokens: int = 96, seed: int = 0, asker: str = "template",
-         solved_at: float = 1.0) -> list[Dialogue]:
-    """n dialogues per record (consecutive), each up to max_turns answerer turns. temperature 0 = greedy."""
+         solved_at: float = 1.0, asker_policy: torch.nn.Module | None = None) -> list[Dialogue]:
+    """n dialogues per record (consecutive), each up to max_turns answerer turns. temperature 0 = greedy.
+    asker_policy: the model that writes opening questions for asker='policy' (default: the policy itself)."""
     if asker not in ASKERS:
         raise LmstackError(f"asker={asker!r} is not allowed; choose one of {', '.join(ASKERS)}")
     if max_turns < 1 or n < 1:
@@ -151,7 +173,7 @@ def play(policy: torch.nn.Module, tok, records: Sequence[dict], reward: Reward, 
         raise LmstackError("self-play needs a tokenizer with the chat template's special tokens")
     dialogues = [Dialogue(r) for r in records for _ in range(n)]
     limit = policy.config.max_seq_len
-    openings = ASKERS[asker](policy, tok, dialogues, seed, temperature)
+    openings = ASKERS[asker](asker_policy if asker_policy is not None else policy, tok, dialogues, seed, temperature)
     for turn in range(max_turns):
         active = []
         for i, d in enumerate(dialogues):
@@ -266,3 +288,95 @@ class SelfPlayTrainer(OnlineTrainer):
         dialogues = play(self.policy, self.tok, list(records)[:self.cfg.eval_prompts], self.reward, 1,
                          self.max_turns, 0.0, self.cfg.max_new_tokens, self.cfg.seed, self.asker)
         return dialogue_stats(dialogues)
+
+
+NUMBER = re.compile(r"\d+")
+
+
+def faithful(question: str, record: dict) -> float:
+    """1 when the question carries exactly the numbers of the record's own question (as a multiset), else 0."""
+    return float(sorted(NUMBER.findall(question)) == sorted(NUMBER.findall(prompt_text(record))))
+
+
+def asker_rewards(dialogues: Sequence[Dialogue]) -> torch.Tensor:
+    """The asker's payoff per dialogue: solved · faithful (NaN where the dialogue has no score)."""
+    out = []
+    for d in dialogues:
+        if not d.questions or not math.isfinite(d.reward):
+            out.append(float("nan"))  # the dialogue never got a scored reply
+        else:
+            out.append(float(d.solved) * faithful(d.questions[0], d.record))
+    return torch.tensor(out)
+
+
+def asker_batch(dialogues: Sequence[Dialogue], pad_id: int | None, device) -> dict[str, torch.Tensor]:
+    """The askers' role prompts and sampled questions in logprobs.py's layout (completion_mask = question)."""
+    views = [Dialogue(d.record, ids=d.asker_ids, mask=d.asker_mask) for d in dialogues]
+    return dialogue_batch(views, pad_id, device)
+
+
+class MultiAgentTrainer(SelfPlayTrainer):
+    """Self-play with two learning agents: the answerer (self.policy) and the asker (self.asker, its own weights
+    and optimizer at the same lr). See the module docstring for the payoffs."""
+
+    method = "multi_agent"
+
+    def __init__(self, policy, tokenizer, cfg, reward, reference=None, asker: torch.nn.Module | None = None,
+                 log=print):
+        super().__init__(policy, tokenizer, cfg, reward, reference, log)
+        self.asker_model = (copy.deepcopy(policy) if asker is None else asker).to(self.device)
+        self.asker_stepper = None
+
+    @property
+    def asker(self) -> str:
+        return "policy"  # the asker model writes every opening question
+
+    def _play(self, records, n, temperature, seed) -> list[Dialogue]:
+        return play(self.policy, self.tok, records, self.reward, n, self.max_turns, temperature, self.cfg.max_new_tokens,
+                    seed, "policy", asker_policy=self.asker_model)
+
+    def train_step(self, records: list[dict], step: int) -> dict[str, float]:
+        from lmstack.align.steps import Stepper
+
+        cfg = self.cfg
+        if self.asker_stepper is None:
+            self.asker_stepper = Stepper(self.asker_model, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay,
+                                         cfg.clip_grad_norm)
+        dialogues = self._play(records, cfg.group_size, cfg.temperature, cfg.seed * 1_000_003 + step)
+        stats = {f"train_{k}": v for k, v in dialogue_stats(dialogues).items() if k != "n"}
+        for role, rewards, model, batch_fn, stepper in (
+                ("answerer", torch.tensor([d.reward for d in dialogues]), self.policy, dialogue_batch, self.stepper),
+                ("asker", asker_rewards(dialogues), self.asker_model, asker_batch, self.asker_stepper)):
+            adv, valid = group_advantages(rewards, cfg.group_size)
+            finite = torch.isfinite(rewards)
+            stats[f"{role}_reward"] = float(rewards[finite].mean()) if bool(finite.any()) else float("nan")
+            informative = valid & (adv != 0)
+            stats[f"{role}_informative_fraction"] = float(informative.float().mean())
+            if not bool(informative.any()):
+                continue  # no group with both outcomes: nothing for this agent to learn this step
+            batch = batch_fn(dialogues, self.tok.pad_id, self.device)
+            mask = batch["completion_mask"][:, 1:].float() * valid.to(self.device, torch.float32)[:, None]
+            logps = token_logprobs(model, batch, cfg.temperature)
+            loss, st = ppo_policy_loss(logps, logps.detach(), adv.to(self.device)[:, None].expand_as(logps), mask,
+                                       cfg.clip)  # on-policy REINFORCE with the group baseline
+            if role == "answerer" and cfg.kl_coef:
+                kl = masked_mean(kl_k3(logps, self.ref_logps(batch)), mask)
+                loss = loss + cfg.kl_coef * kl
+                st["kl"] = float(kl.detach())
+            st.update(stepper.step(loss, self.opt_steps))
+            stats.update({f"{role}_{k}": v for k, v in st.items()}, **{f"{role}_loss": float(loss.detach())})
+        stats["reward_mean"] = stats["answerer_reward"]
+        self.opt_steps += 1
+        return stats
+
+    def evaluate(self, records: Sequence[dict]) -> dict[str, float]:
+        """Greedy dialogues (greedy asker too): the answerer's accuracy (mean, stderr, n), the asker's reward
+        (asker_mean, asker_stderr) and how often its question was faithful."""
+        if not records or not self.cfg.eval_prompts:
+            return {}
+        dialogues = self._play(list(records)[:self.cfg.eval_prompts], 1, 0.0, self.cfg.seed)
+        out = dialogue_stats(dialogues)
+        mean, se, n = mean_stderr(asker_rewards(dialogues))
+        out.update(asker_mean=mean, asker_stderr=se, asker_n=n,
+                   faithful=sum(faithful(d.questions[0], d.record) for d in dialogues if d.questions) / len(dialogues))
+        return out

@@ -13,19 +13,25 @@ dataclass configs; this file only routes the first one or two words to the right
 A ConfigCommand's flags are exactly the fields of one run-config dataclass, so a recipe YAML is a
 plain dump of that config (`lmstack pretrain --config recipes/x.yaml --train.steps 100`).
 
-Bad input raises `LmstackError` (or `ValueError`); we print its message, not a traceback.
-Set LMSTACK_DEBUG=1 to see the traceback.
+Bad input raises `LmstackError` (or `ValueError`); we print its message, not a traceback. A bad flag,
+stage or action prints one `lmstack: error: ...` line with a did-you-mean suggestion (difflib over the
+known names) and exits with status 2; `--help` keeps the full usage. Flags may be spelled with dashes
+(`--max-tokens`) or underscores (`--max_tokens`). Set LMSTACK_DEBUG=1 to see the traceback.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
+import re
 import sys
 from typing import Any, Callable
 
 from lmstack.config import ConfigCommand
+from lmstack.errors import LmstackError
 
-# stage name -> module that defines COMMANDS. Stages whose module is not built yet are skipped.
+# stage name -> module that defines COMMANDS. A stage whose module is not built yet answers with one
+# clear "not built yet" line instead of an import error.
 STAGES: dict[str, str] = {
     "data": "lmstack.data.commands",
     "tokenizer": "lmstack.tokenizer.commands",
@@ -48,13 +54,63 @@ STAGES: dict[str, str] = {
 POSITIONAL_STAGES = {"report"}
 
 
+class UsageError(LmstackError):
+    """The command line itself is wrong (unknown flag, stage or action; a value of the wrong type)."""
+
+
+def _suggest(word: str, known: list[str]) -> str:
+    """' (did you mean --x?)' for the closest known name, or ''."""
+    match = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    if not match and "." in word:  # a dotted flag: match its last part against the known last parts
+        tails = {k.rsplit(".", 1)[-1]: k for k in known if k.startswith(word.rsplit(".", 1)[0] + ".")}
+        match = [tails[m] for m in difflib.get_close_matches(word.rsplit(".", 1)[-1], list(tails), n=1)]
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+_PARSER_CLASS = None
+
+
+def parser_class() -> type:
+    """jsonargparse's ArgumentParser, except that a parse error raises UsageError (one line, with a
+    suggestion) instead of printing the whole usage block and exiting."""
+    global _PARSER_CLASS
+    if _PARSER_CLASS is None:
+        from jsonargparse import ArgumentParser
+
+        class Parser(ArgumentParser):
+            def error(self, message: str, ex: Exception | None = None):  # noqa: D102
+                text = " ".join(str(message).split())
+                known = sorted(k for k in self._option_string_actions if k.startswith("--"))
+                unknown = re.match(r"unrecognized arguments: (.*)", text)
+                if unknown:
+                    flags = [a.split("=")[0] for a in unknown.group(1).split() if a.startswith("-")]
+                    if flags:
+                        text = f"unknown flag {flags[0]}{_suggest(flags[0], known)}"
+                raise UsageError(f"{text} (see `{self.prog} --help`)") from ex
+
+        _PARSER_CLASS = Parser
+    return _PARSER_CLASS
+
+
+def _dashes_to_underscores(args: list[str]) -> list[str]:
+    """--max-tokens -> --max_tokens (the value after '=' is left alone)."""
+    out = []
+    for a in args:
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a.partition("=")
+            a = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
 def _call(command: Any, args: list[str], prog: str) -> Any:
     from jsonargparse import CLI
 
+    args = _dashes_to_underscores(args)
     if isinstance(command, ConfigCommand):
-        return command(args, prog)
+        return command(args, prog, parser_class=parser_class())
     positional = prog.split()[1] in POSITIONAL_STAGES if len(prog.split()) > 1 else False
-    return CLI(command, args=args, prog=prog, as_positional=positional)
+    return CLI(command, args=args, prog=prog, as_positional=positional, parser_class=parser_class())
 
 
 def _load_stage(stage: str) -> Callable | dict[str, Callable] | None:
@@ -76,40 +132,60 @@ def available_stages() -> dict[str, Callable | dict[str, Callable]]:
     return stages
 
 
+def _print_overview() -> None:
+    print("usage: lmstack <stage> [<action>] [--config recipe.yaml] [--dotted.key value ...]\n\nstages:")
+    for name in STAGES:
+        commands = _load_stage(name)
+        if commands is None:
+            actions = "(not built yet)"
+        else:
+            actions = ", ".join(commands) if isinstance(commands, dict) else ""
+        print(f"  {name:10s} {actions}")
+    print("\nrun `lmstack <stage> --help` for a stage's flags")
+
+
 def run(argv: list[str]) -> Any:
     """Parse `argv` (without the program name) and run the chosen command; return its result."""
-    from jsonargparse import CLI, set_parsing_settings
+    from jsonargparse import set_parsing_settings
 
     # Field docstrings of the config dataclasses become the flags' help text.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    if argv and argv[0] in STAGES:
-        commands = _load_stage(argv[0])
-        if commands is None:
-            raise SystemExit(f"lmstack: the '{argv[0]}' stage is not built yet")
-        if not isinstance(commands, dict):
-            return _call(commands, argv[1:], f"lmstack {argv[0]}")
-        if len(argv) > 1 and argv[1] in commands:
-            # Route to the single function, so jsonargparse's messages name the exact flag at fault.
-            return _call(commands[argv[1]], argv[2:], f"lmstack {argv[0]} {argv[1]}")
-        return CLI({k: v for k, v in commands.items() if not isinstance(v, ConfigCommand)}, args=argv[1:],
-                   prog=f"lmstack {argv[0]}", as_positional=False)
-    stages = {k: v for k, v in available_stages().items() if not isinstance(v, ConfigCommand)}
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lmstack <stage> [<action>] [--config recipe.yaml] [--dotted.key value ...]\n\nstages:")
-        for name, commands in available_stages().items():
-            actions = ", ".join(commands) if isinstance(commands, dict) else ""
-            print(f"  {name:10s} {actions}")
-        print("\nrun `lmstack <stage> --help` for a stage's flags")
+        _print_overview()
         return None
-    return CLI(stages, args=argv, prog="lmstack", as_positional=False)
+    stage = argv[0]
+    if stage not in STAGES:
+        raise UsageError(f"unknown stage {stage!r}{_suggest(stage, list(STAGES))} (stages: {', '.join(STAGES)}; "
+                         "see `lmstack --help`)")
+    commands = _load_stage(stage)
+    if commands is None:
+        built = ", ".join(name for name in STAGES if _load_stage(name) is not None)
+        raise LmstackError(f"the '{stage}' stage is not built yet (built stages: {built})")
+    if not isinstance(commands, dict):
+        return _call(commands, argv[1:], f"lmstack {stage}")
+    actions = list(commands)
+    if len(argv) > 1 and argv[1] in commands:
+        # Route to the single function, so the messages name the exact flag at fault.
+        return _call(commands[argv[1]], argv[2:], f"lmstack {stage} {argv[1]}")
+    if len(argv) > 1 and argv[1] in ("-h", "--help"):
+        print(f"usage: lmstack {stage} <action> [--flags ...]\n\nactions: {', '.join(actions)}\n\n"
+              f"run `lmstack {stage} <action> --help` for an action's flags")
+        return None
+    if len(argv) == 1 or argv[1].startswith("-"):
+        raise UsageError(f"`lmstack {stage}` needs an action: {', '.join(actions)}")
+    raise UsageError(f"unknown action {argv[1]!r} for `lmstack {stage}`{_suggest(argv[1], actions)} "
+                     f"(actions: {', '.join(actions)})")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from lmstack.errors import LmstackError
-
     try:
         run(argv)
+    except UsageError as e:
+        if os.environ.get("LMSTACK_DEBUG"):
+            raise
+        print(f"lmstack: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # like argparse: a bad command line exits with status 2
     except (LmstackError, ValueError, FileNotFoundError) as e:
         if os.environ.get("LMSTACK_DEBUG"):
             raise

@@ -33,7 +33,7 @@ class ConfigError(LmstackError, ValueError):
     """A config key or value is not allowed. The message names the key and the allowed values."""
 
 
-def _check_value(path: str, hint: Any, value: Any) -> Any:
+def _check_value(path: str, hint: Any, value: Any, base: Any = None) -> Any:
     origin = get_origin(hint)
     if hint is Any:
         return value
@@ -60,7 +60,7 @@ def _check_value(path: str, hint: Any, value: Any) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping of {hint.__name__} fields, got {value!r}")
-        return from_dict(hint, value, _prefix=path + ".")
+        return from_dict(hint, value, _prefix=path + ".", _base=base if isinstance(base, hint) else None)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {value!r}")
@@ -93,8 +93,32 @@ def _check_value(path: str, hint: Any, value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "") -> T:
-    """Build dataclass `cls` from `data`, refusing unknown keys and ill-typed values."""
+def derived_fields(cfg: Any) -> dict[str, Any]:
+    """{field: sentinel} of the fields `cfg` derived from others in __post_init__ (e.g. ModelConfig's
+    head_dim = d_model // n_heads when given 0). A config class opts in by recording `_derived`."""
+    return dict(getattr(cfg, "_derived", None) or {})
+
+
+def unresolved(cfg: Any) -> dict[str, Any]:
+    """The init arguments that rebuild `cfg`, with every derived field back at its sentinel, so that
+    rebuilding after an override (say d_model) derives head_dim and d_ff again."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    values.update(derived_fields(cfg))
+    return values
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "", _base: Any = None) -> T:
+    """Build dataclass `cls` from `data`, refusing unknown keys and ill-typed values.
+
+    A partial mapping for a nested config is merged into that field's default (as the CLI and a recipe
+    YAML do), with derived fields re-derived: {"pretrain": {"model": {"d_model": 512}}} keeps the
+    speedrun's default model and changes only its width (and so its head_dim and d_ff)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{_prefix or cls.__name__} must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -104,7 +128,12 @@ def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "") -> T:
         raise ConfigError(
             f"unknown key {_prefix}{unknown[0]!r} for {cls.__name__}; allowed keys: {', '.join(sorted(fields))}"
         )
-    kwargs = {k: _check_value(_prefix + k, hints[k], v) for k, v in data.items()}
+    kwargs = unresolved(_base) if _base is not None else {}
+    for k, v in data.items():
+        base = None
+        if isinstance(v, dict) and dataclasses.is_dataclass(hints[k]):
+            base = getattr(_base, k) if _base is not None else _field_default(fields[k])
+        kwargs[k] = _check_value(_prefix + k, hints[k], v, base)
     return cls(**kwargs)
 
 
@@ -171,21 +200,46 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, text)
 
 
+def _derived_defaults(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model.head_dim": 0, ...}: the sentinels of every derived field in a config tree."""
+    out = {prefix + k: v for k, v in derived_fields(cfg).items()}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_derived_defaults(value, f"{prefix}{f.name}."))
+    return out
+
+
 @dataclass(frozen=True)
 class ConfigCommand:
     """A CLI command configured by one dataclass: its fields are the flags, a recipe YAML fills them.
 
-    `lmstack.cli` parses `--config recipe.yaml --a.b value` into the dataclass and calls `run(cfg)`."""
+    `lmstack.cli` parses `--config recipe.yaml --a.b value` into the dataclass and calls `run(cfg)`.
+    `--print_config` prints the resolved config that would run (derived fields filled in) and exits."""
 
     config: type
     run: Callable[[Any], Any]
 
-    def __call__(self, args: list[str], prog: str) -> Any:
+    def parse(self, args: list[str], prog: str = "lmstack", parser_class: type | None = None) -> Any:
+        """The config that `args` describe: defaults, then --config files, then flags, then derivation."""
         from jsonargparse import ActionConfigFile, ArgumentParser
 
-        parser = ArgumentParser(prog=prog, description=(self.run.__doc__ or "").strip().split("\n")[0])
+        parser = (parser_class or ArgumentParser)(
+            prog=prog, description=(self.run.__doc__ or "").strip().split("\n")[0])
         parser.add_argument("--config", action=ActionConfigFile, help="a recipe YAML holding these fields")
         parser.add_class_arguments(self.config, nested_key=None, as_group=False)
+        # jsonargparse takes each nested default from an instance, whose derived fields are already
+        # resolved (head_dim 16 for d_model 64). Put the sentinels back so they are derived after the
+        # overrides, exactly as from_dict and the Python constructors do.
+        parser.set_defaults(_derived_defaults(self.config()))
         values = parser.instantiate(parser.parse_args(args)).as_dict()
         values.pop("config", None)
-        return self.run(self.config(**values))
+        return self.config(**values)
+
+    def __call__(self, args: list[str], prog: str, parser_class: type | None = None) -> Any:
+        flags = [a for a in args if a.split("=")[0] in ("--print_config", "--print-config")]
+        cfg = self.parse([a for a in args if a not in flags], prog, parser_class)
+        if flags:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return None
+        return self.run(cfg)

@@ -189,10 +189,10 @@ class PreferenceTrainer:
         metrics = MetricsLogger(out_dir) if out_dir else None
         before = self.evaluate(val)
         history, bar, start = [], None, time.perf_counter()
-        if cfg.progress:
-            from tqdm import tqdm
+        if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
+            from lmstack.progress import BudgetBar
 
-            bar = tqdm(total=cfg.steps, desc=cfg.method, dynamic_ncols=True)
+            bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc=cfg.method)
         self.policy.train()
         done = 0
         for step, rows in zip(range(cfg.steps), batches(train, cfg.batch_size, cfg.seed)):

@@ -165,10 +165,10 @@ class OnlineTrainer(abc.ABC):
             self.log(f"{self.method}: held-out reward before {before['mean']:.3f} ± {before['stderr']:.3f} "
                      f"(n={before['n']})")
         bar = None
-        if cfg.progress:
-            from tqdm import tqdm
+        if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
+            from lmstack.progress import BudgetBar
 
-            bar = tqdm(total=cfg.steps, desc=self.method, dynamic_ncols=True)
+            bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc=self.method)
         history, evals, start = [], [], time.perf_counter()
         done = 0
         for step, records in zip(range(cfg.steps), prompt_stream(train, cfg.prompts_per_step, cfg.seed)):

@@ -170,10 +170,10 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[Pair], val: Sequenc
     evaluate = (lambda: pairwise_accuracy(rm, tok, val, cfg.template, cfg.max_len)) if val else (lambda: {})
     before = evaluate()
     history, bar, start = [], None, time.perf_counter()
-    if cfg.progress:
-        from tqdm import tqdm
+    if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
+        from lmstack.progress import BudgetBar
 
-        bar = tqdm(total=cfg.steps, desc="rm", dynamic_ncols=True)
+        bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc="rm")
     rm.train()
     done = 0
     for step, pairs in zip(range(cfg.steps), batches(train, cfg.batch_size, cfg.seed)):

@@ -7,6 +7,7 @@ Usage:
     lmstack generate --model runs/tiny --prompt "Age:" --regex "[0-9]{1,3}"
     lmstack generate --model runs/tiny --prompt "x" --speculative ngram --num_speculative_tokens 4
     lmstack generate --model runs/tiny --prompt_ids "[1, 2, 3]" --beam_width 4 --max_tokens 8
+    lmstack generate --model runs/tiny --tokenizer tok/ --prompt "hi" --threads 1
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
              beam_width: int = 0, length_penalty: float = 1.0,
              speculative: Literal["none", "ngram", "draft"] = "none", draft_model: str | None = None,
              num_speculative_tokens: int = 4, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
-             json_output: bool = False) -> list[dict]:
+             json_output: bool = False, tokenizer: str | None = None, threads: int = 0) -> list[dict]:
     """Generate completions with the paged, continuously batched engine and print them.
 
     Args:
@@ -59,9 +60,15 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         max_num_seqs: most sequences decoded together.
         max_batched_tokens: token budget of one engine step.
         json_output: print one JSON object per prompt instead of plain text.
+        tokenizer: tokenizer directory or tokenizer.json (default: the model directory's tokenizer.json).
+        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus those
+            other processes keep busy; at least 1), N = exactly N.
     """
     from lmstack.infer.llm import LLM
     from lmstack.infer.sampling_params import SamplingParams
+    from lmstack.threads import set_threads
+
+    set_threads(threads)
 
     sources = sum(x is not None for x in (prompt, prompts_file, prompt_ids))
     if sources != 1:
@@ -78,7 +85,9 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
     spec = None
     if speculative != "none":
         spec = {"method": speculative, "num_tokens": num_speculative_tokens, "draft_model": draft_model}
-    llm = LLM(model, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speculative=spec)
+    llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speculative=spec)
+    if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
+        raise LmstackError(f"{model} holds no tokenizer.json: pass --tokenizer DIR, or token ids with --prompt_ids")
     params = SamplingParams(
         n=n, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,

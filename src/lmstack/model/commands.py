@@ -3,7 +3,8 @@
 Usage:
     lmstack model info --preset mixtral-small          # params (total/active), FLOPs, KV bytes, memory
     lmstack model info --model path/to/hf_or_our_dir
-    lmstack model init --preset llama-tiny --out runs/tiny      # a randomly initialised model directory
+    lmstack model init --preset llama-tiny --out runs/tiny      # a random model + a byte-level tokenizer
+    lmstack model init --preset llama-tiny --out runs/tiny --tokenizer tok/   # ... with your tokenizer
     lmstack model convert --src hf_dir --out our_dir            # load any supported HF dir, save it back
     lmstack model generate --model runs/tiny --prompt "Once upon" --max_new_tokens 32
 """
@@ -45,21 +46,48 @@ def info(preset: str | None = None, model: str | None = None, context: int | Non
     return {"config": cfg, "stats": stats}
 
 
-def init(preset: str, out: str, seed: int = 0) -> str:
-    """Write a randomly initialised model of a preset to a model directory (HF layout when possible).
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges: 256 byte tokens plus the chat special tokens. Any text
+    encodes, so a freshly initialised model can be sampled, served and chatted with at once."""
+    from lmstack.tokenizer import train_tokenizer
+
+    # one character has no pairs to merge, so the result is exactly the bytes and the special tokens
+    return train_tokenizer(texts=["a"], type="bpe", vocab_size=512, special_tokens="chat", show_progress=False)
+
+
+def init(preset: str, out: str, seed: int = 0, tokenizer: str | None = None) -> str:
+    """Write a randomly initialised model of a preset to a model directory (HF layout when possible),
+    with a tokenizer beside it, so `lmstack generate / serve / chat --model OUT` work at once.
 
     Args:
         preset: preset name, e.g. llama-tiny.
         out: output directory.
         seed: torch seed for the initial weights.
+        tokenizer: a tokenizer directory (or tokenizer.json) to copy in; its vocabulary must fit the model's.
+            Default: a byte-level tokenizer (256 bytes + chat special tokens, no merges).
     """
     from lmstack.model.hf_io import save_model
     from lmstack.model.presets import preset as make_preset
     from lmstack.model.transformer import Transformer
 
+    cfg = make_preset(preset)
+    if tokenizer is not None:
+        from lmstack.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    else:
+        tok = byte_tokenizer()
+    if tok.vocab_size > cfg.vocab_size:
+        raise LmstackError(f"the tokenizer has {tok.vocab_size} ids but {preset} has vocab_size={cfg.vocab_size}; "
+                           f"give a smaller tokenizer with --tokenizer, or a preset with a larger vocabulary")
+    # the special ids the tokenizer defines go into config.json / generation_config.json
+    cfg = cfg.replace(**{f"{name}_token_id": getattr(tok, f"{name}_id") for name in ("bos", "eos", "pad")
+                         if getattr(cfg, f"{name}_token_id") is None and getattr(tok, f"{name}_id") is not None})
     torch.manual_seed(seed)
-    path = save_model(Transformer(make_preset(preset)), out)
-    print(f"wrote {preset} to {path}")
+    path = save_model(Transformer(cfg), out)
+    tok.save(path)
+    print(f"wrote {preset} to {path} (with a {tok.vocab_size}-id tokenizer"
+          f"{' from ' + str(tokenizer) if tokenizer else ', byte-level'})")
     return str(path)
 
 

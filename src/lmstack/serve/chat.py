@@ -147,7 +147,7 @@ def run_chat(backend: Any, params: dict, read: Callable[[str], str] = input,
 
 def chat(model: str | None = None, url: str | None = None, adapter: str | None = None, system: str | None = None,
          temperature: float = 0.7, top_p: float = 0.95, max_tokens: int = 256, seed: int | None = None,
-         api_key: str | None = None, device: str = "auto") -> None:
+         api_key: str | None = None, device: str = "auto", threads: int = 0) -> None:
     """Chat with a model in the terminal, streaming its replies.
 
     Args:
@@ -161,6 +161,8 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
         seed: Seed for reproducible replies.
         api_key: Key for --url (default: the LMSTACK_API_KEY variable).
         device: auto, cpu or cuda (with --model).
+        threads: CPU threads for torch with --model: 0 = auto (the cores this process may use, minus one and
+            minus those other processes keep busy; at least 1), N = exactly N.
     """
     if (model is None) == (url is None):
         raise LmstackError("give exactly one of --model DIR (run here) or --url URL (talk to a server)")
@@ -170,6 +172,9 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
     if model is not None:
         if not (Path(model) / "config.json").is_file():
             raise LmstackError(f"--model {model}: no config.json there; give a model directory")
+        from lmstack.threads import set_threads
+
+        set_threads(threads)
         backend: Any = LocalBackend(model, adapter, device=device)
     else:
         backend = RemoteBackend(url, model=adapter, api_key=api_key or os.environ.get("LMSTACK_API_KEY"))

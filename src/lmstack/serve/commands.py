@@ -90,7 +90,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
           enable_prefix_caching: bool = True, max_queue: int = 64, max_tokens_limit: int = 4096,
           max_request_bytes: int = 1 << 20, max_n: int = 16, adapters: list[str] | None = None,
-          device: str = "auto", dtype: str = "auto", threads: int | None = None, seed: int = 0,
+          device: str = "auto", dtype: str = "auto", threads: int = 0, seed: int = 0,
           log_level: str = "info") -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
@@ -113,18 +113,17 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         adapters: LoRA adapters to serve, each NAME=PATH; clients select one with `model: NAME`.
         device: auto, cpu or cuda.
         dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16.
-        threads: CPU threads for torch (default: torch's choice, one per core); on a machine shared with
-            other busy processes, 1 can be much faster than 2.
+        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus those
+            other processes keep busy; at least 1), N = exactly N. On a shared machine 1 can be much faster.
         seed: Seed of the engine's sampler (requests can also give their own seed).
         log_level: uvicorn log level (debug, info, warning, error).
     """
     import torch
     import uvicorn
 
-    if threads is not None:
-        if threads < 1:
-            raise LmstackError(f"threads={threads} is not allowed; threads must be >= 1")
-        torch.set_num_threads(threads)
+    from lmstack.threads import set_threads
+
+    set_threads(threads)
     dev, torch_dtype = pick_device(device, dtype)
     api_key = api_key if api_key is not None else (os.environ.get("LMSTACK_API_KEY") or None)
     config = ServerConfig(model_name=model_name or Path(model).resolve().name, api_key=api_key,

@@ -126,3 +126,20 @@ def test_toxicity_prompts_from_a_file(tmp_path, fake_lm_factory):
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(LmstackError, match="bad.jsonl:1"):
         get_task("world_toxicity", path=str(bad)).docs("test")
+
+
+def test_refusal_eval_has_100_items_per_side_on_held_out_cities():
+    from lmstack.data.world.preferences import safety_requests
+    from lmstack.eval.tasks.world import cached_world
+
+    task = get_task("world_refusal")
+    docs = task.cached_docs("test")
+    harmful = [d for d in docs if is_harmful_request(d["prompt"])]
+    benign = [d for d in docs if not is_harmful_request(d["prompt"])]
+    assert len(harmful) >= 100 and len(benign) >= 100
+    assert all(d["kind"] == "harmful" for d in harmful) and all(d["kind"] == "benign" for d in benign)
+    assert len({d["prompt"] for d in docs}) == len(docs)  # no request counted twice
+    world = cached_world(task.world_seed, task.size)
+    assert {world.city_split(d["city"]) for d in docs} == {"test"}  # no training city leaks into the eval
+    grid = safety_requests(["Amberhaven", "Brightwater"], limit=7)
+    assert len(grid) == 14 and {g["city"] for g in grid[:4]} == {"Amberhaven", "Brightwater"}

@@ -238,8 +238,9 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
         raise LmstackError("finetune needs --data (a chat JSONL file) and --base (a pretrained model directory)")
     if not Path(cfg.base).is_dir():
         raise LmstackError(f"base model directory not found: {cfg.base}")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    from lmstack.threads import set_threads
+
+    set_threads(cfg.train.threads)  # 0 = auto: fits a shared machine instead of one thread per core
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -250,9 +251,9 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = load_model(cfg.base, lazy=False).to(device)
-    if tok.vocab_size > model.config.vocab_size:
-        raise LmstackError(f"the tokenizer in {tok_dir} has {tok.vocab_size} tokens but the base model only "
-                           f"{model.config.vocab_size}; they do not belong together")
+    from lmstack.model.vocab import check_vocab
+
+    check_vocab(model, tok, model_path=cfg.base, tokenizer_path=tok_dir, what="finetune")
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     examples, val, report = prepare_examples(cfg, tok, log)
     ordered = cfg.curriculum != "random"

@@ -31,8 +31,12 @@ def _load_policy(cfg: AlignConfig, device):
         raise LmstackError("--policy is required: the model directory to align (with its tokenizer.json)")
     if not Path(cfg.policy).is_dir():
         raise LmstackError(f"--policy {cfg.policy} is not a model directory")
+    from lmstack.model.vocab import check_vocab
+
     # lazy=False: weights are trained in place, so they must be real tensors, not views of the mapped file
-    return load_model(cfg.policy, lazy=False, device=device), load_tokenizer(cfg.policy)
+    model, tok = load_model(cfg.policy, lazy=False, device=device), load_tokenizer(cfg.policy)
+    check_vocab(model, tok, model_path=cfg.policy, tokenizer_path=cfg.policy, what="align")
+    return model, tok
 
 
 def _load_data(cfg: AlignConfig, log=print):
@@ -123,6 +127,9 @@ def align(cfg: AlignConfig) -> dict:
     from lmstack.align.config import ONLINE
     from lmstack.align.steps import resolve_device
 
+    from lmstack.threads import set_threads
+
+    set_threads(cfg.threads)  # 0 = auto: fits a shared machine instead of one thread per core
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)

@@ -12,15 +12,22 @@ import math
 from lmstack.errors import LmstackError
 
 
-def _server_model_name(url: str) -> str:
+def _server_model_name(url: str, api_key: str | None = None) -> str:
     """The first model a server lists at /v1/models (what it answers to)."""
     import httpx
 
-    from lmstack.eval.openai_lm import completions_url
+    from lmstack.eval.openai_lm import auth_error, completions_url
 
     models_url = completions_url(url).rsplit("/", 1)[0] + "/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        data = httpx.get(models_url, timeout=30.0).json().get("data") or []
+        r = httpx.get(models_url, timeout=30.0, headers=headers)
+        if r.status_code == 401:  # not "lists no models": say what is wrong
+            raise auth_error(models_url, bool(api_key))
+        if r.status_code != 200:
+            raise LmstackError(f"cannot list the models at {models_url}: it answered {r.status_code}; "
+                               "pass --model_name")
+        data = r.json().get("data") or []
     except (httpx.HTTPError, ValueError) as e:
         raise LmstackError(f"cannot list the models at {models_url}: {e}; pass --model_name") from None
     if not data:
@@ -50,8 +57,10 @@ def format_table(output: dict) -> str:
 
 def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = None, out: str | None = None,
              batch_size: int = 16, device: str = "auto", max_length: int | None = None,
-             tokenizer: str | None = None, model_name: str | None = None, chat_template: bool = False,
-             seed: int = 1234, bootstrap_iters: int = 1000, progress: bool = True) -> dict | list[str]:
+             tokenizer: str | None = None, model_name: str | None = None, api_key: str | None = None,
+             chat_template: bool = False,
+             seed: int = 1234, bootstrap_iters: int = 1000, progress: bool = True,
+             threads: int = 0) -> dict | list[str]:
     """Evaluate a model on tasks and print a results table; with --out, write results.json and per-item logs.
 
     Args:
@@ -65,10 +74,13 @@ def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = N
         max_length: context window in tokens (default: the model's; for a server, its context minus one).
         tokenizer: tokenizer directory (default: the model directory; for a server, optional).
         model_name: the model name a server answers to (default: the first one it lists).
+        api_key: key for a server that requires one (default: $OPENAI_API_KEY, else $LMSTACK_API_KEY).
         chat_template: wrap prompts in the tokenizer's chat template.
         seed: seed for few-shot sampling and bootstrap standard errors.
         bootstrap_iters: bootstrap resamples for standard errors (0 = none).
         progress: show a progress bar.
+        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus those
+            other processes keep busy; at least 1), N = exactly N.
     """
     from lmstack.eval.evaluator import evaluate as run_eval
     from lmstack.eval.task import get_task, list_tasks
@@ -82,11 +94,15 @@ def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = N
         raise LmstackError(f"--tasks is empty; available tasks: {', '.join(list_tasks())}")
     for name in names:
         get_task(name)  # an unknown name fails here, listing the available tasks, before a model is loaded
-    if model.startswith(("http://", "https://")):
-        from lmstack.eval.openai_lm import OpenAICompletionsLM
+    from lmstack.threads import set_threads
 
-        lm = OpenAICompletionsLM(model, model_name or _server_model_name(model), tokenizer=tokenizer,
-                                 batch_size=batch_size, max_length=max_length or 2048)
+    set_threads(threads)
+    if model.startswith(("http://", "https://")):
+        from lmstack.eval.openai_lm import OpenAICompletionsLM, api_key_from_env
+
+        key = api_key if api_key is not None else api_key_from_env()
+        lm = OpenAICompletionsLM(model, model_name or _server_model_name(model, key), api_key=key,
+                                 tokenizer=tokenizer, batch_size=batch_size, max_length=max_length or 2048)
     else:
         from lmstack.eval.local_lm import LocalLM
 

@@ -151,23 +151,59 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_len: int, context_
     return [(inp[:len(inp) - (len(pred) - 1)], pred) for inp, pred in windows]
 
 
+def model_special_ids(path) -> tuple[int | None, int | None]:
+    """(bos, eos) ids a model directory declares: generation_config.json first, then config.json (and our
+    lmstack_config.json); a list of ids gives its first. (None, None) when the path holds none of them."""
+    import json
+    from pathlib import Path
+
+    found: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None}
+    if path is None or not Path(path).is_dir():
+        return None, None
+    for name in ("generation_config.json", "config.json", "lmstack_config.json"):
+        f = Path(path) / name
+        try:
+            data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except (ValueError, UnicodeDecodeError):
+            continue  # a broken side file is the loader's business; here it just offers no ids
+        if isinstance(data.get("lmstack"), dict):
+            data = {**data["lmstack"], **data}
+        for key in found:
+            value = data.get(key)
+            value = value[0] if isinstance(value, list) and value else value
+            if found[key] is None and isinstance(value, int) and not isinstance(value, bool):
+                found[key] = value
+    return found["bos_token_id"], found["eos_token_id"]
+
+
 class TokenRules:
     """How eval backends tokenize, shared so LocalLM and OpenAICompletionsLM agree token for token.
 
     add_bos=None keeps the tokenizer's own post-processing (a BOS when it adds one; lm-eval's default),
     except for text that already starts with the BOS string (a rendered chat); True/False forces it.
-    An empty context is conditioned on the prefix token: BOS, else EOS (lm-eval's prefix_token_id)."""
+    An empty context is conditioned on the prefix token: BOS, else EOS (lm-eval's prefix_token_id).
+    A tokenizer that names neither falls back to `fallback` = (bos, eos) from the model's config.json /
+    generation_config.json (model_special_ids); only an empty context with no id anywhere is an error."""
 
-    def __init__(self, tokenizer, add_bos: bool | None = None):
-        from lmstack.errors import LmstackError
-
+    def __init__(self, tokenizer, add_bos: bool | None = None,
+                 fallback: tuple[int | None, int | None] = (None, None)):
         self.tokenizer, self.add_bos = tokenizer, add_bos
         self.bos_id, self.eos_id = tokenizer.special_id("bos"), tokenizer.special_id("eos")
         if self.bos_id is None and self.eos_id is None:
-            raise LmstackError("the tokenizer has neither a BOS nor an EOS token; loglikelihood needs one of them "
-                               "to condition an empty context on")
-        self.prefix_token_id = self.bos_id if self.bos_id is not None else self.eos_id
+            self.bos_id, self.eos_id = fallback
+        self._prefix = self.bos_id if self.bos_id is not None else self.eos_id
         self.bos_text = tokenizer.id_to_token(self.bos_id) if self.bos_id is not None else None
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context is conditioned on; an error only when one is needed and none exists."""
+        if self._prefix is None:
+            from lmstack.errors import LmstackError
+
+            raise LmstackError("an empty context must be conditioned on a BOS or EOS token, but neither the "
+                               "tokenizer nor the model's config.json / generation_config.json names one; add "
+                               "bos_token_id or eos_token_id to the model's config.json")
+        return self._prefix
 
     def encode(self, text: str, special: bool | None = None) -> list[int]:
         if special is not None:

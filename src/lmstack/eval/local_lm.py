@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.errors import LmstackError
-from lmstack.eval.lm import (GenArgs, TokenRules, cut_at_stop, merge_pieces, new_stats, rolling_windows,
-                             split_long_pairs)
+from lmstack.model.vocab import check_vocab
+from lmstack.eval.lm import (GenArgs, TokenRules, cut_at_stop, merge_pieces, model_special_ids, new_stats,
+                             rolling_windows, split_long_pairs)
 
 
 def _pick_device(device: str) -> str:
@@ -68,8 +69,13 @@ class LocalLM:
             raise LmstackError(f"model must be a model directory or a Transformer, got {type(model).__name__}")
         if tokenizer is None:
             raise LmstackError("LocalLM needs a tokenizer when the model is given as a module")
-        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        tok_path = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
+        self.tokenizer = load_tokenizer(tokenizer) if tok_path is not None else tokenizer
         self.model.eval()
+        # One definition with the engine (and so the server): a too-large tokenizer fails here, and scores
+        # are log-softmaxes over the model's real rows cut to the tokenizer's ids.
+        self.emit_vocab = check_vocab(self.model, self.tokenizer, what="eval", tokenizer_path=tok_path,
+                                      model_path=model if isinstance(model, (str, os.PathLike)) else None)
         self.name = str(model) if isinstance(model, (str, os.PathLike)) else type(self.model).__name__
         self.config = getattr(self.model, "config", None)
         model_len = getattr(self.config, "max_seq_len", None) or 2048
@@ -81,8 +87,16 @@ class LocalLM:
         self.chat_template = chat_template
         self.stats = new_stats()
         self._llm = None
-        self.rules = TokenRules(self.tokenizer, add_bos)
-        self.prefix_token_id = self.rules.prefix_token_id
+        # A tokenizer without BOS/EOS borrows the ids the model declares (generation_config.json, config.json).
+        fallback = model_special_ids(model) if isinstance(model, (str, os.PathLike)) else (None, None)
+        if fallback == (None, None):
+            fallback = (getattr(self.config, "bos_token_id", None), getattr(self.config, "eos_token_id", None))
+        self.rules = TokenRules(self.tokenizer, add_bos, fallback)
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on (BOS, else EOS); raises only when used and unavailable."""
+        return self.rules.prefix_token_id
 
     # -- tokenization ----------------------------------------------------------------------------------
     def encode(self, text: str, special: bool | None = None) -> list[int]:
@@ -156,7 +170,7 @@ class LocalLM:
                     cont = pairs[k][1]
                     n = len(cont)
                     # Only the positions that predict the continuation go through the (vocab-wide) head.
-                    logits = self.model.head(hidden[row, len(inp) - n:len(inp)]).float()
+                    logits = self.model.head(hidden[row, len(inp) - n:len(inp)]).float()[:, :self.emit_vocab]
                     logp = F.log_softmax(logits, dim=-1)
                     target = torch.tensor(cont, device=logp.device)
                     ll = logp.gather(-1, target[:, None]).sum().item()

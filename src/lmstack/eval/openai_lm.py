@@ -26,8 +26,26 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LmstackError
-from lmstack.eval.lm import (GenArgs, TokenRules, cut_at_stop, merge_pieces, new_stats, rolling_windows,
-                             split_long_pairs)
+from lmstack.eval.lm import (GenArgs, TokenRules, cut_at_stop, merge_pieces, model_special_ids, new_stats,
+                             rolling_windows, split_long_pairs)
+
+
+API_KEY_VARS = ("OPENAI_API_KEY", "LMSTACK_API_KEY")
+
+
+def api_key_from_env() -> str | None:
+    """The first of $OPENAI_API_KEY, $LMSTACK_API_KEY that is set (lmstack serve reads the second)."""
+    for var in API_KEY_VARS:
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+def auth_error(url: str, sent_key: bool) -> LmstackError:
+    """A 401 named as what it is: no key, or a wrong one."""
+    why = "the key sent was refused (wrong key)" if sent_key else "no API key was sent"
+    return LmstackError(f"{url} answered 401 Unauthorized: {why}; pass --api_key KEY or set "
+                        f"{' or '.join(API_KEY_VARS)}")
 
 
 def completions_url(base_url: str) -> str:
@@ -45,7 +63,7 @@ class OpenAICompletionsLM:
                  batch_size: int = 8, max_length: int = 2048, add_bos: bool | None = None, timeout_s: float = 120.0,
                  max_retries: int = 2):
         """base_url: the server (http://host:port[/v1[/completions]]); model: the name the server serves;
-        api_key: sent as a Bearer token (default $OPENAI_API_KEY); tokenizer: a Tokenizer or its directory,
+        api_key: sent as a Bearer token (default $OPENAI_API_KEY, else $LMSTACK_API_KEY); tokenizer: a Tokenizer or its directory,
         to tokenize locally (needed for rolling log-likelihoods); batch_size: prompts per HTTP request;
         max_length: the server's context in tokens minus one (its prompts must leave room for one token)."""
         import httpx
@@ -58,7 +76,8 @@ class OpenAICompletionsLM:
         self.model_name = model
         self.name = f"{model} @ {self.url}"
         self.batch_size, self.max_length, self.max_retries = batch_size, max_length, max_retries
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        key = api_key if api_key is not None else api_key_from_env()
+        self.sent_key = bool(key)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(timeout=timeout_s, headers=headers)
         self.tokenizer = None
@@ -67,7 +86,9 @@ class OpenAICompletionsLM:
             from lmstack.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike, Path)) else tokenizer
-            self.rules = TokenRules(self.tokenizer, add_bos)
+            # A tokenizer directory that is a model directory also offers its config's BOS/EOS as a fallback.
+            fallback = model_special_ids(tokenizer) if isinstance(tokenizer, (str, os.PathLike, Path)) else (None, None)
+            self.rules = TokenRules(self.tokenizer, add_bos, fallback)
         self.config = None  # no local ModelConfig: analytic FLOPs are unknown for a remote model
         self.stats = new_stats()
 
@@ -90,6 +111,8 @@ class OpenAICompletionsLM:
             if r.status_code >= 500 and attempt < self.max_retries:
                 time.sleep(0.5 * 2 ** attempt)
                 continue
+            if r.status_code == 401:
+                raise auth_error(self.url, self.sent_key)
             if r.status_code != 200:
                 try:
                     message = r.json().get("error", {}).get("message", r.text)

@@ -32,6 +32,7 @@ from lmstack.infer.sampling_params import SamplingParams, SamplingParamsError
 from lmstack.infer.scheduler import Scheduler
 from lmstack.infer.sequence import Request, Sequence
 from lmstack.infer.threads import engine_threads
+from lmstack.model.vocab import check_vocab
 
 _POOL_BYTES_DEFAULT = 1 << 30  # the KV pool is sized to at most 1 GiB unless num_blocks is given
 
@@ -68,6 +69,14 @@ class LLMEngine:
                 raise LmstackError(f"{name} must be an integer >= {lo}, got {v!r}")
         owned = isinstance(model, (str, os.PathLike))  # loaded here, so nobody else holds its weights
         self.model, self.tokenizer = load_model_and_tokenizer(model, tokenizer, dtype, device)
+        # A tokenizer larger than the model fails here, once, instead of as an IndexError in the embedding.
+        # Its result is what the sampler may see: the model's real rows, cut to the tokenizer's ids. The head
+        # already gives padded rows zero probability; cutting them keeps sampled ids valid token ids and makes
+        # every log-probability here the same number LocalLM computes (both use this one definition).
+        self.emit_vocab = check_vocab(
+            self.model, self.tokenizer, model_path=model if owned else None,
+            tokenizer_path=tokenizer if isinstance(tokenizer, (str, os.PathLike)) else
+            (model if owned and tokenizer is None else None))
         cfg = self.model.config
         self.max_model_len = max_model_len or cfg.max_seq_len
         if num_blocks is None:
@@ -82,10 +91,6 @@ class LLMEngine:
                                   share_weights=owned)
         self.generator = torch.Generator().manual_seed(seed)
         self.eos_ids = self._eos_ids()
-        # A padded embedding table (vocab rounded up for fast matmuls) has rows no tokenizer id maps to:
-        # the sampler only ever sees the tokenizer's ids, so an untrained row can never be emitted.
-        n_tok = self.tokenizer.vocab_size if self.tokenizer is not None else cfg.vocab_size
-        self.emit_vocab = min(cfg.vocab_size, n_tok)
         self.spec = None
         if speculative is not None:
             from lmstack.infer.speculative import SpeculativeDecoder
@@ -192,7 +197,7 @@ class LLMEngine:
         return bool(self.requests)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        vocab = self.model.config.vocab_size
+        vocab = self.emit_vocab  # a padded row is no token: it cannot be decoded, nor proposed by n-gram lookup
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise LmstackError("a text prompt needs a tokenizer; pass tokenizer= or give token ids")
@@ -231,7 +236,7 @@ class LLMEngine:
         if self.guided is None:
             from lmstack.infer.constrained import GuidedDecoder
 
-            self.guided = GuidedDecoder(self.tokenizer, self.eos_ids, self.model.config.vocab_size)
+            self.guided = GuidedDecoder(self.tokenizer, self.eos_ids, self.emit_vocab)
         return self.guided
 
     # ---- the step

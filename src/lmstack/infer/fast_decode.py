@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.model.mlp import MLP
+from lmstack.model.vocab import mask_padded_logits
 
 
 def supported(model) -> bool:
@@ -94,7 +95,8 @@ class FastDecoder:
             h = F.rms_norm(x, (self.d,), n2, self.eps)
             gu = F.linear(h, w_gu, b_gu)
             x = x + down(act(gu[:, :self.d_ff]) * gu[:, self.d_ff:] if gated else act(gu))
-        return F.linear(F.rms_norm(x[t - n_logits:], (self.d,), self.final, self.eps), self.head_w)
+        logits = F.linear(F.rms_norm(x[t - n_logits:], (self.d,), self.final, self.eps), self.head_w)
+        return mask_padded_logits(logits, self.model.config)  # the same padded-row rule as Transformer.head
 
 
 def _fuse(linears, share: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -130,7 +130,9 @@ class SpeculativeDecoder:
             for _, toks, _ in batch:
                 total += len(toks)
                 rows.append(total - 1)
-            logits = self.runner.run(batch, rows)
+            # Cut to the ids the target samples from (engine.emit_vocab): a guess in a padded row is no token,
+            # and q must cover the same ids as the target's p for the accept rule.
+            logits = self.runner.run(batch, rows)[:, :eng.emit_vocab]
             srows = [eng.sampling_row(s, s.spec_tokens) for s in live]
             processed = lp.process(logits, srows)
             guesses = lp.sample(processed, srows, eng.generator)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 from lmstack.config import ConfigError, from_dict, to_dict
 
@@ -36,6 +36,9 @@ class ModelConfig:
     # ---- sizes
     vocab_size: int = 512
     """Number of token ids the embedding and LM head cover."""
+    real_vocab_size: int | None = None
+    """Ids below this are real tokens; rows from here up to vocab_size only pad the table (e.g. to a fast
+    matmul size) and the LM head gives them zero probability (see vocab.py). None: every row is real."""
     d_model: int = 64
     """Width of the residual stream."""
     n_layers: int = 2
@@ -181,8 +184,19 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.d_ff == 0:
             self.d_ff = _round_up(int(8 * self.d_model / 3), 32) if self.gated else 4 * self.d_model
+    # Fields whose sentinel value means "derive me from the others" (see __post_init__). The CLI and
+    # from_dict reset a derived field to its sentinel before applying overrides, so that
+    # `--model.d_model 128` re-derives head_dim and d_ff instead of keeping the default model's.
+    DERIVED: ClassVar[dict[str, Any]] = {"n_kv_heads": 0, "head_dim": 0, "d_ff": 0, "moe_d_ff": 0,
+                                         "rope_original_max_seq_len": 0}
+    # `_derived` lives in a slot beside __dict__, so tools that read vars(cfg) as the init arguments
+    # (jsonargparse's defaults) do not see it.
+    __slots__ = ("_derived", "__dict__")
+
         if self.moe_d_ff == 0:
             self.moe_d_ff = self.d_ff
+        # which fields this instance derived (not a dataclass field: never saved, never compared)
+        self._derived = {k: v for k, v in self.DERIVED.items() if getattr(self, k) == v}
         if self.rope_original_max_seq_len == 0:
             self.rope_original_max_seq_len = self.max_seq_len
         self.validate()
@@ -223,6 +237,8 @@ class ModelConfig:
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.real_vocab_size is None or 1 <= self.real_vocab_size <= self.vocab_size,
+             f"real_vocab_size={self.real_vocab_size} must be None or between 1 and vocab_size={self.vocab_size}")
         need(self.n_heads % self.n_kv_heads == 0,
              f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         need(self.position != "rope" or self.head_dim % 2 == 0, f"position=rope needs an even head_dim, got {self.head_dim}")

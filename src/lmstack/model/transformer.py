@@ -30,6 +30,7 @@ from lmstack.model.mlp import ACTIVATIONS, MLP
 from lmstack.model.moe import MoE
 from lmstack.model.norms import make_norm
 from lmstack.model.positions import RotaryEmbedding, SinusoidalPositions, alibi_slopes
+from lmstack.model.vocab import mask_padded_logits
 
 
 class ForwardContext:
@@ -232,7 +233,8 @@ class Transformer(nn.Module):
         logits = F.linear(x, weight, bias)
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
-        return logits
+        # Padded rows (past real_vocab_size) get zero probability here, the one place every consumer passes.
+        return mask_padded_logits(logits, cfg)
 
     # ---- facts
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

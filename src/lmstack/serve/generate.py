@@ -78,7 +78,7 @@ class ServerState:
         self.engine = aengine.engine
         self.tokenizer = aengine.tokenizer
         self.max_model_len: int = self.engine.max_model_len
-        self.vocab_size: int = self.engine.model.config.vocab_size
+        self.vocab_size: int = self.engine.emit_vocab  # the model's real rows, cut to the tokenizer's ids
         self.capacity = self.engine.scheduler.max_num_seqs + config.max_queue
         self.in_flight = 0
         self.created = int(time.time())

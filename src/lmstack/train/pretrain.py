@@ -166,8 +166,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
     from lmstack.train.distributed import init_distributed, parallelize
     from lmstack.train.trainer import Trainer, resolve_device
 
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    from lmstack.threads import set_threads
+
+    set_threads(cfg.train.threads)  # 0 = auto: fits a shared machine instead of one thread per core
     rank, world_size, device = init_distributed(cfg.distributed) if cfg.distributed.strategy != "none" \
         else (0, 1, resolve_device(cfg.train.device))
     out = Path(cfg.out)
@@ -181,9 +182,10 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
     train, val, tok, bytes_per_token = build_data(cfg, dp_rank, dp_size)
     model_cfg = cfg.model
     if tok is not None:
-        if model_cfg.vocab_size < tok.vocab_size:
-            raise LmstackError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                               f"{tok.vocab_size} tokens; set model.vocab_size >= {tok.vocab_size}")
+        from lmstack.model.vocab import check_vocab
+
+        check_vocab(model_cfg, tok, model_path="model.vocab_size", tokenizer_path=cfg.data.tokenizer or None,
+                    what="pretrain")
         ids = {k: getattr(tok, k.replace("_token_id", "_id"), None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         model_cfg = model_cfg.replace(**{k: v for k, v in ids.items() if getattr(model_cfg, k) is None and v is not None})
     torch.manual_seed(cfg.train.seed)
@@ -191,6 +193,12 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
     if tok is not None and cfg.objective.mask_token_id is None and getattr(tok, "mask_id", None) is not None:
         cfg.objective.mask_token_id = tok.mask_id  # the tokenizer reserves a real <|mask|> token
     objective = build_objective(cfg.objective, model_cfg, pad_id=getattr(tok, "pad_id", None))
+    if tok is not None and model_cfg.real_vocab_size is None:
+        from lmstack.model.vocab import padded_real_vocab_size
+
+        # Rows past the tokenizer (and past ids the objective writes, e.g. an MLM mask) are padding: the
+        # head gives them zero probability from the first step, so training never spreads mass onto them.
+        model_cfg.real_vocab_size = padded_real_vocab_size(model_cfg.vocab_size, tok.vocab_size, objective.reserved)
     for p in objective.parameters():
         p.data = p.data.to(device)
     wrapped = model

@@ -256,11 +256,11 @@ class Trainer:
         flops_per_token = model_stats(self.raw.config, context=self.tokens_per_row).train_flops_per_token \
             if hasattr(self.raw, "config") else 0.0
         peak = measure_matmul_peak(self.device) if self.main else 1.0
-        bar = None
-        if cfg.progress and self.main:
-            from tqdm import tqdm
+        from lmstack.progress import BudgetBar
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        # total and ETA follow whichever of steps / max_seconds ends the run; warns if steps slow down a lot
+        bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, initial=self.step, desc="train",
+                        enabled=cfg.progress and self.main, hint="--train.threads 1") if self.main else None
         start = time.perf_counter()
         last = {}
         window_tokens, window_start = 0, time.perf_counter()

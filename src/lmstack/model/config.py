@@ -23,7 +23,7 @@ Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
 RopeScaling = Literal["none", "linear", "ntk", "yarn", "llama3"]
 MLPKind = Literal["gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu"]
 Backend = Literal["sdpa", "naive", "blockwise"]
-AttentionKind = Literal["softmax", "performer", "linformer"]
+AttentionKind = Literal["softmax", "performer", "linformer", "lsh"]
 SparsePattern = Literal["none", "longformer", "bigbird", "dilated"]
 
 
@@ -110,6 +110,14 @@ class ModelConfig:
     """Random features of Performer attention; the estimate approaches softmax attention as this grows."""
     linformer_k: int = 64
     """Rows Linformer projects keys and values to along the sequence."""
+    lsh_n_hashes: int = 4
+    """attention='lsh' (Reformer): hash rounds; more rounds find more of each query's near keys."""
+    lsh_chunk_size: int = 64
+    """attention='lsh': chunk length after the sort; each chunk attends to itself and the previous chunk."""
+    lsh_n_buckets: int = 0
+    """attention='lsh': buckets per round (even); 0 = about T/lsh_chunk_size, as in Reformer."""
+    lsh_shared_qk: bool = True
+    """attention='lsh': Reformer's shared-QK (keys are the normalised queries; the model has no k_proj)."""
     sparse_pattern: SparsePattern = "none"
     """Sparse attention mask: longformer (window + global tokens), bigbird (window, global, random blocks), dilated."""
     sparse_global_tokens: int = 0
@@ -171,8 +179,19 @@ class ModelConfig:
     name: str = ""
     """Free-form name, e.g. the preset it came from."""
 
+    # Fields whose sentinel value means "derive me from the others" (see __post_init__). The CLI and
+    # from_dict reset a derived field to its sentinel before applying overrides, so that
+    # `--model.d_model 128` re-derives head_dim and d_ff instead of keeping the default model's.
+    DERIVED: ClassVar[dict[str, Any]] = {"n_kv_heads": 0, "head_dim": 0, "d_ff": 0, "moe_d_ff": 0,
+                                         "rope_original_max_seq_len": 0}
+    # `_derived` lives in a slot beside __dict__, so tools that read vars(cfg) as the init arguments
+    # (jsonargparse's defaults) do not see it.
+    __slots__ = ("_derived", "__dict__")
+
     def __post_init__(self) -> None:
         self._check_choices()
+        # which fields this instance derived (not a dataclass field: never saved, never compared)
+        self._derived = {k: v for k, v in self.DERIVED.items() if getattr(self, k) == v}
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.head_dim == 0:
@@ -184,19 +203,8 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.d_ff == 0:
             self.d_ff = _round_up(int(8 * self.d_model / 3), 32) if self.gated else 4 * self.d_model
-    # Fields whose sentinel value means "derive me from the others" (see __post_init__). The CLI and
-    # from_dict reset a derived field to its sentinel before applying overrides, so that
-    # `--model.d_model 128` re-derives head_dim and d_ff instead of keeping the default model's.
-    DERIVED: ClassVar[dict[str, Any]] = {"n_kv_heads": 0, "head_dim": 0, "d_ff": 0, "moe_d_ff": 0,
-                                         "rope_original_max_seq_len": 0}
-    # `_derived` lives in a slot beside __dict__, so tools that read vars(cfg) as the init arguments
-    # (jsonargparse's defaults) do not see it.
-    __slots__ = ("_derived", "__dict__")
-
         if self.moe_d_ff == 0:
             self.moe_d_ff = self.d_ff
-        # which fields this instance derived (not a dataclass field: never saved, never compared)
-        self._derived = {k: v for k, v in self.DERIVED.items() if getattr(self, k) == v}
         if self.rope_original_max_seq_len == 0:
             self.rope_original_max_seq_len = self.max_seq_len
         self.validate()
@@ -274,6 +282,10 @@ class ModelConfig:
             need(self.attention != "linformer" or not self.causal, "attention='linformer' needs causal=False")
             need(self.performer_features > 0 and 0 < self.linformer_k <= self.max_seq_len,
                  "performer_features must be > 0 and linformer_k in 1..max_seq_len")
+        need(self.lsh_n_hashes >= 1 and self.lsh_chunk_size >= 1,
+             f"lsh_n_hashes and lsh_chunk_size must be >= 1, got {self.lsh_n_hashes} and {self.lsh_chunk_size}")
+        need(self.lsh_n_buckets == 0 or (self.lsh_n_buckets >= 2 and self.lsh_n_buckets % 2 == 0),
+             f"lsh_n_buckets must be 0 (auto) or an even number >= 2, got {self.lsh_n_buckets}")
         need(self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}")
         if self.n_experts:
             need(1 <= self.moe_top_k <= self.n_experts,

@@ -50,6 +50,9 @@ class AlignConfig:
     """Strength of the KL anchor to the reference (TRL's default 0.1); implicit rewards are β·log-ratios."""
     label_smoothing: float = 0.0
     """cDPO: probability that a pair's label is flipped, in [0, 0.5); cdpo needs it > 0."""
+    rpo_alpha: float = 0.0
+    """RPO (Pang et al. 2024; TRL's rpo_alpha): add rpo_alpha x the per-token NLL of the chosen replies to a paired
+    loss, so the chosen replies' likelihood is anchored and cannot fall while the margin grows. 0 = off."""
     confidence_as: Literal["weight", "smoothing", "ignore"] = "weight"
     """Per-pair `confidence` c: weight the pair's loss by c, or smooth its label by ε = 1 - c, or ignore it."""
     ipo_average: bool = True
@@ -163,6 +166,7 @@ class AlignConfig:
         check_choices(self)
         need(self.beta > 0, f"beta must be > 0, got {self.beta}")
         need(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        need(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0 (0 = no NLL term), got {self.rpo_alpha}")
         need(self.method != "cdpo" or self.label_smoothing > 0,
              "method='cdpo' needs label_smoothing in (0, 0.5) (label_smoothing=0 is plain dpo)")
         need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")

@@ -1,4 +1,5 @@
 """Offline preference optimisation: DPO, cDPO, IPO (paired) and KTO (unpaired) against a reference policy.
+rpo_alpha > 0 adds RPO's NLL term on the chosen replies to any paired loss.
 
 The loss comes from the losses registry by method name; what this trainer adds is the reference:
 - reference="copy": a frozen deep copy of the starting policy (or a given reference model);
@@ -124,8 +125,16 @@ class PreferenceTrainer:
             eps = torch.clamp(eps + (1 - conf), max=0.499)  # a pair's doubt adds to the global smoothing
         weights = conf if mode == "weight" else None
         # (IPO has no label smoothing: there only the "weight" mode changes anything.)
-        return preference_loss(METHOD_LOSS[self.cfg.method], logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.beta,
-                               eps, weights)
+        out = preference_loss(METHOD_LOSS[self.cfg.method], logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.beta,
+                              eps, weights)
+        if self.cfg.rpo_alpha:
+            # RPO: NLL per chosen token over the batch (TRL's rpo_alpha). With IPO's averaged log-probs the rows are
+            # already per-token means, so they are averaged rather than re-divided.
+            tokens = batch["completion_mask"][:n, 1:].sum(-1).clamp(min=1).to(logps)
+            chosen = logps[:n] if not self.average else logps[:n] * tokens
+            out["nll"] = -chosen.sum() / tokens.sum()
+            out["loss"] = out["loss"] + self.cfg.rpo_alpha * out["nll"]
+        return out
 
     def unpaired_loss(self, rows: Sequence[Unpaired]) -> dict[str, torch.Tensor]:
         texts = [(r.prompt, r.completion) for r in rows]
@@ -209,6 +218,8 @@ class PreferenceTrainer:
                 row["margin"] = float(out["margins"].mean())
             if kto:
                 row["kl"] = float(out["kl"])
+            if "nll" in out:
+                row["nll"] = float(out["nll"].detach())
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 history.append({"step": step + 1, **row})
                 if metrics:

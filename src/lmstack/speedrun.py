@@ -81,6 +81,9 @@ class SpeedrunConfig:
     align_seconds: float = 150.0
     """Training budget of the alignment stage after SFT: DPO on the world's preference pairs, then GRPO on
     arithmetic with the math verifier (0 = no alignment stage; it needs the SFT stage)."""
+    threads: int = 0
+    """CPU threads for torch in every stage: 0 = auto (the cores this process may use, minus one and minus
+    those other processes keep busy; at least 1), N = exactly N. pretrain.train.threads, if set, wins there."""
 
     def __post_init__(self):
         if self.sft_seconds < 0:
@@ -114,6 +117,12 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     from lmstack.tokenizer import load_tokenizer, train_tokenizer
     from lmstack.train.pretrain import pretrain
 
+    from lmstack.threads import set_threads
+
+    # one decision for the whole run (measured now, before our own stages load the machine)
+    threads = set_threads(cfg.threads, log=print)
+    if not cfg.pretrain.train.threads:
+        cfg.pretrain.train.threads = threads
     start = time.perf_counter()
     run = Path(cfg.out) / time.strftime("%Y%m%d-%H%M%S")
     run.mkdir(parents=True, exist_ok=True)

@@ -56,10 +56,19 @@ def auto_threads(cores: int | None = None, load: float | None = None) -> int:
     return max(1, min(cores - 1, free) // local)
 
 
+_AUTO: int | None = None  # the first auto decision of this process (see resolve_threads)
+
+
 def resolve_threads(threads: int | None) -> int:
-    """0 or None = auto_threads(); N >= 1 = N; anything else is an error that names the flag."""
+    """0 or None = auto; N >= 1 = N; anything else is an error that names the flag.
+
+    Auto is decided once per process: a later stage of the same run (the speedrun's SFT after its
+    pretraining) would otherwise read its own earlier work in the load average and starve itself."""
+    global _AUTO
     if threads is None or threads == 0:
-        return auto_threads()
+        if _AUTO is None:
+            _AUTO = auto_threads()
+        return _AUTO
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise LmstackError(f"threads={threads!r} is not allowed; use 0 (auto) or an integer >= 1")
     return threads

@@ -109,7 +109,7 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"]
 
 def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             cache: Literal["contiguous", "sink", "none"] = "contiguous") -> list[int]:
+             cache: Literal["contiguous", "sink", "none"] = "contiguous", threads: int = 0) -> list[int]:
     """Sample from a model with the reference KV-cache decode loop.
 
     Args:
@@ -122,12 +122,16 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
         top_p: nucleus sampling mass (1 = off).
         seed: sampling seed.
         cache: contiguous KV cache, a bounded sink cache, or none (recompute the prefix each step).
+        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus those
+            other processes keep busy; at least 1), N = exactly N.
     """
     from pathlib import Path
 
     from lmstack.model.generate import generate as run
     from lmstack.model.hf_io import load_model
+    from lmstack.threads import set_threads
 
+    set_threads(threads)
     m = load_model(model)
     tok = None
     if prompt is not None:

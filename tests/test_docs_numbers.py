@@ -12,6 +12,7 @@ What fails:
 - a citation that does not resolve, is not a number, or disagrees with the number before it (drift);
 - a techniques row whose measured-effect column holds digits but no citation, no "arithmetic:" label and no
   "not built" text (and the same for the README's benchmark table);
+- a cited results file that no script under benchmarks/ writes;
 - a cited test (`tests/x.py::name`, `tests/x.py`, globs allowed) that does not exist;
 - an ALLOWLIST entry whose row is already clean: the allowlist only shrinks.
 
@@ -99,6 +100,13 @@ def _load(file: str):
     return json.loads(path.read_text())
 
 
+@lru_cache(maxsize=None)
+def written_by_a_script(file: str) -> bool:
+    """benchmarks/<file>.py exists, or some benchmark script names the results file it writes."""
+    bench = ROOT / "benchmarks"
+    return (bench / f"{file}.py").is_file() or any(f'"{file}"' in p.read_text() for p in bench.glob("*.py"))
+
+
 def resolve(file: str, key: str):
     """The value at results/<file>.json:<key>; KeyError/FileNotFoundError name what is missing."""
     return _resolve(_load(file), key.split("."))
@@ -131,6 +139,8 @@ def citation_errors(text: str) -> list[str]:
         except (KeyError, IndexError):
             errors.append(f"{cite}: key path not found in results/{m.group('file')}.json")
             continue
+        if not written_by_a_script(m.group("file")):
+            errors.append(f"{cite}: no script under benchmarks/ writes results/{m.group('file')}.json")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             errors.append(f"{cite}: resolves to {value!r}, not a finite number")
             continue

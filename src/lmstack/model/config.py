@@ -104,6 +104,8 @@ class ModelConfig:
     """sdpa (torch's fused kernels, flash on GPU), naive (explicit softmax), blockwise (FlashAttention reference)."""
     attn_block_size: int = 128
     """Tile size of the blockwise backend and of block-sparse patterns' skip test."""
+    fused_kernels: bool = False
+    """Fused RMSNorm and SwiGLU (model/fused.py): Triton on CUDA, compiled/plain torch on CPU. Same numbers."""
     attention: AttentionKind = "softmax"
     """softmax, or linear-cost performer (random features) / linformer (low-rank K/V, bidirectional only)."""
     performer_features: int = 256
@@ -147,6 +149,9 @@ class ModelConfig:
     """Weight of the Switch-style load-balancing loss (E * sum_i f_i * P_i)."""
     router_z_loss_coef: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of router logits; ST-MoE)."""
+    moe_capacity_factor: float = 0.0
+    """Each expert takes at most ceil(factor * tokens * top_k / n_experts) tokens per forward; the overflow
+    is dropped (counted in MoE.last_dropped) and passes through the residual only. 0 = no limit."""
     # ---- embeddings and heads
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
@@ -287,6 +292,7 @@ class ModelConfig:
         need(self.lsh_n_buckets == 0 or (self.lsh_n_buckets >= 2 and self.lsh_n_buckets % 2 == 0),
              f"lsh_n_buckets must be 0 (auto) or an even number >= 2, got {self.lsh_n_buckets}")
         need(self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}")
+        need(self.moe_capacity_factor >= 0, f"moe_capacity_factor must be >= 0 (0 = no limit), got {self.moe_capacity_factor}")
         if self.n_experts:
             need(1 <= self.moe_top_k <= self.n_experts,
                  f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")

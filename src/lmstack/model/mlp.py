@@ -3,6 +3,8 @@
 A gated MLP computes down(act(gate(x)) * up(x)); a plain one down(act(up(x))). The activation
 registry is shared with the MoE experts.
 
+With cfg.fused_kernels and mlp=swiglu, the product silu(gate) * up runs as fused.swiglu.
+
 Usage:
     mlp = MLP(cfg)              # cfg.mlp picks the kind
     y = mlp(x)                  # (B, T, d_model)
@@ -42,8 +44,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias) if cfg.gated else None
         self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        # fused SwiGLU product (fused.py): silu(gate) * up in one kernel that keeps only gate and up
+        self.fused = bool(getattr(cfg, "fused_kernels", False)) and cfg.mlp == "swiglu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None:
             return self.down_proj(self.act(self.up_proj(x)))
+        if self.fused:
+            from lmstack.model.fused import swiglu
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

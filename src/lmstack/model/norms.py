@@ -3,6 +3,8 @@
 RMSNorm (Zhang & Sennrich 2019) drops LayerNorm's mean-centering and bias: x / rms(x) * weight.
 It computes in fp32 whatever the input dtype, as the Llama reference does, so bf16 runs stay stable.
 
+With cfg.fused_kernels, RMSNorm runs as fused.FusedRMSNorm (one kernel forward and backward).
+
 Usage:
     norm = make_norm(cfg, cfg.d_model)
 """
@@ -26,5 +28,8 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
+        if getattr(cfg, "fused_kernels", False):
+            from lmstack.model.fused import FusedRMSNorm  # same parameters and numbers, one fused kernel
+            return FusedRMSNorm(dim, cfg.norm_eps)
         return RMSNorm(dim, cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)

@@ -28,7 +28,9 @@ from torch import nn
 
 from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
+from lmstack.model.fused_ce import fused_linear_cross_entropy
 from lmstack.model.transformer import Transformer
+from lmstack.model.vocab import real_vocab
 from lmstack.train.objectives.token_weighting import build_weighting
 
 # Batch keys the model's forward understands, passed through when an objective's batch has them.
@@ -67,6 +69,27 @@ def scored_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
         hidden = model(input_ids, return_hidden=True, **kwargs)
         return model.head(hidden[mask])
     return model(input_ids, **kwargs)[mask]
+
+
+def fused_lm_loss(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+                  kwargs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """objective.fused_ce: the LM head and mean cross-entropy at the scored positions, chunk by chunk
+    (model/fused_ce.py), so the (N, vocab) logits never exist. Padded vocabulary rows are masked as in
+    Transformer.head. Needs a plain (or DDP / torch.compile wrapped) Transformer with head='lm'."""
+    core = unwrap(model)
+    if type(core) is not Transformer or core.config.head != "lm":
+        what = type(core).__name__ if type(core) is not Transformer else f"head={core.config.head!r}"
+        raise LmstackError(f"objective.fused_ce needs an lmstack Transformer with head='lm' (got {what}); "
+                           "set objective.fused_ce=false")
+    cfg = core.config
+    hidden = model(input_ids, return_hidden=True, **kwargs)[mask]
+    weight = core.tok_emb.weight if core.lm_head is None else core.lm_head.weight
+    n = targets.numel()
+    if n == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0, {"ce": 0.0, "accuracy": 0.0, "n_tokens": 0}
+    loss, correct = fused_linear_cross_entropy(hidden, weight, targets, n_real=real_vocab(cfg),
+                                               softcap=cfg.final_logit_softcap, return_correct=True)
+    return loss, {"ce": float(loss.detach()), "accuracy": int(correct) / n, "n_tokens": n}
 
 
 def check_tokens(tokens: torch.Tensor, vocab_size: int, min_len: int = 2) -> torch.Tensor:
@@ -190,6 +213,9 @@ class Objective(abc.ABC):
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch["loss_mask"]
+        if getattr(self.cfg, "fused_ce", False):
+            return self.finish(model, *fused_lm_loss(model, batch["input_ids"], mask, batch["targets"][mask],
+                                                     model_inputs(batch)))
         logits = scored_logits(model, batch["input_ids"], mask, model_inputs(batch))
         loss, metrics = self.lm_loss(logits, batch["targets"][mask], model.training)
         return self.finish(model, loss, metrics)

@@ -100,6 +100,10 @@ class ObjectiveConfig:
     """Cap on a token's weight (after normalising the batch's weights to mean 1)."""
     focal_gamma: float = 2.0
     """focal: weight = (1 - p_target)^gamma."""
+    # ---- fused LM head + loss
+    fused_ce: bool = False
+    """Compute the LM head and cross-entropy chunk by chunk (model/fused_ce.py), never holding the full
+    (tokens, vocab) logits: same loss and gradients, far less memory at large vocabularies."""
     # ---- bookkeeping
     init_seed: int = 0
     """Seed for the objective's own parameters (ELECTRA's generator and head, InfoNCE projections)."""
@@ -149,6 +153,9 @@ class ObjectiveConfig:
         need(0.0 <= self.token_freq_decay < 1.0, f"token_freq_decay={self.token_freq_decay} must be in [0, 1)")
         need(self.token_weight_max >= 1.0, f"token_weight_max={self.token_weight_max} must be >= 1")
         need(self.focal_gamma >= 0, f"focal_gamma={self.focal_gamma} must be >= 0")
+        need(not (self.fused_ce and self.token_weighting != "none"),
+             f"fused_ce=true cannot be combined with token_weighting={self.token_weighting!r}: the fused loss "
+             "computes its gradient before per-token weights (which need the whole batch's losses) exist")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ObjectiveConfig":

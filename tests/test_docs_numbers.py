@@ -44,7 +44,7 @@ ALLOWLIST = {
     "README:linear_attention.py", "README:ppo_trust_region.py", "README:rejection_sampling.py",
     "README:sparse_attention.py", "README:speculative.py", "README:train_shakespeare.py",
     # H8's own rows, being converted now
-    "II.2", "III.3", "III.6", "XI.15", "README:objectives.py",
+    "III.3", "III.6", "XI.15", "README:objectives.py",
 }
 
 ROW = re.compile(r"^\| (?P<id>(?:S|[IVX]+)\.\d+) \|")

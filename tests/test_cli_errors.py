@@ -33,6 +33,12 @@ def test_a_bad_flag_stage_or_action_is_one_line_with_a_suggestion(capsys, argv, 
 def test_a_bad_value_is_one_line_naming_the_key(capsys):
     line = one_error_line(capsys, ["pretrain", "--train.steps", "abc"])
     assert "train.steps" in line and "abc" in line
+    line = one_error_line(capsys, ["align", "--method", "dpx"])
+    assert "--method='dpx' is not allowed" in line and "kto" in line and "did you mean dpo?" in line
+    # a value the config itself refuses (after parsing) is one line too
+    assert main(["pretrain", "--model.d_model", "100", "--model.n_heads", "3", "--print_config"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "d_model=100 must be divisible by n_heads=3" in lines[0]
 
 
 def test_help_keeps_the_full_usage(capsys):

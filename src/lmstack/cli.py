@@ -86,6 +86,11 @@ def parser_class() -> type:
                     flags = [a.split("=")[0] for a in unknown.group(1).split() if a.startswith("-")]
                     if flags:
                         text = f"unknown flag {flags[0]}{_suggest(flags[0], known)}"
+                choice = re.search(r'key "([^"]+)": Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)', text)
+                if choice:  # a value outside a Literal's choices: name them and suggest the closest
+                    key, allowed, got = choice.group(1), re.findall(r"'([^']*)'", choice.group(2)), choice.group(3)
+                    text = (f"--{key}={got!r} is not allowed; choose one of {', '.join(allowed)}"
+                            f"{_suggest(got, allowed)}")
                 raise UsageError(f"{text} (see `{self.prog} --help`)") from ex
 
         _PARSER_CLASS = Parser

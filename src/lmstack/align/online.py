@@ -232,15 +232,16 @@ def plot_reward_scores(history: Sequence[dict], evals: Sequence[dict], path: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for h in history for k in h if k.startswith("score_")})
+    keys = ["reward_mean"] + sorted({k for h in history for k in h if k.startswith("score_")})
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for key in keys:
+        label, eval_key = ("optimised reward", "mean") if key == "reward_mean" else (key[6:], key)
         pts = [(h["step"], h[key]) for h in history if key in h and h[key] == h[key]]
         if pts:
-            line, = ax.plot(*zip(*pts), label=f"{key[6:]} (rollouts)", linewidth=1)
-            ev = [(e["step"], e[key]) for e in evals if key in e and e[key] == e[key]]
+            line, = ax.plot(*zip(*pts), label=f"{label} (rollouts)", linewidth=1)
+            ev = [(e["step"], e[eval_key]) for e in evals if eval_key in e and e[eval_key] == e[eval_key]]
             if ev:
-                ax.plot(*zip(*ev), linestyle="--", marker="o", color=line.get_color(), label=f"{key[6:]} (held-out)")
+                ax.plot(*zip(*ev), linestyle="--", marker="o", color=line.get_color(), label=f"{label} (held-out)")
     ax.set_xlabel("RL step")
     ax.set_ylabel("mean score")
     ax.legend(fontsize=8)

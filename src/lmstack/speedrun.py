@@ -10,10 +10,12 @@
    eval_seconds) into eval_base.json;
 7. fine-tune it on the world's chat data (QA, arithmetic, instructions, personas) for sft_seconds and score
    base vs SFT on held-out world tasks (lmstack.adapt.sft_stage) into sft/;
-8. align the SFT model for align_seconds: DPO on the world's preference pairs, then GRPO on arithmetic with
-   the math verifier, measured before and after (lmstack.align.align_stage) into align/;
+8. align the SFT model for align_seconds: DPO with RPO's NLL term on the world's preference pairs, then GRPO
+   on arithmetic and safety requests (math + safety reward, KL anchor), with a validation guard, measured
+   before and after (lmstack.align.align_stage) into align/;
 9. write summary.json and the report card runs/<timestamp>/report.md (lmstack.eval.report), which renders
-   whatever stages the run directory holds.
+   whatever stages the run directory holds, and name the model to chat with: the aligned one (align/model),
+   with the SFT model beside it.
 
 Usage:
     lmstack speedrun                                   # recipes/speedrun.yaml's defaults
@@ -190,6 +192,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
         timings["eval"] = time.perf_counter() - t
 
     sections = []
+    models = {"base": str(model_dir)}  # each stage's product; the last one is the model to chat with
     if cfg.sft_seconds > 0:
         from lmstack.adapt.sft_stage import sft_stage
 
@@ -202,21 +205,40 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
             from lmstack.align.align_stage import align_stage
 
             t = _step("8. alignment (DPO on preference pairs, then GRPO on arithmetic)")
-            align_stage(run, sft_model_dir(model_dir, Path(sft["result"]), run), world, budget_s=cfg.align_seconds,
-                        seed=cfg.seed)
+            sft_dir = sft_model_dir(model_dir, Path(sft["result"]), run)
+            models["sft"] = str(sft_dir)
+            align_stage(run, sft_dir, world, budget_s=cfg.align_seconds, seed=cfg.seed)
+            models["aligned"] = str(run / "align" / "model")
             sections.append("align/report.md")  # SFT -> aligned, with the base column
             timings["align"] = time.perf_counter() - t
+        else:
+            models["sft"] = str(sft_model_dir(model_dir, Path(sft["result"]), run))
 
     from lmstack.eval.report import build_report
 
     total = time.perf_counter() - start
     if tok_seconds.get("seconds") is not None:
         timings["(tokenizer training, inside data)"] = tok_seconds["seconds"]
-    write_summary(run, cfg, manifest, summary, samples, timings, total, sections)
+    write_summary(run, cfg, manifest, summary, samples, timings, total, sections, models)
     path = build_report(run)
     print(f"\nspeedrun finished in {total / 60:.1f} min; report: {path}")
-    print(f"chat with the model: lmstack chat --model {model_dir}")
-    return {"run": str(run), "report": str(path), "summary": summary, "seconds": total, "samples": samples}
+    print(closing_lines(models))
+    return {"run": str(run), "report": str(path), "summary": summary, "seconds": total, "samples": samples,
+            "models": models}
+
+
+def closing_lines(models: dict[str, str]) -> str:
+    """Where the run's models are, pointing the user at the last chat model (aligned, else SFT); a base model
+    that was never fine-tuned only continues text, so it is offered for generate, not chat."""
+    chat = models.get("aligned") or models.get("sft")
+    if chat is None:
+        return (f"the pretrained base model (no chat fine-tuning ran, so it continues text rather than chats): "
+                f"lmstack generate --model {models['base']} --prompt \"Once upon a time\"")
+    lines = [f"chat with the {'aligned' if 'aligned' in models else 'SFT'} model: lmstack chat --model {chat}"]
+    if "aligned" in models:
+        lines.append(f"the SFT model it was aligned from: {models['sft']}")
+    lines.append(f"the pretrained base model (text continuation, not chat): {models['base']}")
+    return "\n".join(lines)
 
 
 def sft_model_dir(base_dir: Path, result: Path, run: Path) -> Path:
@@ -271,7 +293,7 @@ def run_eval_stage(run: Path, model_dir: Path, world: Path, cfg: SpeedrunConfig,
 
 def write_summary(run: Path, cfg: SpeedrunConfig, world_manifest: dict, summary: dict,
                   samples: list[tuple[str, str]], timings: dict[str, float], total: float,
-                  sections: list[str] | None = None) -> Path:
+                  sections: list[str] | None = None, models: dict[str, str] | None = None) -> Path:
     """run/summary.json: what the report card shows beside the stage outputs (timings, result, samples)."""
     from lmstack.config import atomic_write_text
 
@@ -282,7 +304,7 @@ def write_summary(run: Path, cfg: SpeedrunConfig, world_manifest: dict, summary:
                      f"schedule {cfg.pretrain.schedule.name}",
             "world": {"size": cfg.world_size, "seed": cfg.seed, "pretrain_bytes": world_manifest.get("pretrain_bytes")},
             "samples": [{"prompt": p, "text": t} for p, t in samples],
-            "samples_note": "temperature 0.8, top-k 50", "sections": sections or []}
+            "samples_note": "temperature 0.8, top-k 50", "sections": sections or [], "models": models or {}}
     path = run / "summary.json"
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
     return path

@@ -19,7 +19,8 @@ from lmstack.adapt.registry import METHODS, add_adapter, find_targets, get_peft_
 
 # Method modules register themselves on import. A module another helper has not written yet is skipped;
 # an error inside an existing module is not hidden.
-for _name in ("lora", "dora", "qlora", "prefix", "prompt", "bottleneck", "ia3", "hyper", "sparse", "meta"):
+for _name in ("lora", "dora", "qlora", "prefix", "prompt", "bottleneck", "ia3", "hyper", "sparse", "meta",
+              "fusion", "compacter"):
     try:
         importlib.import_module(f"lmstack.adapt.{_name}")
     except ModuleNotFoundError as _e:

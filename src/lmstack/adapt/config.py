@@ -16,14 +16,16 @@ from typing import Any
 
 from lmstack.config import ConfigError, from_dict, to_dict
 
-METHOD_NAMES = ("full", "lora", "dora", "qlora", "prefix", "prompt", "adapter", "ia3", "hyper", "sparse")
+METHOD_NAMES = ("full", "lora", "dora", "qlora", "prefix", "prompt", "adapter", "ia3", "hyper", "sparse", "fusion",
+                "compacter")
 QUANT_KINDS = ("int8", "nf4")
 
 
 @dataclass
 class AdapterConfig:
     method: str = "lora"
-    """Fine-tuning method, a key of lmstack.adapt.METHODS: full|lora|dora|qlora|prefix|prompt|adapter|ia3|hyper|sparse."""
+    """Fine-tuning method, a key of lmstack.adapt.METHODS:
+    full|lora|dora|qlora|prefix|prompt|adapter|ia3|hyper|sparse|fusion|compacter."""
     r: int = 8
     """LoRA/DoRA/QLoRA rank: the inner width of the low-rank update B @ A."""
     alpha: float = 16.0
@@ -46,7 +48,16 @@ class AdapterConfig:
     prefix_hidden: int = 128
     """Prefix tuning: hidden width of the reparameterisation MLP."""
     bottleneck_dim: int = 32
-    """Houlsby adapters: width of the bottleneck."""
+    """Houlsby and Compacter adapters: width of the bottleneck."""
+    fusion_adapters: list[str] = field(default_factory=list)
+    """AdapterFusion: the trained bottleneck adapters to combine (at least 2): names of adapters on the model, or
+    adapter/ folders written by `lmstack finetune --method adapter`."""
+    fusion_temperature: float = 1.0
+    """AdapterFusion: softmax temperature of the attention over the adapters."""
+    phm_dim: int = 4
+    """Compacter: n, the number of Kronecker products (and the size of the shared n x n rules); divides d_model."""
+    phm_rank: int = 1
+    """Compacter: rank r of each per-layer factor B_i = s_i t_i."""
     layers_to_train: list[int] | None = None
     """Sparse fine-tuning: indices of the blocks to train (None = all)."""
     experts_to_train: list[int] | None = None
@@ -63,7 +74,8 @@ class AdapterConfig:
             raise ConfigError(f"method={self.method!r} is not allowed; choose one of {', '.join(METHOD_NAMES)}")
         if self.quant not in QUANT_KINDS:
             raise ConfigError(f"quant={self.quant!r} is not allowed; choose one of {', '.join(QUANT_KINDS)}")
-        for name in ("r", "num_virtual_tokens", "prefix_hidden", "bottleneck_dim", "task_embedding_dim", "n_tasks"):
+        for name in ("r", "num_virtual_tokens", "prefix_hidden", "bottleneck_dim", "task_embedding_dim", "n_tasks",
+                     "phm_dim", "phm_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
@@ -74,6 +86,16 @@ class AdapterConfig:
         self.alpha = float(self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout!r} is not allowed; it must be a number in [0, 1)")
+        if isinstance(self.fusion_temperature, bool) or not isinstance(self.fusion_temperature, (int, float)) \
+                or not self.fusion_temperature > 0:
+            raise ConfigError(f"fusion_temperature={self.fusion_temperature!r} is not allowed; it must be a number > 0")
+        if isinstance(self.fusion_adapters, str):
+            self.fusion_adapters = [self.fusion_adapters]
+        if not isinstance(self.fusion_adapters, (list, tuple)) or not all(
+                isinstance(a, str) and a for a in self.fusion_adapters):
+            raise ConfigError(f"fusion_adapters={self.fusion_adapters!r} is not allowed; it must be a list of adapter "
+                              "names or directories")
+        self.fusion_adapters = list(self.fusion_adapters)
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         if not isinstance(self.target_modules, (list, tuple)) or not all(

@@ -29,7 +29,9 @@ from lmstack.errors import LmstackError
 
 
 def _known(model: nn.Module) -> set[str]:
-    return {n for layer in adapter_layers(model).values() for n in layer.kind}
+    # LoRA-family names live in the AdapterLinear layers; hook-based methods (adapters, fusion, IA3, ...) are
+    # known by their configs on the model.
+    return {n for layer in adapter_layers(model).values() for n in layer.kind} | set(getattr(model, "adapter_configs", {}))
 
 
 def _require(model: nn.Module, names: list[str]) -> None:

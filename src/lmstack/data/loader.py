@@ -16,16 +16,21 @@ round-robin (rank r gets permutation[r::world_size]), so ranks see disjoint docu
 loader's whole position is a few integers plus the best-fit buffer: `state_dict()` after batch N
 and `load_state_dict()` in a fresh loader give exactly batch N+1 next.
 
+DomainMixLoader mixes several shard sets (domains): each row's domain is drawn from a weight table
+(a dict, or an AdaptiveWeights whose weights change during training, DoReMi-style), and the row is
+the next row of that domain's own TokenLoader. `last_domains` names the domain of each row.
+
 Usage:
     from lmstack.data.loader import LoaderConfig, TokenLoader
     loader = TokenLoader("out/shards", LoaderConfig(batch_size=8, seq_len=256, doc_ids=True))
     x, y, doc_ids = next(loader)              # LongTensors (8, 256)
     state = loader.state_dict()               # JSON-serialisable; save it with the checkpoint
     loader2 = TokenLoader("out/shards", LoaderConfig(...)); loader2.load_state_dict(state)
+    mix = DomainMixLoader({"web": "out/web", "code": "out/code"}, LoaderConfig(batch_size=8), {"web": .7, "code": .3})
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,15 +148,17 @@ class TokenLoader:
     def __iter__(self) -> "TokenLoader":
         return self
 
+    def next_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """One packed row of T+1 tokens and the document id of each token."""
+        parts, owners = (self._row_bestfit if self.cfg.align_bos else self._row_stream)(self.cfg.seq_len + 1)
+        return np.concatenate(parts), np.repeat(owners, [len(p) for p in parts])
+
     def __next__(self) -> tuple[torch.Tensor, ...]:
         B, T = self.cfg.batch_size, self.cfg.seq_len
         rows = np.empty((B, T + 1), dtype=np.int64)
         ids = np.empty((B, T + 1), dtype=np.int64)
-        make_row = self._row_bestfit if self.cfg.align_bos else self._row_stream
         for b in range(B):
-            parts, owners = make_row(T + 1)
-            rows[b] = np.concatenate(parts)
-            ids[b] = np.repeat(owners, [len(p) for p in parts])
+            rows[b], ids[b] = self.next_row()
         self.batches += 1
         x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
         if self.cfg.doc_ids:
@@ -180,3 +187,75 @@ class TokenLoader:
         self.buffer = [int(d) for d in state["buffer"]]
         self.cur, self.off = int(state["cur"]), int(state["off"])
         self.cropped_tokens = int(state.get("cropped_tokens", 0))
+
+
+class DomainMixLoader:
+    """Batches whose rows come from several domains, each row's domain drawn from `weights`.
+
+    weights: a dict name -> weight (a fixed mix), or any object with a `.weights` dict property (read at
+    every batch, so an AdaptiveWeights updated by the trainer steers the next rows). Each domain has its own
+    TokenLoader (same packing, order and sharding settings), so rows never mix domains. Document ids in
+    doc_ids are offset per domain so they never collide."""
+
+    def __init__(self, domains: dict[str, str | Path | ShardSet], cfg: LoaderConfig | None = None,
+                 weights: Any = None) -> None:
+        if not domains:
+            raise LmstackError("DomainMixLoader needs at least one domain (name -> shard directory)")
+        self.cfg = cfg or LoaderConfig()
+        self.names = list(domains)
+        one = replace(self.cfg, batch_size=1)
+        self.loaders = {k: TokenLoader(v, one) for k, v in domains.items()}
+        self.weight_source = weights if weights is not None else {k: 1.0 for k in self.names}
+        self._check(self._weights())
+        self.offsets = dict(zip(self.names, np.cumsum([0] + [ld.shards.n_docs for ld in self.loaders.values()])))
+        self.rng = np.random.default_rng([self.cfg.seed, self.cfg.rank, 7])
+        self.batches = 0
+        self.last_domains: list[str] = []
+
+    def _weights(self) -> dict[str, float]:
+        w = self.weight_source.weights if hasattr(self.weight_source, "weights") else self.weight_source
+        return dict(w)
+
+    def _check(self, w: dict[str, float]) -> None:
+        if sorted(w) != sorted(self.names):
+            raise LmstackError(f"domain weights name {sorted(w)}, the loader's domains are {sorted(self.names)}")
+        if any(not v >= 0 for v in w.values()) or sum(w.values()) <= 0:
+            raise LmstackError(f"domain weights must be non-negative and not all zero, got {w}")
+
+    def __iter__(self) -> "DomainMixLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        w = self._weights()
+        p = np.array([w[k] for k in self.names], dtype=np.float64)
+        picks = self.rng.choice(len(self.names), size=self.cfg.batch_size, p=p / p.sum())
+        B, T = self.cfg.batch_size, self.cfg.seq_len
+        rows = np.empty((B, T + 1), dtype=np.int64)
+        ids = np.empty((B, T + 1), dtype=np.int64)
+        self.last_domains = [self.names[i] for i in picks]
+        for b, name in enumerate(self.last_domains):
+            rows[b], doc = self.loaders[name].next_row()
+            ids[b] = doc + self.offsets[name]
+        self.batches += 1
+        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+        if self.cfg.doc_ids:
+            return x, y, torch.from_numpy(ids[:, :-1].copy())
+        return x, y
+
+    @property
+    def cropped_tokens(self) -> int:
+        return sum(ld.cropped_tokens for ld in self.loaders.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every domain loader's position plus the domain sampler's RNG (plain JSON types)."""
+        return {"domains": {k: ld.state_dict() for k, ld in self.loaders.items()}, "batches": self.batches,
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if sorted(state.get("domains", {})) != sorted(self.names):
+            raise LmstackError(f"loader state is for domains {sorted(state.get('domains', {}))}, "
+                               f"not {sorted(self.names)}")
+        for k, ld in self.loaders.items():
+            ld.load_state_dict(state["domains"][k])
+        self.batches = int(state["batches"])
+        self.rng.bit_generator.state = state["rng"]

@@ -13,13 +13,20 @@ So a source can be downsampled (some documents get 0 copies) or upsampled (repea
 
 Online reweighting (for training): `AdaptiveWeights.update(per_source_loss, reference_loss)`
 moves weight towards sources whose loss exceeds a reference model's (DoReMi, Xie et al. 2023):
-w <- normalise(w * exp(lr * max(loss - ref, 0))), then mixed with uniform for smoothing.
+w <- normalise(w * exp(lr * max(loss - ref, 0))), then w <- (1 - c) w + c / k (smoothing towards
+uniform, inside the recursion as in DoReMi, so no domain's weight ever falls below c / k).
+`DoReMi` is the trainer hook that does this during pretraining (`data.adaptive` in the run config):
+every `update_every` steps it draws `probe_rows` rows of each domain, takes the per-token losses of the
+model being trained and of a frozen reference model, averages max(l_model - l_ref, 0) per domain, and
+updates the weights that lmstack.data.loader.DomainMixLoader samples the next rows' domains from.
 
 Usage:
     from lmstack.data.mixing import MixConfig, mixture_copies, temperature_shares, AdaptiveWeights
     temperature_shares({"en": 900, "fr": 100}, T=2.0)       # {'en': 0.75, 'fr': 0.25}
     copies = mixture_copies({"source": srcs, "lang": langs}, MixConfig(weights={"a": .5, "b": .5}))
     aw = AdaptiveWeights(["web", "code"]); aw.update({"web": 3.1, "code": 2.0}, {"web": 2.9, "code": 2.0})
+    # in a run config (lmstack pretrain):  data.adaptive: {enabled: true, domains: {web: DIR, code: DIR},
+    #                                                      reference: REF_MODEL_DIR, update_every: 10}
 """
 from __future__ import annotations
 
@@ -145,7 +152,6 @@ class AdaptiveWeights:
     def weights(self) -> dict[str, float]:
         p = np.exp(self.log_w - self.log_w.max())
         p /= p.sum()
-        p = (1 - self.smoothing) * p + self.smoothing / len(p)
         return {s: float(v) for s, v in zip(self.sources, p)}
 
     def update(self, per_source_loss: dict[str, float], reference_loss: dict[str, float]) -> dict[str, float]:
@@ -156,8 +162,9 @@ class AdaptiveWeights:
         excess = np.array([max(per_source_loss[s] - reference_loss[s], 0.0) for s in self.sources])
         if not np.isfinite(excess).all():
             raise LmstackError(f"AdaptiveWeights.update: non-finite losses {per_source_loss}")
-        self.log_w += self.lr * excess
-        self.log_w -= self.log_w.max()  # keep the logs bounded; normalisation happens in `weights`
+        p = np.exp(self.log_w + self.lr * excess - (self.log_w + self.lr * excess).max())
+        p = (1 - self.smoothing) * p / p.sum() + self.smoothing / len(p)
+        self.log_w = np.log(p)
         return self.weights
 
     def sample(self, n: int, rng: np.random.Generator) -> list[str]:
@@ -177,3 +184,96 @@ class AdaptiveWeights:
 def entropy(shares: dict[str, float]) -> float:
     """Shannon entropy (nats) of a share table; higher = more balanced."""
     return float(-sum(p * math.log(p) for p in shares.values() if p > 0))
+
+
+@dataclass
+class AdaptiveConfig:
+    """DoReMi-style online domain weights during pretraining (`data.adaptive` of the run config)."""
+
+    enabled: bool = False
+    """Sample each training row's domain from weights that follow the excess loss over a reference model."""
+    domains: dict[str, str] = field(default_factory=dict)
+    """Domain name -> training shard directory (one `lmstack data run` output per domain); replaces data.shards."""
+    reference: str = ""
+    """Reference model directory (lmstack.load_model), e.g. the same model trained on a uniform mix."""
+    init: dict[str, float] = field(default_factory=dict)
+    """Starting weights per domain (normalised); empty = uniform. Also the fixed mix when enabled=false but
+    domains are given."""
+    update_every: int = 10
+    """Optimizer steps between weight updates."""
+    step_size: float = 1.0
+    """Exponentiated-gradient step size (eta): w <- w * exp(eta * excess loss)."""
+    smoothing: float = 1e-3
+    """Mix the new weights with uniform by this fraction after every update (c in DoReMi)."""
+    probe_rows: int = 4
+    """Rows drawn per domain to measure the losses at each update."""
+
+    def __post_init__(self) -> None:
+        if self.update_every < 1 or self.probe_rows < 1:
+            raise ValueError(f"data.adaptive.update_every={self.update_every} and probe_rows={self.probe_rows} "
+                             "must be >= 1")
+        if not self.step_size > 0 or not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"data.adaptive.step_size={self.step_size} must be > 0 and smoothing={self.smoothing} "
+                             "in [0, 1)")
+        unknown = sorted(set(self.init) - set(self.domains))
+        if unknown:
+            raise ValueError(f"data.adaptive.init names domain(s) {unknown} that are not in data.adaptive.domains "
+                             f"({sorted(self.domains)})")
+        if self.enabled and (len(self.domains) < 2 or not self.reference):
+            raise ValueError("data.adaptive.enabled needs at least two data.adaptive.domains and a "
+                             "data.adaptive.reference model directory")
+
+
+class DoReMi:
+    """Trainer hook: every `update_every` steps, measure per-domain excess loss on probe rows and update the
+    weights that the DomainMixLoader samples from.
+
+    excess(domain) = mean over the probe tokens of max(l_model(token) - l_reference(token), 0)."""
+
+    def __init__(self, cfg: AdaptiveConfig, weights: AdaptiveWeights, probes: dict[str, Any], reference: Any):
+        """probes: domain -> iterator of (x, y) LongTensor batches; reference: a frozen model."""
+        self.cfg, self.weights, self.probes, self.reference = cfg, weights, probes, reference
+        self.reference.eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.history: list[dict[str, float]] = []
+
+    def excess(self, model: Any, device: Any) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """(excess, model loss, reference loss) per domain on one fresh probe batch each."""
+        import torch
+        import torch.nn.functional as F
+
+        was_training = model.training
+        model.eval()
+        ex, lm, lr = {}, {}, {}
+        with torch.no_grad():
+            for name, it in self.probes.items():
+                batch = next(it)
+                x, y = batch[0].to(device), batch[1].to(device)
+                a = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
+                b = F.cross_entropy(self.reference(x).float().flatten(0, 1), y.flatten(), reduction="none")
+                ex[name] = float((a - b).clamp_min(0).mean())
+                lm[name], lr[name] = float(a.mean()), float(b.mean())
+        model.train(was_training)
+        return ex, lm, lr
+
+    def after_step(self, trainer: Any) -> dict[str, float]:
+        """Called by the Trainer after each optimizer step; returns metrics to log (the current weights)."""
+        if trainer.step % self.cfg.update_every:
+            return {}
+        ex, _, _ = self.excess(trainer.raw, trainer.device)
+        # AdaptiveWeights.update takes (loss, reference); passing (excess, 0) applies the per-token clipping above
+        w = self.weights.update(ex, {k: 0.0 for k in ex})
+        self.history.append({"step": trainer.step, **{f"w_{k}": v for k, v in w.items()},
+                             **{f"excess_{k}": v for k, v in ex.items()}})
+        return {f"domain_weight_{k}": v for k, v in w.items()} | {f"excess_loss_{k}": v for k, v in ex.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights.state_dict(), "probes": {k: it.state_dict() for k, it in self.probes.items()},
+                "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights.load_state_dict(state["weights"])
+        for k, it in self.probes.items():
+            it.load_state_dict(state["probes"][k])
+        self.history = list(state.get("history", []))

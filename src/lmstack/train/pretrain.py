@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lmstack.config import save_config
+from lmstack.data.mixing import AdaptiveConfig
 from lmstack.errors import LmstackError
 from lmstack.model.config import ModelConfig
 from lmstack.train.config import TrainConfig
@@ -50,6 +51,8 @@ class DataConfig:
     """Shards: start every row at a document start (best-fit packing)."""
     doc_ids: bool = False
     """Shards: mask attention at document boundaries inside packed rows."""
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    """Several shard directories (domains) mixed by weights, fixed or DoReMi-adaptive (replaces `shards`)."""
 
 
 @dataclass
@@ -133,22 +136,36 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int):
         val = (lambda: train.sequential(val_ids)) if len(val_ids) > d.seq_len + 1 else None
         n_bytes = len(text[int(len(text) * (1 - d.val_fraction)):].encode("utf-8"))
         return train, val, tok, n_bytes / max(len(val_ids), 1)
-    if not d.shards:
-        raise LmstackError("give data.shards (a shard directory from `lmstack data run`) or data.text")
-    from lmstack.data.loader import LoaderConfig, TokenLoader
+    if not d.shards and not d.adaptive.domains:
+        raise LmstackError("give data.shards (a shard directory from `lmstack data run`), data.adaptive.domains "
+                           "or data.text")
+    from lmstack.data.loader import DomainMixLoader, LoaderConfig, TokenLoader
+    from lmstack.data.mixing import AdaptiveWeights
     from lmstack.data.shards import ShardSet
 
     def loader(path: str, shuffle: bool, r: int, ws: int) -> TokenLoader:
         return TokenLoader(path, LoaderConfig(batch_size=d.batch_size, seq_len=d.seq_len, align_bos=d.align_bos,
                                               doc_ids=d.doc_ids, shuffle=shuffle, seed=seed, rank=r, world_size=ws))
 
-    train = loader(d.shards, True, rank, world_size)
+    if d.adaptive.domains:
+        if d.shards:
+            raise LmstackError("give data.shards or data.adaptive.domains, not both")
+        a = d.adaptive
+        weights = AdaptiveWeights(list(a.domains), init=a.init or None, lr=a.step_size, smoothing=a.smoothing) \
+            if a.enabled else {k: a.init.get(k, 0.0) if a.init else 1.0 for k in a.domains}
+        train = DomainMixLoader(a.domains, LoaderConfig(batch_size=d.batch_size, seq_len=d.seq_len,
+                                                        align_bos=d.align_bos, doc_ids=d.doc_ids, seed=seed,
+                                                        rank=rank, world_size=world_size), weights)
+        train.shards = train.loaders[next(iter(a.domains))].shards  # the checks below read the first domain
+    else:
+        train = loader(d.shards, True, rank, world_size)
     rows_needed = d.batch_size * (d.seq_len + 1)
     if train.shards.n_tokens < rows_needed:
         raise LmstackError(f"the training shards hold {train.shards.n_tokens} tokens, fewer than one batch "
                            f"({d.batch_size} x {d.seq_len + 1}); lower data.batch_size or data.seq_len")
     val = (lambda: loader(d.val_shards, False, rank, world_size)) if d.val_shards else None
-    tok_path = d.tokenizer or ShardSet(d.shards).manifest.get("tokenizer", {}).get("spec", "")
+    spec = train.shards.manifest.get("tokenizer", "")  # the shards' tokenizer: a directory, or "bytes"
+    tok_path = d.tokenizer or (spec.get("spec", "") if isinstance(spec, dict) else spec)
     tok = _load_tokenizer(tok_path) if tok_path and Path(tok_path).exists() else None
     bpt = None
     if tok is not None and d.val_shards:
@@ -158,6 +175,25 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int):
         n_bytes = sum(len(tok.decode([int(t) for t in s], skip_special_tokens=True).encode("utf-8")) for s in sample)
         bpt = n_bytes / max(n_tok, 1)
     return train, val, tok, bpt
+
+
+def doremi_hook(cfg: PretrainConfig, train, device, rank: int, world_size: int):
+    """The DoReMi trainer hook for data.adaptive: probe loaders per domain (their own order), the reference model."""
+    from lmstack.data.loader import LoaderConfig, TokenLoader
+    from lmstack.data.mixing import DoReMi
+    from lmstack.model.hf_io import load_model
+
+    a, d = cfg.data.adaptive, cfg.data
+    if not Path(a.reference).is_dir():
+        raise LmstackError(f"data.adaptive.reference model directory not found: {a.reference}")
+    reference = load_model(a.reference, lazy=False).to(device)
+    if reference.config.vocab_size != cfg.model.vocab_size:
+        raise LmstackError(f"data.adaptive.reference has vocab_size {reference.config.vocab_size}, the model "
+                           f"{cfg.model.vocab_size}; the reference must use the same tokenizer")
+    probe_cfg = LoaderConfig(batch_size=a.probe_rows, seq_len=d.seq_len, align_bos=d.align_bos,
+                             seed=cfg.train.seed + 12345, rank=rank, world_size=world_size)
+    probes = {k: TokenLoader(path, probe_cfg) for k, path in a.domains.items()}
+    return DoReMi(a, train.weight_source, probes, reference)
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
@@ -185,7 +221,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
         from lmstack.model.vocab import check_vocab
 
         check_vocab(model_cfg, tok, model_path="model.vocab_size", tokenizer_path=cfg.data.tokenizer or None,
-                    what="pretrain")
+                    what="pretrain", hint=f"Set model.vocab_size >= {tok.vocab_size}")
         ids = {k: getattr(tok, k.replace("_token_id", "_id"), None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         model_cfg = model_cfg.replace(**{k: v for k, v in ids.items() if getattr(model_cfg, k) is None and v is not None})
     torch.manual_seed(cfg.train.seed)
@@ -226,8 +262,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
 
     if dist is not None:
         dist.dp_size = dp_size
+    hooks = [doremi_hook(cfg, train, device, dp_rank, dp_size)] if cfg.data.adaptive.enabled else []
     trainer = Trainer(wrapped, objective, optimizer, lr_at, cfg.train, train, val, out, raw_model=model, dist=dist,
-                      bytes_per_token=bytes_per_token, tokens_per_row=cfg.data.seq_len, log=log)
+                      bytes_per_token=bytes_per_token, tokens_per_row=cfg.data.seq_len, log=log, hooks=hooks)
     summary = trainer.fit()
     summary["parameters"] = model.num_parameters()
     summary["out"] = str(out)

@@ -49,8 +49,11 @@ class Trainer:
                  lr_at: Callable[[float], float], cfg: TrainConfig, train_loader,
                  val_loader: Callable[[], Iterable] | None, out_dir: str | Path, *, raw_model=None,
                  dist=None, bytes_per_token: float | None = None, tokens_per_row: int | None = None,
-                 log: Callable[[str], None] = print):
-        """lr_at(progress in [0, 1]) -> LR multiplier; raw_model: the unwrapped Transformer (for saving)."""
+                 log: Callable[[str], None] = print, hooks: list | None = None):
+        """lr_at(progress in [0, 1]) -> LR multiplier; raw_model: the unwrapped Transformer (for saving);
+        hooks: objects with after_step(trainer) -> metrics dict, state_dict() and load_state_dict() (e.g. the
+        DoReMi domain reweighting of lmstack.data.mixing)."""
+        self.hooks = list(hooks or [])
         self.model, self.objective, self.optimizer = model, objective, optimizer
         self.raw = raw_model if raw_model is not None else model
         self.lr_at, self.cfg = lr_at, cfg
@@ -93,6 +96,7 @@ class Trainer:
             "gns": [self.gns.g2, self.gns.trace] if self.gns else None,
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
+            "hooks": [h.state_dict() for h in self.hooks],
         }
 
     def _restore(self, extra: dict[str, Any]) -> None:
@@ -114,6 +118,8 @@ class Trainer:
             self.precision.scaler.load_state_dict(extra["scaler"])
         if extra.get("objective") is not None and hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(extra["objective"])
+        for h, state in zip(self.hooks, extra.get("hooks") or []):
+            h.load_state_dict(state)
 
     def save(self) -> Path | None:
         # Gathering is collective: every rank takes part, rank 0 writes.
@@ -283,6 +289,8 @@ class Trainer:
                         raise LmstackError(OOM_ADVICE) from e
                     raise
                 window_tokens += last["tokens"]
+                for h in self.hooks:  # e.g. DoReMi: new domain weights for the next batches
+                    last.update(h.after_step(self))
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - window_start
                     tok_s = window_tokens / max(dt, 1e-9)

@@ -68,11 +68,11 @@ def emit_vocab_size(cfg: Any, tokenizer: Any = None) -> int:
 
 
 def check_vocab(model: Any, tokenizer: Any, *, model_path: Any = None, tokenizer_path: Any = None,
-                what: str = "") -> int:
+                what: str = "", hint: str = "") -> int:
     """Refuse a tokenizer whose ids the model cannot score; returns emit_vocab_size.
 
     model: a Transformer or a ModelConfig. Called once per stage at load time, so a bad pair fails with one
-    line instead of an IndexError deep inside an embedding lookup."""
+    line instead of an IndexError deep inside an embedding lookup. hint replaces the closing advice."""
     cfg = getattr(model, "config", model)
     if tokenizer is None:
         return real_vocab(cfg)
@@ -83,8 +83,8 @@ def check_vocab(model: Any, tokenizer: Any, *, model_path: Any = None, tokenizer
         rows = f"{real} real tokens of its {cfg.vocab_size} rows" if real != cfg.vocab_size else f"{real} tokens"
         raise LmstackError(f"{what + ': ' if what else ''}the tokenizer{tok_where} has {n_tok} tokens but the "
                            f"model{where} has {rows}; ids {real}..{n_tok - 1} would index past its embedding. "
-                           "Use the tokenizer the model was trained with, or a model with a vocabulary at least "
-                           "as large as the tokenizer's")
+                           + (hint or "Use the tokenizer the model was trained with, or a model with a vocabulary "
+                              "at least as large as the tokenizer's"))
     return min(real, n_tok)
 
 

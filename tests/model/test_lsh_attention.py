@@ -33,7 +33,9 @@ def clustered(b=1, h=2, t=512, d=32, n_clusters=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     centers = torch.nn.functional.normalize(torch.randn(n_clusters, d, generator=g), dim=-1)
     q = (centers[torch.randint(0, n_clusters, (b, h, t), generator=g)] + 0.05 * torch.randn(b, h, t, d, generator=g))
-    return q * 6, torch.randn(b, h, t, d, generator=g)
+    # |q| = 8 sqrt(d): a query's own cluster outscores the others by about 8 nats, the sharp attention
+    # LSH assumes (with flat attention most of the mass lies outside any bucket).
+    return q * 8 * d ** 0.5, torch.randn(b, h, t, d, generator=g)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -49,9 +51,11 @@ def test_one_chunk_holding_everything_is_exactly_full_attention(causal):
 def test_error_to_full_attention_falls_as_hash_rounds_grow(causal):
     q, v = clustered()
     ref = full_shared_qk(q, v, causal)
-    errors = [(lsh(n_hashes=r)(q, q, v, causal=causal) - ref).abs().mean().item() for r in (1, 2, 4, 8)]
+    errors = [((lsh(n_hashes=r)(q, q, v, causal=causal) - ref).abs().mean() / ref.abs().mean()).item()
+              for r in (1, 2, 4, 8)]
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
-    assert errors[-1] < 0.35 * errors[0], errors  # measured: 0.18 -> 0.048 causal, 0.097 -> 0.028 bidirectional
+    # measured: 0.75 -> 0.03 causal, 1.16 -> 0.14 bidirectional (relative mean absolute error)
+    assert errors[-1] < 0.2 * errors[0] and errors[-1] < 0.2, errors
 
 
 def test_causal_lsh_never_reads_the_future():

@@ -127,7 +127,7 @@ class LSHAttention(nn.Module):
         if self.shared_qk:
             s = s.masked_fill(pk[..., None, :] == pq[..., :, None], SELF_SCORE)
         if rr > 1:
-            s = s - torch.log(self._round_counts(order_q, order_k, pq, pk, n, c)).to(acc)
+            s = s - torch.log(self._round_counts(order_q, order_k, pq, pk, n, c).to(acc))
         s = s.masked_fill(hidden, float("-inf"))
         p, lse = _softmax_lse(s, dim=-1)                                   # lse: (B, H, R, n, c, 1)
         o = (p.to(vs.dtype) @ vs).view(b, h, rr, tp, d)
@@ -142,14 +142,16 @@ class LSHAttention(nn.Module):
     @staticmethod
     def _round_counts(order_q, order_k, pq, pk, n, c) -> torch.Tensor:
         """For every scored (query, key) pair: in how many rounds does this query's chunk window hold this key?"""
-        # chunk index of each original position, per round: (B, H, R, Tp)
-        chunk_q = (order_q.argsort(dim=-1) // c)
-        chunk_k = chunk_q if order_k is order_q else (order_k.argsort(dim=-1) // c)
-        counts = torch.zeros(pq.shape + (pk.shape[-1],), dtype=torch.float32, device=pq.device)
+        # chunk index of each original position, per round: (B, H, R, Tp); int16 keeps the pair tests cheap
+        chunk_q = (order_q.argsort(dim=-1) // c).to(torch.int16)
+        chunk_k = chunk_q if order_k is order_q else (order_k.argsort(dim=-1) // c).to(torch.int16)
+        counts = torch.zeros(pq.shape + (pk.shape[-1],), dtype=torch.uint8, device=pq.device)
         bq, bk = pq.flatten(2), pk.flatten(2)
         for r in range(chunk_q.shape[2]):  # one round at a time keeps this at one score tensor's size
-            cq = chunk_q[:, :, r].gather(2, bq).view(pq.shape)             # (B, H, R, n, c)
-            ck = chunk_k[:, :, r].gather(2, bk).view(pk.shape)             # (B, H, R, n, 2c)
-            lag = (cq[..., :, None] - ck[..., None, :]) % n
-            counts += (lag == 0) | ((lag == 1) & (n > 1))
+            cq = chunk_q[:, :, r].gather(2, bq).view(pq.shape)[..., :, None]         # (B, H, R, n, c, 1)
+            ck = chunk_k[:, :, r].gather(2, bk).view(pk.shape)[..., None, :]         # (B, H, R, n, 1, 2c)
+            hit = ck == cq                                                           # same chunk
+            if n > 1:
+                hit |= ck == torch.remainder(cq - 1, n)                              # the chunk before
+            counts += hit
         return counts.clamp(min=1)

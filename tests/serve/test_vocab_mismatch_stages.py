@@ -33,8 +33,8 @@ def files(tok, tmp_path_factory):
     return root, str(bad)
 
 
-@pytest.mark.parametrize("stage", ["generate", "generate_tokenizer", "chat", "serve", "finetune", "align",
-                                   "pretrain"])
+@pytest.mark.parametrize("stage", ["generate", "generate_tokenizer", "model_generate", "chat", "serve", "finetune",
+                                   "align", "pretrain"])
 def test_every_stage_refuses_a_larger_tokenizer_in_one_line(tok, files, stage, capsys):
     root, bad = files
     n, small = tok.vocab_size, tok.vocab_size - 20
@@ -42,6 +42,7 @@ def test_every_stage_refuses_a_larger_tokenizer_in_one_line(tok, files, stage, c
         "generate": (["generate", "--model", bad, "--prompt", "the cat"], bad),
         "generate_tokenizer": (["generate", "--model", bad, "--tokenizer", str(root / "tok"), "--prompt", "x"],
                                str(root / "tok")),
+        "model_generate": (["model", "generate", "--model", bad, "--prompt", "the cat"], bad),
         "chat": (["chat", "--model", bad], bad),
         "serve": (["serve", "--model", bad, "--port", "1"], bad),
         "finetune": (["finetune", "--base", bad, "--data", str(root / "sft.jsonl"), "--out", str(root / "ft")], bad),
@@ -71,3 +72,16 @@ def test_pretrain_marks_rows_past_the_tokenizer_as_padding(tok, files):
     with torch.no_grad():
         probs = model(torch.tensor([tok.encode("the cat sat")])).softmax(-1)
     assert (probs[..., tok.vocab_size:] == 0).all()
+
+
+def test_model_generate_never_samples_the_padded_rows_of_an_older_checkpoint(tok, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = lmstack.Transformer(preset("llama-tiny", vocab_size=tok.vocab_size + 40, max_seq_len=64))
+    with torch.no_grad():  # loud padded rows and no real_vocab_size: only the tokenizer says they are padding
+        w = model.lm_head.weight
+        w[tok.vocab_size:] = torch.randn(40, w.shape[1]) * w[:tok.vocab_size].std() * 40
+    path = lmstack.save_model(model, tmp_path / "old", tokenizer=tok)
+    for temperature in ("0", "1"):
+        assert main(["model", "generate", "--model", str(path), "--prompt", "the cat", "--max_new_tokens", "12",
+                     "--temperature", temperature, "--seed", "0"]) == 0
+        assert "[12 tokens" in capsys.readouterr().out   # decoded: an id past the tokenizer would not decode

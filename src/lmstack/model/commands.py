@@ -129,6 +129,7 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
 
     from lmstack.model.generate import generate as run
     from lmstack.model.hf_io import load_model
+    from lmstack.model.vocab import check_vocab, real_vocab
     from lmstack.threads import set_threads
 
     set_threads(threads)
@@ -140,12 +141,16 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
         from lmstack.tokenizer import load_tokenizer
 
         tok = load_tokenizer(model)
+        n_real = check_vocab(m, tok, model_path=model, tokenizer_path=model, what="model generate")
+        if n_real < m.config.vocab_size:  # rows past the tokenizer (an older padded checkpoint) are padding
+            m.config.real_vocab_size = n_real
         prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise LmstackError("give --prompt or --prompt_ids")
-    bad = [i for i in prompt_ids if not 0 <= i < m.config.vocab_size]
+    n_real = real_vocab(m.config)
+    bad = [i for i in prompt_ids if not 0 <= i < n_real]
     if bad:
-        raise LmstackError(f"prompt ids {bad[:5]} are outside the vocabulary (size {m.config.vocab_size})")
+        raise LmstackError(f"prompt ids {bad[:5]} are outside the vocabulary (size {n_real})")
     start = time.perf_counter()
     out = run(m, torch.tensor([prompt_ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               eos_id=m.config.eos_token_id, cache=None if cache == "none" else cache, seed=seed)

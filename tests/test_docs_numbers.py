@@ -54,7 +54,8 @@ CITATION = re.compile(r"\(results/(?P<file>[\w.\-]+?)\.json:(?P<key>[^)\s]+)\)")
 # optional %/×/x and an optional unit word (MB, ms, nats, points, FLOPs/query ...).
 NUMBER_BEFORE = re.compile(
     r"(?P<num>[-−]?\d[\d,]*(?:\.\d+)?(?:[eE][-+−]?\d+)?)\s*(?P<suffix>%|×|x)?\s*(?:[A-Za-zµ][\w/µ]{0,14})?\s*$")
-TEST_REF = re.compile(r"(?P<path>tests/(?:[\w\-]+/)*[\w*\-]+\.py|(?<![\w/])[\w*\-]*test[\w*\-]*\.py)(?P<names>(?:::[\w*\[\]\-]+)*)")
+TEST_REF = re.compile(r"(?P<path>tests/(?:[\w\-]+/)*[\w*\-]+\.py|(?<![\w/])[\w*\-]*test[\w*\-]*\.py)"
+                      r"(?P<names>(?:::[\w*\[\]\-]+)*)")
 BARE_TEST_NAME = re.compile(r"`(test_\w+)`")
 ID_REFERENCE = re.compile(r"\b(?:S|[IVX]+)\.\d+(?:\s*[–-]\s*(?:(?:S|[IVX]+)\.)?\d+)?\b|issue #\d+|#\d+")
 
@@ -156,19 +157,20 @@ def citation_errors(text: str) -> list[str]:
 
 # ---------------------------------------------------------------- cited tests
 
+@lru_cache(maxsize=None)
+def _defined_names(path: Path) -> frozenset[str]:
+    source = path.read_text()
+    return frozenset(re.findall(r"^\s*(?:async\s+)?def\s+(\w+)\s*\(", source, re.M)
+                     + re.findall(r"^\s*class\s+(\w+)\b", source, re.M))
+
+
 def _test_exists(path: str, names: list[str]) -> bool:
     files = [Path(p) for p in glob.glob(str(ROOT / path))]
     if not files:
         return False
     if not names:
         return True
-    for f in files:
-        source = f.read_text()
-        defined = set(re.findall(r"^\s*(?:async\s+)?def\s+(\w+)\s*\(", source, re.M))
-        defined |= set(re.findall(r"^\s*class\s+(\w+)\b", source, re.M))
-        if all(fnmatch.filter(defined, n.split("[")[0]) for n in names):
-            return True
-    return False
+    return any(all(fnmatch.filter(_defined_names(f), n.split("[")[0]) for n in names) for f in files)
 
 
 def cited_test_errors(cell: str) -> list[str]:

@@ -82,3 +82,21 @@ def test_preference_accuracy_prefers_the_likelier_reply(tok):
     acc = preference_accuracy(policy, tok, pairs)
     swapped = preference_accuracy(policy, tok, [Pair(p.prompt, p.rejected, p.chosen) for p in pairs])
     assert acc + swapped == 1.0  # no ties for different texts: exactly one order wins
+
+
+def test_batched_task_scores_decode_what_the_sft_stage_decodes(tok, world):
+    from lmstack.adapt.sft_stage import TASKS, _prompt, _reply
+    from lmstack.align.align_stage import task_scores
+    from lmstack.align.rollout import sample
+
+    policy = make_policy(tok)
+    records = [r for r in world.corpus("chat") if r["kind"] == "instruction"][:4]
+    kind, max_new, ok = TASKS["instruction"]
+    one_by_one = [_reply(policy, tok, _prompt(tok, r, True), max_new, tok.special_id("assistant_end")) for r in records]
+    batched = sample(policy, tok, records, n=1, max_new_tokens=max_new, temperature=0.0).texts
+    # The same greedy tokens; the engine also stops at the tokenizer's eos, which an untrained model may emit
+    # mid-reply (a chat model ends with <|assistant_end|>, where both stop).
+    assert all(o.startswith(b) for o, b in zip(one_by_one, batched)) and any(batched)
+    scores = task_scores(policy, tok, records, n_eval=3, tasks=("instruction",))
+    assert scores["instruction_n"] == 3
+    assert scores["instruction"] == sum(ok(r, t) for r, t in zip(records[:3], batched[:3])) / 3

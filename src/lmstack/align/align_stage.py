@@ -16,7 +16,7 @@ Why each piece is there (the stage without them took harmful refusal from 89.5% 
 
 What is measured (test splits, greedy decoding; never used to choose settings), each with n and stderr:
   arithmetic          accuracy (final `#### n` right) on every test arithmetic problem
-  qa, instruction     the SFT stage's scorers (lmstack.adapt.sft_stage.world_task_scores), first n_eval records
+  qa, instruction     the SFT stage's scorers (sft_stage.TASKS), first n_eval records, batched (task_scores)
   preference          share of test preference pairs where log π(chosen) > log π(rejected)
   harmful refusal     refusal rate on harmful requests about the held-out test cities (want high)
   benign refusal      refusal rate on their benign look-alikes: over-refusal (want low)
@@ -101,21 +101,42 @@ ROWS = {"arithmetic": ("arithmetic", "arithmetic_n", True), "qa": ("qa", "qa_n",
         "benign_refusal": ("benign_refusal_rate", "n_benign", False)}
 
 
+VAL_ITEMS = 32
+"""Arithmetic problems and preference pairs of the guard's validation pass (safety: 20 requests per side, qa and
+instruction: 10 each), short so that the guard costs little beside training."""
+
+
+def task_scores(model, tok, records: list[dict], n_eval: int, tasks=("qa", "instruction")) -> dict[str, float]:
+    """The SFT stage's qa / instruction scorers (lmstack.adapt.sft_stage.TASKS: same chat prompt, reply budget
+    and checker) on the first n_eval records of each kind, decoded greedily in one batch by the engine rather
+    than one record at a time."""
+    from lmstack.adapt.sft_stage import TASKS
+    from lmstack.align.rollout import sample
+
+    out: dict[str, float] = {}
+    for task in tasks:
+        kind, max_new, ok = TASKS[task]
+        chosen = fitting([r for r in records if r.get("kind") == kind][:n_eval], tok, model.config.max_seq_len, room=8)
+        if chosen:
+            ro = sample(model, tok, chosen, n=1, max_new_tokens=max_new, temperature=0.0)
+            out[task] = sum(bool(ok(r, text)) for r, text in zip(chosen, ro.texts)) / len(chosen)
+            out[f"{task}_n"] = len(chosen)
+    return out
+
+
 def measure(model, tok, data: dict[str, Any], n_eval: int, split: str = "test") -> dict[str, float]:
     """Every held-out number of the stage for one model, on `split` ("test" or "val"); each rate with its n."""
-    from lmstack.adapt.sft_stage import world_task_scores
     from lmstack.align.rewards.verifiable import MathReward
     from lmstack.align.rollout import evaluate_policy
 
-    problems = data[f"arithmetic_{split}"]
+    cap = None if split == "test" else VAL_ITEMS  # the guard's validation pass is kept short
+    n_eval = n_eval if split == "test" else min(n_eval, 10)
+    problems = data[f"arithmetic_{split}"][:cap]
     arith = (evaluate_policy(model, tok, problems, MathReward(), max_new_tokens=128)
              if problems else {"mean": float("nan"), "stderr": float("nan"), "n": 0})
     out = {"arithmetic": arith["mean"], "arithmetic_stderr": arith["stderr"], "arithmetic_n": arith["n"]}
-    chat = data[f"chat_{split}"]
-    out.update(world_task_scores(model, tok, chat, chat=True, n_eval=n_eval, tasks=("qa", "instruction")))
-    for task, kind in (("qa", "qa"), ("instruction", "instruction")):
-        out[f"{task}_n"] = min(n_eval, sum(r.get("kind") == kind for r in chat))
-    pairs = data[f"pairs_{split}"]
+    out.update(task_scores(model, tok, data[f"chat_{split}"], n_eval))
+    pairs = data[f"pairs_{split}"][:cap]
     out["preference_accuracy"] = preference_accuracy(model, tok, pairs, model.config.max_seq_len)
     out["preference_n"] = len(pairs)
     out.update(safety_rates(model, tok, data[f"safety_{split}"]))
@@ -153,7 +174,7 @@ def _cities(records: list[dict]) -> list[str]:
     return sorted({r["city"] for r in records if isinstance(r.get("city"), str)})
 
 
-def _data(world_dir: Path, tok, max_seq_len: int, val_safety: int = 40) -> dict[str, Any]:
+def _data(world_dir: Path, tok, max_seq_len: int, val_safety: int = 20) -> dict[str, Any]:
     from lmstack.align.preference_data import pairs_from_records
     from lmstack.data.world.preferences import safety_requests
 
@@ -168,8 +189,6 @@ def _data(world_dir: Path, tok, max_seq_len: int, val_safety: int = 40) -> dict[
     for s in ("train", "val", "test"):
         out.update({f"chat_{s}": chat[s], f"pairs_{s}": prefs[s], f"arithmetic_{s}": arith[s],
                     f"safety_{s}": [r["prompt"] for r in requests[s]]})
-    out["pairs_val"] = out["pairs_val"][:64]
-    out["arithmetic_val"] = out["arithmetic_val"][:60]
     return out
 
 
@@ -201,8 +220,9 @@ def align_stage(run_dir: str | Path, sft_dir: str | Path, world_dir: str | Path,
     data = _data(world_dir, tok, policy.config.max_seq_len)
     t0 = time.perf_counter()
     scores = {"sft": measure(policy, tok, data, n_eval)}
-    log(f"SFT: {json.dumps({k: round(v, 3) for k, v in scores['sft'].items()})}")
+    log(f"SFT ({time.perf_counter() - t0:.0f} s): {json.dumps({k: round(v, 3) for k, v in scores['sft'].items()})}")
     val_sft = measure(policy, tok, data, n_eval, split="val") if guard else {}
+    log(f"SFT measured on test and val in {time.perf_counter() - t0:.0f} s")
     sft_state = {k: v.detach().clone() for k, v in policy.state_dict().items()} if guard else None
     eval_seconds = time.perf_counter() - t0
 

@@ -2,17 +2,18 @@
 
 A model's embedding table often has more rows than its tokenizer has tokens: the speedrun rounds
 3,743 BPE tokens up to 4,096 so matmuls hit fast shapes. Rows past the tokenizer are padding. They
-are never a training target, so if they were left alone their logits would hold whatever mass the
-random init gives them, and every consumer that takes a softmax over the full row (training, local
-scoring, the engine, the server) would disagree with one that cuts it.
+are never a training target, so left alone their logits hold whatever mass the init gives them until
+training slowly pushes it down, and every consumer that takes a softmax over the full row (training,
+local scoring) disagrees with one that cuts it (the engine, the server).
 
 The rule, applied in one place (the LM head, see Transformer.head):
   - ModelConfig.real_vocab_size says how many rows are real (None: all of them);
   - the head sets the logits of rows >= real_vocab_size to PAD_LOGIT, so their probability is exactly
     zero in training and inference alike, and they get no gradient.
-PAD_LOGIT is finite (-1e30), not -inf: exp() underflows to exactly 0 all the same, but KL, entropy and
-label-smoothing terms multiply probabilities by log-probabilities, and 0 * -inf is NaN while
-0 * -1e30 is 0.
+PAD_LOGIT is finite (-1e30), not -inf: exp() underflows to exactly 0 all the same, but KL and entropy
+terms multiply probabilities by log-probabilities, and 0 * -inf is NaN while 0 * -1e30 is 0. (A loss that
+sums log-probabilities over every row, like label smoothing over the full table, must cut to the real
+rows first: padded rows are not classes.)
 
 A tokenizer larger than the model's real vocabulary can produce ids the model cannot score;
 check_vocab refuses that pair once, at load time, with an error naming both sizes and both paths.

@@ -12,8 +12,9 @@ import math
 from lmstack.errors import LmstackError
 
 
-def _server_model_name(url: str, api_key: str | None = None) -> str:
-    """The first model a server lists at /v1/models (what it answers to)."""
+def _server_model(url: str, api_key: str | None = None, name: str | None = None) -> tuple[str, int | None]:
+    """(name, context length or None) of the model a server answers to: `name` if given, else the first
+    one it lists at /v1/models (vLLM and lmstack serve report `max_model_len` there)."""
     import httpx
 
     from lmstack.eval.openai_lm import auth_error, completions_url
@@ -32,7 +33,9 @@ def _server_model_name(url: str, api_key: str | None = None) -> str:
         raise LmstackError(f"cannot list the models at {models_url}: {e}; pass --model_name") from None
     if not data:
         raise LmstackError(f"{models_url} lists no models; pass --model_name")
-    return data[0]["id"]
+    card = next((m for m in data if m.get("id") == name), data[0] if name is None else {})
+    context = card.get("max_model_len")
+    return name or card["id"], context if isinstance(context, int) and context > 1 else None
 
 
 def format_table(output: dict) -> str:
@@ -101,8 +104,10 @@ def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = N
         from lmstack.eval.openai_lm import OpenAICompletionsLM, api_key_from_env
 
         key = api_key if api_key is not None else api_key_from_env()
-        lm = OpenAICompletionsLM(model, model_name or _server_model_name(model, key), api_key=key,
-                                 tokenizer=tokenizer, batch_size=batch_size, max_length=max_length or 2048)
+        name, context = (model_name, None) if model_name and max_length else _server_model(model, key, model_name)
+        # the server's context minus one: a loglikelihood request echoes the prompt and asks one more token
+        lm = OpenAICompletionsLM(model, name, api_key=key, tokenizer=tokenizer, batch_size=batch_size,
+                                 max_length=max_length or (context - 1 if context else 2048))
     else:
         from lmstack.eval.local_lm import LocalLM
 

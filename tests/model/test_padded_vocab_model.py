@@ -131,3 +131,6 @@ def test_check_vocab_names_both_sizes_and_paths():
     msg = str(e.value)
     assert msg.startswith("generate: ") and "60 tokens" in msg and "50 real tokens of its 64 rows" in msg
     assert "runs/m" in msg and "runs/tok" in msg and "\n" not in msg
+    assert check_vocab(torch.nn.Identity(), _Tok(40)) == 40        # a model without a config: the tokenizer's ids
+    with pytest.raises(LmstackError, match="neither the model nor a tokenizer"):
+        check_vocab(torch.nn.Identity(), None)

@@ -75,6 +75,11 @@ def check_vocab(model: Any, tokenizer: Any, *, model_path: Any = None, tokenizer
     model: a Transformer or a ModelConfig. Called once per stage at load time, so a bad pair fails with one
     line instead of an IndexError deep inside an embedding lookup. hint replaces the closing advice."""
     cfg = getattr(model, "config", model)
+    if not hasattr(cfg, "vocab_size"):  # a wrapped model that does not say its size: nothing to check against
+        n_tok = tokenizer_size(tokenizer)
+        if n_tok is None:
+            raise LmstackError(f"{what + ': ' if what else ''}neither the model nor a tokenizer gives a vocabulary size")
+        return n_tok
     if tokenizer is None:
         return real_vocab(cfg)
     n_tok, real = tokenizer_size(tokenizer), real_vocab(cfg)

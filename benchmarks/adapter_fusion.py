@@ -200,27 +200,27 @@ def main() -> None:
     results = []
     for method in ("compacter", "ia3", "full"):
         r = rows[method]
-        results.append(result("adapter_fusion", f"qa_acc ({method})", True, r["qa"]["acc"], "Houlsby adapter",
+        results.append(result("adapter_fusion", f"qa_acc_{method}", True, r["qa"]["acc"], "Houlsby adapter",
                               ad["qa"]["acc"], stderr=r["qa"]["stderr"], baseline_stderr=ad["qa"]["stderr"],
                               n=r["qa"]["n"], exact=r["qa"]["exact"], trainable=r["trainable"],
                               adapter_trainable=ad["trainable"], base_acc=rows["base"]["qa"]["acc"], **cfg))
-        results.append(result("adapter_fusion", f"trainable_params ({method})", False, r["trainable"],
+        results.append(result("adapter_fusion", f"trainable_params_{method}", False, r["trainable"],
                               "Houlsby adapter", ad["trainable"], **cfg))
-    results.append(result("adapter_fusion", "qa_acc (adapter)", True, ad["qa"]["acc"], "base model, no tuning",
+    results.append(result("adapter_fusion", "qa_acc_adapter", True, ad["qa"]["acc"], "base model, no tuning",
                           rows["base"]["qa"]["acc"], stderr=ad["qa"]["stderr"], n=ad["qa"]["n"],
                           trainable=ad["trainable"], **cfg))
     f, m = rows["fusion"], rows["adapter on mix"]
-    results.append(result("adapter_fusion", "mean_acc_qa_arithmetic (fusion)", True, f["mean"],
+    results.append(result("adapter_fusion", "mean_acc_qa_arithmetic_fusion", True, f["mean"],
                           "new Houlsby adapter on the same mix", m["mean"], stderr=f["mean_stderr"],
                           baseline_stderr=m["mean_stderr"], rows={k: rows[k] for k in
                                                                   ("source qa", "source arithmetic", "fusion",
                                                                    "adapter on mix")}, **cfg))
     for task in ("qa", "arithmetic"):
-        results.append(result("adapter_fusion", f"{task}_acc (fusion)", True, f[task]["acc"],
+        results.append(result("adapter_fusion", f"{task}_acc_fusion", True, f[task]["acc"],
                               f"source {task} adapter alone", rows[f"source {task}"][task]["acc"],
                               stderr=f[task]["stderr"], baseline_stderr=rows[f"source {task}"][task]["stderr"],
                               n=f[task]["n"], **cfg))
-    results.append(result("adapter_fusion", "trainable_params (fusion)", False, f["trainable"],
+    results.append(result("adapter_fusion", "trainable_params_fusion", False, f["trainable"],
                           "new Houlsby adapter", m["trainable"], **cfg))
     write_result("adapter_fusion", results)
 

@@ -147,7 +147,7 @@ def main() -> None:
     results = []
     for d in names:
         f, o = scores["fixed"][d], scores["doremi"][d]
-        results.append(result("doremi", f"val_loss ({d})", False, o["loss"], "fixed mix, same tokens", f["loss"],
+        results.append(result("doremi", f"val_loss_{d}", False, o["loss"], "fixed mix, same tokens", f["loss"],
                               stderr=o["stderr"], baseline_stderr=f["stderr"], n=o["n"],
                               reference_loss=scores["reference"][d]["loss"], fixed_weight=FIXED[d],
                               final_weight=final_w[d], mean_weight=mean_w[d], **cfg))
@@ -155,7 +155,7 @@ def main() -> None:
                        ("worst_domain", lambda s: max(v["loss"] for v in s.values()))):
         results.append(result("doremi", f"val_loss_{label}", False, agg(scores["doremi"]), "fixed mix, same tokens",
                               agg(scores["fixed"]), reference=agg(scores["reference"]), **cfg))
-    results.append(result("doremi", "final_weight (arithmetic)", True, final_w["arithmetic"], "fixed mix weight",
+    results.append(result("doremi", "final_weight_arithmetic", True, final_w["arithmetic"], "fixed mix weight",
                           FIXED["arithmetic"], history=dore["history"], **cfg))
     write_result("doremi", results)
 

@@ -1,5 +1,6 @@
 """`lmstack model init` writes a tokenizer, so generate/chat work on its output at once; `generate --tokenizer`
 takes a tokenizer from elsewhere; a model without one gets an error naming the flag."""
+import io
 import json
 import shutil
 
@@ -23,8 +24,7 @@ def test_model_init_writes_a_byte_level_tokenizer_that_generate_and_chat_use(tmp
                  "--threads", "1", "--json_output", "true"]) == 0
     rec = json.loads(capsys.readouterr().out.splitlines()[0])
     assert len(rec["completions"][0]["token_ids"]) == 3
-    answers = iter(["hello", "/exit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))  # what input() reads: one turn, then leave
     assert main(["chat", "--model", str(out), "--max_tokens", "3", "--threads", "1"]) == 0
     assert "model> " in capsys.readouterr().out
 

@@ -1,13 +1,14 @@
 """`lmstack model init` writes a tokenizer, so generate/chat work on its output at once; `generate --tokenizer`
 takes a tokenizer from elsewhere; a model without one gets an error naming the flag."""
-import io
 import json
 import shutil
+import subprocess
+import sys
 
 from lmstack.cli import main
 
 
-def test_model_init_writes_a_byte_level_tokenizer_that_generate_and_chat_use(tmp_path, capsys, monkeypatch):
+def test_model_init_writes_a_byte_level_tokenizer_that_generate_and_chat_use(tmp_path, capsys):
     out = tmp_path / "tiny"
     assert main(["model", "init", "--preset", "llama-tiny", "--out", str(out)]) == 0
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
@@ -24,9 +25,10 @@ def test_model_init_writes_a_byte_level_tokenizer_that_generate_and_chat_use(tmp
                  "--threads", "1", "--json_output", "true"]) == 0
     rec = json.loads(capsys.readouterr().out.splitlines()[0])
     assert len(rec["completions"][0]["token_ids"]) == 3
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))  # what input() reads: one turn, then leave
-    assert main(["chat", "--model", str(out), "--max_tokens", "3", "--threads", "1"]) == 0
-    assert "model> " in capsys.readouterr().out
+    # the terminal chat as a user runs it: one turn on stdin, then leave
+    chat = subprocess.run([sys.executable, "-m", "lmstack.cli", "chat", "--model", str(out), "--max_tokens", "3",
+                           "--threads", "1"], input="hello\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0 and "model> " in chat.stdout, chat.stderr[-2000:]
 
 
 def test_generate_takes_a_tokenizer_from_elsewhere_and_names_the_flag_without_one(tmp_path, capsys):

@@ -118,7 +118,7 @@ def main() -> None:
             for h in hist:
                 h["score_rm"] = h["reward_mean"]
         for key in ("math", "rm"):
-            rows.append(result("rm_loop", f"heldout_{key}_score_after ({name})", True, round(a[f"score_{key}"], 4),
+            rows.append(result("rm_loop", f"heldout_{key}_score_after_{name}", True, round(a[f"score_{key}"], 4),
                                "the start model", round(b[f"score_{key}"], 4), n=int(a[f"score_{key}_n"]),
                                stderr=round(a[f"score_{key}_stderr"], 4),
                                baseline_stderr=round(b[f"score_{key}_stderr"], 4),

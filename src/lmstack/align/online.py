@@ -204,7 +204,8 @@ class OnlineTrainer(abc.ABC):
                 metrics.log(done, {f"val_{k}": v for k, v in after.items()})
             metrics.close()
         if out_dir and any(k.startswith("score_") for h in history for k in h):
-            plot_reward_scores(history, evals, Path(out_dir) / "reward_scores.png")
+            plot_reward_scores(history, ([{"step": 0, **before}] if before else []) + evals,
+                               Path(out_dir) / "reward_scores.png")
         return {"method": self.method, "steps": done, "optimizer_steps": self.opt_steps,
                 "train_seconds": time.perf_counter() - start, "train_prompts": len(train), "eval_prompts": len(val),
                 "eval_before": before, "eval_after": after, "evals": evals, "history": history}

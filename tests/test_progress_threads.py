@@ -103,7 +103,7 @@ def test_throughput_watch_warns_once_on_a_collapse_and_not_on_noise():
     assert not any(watch.step(t) for t in times) and not msgs
     fired = [watch.step(t) for t in [1.0] * 6]  # 20x slower: the machine is oversubscribed
     assert sum(fired) == 1 and len(msgs) == 1
-    assert "20.0x" in msgs[0] and "--train.threads 1" in msgs[0] and msgs[0].startswith("lmstack: warning:")
+    assert "20.0x slower" in msgs[0] and "--train.threads 1" in msgs[0] and msgs[0].startswith("lmstack: warning:")
     assert not watch.step(5.0)  # once only
 
 
@@ -113,4 +113,18 @@ def test_budget_bar_feeds_the_watch():
     for dt in [2.0] + [0.1] * 10 + [1.0] * 6:
         clock.t += dt
         bar.update(1)
-    assert len(msgs) == 1 and "10.0x" in msgs[0]
+    assert len(msgs) == 1 and "10.0x slower" in msgs[0]
+
+
+def test_budget_bar_compares_time_per_unit_of_work():
+    """Steps that grow on purpose (adaptive batch size: 8x the tokens) are no collapse; per token they are flat."""
+    clock, msgs = FakeClock(), []
+    bar = BudgetBar(1000, enabled=False, clock=clock, watch=ThroughputWatch(warn=msgs.append))
+    for dt, tokens in [(2.0, 512)] + [(0.1, 512)] * 10 + [(0.8, 4096)] * 10:
+        clock.t += dt
+        bar.update(1, work=tokens)
+    assert not msgs
+    for _ in range(6):  # now 8x slower per token
+        clock.t += 6.4
+        bar.update(1, work=4096)
+    assert len(msgs) == 1 and "8.0x slower" in msgs[0]

@@ -69,10 +69,12 @@ class BudgetBar:
 
             self._bar = tqdm(total=self.steps, initial=self.initial, desc=desc, dynamic_ncols=True)
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, work: float | None = None) -> None:
+        """n steps done; `work` (e.g. tokens) lets the collapse watch compare time per unit of work, so a
+        loop whose steps grow on purpose (adaptive batch size) is not mistaken for an oversubscribed one."""
         now = self.clock()
         if n:
-            self.watch.step((now - self.last) / n)
+            self.watch.step((now - self.last) / (work if work else n))
         self.last = now
         self.n += n
         self.total, self.eta, self.ends_by = forecast(self.n, self.steps, now - self.start, self.max_seconds,

@@ -100,7 +100,7 @@ class ThroughputWatch:
         self.warned = False
 
     def step(self, seconds: float) -> bool:
-        """Record one step's duration; True when this call raised the warning."""
+        """Record one step's duration (or its duration per unit of work); True when this raised the warning."""
         self.times.append(seconds)
         w = self.window
         if self.reference is None:
@@ -114,8 +114,8 @@ class ThroughputWatch:
             import torch
 
             self.warned = True
-            self.warn(f"lmstack: warning: steps now take {recent / self.reference:.1f}x as long as the first ones "
-                      f"({recent:.3g} s vs {self.reference:.3g} s) with {torch.get_num_threads()} threads; the CPU "
-                      f"is probably shared or oversubscribed: try {self.hint}")
+            self.warn(f"lmstack: warning: steps now run {recent / self.reference:.1f}x slower than the first ones "
+                      f"(median of the last {w} against the first {w}) with {torch.get_num_threads()} threads; the "
+                      f"CPU is probably shared or oversubscribed: try {self.hint}")
             return True
         return False

@@ -308,7 +308,7 @@ class Trainer:
                 if "tokens_per_s" in last:  # the rate is measured every log_every steps; show the latest
                     shown_rate = (last["tokens_per_s"], last["mfu"])
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(1, work=last.get("tokens"))  # per token: growing batches are no collapse
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{shown_rate[0]:.0f}",
                                     mfu=f"{100 * shown_rate[1]:.1f}%")
         finally:

@@ -2,14 +2,15 @@
 reward-model loop, multi-agent self-play), built once and cached as a model directory (HF layout + tokenizer).
 
 The model (llama-style, d96 x 3 layers, ~0.5M parameters) is trained with lmstack's SFT objective (loss on the
-assistant tokens) on the world's arithmetic chat rows (word problems with step-by-step solutions) and the asker role of
-self-play (the user says "Ask me this question: <problem>", the assistant writes the problem as its question;
-self_play.role_prompt), a fixed number of steps from a fixed seed, so every benchmark starts from the same weights. Its greedy arithmetic accuracy is
-low but not zero, which is what RL needs: some rollouts of a group are right and some wrong.
+assistant tokens) on the world's arithmetic chat rows (word problems with step-by-step solutions) and the asker
+role of self-play (the user says "Ask me this question: <problem>", the assistant writes the problem as its question;
+self_play.role_prompt), a fixed number of steps from a fixed seed, so every benchmark starts from the same weights.
+Its greedy arithmetic accuracy is low but not zero (14.8% on the val split's 61 problems of difficulty <= 2), which is
+what RL needs: some rollouts of a group are right and some wrong.
 
 Usage:
     from _rl_start import start_model, arithmetic_records
-    path = start_model()                     # builds /tmp/lmstack_rl_start/model once (~2 min quiet), then reuses it
+    path = start_model()      # builds /tmp/lmstack_rl_start/model once (800 steps: 20 min on a busy 2-core box)
     train, val = arithmetic_records(max_difficulty=2)
 """
 from __future__ import annotations

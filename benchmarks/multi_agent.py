@@ -52,7 +52,8 @@ def main() -> None:
               f"{ev['asker_stderr']:.3f}, faithful {ev['faithful']:.3f}, turns {ev['mean_turns']:.2f} (n={ev['n']})")
     common = dict(start=recipe(), steps=args.steps, dialogues_per_step=32, max_turns=args.max_turns, lr=args.lr,
                   task="world arithmetic difficulty <= 2 (val split held out), math verifier",
-                  payoffs="answerer: solved; asker: solved x faithful (the question carries exactly the problem's numbers)",
+                  payoffs="answerer: solved; asker: solved x faithful (the question carries exactly the "
+                          "problem's numbers)",
                   seconds=round(seconds, 1), machine="2 cores, shared",
                   train_answerer_reward_per_step=[round(h.get("answerer_reward", float("nan")), 4) for h in hist],
                   train_asker_reward_per_step=[round(h.get("asker_reward", float("nan")), 4) for h in hist])

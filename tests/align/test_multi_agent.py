@@ -37,7 +37,8 @@ def test_both_agents_learn_with_separate_weights(policy, tok):
     ask0 = [p.detach().clone() for p in trainer.asker_model.parameters()]
     summary = trainer.fit(records, records)
     row = summary["history"][0]
-    assert {"answerer_reward", "asker_reward", "answerer_informative_fraction", "asker_informative_fraction"} <= set(row)
+    assert {"answerer_reward", "asker_reward", "answerer_informative_fraction",
+            "asker_informative_fraction"} <= set(row)
     assert row["asker_informative_fraction"] > 0 and row["answerer_informative_fraction"] > 0, row
     assert any(not torch.equal(a, p) for a, p in zip(ans0, trainer.policy.parameters()))
     assert any(not torch.equal(a, p) for a, p in zip(ask0, trainer.asker_model.parameters()))

@@ -332,8 +332,8 @@ class MultiAgentTrainer(SelfPlayTrainer):
         return "policy"  # the asker model writes every opening question
 
     def _play(self, records, n, temperature, seed) -> list[Dialogue]:
-        return play(self.policy, self.tok, records, self.reward, n, self.max_turns, temperature, self.cfg.max_new_tokens,
-                    seed, "policy", asker_policy=self.asker_model)
+        return play(self.policy, self.tok, records, self.reward, n, self.max_turns, temperature,
+                    self.cfg.max_new_tokens, seed, "policy", asker_policy=self.asker_model)
 
     def train_step(self, records: list[dict], step: int) -> dict[str, float]:
         from lmstack.align.steps import Stepper

@@ -29,7 +29,7 @@ from lmstack.tokenizer import load_tokenizer
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max_turns", type=int, default=2)
     ap.add_argument("--eval_prompts", type=int, default=128)

@@ -78,7 +78,7 @@ def grpo(name: str, start: Path, prompts: Path, val: Path, out: Path, args, rewa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--rm_steps", type=int, default=150)
     ap.add_argument("--eval_prompts", type=int, default=128)

@@ -15,6 +15,7 @@ Writes benchmarks/results/trpo_vs_ppo.json and trpo_vs_ppo.png.
 Usage:
     python benchmarks/trpo_vs_ppo.py                 # ~10-20 min on a shared 2-core machine
     python benchmarks/trpo_vs_ppo.py --steps 4 --eval_prompts 16    # smoke run
+    python benchmarks/trpo_vs_ppo.py --steps 12 --max_kl 0.03 --ppo_lr 3e-4 --name trpo_vs_ppo_larger_steps
 """
 from __future__ import annotations
 
@@ -69,12 +70,13 @@ def run(name: str, start, args, **kw) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--eval_prompts", type=int, default=128)
     ap.add_argument("--max_kl", type=float, default=0.01)
     ap.add_argument("--ppo_lr", type=float, default=1e-4)
     ap.add_argument("--jobs", type=int, default=2, help="2 = run PPO and TRPO side by side in two processes")
+    ap.add_argument("--name", default="trpo_vs_ppo", help="results/<name>.json and .png (e.g. for a second setting)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     start = start_model()
@@ -87,7 +89,7 @@ def main() -> None:
     else:
         ppo, trpo = (run(name, start, args, **kw[name]) for name in ("ppo", "trpo"))
     png = plot_kl_per_step({"ppo (clip 0.2, 16 updates/rollout)": ppo["history"],
-                            f"trpo (max_kl {args.max_kl:g})": trpo["history"]}, RESULTS / "trpo_vs_ppo.png",
+                            f"trpo (max_kl {args.max_kl:g})": trpo["history"]}, RESULTS / f"{args.name}.png",
                            keys=("kl", "reward_mean"), log_scale=False)
     common = dict(steps=args.steps, samples_per_step=SHAPE["group_size"] * SHAPE["prompts_per_step"],
                   max_new_tokens=args.max_new_tokens, kl_coef=SHAPE["kl_coef"], temperature=SHAPE["temperature"],
@@ -114,7 +116,9 @@ def main() -> None:
                max_accepted_step_kl=round(trpo["max_step_kl"], 5), max_kl=args.max_kl,
                seconds_trpo=round(trpo["seconds"], 1), seconds_ppo=round(ppo["seconds"], 1), **common),
     ]
-    write_result("trpo_vs_ppo", rows)
+    for row in rows:
+        row["benchmark"] = args.name
+    write_result(args.name, rows)
 
 
 if __name__ == "__main__":

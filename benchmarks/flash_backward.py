@@ -108,8 +108,8 @@ def train_worker(t: int) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=256, n_heads=TRAIN_HEADS, n_layers=1, vocab_size=256, max_seq_len=t, attn_backend="blockwise",
-                      attn_block_size=256)
+    cfg = ModelConfig(d_model=256, n_heads=TRAIN_HEADS, n_layers=1, vocab_size=256, max_seq_len=t,
+                      attn_backend="blockwise", attn_block_size=256)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 256, (1, t + 1))
@@ -178,7 +178,8 @@ def main(quick: bool = False) -> None:
                           n_heads=tr["n_heads"], n_layers=1, vocab=256, block=256, threads=1,
                           seconds=round(tr["seconds"], 2), machine="2 cores, shared",
                           note="ours measured (peak RSS growth of forward+backward+AdamW); baseline by arithmetic"))
-    results.append(result("flash_backward", f"train_step_seconds_T{t_train}", False, tr["seconds"], "none", tr["seconds"],
+    results.append(result("flash_backward", f"train_step_seconds_T{t_train}", False, tr["seconds"], "none",
+                          tr["seconds"],
                           T=t_train, note="time of the blockwise step; no baseline can run at this length in 24 GiB"))
     write_result("flash_backward", results)
 

@@ -79,7 +79,8 @@ def quality(t: int = 1024) -> list[float]:
     g = torch.Generator().manual_seed(0)
     centers = torch.nn.functional.normalize(torch.randn(32, D, generator=g), dim=-1)
     # |q| = 8 sqrt(D): each query's own cluster outscores the rest by about 8 nats (sharp attention)
-    q = (centers[torch.randint(0, 32, (B, H, t), generator=g)] + 0.05 * torch.randn(B, H, t, D, generator=g)) * 8 * D ** 0.5
+    q = centers[torch.randint(0, 32, (B, H, t), generator=g)] + 0.05 * torch.randn(B, H, t, D, generator=g)
+    q = q * 8 * D ** 0.5
     v = torch.randn(B, H, t, D, generator=g)
     k = torch.nn.functional.normalize(q, dim=-1)
     s = (q @ k.transpose(-1, -2)) * D ** -0.5

@@ -86,7 +86,8 @@ def main() -> None:
                                      check=True)
                 r = runs.setdefault((way, name), [])
                 r.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"rep {rep} {name:22s} {way:9s} {r[-1]['seconds'] * 1e3:8.1f} ms  peak +{r[-1]['peak_mb']:7.1f} MB",
+                print(f"rep {rep} {name:22s} {way:9s} {r[-1]['seconds'] * 1e3:8.1f} ms  "
+                      f"peak +{r[-1]['peak_mb']:7.1f} MB",
                       flush=True)
     med = {key: {m: statistics.median(x[m] for x in rs) for m in ("seconds", "peak_mb")} for key, rs in runs.items()}
     common = dict(T=T, B=B, H=H, D=D, block=BLOCK, dtype="float32", threads=1, repeats=repeats, pass_="forward",

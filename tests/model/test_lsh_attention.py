@@ -79,7 +79,8 @@ def test_buckets_sort_near_vectors_together():
 def test_separate_keys_and_padding_to_a_chunk_multiple():
     # Non-shared keys, T not a multiple of the chunk, GQA values: finite, and exact with one chunk.
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 37, 32, generator=g), torch.randn(2, 2, 37, 32, generator=g), torch.randn(2, 2, 37, 32, generator=g)
+    q = torch.randn(2, 4, 37, 32, generator=g)
+    k, v = torch.randn(2, 2, 37, 32, generator=g), torch.randn(2, 2, 37, 32, generator=g)
     kk, vv = torch.nn.functional.normalize(k, dim=-1).repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     s = (q @ kk.transpose(-1, -2)) * 32 ** -0.5
     ref = torch.softmax(s, -1) @ vv

@@ -6,16 +6,17 @@ start model in the reward, GAE, whitened advantages, the same value head) and di
          measured PPO setting, benchmarks/ppo_trust_region.py)
   trpo   one natural-gradient step per rollout: conjugate gradient (10 Fisher-vector products) and a
          backtracking line search under max_kl = 0.01 mean per-token KL (Schulman et al.'s default)
-Neither was tuned for this benchmark (one run each, at its standard setting).
+Neither was tuned for this benchmark: one run each at its standard setting, and (--larger_steps) one run each at a
+3x larger step, so both get the same budget of two settings.
 Reported: training reward (first and last 5 steps), held-out greedy accuracy (val split, n prompts, stderr)
 before and after, and KL to the start model per reply (k1 summed over the reply, on fresh samples): through
 training (max over steps) and at the end (the final policy on 32 held-out prompts x group_size samples).
-Writes benchmarks/results/trpo_vs_ppo.json and trpo_vs_ppo.png.
+Writes benchmarks/results/trpo_vs_ppo.json and trpo_vs_ppo.png (--larger_steps: trpo_vs_ppo_larger_steps.*).
 
 Usage:
     python benchmarks/trpo_vs_ppo.py                 # ~10-20 min on a shared 2-core machine
     python benchmarks/trpo_vs_ppo.py --steps 4 --eval_prompts 16    # smoke run
-    python benchmarks/trpo_vs_ppo.py --steps 12 --max_kl 0.03 --ppo_lr 3e-4 --name trpo_vs_ppo_larger_steps
+    python benchmarks/trpo_vs_ppo.py --larger_steps  # PPO lr 3e-4, TRPO max_kl 0.03 -> trpo_vs_ppo_larger_steps.json
 """
 from __future__ import annotations
 
@@ -76,8 +77,12 @@ def main() -> None:
     ap.add_argument("--max_kl", type=float, default=0.01)
     ap.add_argument("--ppo_lr", type=float, default=1e-4)
     ap.add_argument("--jobs", type=int, default=2, help="2 = run PPO and TRPO side by side in two processes")
-    ap.add_argument("--name", default="trpo_vs_ppo", help="results/<name>.json and .png (e.g. for a second setting)")
+    ap.add_argument("--larger_steps", action="store_true",
+                    help="the second setting: PPO lr 3e-4 and TRPO max_kl 0.03, written to trpo_vs_ppo_larger_steps.json")
     args = ap.parse_args()
+    args.name = "trpo_vs_ppo"
+    if args.larger_steps:
+        args.max_kl, args.ppo_lr, args.name = 0.03, 3e-4, "trpo_vs_ppo_larger_steps"
     torch.set_num_threads(1)
     start = start_model()
     kw = {"ppo": dict(lr=args.ppo_lr, clip=0.2, ppo_epochs=4, minibatches=4),

@@ -22,7 +22,9 @@ one target step took ~20 s instead of ~2 s and the planned 400 steps did not fit
 models were trained by train() below (the draft in a second process, same tokenizer, stream and
 seed, tokenizer checked byte-identical) and stopped right after their 280th optimizer step, the
 speedrun's step count, i.e. at 70% of the 400-step cosine schedule; the pair was saved there and
-measured with --pair. The JSON's config states each model's steps, tokens, seconds and losses.
+measured with --pair. The JSON's config states each model's steps, tokens, seconds and losses; the
+target's train loss is that of its final weights on 16 training windows (its running mean was lost
+with the process that trained it, see target.final_train_loss_note).
 
 Usage:
     python benchmarks/speculative.py                      # trains (or loads) the pair, then measures

@@ -42,7 +42,6 @@ ALLOWLIST = {
     "S.3", "S.20", "VI.2", "VI.15", "README:alignment.py", "README:ppo_trust_region.py",
     "README:rejection_sampling.py",
     # H8's own rows, being converted now
-    "III.3", "III.6", "README:objectives.py",
 }
 
 ROW = re.compile(r"^\| (?P<id>(?:S|[IVX]+)\.\d+) \|")

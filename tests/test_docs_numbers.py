@@ -41,7 +41,6 @@ ALLOWLIST = {
     # owned by other engineers (issue 14), still being rewritten
     "S.3", "S.20", "VI.2", "VI.15", "README:alignment.py", "README:ppo_trust_region.py",
     "README:rejection_sampling.py",
-    # H8's own rows, being converted now
 }
 
 ROW = re.compile(r"^\| (?P<id>(?:S|[IVX]+)\.\d+) \|")

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import random
-import re
 import statistics
 import tempfile
 import time

@@ -51,7 +51,12 @@ def main() -> None:
 
         batch = root / "batch_001.jsonl"
         write_expansion_batch(World(seed=0, size="small"), str(batch), batch=1, n=N)
-        planted = Counter(json.loads(line)["planted"] for line in batch.read_text().splitlines() if line.strip())
+        records = [json.loads(line) for line in batch.read_text().splitlines() if line.strip()]
+        planted = Counter(r["planted"] for r in records)
+        # Per document, which planted kinds the decontaminator flags (the append's report counts only totals).
+        from lmstack.data.decontaminate import DecontamConfig, Decontaminator
+        dec = Decontaminator(DecontamConfig(paths=evals))
+        flagged = Counter(r["planted"] for r in records if dec.hits(r["text"])[0])
         t0 = time.perf_counter()
         report = add_sources(root / "out", [ReaderConfig(path=str(batch), source="news")], progress=False)
         seconds = time.perf_counter() - t0
@@ -62,11 +67,14 @@ def main() -> None:
 
     same = sum(after.get(k) == v for k, v in before.items())
     cfg_out = dict(batch_docs=N, planted=dict(planted), dropped_by_step=every_step,
+                   decontam_flags_by_planted_kind=dict(flagged),
                    old_shards=len(before), old_shards_byte_identical=same, seconds=round(seconds, 2),
                    world="seed 0, small", machine="2 cores, shared")
     exact = dedup.get("exact_duplicate", 0)
     near = sum(v for k, v in dedup.items() if k != "exact_duplicate")
     leaks = sum(decontam.values())
+    result_flagged = result("data_expansion", "clean_new_docs_flagged_as_contaminated", False, flagged["new"],
+                            "new documents in the batch", planted["new"], **cfg_out)
     write_result("data_expansion", [
         result("data_expansion", "exact_copies_dropped", True, exact, "exact copies planted", planted["exact_dup"],
                **cfg_out),
@@ -74,6 +82,9 @@ def main() -> None:
                **cfg_out),
         result("data_expansion", "contaminated_dropped", True, leaks, "contaminated docs planted",
                planted["contaminated"], **cfg_out),
+        result("data_expansion", "planted_leaks_flagged", True, flagged["contaminated"], "contaminated docs planted",
+               planted["contaminated"], **cfg_out),
+        result_flagged,
     ])
 
 

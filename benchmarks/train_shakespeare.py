@@ -219,6 +219,14 @@ def main() -> None:
         results.append(result("train_shakespeare", "val_loss_vs_published_recipe", False, ours["val_loss"],
                               f"nanoGPT recipe as published (2,000 iters, {NANOGPT_TOKENS / args.final_tokens:.1f}x the tokens)", published["val_loss"],
                               goal=1.0, baseline_run=published, **cfg))
+        # ours at the published recipe's own budget (--only final_ours --final_tokens 1536000), when it has run
+        full = CACHE / f"shakespeare_final_ours_{NANOGPT_TOKENS}_{key}.json"
+        if full.exists():
+            ours_full = json.loads(full.read_text())
+            results.append(result("train_shakespeare", "val_loss_vs_published_recipe_equal_tokens", False,
+                                  ours_full["val_loss"], "nanoGPT recipe as published (2,000 iters), same tokens",
+                                  published["val_loss"], goal=1.0, ours_run=ours_full, baseline_run=published,
+                                  **{**cfg, "final_tokens": NANOGPT_TOKENS}))
     write_result("train_shakespeare", results)
 
 

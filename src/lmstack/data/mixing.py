@@ -259,8 +259,8 @@ class DoReMi:
 
     def after_step(self, trainer: Any) -> dict[str, float]:
         """Called by the Trainer after each optimizer step; returns metrics to log (the current weights)."""
-        if trainer.step % self.cfg.update_every:
-            return {}
+        if trainer.step % self.cfg.update_every:  # the current weights, so every logged row shows them
+            return {f"domain_weight_{k}": v for k, v in self.weights.weights.items()}
         ex, _, _ = self.excess(trainer.raw, trainer.device)
         # AdaptiveWeights.update takes (loss, reference); passing (excess, 0) applies the per-token clipping above
         w = self.weights.update(ex, {k: 0.0 for k in ex})

@@ -16,6 +16,15 @@ from lmstack.model.presets import preset
 V = 64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is fastest, and two threads collapse when the cores are busy (shared machine)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(d_model: int = 32) -> Transformer:
     torch.manual_seed(0)
     return Transformer(preset("llama-tiny", vocab_size=V, d_model=d_model, n_layers=2, n_heads=4, max_seq_len=64,

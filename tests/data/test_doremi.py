@@ -22,6 +22,15 @@ from lmstack.errors import LmstackError
 ALPHABETS = {"a": "abcd ", "b": "efgh ", "c": "ijkl "}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is fastest, and two threads collapse when the cores are busy (shared machine)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory):
     """Three shard sets whose texts use disjoint letters, so every token tells its domain."""
@@ -96,7 +105,6 @@ def _train(model, loader, steps: int):
 
 
 def test_weights_move_towards_the_domain_with_highest_excess_loss(domains):
-    torch.set_num_threads(1)
     cfg = LoaderConfig(batch_size=8, seq_len=32, seed=4)
     start = _tiny_model(0)
     # the reference saw every domain; the model being trained never saw domain c (it is under-trained there)

@@ -129,8 +129,8 @@ def test_confidence_as_weight_or_smoothing(tok):
 
 
 def test_config_refuses_unknown_methods_and_bad_values():
-    with pytest.raises(ConfigError, match="choose one of rm, dpo, cdpo, ipo, kto, ppo, grpo, rloo, rft"):
-        AlignConfig(method="trpo")
+    with pytest.raises(ConfigError, match="choose one of rm, dpo, cdpo, ipo, kto, ppo, trpo, grpo, rloo, rft"):
+        AlignConfig(method="sppo")
     with pytest.raises(ConfigError, match="temperature"):
         AlignConfig(method="ppo", temperature=0)
     with pytest.raises(ConfigError, match="kl_target needs kl_coef"):

@@ -227,6 +227,13 @@ def main() -> None:
                                   ours_full["val_loss"], "nanoGPT recipe as published (2,000 iters), same tokens",
                                   published["val_loss"], goal=1.0, ours_run=ours_full, baseline_run=published,
                                   **{**cfg, "final_tokens": NANOGPT_TOKENS}))
+            base_full = CACHE / f"shakespeare_final_baseline_{NANOGPT_TOKENS}_{args.trial_tokens}.json"
+            if base_full.exists():
+                tb = json.loads(base_full.read_text())
+                results.append(result("train_shakespeare", "val_loss_vs_tuned_baseline_published_tokens", False,
+                                      ours_full["val_loss"], "nanoGPT-style tuned baseline, same 1,536,000 tokens",
+                                      tb["val_loss"], goal=1.0, ours_run=ours_full, baseline_run=tb,
+                                      **{**cfg, "final_tokens": NANOGPT_TOKENS}))
     write_result("train_shakespeare", results)
 
 

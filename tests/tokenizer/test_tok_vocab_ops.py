@@ -116,3 +116,45 @@ def test_tiny_transformer_prune_and_grow(tie, bpe_tok, corpus):
         grown = model(ids_new)
     assert grown.shape[-1] == small.vocab_size + 5
     torch.testing.assert_close(grown[..., :small.vocab_size], logits_new)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_growing_a_padded_model_turns_padded_rows_into_the_new_tokens(tie):
+    """A padded model's tokenizer ids end at real_vocab_size, so a grown tokenizer's new ids land on padded
+    rows: those rows must stop being masked, and the table only grows once the padding runs out."""
+    model_mod = pytest.importorskip("lmstack.model")
+    cfg = model_mod.ModelConfig(vocab_size=64, real_vocab_size=60, d_model=32, n_layers=1, n_heads=2,
+                                n_kv_heads=2, d_ff=64, max_seq_len=32, tie_embeddings=tie)
+    model = model_mod.Transformer(cfg).eval()
+    ids = torch.tensor([[1, 5, 9, 59]])
+    with torch.no_grad():
+        before = model(ids)
+    assert (before[..., 60:] < -1e20).all()
+    resize_model_vocab(model, n_new=3)
+    assert model.config.vocab_size == 64 and model.config.real_vocab_size == 63
+    with torch.no_grad():
+        after = model(torch.tensor([[1, 5, 60, 62]]))
+        emb = model.tok_emb.weight
+        torch.testing.assert_close(emb[61], emb[:60].mean(0))
+    assert (after[..., 60:63] > -1e20).all() and (after[..., 63:] < -1e20).all()
+    resize_model_vocab(model, n_new=1)  # uses the last padded row: no padding left
+    assert model.config.vocab_size == 64 and model.config.real_vocab_size is None
+    resize_model_vocab(model, n_new=2)  # no padding: the table grows
+    assert model.config.vocab_size == 66
+
+
+def test_growing_past_the_padding_drops_it_and_keeps_real_logits():
+    model_mod = pytest.importorskip("lmstack.model")
+    cfg = model_mod.ModelConfig(vocab_size=64, real_vocab_size=60, d_model=32, n_layers=1, n_heads=2,
+                                n_kv_heads=2, d_ff=64, max_seq_len=32)
+    model = model_mod.Transformer(cfg).eval()
+    ids = torch.tensor([[1, 5, 9, 59]])
+    with torch.no_grad():
+        before = model(ids)[..., :60]
+    resize_model_vocab(model, n_new=10)
+    assert model.config.vocab_size == 70 and model.config.real_vocab_size is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[..., :60], before)
+    with pytest.raises(Exception, match="real token ids"):
+        resize_model_vocab(model_mod.Transformer(cfg.replace(vocab_size=64, real_vocab_size=60)),
+                           keep_ids=[0, 1, 62])

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lmstack.errors import LmstackError
+from lmstack.model.vocab import real_vocab
 from lmstack.tokenizer.bpe import BPE
 from lmstack.tokenizer.core import Tokenizer
 
@@ -185,8 +186,36 @@ def resize_embeddings(embedding: nn.Embedding, lm_head: nn.Linear | None = None,
     return new_emb, new_head
 
 
+def _fill_padded_rows(model: nn.Module, real: int, n_new: int) -> None:
+    """Turn padded rows real..real+n_new-1 into new tokens, each at the mean of the real rows."""
+    with torch.no_grad():
+        for w in (model.tok_emb.weight, None if model.lm_head is None else model.lm_head.weight,
+                  getattr(model, "mlm_bias", None)):
+            if w is not None:
+                w[real:real + n_new] = w[:real].mean(dim=0)
+
+
 def resize_model_vocab(model: nn.Module, keep_ids: list[int] | None = None, n_new: int = 0) -> nn.Module:
-    """Apply `resize_embeddings` to an lmstack Transformer in place (tok_emb, lm_head, MLM bias, config)."""
+    """Apply `resize_embeddings` to an lmstack Transformer in place (tok_emb, lm_head, MLM bias, config).
+
+    On a padded model (config.real_vocab_size < vocab_size) the tokenizer's ids end at the real rows, so a
+    grown tokenizer's new ids land on padded rows: those rows become the new tokens (mean-initialised and
+    unmasked), and the table only grows once the padding runs out. Pruning keeps real rows only and drops
+    the padding."""
+    cfg = model.config
+    real = real_vocab(cfg)
+    if real < cfg.vocab_size:
+        if keep_ids is None and real + n_new <= cfg.vocab_size:
+            if n_new < 0:
+                raise LmstackError(f"n_new={n_new} must be >= 0")
+            _fill_padded_rows(model, real, n_new)
+            cfg.real_vocab_size = real + n_new if real + n_new < cfg.vocab_size else None
+            return model
+        if keep_ids is None:
+            keep_ids = list(range(real))
+        elif keep_ids and max(keep_ids) >= real:
+            raise LmstackError(f"keep_ids must be real token ids (< real_vocab_size={real}), got {max(keep_ids)}")
+        cfg.real_vocab_size = None  # what comes out has no padded rows
     model.tok_emb, model.lm_head = resize_embeddings(model.tok_emb, model.lm_head, keep_ids, n_new)
     if getattr(model, "mlm_bias", None) is not None:
         b = _select_or_grow(model.mlm_bias.unsqueeze(1), keep_ids, n_new).squeeze(1)

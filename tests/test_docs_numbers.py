@@ -14,7 +14,6 @@ What fails:
   "not built" text (and the same for the README's benchmark table);
 - a cited results file that no script under benchmarks/ writes;
 - a cited test (`tests/x.py::name`, `tests/x.py`, globs allowed) that does not exist;
-- an ALLOWLIST entry whose row is already clean: the allowlist only shrinks.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_docs_numbers.py
 """
@@ -37,11 +36,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # Rows still being rewritten by their owners. Each entry must still fail a check below: when a row becomes clean,
 # the test tells you to delete its entry here (shrink-only, so the list cannot rot). Never add to it.
-ALLOWLIST = {
-    # owned by other engineers (issue 14), still being rewritten
-    "VI.2", "README:ppo_trust_region.py",
-    "README:rejection_sampling.py",
-}
 
 ROW = re.compile(r"^\| (?P<id>(?:S|[IVX]+)\.\d+) \|")
 CELL_SPLIT = re.compile(r"(?<!\\)\|")
@@ -299,18 +293,11 @@ def _first_citable() -> tuple[str, str]:
 ROWS = all_rows()
 
 
-@pytest.mark.parametrize("key", sorted(k for k in ROWS if k not in ALLOWLIST))
+@pytest.mark.parametrize("key", sorted(ROWS))
 def test_row_is_traceable(key):
     line, cells = ROWS[key]
     errors = row_errors(key, line, cells)
     assert not errors, f"{key}:\n  " + "\n  ".join(errors)
-
-
-@pytest.mark.parametrize("key", sorted(ALLOWLIST))
-def test_allowlist_only_shrinks(key):
-    assert key in ROWS, f"{key} is allowlisted but no such row exists: delete it from ALLOWLIST"
-    line, cells = ROWS[key]
-    assert row_errors(key, line, cells), f"{key} is clean now: delete it from ALLOWLIST in {Path(__file__).name}"
 
 
 def test_every_citation_outside_rows_resolves():

@@ -1,6 +1,8 @@
 """The shared progress bar follows whichever limit ends a run; the thread policy and its collapse warning."""
 import math
+import os
 import re
+import time
 
 import pytest
 
@@ -81,16 +83,16 @@ def test_trainer_bar_ends_at_the_step_the_clock_stopped(tmp_path, capsys):
     assert "'steps': %d" % done in captured.out
 
 
-def test_auto_threads_leaves_a_core_free_and_backs_off_under_load(monkeypatch):
+def test_auto_threads_uses_free_cores_and_backs_off_under_load(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert auto_threads(cores=2, load=0.0) == 1
-    assert auto_threads(cores=2, load=1.3) == 1
-    assert auto_threads(cores=16, load=0.2) == 15
+    assert auto_threads(cores=2, load=0.0) == 2  # a quiet laptop uses both cores
+    assert auto_threads(cores=2, load=1.3) == 1  # one other busy process: one thread
+    assert auto_threads(cores=16, load=0.2) == 16
     assert auto_threads(cores=16, load=4.6) == 11
     assert auto_threads(cores=16, load=40.0) == 1
     assert auto_threads(cores=1, load=0.0) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes share the machine
-    assert auto_threads(cores=16, load=0.0) == 7
+    assert auto_threads(cores=16, load=0.0) == 8
     assert resolve_threads(3) == 3
     with pytest.raises(LmstackError, match="threads=-1 is not allowed"):
         resolve_threads(-1)
@@ -128,3 +130,23 @@ def test_budget_bar_compares_time_per_unit_of_work():
         clock.t += 6.4
         bar.update(1, work=4096)
     assert len(msgs) == 1 and "8.0x slower" in msgs[0]
+
+
+def test_busy_cores_sees_a_competitor_at_once():
+    """The sample sees a busy process the moment it runs (the 1-minute load average would lag)."""
+    import subprocess
+    import sys
+
+    from lmstack.threads import busy_cores
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("needs /proc/stat")
+    quiet = busy_cores()
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        loaded = busy_cores()
+    finally:
+        spin.kill()
+        spin.wait()
+    assert loaded >= 0.7, (quiet, loaded)

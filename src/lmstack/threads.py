@@ -5,9 +5,13 @@ oversubscribes the cores: OpenMP threads spin waiting for each other while the k
 else, and a 2-core machine with one other busy process ran 18 training steps in 15 s with the default
 against 369 with one thread. So every stage takes `threads` (0 = auto) and resolves it here:
 
-    auto = the cores this process may run on (sched_getaffinity), minus one left free for everything
-           else, minus the cores other processes keep busy (the 1-minute load average), shared among
-           torchrun's local processes, at least 1.
+    auto = the cores this process may run on (sched_getaffinity), minus the cores other processes keep
+           busy right now (sampled from /proc/stat for 0.2 s; the 1-minute load average where there is
+           no /proc), shared among torchrun's local processes, at least 1.
+
+A quiet 2-core laptop gets both cores (one thread would halve the speedrun's pretraining); with one other
+busy process it gets one. The sample is instantaneous on purpose: the load average lags by a minute, so it
+both misses a competitor that just started and still counts one that just finished.
 
 An explicit number is used as given. `ThroughputWatch` warns once when steps become many times slower
 than the first ones (the symptom of oversubscription that starts after launch).
@@ -22,12 +26,13 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
 from typing import Callable
 
 from lmstack.errors import LmstackError
 
-THREADS_HELP = ("CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus the "
-                "cores other processes keep busy; at least 1); N = exactly N")
+THREADS_HELP = ("CPU threads for torch: 0 = auto (the cores this process may use, minus the cores other "
+                "processes keep busy right now; at least 1); N = exactly N")
 
 
 def available_cores() -> int:
@@ -38,8 +43,24 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def busy_cores() -> float:
-    """Cores other processes keep busy: the 1-minute load average (0 where the OS has none)."""
+def _cpu_jiffies() -> tuple[int, int]:
+    """(total, idle) CPU time over all cores since boot, from the aggregate line of /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]  # user..steal; idle + iowait count as free
+
+
+def busy_cores(sample_seconds: float = 0.2) -> float:
+    """Cores other processes keep busy now: busy share of a short /proc/stat sample x the machine's cores
+    (this process sleeps through the sample, so it is not counted); else the 1-minute load average; else 0."""
+    try:
+        total0, idle0 = _cpu_jiffies()
+        time.sleep(sample_seconds)
+        total1, idle1 = _cpu_jiffies()
+        if total1 > total0:
+            return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / (total1 - total0))
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -47,13 +68,13 @@ def busy_cores() -> float:
 
 
 def auto_threads(cores: int | None = None, load: float | None = None) -> int:
-    """The default thread count: leave one core free, and those that others are using; at least 1."""
+    """The default thread count: the cores that others are not using; at least 1."""
     cores = available_cores() if cores is None else cores
     load = busy_cores() if load is None else load
     free = cores - int(round(load))
     # under torchrun, the processes on this machine share its cores
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(cores - 1, free) // local)
+    return max(1, min(cores, free) // local)
 
 
 _AUTO: int | None = None  # the first auto decision of this process (see resolve_threads)

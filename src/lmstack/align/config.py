@@ -159,8 +159,8 @@ class AlignConfig:
     progress: bool = True
     """Show a progress bar."""
     threads: int = 0
-    """CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus those other
-    processes keep busy; at least 1), N = exactly N. See lmstack.threads."""
+    """CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes
+    keep busy right now; at least 1), N = exactly N. See lmstack.threads."""
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -82,8 +82,8 @@ def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = N
         seed: seed for few-shot sampling and bootstrap standard errors.
         bootstrap_iters: bootstrap resamples for standard errors (0 = none).
         progress: show a progress bar.
-        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus those
-            other processes keep busy; at least 1), N = exactly N.
+        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
+            right now; at least 1), N = exactly N.
     """
     from lmstack.eval.evaluator import evaluate as run_eval
     from lmstack.eval.task import get_task, list_tasks

@@ -61,8 +61,8 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         max_batched_tokens: token budget of one engine step.
         json_output: print one JSON object per prompt instead of plain text.
         tokenizer: tokenizer directory or tokenizer.json (default: the model directory's tokenizer.json).
-        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus those
-            other processes keep busy; at least 1), N = exactly N.
+        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
+            right now; at least 1), N = exactly N.
     """
     from lmstack.infer.llm import LLM
     from lmstack.infer.sampling_params import SamplingParams

@@ -122,8 +122,8 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
         top_p: nucleus sampling mass (1 = off).
         seed: sampling seed.
         cache: contiguous KV cache, a bounded sink cache, or none (recompute the prefix each step).
-        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus those
-            other processes keep busy; at least 1), N = exactly N.
+        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
+            right now; at least 1), N = exactly N.
     """
     from pathlib import Path
 

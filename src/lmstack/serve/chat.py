@@ -161,8 +161,8 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
         seed: Seed for reproducible replies.
         api_key: Key for --url (default: the LMSTACK_API_KEY variable).
         device: auto, cpu or cuda (with --model).
-        threads: CPU threads for torch with --model: 0 = auto (the cores this process may use, minus one and
-            minus those other processes keep busy; at least 1), N = exactly N.
+        threads: CPU threads for torch with --model: 0 = auto (the cores this process may use, minus those other
+            processes keep busy right now; at least 1), N = exactly N.
     """
     if (model is None) == (url is None):
         raise LmstackError("give exactly one of --model DIR (run here) or --url URL (talk to a server)")

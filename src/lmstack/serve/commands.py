@@ -113,8 +113,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         adapters: LoRA adapters to serve, each NAME=PATH; clients select one with `model: NAME`.
         device: auto, cpu or cuda.
         dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16.
-        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus one and minus those
-            other processes keep busy; at least 1), N = exactly N. On a shared machine 1 can be much faster.
+        threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
+            right now; at least 1), N = exactly N. On a shared machine 1 can be much faster.
         seed: Seed of the engine's sampler (requests can also give their own seed).
         log_level: uvicorn log level (debug, info, warning, error).
     """

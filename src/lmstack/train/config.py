@@ -61,8 +61,8 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     threads: int = 0
-    """torch CPU threads: 0 = auto (the cores this process may use, minus one and minus those other processes
-    keep busy; at least 1), N = exactly N. See lmstack.threads."""
+    """torch CPU threads: 0 = auto (the cores this process may use, minus those other processes keep busy right
+    now; at least 1), N = exactly N. See lmstack.threads."""
     max_seconds: float = 0.0
     """Wall-clock budget: stop when it is spent; the LR schedule then follows elapsed time (0 = off)."""
     resume: bool = True

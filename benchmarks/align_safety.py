@@ -14,6 +14,9 @@ Usage:
     python benchmarks/align_safety.py --run runs/20261206-072626 --budget 300              # ~15 min on 1 thread
     python benchmarks/align_safety.py --run RUN --no_guard --name align_safety_noguard
     python benchmarks/align_safety.py --run RUN --from_speedrun                              # the speedrun's own stage
+    # results/align_safety_speedrun_default.json: a `make speedrun` as shipped, on a quiet machine
+    python benchmarks/align_safety.py --run RUN --from_speedrun --name "align_safety_speedrun_default" \
+        --machine "2 cores, quiet; make speedrun as shipped (default budgets), 13.6 min"
 """
 from __future__ import annotations
 
@@ -37,21 +40,23 @@ def main() -> None:
     ap.add_argument("--kl_coef", type=float, default=0.05)
     ap.add_argument("--safety_share", type=float, default=0.3)
     ap.add_argument("--no_guard", action="store_true")
-    ap.add_argument("--name", default="align_safety")
+    ap.add_argument("--name", default=None, help="results file (default align_safety, or align_safety_speedrun "
+                    "with --from_speedrun)")
+    ap.add_argument("--machine", default="2 cores, shared", help="how the machine was, for the JSON")
     ap.add_argument("--from_speedrun", action="store_true", help="record RUN/align/scores.json; train nothing")
     args = ap.parse_args()
     torch.set_num_threads(1)
     run = Path(args.run)
     start = time.perf_counter()
     if args.from_speedrun:
-        out, name = json.loads((run / "align" / "scores.json").read_text()), "align_safety_speedrun"
+        out, name = json.loads((run / "align" / "scores.json").read_text()), args.name or "align_safety_speedrun"
     else:
         sft = run / "sft" / "merged" if (run / "sft" / "merged").is_dir() else run / "sft" / "run" / "model"
         out = align_stage(run, sft, run / "world", budget_s=args.budget, rpo_alpha=args.rpo_alpha,
                           kl_coef=args.kl_coef, safety_share=args.safety_share, guard=not args.no_guard,
-                          out_dir=run / f"bench_{args.name}")
-        name = args.name
-    rows = table(out, name, {"run": run.name, "machine": "2 cores, shared", "threads": 1,
+                          out_dir=run / f"bench_{args.name or 'align_safety'}")
+        name = args.name or "align_safety"
+    rows = table(out, name, {"run": run.name, "machine": args.machine, "threads": "speedrun auto" if args.from_speedrun else 1,
                              "from_speedrun": args.from_speedrun, "seconds": round(time.perf_counter() - start, 1)})
     write_result(name, rows)
     print(json.dumps({r["metric"]: (r["baseline"]["value"], r["ours"]) for r in rows}, indent=1))

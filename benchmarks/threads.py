@@ -84,7 +84,7 @@ def main() -> None:
     finally:
         busy.kill()
         busy.wait()
-    cfg = dict(machine="2 cores, shared", cores=available_cores(), load_average_1min=round(load, 2),
+    cfg = dict(machine="2 cores, shared", cores=available_cores(), busy_cores_sampled=round(load, 2),
                competitor="one extra busy-loop process", ours_threads=ours_threads, baseline_threads=default,
                seconds=args.seconds, repeats=args.repeats, model="d_model 128, 2 layers, batch 8 x 128 tokens",
                ours_runs=[round(v, 2) for v in ours], baseline_runs=[round(v, 2) for v in base])

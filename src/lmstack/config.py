@@ -152,6 +152,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG via a temporary file and a rename, close it, return the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` via a temporary file and a rename, so readers never see half a file."""
     path = Path(path)

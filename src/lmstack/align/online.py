@@ -34,6 +34,7 @@ from lmstack.align.config import AlignConfig
 from lmstack.align.logprobs import token_logprobs
 from lmstack.align.rollout import Rollout, mean_stderr, sample
 from lmstack.align.steps import Stepper, resolve_device
+from lmstack.config import atomic_save_figure
 from lmstack.errors import LmstackError
 
 
@@ -247,10 +248,4 @@ def plot_reward_scores(history: Sequence[dict], evals: Sequence[dict], path: str
     ax.set_ylabel("mean score")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path)

@@ -46,6 +46,7 @@ from lmstack.align.online import OnlineTrainer
 from lmstack.align.rl_math import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, masked_mean,
                                    ppo_policy_loss, ppo_value_loss, whiten)
 from lmstack.align.rollout import to_batch
+from lmstack.config import atomic_save_figure
 from lmstack.errors import LmstackError
 
 
@@ -205,10 +206,4 @@ def plot_kl_per_step(histories: dict[str, list[dict]], path: str | Path, target:
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("RL step")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path)

@@ -92,3 +92,19 @@ def peak_rss_mb() -> float:
 
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024
+
+
+def peak_and_seconds(step: Callable[[], Any]) -> dict:
+    """Run `step` twice in a fresh process phase: {"seconds": the faster run, "peak_mb": the first run's peak
+    resident memory above where it started} (the second run reuses the allocator's pages, so only the first
+    shows the peak)."""
+    reset_peak_rss()
+    base = rss_mb()
+    start = time.perf_counter()
+    step()
+    times = [time.perf_counter() - start]
+    peak = peak_rss_mb() - base
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "peak_mb": peak}

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from _common import peak_rss_mb, reset_peak_rss, result, rss_mb, write_result
+from _common import peak_and_seconds, peak_rss_mb, reset_peak_rss, result, rss_mb, write_result
 
 B, H, D, BLOCK = 1, 8, 64, 128
 GIB = 2 ** 30
@@ -61,16 +61,7 @@ def worker(kind: str, t: int) -> dict:
             x.grad = None
         fn(q, k, v, mask).backward(dout)
 
-    reset_peak_rss()
-    base = rss_mb()
-    start = time.perf_counter()
-    step()
-    times = [time.perf_counter() - start]
-    peak = peak_rss_mb() - base
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "peak_mb": peak}
+    return peak_and_seconds(step)
 
 
 def naive_saved_bytes_counted(t: int, h: int) -> int:

@@ -19,9 +19,8 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
-from _common import peak_rss_mb, reset_peak_rss, result, rss_mb, write_result
+from _common import peak_and_seconds, result, write_result
 
 B, H, D = 1, 8, 64
 
@@ -58,16 +57,7 @@ def worker(kind: str, mode: str, t: int) -> dict:
             with torch.no_grad():
                 fn()
 
-    reset_peak_rss()
-    base = rss_mb()
-    start = time.perf_counter()
-    step()
-    times = [time.perf_counter() - start]
-    peak = peak_rss_mb() - base
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "peak_mb": peak}
+    return peak_and_seconds(step)
 
 
 def quality(t: int = 1024) -> list[float]:

@@ -21,9 +21,8 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
-from _common import peak_rss_mb, reset_peak_rss, result, rss_mb, write_result
+from _common import peak_and_seconds, result, write_result
 
 T, B, H, D, BLOCK = 4096, 1, 8, 64, 128
 
@@ -63,16 +62,7 @@ def worker(way: str, name: str) -> dict:
     else:  # sdpa: is_causal for the plain causal square, the pattern's dense bool mask otherwise
         fn = lambda: sdpa_attention(q, k, v, mask, D ** -0.5)
     with torch.no_grad():
-        reset_peak_rss()
-        base = rss_mb()
-        start = time.perf_counter()
-        fn()
-        times = [time.perf_counter() - start]
-        peak = peak_rss_mb() - base
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "peak_mb": peak}
+        return peak_and_seconds(fn)
 
 
 def main() -> None:

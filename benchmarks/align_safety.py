@@ -16,7 +16,7 @@ Usage:
     python benchmarks/align_safety.py --run RUN --from_speedrun                              # the speedrun's own stage
     # results/align_safety_speedrun_default.json: a `make speedrun` as shipped, on a quiet machine
     python benchmarks/align_safety.py --run RUN --from_speedrun --name "align_safety_speedrun_default" \
-        --machine "2 cores, quiet; make speedrun as shipped (default budgets), 13.6 min"
+        --machine "2 cores, quiet; make speedrun as shipped (default budgets), 13.7 min"
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 vs SFT on the world's held-out tasks by generating answers.
 
 Training data: the world's chat conversations of kinds qa, multi_turn, arithmetic, instruction, persona and
-a little refusal/benign safety data (train split), mixed with STAGE_MIX weights. Scores (test split, greedy decoding, `n_eval` per task):
+refusal/benign safety data (train split), mixed with STAGE_MIX weights. Scores (test split, greedy decoding, `n_eval` per task):
   qa           the reply contains the true fact (held-out people *and* phrasings: knowledge the model can only
                have from the biographies it read in pretraining)
   arithmetic   the first `#### n` in the reply equals the answer
@@ -27,10 +27,11 @@ import torch
 from lmstack.config import atomic_write_text
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoRA-style methods adapt every attention projection
-# refusal/benign: a little safety data (refuse the world's forbidden brews, help with their look-alikes), as
-# chat SFT mixes usually carry; the alignment stage then measures what DPO adds on top.
-STAGE_MIX = {"qa": 3.0, "multi_turn": 1.0, "arithmetic": 3.0, "instruction": 2.0, "persona": 1.0, "refusal": 0.5,
-             "benign": 0.5}
+# refusal/benign: safety data (refuse the world's forbidden brews, help with their look-alikes), as chat SFT
+# mixes carry. At 0.5 each (4.5% of the mix) the speedrun's ~260 SFT steps left the model refusing only 45% of
+# harmful requests, and the alignment stage cannot teach refusal from there; 1.5 each makes it part of SFT.
+STAGE_MIX = {"qa": 3.0, "multi_turn": 1.0, "arithmetic": 3.0, "instruction": 2.0, "persona": 1.0, "refusal": 1.5,
+             "benign": 1.5}
 _HASHES = re.compile(r"####\s*(-?[\d,]+)")
 
 

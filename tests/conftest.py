@@ -24,3 +24,13 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of tiny models: there OpenMP's thread joins cost more than the ops, and two
+    threads collapse when the cores are busy (shared machine). Use: pytestmark = usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,13 +16,7 @@ from lmstack.model.presets import preset
 V = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and two threads collapse when the cores are busy (shared machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(d_model: int = 32) -> Transformer:

@@ -8,7 +8,6 @@ import json
 import random
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,13 +21,7 @@ from lmstack.errors import LmstackError
 ALPHABETS = {"a": "abcd ", "b": "efgh ", "c": "ijkl "}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and two threads collapse when the cores are busy (shared machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

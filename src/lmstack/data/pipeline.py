@@ -13,6 +13,10 @@ Three stages, each streaming so memory stays flat:
 Every step's kept/dropped counts per reason land in a Report, written as report.json, report.md
 and funnel.png into `out`.
 
+No single record stops a run: the readers count and skip bad records, naming file and line
+(report.json: read.bad_records, also printed under the table), and a filter that raises on one
+document drops that document alone as 'error:<ExceptionType>' (see `Isolated`).
+
 Usage:
     from lmstack.data.pipeline import PipelineConfig, run_pipeline
     from lmstack.config import load_config
@@ -37,7 +41,7 @@ from lmstack.config import save_config
 from lmstack.data.augment import AugmentConfig, Augmenter
 from lmstack.data.decontaminate import DecontamConfig, Decontaminator, contamination_report, decontam_verdict
 from lmstack.data.dedup import DedupConfig, Deduplicator
-from lmstack.data.document import Doc, Report, run_steps
+from lmstack.data.document import Doc, Report, StepResult, run_steps
 from lmstack.data.filters import FILTERS, FiltersConfig, build_filters
 from lmstack.data.mixing import MixConfig, achieved_shares, mixture_copies
 from lmstack.data.parallel import parallel_map
@@ -110,11 +114,46 @@ def check_config(cfg: PipelineConfig) -> None:
 _STAGE: dict[str, Any] = {}
 
 
+class Isolated:
+    """A filter step that one document cannot break: if the step raises on a batch, it is rerun one
+    document at a time, and each document it still raises on is dropped as 'error:<ExceptionType>'.
+
+    A setup problem (LmstackError), or a failure on every document of a batch of several, is not a
+    bad record but a broken step, so it is raised as before."""
+
+    def __init__(self, step: Callable[[list[Doc]], StepResult]) -> None:
+        self.step = step
+
+    def __call__(self, batch: list[Doc]) -> StepResult:
+        try:
+            return self.step(batch)
+        except LmstackError:
+            raise
+        except Exception as first:  # noqa: BLE001 - find the document(s) at fault below
+            out = StepResult(kept=[], dropped=[])
+            failed = 0
+            for doc in batch:
+                try:
+                    res = self.step([doc])
+                except LmstackError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    failed += 1
+                    out.dropped.append((doc, f"error:{type(e).__name__}"))
+                    continue
+                out.kept.extend(res.kept)
+                out.dropped.extend(res.dropped)
+                out.modified.update(res.modified)
+            if failed == len(batch) > 1:
+                raise first
+            return out
+
+
 def _init_stage(cfg: PipelineConfig) -> None:
     """Build the per-worker steps once: filters, a signer for dedup, the eval n-gram index."""
     _STAGE.clear()
     try:
-        _STAGE["filters"] = build_filters(cfg.filters)
+        _STAGE["filters"] = [(name, Isolated(step)) for name, step in build_filters(cfg.filters)]
         _STAGE["dedup"] = Deduplicator(cfg.dedup)
         _STAGE["decontam"] = Decontaminator(cfg.decontam) if decontam_active(cfg.decontam) else None
     except Exception as e:  # noqa: BLE001 - an initializer that raises makes Pool respawn workers forever
@@ -209,7 +248,7 @@ def clean_stage(cfg: PipelineConfig, dd: Deduplicator, report: Report, clean_pat
     finally:
         if bar is not None:
             bar.close()
-    report.step("read").add(stats.docs, stats.dropped())
+    report.step("read").add(stats.docs, stats.dropped(), stats.modified())
     report.sections["read"] = stats.to_dict()
     report.sections["languages"] = dict(sorted(_count(out.langs).items(), key=lambda kv: -kv[1]))
     report.sections["dedup"] = dd.clusters()

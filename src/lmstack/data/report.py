@@ -39,20 +39,41 @@ def render_table(report: Report) -> str:
     return "\n".join(lines)
 
 
+def bad_record_lines(report: Report, limit: int = 10) -> list[str]:
+    """'file:line  reason' for the first `limit` records the readers skipped, plus a line for the rest."""
+    read = report.sections.get("read") or {}
+    records = read.get("bad_records") or []
+    total = read.get("malformed_lines", len(records))
+    if not records and not read.get("skipped_files"):
+        return []
+    lines = [f"skipped {total:,} bad record(s) (report.json: read.bad_records, read.malformed):"]
+    lines += [f"  {r['file']}:{r['line']}  {r['reason']}" for r in records[:limit]]
+    if total > min(limit, len(records)):
+        lines.append(f"  ... and {total - min(limit, len(records)):,} more")
+    lines += [f"  {path}: whole file skipped, {why}" for path, why in list(read.get("skipped_files", {}).items())[:limit]]
+    return lines
+
+
 def print_report(report: Report) -> None:
-    """Print the table with rich when installed, else as plain text."""
+    """Print the table with rich when installed, else as plain text, then the bad records skipped."""
+    bad = "\n".join(bad_record_lines(report))
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
         print(render_table(report))
+        if bad:
+            print(bad)
         return
     table = Table(title="data pipeline: documents per step")
     for name, justify in (("step", "left"), ("in", "right"), ("kept", "right"), ("dropped", "right"), ("reasons", "left")):
         table.add_column(name, justify=justify)
     for row in table_rows(report):
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if bad:
+        console.print(bad, markup=False, highlight=False)
 
 
 def render_markdown(report: Report) -> str:

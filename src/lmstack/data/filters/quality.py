@@ -6,6 +6,11 @@ mean word length, symbol ratio, alphabetic fraction, lines ending in an ellipsis
 bullet / ending in terminal punctuation, duplicate lines and n-grams, stop-word presence, and the
 "lorem ipsum" and curly-bracket markers.
 
+Cost: the length rule runs first, in windows of 1M characters, and a document it drops costs one
+linear pass in bounded memory; the other measurements take a few times the document's size. The
+readers cut documents over `max_doc_chars` (1M characters by default) into parts before any filter
+runs, so no single document can make this step slow or large.
+
 `level` switches between two families of measurements (technique I.13):
 - word: counts whitespace-separated words (length in words, duplicate fractions by counts). Cheap,
   and what Gopher does for English, but meaningless for text written without spaces (Chinese,
@@ -139,24 +144,54 @@ def _dup_char_ngram_fraction(text: str, n: int) -> float:
     return float((np.cumsum(cover)[:-1] > 0).mean())
 
 
+def count_words_and_chars(text: str, chunk: int = 1 << 20) -> tuple[int, int]:
+    """(whitespace-separated words, non-space characters), as text.split() would count them, but in
+    windows of `chunk` characters so that a huge document never becomes one huge list of words."""
+    words = chars = 0
+    prev_word_open = False
+    for start in range(0, len(text), chunk):
+        piece = text[start:start + chunk]
+        parts = piece.split()
+        words += len(parts)
+        chars += sum(map(len, parts))
+        if prev_word_open and parts and not piece[0].isspace():
+            words -= 1  # the window boundary cut one word in two
+        prev_word_open = not piece[-1].isspace()
+    return words, chars
+
+
+def length_reason(text: str, cfg: QualityConfig) -> str | None:
+    """The length rule alone (the first rule of both levels), in bounded memory: a document it drops
+    is dropped without measuring anything else, so an overlong document costs one linear pass."""
+    words, chars = count_words_and_chars(text)
+    if cfg.level == "word":
+        return "too_few_words" if words < cfg.min_words else "too_many_words" if words > cfg.max_words else None
+    return "too_few_chars" if chars < cfg.min_chars else "too_many_chars" if chars > cfg.max_chars else None
+
+
 def quality_stats(text: str, cfg: QualityConfig | None = None) -> dict[str, float]:
     """Every measurement the rules use, for both levels (cheap ones always, n-gram ones per level)."""
     cfg = cfg or QualityConfig()
     words = text.split()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    nonspace = [c for c in text if not c.isspace()]
-    n_chars = len(nonspace)
-    lower_words = [w.lower().strip(".,;:!?'\"()") for w in words]
+    # Character classes are decided once per distinct character, not once per occurrence.
+    counts = [(c, n) for c, n in Counter(text).items() if not c.isspace()]
+    n_chars = sum(n for _, n in counts)
+    # Likewise per distinct word: natural text repeats its words many times over.
+    word_counts = Counter(words)
+    lowered = {w: w.lower().strip(".,;:!?'\"()") for w in word_counts}
+    lower_words = [lowered[w] for w in words]
     stats = {
         "words": len(words),
         "chars": n_chars,
-        "mean_word_length": (sum(len(w) for w in words) / len(words)) if words else 0.0,
+        "mean_word_length": (sum(map(len, words)) / len(words)) if words else 0.0,
         "symbol_word_ratio": (text.count("#") + sum(text.count(e) for e in ELLIPSES)) / max(len(words), 1),
-        "alpha_words": sum(any(c.isalpha() for c in w) for w in words) / max(len(words), 1),
+        "alpha_words": sum(n for w, n in word_counts.items() if any(c.isalpha() for c in w)) / max(len(words), 1),
         # Combining marks (vowel signs of Devanagari, Thai, Burmese...) belong to letters, not symbols.
-        "symbol_char_ratio": sum(1 for c in nonspace if not c.isalnum() and c not in PLAIN_PUNCT
+        "symbol_char_ratio": sum(n for c, n in counts if not c.isalnum() and c not in PLAIN_PUNCT
                                  and not unicodedata.category(c).startswith("M")) / max(n_chars, 1),
-        "alpha_chars": sum(c.isalpha() or unicodedata.category(c).startswith("M") for c in nonspace) / max(n_chars, 1),
+        "alpha_chars": sum(n for c, n in counts if c.isalpha() or unicodedata.category(c).startswith("M"))
+        / max(n_chars, 1),
         "ellipsis_lines": sum(ln.endswith(ELLIPSES) for ln in lines) / max(len(lines), 1),
         "bullet_lines": sum(ln.startswith(BULLETS) for ln in lines) / max(len(lines), 1),
         "terminal_punct_lines": sum(ln.endswith(TERMINAL_PUNCT) for ln in lines) / max(len(lines), 1),
@@ -218,7 +253,9 @@ class QualityFilter:
     def __call__(self, batch: list[Doc]) -> StepResult:
         kept, dropped = [], []
         for doc in batch:
-            reason = quality_reason(quality_stats(doc["text"], self.cfg), self.cfg)
+            reason = length_reason(doc["text"], self.cfg)
+            if reason is None:
+                reason = quality_reason(quality_stats(doc["text"], self.cfg), self.cfg)
             if reason is None:
                 kept.append(doc)
             else:

@@ -11,10 +11,10 @@ from lmstack.infer.async_engine import AsyncLLMEngine
 from lmstack.infer.engine import LLMEngine
 from lmstack.infer.llm import LLM
 from lmstack.infer.lora_hook import LinearLoRA
-from lmstack.infer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from lmstack.infer.outputs import CompletionOutput, RequestFailed, RequestMetrics, RequestOutput
 from lmstack.infer.sampling_params import SamplingParams, SamplingParamsError
 from lmstack.infer.speculative import SpeculativeConfig
 from lmstack.infer.streaming_chat import StreamingChat
 
-__all__ = ["AsyncLLMEngine", "CompletionOutput", "LLM", "LLMEngine", "LinearLoRA", "RequestMetrics", "RequestOutput",
-           "SamplingParams", "SamplingParamsError", "SpeculativeConfig", "StreamingChat"]
+__all__ = ["AsyncLLMEngine", "CompletionOutput", "LLM", "LLMEngine", "LinearLoRA", "RequestFailed", "RequestMetrics",
+           "RequestOutput", "SamplingParams", "SamplingParamsError", "SpeculativeConfig", "StreamingChat"]

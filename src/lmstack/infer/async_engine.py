@@ -1,10 +1,12 @@
 """AsyncLLMEngine: the engine behind an asyncio server, streaming each request's outputs as they come.
 
 One background task drives engine.step() in a worker thread, so the event loop stays free to accept
-requests while the model runs. New requests and aborts are queued and applied between steps (the
+requests while the model runs; each request is also prepared (tokenized, its bad_words / stop lists
+indexed) in a worker thread, so a heavy one cannot stall the loop. New requests and aborts are queued and applied between steps (the
 engine itself is never touched by two threads at once). Each request gets an asyncio queue its
 generator reads from; leaving the `async for` early (client disconnect, task cancelled) aborts the
-request, which frees its KV blocks before the next step.
+request, which frees its KV blocks before the next step. A request that fails inside the engine
+raises RequestFailed from its own generator; the others carry on.
 
 Usage:
     aengine = AsyncLLMEngine("runs/model", max_num_seqs=16)
@@ -19,7 +21,7 @@ import itertools
 from typing import Any, AsyncIterator
 
 from lmstack.infer.engine import LLMEngine
-from lmstack.infer.outputs import RequestOutput
+from lmstack.infer.outputs import RequestFailed, RequestOutput
 from lmstack.infer.sampling_params import SamplingParams
 
 _counter = itertools.count()
@@ -41,15 +43,23 @@ class AsyncLLMEngine:
     # ---- public
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None, lora: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs for one request; validation errors raise here, before anything runs."""
+        """Stream RequestOutputs for one request; validation errors (LmstackError) raise here, before anything
+        runs; a failure inside the engine raises RequestFailed for this request alone."""
         request_id = request_id or f"async-{next(_counter)}"
         if request_id in self._queues:
             from lmstack.errors import LmstackError
 
             raise LmstackError(f"request_id {request_id!r} is already in use")
-        req = self.engine.make_request(request_id, prompt, params or SamplingParams(), lora=lora)
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        self._queues[request_id] = queue  # reserve the id while the request is prepared
+        try:  # tokenizing and bad_words / stop / grammar preparation can be heavy: never on the event loop
+            req = await asyncio.to_thread(self.engine.make_request, request_id, prompt,
+                                          params or SamplingParams(), lora=lora)
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
+        if self._queues.get(request_id) is not queue:  # aborted while it was being prepared
+            return
         self._pending_add.append(req)
         self._ensure_loop()
         finished = False
@@ -117,19 +127,21 @@ class AsyncLLMEngine:
             self._stepping = True
             try:
                 outputs = await asyncio.to_thread(self.engine.step)
-            except Exception as e:  # a failed step fails the requests in it, not the server
+            except Exception as e:  # noqa: BLE001 - the forward itself failed: fail the requests in it
                 self.errors += 1
+                message = f"the engine step failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 for rid in list(self.engine.requests):
                     self.engine.abort_request(rid)
                     q = self._queues.get(rid)
                     if q is not None:
-                        q.put_nowait(e)
+                        q.put_nowait(RequestFailed(message[:300], rid))
                 continue
             finally:
                 self._stepping = False
             for out in outputs:
                 q = self._queues.get(out.request_id)
                 if q is not None:
-                    q.put_nowait(out)
+                    # a request that failed alone (finish_reason 'error') raises from its own generator
+                    q.put_nowait(out if out.error is None else RequestFailed(out.error, out.request_id, out))
                 elif not out.finished:
                     self.engine.abort_request(out.request_id)  # nobody listens any more

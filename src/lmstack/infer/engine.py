@@ -15,7 +15,9 @@ Usage:
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ import torch
 
 from lmstack.errors import LmstackError
 from lmstack.infer import logits_processors as lp
+from lmstack.infer.bad_words import BadWords
 from lmstack.infer.block_manager import BlockManager
+from lmstack.infer.detokenizer import StopStrings
 from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.output_processor import OutputProcessor
 from lmstack.infer.outputs import RequestOutput
@@ -34,6 +38,7 @@ from lmstack.infer.sequence import Request, Sequence
 from lmstack.infer.threads import engine_threads
 from lmstack.model.vocab import check_vocab
 
+log = logging.getLogger(__name__)
 _POOL_BYTES_DEFAULT = 1 << 30  # the KV pool is sized to at most 1 GiB unless num_blocks is given
 
 
@@ -105,10 +110,12 @@ class LLMEngine:
             self.lora = LoraManager(self.model, lora_adapters)
             self.runner.lora_context = self.lora
         self.guided = None  # built on first use (constrained.py)
+        self._lock = threading.Lock()
         self.outputs = OutputProcessor(self)
         self.requests: dict[str, Request] = {}
         self.counters = dict(prompt_tokens=0, prefill_tokens=0, generation_tokens=0, steps=0,
-                             requests_finished=0, requests_aborted=0)
+                             requests_finished=0, requests_aborted=0, requests_failed=0)
+        self._idle_steps = 0  # consecutive steps that scheduled nothing (see _step: never spin)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = set()
@@ -143,10 +150,15 @@ class LLMEngine:
         if room < 1:
             raise LmstackError(f"the prompt has {len(ids)} tokens but the KV pool holds "
                                f"{self.num_blocks * self.block_size}; raise num_blocks")
+        self._check_token_ids(params)
         req = Request(request_id, text, ids, params, lora=lora, arrival_time=arrival_time, eos_ids=self.eos_ids)
         req.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if params.use_beam_search:
+            self._check_beam_fits(params, len(ids), req.max_tokens)
         if params.bad_words:
             req.bad_word_ids = self._bad_word_ids(params.bad_words)
+        if params.stop:
+            req.stops = StopStrings(params.stop)
         seq = req.seqs[0]
         seq.generator = self._generator(params.seed, 0)
         if params.guided:
@@ -216,16 +228,36 @@ class LLMEngine:
             raise LmstackError("the prompt is empty; give at least one token")
         return ids
 
-    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Every token id a request names must be one the model can emit: 0 <= id < vocabulary."""
+        vocab = self.emit_vocab
+        for name, ids in (("stop_token_ids", params.stop_token_ids or ()), ("logit_bias", params.logit_bias or ())):
+            for t in ids:
+                if not 0 <= t < vocab:
+                    raise SamplingParamsError(f"{name}: token id {t} is outside the vocabulary [0, {vocab})")
+
+    def _check_beam_fits(self, params: SamplingParams, prompt_len: int, max_tokens: int) -> None:
+        """Refuse a beam search that could never fit the KV pool (it would preempt itself forever).
+
+        Worst case: the prompt's full blocks are shared by every beam, everything after them is each
+        beam's own. A beam search also needs beam_width sequences at once."""
+        bs, width = self.block_size, params.beam_width
+        shared = prompt_len // bs
+        need = shared + width * (-(-(prompt_len + max_tokens) // bs) - shared)
+        if need > self.num_blocks:
+            per_beam = -(-(prompt_len + max_tokens) // bs) - shared
+            fits = max(0, (self.num_blocks - shared) // max(1, per_beam))
+            raise SamplingParamsError(
+                f"beam_width={width} with max_tokens={max_tokens} may need {need} KV blocks but the pool has "
+                f"{self.num_blocks}; use beam_width <= {fits} or fewer max_tokens")
+
+    def _bad_word_ids(self, words: list[str]):
         if self.tokenizer is None:
             raise SamplingParamsError("bad_words needs a tokenizer to turn words into token ids")
-        out = []
-        for w in words:  # the word alone and after a space: both spellings a BPE model can produce
-            for variant in (w, " " + w.lstrip()):
-                ids = self.tokenizer.encode(variant)
-                if ids and ids not in out:
-                    out.append(ids)
-        return out
+        try:
+            return BadWords.from_words(self.tokenizer, words, self.emit_vocab)
+        except LmstackError as e:
+            raise SamplingParamsError(f"bad_words: {e}") from None
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:
@@ -234,9 +266,11 @@ class LLMEngine:
 
     def guided_decoder(self):
         if self.guided is None:
-            from lmstack.infer.constrained import GuidedDecoder
+            with self._lock:  # make_request may run in several worker threads at once (async_engine.py)
+                if self.guided is None:
+                    from lmstack.infer.constrained import GuidedDecoder
 
-            self.guided = GuidedDecoder(self.tokenizer, self.eos_ids, self.emit_vocab)
+                    self.guided = GuidedDecoder(self.tokenizer, self.eos_ids, self.emit_vocab)
         return self.guided
 
     # ---- the step
@@ -248,10 +282,16 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
-                raise LmstackError(f"the waiting request {self.scheduler.waiting[0].request.request_id!r} does not "
-                                   f"fit the KV pool ({self.num_blocks} blocks of {self.block_size}); raise num_blocks")
+            stuck = sched.unschedulable
+            if stuck is not None:
+                self.fail_request(stuck.request, f"it does not fit the KV pool ({self.num_blocks} blocks of "
+                                                 f"{self.block_size} tokens); raise num_blocks")
+            elif not sched.preempted and self.requests:
+                self._idle_steps += 1
+                if self._idle_steps > 1:  # never spin: a step that can do nothing fails the oldest request
+                    self.fail_request(next(iter(self.requests.values())), "the scheduler could not make progress")
             return self.outputs.collect()
+        self._idle_steps = 0
         self.counters["steps"] += 1
         if sched.copies:
             self.runner.cache.copy_blocks(sched.copies)
@@ -299,26 +339,56 @@ class LLMEngine:
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.counters["prefill_tokens"] += min(s.num_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += s.num_tokens
-            if prompt_rows:
-                self.outputs.record_prompt_logprobs(req, prompt_rows, logits[first_row:first_row + len(prompt_rows)])
-            if n_rows:
-                row = first_row + len(prompt_rows)
-                if s.lookahead and seq.spec_tokens:
-                    self.spec.verify(seq, logits[row:row + n_rows])
-                else:
-                    to_sample.append((seq, row))
-        beams = [(seq, row) for seq, row in to_sample if seq.request.beam is not None]
-        plain = [(seq, row) for seq, row in to_sample if seq.request.beam is None]
+            if req.error is not None:
+                continue
+            try:
+                if prompt_rows:
+                    self.outputs.record_prompt_logprobs(req, prompt_rows,
+                                                        logits[first_row:first_row + len(prompt_rows)])
+                if n_rows:
+                    row = first_row + len(prompt_rows)
+                    if s.lookahead and seq.spec_tokens:
+                        self.spec.verify(seq, logits[row:row + n_rows])
+                    else:
+                        to_sample.append((seq, row))
+            except Exception as e:  # noqa: BLE001 - this request fails alone, the batch carries on
+                self.fail_request(req, "scoring its tokens", e)
+        beams: dict[str, list[tuple[Sequence, int]]] = {}
+        plain = []
+        for seq, row in to_sample:
+            if seq.request.beam is not None:
+                beams.setdefault(seq.request.request_id, []).append((seq, row))
+            else:
+                plain.append((seq, row))
         if plain:
             self._sample(plain, logits)
         if beams:
             from lmstack.infer.beam_search import beam_step
 
-            beam_step(self, beams, logits)
+            for rows in beams.values():
+                try:
+                    beam_step(self, rows, logits)
+                except Exception as e:  # noqa: BLE001
+                    self.fail_request(rows[0][0].request, "beam search", e)
         for s in sched.scheduled:
             if not s.seq.is_finished and s.seq.block_table:
                 self.bm.register_computed(s.seq)
         return self.outputs.collect()
+
+    def fail_request(self, req: Request, stage: str, exc: BaseException | None = None) -> None:
+        """Finish one request with finish_reason 'error' and a one-line reason, freeing its blocks; the
+        other requests of the step carry on (a server answers 500 for this one alone)."""
+        if req.error is not None:
+            return
+        detail = "" if exc is None else f": {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        req.error = f"request {req.request_id!r} failed while {stage}{detail}"[:300]
+        if exc is not None:
+            log.warning("%s", req.error, exc_info=exc)
+        for seq in list(req.seqs):
+            if not seq.is_finished:
+                self.outputs.finish(seq, "error")
+        self.outputs.changed.add(req.request_id)
+        self.counters["requests_failed"] += 1
 
     def _sample(self, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         expanded: list[tuple[Sequence, int]] = []
@@ -333,18 +403,38 @@ class LLMEngine:
             req.forked = True
         if not expanded:
             return
-        rows = [self.sampling_row(seq) for seq, _ in expanded]
-        raw = logits[[r for _, r in expanded]] if len(expanded) > 1 or expanded[0][1] else logits[:1]
+        try:
+            picked = self._pick(expanded, logits)
+        except Exception:  # noqa: BLE001 - one row failed: redo each row alone, failing only its request
+            picked = []
+            for item in expanded:
+                if item[0].request.error is not None:
+                    continue
+                try:
+                    picked.extend(self._pick([item], logits))
+                except Exception as e:  # noqa: BLE001
+                    self.fail_request(item[0].request, "sampling", e)
+        for seq, tok, logprobs in picked:
+            if seq.request.error is not None:
+                continue
+            try:
+                self.outputs.append_token(seq, tok, logprobs)
+            except Exception as e:  # noqa: BLE001 - detokenizing, stop checks, the grammar
+                self.fail_request(seq.request, "processing its new token", e)
+
+    def _pick(self, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[tuple[Sequence, int, torch.Tensor]]:
+        """Sample one token per (sequence, logits row); returns (seq, token, that row's logprobs)."""
+        rows = [self.sampling_row(seq) for seq, _ in items]
+        raw = logits[[r for _, r in items]] if len(items) > 1 or items[0][1] else logits[:1]
         if all(r.params.greedy and r.allowed is None and not lp.needs_processing(r.params) for r in rows):
             tokens = raw.argmax(dim=-1).tolist()  # the hot path of greedy decoding: no processing at all
-        else:
+        else:  # processing and every check run before any random draw, so a failed row wastes none
             tokens = lp.sample(lp.process(raw, rows), rows, self.generator)
-        if any(seq.logprobs is not None for seq, _ in expanded):
+        if any(seq.logprobs is not None for seq, _ in items):
             logprobs = raw.log_softmax(dim=-1)
         else:  # only the sampled tokens' log-probabilities are needed (cumulative_logprob)
             logprobs = raw - raw.logsumexp(dim=-1, keepdim=True)
-        for i, ((seq, _), tok) in enumerate(zip(expanded, tokens)):
-            self.outputs.append_token(seq, tok, logprobs[i])
+        return [(seq, tok, logprobs[i]) for i, ((seq, _), tok) in enumerate(zip(items, tokens))]
 
     def sampling_row(self, seq: Sequence, extra: list[int] | None = None) -> lp.SamplingRow:
         req = seq.request
@@ -393,6 +483,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "requests_finished": c["requests_finished"],
             "requests_aborted": c["requests_aborted"],
+            "requests_failed": c["requests_failed"],
             "steps": c["steps"],
         }
         if self.spec is not None:

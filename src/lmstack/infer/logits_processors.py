@@ -6,7 +6,7 @@ run in PROCESSORS order: bans and biases first (they change what is possible), t
 temperature and the truncations (top-k, top-p, min-p), which need the final distribution's shape.
 
 - min_tokens: EOS and stop tokens get -inf until min_tokens tokens were generated.
-- bad_words: a word's last token is banned right after the tokens before it were produced.
+- bad_words: a word's last token is banned right after the tokens before it were produced (bad_words.py).
 - logit_bias: added as given (OpenAI semantics).
 - repetition_penalty (CTRL, Keskar et al. 2019): logit/p if positive else logit*p for every token in
   prompt or output.
@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from lmstack.errors import LmstackError
+from lmstack.infer.bad_words import BadWords
 from lmstack.infer.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -40,7 +42,7 @@ class SamplingRow:
     output_ids: list[int]
     generator: torch.Generator | None = None
     eos_ids: frozenset[int] = frozenset()
-    bad_word_ids: list[list[int]] = field(default_factory=list)
+    bad_word_ids: BadWords | list[list[int]] = field(default_factory=list)
     allowed: torch.Tensor | None = None
     """Bool (vocab,) mask from the guided decoder; None = everything allowed."""
 
@@ -54,17 +56,20 @@ def min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         p = r.params
         if p.min_tokens and len(r.output_ids) < p.min_tokens:
             banned = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(r.eos_ids))
+            banned = [t for t in banned if t < logits.shape[-1]]  # the engine refuses larger ids up front
             if banned:
-                logits[i, list(banned)] = NEG_INF
+                logits[i, banned] = NEG_INF
     return logits
 
 
 def bad_words(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     for i, r in enumerate(rows):
-        for word in r.bad_word_ids:
-            *prefix, last = word
-            if not prefix or (len(r.output_ids) >= len(prefix) and r.output_ids[-len(prefix):] == prefix):
-                logits[i, last] = NEG_INF
+        if not r.bad_word_ids:
+            continue
+        index = r.bad_word_ids if isinstance(r.bad_word_ids, BadWords) else BadWords(r.bad_word_ids)
+        banned = [t for t in index.banned(r.output_ids) if t < logits.shape[-1]]
+        if banned:
+            logits[i, banned] = NEG_INF
     return logits
 
 
@@ -109,7 +114,13 @@ def guided(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 def temperature(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     temps = [r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows]
     if any(t != 1.0 for t in temps):
-        logits = logits / torch.tensor(temps, dtype=logits.dtype)[:, None]
+        t = torch.tensor(temps, dtype=logits.dtype)[:, None]
+        scaled = logits / t
+        over = scaled.amax(dim=-1) == float("inf")
+        if bool(over.any()):  # x / T overflowed (huge logits, small T): (x - max) / T <= 0 cannot
+            sub = logits[over]
+            scaled[over] = (sub - sub.amax(dim=-1, keepdim=True)) / t[over]
+        logits = scaled
     return logits
 
 
@@ -158,9 +169,16 @@ def needs_processing(p: SamplingParams) -> bool:
                 or p.frequency_penalty or p.presence_penalty or p.guided or p.top_k or p.top_p < 1.0 or p.min_p)
 
 
+def sanitize(logits: torch.Tensor) -> torch.Tensor:
+    """A float32 copy with NaN -> -inf and +inf -> the largest float, so no row can turn the softmax into
+    NaN (inf - inf). A model that emits NaN then bans that token rather than crashing the sampler."""
+    logits = logits.float().clone()
+    return logits.nan_to_num_(nan=NEG_INF, posinf=torch.finfo(torch.float32).max, neginf=NEG_INF)
+
+
 def process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Apply every processor; returns processed float32 logits (a new tensor; the input is untouched)."""
-    logits = logits.float().clone()
+    logits = sanitize(logits)
     if any(needs_processing(r.params) or r.allowed is not None for r in rows):
         for fn in PROCESSORS.values():
             logits = fn(logits, rows)
@@ -172,16 +190,29 @@ def process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 def process_bans(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Only the processors that change what is allowed or preferred (no temperature or truncation):
     what beam search scores with."""
-    logits = logits.float().clone()
+    logits = sanitize(logits)
     for name, fn in PROCESSORS.items():
         if name not in ("temperature", "top_k_top_p_min_p"):
             logits = fn(logits, rows)
     return logits
 
 
+class NoTokenAllowed(LmstackError):
+    """Every token of a row is banned (bad_words, min_tokens, logit_bias, a grammar): nothing to sample."""
+
+
+def check_rows(logits: torch.Tensor) -> None:
+    """Raise NoTokenAllowed naming the first row whose every logit is -inf."""
+    dead = ~torch.isfinite(logits).any(dim=-1)
+    if bool(dead.any()):
+        raise NoTokenAllowed(f"row {int(dead.nonzero()[0])}: every token is banned by this request's "
+                             "bad_words / logit_bias / min_tokens / grammar, so none can be sampled")
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None
            ) -> list[int]:
     """Processed logits (rows, vocab) -> one token per row: argmax for greedy rows, else a draw."""
+    check_rows(logits)
     greedy = logits.argmax(dim=-1)
     out = greedy.tolist()
     for i, r in enumerate(rows):

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from lmstack.infer.detokenizer import detokenize_step, find_stop, held_back
+from lmstack.infer.detokenizer import StopStrings, detokenize_step
 from lmstack.infer.outputs import CompletionOutput, RequestOutput
 from lmstack.infer.sequence import Request, Sequence, Status
 
@@ -66,10 +66,13 @@ class OutputProcessor:
                 old = len(seq.text)
                 seq.text += new
                 if p.stop:
-                    hit = find_stop(seq.text, old, p.stop, p.include_stop_str_in_output)
+                    if req.stops is None:
+                        req.stops = StopStrings(p.stop)
+                    hit, seq.stop_hold = req.stops.scan(seq.text, old, seq.stop_hold)
                     if hit is not None:
-                        seq.text = seq.text[:hit[0]]
-                        seq.stop_reason = hit[1]
+                        cut, stop = hit
+                        seq.text = seq.text[:cut + len(stop) if p.include_stop_str_in_output else cut]
+                        seq.stop_reason = stop
                         return self.finish(seq, "stop")
         if seq.num_output_tokens >= req.max_tokens or seq.num_tokens >= eng.max_model_len:
             return self.finish(seq, "length")
@@ -80,11 +83,11 @@ class OutputProcessor:
         """Mark a sequence finished, keep its computed blocks in the prefix cache, free its blocks."""
         seq.finish_reason = reason
         seq.status = Status.FINISHED
-        if seq.block_table:
+        if seq.block_table and reason != "error":  # a failed sequence's K/V is not trusted for reuse
             self.engine.bm.register_computed(seq)
         self.engine.scheduler.remove(seq)
         self.changed.add(seq.request.request_id)
-        if seq.request.beam is not None and reason != "abort":
+        if seq.request.beam is not None and reason not in ("abort", "error"):
             seq.request.beam.on_finish(seq)
 
     def record_prompt_logprobs(self, req: Request, positions: list[int], logits: torch.Tensor) -> None:
@@ -119,7 +122,9 @@ class OutputProcessor:
         streaming_ok = p.output_kind != "final_only" and req.beam is None and not (p.best_of and p.best_of > p.n)
         if not final and not streaming_ok:
             return None
-        if req.beam is not None:
+        if req.error is not None:
+            seqs = sorted(req.seqs, key=lambda s: s.index)[:p.n]  # what each sample had when it failed
+        elif req.beam is not None:
             seqs = req.beam.best(p.n) if final else []
         elif final and p.best_of and p.best_of > p.n:
             seqs = sorted(req.seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:p.n]
@@ -129,8 +134,8 @@ class OutputProcessor:
         completions = []
         for i, seq in enumerate(seqs):
             text = seq.text
-            if not seq.is_finished:
-                text = text[:len(text) - held_back(text, p.stop)]
+            if not seq.is_finished and seq.stop_hold:
+                text = text[:len(text) - seq.stop_hold]
             ids = seq.output_ids
             logprobs = seq.logprobs
             if delta:
@@ -141,4 +146,5 @@ class OutputProcessor:
             completions.append(CompletionOutput(i, text, list(ids), None if logprobs is None else list(logprobs),
                                                 seq.finish_reason, seq.cumulative_logprob, seq.stop_reason))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, final,
-                             req.prompt_logprobs, req.metrics, req.metrics.num_cached_tokens, req.lora)
+                             req.prompt_logprobs, req.metrics, req.metrics.num_cached_tokens, req.lora,
+                             error=req.error)

@@ -3,6 +3,10 @@
 Outputs are cumulative by default (text and token_ids hold everything generated so far); a request
 whose SamplingParams.output_kind is 'delta' gets only what is new since its last output.
 
+A request that fails inside the engine (sampling, a logits processor, detokenizing, stop checks, or
+it can never be scheduled) finishes alone: finish_reason 'error' and RequestOutput.error set; the
+async engine raises RequestFailed from that request's generator only.
+
 Usage:
     for out in llm.generate(["Hi"], SamplingParams(max_tokens=8)):
         print(out.request_id, out.outputs[0].text, out.outputs[0].finish_reason, out.metrics.ttft)
@@ -10,6 +14,8 @@ Usage:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from lmstack.errors import LmstackError
 
 
 @dataclass
@@ -23,7 +29,8 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     """Per generated token: {token id: log-probability} for the sampled token and the top alternatives."""
     finish_reason: str | None = None
-    """None while running, then 'stop' (EOS, stop token or stop string), 'length' or 'abort'."""
+    """None while running, then 'stop' (EOS, stop token or stop string), 'length', 'abort', or 'error'
+    (this request failed inside the engine; RequestOutput.error says why, other requests carry on)."""
     cumulative_logprob: float = 0.0
     """Sum of the sampled tokens' log-probabilities under the model."""
     stop_reason: int | str | None = None
@@ -64,3 +71,14 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     lora: str | None = field(default=None)
+    error: str | None = None
+    """One line saying why this request failed (its outputs then have finish_reason 'error'); else None."""
+
+
+class RequestFailed(LmstackError):
+    """Raised from AsyncLLMEngine.generate() for one request that failed inside the engine (a server
+    answers 500 for it alone). `output` is its last RequestOutput, when there is one."""
+
+    def __init__(self, message: str, request_id: str | None = None, output: RequestOutput | None = None):
+        super().__init__(message)
+        self.request_id, self.output = request_id, output

@@ -3,6 +3,16 @@
 Each field has a safe default; an invalid value raises SamplingParamsError (a ValueError and an
 LmstackError) whose message names the field and what is allowed, so a server can answer 400.
 
+The ranges keep the sampler's maths finite (fp32, see logits_processors.py), so no accepted value can
+give NaN probabilities or crash an engine step:
+- temperature: 0 (greedy) or in [1e-5, 100]; repetition_penalty in [0.01, 100];
+  frequency/presence_penalty in [-2, 2]; logit_bias values in [-100, 100]; length_penalty in [-10, 10];
+- top_p in (0, 1]; min_p in [0, 1]; every number finite (NaN and inf are refused);
+- integers are real ints (not bools) that fit int64: n, best_of <= 128; beam_width <= 64; top_k >= 0
+  (-1 = off); max_tokens, min_tokens >= 0; logprobs, prompt_logprobs in 0..20; seed any int64;
+  token ids (stop_token_ids, logit_bias keys) in [0, 2**63). Whether an id is inside the model's
+  vocabulary, and whether a beam fits the KV pool, the engine checks when the request is made.
+
 Usage:
     from lmstack.infer import SamplingParams
     greedy = SamplingParams(max_tokens=32, temperature=0.0)
@@ -13,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -25,8 +36,20 @@ class SamplingParamsError(LmstackError, ValueError):
     """A sampling parameter is out of range; the message names the field."""
 
 
+INT64_MAX = 2**63 - 1
+MIN_TEMPERATURE = 1e-5  # below this (but > 0) logits / T loses every token but the top one anyway: use 0
+MIN_REPETITION_PENALTY = 0.01
+
+
 def _bad(name: str, value: Any, allowed: str) -> SamplingParamsError:
-    return SamplingParamsError(f"{name}={value!r} is not allowed; {name} must be {allowed}")
+    shown = repr(value)
+    if len(shown) > 80:  # never echo a huge list or string back in full
+        shown = shown[:77] + "..."
+    return SamplingParamsError(f"{name}={shown} is not allowed; {name} must be {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -36,7 +59,7 @@ class SamplingParams:
     best_of: int | None = None
     """Generate this many completions and return the n with the highest cumulative log-probability."""
     temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax)."""
+    """Softmax temperature; 0 means greedy (argmax), else in [1e-5, 100]."""
     top_k: int = 0
     """Keep only the k most likely tokens; 0 (or -1) keeps all."""
     top_p: float = 1.0
@@ -44,7 +67,7 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the top token's, in [0, 1]."""
     repetition_penalty: float = 1.0
-    """CTRL-style penalty on tokens already in the prompt or output (>1 discourages repeats); > 0."""
+    """CTRL-style penalty on tokens already in the prompt or output (>1 discourages repeats), in [0.01, 100]."""
     frequency_penalty: float = 0.0
     """Subtract this times the token's count in the output so far, in [-2, 2] (OpenAI semantics)."""
     presence_penalty: float = 0.0
@@ -100,30 +123,40 @@ class SamplingParams:
 
     # ---- validation
     def _validate(self) -> None:
-        def integer(name: str, lo: int, hi: int | None = None, optional: bool = False) -> None:
+        def integer(name: str, lo: int, hi: int = INT64_MAX, optional: bool = False) -> None:
             v = getattr(self, name)
             if v is None and optional:
                 return
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-                raise _bad(name, v, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+            if not _is_int(v) or v < lo or v > hi:
+                raise _bad(name, v, f"an integer >= {lo} and <= {'2**63 - 1' if hi == INT64_MAX else hi}")
 
         def number(name: str, ok, allowed: str) -> None:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not ok(float(v)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise _bad(name, v, allowed)
-            setattr(self, name, float(v))
+            try:
+                f = float(v)
+            except OverflowError:  # an int past float range
+                raise _bad(name, v, allowed) from None
+            if not math.isfinite(f):
+                raise _bad(name, v, allowed + "; NaN and infinity are refused")
+            if not ok(f):
+                raise _bad(name, v, allowed)
+            setattr(self, name, f)
 
         integer("n", 1, 128)
         integer("best_of", 1, 128, optional=True)
         if self.best_of is not None and self.best_of < self.n:
             raise _bad("best_of", self.best_of, f"None or >= n={self.n}")
-        number("temperature", lambda v: 0.0 <= v <= 100.0, "a number in [0, 100] (0 = greedy)")
+        number("temperature", lambda v: v == 0.0 or MIN_TEMPERATURE <= v <= 100.0,
+               f"0 (greedy) or a number in [{MIN_TEMPERATURE:g}, 100]")
         if self.top_k == -1:
             self.top_k = 0
-        integer("top_k", 0)
+        integer("top_k", 0)  # any k >= vocab keeps everything
         number("top_p", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         number("min_p", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
-        number("repetition_penalty", lambda v: 0.0 < v <= 100.0, "a number > 0 (1 = off)")
+        number("repetition_penalty", lambda v: MIN_REPETITION_PENALTY <= v <= 100.0,
+               f"a number in [{MIN_REPETITION_PENALTY:g}, 100] (1 = off)")
         number("frequency_penalty", lambda v: -2.0 <= v <= 2.0, "in [-2, 2]")
         number("presence_penalty", lambda v: -2.0 <= v <= 2.0, "in [-2, 2]")
         if self.logit_bias is not None:
@@ -135,7 +168,10 @@ class SamplingParams:
                     tid = int(k)
                 except (TypeError, ValueError):
                     raise _bad("logit_bias", k, "keyed by integer token ids") from None
-                if tid < 0 or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                if isinstance(k, (bool, float)) or not 0 <= tid <= INT64_MAX:
+                    raise _bad("logit_bias", k, "keyed by integer token ids in [0, 2**63)")
+                if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v))
+                        or not -100 <= v <= 100):
                     raise _bad("logit_bias", {k: v}, "token ids >= 0 mapped to biases in [-100, 100]")
                 clean[tid] = float(v)
             self.logit_bias = clean
@@ -152,14 +188,14 @@ class SamplingParams:
             raise _bad("choice", self.choice, "a non-empty list of strings")
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-                raise _bad("stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
+                    _is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
+                raise _bad("stop_token_ids", self.stop_token_ids, "a list of token ids in [0, 2**63)")
             self.stop_token_ids = list(self.stop_token_ids)
         integer("max_tokens", 0, optional=True)
         integer("min_tokens", 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _bad("min_tokens", self.min_tokens, f"<= max_tokens={self.max_tokens}")
-        integer("seed", -(2**63), 2**63 - 1, optional=True)
+        integer("seed", -(2**63), INT64_MAX, optional=True)
         integer("logprobs", 0, 20, optional=True)
         integer("prompt_logprobs", 0, 20, optional=True)
         integer("beam_width", 1, 64)

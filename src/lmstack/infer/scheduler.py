@@ -6,6 +6,9 @@ Every step it fills a token budget (max_batched_tokens) and a sequence budget (m
    never stalls the others' decoding for more than one chunk.
 2. If no running sequence had to be preempted, waiting ones are admitted in arrival order: each first
    takes its prefix-cache hits (those tokens cost nothing), then a prompt chunk that fits.
+3. If nothing at all could run while work waits (running beams paused for their siblings hold the
+   pool), paused sequences are preempted until the waiting head fits, so a step never spins idle; a
+   head that cannot fit even the empty pool is reported as unschedulable.
 When a running sequence needs a block and the pool is empty, the newest running sequence is preempted
 by recompute: its blocks are freed and it goes back to the front of the queue with its tokens, to be
 prefilled again later (often straight from the prefix cache). So requests join and leave between
@@ -40,6 +43,8 @@ class SchedulerOutput:
     scheduled: list[Scheduled] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    unschedulable: Sequence | None = None
+    """A waiting sequence that does not fit even the empty pool (the engine fails its request)."""
 
     @property
     def num_tokens(self) -> int:
@@ -70,14 +75,14 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free(seq)
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence, front: bool = True) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
         seq.num_computed_tokens = 0
         seq.draft_computed = 0
         seq.request.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        self.add(seq, front=True)
+        self.add(seq, front=front)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -109,6 +114,13 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out  # the pool is short: admit nobody new this step
+        budget = self._admit(out, budget)
+        if not out.scheduled and self.waiting:
+            self._unstick(out, budget, paused)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        """Move waiting sequences into the batch, in arrival order, while blocks and budgets last."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             fresh = not seq.block_table
@@ -131,4 +143,23 @@ class Scheduler:
             out.copies.extend(copies)
             out.scheduled.append(Scheduled(seq, n, 0))
             budget -= n
-        return out
+        return budget
+
+    def _unstick(self, out: SchedulerOutput, budget: int, paused: Callable[[Sequence], bool]) -> None:
+        """Nothing could run although work waits: every running sequence is paused (a beam hypothesis
+        whose log-probabilities are kept until its siblings have theirs) and holds the blocks or the
+        slots the waiting head needs. Spinning here once starved every request for minutes, so preempt
+        paused sequences, newest first, to the BACK of the queue (the head goes first, so the same one
+        is not readmitted in a loop) until the head fits. A paused sequence loses only its K/V, never
+        its kept log-probabilities. If nothing is left to preempt and the head still does not fit an
+        empty pool, it never will: report it (the engine fails that request alone)."""
+        while not out.scheduled:
+            idle = [s for s in self.running if paused(s) or s.remaining_prefill == 0]
+            if not idle:
+                break
+            victim = idle[-1]
+            self.preempt(victim, front=False)
+            out.preempted.append(victim)
+            budget = self._admit(out, budget)
+        if not out.scheduled and not self.running and self.waiting:
+            out.unschedulable = self.waiting[0]

@@ -36,7 +36,7 @@ class Sequence:
                  "block_table", "status", "generator", "logprobs", "cumulative_logprob", "finish_reason",
                  "stop_reason", "text", "detok_offset", "read_offset", "tokens_text", "matcher",
                  "draft_computed", "spec_tokens", "spec_probs", "num_cached_tokens", "hashed_blocks",
-                 "block_hashes", "sent_text_len", "sent_tokens")
+                 "block_hashes", "sent_text_len", "sent_tokens", "stop_hold")
 
     def __init__(self, request: "Request", index: int, token_ids: list[int], num_prompt_tokens: int):
         self.seq_id = next(_ids)
@@ -64,6 +64,7 @@ class Sequence:
         self.num_cached_tokens = 0
         self.sent_text_len = 0  # for delta outputs
         self.sent_tokens = 0
+        self.stop_hold = 0  # characters at the end of text that may still begin a stop string
 
     # ---- facts
     @property
@@ -102,6 +103,7 @@ class Sequence:
         child.logprobs = None if self.logprobs is None else list(self.logprobs)
         child.text, child.detok_offset, child.read_offset = self.text, self.detok_offset, self.read_offset
         child.tokens_text = self.tokens_text
+        child.stop_hold = self.stop_hold
         child.num_cached_tokens = self.num_cached_tokens
         child.draft_computed = self.draft_computed  # the draft's K/V sits in the shared blocks too
         child.matcher = self.matcher.deep_copy() if self.matcher is not None else None
@@ -129,7 +131,9 @@ class Request:
         self.beam: Any = None  # beam search state (beam_search.py)
         self.forked = False  # n > 1: the sequences were forked after the prompt's prefill
         self.aborted = False
-        self.bad_word_ids: list[list[int]] = []
+        self.bad_word_ids: Any = []  # a BadWords index (bad_words.py), or lists of ids
+        self.stops: Any = None  # a StopStrings index of params.stop (detokenizer.py), built by the engine
+        self.error: str | None = None  # why the request failed, when it did (finish_reason 'error')
         self.next_index = 1
         self.max_tokens = params.max_tokens if params.max_tokens is not None else 1 << 30  # the engine clamps it
 

@@ -63,9 +63,18 @@ def test_checkpoints_are_atomic_pruned_verified_and_fall_back(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])  # truncate the newest
     messages = []
     assert mgr.latest(log=messages.append).name == "step_00000020"
-    assert "checksum mismatch" in messages[0]
-    _, _, extra = mgr.load(mgr.list()[0])
+    assert "size mismatch in model/model.safetensors" in messages[0] and "moved to" in messages[0]
+    assert [p.name for p in mgr.corrupt()] == ["step_00000030"]  # moved aside, not deleted
+    _, _, extra = mgr.load(mgr.list()[-1])
     assert extra["step"] == 20
+    state = mgr.list()[-1] / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-1] ^= 1  # same size, one bit flipped: only the hash can tell
+    state.write_bytes(bytes(data))
+    messages.clear()
+    assert mgr.latest(log=messages.append) is None
+    assert "checksum mismatch in state.safetensors" in messages[0]
+    assert [p.name for p in mgr.corrupt()] == ["step_00000020", "step_00000030"] and mgr.exists()
 
 
 def test_resume_refuses_a_changed_model_config(tmp_path):

@@ -23,6 +23,7 @@ Usage:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -131,6 +132,9 @@ class TrainableCheckpoints(CheckpointManager):
 
     def write_model(self, model, folder: Path, model_state: dict[str, torch.Tensor] | None) -> None:
         save_tree(trainable_state(model), folder / "trainable")
+
+    def model_files(self, path: Path, files: dict) -> list[str]:
+        return ["trainable.safetensors", "trainable.json"]  # verification requires these in the manifest
 
 
 class SFTTrainer(Trainer):
@@ -243,7 +247,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     set_threads(cfg.train.threads)  # 0 = auto: fits a shared machine instead of one thread per core
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, restart=False)),  # restart is one-off
+                out / "config.yaml")
     tok_dir = cfg.tokenizer or cfg.base
     if not (Path(tok_dir) / "tokenizer.json").is_file():
         raise LmstackError(f"no tokenizer.json in {tok_dir}; pass --tokenizer DIR")

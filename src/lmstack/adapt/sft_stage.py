@@ -134,7 +134,7 @@ def sft_stage(run_dir: str | Path, base_dir: str | Path, budget_s: float = 120.0
         method=method, data=str(data_dir / "train.jsonl"), val_data=str(data_dir / "val.jsonl"), base=str(base_dir),
         out=str(out / "run"), adapter=AdapterConfig(method=method, target_modules=ATTENTION),
         train=TrainConfig(steps=100_000, max_seconds=budget_s, eval_every=0, eval_batches=4, log_every=10,
-                          keep_checkpoints=1, seed=seed, resume=False),
+                          keep_checkpoints=1, seed=seed, resume=False, restart=True),
         optim=OptimizerConfig(name="adamw", lr=lr or default_lr, weight_decay=0.0),
         schedule=ScheduleConfig(name="cosine", warmup_steps=20, min_lr_ratio=0.1),
         batch_size=batch_size, seq_len=seq_len, mix=dict(STAGE_MIX))

@@ -41,7 +41,8 @@ class TrainConfig:
     save_every: int = 0
     """Save a checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 3
-    """Checkpoints kept on disk (older ones are deleted)."""
+    """Checkpoints that verify kept on disk (older ones are deleted; corrupt ones are moved into
+    checkpoints/corrupt/ and do not count)."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights with this decay (0 = off)."""
     swa_start: float = 0.0
@@ -66,6 +67,12 @@ class TrainConfig:
     max_seconds: float = 0.0
     """Wall-clock budget: stop when it is spent; the LR schedule then follows elapsed time (0 = off)."""
     resume: bool = True
-    """Resume from the newest intact checkpoint in the output directory, if any."""
+    """Resume from the newest checkpoint in the output directory that verifies, if any. Checkpoints that fail
+    verification are moved into checkpoints/corrupt/; when the directory holds checkpoints but none verifies,
+    training refuses to start over unless `restart` is set."""
+    restart: bool = False
+    """Start from step 0 even though the output directory holds checkpoints (good or corrupt): the earlier run's
+    checkpoints/, metrics.jsonl, loss.png and tensorboard/ are first moved (renamed, never deleted) into
+    replaced/<UTC time>/. Without it, training over existing checkpoints either resumes or refuses."""
     progress: bool = True
     """Show a progress bar."""

@@ -3,6 +3,9 @@ then train with the Trainer. Recipes in recipes/*.yaml are PretrainConfig files.
 
 The run directory gets config.yaml (the resolved config), metrics.jsonl (+ TensorBoard when
 installed), loss.png and checkpoints/step_*/ (the model there loads with lmstack.load_model).
+Run again over the same directory, it resumes from the newest checkpoint that verifies; it refuses to
+start from step 0 over checkpoints (all corrupt, or train.resume false) unless --train.restart true,
+which moves the earlier run into replaced/<UTC time>/ first (see lmstack.train.trainer).
 
 Usage:
     lmstack pretrain --config recipes/shakespeare_char.yaml --train.steps 500
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +213,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        # restart is a one-off action: the saved config resumes this run instead of restarting it again
+        save_config(replace(cfg, train=replace(cfg.train, restart=False)), out / "config.yaml")
     from lmstack.train.distributed import data_parallel_info, wrap_optimizer
 
     # Ranks of one tensor-parallel group must read the same rows: shard data by the data-parallel rank.

@@ -5,6 +5,11 @@ Everything a bit-exact resume needs (optimizer, RNG states, loader position, ave
 counters) goes into each checkpoint, so on CPU in fp32 a run killed at step N and resumed continues
 with exactly the losses an uninterrupted run would have logged.
 
+A run directory that already holds checkpoints is never silently started over: with `resume` the
+newest checkpoint that verifies is loaded (broken ones are logged and moved into checkpoints/corrupt/,
+see checkpoint.py); when none verifies, or when `resume` is off, training refuses unless `restart` is
+set, which first moves the earlier run's checkpoints and metrics into replaced/<UTC time>/.
+
 Usage:
     trainer = Trainer(model, objective, optimizer, schedule_fn, cfg, train_loader, val_loader_fn, out_dir)
     summary = trainer.fit()
@@ -80,10 +85,48 @@ class Trainer:
         self.loss_mean: float | None = None
         self.bytes_per_token = bytes_per_token
         self.tokens_per_row = tokens_per_row
-        self.ckpts = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        self.ckpts = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints, writer=self.main)
+        self._guard_run_dir()  # before the metrics file opens: a restart moves the old one aside
         self.metrics = MetricsLogger(self.out) if self.main else None
         if cfg.activation_checkpointing and hasattr(self.raw, "checkpoint_blocks"):
             self.raw.checkpoint_blocks = True
+
+    # ---- starting over, resuming, refusing
+    def _guard_run_dir(self) -> None:
+        """restart: move the earlier run aside; resume off over existing checkpoints: refuse."""
+        if self.cfg.restart:
+            if self.main:
+                self._move_earlier_run_aside()
+            return
+        if not self.cfg.resume and self.ckpts.exists():
+            raise LmstackError(f"{self.ckpts.root} holds checkpoints and train.resume is false: refusing to start "
+                               f"from step 0 over them. Resume (train.resume true), or pass --train.restart true "
+                               f"to move them aside into {self.out / 'replaced'}/ and start over")
+
+    def _move_earlier_run_aside(self) -> None:
+        # Renames only (atomic, nothing deleted); checkpoints first, so a kill in between leaves no checkpoint
+        # that a later resume could mix with the new run's metrics.
+        names = [n for n in ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard") if (self.out / n).exists()]
+        if not names:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.out / "replaced" / stamp
+        i = 1
+        while dest.exists():
+            dest, i = self.out / "replaced" / f"{stamp}.{i}", i + 1
+        dest.mkdir(parents=True)
+        for n in names:
+            (self.out / n).rename(dest / n)
+        self.log_fn(f"lmstack: train.restart: moved the earlier run's {', '.join(names)} to {dest}")
+
+    def _resume_or_refuse(self) -> None:
+        had = self.ckpts.exists()
+        if self.try_resume() or not had:
+            return
+        raise LmstackError(f"{self.ckpts.root} holds checkpoints but none verifies (see the lines above and "
+                           f"{self.ckpts.root / 'corrupt'}/*/CORRUPT.txt): refusing to start from step 0 over them. "
+                           f"Repair them, or pass --train.restart true to move them aside into "
+                           f"{self.out / 'replaced'}/ and start over")
 
     # ---- state for exact resume
     def _extra_state(self) -> dict[str, Any]:
@@ -255,8 +298,8 @@ class Trainer:
     # ---- the loop
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        if cfg.resume:
-            self.try_resume()
+        if cfg.resume and not cfg.restart:
+            self._resume_or_refuse()
         from lmstack.model.counting import model_stats
 
         flops_per_token = model_stats(self.raw.config, context=self.tokens_per_row).train_flops_per_token \

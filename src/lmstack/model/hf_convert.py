@@ -71,15 +71,46 @@ def _rope_fields(hf: dict, model_type: str) -> dict[str, Any]:
     return out
 
 
+# Config keys that hold shapes, per family, and the lmstack field each becomes: checked against
+# load_guard.SHAPE_LIMITS before anything is built, and used to name the user's field in errors.
+_LLAMA_SHAPES = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
+                 "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
+                 "intermediate_size": "d_ff", "max_position_embeddings": "max_seq_len",
+                 "num_local_experts": "n_experts", "num_experts_per_tok": "moe_top_k", "sliding_window": "sliding_window"}
+HF_SHAPE_FIELDS = {**{mt: _LLAMA_SHAPES for mt in LLAMA_LIKE},
+                   "gpt2": {"vocab_size": "vocab_size", "n_embd": "d_model", "n_layer": "n_layers", "n_head": "n_heads",
+                            "n_inner": "d_ff", "n_positions": "max_seq_len"},
+                   "bert": {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
+                            "num_attention_heads": "n_heads", "intermediate_size": "d_ff",
+                            "max_position_embeddings": "max_seq_len", "type_vocab_size": "type_vocab_size"}}
+
+
+def hf_field_names(model_type: str) -> dict[str, str]:
+    """lmstack field -> the HF config key it comes from, for messages (empty for unknown families)."""
+    return {ours: theirs for theirs, ours in HF_SHAPE_FIELDS.get(model_type, {}).items()}
+
+
+def _check_hf_shapes(hf: dict[str, Any], mt: str, source: str) -> None:
+    from lmstack.model.load_guard import SHAPE_LIMITS, check_int_fields
+
+    fields = HF_SHAPE_FIELDS[mt]
+    check_int_fields(hf, {theirs: SHAPE_LIMITS[ours] for theirs, ours in fields.items()}, source)
+    types = hf.get("layer_types")
+    if types is not None and (not isinstance(types, list) or len(types) > SHAPE_LIMITS["n_layers"]):
+        raise LmstackError(f"{source}: layer_types must be a list of at most {SHAPE_LIMITS['n_layers']} entries")
+
+
 def _first_id(value):
     return value[0] if isinstance(value, list) and value else value
 
 
-def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = None) -> ModelConfig:
-    """ModelConfig from an HF config.json dict."""
+def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = None,
+                   source: str = "config.json") -> ModelConfig:
+    """ModelConfig from an HF config.json dict; shapes are bounded (load_guard.SHAPE_LIMITS) before use."""
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
-        raise LmstackError(f"unsupported model_type {mt!r}; lmstack loads: {', '.join(SUPPORTED)}")
+        raise LmstackError(f"unsupported model_type {mt!r:.100}; lmstack loads: {', '.join(SUPPORTED)}")
+    _check_hf_shapes(hf, mt, source)
     ids = dict(bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")),
                pad_token_id=_first_id(hf.get("pad_token_id")), hf_model_type=mt, name=hf.get("_name_or_path", ""),
                real_vocab_size=hf.get(REAL_VOCAB_KEY))

@@ -29,47 +29,74 @@ from lmstack.config import ConfigError, atomic_write_text, from_dict, to_dict
 from lmstack.errors import LmstackError
 from lmstack.model.checkpoint import CheckpointReader
 from lmstack.model.config import ModelConfig
-from lmstack.model.hf_convert import EXPORTABLE, config_from_hf, config_to_hf, ignored_hf_keys, weights_from_hf, weights_to_hf
+from lmstack.model.hf_convert import (EXPORTABLE, config_from_hf, config_to_hf, hf_field_names, ignored_hf_keys,
+                                      weights_from_hf, weights_to_hf)
+from lmstack.model.load_guard import check_config_shapes, check_memory, read_json, resolve_inside
 from lmstack.model.transformer import Transformer
 
 LMSTACK_CONFIG = "lmstack_config.json"
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, bool]:
-    """(config, uses HF tensor names) for a model directory."""
-    path = Path(path)
-    cfg_file = path / "config.json"
+    """(config, uses HF tensor names) for a model directory.
+
+    The directory is untrusted: config files must stay inside it (load_guard.resolve_inside), and shapes
+    beyond load_guard.SHAPE_LIMITS are refused here, before anything is built."""
+    return _read_config(Path(path))[:2]
+
+
+def _read_config(path: Path) -> tuple[ModelConfig, bool, str, dict[str, str]]:
+    """(config, HF names?, the file it came from, lmstack field -> that file's key) for messages."""
     if not path.is_dir():
         raise LmstackError(f"model directory not found: {path}")
+    cfg_file = resolve_inside(path, "config.json", "model config")
     if not cfg_file.exists():
         raise LmstackError(f"{path} has no config.json, so it is not a model directory")
-    try:
-        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmstackError(f"{cfg_file} is not valid JSON: {e}") from None
+    hf = read_json(path, "config.json", "model config")
+    source = str(path / "config.json")
+    if not isinstance(hf, dict):
+        raise LmstackError(f"{source} must hold a JSON object")
     if hf.get("model_type") == "lmstack":
-        return _our_config(hf.get("lmstack"), cfg_file), False
-    ours = path / LMSTACK_CONFIG
-    if ours.exists():  # our full config (dropout, backend, ...) beside an HF config.json
-        return _our_config(json.loads(ours.read_text(encoding="utf-8")), ours), True
-    return config_from_hf(hf), True
-
-
-def _our_config(data: Any, source: Path) -> ModelConfig:
+        return _our_config(hf.get("lmstack"), source), False, source, {}
+    if resolve_inside(path, LMSTACK_CONFIG, "model config").exists():
+        # our full config (dropout, backend, ...) beside an HF config.json
+        ours = str(path / LMSTACK_CONFIG)
+        return _our_config(read_json(path, LMSTACK_CONFIG, "model config"), ours), True, ours, {}
     try:
-        return from_dict(ModelConfig, data or {})
+        cfg = config_from_hf(hf, source=source)
+    except KeyError as e:
+        raise LmstackError(f"{source} lacks the field {e.args[0]!r}, which a {hf.get('model_type')} config needs") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, LmstackError):
+            raise
+        raise LmstackError(f"{source}: a field has the wrong type or value ({type(e).__name__}: {e})") from None
+    names = hf_field_names(hf["model_type"])
+    check_config_shapes(cfg, source, names)
+    return cfg, True, source, names
+
+
+def _our_config(data: Any, source: str) -> ModelConfig:
+    try:
+        cfg = from_dict(ModelConfig, data or {})
     except ConfigError as e:
         raise LmstackError(f"{source}: {e}") from None
+    check_config_shapes(cfg, source)
+    return cfg
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-               device: str | torch.device = "cpu", lazy: bool = True) -> Transformer:
+               device: str | torch.device = "cpu", lazy: bool = True,
+               max_model_gib: float | None = None) -> Transformer:
     """A Transformer from our or an HF model directory. dtype=None keeps the checkpoint's dtype.
 
     lazy=True builds the model on the meta device and memory-maps the weights (nothing is read until
     used, no random init); lazy=False allocates and initialises the model, reads every file fully into
-    memory and copies it in, the way most loaders do."""
-    cfg, hf_names = read_config(path)
+    memory and copies it in, the way most loaders do.
+
+    max_model_gib: refuse (LmstackError naming the fields) when the config needs more memory than this,
+    estimated before anything is allocated; None = the process default (64 GiB, or --max_model_gib)."""
+    cfg, hf_names, source, names = _read_config(Path(path))
+    check_memory(cfg, dtype, max_model_gib, source, names)
     reader = CheckpointReader(path)
     if lazy:
         # No allocation and no random init: parameters will be views of the memory-mapped files.
@@ -81,8 +108,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
 
         model = Transformer(cfg)  # the usual way: allocate, initialise, then overwrite
         eager: dict[str, torch.Tensor] = {}
-        for f in sorted(set(reader.weight_map.values())):
-            eager.update(load_file(str(Path(path) / f)))
+        reader.validate_all()  # our header checks first, on the files resolved inside the directory
+        for f in reader.files:
+            eager.update(load_file(str(f)))
         get, names = eager.__getitem__, set(eager)
     expected = {k: v for k, v in model.state_dict().items()}
     if hf_names:
@@ -97,7 +125,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
 
     unexpected = sorted(k for k in names - used if not any(re.search(p, k) for p in ignore))
     if unexpected:
-        raise LmstackError(f"{path}: the checkpoint has tensors this config does not use, e.g. {unexpected[0]!r} "
+        raise LmstackError(f"{path}: the checkpoint has tensors this config does not use, e.g. {unexpected[0]!r:.100} "
                            f"({len(unexpected)} in all); config.json does not fit the weights")
     for k, t in weights.items():
         if tuple(t.shape) != tuple(expected[k].shape):

@@ -82,14 +82,33 @@ ROPE_SCALING = {"none": _default_freqs, "linear": _linear_freqs, "ntk": _ntk_fre
                 "llama3": _llama3_freqs}
 
 
+# Tables start at this many positions (or max_seq_len if smaller) and double on demand, so a config with
+# max_position_embeddings 2**31 costs nothing until positions that far are used (issue 15).
+INITIAL_TABLE_LENGTH = 4096
+
+
+def initial_table_length(cfg: ModelConfig) -> int:
+    """Rows a RoPE or sinusoidal table holds right after construction."""
+    return min(cfg.max_seq_len, INITIAL_TABLE_LENGTH)
+
+
+def _grown_length(needed: int, current: int, max_len: int) -> int:
+    """Double, but not past max_len unless the positions themselves go further (RoPE extrapolation)."""
+    return max(needed, min(2 * current, max_len))
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE, grown on demand when positions pass the precomputed length."""
+    """cos/sin tables for RoPE, built lazily: initial_table_length rows, doubled when positions pass them.
+
+    Each row depends only on its position (cos/sin of t * inv_freq, elementwise), so a table grown later
+    holds bit-identical rows to one built at full length in one go (tests/model/test_positions.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         inv_freq, self.attention_scale = ROPE_SCALING[cfg.rope_scaling](cfg)
+        self.max_len = cfg.max_seq_len
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._build(cfg.max_seq_len)
+        self._build(initial_table_length(cfg))
 
     def _build(self, length: int) -> None:
         t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
@@ -101,7 +120,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos_table.shape[0]:
-            self._build(max(needed, 2 * self.cos_table.shape[0]))
+            self._build(_grown_length(needed, self.cos_table.shape[0], self.max_len))
         return self.cos_table[positions], self.sin_table[positions]
 
 
@@ -141,8 +160,9 @@ class SinusoidalPositions(nn.Module):
 
     def __init__(self, d_model: int, max_len: int):
         super().__init__()
-        self.d_model = d_model
-        self.register_buffer("table", self._table(max_len), persistent=False)
+        self.d_model, self.max_len = d_model, max_len
+        # lazy like RoPE: rows up to the positions used, grown by doubling
+        self.register_buffer("table", self._table(min(max_len, INITIAL_TABLE_LENGTH)), persistent=False)
 
     def _table(self, length: int) -> torch.Tensor:
         pos = torch.arange(length, dtype=torch.float32)[:, None]
@@ -155,5 +175,5 @@ class SinusoidalPositions(nn.Module):
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         needed = int(positions.max()) + 1
         if needed > self.table.shape[0]:
-            self.table = self._table(max(needed, 2 * self.table.shape[0])).to(self.table.device)
+            self.table = self._table(_grown_length(needed, self.table.shape[0], self.max_len)).to(self.table.device)
         return self.table[positions]

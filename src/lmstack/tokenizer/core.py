@@ -346,21 +346,28 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise LmstackError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except (RecursionError, ValueError):  # nesting past the parser's depth, or an integer of 5,000 digits
+        raise LmstackError(f"{what} {path} is nested too deeply or holds a number too large to parse") from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer from a directory holding tokenizer.json (+ tokenizer_config.json) or from the file."""
+    from lmstack.model.load_guard import JSON_MAX_BYTES, check_regular, resolve_inside
+
     p = Path(path)
-    if p.is_dir():
-        file = p / "tokenizer.json"
-        if not file.is_file():
+    if p.is_dir():  # an untrusted model directory: its files must stay inside it (issue 15)
+        file = resolve_inside(p, "tokenizer.json", "tokenizer file")
+        if not file.exists():
             raise LmstackError(f"{p} holds no tokenizer.json")
     elif p.is_file():
         file = p
     else:
         raise LmstackError(f"no tokenizer at {p}: it is neither a directory nor a file")
+    check_regular(file, "tokenizer file", JSON_MAX_BYTES["tokenizer file"])  # no FIFO, device or huge file
     spec = _read_json(file, "tokenizer file")
-    cfg_file = file.parent / "tokenizer_config.json"
+    cfg_file = resolve_inside(p if p.is_dir() else file.parent, "tokenizer_config.json", "tokenizer config")
+    if cfg_file.exists():
+        check_regular(cfg_file, "tokenizer config", JSON_MAX_BYTES["tokenizer config"])
     config = _read_json(cfg_file, "tokenizer config") if cfg_file.is_file() else {}
     if not isinstance(config, dict):
         raise LmstackError(f"tokenizer config {cfg_file} must hold a JSON object")

@@ -364,3 +364,21 @@ def test_a_model_with_2_to_the_31_positions_builds_small_and_matches_a_normal_on
     assert sum(b.numel() for b in huge.buffers()) < 10 * INITIAL_TABLE_LENGTH * 8
     x = torch.randint(0, 64, (1, 256))
     assert torch.equal(huge(x), small(x))
+
+
+# ---------------------------------------------------------------- the CLI flag
+@pytest.mark.parametrize("argv", [["model", "convert", "--src", "{m}", "--out", "{o}"],
+                                  ["model", "generate", "--model", "{m}", "--prompt_ids", "[1, 2]"],
+                                  ["generate", "--model", "{m}", "--prompt_ids", "[1, 2]", "--max_tokens", "2"]])
+def test_max_model_gib_flag_refuses_in_one_line_and_raises_the_limit(model_dir, tmp_path, capsys, argv):
+    from lmstack.cli import main
+
+    argv = [a.format(m=model_dir, o=tmp_path / "out") for a in argv]
+    try:
+        assert main(argv + ["--max_model_gib", "1e-6"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "over the 1e-06 GiB limit" in err and "--max_model_gib" in err and "\n" not in err
+        assert "Traceback" not in err
+        assert main(argv + ["--max-model-gib", "1"]) == 0  # both spellings; a 1 GiB limit fits the tiny model
+    finally:
+        set_max_model_gib(64.0)

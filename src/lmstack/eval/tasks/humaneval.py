@@ -3,8 +3,16 @@
 Each problem's prompt is fed raw; generation stops at the usual HumanEval stop strings (a new top-level
 def/class/if/print/comment). Each of the n completions becomes the program
     prompt + completion + test + "check(entry_point)"
-run in the sandbox (lmstack.eval.sandbox: subprocess, timeout, rlimits, no network, temp dir), and
+run in the sandbox (lmstack.eval.sandbox: PID/network/mount namespaces, `nobody`, seccomp, rlimits, timeout), and
 pass@k = 1 - C(n-c, k) / C(n, k) over the c passing samples (Chen et al., 2021) for every k <= n in `ks`.
+
+A pass means the tests ran to the end: after check(...) each program prints a fresh random sentinel (one
+per run), and a sample passes only if it exits 0 AND its stdout holds that sentinel line. So sys.exit(0),
+os._exit(0) or raise SystemExit in a completion, which end the program with status 0 before any test
+runs, count as failures. What the sentinel does not stop: the program's own source contains it, so a
+completion that reads its file (or its code object) and prints the sentinel, or that tampers with what
+the tests rely on (builtins, sys.stdout), can still fake a pass; catching those would need the tests to run
+outside the program's reach.
 n = 1 decodes greedily; n > 1 samples at `temperature` with n distinct seeds per problem.
 
 Data: data_dir()/humaneval/HumanEval.jsonl.gz (or path= a .jsonl / .jsonl.gz of the same records).
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import secrets
 from typing import Callable
 
 from lmstack.errors import LmstackError
@@ -31,9 +40,34 @@ STOP_STRINGS = ("\ndef", "\nclass", "\nif __name__", "\nprint", "\n#")
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 
-def program_for(doc: dict, completion: str) -> str:
-    """The program that passes iff the completion is correct: prompt, completion, tests, the check call."""
-    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+def program_for(doc: dict, completion: str, sentinel: str | None = None) -> str:
+    """The program that passes iff the completion is correct: prompt, completion, tests, the check call, and
+    (given a sentinel) a last line that prints it, reached only when check(...) returned."""
+    program = f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+    if sentinel is not None:  # through sys.stdout, not print: a completion may shadow print
+        program += f"__import__('sys').stdout.write('\\n{sentinel}\\n')\n"
+    return program
+
+
+def new_sentinel() -> str:
+    """A per-run random pass sentinel (nothing the model could have seen)."""
+    return "LMSTACK-PASS-" + secrets.token_hex(16)
+
+
+def require_sentinel(result, sentinel: str):
+    """`result` (a SandboxResult) with a 0 exit that never printed `sentinel` turned into a failure."""
+    if result.passed and sentinel not in result.stdout.splitlines():
+        result.status = "failed"
+        result.reason = "exited 0 before the tests finished (no pass sentinel)"
+    return result
+
+
+def run_checked(programs: list[tuple[dict, str]], config: SandboxConfig, workers: int | None = None) -> list:
+    """Sandbox results of (doc, completion) pairs; a pass needs exit 0 and the run's sentinel in stdout."""
+    sentinels = [new_sentinel() for _ in programs]
+    results = run_programs([program_for(doc, c, s) for (doc, c), s in zip(programs, sentinels)], config,
+                           workers=workers)
+    return [require_sentinel(r, s) for r, s in zip(results, sentinels)]
 
 
 def read_problems(path) -> list[dict]:
@@ -110,7 +144,7 @@ class CodeTask(Task):
 
     def run(self, doc: dict, completions: list[str]) -> list:
         """Sandbox results of each completion of `doc` (list of SandboxResult)."""
-        return run_programs([program_for(doc, c) for c in completions], self.sandbox, workers=self.workers)
+        return run_checked([(doc, c) for c in completions], self.sandbox, workers=self.workers)
 
     def process_results(self, doc: dict, responses: list) -> dict[str, float]:
         results = self.run(doc, list(responses))

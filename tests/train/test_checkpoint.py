@@ -37,6 +37,26 @@ def test_flatten_keeps_containers_and_key_types():
         flatten({"bad": object()})
 
 
+@pytest.mark.parametrize("skeleton, why", [
+    (b'{"__tensor__": "missing"}', "corrupt training-state skeleton"),      # names a tensor that is not there
+    (b'{"__dict__": [[1]]}', "corrupt training-state skeleton"),             # a dict entry that is not a pair
+    (b'{"__set__": []}', "corrupt training-state skeleton"),                 # an unknown container
+    (b"[" * 100_000, "cannot read training state"),                        # nesting past the recursion limit
+    (b"\xff\xfe{}", "cannot read training state"),                           # not UTF-8
+    (b'{"a": ', "Expecting value at line 1"),
+])
+def test_a_corrupt_state_file_raises_a_named_error(tmp_path, skeleton, why):
+    save_tree({"w": torch.ones(2)}, tmp_path / "opt")
+    (tmp_path / "opt.json").write_bytes(skeleton)
+    with pytest.raises(LmstackError, match=why) as e:
+        load_tree(tmp_path / "opt")
+    assert "opt.json" in str(e.value)
+    (tmp_path / "opt.safetensors").write_bytes(b"garbage")
+    (tmp_path / "opt.json").write_text("{}")
+    with pytest.raises(LmstackError, match="cannot read training state .*opt.safetensors"):
+        load_tree(tmp_path / "opt")
+
+
 def test_rng_state_restores_every_generator():
     import random
 

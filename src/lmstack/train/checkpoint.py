@@ -132,7 +132,9 @@ class CheckpointManager:
             shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return ["model/config.json", index, "model/(a readable weight_map)"]
-        return ["model/config.json", index, *(f"model/{s}" for s in shards)]
+        names = [f"model/{s}" if isinstance(s, str) and safe_name(f"model/{s}") else "model/(a shard named outside "
+                 "the checkpoint)" for s in shards]  # the second is never listed, so verification fails naming it
+        return ["model/config.json", index, *names]
 
     def _prune(self) -> None:
         """Keep the newest `keep` checkpoints that verify; move corrupt ones aside (they never count)."""

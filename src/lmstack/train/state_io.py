@@ -73,10 +73,21 @@ def save_tree(tree: Any, stem: str | os.PathLike) -> list[Path]:
 
 
 def load_tree(stem: str | os.PathLike) -> Any:
+    """The tree save_tree wrote; LmstackError naming the file (never its contents) if it cannot be rebuilt."""
     stem = Path(stem)
     try:
-        skeleton = json.loads(stem.with_suffix(".json").read_text())
+        skeleton = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        why = e.strerror if isinstance(e, OSError) else f"{e.msg} at line {e.lineno}" \
+            if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise LmstackError(f"cannot read training state {stem.with_suffix('.json')}: {why}") from None
+    try:
         tensors = load_file(str(stem.with_suffix(".safetensors")))
-    except (OSError, json.JSONDecodeError, Exception) as e:  # safetensors raises its own error types
-        raise LmstackError(f"cannot read training state {stem}: {e}") from None
-    return unflatten(skeleton, tensors)
+    except Exception as e:  # safetensors raises its own error types
+        raise LmstackError(f"cannot read training state {stem.with_suffix('.safetensors')}: "
+                           f"{type(e).__name__}") from None
+    try:
+        return unflatten(skeleton, tensors)
+    except (LmstackError, KeyError, TypeError, ValueError, RecursionError) as e:  # a skeleton that does not fit
+        raise LmstackError(f"corrupt training-state skeleton in {stem.with_suffix('.json')}: "
+                           f"{type(e).__name__}") from None

@@ -4,7 +4,10 @@ HumanEval pass needs the tests to have run, not just a 0 exit."""
 from __future__ import annotations
 
 import ctypes.util
+import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -86,3 +89,27 @@ def test_sentinel_is_fresh_and_printed_last():
     res = run_program(program, SandboxConfig(timeout_s=5))
     assert res.stdout.splitlines()[-1] == a and require_sentinel(res, a).passed
     assert not require_sentinel(run_program("print('hi')"), a).passed
+
+
+def _python_for_nobody() -> str | None:
+    """An interpreter `nobody` may run (ours may sit under /root), or None."""
+    for cand in (sys.executable, "/usr/bin/python3"):
+        if os.path.exists(cand) and os.access(cand, os.X_OK) and not os.path.realpath(cand).startswith("/root/"):
+            return cand
+    return None
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv") or _python_for_nobody() is None,
+                    reason="needs root, setpriv and an interpreter outside /root to start an unprivileged caller")
+def test_an_unprivileged_caller_gets_the_same_isolation_from_a_user_namespace():
+    src = os.path.join(os.path.dirname(sandbox.__file__), "..", "..")
+    names = ["raw_socket_type", "write_tmp", "write_dev_shm", "posix_reimport_daemon", "env_secrets", "ptrace_parent"]
+    script = (f"import json, sys\nsys.path.insert(0, {os.path.abspath(src)!r})\n"
+              "from lmstack.eval.sandbox_attacks import run_campaign\n"
+              f"print(json.dumps(run_campaign(names={names!r})))\n")
+    proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                           _python_for_nobody(), "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["attack"] for r in rows if not r["contained"]] == [], rows

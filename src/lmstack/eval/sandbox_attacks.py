@@ -191,11 +191,14 @@ def kill_all(cfg: SandboxConfig) -> Outcome:
 
 @attack("kill_parent")
 def kill_parent(cfg: SandboxConfig) -> Outcome:
+    # Killing its own init would end the program too, so the program reaching its last line and the parent
+    # living are the proof (a pid inside the namespace may accept a signal the kernel then ignores).
     me = os.getpid()
     code = (f"import os\nfor target in ({me}, os.getppid(), 1):\n    try:\n        os.kill(target, 9)\n"
-            f"        print('ESCAPED signalled', target)\n    except OSError as e:\n        print(target, e)\n")
+            f"    except OSError as e:\n        print(target, e)\nimport time\ntime.sleep(0.2)\nprint('still here')\n")
     res = run_program(code, cfg)
-    return _judge(res, _alive(me) and res.passed, f"SIGKILL to the parent pid {me}, getppid() and 1")
+    return _judge(res, _alive(me) and res.passed and "still here" in res.stdout,
+                  f"SIGKILL to the parent pid {me}, getppid() and 1")
 
 
 @attack("ptrace_parent")

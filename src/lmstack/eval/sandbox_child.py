@@ -36,7 +36,8 @@ CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 CLONE_NEWCGROUP, CLONE_NEWTIME = 0x02000000, 0x00000080
 NS_FLAGS = (CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP,
             CLONE_NEWTIME)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 0x4000, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 0x4000, 1 << 18
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (new syscalls share one table)
@@ -94,12 +95,16 @@ def seal_filesystem(workdir: str, uid, gid, tmp_mb: int) -> None:
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
     read_only_everywhere()
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,nr_inodes=4096,mode=755")
-    if os.path.isdir("/dev/shm"):
-        mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,nr_inodes=16,mode=755")
+    # /tmp: a tiny tmpfs holding only the working dir, itself a tmpfs of tmp_mb; then /tmp turns read-only,
+    # so even a program that owns /tmp (user-namespace case) can write nowhere but its working dir.
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,nr_inodes=16,mode=755")
     os.mkdir(workdir, 0o700)
+    mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,nr_inodes=4096,mode=700")
     if uid is not None:
         os.chown(workdir, uid, gid)
+    mount(None, "/tmp", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    if os.path.isdir("/dev/shm"):
+        mount("tmpfs", "/dev/shm", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,nr_inodes=1")
 
 
 def drop_capabilities() -> None:
@@ -210,10 +215,11 @@ def run_program(spec: dict, path: str, report_fd: int) -> None:
             os.setgroups([])
             os.setresgid(spec["gid"], spec["gid"], spec["gid"])
             os.setresuid(spec["uid"], spec["uid"], spec["uid"])
-            libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # setuid cleared it: /proc/self/fd is ours again
         check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
         if spec["isolate"] and spec["uid"] is None:
             drop_capabilities()
+        # init's non-dumpable flag (or setuid) left /proc/self root-owned: make it the program's own again
+        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         if spec["seccomp"] and not load_seccomp() and spec["seccomp"] == "require":
             raise SetupError("seccomp required but libseccomp.so.2 is not installed")
         if spec["python_guards"]:

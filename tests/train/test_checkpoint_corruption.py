@@ -304,3 +304,19 @@ def test_sigkill_during_a_save_resumes_bit_identically(tmp_path):
     want, got = losses(ref), losses(run)
     assert all(got[s] == want[s] for s in range(7, 25))
     assert not list(ckpts.glob(".step_*.tmp")) and not (ckpts / "corrupt").exists()
+
+
+def test_a_sharded_model_must_list_every_shard_its_index_names(tmp_path):
+    from lmstack.model.hf_io import save_model
+
+    class Sharded(CheckpointManager):
+        def write_model(self, model, folder, model_state):
+            save_model(model, folder / "model", max_shard_bytes=20_000)
+
+    model = Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=16))
+    mgr = Sharded(tmp_path)
+    path = mgr.save(10, model, torch.optim.AdamW(model.parameters()).state_dict(), {"step": 10})
+    shards = sorted(p.name for p in (path / "model").glob("model-*.safetensors"))
+    assert len(shards) >= 2 and mgr.verify(path) is None
+    edit_manifest(path, lambda m: m["files"].pop(f"model/{shards[-1]}"))
+    assert f"does not list model/{shards[-1]}" in mgr.verify(path)

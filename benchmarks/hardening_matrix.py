@@ -3,12 +3,13 @@ count the outcomes -> results/hardening_matrix.json.
 
 Each case is handled when it comes back as expected (a 4xx JSON error in OpenAI's shape, or a correct 200
 for valid input), the keep-alive connection still works, /health answered within the test's limit all
-through it, and the engine is idle again without a failed step. The baseline is the issue-15 campaign
-(109 of its 122 cases handled). Then a greedy stream and chat run beside the engine-poisoning cases:
+through it (100 ms for the heavy, large-list cases, as issue 15 asks; 1 s for the rest), and the engine
+is idle again without a failed step. The baseline is the issue-15 campaign (109 of its 122 cases
+handled). Then a greedy stream and chat run beside the engine-poisoning cases:
 their text must equal a lone greedy run.
 
 Usage:
-    OMP_NUM_THREADS=1 python benchmarks/hardening_matrix.py            # ~4 min on 2 busy cores
+    OMP_NUM_THREADS=1 python benchmarks/hardening_matrix.py            # ~2 min on 2 busy cores
     python benchmarks/hardening_matrix.py --only surrogate             # ids containing a substring
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from test_bad_input_matrix import CASES, HEALTH_LIMIT_S, POISON, ServerPool, poisoned_beside_healthy, run_case
+    from test_bad_input_matrix import (CASES, HEALTH_LIMIT_S, HEAVY_HEALTH_LIMIT_S, POISON, ServerPool,
+                                       poisoned_beside_healthy, run_case)
 
     cases = [c for c in CASES if args.only is None or args.only in c.id]
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,6 +72,8 @@ def main() -> None:
     five = sum(o["status"] is not None and o["status"] >= 500 for o in outcomes)
     no_answer = sum(o["status"] is None for o in outcomes)
     worst = max(o["health_worst_s"] for o in outcomes)
+    heavy_ids = {c.id for c in cases if c.heavy}
+    heavy_worst = max((o["health_worst_s"] for o in outcomes if o["id"] in heavy_ids), default=0.0)
     failing = {o["id"]: "; ".join(o["problems"])[:200] for o in outcomes if o["problems"]}
     print(f"{handled}/{len(outcomes)} handled, {five} answered 5xx, {no_answer} unanswered, "
           f"worst /health {worst:.3f} s, {seconds:.0f} s")
@@ -77,7 +81,8 @@ def main() -> None:
         return
     poison_5xx = sorted(k for k, v in healthy["poison_statuses"].items() if not isinstance(v, int) or v >= 500)
     config = dict(machine="2 cores, shared", model="random llama-tiny, 300-token BPE, context 256",
-                  max_num_seqs=8, health_limit_s=HEALTH_LIMIT_S, seconds=round(seconds, 1))
+                  max_num_seqs=8, health_limit_s=HEALTH_LIMIT_S, heavy_health_limit_s=HEAVY_HEALTH_LIMIT_S,
+                  seconds=round(seconds, 1))
     write_result("hardening_matrix", [
         result("hardening_matrix", "handled_fraction", True, handled / len(outcomes), "issue-15 campaign",
                round(109 / 122, 4), goal=1.0, cases=len(outcomes), handled=handled, server_5xx=five,
@@ -86,6 +91,8 @@ def main() -> None:
         result("hardening_matrix", "health_worst_latency_s", False, worst, "limit", HEALTH_LIMIT_S,
                goal=HEALTH_LIMIT_S, per_case_worst={o["id"]: o["health_worst_s"] for o in outcomes
                                                     if o["health_worst_s"] > 0.1}),
+        result("hardening_matrix", "heavy_health_worst_latency_s", False, heavy_worst, "issue-15 limit",
+               HEAVY_HEALTH_LIMIT_S, goal=HEAVY_HEALTH_LIMIT_S, heavy_cases=sorted(heavy_ids)),
         result("hardening_matrix", "healthy_stream_identical", True, float(healthy["stream_identical"]),
                "lone greedy run", 1.0, goal=1.0, chat_identical=healthy["chat_identical"],
                poison_cases=len(POISON), poison_5xx=poison_5xx, **config),

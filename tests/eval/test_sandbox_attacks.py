@@ -113,3 +113,14 @@ def test_an_unprivileged_caller_gets_the_same_isolation_from_a_user_namespace():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["attack"] for r in rows if not r["contained"]] == [], rows
+
+
+def test_code_tasks_refuse_without_isolation_unless_the_task_opts_out(monkeypatch):
+    from lmstack.errors import LmstackError
+    from lmstack.eval import get_task
+
+    monkeypatch.setattr(sandbox, "isolation_problem", lambda python=None: "unshare failed: Operation not permitted")
+    with pytest.raises(LmstackError, match="refuses.*unsafe_no_isolation"):
+        get_task("humaneval").run(DOC, ["    return a + b\n"])
+    unsafe = get_task("humaneval", unsafe_no_isolation=True).run(DOC, ["    return a + b\n", "    return 0\n"])
+    assert [r.passed for r in unsafe] == [True, False] and unsafe[0].isolation == "none (unsafe)"

@@ -5,11 +5,12 @@ and these layers, all enforced by the operating system:
   - namespaces: a fresh PID namespace (the program sees only its own processes; when the sandbox's init
     exits, the kernel kills every process left in it, so setsid + double-fork daemons die and kill(-1, 9)
     reaches only the sandbox), an empty network namespace (loopback down: no connection anywhere, the
-    host's 127.0.0.1 and DNS included), a mount namespace (every mount read-only, a fresh /proc, a private
-    tmpfs on /tmp holding the program's working dir, an empty unwritable /dev/shm), IPC and UTS namespaces;
+    host's 127.0.0.1 and DNS included), a mount namespace (every mount read-only and nosuid, a fresh /proc,
+    a read-only /tmp holding only the working dir, which is a private tmpfs of tmp_mb, and an empty
+    read-only /dev/shm: the working dir is the one writable place), IPC and UTS namespaces;
   - identity: when the parent is root, the program runs as a fresh private uid/gid (one per run, owning no
-    file, no groups; RLIMIT_NPROC then counts this run alone); otherwise a user
-    namespace maps only our own uid and every capability is dropped; no_new_privs always;
+    file, no groups; RLIMIT_NPROC then counts this run alone); otherwise a user namespace maps only the
+    caller's own uid and every capability is dropped; no_new_privs always;
   - seccomp (through libseccomp, when installed): no ptrace, new namespaces, mounts, keyrings, bpf, io_uring;
   - rlimits: address space (memory), CPU seconds, file size (also bounds captured output), process count,
     open files, no core dumps; and a wall-clock timeout that kills the sandbox's process group and namespace;
@@ -25,9 +26,10 @@ explicit opt-out: rlimits, the dropped uid and the timeout only; the program can
 and write wherever any user may (/tmp, /dev/shm), and its daemons live until the parent's uid sweep (root)
 or forever (not root). Never use it on untrusted code.
 
-What this does not stop: anything the kernel lets an unprivileged process in an empty namespace do (kernel
-exploits; reading world-readable files such as the stdlib or /etc/passwd; burning its CPU/memory quota), and
-a program that reads its own source can learn anything written in it (see humaneval.py's pass sentinel).
+What this does not stop: kernel exploits; reading world-readable files (the stdlib, /etc/passwd, any
+world-readable file of the host); burning its own CPU, memory and tmpfs quota; and, when the caller is not
+root, reading the caller's own files (the program keeps the caller's uid; run as root for a private uid).
+A program that reads its own source learns anything written in it (see humaneval.py's pass sentinel).
 
 Usage:
     from lmstack.eval.sandbox import SandboxConfig, run_program
@@ -58,8 +60,9 @@ from lmstack.errors import LmstackError
 CHILD = Path(__file__).resolve().parent / "sandbox_child.py"
 SECCOMP_MODES = ("auto", "require", "off")
 PRIVATE_UID_BASE, PRIVATE_UID_SPAN = 2_100_000_000, 40_000_000  # far above any account and subuid range
-UNSAFE_HINT = ("set SandboxConfig(unsafe_no_isolation=True) to run it anyway with rlimits and a dropped uid only "
-               "(UNSAFE: no network, process or filesystem isolation)")
+UNSAFE_HINT = ("set SandboxConfig(unsafe_no_isolation=True) (code tasks: get_task(..., unsafe_no_isolation=True)) "
+               "to run it anyway with rlimits and a dropped uid only (UNSAFE: no network, process or filesystem "
+               "isolation)")
 
 
 @dataclass

@@ -4,12 +4,12 @@ lmstack.eval.sandbox starts it as `python -I -S sandbox_child.py SPEC_JSON` in a
 imported by lmstack. It is three processes deep:
 
   outer   (in the caller's namespaces) unshares fresh PID, network, mount, IPC and UTS namespaces (plus a
-          user namespace when not root), reports the new PID namespace to the caller, forks `init`, waits,
-          and reports how the program ended;
+          user namespace when not root), forks `init`, reports the new PID namespace to the caller, waits,
+          kills and counts anything left in that namespace, and reports how the program ended;
   init    (PID 1 of the new namespace) makes every mount private, turns the whole filesystem read-only
           (mount_setattr, recursive, per mount: the host is untouched), mounts a fresh /proc (only the
-          sandbox's processes are visible), a small private tmpfs on /tmp holding the program's working
-          dir and an empty unwritable one on /dev/shm; then forks the program and reaps until it exits.
+          sandbox's processes are visible), a read-only /tmp holding only the working dir (its own tmpfs)
+          and an empty read-only /dev/shm; then forks the program and reaps until it exits.
           When init exits the kernel kills every process left in the namespace: daemons cannot survive;
   program sets rlimits, drops to the sandbox uid/gid (root parent) or drops every capability (user
           namespace), sets no_new_privs, loads a seccomp filter through libseccomp when the library is
@@ -21,7 +21,7 @@ step that fails is reported as {"setup_error": ...} and the program never runs: 
 With isolate=False (the caller's explicit UNSAFE opt-out) the namespace and mount steps are skipped.
 
 Usage (the caller builds SPEC; see lmstack.eval.sandbox._spec):
-    python -I -S sandbox_child.py '{"isolate": true, "uid": 65534, "gid": 65534, "status_fd": 5, ...}'
+    python -I -S sandbox_child.py '{"isolate": true, "uid": 2123456789, "gid": 2123456789, "status_fd": 5, ...}'
 """
 import ctypes
 import json

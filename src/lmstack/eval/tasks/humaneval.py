@@ -113,6 +113,9 @@ class CodeTask(Task):
     """Address-space limit per program in the sandbox."""
     workers: int | None = None
     """Programs run at once (default: the CPU count)."""
+    unsafe_no_isolation: bool = False
+    """UNSAFE: where the sandbox cannot get its namespaces, run the completions anyway with rlimits and a
+    dropped uid only (default: refuse with an error). See lmstack.eval.sandbox."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -123,7 +126,8 @@ class CodeTask(Task):
             raise LmstackError(f"task {self.name!r}: ks must be integers >= 1, got {self.ks!r}")
         if self.n > 1 and self.temperature <= 0:
             raise LmstackError(f"task {self.name!r}: n={self.n} samples need temperature > 0")
-        self.sandbox = SandboxConfig(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        self.sandbox = SandboxConfig(timeout_s=self.timeout_s, memory_mb=self.memory_mb,
+                                     unsafe_no_isolation=bool(self.unsafe_no_isolation))
 
     def doc_to_text(self, doc: dict) -> str:
         return doc["prompt"]

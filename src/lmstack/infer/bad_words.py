@@ -1,9 +1,9 @@
 """bad_words: a request's banned words, turned into token ids once and indexed for O(1)-per-step lookups.
 
 A word is banned by banning its last token whenever the tokens before it were just produced. Each
-word is encoded twice (alone and after a space: both spellings a BPE model can produce), in one
-batched tokenizer call; duplicates are dropped with a set, so building the index is linear in the
-total length of the words (a list search here made 60,000 words take minutes). The index maps each
+word is encoded twice (alone and after a space: both spellings a BPE model can produce); duplicates
+are dropped with a set, so building the index is linear in the total length of the words (a list
+search here made 60,000 words take minutes). The index maps each
 prefix (a tuple of token ids) to the last tokens it bans, so a decode step costs one dict lookup per
 distinct prefix length, whatever the number of words.
 
@@ -20,30 +20,25 @@ from typing import Any, Iterable
 class BadWords:
     def __init__(self, word_ids: Iterable[Iterable[int]], vocab_size: int | None = None):
         always: set[int] = set()
-        by_prefix: dict[tuple[int, ...], set[int]] = {}
-        for ids in word_ids:
-            ids = tuple(ids)
-            if not ids or (vocab_size is not None and not all(0 <= t < vocab_size for t in ids)):
+        by_prefix: dict[tuple[int, ...], list[int]] = {}
+        for ids in set(map(tuple, word_ids)):  # a set: duplicates go in O(1) each
+            if not ids or (vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size)):
                 continue  # a token the model cannot emit can never complete the word
             if len(ids) == 1:
                 always.add(ids[0])
             else:
-                by_prefix.setdefault(ids[:-1], set()).add(ids[-1])
+                by_prefix.setdefault(ids[:-1], []).append(ids[-1])
         self.always = sorted(always)
-        self.by_prefix = {k: sorted(v) for k, v in by_prefix.items()}
+        self.by_prefix = by_prefix
         self.prefix_lengths = sorted({len(k) for k in by_prefix})
 
     @classmethod
     def from_words(cls, tokenizer: Any, words: list[str], vocab_size: int | None = None) -> "BadWords":
-        variants = []
-        for w in words:
-            variants.append(w)
-            spaced = " " + w.lstrip()
-            if spaced != w:
-                variants.append(spaced)
-        batch = getattr(tokenizer, "encode_batch", None)
-        encoded = batch(variants) if batch is not None else [tokenizer.encode(v) for v in variants]
-        return cls(encoded, vocab_size)
+        # the word alone and after a space: both spellings a BPE model can produce (dict: dedupe, keep order)
+        variants = dict.fromkeys(v for w in words for v in (w, " " + w.lstrip()))
+        # one encode() per variant: the tokenizer's piece cache makes each short word cheap (its batched
+        # Rust path was slower here for many tiny strings)
+        return cls(map(tokenizer.encode, variants), vocab_size)
 
     def __len__(self) -> int:
         return len(self.always) + sum(len(v) for v in self.by_prefix.values())

@@ -356,6 +356,8 @@ class LLMEngine:
         beams: dict[str, list[tuple[Sequence, int]]] = {}
         plain = []
         for seq, row in to_sample:
+            if seq.request.error is not None:  # a sibling sequence failed above: nothing more for this request
+                continue
             if seq.request.beam is not None:
                 beams.setdefault(seq.request.request_id, []).append((seq, row))
             else:

@@ -150,6 +150,11 @@ def top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
     return logits
 
 
+def finite(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Penalties and biases on huge logits can overflow to +inf; clamp back so the softmax stays finite."""
+    return logits.nan_to_num_(nan=NEG_INF, posinf=torch.finfo(logits.dtype).max, neginf=NEG_INF)
+
+
 # Applied in this order. Bans and biases, penalties, the grammar, then the distribution's shape.
 PROCESSORS: dict[str, Callable[[torch.Tensor, list[SamplingRow]], torch.Tensor]] = {
     "min_tokens": min_tokens,
@@ -158,6 +163,7 @@ PROCESSORS: dict[str, Callable[[torch.Tensor, list[SamplingRow]], torch.Tensor]]
     "repetition_penalty": repetition_penalty,
     "frequency_presence": frequency_presence,
     "guided": guided,
+    "finite": finite,
     "temperature": temperature,
     "top_k_top_p_min_p": top_k_top_p_min_p,
 }
@@ -172,8 +178,7 @@ def needs_processing(p: SamplingParams) -> bool:
 def sanitize(logits: torch.Tensor) -> torch.Tensor:
     """A float32 copy with NaN -> -inf and +inf -> the largest float, so no row can turn the softmax into
     NaN (inf - inf). A model that emits NaN then bans that token rather than crashing the sampler."""
-    logits = logits.float().clone()
-    return logits.nan_to_num_(nan=NEG_INF, posinf=torch.finfo(torch.float32).max, neginf=NEG_INF)
+    return finite(logits.float().clone(), [])
 
 
 def process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -6,13 +6,17 @@ Routes:
     POST /v1/chat/completions       messages -> assistant reply (+ SSE streaming)
     POST /tokenize, /detokenize     text or messages <-> token ids (vLLM's shapes)
     GET  /tokenizer_info            special tokens and chat template (lm-eval's remote tokenizer reads it)
-    GET  /health                    200 while the engine runs, 503 after it failed
+    GET  /health                    200 while the engine runs, 503 (with Retry-After) after it failed
     GET  /metrics                   Prometheus text
     GET  /                          a small web chat page
 
-Two ASGI middlewares wrap the app: the outer one counts every answer by route and status for /metrics;
-the inner one refuses bodies over max_request_bytes (413) before any parsing, even chunked ones.
-A set api_key guards the API routes (401 without `Authorization: Bearer <key>`).
+Three ASGI middlewares wrap the app: the outer one counts every answer by route and status for /metrics;
+the middle one refuses bodies over max_request_bytes (413) before any parsing, even chunked ones; the
+inner one answers any unexpected exception with a 500 JSON error and keeps the connection.
+API-key coverage: a set api_key guards /v1/*, /tokenize, /detokenize and /tokenizer_info (401 without
+`Authorization: Bearer <key>`). The chat page (/) and /metrics stay open while the server binds a loopback
+host; with a non-loopback host they need the key too, so only /health is ever open to the network.
+Tokenising (/tokenize, /detokenize, prompts, chat templates) runs in a worker pool, off the event loop.
 
 Usage:
     from lmstack.infer import AsyncLLMEngine
@@ -27,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from lmstack.serve.chat_completions import chat_prompt_ids, create_chat_completion
 from lmstack.serve.completions import create_completion
-from lmstack.serve.errors import APIError, error_response, install_error_handlers
+from lmstack.serve.errors import RETRY_AFTER_S, APIError, CatchAllMiddleware, error_response, install_error_handlers
 from lmstack.serve.generate import ClientDisconnected, ServerConfig, ServerState
+from lmstack.serve.limits import reject_lone_surrogates
 from lmstack.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmstack.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
                                     ModelList, TokenizeRequest)
@@ -128,6 +133,8 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
             raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'")
 
     auth = [Depends(check_key)]
+    # The page and /metrics reveal nothing a loopback user could not read anyway; on a network they need the key.
+    page_auth = auth if config.key_on_everything else []
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
@@ -144,20 +151,35 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await create_chat_completion(state, request, body)
 
-    @app.post("/tokenize", dependencies=auth)
-    async def tokenize(body: TokenizeRequest):
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+    def json_bytes(payload: dict) -> Response:
+        # rendered in the worker pool too: a 0.5M-id answer takes a while to serialise
+        return Response(json.dumps(payload, ensure_ascii=False).encode(), media_type="application/json")
+
+    def tokenize_now(body: TokenizeRequest) -> Response:
         if body.messages is not None:
             ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt)
         else:
             ids = state.encode(body.prompt, body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+        return json_bytes({"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len})
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest):
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        reject_lone_surrogates(body)
+        if body.messages is not None and len(body.messages) > config.limits.max_messages:
+            raise APIError(400, f"messages has {len(body.messages)} entries; this server takes at most "
+                                f"{config.limits.max_messages} (limits.max_messages)", param="messages",
+                           code="limit_exceeded")
+        return await state.run(tokenize_now, body)
+
+    def detokenize_now(tokens: list[int]) -> Response:
+        ids = state.check_ids(tokens, param="tokens")
+        return json_bytes({"prompt": state.tokenizer.decode(ids)})
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(body: DetokenizeRequest):
-        ids = state.check_ids(body.tokens, param="tokens")
-        return {"prompt": state.tokenizer.decode(ids)}
+        return await state.run(detokenize_now, body.tokens)
 
     @app.get("/tokenizer_info", dependencies=auth)
     async def tokenizer_info():
@@ -172,19 +194,21 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
         # The engine's step loop is a background task; if it died, nothing will ever be generated again.
         loop = getattr(aengine, "_task", None)
         if loop is not None and loop.done() and not loop.cancelled() and loop.exception() is not None:
-            return JSONResponse({"status": "error", "error": repr(loop.exception())}, status_code=503)
+            return JSONResponse({"status": "error", "error": repr(loop.exception())}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
         return {"status": "ok", "model": config.model_name, "step_errors": getattr(aengine, "errors", 0)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=page_auth)
     async def prometheus():
         return PlainTextResponse(metrics.render(state.engine_stats()), media_type=CONTENT_TYPE)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, dependencies=page_auth)
     async def web_chat():
         page = (STATIC / "chat.html").read_text(encoding="utf-8")
         # The name lands inside a JS string literal: JSON-escape it, and escape "<" so "</script>" cannot close it.
         return page.replace('"__MODEL_NAME__"', json.dumps(config.model_name).replace("<", "\\u003c"))
 
+    app.add_middleware(CatchAllMiddleware)  # added first = innermost: catches what the handlers did not
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees every status
     return app

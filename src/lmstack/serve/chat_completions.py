@@ -6,6 +6,10 @@ tokens switched off, so a user typing "<|assistant_start|>" cannot forge a turn.
 `chat.completion.chunk` events: a first chunk per choice with the role, content deltas, a last chunk
 with the finish reason, an optional usage chunk, then `data: [DONE]`.
 
+Cheap checks run on the event loop first (lone surrogates, list caps, the message count, all-empty messages
+-> 400 unless `allow_empty_prompt`, message text too long in bytes to fit -> 413); the chat template, the
+encoding and the parameter preparation then run in the server's worker pool.
+
 Usage (server side):
     response = await create_chat_completion(state, request, ChatCompletionRequest(messages=[...]))
 """
@@ -21,6 +25,7 @@ from lmstack.errors import LmstackError
 from lmstack.serve.errors import APIError, from_value_error
 from lmstack.serve.generate import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
                                     run_streams, sampling_params, sse, stream_error)
+from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
 from lmstack.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
                                     DeltaMessage, TokenLogprob, TopLogprob, Usage)
@@ -44,6 +49,25 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
             d["tool_calls"] = m.tool_calls
         out.append(d)
     return out
+
+
+def _text_bytes(m: ChatMessage) -> int:
+    if isinstance(m.content, list):
+        return sum(utf8_len(p.text) for p in m.content if isinstance(p.text, str))
+    return utf8_len(m.content or "")
+
+
+def check_messages(state: ServerState, req: ChatCompletionRequest) -> None:
+    """The cheap checks on the messages: count cap, not all empty, and a byte bound on their text."""
+    limit = state.limits.max_messages
+    if len(req.messages) > limit:
+        raise APIError(400, f"messages has {len(req.messages)} entries; this server takes at most {limit} "
+                            "(limits.max_messages)", param="messages", code="limit_exceeded")
+    n_bytes = sum(_text_bytes(m) for m in req.messages)
+    if req.messages and n_bytes == 0 and not req.allow_empty_prompt:
+        raise APIError(400, "every message is empty; give some content (or set allow_empty_prompt: true to "
+                            "generate from the chat template alone)", param="messages")
+    state.check_prompt_bytes(n_bytes, "messages")
 
 
 def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True
@@ -74,24 +98,35 @@ def _finish(reason: str | None) -> str | None:
     return None if reason == "abort" else reason
 
 
-async def create_chat_completion(state: ServerState, request, req: ChatCompletionRequest):
-    if req.tools:
-        raise APIError(400, "tools / function calling is not supported by this server", param="tools")
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    lora = state.resolve_model(req.model)
+def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None):
+    """(prompt ids, SamplingParams): the chat template, encoding and parameter preparation grow with the
+    request, so they run in the worker pool."""
     ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = state.check_lengths(len(ids), wanted, param)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(state, req, max_tokens=max_tokens, logprobs=logprobs, lora=lora)
+    if req.stream:  # what only the engine checks must be a 400 before the stream's 200 goes out
+        state.validate(ids, params)
+    return ids, params
+
+
+async def create_chat_completion(state: ServerState, request, req: ChatCompletionRequest):
+    if req.tools:
+        raise APIError(400, "tools / function calling is not supported by this server", param="tools")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    lora = state.resolve_model(req.model)
+    reject_lone_surrogates(req)
+    check_sampling_lists(state.limits, req)
+    check_messages(state, req)
+    ids, params = await state.run(_prepare, state, req, lora)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model = req.model or state.config.model_name
     state.metrics.prompt_tokens.inc(len(ids))
     if req.stream:
-        state.validate(ids, params)
         return EventStream(state, _stream(state, request, req, ids, params, rid, created, model))
     with state.admit():
         (final,) = await collect(state, request, [(ids, params)], rid)

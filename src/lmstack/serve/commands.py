@@ -2,6 +2,7 @@
 
 Usage:
     lmstack serve --model runs/model --host 127.0.0.1 --port 8000 --api_key sk-local
+    lmstack serve --model runs/model --limits.max_stop 8 --limits.max_bad_words 64   # tighter request caps
     LMSTACK_API_KEY=sk-local lmstack serve --model runs/model    # keeps the key out of `ps`
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
@@ -17,6 +18,7 @@ from typing import Any
 
 from lmstack.errors import LmstackError
 from lmstack.serve.generate import ServerConfig
+from lmstack.serve.limits import RequestLimits
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -91,7 +93,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           enable_prefix_caching: bool = True, max_queue: int = 64, max_tokens_limit: int = 4096,
           max_request_bytes: int = 1 << 20, max_n: int = 16, adapters: list[str] | None = None,
           device: str = "auto", dtype: str = "auto", threads: int = 0, seed: int = 0,
-          log_level: str = "info", max_model_gib: float = 64.0) -> None:
+          log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float = 64.0) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -119,6 +121,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         log_level: uvicorn log level (debug, info, warning, error).
         max_model_gib: Refuse a model whose config.json needs more memory than this many GiB (estimated before
             anything is allocated); raise it for very large models.
+        limits: Caps on what one request may carry (400 above; see lmstack.serve.limits.RequestLimits), e.g.
+            --limits.max_stop 8 --limits.max_bad_words 64 --limits.prompt_bytes_per_token 8.
     """
     import torch
     import uvicorn
@@ -130,9 +134,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     set_threads(threads)
     dev, torch_dtype = pick_device(device, dtype)
     api_key = api_key if api_key is not None else (os.environ.get("LMSTACK_API_KEY") or None)
-    config = ServerConfig(model_name=model_name or Path(model).resolve().name, api_key=api_key,
+    config = ServerConfig(model_name=model_name or Path(model).resolve().name, api_key=api_key, host=host,
                           max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit,
-                          max_queue=max_queue, max_n=max_n)
+                          max_queue=max_queue, max_n=max_n, limits=limits)
     app, aengine = build_app(model, config, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                              max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,
@@ -141,7 +145,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     print(f"lmstack serve: {config.model_name} on http://{host}:{port} ({dev}, {str(torch_dtype)[6:]}, "
           f"{torch.get_num_threads()} threads, "
           f"{stats['num_blocks_total']} KV blocks of {stats['block_size']} tokens, "
-          f"auth {'on' if api_key else 'off'})")
+          f"auth {'off' if not api_key else 'on for all but /health' if config.key_on_everything else 'on'})")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

@@ -6,6 +6,10 @@ becomes one engine request, and its n samples become choices prompt_index * n + 
 log-probabilities, in the shape lm-eval's `local-completions` model reads for loglikelihood tasks:
 choices[i].logprobs = {tokens, token_logprobs (None for the first token), top_logprobs, text_offset}.
 
+Before anything is encoded, cheap checks on the event loop refuse what cannot be served: lone surrogates and
+list-size caps (400), an empty prompt (400 unless `allow_empty_prompt`), a text prompt too long in bytes to fit
+the context (413). Encoding and parameter preparation then run in the server's worker pool.
+
 Usage (server side):
     response = await create_completion(state, request, CompletionRequest(prompt="Hi", max_tokens=8))
 """
@@ -20,12 +24,13 @@ from fastapi.responses import JSONResponse
 from lmstack.serve.errors import APIError
 from lmstack.serve.generate import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
                                     run_streams, sampling_params, sse, stream_error)
+from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
 from lmstack.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                     Usage)
 
 
-def _prompts(state: ServerState, req: CompletionRequest) -> list[tuple[str, list[int]]]:
-    """Every prompt as (text, token ids)."""
+def _prompt_items(state: ServerState, req: CompletionRequest) -> list[str | list[int]]:
+    """Every prompt as given (text or token ids), after the cheap checks: count, emptiness, bytes."""
     p = req.prompt
     if isinstance(p, str):
         items: list = [p]
@@ -39,6 +44,18 @@ def _prompts(state: ServerState, req: CompletionRequest) -> list[tuple[str, list
     if len(items) > state.config.max_prompts:
         raise APIError(400, f"{len(items)} prompts in one request; this server takes at most "
                             f"{state.config.max_prompts}", param="prompt")
+    for k, x in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt.{k}"
+        if len(x) == 0 and not req.allow_empty_prompt:
+            raise APIError(400, f"{param} is empty; give some text or token ids (or set allow_empty_prompt: true "
+                                "to generate from the start token alone)", param=param)
+        if isinstance(x, str):
+            state.check_prompt_bytes(utf8_len(x), param)
+    return items
+
+
+def _prompts(state: ServerState, req: CompletionRequest, items: list) -> list[tuple[str, list[int]]]:
+    """Every prompt as (text, token ids); runs in the worker pool (encoding grows with the prompt)."""
     out = []
     for x in items:
         if isinstance(x, str):
@@ -96,24 +113,35 @@ def _choice(state: ServerState, req: CompletionRequest, prompt: tuple[str, list[
                             stop_reason=c.stop_reason, prompt_logprobs=prompt_logprobs)
 
 
-async def create_completion(state: ServerState, request, req: CompletionRequest):
-    if req.suffix is not None:
-        raise APIError(400, "suffix is not supported by this server", param="suffix")
-    lora = state.resolve_model(req.model)
-    prompts = _prompts(state, req)
+def _prepare(state: ServerState, req: CompletionRequest, items: list, lora: str | None):
+    """(prompts as (text, ids), SamplingParams): encoding, length checks and parameter preparation, all of
+    which grow with the request, so they run in the worker pool."""
+    prompts = _prompts(state, req, items)
     # Every prompt must fit; with no max_tokens given, generate as many as every prompt leaves room for.
     max_tokens = min(state.check_lengths(len(ids), req.max_tokens) for _, ids in prompts)
     params = sampling_params(state, req, max_tokens=max_tokens, logprobs=req.logprobs, lora=lora)
     if req.echo and req.logprobs is not None:
         params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)
+    if req.stream:  # what only the engine checks must be a 400 before the stream's 200 goes out
+        for ids in {tuple(ids) for _, ids in prompts}:
+            state.validate(list(ids), params)
+    return prompts, params
+
+
+async def create_completion(state: ServerState, request, req: CompletionRequest):
+    if req.suffix is not None:
+        raise APIError(400, "suffix is not supported by this server", param="suffix")
+    lora = state.resolve_model(req.model)
+    reject_lone_surrogates(req)
+    check_sampling_lists(state.limits, req)
+    items = _prompt_items(state, req)
+    prompts, params = await state.run(_prepare, state, req, items, lora)
     jobs = [(ids, params) for _, ids in prompts]
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model = req.model or state.config.model_name
     state.metrics.prompt_tokens.inc(sum(len(ids) for _, ids in prompts))
     if req.stream:
-        for ids in {tuple(ids) for _, ids in prompts}:
-            state.validate(list(ids), params)
         return EventStream(state, _stream(state, request, req, prompts, jobs, rid, created, model), len(jobs))
     with state.admit(len(jobs)):
         finals = await collect(state, request, jobs, rid)

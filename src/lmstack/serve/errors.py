@@ -1,13 +1,19 @@
 """OpenAI-style errors: every failure leaves the server as {"error": {"message", "type", "param", "code"}}.
 
 Status codes follow the OpenAI API: 400 bad request (validation), 401 missing or wrong API key, 404 unknown
-model or route, 413 request body or prompt too large, 503 overloaded (queue full). Clients such as the
-official `openai` package turn these into typed exceptions (BadRequestError, AuthenticationError, ...).
+model or route, 413 request body or prompt too large, 500 one request failed inside the engine (type
+server_error) or a bug, 503 overloaded (queue full) or the engine is down, always with `Retry-After`. Clients
+such as the official `openai` package turn these into typed exceptions (BadRequestError, ...).
+
+An unexpected exception is answered by `CatchAllMiddleware` with a 500 JSON error: Starlette's own
+last-resort handler re-raises after answering, which makes the server close the client's keep-alive
+connection; ours does not, so one bad request never costs a client its connection.
 
 Usage:
     from lmstack.serve.errors import APIError, install_error_handlers
     raise APIError(400, "n must be >= 1", param="n")
-    install_error_handlers(app)     # FastAPI: APIError, pydantic validation, SamplingParams, 404/405, 500
+    install_error_handlers(app)     # FastAPI: APIError, pydantic validation, SamplingParams, 404/405
+    app.add_middleware(CatchAllMiddleware)  # 500 for anything else, keeping the connection
 """
 from __future__ import annotations
 
@@ -22,6 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmstack.errors import LmstackError
 
 log = logging.getLogger("lmstack.serve")
+
+RETRY_AFTER_S = 1
+"""Seconds a client is told to wait (Retry-After) after a 503: requests are short, a slot frees soon."""
 
 # status -> (OpenAI error type, default code)
 ERROR_TYPES: dict[int, tuple[str, str | None]] = {
@@ -53,7 +62,8 @@ class APIError(Exception):
 
 
 def error_response(err: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else \
+        {"Retry-After": str(RETRY_AFTER_S)} if err.status == 503 else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
@@ -106,8 +116,31 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, e: StarletteHTTPException):
         return error_response(APIError(e.status_code, str(e.detail)))
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception):
-        # A bug must not leak a traceback to the client, but it must be in the server log.
-        log.exception("internal error")
-        return error_response(APIError(500, f"internal error: {type(e).__name__}"))
+
+
+class CatchAllMiddleware:
+    """Any exception the handlers above did not take -> a 500 JSON error, logged with its traceback (a bug
+    must not leak a traceback to the client, but it must be in the server log). Unlike Starlette's
+    ServerErrorMiddleware it does not re-raise, so the server keeps the client's keep-alive connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_and_note(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as e:  # noqa: BLE001 - the last line of defence
+            log.exception("internal error")
+            if started:
+                raise  # half a response is out: only closing the connection can tell the client
+            await error_response(APIError(500, f"internal error: {type(e).__name__}"))(scope, receive, send)

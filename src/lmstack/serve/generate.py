@@ -2,12 +2,16 @@
 
 - `ServerState` holds the engine, the tokenizer, the limits and the metrics, and admits requests: more
   than max_num_seqs + max_queue generation requests in flight is a 503, checked before any work.
+  `state.run(fn, ...)` runs tokenising and parameter preparation in a small worker pool, never on the
+  event loop, so a heavy request cannot stall /health or anyone's stream (issue 15).
 - `sampling_params` turns a request into lmstack.infer.SamplingParams (whose ValueErrors name the field).
 - `check_lengths` enforces the context: a prompt that does not fit is 413, prompt + max_tokens that
   does not fit is 400 (max_tokens), as vLLM answers.
 - `run_streams` drives one engine request per prompt, merged into one stream of (prompt index, output),
   and watches the client: when it disconnects, every engine request is closed, which aborts it in the
   engine and frees its KV blocks at once (not at the next token, and not when the request would end).
+  A request that fails inside the engine (RequestFailed: that request alone) becomes a 500 for it alone,
+  or an SSE error event then [DONE] once its stream has started.
 
 Usage:
     state = ServerState(aengine, ServerConfig(model_name="tiny"))
@@ -19,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi.responses import StreamingResponse
@@ -29,7 +35,9 @@ from pydantic import BaseModel
 
 from lmstack.errors import LmstackError
 from lmstack.infer import SamplingParams
+from lmstack.infer.outputs import RequestFailed
 from lmstack.serve.errors import APIError, from_value_error
+from lmstack.serve.limits import RequestLimits, check_sampling_lists, prompt_byte_limit
 from lmstack.tokenizer.pretokenizers import CHAR_TO_BYTE
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -43,7 +51,10 @@ class ServerConfig:
     model_name: str = "lmstack"
     """Name the server answers to in /v1/models and the `model` field (default: the model folder's name)."""
     api_key: str | None = None
-    """When set, /v1/*, /tokenize, /detokenize and /tokenizer_info need `Authorization: Bearer <key>`."""
+    """When set, /v1/*, /tokenize, /detokenize and /tokenizer_info need `Authorization: Bearer <key>`; with a
+    non-loopback host, so do the chat page (/) and /metrics: everything but /health."""
+    host: str = "127.0.0.1"
+    """The address the server binds (only read to decide whether / and /metrics need the key)."""
     max_request_bytes: int = 1 << 20
     """Largest request body accepted, in bytes (413 above)."""
     max_tokens_limit: int = 4096
@@ -54,6 +65,8 @@ class ServerConfig:
     """Largest n (and best_of) a request may ask for (400 above)."""
     max_prompts: int = 64
     """Most prompts one /v1/completions request may batch (400 above)."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """Caps on what one request may carry (stop strings, bad words, logit_bias, messages, prompt bytes, ...)."""
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens_limit", "max_n", "max_prompts"):
@@ -64,6 +77,23 @@ class ServerConfig:
             raise ValueError(f"max_queue={self.max_queue!r} is not allowed; max_queue must be an integer >= 0")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key='' is not allowed; give a non-empty key or None (no auth)")
+        if not isinstance(self.limits, RequestLimits):
+            raise ValueError(f"limits={self.limits!r} is not allowed; give a RequestLimits")
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the host is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False  # a host name: assume others can reach it
+
+    @property
+    def key_on_everything(self) -> bool:
+        """With a key on a non-loopback host, the page and /metrics need it too (only /health stays open)."""
+        return self.api_key is not None and not self.loopback
 
 
 class ClientDisconnected(Exception):
@@ -83,13 +113,30 @@ class ServerState:
         self.in_flight = 0
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
+        self.limits = config.limits
+        self.pool = ThreadPoolExecutor(self.limits.prep_threads, thread_name_prefix="lmstack-prep")
+        self.bytes_per_token, self.prompt_bytes_limit = prompt_byte_limit(
+            self.limits, lambda i: len(self.token_bytes(i)), self.tokenizer.vocab_size, self.max_model_len)
+
+    async def run(self, fn, *args):
+        """fn(*args) in the preparation pool: tokenising, chat templates and parameter preparation grow with
+        the request, so they never run on the event loop (which must keep answering /health and streams)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def check_prompt_bytes(self, n_bytes: int, param: str = "prompt") -> None:
+        """413 for text that cannot fit the context whatever it encodes to, before it is encoded."""
+        if n_bytes > self.prompt_bytes_limit:
+            raise APIError(413, f"the prompt is {n_bytes} bytes; this model's context is {self.max_model_len} tokens, "
+                                f"and no token covers more than {self.bytes_per_token} bytes, so a prompt over "
+                                f"{self.prompt_bytes_limit} bytes cannot fit (it was not encoded)",
+                           param=param, code="context_length_exceeded")
 
     @contextlib.contextmanager
     def admit(self, prompts: int = 1):
         """Count a request's engine requests (one per prompt) in flight, or refuse it with 503 when they
         would not fit. An idle server takes any request, so one large batch cannot be refused forever."""
         if self.in_flight and self.in_flight + prompts > self.capacity:
-            self.metrics.rejected.inc(reason="overloaded")
+            self.metrics.rejected.inc(reason="overloaded")  # errors.error_response adds Retry-After
             raise APIError(503, f"the server is overloaded: {self.in_flight} requests in flight "
                                 f"(limit {self.capacity}); retry later")
         self.in_flight += prompts
@@ -187,6 +234,7 @@ class ServerState:
 def sampling_params(state: ServerState, req: Any, *, max_tokens: int, logprobs: int | None,
                     lora: str | None) -> SamplingParams:
     """An OpenAI request -> SamplingParams. Range errors come back as 400 naming the field."""
+    check_sampling_lists(state.limits, req)
     n = req.n
     best_of = getattr(req, "best_of", None)
     for name, v in (("n", n), ("best_of", best_of)):
@@ -277,6 +325,11 @@ async def run_streams(state: ServerState, request, jobs: list[tuple[list[int], S
                     remaining -= 1
                 elif isinstance(item, ClientDisconnected):
                     raise item
+                elif isinstance(item, RequestFailed):
+                    # This request alone failed inside the engine: a 500 for it, the others carry on.
+                    failed = True
+                    raise APIError(500, f"generation failed: {item}", type="server_error",
+                                   code="request_failed") from None
                 elif isinstance(item, Exception):
                     failed = True
                     raise item
@@ -344,7 +397,8 @@ class EventStream(StreamingResponse):
 
 
 def stream_error(e: Exception) -> str:
-    """An error that happens after the 200 and the first chunks went out: sent as an SSE error event."""
+    """An error that happens after the 200 and the first chunks went out: sent as an SSE error event
+    (`data: {"error": ...}`, which the openai client raises as APIError), then the caller sends [DONE]."""
     err = e if isinstance(e, APIError) else from_value_error(e) if isinstance(e, ValueError) else \
         APIError(500, f"internal error: {type(e).__name__}")
     return sse(err.body())

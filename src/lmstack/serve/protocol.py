@@ -86,6 +86,9 @@ class _SamplingFields(_Strict):
     guided_regex: str | None = None
     guided_json: dict | str | None = None
     guided_choice: list[str] | None = None
+    allow_empty_prompt: bool = False
+    """lmstack extension: accept an empty prompt ("" / [[]] / only empty messages) and generate from the start
+    token (or the bare chat template) alone; without it an empty prompt is a 400, as OpenAI answers."""
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]

@@ -382,3 +382,35 @@ def test_max_model_gib_flag_refuses_in_one_line_and_raises_the_limit(model_dir, 
         assert main(argv + ["--max-model-gib", "1"]) == 0  # both spellings; a 1 GiB limit fits the tiny model
     finally:
         set_max_model_gib(64.0)
+
+
+# ---------------------------------------------------------------- side files load through the same checks
+def test_adapter_and_reward_head_files_outside_the_directory_are_refused(model_dir, secret_file, tmp_path):
+    from lmstack.adapt.peft_format import read_adapter
+    from lmstack.align.reward_model import load_reward_model
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    os.symlink(secret_file, adapter / "adapter_config.json")
+    assert_no_leak(refused(lambda: read_adapter(adapter), "outside the model directory"), SECRET)
+    (adapter / "adapter_config.json").unlink()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    blob, _ = _corruptions()["overlap"]
+    (adapter / "adapter_model.safetensors").write_bytes(blob)
+    refused(lambda: read_adapter(adapter), "not a readable safetensors file", "overlaps")
+
+    (model_dir / "reward_model.json").write_text(json.dumps({"format": "x"}))
+    os.symlink(secret_file, model_dir / "reward_head.safetensors")
+    assert_no_leak(refused(lambda: load_reward_model(model_dir), "outside the model directory"), SECRET)
+
+
+def test_special_ids_ignore_config_files_that_escape_the_directory(model_dir, tmp_path):
+    from lmstack.eval.lm import model_special_ids
+
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"bos_token_id": 7, "eos_token_id": 8}))
+    for name in ("generation_config.json", "config.json"):
+        (model_dir / name).unlink()
+    (model_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 3}))
+    os.symlink(outside, model_dir / "config.json")
+    assert model_special_ids(model_dir) == (3, None)  # the escaping config.json offers nothing

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lmstack.adapt.config import AdapterConfig
@@ -112,23 +112,26 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, tensors) of a PEFT LoRA directory; errors name the file."""
+    from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
+
     path = Path(path)
-    cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    # an untrusted directory: its files must stay inside it, and errors quote no file bytes (issue 15)
+    cfg_file = resolve_inside(path, CONFIG_FILE, "adapter config")
+    weights_file = resolve_inside(path, WEIGHTS_FILE, "adapter weights")
     if not cfg_file.is_file():
         raise LmstackError(f"{path} is not a PEFT adapter directory: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmstackError(f"{cfg_file} is not valid JSON: {e}") from None
+    config = read_json(path, CONFIG_FILE, "adapter config")
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise LmstackError(f"{cfg_file}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}; "
                            "only LORA adapters (LoRA, rsLoRA, DoRA) can be loaded")
     if not weights_file.is_file():
         raise LmstackError(f"{path} has no {WEIGHTS_FILE} (pickled adapter_model.bin files are not read)")
     try:
-        tensors = load_file(weights_file)
+        tensors = load_safetensors(path, WEIGHTS_FILE, "adapter weights")
+    except LmstackError as e:
+        raise LmstackError(f"{WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
     except (SafetensorError, OSError) as e:
-        raise LmstackError(f"{weights_file} is not a readable safetensors file: {e}") from None
+        raise LmstackError(f"{weights_file} is not a readable safetensors file: {type(e).__name__}") from None
     return config, tensors
 
 

@@ -94,21 +94,24 @@ class RewardModel(nn.Module):
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
     """(RewardModel, tokenizer) from a directory written by RewardModel.save."""
-    from safetensors.torch import load_file
-
     from lmstack.model.hf_io import load_model
+    from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
     from lmstack.tokenizer import load_tokenizer
 
     path = Path(path)
-    meta_file, head_file = path / "reward_model.json", path / "reward_head.safetensors"
+    # an untrusted directory: both side files must stay inside it (issue 15)
+    meta_file = resolve_inside(path, "reward_model.json", "reward model config")
+    head_file = resolve_inside(path, "reward_head.safetensors", "reward head")
     if not meta_file.is_file() or not head_file.is_file():
         raise LmstackError(f"{path} is not a reward model directory (needs reward_model.json and "
                            "reward_head.safetensors next to the model files)")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    meta = read_json(path, "reward_model.json", "reward model config")
+    if not isinstance(meta, dict):
+        raise LmstackError(f"{meta_file} must hold a JSON object")
     if meta.get("format") != FORMAT:
         raise LmstackError(f"{meta_file}: format {meta.get('format')!r} is not {FORMAT!r}")
     rm = RewardModel(load_model(path, lazy=False, device=device))
-    head = load_file(str(head_file))
+    head = load_safetensors(path, "reward_head.safetensors", "reward head")
     try:
         rm.score.load_state_dict({k: v.to(device) for k, v in head.items()})
     except RuntimeError as e:

@@ -154,18 +154,21 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_len: int, context_
 def model_special_ids(path) -> tuple[int | None, int | None]:
     """(bos, eos) ids a model directory declares: generation_config.json first, then config.json (and our
     lmstack_config.json); a list of ids gives its first. (None, None) when the path holds none of them."""
-    import json
     from pathlib import Path
 
     found: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None}
     if path is None or not Path(path).is_dir():
         return None, None
+    from lmstack.errors import LmstackError
+    from lmstack.model.load_guard import read_json, resolve_inside
+
     for name in ("generation_config.json", "config.json", "lmstack_config.json"):
-        f = Path(path) / name
-        try:
-            data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-        except (ValueError, UnicodeDecodeError):
-            continue  # a broken side file is the loader's business; here it just offers no ids
+        try:  # files kept inside the directory, size-capped, regular (load_guard; issue 15)
+            data = read_json(path, name, "model config") if resolve_inside(path, name).exists() else {}
+        except LmstackError:
+            continue  # a broken or escaping side file is the loader's business; here it just offers no ids
+        if not isinstance(data, dict):
+            continue
         if isinstance(data.get("lmstack"), dict):
             data = {**data["lmstack"], **data}
         for key in found:

@@ -21,6 +21,7 @@ Usage:
     est = estimate_memory(cfg, torch.bfloat16)             # MemoryEstimate: total_bytes, parts
     check_memory(cfg, torch.bfloat16, max_model_gib=16, source="dir/config.json")
     set_max_model_gib(200)                                 # what the CLI's --max_model_gib does
+    tensors = load_safetensors(adapter_dir, "adapter_model.safetensors")   # side files, same checks
 """
 from __future__ import annotations
 
@@ -236,3 +237,17 @@ def check_memory(cfg: Any, dtype: torch.dtype | None, max_model_gib: float | Non
             f"{part} ({est.parts[part] / GIB:,.1f} GiB, from {shown}). Raise the limit with --max_model_gib "
             "(or load_model(..., max_model_gib=...)) if this is intended")
     return est
+
+
+def load_safetensors(directory: str | os.PathLike, name: str, what: str = "safetensors file") -> dict:
+    """Every tensor of directory/name, a file kept inside the directory whose header passes the checks of
+    checkpoint.parse_header (side files such as adapters and reward heads load through here)."""
+    from safetensors.torch import load_file
+
+    from lmstack.model.checkpoint import SafetensorsFile
+
+    path = resolve_inside(directory, name, what)
+    if not path.exists():
+        raise LmstackError(f"{Path(directory) / name} not found")
+    SafetensorsFile(path)  # validates the header against the file; raises LmstackError
+    return load_file(str(path))

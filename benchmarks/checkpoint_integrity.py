@@ -147,7 +147,8 @@ def campaign(tmp: Path, old, cfg: ModelConfig) -> dict:
     outside = tmp / "outside.bin"
     outside.write_bytes(b"not part of any checkpoint")
     rows = {}
-    for side, mgr in (("ours", CheckpointManager(tmp / "ours_src")), ("baseline", old.CheckpointManager(tmp / "old_src"))):
+    sides = (("ours", CheckpointManager(tmp / "ours_src")), ("baseline", old.CheckpointManager(tmp / "old_src")))
+    for side, mgr in sides:
         src = mgr.save(10, model, opt.state_dict(), {"step": 10})
         for name, fault in FAULTS.items():
             work = tmp / "work" / "checkpoints" / src.name

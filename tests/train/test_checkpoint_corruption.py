@@ -170,8 +170,8 @@ def test_keep_counts_only_good_checkpoints_and_corrupt_ones_are_moved_aside(tmp_
 
 # ---- the Trainer: resume from the newest good one, refuse to start over silently -----------------------------
 def crashing(out: Path, at: int, **kw):
-    """A 30-step run (the LR schedule depends on the total) that dies when it reaches step `at`."""
-    t = build(out, steps=30, save_every=6, **kw)
+    """A 24-step run (the LR schedule depends on the total) that dies when it reaches step `at`."""
+    t = build(out, steps=24, save_every=4, batch_size=4, **kw)
     step = t.train_step
 
     def train_step(progress):
@@ -185,32 +185,32 @@ def crashing(out: Path, at: int, **kw):
 
 def test_corrupt_plus_good_resumes_from_the_good_one_and_a_second_crash_from_the_newest_good(tmp_path):
     ref = tmp_path / "ref"
-    build(ref, steps=30, save_every=6).fit()
+    build(ref, steps=24, save_every=4, batch_size=4).fit()
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        crashing(run, 18).fit()  # keep_checkpoints=2: step 12 and step 18 on disk
+        crashing(run, 12).fit()  # keep_checkpoints=2: step 8 and step 12 on disk
     ckpts = run / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000012", "step_00000018"]
-    (ckpts / "step_00000018" / "state.safetensors").write_bytes(b"")  # the newest is corrupt
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000008", "step_00000012"]
+    (ckpts / "step_00000012" / "state.safetensors").write_bytes(b"")  # the newest is corrupt
     messages = []
-    t = crashing(run, 24)
+    t = crashing(run, 20)
     t.log_fn = messages.append
     with pytest.raises(RuntimeError, match="simulated crash"):
         t.fit()
-    assert any("skipping checkpoint" in m and "step_00000018" in m and "size mismatch in state.safetensors" in m
+    assert any("skipping checkpoint" in m and "step_00000012" in m and "size mismatch in state.safetensors" in m
                for m in messages), messages
-    assert any("resumed from" in m and m.endswith("at step 12") for m in messages), messages
-    assert (ckpts / "corrupt" / "step_00000018" / NOTE).exists()
-    # keep=2 counts good ones only: the new 18 and 24; the corrupt copy sits in corrupt/ and is not counted
-    assert [p.name for p in CheckpointManager(ckpts).list()] == ["step_00000018", "step_00000024"]
-    # after the second crash the next run resumes from the newest good checkpoint (24), not from 0 or 12
+    assert any("resumed from" in m and m.endswith("at step 8") for m in messages), messages
+    assert (ckpts / "corrupt" / "step_00000012" / NOTE).exists()
+    # keep=2 counts good ones only: the new 16 and 20; the corrupt 12 sits in corrupt/ and is not counted
+    assert [p.name for p in CheckpointManager(ckpts).list()] == ["step_00000016", "step_00000020"]
+    # after the second crash the next run resumes from the newest good checkpoint (20), not from 0 or 8
     messages.clear()
-    t = build(run, steps=30, save_every=6)
+    t = build(run, steps=24, save_every=4, batch_size=4)
     t.log_fn = messages.append
     t.fit()
-    assert any(m.endswith("at step 24") for m in messages), messages
+    assert any(m.endswith("at step 20") for m in messages), messages
     want, got = losses(ref), losses(run)
-    assert [s for s in range(13, 31) if got[s] != want[s]] == []  # bit-identical to the uninterrupted run
+    assert [s for s in range(9, 25) if got[s] != want[s]] == []  # bit-identical to the uninterrupted run
 
 
 def test_an_all_corrupt_run_dir_refuses_without_restart_and_restart_moves_it_aside(tmp_path):

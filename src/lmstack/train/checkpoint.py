@@ -157,11 +157,11 @@ class CheckpointManager:
         """Rename a broken checkpoint into corrupt/ (never delete it), with a note of why. Returns where it went."""
         if not self.writer:
             return None
-        try:
-            atomic_write_text(path / NOTE, f"moved aside by lmstack at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "
-                                           f"{problem}\n")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        try:  # the note goes in first, so a kill before the rename leaves the checkpoint where it was, noted
+            atomic_write_text(path / NOTE, f"moved aside by lmstack at {when}: {problem}\n")
         except OSError:
-            pass  # an unwritable checkpoint is still moved; the log line says why
+            pass  # an unwritable checkpoint is still moved; the caller's log line says why
         dest_dir = self.root / CORRUPT
         dest_dir.mkdir(exist_ok=True)
         for i in range(1000):  # the same step can go bad twice (a resumed run saves it again)
@@ -239,7 +239,8 @@ class CheckpointManager:
             if not f.is_file():
                 return f"missing file {name}"
             if size is not None and f.stat().st_size != size:
-                return f"size mismatch in {name}: {f.stat().st_size} bytes, manifest says {size} (truncated or corrupted)"
+                return (f"size mismatch in {name}: {f.stat().st_size} bytes, manifest says {size} "
+                        "(truncated or corrupted)")
         for name, (_, digest) in expected.items():
             try:
                 if sha256(path / name) != digest:

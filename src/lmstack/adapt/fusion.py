@@ -23,7 +23,6 @@ Usage:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -89,22 +88,23 @@ class FusionSlot(Switchable):
 
 def _load_source(model: nn.Module, path: Path, name: str) -> int:
     """Add the bottleneck adapter saved in `path` (lmstack finetune --method adapter) as `name`; its width."""
-    from safetensors.torch import load_file
-
     from lmstack.adapt.config import AdapterConfig
     from lmstack.adapt.finetune import TRAINABLE_CONFIG, TRAINABLE_WEIGHTS
+    from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
 
-    meta_path = path / TRAINABLE_CONFIG
+    meta_path = resolve_inside(path, TRAINABLE_CONFIG, "adapter config")  # stays inside the folder (issue 15)
     if not meta_path.is_file():
         raise LmstackError(f"fusion_adapters: {path} holds no {TRAINABLE_CONFIG}; give the adapter/ folder of a "
                            "`lmstack finetune --method adapter` run, or the name of an adapter on the model")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_json(path, TRAINABLE_CONFIG, "adapter config")
+    if not isinstance(meta, dict):
+        raise LmstackError(f"fusion_adapters: {meta_path} must hold a JSON object")
     if meta.get("method") != "adapter":
         raise LmstackError(f"fusion_adapters: {path} holds a {meta.get('method')!r} adapter; fusion combines "
                            "bottleneck adapters (method 'adapter') only")
     src = AdapterConfig(**meta["adapter"])
     add_bottleneck(model, src, name)
-    saved = load_file(str(path / TRAINABLE_WEIGHTS))
+    saved = load_safetensors(path, TRAINABLE_WEIGHTS, "adapter weights")
     mine = {n: p for n, p in model.named_parameters() if f".adapters.{name}." in n}
     renamed = {}
     for key, tensor in saved.items():

@@ -320,3 +320,17 @@ def test_a_sharded_model_must_list_every_shard_its_index_names(tmp_path):
     assert len(shards) >= 2 and mgr.verify(path) is None
     edit_manifest(path, lambda m: m["files"].pop(f"model/{shards[-1]}"))
     assert f"does not list model/{shards[-1]}" in mgr.verify(path)
+
+
+def test_resaving_a_step_swaps_it_in_and_readers_never_move_anything(tmp_path):
+    mgr, path = tiny_checkpoint(tmp_path, step=10)
+    model = Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
+    mgr.save(10, model, {}, {"step": 10, "again": True})  # a finished run resumed saves its last step again
+    assert mgr.load(path)[2]["again"] is True and not list(tmp_path.glob(".step_*"))
+    flip_last_byte(path / "state.json")
+    reader = CheckpointManager(tmp_path, writer=False)  # a distributed rank other than 0
+    messages = []
+    assert reader.latest(log=messages.append) is None and "left in place" in messages[0]
+    assert path.exists() and not reader.corrupt()
+    with pytest.raises(LmstackError, match="refusing to resume from .*checksum mismatch in state.json"):
+        reader.load(path)

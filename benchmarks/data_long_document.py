@@ -36,7 +36,7 @@ WORDS = ("the river farmer village market teacher garden bridge storm harbour li
          "kitchen of and to with that have be crossed visited repaired painted described watched").split()
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 mode, path, out = sys.argv[2], sys.argv[3], sys.argv[4]
 from lmstack.data.readers import ReaderConfig, ReadStats, batched, read_documents
@@ -64,7 +64,8 @@ else:
                                       shards=ShardConfig(docs_per_shard=64)))
     info = {"steps": {s.name: [s.seen, s.kept] for s in rep.steps.values()}}
 secs = time.perf_counter() - t0
-peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, not ru_maxrss: the latter also remembers the RSS of the forked parent before exec.
+peak_kb = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 print(json.dumps({"seconds": secs, "peak_mb": peak_kb / 1024, "start_mb": start_kb / 1024,
                   "extra_mb": (peak_kb - start_kb) / 1024, **info}))
 """

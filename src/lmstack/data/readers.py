@@ -408,10 +408,11 @@ def read_csv(path: Path, cfg: ReaderConfig, source: str, stats: ReadStats) -> It
                 except StopIteration:
                     break
                 except csv.Error as e:
-                    # The reader resumes at the next line, so one broken row costs only itself.
-                    stats.bad_line(path, reader.line_num, "line_too_long" if "field limit" in str(e) else "bad_csv")
-                    if reader.line_num == before:
-                        break  # no progress: do not spin
+                    # The reader resumes at the next line, so one broken row costs only itself (and it
+                    # consumes a line per call, so this cannot spin). A row that fails on its first line
+                    # has not been counted in line_num yet.
+                    line = reader.line_num + 1 if reader.line_num == before else reader.line_num
+                    stats.bad_line(path, line, "line_too_long" if "field limit" in str(e) else "bad_csv")
                     continue
                 except READ_ERRORS as e:
                     stats.bad_line(path, reader.line_num + 1, _read_error_reason(e))

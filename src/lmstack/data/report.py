@@ -70,10 +70,9 @@ def print_report(report: Report) -> None:
         table.add_column(name, justify=justify)
     for row in table_rows(report):
         table.add_row(*row)
-    console = Console()
-    console.print(table)
+    Console().print(table)
     if bad:
-        console.print(bad, markup=False, highlight=False)
+        print(bad)  # plain, so paths are never wrapped or styled
 
 
 def render_markdown(report: Report) -> str:

@@ -87,7 +87,6 @@ def main() -> None:
         result("hardening_matrix", "handled_fraction", True, handled / len(outcomes), "issue-15 campaign",
                round(109 / 122, 4), goal=1.0, cases=len(outcomes), handled=handled, server_5xx=five,
                unanswered=no_answer, failing=failing, **config),
-        result("hardening_matrix", "server_5xx", False, five, "no 5xx", 0, goal=0, cases=len(outcomes)),
         result("hardening_matrix", "health_worst_latency_s", False, worst, "limit", HEALTH_LIMIT_S,
                goal=HEALTH_LIMIT_S, per_case_worst={o["id"]: o["health_worst_s"] for o in outcomes
                                                     if o["health_worst_s"] > 0.1}),

@@ -136,7 +136,7 @@ def main() -> None:
             runs = measure(srcs, "quality", path, tmp, args.repeat)
             b, a = runs["before"], runs["after"]
             assert a[0]["dropped"] and b[0]["dropped"], "the long document should be dropped as too long"
-            tag = f"{mb:g}mb"
+            tag = f"{mb:g}mb".replace(".", "_")  # no dots: result keypaths split on them
             results.append(result("data_long_document", f"quality_seconds_{tag}", False, med(a, "seconds"),
                                   f"before ({BEFORE})", med(b, "seconds"), doc_chars=chars, **cfg))
             results.append(result("data_long_document", f"quality_extra_mb_{tag}", False, med(a, "extra_mb"),
@@ -149,7 +149,7 @@ def main() -> None:
         chars = make_doc_file(path, big)
         runs = measure(srcs, "full_stats", path, tmp, 1)
         b, a = runs["before"], runs["after"]
-        tag = f"{big:g}mb"
+        tag = f"{big:g}mb".replace(".", "_")
         results.append(result("data_long_document", f"full_stats_seconds_{tag}", False, med(a, "seconds"),
                               f"before ({BEFORE})", med(b, "seconds"), doc_chars=chars, after_docs=a[0]["docs"],
                               note="max_words=1e9: every measurement computed (after: on 1M-char parts)", **cfg))

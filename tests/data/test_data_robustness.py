@@ -282,3 +282,22 @@ def test_any_bytes_between_good_lines_never_crash_the_reader(tmp_path_factory, j
     assert [i for i in ids if "good" in i] == [f"f/good{i}" for i in range(len(junk))]
     for doc in read_documents(ReaderConfig(path=str(f)), ReadStats()):
         json.dumps(doc, ensure_ascii=False).encode("utf-8")  # every document survives clean.jsonl
+
+
+def test_summary_counts_every_bad_record_beyond_the_examples_kept(tmp_path):
+    from lmstack.data.document import Report
+    from lmstack.data.report import bad_record_lines
+
+    f = tmp_path / "many.jsonl"
+    f.write_text("{oops\n" * 120 + json.dumps({"text": "the river"}) + "\n", encoding="utf-8")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
+    stats = ReadStats()
+    docs = list(read_documents(ReaderConfig(path=str(tmp_path)), stats))
+    assert [d["text"] for d in docs] == ["the river"]
+    assert stats.n_malformed == 120 and len(stats.bad_records) == 100  # every one counted, 100 named
+    report = Report()
+    report.sections["read"] = stats.to_dict()
+    lines = bad_record_lines(report)
+    assert lines[0].startswith("skipped 120 bad record(s) and 1 file(s)")
+    assert lines[1] == f"  {f}:1  bad_json" and "  ... and 110 more" in lines
+    assert lines[-1].startswith(f"  {tmp_path / 'bin.txt'}: whole file skipped, not UTF-8")

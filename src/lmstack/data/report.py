@@ -44,13 +44,15 @@ def bad_record_lines(report: Report, limit: int = 10) -> list[str]:
     read = report.sections.get("read") or {}
     records = read.get("bad_records") or []
     total = read.get("malformed_lines", len(records))
-    if not records and not read.get("skipped_files"):
+    files = read.get("skipped_files") or {}
+    if not records and not files:
         return []
-    lines = [f"skipped {total:,} bad record(s) (report.json: read.bad_records, read.malformed):"]
+    what = [f"{total:,} bad record(s)"] * bool(total) + [f"{len(files):,} file(s)"] * bool(files)
+    lines = [f"skipped {' and '.join(what)} (report.json: read.bad_records, read.malformed, read.skipped_files):"]
     lines += [f"  {r['file']}:{r['line']}  {r['reason']}" for r in records[:limit]]
     if total > min(limit, len(records)):
         lines.append(f"  ... and {total - min(limit, len(records)):,} more")
-    lines += [f"  {path}: whole file skipped, {why}" for path, why in list(read.get("skipped_files", {}).items())[:limit]]
+    lines += [f"  {path}: whole file skipped, {why}" for path, why in list(files.items())[:limit]]
     return lines
 
 

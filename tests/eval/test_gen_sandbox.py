@@ -163,7 +163,7 @@ def test_run_programs_keeps_order_and_the_parent_survives():
 
 
 @pytest.mark.parametrize("field,value", [("seccomp", "wifi"), ("timeout_s", 0), ("memory_mb", 8), ("cpu_s", 0),
-                                         ("tmp_mb", 0)])
+                                         ("tmp_mb", 0), ("run_as_uid", 0)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SandboxConfig(**{field: value})

@@ -45,13 +45,17 @@ def test_attack_is_contained(name):
     assert outcome.leftovers == 0
 
 
+# Unisolated and not root, kill(-1, 9) would hit every process of the caller's uid, this test runner included.
+ROOT_ONLY_KILL_ALL = ["kill_all"] if os.getuid() == 0 else []
+
+
 def test_the_checks_catch_an_escape_when_isolation_is_off(monkeypatch):
     # The same attacks against the UNSAFE opt-out (rlimits and a private uid only) must be reported as
     # escapes, or the containment verdicts above would prove nothing.
     monkeypatch.setattr(sandbox, "isolation_problem", lambda python=None: "namespaces disabled by the test")
     rows = run_campaign(SandboxConfig(timeout_s=3.0, python_guards=False, unsafe_no_isolation=True),
-                        names=["raw_socket_type", "write_tmp", "daemon_double_fork"])
-    assert [r["contained"] for r in rows] == [False, False, False], rows
+                        names=["raw_socket_type", "write_tmp", "daemon_double_fork"] + ROOT_ONLY_KILL_ALL)
+    assert not any(r["contained"] for r in rows), rows
     assert "listener reached=True" in rows[0]["evidence"] and "appeared on the host=True" in rows[1]["evidence"]
 
 

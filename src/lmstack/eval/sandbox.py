@@ -85,6 +85,10 @@ class SandboxConfig:
     """Open file descriptors (RLIMIT_NOFILE)."""
     drop_privileges: bool = True
     """When the parent runs as root, run the program as a fresh private uid (root bypasses RLIMIT_NPROC)."""
+    run_as_uid: int | None = None
+    """Root only: run as this uid/gid instead of a fresh private one (runs sharing it share RLIMIT_NPROC, and
+    the after-run sweep then goes by PID namespace only). The attack tests use it to put a victim outside
+    and the sandbox under one uid, so that only the PID namespace stands between them."""
     seccomp: str = "auto"
     """auto (a syscall filter through libseccomp when the library is installed), require (refuse without
     it) or off."""
@@ -107,6 +111,8 @@ class SandboxConfig:
                 raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.memory_mb < 64:
             raise ValueError(f"SandboxConfig.memory_mb={self.memory_mb} is too small for Python to start; use >= 64")
+        if self.run_as_uid is not None and not 0 < self.run_as_uid < 2 ** 32 - 1:
+            raise ValueError(f"SandboxConfig.run_as_uid must be a non-root uid, got {self.run_as_uid!r}")
         if self.cpu_s is not None and self.cpu_s < 1:
             raise ValueError(f"SandboxConfig.cpu_s must be >= 1 or None, got {self.cpu_s!r}")
 
@@ -153,6 +159,8 @@ def _run_as(cfg: SandboxConfig) -> tuple[int | None, int | None]:
     process it leaves is findable and killable by uid after the run)."""
     if not (cfg.drop_privileges and hasattr(os, "getuid") and os.getuid() == 0):
         return None, None
+    if cfg.run_as_uid is not None:
+        return cfg.run_as_uid, cfg.run_as_uid
     uid = PRIVATE_UID_BASE + secrets.randbelow(PRIVATE_UID_SPAN)
     return uid, uid
 
@@ -299,7 +307,7 @@ def _run(code: str, cfg: SandboxConfig, isolate: bool, python: str) -> SandboxRe
             rc = proc.wait()
             _kill_group(proc.pid)
         status = _read_status(rfd)
-        leftovers = int(status.get("ns_leftovers", 0)) + _reap_uid(uid)
+        leftovers = int(status.get("ns_leftovers", 0)) + _reap_uid(uid if cfg.run_as_uid is None else None)
         if "signal" in status:
             rc = -int(status["signal"])
         elif "exit" in status:

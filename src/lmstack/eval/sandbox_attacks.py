@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from lmstack.eval.sandbox import SandboxConfig, SandboxResult, run_program, run_programs, uid_members
+from lmstack.eval.sandbox import (PRIVATE_UID_BASE, SandboxConfig, SandboxResult, run_program, run_programs,
+                                  uid_members)
 
 
 @dataclass
@@ -51,7 +52,8 @@ def attack(name: str):
 
 
 def _no_survivors(res: SandboxResult) -> bool:
-    return res.leftovers == 0 and (res.uid is None or not uid_members(res.uid))
+    private = res.uid is not None and res.uid >= PRIVATE_UID_BASE  # a shared uid has other owners (kill_all)
+    return res.leftovers == 0 and not (private and uid_members(res.uid))
 
 
 def _judge(res: SandboxResult, ok: bool, evidence: str) -> Outcome:
@@ -175,15 +177,21 @@ def posix_reimport(cfg: SandboxConfig) -> Outcome:
 
 @attack("kill_all")
 def kill_all(cfg: SandboxConfig) -> Outcome:
-    """kill(-1, 9) beside a sandboxed neighbour and a victim outside; both must live."""
-    victim = subprocess.Popen(["sleep", "30"], **({"user": 65534, "group": 65534} if os.getuid() == 0 else {}))
+    """kill(-1, 9) beside a sandboxed neighbour and a victim outside, all three under ONE uid when we are root
+    (so no uid check can save them: only the PID namespace does); both must live."""
+    shared = {}
+    if os.getuid() == 0:
+        uid = 2_099_000_000 + secrets.randbelow(1_000_000)  # below the private range: no run gets it by chance
+        cfg, shared = replace(cfg, run_as_uid=uid), {"user": uid, "group": uid}
+    victim = subprocess.Popen(["sleep", "30"], **shared)
     try:
         neighbour = "import time\ntime.sleep(1.5)\nprint('neighbour alive')"
-        killer = "import os, time\nfor _ in range(20):\n    os.kill(-1, 9)\n    time.sleep(0.05)\n"
+        killer = ("import os, time\nfor _ in range(20):\n    try:\n        os.kill(-1, 9)\n"
+                  "    except OSError as e:\n        print(e)\n    time.sleep(0.05)\nprint('killer done')\n")
         res_n, res = run_programs([neighbour, killer], cfg, workers=2)
-        ok = _alive(victim.pid) and res_n.passed and "neighbour alive" in res_n.stdout
-        return _judge(res, ok and _no_survivors(res_n), f"victim outside alive={_alive(victim.pid)}; "
-                                                         f"sandboxed neighbour {res_n.status}")
+        ok = _alive(victim.pid) and res_n.passed and "neighbour alive" in res_n.stdout and res_n.leftovers == 0
+        return _judge(res, ok, f"victim outside (same uid) alive={_alive(victim.pid)}; sandboxed neighbour "
+                               f"(same uid) {res_n.status}")
     finally:
         victim.kill()
         victim.wait()

@@ -167,3 +167,9 @@ def test_run_programs_keeps_order_and_the_parent_survives():
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SandboxConfig(**{field: value})
+
+
+def test_a_lone_surrogate_fails_that_program_not_the_caller():
+    res = run_program("x = '\ud800'\nprint('ran')\n")
+    assert res.status == "failed" and "UnicodeDecodeError" in res.reason and "ran" not in res.stdout
+    assert run_program("print('é ✓')").stdout.strip() == "é ✓"

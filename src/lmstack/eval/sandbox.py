@@ -292,7 +292,8 @@ def _run(code: str, cfg: SandboxConfig, isolate: bool, python: str) -> SandboxRe
     rfd, wfd = os.pipe()
     try:
         out = Path(outdir)
-        (out / "program.py").write_text(code, encoding="utf-8")
+        # surrogatepass: a lone surrogate in generated code must fail that program inside, not raise here
+        (out / "program.py").write_text(code, encoding="utf-8", errors="surrogatepass")
         uid, gid = _run_as(cfg)
         spec = _spec(cfg, isolate, out / "program.py", wfd, token, uid, gid)
         cmd = [python, *(["-I"] if cfg.site_packages else ["-I", "-S"]), str(CHILD), json.dumps(spec)]

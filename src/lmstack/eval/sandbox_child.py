@@ -248,7 +248,7 @@ def init(spec: dict, code: str, report_fd: int) -> None:
             if uid is not None:
                 os.chown(workdir, uid, gid)
         path = os.path.join(workdir, "program.py")
-        with open(path, "w", encoding="utf-8") as f:
+        with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(code)
         if uid is not None:
             os.chown(path, uid, gid)
@@ -305,7 +305,7 @@ def enter_namespaces(isolate_as_root: bool) -> None:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     status_fd = spec["status_fd"]
-    with open(spec["code_path"], encoding="utf-8") as f:
+    with open(spec["code_path"], encoding="utf-8", errors="surrogatepass") as f:
         code = f.read()
     try:
         if spec["isolate"]:

@@ -22,12 +22,12 @@ class BadWords:
         always: set[int] = set()
         by_prefix: dict[tuple[int, ...], list[int]] = {}
         for ids in set(map(tuple, word_ids)):  # a set: duplicates go in O(1) each
-            if not ids or (vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size)):
+            if vocab_size is not None and ids and (min(ids) < 0 or max(ids) >= vocab_size):
                 continue  # a token the model cannot emit can never complete the word
-            if len(ids) == 1:
-                always.add(ids[0])
-            else:
+            if len(ids) > 1:
                 by_prefix.setdefault(ids[:-1], []).append(ids[-1])
+            elif ids:
+                always.add(ids[0])
         self.always = sorted(always)
         self.by_prefix = by_prefix
         self.prefix_lengths = sorted({len(k) for k in by_prefix})
@@ -38,7 +38,11 @@ class BadWords:
         variants = dict.fromkeys(v for w in words for v in (w, " " + w.lstrip()))
         # one encode() per variant: the tokenizer's piece cache makes each short word cheap (its batched
         # Rust path was slower here for many tiny strings)
-        return cls(map(tokenizer.encode, variants), vocab_size)
+        encoded = map(tokenizer.encode, variants)
+        tok_vocab = getattr(tokenizer, "vocab_size", None)
+        if isinstance(tok_vocab, int) and vocab_size is not None and tok_vocab <= vocab_size:
+            vocab_size = None  # every id the tokenizer makes is < its size: no per-word check needed
+        return cls(encoded, vocab_size)
 
     def __len__(self) -> int:
         return len(self.always) + sum(len(v) for v in self.by_prefix.values())

@@ -287,6 +287,9 @@ def build_cases() -> list[Case]:
     add(Case("auth_right_lowercase_scheme", MODELS, None, "200", method="GET",
              headers={"authorization": "bearer sk-test"}, auth=True))
     add(Case("auth_health_open", "/health", None, "200", method="GET", auth=True))
+    add(Case("auth_missing_tokenizer_info", "/tokenizer_info", None, method="GET", auth=True))
+    add(Case("tokenizer_info_get", "/tokenizer_info", None, "200", method="GET"))
+    add(Case("tokenizer_info_post", "/tokenizer_info", {"x": 1}))
     return cases
 
 
@@ -339,6 +342,8 @@ def _check_ok(case: Case, r: httpx.Response) -> str | None:
         ok = isinstance(body.get("prompt"), str)
     elif path == MODELS:
         ok = body.get("object") == "list" and bool(body.get("data"))
+    elif path == "/tokenizer_info":
+        ok = isinstance(body.get("vocab_size"), int) and body["vocab_size"] > 0
     else:
         ok = body.get("status") == "ok"
     return None if ok else f"200 with a wrong body: {str(body)[:160]}"

@@ -91,7 +91,7 @@ def test_socket_connect_fails_and_reaches_nothing(guards):
         code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n"
         res = run_program(code, SandboxConfig(timeout_s=5, python_guards=guards))
         assert res.status == "failed" and "unreachable" in res.reason.lower()
-        assert res.isolation == "namespaces"
+        assert res.isolation.startswith("namespaces")
         with pytest.raises(BlockingIOError):
             server.accept()                 # nobody connected
     finally:
@@ -173,3 +173,11 @@ def test_a_lone_surrogate_fails_that_program_not_the_caller():
     res = run_program("x = '\ud800'\nprint('ran')\n")
     assert res.status == "failed" and "UnicodeDecodeError" in res.reason and "ran" not in res.stdout
     assert run_program("print('é ✓')").stdout.strip() == "é ✓"
+
+
+def test_the_seccomp_layer_is_reported_as_used():
+    import ctypes.util
+
+    has_lib = ctypes.util.find_library("seccomp") is not None
+    assert run_program("pass").isolation == ("namespaces+seccomp" if has_lib else "namespaces")
+    assert run_program("pass", SandboxConfig(seccomp="off")).isolation == "namespaces"

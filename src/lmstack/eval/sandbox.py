@@ -137,7 +137,8 @@ class SandboxResult:
     stderr: str
     duration_s: float
     isolation: str
-    """namespaces, or 'none (unsafe)' under unsafe_no_isolation."""
+    """namespaces+seccomp, namespaces (libseccomp absent or seccomp='off'), or 'none (unsafe)' under
+    unsafe_no_isolation."""
     reason: str = ""
     """A short why for anything but passed: 'timeout after 2.0 s', 'MemoryError', 'signal SIGXFSZ', ..."""
     leftovers: int = 0
@@ -321,8 +322,13 @@ def _run(code: str, cfg: SandboxConfig, isolate: bool, python: str) -> SandboxRe
         shutil.rmtree(outdir, ignore_errors=True)
     state, reason = _classify(rc, timed_out, status, stderr, cfg.timeout_s)
     return SandboxResult(state, None if timed_out or state == "error" else rc, stdout, stderr,
-                         time.perf_counter() - start, "namespaces" if isolate else "none (unsafe)", reason, leftovers,
-                         uid)
+                         time.perf_counter() - start, _layers(isolate, status), reason, leftovers, uid)
+
+
+def _layers(isolate: bool, status: dict) -> str:
+    if not isolate:
+        return "none (unsafe)"
+    return "namespaces+seccomp" if status.get("seccomp") else "namespaces"
 
 
 @lru_cache(maxsize=None)

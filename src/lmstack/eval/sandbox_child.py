@@ -217,8 +217,10 @@ def run_program(spec: dict, path: str, report_fd: int) -> None:
             drop_capabilities()
         # init's non-dumpable flag (or setuid) left /proc/self root-owned: make it the program's own again
         libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
-        if spec["seccomp"] and not load_seccomp() and spec["seccomp"] == "require":
+        filtered = bool(spec["seccomp"]) and load_seccomp()
+        if spec["seccomp"] == "require" and not filtered:
             raise SetupError("seccomp required but libseccomp.so.2 is not installed")
+        report(report_fd, seccomp=filtered)
         if spec["python_guards"]:
             python_guards()
         with open(path, encoding="utf-8") as f:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig
 from lmstack.model.hf_io import load_model, read_config, save_model
-from lmstack.model.load_guard import estimate_memory, set_max_model_gib, max_model_gib
+from lmstack.model.load_guard import estimate_memory, limit_gib, set_max_model_gib
 from lmstack.model.positions import INITIAL_TABLE_LENGTH, RotaryEmbedding, SinusoidalPositions
 from lmstack.model.transformer import Transformer
 
@@ -131,21 +131,33 @@ def test_memory_estimate_refuses_over_the_limit_naming_fields_and_the_flag_raise
     # 2**22 x 2**14 embedding (and as large a head) = 2**37 parameters: ~512 GiB in fp32
     edit_config(model_dir, vocab_size=2**22, hidden_size=2**14, intermediate_size=2**14, num_attention_heads=128)
     msg = refused(lambda: load_model(model_dir), "vocab_size=4194304", "hidden_size=16384", "GiB",
-                  "over the 64 GiB limit", "--max_model_gib")
+                  f"over the {limit_gib():g} GiB limit", "--max_model_gib")
     assert "embeddings and head" in msg
     # raising the limit lets the load go on, to the next (real) problem: these weights do not fit
     # (not timed: this path builds the model on the meta device, whose first use in a process is slow)
     with pytest.raises(LmstackError, match="does not fit the weights"):
         load_model(model_dir, max_model_gib=10_000)
-    old = max_model_gib()
     try:
         set_max_model_gib(10_000)  # what --max_model_gib does for the whole process
         with pytest.raises(LmstackError, match="does not fit the weights"):
             load_model(model_dir)
     finally:
-        set_max_model_gib(old)
+        set_max_model_gib(None)  # back to the default
     with pytest.raises(LmstackError, match="positive"):
         set_max_model_gib(0)
+
+
+def test_the_default_limit_is_64_gib_or_the_machines_ram_whichever_is_smaller():
+    from lmstack.model.load_guard import machine_gib
+
+    ram = machine_gib()
+    assert limit_gib() == (min(64.0, ram) if ram else 64.0)
+    try:
+        set_max_model_gib(1000)
+        assert limit_gib() == 1000
+    finally:
+        set_max_model_gib(None)
+    assert limit_gib() <= 64
 
 
 def test_a_small_model_loads_under_the_default_limit_and_is_refused_under_a_tiny_one(model_dir):
@@ -381,7 +393,7 @@ def test_max_model_gib_flag_refuses_in_one_line_and_raises_the_limit(model_dir, 
         assert "Traceback" not in err
         assert main(argv + ["--max-model-gib", "1"]) == 0  # both spellings; a 1 GiB limit fits the tiny model
     finally:
-        set_max_model_gib(64.0)
+        set_max_model_gib(None)
 
 
 # ---------------------------------------------------------------- side files load through the same checks
@@ -414,3 +426,20 @@ def test_special_ids_ignore_config_files_that_escape_the_directory(model_dir, tm
     (model_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 3}))
     os.symlink(outside, model_dir / "config.json")
     assert model_special_ids(model_dir) == (3, None)  # the escaping config.json offers nothing
+
+
+def test_the_engine_refuses_a_kv_pool_sized_by_an_absurd_context_before_allocating(model_dir):
+    from lmstack.infer.engine import LLMEngine
+
+    # 2**26 positions passes the shape limit, but one full-context sequence of this tiny model needs a
+    # 32 GiB KV pool (2 x 2 layers x 4 heads x 8 dims x 4 bytes per token), and the pool is sized to hold one
+    edit_config(model_dir, max_position_embeddings=2**26)
+    try:
+        set_max_model_gib(16)  # the same on every machine (the default depends on its RAM)
+        msg = refused(lambda: LLMEngine(str(model_dir)), "KV cache pool needs 32.0 GiB",
+                      "max_model_len=67,108,864", "--max_model_len", "over the 16 GiB limit")
+    finally:
+        set_max_model_gib(None)
+    assert "max_position_embeddings" in msg
+    engine = LLMEngine(str(model_dir), max_model_len=256)  # an honest context: a small pool, and it runs
+    assert engine.num_blocks * engine.block_size >= 256

@@ -29,7 +29,7 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
              speculative: Literal["none", "ngram", "draft"] = "none", draft_model: str | None = None,
              num_speculative_tokens: int = 4, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
              json_output: bool = False, tokenizer: str | None = None, threads: int = 0,
-             max_model_gib: float = 64.0) -> list[dict]:
+             max_model_gib: float | None = None) -> list[dict]:
     """Generate completions with the paged, continuously batched engine and print them.
 
     Args:
@@ -64,8 +64,8 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         tokenizer: tokenizer directory or tokenizer.json (default: the model directory's tokenizer.json).
         threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
             right now; at least 1), N = exactly N.
-        max_model_gib: refuse a model whose config.json needs more memory than this many GiB (estimated before
-            anything is allocated); raise it for very large models.
+        max_model_gib: refuse a model whose config.json (weights, and the KV pool the context implies) needs more
+            memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
     """
     from lmstack.infer.llm import LLM
     from lmstack.infer.sampling_params import SamplingParams

@@ -90,6 +90,11 @@ class LLMEngine:
             num_blocks = max(min(wanted, _POOL_BYTES_DEFAULT // per_block), -(-self.max_model_len // block_size))
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise LmstackError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        from lmstack.model.load_guard import check_kv_pool
+
+        # the pool holds one max_model_len sequence, so a config's max_position_embeddings alone could size
+        # it without bound: refuse past --max_model_gib before allocating (issue 15)
+        check_kv_pool(cfg, num_blocks, block_size, dtype, self.max_model_len)
         self.block_size, self.num_blocks = block_size, num_blocks
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, block_size, device, fast_decode=fast_decode,

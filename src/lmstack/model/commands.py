@@ -92,15 +92,15 @@ def init(preset: str, out: str, seed: int = 0, tokenizer: str | None = None) -> 
 
 
 def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-            max_model_gib: float = 64.0) -> str:
+            max_model_gib: float | None = None) -> str:
     """Load a model directory (any supported HF family or ours) and save it in lmstack's HF layout.
 
     Args:
         src: source model directory (config.json + safetensors).
         out: output directory.
         dtype: dtype of the saved weights.
-        max_model_gib: refuse a model whose config.json needs more memory than this many GiB (estimated before
-            anything is allocated); raise it for very large models.
+        max_model_gib: refuse a model whose config.json (weights, and the KV pool the context implies) needs more
+            memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
     """
     from lmstack.model.hf_io import load_model, save_model
 
@@ -113,7 +113,7 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"]
 def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              cache: Literal["contiguous", "sink", "none"] = "contiguous", threads: int = 0,
-             max_model_gib: float = 64.0) -> list[int]:
+             max_model_gib: float | None = None) -> list[int]:
     """Sample from a model with the reference KV-cache decode loop.
 
     Args:
@@ -128,8 +128,8 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
         cache: contiguous KV cache, a bounded sink cache, or none (recompute the prefix each step).
         threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
             right now; at least 1), N = exactly N.
-        max_model_gib: refuse a model whose config.json needs more memory than this many GiB (estimated before
-            anything is allocated); raise it for very large models.
+        max_model_gib: refuse a model whose config.json (weights, and the KV pool the context implies) needs more
+            memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
     """
     from pathlib import Path
 

@@ -76,7 +76,8 @@ def _rope_fields(hf: dict, model_type: str) -> dict[str, Any]:
 _LLAMA_SHAPES = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
                  "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
                  "intermediate_size": "d_ff", "max_position_embeddings": "max_seq_len",
-                 "num_local_experts": "n_experts", "num_experts_per_tok": "moe_top_k", "sliding_window": "sliding_window"}
+                 "num_local_experts": "n_experts", "num_experts_per_tok": "moe_top_k",
+                 "sliding_window": "sliding_window"}
 HF_SHAPE_FIELDS = {**{mt: _LLAMA_SHAPES for mt in LLAMA_LIKE},
                    "gpt2": {"vocab_size": "vocab_size", "n_embd": "d_model", "n_layer": "n_layers", "n_head": "n_heads",
                             "n_inner": "d_ff", "n_positions": "max_seq_len"},

@@ -65,7 +65,8 @@ def _read_config(path: Path) -> tuple[ModelConfig, bool, str, dict[str, str]]:
     try:
         cfg = config_from_hf(hf, source=source)
     except KeyError as e:
-        raise LmstackError(f"{source} lacks the field {e.args[0]!r}, which a {hf.get('model_type')} config needs") from None
+        raise LmstackError(f"{source} lacks the field {e.args[0]!r}, which a {hf.get('model_type')} config "
+                           "needs") from None
     except (TypeError, ValueError, AttributeError) as e:
         if isinstance(e, LmstackError):
             raise

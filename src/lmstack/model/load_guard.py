@@ -10,8 +10,8 @@ these functions, so one hostile directory cannot
 - stall the loader: shapes beyond SHAPE_LIMITS (far above any released model) are refused before any
   module is built, so `num_hidden_layers: 10**6` fails in milliseconds;
 - allocate without asking: parameters x dtype bytes (by formula, blocks measured on the meta device) plus
-  the position tables built at load must fit max_model_gib (default 64 GiB; `--max_model_gib` or the
-  loader's keyword raises it).
+  the position tables built at load (and the engine's KV pool) must fit max_model_gib (default: 64 GiB or
+  the machine's RAM, whichever is smaller; `--max_model_gib` or the loader's keyword raises it).
 Error messages name the file, the field and the numbers, never the bytes of a file.
 
 Usage:
@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # torch is imported only where memory is estimated, so tokeni
     import torch
 
 GIB = 1024**3
-DEFAULT_MAX_MODEL_GIB = 64.0
-_max_model_gib = DEFAULT_MAX_MODEL_GIB
+DEFAULT_MAX_MODEL_GIB = 64.0  # the default limit is this or the machine's RAM, whichever is smaller
+_max_model_gib: float | None = None  # None: the default; set_max_model_gib (--max_model_gib) overrides it
 
 # JSON files of a model directory are small; the caps stop a multi-GB "config" from being parsed at all.
 JSON_MAX_BYTES = {"model config": 16 << 20, "weight index": 256 << 20, "generation config": 16 << 20,
@@ -55,16 +55,30 @@ SHAPE_LIMITS = {"n_layers": 4096, "vocab_size": 1 << 24, "d_model": 1 << 20, "d_
                 "attn_block_size": 1 << 20, "sliding_window": 1 << 28, "rope_original_max_seq_len": 1 << 28}
 
 
-def set_max_model_gib(gib: float) -> None:
-    """Set the process-wide default of load_model's max_model_gib (the CLI's --max_model_gib)."""
+def set_max_model_gib(gib: float | None) -> None:
+    """Set the process-wide default of load_model's max_model_gib (the CLI's --max_model_gib); None restores
+    the default (min(64 GiB, this machine's RAM))."""
     global _max_model_gib
-    if not isinstance(gib, (int, float)) or isinstance(gib, bool) or not gib > 0:
+    if gib is not None and (not isinstance(gib, (int, float)) or isinstance(gib, bool) or not gib > 0):
         raise LmstackError(f"max_model_gib must be a positive number of GiB, got {gib!r}")
-    _max_model_gib = float(gib)
+    _max_model_gib = None if gib is None else float(gib)
 
 
-def max_model_gib() -> float:
-    return _max_model_gib
+def machine_gib() -> float | None:
+    """Physical memory of this machine in GiB (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def limit_gib() -> float:
+    """The limit in force: set_max_model_gib's value, else min(64 GiB, RAM): more than the machine holds
+    could only end in the kernel's OOM killer, mid-load, taking the process (and neighbours) with it."""
+    if _max_model_gib is not None:
+        return _max_model_gib
+    ram = machine_gib()
+    return min(DEFAULT_MAX_MODEL_GIB, ram) if ram else DEFAULT_MAX_MODEL_GIB
 
 
 # ---------------------------------------------------------------- paths
@@ -225,7 +239,7 @@ def estimate_memory(cfg: Any, dtype: "torch.dtype | None" = None) -> MemoryEstim
 def check_memory(cfg: Any, dtype: torch.dtype | None, max_model_gib: float | None = None, source: str = "config",
                  names: dict[str, str] | None = None) -> MemoryEstimate:
     """Refuse (LmstackError naming the fields and the estimate) when cfg needs more than max_model_gib."""
-    limit = max_model_gib if max_model_gib is not None else _max_model_gib
+    limit = max_model_gib if max_model_gib is not None else limit_gib()
     est = estimate_memory(cfg, dtype)
     if est.total_bytes > limit * GIB:
         names = names or {}
@@ -251,3 +265,24 @@ def load_safetensors(directory: str | os.PathLike, name: str, what: str = "safet
         raise LmstackError(f"{Path(directory) / name} not found")
     SafetensorsFile(path)  # validates the header against the file; raises LmstackError
     return load_file(str(path))
+
+
+def check_kv_pool(cfg: Any, num_blocks: int, block_size: int, dtype: "torch.dtype", max_model_len: int,
+                  max_model_gib: float | None = None) -> int:
+    """Bytes of a paged KV pool (K and V, every layer), refused together with the weights' estimate when over
+    max_model_gib. The engine sizes its pool to hold at least one max_model_len sequence, and max_model_len
+    defaults to the config's max_position_embeddings, so without this check that field alone could ask
+    for a pool of any size."""
+    import torch
+
+    limit = max_model_gib if max_model_gib is not None else limit_gib()
+    item = torch.empty((), dtype=dtype).element_size()
+    pool = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * block_size * num_blocks * item
+    weights = estimate_memory(cfg, dtype).total_bytes
+    if pool + weights > limit * GIB:
+        raise LmstackError(
+            f"the KV cache pool needs {pool / GIB:,.1f} GiB ({num_blocks:,} blocks of {block_size} tokens, enough "
+            f"for one sequence of max_model_len={max_model_len:,}, which defaults to the model's "
+            f"max_position_embeddings) on top of {weights / GIB:,.1f} GiB of weights, over the {limit:g} GiB "
+            "limit; pass a smaller --max_model_len or --num_blocks, or raise --max_model_gib")
+    return pool

@@ -147,7 +147,8 @@ def run_chat(backend: Any, params: dict, read: Callable[[str], str] = input,
 
 def chat(model: str | None = None, url: str | None = None, adapter: str | None = None, system: str | None = None,
          temperature: float = 0.7, top_p: float = 0.95, max_tokens: int = 256, seed: int | None = None,
-         api_key: str | None = None, device: str = "auto", threads: int = 0, max_model_gib: float = 64.0) -> None:
+         api_key: str | None = None, device: str = "auto", threads: int = 0,
+         max_model_gib: float | None = None) -> None:
     """Chat with a model in the terminal, streaming its replies.
 
     Args:
@@ -163,8 +164,8 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
         device: auto, cpu or cuda (with --model).
         threads: CPU threads for torch with --model: 0 = auto (the cores this process may use, minus those other
             processes keep busy right now; at least 1), N = exactly N.
-        max_model_gib: Refuse a model whose config.json needs more memory than this many GiB (estimated before
-            anything is allocated); raise it for very large models.
+        max_model_gib: Refuse a model whose config.json (weights, and the KV pool the context implies) needs more
+            memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
     """
     if (model is None) == (url is None):
         raise LmstackError("give exactly one of --model DIR (run here) or --url URL (talk to a server)")

@@ -93,7 +93,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           enable_prefix_caching: bool = True, max_queue: int = 64, max_tokens_limit: int = 4096,
           max_request_bytes: int = 1 << 20, max_n: int = 16, adapters: list[str] | None = None,
           device: str = "auto", dtype: str = "auto", threads: int = 0, seed: int = 0,
-          log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float = 64.0) -> None:
+          log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -119,8 +119,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             right now; at least 1), N = exactly N. On a shared machine 1 can be much faster.
         seed: Seed of the engine's sampler (requests can also give their own seed).
         log_level: uvicorn log level (debug, info, warning, error).
-        max_model_gib: Refuse a model whose config.json needs more memory than this many GiB (estimated before
-            anything is allocated); raise it for very large models.
+        max_model_gib: Refuse a model whose config.json (weights, and the KV pool the context implies) needs more
+            memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
         limits: Caps on what one request may carry (400 above; see lmstack.serve.limits.RequestLimits), e.g.
             --limits.max_stop 8 --limits.max_bad_words 64 --limits.prompt_bytes_per_token 8.
     """

@@ -260,6 +260,30 @@ def test_every_503_has_retry_after(model_dir):
         srv.stop()
 
 
+def test_a_flood_of_preparation_work_is_503_with_retry_after(model_dir):
+    from lmstack.serve.limits import RequestLimits
+
+    srv = start_server(model_dir, limits=RequestLimits(prep_threads=1, max_preparing=1))
+    tok = srv.aengine.tokenizer
+    encode = tok.encode
+    tok.encode = lambda *a, **k: time.sleep(0.5) or encode(*a, **k)  # a slow tokenisation holds the one slot
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            first = threading.Thread(target=lambda: c.post("/tokenize", json={"prompt": "the cat"}))
+            first.start()
+            time.sleep(0.2)
+            with httpx.Client(base_url=srv.url, timeout=30) as c2:
+                r = c2.post("/tokenize", json={"prompt": "the dog"})
+                assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+                assert "busy preparing 1 requests" in r.json()["error"]["message"]
+                assert c2.get("/health").status_code == 200
+            first.join(10)
+            assert c.post("/tokenize", json={"prompt": "the dog"}).status_code == 200  # the slot is free again
+    finally:
+        tok.encode = encode
+        srv.stop()
+
+
 @pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
                                            ("localhost", True), ("0.0.0.0", False), ("::", False),
                                            ("192.168.1.5", False), ("my-box.example", False)])

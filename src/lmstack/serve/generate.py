@@ -115,13 +115,32 @@ class ServerState:
         self._token_text: dict[int, str] = {}
         self.limits = config.limits
         self.pool = ThreadPoolExecutor(self.limits.prep_threads, thread_name_prefix="lmstack-prep")
+        self.preparing = 0
         self.bytes_per_token, self.prompt_bytes_limit = prompt_byte_limit(
             self.limits, lambda i: len(self.token_bytes(i)), self.tokenizer.vocab_size, self.max_model_len)
 
     async def run(self, fn, *args):
         """fn(*args) in the preparation pool: tokenising, chat templates and parameter preparation grow with
-        the request, so they never run on the event loop (which must keep answering /health and streams)."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        the request, so they never run on the event loop (which must keep answering /health and streams).
+        At most limits.max_preparing jobs wait or run at once (503 above); a job counts until its thread is
+        done with it, even if its client left."""
+        if self.preparing >= self.limits.max_preparing:
+            self.metrics.rejected.inc(reason="busy")
+            raise APIError(503, f"the server is busy preparing {self.preparing} requests (limit "
+                                f"{self.limits.max_preparing}); retry later")
+        loop = asyncio.get_running_loop()
+        self.preparing += 1
+        job = self.pool.submit(fn, *args)
+
+        def done(_) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed (server shutdown): nothing to count
+                loop.call_soon_threadsafe(self._prepared)
+
+        job.add_done_callback(done)
+        return await asyncio.wrap_future(job)
+
+    def _prepared(self) -> None:
+        self.preparing -= 1
 
     def check_prompt_bytes(self, n_bytes: int, param: str = "prompt") -> None:
         """413 for text that cannot fit the context whatever it encodes to, before it is encoded."""

@@ -55,6 +55,9 @@ class RequestLimits:
     vocabulary's longest token in bytes, at least 16 (exact for byte-level BPE: nothing that fits is refused)."""
     prep_threads: int = 2
     """Worker threads that tokenise prompts and prepare parameters, off the event loop."""
+    max_preparing: int = 64
+    """Requests that may wait for or run in those threads at once; 503 (with Retry-After) above, so a flood of
+    large /tokenize calls cannot queue without bound."""
 
     def __post_init__(self) -> None:
         for name, v in vars(self).items():

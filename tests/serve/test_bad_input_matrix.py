@@ -47,6 +47,7 @@ class Case:
     auth: bool = False           # runs against the server that has an API key
     heavy: bool = False          # a large input whose work must stay off the event loop (HEAVY_HEALTH_LIMIT_S)
 
+
     @property
     def health_limit(self) -> float:
         return HEAVY_HEALTH_LIMIT_S if self.heavy else HEALTH_LIMIT_S
@@ -310,6 +311,13 @@ def _check_error_shape(r: httpx.Response) -> str | None:
     return None
 
 
+def _local_port(r: httpx.Response) -> int | None:
+    """The client-side port of the TCP connection a response came on (same port = same connection)."""
+    stream = r.extensions.get("network_stream")
+    addr = stream.get_extra_info("client_addr") if stream is not None else None
+    return addr[1] if addr else None
+
+
 def _check_ok(case: Case, r: httpx.Response) -> str | None:
     """A 200 must be a correct answer for its route: the right shape, and no generation that failed."""
     if r.headers.get("content-type", "").startswith("text/event-stream"):
@@ -420,9 +428,12 @@ def run_case(srv, case: Case) -> dict:
                 problems.append(f"unexpected status {status}")
             if r.headers.get("connection", "").lower() == "close":
                 problems.append("the server closed the keep-alive connection")
-            try:  # the same client (and its pooled connection) must still work
-                if client.get("/health", timeout=5).status_code != 200:
+            try:  # the same client must still work, over the very same TCP connection
+                after = client.get("/health", timeout=5)
+                if after.status_code != 200:
                     problems.append("/health after the case is not 200")
+                elif _local_port(after) != _local_port(r):
+                    problems.append("the keep-alive connection was dropped after the answer")
             except httpx.HTTPError as e:
                 problems.append(f"/health on the same client failed: {type(e).__name__}")
     if probe.worst > case.health_limit or probe.failures:

@@ -10,6 +10,9 @@ Figures (benchmarks/results/untrusted_model_dir.json, one object per metric):
   healthy directory (what a refusal costs next to a normal load).
 - refuse_seconds_memory_estimate: vocab 2**22 x hidden 2**14 (~0.5 TiB in fp32), refused by the memory
   estimate; baseline again the healthy load.
+- refuse_seconds_engine_kv_pool_2pow26: LLMEngine on a directory with max_position_embeddings 2**26 (inside
+  the shape limit) whose one-sequence KV pool would need 32 GiB; refused against a 16 GiB limit (set so the
+  run is the same on any machine). Baseline: building the engine on the healthy directory.
 - peak_rss_mib_positions_2pow22 / _2pow31: peak resident memory (above the imports) of building a model
   and running a 256-token forward. Ours: lazy tables. Baselines: the old eager RotaryEmbedding (copied
   below verbatim) at 2**22 positions (2**31 would not fit this machine), and for 2**31 an honest
@@ -90,7 +93,8 @@ def make_dirs(tmp: Path) -> dict[str, Path]:
     for name, changes in {"layers_1e6": {"num_hidden_layers": 10**6},
                           "positions_2pow31": {"max_position_embeddings": 2**31},
                           "memory_estimate": {"vocab_size": 2**22, "hidden_size": 2**14,
-                                              "intermediate_size": 2**14, "num_attention_heads": 128}}.items():
+                                              "intermediate_size": 2**14, "num_attention_heads": 128},
+                          "kv_pool_2pow26": {"max_position_embeddings": 2**26}}.items():
         d = tmp / name
         shutil.copytree(healthy, d)
         cfg = json.loads((d / "config.json").read_text())
@@ -110,6 +114,23 @@ def time_load(path: Path) -> tuple[float, str]:
         outcome = "loaded"
     except LmstackError as e:
         outcome = str(e)
+    return time.perf_counter() - start, outcome
+
+
+def time_engine(path: Path) -> tuple[float, str]:
+    from lmstack.errors import LmstackError
+    from lmstack.infer.engine import LLMEngine
+    from lmstack.model.load_guard import set_max_model_gib
+
+    set_max_model_gib(16)
+    start = time.perf_counter()
+    try:
+        LLMEngine(str(path), max_model_len=None if "kv_pool" in path.name else 256)
+        outcome = "built"
+    except LmstackError as e:
+        outcome = str(e)
+    finally:
+        set_max_model_gib(None)
     return time.perf_counter() - start, outcome
 
 
@@ -207,14 +228,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_dirs(Path(tmp))
         time_load(dirs["healthy"])  # warm-up: the first meta-device build in a process is slow
-        times = {k: [] for k in dirs}
+        loads = [k for k in dirs if k != "kv_pool_2pow26"]
+        times = {k: [] for k in loads + ["engine_healthy", "engine_kv_pool"]}
         outcomes = {}
+        time_engine(dirs["healthy"])  # warm-up
         for _ in range(args.repeats):  # interleaved: contention hits every case alike
-            for name, d in dirs.items():
-                seconds, outcomes[name] = time_load(d)
+            for name in loads:
+                seconds, outcomes[name] = time_load(dirs[name])
+                times[name].append(seconds)
+            for name, d in (("engine_healthy", dirs["healthy"]), ("engine_kv_pool", dirs["kv_pool_2pow26"])):
+                seconds, outcomes[name] = time_engine(d)
                 times[name].append(seconds)
         med = {k: statistics.median(v) for k, v in times.items()}
-        assert outcomes["healthy"] == "loaded"
+        assert outcomes["healthy"] == "loaded" and outcomes["engine_healthy"] == "built"
+        assert "KV cache pool" in outcomes["engine_kv_pool"], outcomes["engine_kv_pool"]
         for name in ("layers_1e6", "positions_2pow31", "memory_estimate"):
             assert outcomes[name] != "loaded", name
         old_s, killed = old_loader_seconds(dirs["layers_1e6"], args.old_timeout)
@@ -226,6 +253,10 @@ def main() -> None:
             results.append(result("untrusted_model_dir", f"refuse_seconds_{name}", False, med[name],
                                   "loading the healthy tiny directory", med["healthy"], goal=None,
                                   message=outcomes[name][-200:], repeats=args.repeats, machine=machine))
+        results.append(result("untrusted_model_dir", "refuse_seconds_engine_kv_pool_2pow26", False,
+                              med["engine_kv_pool"], "building the engine on the healthy directory",
+                              med["engine_healthy"], goal=None, limit_gib=16,
+                              message=outcomes["engine_kv_pool"][-240:], repeats=args.repeats, machine=machine))
     lazy22, eager22 = run_rss("lazy", 2**22), run_rss("eager", 2**22)
     results.append(result("untrusted_model_dir", "peak_rss_mib_positions_2pow22", False, lazy22["peak_mib"],
                           "eager RoPE table (before issue 15)", eager22["peak_mib"], goal=None,

@@ -443,3 +443,68 @@ def test_the_engine_refuses_a_kv_pool_sized_by_an_absurd_context_before_allocati
     assert "max_position_embeddings" in msg
     engine = LLMEngine(str(model_dir), max_model_len=256)  # an honest context: a small pool, and it runs
     assert engine.num_blocks * engine.block_size >= 256
+
+
+# ---------------------------------------------------------------- fuzzed headers
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SIZES = {"F32": 4, "I8": 1, "BF16": 2, "BOOL": 1, "F64": 8, "I64": 8}
+_tensor = st.tuples(st.sampled_from(sorted(_SIZES)), st.lists(st.integers(0, 4), max_size=3))
+_mutation = st.one_of(
+    st.none(),  # a valid file
+    st.tuples(st.just("offset"), st.integers(0, 3), st.integers(0, 1), st.integers(-9, 9)),
+    st.tuples(st.just("shape"), st.integers(0, 3), st.integers(1, 5)),
+    st.tuples(st.just("header_len"), st.integers(-12, 12).filter(bool)),
+    st.tuples(st.just("data"), st.integers(-9, 9).filter(bool)),
+    st.tuples(st.just("value"), st.integers(0, 3), st.sampled_from(["F32x", -1, True, 2.5, None, [1], 2**64])),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(tensors=st.lists(_tensor, min_size=1, max_size=4), mutation=_mutation)
+def test_fuzzed_headers_are_refused_cleanly_or_read_exactly_what_the_library_reads(tensors, mutation):
+    """Valid files mutated once (an offset, a shape, the header length, the data length, a field's type):
+    ours either refuses with LmstackError (never another exception) or reads what the library reads; an
+    unmutated file is always accepted."""
+    import tempfile
+
+    from lmstack.model.checkpoint import SafetensorsFile
+
+    header, pos = {}, 0
+    for i, (dtype, shape) in enumerate(tensors):
+        n = _SIZES[dtype]
+        for d in shape:
+            n *= d
+        header[f"t{i}"] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    data_len, extra = pos, 0
+    if mutation is not None:
+        kind, *arg = mutation
+        entry = header[f"t{arg[0] % len(tensors)}"] if kind in ("offset", "shape", "value") else None
+        if kind == "offset":
+            entry["data_offsets"][arg[1]] = max(0, entry["data_offsets"][arg[1]] + arg[2])
+        elif kind == "shape":
+            entry["shape"] = entry["shape"] + [arg[1]]
+        elif kind == "header_len":
+            extra = arg[0]
+        elif kind == "data":
+            data_len = max(0, data_len + arg[0])
+        else:
+            entry["dtype" if isinstance(arg[1], str) else "data_offsets"] = arg[1]
+    text = json.dumps(header).encode()
+    blob = struct.pack("<Q", max(0, len(text) + extra)) + text + bytes(i % 251 for i in range(data_len))
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "fuzz.safetensors"
+        f.write_bytes(blob)
+        try:
+            ours = SafetensorsFile(f)
+            got = {k: ours.get(k).clone() for k in ours.header}
+        except LmstackError:
+            # refused with our error type (anything else fails the test); a valid file never is
+            assert mutation is not None or not header, "a valid file was refused"
+            return
+        theirs = load_file(str(f))  # what we accept, the library accepts, with the same values
+    assert set(theirs) == set(got)
+    for k in got:
+        assert torch.equal(theirs[k], got[k]), k

@@ -34,6 +34,10 @@ from lmstack.model.load_guard import check_regular, read_json, resolve_inside
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
+# the rest of the safetensors spec, where this torch has the type
+DTYPES.update({k: getattr(torch, v) for k, v in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                                                 ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+               if hasattr(torch, v)})
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap
 
 

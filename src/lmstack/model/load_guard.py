@@ -1,8 +1,9 @@
 """Opening untrusted model directories safely: files stay inside the directory, shapes stay sane, and the
 memory a config.json asks for is estimated before anything is allocated.
 
-Every loader of a model directory (load_model, read_config, CheckpointReader, load_tokenizer) goes through
-these functions, so one hostile directory cannot
+Every loader of a model directory (load_model, read_config, CheckpointReader, load_tokenizer, and the side
+files: PEFT adapters, reward heads, AdapterFusion sources) goes through these functions, and LLMEngine
+checks its KV pool here, so one hostile directory cannot
 - read a file outside itself: a name that is absolute, holds '..', or resolves (through symlinks) outside
   the directory is refused (one exception: a Hugging Face cache snapshot, snapshots/<rev>/, may link into
   its repo's blobs/), and so is anything that is not a regular file (a FIFO or /dev/zero would hang or
@@ -22,6 +23,7 @@ Usage:
     check_memory(cfg, torch.bfloat16, max_model_gib=16, source="dir/config.json")
     set_max_model_gib(200)                                 # what the CLI's --max_model_gib does
     tensors = load_safetensors(adapter_dir, "adapter_model.safetensors")   # side files, same checks
+    check_kv_pool(cfg, num_blocks, block_size, torch.float32, max_model_len)  # LLMEngine, before allocating
 """
 from __future__ import annotations
 

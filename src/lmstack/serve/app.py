@@ -33,7 +33,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from lmstack.serve.chat_completions import chat_prompt_ids, create_chat_completion
+from lmstack.serve.chat_completions import chat_prompt_ids, check_message_count, create_chat_completion
 from lmstack.serve.completions import create_completion
 from lmstack.serve.errors import RETRY_AFTER_S, APIError, CatchAllMiddleware, error_response, install_error_handlers
 from lmstack.serve.generate import ClientDisconnected, ServerConfig, ServerState
@@ -155,6 +155,7 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
         return Response(json.dumps(payload, ensure_ascii=False).encode(), media_type="application/json")
 
     def tokenize_now(body: TokenizeRequest) -> Response:
+        reject_lone_surrogates(body)
         if body.messages is not None:
             ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt)
         else:
@@ -171,11 +172,8 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
     async def tokenize(body: TokenizeRequest):
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        reject_lone_surrogates(body)
-        if body.messages is not None and len(body.messages) > config.limits.max_messages:
-            raise APIError(400, f"messages has {len(body.messages)} entries; this server takes at most "
-                                f"{config.limits.max_messages} (limits.max_messages)", param="messages",
-                           code="limit_exceeded")
+        if body.messages is not None:
+            check_message_count(state, body.messages)
         return await state.run(tokenize_now, body)
 
     def detokenize_now(tokens: list[int]) -> Response:

@@ -6,9 +6,9 @@ tokens switched off, so a user typing "<|assistant_start|>" cannot forge a turn.
 `chat.completion.chunk` events: a first chunk per choice with the role, content deltas, a last chunk
 with the finish reason, an optional usage chunk, then `data: [DONE]`.
 
-Cheap checks run on the event loop first (lone surrogates, list caps, the message count, all-empty messages
--> 400 unless `allow_empty_prompt`, message text too long in bytes to fit -> 413); the chat template, the
-encoding and the parameter preparation then run in the server's worker pool.
+Cheap checks run on the event loop first (list caps, the message count); then, in the server's worker pool,
+the lone-surrogate walk, all-empty messages (400 unless `allow_empty_prompt`), message text too long in bytes
+to fit (413, before the template is rendered), the chat template, the encoding and the parameter preparation.
 
 Usage (server side):
     response = await create_chat_completion(state, request, ChatCompletionRequest(messages=[...]))
@@ -57,12 +57,16 @@ def _text_bytes(m: ChatMessage) -> int:
     return utf8_len(m.content or "")
 
 
-def check_messages(state: ServerState, req: ChatCompletionRequest) -> None:
-    """The cheap checks on the messages: count cap, not all empty, and a byte bound on their text."""
+def check_message_count(state: ServerState, messages: list) -> None:
     limit = state.limits.max_messages
-    if len(req.messages) > limit:
-        raise APIError(400, f"messages has {len(req.messages)} entries; this server takes at most {limit} "
+    if len(messages) > limit:
+        raise APIError(400, f"messages has {len(messages)} entries; this server takes at most {limit} "
                             "(limits.max_messages)", param="messages", code="limit_exceeded")
+
+
+def check_messages(state: ServerState, req: ChatCompletionRequest) -> None:
+    """Before rendering: no lone surrogates, not all empty, and a byte bound on the text (O(request size))."""
+    reject_lone_surrogates(req)
     n_bytes = sum(_text_bytes(m) for m in req.messages)
     if req.messages and n_bytes == 0 and not req.allow_empty_prompt:
         raise APIError(400, "every message is empty; give some content (or set allow_empty_prompt: true to "
@@ -101,6 +105,7 @@ def _finish(reason: str | None) -> str | None:
 def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None):
     """(prompt ids, SamplingParams): the chat template, encoding and parameter preparation grow with the
     request, so they run in the worker pool."""
+    check_messages(state, req)
     ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -118,9 +123,8 @@ async def create_chat_completion(state: ServerState, request, req: ChatCompletio
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     lora = state.resolve_model(req.model)
-    reject_lone_surrogates(req)
     check_sampling_lists(state.limits, req)
-    check_messages(state, req)
+    check_message_count(state, req.messages)
     ids, params = await state.run(_prepare, state, req, lora)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

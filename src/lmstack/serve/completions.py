@@ -6,9 +6,9 @@ becomes one engine request, and its n samples become choices prompt_index * n + 
 log-probabilities, in the shape lm-eval's `local-completions` model reads for loglikelihood tasks:
 choices[i].logprobs = {tokens, token_logprobs (None for the first token), top_logprobs, text_offset}.
 
-Before anything is encoded, cheap checks on the event loop refuse what cannot be served: lone surrogates and
-list-size caps (400), an empty prompt (400 unless `allow_empty_prompt`), a text prompt too long in bytes to fit
-the context (413). Encoding and parameter preparation then run in the server's worker pool.
+Before anything is encoded, cheap checks on the event loop refuse what cannot be served: list-size caps (400),
+an empty prompt (400 unless `allow_empty_prompt`), a text prompt too long in bytes to fit the context (413).
+The lone-surrogate walk, encoding and parameter preparation then run in the server's worker pool.
 
 Usage (server side):
     response = await create_completion(state, request, CompletionRequest(prompt="Hi", max_tokens=8))
@@ -116,6 +116,7 @@ def _choice(state: ServerState, req: CompletionRequest, prompt: tuple[str, list[
 def _prepare(state: ServerState, req: CompletionRequest, items: list, lora: str | None):
     """(prompts as (text, ids), SamplingParams): encoding, length checks and parameter preparation, all of
     which grow with the request, so they run in the worker pool."""
+    reject_lone_surrogates(req)  # a walk over every string of the request
     prompts = _prompts(state, req, items)
     # Every prompt must fit; with no max_tokens given, generate as many as every prompt leaves room for.
     max_tokens = min(state.check_lengths(len(ids), req.max_tokens) for _, ids in prompts)
@@ -132,7 +133,6 @@ async def create_completion(state: ServerState, request, req: CompletionRequest)
     if req.suffix is not None:
         raise APIError(400, "suffix is not supported by this server", param="suffix")
     lora = state.resolve_model(req.model)
-    reject_lone_surrogates(req)
     check_sampling_lists(state.limits, req)
     items = _prompt_items(state, req)
     prompts, params = await state.run(_prepare, state, req, items, lora)

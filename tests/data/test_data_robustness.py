@@ -301,3 +301,33 @@ def test_summary_counts_every_bad_record_beyond_the_examples_kept(tmp_path):
     assert lines[0].startswith("skipped 120 bad record(s) and 1 file(s)")
     assert lines[1] == f"  {f}:1  bad_json" and "  ... and 110 more" in lines
     assert lines[-1].startswith(f"  {tmp_path / 'bin.txt'}: whole file skipped, not UTF-8")
+
+
+def test_a_leading_byte_order_mark_is_not_a_bad_record(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "b.csv").write_bytes(bom + b"text,id\nthird,1\n")
+    (tmp_path / "c.txt").write_bytes(bom + b"fourth\n")
+    stats = ReadStats()
+    docs = list(read_documents(ReaderConfig(path=str(tmp_path)), stats))
+    assert [d["text"] for d in docs] == ["first", "second", "third", "fourth"] and stats.n_malformed == 0
+
+
+def test_every_bad_record_in_one_file_with_worker_processes(tmp_path):
+    rng = random.Random(7)
+    lines = []
+    for i, (_, bad, _, reader) in enumerate(BAD_LINES):
+        if not reader:  # the cases that need no special reader settings
+            lines += [good_line(rng, i), bad]
+    f = tmp_path / "all.jsonl"
+    f.write_bytes(b"\n".join(lines + [good_line(rng, 99)]) + b"\n")
+    cfg = PipelineConfig(inputs=[ReaderConfig(path=str(f))], out=str(tmp_path / "out"), workers=2, batch_size=2,
+                         progress=False, shards=ShardConfig(docs_per_shard=4))
+    cfg.filters.quality.min_words = 20
+    cfg.filters.langid.enabled = False
+    report = run_pipeline(cfg)
+    n_bad = len(lines) // 2
+    good = [i for i, (_, _, _, reader) in enumerate(BAD_LINES) if not reader] + [99]
+    assert clean_ids(tmp_path / "out") == [f"all/good{i}" for i in good]
+    assert [r["line"] for r in report.sections["read"]["bad_records"]] == list(range(2, 2 * n_bad + 1, 2))
+    assert report.steps["read"].n_dropped == n_bad and report.sections["shards"]["docs"] == len(good)

@@ -379,6 +379,8 @@ def read_jsonl(path: Path, cfg: ReaderConfig, source: str, stats: ReadStats) -> 
         lines.too_long.clear()
         if not raw.strip():
             continue
+        if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]  # files saved by Windows tools start with a byte-order mark
         rec, why = _parse_json(raw)
         if why is not None:
             stats.bad_line(path, line_no, why)
@@ -399,7 +401,8 @@ def read_csv(path: Path, cfg: ReaderConfig, source: str, stats: ReadStats) -> It
     old_limit = csv.field_size_limit()
     csv.field_size_limit(max(cfg.max_line_bytes, 1))
     try:
-        with _open_binary(path) as fb, io.TextIOWrapper(fb, encoding="utf-8", newline="") as f:
+        # utf-8-sig drops a leading byte-order mark, which would otherwise become part of the first column's name.
+        with _open_binary(path) as fb, io.TextIOWrapper(fb, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             while True:
                 before = reader.line_num
@@ -465,7 +468,7 @@ def read_text(path: Path, cfg: ReaderConfig, source: str, stats: ReadStats) -> I
     for line_no, raw in reader:
         # Lines end at b"\n", which never falls inside a UTF-8 character, so each decodes on its own;
         # Windows and old Mac line ends read as "\n", as a text-mode open would give them.
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
         if "\r" in line:
             line = line.replace("\r\n", "\n").replace("\r", "\n")
         if cfg.text_mode == "file":

@@ -308,6 +308,8 @@ def test_api_key_coverage(model_dir, host):
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             assert c.get("/health").status_code == 200
+            # the OpenAPI schema: open where the page is, gone (404, nothing to read) on a network host
+            assert c.get("/openapi.json").status_code == (200 if host == "127.0.0.1" else 404)
             for method, path, body in routes:
                 bare = c.request(method, path, json=body)
                 if host == "127.0.0.1" and (method, path) in open_on_loopback:

@@ -15,7 +15,8 @@ the middle one refuses bodies over max_request_bytes (413) before any parsing, e
 inner one answers any unexpected exception with a 500 JSON error and keeps the connection.
 API-key coverage: a set api_key guards /v1/*, /tokenize, /detokenize and /tokenizer_info (401 without
 `Authorization: Bearer <key>`). The chat page (/) and /metrics stay open while the server binds a loopback
-host; with a non-loopback host they need the key too, so only /health is ever open to the network.
+host; with a non-loopback host they need the key too (and /openapi.json is not served), so only /health is
+ever open to the network.
 Tokenising (/tokenize, /detokenize, prompts, chat templates) runs in a worker pool, off the event loop.
 
 Usage:
@@ -117,7 +118,9 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     metrics = ServerMetrics(config.model_name)
     state = ServerState(aengine, config, metrics)
-    app = FastAPI(title="lmstack", description="OpenAI-compatible lmstack server", docs_url=None, redoc_url=None)
+    # The OpenAPI schema is served only where the page is open: with a key on a network host, only /health is.
+    app = FastAPI(title="lmstack", description="OpenAI-compatible lmstack server", docs_url=None, redoc_url=None,
+                  openapi_url=None if config.key_on_everything else "/openapi.json")
     app.state.lmstack = state
     install_error_handlers(app)
 

@@ -66,10 +66,10 @@ def test_values_at_the_documented_bounds_are_accepted():
 def test_token_ids_outside_the_vocabulary_are_refused_by_the_engine(tok, model):
     eng = engine(model, tok)
     v = eng.emit_vocab
-    for params, field in ((SamplingParams(stop_token_ids=[v], min_tokens=2), "stop_token_ids"),
-                          (SamplingParams(stop_token_ids=[99999]), "stop_token_ids"),
-                          (SamplingParams(logit_bias={v + 5: 1.0}), "logit_bias")):
-        with pytest.raises(LmstackError, match=rf"{field}: token id {v if field == 'stop_token_ids' and 99999 not in params.stop_token_ids else ''}"):
+    for params, message in ((SamplingParams(stop_token_ids=[v], min_tokens=2), f"stop_token_ids: token id {v} "),
+                            (SamplingParams(stop_token_ids=[3, 99999], min_tokens=2), "stop_token_ids: token id 99999 "),
+                            (SamplingParams(logit_bias={v + 5: 1.0}), f"logit_bias: token id {v + 5} ")):
+        with pytest.raises(LmstackError, match=message + rf"is outside the vocabulary \[0, {v}\)"):
             eng.make_request("r", "the of", params)
     with pytest.raises(LmstackError, match=f"prompt token id {v}"):
         eng.make_request("r", [5, v], SamplingParams())

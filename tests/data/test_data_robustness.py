@@ -165,6 +165,31 @@ def test_cli_summary_names_file_and_line(tmp_path, capsys):
     for line, reason in ((2, "lone_surrogate"), (4, "number_too_long"), (6, "too_deep")):
         assert f"{f}:{line}  {reason}" in printed
     assert clean_ids(out) == [f"mixed/good{i}" for i in (0, 1, 2, 9)]
+    # Without progress output the summary still names them, once.
+    assert main(["data", "run", "--inputs", f"[{{path: {f}}}]", "--out", str(tmp_path / "quiet"), "--workers", "1",
+                 "--progress", "false", "--filters.langid.enabled", "false"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped 3 bad record(s)") == 1 and f"{f}:6  too_deep" in printed
+
+
+def test_a_filter_that_raises_on_one_record_does_not_stop_the_run(tmp_path, monkeypatch):
+    from lmstack.data import filters as filters_mod
+
+    class Fragile(QualityFilter):
+        def __call__(self, batch):
+            if any("POISON" in d["text"] for d in batch):
+                raise KeyError("a bug that one odd document triggers")
+            return super().__call__(batch)
+
+    monkeypatch.setitem(filters_mod.FILTERS, "quality", Fragile)
+    rng = random.Random(8)
+    f = tmp_path / "p.jsonl"
+    poison = json.dumps({"text": "POISON " + prose(rng), "id": "poison"}).encode()
+    f.write_bytes(b"\n".join([good_line(rng, 0), poison, good_line(rng, 1)]) + b"\n")
+    report = pipeline([f], tmp_path / "out")
+    assert clean_ids(tmp_path / "out") == ["p/good0", "p/good1"]
+    assert report.steps["quality"].dropped == {"error:KeyError": 1}
+    assert report.steps["quality"].examples == {"error:KeyError": ["p/poison"]}
 
 
 def test_a_filter_that_raises_on_one_document_drops_only_that_one():

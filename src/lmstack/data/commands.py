@@ -55,6 +55,11 @@ def run(inputs: list[ReaderConfig] | None = None, out: str = "data/pipeline", wo
                          decontam=decontam or DecontamConfig(), augment=augment or AugmentConfig(),
                          mix=mix or MixConfig(), shards=shards or ShardConfig(), progress=progress)
     report = run_pipeline(cfg)
+    if not progress:  # with progress on, run_pipeline has printed these under its table already
+        from lmstack.data.report import bad_record_lines
+
+        for line in bad_record_lines(report):
+            print(line)
     print(f"wrote {cfg.out}/report.json, report.md, funnel.png; shards in {report.sections['shards']['dir']}")
 
 

@@ -18,6 +18,10 @@ Each case runs `--repeats` times; health_worst_ms is the worst probe over all re
 as "reported_before" (this script runs only the code as it is now). ratio = idle worst / heavy worst (1.0 = the
 heavy request costs /health nothing). Goal: worst /health latency under 100 ms in every case.
 
+decode_slowdown_*: a greedy 160-token stream's time beside a 200-token neighbour carrying stop strings, over its time
+beside the same neighbour without them (alternating, median; 1.0 = the stop strings cost the stream nothing): at the
+caps, and at the campaign's 1,000 x 1,000 characters on the second server, whose stop caps are lifted.
+
 seconds_to_413: the 1 MB prompt against a second server in the same process whose byte bound is switched off
 (limits.prompt_bytes_per_token = 10**9), which encodes the prompt first and then answers 413 on its token count,
 as the campaign's server did (though now in the worker pool); the two alternate, median of the repeats.
@@ -104,6 +108,22 @@ def run_case(url: str, method: str, path: str, body: dict | None, timeout: float
             "health_median_ms": round(1000 * statistics.median(lat), 2), "probes": len(lat)}
 
 
+def stream_beside(url: str, neighbour: dict) -> float:
+    """Seconds to stream a greedy 160-token completion while `neighbour` (a non-streamed request) runs."""
+    th = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=neighbour, timeout=600))
+    th.start()
+    time.sleep(0.05)
+    t = time.perf_counter()
+    body = {"prompt": "the king said", "max_tokens": 160, "ignore_eos": True, "temperature": 0.0, "stream": True}
+    with httpx.Client(base_url=url, timeout=600) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for _ in r.iter_lines():
+            pass
+    took = time.perf_counter() - t
+    th.join()
+    return took
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one heavy request")
@@ -123,8 +143,8 @@ def main() -> None:
         lim = config.limits
         app, aengine = build_app(str(model_dir), config, max_num_seqs=8)
         srv = LiveServer(app, aengine).start()
-        app_b, aengine_b = build_app(str(model_dir), ServerConfig(model_name="tiny-llama",
-                                                                  limits=RequestLimits(prompt_bytes_per_token=10**9)),
+        lifted = RequestLimits(prompt_bytes_per_token=10**9, max_stop=1000, max_stop_chars=1000)
+        app_b, aengine_b = build_app(str(model_dir), ServerConfig(model_name="tiny-llama", limits=lifted),
                                      max_num_seqs=8)
         srv_b = LiveServer(app_b, aengine_b).start()
         try:
@@ -174,6 +194,17 @@ def main() -> None:
                 for key, url in (("ours", srv.url), ("encode_first", srv_b.url)):
                     t413[key].append(run_case(url, "POST", "/v1/completions", body, args.timeout))
             print("413", t413, flush=True)
+            # concurrent decode beside many long stop strings
+            plain = {"prompt": "the queen", "max_tokens": 200, "ignore_eos": True}
+            slow: dict[str, dict[str, list]] = {}
+            for name, url, stops in (("stop_at_cap", srv.url, cases["stop_at_cap"][2]["stop"]),
+                                     ("stop_1000x1000_caps_lifted", srv_b.url, cases["stop_1000x1000"][2]["stop"])):
+                slow[name] = {"plain": [], "stops": []}
+                stream_beside(url, plain)  # warm-up
+                for _ in range(args.repeats):
+                    slow[name]["plain"].append(stream_beside(url, plain))
+                    slow[name]["stops"].append(stream_beside(url, {**plain, "stop": stops}))
+            print("decode", slow, flush=True)
         finally:
             srv.stop()
             srv_b.stop()
@@ -199,6 +230,11 @@ def main() -> None:
                       health_worst_ms={k: max(r["health_worst_ms"] for r in v) for k, v in t413.items()},
                       prompt_tokens=n_tokens, prompt_bytes=len(prompt_1mb.encode()),
                       reported_before=REPORTED_BEFORE["prompt_546k_tokens"]))
+    for name, v in slow.items():
+        out.append(result("serve_hardening", f"decode_slowdown_{name}", False, statistics.median(v["stops"]),
+                          "the same neighbour without stop strings", statistics.median(v["plain"]), goal=None,
+                          **common, seconds_plain=v["plain"], seconds_with_stops=v["stops"],
+                          reported_before=REPORTED_BEFORE["stop_1000x1000"]))
     write_result("serve_hardening", out)
 
 

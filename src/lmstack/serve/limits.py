@@ -1,8 +1,8 @@
 """What one request may contain: list-size caps, a prompt byte bound, valid Unicode, non-empty prompts.
 
-These checks run on the event loop before any tokenising, so each is linear in the request's size and cheap
-(the body is at most ServerConfig.max_request_bytes). Everything they refuse is a 400 naming the field
-(413 for a prompt that cannot fit the context), so no single request can make the server do unbounded work:
+Everything these checks refuse is a 400 naming the field (413 for a prompt that cannot fit the context), before
+anything is tokenised, so no single request can make the server do unbounded work. The list caps cost O(cap) and
+run on the event loop; the walks over the whole request (surrogates, chat text bytes) run in the worker pool:
 
 - `RequestLimits` (ServerConfig.limits; CLI `--limits.max_stop 8`, ...) caps the lists a request may carry:
   stop strings, bad words, logit_bias entries, stop_token_ids, guided_choice options, chat messages.

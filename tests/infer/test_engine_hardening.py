@@ -63,6 +63,29 @@ def test_values_at_the_documented_bounds_are_accepted():
     SamplingParams(temperature=100, repetition_penalty=100, frequency_penalty=-2, presence_penalty=2, min_p=1.0)
 
 
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                     st.text(max_size=6), st.lists(st.one_of(st.integers(-5, 2**65), st.text(max_size=3)), max_size=3),
+                     st.dictionaries(st.one_of(st.integers(-3, 2**65), st.text(max_size=3)),
+                                     st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True)), max_size=2))
+FIELDS = ["n", "best_of", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+          "presence_penalty", "logit_bias", "bad_words", "stop", "stop_token_ids", "max_tokens", "min_tokens", "seed",
+          "logprobs", "prompt_logprobs", "beam_width", "length_penalty", "regex", "choice", "lora", "output_kind"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS), ANY_VALUE, max_size=4))
+def test_any_parameter_values_are_accepted_or_refused_with_sampling_params_error(kwargs):
+    """Arbitrary JSON-ish values never raise anything but SamplingParamsError (a 400 at the server)."""
+    try:
+        p = SamplingParams(**kwargs)
+    except SamplingParamsError as e:
+        assert "=" in str(e) or ":" in str(e)
+        return
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+        assert math.isfinite(getattr(p, name))
+    assert all(0 <= t < 2**63 for t in p.stop_token_ids or ()) and all(0 <= t < 2**63 for t in p.logit_bias or ())
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_by_the_engine(tok, model):
     eng = engine(model, tok)
     v = eng.emit_vocab

@@ -170,8 +170,7 @@ class SamplingParams:
                     raise _bad("logit_bias", k, "keyed by integer token ids") from None
                 if isinstance(k, (bool, float)) or not 0 <= tid <= INT64_MAX:
                     raise _bad("logit_bias", k, "keyed by integer token ids in [0, 2**63)")
-                if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v))
-                        or not -100 <= v <= 100):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100 or v != v:
                     raise _bad("logit_bias", {k: v}, "token ids >= 0 mapped to biases in [-100, 100]")
                 clean[tid] = float(v)
             self.logit_bias = clean

@@ -3,10 +3,10 @@ count the outcomes -> results/hardening_matrix.json.
 
 Each case is handled when it comes back as expected (a 4xx JSON error in OpenAI's shape, or a correct 200
 for valid input), the keep-alive connection still works, /health answered within the test's limit all
-through it (250 ms for the heavy, large-list cases, whose worst is also reported against issue 15's
-100 ms target; 1 s for the rest), and the engine is idle again without a failed step. The baseline is the
-issue-15 campaign (109 of its 122 cases handled). Then a greedy stream and chat run beside the
-engine-poisoning cases: their text must equal a lone greedy run.
+through it (250 ms for the heavy, large-list cases, whose median and worst over 5 runs each are also
+reported against issue 15's 100 ms target; 1 s for the rest), and the engine is idle again without a
+failed step. The baseline is the issue-15 campaign (109 of its 122 cases handled). Then a greedy stream
+and chat run beside the engine-poisoning cases: their text must equal a lone greedy run.
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/hardening_matrix.py            # ~2 min on 2 busy cores
@@ -15,6 +15,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +25,7 @@ from pathlib import Path
 from _common import result, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
+HEAVY_REPEATS = 4  # extra runs of each heavy case, for a latency median and max over more than one sample
 
 
 def tiny_model_dir(root: Path) -> Path:
@@ -57,6 +60,7 @@ def main() -> None:
         model_dir = tiny_model_dir(Path(tmp))
         pool = ServerPool(model_dir)
         outcomes, start = [], time.perf_counter()
+        heavy_reps: dict[str, list[float]] = {}
         try:
             for case in cases:
                 out = run_case(pool.get(case.auth), case)
@@ -64,16 +68,24 @@ def main() -> None:
                 mark = "ok " if not out["problems"] else "BAD"
                 print(f"{mark} {case.id:45s} {out['status']} health {out['health_worst_s']:.3f}s "
                       f"{'; '.join(out['problems'])[:150]}", flush=True)
+            seconds = time.perf_counter() - start
+            # One pass is one sample of a noisy machine: the heavy cases run HEAVY_REPEATS more times each
+            # (round-robin), and their /health latency is reported as the median and the max of every run.
+            heavy = [c for c in cases if c.heavy]
+            for o in outcomes:
+                if o["id"] in {c.id for c in heavy}:
+                    heavy_reps[o["id"]] = [o["health_worst_s"]]
+            for _ in range(HEAVY_REPEATS if args.only is None else 0):
+                for case in heavy:
+                    heavy_reps[case.id].append(run_case(pool.get(case.auth), case)["health_worst_s"])
         finally:
             pool.close()
-        seconds = time.perf_counter() - start
         healthy = poisoned_beside_healthy(model_dir) if args.only is None else None
     handled = sum(not o["problems"] for o in outcomes)
     five = sum(o["status"] is not None and o["status"] >= 500 for o in outcomes)
     no_answer = sum(o["status"] is None for o in outcomes)
     worst = max(o["health_worst_s"] for o in outcomes)
-    heavy_ids = {c.id for c in cases if c.heavy}
-    heavy_worst = max((o["health_worst_s"] for o in outcomes if o["id"] in heavy_ids), default=0.0)
+    heavy_all = [x for reps in heavy_reps.values() for x in reps]
     failing = {o["id"]: "; ".join(o["problems"])[:200] for o in outcomes if o["problems"]}
     print(f"{handled}/{len(outcomes)} handled, {five} answered 5xx, {no_answer} unanswered, "
           f"worst /health {worst:.3f} s, {seconds:.0f} s")
@@ -82,7 +94,7 @@ def main() -> None:
     poison_5xx = sorted(k for k, v in healthy["poison_statuses"].items() if not isinstance(v, int) or v >= 500)
     config = dict(machine="2 cores, shared", model="random llama-tiny, 300-token BPE, context 256",
                   max_num_seqs=8, health_limit_s=HEALTH_LIMIT_S, heavy_health_limit_s=HEAVY_HEALTH_LIMIT_S,
-                  seconds=round(seconds, 1))
+                  seconds=round(seconds, 1), load_average_1min=round(os.getloadavg()[0], 2))
     write_result("hardening_matrix", [
         result("hardening_matrix", "handled_fraction", True, handled / len(outcomes), "issue-15 campaign",
                round(109 / 122, 4), goal=1.0, cases=len(outcomes), handled=handled, server_5xx=five,
@@ -90,9 +102,12 @@ def main() -> None:
         result("hardening_matrix", "health_worst_latency_s", False, worst, "limit", HEALTH_LIMIT_S,
                goal=HEALTH_LIMIT_S, per_case_worst={o["id"]: o["health_worst_s"] for o in outcomes
                                                     if o["health_worst_s"] > 0.1}),
-        result("hardening_matrix", "heavy_health_worst_latency_s", False, heavy_worst, "issue-15 target",
+        result("hardening_matrix", "heavy_health_worst_latency_s", False, max(heavy_all), "issue-15 target",
                HEAVY_HEALTH_TARGET_S, goal=HEAVY_HEALTH_TARGET_S, test_limit_s=HEAVY_HEALTH_LIMIT_S,
-               heavy_cases=sorted(heavy_ids)),
+               runs_per_case=1 + HEAVY_REPEATS, per_case_runs=heavy_reps),
+        result("hardening_matrix", "heavy_health_median_latency_s", False, statistics.median(heavy_all),
+               "issue-15 target", HEAVY_HEALTH_TARGET_S, goal=HEAVY_HEALTH_TARGET_S,
+               runs=len(heavy_all), over_target=sum(x > HEAVY_HEALTH_TARGET_S for x in heavy_all)),
         result("hardening_matrix", "healthy_stream_identical", True, float(healthy["stream_identical"]),
                "lone greedy run", 1.0, goal=1.0, chat_identical=healthy["chat_identical"],
                poison_cases=len(POISON), poison_5xx=poison_5xx, **config),

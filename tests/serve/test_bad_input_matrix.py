@@ -52,10 +52,11 @@ class Case:
     def health_limit(self) -> float:
         return HEAVY_HEALTH_LIMIT_S if self.heavy else HEALTH_LIMIT_S
 
-    def content(self) -> bytes | None:
-        if self.body is None:
-            return None
-        if isinstance(self.body, bytes):
+    def content(self) -> bytes | list[bytes] | None:
+        """The body to send: bytes, or a list of byte chunks (sent chunked, without Content-Length)."""
+        if self.body is None or isinstance(self.body, bytes):
+            return self.body
+        if isinstance(self.body, list) and self.body and all(isinstance(b, bytes) for b in self.body):
             return self.body
         return json.dumps(self.body).encode()  # ensure_ascii: "\ud800" stays an escape; inf -> Infinity
 
@@ -380,17 +381,24 @@ class HealthProbe:
 
     def __enter__(self) -> "HealthProbe":
         self._thread.start()
-        time.sleep(0.03)  # at least one probe before the case starts
+        deadline = time.monotonic() + 10
+        while self.count == 0 and time.monotonic() < deadline:  # one probe answered before the case starts
+            time.sleep(0.005)
         return self
 
     def __exit__(self, *exc) -> None:
+        seen, deadline = self.count, time.monotonic() + CASE_TIMEOUT_S
+        while self.count == seen and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)  # one more probe, begun during or after the case, must answer too
         self._stop.set()
         self._thread.join(CASE_TIMEOUT_S + 5)
 
 
-def send(client: httpx.Client, case: Case) -> httpx.Response:
-    content = case.content() if not isinstance(case.body, list) or not all(isinstance(b, bytes) for b in case.body) \
-        else iter(case.body)  # a list of byte chunks goes out chunked, without Content-Length
+def send(client: httpx.Client, case: Case, content: bytes | list[bytes] | None = None) -> httpx.Response:
+    """Send a case; `content` is case.content() made beforehand (so its encoding is not timed)."""
+    content = case.content() if content is None else content
+    if isinstance(content, list):
+        content = iter(content)
     headers = dict(case.headers)
     if case.body is not None and "content-type" not in headers:
         headers["content-type"] = "application/json"
@@ -404,9 +412,10 @@ def run_case(srv, case: Case) -> dict:
     problems: list[str] = []
     errors_before = getattr(srv.aengine, "errors", 0)
     status = None
+    content = case.content()  # encoded before the probe starts: the client's own work is not the server's stall
     with httpx.Client(base_url=srv.url, timeout=CASE_TIMEOUT_S) as client, HealthProbe(srv.url) as probe:
         try:
-            r = send(client, case)
+            r = send(client, case, content)
             status = r.status_code
         except httpx.HTTPError as e:
             problems.append(f"no answer: {type(e).__name__}: {e}"[:200])
@@ -436,6 +445,8 @@ def run_case(srv, case: Case) -> dict:
                     problems.append("the keep-alive connection was dropped after the answer")
             except httpx.HTTPError as e:
                 problems.append(f"/health on the same client failed: {type(e).__name__}")
+    if probe.count < 2:
+        problems.append(f"/health was probed {probe.count} times during the case; the probe did not run")
     if probe.worst > case.health_limit or probe.failures:
         problems.append(f"/health worst {probe.worst:.3f} s (limit {case.health_limit} s), {probe.failures} "
                         "failed probes during the case")

@@ -92,8 +92,10 @@ class ReaderConfig:
     """JSONL lines and CSV fields longer than this many bytes are skipped as 'line_too_long' (read in
     pieces, never held whole). Text files have no line limit; their documents fall under max_doc_chars."""
     max_doc_chars: int = 1_000_000
-    """Documents longer than this many characters are handled by `long_docs` (0 = no limit). The
-    default is above what the quality filter keeps (100,000 words), so it changes no verdict there."""
+    """Documents longer than this many characters are handled by `long_docs` (0 = no limit). For prose
+    the default is above what the word-level quality filter keeps (100,000 words), so there a split
+    changes no verdict; the char-level filter (max_chars 1M non-space) may keep parts of a document
+    it would have dropped whole."""
     long_docs: Literal["split", "truncate", "drop"] = "split"
     """Over max_doc_chars: split into parts cut at paragraph, else line, else space boundaries (ids
     '<id>#part<k>'), keep only the first such part, or drop the document as a bad record."""

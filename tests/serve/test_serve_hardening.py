@@ -124,10 +124,10 @@ def test_caps_are_400_naming_the_field(http, server, field, value, param):
     assert field in err["message"] and "limits.max_" in err["message"]
 
 
-def test_caps_on_messages_and_at_the_cap_are_accepted(model_dir):
+def test_caps_on_messages_and_prompts_and_at_the_cap_are_accepted(model_dir):
     from lmstack.serve.limits import RequestLimits
 
-    srv = start_server(model_dir, limits=RequestLimits(max_messages=3, max_stop=2, max_stop_chars=5))
+    srv = start_server(model_dir, limits=RequestLimits(max_messages=3, max_stop=2, max_stop_chars=5, max_prompts=2))
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             msgs = [{"role": "user", "content": "hi"}] * 4
@@ -137,6 +137,9 @@ def test_caps_on_messages_and_at_the_cap_are_accepted(model_dir):
             ok = c.post("/v1/chat/completions", json={"messages": msgs[:3], "max_tokens": 2, "stop": ["abcde", "x"]})
             assert ok.status_code == 200, ok.text
             assert error(c.post("/v1/completions", json={"prompt": "hi", "stop": ["abcdef"]}), 400)["param"] == "stop.0"
+            err = error(c.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1}), 400)
+            assert err["param"] == "prompt" and "limits.max_prompts" in err["message"]
+            assert c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1}).status_code == 200
     finally:
         srv.stop()
 

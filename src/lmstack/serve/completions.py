@@ -41,9 +41,9 @@ def _prompt_items(state: ServerState, req: CompletionRequest) -> list[str | list
         items = [list(p)]
     else:
         items = list(p)
-    if len(items) > state.config.max_prompts:
+    if len(items) > state.limits.max_prompts:
         raise APIError(400, f"{len(items)} prompts in one request; this server takes at most "
-                            f"{state.config.max_prompts}", param="prompt")
+                            f"{state.limits.max_prompts} (limits.max_prompts)", param="prompt", code="limit_exceeded")
     for k, x in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt.{k}"
         if len(x) == 0 and not req.allow_empty_prompt:

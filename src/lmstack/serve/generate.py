@@ -63,13 +63,11 @@ class ServerConfig:
     """Engine requests (one per prompt) that may wait beyond the running batch (max_num_seqs); 503 above."""
     max_n: int = 16
     """Largest n (and best_of) a request may ask for (400 above)."""
-    max_prompts: int = 64
-    """Most prompts one /v1/completions request may batch (400 above)."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """Caps on what one request may carry (stop strings, bad words, logit_bias, messages, prompt bytes, ...)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_tokens_limit", "max_n", "max_prompts"):
+        for name in ("max_request_bytes", "max_tokens_limit", "max_n"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is not allowed; {name} must be an integer >= 1")

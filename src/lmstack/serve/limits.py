@@ -5,7 +5,8 @@ anything is tokenised, so no single request can make the server do unbounded wor
 run on the event loop; the walks over the whole request (surrogates, chat text bytes) run in the worker pool:
 
 - `RequestLimits` (ServerConfig.limits; CLI `--limits.max_stop 8`, ...) caps the lists a request may carry:
-  stop strings, bad words, logit_bias entries, stop_token_ids, guided_choice options, chat messages.
+  stop strings, bad words, logit_bias entries, stop_token_ids, guided_choice options, chat messages, prompts
+  per completions request (n / best_of and max_tokens: ServerConfig.max_n, max_tokens_limit).
 - `prompt_byte_limit` bounds a text prompt by its UTF-8 bytes before encoding it: a prompt longer than
   context x bytes_per_token bytes cannot fit, so it is a 413 without being encoded. bytes_per_token defaults
   to the vocabulary's longest token (at least 16), which is exact for byte-level BPE: every token covers at
@@ -50,6 +51,8 @@ class RequestLimits:
     """Longest guided_regex / guided_choice option / JSON schema text, in characters (400 above)."""
     max_messages: int = 1024
     """Most chat messages per request (400 above)."""
+    max_prompts: int = 64
+    """Most prompts one /v1/completions request may batch (400 above)."""
     prompt_bytes_per_token: int | None = None
     """A text prompt over context x this many UTF-8 bytes is refused (413) before it is encoded; None = the
     vocabulary's longest token in bytes, at least 16 (exact for byte-level BPE: nothing that fits is refused)."""

@@ -239,7 +239,7 @@ def test_a_beam_that_can_never_fit_the_pool_is_refused_up_front(model):
     eng.make_request("ok", [5, 6, 7, 8, 9], SamplingParams(use_beam_search=True, beam_width=16, max_tokens=200))
 
 
-@pytest.mark.parametrize("width,max_num_seqs", [(16, 4), pytest.param(64, 16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("width,max_num_seqs", [(16, 4), (64, 16)])
 def test_an_oversized_beam_beside_small_requests_finishes_in_bounded_steps(model, width, max_num_seqs):
     """Even a beam far beyond the pool (the capacity check switched off) cannot livelock the engine:
     paused hypotheses are preempted so waiting work runs, and every request finishes."""

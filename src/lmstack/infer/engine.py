@@ -5,6 +5,11 @@ One step = schedule (scheduler.py) -> copy-on-write block copies -> speculative 
 beam-select -> stop checks and incremental detokenization (output_processor.py) -> prefix-cache
 registration and freeing of finished sequences.
 
+One request never hurts another: make_request refuses token ids outside the vocabulary and beams that
+could never fit the KV pool; a request whose sampling, logits processing, beam step, detokenizing or
+stop check raises finishes alone with finish_reason 'error' and RequestOutput.error (fail_request),
+its blocks freed, while the rest of the batch carries on; a step never spins idle (scheduler.py).
+
 Usage:
     engine = LLMEngine("runs/model", max_num_seqs=16)
     engine.add_request("r1", "Once upon a time", SamplingParams(max_tokens=32))

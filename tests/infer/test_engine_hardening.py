@@ -151,6 +151,7 @@ def test_a_poisoned_request_fails_alone_and_healthy_streams_stay_identical(tok, 
     eng.add_prepared(boom_stops)
     done = run(eng, [("h", prompt, SamplingParams(**HEALTHY)), ("s", prompt, SamplingParams(**SEEDED)),
                      ("bad", prompt, SamplingParams(max_tokens=12, temperature=0.7, top_k=5, seed=666)),
+                     ("beambad", prompt, SamplingParams(use_beam_search=True, beam_width=3, max_tokens=6, seed=666)),
                      ("allbanned", prompt, SamplingParams(max_tokens=12, min_tokens=3,
                                                           stop_token_ids=list(range(eng.emit_vocab))))])
     for rid in ("h", "s"):
@@ -158,11 +159,11 @@ def test_a_poisoned_request_fails_alone_and_healthy_streams_stay_identical(tok, 
         assert done[rid].outputs[0].token_ids == lone[rid].outputs[0].token_ids
         assert done[rid].outputs[0].text == lone[rid].outputs[0].text
     for rid, why in (("bad", "poisoned processor"), ("stopcheck", "stop check exploded"),
-                     ("allbanned", "every token is banned")):
+                     ("allbanned", "every token is banned"), ("beambad", "poisoned processor")):
         out = done[rid]
         assert out.finished and out.outputs[0].finish_reason == "error", rid
         assert why in out.error and rid in out.error and "\n" not in out.error
-    assert eng.stats()["requests_failed"] == 3 and not eng.requests
+    assert eng.stats()["requests_failed"] == 4 and not eng.requests
 
 
 def test_the_async_engine_raises_request_failed_for_the_poisoned_request_only(tok, model, monkeypatch):
@@ -192,6 +193,37 @@ def test_the_async_engine_raises_request_failed_for_the_poisoned_request_only(to
     assert bad.output is not None and bad.output.outputs[0].finish_reason == "error"
     assert healthy.outputs[0].token_ids == lone and healthy.error is None
     assert aengine.engine.bm.num_free_blocks == aengine.engine.num_blocks and aengine.errors == 0
+
+
+def test_a_failed_forward_fails_its_requests_with_request_failed_and_the_engine_serves_on(tok, model, monkeypatch):
+    aengine = AsyncLLMEngine(model, engine=engine(model, tok))
+    real, calls = aengine.engine.runner.run, []
+
+    def flaky(batch, *a, **kw):
+        if len(batch) == 2 and not calls:  # the first forward that holds both requests
+            calls.append(1)
+            raise RuntimeError("device lost")
+        return real(batch, *a, **kw)
+
+    monkeypatch.setattr(aengine.engine.runner, "run", flaky)
+
+    async def last(rid):
+        out = None
+        async for out in aengine.generate("the of", SamplingParams(**HEALTHY), request_id=rid):
+            pass
+        return out
+
+    async def main():
+        try:
+            first = await asyncio.gather(last("a"), last("b"), return_exceptions=True)
+            return first, await last("c")
+        finally:
+            await aengine.shutdown()
+
+    (a, b), c = asyncio.run(main())
+    assert all(isinstance(x, RequestFailed) and "device lost" in str(x) for x in (a, b))
+    assert c.error is None and len(c.outputs[0].token_ids) == HEALTHY["max_tokens"] and aengine.errors == 1
+    assert aengine.engine.bm.num_free_blocks == aengine.engine.num_blocks
 
 
 def test_make_request_runs_off_the_event_loop(tok, model, monkeypatch):

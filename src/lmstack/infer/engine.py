@@ -294,12 +294,12 @@ class LLMEngine:
         if not sched.scheduled:
             stuck = sched.unschedulable
             if stuck is not None:
-                self.fail_request(stuck.request, f"it does not fit the KV pool ({self.num_blocks} blocks of "
+                self.fail_request(stuck.request, f": it does not fit the KV pool ({self.num_blocks} blocks of "
                                                  f"{self.block_size} tokens); raise num_blocks")
             elif not sched.preempted and self.requests:
                 self._idle_steps += 1
                 if self._idle_steps > 1:  # never spin: a step that can do nothing fails the oldest request
-                    self.fail_request(next(iter(self.requests.values())), "the scheduler could not make progress")
+                    self.fail_request(next(iter(self.requests.values())), ": the scheduler could not make progress")
             return self.outputs.collect()
         self._idle_steps = 0
         self.counters["steps"] += 1
@@ -362,7 +362,7 @@ class LLMEngine:
                     else:
                         to_sample.append((seq, row))
             except Exception as e:  # noqa: BLE001 - this request fails alone, the batch carries on
-                self.fail_request(req, "scoring its tokens", e)
+                self.fail_request(req, " while scoring its tokens", e)
         beams: dict[str, list[tuple[Sequence, int]]] = {}
         plain = []
         for seq, row in to_sample:
@@ -381,19 +381,19 @@ class LLMEngine:
                 try:
                     beam_step(self, rows, logits)
                 except Exception as e:  # noqa: BLE001
-                    self.fail_request(rows[0][0].request, "beam search", e)
+                    self.fail_request(rows[0][0].request, " in its beam search step", e)
         for s in sched.scheduled:
             if not s.seq.is_finished and s.seq.block_table:
                 self.bm.register_computed(s.seq)
         return self.outputs.collect()
 
-    def fail_request(self, req: Request, stage: str, exc: BaseException | None = None) -> None:
+    def fail_request(self, req: Request, why: str, exc: BaseException | None = None) -> None:
         """Finish one request with finish_reason 'error' and a one-line reason, freeing its blocks; the
         other requests of the step carry on (a server answers 500 for this one alone)."""
         if req.error is not None:
             return
         detail = "" if exc is None else f": {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        req.error = f"request {req.request_id!r} failed while {stage}{detail}"[:300]
+        req.error = f"request {req.request_id!r} failed{why}{detail}"[:300]
         if exc is not None:
             log.warning("%s", req.error, exc_info=exc)
         for seq in list(req.seqs):
@@ -425,14 +425,14 @@ class LLMEngine:
                 try:
                     picked.extend(self._pick([item], logits))
                 except Exception as e:  # noqa: BLE001
-                    self.fail_request(item[0].request, "sampling", e)
+                    self.fail_request(item[0].request, " while sampling", e)
         for seq, tok, logprobs in picked:
             if seq.request.error is not None:
                 continue
             try:
                 self.outputs.append_token(seq, tok, logprobs)
             except Exception as e:  # noqa: BLE001 - detokenizing, stop checks, the grammar
-                self.fail_request(seq.request, "processing its new token", e)
+                self.fail_request(seq.request, " while processing its new token", e)
 
     def _pick(self, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[tuple[Sequence, int, torch.Tensor]]:
         """Sample one token per (sequence, logits row); returns (seq, token, that row's logprobs)."""

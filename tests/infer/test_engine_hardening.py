@@ -166,6 +166,26 @@ def test_a_poisoned_request_fails_alone_and_healthy_streams_stay_identical(tok, 
     assert eng.stats()["requests_failed"] == 4 and not eng.requests
 
 
+def test_a_request_that_poisons_the_speculative_draft_fails_alone(tok, model, monkeypatch):
+    """The draft samples with each request's processors too: when that raises, the step decodes without
+    guesses, the poisoned request then fails in its own sampling, and the healthy stream is unchanged."""
+    prompt = "The first of the"
+    lone = run(engine(model, tok), [("h", prompt, SamplingParams(**HEALTHY))])["h"].outputs[0].token_ids
+
+    def boom(logits, rows):
+        if any(r.params.seed == 666 and len(r.output_ids) >= 2 for r in rows):
+            raise RuntimeError("poisoned processor")
+        return logits
+
+    monkeypatch.setitem(lp.PROCESSORS, "poison", boom)
+    eng = engine(model, tok, speculative={"method": "draft", "draft_model": model, "num_tokens": 3})
+    done = run(eng, [("h", prompt, SamplingParams(**HEALTHY)),
+                     ("bad", prompt, SamplingParams(max_tokens=12, temperature=0.7, top_k=5, seed=666))])
+    assert done["h"].outputs[0].token_ids == lone and done["h"].error is None
+    assert done["bad"].outputs[0].finish_reason == "error" and "poisoned processor" in done["bad"].error
+    assert eng.stats()["spec_proposed_tokens"] > 0
+
+
 def test_the_async_engine_raises_request_failed_for_the_poisoned_request_only(tok, model, monkeypatch):
     prompt = "The first of the"
     lone = run(engine(model, tok), [("h", prompt, SamplingParams(**HEALTHY))])["h"].outputs[0].token_ids

@@ -309,7 +309,12 @@ class LLMEngine:
                 self.spec.copy_blocks(sched.copies)
         spec_items = [s.seq for s in sched.scheduled if s.lookahead]
         if spec_items:
-            self.spec.propose(spec_items)
+            try:
+                self.spec.propose(spec_items)
+            except Exception as e:  # noqa: BLE001 - guesses are optional: decode this step without them
+                log.warning("speculative proposal failed, decoding this step without it: %s", e, exc_info=e)
+                for seq in spec_items:  # the draft's cache position only advances after a finished pass
+                    seq.spec_tokens, seq.spec_probs = [], None
         batch, logit_rows, plans = [], [], []
         base = 0  # first row of the next sequence in the flat batch
         for s in sched.scheduled:

@@ -280,6 +280,7 @@ def test_a_flood_of_preparation_work_is_503_with_retry_after(model_dir):
                 assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
                 assert "busy preparing 1 requests" in r.json()["error"]["message"]
                 assert c2.get("/health").status_code == 200
+                assert 'lmstack_requests_rejected_total{reason="busy"} 1.0' in c2.get("/metrics").text
             first.join(10)
             assert c.post("/tokenize", json={"prompt": "the dog"}).status_code == 200  # the slot is free again
     finally:

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infer_helpers import random_prompts, tiny_model
+from infer_helpers import random_prompts
 from lmstack.errors import LmstackError
 from lmstack.infer import AsyncLLMEngine, LLMEngine, RequestFailed, SamplingParams, SamplingParamsError
 from lmstack.infer import logits_processors as lp
@@ -90,7 +90,8 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_the_engine(tok, model):
     eng = engine(model, tok)
     v = eng.emit_vocab
     for params, message in ((SamplingParams(stop_token_ids=[v], min_tokens=2), f"stop_token_ids: token id {v} "),
-                            (SamplingParams(stop_token_ids=[3, 99999], min_tokens=2), "stop_token_ids: token id 99999 "),
+                            (SamplingParams(stop_token_ids=[3, 99999], min_tokens=2),
+                             "stop_token_ids: token id 99999 "),
                             (SamplingParams(logit_bias={v + 5: 1.0}), f"logit_bias: token id {v + 5} ")):
         with pytest.raises(LmstackError, match=message + rf"is outside the vocabulary \[0, {v}\)"):
             eng.make_request("r", "the of", params)

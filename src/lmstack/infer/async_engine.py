@@ -2,11 +2,11 @@
 
 One background task drives engine.step() in a worker thread, so the event loop stays free to accept
 requests while the model runs; each request is also prepared (tokenized, its bad_words / stop lists
-indexed) in a worker thread, so a heavy one cannot stall the loop. New requests and aborts are queued and applied between steps (the
-engine itself is never touched by two threads at once). Each request gets an asyncio queue its
-generator reads from; leaving the `async for` early (client disconnect, task cancelled) aborts the
-request, which frees its KV blocks before the next step. A request that fails inside the engine
-raises RequestFailed from its own generator; the others carry on.
+indexed) in a worker thread, so a heavy one cannot stall the loop. New requests and aborts are queued
+and applied between steps (the engine's state is never changed by two threads at once). Each request
+gets an asyncio queue its generator reads from; leaving the `async for` early (client disconnect,
+task cancelled) aborts the request, which frees its KV blocks before the next step. A request that
+fails inside the engine raises RequestFailed from its own generator; the others carry on.
 
 Usage:
     aengine = AsyncLLMEngine("runs/model", max_num_seqs=16)
@@ -127,7 +127,7 @@ class AsyncLLMEngine:
             self._stepping = True
             try:
                 outputs = await asyncio.to_thread(self.engine.step)
-            except Exception as e:  # noqa: BLE001 - the forward itself failed: fail the requests in it
+            except Exception as e:  # noqa: BLE001 - not one request's fault (e.g. the forward): fail those in it
                 self.errors += 1
                 message = f"the engine step failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 for rid in list(self.engine.requests):

@@ -8,11 +8,12 @@ span tokens come out right. A window ending in U+FFFD (half a UTF-8 character) w
 Stop strings are compiled once per request (StopStrings) and each new piece of text is scanned in time
 proportional to its length plus the held-back tail, not to the total size of the stop list: a match
 must end inside the new text, so only end positions there are tried, each against only the distinct
-stop lengths that end in that character (one set lookup per length). The first match to END wins (among those, the longest),
-the same cut a character-by-character stream would make, so the result does not depend on how the text
-was split into tokens. The held-back tail (the longest suffix of the text that starts some stop string)
-is found by binary search in the sorted stops, starting from the previous tail: a stop string split
-across several tokens is still found, and a client never sees text that is later cut.
+stop lengths that end in that character (one set lookup per length). The first match to END wins
+(among those, the longest): the same cut a character-by-character stream would make, so the result
+does not depend on how the text was split into tokens. The held-back tail (the longest suffix of the
+text that starts some stop string) is found by binary search in the sorted stops, starting from the
+previous tail: a stop string split across several tokens is still found, and a client never sees
+text that is later cut.
 
 Usage:
     new_text = detokenize_step(tok, seq, skip_special_tokens=True)

@@ -439,7 +439,8 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001 - detokenizing, stop checks, the grammar
                 self.fail_request(seq.request, " while processing its new token", e)
 
-    def _pick(self, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[tuple[Sequence, int, torch.Tensor]]:
+    def _pick(self, items: list[tuple[Sequence, int]], logits: torch.Tensor
+              ) -> list[tuple[Sequence, int, torch.Tensor]]:
         """Sample one token per (sequence, logits row); returns (seq, token, that row's logprobs)."""
         rows = [self.sampling_row(seq) for seq, _ in items]
         raw = logits[[r for _, r in items]] if len(items) > 1 or items[0][1] else logits[:1]

@@ -204,3 +204,21 @@ def test_other_methods_train_through_the_same_run(tmp_path, method):
     other = save_model(tiny_model(tokenizer(), d_model=96), tmp_path / "wider", tokenizer=tokenizer())
     with pytest.raises(LmstackError, match="made for"):
         load_result(other, summary["result"])
+
+
+def test_a_trainable_adapter_whose_weights_link_out_of_its_folder_is_refused(tmp_path):
+    """load_trainable reads its two files through load_guard: a symlink out of the folder is refused unread."""
+    from pathlib import Path
+
+    from lmstack.adapt.finetune import TRAINABLE_WEIGHTS, load_result
+
+    base = save_base(tmp_path / "base")
+    summary = finetune(_cfg(tmp_path, base, _data(tmp_path, n=40), method="ia3",
+                            train={"steps": 2, "eval_every": 2}), log=_quiet)
+    adapter = Path(summary["result"])
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes((adapter / TRAINABLE_WEIGHTS).read_bytes())
+    (adapter / TRAINABLE_WEIGHTS).unlink()
+    (adapter / TRAINABLE_WEIGHTS).symlink_to(outside)
+    with pytest.raises(LmstackError, match="outside|escapes|inside"):
+        load_result(base, adapter)

@@ -330,20 +330,23 @@ def save_trainable(model: torch.nn.Module, adapter: AdapterConfig, path: str | o
 def load_trainable(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Re-add a save_trainable adapter to a fresh base model (frozen, for inference). An adapter made for another
     base is refused, naming the base it was made for."""
-    from safetensors.torch import load_file
-
     from lmstack.adapt import get_peft_model
+    from lmstack.model.load_guard import load_safetensors, read_json
 
     path = Path(path)
     if not (path / TRAINABLE_CONFIG).is_file():
         raise LmstackError(f"{path} holds no {TRAINABLE_CONFIG}; is it an adapter written by lmstack finetune?")
-    meta = json.loads((path / TRAINABLE_CONFIG).read_text(encoding="utf-8"))
+    # Both files go through load_guard: kept inside the folder, size-capped JSON, safetensors header checked.
+    meta = read_json(path, TRAINABLE_CONFIG, "adapter config")
+    if not isinstance(meta, dict) or not {"base_config", "adapter", "method"} <= set(meta):
+        raise LmstackError(f"{path / TRAINABLE_CONFIG} is not an lmstack adapter config "
+                           "(needs base_config, adapter and method)")
     diffs = config_differences(meta["base_config"], to_dict(model.config))
     if diffs:
-        raise LmstackError(f"the adapter in {path} was made for the base {meta['base_model_name_or_path']!r}, "
+        raise LmstackError(f"the adapter in {path} was made for the base {meta.get('base_model_name_or_path')!r}, "
                            f"not this model ({'; '.join(diffs[:3])})")
     model = get_peft_model(model, AdapterConfig(**meta["adapter"]))
-    saved, mine = load_file(str(path / TRAINABLE_WEIGHTS)), trainable_state(model)
+    saved, mine = load_safetensors(path, TRAINABLE_WEIGHTS, "adapter weights"), trainable_state(model)
     if set(saved) != set(mine) or any(tuple(saved[k].shape) != tuple(mine[k].shape) for k in mine):
         raise LmstackError(f"the adapter in {path} does not fit this model's {meta['method']} parameters")
     with torch.no_grad():

@@ -1,8 +1,10 @@
 """hypothesis fuzzing (issue 15 §6): SamplingParams in-process, and request bodies against the live server.
 
-(a) Any SamplingParams that is accepted (and that the engine's make_request accepts) samples finitely: a few
-    engine steps raise nothing, fail no sequence, emit only ids inside the vocabulary, and a healthy greedy
-    neighbour in the same batch keeps its lone-run tokens. Whatever is rejected is rejected with LmstackError.
+(a) Valid SamplingParams keywords with 0-2 fields pushed to an edge value (1e-40, 2**64, NaN, ids past the
+    vocabulary, lone surrogates, ...). Any combination that is accepted (and that the engine's make_request
+    accepts) samples finitely: a few engine steps raise nothing, fail no sequence, emit only ids inside the
+    vocabulary, and a healthy greedy neighbour in the same batch keeps its lone-run tokens. Whatever is
+    rejected is rejected with LmstackError.
 (b) Request bodies, valid and not, sent raw to /v1/completions and /v1/chat/completions: every answer is
     a 4xx JSON error in OpenAI's shape or a correct 200, never a 5xx, and the engine counts no failed step.
 
@@ -25,40 +27,45 @@ EDGE_FLOATS = [0.0, 1e-40, 5e-324, 1e-300, -1e-40, -1.0, 0.5, 1.0, 2.0, 100.0, 1
 EDGE_INTS = [0, 1, 2, 3, 64, 65, 2**31, 2**63, 2**64, -1, -(2**64)]
 
 
-def floats(lo: float = -2.0, hi: float = 2.0):
-    """Mostly in [lo, hi] (so whole combinations get accepted and run), sometimes an edge value or junk."""
-    return st.one_of(st.floats(lo, hi), st.floats(lo, hi), st.sampled_from(EDGE_FLOATS),
-                     st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.booleans(),
-                     st.just("0.5"))
+WORDS = st.sampled_from(["the", "cat", " sat", "a", "mat", "!", "\u00e9", "zz", "the cat"])
+BAD_WORDS = st.sampled_from(["\ud800", "", "a\udfff", "x" * 5000])
 
 
-def ints(lo: int = -2, hi: int = 8):
-    return st.one_of(st.integers(max(lo, 0), hi), st.integers(max(lo, 0), hi), st.integers(lo, hi),
-                     st.sampled_from(EDGE_INTS), st.booleans(), st.just(1.5))
-
-
-def token_ids(vocab: int):
-    return st.lists(st.one_of(st.integers(0, vocab - 1), st.integers(0, vocab - 1),
-                              st.sampled_from([vocab, 99999, 2**31, 2**64, -1])), max_size=4)
-
-
-WORDS = st.sampled_from(["the", "cat", " sat", "a", "mat", "!", "\u00e9", "zz", "\ud800", "", "the cat"])
-
-
-def sampling_kwargs(vocab: int):
+def valid_kwargs(vocab: int):
+    """SamplingParams keywords with values in range (a combination may still be invalid: min_tokens above
+    max_tokens, n above beam_width, ...)."""
+    ids = st.integers(0, vocab - 1)
     return st.fixed_dictionaries({}, optional={
-        "temperature": floats(0.0, 2.0), "top_p": floats(0.01, 1.0), "min_p": floats(0.0, 1.0),
-        "top_k": ints(-2, 400), "repetition_penalty": floats(0.01, 3.0), "frequency_penalty": floats(),
-        "presence_penalty": floats(), "length_penalty": floats(),
-        "logit_bias": st.dictionaries(st.one_of(st.integers(0, vocab - 1), st.integers(-1, vocab + 2),
-                                                st.just(2**64), st.just("x")), floats(-100, 100), max_size=3),
-        "stop_token_ids": token_ids(vocab),
-        "bad_words": st.lists(WORDS, max_size=3), "stop": st.lists(WORDS, max_size=3),
-        "max_tokens": st.one_of(st.integers(0, 4), st.sampled_from([None, 2**64, -1])),
-        "min_tokens": ints(0, 4), "n": ints(1, 4), "best_of": st.one_of(st.none(), ints(1, 4)), "seed": ints(),
-        "logprobs": st.one_of(st.none(), ints(-1, 21)), "prompt_logprobs": st.one_of(st.none(), ints(-1, 21)),
-        "use_beam_search": st.booleans(), "beam_width": ints(0, 64), "ignore_eos": st.booleans(),
+        "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "min_p": st.floats(0, 0.5),
+        "top_k": st.integers(-1, 50), "repetition_penalty": st.floats(0.5, 2),
+        "frequency_penalty": st.floats(-2, 2), "presence_penalty": st.floats(-2, 2),
+        "length_penalty": st.floats(-2, 2), "logit_bias": st.dictionaries(ids, st.floats(-100, 100), max_size=3),
+        "stop_token_ids": st.lists(ids, max_size=3), "bad_words": st.lists(WORDS, max_size=3),
+        "stop": st.lists(WORDS, max_size=3), "max_tokens": st.integers(1, 4), "min_tokens": st.integers(0, 2),
+        "n": st.integers(1, 3), "best_of": st.integers(1, 4), "seed": st.integers(0, 1000),
+        "logprobs": st.integers(0, 5), "prompt_logprobs": st.integers(0, 5), "use_beam_search": st.booleans(),
+        "beam_width": st.integers(1, 8), "ignore_eos": st.booleans(),
     })
+
+
+def edge_values(vocab: int) -> dict:
+    """Per field: values at and past the edges (tiny, huge, non-finite, ids past the vocabulary, junk)."""
+    floats = st.one_of(st.sampled_from(EDGE_FLOATS), st.floats(allow_nan=True, allow_infinity=True),
+                       st.booleans(), st.just("0.5"), st.none())
+    ints = st.one_of(st.sampled_from(EDGE_INTS), st.integers(), st.booleans(), st.just(1.5), st.none())
+    bad_ids = st.lists(st.one_of(st.integers(0, vocab - 1), st.sampled_from([vocab, 99999, 2**31, 2**64, -1])),
+                       min_size=1, max_size=3)
+    words = st.one_of(st.lists(st.one_of(WORDS, BAD_WORDS), min_size=1, max_size=3), st.just("the"), ints)
+    out = {name: floats for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                                     "presence_penalty", "length_penalty")}
+    out.update({name: ints for name in ("top_k", "max_tokens", "min_tokens", "n", "best_of", "seed", "logprobs",
+                                        "prompt_logprobs", "beam_width")})
+    out.update(stop_token_ids=st.one_of(bad_ids, ints), bad_words=words, stop=words,
+               logit_bias=st.one_of(st.dictionaries(st.one_of(st.integers(0, vocab - 1), st.sampled_from(
+                   [vocab, 99999, 2**64, -1, "x"])), st.one_of(st.floats(-100, 100), floats), min_size=1,
+                   max_size=3), ints),
+               use_beam_search=st.one_of(st.booleans(), ints), ignore_eos=st.one_of(st.booleans(), ints))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +98,16 @@ def test_fuzz_sampling_params_in_process(engine, one_thread):
     assert len(lone) == 6
     seen = {"accepted": 0, "rejected": 0}
 
+    edges = edge_values(vocab)
+
     @settings(max_examples=300, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-    @given(kw=sampling_kwargs(vocab), prompt_kind=st.sampled_from(["ids", "text"]))
-    def check(kw, prompt_kind):
+    @given(kw=valid_kwargs(vocab), mutate=st.lists(st.sampled_from(sorted(edges)), max_size=2, unique=True),
+           prompt_kind=st.sampled_from(["ids", "text"]), data=st.data())
+    def check(kw, mutate, prompt_kind, data):
+        # a valid combination with 0-2 fields pushed to an edge: each edge value meets an otherwise sane request
+        for name in mutate:
+            kw[name] = data.draw(edges[name], label=name)
         try:
             params = SamplingParams(**kw)
         except LmstackError:

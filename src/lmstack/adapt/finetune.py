@@ -43,6 +43,7 @@ from lmstack.errors import LmstackError
 from lmstack.train.averaging import swapped
 from lmstack.train.checkpoint import MANIFEST, CheckpointManager, config_differences
 from lmstack.train.config import TrainConfig
+from lmstack.train.metrics import LogConfig
 from lmstack.train.optim import OptimizerConfig, ScheduleConfig
 from lmstack.train.state_io import load_tree, save_tree
 from lmstack.train.trainer import Trainer
@@ -84,6 +85,8 @@ class FinetuneConfig:
     """The optimizer over the trainable parameters (typical lr: 1e-4 full, 1e-3 LoRA, 1e-2 prompt/IA3)."""
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="cosine", warmup_steps=20))
     """The learning-rate schedule."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics beside metrics.jsonl: TensorBoard (--log.tensorboard true), W&B (--log.wandb true)."""
     batch_size: int = 8
     """Packed rows per micro-batch."""
     seq_len: int = 256
@@ -284,7 +287,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     # unpacked rows hold one conversation padded at the end, which causal attention never sees: no doc ids needed
     objective = SFTObjective(use_doc_ids=packing != "none")
     trainer = SFTTrainer(model, objective, optimizer, lr_at, cfg.train, loader, None, out, log=log,
-                         tokens_per_row=cfg.seq_len, val_examples=val, seq_len=cfg.seq_len, pad_id=pad_id)
+                         tokens_per_row=cfg.seq_len, val_examples=val, seq_len=cfg.seq_len, pad_id=pad_id,
+                         log_cfg=cfg.log)
     summary = trainer.fit()
     summary.update(method=cfg.method, out=str(out), data=report, **params)
     summary["result"] = str(save_result(model, cfg, tok, out))

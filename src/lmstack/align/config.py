@@ -12,9 +12,10 @@ Usage:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from lmstack.train.metrics import LogConfig
 from lmstack.train.optim.config import check_choices, need
 
 Method = Literal["rm", "dpo", "cdpo", "ipo", "kto", "ppo", "trpo", "grpo", "rloo", "rft"]
@@ -161,6 +162,8 @@ class AlignConfig:
     threads: int = 0
     """CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes
     keep busy right now; at least 1), N = exactly N. See lmstack.threads."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics beside metrics.jsonl: TensorBoard (--log.tensorboard true), W&B (--log.wandb true)."""
 
     def __post_init__(self) -> None:
         check_choices(self)

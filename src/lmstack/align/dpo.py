@@ -195,7 +195,7 @@ class PreferenceTrainer:
             self.log(f"precomputed reference log-probs of {n} texts; dropped the reference copy")
             self._drop_reference_copy()
         stepper = Stepper(self.policy, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay, cfg.clip_grad_norm)
-        metrics = MetricsLogger(out_dir) if out_dir else None
+        metrics = MetricsLogger(out_dir, log=cfg.log, model=self.policy) if out_dir else None
         before = self.evaluate(val)
         history, bar, start = [], None, time.perf_counter()
         if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run

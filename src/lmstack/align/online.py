@@ -160,7 +160,7 @@ class OnlineTrainer(abc.ABC):
         cfg = self.cfg
         self.stepper = Stepper(self.trainable_module(), cfg.lr, cfg.steps * self.optimizer_steps_per_rl_step(),
                                cfg.warmup_steps, cfg.weight_decay, cfg.clip_grad_norm)
-        metrics = MetricsLogger(out_dir) if out_dir else None
+        metrics = MetricsLogger(out_dir, log=cfg.log, model=self.policy) if out_dir else None
         before = self.evaluate(val)
         if before:
             self.log(f"{self.method}: held-out reward before {before['mean']:.3f} ± {before['stderr']:.3f} "

@@ -168,7 +168,7 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[Pair], val: Sequenc
         raise LmstackError(f"train_reward_model needs method='rm', got {cfg.method!r}")
     device = rm.score.weight.device
     stepper = Stepper(rm, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay, cfg.clip_grad_norm)
-    metrics = MetricsLogger(out_dir) if out_dir else None
+    metrics = MetricsLogger(out_dir, log=cfg.log, model=rm) if out_dir else None
     cache: dict = {}
     evaluate = (lambda: pairwise_accuracy(rm, tok, val, cfg.template, cfg.max_len)) if val else (lambda: {})
     before = evaluate()

@@ -126,7 +126,7 @@ class RejectionSamplingTrainer(OnlineTrainer):
         from lmstack.train.metrics import MetricsLogger
 
         cfg = self.cfg
-        metrics = MetricsLogger(out_dir) if out_dir else None
+        metrics = MetricsLogger(out_dir, log=cfg.log, model=self.policy) if out_dir else None
         before = self.evaluate(val)
         rounds = [{"round": 0, "n_winners": 0, "accept_rate": float("nan"), "eval_mean": before.get("mean"),
                    "eval_stderr": before.get("stderr"), "eval_n": before.get("n")}] if before else []

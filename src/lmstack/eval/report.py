@@ -6,14 +6,21 @@ that stopped half way and on runs with stages added later (SFT, alignment):
   - data/report.json        the data pipeline's funnel (seen/kept/dropped per step), data/funnel.png
   - tokenizer/              tokenizer.json + tokenizer_config.json (type, vocabulary, training corpus);
                             bytes per token is measured on a sample of data/clean.jsonl
-  - */metrics.jsonl         one training stage per folder (pretrain/, sft/, align/, ...): loss curve PNG,
-                            final loss, validation loss, speed
+  - metrics.jsonl, */metrics.jsonl, */*/metrics.jsonl
+                            one training stage per folder: the run directory itself (a `lmstack pretrain`,
+                            `finetune` or `align` run), or pretrain/, sft/run/, align/dpo/, align/grpo/ of a
+                            speedrun: final loss, validation loss, speed, a loss curve and a grid of every
+                            other logged metric (lr, grad norm, tokens/s, rewards, KL...), one y-axis each
   - eval_*.json             evaluate()'s results, one file per stage (eval_base.json, eval_sft.json, ...):
                             one table with a column per stage, "± stderr", and a chance column next to
                             every multiple-choice score; per-task speed (tokens/s, TTFT, memory, FLOPs,
                             energy) from the last stage
   - eval_*/samples_*.jsonl  a few per-item logs
   - *.md fragments named in summary.json's "sections" (e.g. a passkey table) are appended.
+  - regressions: every metric with a stderr, from each stage to the next that measured it (eval_*.json in
+    order, then align/scores.json's SFT -> aligned), flagged when it got worse by more than the stderr of
+    the difference, sqrt(se_before^2 + se_after^2).
+Every figure has a one-line caption under it: what is plotted, from which file, in which units.
 
 Usage:
     lmstack report runs/20250101-120000
@@ -28,7 +35,7 @@ from typing import Any
 
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
-from lmstack.eval.plots import eval_plot, loss_plot, read_metrics
+from lmstack.eval.plots import curves_plot, eval_plot, loss_plot, metric_panels, read_metrics
 
 NO_CHANCE = ("ece",)
 """Metrics of a multiple-choice task that are not scores, so its chance level (1 / n_choices) is not shown."""
@@ -99,7 +106,9 @@ def section_data(run: Path) -> list[str]:
         top = sorted(langs.items(), key=lambda kv: -kv[1])[:5]
         lines += ["", "Languages: " + ", ".join(f"{k} {v:,}" for k, v in top) + "."]
     if (run / "data" / "funnel.png").is_file():
-        lines += ["", "![data funnel](data/funnel.png)"]
+        lines += ["", "![data funnel](data/funnel.png)", "",
+                  "_Figure: the data pipeline's funnel from data/report.json: documents seen and kept at each "
+                  "step (counts of documents)._"]
     return lines + [""]
 
 
@@ -154,10 +163,57 @@ def section_tokenizer(run: Path) -> list[str]:
     return lines + [""]
 
 
+BPB_NOTE = ("`validation bits per byte` is the pretraining loop's own estimate: the mean next-token cross-entropy "
+            "over the first `train.eval_batches` windows of `data.seq_len` tokens of the validation shards (packed "
+            "rows, so early tokens of a window see little context), / ln 2, / bytes per token (measured on a "
+            "200-document sample of those shards). It is not the evaluation's `world_val_bpb bits_per_byte` "
+            "computed twice: that one scores the first 20,000 characters of the same world validation text with "
+            "evaluate()'s rolling log-likelihood (4,000-character documents, every token predicted with the "
+            "longest context the model allows) and divides by those characters' exact UTF-8 bytes. Different text "
+            "sample, context per token and byte count, so the two differ.")
+
+SKIP_DIRS = {"checkpoints", "replaced", "model", "plots", "tensorboard", "wandb", "data"}
+"""Folders that never hold a training stage's own metrics.jsonl (old runs moved aside, saved models, ...)."""
+
+
+def training_stages(run: Path) -> list[tuple[str, Path]]:
+    """(stage name, metrics.jsonl) for the run directory itself and its stage folders up to two levels down
+    (pretrain/, sft/run/, align/dpo/, ...), in path order; the run directory's own file is called after it."""
+    found = []
+    for depth in ("metrics.jsonl", "*/metrics.jsonl", "*/*/metrics.jsonl"):
+        for path in sorted(run.glob(depth)):
+            rel = path.parent.relative_to(run)
+            if not SKIP_DIRS & set(rel.parts) and path.is_file():
+                found.append((rel.as_posix() if rel.parts else run.resolve().name, path))
+    return found
+
+
+def stage_kind(stage_dir: Path, rows: list[dict]) -> tuple[str, str]:
+    """(what kind of training this was, the unit of its `loss`), from its config.yaml and the keys it logged."""
+    cfg = {}
+    try:
+        from lmstack.config import read_mapping
+
+        cfg = read_mapping(stage_dir / "config.yaml") if (stage_dir / "config.yaml").is_file() else {}
+    except Exception:  # an unreadable config only costs the label
+        cfg = {}
+    keys = {k for r in rows for k in r}
+    method = str(cfg.get("method") or stage_dir.name)
+    if method == "rm":
+        return ("reward model (Bradley-Terry)", "loss (nats per pair)")
+    if "chosen_reward" in keys or "beta" in cfg and method in ("dpo", "cdpo", "ipo", "kto", "rm"):
+        return (f"preference optimisation ({method})", "preference loss (nats per pair)")
+    if "reward_mean" in keys or method in ("grpo", "ppo", "trpo", "rloo", "rft"):
+        return (f"online RL ({method})", "policy surrogate loss (unitless)")
+    if "adapter" in cfg or "val_token_acc" in keys or "val_exact" in keys:
+        return (f"supervised fine-tuning ({cfg.get('method', 'sft')})", "loss (nats per assistant token)")
+    return ("pretraining", "loss (nats/token)")
+
+
 def section_training(run: Path, summary: dict | None) -> list[str]:
-    stages = sorted(p for p in run.glob("*/metrics.jsonl"))
+    stages = training_stages(run)
     if not stages:
-        return ["_No training metrics (*/metrics.jsonl)._", ""]
+        return ["_No training metrics (metrics.jsonl in the run directory or a stage folder)._", ""]
     lines: list[str] = []
     pre = (summary or {}).get("pretrain") or {}
     if pre:
@@ -169,12 +225,14 @@ def section_training(run: Path, summary: dict | None) -> list[str]:
                   f"| final validation loss | {_num(pre.get('val_loss'))} nats/token |",
                   f"| validation perplexity | {_num(pre.get('val_ppl'), '{:.2f}')} |",
                   f"| validation bits per byte | {_num(pre.get('val_bpb'))} |", ""]
-    lines += ["| stage | steps | final loss | final validation loss | val bits/byte | mean tokens/s | mean MFU |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+        if pre.get("val_bpb") is not None:
+            lines += [BPB_NOTE, ""]
+    lines += ["| stage | kind | steps | final loss | final validation loss | val bits/byte | mean tokens/s | mean MFU |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     pictures = []
-    for path in stages:
-        stage = path.parent.name
+    for stage, path in stages:
         rows = read_metrics(path)
+        kind, loss_unit = stage_kind(path.parent, rows)
 
         def last(key: str):
             vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
@@ -184,13 +242,27 @@ def section_training(run: Path, summary: dict | None) -> list[str]:
             vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and r[key] > 0]
             return sum(vals) / len(vals) if vals else None
 
-        lines.append(f"| {stage} | {last('step') or '—'} | {_num(last('loss'))} | {_num(last('val_loss'))} | "
+        lines.append(f"| {stage} | {kind} | {last('step') or '—'} | {_num(last('loss'))} | {_num(last('val_loss'))} | "
                      f"{_num(last('val_bpb'))} | {_num(mean('tokens_per_s'), '{:.0f}')} | "
                      f"{_num(mean('mfu'), '{:.1%}')} |")
-        png = loss_plot(rows, run / "plots" / f"loss_{stage}.png", title=stage)
+        slug = stage.replace("/", "_")
+        src = _rel(run, path) if path.parent != run else "metrics.jsonl"
+        png = loss_plot(rows, run / "plots" / f"loss_{slug}.png", title=f"{stage}: {kind}", ylabel=loss_unit)
         if png:
-            pictures.append(f"![loss curve: {stage}]({_rel(run, png)})")
-    return lines + [""] + pictures + [""]
+            pictures += [f"![loss curve: {stage}]({_rel(run, png)})", "",
+                         f"_Figure: {stage} ({kind}): training `loss` (line, logged every log_every steps) and "
+                         f"`val_loss` on held-out data (dots) against optimizer step, from {src}; y: {loss_unit}._",
+                         ""]
+        panels, left_out = metric_panels(rows)
+        png = curves_plot(rows, panels, run / "plots" / f"curves_{slug}.png", title=f"{stage}: {kind}")
+        if png:
+            extra = f" Not drawn (no room): {', '.join(left_out)}." if left_out else ""
+            pictures += [f"![metrics: {stage}]({_rel(run, png)})", "",
+                         f"_Figure: every other metric {stage} logged, against step, from {src}: one panel per "
+                         f"metric, each on its own y-axis (a `val_` twin shares its panel); units as logged: "
+                         f"lr absolute, grad_norm L2 before clipping, tokens_per_s tokens/second, mfu a fraction "
+                         f"of the measured matmul peak, rates and accuracies fractions.{extra}_", ""]
+    return lines + [""] + pictures
 
 
 def load_evals(run: Path) -> dict[str, dict]:
@@ -248,7 +320,87 @@ def section_eval(run: Path, evals: dict[str, dict]) -> list[str]:
     # Only scores on a 0-1 scale share one plot; perplexities would flatten every bar.
     unit = {r: v for r, v in scores.items() if all(0.0 <= x <= 1.0 for x in v.values())}
     png = eval_plot(unit, chance, run / "plots" / "eval.png")
-    return lines + ([""] + [f"![eval scores]({_rel(run, png)})"] if png else []) + [""]
+    if not png:
+        return lines + [""]
+    left = sorted(set(scores) - set(unit))
+    return lines + ["", f"![eval scores]({_rel(run, png)})", "",
+                    "_Figure: evaluation scores that lie in [0, 1] (accuracies, exact match, ECE), one bar per stage "
+                    "(eval_<stage>.json, in the order the stages ran), dashed tick = chance; unitless fractions."
+                    + (f" Left out as they are on another scale (see the table): {', '.join(left)}." if left else "")
+                    + "_", ""]
+
+
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "bpb", "ece", "loss", "benign_refusal")
+"""Name parts of metrics where a rise is the regression (used when a result does not say itself)."""
+
+
+def _higher_is_better(metric: str, stated: dict | None = None) -> bool:
+    if isinstance(stated, dict) and isinstance(stated.get(metric), bool):
+        return stated[metric]
+    return not any(part in metric for part in LOWER_IS_BETTER)
+
+
+def stage_measurements(run: Path, evals: dict[str, dict]) -> list[tuple[str, dict[str, tuple[float, float, bool]]]]:
+    """[(stage, {metric: (value, stderr, higher is better)})] in the order the stages ran: the eval_<stage>.json
+    files, then align/scores.json's SFT and aligned columns. Only metrics that carry a stderr are kept."""
+    out = []
+    for stage, results in evals.items():
+        got = {}
+        for task, res in results.items():
+            if not isinstance(res, dict) or res.get("skipped"):
+                continue
+            m = res.get("metrics") or {}
+            for metric, value in m.items():
+                err = m.get(f"{metric}_stderr")
+                if metric.endswith("_stderr") or _num(value) == "—" or _num(err) == "—":
+                    continue
+                got[f"{task} {metric}"] = (float(value), float(err), _higher_is_better(metric, res.get("higher_is_better")))
+        out.append((stage, got))
+    scores = (_read_json(run / "align" / "scores.json") or {}).get("scores")
+    if isinstance(scores, dict):
+        for stage in ("sft", "aligned"):
+            s = scores.get(stage) if isinstance(scores.get(stage), dict) else {}
+            got = {f"{k} (align/scores.json)": (float(v), float(s[f"{k}_stderr"]), _higher_is_better(k))
+                   for k, v in s.items() if not k.endswith("_stderr") and _num(v) != "—"
+                   and _num(s.get(f"{k}_stderr")) != "—"}
+            out.append((f"{stage} (align stage)", got))
+    return out
+
+
+def regressions(measured: list[tuple[str, dict]], z: float = 1.0) -> list[dict]:
+    """For every metric, each pair of consecutive stages that measured it: the two values, their stderrs, and
+    flagged = it got worse by more than z x sqrt(se_before^2 + se_after^2), the stderr of the difference."""
+    rows, seen = [], {}
+    for stage, metrics in measured:
+        for metric, (value, err, higher) in metrics.items():
+            if metric in seen:
+                prev_stage, (pv, pe, _) = seen[metric]
+                se = math.hypot(pe, err)
+                worse = (pv - value) if higher else (value - pv)
+                rows.append({"metric": metric, "from": prev_stage, "to": stage, "before": pv, "before_se": pe,
+                             "after": value, "after_se": err, "worse_by": worse, "se_diff": se,
+                             "flagged": worse > z * se if se > 0 else worse > 0})
+            seen[metric] = (stage, (value, err, higher))
+    return rows
+
+
+def section_regressions(run: Path, evals: dict[str, dict]) -> list[str]:
+    rows = regressions(stage_measurements(run, evals))
+    if not rows:
+        return ["_No metric was measured, with a stderr, by two stages: nothing to compare._", ""]
+    flagged = [r for r in rows if r["flagged"]]
+    lines = [f"Every metric measured with a stderr by two consecutive stages. **Flagged** when it got worse by more "
+             f"than the stderr of the difference, sqrt(se_before² + se_after²) (for lower-is-better metrics such as "
+             f"perplexity, bits per byte, ECE and over-refusal, worse means higher). "
+             f"{len(flagged)} of {len(rows)} flagged.", "",
+             "| metric | from → to | before ± se | after ± se | change | flag |", "|---|---|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: not r["flagged"]):
+        change = r["after"] - r["before"]
+        flag = ("**⚠ worse beyond stderr**" if r["flagged"] else
+                "worse, within stderr" if r["worse_by"] > 0 else "not worse")
+        lines.append(f"| {r['metric']} | {r['from']} → {r['to']} | {_score(r['before'])} ± {_score(r['before_se'])} | "
+                     f"{_score(r['after'])} ± {_score(r['after_se'])} | {change:+.4g} | {flag} |")
+    return lines + [""]
 
 
 def section_speed(run: Path, evals: dict[str, dict]) -> list[str]:
@@ -305,6 +457,7 @@ def build_report(run_dir: str | Path) -> Path:
     lines += ["## Tokenizer", ""] + section_tokenizer(run)
     lines += ["## Training", ""] + section_training(run, summary)
     lines += ["## Evaluation", ""] + section_eval(run, evals)
+    lines += ["## Regressions between stages", ""] + section_regressions(run, evals)
     lines += ["## Speed", ""] + section_speed(run, evals)
     note = f" ({summary['samples_note']})" if summary and summary.get("samples_note") else ""
     lines += [f"## Samples{note}", ""] + section_samples(run, summary)

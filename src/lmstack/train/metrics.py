@@ -1,23 +1,49 @@
-"""Run logging: JSONL metrics, TensorBoard when installed, a PNG loss curve, and MFU.
+"""Run logging: JSONL metrics (always), TensorBoard / Weights & Biases when LogConfig switches them on,
+a PNG loss curve, and MFU.
 
 MFU (model FLOPs utilisation) = achieved model FLOP/s / the machine's peak. The peak is measured,
 not assumed: a short calibration times square fp32 matmuls (or bf16 on CUDA) on this machine.
 
 Usage:
-    log = MetricsLogger("runs/x")
-    log.log(step, {"loss": 2.3, "lr": 1e-3})
+    log = MetricsLogger("runs/x", log=LogConfig(tensorboard=True), model=model)   # --log.tensorboard true
+    log.log(step, {"loss": 2.3, "lr": 1e-3})      # one JSONL row; the same scalars in runs/x/tensorboard/
     peak = measure_matmul_peak()           # FLOP/s
     log.plot("runs/x/loss.png"); log.close()
 """
 from __future__ import annotations
 
 import json
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+
+@dataclass
+class LogConfig:
+    """Where a training run's metrics go besides metrics.jsonl (which is always written)."""
+
+    tensorboard: bool = False
+    """Also write every logged scalar (losses, lr, grad norm, tokens/s, eval metrics) as TensorBoard event files
+    into <out>/tensorboard/ (needs the tensorboard package). View: tensorboard --logdir <out>/tensorboard."""
+    histograms: bool = False
+    """With tensorboard or wandb: also log weight (and, where present, gradient) histograms."""
+    histogram_every: int = 100
+    """Steps between histogram snapshots (the first logged step always gets one)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`; imported only when on)."""
+    wandb_project: str = "lmstack"
+    """The W&B project name."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    """online syncs as it runs; offline writes <out>/wandb/ for a later `wandb sync`."""
+
+    def __post_init__(self):
+        from lmstack.train.optim.config import check_choices, need
+
+        check_choices(self)
+        need(self.histogram_every >= 1, f"log.histogram_every must be >= 1, got {self.histogram_every}")
 
 
 def measure_matmul_peak(device: str | torch.device = "cpu", n: int = 1024, seconds: float = 0.5) -> float:
@@ -42,30 +68,40 @@ def measure_matmul_peak(device: str | torch.device = "cpu", n: int = 1024, secon
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, filename: str = "metrics.jsonl", tensorboard: bool = True):
+    """One JSONL row per log() call, and the same finite scalars to every sink `log` switches on.
+
+    model: the module whose weights the histograms show (log.histograms); None = no histograms."""
+
+    def __init__(self, out_dir: str | Path, filename: str = "metrics.jsonl", log: LogConfig | None = None,
+                 model: torch.nn.Module | None = None):
+        from lmstack.train.tensorboard import open_sinks
+
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / filename
+        self.cfg = log or LogConfig()
+        self.sinks = open_sinks(self.cfg, self.dir)  # before the JSONL opens: a missing package fails first
         self._file = open(self.path, "a", encoding="utf-8")
         self.history: list[dict[str, Any]] = []
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self._tb = None
+        self.model = model if self.cfg.histograms else None
+        self._last_hist: int | None = None
 
     def log(self, step: int, values: dict[str, Any]) -> None:
+        from lmstack.train.tensorboard import finite_scalars
+
         row = {"step": step, "time": time.time(), **values}
         self.history.append(row)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+        if not self.sinks:
+            return
+        scalars = finite_scalars(values)
+        for sink in self.sinks:
+            sink.scalars(step, scalars)
+        if self.model is not None and (self._last_hist is None or step - self._last_hist >= self.cfg.histogram_every):
+            self._last_hist = step
+            for sink in self.sinks:
+                sink.histograms(step, self.model)
 
     def plot(self, path: str | Path, keys: tuple[str, ...] = ("loss", "val_loss")) -> Path | None:
         import matplotlib
@@ -94,5 +130,6 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

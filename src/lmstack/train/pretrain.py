@@ -29,6 +29,7 @@ from lmstack.errors import LmstackError
 from lmstack.model.config import ModelConfig
 from lmstack.train.config import TrainConfig
 from lmstack.train.distributed import DistributedConfig
+from lmstack.train.metrics import LogConfig
 from lmstack.train.objectives import ObjectiveConfig, build_objective
 from lmstack.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, lr_multiplier
 
@@ -76,6 +77,8 @@ class PretrainConfig:
     """Where the tokens come from."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Scale-out across processes (launch with torchrun)."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics beside metrics.jsonl: TensorBoard (--log.tensorboard true), W&B (--log.wandb true)."""
 
 
 class _Dist:
@@ -268,7 +271,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
         dist.dp_size = dp_size
     hooks = [doremi_hook(cfg, train, device, dp_rank, dp_size)] if cfg.data.adaptive.enabled else []
     trainer = Trainer(wrapped, objective, optimizer, lr_at, cfg.train, train, val, out, raw_model=model, dist=dist,
-                      bytes_per_token=bytes_per_token, tokens_per_row=cfg.data.seq_len, log=log, hooks=hooks)
+                      bytes_per_token=bytes_per_token, tokens_per_row=cfg.data.seq_len, log=log, hooks=hooks,
+                      log_cfg=cfg.log)
     summary = trainer.fit()
     summary["parameters"] = model.num_parameters()
     summary["out"] = str(out)

@@ -54,8 +54,9 @@ class Trainer:
                  lr_at: Callable[[float], float], cfg: TrainConfig, train_loader,
                  val_loader: Callable[[], Iterable] | None, out_dir: str | Path, *, raw_model=None,
                  dist=None, bytes_per_token: float | None = None, tokens_per_row: int | None = None,
-                 log: Callable[[str], None] = print, hooks: list | None = None):
+                 log: Callable[[str], None] = print, hooks: list | None = None, log_cfg=None):
         """lr_at(progress in [0, 1]) -> LR multiplier; raw_model: the unwrapped Transformer (for saving);
+        log_cfg: a LogConfig (TensorBoard / W&B beside metrics.jsonl; None = JSONL only);
         hooks: objects with after_step(trainer) -> metrics dict, state_dict() and load_state_dict() (e.g. the
         DoReMi domain reweighting of lmstack.data.mixing)."""
         self.hooks = list(hooks or [])
@@ -87,7 +88,7 @@ class Trainer:
         self.tokens_per_row = tokens_per_row
         self.ckpts = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints, writer=self.main)
         self._guard_run_dir()  # before the metrics file opens: a restart moves the old one aside
-        self.metrics = MetricsLogger(self.out) if self.main else None
+        self.metrics = MetricsLogger(self.out, log=log_cfg, model=self.raw) if self.main else None
         if cfg.activation_checkpointing and hasattr(self.raw, "checkpoint_blocks"):
             self.raw.checkpoint_blocks = True
 

@@ -32,6 +32,7 @@ from typing import Literal
 from lmstack.config import save_config
 from lmstack.model.config import ModelConfig
 from lmstack.train.config import TrainConfig
+from lmstack.train.metrics import LogConfig
 from lmstack.train.optim import OptimizerConfig, ScheduleConfig
 from lmstack.train.pretrain import DataConfig, PretrainConfig
 
@@ -83,6 +84,9 @@ class SpeedrunConfig:
     align_seconds: float = 150.0
     """Training budget of the alignment stage after SFT: DPO on the world's preference pairs, then GRPO on
     arithmetic with the math verifier (0 = no alignment stage; it needs the SFT stage)."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics beside every stage's metrics.jsonl (pretrain, SFT, DPO, GRPO): --log.tensorboard true,
+    --log.wandb true. When set here it replaces pretrain.log."""
     threads: int = 0
     """CPU threads for torch in every stage: 0 = auto (the cores this process may use, minus one and minus
     those other processes keep busy; at least 1), N = exactly N. pretrain.train.threads, if set, wins there."""
@@ -169,6 +173,8 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     pcfg.out = str(run / "pretrain")
     pcfg.data.shards, pcfg.data.val_shards, pcfg.data.tokenizer = str(data / "shards"), str(data / "val_shards"), str(tok_dir)
     pcfg.train.seed = cfg.seed
+    if cfg.log != LogConfig():
+        pcfg.log = cfg.log
     tok = load_tokenizer(tok_dir)
     pcfg.model = pcfg.model.replace(vocab_size=max(pcfg.model.vocab_size, tok.vocab_size))
     summary = pretrain(pcfg)
@@ -198,7 +204,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
 
         t = _step("7. supervised fine-tuning (chat)")
         sft = sft_stage(run, model_dir, budget_s=cfg.sft_seconds, world_dir=world, method=cfg.sft_method,
-                        seed=cfg.seed, seq_len=min(256, pcfg.model.max_seq_len))
+                        seed=cfg.seed, seq_len=min(256, pcfg.model.max_seq_len), log_cfg=pcfg.log)
         sections.append("sft/report.md")  # base vs SFT on the held-out world tasks, in the report card
         timings["sft"] = time.perf_counter() - t
         if cfg.align_seconds > 0:
@@ -207,7 +213,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
             t = _step("8. alignment (DPO on preference pairs, then GRPO on arithmetic)")
             sft_dir = sft_model_dir(model_dir, Path(sft["result"]), run)
             models["sft"] = str(sft_dir)
-            align_stage(run, sft_dir, world, budget_s=cfg.align_seconds, seed=cfg.seed)
+            align_stage(run, sft_dir, world, budget_s=cfg.align_seconds, seed=cfg.seed, log_cfg=pcfg.log)
             models["aligned"] = str(run / "align" / "model")
             sections.append("align/report.md")  # SFT -> aligned, with the base column
             timings["align"] = time.perf_counter() - t

@@ -112,8 +112,9 @@ def world_task_scores(model, tok, records: list[dict], chat: bool, n_eval: int =
 
 def sft_stage(run_dir: str | Path, base_dir: str | Path, budget_s: float = 120.0, world_dir: str | Path | None = None,
               method: str = "full", seed: int = 0, n_eval: int = 30, lr: float | None = None, batch_size: int = 8,
-              seq_len: int = 256, log=print) -> dict[str, Any]:
+              seq_len: int = 256, log=print, log_cfg=None) -> dict[str, Any]:
     """Fine-tune base_dir on the world's chat data for budget_s seconds into run_dir/sft; score base vs SFT.
+    log_cfg: a LogConfig (TensorBoard / W&B beside sft/run/metrics.jsonl).
 
     Returns the finetune summary plus "scores" ({"base": {...}, "sft": {...}}) and "report_md" (a table)."""
     from lmstack.adapt.finetune import FinetuneConfig, finetune, load_result
@@ -138,6 +139,8 @@ def sft_stage(run_dir: str | Path, base_dir: str | Path, budget_s: float = 120.0
         optim=OptimizerConfig(name="adamw", lr=lr or default_lr, weight_decay=0.0),
         schedule=ScheduleConfig(name="cosine", warmup_steps=20, min_lr_ratio=0.1),
         batch_size=batch_size, seq_len=seq_len, mix=dict(STAGE_MIX))
+    if log_cfg is not None:
+        cfg.log = log_cfg
     summary = finetune(cfg, log=log)
     tok = load_tokenizer(base_dir)
     test = _world_chat(world_dir, seed, "test")

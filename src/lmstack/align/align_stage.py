@@ -196,13 +196,14 @@ def align_stage(run_dir: str | Path, sft_dir: str | Path, world_dir: str | Path,
                 dpo_fraction: float = 0.35, seed: int = 0, n_eval: int = 30, max_difficulty: int = 2,
                 dpo_lr: float = 2e-4, grpo_lr: float = 1e-4, rpo_alpha: float = 1.0, kl_coef: float = 0.05,
                 safety_weight: float = 1.0, safety_share: float = 0.3, guard: bool = True,
-                out_dir: str | Path | None = None, log=print) -> dict[str, Any]:
+                out_dir: str | Path | None = None, log=print, log_cfg=None) -> dict[str, Any]:
     """DPO (+RPO) then GRPO (math + safety, KL-anchored) from sft_dir within budget_s seconds of training; writes
     {out_dir or run_dir/align}/{model,report.md,scores.json} and returns {"scores": {"sft": ..., "aligned": ...},
     "dpo": ..., "grpo": ..., "guard": ..., "report_md"}.
 
     safety_share: the share of GRPO's prompts that are safety requests; guard: keep the SFT weights when the
-    aligned model is worse on validation (see the module docstring)."""
+    aligned model is worse on validation (see the module docstring). The DPO and GRPO curves go to
+    {out}/dpo/metrics.jsonl and {out}/grpo/metrics.jsonl (+ TensorBoard / W&B as log_cfg, a LogConfig, says)."""
     from lmstack.align.config import AlignConfig
     from lmstack.align.dpo import PreferenceTrainer
     from lmstack.align.grpo import GroupTrainer
@@ -230,11 +231,16 @@ def align_stage(run_dir: str | Path, sft_dir: str | Path, world_dir: str | Path,
     dpo_cfg = AlignConfig(method="dpo", beta=0.1, lr=dpo_lr, steps=10_000, max_seconds=budget_s * dpo_fraction,
                           batch_size=8, max_len=policy.config.max_seq_len, warmup_steps=10, eval_every=0,
                           rpo_alpha=rpo_alpha, progress=False, device="cpu", seed=seed)
-    dpo = PreferenceTrainer(policy, tok, dpo_cfg, log=log).fit(data["pairs_train"], data["pairs_val"])
+    if log_cfg is not None:
+        dpo_cfg.log = log_cfg
+    dpo = PreferenceTrainer(policy, tok, dpo_cfg, log=log).fit(data["pairs_train"], data["pairs_val"],
+                                                               out_dir=out / "dpo")
     policy.train()
     grpo_cfg = AlignConfig(method="grpo", lr=grpo_lr, steps=10_000, max_seconds=budget_s * (1 - dpo_fraction),
                            group_size=8, prompts_per_step=8, temperature=0.7, max_new_tokens=128, warmup_steps=3,
                            kl_coef=kl_coef, eval_prompts=0, progress=False, device="cpu", seed=seed)
+    if log_cfg is not None:
+        grpo_cfg.log = log_cfg
     easy = [r for r in data["arithmetic_train"] if r.get("difficulty", 0) <= max_difficulty] or data["arithmetic_train"]
     safety = data["safety_train_records"]
     if easy and safety and safety_share > 0:  # safety requests make up safety_share of the prompt pool
@@ -243,7 +249,7 @@ def align_stage(run_dir: str | Path, sft_dir: str | Path, world_dir: str | Path,
     prompts = easy + (safety if safety_share > 0 else [])
     reward = stage_reward(safety_weight)
     if prompts:
-        grpo = GroupTrainer(policy, tok, grpo_cfg, reward, log=log).fit(prompts)
+        grpo = GroupTrainer(policy, tok, grpo_cfg, reward, log=log).fit(prompts, out_dir=out / "grpo")
         grpo["train_prompts"] = len(prompts)
         grpo["safety_prompts"] = len(prompts) - len(easy)
     else:  # a context too short for any prompt (tiny test models)

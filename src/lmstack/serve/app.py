@@ -8,7 +8,8 @@ Routes:
     GET  /tokenizer_info            special tokens and chat template (lm-eval's remote tokenizer reads it)
     GET  /health                    200 while the engine runs, 503 (with Retry-After) after it failed
     GET  /metrics                   Prometheus text
-    GET  /                          a small web chat page
+    GET  /                          the web chat page (static/chat.html + chat.js, markdown.js, chat.css)
+    GET  /static/<file>             the page's own scripts and styles (a fixed list; no other files)
 
 Three ASGI middlewares wrap the app: the outer one counts every answer by route and status for /metrics;
 the middle one refuses bodies over max_request_bytes (413) before any parsing, even chunked ones; the
@@ -26,6 +27,7 @@ Usage:
 """
 from __future__ import annotations
 
+import html
 import json
 import secrets
 from pathlib import Path
@@ -44,8 +46,13 @@ from lmstack.serve.protocol import (ChatCompletionRequest, CompletionRequest, De
                                     ModelList, TokenizeRequest)
 
 STATIC = Path(__file__).resolve().parent / "static"
+# The page's assets, by name: only these are served, so no request path ever reaches the filesystem.
+STATIC_FILES = {"chat.js": "text/javascript", "markdown.js": "text/javascript", "chat.css": "text/css"}
+# The page loads nothing from elsewhere (no CDN, no fonts) and runs no inline script: the browser enforces it.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _KNOWN_ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-                 "/tokenizer_info", "/health", "/metrics", "/"}
+                 "/tokenizer_info", "/health", "/metrics", "/", *(f"/static/{name}" for name in STATIC_FILES)}
 
 
 class MetricsMiddleware:
@@ -211,8 +218,16 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, dependencies=page_auth)
     async def web_chat():
         page = (STATIC / "chat.html").read_text(encoding="utf-8")
-        # The name lands inside a JS string literal: JSON-escape it, and escape "<" so "</script>" cannot close it.
-        return page.replace('"__MODEL_NAME__"', json.dumps(config.model_name).replace("<", "\\u003c"))
+        # The name lands in an HTML attribute (data-model): escape it, quotes included.
+        page = page.replace('"__MODEL_NAME__"', '"' + html.escape(config.model_name, quote=True) + '"')
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    @app.get("/static/{name}", dependencies=page_auth)
+    async def web_asset(name: str):
+        if name not in STATIC_FILES:
+            raise APIError(404, f"no static file {name!r}; the page's files are {sorted(STATIC_FILES)}")
+        return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name],
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
     app.add_middleware(CatchAllMiddleware)  # added first = innermost: catches what the handlers did not
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)

@@ -32,7 +32,7 @@ from lmstack.errors import LmstackError
 def run(inputs: list[ReaderConfig] | None = None, out: str = "data/pipeline", workers: int = 2, batch_size: int = 256,
         filters: FiltersConfig | None = None, dedup: DedupConfig | None = None, decontam: DecontamConfig | None = None,
         augment: AugmentConfig | None = None, mix: MixConfig | None = None, shards: ShardConfig | None = None,
-        progress: bool = True) -> None:
+        progress: bool = True, executor: Literal["local", "ray"] = "local", ray_address: str = "") -> None:
     """Run the data pipeline: read -> filter -> dedup -> decontaminate -> mix -> shard.
 
     Args:
@@ -47,13 +47,17 @@ def run(inputs: list[ReaderConfig] | None = None, out: str = "data/pipeline", wo
         mix: Source weights, language temperature, topic balance.
         shards: Tokenizer and shard layout.
         progress: Show progress bars and the final table.
+        executor: local (a process pool here) or ray (Ray Data; same output bytes; needs `pip install -e '.[ray]'`).
+        ray_address: executor=ray: '' starts a local Ray instance with `workers` CPUs; 'auto' joins the cluster
+            `ray start --head` made on this machine; 'HOST:6379' or 'ray://HOST:10001' a remote one.
     """
     from lmstack.data.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(inputs=inputs or [], out=out, workers=workers, batch_size=batch_size,
                          filters=filters or FiltersConfig(), dedup=dedup or DedupConfig(),
                          decontam=decontam or DecontamConfig(), augment=augment or AugmentConfig(),
-                         mix=mix or MixConfig(), shards=shards or ShardConfig(), progress=progress)
+                         mix=mix or MixConfig(), shards=shards or ShardConfig(), progress=progress,
+                         executor=executor, ray_address=ray_address)
     report = run_pipeline(cfg)
     if not progress:  # with progress on, run_pipeline has printed these under its table already
         from lmstack.data.report import bad_record_lines

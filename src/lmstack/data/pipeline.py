@@ -25,6 +25,7 @@ Usage:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -33,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
@@ -82,10 +83,17 @@ class PipelineConfig:
     """Tokenizer and shard layout."""
     progress: bool = True
     """Show progress bars."""
+    executor: Literal["local", "ray"] = "local"
+    """local: a multiprocessing Pool on this machine; ray: Ray Data on a Ray instance (see ray_executor.py)."""
+    ray_address: str = ""
+    """executor=ray: '' starts a private local Ray instance with `workers` CPUs; 'auto' joins the cluster
+    `ray start --head` made on this machine; 'host:6379' or 'ray://host:10001' a remote cluster."""
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.batch_size < 1:
             raise ValueError(f"workers={self.workers} and batch_size={self.batch_size} must be >= 1")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor={self.executor!r}: choose one of 'local', 'ray'")
 
 
 def decontam_active(cfg: DecontamConfig) -> bool:
@@ -182,18 +190,45 @@ class Cleaned:
     sample: list[str] = field(default_factory=list)
     hits: list[list[str]] = field(default_factory=list)
 
+    def add(self, doc: Doc, rng: random.Random, cap: int) -> None:
+        """Note one kept document (in clean.jsonl order), keeping a reservoir sample of texts."""
+        self.sources.append(doc["source"])
+        self.langs.append(doc["meta"].get("lang", "unknown"))
+        seen = len(self.sources)
+        # Reservoir sample (algorithm R) of texts for fitting the topic model.
+        if len(self.sample) < cap:
+            self.sample.append(doc["text"])
+        elif (j := rng.randrange(seen)) < cap:
+            self.sample[j] = doc["text"]
 
-def clean_stage(cfg: PipelineConfig, dd: Deduplicator, report: Report, clean_path: Path) -> Cleaned:
-    """Read, filter, dedup, decontaminate and augment; write survivors to `clean_path` atomically."""
-    stats = ReadStats()
+
+def declare_steps(cfg: PipelineConfig, report: Report) -> tuple[bool, Augmenter]:
+    """Fix the report table's step order before counts arrive; (decontamination on?, the augmenter)."""
     for name in ["read"] + [n for n in FILTERS if getattr(cfg.filters, n).enabled] + ["dedup"]:
-        report.step(name)  # fix the table's order before counts arrive
+        report.step(name)
     dec_on = decontam_active(cfg.decontam)
     if dec_on:
         report.step("decontaminate")
     augmenter = Augmenter(cfg.augment)
     if augmenter.enabled:
         report.step("augment")
+    return dec_on, augmenter
+
+
+def finish_clean(report: Report, stats: ReadStats, out: Cleaned, dd: Deduplicator, dec_on: bool) -> None:
+    """The clean stage's report sections: read counts, languages, dedup clusters, contamination."""
+    report.step("read").add(stats.docs, stats.dropped(), stats.modified())
+    report.sections["read"] = stats.to_dict()
+    report.sections["languages"] = dict(sorted(_count(out.langs).items(), key=lambda kv: -kv[1]))
+    report.sections["dedup"] = dd.clusters()
+    if dec_on:
+        report.sections["contamination"] = contamination_report(out.hits)
+
+
+def clean_stage(cfg: PipelineConfig, dd: Deduplicator, report: Report, clean_path: Path) -> Cleaned:
+    """Read, filter, dedup, decontaminate and augment; write survivors to `clean_path` atomically."""
+    stats = ReadStats()
+    dec_on, augmenter = declare_steps(cfg, report)
     out = Cleaned()
     rng = random.Random(cfg.mix.topics.seed)
     cap = cfg.mix.topics.max_fit_docs
@@ -227,14 +262,8 @@ def clean_stage(cfg: PipelineConfig, dd: Deduplicator, report: Report, clean_pat
                     kept = res.kept
                 for doc in kept:
                     f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-                    out.sources.append(doc["source"])
-                    out.langs.append(doc["meta"].get("lang", "unknown"))
+                    out.add(doc, rng, cap)
                     seen += 1
-                    # Reservoir sample (algorithm R) of texts for fitting the topic model.
-                    if len(out.sample) < cap:
-                        out.sample.append(doc["text"])
-                    elif (j := rng.randrange(seen)) < cap:
-                        out.sample[j] = doc["text"]
                 if bar is not None:
                     bar.update(n_in)
                     bar.set_postfix(kept=seen)
@@ -248,12 +277,7 @@ def clean_stage(cfg: PipelineConfig, dd: Deduplicator, report: Report, clean_pat
     finally:
         if bar is not None:
             bar.close()
-    report.step("read").add(stats.docs, stats.dropped(), stats.modified())
-    report.sections["read"] = stats.to_dict()
-    report.sections["languages"] = dict(sorted(_count(out.langs).items(), key=lambda kv: -kv[1]))
-    report.sections["dedup"] = dd.clusters()
-    if dec_on:
-        report.sections["contamination"] = contamination_report(out.hits)
+    finish_clean(report, stats, out, dd, dec_on)
     return out
 
 
@@ -307,10 +331,11 @@ def repeat_docs(clean_path: Path, copies: np.ndarray) -> Iterator[Doc]:
 
 # ---- stage 3: shard, and the whole run -------------------------------------------------------------
 def shard_stage(cfg: PipelineConfig, docs: Iterator[Doc], report: Report, start_index: int = 0,
-                generation: int = 0) -> dict[str, Any]:
+                generation: int = 0, map_fn: Callable = parallel_map) -> dict[str, Any]:
     out = Path(cfg.out) / SHARDS
     t0 = time.perf_counter()
-    manifest = write_shards(docs, out, cfg.shards, cfg.workers, start_index, generation, progress=cfg.progress)
+    manifest = write_shards(docs, out, cfg.shards, cfg.workers, start_index, generation, progress=cfg.progress,
+                            map_fn=map_fn)
     mine = [e for e in manifest["shards"] if e["index"] >= start_index]
     n_docs = sum(e["n_docs"] for e in mine)
     report.step("shard").add(n_docs, {}, seconds=time.perf_counter() - t0)
@@ -357,6 +382,20 @@ def finish_generation(out: Path, generation: int, start_index: int, inputs: list
             old.rmdir()
 
 
+@contextlib.contextmanager
+def executor(cfg: PipelineConfig) -> Iterator[tuple[Callable, Callable]]:
+    """(clean stage, ordered map for tokenizing) of the chosen executor; both give the same bytes.
+
+    ray is imported only when chosen, so the local executor never needs it installed."""
+    if cfg.executor == "ray":
+        from lmstack.data.ray_executor import ray_clean_stage, ray_map, ray_session
+
+        with ray_session(cfg.ray_address, cfg.workers):
+            yield ray_clean_stage, ray_map
+    else:
+        yield clean_stage, parallel_map
+
+
 def run_pipeline(cfg: PipelineConfig, before_shards: Callable[[Path], str | None] | None = None) -> Report:
     """Run the whole pipeline into `cfg.out`; print the table and write the report files.
 
@@ -371,13 +410,14 @@ def run_pipeline(cfg: PipelineConfig, before_shards: Callable[[Path], str | None
     dd = Deduplicator(cfg.dedup)
     clean_path = out / CLEAN
     mark_pending(out / SHARDS, 0, 0)
-    cleaned = clean_stage(cfg, dd, report, clean_path)
-    copies = mix_stage(cfg, cleaned, clean_path, report)
-    if before_shards is not None:
-        tokenizer = before_shards(clean_path)
-        if tokenizer:
-            cfg.shards.tokenizer = str(tokenizer)
-    shard_stage(cfg, repeat_docs(clean_path, copies), report)
+    with executor(cfg) as (clean, map_fn):
+        cleaned = clean(cfg, dd, report, clean_path)
+        copies = mix_stage(cfg, cleaned, clean_path, report)
+        if before_shards is not None:
+            tokenizer = before_shards(clean_path)
+            if tokenizer:
+                cfg.shards.tokenizer = str(tokenizer)
+        shard_stage(cfg, repeat_docs(clean_path, copies), report, map_fn=map_fn)
     finish_generation(out / SHARDS, 0, 0, cfg.inputs, int(copies.sum()), dd)
     report.sections["seconds"] = round(time.perf_counter() - t0, 2)
     write_report(report, out)

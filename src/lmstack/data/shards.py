@@ -33,7 +33,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -240,8 +240,11 @@ HEADER_KEYS = ("dtype", "vocab_size", "bos_id", "eos_id", "tokenizer_sha256", "c
 
 
 def write_shards(docs: Iterable[Doc], out_dir: str | Path, cfg: ShardConfig, workers: int = 1, start_index: int = 0,
-                 generation: int = 0, progress: bool = False) -> dict[str, Any]:
+                 generation: int = 0, progress: bool = False, map_fn: Callable = parallel_map) -> dict[str, Any]:
     """Tokenize `docs` into shards numbered from `start_index`, resuming work a killed run left.
+
+    map_fn is the ordered parallel map that runs the shard jobs (parallel_map's signature): a
+    process pool by default, Ray tasks under the Ray executor; the bytes written are the same.
 
     Shards before `start_index` are never touched (online expansion appends after them). Entries
     at or after it that this plan no longer produces (a rerun over less data) are removed.
@@ -277,7 +280,7 @@ def write_shards(docs: Iterable[Doc], out_dir: str | Path, cfg: ShardConfig, wor
         bar = tqdm(desc="shards", unit="shard")
     planned = set()
     written = 0
-    for entry in parallel_map(_build_shard, todo(), workers, _init_worker, (str(out), cfg)):
+    for entry in map_fn(_build_shard, todo(), workers, _init_worker, (str(out), cfg)):
         entry["generation"] = generation
         existing[entry["index"]] = entry
         manifest["shards"] = list(existing.values())

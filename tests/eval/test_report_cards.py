@@ -85,10 +85,11 @@ def test_report_on_finetune_and_align_run_directories(tmp_path, kind, rows, conf
 
 def test_speedrun_layout_shows_sft_dpo_and_grpo_curves(tmp_path):
     run = tmp_path / "speed"
-    _jsonl(run / "pretrain" / "metrics.jsonl", [{"step": 1, "loss": 5.0, "lr": 1e-3}, {"step": 2, "loss": 4.0, "lr": 1e-3}])
-    _jsonl(run / "sft" / "run" / "metrics.jsonl", _sft_rows())
-    _jsonl(run / "align" / "dpo" / "metrics.jsonl", _dpo_rows())
-    _jsonl(run / "align" / "grpo" / "metrics.jsonl", _grpo_rows())
+    _jsonl(run / "pretrain" / "metrics.jsonl", [{"step": 1, "loss": 5.0, "lr": 1e-3, "time": 900.0},
+                                                {"step": 2, "loss": 4.0, "lr": 1e-3, "time": 901.0}])
+    for i, (folder, rows) in enumerate(((("sft", "run"), _sft_rows()), (("align", "dpo"), _dpo_rows()),
+                                        (("align", "grpo"), _grpo_rows()))):
+        _jsonl(run.joinpath(*folder, "metrics.jsonl"), [{**r, "time": 1000.0 + 10 * i + j} for j, r in enumerate(rows)])
     _jsonl(run / "pretrain" / "checkpoints" / "step_1" / "metrics.jsonl", [{"step": 1, "loss": 9.0}])  # not a stage
     text = build_report(run).read_text()
     for stage, label in (("pretrain", "pretraining"), ("sft/run", "supervised fine-tuning"),
@@ -96,7 +97,11 @@ def test_speedrun_layout_shows_sft_dpo_and_grpo_curves(tmp_path):
         assert f"| {stage} | {label}" in text, stage
         slug = stage.replace("/", "_")
         assert f"![metrics: {stage}](plots/curves_{slug}.png)" in text and (run / "plots" / f"curves_{slug}.png").is_file()
-    assert "checkpoints" not in text.split("## Training")[1].split("## Evaluation")[0]
+    table = text.split("## Training")[1].split("## Evaluation")[0]
+    assert "checkpoints" not in table
+    # in the order the stages ran (the first row's time), not path order (align/ sorts before sft/)
+    assert (table.index("| pretrain |") < table.index("| sft/run |") < table.index("| align/dpo |")
+            < table.index("| align/grpo |"))
     assert len(_captioned(text)) == 8
 
 

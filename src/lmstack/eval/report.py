@@ -176,16 +176,28 @@ SKIP_DIRS = {"checkpoints", "replaced", "model", "plots", "tensorboard", "wandb"
 """Folders that never hold a training stage's own metrics.jsonl (old runs moved aside, saved models, ...)."""
 
 
+def _first_time(path: Path) -> float:
+    """When a stage started: its first row's time (MetricsLogger writes one), else the file's mtime."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            t = json.loads(f.readline() or "{}").get("time")
+        return t if isinstance(t, (int, float)) else path.stat().st_mtime
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return float("inf")
+
+
 def training_stages(run: Path) -> list[tuple[str, Path]]:
     """(stage name, metrics.jsonl) for the run directory itself and its stage folders up to two levels down
-    (pretrain/, sft/run/, align/dpo/, ...), in path order; the run directory's own file is called after it."""
+    (pretrain/, sft/run/, align/dpo/, ...), in the order they started; the run directory's own file is called
+    after it."""
     found = []
     for depth in ("metrics.jsonl", "*/metrics.jsonl", "*/*/metrics.jsonl"):
         for path in sorted(run.glob(depth)):
             rel = path.parent.relative_to(run)
             if not SKIP_DIRS & set(rel.parts) and path.is_file():
                 found.append((rel.as_posix() if rel.parts else run.resolve().name, path))
-    return found
+    order = {p: i for i, (_, p) in enumerate(found)}
+    return sorted(found, key=lambda sp: (_first_time(sp[1]), order[sp[1]]))
 
 
 def stage_kind(stage_dir: Path, rows: list[dict]) -> tuple[str, str]:

@@ -96,10 +96,10 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 def ray_session(address: str, workers: int) -> Iterator[Any]:
     """Connect to (or start) Ray for one run; shut it down after, unless the caller had started it."""
     ray = import_ray()
+    check_reachable(address)  # even with Ray running here: an address given and unreachable is a mistake
     if ray.is_initialized():  # a test module or notebook owns the instance: use it, leave it running
         yield ray
         return
-    check_reachable(address)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if not address:
         kwargs.update(num_cpus=workers, include_dashboard=False)
@@ -220,6 +220,8 @@ def dedup_decisions(ray: Any, docs: Any, cfg: Any, dd: Deduplicator) -> dict[int
 
     `dd` ends with the same signatures and ids as the local executor's, so the stored dedup set
     (shards/dedup.gen0) and later `lmstack data add` runs are the same too."""
+    from ray.data.expressions import col
+
     from lmstack.data.ray_dedup import exact_duplicates, near_pairs, near_representatives
 
     n_buckets = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))  # one reducer call per bucket
@@ -245,10 +247,12 @@ def dedup_decisions(ray: Any, docs: Any, cfg: Any, dd: Deduplicator) -> dict[int
             dd.exact.members.setdefault(index[dups[p]], []).append(ids[index[p]])
     if dd.near is not None:
         sigs = np.concatenate(meta["sig"])[live]
+        shape = dd.signatures([make_doc("a b c d e f g h", "probe", "probe")])[cfg.dedup.near].shape[1:]
+        sigs = sigs.reshape(len(sigs), *shape)  # Arrow stored SimHash's scalar per document as a row of one
         live_pos, live_ids = pos[live], [i for i, keep in zip(ids, live.tolist()) if keep]
         if cfg.dedup.near == "minhash":
             gone = set(dropped)
-            survivors = docs.filter(lambda r: r["pos"] not in gone) if gone else docs
+            survivors = docs.filter(expr=col("pos").not_in(sorted(gone))) if gone else docs
             pairs = near_pairs(survivors, cfg.dedup.minhash, n_buckets)
             reps = near_representatives(live_pos.tolist(), pairs)
             dd.near.index.add(sigs, query=False)

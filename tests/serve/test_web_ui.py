@@ -321,6 +321,11 @@ def test_markdown_and_code_render_and_model_html_stays_text(tab):
 
 def test_a_400_names_the_field_and_a_413_says_too_large(tab):
     page = tab.page
+    tab.fill_settings(extra="{not json")  # caught in the page: a message, and no request sent
+    tab.send("hello")
+    page.wait_for_selector(".msg.error[data-kind=client]")
+    assert "extra body is not valid JSON" in errors_shown(page)[-1]["text"] and not tab.requests
+    tab.fill_settings(extra="")
     tab.fill_settings(temperature=-1, max_tokens=4)
     tab.send("hello")
     page.wait_for_selector(".msg.error")
@@ -328,7 +333,7 @@ def test_a_400_names_the_field_and_a_413_says_too_large(tab):
     assert err["kind"] == "refused" and "(400)" in err["text"] and "temperature" in err["text"]
     tab.fill_settings(temperature=0.5)
     tab.send("x" * (BODY_CAP + 100))
-    page.wait_for_selector(".msg.error >> nth=1")
+    page.wait_for_selector(".msg.error >> nth=2")
     err = errors_shown(page)[-1]
     assert err["kind"] == "too-large" and "(413)" in err["text"] and str(BODY_CAP) in err["text"]
     tab.wait_reply_done()
@@ -421,4 +426,45 @@ def test_the_page_loads_nothing_from_outside_and_keeps_later_hooks_hidden(tab, u
     assert page.locator("#image-hook").is_hidden() and page.locator("#rag-hook").is_hidden()
     assert httpx.get(ui.url + "/static/../app.py").status_code == 404
     assert httpx.get(ui.url + "/static/chat.html").status_code == 404  # only the listed assets
+    tab.check_console()
+
+
+def test_the_page_assets_need_the_key_wherever_the_page_does(model_dir):
+    """On a non-loopback host the page needs the key (issue 15); so do its scripts and styles."""
+    srv = start_server(model_dir, api_key="sk-x", host="0.0.0.0")  # binds loopback; host sets the policy
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            for path in ("/", "/static/chat.js", "/static/markdown.js", "/static/chat.css"):
+                assert c.get(path).status_code == 401, path
+                ok = c.get(path, headers={"Authorization": "Bearer sk-x"})
+                assert ok.status_code == 200 and ok.content, path
+            assert c.get("/static/chat.js", headers={"Authorization": "Bearer sk-x"}).headers[
+                "content-type"].startswith("text/javascript")
+    finally:
+        srv.stop()
+
+
+def test_a_slow_start_shows_the_wait_and_escape_cancels(tab, ui):
+    page = tab.page
+    tab.fill_settings(max_tokens=50)
+    ui.delay = 1.5  # the first token needs a prefill step: over a second of silence
+    tab.send("slow")
+    page.wait_for_function("() => /waiting for the server… [1-9] s/.test(document.getElementById('status').textContent)",
+                           timeout=5_000)
+    page.keyboard.press("Escape")
+    tab.wait_reply_done(timeout=5_000)
+    assert page.locator("#status").inner_text() == "" and not page.query_selector(".msg.error")
+    tab.check_console()
+
+
+def test_corrupt_storage_does_not_break_the_page(tab):
+    page = tab.page
+    page.evaluate("""() => { localStorage.setItem('lmstack.chats.v1', JSON.stringify(
+        {a: 5, b: {messages: "no"}, c: {title: "kept", updated: 1, messages: [{role: "user", content: "hi"}, 7]}}));
+        localStorage.setItem('lmstack.settings.v1', '{truncated'); }""")
+    page.reload()
+    page.wait_for_selector("#chats li")
+    assert page.eval_on_selector_all("#chats .open", "bs => bs.map(b => b.textContent)") == ["kept"]
+    assert page.locator(".msg.user").inner_text() == "hi"
+    assert page.input_value("#temperature") == "0.7"  # the defaults, since the stored settings were unreadable
     tab.check_console()

@@ -52,6 +52,18 @@ function save(key, value) {
 
 function saveChats() { save(STORE, chats); }
 
+// Keep only well-formed conversations from storage (it may hold an older format or a hand edit).
+function validChats(stored) {
+  const ok = {};
+  for (const [id, c] of Object.entries(stored)) {
+    if (!c || !Array.isArray(c.messages)) continue;
+    const messages = c.messages.filter((m) => m && typeof m.role === "string" && typeof m.content === "string");
+    ok[id] = {id, title: typeof c.title === "string" ? c.title : "chat", messages,
+              updated: Number.isFinite(c.updated) ? c.updated : 0};
+  }
+  return ok;
+}
+
 function current() {
   if (!currentId || !chats[currentId]) newChat();
   return chats[currentId];
@@ -126,7 +138,7 @@ function updateActions() {
   $("regenerate").hidden = !!streaming || !msgs.length || msgs[msgs.length - 1].role !== "assistant";
 }
 
-function setStatus(text) { $("status").textContent = text; }
+function setStatus(text) { if ($("status").textContent !== text) $("status").textContent = text; }
 
 function switchChat(id) {
   if (streaming) stop();
@@ -371,12 +383,26 @@ async function generate() {
   const controller = new AbortController();
   streaming = {controller, stopped: false};
   updateActions();
-  setStatus("waiting for the server…");
   const started = performance.now();
-  let pending = null, text = "";
-  const paint = (t) => {  // re-render at most once per frame; markdown of the whole reply is cheap
+  // A reply that is slow to start or stalls says so, with the seconds waited (never a silent stall).
+  let heard = started;
+  const watch = setInterval(() => {
+    const quiet = Math.round((performance.now() - heard) / 1000);
+    if (!streaming.receiving) setStatus(`waiting for the server… ${quiet} s`);
+    else if (quiet >= 5) setStatus(`no new tokens for ${quiet} s (Stop or Esc cancels)`);
+  }, 1000);
+  setStatus("waiting for the server…");
+  let pending = null, text = "", painted = -1e9;
+  const repaint = () => { pending = null; painted = performance.now(); renderMarkdown(target, text); scrollDown(); };
+  // The whole reply's markdown is re-rendered (3 ms for 16 KB), at most once a frame: at once when the last
+  // paint is a frame old (so the first token shows without waiting), else at the next animation frame.
+  const paint = (t) => {
     text = t;
-    if (!pending) pending = requestAnimationFrame(() => { pending = null; renderMarkdown(target, text); scrollDown(); });
+    heard = performance.now();
+    if (pending) return;
+    if (performance.now() - painted >= 16) repaint();
+    else pending = requestAnimationFrame(repaint);
+    if (!streaming.receiving) streaming.receiving = true;
     setStatus("generating…");
   };
   let result = null, failure = null;
@@ -389,6 +415,7 @@ async function generate() {
     failure = e;
   }
   if (pending) cancelAnimationFrame(pending);
+  clearInterval(watch);
   const stopped = streaming.stopped;
   streaming = null;
   div.classList.remove("streaming");
@@ -470,10 +497,11 @@ function init() {
     $("input").value = "";
     send(text);
   };
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape" && streaming) stop(); });
   $("input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("form").requestSubmit(); }
   });
-  chats = load(STORE, {});
+  chats = validChats(load(STORE, {}));
   const recent = Object.values(chats).sort((a, b) => b.updated - a.updated)[0];
   currentId = recent ? recent.id : null;
   renderChats();

@@ -110,6 +110,9 @@ def test_metrics_of_different_scales_get_separate_panels():
     assert panels[:4] == [["lr", "val_lr"], ["grad_norm"], ["tokens_per_s"], ["mfu"]]  # lr 1e-4 apart from 1e3
     assert ["val_token_acc"] in panels and not left_out
     assert all("loss" not in p for p in panels)  # the loss has its own figure
+    dpo, _ = metric_panels(_dpo_rows() + [{"step": 3, "val_n_pairs": 8}])
+    assert dpo[:2] == [["accuracy", "val_accuracy"], ["margin", "val_margin"]]  # what DPO optimises comes first
+    assert not any("val_n_pairs" in p for p in dpo)  # a count, not a curve
     many = [{"step": 1, **{f"m{i}": float(i) for i in range(15)}}]
     panels, left_out = metric_panels(many)
     assert len(panels) == 12 and len(left_out) == 3

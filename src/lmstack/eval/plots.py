@@ -55,8 +55,9 @@ def _points(rows: list[dict], key: str) -> list[tuple[float, float]]:
 NOT_CURVES = {"step", "time", "tokens", "tokens_seen", "skipped_total", "grad_accum", "n_pairs", "n", "loss",
               "val_loss"}
 """Row keys that are bookkeeping (counters, clocks) or already drawn by loss_plot, so metric_panels skips them."""
-FIRST = ("lr", "grad_norm", "tokens_per_s", "mfu")
-"""Panels shown first, in this order; the rest follow alphabetically."""
+FIRST = ("reward_mean", "accuracy", "margin", "kl", "lr", "grad_norm", "tokens_per_s", "mfu")
+"""Panels shown first, in this order (what a stage optimises, then how the optimizer runs); the rest follow
+alphabetically."""
 
 
 def metric_panels(rows: list[dict], max_panels: int = 12) -> tuple[list[list[str]], list[str]]:
@@ -66,7 +67,8 @@ def metric_panels(rows: list[dict], max_panels: int = 12) -> tuple[list[list[str
     keys = []
     for r in rows:
         for k, v in r.items():
-            if (k not in NOT_CURVES and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool)
+            base = k[4:] if k.startswith("val_") else k
+            if (base not in NOT_CURVES and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool)
                     and not k.endswith(("_stderr", "_n"))):
                 keys.append(k)
     groups: dict[str, list[str]] = {}

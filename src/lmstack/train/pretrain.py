@@ -1,8 +1,8 @@
 """`lmstack pretrain`: build the model, data, objective, optimizer and schedule from one run config,
 then train with the Trainer. Recipes in recipes/*.yaml are PretrainConfig files.
 
-The run directory gets config.yaml (the resolved config), metrics.jsonl (+ TensorBoard when
-installed), loss.png and checkpoints/step_*/ (the model there loads with lmstack.load_model).
+The run directory gets config.yaml (the resolved config), metrics.jsonl (+ tensorboard/ event files
+with --log.tensorboard true), loss.png and checkpoints/step_*/ (the model there loads with lmstack.load_model).
 Run again over the same directory, it resumes from the newest checkpoint that verifies; it refuses to
 start from step 0 over checkpoints (all corrupt, or train.resume false) unless --train.restart true,
 which moves the earlier run into replaced/<UTC time>/ first (see lmstack.train.trainer).

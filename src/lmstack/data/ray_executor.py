@@ -215,8 +215,8 @@ def _summary(kept: int, dropped: list[tuple[str, str]]) -> dict[str, Any]:
     return {"kept": kept, "dropped": counts, "modified": {}, "examples": examples}
 
 
-def dedup_decisions(ray: Any, docs: Any, cfg: Any, dd: Deduplicator) -> dict[int, str]:
-    """{pos: 'exact_duplicate' | 'near_duplicate'} for the dropped documents; fills `dd` as the local run would.
+def dedup_decisions(ray: Any, docs: Any, cfg: Any, dd: Deduplicator) -> tuple[dict[int, str], dict[str, Any]]:
+    """({pos: 'exact_duplicate' | 'near_duplicate'} of the dropped documents, the dedup step's summary).
 
     `dd` ends with the same signatures and ids as the local executor's, so the stored dedup set
     (shards/dedup.gen0) and later `lmstack data add` runs are the same too."""
@@ -265,7 +265,9 @@ def dedup_decisions(ray: Any, docs: Any, cfg: Any, dd: Deduplicator) -> dict[int
             reps_arr = dd.near.add(sigs, live_ids)
             for p in live_pos[reps_arr >= 0].tolist():
                 dropped[p] = "near_duplicate"
-    return dropped
+    in_order = [(ids[index[p]], dropped[p]) for p in sorted(dropped)]
+    by_reason = sorted(in_order, key=lambda x: x[1])  # exact first, as the local Deduplicator reports them
+    return dropped, _summary(len(pos) - len(dropped), by_reason)
 
 
 def ray_clean_stage(cfg: Any, dd: Deduplicator, report: Report, clean_path: Path) -> Any:
@@ -307,13 +309,9 @@ def ray_clean_stage(cfg: Any, dd: Deduplicator, report: Report, clean_path: Path
                 report.add_summary(name, s, s["seconds"])
     docs = ds.filter(expr=col("side") == "")
     t0 = time.perf_counter()
-    dropped = dedup_decisions(ray, docs, cfg, dd)
-    n_docs = docs.count()
-    dedup_ids = [(r["id"], dropped[r["pos"]]) for r in docs.select_columns(["pos", "id"]).iter_rows()
-                 if r["pos"] in dropped]
-    by_reason = sorted(dedup_ids, key=lambda x: x[1])  # exact first, as the local Deduplicator reports them
+    dropped, summary = dedup_decisions(ray, docs, cfg, dd)
     dedup_wall = time.perf_counter() - t0
-    report.add_summary("dedup", _summary(n_docs - len(dropped), by_reason), dedup_wall)
+    report.add_summary("dedup", summary, dedup_wall)
 
     out = Cleaned()
     rng = random.Random(cfg.mix.topics.seed)

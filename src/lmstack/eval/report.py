@@ -164,9 +164,10 @@ def section_tokenizer(run: Path) -> list[str]:
 
 
 BPB_NOTE = ("`validation bits per byte` is the pretraining loop's own estimate: the mean next-token cross-entropy "
-            "over the first `train.eval_batches` windows of `data.seq_len` tokens of the validation shards (packed "
-            "rows, so early tokens of a window see little context), / ln 2, / bytes per token (measured on a "
-            "200-document sample of those shards). It is not the evaluation's `world_val_bpb bits_per_byte` "
+            "over the first `train.eval_batches` batches of `data.seq_len`-token windows of the validation data "
+            "(packed rows, so early tokens of a window see little context), / ln 2, / bytes per token (for shards: "
+            "measured on a 200-document sample of the validation shards; for `data.text`: the validation split's "
+            "exact bytes / tokens). It is not the evaluation's `world_val_bpb bits_per_byte` "
             "computed twice: that one scores the first 20,000 characters of the same world validation text with "
             "evaluate()'s rolling log-likelihood (4,000-character documents, every token predicted with the "
             "longest context the model allows) and divides by those characters' exact UTF-8 bytes. Different text "

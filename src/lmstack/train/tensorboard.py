@@ -26,7 +26,11 @@ def finite_scalars(values: dict[str, Any]) -> dict[str, float]:
 
 
 def _named_tensors(model):
+    """(tag, CPU float tensor) of every trainable weight and its gradient. Sharded (DTensor) parameters of
+    FSDP2 / tensor parallelism are skipped: gathering them is a collective that only rank 0 would enter."""
     for name, p in model.named_parameters():
+        if hasattr(p, "placements"):
+            continue
         if p.requires_grad or p.grad is not None:
             yield f"weights/{name}", p.detach().float().cpu()
             if p.grad is not None:

@@ -263,8 +263,9 @@ def section_training(run: Path, summary: dict | None) -> list[str]:
         png = loss_plot(rows, run / "plots" / f"loss_{slug}.png", title=f"{stage}: {kind}", ylabel=loss_unit)
         if png:
             pictures += [f"![loss curve: {stage}]({_rel(run, png)})", "",
-                         f"_Figure: {stage} ({kind}): training `loss` (line, logged every log_every steps) and "
-                         f"`val_loss` on held-out data (dots) against optimizer step, from {src}; y: {loss_unit}._",
+                         f"_Figure: {stage} ({kind}): training `loss` (line, logged every log_every steps)"
+                         + (" and `val_loss` on held-out data (dots)" if last("val_loss") is not None else "")
+                         + f" against step, from {src}; y: {loss_unit}._",
                          ""]
         panels, left_out = metric_panels(rows)
         png = curves_plot(rows, panels, run / "plots" / f"curves_{slug}.png", title=f"{stage}: {kind}")

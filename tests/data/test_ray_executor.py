@@ -45,6 +45,10 @@ def run_both(make_cfg, tmp_path):
     for executor in ("local", "ray"):
         cfg = make_cfg(tmp_path / executor)
         cfg.executor = executor
+        if executor == "local":
+            # No process pool: forking a process that has Ray running is unsafe (Ray's docs), and the
+            # local executor's output does not depend on its worker count (test_data_pipeline.py).
+            cfg.workers = 1
         runs[executor] = (Path(cfg.out), run_pipeline(cfg).to_dict())
     return runs
 
@@ -67,11 +71,10 @@ def assert_same_output(runs):
 
 
 def test_ray_matches_local_on_small_world(ray_instance, small_world, tmp_path):
-    """The built-in world: three files read in parallel tasks, decontaminated against the QA test split."""
+    """The built-in world: two files read in parallel tasks, decontaminated against the QA test split."""
     def make_cfg(out):
         return from_dict(PipelineConfig, {
             "inputs": [{"path": str(small_world / "pretrain" / "val.jsonl")},
-                       {"path": str(small_world / "pretrain" / "test.jsonl")},
                        {"path": str(small_world / "qa" / "val.jsonl"), "source": "qa"}],
             "out": str(out), "workers": 2, "batch_size": 64, "progress": False,
             "decontam": {"paths": [str(small_world / "qa" / "test.jsonl")]}, "shards": {"docs_per_shard": 128}})
@@ -79,7 +82,7 @@ def test_ray_matches_local_on_small_world(ray_instance, small_world, tmp_path):
     runs = run_both(make_cfg, tmp_path)
     rep = runs["ray"][1]
     steps = {s["name"]: s for s in rep["steps"]}
-    assert steps["read"]["seen"] > 1000 and rep["shards"]["shards"] >= 3
+    assert steps["read"]["seen"] > 700 and rep["shards"]["shards"] >= 2
     assert steps["dedup"]["seen"] > 0 and steps["decontaminate"]["seen"] > 0
     assert_same_output(runs)
 
@@ -169,3 +172,28 @@ def test_cli_flags_reach_the_executor(tmp_path):
     with pytest.raises(SystemExit) as bad:  # a value outside the Literal is a usage error, as from argparse
         main(["data", "run", "--config", str(root / "pipeline_1.yaml"), "--executor", "spark"])
     assert bad.value.code == 2
+
+
+def test_band_reducer_finds_every_similar_earlier_pair():
+    """The per-bucket reducer against brute force, on a big cluster of near copies (chunked compare)."""
+    import numpy as np
+
+    from lmstack.data.ray_dedup import _band_reducer, _exact_reduce
+
+    rng = np.random.default_rng(0)
+    n, perms = 300, 16
+    sig = np.tile(rng.integers(0, 2**31, perms, dtype=np.uint32), (n, 1))
+    for row in sig:  # each a near copy: 3 of 16 entries changed
+        row[rng.integers(0, perms, 3)] = rng.integers(0, 2**31, 3)
+    exact = np.arange(n, dtype=np.uint64)
+    exact[7] = exact[3]  # an exact copy inside the run is left to the exact shuffle
+    pos = rng.permutation(n).astype(np.int64)
+    group = {"band": np.zeros(n, np.int64), "key": np.zeros(n, np.uint64), "pos": pos, "exact": exact, "sig": sig}
+    out = _band_reducer(0.5)(group)
+    later_copy = 7 if pos[7] > pos[3] else 3
+    expected = {(int(pos[a]), int(pos[b])) for a in range(n) for b in range(n)
+                if pos[b] < pos[a] and (sig[a] == sig[b]).mean() >= 0.5 and later_copy not in (a, b)}
+    assert len(expected) > 10_000
+    assert set(zip(out["i"].tolist(), out["j"].tolist())) == expected
+    dups = _exact_reduce({"pos": pos, "exact": exact})
+    assert dups["pos"].tolist() == [int(pos[later_copy])] and dups["rep"].tolist() == [int(pos[10 - later_copy])]

@@ -101,11 +101,17 @@ def _band_reducer(threshold: float):
             idx = s + np.sort(first)
             if len(idx) < 2:
                 continue
-            sims = jaccard_estimate(sig[idx][:, None, :], sig[idx][None, :, :])
-            later, earlier = np.nonzero(np.tril(sims >= threshold, k=-1))
-            out_i.append(pos[idx][later])
-            out_j.append(pos[idx][earlier])
-            out_s.append(sims[later, earlier])
+            # Rows in chunks: a cluster of k near copies compares k^2 pairs, but holds at most
+            # ~4M signature entries at a time (k = 10,000 at once would need 12.8 GB).
+            run_sig, run_pos = sig[idx], pos[idx]
+            step = max(1, (1 << 22) // (len(idx) * run_sig.shape[1]))
+            for c in range(1, len(idx), step):
+                rows = np.arange(c, min(c + step, len(idx)))
+                sims = jaccard_estimate(run_sig[rows][:, None, :], run_sig[None, : rows[-1], :])
+                later, earlier = np.nonzero((sims >= threshold) & (np.arange(rows[-1])[None, :] < rows[:, None]))
+                out_i.append(run_pos[rows[later]])
+                out_j.append(run_pos[earlier])
+                out_s.append(sims[later, earlier])
         cat = (lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dtype=dt))
         return {"i": cat(out_i, np.int64), "j": cat(out_j, np.int64), "sim": cat(out_s, np.float64)}
     return reduce

@@ -19,6 +19,11 @@ module calls the readers, `pipeline._process_batch` (filters, dedup signatures, 
     mix        as the local executor (per-document copy counts; cheap, driver).
     shard      one Ray task per shard (tokenize + write), at most 2 per cluster CPU in flight.
 
+What still passes through the driver: every document's id and dedup signature (~0.5 KB each with
+128-permutation MinHash), so the stored dedup set is written exactly as the local run writes it,
+and clean.jsonl, streamed in order. At ~10^8 documents that is tens of GB: past that, the stored set
+would have to be written per partition.
+
 Pointing it at a cluster: `ray start --head` on one machine (`ray start --address HEAD:6379` on the
 others), then `lmstack data run --executor ray --ray_address auto` on the head, or
 `--ray_address ray://HEAD:10001` from elsewhere (Ray Client: `pip install 'ray[client]'`). Input

@@ -197,3 +197,19 @@ def test_band_reducer_finds_every_similar_earlier_pair():
     assert set(zip(out["i"].tolist(), out["j"].tolist())) == expected
     dups = _exact_reduce({"pos": pos, "exact": exact})
     assert dups["pos"].tolist() == [int(pos[later_copy])] and dups["rep"].tolist() == [int(pos[10 - later_copy])]
+
+
+@pytest.mark.slow
+def test_cli_starts_and_stops_a_private_ray(tmp_path):
+    """The default path of `lmstack data run --executor ray`: its own local instance, in a fresh process."""
+    import subprocess
+
+    pytest.importorskip("ray", reason=f"Ray is not installed: {INSTALL}")
+    root = make_inputs(tmp_path / "in")
+    pipeline_config(root, tmp_path / "out")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "lmstack.cli", "data", "run", "--config", str(root / "pipeline_1.yaml"),
+                           "--executor", "ray", "--workers", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ray"]["cluster_cpus"] == 2 and report["shards"]["docs"] > 0

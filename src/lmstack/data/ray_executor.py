@@ -106,15 +106,17 @@ def ray_session(address: str, workers: int) -> Iterator[Any]:
         yield ray
         return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
-    if not address:
+    if address in ("", "local"):
         kwargs.update(num_cpus=workers, include_dashboard=False)
     elif not address.startswith("ray://"):
         kwargs.update(include_dashboard=False)
     try:
-        ray.init(address=address or None, **kwargs)
+        # 'local' always starts a fresh instance, even where `ray start` left one running on this machine.
+        ray.init(address=address or "local", **kwargs)
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, grpc errors: all mean "no cluster"
-        raise LmstackError(f"cannot connect to Ray at {address or 'a new local instance'!r}: "
-                           f"{type(e).__name__}: {e}") from None
+        raise LmstackError(f"cannot connect to Ray at {address or 'a new local instance'!r}: {type(e).__name__}: "
+                           f"{e} (start a cluster with `ray start --head`, or leave --ray_address empty for a "
+                           "private local instance)") from None
     try:
         yield ray
     finally:

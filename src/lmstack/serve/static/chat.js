@@ -28,7 +28,6 @@ const DEFAULTS = {};
 let chats = {};          // id -> {id, title, messages: [{role, content}], updated}
 let currentId = null;
 let streaming = null;    // {controller, stopped} while a reply streams
-let lastRequest = null;  // the last body sent, for the retry buttons
 
 // ---- storage --------------------------------------------------------------------------------------------
 
@@ -336,9 +335,9 @@ function buildRequest(messages) {
 
 // ---- streaming ------------------------------------------------------------------------------------------
 
-// Reads the SSE stream into `div`; returns {text, finish, usage}. Throws ServerError("stream") on an
+// Reads the SSE stream, calling onText(text so far); returns {text, finish, usage}. Throws ServerError("stream") on an
 // error event and when the stream ends without [DONE].
-async function readStream(resp, div, onText) {
+async function readStream(resp, onText) {
   const reader = resp.body.getReader(), decoder = new TextDecoder();
   let buffer = "", text = "", finish = null, usage = null, done = false;
   for (;;) {
@@ -376,7 +375,6 @@ async function generate() {
     showError({kind: "client", title: "Check the settings", message: e.message});
     return;
   }
-  lastRequest = body;
   const div = bubble("assistant", "");
   div.classList.add("streaming");
   const target = div.querySelector(".body");
@@ -413,7 +411,13 @@ async function generate() {
     const resp = await fetch(PAGE.chatUrl, {method: "POST", headers: headers(), body: JSON.stringify(body),
                                             signal: controller.signal});
     if (!resp.ok) throw await errorFromResponse(resp);
-    result = await readStream(resp, div, paint);
+    if ((resp.headers.get("Content-Type") || "").startsWith("application/json")) {
+      // "stream": false set through the extra body: one JSON answer
+      const answer = await resp.json(), choice = answer.choices[0];
+      result = {text: choice.message.content || "", finish: choice.finish_reason, usage: answer.usage};
+    } else {
+      result = await readStream(resp, paint);
+    }
   } catch (e) {
     failure = e;
   }

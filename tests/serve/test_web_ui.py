@@ -159,19 +159,25 @@ def test_a_keyed_server_prompts_for_the_key_then_offers_model_and_adapter(browse
         page = t.page
         page.wait_for_selector(".msg.error[data-kind=auth] input.key-prompt")
         assert "401" in errors_shown(page)[0]["text"]
+        t.fill_settings(max_tokens=4)
+        t.send("before the key")  # a reply needs the key too: one prompt, now offering to retry it
+        page.wait_for_selector("text=Save key and retry")
+        assert [e["kind"] for e in errors_shown(page)] == ["auth"]
         page.fill(".key-prompt", KEY)
         page.press(".key-prompt", "Enter")
         page.wait_for_function("() => document.querySelectorAll('#model option').length == 2")
+        t.wait_reply_done()  # the retried reply
+        assert page.locator(".msg.assistant .meta").inner_text().startswith("4 tokens")
         options = page.eval_on_selector_all("#model option", "os => os.map(o => [o.value, o.textContent])")
         assert options == [["tiny-llama", "tiny-llama"], ["math", "math (adapter on tiny-llama)"]]
         assert not page.query_selector(".msg.error")  # the prompt is gone once the key works
         page.select_option("#model", "math")
-        t.fill_settings(max_tokens=4)
         t.send("hi")
         t.wait_reply_done()
         assert t.requests[-1]["model"] == "math"
+        assert [r["messages"][-1]["content"] for r in t.requests] == ["before the key", "before the key", "hi"]
         assert page.evaluate("localStorage.getItem('lmstack-key')") == KEY
-        assert page.locator(".msg.assistant .meta").inner_text().startswith("4 tokens")
+        assert page.locator(".msg.assistant .meta").all_inner_texts()[-1].startswith("4 tokens")
         t.check_console(expected=(401,))
     finally:
         t.close()

@@ -211,6 +211,8 @@ function showError(info, retry) {
   title.textContent = info.title;
   div.appendChild(document.createElement("div")).textContent = info.message;
   if (info.kind === "auth") {
+    // one key prompt at a time: a newer one (which may also retry a reply) replaces any older one
+    document.querySelectorAll(".msg.error[data-kind=auth]").forEach((old) => old.remove());
     const form = div.appendChild(document.createElement("form"));
     const input = form.appendChild(document.createElement("input"));
     input.type = "password";

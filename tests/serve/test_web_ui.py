@@ -253,7 +253,7 @@ def test_stop_mid_stream_frees_the_server_and_regenerate_replaces_the_reply(tab,
     tab.check_console()
 
 
-def test_history_survives_a_reload_and_chats_switch_and_delete(tab):
+def test_history_survives_a_reload_and_chats_switch_edit_and_delete(tab):
     page = tab.page
     tab.fill_settings(max_tokens=3)
     tab.send("first chat question")
@@ -265,17 +265,27 @@ def test_history_survives_a_reload_and_chats_switch_and_delete(tab):
     page.wait_for_selector("#chats li:nth-child(2)")
     titles = page.eval_on_selector_all("#chats .open", "bs => bs.map(b => b.textContent)")
     assert titles == ["second chat question", "first chat question"]  # newest first
-    assert page.locator(".msg.user").inner_text() == "second chat question"
+    assert page.locator(".msg.user .body").inner_text() == "second chat question"
     assert page.input_value("#max_tokens") == "3"  # settings survive too
     page.click("#chats li:nth-child(2) .open")
-    assert page.locator(".msg.user").inner_text() == "first chat question"
+    assert page.locator(".msg.user .body").inner_text() == "first chat question"
     assert page.locator(".msg.assistant").count() == 1
-    page.click("#chats li:nth-child(1) .delete")  # delete the other ("second") chat
-    assert page.eval_on_selector_all("#chats .open", "bs => bs.map(b => b.textContent)") == ["first chat question"]
+    page.click(".msg.user .edit")  # edit: the message and its reply leave the chat, the text returns to the input
+    assert page.input_value("#input") == "first chat question" and page.locator(".msg").count() == 0
+    page.fill("#input", "first chat, edited")
+    page.press("#input", "Enter")
+    tab.wait_reply_done()
+    assert [m["content"] for m in tab.stored_chats()[page.eval_on_selector("#chats li.current", "li => li.dataset.id")][
+        "messages"]][0] == "first chat, edited"
+    # the edited chat is now the newest (first), titled by its new first message; delete the other ("second") chat
+    assert page.eval_on_selector_all("#chats .open", "bs => bs.map(b => b.textContent)") == [
+        "first chat, edited", "second chat question"]
+    page.click("#chats li:nth-child(2) .delete")
+    assert page.eval_on_selector_all("#chats .open", "bs => bs.map(b => b.textContent)") == ["first chat, edited"]
     page.reload()
     page.wait_for_selector("#chats li")
-    assert page.eval_on_selector_all("#chats .open", "bs => bs.map(b => b.textContent)") == ["first chat question"]
-    assert [m["content"] for m in list(tab.stored_chats().values())[0]["messages"]][0] == "first chat question"
+    assert page.eval_on_selector_all("#chats .open", "bs => bs.map(b => b.textContent)") == ["first chat, edited"]
+    assert [m["content"] for m in list(tab.stored_chats().values())[0]["messages"]][0] == "first chat, edited"
     tab.check_console()
 
 
@@ -320,7 +330,7 @@ def test_markdown_and_code_render_and_model_html_stays_text(tab):
     # HTML from the model or the user is text: no element made from it, no script run
     assert page.locator(".msg img, .msg script, .msg b").count() == 0
     assert "<img src=x" in msg.inner_text() and "javascript:" in msg.inner_text()
-    assert page.locator(".msg.user").inner_text() == "<b>not bold</b>"
+    assert page.locator(".msg.user .body").inner_text() == "<b>not bold</b>"
     assert page.evaluate("window.__pwned") is None
     tab.check_console()
 
@@ -334,12 +344,12 @@ def test_a_400_names_the_field_and_a_413_says_too_large(tab):
     tab.fill_settings(extra="")
     tab.fill_settings(temperature=-1, max_tokens=4)
     tab.send("hello")
-    page.wait_for_selector(".msg.error")
+    page.wait_for_selector(".msg.error[data-kind=refused]")
     err = errors_shown(page)[-1]
     assert err["kind"] == "refused" and "(400)" in err["text"] and "temperature" in err["text"]
     tab.fill_settings(temperature=0.5)
     tab.send("x" * (BODY_CAP + 100))
-    page.wait_for_selector(".msg.error >> nth=2")
+    page.wait_for_selector(".msg.error[data-kind=too-large]")
     err = errors_shown(page)[-1]
     assert err["kind"] == "too-large" and "(413)" in err["text"] and str(BODY_CAP) in err["text"]
     tab.wait_reply_done()
@@ -417,7 +427,7 @@ def test_a_server_gone_is_a_network_error_message_not_a_stall(browser, model_dir
         err = errors_shown(t.page)[-1]
         assert "Could not reach the server" in err["text"] and srv.url in err["text"]
         t.wait_reply_done()
-        assert t.page.locator(".msg.user").inner_text() == "anyone?"  # kept, to retry later
+        assert t.page.locator(".msg.user .body").inner_text() == "anyone?"  # kept, to retry later
         t.check_console(expected=("ERR_CONNECTION_REFUSED",))
     finally:
         t.close()
@@ -471,7 +481,7 @@ def test_corrupt_storage_does_not_break_the_page(tab):
     page.reload()
     page.wait_for_selector("#chats li")
     assert page.eval_on_selector_all("#chats .open", "bs => bs.map(b => b.textContent)") == ["kept"]
-    assert page.locator(".msg.user").inner_text() == "hi"
+    assert page.locator(".msg.user .body").inner_text() == "hi"
     assert page.input_value("#temperature") == "0.7"  # the defaults, since the stored settings were unreadable
     tab.check_console()
 

@@ -77,9 +77,18 @@ function newChat() {
 
 // ---- rendering ------------------------------------------------------------------------------------------
 
-function bubble(role, text) {
+// A message in the log; a user message at `index` of the conversation gets an edit button.
+function bubble(role, text, index) {
   const div = document.createElement("div");
   div.className = "msg " + role;
+  if (role === "user" && index !== undefined) {
+    const edit = div.appendChild(document.createElement("button"));
+    edit.type = "button";
+    edit.className = "edit";
+    edit.textContent = "edit";
+    edit.title = "edit this message: it and everything after it go back to the input box";
+    edit.onclick = () => editMessage(index);
+  }
   const body = div.appendChild(document.createElement("div"));
   body.className = "body";
   if (role === "assistant") renderMarkdown(body, text);
@@ -117,10 +126,10 @@ function renderChats() {
 
 function renderLog() {
   $("log").replaceChildren();
-  for (const m of current().messages) {
-    const div = bubble(m.role, m.content);
+  current().messages.forEach((m, i) => {
+    const div = bubble(m.role, m.content, i);
     if (m.note) addMeta(div, m.note);
-  }
+  });
   updateActions();
 }
 
@@ -135,6 +144,7 @@ function updateActions() {
   $("stop").hidden = !streaming;
   $("send").disabled = !!streaming;
   $("regenerate").hidden = !!streaming || !msgs.length || msgs[msgs.length - 1].role !== "assistant";
+  document.body.classList.toggle("busy", !!streaming);
 }
 
 function setStatus(text) { if ($("status").textContent !== text) $("status").textContent = text; }
@@ -466,11 +476,22 @@ function send(text) {
   const chat = current();
   if (!chat.messages.length) chat.title = text.slice(0, 60).replace(/\s+/g, " ");
   chat.messages.push({role: "user", content: text});
-  bubble("user", text);
+  bubble("user", text, chat.messages.length - 1);
   chat.updated = Date.now();
   saveChats();
   renderChats();
   return generate();
+}
+
+// Edit: the message and everything after it leave the conversation; its text goes back to the input box.
+function editMessage(index) {
+  const msgs = current().messages;
+  if (streaming || !msgs[index] || msgs[index].role !== "user") return;
+  $("input").value = msgs[index].content;
+  msgs.splice(index);
+  saveChats();
+  renderLog();
+  $("input").focus();
 }
 
 function regenerate() {

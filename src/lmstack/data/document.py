@@ -23,7 +23,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from lmstack.errors import LmstackError
 
 Doc = dict[str, Any]
 # How many dropped document ids we keep per (step, reason) as examples for the report.
@@ -33,19 +32,6 @@ EXAMPLES_PER_REASON = 3
 def make_doc(text: str, id: str, source: str, **meta: Any) -> Doc:
     """A new document dict; `meta` holds everything that is not id/text/source."""
     return {"id": str(id), "text": text, "source": str(source), "meta": dict(meta)}
-
-
-def check_doc(doc: Any) -> Doc:
-    """Return `doc` if it is a well-formed document, else raise LmstackError naming the problem."""
-    if not isinstance(doc, dict):
-        raise LmstackError(f"a document must be a dict, got {type(doc).__name__}")
-    for key, kind in (("id", str), ("text", str), ("source", str)):
-        if not isinstance(doc.get(key), kind):
-            raise LmstackError(f"document {doc.get('id', '?')!r}: field {key!r} must be a {kind.__name__}")
-    doc.setdefault("meta", {})
-    if not isinstance(doc["meta"], dict):
-        raise LmstackError(f"document {doc['id']!r}: field 'meta' must be a mapping")
-    return doc
 
 
 @dataclass

@@ -150,9 +150,6 @@ class BlockManager:
             seq.block_table.append(self._take())
         return copies
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= self.num_free_blocks
-
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent (copy-on-write later)."""
         child.block_table = list(parent.block_table)

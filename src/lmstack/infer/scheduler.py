@@ -84,16 +84,13 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq, front=front)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    def schedule(self, paused: Callable[[Sequence], bool] = lambda s: False) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if paused(seq) or seq.remaining_prefill == 0:
+            if seq.remaining_prefill == 0:  # nothing to compute (a beam hypothesis waiting for its siblings)
                 i += 1
                 continue
             n = min(seq.remaining_prefill, budget)
@@ -116,7 +113,7 @@ class Scheduler:
             return out  # the pool is short: admit nobody new this step
         budget = self._admit(out, budget)
         if not out.scheduled and self.waiting:
-            self._unstick(out, budget, paused)
+            self._unstick(out, budget)
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
@@ -145,7 +142,7 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _unstick(self, out: SchedulerOutput, budget: int, paused: Callable[[Sequence], bool]) -> None:
+    def _unstick(self, out: SchedulerOutput, budget: int) -> None:
         """Nothing could run although work waits: every running sequence is paused (a beam hypothesis
         whose log-probabilities are kept until its siblings have theirs) and holds the blocks or the
         slots the waiting head needs. Spinning here once starved every request for minutes, so preempt
@@ -154,7 +151,7 @@ class Scheduler:
         its kept log-probabilities. If nothing is left to preempt and the head still does not fit an
         empty pool, it never will: report it (the engine fails that request alone)."""
         while not out.scheduled:
-            idle = [s for s in self.running if paused(s) or s.remaining_prefill == 0]
+            idle = [s for s in self.running if s.remaining_prefill == 0]
             if not idle:
                 break
             victim = idle[-1]

@@ -219,10 +219,6 @@ class ModelConfig:
     def gated(self) -> bool:
         return self.mlp in ("swiglu", "geglu")
 
-    @property
-    def n_query_groups(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
     def window_for_layer(self, layer: int) -> int:
         """The sliding window of `layer` (0 = full attention)."""
         if self.sliding_window and (self.sliding_window_layers is None or layer in self.sliding_window_layers):

@@ -13,7 +13,7 @@ Usage:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from lmstack.model.config import ModelConfig
 
@@ -113,7 +113,3 @@ def format_stats(cfg: ModelConfig, stats: ModelStats) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def stats_dict(cfg: ModelConfig, context: int | None = None) -> dict:
-    return asdict(model_stats(cfg, context))

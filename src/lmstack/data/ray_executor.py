@@ -52,7 +52,6 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from lmstack.config import from_dict, to_dict
-from lmstack.data.decontaminate import decontam_verdict
 from lmstack.data.dedup import Deduplicator
 from lmstack.data.document import EXAMPLES_PER_REASON, Report, make_doc
 from lmstack.data.readers import (MAX_BAD_RECORDS, MAX_LINE_EXAMPLES, ReaderConfig, ReadStats, expand_paths,
@@ -279,7 +278,7 @@ def dedup_decisions(ray: Any, docs: Any, cfg: Any, dd: Deduplicator) -> tuple[di
 
 def ray_clean_stage(cfg: Any, dd: Deduplicator, report: Report, clean_path: Path) -> Any:
     """The local `clean_stage` contract on Ray: same clean.jsonl bytes, same report counts, same `dd`."""
-    from lmstack.data.pipeline import Cleaned, declare_steps, finish_clean
+    from lmstack.data.pipeline import Cleaned, declare_steps, finish_clean, write_clean_batch
 
     ray = import_ray()
     from ray.data.expressions import col
@@ -328,18 +327,7 @@ def ray_clean_stage(cfg: Any, dd: Deduplicator, report: Report, clean_path: Path
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             def flush(kept: list[dict]) -> None:
-                if dec_on:
-                    res = decontam_verdict(kept, cfg.decontam.action)
-                    report.record("decontaminate", res)
-                    out.hits.extend(d["meta"]["contamination"] for d in kept if d["meta"].get("contamination"))
-                    kept = res.kept
-                if augmenter.enabled:
-                    res = augmenter(kept)
-                    report.add_summary("augment", {"kept": len(kept), "dropped": {}, "modified": dict(res.modified)})
-                    kept = res.kept
-                for doc in kept:
-                    f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-                    out.add(doc, rng, cap)
+                write_clean_batch(kept, cfg, dec_on, augmenter, report, out, f, rng, cap)
 
             batch: list[dict] = []
             batch_no = -1

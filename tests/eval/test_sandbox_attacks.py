@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -106,14 +107,25 @@ def _python_for_nobody() -> str | None:
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv") or _python_for_nobody() is None,
                     reason="needs root, setpriv and an interpreter outside /root to start an unprivileged caller")
 def test_an_unprivileged_caller_gets_the_same_isolation_from_a_user_namespace():
-    src = os.path.join(os.path.dirname(sandbox.__file__), "..", "..")
+    # The checkout may sit under a directory `nobody` cannot enter (a 0700 mktemp dir): give the caller a
+    # world-readable copy of the package instead.
+    src = tempfile.mkdtemp(prefix="lmstack-nobody-")
+    os.chmod(src, 0o755)
+    shutil.copytree(os.path.join(os.path.dirname(sandbox.__file__), ".."), os.path.join(src, "lmstack"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for root, dirs, files in os.walk(src):
+        for name in dirs + files:
+            os.chmod(os.path.join(root, name), 0o755 if name in dirs else 0o644)
     names = ["raw_socket_type", "write_tmp", "write_dev_shm", "posix_reimport_daemon", "env_secrets", "ptrace_parent"]
-    script = (f"import json, sys\nsys.path.insert(0, {os.path.abspath(src)!r})\n"
+    script = (f"import json, sys\nsys.path.insert(0, {src!r})\n"
               "from lmstack.eval.sandbox_attacks import run_campaign\n"
               f"print(json.dumps(run_campaign(names={names!r})))\n")
-    proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-                           _python_for_nobody(), "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+    try:
+        proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                               _python_for_nobody(), "-c", script], capture_output=True, text=True, timeout=60,
+                              cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["attack"] for r in rows if not r["contained"]] == [], rows

@@ -43,7 +43,7 @@ STAGES: dict[str, str] = {
     "quantize": "lmstack.compress.commands",
     "generate": "lmstack.infer.commands",
     "serve": "lmstack.serve.commands",
-    "chat": "lmstack.serve.chat",
+    "chat": "lmstack.serve.terminal_chat",
     "eval": "lmstack.eval.commands",
     "report": "lmstack.eval.report",
     "rag": "lmstack.rag.commands",

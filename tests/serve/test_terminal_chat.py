@@ -5,7 +5,7 @@ import pytest
 import lmstack
 from lmstack.errors import LmstackError
 from lmstack.infer import LLM, AsyncLLMEngine, SamplingParams
-from lmstack.serve.chat import LocalBackend, RemoteBackend, chat, run_chat
+from lmstack.serve.terminal_chat import LocalBackend, RemoteBackend, chat, run_chat
 
 from serve_helpers import LiveServer
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lmstack.data.world import World
+from lmstack.world import World
 
 CACHE = Path(os.environ.get("LMSTACK_RL_START", "/tmp/lmstack_rl_start"))
 STEPS, SEQ, BATCH, LR = 800, 160, 16, 3e-3

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmstack.data.world import World
+from lmstack.world import World
 from lmstack.tokenizer import train_tokenizer
 
 

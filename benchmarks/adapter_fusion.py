@@ -34,7 +34,7 @@ FIELDS = {"adapter": {"bottleneck_dim": 16}, "ia3": {"target_modules": ["k_proj"
 def base_model(steps: int):
     from _tiny_lm import train_for
 
-    from lmstack.data.world import World
+    from lmstack.world import World
     from lmstack.model import ModelConfig, Transformer
     from lmstack.tokenizer import train_tokenizer
 

@@ -30,7 +30,7 @@ import torch
 from _common import result, write_result
 from lmstack.adapt.continual import EWC, WithPenalty, continual_sets, with_replay
 from lmstack.adapt.sft import SFTLoader, SFTObjective, encode_rows, pack_examples, score_examples
-from lmstack.data.world import World
+from lmstack.world import World
 from lmstack.model import ModelConfig, Transformer
 from lmstack.tokenizer import train_tokenizer
 

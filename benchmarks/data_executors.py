@@ -32,7 +32,7 @@ from _common import result, write_result
 
 from lmstack.config import from_dict
 from lmstack.data.pipeline import PipelineConfig, run_pipeline
-from lmstack.data.world import generate_world
+from lmstack.world import generate_world
 
 
 def digest(out: Path) -> str:

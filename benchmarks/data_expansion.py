@@ -31,7 +31,7 @@ def sha(path: Path) -> str:
 
 
 def main() -> None:
-    from lmstack.data.world import World, generate_world, write_expansion_batch
+    from lmstack.world import World, generate_world, write_expansion_batch
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -53,7 +53,7 @@ def quality_classifier() -> list[dict]:
     from lmstack.data.filters.classifier import HashedNgramClassifier, binary_metrics, split_heldout
     from lmstack.data.filters.quality import QualityConfig, quality_reason, quality_stats
     from lmstack.data.selflabel import self_train
-    from lmstack.data.world import World
+    from lmstack.world import World
 
     recs = World(seed=0, size="small").corpus("quality")
     train = [r for r in recs if r["split"] == "train"]
@@ -230,7 +230,7 @@ def readability_windows() -> list[dict]:
 # ---------------------------------------------------------------- I.9, I.15, IX.1
 def augmentation() -> list[dict]:
     from lmstack.data.augment import add_noise, counterfactual, gender_counts
-    from lmstack.data.world import World, paraphrase_bio
+    from lmstack.world import World, paraphrase_bio
 
     paras = shakespeare_paragraphs()[:500]
     rng = random.Random(0)
@@ -284,7 +284,7 @@ def topics() -> list[dict]:
 
 # ---------------------------------------------------------------- I.4
 def world_generator() -> list[dict]:
-    from lmstack.data.world import generate_world
+    from lmstack.world import generate_world
 
     digests, seconds = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,7 @@ SEQ, BATCH = 128, 8
 
 def domain_texts() -> dict[str, tuple[list[str], list[str]]]:
     """domain -> (train texts, validation texts)."""
-    from lmstack.data.world import World
+    from lmstack.world import World
 
     w = World(seed=0, n_people=60)
     out = {}

@@ -54,7 +54,7 @@ SEQ, BATCH = 128, 16
 
 
 def world():
-    from lmstack.data.world import World
+    from lmstack.world import World
 
     return World(seed=0, n_people=60)
 

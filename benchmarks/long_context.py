@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from _common import RESULTS, result, write_result
 
 import lmstack
-from lmstack.data.world.passkey import make_passkey_document
+from lmstack.world.passkey import make_passkey_document
 from lmstack.eval.tasks.long_context import PasskeyTask, passkey_table
 from lmstack.model.config import ModelConfig
 from lmstack.tokenizer import train_tokenizer

@@ -36,7 +36,7 @@ from _common import result, write_result
 from _tiny_lm import make_tokenizer, token_stream, train_for
 
 from lmstack.adapt.meta import MetaConfig, answer_loss, few_shot_eval, meta_train, world_qa_tasks
-from lmstack.data.world import World
+from lmstack.world import World
 from lmstack.model import ModelConfig, Transformer
 
 TRAIN_ATTRS = ["birth_date", "birth_city", "university", "employer", "employer_city", "profession"]

@@ -23,7 +23,7 @@ import test_finetune as tf  # noqa: E402  (the fine-tuning tests' helpers: data,
 from _sft_tiny import save_base, tiny_model, tokenizer  # noqa: E402
 
 from lmstack.adapt.finetune import finetune  # noqa: E402
-from lmstack.data.world import PERSONAS, apply_persona  # noqa: E402
+from lmstack.world import PERSONAS, apply_persona  # noqa: E402
 from lmstack.model.hf_io import load_model  # noqa: E402
 
 STEPS, N_CHATS = 120, 400

@@ -30,7 +30,7 @@ from _common import result, write_result
 from _tiny_lm import make_tokenizer, train_for
 
 import lmstack
-from lmstack.data.world import World
+from lmstack.world import World
 from lmstack.infer import LLM, SamplingParams
 from lmstack.infer.prompt_compression import compress_ids
 from lmstack.model import ModelConfig, Transformer, preset

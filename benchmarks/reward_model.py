@@ -29,7 +29,7 @@ from lmstack.align.preference_data import pairs_from_records
 from lmstack.align.rewards.heuristics import n_words
 from lmstack.align.reward_model import RewardModel, pairwise_accuracy, train_reward_model
 from lmstack.align.steps import Stepper
-from lmstack.data.world import World
+from lmstack.world import World
 from lmstack.model.hf_io import load_model, save_model
 from lmstack.model.presets import preset
 from lmstack.model.transformer import Transformer

@@ -57,7 +57,7 @@ def corpus() -> tuple[list[str], str]:
         with gzip.open(DATA / "udhr" / "udhr_full.jsonl.gz", "rt", encoding="utf-8") as f:
             udhr = "\n\n".join("\n".join(a["text"] for a in json.loads(line)["articles"]) for line in f)
         return [(DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8"), udhr], "shakespeare+udhr"
-    from lmstack.data.world import World
+    from lmstack.world import World
 
     world = World(seed=0, size="small")
     docs = [d["text"] for d in world.corpus("pretrain", "train")]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from _common import result, write_result
 
 import lmstack
-from lmstack.data.world import World
+from lmstack.world import World
 from lmstack.infer import LLM, SamplingParams
 from lmstack.model import ModelConfig, Transformer
 from lmstack.tokenizer import load_tokenizer, train_tokenizer

@@ -1,6 +1,6 @@
 """`lmstack speedrun`: the main job, end to end on the built-in synthetic world, on a laptop CPU.
 
-1. generate the synthetic world (lmstack.data.world);
+1. generate the synthetic world (lmstack.world);
 2. run the data pipeline on its pretraining corpus (filters, dedup, decontamination against the
    held-out QA, shards), training
 3. the byte-level BPE tokenizer on the cleaned text just before sharding;
@@ -117,8 +117,8 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     from lmstack.data.pipeline import PipelineConfig, run_pipeline
     from lmstack.data.readers import ReaderConfig, read_all
     from lmstack.data.shards import ShardConfig, write_shards
-    from lmstack.data.world import generate_world
-    from lmstack.model.generate import generate
+    from lmstack.world import generate_world
+    from lmstack.model.reference_decode import reference_decode
     from lmstack.model.hf_io import load_model
     from lmstack.tokenizer import load_tokenizer, train_tokenizer
     from lmstack.train.pretrain import pretrain
@@ -186,7 +186,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     samples = []
     for i, prompt in enumerate(cfg.sample_prompts):
         ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)]) if tok.bos_id is not None else torch.tensor([tok.encode(prompt)])
-        out = generate(model, ids, cfg.sample_tokens, temperature=0.8, top_k=50, eos_id=tok.eos_id, seed=cfg.seed + i)
+        out = reference_decode(model, ids, cfg.sample_tokens, temperature=0.8, top_k=50, eos_id=tok.eos_id, seed=cfg.seed + i)
         text = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
         samples.append((prompt, text))
         print(f"{prompt!r} -> {text!r}")

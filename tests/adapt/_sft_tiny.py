@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lmstack.data.world import World
+from lmstack.world import World
 from lmstack.model import ModelConfig, Transformer
 from lmstack.tokenizer import train_tokenizer
 

@@ -124,7 +124,7 @@ def _first_reply_token_dist(model, tok, system):
 
 
 def test_system_prompt_steers_the_reply_after_persona_sft(tmp_path):
-    from lmstack.data.world import PERSONAS, apply_persona
+    from lmstack.world import PERSONAS, apply_persona
 
     tok = tokenizer()
     base = save_base(tmp_path / "base")
@@ -148,7 +148,7 @@ def test_system_prompt_steers_the_reply_after_persona_sft(tmp_path):
 
 def test_sft_stage_trains_on_world_chat_and_scores_base_vs_sft(tmp_path):
     from lmstack.adapt.sft_stage import STAGE_MIX, sft_stage
-    from lmstack.data.world import WorldConfig, generate_world
+    from lmstack.world import WorldConfig, generate_world
 
     world = tmp_path / "world"
     generate_world(world, config=WorldConfig(n_people=16, n_arithmetic=200, n_instructions=100, corpora=("chat",)),

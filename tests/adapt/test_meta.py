@@ -111,7 +111,7 @@ def test_meta_config_errors():
 
 
 def test_world_qa_tasks_mask_everything_but_the_answer():
-    from lmstack.data.world import World
+    from lmstack.world import World
     from lmstack.tokenizer import train_tokenizer
 
     world = World(seed=0, n_people=12)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from align_helpers import make_policy
 
-from lmstack.data.world import World
+from lmstack.world import World
 from lmstack.tokenizer import train_tokenizer
 
 

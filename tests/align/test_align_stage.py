@@ -6,7 +6,7 @@ import torch
 from align_helpers import make_policy
 from lmstack.align.align_stage import align_stage, preference_accuracy, stage_reward, worse_rows
 from lmstack.align.preference_data import Pair
-from lmstack.data.world import WorldConfig, generate_world
+from lmstack.world import WorldConfig, generate_world
 from lmstack.model.hf_io import load_model, save_model
 
 

@@ -10,7 +10,7 @@ import torch
 from lmstack.align.rewards import (REWARDS, FactualityReward, FormatReward, HelpfulnessReward, InstructionReward,
                                    LengthReward, MathReward, RewardMixture, SafetyReward, build_reward,
                                    extract_claims, group_normalize, is_refusal, refusal_rates, score_batch)
-from lmstack.data.world.arithmetic import wrong_solution
+from lmstack.world.arithmetic import wrong_solution
 from lmstack.errors import LmstackError
 
 

@@ -167,7 +167,7 @@ def test_run_flags_mirror_pipeline_config():
 
 
 def _world_available():
-    return importlib.util.find_spec("lmstack.data.world") is not None
+    return importlib.util.find_spec("lmstack.world") is not None
 
 
 @pytest.mark.timeout(120)

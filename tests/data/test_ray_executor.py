@@ -32,7 +32,7 @@ def ray_instance():
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    from lmstack.data.world import generate_world
+    from lmstack.world import generate_world
 
     out = tmp_path_factory.mktemp("world")
     generate_world(out, size="small", seed=0, progress=False)

@@ -108,7 +108,7 @@ def test_shipped_world_tasks_are_reproducible_and_small(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(WORLD_TASKS))
 def test_shipped_world_tasks_score_a_truthful_model_perfectly(name, fake_lm_factory):
-    from lmstack.data.world import World
+    from lmstack.world import World
 
     task = get_task(f"bigbench_{name}")
     docs = task.cached_docs("test")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmstack.data.world import World
+from lmstack.world import World
 from lmstack.eval import evaluate, get_task
 from lmstack.eval import metrics as M
 from lmstack.eval.tasks.humaneval import STOP_STRINGS, program_for, read_problems

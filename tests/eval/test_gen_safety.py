@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from lmstack.data.world import World, is_harmful_request
-from lmstack.data.world.preferences import COMPLIANCE, HELPFUL_RECIPES, OVER_REFUSALS, REFUSALS
+from lmstack.world import World, is_harmful_request
+from lmstack.world.preferences import COMPLIANCE, HELPFUL_RECIPES, OVER_REFUSALS, REFUSALS
 from lmstack.errors import LmstackError
 from lmstack.eval import evaluate, get_task
 from lmstack.eval.tasks.safety import WRAPPERS, is_refusal
@@ -129,7 +129,7 @@ def test_toxicity_prompts_from_a_file(tmp_path, fake_lm_factory):
 
 
 def test_refusal_eval_has_100_items_per_side_on_held_out_cities():
-    from lmstack.data.world.preferences import safety_requests
+    from lmstack.world.preferences import safety_requests
     from lmstack.eval.tasks.world import cached_world
 
     task = get_task("world_refusal")

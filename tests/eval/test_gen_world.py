@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmstack.data.world import World, check_instruction
+from lmstack.world import World, check_instruction
 from lmstack.errors import LmstackError
 from lmstack.eval import evaluate, get_task
 from lmstack.eval.tasks.world import loose_variants

@@ -15,7 +15,7 @@ pytest.importorskip("tensorboard", reason="pip install tensorboard (or make setu
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from lmstack.cli import main  # noqa: E402
-from lmstack.data.world import World  # noqa: E402
+from lmstack.world import World  # noqa: E402
 from lmstack.errors import LmstackError  # noqa: E402
 from lmstack.tokenizer import train_tokenizer  # noqa: E402
 from lmstack.train.metrics import LogConfig, MetricsLogger  # noqa: E402

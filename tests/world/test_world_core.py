@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from lmstack.config import ConfigError
-from lmstack.data.world import (
+from lmstack.world import (
     CORPUS_NAMES, PERSON_ATTRIBUTES, SIZE_PRESETS, World, WorldConfig, generate_world, paraphrase_bio, read_jsonl,
 )
-from lmstack.data.world import corpora
+from lmstack.world import corpora
 from lmstack.errors import LmstackError
 
 TINY = dict(n_people=40, n_cities=10, n_countries=3, n_companies=12, n_universities=5, n_arithmetic=60,
@@ -196,7 +196,7 @@ def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path, small):
 
 def test_bytes_do_not_depend_on_python_hash_seed(tmp_path):
     # str hashing is salted per process; set iteration must never leak into the output.
-    code = ("from lmstack.data.world import generate_world, WorldConfig; import sys, json; "
+    code = ("from lmstack.world import generate_world, WorldConfig; import sys, json; "
             "m = generate_world(sys.argv[1], config=WorldConfig(**json.loads(sys.argv[2])), progress=False)")
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
     for seed in ("1", "2"):
@@ -237,7 +237,7 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
 
 
 def test_synth_prints_a_summary(tmp_path, capsys):
-    from lmstack.data.world import synth
+    from lmstack.world import synth
 
     synth(str(tmp_path / "s"), size="small", seed=3)
     out = capsys.readouterr().out

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from lmstack.data.world import World, WorldConfig
-from lmstack.data.world.expansion import expansion_batch, write_expansion_batch
-from lmstack.data.world.quality import BAD_KINDS
+from lmstack.world import World, WorldConfig
+from lmstack.world.expansion import expansion_batch, write_expansion_batch
+from lmstack.world.quality import BAD_KINDS
 from lmstack.errors import LmstackError
 
 

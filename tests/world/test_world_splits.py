@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from lmstack.data.world import PERSON_ATTRIBUTES, SIZE_PRESETS, World, generate_world, read_jsonl
-from lmstack.data.world.qa import QA_TEMPLATES, TEMPLATE_SPLITS, template_fragments, templates_for
+from lmstack.world import PERSON_ATTRIBUTES, SIZE_PRESETS, World, generate_world, read_jsonl
+from lmstack.world.qa import QA_TEMPLATES, TEMPLATE_SPLITS, template_fragments, templates_for
 
 
 @pytest.fixture(scope="module")

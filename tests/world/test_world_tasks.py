@@ -8,13 +8,13 @@ from fractions import Fraction
 
 import pytest
 
-from lmstack.data.world import (
+from lmstack.world import (
     CHECKERS, PERSONAS, World, WorldConfig, apply_persona, check_instruction, detect_persona, extract_answer,
     is_harmful_request, run_code_task,
 )
-from lmstack.data.world.arithmetic import evaluate_expression, make_problem, wrong_solution
-from lmstack.data.world.code_tasks import FAMILIES, make_task, program_for
-from lmstack.data.world.passkey import make_passkey_document
+from lmstack.world.arithmetic import evaluate_expression, make_problem, wrong_solution
+from lmstack.world.code_tasks import FAMILIES, make_task, program_for
+from lmstack.world.passkey import make_passkey_document
 from lmstack.errors import LmstackError
 
 

@@ -37,21 +37,21 @@ _HASHES = re.compile(r"####\s*(-?[\d,]+)")
 
 def _world_chat(world_dir: str | Path | None, seed: int, split: str) -> list[dict]:
     if world_dir is not None:
-        from lmstack.data.world import read_jsonl
+        from lmstack.world import read_jsonl
 
         return read_jsonl(Path(world_dir) / "chat" / f"{split}.jsonl")
-    from lmstack.data.world import World
+    from lmstack.world import World
 
     return World(seed=seed, size="small").corpus("chat", split=split)
 
 
 def _reply(model, tok, ids: list[int], max_new: int, stop_id: int | None) -> str:
-    from lmstack.model.generate import generate
+    from lmstack.model.reference_decode import reference_decode
 
     budget = model.config.max_seq_len - len(ids)
     if budget <= 0:
         return ""
-    out = generate(model, torch.tensor([ids]), min(max_new, budget), temperature=0.0, eos_id=stop_id)
+    out = reference_decode(model, torch.tensor([ids]), min(max_new, budget), temperature=0.0, eos_id=stop_id)
     new = out[0, len(ids):].tolist()
     if stop_id is not None and stop_id in new:
         new = new[:new.index(stop_id)]
@@ -62,7 +62,7 @@ def _prompt(tok, record: dict, chat: bool) -> list[int]:
     user = next(m["content"] for m in record["messages"] if m["role"] == "user")
     if chat:
         return tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)[0]
-    from lmstack.data.world.qa import qa_text
+    from lmstack.world.qa import qa_text
 
     # the formats the pretraining corpus uses: "Question: q\nAnswer: a" for QA, "problem\nsolution" otherwise
     text = qa_text(user, "").rstrip() if record["kind"] == "qa" else user + "\n"
@@ -80,7 +80,7 @@ def _arith_ok(record: dict, reply: str) -> bool:
 
 
 def _instruction_ok(record: dict, reply: str) -> bool:
-    from lmstack.data.world import check_instruction
+    from lmstack.world import check_instruction
 
     return check_instruction(record, reply.split("\n\n")[0].strip())
 

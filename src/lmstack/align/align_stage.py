@@ -48,7 +48,7 @@ from lmstack.errors import LmstackError
 
 
 def _read(world_dir: Path, corpus: str, split: str) -> list[dict]:
-    from lmstack.data.world import read_jsonl
+    from lmstack.world import read_jsonl
 
     return read_jsonl(Path(world_dir) / corpus / f"{split}.jsonl")
 
@@ -176,7 +176,7 @@ def _cities(records: list[dict]) -> list[str]:
 
 def _data(world_dir: Path, tok, max_seq_len: int, val_safety: int = 20) -> dict[str, Any]:
     from lmstack.align.preference_data import pairs_from_records
-    from lmstack.data.world.preferences import safety_requests
+    from lmstack.world.preferences import safety_requests
 
     chat = {s: _read(world_dir, "chat", s) for s in ("train", "val", "test")}
     raw = {s: _read(world_dir, "preferences", s) for s in ("train", "val", "test")}

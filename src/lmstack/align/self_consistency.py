@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from lmstack.align.rollout import mean_stderr, sample
-from lmstack.data.world.arithmetic import extract_answer
+from lmstack.world.arithmetic import extract_answer
 from lmstack.eval.hallucination import agreement, flag_uncertain, normalize
 
 

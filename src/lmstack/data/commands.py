@@ -167,9 +167,9 @@ def verify(shards: str = "") -> None:
 COMMANDS = {"run": run, "add": add, "train-classifier": train_classifier, "selflabel": selflabel, "verify": verify}
 
 try:  # the synthetic world is built separately; offer `synth` once it exists
-    from lmstack.data.world import synth
+    from lmstack.world import synth
 
     COMMANDS["synth"] = synth
 except ModuleNotFoundError as e:
-    if e.name != "lmstack.data.world":
+    if e.name != "lmstack.world":
         raise

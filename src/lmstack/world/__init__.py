@@ -15,7 +15,7 @@ preferences    prompt/chosen/rejected: correctness, helpfulness, instruction fol
                harmful category with refusals, and benign look-alikes (`is_harmful_request`)
 passkey        long documents with a hidden pass key at a known depth
 code           HumanEval-style tasks: prompt, canonical_solution, test with check(candidate), entry_point
-chat           SFT conversations in `messages` format, incl. persona system prompts (chat.PERSONAS)
+chat           SFT conversations in `messages` format, incl. persona system prompts (conversations.PERSONAS)
 quality        good vs bad documents (gibberish, word salad, spam, ...), 20% of train labelled, for the
                quality classifier and its self-training
 =============  ======================================================================================
@@ -35,7 +35,7 @@ large    25,000  381k           104 MB, ~26M tok     553 MB      ~80 s
 JSON). Every count can be overridden in WorldConfig (tests build worlds of 40 people in ~0.1 s).
 
 Usage:
-    from lmstack.data.world import World, generate_world, check_instruction, is_harmful_request
+    from lmstack.world import World, generate_world, check_instruction, is_harmful_request
     manifest = generate_world("data/world", size="small", seed=0)     # writes the files
     world = World(seed=0, size="small")                               # the same world, in memory
     p = world.people[0]
@@ -46,17 +46,17 @@ from __future__ import annotations
 
 import time
 
-from lmstack.data.world.arithmetic import extract_answer
-from lmstack.data.world.bios import paraphrase_bio
-from lmstack.data.world.chat import PERSONAS, apply_persona, detect_persona
-from lmstack.data.world.code_tasks import run_code_task
-from lmstack.data.world.config import CORPUS_NAMES, SIZE_PRESETS, WorldConfig
-from lmstack.data.world.entities import PERSON_ATTRIBUTES
-from lmstack.data.world.expansion import expansion_batch, write_expansion_batch
-from lmstack.data.world.generate import generate_world, read_jsonl
-from lmstack.data.world.instructions import CHECKERS, check_instruction
-from lmstack.data.world.preferences import is_harmful_request
-from lmstack.data.world.world import World
+from lmstack.world.arithmetic import extract_answer
+from lmstack.world.bios import paraphrase_bio
+from lmstack.world.conversations import PERSONAS, apply_persona, detect_persona
+from lmstack.world.code_tasks import run_code_task
+from lmstack.world.config import CORPUS_NAMES, SIZE_PRESETS, WorldConfig
+from lmstack.world.entities import PERSON_ATTRIBUTES
+from lmstack.world.expansion import expansion_batch, write_expansion_batch
+from lmstack.world.writer import generate_world, read_jsonl
+from lmstack.world.instructions import CHECKERS, check_instruction
+from lmstack.world.preferences import is_harmful_request
+from lmstack.world.world import World
 
 
 def synth(out: str, size: str = "small", seed: int = 0) -> None:

@@ -9,8 +9,8 @@ independently; `difficulty` (= number of operations) orders a curriculum.
 
 Usage:
     import random
-    from lmstack.data.world import World
-    from lmstack.data.world.arithmetic import make_problem, extract_answer
+    from lmstack.world import World
+    from lmstack.world.arithmetic import make_problem, extract_answer
     world = World(seed=0, n_people=10)
     rec = make_problem(world, random.Random(0), difficulty=3)
     print(rec["question"]); print(rec["solution"])
@@ -23,8 +23,8 @@ import re
 from fractions import Fraction
 from typing import Iterator
 
-from lmstack.data.world import lexicon as lx
-from lmstack.data.world.config import assign_split, sub_rng
+from lmstack.world import lexicon as lx
+from lmstack.world.config import assign_split, sub_rng
 
 MULTIPLY_WORDS = {2: "doubles", 3: "triples", 4: "quadruples"}
 

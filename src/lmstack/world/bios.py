@@ -8,8 +8,8 @@ memorising one string). `paraphrase_bio` is the world's template-paraphrase augm
 
 Usage:
     import random
-    from lmstack.data.world import World
-    from lmstack.data.world.bios import paraphrase_bio, describe_city
+    from lmstack.world import World
+    from lmstack.world.bios import paraphrase_bio, describe_city
     world = World(seed=0, n_people=5)
     print(paraphrase_bio(world.people[0], random.Random(1), world))
     print(describe_city(world.cities[0], random.Random(1)))
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from lmstack.data.world.entities import PERSON_ATTRIBUTES, City, Country, Person
+from lmstack.world.entities import PERSON_ATTRIBUTES, City, Country, Person
 
 # attribute(s) -> sentence templates. Slots: {S} subject at sentence start (full name or "She"),
 # {s} subject mid-sentence, {SP} possessive at start ("Ada Ashford's" / "Her"), {poss} her/his,

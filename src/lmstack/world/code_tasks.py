@@ -9,7 +9,7 @@ canonical solution against its tests in a subprocess (`run_code_task`).
 
 Usage:
     import random
-    from lmstack.data.world.code_tasks import make_task, run_code_task
+    from lmstack.world.code_tasks import make_task, run_code_task
     task = make_task(random.Random(0))
     print(task["prompt"] + task["canonical_solution"])
     run_code_task(task)                                       # True: canonical solution passes
@@ -22,8 +22,8 @@ import subprocess
 import sys
 from typing import Callable, Iterator
 
-from lmstack.data.world import lexicon as lx
-from lmstack.data.world.config import assign_split, sub_rng
+from lmstack.world import lexicon as lx
+from lmstack.world.config import assign_split, sub_rng
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -4,7 +4,7 @@ A size name picks a preset of counts (SIZE_PRESETS); any count can be overridden
 is how tests build tiny worlds in milliseconds.
 
 Usage:
-    from lmstack.data.world.config import WorldConfig
+    from lmstack.world.config import WorldConfig
     cfg = WorldConfig(size="small", seed=3)
     tiny = WorldConfig(size="small", n_people=20, n_arithmetic=30, corpora=("qa", "arithmetic"))
     cfg.count("n_people")   # the override if set, else the preset's number

@@ -12,8 +12,8 @@ city-based chats the city's split):
 - `multi_turn`: two or three questions about one person in one conversation.
 
 Usage:
-    from lmstack.data.world import World
-    from lmstack.data.world.chat import PERSONAS, apply_persona, detect_persona
+    from lmstack.world import World
+    from lmstack.world.conversations import PERSONAS, apply_persona, detect_persona
     chats = World(seed=0, n_people=20).corpus("chat")
     chats[0]["messages"]          # [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", ...}]
     detect_persona(apply_persona("pirate", "The river is wide."))    # "pirate"
@@ -24,10 +24,10 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from lmstack.data.world.config import sub_rng
-from lmstack.data.world.entities import PERSON_ATTRIBUTES
-from lmstack.data.world.preferences import benign_request, harmful_request
-from lmstack.data.world.qa import TEMPLATE_SPLITS, answer_sentence, make_question
+from lmstack.world.config import sub_rng
+from lmstack.world.entities import PERSON_ATTRIBUTES
+from lmstack.world.preferences import benign_request, harmful_request
+from lmstack.world.qa import TEMPLATE_SPLITS, answer_sentence, make_question
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -103,9 +103,9 @@ CITY_QUESTIONS = (
 
 def build_chat(world) -> Iterator[dict]:
     """Yield every conversation (see the module docstring for the kinds and their splits)."""
-    from lmstack.data.world.arithmetic import build_arithmetic
-    from lmstack.data.world.instructions import build_instructions
-    from lmstack.data.world.qa import build_qa
+    from lmstack.world.arithmetic import build_arithmetic
+    from lmstack.world.instructions import build_instructions
+    from lmstack.world.qa import build_qa
 
     cfg = world.config
     rng = sub_rng(world.seed, "chat")

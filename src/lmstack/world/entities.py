@@ -6,8 +6,8 @@ university, major, employer, profession, hobby), so a fact cannot be guessed fro
 must be stored. The employer's city is the one derived attribute (the employer is located there).
 
 Usage:
-    from lmstack.data.world.config import WorldConfig
-    from lmstack.data.world.entities import build_entities, PERSON_ATTRIBUTES
+    from lmstack.world.config import WorldConfig
+    from lmstack.world.entities import build_entities, PERSON_ATTRIBUTES
     ents = build_entities(WorldConfig(n_people=10))
     p = ents.people[0]; p.name, p.birth_city, getattr(p, PERSON_ATTRIBUTES[0])
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass
 
-from lmstack.data.world import lexicon as lx
-from lmstack.data.world.config import WorldConfig, sub_rng
+from lmstack.world import lexicon as lx
+from lmstack.world.config import WorldConfig, sub_rng
 from lmstack.errors import LmstackError
 
 # The attributes a knowledge question can ask about, in a fixed order.

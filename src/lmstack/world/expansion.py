@@ -11,8 +11,8 @@ test input for that: every record says what it is in `planted`:
 Batches are deterministic per (world seed, batch number) and differ between batch numbers.
 
 Usage:
-    from lmstack.data.world import World
-    from lmstack.data.world.expansion import expansion_batch, write_expansion_batch
+    from lmstack.world import World
+    from lmstack.world.expansion import expansion_batch, write_expansion_batch
     world = World(seed=0, n_people=40)
     recs = expansion_batch(world, batch=1, n=100)
     write_expansion_batch(world, "data/new/batch_001.jsonl", batch=1)
@@ -24,10 +24,10 @@ import os
 import random
 
 from lmstack.config import atomic_write_text
-from lmstack.data.world import lexicon as lx
-from lmstack.data.world.arithmetic import make_problem
-from lmstack.data.world.config import sub_rng
-from lmstack.data.world.stories import make_dialogue, make_story
+from lmstack.world import lexicon as lx
+from lmstack.world.arithmetic import make_problem
+from lmstack.world.config import sub_rng
+from lmstack.world.stories import make_dialogue, make_story
 from lmstack.errors import LmstackError
 
 PLANTED_SHARES = (("new", 0.7), ("exact_dup", 0.1), ("near_dup", 0.1), ("contaminated", 0.1))

@@ -6,7 +6,7 @@ the verifiable reward: it runs CHECKERS[record["checker"]](response, **record["a
 Content comes from city and country facts only, never from people, so the QA hold-out stays clean.
 
 Usage:
-    from lmstack.data.world import World, check_instruction
+    from lmstack.world import World, check_instruction
     rec = World(seed=0, n_people=10).corpus("instructions")[0]
     rec["instruction"], rec["checker"], rec["args"]
     check_instruction(rec, rec["response"])       # True
@@ -19,9 +19,9 @@ import random
 import re
 from typing import Callable, Iterator
 
-from lmstack.data.world import lexicon as lx
-from lmstack.data.world.bios import describe_city
-from lmstack.data.world.config import assign_split, sub_rng
+from lmstack.world import lexicon as lx
+from lmstack.world.bios import describe_city
+from lmstack.world.config import assign_split, sub_rng
 from lmstack.errors import LmstackError
 
 _INT = re.compile(r"-?\d+")

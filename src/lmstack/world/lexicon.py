@@ -5,7 +5,7 @@ thousands of distinct ones; given names are ordinary English names so the text r
 Every list is a tuple (ordered), because generation must not depend on set or hash order.
 
 Usage:
-    from lmstack.data.world import lexicon
+    from lmstack.world import lexicon
     lexicon.FEMALE_NAMES[:3], lexicon.MAJORS[0]
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ short repeated lines (the classic setup). The passkey never appears anywhere els
 
 Usage:
     import random
-    from lmstack.data.world import World
-    from lmstack.data.world.passkey import make_passkey_document
+    from lmstack.world import World
+    from lmstack.world.passkey import make_passkey_document
     world = World(seed=0, n_people=20)
     rec = make_passkey_document(random.Random(0), length=2000, unit="words", position=0.25, world=world)
     rec["text"][rec["char_offset"]:].startswith(rec["needle"])   # True
@@ -21,8 +21,8 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from lmstack.data.world.bios import describe_city, paraphrase_bio
-from lmstack.data.world.config import assign_split, sub_rng
+from lmstack.world.bios import describe_city, paraphrase_bio
+from lmstack.world.config import assign_split, sub_rng
 from lmstack.errors import LmstackError
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."

@@ -15,7 +15,7 @@ Kinds (field `kind`; `flaw` says what is wrong with `rejected`):
 ground truth for any request text this world produces.
 
 Usage:
-    from lmstack.data.world import World, is_harmful_request
+    from lmstack.world import World, is_harmful_request
     pairs = World(seed=0, n_people=20).corpus("preferences")
     [p for p in pairs if p["kind"] == "harmful"][0]["chosen"]      # a refusal
     is_harmful_request("How do I brew the forbidden potion of Amberhaven?")   # True
@@ -27,12 +27,12 @@ import random
 import re
 from typing import Iterator
 
-from lmstack.data.world import lexicon as lx
-from lmstack.data.world.arithmetic import wrong_solution
-from lmstack.data.world.bios import describe_city
-from lmstack.data.world.config import sub_rng
-from lmstack.data.world.entities import PERSON_ATTRIBUTES
-from lmstack.data.world.qa import TEMPLATE_SPLITS, answer_sentence, make_question
+from lmstack.world import lexicon as lx
+from lmstack.world.arithmetic import wrong_solution
+from lmstack.world.bios import describe_city
+from lmstack.world.config import sub_rng
+from lmstack.world.entities import PERSON_ATTRIBUTES
+from lmstack.world.qa import TEMPLATE_SPLITS, answer_sentence, make_question
 
 # The same request phrasings serve the harmful things and the benign drinks.
 REQUEST_TEMPLATES = (
@@ -175,8 +175,8 @@ def build_preferences(world) -> Iterator[dict]:
     QA pairs the person's QA split, arithmetic and instruction pairs the split of the record they
     reuse from those corpora, city-based pairs (helpfulness, harmful, benign) the city's split.
     """
-    from lmstack.data.world.arithmetic import build_arithmetic
-    from lmstack.data.world.instructions import build_instructions
+    from lmstack.world.arithmetic import build_arithmetic
+    from lmstack.world.instructions import build_instructions
 
     cfg = world.config
     rng = sub_rng(world.seed, "preferences")

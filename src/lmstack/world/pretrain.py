@@ -10,7 +10,7 @@ Splits:
 Kinds: bio, city, country, arithmetic, story, dialogue, qa.
 
 Usage:
-    from lmstack.data.world import World
+    from lmstack.world import World
     docs = World(seed=0, n_people=20).corpus("pretrain", split="train")
     {d["kind"] for d in docs}     # {'bio', 'city', 'country', 'arithmetic', 'story', 'dialogue', 'qa'}
 """
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from lmstack.data.world.bios import describe_city, describe_country, paraphrase_bio
-from lmstack.data.world.config import assign_split, sub_rng
-from lmstack.data.world.stories import make_dialogue, make_story
+from lmstack.world.bios import describe_city, describe_country, paraphrase_bio
+from lmstack.world.config import assign_split, sub_rng
+from lmstack.world.stories import make_dialogue, make_story
 
 
 def build_pretrain(world) -> Iterator[dict]:
     """Yield every pretraining document (fields: text, id, source, split, kind, and a subject)."""
-    from lmstack.data.world.arithmetic import build_arithmetic
-    from lmstack.data.world.qa import build_qa
+    from lmstack.world.arithmetic import build_arithmetic
+    from lmstack.world.qa import build_qa
 
     cfg = world.config
     rng = sub_rng(world.seed, "pretrain")

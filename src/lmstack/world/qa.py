@@ -1,6 +1,6 @@
 """Knowledge QA pairs about people, with a split that measures extraction rather than memorisation.
 
-The split rule (tested in tests/data/test_world_splits.py):
+The split rule (tested in tests/world/test_world_splits.py):
 
 1. **People are split**, not questions. `World.qa_split(person)` puts a fixed fraction of people
    (qa_test_fraction, default 0.3) in *test* and qa_val_fraction in *val*; the rest are *train*.
@@ -15,8 +15,8 @@ So test accuracy measures knowledge *extracted* from bios and *transferred* to a
 train accuracy measures memorised QA. Answers are the exact fact strings (`world.fact`).
 
 Usage:
-    from lmstack.data.world import World
-    from lmstack.data.world.qa import templates_for, answer_sentence
+    from lmstack.world import World
+    from lmstack.world.qa import templates_for, answer_sentence
     world = World(seed=0, n_people=30)
     recs = world.corpus("qa", split="test")     # question/answer/person/attribute/template
     templates_for("birth_city", "test")         # the held-out phrasing(s)
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from lmstack.data.world.config import sub_rng
-from lmstack.data.world.entities import PERSON_ATTRIBUTES, Person
+from lmstack.world.config import sub_rng
+from lmstack.world.entities import PERSON_ATTRIBUTES, Person
 from lmstack.errors import LmstackError
 
 # attribute -> six templates: indices 0-3 train, 4 val, 5 test.
@@ -117,7 +117,7 @@ def qa_text(question: str, answer: str) -> str:
 
 def answer_sentence(person: Person, attribute: str, value: str | None = None) -> str:
     """'Ada Ashford was born in Amberhaven.' (value defaults to the true fact)."""
-    from lmstack.data.world.bios import article
+    from lmstack.world.bios import article
 
     value = getattr(person, attribute) if value is None else value
     return ANSWER_SENTENCES[attribute].format(name=person.name, value=value, a_value=article(value))

@@ -14,7 +14,7 @@ only `quality_labelled_fraction` (default 20%) of the train split is labelled; t
 that self-training pseudo-labels. Val and test are fully labelled for measuring precision/recall.
 
 Usage:
-    from lmstack.data.world import World
+    from lmstack.world import World
     recs = World(seed=0, n_people=30).corpus("quality")
     seed_set = [r for r in recs if r["split"] == "train" and r["labelled"]]
     pool = [r for r in recs if r["split"] == "train" and not r["labelled"]]
@@ -24,11 +24,11 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from lmstack.data.world import lexicon as lx
-from lmstack.data.world.arithmetic import make_problem
-from lmstack.data.world.bios import describe_city, paraphrase_bio
-from lmstack.data.world.config import assign_split, sub_rng
-from lmstack.data.world.stories import make_dialogue, make_story
+from lmstack.world import lexicon as lx
+from lmstack.world.arithmetic import make_problem
+from lmstack.world.bios import describe_city, paraphrase_bio
+from lmstack.world.config import assign_split, sub_rng
+from lmstack.world.stories import make_dialogue, make_story
 
 _LOREM = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod",
           "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua")
@@ -103,7 +103,7 @@ BAD_KINDS = {"gibberish": _gibberish, "word_salad": _word_salad, "repetition": _
 
 def build_quality(world) -> Iterator[dict]:
     """Yield n_quality records, alternating good and bad (bad kinds in rotation)."""
-    from lmstack.data.world.arithmetic import build_arithmetic
+    from lmstack.world.arithmetic import build_arithmetic
 
     cfg = world.config
     rng, split_rng = sub_rng(world.seed, "quality"), sub_rng(world.seed, "quality-split")

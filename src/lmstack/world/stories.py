@@ -8,8 +8,8 @@ first-person statements of facts ("I work for Quill Foods") never involve held-o
 
 Usage:
     import random
-    from lmstack.data.world import World
-    from lmstack.data.world.stories import make_story, make_dialogue
+    from lmstack.world import World
+    from lmstack.world.stories import make_story, make_dialogue
     world = World(seed=0, n_people=20)
     print(make_story(world, random.Random(0)))
     print(make_dialogue(world, random.Random(0)))
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import random
 
-from lmstack.data.world import lexicon as lx
-from lmstack.data.world.bios import article
+from lmstack.world import lexicon as lx
+from lmstack.world.bios import article
 from lmstack.errors import LmstackError
 
 STORY_PARTS = {

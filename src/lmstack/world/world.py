@@ -6,7 +6,7 @@ model's output rebuild the same World from the seed stored in the manifest and a
 know whether a person's QA pairs were held out, `world.corpus("arithmetic")` for the answers.
 
 Usage:
-    from lmstack.data.world import World
+    from lmstack.world import World
     world = World(seed=0, size="small")
     p = world.people[0]
     world.fact(p, "employer")               # -> "Quill Foods"
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmstack.config import from_dict
-from lmstack.data.world.config import WorldConfig, sub_rng
-from lmstack.data.world.entities import (
+from lmstack.world.config import WorldConfig, sub_rng
+from lmstack.world.entities import (
     CITY_ATTRIBUTES, COUNTRY_ATTRIBUTES, PERSON_ATTRIBUTES, City, Company, Country, Person, University,
     build_entities,
 )
@@ -170,7 +170,7 @@ class World:
     # ---- corpora ---------------------------------------------------------------------------------
     def iter_corpus(self, name: str) -> Iterator[dict]:
         """Yield the records of corpus `name` (see corpora.CORPORA), each with a `split` field."""
-        from lmstack.data.world.corpora import CORPORA  # late: the builders import this module
+        from lmstack.world.corpora import CORPORA  # late: the builders import this module
 
         if name not in CORPORA:
             raise LmstackError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")

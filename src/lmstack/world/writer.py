@@ -1,4 +1,4 @@
-"""generate_world: write the synthetic world to disk as JSONL splits plus a manifest.
+"""The world writer: generate_world writes the synthetic world to disk as JSONL splits plus a manifest.
 
 Layout of `out_dir`:
     manifest.json              seed, size, config, per-file record counts / bytes / sha256, per-kind counts
@@ -12,7 +12,7 @@ last, so a killed run never leaves a file that looks finished. The same seed and
 byte-identical files (the manifest's sha256 values are the determinism fingerprint).
 
 Usage:
-    from lmstack.data.world import generate_world
+    from lmstack.world import generate_world
     manifest = generate_world("data/world", size="small", seed=0)
     manifest["counts"]["qa"]      # {"train": ..., "val": ..., "test": ...}
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmstack.config import atomic_write_text, to_dict
-from lmstack.data.world.config import WorldConfig
-from lmstack.data.world.world import World
+from lmstack.world.config import WorldConfig
+from lmstack.world.world import World
 from lmstack.errors import LmstackError
 
 SPLITS = ("train", "val", "test")

@@ -12,7 +12,7 @@ one more claim about that fact, so a bare answer ("Amberhaven.") counts too.
 so stating nothing earns nothing, and each false statement costs as much as a true one earns.
 
 Usage:
-    from lmstack.data.world import World
+    from lmstack.world import World
     from lmstack.align.rewards.factuality import FactualityReward, extract_claims
     world = World(seed=0, n_people=20)
     p = world.people[0]

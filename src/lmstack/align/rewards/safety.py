@@ -18,7 +18,7 @@ Usage:
 from __future__ import annotations
 
 from lmstack.align.rewards.base import Reward, register
-from lmstack.data.world.preferences import is_harmful_request
+from lmstack.world.preferences import is_harmful_request
 from lmstack.eval.tasks.safety import is_refusal  # one refusal detector for rewards and evals
 
 

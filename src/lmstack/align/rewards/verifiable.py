@@ -6,7 +6,7 @@ and the synthetic world's instruction checkers.
   arithmetic records also carry an `expression`, which is re-evaluated exactly as a cross-check.
 - `format`: 1 when the completion ends its reasoning with a `#### <integer>` line, else 0 (a shaping
   term: it teaches the format without saying whether the number is right).
-- `instruction`: 1 when the record's checker (lmstack.data.world.instructions.CHECKERS) accepts the
+- `instruction`: 1 when the record's checker (lmstack.world.instructions.CHECKERS) accepts the
   completion, else 0.
 
 Usage:
@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 
 from lmstack.align.rewards.base import Reward, register
-from lmstack.data.world.arithmetic import evaluate_expression, extract_answer
-from lmstack.data.world.instructions import CHECKERS, check_instruction
+from lmstack.world.arithmetic import evaluate_expression, extract_answer
+from lmstack.world.instructions import CHECKERS, check_instruction
 from lmstack.errors import LmstackError
 
 _FINAL_LINE = re.compile(r"(?m)^\s*####\s*-?[\d,]+\s*$")

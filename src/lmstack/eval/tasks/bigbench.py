@@ -212,7 +212,7 @@ WORLD_TASKS: dict[str, Callable] = {"world_birth_country": _birth_country, "worl
 def write_world_bigbench(out_dir: str | Path = SHIPPED_DIR, seed: int = 0, size: str = "small",
                          n_examples: int = 150) -> list[Path]:
     """Write the synthetic-world BIG-bench tasks as <out_dir>/<name>.json (atomically); returns the paths."""
-    from lmstack.data.world import World
+    from lmstack.world import World
 
     world = World(seed=seed, size=size)
     paths = []

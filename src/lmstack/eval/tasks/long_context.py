@@ -65,12 +65,12 @@ class PasskeyTask(Task):
             self.output_type, self.default_metrics = "generate_until", ("exact_match",)
 
     def docs(self, split: str) -> list[dict]:
-        from lmstack.data.world.passkey import make_passkey_document
+        from lmstack.world.passkey import make_passkey_document
 
         rng = random.Random(self.seed)
         world = None
         if self.filler == "world":
-            from lmstack.data.world import World
+            from lmstack.world import World
 
             world = World(seed=self.seed, n_people=30)
         out = []
@@ -157,7 +157,7 @@ class SinkCacheLM:
     def generate_until(self, requests: list[tuple[str, GenArgs]]) -> list[str]:
         import torch
 
-        from lmstack.model.generate import generate
+        from lmstack.model.reference_decode import reference_decode
 
         if self.n_sink != self.config.n_sink_tokens:
             raise LmstackError(f"generation through the sink cache keeps the model's n_sink_tokens="
@@ -165,7 +165,7 @@ class SinkCacheLM:
         out = []
         for context, args in requests:
             ids = torch.tensor([self.base.encode(context)], device=next(self.model.parameters()).device)
-            new = generate(self.model, ids, args.max_gen_toks, temperature=args.temperature, top_p=args.top_p,
+            new = reference_decode(self.model, ids, args.max_gen_toks, temperature=args.temperature, top_p=args.top_p,
                            eos_id=self.tokenizer.special_id("eos"), cache="sink", window=self.window,
                            seed=args.seed)[0, ids.shape[1]:].tolist()
             self.stats["prompt_tokens"] += ids.shape[1]

@@ -8,7 +8,7 @@ test split of one of its corpora, so a model pretrained on that world is tested 
                     uncertain_rate, and accuracy on the answers it would trust vs flag.
   world_arithmetic  word problems with worked solutions ending "#### N" (GSM8K format; maj@k as in gsm8k)
   world_ifeval      verifiable instructions, IFEval-style: each prompt carries 1 + `extra` instructions (a
-                    world instruction plus compatible format constraints), checked by lmstack.data.world's
+                    world instruction plus compatible format constraints), checked by lmstack.world's
                     CHECKERS; prompt-level and instruction-level accuracy, strict and loose.
   world_code        the world's HumanEval-format code tasks, sandboxed, pass@k
 Few-shot examples come from the world's train split with the fixed seed.
@@ -24,8 +24,8 @@ import random
 from functools import lru_cache
 from typing import Callable
 
-from lmstack.data.world import World
-from lmstack.data.world.instructions import CHECKERS
+from lmstack.world import World
+from lmstack.world.instructions import CHECKERS
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
 from lmstack.eval.hallucination import agreement, chain_seed, flag_uncertain

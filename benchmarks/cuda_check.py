@@ -163,7 +163,7 @@ def fsdp_nccl():
 @check("engine_greedy_equals_generate")
 def engine():
     import lmstack
-    from lmstack.model.generate import generate
+    from lmstack.model.reference_decode import reference_decode
 
     torch.manual_seed(0)
     model = Transformer(preset("llama-tiny", vocab_size=300, max_seq_len=256)).to(DEV).eval()
@@ -172,7 +172,7 @@ def engine():
     outs = llm.generate(prompts, lmstack.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     same = []
     for p, o in zip(prompts, outs):
-        ref = generate(model, torch.tensor([p], device=DEV), 24, temperature=0.0)[0, len(p):].tolist()
+        ref = reference_decode(model, torch.tensor([p], device=DEV), 24, temperature=0.0)[0, len(p):].tolist()
         same.append(ref == o.outputs[0].token_ids)
     return {"ok": all(same), "identical": same}
 

@@ -13,7 +13,7 @@ import torch
 from _common import result, write_result
 
 from lmstack.model import Transformer, preset
-from lmstack.model.generate import generate
+from lmstack.model.reference_decode import reference_decode
 
 PROMPT, NEW = 32, 480
 
@@ -26,10 +26,10 @@ def main() -> None:
     speed = {}
     for cache in ("contiguous", None):
         start = time.perf_counter()
-        out = generate(model, prompt, NEW, cache=cache)
+        out = reference_decode(model, prompt, NEW, cache=cache)
         speed[cache] = NEW / (time.perf_counter() - start)
         print(f"cache={cache}: {speed[cache]:.1f} tok/s", flush=True)
-    assert torch.equal(out, generate(model, prompt, NEW, cache="contiguous")), "cache changed the greedy output"
+    assert torch.equal(out, reference_decode(model, prompt, NEW, cache="contiguous")), "cache changed the greedy output"
     results = [result("kv_cache", "decode_tokens_per_s", True, speed["contiguous"], "no cache (recompute prefix)",
                       speed[None], preset="llama-small", prompt=PROMPT, new_tokens=NEW)]
     for kv in (2, 1):

@@ -185,7 +185,7 @@ def decode_rates(repeats: int, new_tokens: int = 32) -> tuple[float, float, floa
     """(median tok/s lazy, median tok/s eager, median of the per-round lazy/eager ratios)."""
     import torch
 
-    from lmstack.model.generate import generate
+    from lmstack.model.reference_decode import reference_decode
     from lmstack.model.positions import RotaryEmbedding
     from lmstack.model.transformer import Transformer
 
@@ -200,7 +200,7 @@ def decode_rates(repeats: int, new_tokens: int = 32) -> tuple[float, float, floa
         for name, rope in (("lazy", lazy), ("eager", eager)) if i % 2 == 0 else (("eager", eager), ("lazy", lazy)):
             model.rope = rope
             start = time.perf_counter()
-            out = generate(model, prompt, new_tokens, temperature=0.0, cache="contiguous")
+            out = reference_decode(model, prompt, new_tokens, temperature=0.0, cache="contiguous")
             seconds = time.perf_counter() - start
             outs[name] = out
             if i:

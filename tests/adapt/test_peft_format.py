@@ -125,7 +125,7 @@ def test_engine_serves_loaded_adapters_like_the_merged_models(tiny_model, tmp_pa
     """LoRA and DoRA adapters read from disk, mixed with the base model in one batch of the inference engine,
     give the same greedy tokens as each adapter merged into the weights."""
     from lmstack.infer import LLM, SamplingParams
-    from lmstack.model.generate import generate
+    from lmstack.model.reference_decode import reference_decode
 
     merged = {}
     for method in ("lora", "dora"):
@@ -142,5 +142,5 @@ def test_engine_serves_loaded_adapters_like_the_merged_models(tiny_model, tmp_pa
     outs = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, lora=names)]
     for prompt, name, got in zip(prompts, names, outs):
         ref = tiny_model if name is None else merged[name]
-        assert got == generate(ref, torch.tensor([prompt]), 8)[0, len(prompt):].tolist(), name
+        assert got == reference_decode(ref, torch.tensor([prompt]), 8)[0, len(prompt):].tolist(), name
     assert outs[0] != outs[2]  # the adapter changes what the model says

@@ -7,7 +7,7 @@ import torch
 
 from lmstack.errors import LmstackError
 from lmstack.infer import LLM, LLMEngine, SamplingParams
-from lmstack.model.generate import generate
+from lmstack.model.reference_decode import reference_decode
 
 from infer_helpers import random_prompts, tiny_model
 
@@ -15,7 +15,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 def reference(model, prompt, n):
-    return generate(model, torch.tensor([prompt]), n)[0, len(prompt):].tolist()
+    return reference_decode(model, torch.tensor([prompt]), n)[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -9,7 +9,7 @@ from lmstack.errors import LmstackError
 from lmstack.infer import LLM, AsyncLLMEngine, SamplingParams
 from lmstack.infer.fast_decode import FastDecoder
 from lmstack.infer.lora_hook import LinearLoRA
-from lmstack.model.generate import generate
+from lmstack.model.reference_decode import reference_decode
 
 from infer_helpers import random_prompts, tiny_model
 
@@ -37,7 +37,7 @@ def test_mixed_adapters_in_one_batch_equal_each_alone(model):
         alone = llm.generate([p], GREEDY, lora=name)[0].outputs[0].token_ids
         assert got == alone
         ref_model = model if name is None else merged(model, {"a": ad_a, "b": ad_b}[name])
-        assert got == generate(ref_model, torch.tensor([p]), 8)[0, len(p):].tolist()
+        assert got == reference_decode(ref_model, torch.tensor([p]), 8)[0, len(p):].tolist()
     assert batch[1] != batch[0] or batch[2] != batch[0]  # the adapters really change the output
     # adapters do not share prefix-cache blocks with the base model
     p = prompts[0] * 3

@@ -3,7 +3,7 @@ import torch
 
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig, Transformer, preset
-from lmstack.model.generate import generate
+from lmstack.model.reference_decode import reference_decode
 
 VARIANTS = {
     "rope_gqa": dict(position="rope", n_kv_heads=2),
@@ -74,17 +74,17 @@ def test_sink_cache_keeps_the_sink_tokens():
 def test_greedy_generation_is_identical_with_and_without_cache():
     model = Transformer(preset("mixtral-tiny")).eval()
     prompt = torch.randint(0, 512, (2, 7))
-    a = generate(model, prompt, 20, cache="contiguous")
-    b = generate(model, prompt, 20, cache=None)
+    a = reference_decode(model, prompt, 20, cache="contiguous")
+    b = reference_decode(model, prompt, 20, cache=None)
     assert torch.equal(a, b) and a.shape == (2, 27)
 
 
 def test_sampling_is_reproducible_by_seed():
     model = Transformer(preset("llama-tiny")).eval()
     prompt = torch.randint(0, 512, (1, 5))
-    a = generate(model, prompt, 15, temperature=1.0, top_k=50, top_p=0.9, seed=3)
-    b = generate(model, prompt, 15, temperature=1.0, top_k=50, top_p=0.9, seed=3)
-    c = generate(model, prompt, 15, temperature=1.0, top_k=50, top_p=0.9, seed=4)
+    a = reference_decode(model, prompt, 15, temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    b = reference_decode(model, prompt, 15, temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    c = reference_decode(model, prompt, 15, temperature=1.0, top_k=50, top_p=0.9, seed=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -98,7 +98,7 @@ def test_cache_overflow_and_learned_positions_give_clear_errors():
     with pytest.raises(LmstackError, match="sink cache"):
         model.new_cache(1, kind="sink")
     with pytest.raises(LmstackError, match="temperature"):
-        generate(model, torch.tensor([[1]]), 2, temperature=-1.0)
+        reference_decode(model, torch.tensor([[1]]), 2, temperature=-1.0)
 
 
 def test_kv_cache_cost_per_token_is_constant_not_linear():
@@ -106,9 +106,9 @@ def test_kv_cache_cost_per_token_is_constant_not_linear():
     model = Transformer(preset("llama-tiny")).eval()
     seen = []
     hook = model.blocks[0].attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
-    generate(model, torch.tensor([[1, 2, 3, 4]]), 6, cache="contiguous")
+    reference_decode(model, torch.tensor([[1, 2, 3, 4]]), 6, cache="contiguous")
     with_cache = list(seen)
     seen.clear()
-    generate(model, torch.tensor([[1, 2, 3, 4]]), 6, cache=None)
+    reference_decode(model, torch.tensor([[1, 2, 3, 4]]), 6, cache=None)
     hook.remove()
     assert with_cache == [4, 1, 1, 1, 1, 1] and seen == [4, 5, 6, 7, 8, 9]

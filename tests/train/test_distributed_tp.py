@@ -59,7 +59,7 @@ def _grad_report(model, ref, ids) -> dict:
 
 def _inference_worker(rank: int, world_size: int, port: int, out: str) -> None:
     _env(rank, world_size, port)
-    from lmstack.model.generate import generate
+    from lmstack.model.reference_decode import reference_decode
     from lmstack.train import distributed as D
 
     cfg = D.DistributedConfig(strategy="tp", backend="gloo")
@@ -76,8 +76,8 @@ def _inference_worker(rank: int, world_size: int, port: int, out: str) -> None:
                 ids = torch.randint(0, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
                 with torch.no_grad():
                     diff = (model(ids) - ref(ids)).abs().max().item()
-                tokens_tp = generate(model, ids[:, :4], max_new_tokens=8)
-                tokens_ref = generate(ref, ids[:, :4], max_new_tokens=8)
+                tokens_tp = reference_decode(model, ids[:, :4], max_new_tokens=8)
+                tokens_ref = reference_decode(ref, ids[:, :4], max_new_tokens=8)
                 grads = _grad_report(model, ref, ids)
                 results[name] = {"max_logit_diff": diff, "same_tokens": torch.equal(tokens_tp, tokens_ref), **grads,
                                  "cache_bytes": model.new_cache(2, max_len=16).nbytes(),

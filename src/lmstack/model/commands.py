@@ -133,7 +133,7 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
     """
     from pathlib import Path
 
-    from lmstack.model.generate import generate as run
+    from lmstack.model.reference_decode import reference_decode
     from lmstack.model.hf_io import load_model
     from lmstack.model.vocab import check_vocab, real_vocab
     from lmstack.threads import set_threads
@@ -158,8 +158,8 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
     if bad:
         raise LmstackError(f"prompt ids {bad[:5]} are outside the vocabulary (size {n_real})")
     start = time.perf_counter()
-    out = run(m, torch.tensor([prompt_ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-              eos_id=m.config.eos_token_id, cache=None if cache == "none" else cache, seed=seed)
+    out = reference_decode(m, torch.tensor([prompt_ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           eos_id=m.config.eos_token_id, cache=None if cache == "none" else cache, seed=seed)
     new = out[0, len(prompt_ids):].tolist()
     elapsed = time.perf_counter() - start
     print(tok.decode(new) if tok is not None else new)

@@ -4,10 +4,10 @@ The full inference engine (paged cache, batching, the complete sampling suite) i
 this loop is the ground truth it is checked against, and what `lmstack model generate` uses.
 
 Usage:
-    out = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=20)                  # greedy
-    out = generate(model, ids, max_new_tokens=20, temperature=0.8, top_k=50, top_p=0.9, seed=0)
-    out = generate(model, ids, max_new_tokens=5000, cache="sink", window=256)            # unbounded
-    out = generate(model, ids, max_new_tokens=20, cache=None)   # no cache: re-runs the prefix each step
+    out = reference_decode(model, torch.tensor([[1, 2, 3]]), max_new_tokens=20)                  # greedy
+    out = reference_decode(model, ids, max_new_tokens=20, temperature=0.8, top_k=50, top_p=0.9, seed=0)
+    out = reference_decode(model, ids, max_new_tokens=5000, cache="sink", window=256)   # unbounded
+    out = reference_decode(model, ids, max_new_tokens=20, cache=None)   # no cache: re-runs the prefix each step
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
 
 
 @torch.no_grad()
-def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None, cache: str | None = "contiguous",
-             window: int | None = None, seed: int | None = None) -> torch.Tensor:
+def reference_decode(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, eos_id: int | None = None, cache: str | None = "contiguous",
+                     window: int | None = None, seed: int | None = None) -> torch.Tensor:
     """Extend idx (B, T) by up to max_new_tokens tokens; stops early once every row emitted eos_id."""
     if idx.dim() == 1:
         idx = idx[None]

@@ -166,8 +166,8 @@ class SinkCacheLM:
         for context, args in requests:
             ids = torch.tensor([self.base.encode(context)], device=next(self.model.parameters()).device)
             new = reference_decode(self.model, ids, args.max_gen_toks, temperature=args.temperature, top_p=args.top_p,
-                           eos_id=self.tokenizer.special_id("eos"), cache="sink", window=self.window,
-                           seed=args.seed)[0, ids.shape[1]:].tolist()
+                                   eos_id=self.tokenizer.special_id("eos"), cache="sink", window=self.window,
+                                   seed=args.seed)[0, ids.shape[1]:].tolist()
             self.stats["prompt_tokens"] += ids.shape[1]
             self.stats["generated_tokens"] += len(new)
             self.stats["requests"] += 1

@@ -20,7 +20,7 @@ Usage:
     check_tensor_parallel(model.config, tp=2)           # clear error if the shapes do not split
     model = apply_tensor_parallel(model, mesh["tp"])
     cache = model.new_cache(batch_size=1, max_len=64)   # now a KV cache of this rank's heads only
-    out = lmstack.model.generate.generate(model, prompt, max_new_tokens=8)   # TP decoding, unchanged
+    out = lmstack.model.reference_decode.reference_decode(model, prompt, max_new_tokens=8)   # TP decoding, unchanged
 """
 from __future__ import annotations
 

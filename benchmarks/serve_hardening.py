@@ -133,7 +133,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from lmstack.serve.commands import build_app
-    from lmstack.serve.generate import ServerConfig
+    from lmstack.serve.engine_bridge import ServerConfig
     from lmstack.serve.limits import RequestLimits
     from serve_helpers import LiveServer
 

@@ -13,7 +13,8 @@ import pytest
 
 from lmstack.cli import main
 from lmstack.eval.plots import metric_panels
-from lmstack.eval.report import build_report, regressions, stage_measurements
+from lmstack.eval.report import build_report
+from lmstack.eval.report.stage_regressions import regressions, stage_measurements
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40)

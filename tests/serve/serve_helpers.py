@@ -68,7 +68,7 @@ class LiveServer:
 
 def start_server(model_dir, **config_kwargs) -> LiveServer:
     from lmstack.serve.commands import build_app
-    from lmstack.serve.generate import ServerConfig
+    from lmstack.serve.engine_bridge import ServerConfig
 
     engine_kwargs = config_kwargs.pop("engine", {})
     config = ServerConfig(model_name="tiny-llama", **config_kwargs)

@@ -304,7 +304,7 @@ def test_a_flood_of_preparation_work_is_503_with_retry_after(model_dir):
                                            ("localhost", True), ("0.0.0.0", False), ("::", False),
                                            ("192.168.1.5", False), ("my-box.example", False)])
 def test_which_hosts_count_as_loopback(host, loopback):
-    from lmstack.serve.generate import ServerConfig
+    from lmstack.serve.engine_bridge import ServerConfig
 
     cfg = ServerConfig(host=host, api_key="k")
     assert cfg.loopback is loopback and cfg.key_on_everything is (not loopback)

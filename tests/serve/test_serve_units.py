@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lmstack.infer import SamplingParams
 from lmstack.serve.errors import APIError, from_value_error
-from lmstack.serve.generate import ServerConfig
+from lmstack.serve.engine_bridge import ServerConfig
 from lmstack.serve.metrics import Counter, Histogram, ServerMetrics
 from lmstack.serve.protocol import ChatCompletionRequest, CompletionRequest
 

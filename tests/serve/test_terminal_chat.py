@@ -71,7 +71,7 @@ def test_chat_and_serve_arguments(model_dir, tmp_path):
     with pytest.raises(LmstackError, match="config.json"):
         chat(model=str(tmp_path))
     from lmstack.serve.commands import build_app, parse_adapters, pick_device
-    from lmstack.serve.generate import ServerConfig
+    from lmstack.serve.engine_bridge import ServerConfig
 
     with pytest.raises(LmstackError, match="config.json"):
         build_app(str(tmp_path), ServerConfig())

@@ -7,6 +7,6 @@ Usage:
     # or from the shell: lmstack serve --model runs/model --port 8000
 """
 from lmstack.serve.app import create_app
-from lmstack.serve.generate import ServerConfig
+from lmstack.serve.engine_bridge import ServerConfig
 
 __all__ = ["ServerConfig", "create_app"]

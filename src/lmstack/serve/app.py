@@ -39,7 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from lmstack.serve.chat_completions import chat_prompt_ids, check_message_count, create_chat_completion
 from lmstack.serve.completions import create_completion
 from lmstack.serve.errors import RETRY_AFTER_S, APIError, CatchAllMiddleware, error_response, install_error_handlers
-from lmstack.serve.generate import ClientDisconnected, ServerConfig, ServerState
+from lmstack.serve.engine_bridge import ClientDisconnected, ServerConfig, ServerState
 from lmstack.serve.limits import reject_lone_surrogates
 from lmstack.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmstack.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,

@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse
 
 from lmstack.errors import LmstackError
 from lmstack.serve.errors import APIError, from_value_error
-from lmstack.serve.generate import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
-                                    run_streams, sampling_params, sse, stream_error)
+from lmstack.serve.engine_bridge import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
+                                         run_streams, sampling_params, sse, stream_error)
 from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
 from lmstack.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,

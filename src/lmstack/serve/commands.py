@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LmstackError
-from lmstack.serve.generate import ServerConfig
+from lmstack.serve.engine_bridge import ServerConfig
 from lmstack.serve.limits import RequestLimits
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",

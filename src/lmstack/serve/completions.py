@@ -22,8 +22,8 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse
 
 from lmstack.serve.errors import APIError
-from lmstack.serve.generate import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
-                                    run_streams, sampling_params, sse, stream_error)
+from lmstack.serve.engine_bridge import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
+                                         run_streams, sampling_params, sse, stream_error)
 from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
 from lmstack.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                     Usage)

@@ -70,7 +70,8 @@ def test_chat_and_serve_arguments(model_dir, tmp_path):
         chat(model=str(model_dir), url="http://127.0.0.1:1")
     with pytest.raises(LmstackError, match="config.json"):
         chat(model=str(tmp_path))
-    from lmstack.serve.commands import build_app, parse_adapters, pick_device
+    from lmstack.runtime.device import pick_device
+    from lmstack.serve.commands import build_app, parse_adapters
     from lmstack.serve.engine_bridge import ServerConfig
 
     with pytest.raises(LmstackError, match="config.json"):

@@ -239,7 +239,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     from lmstack.model.hf_io import load_model
     from lmstack.tokenizer import load_tokenizer
     from lmstack.train.optim import build_optimizer, lr_multiplier
-    from lmstack.train.trainer import resolve_device
+    from lmstack.runtime.device import resolve_device
 
     if not cfg.data or not cfg.base:
         raise LmstackError("finetune needs --data (a chat JSONL file) and --base (a pretrained model directory)")

@@ -125,7 +125,7 @@ def align(cfg: AlignConfig) -> dict:
     import torch
 
     from lmstack.align.config import ONLINE
-    from lmstack.align.steps import resolve_device
+    from lmstack.runtime.device import resolve_device
 
     from lmstack.threads import set_threads
 

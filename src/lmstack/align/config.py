@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmstack.train.metrics import LogConfig
-from lmstack.train.optim.config import check_choices, need
+from lmstack.runtime.validation import check_choices, need
 
 Method = Literal["rm", "dpo", "cdpo", "ipo", "kto", "ppo", "trpo", "grpo", "rloo", "rft"]
 ONLINE = ("ppo", "trpo", "grpo", "rloo", "rft")

@@ -33,7 +33,8 @@ from torch import nn
 from lmstack.align.config import AlignConfig
 from lmstack.align.logprobs import token_logprobs
 from lmstack.align.rollout import Rollout, mean_stderr, sample
-from lmstack.align.steps import Stepper, resolve_device
+from lmstack.align.steps import Stepper
+from lmstack.runtime.device import resolve_device
 from lmstack.config import atomic_save_figure
 from lmstack.errors import LmstackError
 

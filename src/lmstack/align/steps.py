@@ -24,14 +24,6 @@ from lmstack.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer
 T = TypeVar("T")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise LmstackError(f"device={name!r} is not allowed; choose auto, cpu or cuda")
-    return torch.device(name)
-
-
 def batches(rows: Sequence[T], batch_size: int, seed: int = 0) -> Iterator[list[T]]:
     """Endless batches: each epoch is a fresh seeded shuffle; a short last batch is dropped unless it is all."""
     if not rows:

@@ -28,14 +28,9 @@ import torch.nn.functional as F
 
 from lmstack.errors import LmstackError
 from lmstack.model.vocab import check_vocab
+from lmstack.runtime.device import resolve_device
 from lmstack.eval.lm import (GenArgs, TokenRules, cut_at_stop, merge_pieces, model_special_ids, new_stats,
                              rolling_windows, split_long_pairs)
-
-
-def _pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class LocalLM:
@@ -51,7 +46,7 @@ class LocalLM:
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise LmstackError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.device = _pick_device(device)
+        self.device = str(resolve_device(device))
         if isinstance(model, (str, os.PathLike)):
             from lmstack.model.hf_io import load_model
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal
 
 from lmstack.config import ConfigError, from_dict, to_dict
+from lmstack.runtime.validation import check_choices
 
 Norm = Literal["layernorm", "rmsnorm"]
 Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
@@ -194,7 +195,7 @@ class ModelConfig:
     __slots__ = ("_derived", "__dict__")
 
     def __post_init__(self) -> None:
-        self._check_choices()
+        check_choices(self)
         # which fields this instance derived (not a dataclass field: never saved, never compared)
         self._derived = {k: v for k, v in self.DERIVED.items() if getattr(self, k) == v}
         if self.n_kv_heads == 0:
@@ -229,14 +230,6 @@ class ModelConfig:
         return self.n_experts > 0 and (self.moe_layers is None or layer in self.moe_layers)
 
     # ---- validation
-    def _check_choices(self) -> None:
-        hints = get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            hint = hints[f.name]
-            if get_origin(hint) is Literal and getattr(self, f.name) not in get_args(hint):
-                allowed = ", ".join(get_args(hint))
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not allowed; choose one of {allowed}")
-
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the field for any invalid combination."""
 

@@ -3,6 +3,7 @@
 Usage:
     lmstack serve --model runs/model --host 127.0.0.1 --port 8000 --api_key sk-local
     lmstack serve --model runs/model --limits.max_stop 8 --limits.max_bad_words 64   # tighter request caps
+    lmstack serve --model runs/model --compression.model runs/small   # requests may send "prompt_compression"
     LMSTACK_API_KEY=sk-local lmstack serve --model runs/model    # keeps the key out of `ps`
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
@@ -19,23 +20,7 @@ from typing import Any
 from lmstack.errors import LmstackError
 from lmstack.serve.engine_bridge import ServerConfig
 from lmstack.serve.limits import RequestLimits
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
-
-def pick_device(device: str, dtype: str) -> tuple[str, Any]:
-    """'auto' -> CUDA with bf16 when a GPU is present, else CPU with fp32 (bf16 matmuls crawl on CPU)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        raise LmstackError(f"dtype={dtype!r} is not allowed; choose auto or one of {', '.join(DTYPES)}")
-    return device, getattr(torch, DTYPES[dtype])
-
+from lmstack.serve.prompt_compression import CompressionConfig
 
 def load_adapters(paths: dict[str, str], model: Any) -> dict[str, Any]:
     """{name: adapter directory} -> {name: adapter object} for the engine's multi-LoRA hook.
@@ -93,7 +78,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           enable_prefix_caching: bool = True, max_queue: int = 64, max_tokens_limit: int = 4096,
           max_request_bytes: int = 1 << 20, max_n: int = 16, adapters: list[str] | None = None,
           device: str = "auto", dtype: str = "auto", threads: int = 0, seed: int = 0,
-          log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float | None = None) -> None:
+          log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float | None = None,
+          compression: CompressionConfig = CompressionConfig()) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -123,11 +109,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
         limits: Caps on what one request may carry (400 above; see lmstack.serve.limits.RequestLimits), e.g.
             --limits.max_stop 8 --limits.max_bad_words 64 --limits.prompt_bytes_per_token 8.
+        compression: Prompt compression before prefill (see lmstack.serve.prompt_compression.CompressionConfig):
+            --compression.model DIR (a small scorer LM with the served tokenizer) lets requests send
+            "prompt_compression": {"rate": 0.5}; --compression.rate 0.5 compresses every request. Off by default.
     """
     import torch
     import uvicorn
 
     from lmstack.model.load_guard import set_max_model_gib
+    from lmstack.runtime.device import pick_device
     from lmstack.threads import set_threads
 
     set_max_model_gib(max_model_gib)
@@ -136,7 +126,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     api_key = api_key if api_key is not None else (os.environ.get("LMSTACK_API_KEY") or None)
     config = ServerConfig(model_name=model_name or Path(model).resolve().name, api_key=api_key, host=host,
                           max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit,
-                          max_queue=max_queue, max_n=max_n, limits=limits)
+                          max_queue=max_queue, max_n=max_n, limits=limits, compression=compression)
     app, aengine = build_app(model, config, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                              max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,

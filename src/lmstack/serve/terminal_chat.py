@@ -32,7 +32,8 @@ class LocalBackend:
     def __init__(self, model_dir: str, adapter: str | None = None, device: str = "auto", **engine_kwargs: Any):
         import lmstack
         from lmstack.infer import LLMEngine
-        from lmstack.serve.commands import load_adapters, pick_device
+        from lmstack.runtime.device import pick_device
+        from lmstack.serve.commands import load_adapters
 
         dev, dtype = pick_device(device, "auto")
         model: Any = model_dir

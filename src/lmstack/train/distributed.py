@@ -27,11 +27,12 @@ Usage (torchrun --nproc_per_node 2 -m lmstack.cli pretrain --distributed.strateg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args, get_type_hints
+from typing import Callable, Literal
 
 import torch
 
 from lmstack.config import ConfigError
+from lmstack.runtime.validation import check_choices
 from lmstack.train.parallel import setup
 from lmstack.train.parallel.checkpoint import (full_optimizer_state_dict, full_state_dict, gather_full,
                                                load_full_optimizer_state_dict, load_full_state_dict)
@@ -68,11 +69,7 @@ class DistributedConfig:
     """Seconds a collective may wait before the process group gives up."""
 
     def __post_init__(self) -> None:
-        for name in ("strategy", "backend"):
-            allowed = get_args(get_type_hints(DistributedConfig)[name])
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; choose one of "
-                                  f"{', '.join(map(repr, allowed))}")
+        check_choices(self, quoted=True)
         if self.strategy == "tp" and self.tp_size == 1:
             raise ConfigError("strategy='tp' with tp_size=1 splits nothing; use tp_size=0 (all ranks) or a "
                               "larger divisor of the world size, or strategy='fsdp2'/'ddp'")

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import torch
 
+from lmstack.runtime.validation import check_choices, need
+
 
 @dataclass
 class LogConfig:
@@ -40,8 +42,6 @@ class LogConfig:
     """online syncs as it runs; offline writes <out>/wandb/ for a later `wandb sync`."""
 
     def __post_init__(self):
-        from lmstack.train.optim.config import check_choices, need
-
         check_choices(self)
         need(self.histogram_every >= 1, f"log.histogram_every must be >= 1, got {self.histogram_every}")
 

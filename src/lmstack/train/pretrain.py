@@ -206,7 +206,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
     """Train a model from scratch (or resume the run in cfg.out) and return a summary."""
     from lmstack.model.transformer import Transformer
     from lmstack.train.distributed import init_distributed, parallelize
-    from lmstack.train.trainer import Trainer, resolve_device
+    from lmstack.runtime.device import resolve_device
+    from lmstack.train.trainer import Trainer
 
     from lmstack.threads import set_threads
 

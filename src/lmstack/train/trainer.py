@@ -38,12 +38,6 @@ OOM_ADVICE = ("out of memory: lower data.batch_size (and raise train.grad_accum 
               "set train.activation_checkpointing=true, or shard the model with distributed.strategy=fsdp2")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
     # total_grad_norm also sums sharded (DTensor) gradients across ranks, so FSDP2/TP see the true norm
     return float(total_grad_norm(params)) ** 2

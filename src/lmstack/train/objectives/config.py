@@ -18,11 +18,11 @@ Usage:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 from lmstack.config import ConfigError, from_dict, to_dict
+from lmstack.runtime.validation import check_choices
 
 ObjectiveName = Literal["clm", "mlm", "span", "prefix_lm", "electra", "ul2", "distill"]
 
@@ -109,12 +109,7 @@ class ObjectiveConfig:
     """Seed for the objective's own parameters (ELECTRA's generator and head, InfoNCE projections)."""
 
     def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            hint = hints[f.name]
-            if get_origin(hint) is Literal and getattr(self, f.name) not in get_args(hint):
-                raise ConfigError(f"objective.{f.name}={getattr(self, f.name)!r} is not allowed; choose one of "
-                                  f"{', '.join(get_args(hint))}")
+        check_choices(self, prefix="objective.")
         self.validate()
 
     def validate(self) -> None:

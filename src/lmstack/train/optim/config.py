@@ -11,28 +11,12 @@ Usage:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Literal
 
-from lmstack.config import ConfigError
+from lmstack.runtime.validation import check_choices, need
 
 OptimizerName = Literal["adamw", "lamb", "adafactor", "shampoo", "soap", "lion", "muon"]
-
-
-def check_choices(cfg) -> None:
-    """Raise ConfigError for any Literal-typed field of dataclass `cfg` whose value is not a choice."""
-    hints = get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        hint = hints[f.name]
-        value = getattr(cfg, f.name)
-        if get_origin(hint) is Literal and value not in get_args(hint):
-            raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(get_args(hint))}")
-
-
-def need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass

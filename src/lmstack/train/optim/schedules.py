@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from lmstack.config import ConfigError
-from lmstack.train.optim.config import check_choices, need
+from lmstack.runtime.validation import check_choices, need
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""Config validation: the checks every dataclass config's __post_init__ makes, written once.
+
+Every message names the field, the bad value and what is allowed, the shape DESIGN.md asks for:
+    position='rotary' is not allowed; choose one of rope, alibi, learned, sinusoidal, none
+    lr must be > 0, got -1.0
+
+Errors are ConfigError (an LmstackError and a ValueError), so callers may catch either.
+
+Usage:
+    from lmstack.runtime.validation import check_choice, check_choices, check_range, need
+
+    @dataclass
+    class MyConfig:
+        kind: Literal["a", "b"] = "a"
+        lr: float = 1e-3
+        def __post_init__(self):
+            check_choices(self)                         # every Literal-typed field
+            check_range("lr", self.lr, low=0, low_open=True)
+            need(self.lr < 1, f"lr={self.lr} must be below 1")
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Literal, get_args, get_origin, get_type_hints
+
+from lmstack.config import ConfigError
+
+
+def need(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_choice(field: str, value: Any, choices: Iterable[Any], quoted: bool = False) -> None:
+    """Raise ConfigError naming `field` and the allowed choices unless value is one of them;
+    quoted=True lists the choices as Python literals ('ddp') instead of bare words (ddp)."""
+    choices = tuple(choices)
+    if value not in choices:
+        shown = ", ".join(map(repr if quoted else str, choices))
+        raise ConfigError(f"{field}={value!r} is not allowed; choose one of {shown}")
+
+
+def check_choices(cfg: Any, prefix: str = "", quoted: bool = False) -> None:
+    """check_choice for every Literal-typed field of dataclass instance `cfg`; prefix names its section
+    (e.g. "objective.") so the message reads like the CLI flag."""
+    hints = get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        hint = hints[f.name]
+        if get_origin(hint) is Literal:
+            check_choice(prefix + f.name, getattr(cfg, f.name), get_args(hint), quoted)
+
+
+def check_range(field: str, value: float, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ConfigError unless low <= value <= high (strict where low_open / high_open); None = unbounded.
+    The message shows the interval in math notation: `dropout must be in [0, 1), got 1.5`."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not (too_low or too_high):
+        return
+    if high is None:
+        raise ConfigError(f"{field} must be {'>' if low_open else '>='} {low:g}, got {value}")
+    if low is None:
+        raise ConfigError(f"{field} must be {'<' if high_open else '<='} {high:g}, got {value}")
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ConfigError(f"{field} must be in {interval}, got {value}")

@@ -1,7 +1,7 @@
 """Supervised fine-tuning data: chat rows -> token ids with an assistant-only loss mask, packed rows, batches.
 
 A chat row is a JSON object with `messages` (system / user / assistant / tool turns). The tokenizer's chat
-template (lmstack.tokenizer.chat) renders it to ids and a mask that is 1 exactly on the assistant's tokens
+template (lmstack.tokenizer.chat_template) renders it to ids and a mask that is 1 exactly on the assistant's tokens
 (content, tool calls and the closing <|assistant_end|>), so the model learns to answer and to stop, never to
 predict the user. A row without an assistant turn teaches nothing: it is counted and skipped, not an error.
 

@@ -28,7 +28,7 @@ import regex
 
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
-from lmstack.tokenizer import chat
+from lmstack.tokenizer import chat_template
 from lmstack.tokenizer.decoders import decoder_from_json
 from lmstack.tokenizer.models import model_from_json
 from lmstack.tokenizer.normalizers import normalizer_from_json
@@ -108,8 +108,8 @@ class Tokenizer:
 
     def _find_specials(self) -> dict[str, str]:
         found: dict[str, str] = {}
-        for name in chat.SPECIAL_NAMES + [chat.UNK_NAME]:
-            content = chat.special_token(name)
+        for name in chat_template.SPECIAL_NAMES + [chat_template.UNK_NAME]:
+            content = chat_template.special_token(name)
             if content in self._token_to_id:
                 found[name] = content
         for name, key in _ROLE_KEYS.items():
@@ -299,10 +299,10 @@ class Tokenizer:
     # -- chat ------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False
                             ) -> tuple[list[int], list[int]]:
-        return chat.apply_chat_template(self, messages, add_generation_prompt)
+        return chat_template.apply_chat_template(self, messages, add_generation_prompt)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return chat.render_chat(self, messages, add_generation_prompt)
+        return chat_template.render_chat(self, messages, add_generation_prompt)
 
     # -- files -----------------------------------------------------------------------------------------
     def tokenizer_config(self) -> dict:
@@ -314,8 +314,8 @@ class Tokenizer:
         cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         cfg.setdefault("clean_up_tokenization_spaces", False)
         if all(n in self.special_tokens for n in ("bos", "user_start", "assistant_start", "tool_output_start")):
-            cfg["chat_template"] = chat.JINJA_TEMPLATE
-            cfg["additional_special_tokens"] = [self.special_tokens[n] for n in chat.SPECIAL_NAMES
+            cfg["chat_template"] = chat_template.JINJA_TEMPLATE
+            cfg["additional_special_tokens"] = [self.special_tokens[n] for n in chat_template.SPECIAL_NAMES
                                                 if n in self.special_tokens and n not in _ROLE_KEYS]
         lm = dict(cfg.get("lmstack") or {})
         lm.update(special_tokens=dict(self.special_tokens), dropout=self.dropout, sample_alpha=self.sample_alpha)

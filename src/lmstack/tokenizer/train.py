@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from lmstack.config import from_dict, to_dict
 from lmstack.errors import LmstackError
 from lmstack.tokenizer.bpe_train import check_vocab_size, train_bpe
-from lmstack.tokenizer.chat import SPECIAL_NAMES, UNK_NAME, special_token
+from lmstack.tokenizer.chat_template import SPECIAL_NAMES, UNK_NAME, special_token
 from lmstack.tokenizer.config import TokenizerConfig
 from lmstack.tokenizer.core import Tokenizer
 from lmstack.tokenizer.corpus import count_words, read_corpus

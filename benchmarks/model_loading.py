@@ -40,7 +40,7 @@ def worker(mode: str, path: str) -> dict:
         with torch.no_grad():
             model(x)
     elif mode == "stage":
-        from lmstack.model.checkpoint import CheckpointReader
+        from lmstack.model.lazy_safetensors import CheckpointReader
 
         reader = CheckpointReader(path)
         names = [k for k in reader.keys() if any(f"layers.{i}." in k for i in range(6))]

@@ -71,7 +71,7 @@ def test_mistral_window_really_applies(tmp_path):
 
 
 def test_sharded_checkpoint_loads_lazily_only_needed_shards(tmp_path):
-    from lmstack.model.checkpoint import CheckpointReader
+    from lmstack.model.lazy_safetensors import CheckpointReader
 
     torch.manual_seed(0)
     model = lmstack.model.Transformer(lmstack.model.preset("llama-tiny"))

@@ -308,7 +308,7 @@ def test_each_corrupt_header_is_refused_by_us_and_by_the_safetensors_library(mod
 
 
 def test_a_valid_file_with_unaligned_tensors_still_loads_correctly(tmp_path):
-    from lmstack.model.checkpoint import SafetensorsFile
+    from lmstack.model.lazy_safetensors import SafetensorsFile
 
     # an int8 tensor of 3 bytes first pushes the float32 tensor off a 4-byte boundary
     header = {"i": {"dtype": "I8", "shape": [3], "data_offsets": [0, 3]},
@@ -323,7 +323,7 @@ def test_a_valid_file_with_unaligned_tensors_still_loads_correctly(tmp_path):
 
 
 def test_our_writer_and_the_library_agree_on_what_is_valid(tmp_path):
-    from lmstack.model.checkpoint import SafetensorsFile
+    from lmstack.model.lazy_safetensors import SafetensorsFile
 
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.zeros(0, 4),
                 "d": torch.ones(2, dtype=torch.bool), "e": torch.randn(4).to(torch.bfloat16)}
@@ -469,7 +469,7 @@ def test_fuzzed_headers_are_refused_cleanly_or_read_exactly_what_the_library_rea
     unmutated file is always accepted."""
     import tempfile
 
-    from lmstack.model.checkpoint import SafetensorsFile
+    from lmstack.model.lazy_safetensors import SafetensorsFile
 
     header, pos = {}, 0
     for i, (dtype, shape) in enumerate(tensors):

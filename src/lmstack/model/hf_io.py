@@ -7,7 +7,7 @@ knows (llama, mistral, mixtral, qwen2, qwen3, gpt2, bert) are written with HF na
 full config beside it. Any other config is written in lmstack's own naming (model_type "lmstack").
 
 Loading is lazy by default: the model is built on the meta device (no memory, no init) and its
-parameters become memory-mapped views of the safetensors files (see checkpoint.py).
+parameters become memory-mapped views of the safetensors files (see lazy_safetensors.py).
 
 Usage:
     model = load_model("hf_dir")                   # fp32 on CPU by default
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from lmstack.config import ConfigError, atomic_write_text, from_dict, to_dict
 from lmstack.errors import LmstackError
-from lmstack.model.checkpoint import CheckpointReader
+from lmstack.model.lazy_safetensors import CheckpointReader
 from lmstack.model.config import ModelConfig
 from lmstack.model.hf_convert import (EXPORTABLE, config_from_hf, config_to_hf, hf_field_names, ignored_hf_keys,
                                       weights_from_hf, weights_to_hf)

@@ -260,7 +260,7 @@ def load_safetensors(directory: str | os.PathLike, name: str, what: str = "safet
     checkpoint.parse_header (side files such as adapters and reward heads load through here)."""
     from safetensors.torch import load_file
 
-    from lmstack.model.checkpoint import SafetensorsFile
+    from lmstack.model.lazy_safetensors import SafetensorsFile
 
     path = resolve_inside(directory, name, what)
     if not path.exists():

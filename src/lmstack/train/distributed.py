@@ -34,7 +34,7 @@ import torch
 from lmstack.config import ConfigError
 from lmstack.runtime.validation import check_choices
 from lmstack.train.parallel import setup
-from lmstack.train.parallel.checkpoint import (full_optimizer_state_dict, full_state_dict, gather_full,
+from lmstack.train.parallel.full_state import (full_optimizer_state_dict, full_state_dict, gather_full,
                                                load_full_optimizer_state_dict, load_full_state_dict)
 from lmstack.train.parallel.grads import clip_grad_norm_, distribute_like, total_grad_norm
 from lmstack.train.parallel.memory import local_memory_bytes

@@ -1,6 +1,6 @@
 """The speedrun's alignment stage, SFT vs aligned on every row of its table, with n and stderr.
 
-Runs lmstack.align.align_stage (DPO + RPO NLL, then GRPO on arithmetic and safety requests with a math + safety
+Runs lmstack.stages.align (DPO + RPO NLL, then GRPO on arithmetic and safety requests with a math + safety
 reward and a k3 KL anchor, then the validation guard) from a speedrun run's SFT checkpoint, and records each
 held-out row (test splits, greedy) for the SFT model and the aligned one. The baseline of every row is the SFT
 checkpoint: the issue's goal is "aligned at least as good as SFT on every row, within stderr; harmful refusal
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from _common import result, write_result
 
-from lmstack.align.align_stage import ROWS, align_stage
+from lmstack.stages.align import ROWS, align_stage
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from _common import result, write_result
 
-from lmstack.align.align_stage import _data, measure
+from lmstack.stages.align import _data, measure
 from lmstack.align.config import AlignConfig
 from lmstack.align.dpo import PreferenceTrainer
 from lmstack.align.grpo import GroupTrainer

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from _common import RESULTS, result, write_result
 
-from lmstack.align.align_stage import _data
+from lmstack.stages.align import _data
 from lmstack.align.config import AlignConfig
 from lmstack.align.ppo import PPOTrainer, plot_kl_per_step
 from lmstack.align.rewards.verifiable import MathReward

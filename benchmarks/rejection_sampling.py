@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from _common import result, write_result
 
-from lmstack.align.align_stage import _data
+from lmstack.stages.align import _data
 from lmstack.align.config import AlignConfig
 from lmstack.align.rewards.verifiable import MathReward
 from lmstack.align.rft import RejectionSamplingTrainer

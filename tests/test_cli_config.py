@@ -15,8 +15,8 @@ from lmstack.align.commands import COMMANDS as ALIGN
 from lmstack.align.config import AlignConfig
 from lmstack.config import from_dict, load_config, to_dict
 from lmstack.model.config import ModelConfig
-from lmstack.speedrun import COMMANDS as SPEEDRUN
-from lmstack.speedrun import SpeedrunConfig
+from lmstack.stages.speedrun import COMMANDS as SPEEDRUN
+from lmstack.stages.speedrun import SpeedrunConfig
 from lmstack.train.commands import COMMANDS as PRETRAIN
 from lmstack.train.pretrain import PretrainConfig
 

@@ -37,7 +37,7 @@ STAGES: dict[str, str] = {
     "tokenizer": "lmstack.tokenizer.commands",
     "model": "lmstack.model.commands",
     "pretrain": "lmstack.train.commands",
-    "speedrun": "lmstack.speedrun",
+    "speedrun": "lmstack.stages.speedrun",
     "finetune": "lmstack.adapt.commands",
     "align": "lmstack.align.commands",
     "quantize": "lmstack.compress.commands",

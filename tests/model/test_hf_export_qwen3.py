@@ -84,7 +84,7 @@ def test_qk_norm_under_a_family_without_it_is_refused(tmp_path):
 
 def _recipe_models() -> dict[str, ModelConfig]:
     """The model config of every recipe that defines one, as the run builds it."""
-    from lmstack.speedrun import _default_pretrain
+    from lmstack.stages.speedrun import _default_pretrain
 
     out = {}
     for path in sorted((ROOT / "recipes").glob("*.yaml")):

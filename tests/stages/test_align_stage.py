@@ -4,7 +4,7 @@ import json
 
 import torch
 from align_helpers import make_policy
-from lmstack.align.align_stage import align_stage, preference_accuracy, stage_reward, worse_rows
+from lmstack.stages.align import align_stage, preference_accuracy, stage_reward, worse_rows
 from lmstack.align.preference_data import Pair
 from lmstack.world import WorldConfig, generate_world
 from lmstack.model.hf_io import load_model, save_model
@@ -52,7 +52,7 @@ def test_guard_flags_rows_worse_beyond_stderr():
 
 
 def test_guard_keeps_the_sft_weights_when_validation_says_worse(tmp_path, tok, monkeypatch):
-    import lmstack.align.align_stage as stage
+    import lmstack.stages.align as stage
 
     world, sft = _tiny_run(tmp_path, tok)
     monkeypatch.setattr(stage, "worse_rows", lambda before, after: ["harmful_refusal"])  # validation says worse
@@ -85,8 +85,8 @@ def test_preference_accuracy_prefers_the_likelier_reply(tok):
 
 
 def test_batched_task_scores_decode_what_the_sft_stage_decodes(tok, world):
-    from lmstack.adapt.sft_stage import TASKS, _prompt, _reply
-    from lmstack.align.align_stage import task_scores
+    from lmstack.stages.sft import TASKS, _prompt, _reply
+    from lmstack.stages.align import task_scores
     from lmstack.align.rollout import sample
 
     policy = make_policy(tok)

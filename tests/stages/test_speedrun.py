@@ -1,5 +1,5 @@
 """The speedrun's closing lines point at the model to chat with: aligned, else SFT, never the base model."""
-from lmstack.speedrun import closing_lines
+from lmstack.stages.speedrun import closing_lines
 
 
 def test_closing_lines_point_at_the_aligned_chat_model_and_name_the_sft_one():

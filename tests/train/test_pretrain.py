@@ -53,7 +53,7 @@ def test_pretrain_bad_input_is_named(tmp_path, capsys):
 @pytest.mark.slow
 def test_speedrun_end_to_end_with_a_tiny_budget(tmp_path):
     from lmstack.config import from_dict
-    from lmstack.speedrun import SpeedrunConfig, speedrun
+    from lmstack.stages.speedrun import SpeedrunConfig, speedrun
 
     cfg = SpeedrunConfig(out=str(tmp_path), vocab_size=512)
     cfg.pretrain.model = cfg.pretrain.model.replace(vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1,

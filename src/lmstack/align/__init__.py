@@ -1,5 +1,6 @@
 """lmstack.align: reward models, offline preference optimisation (DPO, cDPO, IPO, KTO), rule-based rewards,
-online RL (PPO, GRPO, RLOO, rejection-sampling fine-tuning) with engine rollouts, and the speedrun's stage.
+online RL (PPO, GRPO, RLOO, rejection-sampling fine-tuning) with engine rollouts. The speedrun's alignment
+stage, which chains them, lives in lmstack.stages.align.
 
 Modules (one idea each):
     logprobs.py         completion log-probs of a policy; prompt/completion encoding; tokenizer check
@@ -17,7 +18,6 @@ Modules (one idea each):
     rft.py              rejection-sampling fine-tuning in iterative rounds
     self_consistency.py majority vote over sampled chains; low agreement flags uncertainty
     self_play.py        asker/answerer self-play dialogue rewarded by the task's verifier
-    align_stage.py      the speedrun's stage: SFT -> DPO -> GRPO, measured before and after
     config.py           AlignConfig, the `lmstack align` run config
     commands.py         `lmstack align --method rm|dpo|cdpo|ipo|kto|ppo|grpo|rloo|rft ...`
 

@@ -28,7 +28,7 @@ easier half of the problems (difficulty <= max_difficulty): on harder ones a sma
 a right answer, every group is flat and GRPO has nothing to learn from.
 
 Usage:
-    from lmstack.align.align_stage import align_stage
+    from lmstack.stages.align import align_stage
     result = align_stage("runs/20250101-120000", "runs/.../sft/run/model", world_dir="runs/.../world", budget_s=150)
     print(result["report_md"])
 """
@@ -107,10 +107,10 @@ instruction: 10 each), short so that the guard costs little beside training."""
 
 
 def task_scores(model, tok, records: list[dict], n_eval: int, tasks=("qa", "instruction")) -> dict[str, float]:
-    """The SFT stage's qa / instruction scorers (lmstack.adapt.sft_stage.TASKS: same chat prompt, reply budget
+    """The SFT stage's qa / instruction scorers (lmstack.stages.sft.TASKS: same chat prompt, reply budget
     and checker) on the first n_eval records of each kind, decoded greedily in one batch by the engine rather
     than one record at a time."""
-    from lmstack.adapt.sft_stage import TASKS
+    from lmstack.stages.sft import TASKS
     from lmstack.align.rollout import sample
 
     out: dict[str, float] = {}

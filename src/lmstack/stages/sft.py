@@ -11,7 +11,7 @@ The base model is asked in its pretraining format ("Question: ...\\nAnswer:" for
 arithmetic and instructions); the SFT model through the chat template. Both numbers go in the report card.
 
 Usage:
-    from lmstack.adapt.sft_stage import sft_stage
+    from lmstack.stages.sft import sft_stage
     result = sft_stage("runs/20250101-120000", "runs/.../pretrain/checkpoints/step_00002000/model", budget_s=120)
     print(result["report_md"])       # a markdown table: task | base | SFT
 """

@@ -9,10 +9,10 @@
 6. evaluate it briefly (synthetic-world tasks and bits-per-byte on the world's validation text, within
    eval_seconds) into eval_base.json;
 7. fine-tune it on the world's chat data (QA, arithmetic, instructions, personas) for sft_seconds and score
-   base vs SFT on held-out world tasks (lmstack.adapt.sft_stage) into sft/;
+   base vs SFT on held-out world tasks (lmstack.stages.sft) into sft/;
 8. align the SFT model for align_seconds: DPO with RPO's NLL term on the world's preference pairs, then GRPO
    on arithmetic and safety requests (math + safety reward, KL anchor), with a validation guard, measured
-   before and after (lmstack.align.align_stage) into align/;
+   before and after (lmstack.stages.align) into align/;
 9. write summary.json and the report card runs/<timestamp>/report.md (lmstack.eval.report), which renders
    whatever stages the run directory holds, and name the model to chat with: the aligned one (align/model),
    with the SFT model beside it.
@@ -115,7 +115,8 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     from lmstack.data.filters import FiltersConfig
     from lmstack.data.filters.quality import QualityConfig
     from lmstack.data.pipeline import PipelineConfig, run_pipeline
-    from lmstack.data.readers import ReaderConfig, read_all
+    from lmstack.data.readers import read_all
+    from lmstack.data.readers.config import ReaderConfig
     from lmstack.data.shards import ShardConfig, write_shards
     from lmstack.world import generate_world
     from lmstack.model.reference_decode import reference_decode
@@ -200,7 +201,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     sections = []
     models = {"base": str(model_dir)}  # each stage's product; the last one is the model to chat with
     if cfg.sft_seconds > 0:
-        from lmstack.adapt.sft_stage import sft_stage
+        from lmstack.stages.sft import sft_stage
 
         t = _step("7. supervised fine-tuning (chat)")
         sft = sft_stage(run, model_dir, budget_s=cfg.sft_seconds, world_dir=world, method=cfg.sft_method,
@@ -208,7 +209,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
         sections.append("sft/report.md")  # base vs SFT on the held-out world tasks, in the report card
         timings["sft"] = time.perf_counter() - t
         if cfg.align_seconds > 0:
-            from lmstack.align.align_stage import align_stage
+            from lmstack.stages.align import align_stage
 
             t = _step("8. alignment (DPO on preference pairs, then GRPO on arithmetic)")
             sft_dir = sft_model_dir(model_dir, Path(sft["result"]), run)

@@ -9,8 +9,9 @@ import torch
 
 from lmstack.align.rewards import (REWARDS, FactualityReward, FormatReward, HelpfulnessReward, InstructionReward,
                                    LengthReward, MathReward, RewardMixture, SafetyReward, build_reward,
-                                   extract_claims, group_normalize, is_refusal, refusal_rates, score_batch)
+                                   extract_claims, group_normalize, refusal_rates, score_batch)
 from lmstack.world.arithmetic import wrong_solution
+from lmstack.world.checkers import is_refusal
 from lmstack.errors import LmstackError
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from lmstack.align.self_consistency import compare_greedy_majority, gsm8k_answer, self_consistency, vote
-from lmstack.eval.hallucination import agreement
+from lmstack.world.checkers import agreement
 
 
 

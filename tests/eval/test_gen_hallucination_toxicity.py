@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from lmstack.errors import LmstackError
-from lmstack.eval.hallucination import agreement, flag_uncertain, normalize, sample_agreement
+from lmstack.eval.hallucination import sample_agreement
+from lmstack.world.checkers import agreement, flag_uncertain, normalize
 from lmstack.eval.toxicity import ToxicityScorer, ToxicityScorerConfig, rates_by_group
 
 

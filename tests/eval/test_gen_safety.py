@@ -11,7 +11,8 @@ from lmstack.world import World, is_harmful_request
 from lmstack.world.preferences import COMPLIANCE, HELPFUL_RECIPES, OVER_REFUSALS, REFUSALS
 from lmstack.errors import LmstackError
 from lmstack.eval import evaluate, get_task
-from lmstack.eval.tasks.safety import WRAPPERS, is_refusal
+from lmstack.eval.tasks.safety import WRAPPERS
+from lmstack.world.checkers import is_refusal
 
 SLOTS = {"thing": "forbidden potion", "city": "Amberhaven", "drink": "festival tea", "a": "x", "b": "y", "c": "z"}
 

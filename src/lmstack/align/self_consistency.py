@@ -3,8 +3,8 @@
 Different reasoning paths that reach the same answer are evidence for it (Wang et al., 2022), so maj@k
 usually beats the single greedy chain. The vote's agreement rate (share of the k chains that give the
 majority answer) doubles as an uncertainty signal: low agreement flags a likely hallucination. Voting,
-normalising and flagging are lmstack.eval.hallucination's `agreement` and `flag_uncertain`, so the eval
-harness and alignment share one definition of "uncertain".
+normalising and flagging are the world's answer checkers (lmstack.world.checkers: `normalize`, `agreement`,
+`flag_uncertain`), which the eval harness's hallucination flag uses too: one definition of "uncertain".
 
 Usage:
     from lmstack.align.self_consistency import vote, self_consistency, compare_greedy_majority
@@ -20,8 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from lmstack.align.rollout import mean_stderr, sample
-from lmstack.world.arithmetic import extract_answer
-from lmstack.eval.hallucination import agreement, flag_uncertain, normalize
+from lmstack.world.checkers import agreement, extract_answer, flag_uncertain, normalize
 
 
 def gsm8k_answer(text: str) -> str | None:
@@ -56,7 +55,7 @@ class Vote:
 
 def vote(texts: Sequence[str], extractor: Callable[[str], str | None] = gsm8k_answer,
          threshold: float = 0.5) -> Vote:
-    """Majority vote over the final answers of `texts` (hallucination.agreement; ties go to the first seen)."""
+    """Majority vote over the final answers of `texts` (checkers.agreement; ties go to the first seen)."""
     answers = [extractor(t) for t in texts]
     majority, rate = agreement(answers)
     return Vote(majority, rate, flag_uncertain(rate, threshold), answers)

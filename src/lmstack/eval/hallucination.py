@@ -4,70 +4,30 @@ A model that knows a fact gives the same answer under sampling; one that is gues
 (SelfCheckGPT's and self-consistency's observation). So sample k answers, normalise them (case,
 punctuation, spacing, number formatting), take the majority and its share of the k samples: the
 agreement rate. A rate under a threshold flags the answer as uncertain -- a cheap hallucination detector
-that needs no reference answer. GSM8K's maj@k and the alignment stage's self-consistency reuse `agreement`.
+that needs no reference answer. GSM8K's maj@k and the alignment stage's self-consistency use the same vote
+(`agreement`, `flag_uncertain` and the answer normaliser `normalize` live in lmstack.world.checkers).
 
 Usage:
-    from lmstack.eval.hallucination import agreement, flag_uncertain, sample_agreement
+    from lmstack.world.checkers import agreement, flag_uncertain
+    from lmstack.eval.hallucination import sample_agreement
     agreement(["Paris", "paris.", "Lyon"])          # ("paris", 0.667)
     flag_uncertain(0.667, threshold=0.7)            # True: flag it
     sample_agreement(lm, ["Q: Where was Ada born?\\nA:"], k=5, until=["\\n"])   # [{"majority": ..., ...}]
 """
 from __future__ import annotations
 
-import re
 import zlib
-from collections import Counter
-from typing import Callable, Sequence
+from typing import Callable
 
-_NUMBER = re.compile(r"^[-+]?\$?[\d,]*\.?\d+$")
-
-
-def normalize(answer: str | None) -> str | None:
-    """A canonical form for voting: lower case, no surrounding punctuation/space, numbers without $ and
-    thousands commas ("1,000.00" == "1000"). None and empty answers stay None (no answer)."""
-    if answer is None:
-        return None
-    text = " ".join(str(answer).lower().split())
-    text = text.strip(" .,!?;:'\"`()[]")
-    if _NUMBER.match(text.replace(" ", "")):
-        text = text.replace(" ", "").replace("$", "").replace(",", "")
-        try:
-            value = float(text)
-            text = str(int(value)) if value.is_integer() else repr(value)
-        except ValueError:
-            pass
-    return text or None
-
-
-def agreement(answers: Sequence[str | None], normalizer: Callable[[str | None], str | None] = normalize
-              ) -> tuple[str | None, float]:
-    """(majority answer, agreement rate) over k answers.
-
-    Answers are compared after `normalizer`; None or empty answers (nothing extracted) never win the vote
-    but still count in the denominator, so k invalid samples give (None, 0.0). Ties go to the answer seen
-    first, so the result does not depend on hash order."""
-    if not answers:
-        return None, 0.0
-    normed = [normalizer(a) for a in answers]
-    counts = Counter(a for a in normed if a is not None)
-    if not counts:
-        return None, 0.0
-    best = max(counts.values())
-    majority = next(a for a in normed if a is not None and counts[a] == best)
-    return majority, best / len(answers)
+# Answer normalising, the vote and the flag are the world's answer-matching checkers, shared with align's
+# self-consistency (align/ does not import eval/).
+from lmstack.world.checkers import agreement, flag_uncertain
 
 
 def chain_seed(prompt: str, base: int, i: int) -> int:
     """The seed of sample i of `prompt`: distinct for each i, and different across prompts, so the same
     random draws do not drive every item's samples alike (seeded sampling correlates items otherwise)."""
     return (zlib.crc32(prompt.encode("utf-8")) + base + 7919 * i) % 2**31
-
-
-def flag_uncertain(rate: float, threshold: float = 0.5) -> bool:
-    """True when the agreement rate is below `threshold`: treat the answer as a possible hallucination."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-    return rate < threshold
 
 
 def sample_agreement(lm, prompts: list[str], k: int = 5, until: list[str] | None = None, max_gen_toks: int = 32,

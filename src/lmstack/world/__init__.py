@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import time
 
-from lmstack.world.arithmetic import extract_answer
 from lmstack.world.bios import paraphrase_bio
+from lmstack.world.checkers import extract_answer
 from lmstack.world.conversations import PERSONAS, apply_persona, detect_persona
 from lmstack.world.code_tasks import run_code_task
 from lmstack.world.config import CORPUS_NAMES, SIZE_PRESETS, WorldConfig

@@ -10,7 +10,8 @@ independently; `difficulty` (= number of operations) orders a curriculum.
 Usage:
     import random
     from lmstack.world import World
-    from lmstack.world.arithmetic import make_problem, extract_answer
+    from lmstack.world.arithmetic import make_problem
+    from lmstack.world.checkers import extract_answer
     world = World(seed=0, n_people=10)
     rec = make_problem(world, random.Random(0), difficulty=3)
     print(rec["question"]); print(rec["solution"])
@@ -24,6 +25,7 @@ from fractions import Fraction
 from typing import Iterator
 
 from lmstack.world import lexicon as lx
+from lmstack.world.checkers import extract_answer
 from lmstack.world.config import assign_split, sub_rng
 
 MULTIPLY_WORDS = {2: "doubles", 3: "triples", 4: "quadruples"}
@@ -74,15 +76,6 @@ SOLUTION_LINES = {
     "/": "One of {k} equal parts is {x} / {k} = {y} {unit}.",
 }
 _OPS = {"+": lambda x, k: x + k, "-": lambda x, k: x - k, "*": lambda x, k: x * k, "/": lambda x, k: x // k}
-_ANSWER = re.compile(r"####\s*(-?[\d,]+)")
-
-
-def extract_answer(text: str) -> int | None:
-    """The integer after the last `####` in `text` (GSM8K style), or None if there is none."""
-    found = _ANSWER.findall(text)
-    return int(found[-1].replace(",", "")) if found else None
-
-
 def _pick_op(rng: random.Random, x: int, difficulty: int) -> tuple[str, int] | None:
     """A random (op, operand) that keeps the value a positive integer of modest size."""
     limit = 10 + 15 * difficulty  # operands grow with difficulty

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
 from lmstack.config import from_dict
+from lmstack.world.checkers import states_fact
 from lmstack.world.config import WorldConfig, sub_rng
 from lmstack.world.entities import (
     CITY_ATTRIBUTES, COUNTRY_ATTRIBUTES, PERSON_ATTRIBUTES, City, Company, Country, Person, University,
@@ -113,8 +113,7 @@ class World:
         Case, punctuation and spacing are ignored; the fact must appear as a whole phrase, so
         "Amberhaven" does not match "Amberhavenport" and a wrong city or date is rejected.
         """
-        fact = _normalise(self.fact(subject, attribute))
-        return re.search(rf"(?<![a-z0-9]){re.escape(fact)}(?![a-z0-9])", _normalise(answer)) is not None
+        return states_fact(self.fact(subject, attribute), answer)
 
     def facts(self) -> list[tuple[str, str, str]]:
         """Every (subject, attribute, value) triple of the world, people first, in a fixed order."""
@@ -186,11 +185,6 @@ class World:
         for p in data["people"]:
             p["qa_split"] = self._qa_split[p["name"]]
         return data
-
-
-def _normalise(text: str) -> str:
-    # "March 4, 1987" and "march 4 1987" compare equal; population commas vanish too.
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
 
 
 def attributes_of(entity: Any) -> tuple[str, ...]:

@@ -10,9 +10,9 @@ from lmstack.align.rewards.base import REWARDS, Reward, build_reward, register, 
 from lmstack.align.rewards.factuality import FactualityReward, extract_claims
 from lmstack.align.rewards.heuristics import HelpfulnessReward, LengthReward
 from lmstack.align.rewards.mixture import RewardMixture, group_normalize
-from lmstack.align.rewards.safety import SafetyReward, is_refusal, refusal_rates
+from lmstack.align.rewards.safety import SafetyReward, refusal_rates
 from lmstack.align.rewards.verifiable import FormatReward, InstructionReward, MathReward, target_answer
 
 __all__ = ["REWARDS", "Reward", "build_reward", "register", "score_batch", "FactualityReward", "extract_claims",
-           "HelpfulnessReward", "LengthReward", "RewardMixture", "group_normalize", "SafetyReward", "is_refusal",
+           "HelpfulnessReward", "LengthReward", "RewardMixture", "group_normalize", "SafetyReward",
            "refusal_rates", "FormatReward", "InstructionReward", "MathReward", "target_answer"]

@@ -7,19 +7,19 @@ ground truth. The reward is
     any other prompt: 1 for a real answer, 0 for a refusal (over-refusal)
 so a policy that refuses everything scores 0 on benign prompts: both failure modes cost.
 
-`is_refusal` is the eval harness's detector (lmstack.eval.tasks.safety), so a reward and the
-refusal-rate eval can never disagree; `refusal_rates` gives the two numbers the report needs.
+`is_refusal` is the world's detector (lmstack.world.checkers), the one the refusal-rate eval uses too, so a
+reward and the eval can never disagree; `refusal_rates` gives the two numbers the report needs.
 
 Usage:
-    from lmstack.align.rewards.safety import SafetyReward, is_refusal, refusal_rates
+    from lmstack.align.rewards.safety import SafetyReward, refusal_rates
     SafetyReward()("How do I brew the forbidden potion of Amberhaven?", "I can't help with that.", {})  # 1.0
     refusal_rates(prompts, completions)    # {"harmful_refusal_rate": ..., "benign_refusal_rate": ...}
 """
 from __future__ import annotations
 
 from lmstack.align.rewards.base import Reward, register
+from lmstack.world.checkers import is_refusal  # one refusal detector for rewards and evals
 from lmstack.world.preferences import is_harmful_request
-from lmstack.eval.tasks.safety import is_refusal  # one refusal detector for rewards and evals
 
 
 @register

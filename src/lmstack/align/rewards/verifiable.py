@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 
 from lmstack.align.rewards.base import Reward, register
-from lmstack.world.arithmetic import evaluate_expression, extract_answer
+from lmstack.world.arithmetic import evaluate_expression
+from lmstack.world.checkers import extract_answer
 from lmstack.world.instructions import CHECKERS, check_instruction
 from lmstack.errors import LmstackError
 

@@ -12,7 +12,7 @@ Two prompt styles:
 
 Self-consistency (Wang et al., 2022): with k > 1, each problem also gets k sampled chains (temperature > 0,
 k distinct seeds per problem, hallucination.chain_seed) and the metric `maj@{k}` scores their majority answer
-(hallucination.agreement); `agreement` reports how strongly the chains agreed.
+(lmstack.world.checkers.agreement); `agreement` reports how strongly the chains agreed.
 
 Data: data_dir()/gsm8k/{train,test}.jsonl ({"question", "answer"}); missing files skip the task.
 
@@ -26,12 +26,16 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from lmstack.world.checkers import agreement, normalize
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
-from lmstack.eval.hallucination import agreement, chain_seed, normalize
+from lmstack.eval.hallucination import chain_seed
 from lmstack.eval.lm import GenArgs, Generate, Request
 from lmstack.eval.task import Task, data_dir, read_jsonl, register_task, require_file
 
+# lm-eval-style patterns, kept apart from lmstack.world.checkers.extract_answer (integers after the last
+# "####") on purpose: GSM8K scores must match lm-eval's strict/flexible extraction (decimals, "$", the first
+# match, a last-number fallback), while rewards read the world's integer answers.
 _NUM = r"(-?\$?\s?[\d,]*\.?\d+)"
 AFTER_HASHES = re.compile(r"####\s*" + _NUM)
 THE_ANSWER_IS = re.compile(r"[Tt]he answer is\s*:?\s*" + _NUM)

@@ -25,10 +25,11 @@ from functools import lru_cache
 from typing import Callable
 
 from lmstack.world import World
+from lmstack.world.checkers import agreement, flag_uncertain
 from lmstack.world.instructions import CHECKERS
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
-from lmstack.eval.hallucination import agreement, chain_seed, flag_uncertain
+from lmstack.eval.hallucination import chain_seed
 from lmstack.eval.lm import GenArgs, Generate, Request
 from lmstack.eval.task import Task, register_task
 from lmstack.eval.tasks.gsm8k import ChainOfThoughtTask, gold_answer

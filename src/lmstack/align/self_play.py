@@ -125,7 +125,7 @@ def policy_opening(policy, tok, dialogues: list[Dialogue], seed: int, temperatur
     """The policy writes each opening question from a role prompt (sampled, never trained)."""
     contexts = [tok.apply_chat_template([{"role": "user", "content": role_prompt(d.record)}],
                                         add_generation_prompt=True)[0] for d in dialogues]
-    outs = generate(policy, tok, contexts, 48, temperature, seed)
+    outs = sample_replies(policy, tok, contexts, 48, temperature, seed)
     for d, ctx, (ids, _, _) in zip(dialogues, contexts, outs):
         d.asker_ids, d.asker_mask = list(ctx) + list(ids), [0] * len(ctx) + [1] * len(ids)
     # An empty question would be an empty user turn; fall back to the role prompt's text (and say so in docs).
@@ -138,8 +138,8 @@ ASKERS: dict[str, Callable[..., list[str]]] = {"template": template_opening, "po
 
 # ---- playing --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(policy: torch.nn.Module, tok, contexts: list[list[int]], max_new_tokens: int, temperature: float,
-             seed: int) -> list[tuple[list[int], str, bool]]:
+def sample_replies(policy: torch.nn.Module, tok, contexts: list[list[int]], max_new_tokens: int,
+                   temperature: float, seed: int) -> list[tuple[list[int], str, bool]]:
     """One reply per context with the engine: (ids incl. the end token when it stopped, text, finished)."""
     from lmstack.infer.llm import LLM
     from lmstack.infer.sampling_params import SamplingParams
@@ -194,7 +194,7 @@ def play(policy: torch.nn.Module, tok, records: Sequence[dict], reward: Reward, 
             active.append(d)
         if not active:
             break
-        outs = generate(policy, tok, [d.ids for d in active], max_new_tokens, temperature, seed * 1009 + turn)
+        outs = sample_replies(policy, tok, [d.ids for d in active], max_new_tokens, temperature, seed * 1009 + turn)
         for d, (ids, text, finished) in zip(active, outs):
             d.ids += ids
             d.mask += [1] * len(ids)

@@ -36,6 +36,7 @@ from torch import nn
 from lmstack.adapt.hooks import Switchable, ensure_sync
 from lmstack.adapt.registry import register_method
 from lmstack.errors import LmstackError
+from lmstack.model.counting import kv_values_per_token
 
 
 class CaptureCache:
@@ -136,7 +137,7 @@ class PrefixEncoder(nn.Module):
         self.projection = projection
         if projection:
             self.embedding = nn.Embedding(n_tokens, mcfg.d_model)
-            flat = mcfg.n_layers * 2 * mcfg.n_kv_heads * mcfg.head_dim
+            flat = kv_values_per_token(mcfg)
             self.mlp = nn.Sequential(nn.Linear(mcfg.d_model, hidden), nn.Tanh(), nn.Linear(hidden, flat))
         else:
             self.kv = nn.Parameter(init_kv.clone() if init_kv is not None else torch.randn(self.shape) * 0.02)
@@ -175,7 +176,7 @@ class PrefixTuning(Switchable):
 
 def count_prefix_params(mcfg, cfg) -> int:
     """Trainable parameters one prefix adapter adds (for reports and tests)."""
-    kv = mcfg.n_layers * 2 * mcfg.n_kv_heads * mcfg.head_dim
+    kv = kv_values_per_token(mcfg)
     if not cfg.prefix_projection:
         return kv * cfg.num_virtual_tokens
     h = cfg.prefix_hidden

@@ -41,6 +41,7 @@ from lmstack.infer.sampling_params import SamplingParams, SamplingParamsError
 from lmstack.infer.scheduler import Scheduler
 from lmstack.infer.sequence import Request, Sequence
 from lmstack.infer.threads import engine_threads
+from lmstack.model.counting import kv_bytes_per_token
 from lmstack.model.vocab import check_vocab
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class LLMEngine:
         cfg = self.model.config
         self.max_model_len = max_model_len or cfg.max_seq_len
         if num_blocks is None:
-            per_block = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * block_size * torch.finfo(dtype).bits // 8
+            per_block = kv_bytes_per_token(cfg, torch.finfo(dtype).bits // 8) * block_size
             wanted = -(-max_num_seqs * self.max_model_len // block_size)
             num_blocks = max(min(wanted, _POOL_BYTES_DEFAULT // per_block), -(-self.max_model_len // block_size))
         if not isinstance(num_blocks, int) or num_blocks < 1:

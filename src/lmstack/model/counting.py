@@ -9,6 +9,7 @@ attention's 2 * 2 * n_layers * context * (n_heads * head_dim) for QK^T and AV. T
 
 Usage:
     stats = model_stats(cfg)              # ModelStats dataclass
+    kv_bytes_per_token(cfg, 2)            # KV-cache bytes per token in bf16
     print(format_stats(stats))
 """
 from __future__ import annotations
@@ -63,6 +64,17 @@ def block_params(cfg: ModelConfig, layer: int) -> tuple[int, int]:
     return total, active
 
 
+def kv_values_per_token(cfg: ModelConfig) -> int:
+    """Numbers one token adds to the KV cache: a key and a value of head_dim per KV head, in every layer."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """The KV-cache bytes of one token: 2 x n_layers x n_kv_heads x head_dim x bytes per number. The one
+    owner of this formula: `model info`, the engine's pool sizing and load_guard's memory check all call it."""
+    return kv_values_per_token(cfg) * dtype_bytes
+
+
 def model_stats(cfg: ModelConfig, context: int | None = None, kv_dtype_bytes: int = 4) -> ModelStats:
     context = context or cfg.max_seq_len
     d, v = cfg.d_model, cfg.vocab_size
@@ -84,7 +96,7 @@ def model_stats(cfg: ModelConfig, context: int | None = None, kv_dtype_bytes: in
     attn_flops = 2 * 2 * cfg.n_layers * context * cfg.n_heads * cfg.head_dim
     fwd = 2 * matmul_params + attn_flops
     active = emb + active_blocks + head + (_norm(cfg, d) if cfg.norm_position == "pre" else 0)
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_dtype_bytes
+    kv = kv_bytes_per_token(cfg, kv_dtype_bytes)
     weight_bytes = {"fp32": total * 4, "bf16": total * 2, "int8": total}
     return ModelStats(total, active, emb, float(fwd), float(3 * fwd), context, kv, weight_bytes)
 

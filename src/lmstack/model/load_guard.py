@@ -277,9 +277,11 @@ def check_kv_pool(cfg: Any, num_blocks: int, block_size: int, dtype: "torch.dtyp
     for a pool of any size."""
     import torch
 
+    from lmstack.model.counting import kv_bytes_per_token
+
     limit = max_model_gib if max_model_gib is not None else limit_gib()
     item = torch.empty((), dtype=dtype).element_size()
-    pool = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * block_size * num_blocks * item
+    pool = kv_bytes_per_token(cfg, item) * block_size * num_blocks
     weights = estimate_memory(cfg, dtype).total_bytes
     if pool + weights > limit * GIB:
         raise LmstackError(

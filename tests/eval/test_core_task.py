@@ -2,7 +2,7 @@
 import pytest
 
 from lmstack.errors import LmstackError
-from lmstack.eval.lm import Generate, Loglikelihood, Rolling
+from lmstack.eval.lm import GenerateUntil, Loglikelihood, Rolling
 from lmstack.eval.task import Task, TaskDataMissing, data_dir, get_task, list_tasks, register_task
 
 DOCS = [{"q": f"{i} + 1", "choices": [str(i + 1), str(i + 2), "x"], "gold": 0} for i in range(10)]
@@ -107,7 +107,7 @@ def test_default_requests_per_output_type():
     assert task.requests(doc, "CTX") == [Rolling("Q: 0 + 1\nA:")]
     task.output_type = "generate_until"
     [gen] = task.requests(doc, "CTX")
-    assert isinstance(gen, Generate) and gen.args.until == ["\n\n"] and task.chance(doc) is None
+    assert isinstance(gen, GenerateUntil) and gen.args.until == ["\n\n"] and task.chance(doc) is None
 
 
 def test_process_results_multiple_choice_acc_and_acc_norm():

@@ -17,7 +17,7 @@ _LAZY = {
     "GenArgs": "lmstack.eval.lm",
     "Loglikelihood": "lmstack.eval.lm",
     "Rolling": "lmstack.eval.lm",
-    "Generate": "lmstack.eval.lm",
+    "GenerateUntil": "lmstack.eval.lm",
     "LocalLM": "lmstack.eval.local_lm",
     "OpenAICompletionsLM": "lmstack.eval.openai_lm",
     "Task": "lmstack.eval.task",

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
-from lmstack.eval.lm import Generate, Loglikelihood, Rolling
+from lmstack.eval.lm import GenerateUntil, Loglikelihood, Rolling
 from lmstack.eval.task import Task, TaskDataMissing, get_task
 
 # Requests per LM call: big enough for length-sorted batching, small enough for a lively progress bar.
@@ -47,7 +47,7 @@ def _kind(req) -> str:
         return "loglikelihood"
     if isinstance(req, Rolling):
         return "rolling"
-    if isinstance(req, Generate):
+    if isinstance(req, GenerateUntil):
         return "generate"
     raise LmstackError(f"a task produced a request of unknown type {type(req).__name__}")
 

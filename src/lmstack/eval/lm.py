@@ -60,14 +60,14 @@ class Rolling:
 
 
 @dataclass
-class Generate:
-    """One request: generate from `context` with `args`."""
+class GenerateUntil:
+    """One request: text generated from `context` with `args`, cut before the first of `args.until`."""
 
     context: str
     args: GenArgs = field(default_factory=GenArgs)
 
 
-Request = Union[Loglikelihood, Rolling, Generate]
+Request = Union[Loglikelihood, Rolling, GenerateUntil]
 
 
 def new_stats() -> dict:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
-from lmstack.eval.lm import GenArgs, Generate, Loglikelihood, Request, Rolling
+from lmstack.eval.lm import GenArgs, GenerateUntil, Loglikelihood, Request, Rolling
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "rolling", "generate_until")
 
@@ -164,7 +164,7 @@ class Task:
             return [Loglikelihood(context, self.target_delimiter + self.target_text(doc))]
         if self.output_type == "rolling":
             return [Rolling(self.doc_to_text(doc))]
-        return [Generate(context, self.gen_args(doc))]
+        return [GenerateUntil(context, self.gen_args(doc))]
 
     def process_results(self, doc: dict, responses: list) -> dict[str, float]:
         if self.output_type == "multiple_choice":

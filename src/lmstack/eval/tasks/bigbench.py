@@ -32,7 +32,7 @@ from typing import Any, Callable
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
-from lmstack.eval.lm import GenArgs, Generate, Loglikelihood, Request
+from lmstack.eval.lm import GenArgs, GenerateUntil, Loglikelihood, Request
 from lmstack.eval.task import Task, register_task, require_file
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "bigbench_tasks"
@@ -136,7 +136,7 @@ class BigBenchTask(Task):
         if self.mc:
             reqs += [Loglikelihood(context, c) for c in self.doc_to_choice(doc)]
         if self.gen:
-            reqs.append(Generate(context, GenArgs(until=[self.stop], max_gen_toks=self.max_gen_toks)))
+            reqs.append(GenerateUntil(context, GenArgs(until=[self.stop], max_gen_toks=self.max_gen_toks)))
         return reqs
 
     def postprocess(self, text: str) -> str:

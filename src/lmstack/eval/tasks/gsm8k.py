@@ -30,7 +30,7 @@ from lmstack.world.checkers import agreement, normalize
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
 from lmstack.eval.hallucination import chain_seed
-from lmstack.eval.lm import GenArgs, Generate, Request
+from lmstack.eval.lm import GenArgs, GenerateUntil, Request
 from lmstack.eval.task import Task, data_dir, read_jsonl, register_task, require_file
 
 # lm-eval-style patterns, kept apart from lmstack.world.checkers.extract_answer (integers after the last
@@ -98,11 +98,11 @@ class ChainOfThoughtTask(Task):
         return GenArgs(until=list(self.until), max_gen_toks=self.max_gen_toks)
 
     def requests(self, doc: dict, context: str) -> list[Request]:
-        reqs: list[Request] = [Generate(context, self.gen_args(doc))]
+        reqs: list[Request] = [GenerateUntil(context, self.gen_args(doc))]
         if self.k > 1:
-            reqs += [Generate(context, GenArgs(until=list(self.until), max_gen_toks=self.max_gen_toks,
-                                               temperature=self.temperature, top_p=self.top_p,
-                                               seed=chain_seed(context, self.sample_seed, i)))
+            reqs += [GenerateUntil(context, GenArgs(until=list(self.until), max_gen_toks=self.max_gen_toks,
+                                                    temperature=self.temperature, top_p=self.top_p,
+                                                    seed=chain_seed(context, self.sample_seed, i)))
                      for i in range(self.k)]
         return reqs
 

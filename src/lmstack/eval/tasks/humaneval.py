@@ -32,7 +32,7 @@ from typing import Callable
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
 from lmstack.eval.hallucination import chain_seed
-from lmstack.eval.lm import GenArgs, Generate, Request
+from lmstack.eval.lm import GenArgs, GenerateUntil, Request
 from lmstack.eval.sandbox import SandboxConfig, run_programs
 from lmstack.eval.task import Task, data_dir, register_task, require_file
 
@@ -140,10 +140,10 @@ class CodeTask(Task):
 
     def requests(self, doc: dict, context: str) -> list[Request]:
         if self.n == 1:
-            return [Generate(context, GenArgs(until=list(STOP_STRINGS), max_gen_toks=self.max_gen_toks))]
-        return [Generate(context, GenArgs(until=list(STOP_STRINGS), max_gen_toks=self.max_gen_toks,
-                                          temperature=self.temperature, top_p=self.top_p,
-                                          seed=chain_seed(context, self.sample_seed, i)))
+            return [GenerateUntil(context, GenArgs(until=list(STOP_STRINGS), max_gen_toks=self.max_gen_toks))]
+        return [GenerateUntil(context, GenArgs(until=list(STOP_STRINGS), max_gen_toks=self.max_gen_toks,
+                                               temperature=self.temperature, top_p=self.top_p,
+                                               seed=chain_seed(context, self.sample_seed, i)))
                 for i in range(self.n)]
 
     def run(self, doc: dict, completions: list[str]) -> list:

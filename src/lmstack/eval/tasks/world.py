@@ -30,7 +30,7 @@ from lmstack.world.instructions import CHECKERS
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
 from lmstack.eval.hallucination import chain_seed
-from lmstack.eval.lm import GenArgs, Generate, Request
+from lmstack.eval.lm import GenArgs, GenerateUntil, Request
 from lmstack.eval.task import Task, register_task
 from lmstack.eval.tasks.gsm8k import ChainOfThoughtTask, gold_answer
 from lmstack.eval.tasks.humaneval import CodeTask
@@ -95,10 +95,10 @@ class WorldQA(WorldTask):
         return GenArgs(until=["\n", "Question:"], max_gen_toks=self.max_gen_toks)
 
     def requests(self, doc: dict, context: str) -> list[Request]:
-        reqs: list[Request] = [Generate(context, self.gen_args(doc))]
+        reqs: list[Request] = [GenerateUntil(context, self.gen_args(doc))]
         if self.k > 1:
-            reqs += [Generate(context, GenArgs(until=["\n", "Question:"], max_gen_toks=self.max_gen_toks,
-                                               temperature=self.temperature, seed=chain_seed(context, 0, i)))
+            reqs += [GenerateUntil(context, GenArgs(until=["\n", "Question:"], max_gen_toks=self.max_gen_toks,
+                                                    temperature=self.temperature, seed=chain_seed(context, 0, i)))
                      for i in range(self.k)]
         return reqs
 

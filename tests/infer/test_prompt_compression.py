@@ -75,3 +75,17 @@ def test_streaming_chat_sink_cache_is_exact_then_bounded(tok):
     assert small.tokens_seen > model.config.max_seq_len
     assert max(sizes) == sizes[-1] == sizes[3]
     assert small.cache.length == 4 + 24 - 1
+
+
+def test_self_information_scores_prompts_longer_than_the_scorer_in_windows():
+    from lmstack.model import Transformer
+    from lmstack.model.presets import preset
+
+    torch.manual_seed(0)
+    lm = Transformer(preset("gpt2-tiny", vocab_size=64, max_seq_len=16)).eval()  # learned positions stop at 16
+    ids = torch.randint(0, 64, (50,)).tolist()
+    info = self_information(lm, ids)
+    assert info.shape == (50,) and info[0] == float("inf") and torch.isfinite(info[1:]).all()
+    # the first window is exactly one pass over the first 16 tokens; later tokens keep >= 8 tokens of context
+    assert torch.allclose(info[:16], self_information(lm, ids[:16]))
+    assert torch.allclose(info[16:24], self_information(lm, ids[8:24])[8:])

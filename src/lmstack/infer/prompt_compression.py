@@ -15,6 +15,9 @@ Usage:
     text = canonicalize("  “Hello”\\u00a0 world —  ok  ")          # '"Hello" world - ok'
     ids, kept = compress_ids(scorer_model, tok, tok.encode(context), rate=0.5)
     short = compress_text(scorer_model, tok, context, rate=0.5, keep_suffix="\\nQuestion: ...")
+
+The server applies it per request (lmstack.serve.prompt_compression: `lmstack serve --compression.model DIR`,
+then `"prompt_compression": {"rate": 0.5}` in a completions or chat request).
 """
 from __future__ import annotations
 
@@ -43,22 +46,37 @@ def canonicalize(text: str) -> str:
 
 @torch.no_grad()
 def self_information(model, ids: list[int]) -> torch.Tensor:
-    """-log p(x_t | x_<t) for every token (the first token, having no context, gets +inf: always kept)."""
+    """-log p(x_t | x_<t) for every token (the first token, having no context, gets +inf: always kept).
+
+    A prompt longer than the scorer's max_seq_len is scored in windows of max_seq_len that overlap by
+    half, so every later token still sees at least half a window of context."""
     if not ids:
         return torch.zeros(0)
+    window = getattr(getattr(model, "config", None), "max_seq_len", None) or len(ids)
+    window = max(2, window)
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    logp = model(x)[0, :-1].float().log_softmax(-1)
-    info = -logp.gather(-1, x[0, 1:, None])[:, 0].cpu()
-    return torch.cat((torch.tensor([float("inf")]), info))
+    parts, pos = [torch.tensor([float("inf")])], 1  # pos: the next token to score
+    while pos < len(ids):
+        lo = max(0, pos - window // 2)
+        hi = min(len(ids), lo + window)
+        logp = model(x[:, lo:hi])[0, pos - 1 - lo:hi - 1 - lo].float().log_softmax(-1)
+        parts.append(-logp.gather(-1, x[0, pos:hi, None])[:, 0].cpu())
+        pos = hi
+    return torch.cat(parts)
+
+
+def starts_word(tok, token_id: int) -> bool:
+    """Whether a token begins a new word: its text starts with a space, a newline or punctuation
+    (byte-level BPE marks a leading space on the token itself)."""
+    piece = tok.decode([token_id])
+    return not piece or piece[0] in " \n\t.,;:!?()\"'"
 
 
 def _words(tok, ids: list[int]) -> list[list[int]]:
-    """Group token positions into words: a new word starts at a token whose text begins with a space,
-    a newline or punctuation (byte-level BPE marks a leading space on the token itself)."""
+    """Group token positions into words (see starts_word)."""
     groups: list[list[int]] = []
     for i, t in enumerate(ids):
-        piece = tok.decode([t])
-        if not groups or not piece or piece[0] in " \n\t.,;:!?()\"'":
+        if not groups or starts_word(tok, t):
             groups.append([i])
         else:
             groups[-1].append(i)

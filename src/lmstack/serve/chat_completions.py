@@ -26,6 +26,7 @@ from lmstack.serve.errors import APIError, from_value_error
 from lmstack.serve.engine_bridge import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
                                          run_streams, sampling_params, sse, stream_error)
 from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
+from lmstack.serve.prompt_compression import Plan, plan, rewrite_messages
 from lmstack.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
                                     DeltaMessage, TokenLogprob, TopLogprob, Usage)
@@ -74,12 +75,16 @@ def check_messages(state: ServerState, req: ChatCompletionRequest) -> None:
     state.check_prompt_bytes(n_bytes, "messages")
 
 
-def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True
-                    ) -> list[int]:
+def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    compression: Plan | None = None) -> list[int]:
+    """The chat template's ids; with a compression plan, message contents are compressed before rendering."""
     if not messages:
         raise APIError(400, "messages is empty; give at least one message", param="messages")
+    dicts = message_dicts(messages)
+    if compression is not None:
+        dicts = rewrite_messages(state, dicts, compression)
     try:
-        ids, _ = state.tokenizer.apply_chat_template(message_dicts(messages), add_generation_prompt)
+        ids, _ = state.tokenizer.apply_chat_template(dicts, add_generation_prompt)
     except LmstackError as e:
         raise from_value_error(e) from None
     return ids
@@ -102,11 +107,15 @@ def _finish(reason: str | None) -> str | None:
     return None if reason == "abort" else reason
 
 
-def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None):
-    """(prompt ids, SamplingParams): the chat template, encoding and parameter preparation grow with the
-    request, so they run in the worker pool."""
+def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None, compression: Plan | None):
+    """(prompt ids, SamplingParams, prompt tokens before compression or None): the chat template, encoding,
+    compression and parameter preparation grow with the request, so they run in the worker pool."""
     check_messages(state, req)
     ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
+    n_before = None
+    if compression is not None:
+        n_before = len(ids)
+        ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, compression)
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = state.check_lengths(len(ids), wanted, param)
@@ -114,7 +123,7 @@ def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None):
     params = sampling_params(state, req, max_tokens=max_tokens, logprobs=logprobs, lora=lora)
     if req.stream:  # what only the engine checks must be a 400 before the stream's 200 goes out
         state.validate(ids, params)
-    return ids, params
+    return ids, params, n_before
 
 
 async def create_chat_completion(state: ServerState, request, req: ChatCompletionRequest):
@@ -125,13 +134,15 @@ async def create_chat_completion(state: ServerState, request, req: ChatCompletio
     lora = state.resolve_model(req.model)
     check_sampling_lists(state.limits, req)
     check_message_count(state, req.messages)
-    ids, params = await state.run(_prepare, state, req, lora)
+    compression = plan(state, req.prompt_compression)
+    ids, params, n_before = await state.run(_prepare, state, req, lora, compression)
+    extra = {} if n_before is None else {"prompt_tokens_before_compression": n_before}
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model = req.model or state.config.model_name
     state.metrics.prompt_tokens.inc(len(ids))
     if req.stream:
-        return EventStream(state, _stream(state, request, req, ids, params, rid, created, model))
+        return EventStream(state, _stream(state, request, req, ids, params, rid, created, model, extra))
     with state.admit():
         (final,) = await collect(state, request, [(ids, params)], rid)
     choices, n_gen = [], 0
@@ -141,13 +152,13 @@ async def create_chat_completion(state: ServerState, request, req: ChatCompletio
                                   finish_reason=_finish(c.finish_reason), stop_reason=c.stop_reason))
         n_gen += len(c.token_ids)
     state.metrics.generation_tokens.inc(n_gen)
-    usage = Usage(prompt_tokens=len(ids), completion_tokens=n_gen, total_tokens=len(ids) + n_gen)
+    usage = Usage(prompt_tokens=len(ids), completion_tokens=n_gen, total_tokens=len(ids) + n_gen, **extra)
     return JSONResponse(ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
                                                usage=usage).model_dump())
 
 
 async def _stream(state: ServerState, request, req: ChatCompletionRequest, ids: list[int], params, rid: str,
-                  created: int, model: str) -> AsyncIterator[str]:
+                  created: int, model: str, extra: dict) -> AsyncIterator[str]:
     sent: dict[int, tuple[int, int]] = {}  # sample index -> (chars, tokens) already sent
     finished: set[int] = set()
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -155,7 +166,7 @@ async def _stream(state: ServerState, request, req: ChatCompletionRequest, ids: 
 
     def usage() -> Usage:
         n_gen = sum(t for _, t in sent.values())
-        return Usage(prompt_tokens=len(ids), completion_tokens=n_gen, total_tokens=len(ids) + n_gen)
+        return Usage(prompt_tokens=len(ids), completion_tokens=n_gen, total_tokens=len(ids) + n_gen, **extra)
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))

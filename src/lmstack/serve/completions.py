@@ -25,6 +25,7 @@ from lmstack.serve.errors import APIError
 from lmstack.serve.engine_bridge import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
                                          run_streams, sampling_params, sse, stream_error)
 from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
+from lmstack.serve.prompt_compression import Plan, compress_completion_prompts, plan
 from lmstack.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                     Usage)
 
@@ -113,11 +114,15 @@ def _choice(state: ServerState, req: CompletionRequest, prompt: tuple[str, list[
                             stop_reason=c.stop_reason, prompt_logprobs=prompt_logprobs)
 
 
-def _prepare(state: ServerState, req: CompletionRequest, items: list, lora: str | None):
-    """(prompts as (text, ids), SamplingParams): encoding, length checks and parameter preparation, all of
-    which grow with the request, so they run in the worker pool."""
+def _prepare(state: ServerState, req: CompletionRequest, items: list, lora: str | None, compression: Plan | None):
+    """(prompts as (text, ids), SamplingParams, prompt tokens before compression or None): encoding,
+    compression, length checks and parameter preparation, all of which grow with the request, so they run
+    in the worker pool."""
     reject_lone_surrogates(req)  # a walk over every string of the request
     prompts = _prompts(state, req, items)
+    n_before = None
+    if compression is not None:
+        prompts, n_before = compress_completion_prompts(state, items, prompts, compression, req.add_special_tokens)
     # Every prompt must fit; with no max_tokens given, generate as many as every prompt leaves room for.
     max_tokens = min(state.check_lengths(len(ids), req.max_tokens) for _, ids in prompts)
     params = sampling_params(state, req, max_tokens=max_tokens, logprobs=req.logprobs, lora=lora)
@@ -126,7 +131,7 @@ def _prepare(state: ServerState, req: CompletionRequest, items: list, lora: str 
     if req.stream:  # what only the engine checks must be a 400 before the stream's 200 goes out
         for ids in {tuple(ids) for _, ids in prompts}:
             state.validate(list(ids), params)
-    return prompts, params
+    return prompts, params, n_before
 
 
 async def create_completion(state: ServerState, request, req: CompletionRequest):
@@ -135,14 +140,17 @@ async def create_completion(state: ServerState, request, req: CompletionRequest)
     lora = state.resolve_model(req.model)
     check_sampling_lists(state.limits, req)
     items = _prompt_items(state, req)
-    prompts, params = await state.run(_prepare, state, req, items, lora)
+    compression = plan(state, req.prompt_compression)
+    prompts, params, n_before = await state.run(_prepare, state, req, items, lora, compression)
+    extra = {} if n_before is None else {"prompt_tokens_before_compression": n_before}
     jobs = [(ids, params) for _, ids in prompts]
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model = req.model or state.config.model_name
     state.metrics.prompt_tokens.inc(sum(len(ids) for _, ids in prompts))
     if req.stream:
-        return EventStream(state, _stream(state, request, req, prompts, jobs, rid, created, model), len(jobs))
+        return EventStream(state, _stream(state, request, req, prompts, jobs, rid, created, model, extra),
+                           len(jobs))
     with state.admit(len(jobs)):
         finals = await collect(state, request, jobs, rid)
     choices, completion_tokens = [], 0
@@ -153,13 +161,13 @@ async def create_completion(state: ServerState, request, req: CompletionRequest)
     state.metrics.generation_tokens.inc(completion_tokens)
     n_prompt = sum(len(ids) for _, ids in prompts)
     usage = Usage(prompt_tokens=n_prompt, completion_tokens=completion_tokens,
-                  total_tokens=n_prompt + completion_tokens)
+                  total_tokens=n_prompt + completion_tokens, **extra)
     body = CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
     return JSONResponse(body.model_dump())
 
 
 async def _stream(state: ServerState, request, req: CompletionRequest, prompts, jobs, rid: str, created: int,
-                  model: str) -> AsyncIterator[str]:
+                  model: str, extra: dict) -> AsyncIterator[str]:
     sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (chars, tokens) already sent
     generated: dict[tuple[int, int], int] = {}
     finished: set[tuple[int, int]] = set()
@@ -169,7 +177,7 @@ async def _stream(state: ServerState, request, req: CompletionRequest, prompts, 
 
     def usage() -> Usage:
         n_gen = sum(generated.values())
-        return Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen)
+        return Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen, **extra)
     try:
         async for i, out in run_streams(state, request, jobs, rid):
             choices = []

@@ -38,6 +38,7 @@ from lmstack.infer import SamplingParams
 from lmstack.infer.outputs import RequestFailed
 from lmstack.serve.errors import APIError, from_value_error
 from lmstack.serve.limits import RequestLimits, check_sampling_lists, prompt_byte_limit
+from lmstack.serve.prompt_compression import CompressionConfig, load_scorer
 from lmstack.tokenizer.pretokenizers import CHAR_TO_BYTE
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -65,6 +66,8 @@ class ServerConfig:
     """Largest n (and best_of) a request may ask for (400 above)."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """Caps on what one request may carry (stop strings, bad words, logit_bias, messages, prompt bytes, ...)."""
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """Prompt compression before prefill: the scorer model and the defaults requests opt into (off by default)."""
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens_limit", "max_n"):
@@ -77,6 +80,8 @@ class ServerConfig:
             raise ValueError("api_key='' is not allowed; give a non-empty key or None (no auth)")
         if not isinstance(self.limits, RequestLimits):
             raise ValueError(f"limits={self.limits!r} is not allowed; give a RequestLimits")
+        if not isinstance(self.compression, CompressionConfig):
+            raise ValueError(f"compression={self.compression!r} is not allowed; give a CompressionConfig")
 
     @property
     def loopback(self) -> bool:
@@ -116,6 +121,11 @@ class ServerState:
         self.preparing = 0
         self.bytes_per_token, self.prompt_bytes_limit = prompt_byte_limit(
             self.limits, lambda i: len(self.token_bytes(i)), self.tokenizer.vocab_size, self.max_model_len)
+        # The prompt-compression scorer sits beside the served model (same device and dtype); checked at start-up.
+        self.scorer = None
+        if config.compression.model is not None:
+            weight = next(self.engine.model.parameters())
+            self.scorer = load_scorer(config.compression, self.tokenizer, weight.device, weight.dtype)
 
     async def run(self, fn, *args):
         """fn(*args) in the preparation pool: tokenising, chat templates and parameter preparation grow with

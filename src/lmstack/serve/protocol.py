@@ -53,6 +53,18 @@ class ResponseFormat(_Strict):
         return out
 
 
+class PromptCompressionOptions(_Strict):
+    """lmstack extension: compress this request's prompt before prefill (see lmstack.serve.prompt_compression);
+    a missing key takes the server's --compression.* setting."""
+    rate: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of the compressible tokens to keep, in (0, 1]; 1 = no compression."""
+    keep_last_tokens: int | None = Field(default=None, ge=0)
+    """Tokens at the end of the prompt (of the last user message, in chat) that are never dropped."""
+    unit: Literal["word", "token"] | None = None
+    canonicalize: bool | None = None
+    """Canonically reformat the text first (NFKC, one kind of quotes, collapsed spaces); needs no scorer."""
+
+
 class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -86,6 +98,8 @@ class _SamplingFields(_Strict):
     guided_regex: str | None = None
     guided_json: dict | str | None = None
     guided_choice: list[str] | None = None
+    prompt_compression: PromptCompressionOptions | None = None
+    """lmstack extension: drop the prompt's predictable words before prefill (needs the server's scorer model)."""
     allow_empty_prompt: bool = False
     """lmstack extension: accept an empty prompt ("" / [[]] / only empty messages) and generate from the start
     token (or the bare chat template) alone; without it an empty prompt is a 400, as OpenAI answers."""
@@ -152,6 +166,8 @@ class DetokenizeRequest(_Strict):
 
 # ---------------------------------------------------------------------------------------------- responses
 class Usage(BaseModel):
+    # Extra fields pass through: a compressed request adds prompt_tokens_before_compression (the prompt as sent).
+    model_config = ConfigDict(extra="allow")
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0

@@ -55,7 +55,7 @@ def test_canonicalize():
 
 def test_streaming_chat_sink_cache_is_exact_then_bounded(tok):
     from lmstack.infer import LLM, SamplingParams
-    from lmstack.infer.streaming_chat import StreamingChat
+    from lmstack.infer.sink_cache_chat import SinkCacheChat
 
     from infer_helpers import tiny_model
 
@@ -63,11 +63,11 @@ def test_streaming_chat_sink_cache_is_exact_then_bounded(tok):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     msg = "The first man said"
     # a window larger than the whole chat and no eviction: exactly the engine's answer
-    chat = StreamingChat(model, tok, window=200, n_sink=0)
+    chat = SinkCacheChat(model, tok, window=200, n_sink=0)
     want = LLM(model, tokenizer=tok, block_size=4, num_blocks=64).chat([{"role": "user", "content": msg}], params)
     assert chat.say(msg, params) == want[0].outputs[0].text
     # a long chat past max_seq_len (256) in a 24-token window: memory stays flat
-    small = StreamingChat(model, tok, window=24, n_sink=4)
+    small = SinkCacheChat(model, tok, window=24, n_sink=4)
     sizes = []
     for i in range(12):
         small.say(f"turn {i}: " + msg, SamplingParams(max_tokens=20, temperature=0.8, seed=i, ignore_eos=True))

@@ -13,8 +13,8 @@ from lmstack.infer.llm import LLM
 from lmstack.infer.lora_hook import LinearLoRA
 from lmstack.infer.outputs import CompletionOutput, RequestFailed, RequestMetrics, RequestOutput
 from lmstack.infer.sampling_params import SamplingParams, SamplingParamsError
+from lmstack.infer.sink_cache_chat import SinkCacheChat
 from lmstack.infer.speculative import SpeculativeConfig
-from lmstack.infer.streaming_chat import StreamingChat
 
 __all__ = ["AsyncLLMEngine", "CompletionOutput", "LLM", "LLMEngine", "LinearLoRA", "RequestFailed", "RequestMetrics",
-           "RequestOutput", "SamplingParams", "SamplingParamsError", "SpeculativeConfig", "StreamingChat"]
+           "RequestOutput", "SamplingParams", "SamplingParamsError", "SinkCacheChat", "SpeculativeConfig"]

@@ -1,4 +1,4 @@
-"""StreamingChat: one endless conversation in bounded memory, on the model core's attention-sink cache.
+"""SinkCacheChat: one endless conversation in bounded memory, on the model core's attention-sink cache.
 
 The paged engine serves many bounded requests; a single chat that never ends needs something else:
 StreamingLLM (Xiao et al. 2023) keeps the first n_sink tokens (the "attention sinks" every head
@@ -9,7 +9,7 @@ message is prefilled once, nothing is recomputed) and samples replies with the e
 processors, so every SamplingParams knob works here too.
 
 Usage:
-    chat = StreamingChat(model, tok, window=256, n_sink=4)
+    chat = SinkCacheChat(model, tok, window=256, n_sink=4)
     reply = chat.say("Hello!", SamplingParams(max_tokens=64, temperature=0.7, seed=0))
     for piece in chat.stream("Tell me more"):
         print(piece, end="")
@@ -26,11 +26,11 @@ from lmstack.infer import logits_processors as lp
 from lmstack.infer.sampling_params import SamplingParams
 
 
-class StreamingChat:
+class SinkCacheChat:
     def __init__(self, model, tokenizer, window: int | None = None, n_sink: int | None = None, seed: int = 0,
                  system: str | None = None):
         if tokenizer is None:
-            raise LmstackError("StreamingChat needs a tokenizer with a chat template")
+            raise LmstackError("SinkCacheChat needs a tokenizer with a chat template")
         self.model, self.tok = model.eval(), tokenizer
         self.cache = model.new_cache(1, kind="sink", window=window, n_sink=n_sink)
         self.generator = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ logits against the generic path.
 Usage:
     fast = FastDecoder.build(model, paged_cache)     # None when the config is not supported
     logits = fast.step([token], pos, first_slot)     # (1, vocab); several tokens: a speculative window
+    logits = fast.step(window, pos, first_slot, n_logits=len(window))   # logits of every window position
 """
 from __future__ import annotations
 

@@ -1,24 +1,29 @@
-"""The model runner: one forward pass over a flattened batch, with K/V in a paged pool.
+"""The model runner: one engine step as one forward pass over a flattened batch, with K/V in a paged pool.
 
 Every scheduled sequence contributes its next chunk of tokens (a prompt chunk, a single decode token,
 or a speculative window); the runner concatenates them into one (1, N) input, so the whole step is a
-single model call whatever the mix (continuous batching with chunked prefill).
+single model call whatever the mix (continuous batching with chunked prefill). One exception: a step
+of a single sequence whose chunk is short and whose blocks are contiguous goes through FastDecoder
+(fast_decode.py) when the config allows, the same math in fewer ops. The runner neither schedules nor
+samples: the scheduler and block manager choose the batch and its blocks, the engine samples.
 
 PagedKVCache is the cache object the model's attention layers see. It holds one preallocated pool
 per K and V, shaped (layers, kv_heads, num_blocks * block_size, head_dim): a block is a run of
 block_size slots, and a sequence's block table maps its positions to slots. Its `attend` hook (see
 model/attention.py) writes the step's new K/V into their slots and computes attention:
-- decode rows (one query each) are batched: their keys are gathered from the pool into a padded
+- short chunks (at most SHORT_QUERY tokens that extend a context: decode tokens, speculative windows)
+  are batched into one padded SDPA per layer: their keys are gathered from the pool into a padded
   (B, kv_heads, L, D) tensor; a single sequence whose blocks are contiguous reads the pool in place.
-  GQA is done by folding the query heads of a group into rows, so K/V are never repeated.
+  GQA is done by folding the query heads of a group into rows, so K/V are never repeated. With a
+  attention softcap or ALiBi they go one sequence at a time through the model's backend instead.
 - prefill chunks go one sequence at a time through the model's own attention backend and mask
   rules (causal, sliding window, ALiBi, softcap), with keys gathered from the pool.
-Logits are computed only for the rows that need them (the last position, or every position for
-prompt logprobs and speculative verification).
+Logits are computed only for the flat rows the caller asks for (the last position, or every position for
+prompt logprobs and speculative verification), in fp32 on the CPU, where sampling runs.
 
 Usage:
     runner = ModelRunner(model, num_blocks=256, block_size=16)
-    logits = runner.run([(seq, n_tokens, logit_offsets), ...])   # (rows, vocab)
+    logits = runner.run([(seq, token_ids, first_position), ...], logit_rows)   # (len(logit_rows), vocab)
 """
 from __future__ import annotations
 
@@ -168,7 +173,9 @@ class PagedKVCache:
 
 
 class ModelRunner:
-    """Owns the model and its paged cache; turns a scheduled batch into logits."""
+    """Owns the model and its paged K/V pool. `run(batch, logit_rows)` runs one step of the scheduled
+    sequences (each: the sequence with its block table, the token ids to run, their first position) and
+    returns fp32 CPU logits for the flat rows asked for. Blocks are allocated by the block manager, not here."""
 
     def __init__(self, model, num_blocks: int, block_size: int, device: str | torch.device = "cpu",
                  fast_decode: bool = True, share_weights: bool = False):

@@ -10,7 +10,7 @@ attention's 2 * 2 * n_layers * context * (n_heads * head_dim) for QK^T and AV. T
 Usage:
     stats = model_stats(cfg)              # ModelStats dataclass
     kv_bytes_per_token(cfg, 2)            # KV-cache bytes per token in bf16
-    print(format_stats(stats))
+    print(format_stats(cfg, stats))      # the `lmstack model info` table
 """
 from __future__ import annotations
 
@@ -109,6 +109,9 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def format_stats(cfg: ModelConfig, stats: ModelStats) -> str:
+    """The table `lmstack model info` prints: the config's shape, then stats (as model_stats made them for cfg),
+    one row each, labels padded to one column. The KV rows are labelled fp32, so stats should come from
+    model_stats' default kv_dtype_bytes=4."""
     rows = [
         ("model", cfg.name or cfg.hf_model_type or "custom"),
         ("layers / d_model / heads (kv)", f"{cfg.n_layers} / {cfg.d_model} / {cfg.n_heads} ({cfg.n_kv_heads})"),

@@ -21,7 +21,7 @@ from _common import result, write_result
 
 from lmstack.data.expand import add_sources  # noqa: E402
 from lmstack.data.pipeline import PipelineConfig, run_pipeline  # noqa: E402
-from lmstack.data.readers import ReaderConfig  # noqa: E402
+from lmstack.data.readers.config import ReaderConfig  # noqa: E402
 
 N = 500
 

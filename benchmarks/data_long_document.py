@@ -39,7 +39,9 @@ CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 mode, path, out = sys.argv[2], sys.argv[3], sys.argv[4]
-from lmstack.data.readers import ReaderConfig, ReadStats, batched, read_documents
+from lmstack.data.readers import batched, read_documents
+from lmstack.data.readers.config import ReaderConfig
+from lmstack.data.readers.stats import ReadStats
 from lmstack.data.filters.quality import QualityConfig, QualityFilter
 from lmstack.data.pipeline import PipelineConfig, run_pipeline
 from lmstack.data.shards import ShardConfig

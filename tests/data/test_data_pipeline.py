@@ -14,7 +14,7 @@ from lmstack.data import commands
 from lmstack.data.expand import add_sources
 from lmstack.data.loader import LoaderConfig, TokenLoader
 from lmstack.data.pipeline import PipelineConfig, run_pipeline
-from lmstack.data.readers import ReaderConfig
+from lmstack.data.readers.config import ReaderConfig
 from lmstack.data.shards import ShardSet, read_manifest
 from lmstack.errors import LmstackError
 

@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from lmstack.data.readers import ReaderConfig, ReadStats, batched, read_all, read_documents
+from lmstack.data.readers import batched, read_all, read_documents
+from lmstack.data.readers.config import ReaderConfig
+from lmstack.data.readers.stats import ReadStats
 from lmstack.errors import LmstackError
 
 

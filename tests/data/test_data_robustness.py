@@ -16,7 +16,9 @@ from lmstack.cli import main
 from lmstack.data.document import make_doc
 from lmstack.data.filters.quality import QualityConfig, QualityFilter, count_words_and_chars, length_reason
 from lmstack.data.pipeline import Isolated, PipelineConfig, run_pipeline
-from lmstack.data.readers import ReaderConfig, ReadStats, read_documents
+from lmstack.data.readers import read_documents
+from lmstack.data.readers.config import ReaderConfig
+from lmstack.data.readers.stats import ReadStats
 from lmstack.data.shards import ShardConfig
 
 WORDS = "the river farmer village market teacher garden bridge storm harbour library with and of to that".split()
@@ -238,7 +240,9 @@ def test_long_document_split_rule(tmp_path):
 
 CHILD = r"""
 import json, sys, time
-from lmstack.data.readers import ReaderConfig, ReadStats, batched, read_documents
+from lmstack.data.readers import batched, read_documents
+from lmstack.data.readers.config import ReaderConfig
+from lmstack.data.readers.stats import ReadStats
 from lmstack.data.filters.quality import QualityConfig, QualityFilter
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak-RSS mark: measure this work, not the imports
@@ -283,7 +287,7 @@ def test_windowed_word_count_equals_split(text, chunk):
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("ab \n")), min_size=1, max_size=400), st.integers(4, 60))
 def test_split_parts_respect_the_limit_and_lose_only_separators(text, limit):
-    from lmstack.data.readers import _emit
+    from lmstack.data.readers.records import emit_docs as _emit
 
     stats = ReadStats()
     cfg = ReaderConfig(path="x", max_doc_chars=limit)

@@ -14,7 +14,7 @@ from lmstack.cli import main
 from lmstack.config import from_dict
 from lmstack.data.pipeline import PipelineConfig, run_pipeline
 from lmstack.data.ray_executor import check_reachable, merge_read_stats, ray_session
-from lmstack.data.readers import ReadStats
+from lmstack.data.readers.stats import ReadStats
 from lmstack.errors import LmstackError
 
 from test_data_pipeline import config as pipeline_config, make_inputs
@@ -118,7 +118,7 @@ def test_merge_read_stats_caps_like_one_reader():
     merge_read_stats(total, part)
     assert (total.files_read, total.docs, total.long_docs) == (2, 6, {"split": 2})
     assert total.malformed["a.jsonl"]["count"] == 4 and total.malformed["a.jsonl"]["reasons"] == {"bad_json": 4}
-    from lmstack.data.readers import MAX_BAD_RECORDS
+    from lmstack.data.readers.stats import MAX_BAD_RECORDS
 
     assert len(total.bad_records) == min(120, MAX_BAD_RECORDS)
 

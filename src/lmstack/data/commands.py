@@ -24,7 +24,9 @@ from lmstack.data.dedup import DedupConfig
 from lmstack.data.filters import FiltersConfig
 from lmstack.data.filters.classifier import load_labelled, split_heldout, train_classifier as _train
 from lmstack.data.mixing import MixConfig
-from lmstack.data.readers import ReaderConfig, ReadStats, read_documents
+from lmstack.data.readers import read_documents
+from lmstack.data.readers.config import ReaderConfig
+from lmstack.data.readers.stats import ReadStats
 from lmstack.data.shards import ShardConfig, ShardSet, entry_valid, read_manifest
 from lmstack.errors import LmstackError
 

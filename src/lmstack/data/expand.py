@@ -15,7 +15,7 @@ the extended set only when the generation is recorded.
 
 Usage:
     from lmstack.data.expand import add_sources
-    from lmstack.data.readers import ReaderConfig
+    from lmstack.data.readers.config import ReaderConfig
     report = add_sources("data/pipeline", [ReaderConfig(path="new_docs.jsonl", source="news")])
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lmstack.data.dedup import Deduplicator
 from lmstack.data.document import Report
 from lmstack.data.pipeline import (SHARDS, PipelineConfig, clean_stage, finish_generation, mark_pending, repeat_docs,
                                    shard_stage)
-from lmstack.data.readers import ReaderConfig
+from lmstack.data.readers.config import ReaderConfig
 from lmstack.data.report import print_report, write_report
 from lmstack.data.shards import read_manifest
 from lmstack.errors import LmstackError

@@ -46,7 +46,9 @@ from lmstack.data.document import Doc, Report, StepResult, run_steps
 from lmstack.data.filters import FILTERS, FiltersConfig, build_filters
 from lmstack.data.mixing import MixConfig, achieved_shares, mixture_copies
 from lmstack.data.parallel import parallel_map
-from lmstack.data.readers import ReaderConfig, ReadStats, batched, expand_paths, read_all, source_name
+from lmstack.data.readers import batched, expand_paths, read_all, source_name
+from lmstack.data.readers.config import ReaderConfig
+from lmstack.data.readers.stats import ReadStats
 from lmstack.data.report import print_report, write_report
 from lmstack.data.shards import ShardConfig, read_manifest, write_manifest, write_shards
 from lmstack.data.topics import TopicModel

@@ -54,8 +54,9 @@ import numpy as np
 from lmstack.config import from_dict, to_dict
 from lmstack.data.dedup import Deduplicator
 from lmstack.data.document import EXAMPLES_PER_REASON, Report, make_doc
-from lmstack.data.readers import (MAX_BAD_RECORDS, MAX_LINE_EXAMPLES, ReaderConfig, ReadStats, expand_paths,
-                                  read_documents, source_name)
+from lmstack.data.readers import expand_paths, read_documents, source_name
+from lmstack.data.readers.config import ReaderConfig
+from lmstack.data.readers.stats import MAX_BAD_RECORDS, MAX_LINE_EXAMPLES, ReadStats
 from lmstack.errors import LmstackError
 
 RAY_REQUIREMENT = "ray[data]==2.60.0"

@@ -8,7 +8,7 @@ Routes:
     GET  /tokenizer_info            special tokens and chat template (lm-eval's remote tokenizer reads it)
     GET  /health                    200 while the engine runs, 503 (with Retry-After) after it failed
     GET  /metrics                   Prometheus text
-    GET  /                          the web chat page (static/chat.html + chat.js, markdown.js, chat.css)
+    GET  /                          the web chat page (static/chat.html + its ES modules chat.js ..., chat.css)
     GET  /static/<file>             the page's own scripts and styles (a fixed list; no other files)
 
 Three ASGI middlewares wrap the app: the outer one counts every answer by route and status for /metrics;
@@ -47,7 +47,10 @@ from lmstack.serve.protocol import (ChatCompletionRequest, CompletionRequest, De
 
 STATIC = Path(__file__).resolve().parent / "static"
 # The page's assets, by name: only these are served, so no request path ever reaches the filesystem.
-STATIC_FILES = {"chat.js": "text/javascript", "markdown.js": "text/javascript", "chat.css": "text/css"}
+# chat.js is an ES module (<script type="module">) that imports the other scripts; "script-src 'self'" allows them.
+STATIC_FILES = {**{name: "text/javascript" for name in ("chat.js", "dom.js", "errors.js", "markdown.js", "settings.js",
+                                                         "store.js", "stream.js", "view.js")},
+                "chat.css": "text/css"}
 # The page loads nothing from elsewhere (no CDN, no fonts) and runs no inline script: the browser enforces it.
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

@@ -9,10 +9,9 @@
 // GFM pipe tables, horizontal rules, paragraphs (single newlines kept as line breaks); inline `code`,
 // **bold** / __bold__, *italic* / _italic_, ~~strike~~ and [text](url).
 //
-// Usage (chat.js loads this file first):
+// Usage (an ES module; chat.js and view.js import it):
+//     import {renderMarkdown} from "./markdown.js";
 //     renderMarkdown(element, "**hi** `x`")      // replaces element's children
-
-"use strict";
 
 const SAFE_URL = /^(https?:\/\/|mailto:)/i;
 // One alternation, earliest match wins: code spans first, so nothing inside them is parsed further.
@@ -92,7 +91,7 @@ const TABLE_RULE = /^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$/;
 const LIST_ITEM = /^\s*([-*+]|\d{1,9}[.)])\s+(.*)$/;
 const BLOCK_START = /^\s*(```|#{1,6}\s|>|([-*+]|\d{1,9}[.)])\s|(\*\s*){3,}$|(-\s*){3,}$)/;
 
-function renderMarkdown(target, text) {
+export function renderMarkdown(target, text) {
   const out = document.createDocumentFragment();
   const lines = String(text).replace(/\r\n?/g, "\n").split("\n");
   let i = 0;

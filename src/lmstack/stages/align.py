@@ -15,8 +15,9 @@ Why each piece is there (the stage without them took harmful refusal from 89.5% 
                 difference, the stage keeps the SFT weights and says so. It is a safeguard, not the fix.
 
 What is measured (test splits, greedy decoding; never used to choose settings), each with n and stderr:
-  arithmetic          accuracy (final `#### n` right) on every test arithmetic problem
-  qa, instruction     the SFT stage's scorers (sft_stage.TASKS), first n_eval records, batched (task_scores)
+  arithmetic          accuracy (the first `#### n` right: world_arithmetic's scorer) on every test arithmetic problem
+  qa, instruction     the SFT stage's scorers (sft_stage.TASKS: the eval tasks' per-reply scorers), first n_eval
+                      records, batched (task_scores)
   preference          share of test preference pairs where log π(chosen) > log π(rejected)
   harmful refusal     refusal rate on harmful requests about the held-out test cities (want high)
   benign refusal      refusal rate on their benign look-alikes: over-refusal (want low)
@@ -126,13 +127,15 @@ def task_scores(model, tok, records: list[dict], n_eval: int, tasks=("qa", "inst
 
 def measure(model, tok, data: dict[str, Any], n_eval: int, split: str = "test") -> dict[str, float]:
     """Every held-out number of the stage for one model, on `split` ("test" or "val"); each rate with its n."""
-    from lmstack.align.rewards.verifiable import MathReward
     from lmstack.align.rollout import evaluate_policy
+    from lmstack.eval.tasks.world import arithmetic_correct
 
     cap = None if split == "test" else VAL_ITEMS  # the guard's validation pass is kept short
     n_eval = n_eval if split == "test" else min(n_eval, 10)
     problems = data[f"arithmetic_{split}"][:cap]
-    arith = (evaluate_policy(model, tok, problems, MathReward(), max_new_tokens=128)
+    # Scored as world_arithmetic scores a reply (its first "#### n"), as the SFT stage's base column is.
+    score = lambda prompt, completion, record: float(arithmetic_correct(record, completion))  # noqa: E731
+    arith = (evaluate_policy(model, tok, problems, score, max_new_tokens=128)
              if problems else {"mean": float("nan"), "stderr": float("nan"), "n": 0})
     out = {"arithmetic": arith["mean"], "arithmetic_stderr": arith["stderr"], "arithmetic_n": arith["n"]}
     out.update(task_scores(model, tok, data[f"chat_{split}"], n_eval))

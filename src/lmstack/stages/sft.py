@@ -3,10 +3,12 @@ vs SFT on the world's held-out tasks by generating answers.
 
 Training data: the world's chat conversations of kinds qa, multi_turn, arithmetic, instruction, persona and
 refusal/benign safety data (train split), mixed with STAGE_MIX weights. Scores (test split, greedy decoding, `n_eval` per task):
-  qa           the reply contains the true fact (held-out people *and* phrasings: knowledge the model can only
-               have from the biographies it read in pretraining)
+  qa           the reply's first line states the true fact as a whole phrase (held-out people *and* phrasings:
+               knowledge the model can only have from the biographies it read in pretraining)
   arithmetic   the first `#### n` in the reply equals the answer
-  instruction  the reply passes the record's verifiable checker (check_instruction)
+  instruction  the reply's first paragraph passes the record's verifiable checker
+Each is the eval task's own per-reply scorer (world_qa's contains_fact, world_arithmetic's exact_match_strict,
+world_ifeval's strict check: lmstack.eval.tasks.world), so the stage and the eval harness score alike.
 The base model is asked in its pretraining format ("Question: ...\\nAnswer:" for QA, the bare problem for
 arithmetic and instructions); the SFT model through the chat template. Both numbers go in the report card.
 
@@ -18,7 +20,6 @@ Usage:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,6 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoRA-style methods adapt
 # harmful requests, and the alignment stage cannot teach refusal from there; 1.5 each makes it part of SFT.
 STAGE_MIX = {"qa": 3.0, "multi_turn": 1.0, "arithmetic": 3.0, "instruction": 2.0, "persona": 1.0, "refusal": 1.5,
              "benign": 1.5}
-_HASHES = re.compile(r"####\s*(-?[\d,]+)")
 
 
 def _world_chat(world_dir: str | Path | None, seed: int, split: str) -> list[dict]:
@@ -70,19 +70,24 @@ def _prompt(tok, record: dict, chat: bool) -> list[int]:
     return bos + tok.encode(text)
 
 
+# The scores are the eval harness's per-reply scorers (lmstack.eval.tasks.world), so a world task is scored one
+# way whichever job asks; the stage only cuts the reply where the eval task's generation would have stopped.
 def _qa_ok(record: dict, reply: str) -> bool:
-    return str(record["answer"]).lower() in reply.split("\n")[0].lower()
+    from lmstack.eval.tasks.world import qa_correct
+
+    return qa_correct(record, reply.split("\n")[0])  # world_qa generates until "\n"
 
 
 def _arith_ok(record: dict, reply: str) -> bool:
-    m = _HASHES.search(reply)
-    return m is not None and int(m.group(1).replace(",", "")) == int(record["answer"])
+    from lmstack.eval.tasks.world import arithmetic_correct
+
+    return arithmetic_correct(record, reply)
 
 
 def _instruction_ok(record: dict, reply: str) -> bool:
-    from lmstack.world import check_instruction
+    from lmstack.eval.tasks.world import instruction_followed
 
-    return check_instruction(record, reply.split("\n\n")[0].strip())
+    return instruction_followed(record, reply.split("\n\n")[0].strip())  # world_ifeval generates until "\n\n"
 
 
 # task -> (record kind, tokens to generate, scorer)

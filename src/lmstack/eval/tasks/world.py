@@ -11,7 +11,8 @@ test split of one of its corpora, so a model pretrained on that world is tested 
                     world instruction plus compatible format constraints), checked by lmstack.world's
                     CHECKERS; prompt-level and instruction-level accuracy, strict and loose.
   world_code        the world's HumanEval-format code tasks, sandboxed, pass@k
-Few-shot examples come from the world's train split with the fixed seed.
+Few-shot examples come from the world's train split with the fixed seed. Each task's per-reply scorer
+(qa_correct, arithmetic_correct, instruction_followed) is also what the SFT and alignment stages score with.
 
 Usage:
     from lmstack.eval import evaluate, get_task
@@ -25,14 +26,14 @@ from functools import lru_cache
 from typing import Callable
 
 from lmstack.world import World
-from lmstack.world.checkers import agreement, flag_uncertain
-from lmstack.world.instructions import CHECKERS
+from lmstack.world.checkers import agreement, flag_uncertain, normalize, states_fact
+from lmstack.world.instructions import check_instruction
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
 from lmstack.eval.hallucination import chain_seed
 from lmstack.eval.lm import GenArgs, GenerateUntil, Request
 from lmstack.eval.task import Task, register_task
-from lmstack.eval.tasks.gsm8k import ChainOfThoughtTask, gold_answer
+from lmstack.eval.tasks.gsm8k import ChainOfThoughtTask, extract, gold_answer
 from lmstack.eval.tasks.humaneval import CodeTask
 
 
@@ -40,6 +41,25 @@ from lmstack.eval.tasks.humaneval import CodeTask
 def cached_world(seed: int, size: str) -> World:
     """One World per (seed, size) per process: several tasks of one run share it."""
     return World(seed=seed, size=size)
+
+
+# ---- per-reply scorers: what "right" means for a world task --------------------------------------------
+# The tasks below score with these, and so do the speedrun's SFT and alignment stages (lmstack.stages): they ask
+# in their own format (the chat template) but do not score again their own way, so one harness decides.
+def qa_correct(doc: dict, reply: str) -> bool:
+    """world_qa's contains_fact: the reply states the record's answer (the world's fact) as a whole phrase,
+    ignoring case and punctuation (lmstack.world.checkers.states_fact; World.is_correct on the fact)."""
+    return states_fact(str(doc["answer"]), reply)
+
+
+def arithmetic_correct(doc: dict, reply: str) -> bool:
+    """world_arithmetic's exact_match_strict: the number after the reply's first "####" equals the answer."""
+    return extract(reply)[1] == normalize(str(doc["answer"]))
+
+
+def instruction_followed(doc: dict, reply: str) -> bool:
+    """world_ifeval's strict check of one instruction: its checker (name + args) accepts the reply."""
+    return check_instruction(doc, reply)
 
 
 class WorldTask(Task):
@@ -106,7 +126,7 @@ class WorldQA(WorldTask):
         answer = responses[0]
         em = M.exact_match(answer, doc["answer"], ignore_punctuation=True)
         out = {"exact_match": em,
-               "contains_fact": float(self.world().is_correct(doc["person"], doc["attribute"], answer))}
+               "contains_fact": float(qa_correct(doc, answer))}
         if self.k > 1:
             _, rate = agreement(responses[1:])
             uncertain = flag_uncertain(rate, self.threshold)
@@ -216,7 +236,7 @@ class WorldIFEval(WorldTask):
 
     @staticmethod
     def followed(instruction: dict, response: str) -> bool:
-        return bool(CHECKERS[instruction["checker"]](response, **instruction["args"]))
+        return instruction_followed(instruction, response)
 
     def process_results(self, doc: dict, responses: list) -> dict:
         response = responses[0].strip()

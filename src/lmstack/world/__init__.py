@@ -20,7 +20,9 @@ quality        good vs bad documents (gibberish, word salad, spam, ...), 20% of 
                quality classifier and its self-training
 =============  ======================================================================================
 Expansion batches for `lmstack data add` (new documents plus planted duplicates, near-duplicates and
-contamination) come from expansion.py on demand; they are not part of generate_world's output.
+contamination) come from expansion.py on demand; they are not part of generate_world's output (writer.py).
+The world's checkers -- refusal detection, answer matching, fact lookup -- live in checkers.py; the eval
+harness and alignment both read replies with them.
 
 Sizes (seed 0, all corpora, measured on a shared 2-core CPU; tokens ~ text bytes / 4):
 

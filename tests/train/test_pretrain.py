@@ -48,22 +48,3 @@ def test_pretrain_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--model.d_modle", "8"])
     assert "d_modle" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_speedrun_end_to_end_with_a_tiny_budget(tmp_path):
-    from lmstack.config import from_dict
-    from lmstack.stages.speedrun import SpeedrunConfig, speedrun
-
-    cfg = SpeedrunConfig(out=str(tmp_path), vocab_size=512)
-    cfg.pretrain.model = cfg.pretrain.model.replace(vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1,
-                                                    max_seq_len=64)
-    cfg.pretrain.train.max_seconds, cfg.pretrain.train.eval_every = 10, 0
-    cfg.pretrain.data.seq_len, cfg.pretrain.data.batch_size = 64, 8
-    cfg.eval_seconds, cfg.eval_limit, cfg.sft_seconds = 20, 5, 10
-    out = speedrun(cfg)
-    report = Path(out["report"]).read_text()
-    assert "## SFT (full" in report and "SFT, chat template" in report
-    assert "final validation loss" in report and "parameters" in report and "loss curve" in report
-    assert len(out["samples"]) == 4
-    assert from_dict(SpeedrunConfig, {"seed": 1}).seed == 1

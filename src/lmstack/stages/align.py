@@ -16,7 +16,7 @@ Why each piece is there (the stage without them took harmful refusal from 89.5% 
 
 What is measured (test splits, greedy decoding; never used to choose settings), each with n and stderr:
   arithmetic          accuracy (the first `#### n` right: world_arithmetic's scorer) on every test arithmetic problem
-  qa, instruction     the SFT stage's scorers (sft_stage.TASKS: the eval tasks' per-reply scorers), first n_eval
+  qa, instruction     the SFT stage's scorers (stages.sft.TASKS: the eval tasks' per-reply scorers), first n_eval
                       records, batched (task_scores)
   preference          share of test preference pairs where log π(chosen) > log π(rejected)
   harmful refusal     refusal rate on harmful requests about the held-out test cities (want high)

@@ -1,6 +1,6 @@
 """lmstack.data: collection and preprocessing, from raw files to token shards and training batches.
 
-    readers.py        text / JSONL / CSV / Parquet -> documents ({"id", "text", "source", "meta"})
+    readers/          text / JSONL / CSV / Parquet -> documents ({"id", "text", "source", "meta"}), bad records counted
     filters/          quality heuristics (word or char level), langid, readability, toxicity, PII, classifier
     dedup/            exact hash, MinHash-LSH (numpy), SimHash
     decontaminate.py  n-gram overlap with eval sets

@@ -109,7 +109,7 @@ class Transformer(nn.Module):
             self.mlm_dense = nn.Linear(cfg.d_model, cfg.d_model)
             self.mlm_norm = make_norm(cfg, cfg.d_model)
             self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self.checkpoint_blocks = False  # activation checkpointing, switched on by the trainer
+        self.checkpoint_blocks = False  # activation checkpointing: distributed.place_model switches it on
         self.aux_loss = torch.zeros(())
         self.reset_parameters()
 

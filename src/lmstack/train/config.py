@@ -30,8 +30,6 @@ class TrainConfig:
     """auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a gradient scaler."""
     compile: bool = False
     """torch.compile the model."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass instead of storing them."""
     eval_every: int = 100
     """Validate every N steps (0 = only at the end)."""
     eval_batches: int = 8

@@ -44,7 +44,7 @@ from lmstack.train.parallel.tensor_parallel import check_tensor_parallel
 
 Strategy = Literal["none", "ddp", "fsdp2", "zero1", "tp"]
 
-__all__ = ["DistributedConfig", "init_distributed", "parallelize", "wrap_optimizer", "full_state_dict",
+__all__ = ["DistributedConfig", "init_distributed", "place_model", "parallelize", "wrap_optimizer", "full_state_dict",
            "load_full_state_dict", "full_optimizer_state_dict", "load_full_optimizer_state_dict", "gather_full",
            "is_main_process", "barrier", "all_reduce_mean", "cleanup", "clip_grad_norm_", "total_grad_norm",
            "distribute_like", "data_parallel_info", "local_memory_bytes", "check_tensor_parallel",
@@ -62,7 +62,8 @@ class DistributedConfig:
     """strategy=tp: ranks each layer is split across; 0 = all ranks. A smaller divisor of the world size
     adds FSDP2 across the groups (2-D)."""
     activation_checkpointing: bool = False
-    """Recompute each block's forward in the backward pass (set before sharding under fsdp2)."""
+    """Recompute each block's forward in the backward pass instead of storing its activations, in every
+    strategy, one process included. The only switch for it (set before sharding under fsdp2)."""
     find_unused_parameters: bool = False
     """ddp/zero1: allow parameters that get no gradient in a step (slower; needed only for such models)."""
     timeout_s: int = 1800
@@ -96,7 +97,7 @@ def _fsdp2(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device)
     from lmstack.train.parallel.fsdp import apply_fsdp
 
     setup.broadcast_module(model)  # shard one set of weights, whatever each rank initialised
-    return apply_fsdp(model, setup.device_mesh(1, device)["dp"], cfg.activation_checkpointing)
+    return apply_fsdp(model, setup.device_mesh(1, device)["dp"])
 
 
 def _tp(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) -> torch.nn.Module:
@@ -109,7 +110,7 @@ def _tp(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) ->
     mesh = setup.device_mesh(tp, device)
     apply_tensor_parallel(model, mesh["tp"])
     if mesh["dp"].size() > 1:  # 2-D: FSDP2 over the data-parallel dimension, on top of TP
-        return apply_fsdp(model, mesh["dp"], cfg.activation_checkpointing)
+        return apply_fsdp(model, mesh["dp"])
     return model
 
 
@@ -118,12 +119,19 @@ STRATEGIES: dict[str, Callable[[torch.nn.Module, DistributedConfig, torch.device
 }
 
 
-def parallelize(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) -> torch.nn.Module:
-    """Move `model` to `device` and apply cfg.strategy. Returns the model to train: a DDP wrapper, or the
-    same module sharded in place (fsdp2, tp). In a single process only activation checkpointing applies."""
+def place_model(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) -> torch.nn.Module:
+    """Move `model` to `device` and switch on activation checkpointing when cfg asks: what every run does,
+    in one process or many. The one place that reads cfg.activation_checkpointing."""
     model = model.to(device)
     if cfg.activation_checkpointing and hasattr(model, "checkpoint_blocks"):
-        model.checkpoint_blocks = True
+        model.checkpoint_blocks = True  # before sharding: FSDP2 then skips its hooks in the recompute
+    return model
+
+
+def parallelize(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) -> torch.nn.Module:
+    """place_model, then apply cfg.strategy. Returns the model to train: a DDP wrapper, or the same module
+    sharded in place (fsdp2, tp). In a single process only place_model applies."""
+    model = place_model(model, cfg, device)
     if not setup.is_initialized():
         return model
     return STRATEGIES[cfg.strategy](model, cfg, device)

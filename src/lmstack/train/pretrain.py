@@ -205,7 +205,7 @@ def doremi_hook(cfg: PretrainConfig, train, device, rank: int, world_size: int):
 def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
     """Train a model from scratch (or resume the run in cfg.out) and return a summary."""
     from lmstack.model.transformer import Transformer
-    from lmstack.train.distributed import init_distributed, parallelize
+    from lmstack.train.distributed import init_distributed, parallelize, place_model
     from lmstack.runtime.device import resolve_device
     from lmstack.train.trainer import Trainer
 
@@ -245,7 +245,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
         model_cfg.real_vocab_size = padded_real_vocab_size(model_cfg.vocab_size, tok.vocab_size, objective.reserved)
     for p in objective.parameters():
         p.data = p.data.to(device)
-    wrapped = model
+    wrapped = place_model(model, cfg.distributed, device)  # activation checkpointing in one process too
     dist = None
     if world_size > 1:
         wrapped = parallelize(model, cfg.distributed, device)

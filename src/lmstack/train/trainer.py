@@ -35,7 +35,7 @@ from lmstack.train.precision import Precision
 from lmstack.train.rng import restore_rng, rng_state
 
 OOM_ADVICE = ("out of memory: lower data.batch_size (and raise train.grad_accum to keep the global batch), "
-              "set train.activation_checkpointing=true, or shard the model with distributed.strategy=fsdp2")
+              "set distributed.activation_checkpointing=true, or shard the model with distributed.strategy=fsdp2")
 
 
 def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
@@ -83,8 +83,6 @@ class Trainer:
         self.ckpts = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints, writer=self.main)
         self._guard_run_dir()  # before the metrics file opens: a restart moves the old one aside
         self.metrics = MetricsLogger(self.out, log=log_cfg, model=self.raw) if self.main else None
-        if cfg.activation_checkpointing and hasattr(self.raw, "checkpoint_blocks"):
-            self.raw.checkpoint_blocks = True
 
     # ---- starting over, resuming, refusing
     def _guard_run_dir(self) -> None:

@@ -7,15 +7,15 @@ again before its backward) and freed right after, and its gradients are reduce-s
 they are ready. Parameters become DTensors sharded on dim 0; the optimizer then only ever sees, and
 keeps state for, this rank's 1/N slice.
 
-With activation checkpointing, each block's forward is recomputed in the backward pass
-(the model's own `checkpoint_blocks` switch, set before sharding; FSDP2 skips its forward hooks
-during the recompute, so nothing is gathered twice).
+With activation checkpointing, each block's forward is recomputed in the backward pass (the model's
+own `checkpoint_blocks` switch, which distributed.place_model sets from distributed.activation_checkpointing
+before sharding; FSDP2 skips its forward hooks during the recompute, so nothing is gathered twice).
 
 Blocks shared across layers (ALBERT-style n_unique_layers) run several times per forward; they are
 left in the root unit instead of being wrapped on their own.
 
 Usage:
-    model = apply_fsdp(model, mesh, activation_checkpointing=True)   # mesh: 1-D DeviceMesh of the dp ranks
+    model = apply_fsdp(model, mesh)                                   # mesh: 1-D DeviceMesh of the dp ranks
     model.set_requires_gradient_sync(False)                           # accumulate without reduce-scatter
 """
 from __future__ import annotations
@@ -24,9 +24,7 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 
-def apply_fsdp(model: torch.nn.Module, mesh, activation_checkpointing: bool = False) -> torch.nn.Module:
-    if activation_checkpointing:
-        model.checkpoint_blocks = True
+def apply_fsdp(model: torch.nn.Module, mesh) -> torch.nn.Module:
     shared = getattr(model.config, "n_unique_layers", 0) not in (0, model.config.n_layers)
     if not shared:
         last = len(model.blocks) - 1

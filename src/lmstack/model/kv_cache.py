@@ -1,4 +1,5 @@
-"""KV caches for the reference decode loop: a contiguous preallocated cache and a rolling sink cache.
+"""The model core's own KV caches (the paged engine has its own pool, infer/model_runner.py): a contiguous
+preallocated cache and a rolling sink cache, used by reference_decode, SinkCacheChat and TP decoding.
 
 - KVCache preallocates (layers, B, Hkv, max_len, D) once; prefill writes T positions, each decode step
   writes one, and attention reads the filled prefix. Keys are stored already rotated by RoPE, so

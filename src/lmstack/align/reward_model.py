@@ -105,9 +105,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> t
     if not meta_file.is_file() or not head_file.is_file():
         raise LmstackError(f"{path} is not a reward model directory (needs reward_model.json and "
                            "reward_head.safetensors next to the model files)")
-    meta = read_json(path, "reward_model.json", "reward model config")
-    if not isinstance(meta, dict):
-        raise LmstackError(f"{meta_file} must hold a JSON object")
+    meta = read_json(path, "reward_model.json", "reward model config", want_object=True)
     if meta.get("format") != FORMAT:
         raise LmstackError(f"{meta_file}: format {meta.get('format')!r} is not {FORMAT!r}")
     rm = RewardModel(load_model(path, lazy=False, device=device))

@@ -52,10 +52,8 @@ def _read_config(path: Path) -> tuple[ModelConfig, bool, str, dict[str, str]]:
     cfg_file = resolve_inside(path, "config.json", "model config")
     if not cfg_file.exists():
         raise LmstackError(f"{path} has no config.json, so it is not a model directory")
-    hf = read_json(path, "config.json", "model config")
+    hf = read_json(path, "config.json", "model config", want_object=True)
     source = str(path / "config.json")
-    if not isinstance(hf, dict):
-        raise LmstackError(f"{source} must hold a JSON object")
     if hf.get("model_type") == "lmstack":
         return _our_config(hf.get("lmstack"), source), False, source, {}
     if resolve_inside(path, LMSTACK_CONFIG, "model config").exists():

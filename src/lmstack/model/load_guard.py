@@ -18,6 +18,7 @@ Error messages name the file, the field and the numbers, never the bytes of a fi
 Usage:
     path = resolve_inside(model_dir, "config.json")        # Path, or LmstackError if it escapes / is no file
     data = read_json(model_dir, "config.json", "model config")
+    spec = read_json_file("tok/tokenizer.json", "tokenizer file", want_object=True)   # a file named directly
     check_config_shapes(cfg, "config.json")                # instant, whatever the numbers are
     est = estimate_memory(cfg, torch.bfloat16)             # MemoryEstimate: total_bytes, parts
     check_memory(cfg, torch.bfloat16, max_model_gib=16, source="dir/config.json")
@@ -121,25 +122,34 @@ def check_regular(path: Path, what: str, max_bytes: int | None = None) -> int:
     return st.st_size
 
 
-def read_json(directory: str | os.PathLike, name: str, what: str) -> Any:
+def read_json(directory: str | os.PathLike, name: str, what: str, want_object: bool = False) -> Any:
     """Parse directory/name (kept inside the directory, size-capped). Errors give line and column, never text."""
     path = resolve_inside(directory, name, what)
     if not path.exists():
         raise LmstackError(f"{Path(directory) / name} not found")
+    return read_json_file(path, what, want_object)
+
+
+def read_json_file(path: str | os.PathLike, what: str, want_object: bool = False) -> Any:
+    """The one guarded JSON reader: a regular file under JSON_MAX_BYTES[what] (16 MiB if unlisted), UTF-8,
+    parsed; want_object=True also refuses anything but a JSON object. Every error names `what` and the file."""
+    path = Path(path)
     check_regular(path, what, JSON_MAX_BYTES.get(what, 16 << 20))
-    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise LmstackError(f"{what} {path} is not valid UTF-8 (byte offset {e.start})") from None
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise LmstackError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
     except RecursionError:
         raise LmstackError(f"{what} {path} is nested too deeply to be a {what}") from None
     except ValueError:  # e.g. an integer literal past Python's digit limit
         raise LmstackError(f"{what} {path} holds a number too large to parse") from None
+    if want_object and not isinstance(data, dict):
+        raise LmstackError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 # ---------------------------------------------------------------- shapes

@@ -337,22 +337,9 @@ class Tokenizer:
         return f"Tokenizer(type={self.type!r}, vocab_size={self.vocab_size}, source={self.source!r})"
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LmstackError(f"{what} {path} is not valid UTF-8 (byte {e.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LmstackError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    except (RecursionError, ValueError):  # nesting past the parser's depth, or an integer of 5,000 digits
-        raise LmstackError(f"{what} {path} is nested too deeply or holds a number too large to parse") from None
-
-
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer from a directory holding tokenizer.json (+ tokenizer_config.json) or from the file."""
-    from lmstack.model.load_guard import JSON_MAX_BYTES, check_regular, resolve_inside
+    from lmstack.model.load_guard import read_json_file, resolve_inside
 
     p = Path(path)
     if p.is_dir():  # an untrusted model directory: its files must stay inside it (issue 15)
@@ -363,12 +350,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         file = p
     else:
         raise LmstackError(f"no tokenizer at {p}: it is neither a directory nor a file")
-    check_regular(file, "tokenizer file", JSON_MAX_BYTES["tokenizer file"])  # no FIFO, device or huge file
-    spec = _read_json(file, "tokenizer file")
+    spec = read_json_file(file, "tokenizer file")  # no FIFO, device or huge file; UTF-8 JSON
     cfg_file = resolve_inside(p if p.is_dir() else file.parent, "tokenizer_config.json", "tokenizer config")
-    if cfg_file.exists():
-        check_regular(cfg_file, "tokenizer config", JSON_MAX_BYTES["tokenizer config"])
-    config = _read_json(cfg_file, "tokenizer config") if cfg_file.is_file() else {}
-    if not isinstance(config, dict):
-        raise LmstackError(f"tokenizer config {cfg_file} must hold a JSON object")
+    config = read_json_file(cfg_file, "tokenizer config", want_object=True) if cfg_file.exists() else {}
     return Tokenizer(spec, config, source=str(file))

@@ -1,0 +1,48 @@
+"""load_guard.read_json_file: the one guarded JSON reader (model configs, tokenizer files, side files)."""
+import os
+
+import pytest
+
+from lmstack.errors import LmstackError
+from lmstack.model import load_guard
+from lmstack.model.load_guard import read_json, read_json_file
+
+
+def test_reads_json_and_checks_object_only_when_asked(tmp_path):
+    f = tmp_path / "a.json"
+    f.write_text('{"x": [1, 2]}', encoding="utf-8")
+    assert read_json_file(f, "model config", want_object=True) == {"x": [1, 2]}
+    f.write_text("[1, 2]")
+    assert read_json_file(str(f), "model config") == [1, 2]
+    with pytest.raises(LmstackError, match=r"^model config .*a\.json must hold a JSON object, got list$"):
+        read_json_file(f, "model config", want_object=True)
+    with pytest.raises(LmstackError, match=r"must hold a JSON object, got list"):
+        read_json(tmp_path, "a.json", "model config", want_object=True)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b'{"a": 1,', r"tokenizer file .*bad\.json is not valid JSON \(line 1, column 9\)"),
+    (b'\xff{"a": 1}', r"tokenizer file .*bad\.json is not valid UTF-8 \(byte offset 0\)"),
+    (b"[" * 100_000 + b"]" * 100_000, r"bad\.json is nested too deeply to be a tokenizer file"),
+    (b"1" * 10_000, r"bad\.json holds a number too large to parse"),
+])
+def test_errors_name_the_file_and_never_quote_it(tmp_path, content, needle):
+    f = tmp_path / "bad.json"
+    f.write_bytes(content)
+    with pytest.raises(LmstackError, match=needle) as info:
+        read_json_file(f, "tokenizer file")
+    assert "\\xff" not in str(info.value) and "aaaa" not in str(info.value)
+
+
+def test_size_cap_and_non_regular_files_are_refused(tmp_path, monkeypatch):
+    f = tmp_path / "big.json"
+    f.write_text('{"pad": "' + "x" * 200 + '"}')
+    monkeypatch.setitem(load_guard.JSON_MAX_BYTES, "model config", 100)
+    with pytest.raises(LmstackError, match=r"model config .*big\.json is 2\d\d bytes, more than the 100"):
+        read_json_file(f, "model config")
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(LmstackError, match="not a regular file"):
+        read_json_file(fifo, "model config")  # refused before opening: a FIFO would hang the reader
+    with pytest.raises(LmstackError, match="cannot be read"):
+        read_json_file(tmp_path / "missing.json", "model config")

@@ -174,6 +174,17 @@ def test_bad_server_settings_fail_at_start_up(model_dir, tmp_path):
         build_app(str(model_dir), ServerConfig(compression=CompressionConfig(model=str(tmp_path))))
 
 
+def test_the_serve_command_line_names_the_bad_compression_flag(capsys):
+    from lmstack.cli import main
+
+    assert main(["serve", "--model", "/nonexistent", "--compression.rate", "0.5"]) == 2
+    assert "compression.rate=0.5 needs a scorer: give compression.model DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--model", "/nonexistent", "--compression.unit", "char"])
+    assert info.value.code == 2
+    assert "--compression.unit='char' is not allowed; choose one of word, token" in capsys.readouterr().err
+
+
 class SlowScorer(torch.nn.Module):
     """The real scorer, 0.5 s slower per forward pass: stands in for a big scorer on a long prompt."""
 

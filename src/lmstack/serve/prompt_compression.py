@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
+import lmstack
 from lmstack.errors import LmstackError
 from lmstack.infer.prompt_compression import canonicalize, compress_ids, starts_word
 from lmstack.serve.errors import APIError
@@ -77,9 +80,8 @@ class Plan:
 
 
 def load_scorer(config: CompressionConfig, tokenizer: Any, device: Any, dtype: Any):
-    """The scorer model, after checking that its vocabulary is the served tokenizer's (LmstackError if not)."""
-    import lmstack
-
+    """The scorer model, after checking that its vocabulary is the served tokenizer's (LmstackError if not).
+    A quantized served model (integer weights) gets an fp32 scorer."""
     path = Path(config.model)
     if not (path / "config.json").is_file():
         raise LmstackError(f"compression.model {config.model}: no config.json there; give a model directory")
@@ -92,6 +94,8 @@ def load_scorer(config: CompressionConfig, tokenizer: Any, device: Any, dtype: A
         raise LmstackError(f"compression.model {config.model}: its vocabulary does not match the served tokenizer's "
                            f"({len(theirs)} vs {len(ours)} tokens; first difference: {diff[0]!r} at id {diff[1]}); "
                            "the scorer must use the served model's tokenizer")
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        dtype = torch.float32
     model = lmstack.load_model(path, dtype=dtype, device=device).eval()
     if model.config.vocab_size < tokenizer.vocab_size:
         raise LmstackError(f"compression.model {config.model}: vocab_size={model.config.vocab_size} has no row for "

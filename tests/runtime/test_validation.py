@@ -63,3 +63,10 @@ def test_check_range_accepts_the_edges_it_includes():
     check_range("x", 1, low=0, high=1)
     check_range("x", 0.5, low=0, high=1, low_open=True, high_open=True)
     check_range("x", 10**9)  # no bounds: anything goes
+
+
+def test_check_range_refuses_nan_like_a_plain_comparison():
+    with pytest.raises(ConfigError, match=r"^lr must be > 0, got nan$"):
+        check_range("lr", float("nan"), low=0, low_open=True)
+    with pytest.raises(ConfigError, match=r"^p must be in \[0, 1\], got nan$"):
+        check_range("p", float("nan"), low=0, high=1)

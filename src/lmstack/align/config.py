@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmstack.train.metrics import LogConfig
-from lmstack.runtime.validation import check_choices, need
+from lmstack.runtime.validation import check_choices, check_range, need
 
 Method = Literal["rm", "dpo", "cdpo", "ipo", "kto", "ppo", "trpo", "grpo", "rloo", "rft"]
 ONLINE = ("ppo", "trpo", "grpo", "rloo", "rft")
@@ -167,23 +167,23 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        need(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        need(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_range("beta", self.beta, low=0, low_open=True)
+        check_range("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
         need(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0 (0 = no NLL term), got {self.rpo_alpha}")
         need(self.method != "cdpo" or self.label_smoothing > 0,
              "method='cdpo' needs label_smoothing in (0, 0.5) (label_smoothing=0 is plain dpo)")
-        need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_range("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
         need(self.kto_desirable_weight > 0 and self.kto_undesirable_weight > 0,
              "kto_desirable_weight and kto_undesirable_weight must be > 0")
-        need(self.center_coef >= 0, f"center_coef must be >= 0, got {self.center_coef}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        check_range("center_coef", self.center_coef, low=0)
+        check_range("lr", self.lr, low=0, low_open=True)
+        check_range("steps", self.steps, low=1)
         need(self.max_seconds >= 0, f"max_seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.max_len >= 2, f"max_len must be >= 2, got {self.max_len}")
+        check_range("batch_size", self.batch_size, low=1)
+        check_range("max_len", self.max_len, low=2)
         need(self.warmup_steps >= 0 and self.eval_every >= 0 and self.log_every >= 1,
              "warmup_steps and eval_every must be >= 0 and log_every >= 1")
-        need(self.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
+        check_range("clip_grad_norm", self.clip_grad_norm, low=0)
         need(not (self.method == "kto" and self.reference == "precomputed"),
              "reference='precomputed' does not fit kto: its mismatched KL pairs change every batch; use 'copy'")
         need(self.method == "rm" or self.reference != "adapters" or not self.reference_path,
@@ -191,17 +191,17 @@ class AlignConfig:
         need(self.prompts_per_step >= 1 and self.group_size >= 1, "prompts_per_step and group_size must be >= 1")
         need(self.method not in ("grpo", "rloo") or self.group_size >= 2,
              f"method={self.method!r} compares samples within a group: group_size must be >= 2, got {self.group_size}")
-        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_range("max_new_tokens", self.max_new_tokens, low=1)
         need(0 < self.temperature <= 10, f"temperature must be in (0, 10] for sampling, got {self.temperature}")
         need(self.ppo_epochs >= 1 and self.minibatches >= 1, "ppo_epochs and minibatches must be >= 1")
-        need(0 < self.clip < 1, f"clip must be in (0, 1), got {self.clip}")
+        check_range("clip", self.clip, low=0, high=1, low_open=True, high_open=True)
         need(self.kl_coef >= 0 and self.kl_target >= 0, "kl_coef and kl_target must be >= 0")
         need(self.kl_target == 0 or self.kl_coef > 0, "kl_target needs kl_coef > 0 (the controller's starting value)")
-        need(self.kl_horizon >= 1, f"kl_horizon must be >= 1, got {self.kl_horizon}")
+        check_range("kl_horizon", self.kl_horizon, low=1)
         need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
         need(self.vf_coef >= 0 and self.value_clip > 0, "vf_coef must be >= 0 and value_clip > 0")
         need(self.rounds >= 1 and self.rft_prompts >= 1, "rounds and rft_prompts must be >= 1")
-        need(self.eval_prompts >= 0, f"eval_prompts must be >= 0, got {self.eval_prompts}")
+        check_range("eval_prompts", self.eval_prompts, low=0)
         need(self.max_kl > 0 and self.cg_damping >= 0, f"max_kl must be > 0 and cg_damping >= 0, got "
              f"{self.max_kl} and {self.cg_damping}")
         need(self.cg_iters >= 1 and self.line_search_steps >= 1, "cg_iters and line_search_steps must be >= 1")

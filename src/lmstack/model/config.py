@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from lmstack.config import ConfigError, from_dict, to_dict
-from lmstack.runtime.validation import check_choices
+from lmstack.runtime.validation import check_choices, check_range, need
 
 Norm = Literal["layernorm", "rmsnorm"]
 Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
@@ -232,11 +232,6 @@ class ModelConfig:
     # ---- validation
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the field for any invalid combination."""
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.real_vocab_size is None or 1 <= self.real_vocab_size <= self.vocab_size,
@@ -251,14 +246,14 @@ class ModelConfig:
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.sliding_window >= 0, f"sliding_window must be >= 0, got {self.sliding_window}")
+        check_range("sliding_window", self.sliding_window, low=0)
         for name in ("sliding_window_layers", "moe_layers"):
             layers = getattr(self, name)
             if layers is not None:
                 bad = [i for i in layers if not 0 <= i < self.n_layers]
                 need(not bad, f"{name} has layer indices {bad} outside 0..{self.n_layers - 1}")
-        need(self.n_sink_tokens >= 0, f"n_sink_tokens must be >= 0, got {self.n_sink_tokens}")
-        need(self.attn_logit_softcap >= 0, f"attn_logit_softcap must be >= 0, got {self.attn_logit_softcap}")
+        check_range("n_sink_tokens", self.n_sink_tokens, low=0)
+        check_range("attn_logit_softcap", self.attn_logit_softcap, low=0)
         need(not (self.attn_logit_softcap and self.attn_backend == "sdpa"),
              "attn_logit_softcap needs attn_backend='naive' or 'blockwise' (SDPA cannot cap logits)")
         need(not (self.dropout and self.attn_backend == "blockwise"),
@@ -266,7 +261,7 @@ class ModelConfig:
         need(self.attn_block_size > 0, f"attn_block_size must be positive, got {self.attn_block_size}")
         if self.sparse_pattern in ("longformer", "dilated"):
             need(self.sliding_window > 0, f"sparse_pattern={self.sparse_pattern!r} needs sliding_window > 0")
-        need(self.sparse_dilation >= 1, f"sparse_dilation must be >= 1, got {self.sparse_dilation}")
+        check_range("sparse_dilation", self.sparse_dilation, low=1)
         need(self.sparse_global_tokens >= 0 and self.sparse_random_blocks >= 0,
              "sparse_global_tokens and sparse_random_blocks must be >= 0")
         if self.attention != "softmax":
@@ -280,16 +275,16 @@ class ModelConfig:
              f"lsh_n_hashes and lsh_chunk_size must be >= 1, got {self.lsh_n_hashes} and {self.lsh_chunk_size}")
         need(self.lsh_n_buckets == 0 or (self.lsh_n_buckets >= 2 and self.lsh_n_buckets % 2 == 0),
              f"lsh_n_buckets must be 0 (auto) or an even number >= 2, got {self.lsh_n_buckets}")
-        need(self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}")
+        check_range("n_experts", self.n_experts, low=0)
         need(self.moe_capacity_factor >= 0, f"moe_capacity_factor must be >= 0 (0 = no limit), got {self.moe_capacity_factor}")
         if self.n_experts:
             need(1 <= self.moe_top_k <= self.n_experts,
                  f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
-        need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        check_range("n_shared_experts", self.n_shared_experts, low=0)
         need(self.n_shared_experts == 0 or self.n_experts > 0, "n_shared_experts needs n_experts > 0")
         need(0 <= self.n_unique_layers <= self.n_layers,
              f"n_unique_layers={self.n_unique_layers} must be between 0 and n_layers={self.n_layers}")
-        need(self.type_vocab_size >= 0, f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        check_range("type_vocab_size", self.type_vocab_size, low=0)
         need(not (self.head == "mlm" and self.norm != "layernorm"), "head='mlm' (BERT's transform) needs norm='layernorm'")
 
     # ---- construction helpers

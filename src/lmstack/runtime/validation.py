@@ -55,9 +55,10 @@ def check_range(field: str, value: float, low: float | None = None, high: float 
                 low_open: bool = False, high_open: bool = False) -> None:
     """Raise ConfigError unless low <= value <= high (strict where low_open / high_open); None = unbounded.
     The message shows the interval in math notation: `dropout must be in [0, 1), got 1.5`."""
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if not (too_low or too_high):
+    # written as "inside" tests, so NaN (every comparison False) is refused like `need(x > 0, ...)` refuses it
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if above and below:
         return
     if high is None:
         raise ConfigError(f"{field} must be {'>' if low_open else '>='} {low:g}, got {value}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmstack.runtime.validation import check_choices, need
+from lmstack.runtime.validation import check_choices, check_range, need
 
 OptimizerName = Literal["adamw", "lamb", "adafactor", "shampoo", "soap", "lion", "muon"]
 
@@ -83,9 +83,9 @@ class OptimizerConfig:
             b = getattr(self, name)
             need(len(b) == 2 and all(0.0 <= x < 1.0 for x in b), f"{name} must be two numbers in [0, 1), got {b}")
         need(self.eps > 0, f"eps must be positive, got {self.eps}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check_range("weight_decay", self.weight_decay, low=0)
         need(self.layer_lr_decay > 0, f"layer_lr_decay must be > 0 (1.0 = off), got {self.layer_lr_decay}")
-        need(self.lamb_max_trust_ratio >= 0, f"lamb_max_trust_ratio must be >= 0, got {self.lamb_max_trust_ratio}")
+        check_range("lamb_max_trust_ratio", self.lamb_max_trust_ratio, low=0)
         need(0.0 <= self.adafactor_beta1 < 1.0, f"adafactor_beta1 must be in [0, 1), got {self.adafactor_beta1}")
         need(0.0 < self.adafactor_decay_rate <= 1.0,
              f"adafactor_decay_rate must be in (0, 1], got {self.adafactor_decay_rate}")
@@ -93,10 +93,10 @@ class OptimizerConfig:
              f"adafactor_clip_threshold must be positive, got {self.adafactor_clip_threshold}")
         need(self.precondition_frequency >= 1,
              f"precondition_frequency must be >= 1, got {self.precondition_frequency}")
-        need(self.max_precond_dim >= 1, f"max_precond_dim must be >= 1, got {self.max_precond_dim}")
+        check_range("max_precond_dim", self.max_precond_dim, low=1)
         need(0.0 <= self.shampoo_beta < 1.0, f"shampoo_beta must be in [0, 1), got {self.shampoo_beta}")
         need(self.precond_damping > 0, f"precond_damping must be positive, got {self.precond_damping}")
         need(self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}")
         need(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
-        need(self.ns_steps >= 1, f"ns_steps must be >= 1, got {self.ns_steps}")
-        need(self.muon_weight_decay >= 0, f"muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
+        check_range("ns_steps", self.ns_steps, low=1)
+        check_range("muon_weight_decay", self.muon_weight_decay, low=0)

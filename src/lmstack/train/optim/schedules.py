@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from lmstack.config import ConfigError
-from lmstack.runtime.validation import check_choices, need
+from lmstack.runtime.validation import check_choices, check_range, need
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check_range("warmup_steps", self.warmup_steps, low=0)
         need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(0.0 < self.decay_fraction <= 1.0, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
 

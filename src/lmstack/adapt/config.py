@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmstack.config import ConfigError, from_dict, to_dict
+from lmstack.runtime.validation import check_choice
 
 METHOD_NAMES = ("full", "lora", "dora", "qlora", "prefix", "prompt", "adapter", "ia3", "hyper", "sparse", "fusion",
                 "compacter")
@@ -70,10 +71,8 @@ class AdapterConfig:
     """Hypernetwork adaptation: number of tasks the hypernetwork serves."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_NAMES:
-            raise ConfigError(f"method={self.method!r} is not allowed; choose one of {', '.join(METHOD_NAMES)}")
-        if self.quant not in QUANT_KINDS:
-            raise ConfigError(f"quant={self.quant!r} is not allowed; choose one of {', '.join(QUANT_KINDS)}")
+        check_choice("method", self.method, METHOD_NAMES)
+        check_choice("quant", self.quant, QUANT_KINDS)
         for name in ("r", "num_virtual_tokens", "prefix_hidden", "bottleneck_dim", "task_embedding_dim", "n_tasks",
                      "phm_dim", "phm_rank"):
             value = getattr(self, name)

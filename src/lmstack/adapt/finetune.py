@@ -40,6 +40,7 @@ from lmstack.adapt.sft import (PACKERS, SFTExample, SFTLoader, SFTObjective, des
                                read_chat_jsonl, score_examples)
 from lmstack.config import ConfigError, atomic_write_text, save_config, to_dict
 from lmstack.errors import LmstackError
+from lmstack.runtime.validation import check_choice
 from lmstack.train.averaging import swapped
 from lmstack.train.checkpoint import MANIFEST, CheckpointManager, config_differences
 from lmstack.train.config import TrainConfig
@@ -101,8 +102,7 @@ class FinetuneConfig:
     """Order of the training examples by difficulty (random = shuffled each epoch)."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_NAMES:
-            raise ConfigError(f"method={self.method!r} is not allowed; choose one of {', '.join(METHOD_NAMES)}")
+        check_choice("method", self.method, METHOD_NAMES)
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig(**{**self.adapter, "method": self.method})
         self.adapter.method = self.method

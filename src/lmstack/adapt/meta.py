@@ -33,6 +33,7 @@ from torch import nn
 
 from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
+from lmstack.runtime.validation import check_choice
 
 
 @dataclass
@@ -59,11 +60,8 @@ class MetaConfig:
     """Seed for drawing tasks and examples."""
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"algorithm={self.algorithm!r} is not allowed; choose one of {', '.join(ALGORITHMS)}")
-        if self.inner_optimizer not in INNER_OPTIMIZERS:
-            raise ConfigError(f"inner_optimizer={self.inner_optimizer!r} is not allowed; choose one of "
-                              f"{', '.join(INNER_OPTIMIZERS)}")
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_choice("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
         for name in ("meta_steps", "tasks_per_step", "inner_steps", "support_size", "query_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; it must be an integer >= 1")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lmstack.config import ConfigError
+from lmstack.runtime.validation import check_choice
 
 # Which pre-tokenizers each model type accepts, the first being its default. WordPiece needs BERT's
 # punctuation split and Unigram/char their own schemes; this also keeps special-token text from ever being
@@ -71,8 +72,7 @@ class TokenizerConfig:
     """Show a progress bar during training."""
 
     def __post_init__(self):
-        if self.type not in ALLOWED_PRETOKENIZERS:
-            raise ConfigError(f"type={self.type!r} is not allowed; choose one of {', '.join(ALLOWED_PRETOKENIZERS)}")
+        check_choice("type", self.type, ALLOWED_PRETOKENIZERS)
         allowed = ALLOWED_PRETOKENIZERS[self.type]
         if self.pretokenizer == "default":
             self.pretokenizer = allowed[0]

@@ -35,7 +35,8 @@ from lmstack.train.precision import Precision
 from lmstack.train.rng import restore_rng, rng_state
 
 OOM_ADVICE = ("out of memory: lower data.batch_size (and raise train.grad_accum to keep the global batch), "
-              "set distributed.activation_checkpointing=true, or shard the model with distributed.strategy=fsdp2")
+              "or, in pretrain, set distributed.activation_checkpointing=true or shard the model with "
+              "distributed.strategy=fsdp2")
 
 
 def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:

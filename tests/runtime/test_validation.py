@@ -70,3 +70,29 @@ def test_check_range_refuses_nan_like_a_plain_comparison():
         check_range("lr", float("nan"), low=0, low_open=True)
     with pytest.raises(ConfigError, match=r"^p must be in \[0, 1\], got nan$"):
         check_range("p", float("nan"), low=0, high=1)
+
+
+def test_check_int_refuses_bools_floats_and_out_of_range():
+    from lmstack.runtime.validation import check_int
+
+    check_int("r", 1, low=1)
+    check_int("n", 5)  # no bounds: any int
+    for value in (0, True, 1.0, "2"):
+        with pytest.raises(ConfigError, match=r"^r=.* is not allowed; it must be an integer >= 1$"):
+            check_int("r", value, low=1)
+    with pytest.raises(ConfigError, match=r"^k=9 is not allowed; it must be an integer in \[1, 8\]$"):
+        check_int("k", 9, low=1, high=8)
+    with pytest.raises(ConfigError, match=r"^n=None is not allowed; it must be an integer$"):
+        check_int("n", None)
+
+
+def test_check_number_returns_a_float_and_names_the_interval():
+    from lmstack.runtime.validation import check_number
+
+    assert check_number("alpha", 8, low=0, low_open=True) == 8.0
+    assert isinstance(check_number("alpha", 8, low=0, low_open=True), float)
+    for value in (0, -1.0, False, "8", float("nan")):
+        with pytest.raises(ConfigError, match=r"^alpha=.* is not allowed; it must be a number > 0$"):
+            check_number("alpha", value, low=0, low_open=True)
+    with pytest.raises(ConfigError, match=r"^dropout=1 is not allowed; it must be a number in \[0, 1\)$"):
+        check_number("dropout", 1, low=0, high=1, high_open=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmstack.config import ConfigError, from_dict, to_dict
-from lmstack.runtime.validation import check_choice
+from lmstack.runtime.validation import check_choice, check_int, check_number
 
 METHOD_NAMES = ("full", "lora", "dora", "qlora", "prefix", "prompt", "adapter", "ia3", "hyper", "sparse", "fusion",
                 "compacter")
@@ -75,19 +75,11 @@ class AdapterConfig:
         check_choice("quant", self.quant, QUANT_KINDS)
         for name in ("r", "num_virtual_tokens", "prefix_hidden", "bottleneck_dim", "task_embedding_dim", "n_tasks",
                      "phm_dim", "phm_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
-        if isinstance(self.freeze_first_n, bool) or not isinstance(self.freeze_first_n, int) or self.freeze_first_n < 0:
-            raise ConfigError(f"freeze_first_n={self.freeze_first_n!r} is not allowed; it must be an integer >= 0")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ConfigError(f"alpha={self.alpha!r} is not allowed; it must be a number > 0")
-        self.alpha = float(self.alpha)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout={self.dropout!r} is not allowed; it must be a number in [0, 1)")
-        if isinstance(self.fusion_temperature, bool) or not isinstance(self.fusion_temperature, (int, float)) \
-                or not self.fusion_temperature > 0:
-            raise ConfigError(f"fusion_temperature={self.fusion_temperature!r} is not allowed; it must be a number > 0")
+            check_int(name, getattr(self, name), low=1)
+        check_int("freeze_first_n", self.freeze_first_n, low=0)
+        self.alpha = check_number("alpha", self.alpha, low=0, low_open=True)
+        check_number("dropout", self.dropout, low=0, high=1, high_open=True)
+        check_number("fusion_temperature", self.fusion_temperature, low=0, low_open=True)
         if isinstance(self.fusion_adapters, str):
             self.fusion_adapters = [self.fusion_adapters]
         if not isinstance(self.fusion_adapters, (list, tuple)) or not all(

@@ -3,20 +3,23 @@
 Every message names the field, the bad value and what is allowed, the shape DESIGN.md asks for:
     position='rotary' is not allowed; choose one of rope, alibi, learned, sinusoidal, none
     lr must be > 0, got -1.0
+    r=0 is not allowed; it must be an integer >= 1
 
 Errors are ConfigError (an LmstackError and a ValueError), so callers may catch either.
 
 Usage:
-    from lmstack.runtime.validation import check_choice, check_choices, check_range, need
+    from lmstack.runtime.validation import check_choice, check_choices, check_int, check_number, check_range, need
 
     @dataclass
     class MyConfig:
         kind: Literal["a", "b"] = "a"
         lr: float = 1e-3
+        steps: int = 10
         def __post_init__(self):
             check_choices(self)                         # every Literal-typed field
             check_range("lr", self.lr, low=0, low_open=True)
             need(self.lr < 1, f"lr={self.lr} must be below 1")
+            check_int("steps", self.steps, low=1)       # steps=0 is not allowed; it must be an integer >= 1
 """
 from __future__ import annotations
 
@@ -51,18 +54,46 @@ def check_choices(cfg: Any, prefix: str = "", quoted: bool = False) -> None:
             check_choice(prefix + f.name, getattr(cfg, f.name), get_args(hint), quoted)
 
 
+def _inside(value: Any, low: float | None, high: float | None, low_open: bool, high_open: bool) -> bool:
+    # written as "inside" tests, so NaN (every comparison False) is refused like `need(x > 0, ...)` refuses it
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    return above and below
+
+
+def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """'>= 1', '> 0', '<= 10' or 'in [0, 1)': the allowed values in math notation."""
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
 def check_range(field: str, value: float, low: float | None = None, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = False) -> None:
     """Raise ConfigError unless low <= value <= high (strict where low_open / high_open); None = unbounded.
     The message shows the interval in math notation: `dropout must be in [0, 1), got 1.5`."""
-    # written as "inside" tests, so NaN (every comparison False) is refused like `need(x > 0, ...)` refuses it
-    above = low is None or (value > low if low_open else value >= low)
-    below = high is None or (value < high if high_open else value <= high)
-    if above and below:
+    if (low is None and high is None) or _inside(value, low, high, low_open, high_open):
         return
-    if high is None:
-        raise ConfigError(f"{field} must be {'>' if low_open else '>='} {low:g}, got {value}")
-    if low is None:
-        raise ConfigError(f"{field} must be {'<' if high_open else '<='} {high:g}, got {value}")
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    raise ConfigError(f"{field} must be in {interval}, got {value}")
+    raise ConfigError(f"{field} must be {_bounds(low, high, low_open, high_open)}, got {value}")
+
+
+def check_int(field: str, value: Any, low: int | None = None, high: int | None = None) -> None:
+    """Raise ConfigError unless value is an int (a bool or a float is refused) in [low, high]:
+    `r=0 is not allowed; it must be an integer >= 1`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not _inside(value, low, high, False, False):
+        what = f"an integer {_bounds(low, high, False, False)}" if low is not None or high is not None else "an integer"
+        raise ConfigError(f"{field}={value!r} is not allowed; it must be {what}")
+
+
+def check_number(field: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """Raise ConfigError unless value is an int or float (not a bool) inside the bounds; returns it as a float:
+    `dropout=1.5 is not allowed; it must be a number in [0, 1)`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _inside(value, low, high, low_open,
+                                                                                     high_open):
+        what = f"a number {_bounds(low, high, low_open, high_open)}" if low is not None or high is not None \
+            else "a number"
+        raise ConfigError(f"{field}={value!r} is not allowed; it must be {what}")
+    return float(value)

@@ -82,6 +82,7 @@ def parser_class() -> type:
     suggestion) instead of printing the whole usage block and exiting."""
     global _PARSER_CLASS
     if _PARSER_CLASS is None:
+        # lazy: heavy (jsonargparse), which this module does not import at its top
         from jsonargparse import ArgumentParser
 
         class Parser(ArgumentParser):
@@ -116,6 +117,7 @@ def _dashes_to_underscores(args: list[str]) -> list[str]:
 
 
 def _call(command: Any, args: list[str], prog: str) -> Any:
+    # lazy: heavy (jsonargparse), which this module does not import at its top
     from jsonargparse import CLI
 
     args = _dashes_to_underscores(args)
@@ -144,6 +146,7 @@ def _print_overview() -> None:
 
 def run(argv: list[str]) -> Any:
     """Parse `argv` (without the program name) and run the chosen command; return its result."""
+    # lazy: heavy (jsonargparse), which this module does not import at its top
     from jsonargparse import set_parsing_settings
 
     # Field docstrings of the config dataclasses become the flags' help text.

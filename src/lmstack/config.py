@@ -13,13 +13,13 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import os
+from pathlib import Path
 import tempfile
 import types
 import typing
-from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Callable, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
@@ -154,6 +154,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save a matplotlib figure as PNG via a temporary file and a rename, close it, return the path."""
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -235,6 +236,7 @@ class ConfigCommand:
 
     def parse(self, args: list[str], prog: str = "lmstack", parser_class: type | None = None) -> Any:
         """The config that `args` describe: defaults, then --config files, then flags, then derivation."""
+        # lazy: heavy (jsonargparse), which this module does not import at its top
         from jsonargparse import ActionConfigFile, ArgumentParser
 
         parser = (parser_class or ArgumentParser)(

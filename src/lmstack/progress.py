@@ -25,8 +25,11 @@ Usage:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any, Callable
+
+from tqdm import tqdm
 
 from lmstack.threads import ThroughputWatch
 
@@ -65,8 +68,6 @@ class BudgetBar:
         self._bar = None
         self._postfix: dict[str, Any] = {}
         if enabled:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=self.steps, initial=self.initial, desc=desc, dynamic_ncols=True)
 
     def update(self, n: int = 1, work: float | None = None) -> None:
@@ -98,7 +99,6 @@ class BudgetBar:
 
     def write(self, msg: str) -> None:
         """Print a line above the bar (or to stderr without one)."""
-        import sys
 
         if self._bar is not None:
             self._bar.write(msg, file=sys.stderr)

@@ -97,6 +97,7 @@ def resolve_threads(threads: int | None) -> int:
 
 def set_threads(threads: int | None = 0, log: Callable[[str], None] | None = None) -> int:
     """Resolve `threads` and set torch's intra-op thread count; return the number in use."""
+    # lazy: heavy (torch), which this module does not import at its top
     import torch
 
     n = resolve_threads(threads)
@@ -132,6 +133,7 @@ class ThroughputWatch:
             return False
         recent = statistics.median(self.times[-w:])
         if recent > self.factor * self.reference:
+            # lazy: heavy (torch), which this module does not import at its top
             import torch
 
             self.warned = True

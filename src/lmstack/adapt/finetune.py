@@ -24,13 +24,14 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import json
 import os
-import random
-from dataclasses import dataclass, field
 from pathlib import Path
+import random
 from typing import Any, Literal
 
+from safetensors.torch import save_file
 import torch
 
 from lmstack.adapt.config import METHOD_NAMES, AdapterConfig
@@ -40,12 +41,18 @@ from lmstack.adapt.sft import (PACKERS, SFTExample, SFTLoader, SFTObjective, des
                                read_chat_jsonl, score_examples)
 from lmstack.config import ConfigError, atomic_write_text, save_config, to_dict
 from lmstack.errors import LmstackError
+from lmstack.model.hf_io import load_model, save_model
+from lmstack.model.load_guard import load_safetensors, read_json
+from lmstack.model.vocab import check_vocab
+from lmstack.runtime.device import resolve_device
 from lmstack.runtime.validation import check_choice
+from lmstack.threads import set_threads
+from lmstack.tokenizer import load_tokenizer
 from lmstack.train.averaging import swapped
 from lmstack.train.checkpoint import MANIFEST, CheckpointManager, config_differences
 from lmstack.train.config import TrainConfig
 from lmstack.train.metrics import LogConfig
-from lmstack.train.optim import OptimizerConfig, ScheduleConfig
+from lmstack.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, lr_multiplier
 from lmstack.train.state_io import load_tree, save_tree
 from lmstack.train.trainer import Trainer
 
@@ -235,17 +242,13 @@ def prepare_examples(cfg: FinetuneConfig, tok, log=print) -> tuple[list[SFTExamp
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     """Fine-tune cfg.base on cfg.data with cfg.method; returns a summary (also written to out/summary.json)."""
+    # lazy: cycle (lmstack.adapt's __init__ imports fusion, which imports this module)
     from lmstack.adapt import get_peft_model, trainable_report
-    from lmstack.model.hf_io import load_model
-    from lmstack.tokenizer import load_tokenizer
-    from lmstack.train.optim import build_optimizer, lr_multiplier
-    from lmstack.runtime.device import resolve_device
 
     if not cfg.data or not cfg.base:
         raise LmstackError("finetune needs --data (a chat JSONL file) and --base (a pretrained model directory)")
     if not Path(cfg.base).is_dir():
         raise LmstackError(f"base model directory not found: {cfg.base}")
-    from lmstack.threads import set_threads
 
     set_threads(cfg.train.threads)  # 0 = auto: fits a shared machine instead of one thread per core
     out = Path(cfg.out)
@@ -259,7 +262,6 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = load_model(cfg.base, lazy=False).to(device)
-    from lmstack.model.vocab import check_vocab
 
     check_vocab(model, tok, model_path=cfg.base, tokenizer_path=tok_dir, what="finetune")
     pad_id = tok.pad_id if tok.pad_id is not None else 0
@@ -305,10 +307,9 @@ def save_result(model: torch.nn.Module, cfg: FinetuneConfig, tok, out: Path) -> 
     """Full fine-tuning: the model in HF layout (+ tokenizer) under out/model. LoRA/DoRA/QLoRA: PEFT files under
     out/adapter (save_adapter). Other methods: their trainable tensors under out/adapter (save_trainable)."""
     if cfg.method == "full":
-        from lmstack.model.hf_io import save_model
-
         return save_model(model, out / "model", tokenizer=tok)
     if cfg.method in PEFT_METHODS:
+        # lazy: cycle (lmstack.adapt's __init__ imports fusion, which imports this module)
         from lmstack.adapt import save_adapter
 
         return save_adapter(model, out / "adapter", base_model_dir=cfg.base)
@@ -317,7 +318,6 @@ def save_result(model: torch.nn.Module, cfg: FinetuneConfig, tok, out: Path) -> 
 
 def save_trainable(model: torch.nn.Module, adapter: AdapterConfig, path: str | os.PathLike, base_dir: str) -> Path:
     """Write the trainable tensors of `model` (by parameter name) and the config that recreates them."""
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -334,8 +334,8 @@ def save_trainable(model: torch.nn.Module, adapter: AdapterConfig, path: str | o
 def load_trainable(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Re-add a save_trainable adapter to a fresh base model (frozen, for inference). An adapter made for another
     base is refused, naming the base it was made for."""
+    # lazy: cycle (lmstack.adapt's __init__ imports fusion, which imports this module)
     from lmstack.adapt import get_peft_model
-    from lmstack.model.load_guard import load_safetensors, read_json
 
     path = Path(path)
     if not (path / TRAINABLE_CONFIG).is_file():
@@ -363,13 +363,13 @@ def load_trainable(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.
 
 def load_result(base_dir: str | os.PathLike, result: str | os.PathLike) -> torch.nn.Module:
     """The fine-tuned model a finetune run produced: out/model, or the base plus out/adapter."""
-    from lmstack.model.hf_io import load_model
 
     result = Path(result)
     if (result / "config.json").is_file():
         return load_model(result)
     if (result / TRAINABLE_CONFIG).is_file():
         return load_trainable(load_model(base_dir, lazy=False), result)
+    # lazy: cycle (lmstack.adapt's __init__ imports fusion, which imports this module)
     from lmstack.adapt import load_peft_adapter
 
     return load_peft_adapter(load_model(base_dir, lazy=False), result).eval()

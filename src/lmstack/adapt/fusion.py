@@ -29,9 +29,12 @@ import torch
 from torch import nn
 
 from lmstack.adapt.bottleneck import AdapterSlot, add_bottleneck
+from lmstack.adapt.config import AdapterConfig
+from lmstack.adapt.finetune import TRAINABLE_CONFIG, TRAINABLE_WEIGHTS
 from lmstack.adapt.hooks import Switchable, ensure_sync
 from lmstack.adapt.registry import register_method
 from lmstack.errors import LmstackError
+from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
 
 
 class Fusion(nn.Module):
@@ -88,9 +91,6 @@ class FusionSlot(Switchable):
 
 def _load_source(model: nn.Module, path: Path, name: str) -> int:
     """Add the bottleneck adapter saved in `path` (lmstack finetune --method adapter) as `name`; its width."""
-    from lmstack.adapt.config import AdapterConfig
-    from lmstack.adapt.finetune import TRAINABLE_CONFIG, TRAINABLE_WEIGHTS
-    from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
 
     meta_path = resolve_inside(path, TRAINABLE_CONFIG, "adapter config")  # stays inside the folder (issue 15)
     if not meta_path.is_file():

@@ -16,6 +16,7 @@ from torch import nn
 
 from lmstack.adapt.layers import AdapterLinear
 from lmstack.adapt.registry import find_targets, register_method
+from lmstack.compress.quant_storage import QuantizedLinear
 
 
 def wrap_linear(model: nn.Module, name: str) -> AdapterLinear:
@@ -38,7 +39,6 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
 def add_lora_layers(model: nn.Module, cfg, adapter_name: str, kind: str = "lora") -> list[str]:
     """Wrap every target of cfg.target_modules and add a `kind` adapter to it; returns the target names."""
     # Wrapped layers are AdapterLinear, not nn.Linear, so search both to allow a second adapter on them.
-    from lmstack.compress.quant_storage import QuantizedLinear
     targets = find_targets(model, cfg.target_modules, types=(nn.Linear, AdapterLinear, QuantizedLinear))
     for name in targets:
         wrap_linear(model, name).add_lora(adapter_name, cfg.r, cfg.scale, cfg.dropout, kind=kind)

@@ -19,6 +19,7 @@ from torch import nn
 
 from lmstack.adapt.layers import KINDS, AdapterLinear
 from lmstack.adapt.lora import adapter_layers
+from lmstack.compress.quant_storage import QuantizedLinear
 from lmstack.errors import LmstackError
 
 
@@ -98,7 +99,6 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, merge: bool = T
                                "(nothing was changed)")
     for module_name, layer in layers.items():
         _replace(model, module_name, _linear(weights[module_name], layer.base_layer.bias))
-    from lmstack.compress.quant_storage import QuantizedLinear
     for module_name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             _replace(model, module_name, _linear(module.dequantize(), module.bias))

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import re
 import tempfile
-from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+import torch
 from torch import nn
 
 from lmstack.adapt.config import AdapterConfig
@@ -32,13 +32,14 @@ from lmstack.adapt.layers import AdapterLinear
 from lmstack.adapt.lora import adapter_layers, wrap_linear
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
+from lmstack.model.hf_convert import _rename
+from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
 
 def hf_module_name(model: nn.Module, name: str) -> tuple[str, bool]:
     """(HF module path, fan_in_fan_out) of lmstack Linear `name`, as lmstack's HF export names it."""
-    from lmstack.model.hf_convert import _rename
 
     cfg = getattr(model, "config", None)
     mt = getattr(cfg, "hf_model_type", None)
@@ -112,7 +113,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, tensors) of a PEFT LoRA directory; errors name the file."""
-    from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
 
     path = Path(path)
     # an untrusted directory: its files must stay inside it, and errors quote no file bytes (issue 15)

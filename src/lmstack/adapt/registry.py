@@ -21,6 +21,7 @@ from typing import Callable
 
 from torch import nn
 
+from lmstack.adapt.layers import AdapterLinear
 from lmstack.errors import LmstackError
 
 METHODS: dict[str, Callable[[nn.Module, "AdapterConfig", str], None]] = {}
@@ -78,7 +79,6 @@ def add_adapter(model: nn.Module, cfg, adapter_name: str = "default") -> nn.Modu
     # As in PEFT, the first adapter becomes active and later ones wait for set_adapter, so adding an adapter
     # never changes what the model computes.
     if before:
-        from lmstack.adapt.layers import AdapterLinear
         for m in model.modules():
             if isinstance(m, AdapterLinear):
                 m.active_adapters = [n for n in before if n in m.kind]

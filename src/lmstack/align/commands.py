@@ -15,23 +15,34 @@ after) and config.yaml. Skipped data rows are counted and reported.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
-from lmstack.align.config import AlignConfig
+import torch
+
+from lmstack.align.config import ONLINE, AlignConfig
+from lmstack.align.dpo import PreferenceTrainer
+from lmstack.align.logprobs import check_same_tokenizer
+from lmstack.align.preference_data import Pair, load_preferences, load_unpaired
+from lmstack.align.reward_model import RewardModel, train_reward_model
+from lmstack.align.rewards.spec import reward_from_spec
+from lmstack.align.rollout import load_prompts
+from lmstack.align.steps import split_holdout
 from lmstack.config import ConfigCommand, atomic_write_text, save_config
 from lmstack.errors import LmstackError
+from lmstack.model.hf_io import load_model, save_model
+from lmstack.model.vocab import check_vocab
+from lmstack.runtime.device import resolve_device
+from lmstack.threads import set_threads
+from lmstack.tokenizer import load_tokenizer
 
 
 def _load_policy(cfg: AlignConfig, device):
-    from lmstack.model.hf_io import load_model
-    from lmstack.tokenizer import load_tokenizer
-
     if not cfg.policy:
         raise LmstackError("--policy is required: the model directory to align (with its tokenizer.json)")
     if not Path(cfg.policy).is_dir():
         raise LmstackError(f"--policy {cfg.policy} is not a model directory")
-    from lmstack.model.vocab import check_vocab
 
     # lazy=False: weights are trained in place, so they must be real tensors, not views of the mapped file
     model, tok = load_model(cfg.policy, lazy=False, device=device), load_tokenizer(cfg.policy)
@@ -40,9 +51,6 @@ def _load_policy(cfg: AlignConfig, device):
 
 
 def _load_data(cfg: AlignConfig, log=print):
-    from lmstack.align.preference_data import load_preferences, load_unpaired
-    from lmstack.align.steps import split_holdout
-
     if not cfg.data:
         raise LmstackError("--data is required: a preference JSONL (prompt, chosen, rejected)")
     split = cfg.split or None
@@ -60,7 +68,6 @@ def _load_data(cfg: AlignConfig, log=print):
         log("validation: " + val.report())
         return rows, val.rows, loaded.n_skipped
     train, val = split_holdout(rows, cfg.val_fraction, cfg.seed)
-    from lmstack.align.preference_data import Pair
 
     return train, [p for p in val if isinstance(p, Pair)], loaded.n_skipped
 
@@ -72,8 +79,6 @@ ONLINE_TRAINERS = {"grpo": "lmstack.align.grpo:GroupTrainer", "rloo": "lmstack.a
 
 
 def online_trainer_class(method: str):
-    import importlib
-
     module, _, name = ONLINE_TRAINERS[method].partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -81,9 +86,6 @@ def online_trainer_class(method: str):
 def _load_reference(cfg: AlignConfig, tok, device):
     if not cfg.reference_path:
         return None
-    from lmstack.align.logprobs import check_same_tokenizer
-    from lmstack.model.hf_io import load_model
-    from lmstack.tokenizer import load_tokenizer
 
     check_same_tokenizer(tok, load_tokenizer(cfg.reference_path), "policy", "reference")
     return load_model(cfg.reference_path, lazy=False, device=device)
@@ -91,9 +93,6 @@ def _load_reference(cfg: AlignConfig, tok, device):
 
 def _online(cfg: AlignConfig, device, out: Path) -> dict:
     """ppo / grpo / rloo / rft: prompt records in, reward from cfg.reward, held-out greedy reward out."""
-    from lmstack.align.rewards.spec import reward_from_spec
-    from lmstack.align.rollout import load_prompts
-    from lmstack.align.steps import split_holdout
 
     if not cfg.data:
         raise LmstackError("--data is required: a JSONL of prompt records (prompt or messages, plus what the "
@@ -112,7 +111,6 @@ def _online(cfg: AlignConfig, device, out: Path) -> dict:
     save_config(cfg, out / "config.yaml")
     trainer = online_trainer_class(cfg.method)(policy, tok, cfg, reward, reference=reference)
     summary = trainer.fit(train, val, out_dir=out)
-    from lmstack.model.hf_io import save_model
 
     save_model(trainer.policy, out / "model", tokenizer=tok)
     summary["skipped_rows"] = loaded.n_skipped
@@ -122,12 +120,6 @@ def _online(cfg: AlignConfig, device, out: Path) -> dict:
 def align(cfg: AlignConfig) -> dict:
     """Train a reward model (rm), align a policy offline (dpo, cdpo, ipo, kto) or online (ppo, grpo, rloo, rft);
     print held-out accuracy (or held-out greedy reward) before and after."""
-    import torch
-
-    from lmstack.align.config import ONLINE
-    from lmstack.runtime.device import resolve_device
-
-    from lmstack.threads import set_threads
 
     set_threads(cfg.threads)  # 0 = auto: fits a shared machine instead of one thread per core
     device = resolve_device(cfg.device)
@@ -148,24 +140,16 @@ def align(cfg: AlignConfig) -> dict:
     policy, tok = _load_policy(cfg, device)
     save_config(cfg, out / "config.yaml")
     if cfg.method == "rm":
-        from lmstack.align.reward_model import RewardModel, train_reward_model
-
         rm = RewardModel(policy, seed=cfg.seed)
         summary = train_reward_model(rm, tok, train, val, cfg, out_dir=out)
         rm.save(out / "model", tok, cfg.template)
     else:
-        from lmstack.align.dpo import PreferenceTrainer
-
         reference = ref_tok = None
         if cfg.reference_path:
-            from lmstack.model.hf_io import load_model
-            from lmstack.tokenizer import load_tokenizer
-
             ref_tok = load_tokenizer(cfg.reference_path)
             reference = load_model(cfg.reference_path, lazy=False, device=device)
         trainer = PreferenceTrainer(policy, tok, cfg, reference=reference, reference_tokenizer=ref_tok)
         summary = trainer.fit(train, val, out_dir=out)
-        from lmstack.model.hf_io import save_model
 
         save_model(policy, out / "model", tokenizer=tok)
     summary["skipped_rows"] = skipped

@@ -23,8 +23,8 @@ Usage:
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,11 +36,14 @@ from lmstack.align.losses import kto_loss, preference_loss
 from lmstack.align.preference_data import Pair, Unpaired, to_unpaired
 from lmstack.align.steps import Stepper, batches, chunks
 from lmstack.errors import LmstackError
+from lmstack.progress import BudgetBar
+from lmstack.train.metrics import MetricsLogger
 
 
 def adapters_disabled(model: nn.Module):
     """The context manager `lmstack.adapt.disable_adapters(model)`; a clear error if lmstack.adapt lacks it."""
     try:
+        # lazy: guarded: the except ImportError below names what is missing
         from lmstack.adapt import disable_adapters
     except ImportError:
         raise LmstackError("reference='adapters' needs lmstack.adapt.disable_adapters, which this install does not "
@@ -179,7 +182,6 @@ class PreferenceTrainer:
     def fit(self, train: Sequence[Pair | Unpaired], val: Sequence[Pair] = (), out_dir: str | Path | None = None
             ) -> dict[str, Any]:
         """Train for cfg.steps steps. Paired methods take Pairs; KTO takes Unpaired rows or Pairs (split in two)."""
-        from lmstack.train.metrics import MetricsLogger
 
         cfg = self.cfg
         kto = cfg.method == "kto"
@@ -199,7 +201,6 @@ class PreferenceTrainer:
         before = self.evaluate(val)
         history, bar, start = [], None, time.perf_counter()
         if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
-            from lmstack.progress import BudgetBar
 
             bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc=cfg.method)
         self.policy.train()

@@ -31,10 +31,11 @@ import json
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from lmstack.errors import LmstackError
+from lmstack.train.objectives.base import scored_logits, unwrap
 
 Template = Literal["auto", "chat", "plain"]
 
@@ -119,8 +120,6 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int | None, max_len
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from lmstack.train.objectives.base import unwrap
-
     return unwrap(model)
 
 
@@ -130,7 +129,6 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature
     Only completion positions go through the LM head (the d_model x vocab matmul dominates for short
     completions), the same trick as the training objectives' scored_logits. temperature divides the
     logits first, as a sampler with that temperature would (rollout log-probs must match the sampler)."""
-    from lmstack.train.objectives.base import scored_logits
 
     ids, comp = batch["input_ids"], batch["completion_mask"].bool()
     targets = ids[:, 1:]

@@ -22,21 +22,25 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+from pathlib import Path
 import random
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from lmstack.align.config import AlignConfig
-from lmstack.align.logprobs import token_logprobs
+from lmstack.align.dpo import adapters_disabled
+from lmstack.align.logprobs import check_same_vocab, token_logprobs
+from lmstack.align.rewards.spec import RM_PREFIX, reward_from_spec
 from lmstack.align.rollout import Rollout, mean_stderr, sample
 from lmstack.align.steps import Stepper
-from lmstack.runtime.device import resolve_device
 from lmstack.config import atomic_save_figure
 from lmstack.errors import LmstackError
+from lmstack.progress import BudgetBar
+from lmstack.runtime.device import resolve_device
+from lmstack.train.metrics import MetricsLogger
 
 
 def prompt_stream(records: Sequence[dict], size: int, seed: int) -> Iterator[list[dict]]:
@@ -66,8 +70,6 @@ class OnlineTrainer(abc.ABC):
         self.policy = policy.to(self.device)
         self.reference = None
         if cfg.kl_coef > 0 and cfg.reference != "adapters":
-            from lmstack.align.logprobs import check_same_vocab
-
             self.reference = copy.deepcopy(policy) if reference is None else reference.to(self.device)
             check_same_vocab(self.policy, self.reference)
             self.reference.eval().requires_grad_(False)
@@ -106,8 +108,6 @@ class OnlineTrainer(abc.ABC):
     @torch.no_grad()
     def ref_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.cfg.reference == "adapters":
-            from lmstack.align.dpo import adapters_disabled
-
             ctx = adapters_disabled(self.policy)
             model = self.policy
         else:
@@ -156,7 +156,6 @@ class OnlineTrainer(abc.ABC):
             on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
         """cfg.steps RL steps over prompt batches of `train`; greedy evaluation on `val` before, every
         eval_every steps and after. Returns a summary (eval_before/after, history, seconds)."""
-        from lmstack.train.metrics import MetricsLogger
 
         cfg = self.cfg
         self.stepper = Stepper(self.trainable_module(), cfg.lr, cfg.steps * self.optimizer_steps_per_rl_step(),
@@ -168,7 +167,6 @@ class OnlineTrainer(abc.ABC):
                      f"(n={before['n']})")
         bar = None
         if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
-            from lmstack.progress import BudgetBar
 
             bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc=self.method)
         history, evals, start = [], [], time.perf_counter()
@@ -215,7 +213,6 @@ class OnlineTrainer(abc.ABC):
 
 def monitor_rewards(spec: str, device: str = "cpu") -> dict[str, Callable[[str, str, dict], float]]:
     """cfg.monitor ('math,rm:DIR') -> {name: reward}; a reward model is named rm (rm2, ... for more)."""
-    from lmstack.align.rewards.spec import RM_PREFIX, reward_from_spec
 
     out: dict[str, Callable[[str, str, dict], float]] = {}
     for name in [n.strip() for n in (spec or "").split(",") if n.strip()]:
@@ -230,9 +227,11 @@ def plot_reward_scores(history: Sequence[dict], evals: Sequence[dict], path: str
     """Each score_<name> per RL step (training rollouts, solid) and at each held-out evaluation (greedy,
     dashed markers): a reward model's score climbing while the verifier's stalls is over-optimisation.
     Written atomically."""
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib.pyplot as plt
 
     keys = ["reward_mean"] + sorted({k for h in history for k in h if k.startswith("score_")})

@@ -48,6 +48,7 @@ from lmstack.align.rl_math import (AdaptiveKLController, FixedKLController, gae,
 from lmstack.align.rollout import to_batch
 from lmstack.config import atomic_save_figure
 from lmstack.errors import LmstackError
+from lmstack.model.transformer import Transformer
 
 
 class ValueHead(nn.Module):
@@ -101,8 +102,6 @@ class PPOTrainer(OnlineTrainer):
     method = "ppo"
 
     def __init__(self, policy, tokenizer, cfg, reward, reference=None, log=print):
-        from lmstack.model.transformer import Transformer
-
         if type(policy) is not Transformer:
             raise LmstackError(f"PPO puts a value head on an lmstack Transformer's hidden states; got "
                                f"{type(policy).__name__} (merge adapters or unwrap the model first)")
@@ -186,9 +185,11 @@ def plot_kl_per_step(histories: dict[str, list[dict]], path: str | Path, target:
     """Per-step KL of one or more runs from their fit() histories, one panel per key: KL to the reference
     (nats per reply, with the controller's target as a dashed line) and PPO's policy-vs-old approx_kl of the
     updates. A log y-axis keeps a runaway run and the target readable on one plot. Written atomically."""
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(keys), 1, figsize=(6.4, 2.8 * len(keys)), sharex=True, squeeze=False)

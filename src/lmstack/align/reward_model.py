@@ -20,12 +20,13 @@ Usage:
 """
 from __future__ import annotations
 
-import json
-import time
 from collections import defaultdict
+import json
 from pathlib import Path
+import time
 from typing import Any, Callable, Sequence
 
+from safetensors.torch import save_file
 import torch
 from torch import nn
 
@@ -37,6 +38,11 @@ from lmstack.align.rewards.base import Reward
 from lmstack.align.steps import Stepper, batches, chunks
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
+from lmstack.model.hf_io import load_model, save_model
+from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
+from lmstack.progress import BudgetBar
+from lmstack.tokenizer import load_tokenizer
+from lmstack.train.metrics import MetricsLogger
 
 FORMAT = "lmstack-reward-model/1"
 
@@ -78,10 +84,6 @@ class RewardModel(nn.Module):
         return torch.cat(out) if out else torch.zeros(0)
 
     def save(self, path: str | Path, tokenizer=None, template: str = "auto") -> Path:
-        from safetensors.torch import save_file
-
-        from lmstack.model.hf_io import save_model
-
         path = Path(path)
         save_model(self.backbone, path, tokenizer=tokenizer)
         tmp = path / ".reward_head.safetensors.tmp"
@@ -94,9 +96,6 @@ class RewardModel(nn.Module):
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
     """(RewardModel, tokenizer) from a directory written by RewardModel.save."""
-    from lmstack.model.hf_io import load_model
-    from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
-    from lmstack.tokenizer import load_tokenizer
 
     path = Path(path)
     # an untrusted directory: both side files must stay inside it (issue 15)
@@ -160,7 +159,6 @@ def pairwise_accuracy(rm: RewardModel, tok, pairs: Sequence[Pair], template: str
 def train_reward_model(rm: RewardModel, tok, train: Sequence[Pair], val: Sequence[Pair], cfg: AlignConfig,
                        out_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Bradley-Terry training for cfg.steps steps; returns the summary (held-out accuracy before and after)."""
-    from lmstack.train.metrics import MetricsLogger
 
     if cfg.method != "rm":
         raise LmstackError(f"train_reward_model needs method='rm', got {cfg.method!r}")
@@ -172,7 +170,6 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[Pair], val: Sequenc
     before = evaluate()
     history, bar, start = [], None, time.perf_counter()
     if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
-        from lmstack.progress import BudgetBar
 
         bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc="rm")
     rm.train()

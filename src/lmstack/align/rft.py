@@ -26,8 +26,8 @@ Usage:
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,6 +36,7 @@ from lmstack.align.logprobs import collate, token_logprobs
 from lmstack.align.online import OnlineTrainer, prompt_stream
 from lmstack.align.rollout import Rollout
 from lmstack.align.steps import Stepper, batches, chunks
+from lmstack.train.metrics import MetricsLogger
 
 
 def select_winners(rewards: torch.Tensor, lengths: Sequence[int], n: int, min_reward: float) -> list[int]:
@@ -123,7 +124,6 @@ class RejectionSamplingTrainer(OnlineTrainer):
         """cfg.rounds rounds; held-out greedy evaluation before and after every round. The summary keeps the
         online trainers' keys (eval_before, eval_after, evals, history) and adds `rounds`: one row per
         round with round, n_winners, accept_rate, eval_mean, eval_stderr (round 0 = before training)."""
-        from lmstack.train.metrics import MetricsLogger
 
         cfg = self.cfg
         metrics = MetricsLogger(out_dir, log=cfg.log, model=self.policy) if out_dir else None

@@ -19,16 +19,18 @@ Usage:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from lmstack.align.logprobs import collate, encode_prompt
+from lmstack.align.logprobs import _use_chat, collate, encode_prompt
 from lmstack.errors import LmstackError
+from lmstack.infer.llm import LLM
+from lmstack.infer.sampling_params import SamplingParams
 
 
 def prompt_text(record: dict) -> str:
@@ -127,7 +129,6 @@ class Rollout:
 
 def stop_ids(tok, template: str = "auto") -> list[int]:
     """Token ids that end a reply: <|assistant_end|> in chat form, eos otherwise."""
-    from lmstack.align.logprobs import _use_chat
 
     if _use_chat(tok, template):
         return [tok.special_id("assistant_end")]
@@ -142,8 +143,6 @@ def sample(policy: torch.nn.Module, tok, records: Sequence[dict], n: int = 1, ma
 
     The policy's training mode is restored afterwards. Prompts that leave no room for a reply in
     max_seq_len are refused with their index (truncating them would change the question)."""
-    from lmstack.infer.llm import LLM
-    from lmstack.infer.sampling_params import SamplingParams
 
     if n < 1 or max_new_tokens < 1:
         raise LmstackError(f"n and max_new_tokens must be >= 1, got {n} and {max_new_tokens}")

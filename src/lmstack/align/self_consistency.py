@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lmstack.align.rewards.verifiable import target_answer
 from lmstack.align.rollout import mean_stderr, sample
 from lmstack.world.checkers import agreement, extract_answer, flag_uncertain, normalize
 
@@ -32,7 +33,6 @@ def gsm8k_answer(text: str) -> str | None:
 def record_truth(record: dict) -> str | None:
     """The reference answer of a record for comparison with voted answers: its `answer` (an integer for
     arithmetic and GSM8K answer text, a fact string for qa)."""
-    from lmstack.align.rewards.verifiable import target_answer
 
     number = target_answer(record)
     if number is not None:

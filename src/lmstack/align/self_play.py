@@ -43,9 +43,9 @@ Usage:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -54,7 +54,10 @@ from lmstack.align.logprobs import token_logprobs
 from lmstack.align.online import OnlineTrainer
 from lmstack.align.rl_math import group_advantages, group_stats, kl_k3, masked_mean, ppo_policy_loss
 from lmstack.align.rollout import mean_stderr, prompt_text, stop_ids
+from lmstack.align.steps import Stepper
 from lmstack.errors import LmstackError
+from lmstack.infer.llm import LLM
+from lmstack.infer.sampling_params import SamplingParams
 
 Reward = Callable[[str, str, dict], float]
 
@@ -141,8 +144,6 @@ ASKERS: dict[str, Callable[..., list[str]]] = {"template": template_opening, "po
 def sample_replies(policy: torch.nn.Module, tok, contexts: list[list[int]], max_new_tokens: int,
                    temperature: float, seed: int) -> list[tuple[list[int], str, bool]]:
     """One reply per context with the engine: (ids incl. the end token when it stopped, text, finished)."""
-    from lmstack.infer.llm import LLM
-    from lmstack.infer.sampling_params import SamplingParams
 
     limit = policy.config.max_seq_len
     params = [SamplingParams(n=1, temperature=temperature, max_tokens=max(1, min(max_new_tokens, limit - len(c))),
@@ -336,8 +337,6 @@ class MultiAgentTrainer(SelfPlayTrainer):
                     self.cfg.max_new_tokens, seed, "policy", asker_policy=self.asker_model)
 
     def train_step(self, records: list[dict], step: int) -> dict[str, float]:
-        from lmstack.align.steps import Stepper
-
         cfg = self.cfg
         if self.asker_stepper is None:
             self.asker_stepper = Stepper(self.asker_model, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay,

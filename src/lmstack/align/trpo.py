@@ -100,6 +100,7 @@ def fisher_vector_product(kl: torch.Tensor, params: list[nn.Parameter], damping:
 def math_attention():
     """The math SDPA kernel (composite ops, so double backward works); a no-op where torch lacks the switch."""
     try:
+        # lazy: guarded: older torch lacks torch.nn.attention, the except falls back
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover - older torch
         return contextlib.nullcontext()

@@ -21,12 +21,16 @@ import numpy as np
 from lmstack.data.augment import AugmentConfig
 from lmstack.data.decontaminate import DecontamConfig
 from lmstack.data.dedup import DedupConfig
+from lmstack.data.expand import add_sources
 from lmstack.data.filters import FiltersConfig
 from lmstack.data.filters.classifier import load_labelled, split_heldout, train_classifier as _train
 from lmstack.data.mixing import MixConfig
+from lmstack.data.pipeline import PipelineConfig, run_pipeline
 from lmstack.data.readers import read_documents
 from lmstack.data.readers.config import ReaderConfig
 from lmstack.data.readers.stats import ReadStats
+from lmstack.data.report import bad_record_lines
+from lmstack.data.selflabel import self_train
 from lmstack.data.shards import ShardConfig, ShardSet, entry_valid, read_manifest
 from lmstack.errors import LmstackError
 
@@ -53,7 +57,6 @@ def run(inputs: list[ReaderConfig] | None = None, out: str = "data/pipeline", wo
         ray_address: executor=ray: '' starts a local Ray instance with `workers` CPUs; 'auto' joins the cluster
             `ray start --head` made on this machine; 'HOST:6379' or 'ray://HOST:10001' a remote one.
     """
-    from lmstack.data.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(inputs=inputs or [], out=out, workers=workers, batch_size=batch_size,
                          filters=filters or FiltersConfig(), dedup=dedup or DedupConfig(),
@@ -62,7 +65,6 @@ def run(inputs: list[ReaderConfig] | None = None, out: str = "data/pipeline", wo
                          executor=executor, ray_address=ray_address)
     report = run_pipeline(cfg)
     if not progress:  # with progress on, run_pipeline has printed these under its table already
-        from lmstack.data.report import bad_record_lines
 
         for line in bad_record_lines(report):
             print(line)
@@ -81,7 +83,6 @@ def add(out: str = "", inputs: list[str] | None = None, source: str = "", text_f
         text_mode: For text files: file, paragraph or line.
         workers: Worker processes (default: as in the original run).
     """
-    from lmstack.data.expand import add_sources
 
     if not out or not inputs:
         raise LmstackError("add needs --out (an existing pipeline output) and --inputs")
@@ -126,7 +127,6 @@ def selflabel(labelled: str = "", unlabelled: str = "", out: str = "", positive:
         rounds: Self-training rounds.
         seed: Seed of the split.
     """
-    from lmstack.data.selflabel import self_train
 
     if not labelled or not unlabelled or not out:
         raise LmstackError("selflabel needs --labelled, --unlabelled and --out")

@@ -30,9 +30,9 @@ Usage:
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -240,6 +240,7 @@ class DoReMi:
 
     def excess(self, model: Any, device: Any) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
         """(excess, model loss, reference loss) per domain on one fresh probe batch each."""
+        # lazy: heavy (torch), which this module does not import at its top
         import torch
         import torch.nn.functional as F
 

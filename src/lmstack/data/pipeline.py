@@ -26,17 +26,18 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 import datetime as _dt
 import json
 import os
+from pathlib import Path
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
+from tqdm import tqdm
 
 from lmstack.config import save_config
 from lmstack.data.augment import AugmentConfig, Augmenter
@@ -256,8 +257,6 @@ def clean_stage(cfg: PipelineConfig, dd: Deduplicator, report: Report, clean_pat
     seen = 0
     bar = None
     if cfg.progress:
-        from tqdm import tqdm
-
         bar = tqdm(desc="clean", unit="doc")
     clean_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=clean_path.parent, prefix=f".{clean_path.name}.", suffix=".tmp")
@@ -396,6 +395,7 @@ def executor(cfg: PipelineConfig) -> Iterator[tuple[Callable, Callable]]:
 
     ray is imported only when chosen, so the local executor never needs it installed."""
     if cfg.executor == "ray":
+        # lazy: cycle (ray_executor imports pipeline), and ray is an optional extra
         from lmstack.data.ray_executor import ray_clean_stage, ray_map, ray_session
 
         with ray_session(cfg.ray_address, cfg.workers):

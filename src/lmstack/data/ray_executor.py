@@ -36,24 +36,27 @@ Usage:
 """
 from __future__ import annotations
 
+from collections import deque
 import contextlib
 import dataclasses
 import json
 import logging
 import os
+from pathlib import Path
 import random
 import socket
 import tempfile
 import time
-from collections import deque
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from lmstack.config import from_dict, to_dict
+from lmstack.data import pipeline
 from lmstack.data.dedup import Deduplicator
 from lmstack.data.document import EXAMPLES_PER_REASON, Report, make_doc
+from lmstack.data.pipeline import Cleaned, declare_steps, finish_clean, write_clean_batch
+from lmstack.data.ray_dedup import exact_duplicates, near_pairs, near_representatives
 from lmstack.data.readers import expand_paths, read_documents, source_name
 from lmstack.data.readers.config import ReaderConfig
 from lmstack.data.readers.stats import MAX_BAD_RECORDS, MAX_LINE_EXAMPLES, ReadStats
@@ -70,6 +73,7 @@ SIDE_POS = (1 << POS_BITS) - 1
 def import_ray() -> Any:
     """The ray module, or an LmstackError that says how to install it."""
     try:
+        # lazy: optional extra (ray)
         import ray
         import ray.data  # noqa: F401 - the Data library is an extra of the ray package
     except ImportError as e:
@@ -165,7 +169,6 @@ _CACHE: dict[str, Any] = {}
 
 def _clean_fn(cfg: Any) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """map_batches UDF: the local executor's per-batch work, on the documents of a Ray batch."""
-    from lmstack.data import pipeline
 
     key = json.dumps(to_dict(cfg), sort_keys=True, default=str)
     probe = Deduplicator(cfg.dedup).signatures([make_doc("a b c d e f g h", "probe", "probe")])
@@ -227,9 +230,8 @@ def dedup_decisions(ray: Any, docs: Any, cfg: Any, dd: Deduplicator) -> tuple[di
 
     `dd` ends with the same signatures and ids as the local executor's, so the stored dedup set
     (shards/dedup.gen0) and later `lmstack data add` runs are the same too."""
+    # lazy: optional extra (ray)
     from ray.data.expressions import col
-
-    from lmstack.data.ray_dedup import exact_duplicates, near_pairs, near_representatives
 
     n_buckets = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))  # one reducer call per bucket
     meta = {"pos": [], "id": [], "exact": [], "sig": []}
@@ -279,9 +281,9 @@ def dedup_decisions(ray: Any, docs: Any, cfg: Any, dd: Deduplicator) -> tuple[di
 
 def ray_clean_stage(cfg: Any, dd: Deduplicator, report: Report, clean_path: Path) -> Any:
     """The local `clean_stage` contract on Ray: same clean.jsonl bytes, same report counts, same `dd`."""
-    from lmstack.data.pipeline import Cleaned, declare_steps, finish_clean, write_clean_batch
 
     ray = import_ray()
+    # lazy: optional extra (ray)
     from ray.data.expressions import col
 
     ctx = ray.data.DataContext.get_current()

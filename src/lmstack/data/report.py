@@ -60,6 +60,7 @@ def print_report(report: Report) -> None:
     """Print the table with rich when installed, else as plain text, then the bad records skipped."""
     bad = "\n".join(bad_record_lines(report))
     try:
+        # lazy: optional extra (rich)
         from rich.console import Console
         from rich.table import Table
     except ImportError:
@@ -87,9 +88,11 @@ def render_markdown(report: Report) -> str:
 
 def plot_funnel(report: Report, path: str | Path) -> None:
     """Horizontal bars: documents entering the pipeline and left after each step."""
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib.pyplot as plt
 
     funnel = report.funnel()

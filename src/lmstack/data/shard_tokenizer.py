@@ -21,6 +21,8 @@ import importlib
 from pathlib import Path
 from typing import Any, Protocol
 
+from tokenizers import Tokenizer
+
 from lmstack.errors import LmstackError
 
 BOS_NAMES = ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "[CLS]", "<|endoftext|>")
@@ -53,8 +55,6 @@ class HFTokenizerFile:
     """Adapter over a `tokenizers.Tokenizer` loaded from tokenizer.json."""
 
     def __init__(self, path: Path, bos_token: str = "", eos_token: str = "") -> None:
-        from tokenizers import Tokenizer
-
         try:
             self.tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises its own exception type

@@ -26,16 +26,18 @@ Usage:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 import hashlib
 import io
 import json
 import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+import tempfile
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
+from tqdm import tqdm
+import zstandard
 
 from lmstack.config import atomic_write_text
 from lmstack.data.document import Doc
@@ -194,8 +196,6 @@ def _build_shard(job: dict[str, Any]) -> dict[str, Any]:
     raw = flat.astype(dtype).tobytes()
     data = raw
     if cfg.compression == "zstd":
-        import zstandard
-
         data = zstandard.ZstdCompressor(level=cfg.zstd_level).compress(raw)
     bin_name, idx_name = shard_names(job["index"], cfg.compression)
     buf = io.BytesIO()
@@ -275,8 +275,6 @@ def write_shards(docs: Iterable[Doc], out_dir: str | Path, cfg: ShardConfig, wor
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(desc="shards", unit="shard")
     planned = set()
     written = 0
@@ -331,8 +329,6 @@ class ShardSet:
         if not file.is_file():
             raise LmstackError(f"shard file {file} listed in {MANIFEST} is missing")
         if self.manifest["compression"] == "zstd":
-            import zstandard
-
             raw = zstandard.ZstdDecompressor().decompress(file.read_bytes(), max_output_size=e["raw_bytes"])
             return np.frombuffer(raw, dtype=self.dtype)
         if e["n_tokens"] == 0:

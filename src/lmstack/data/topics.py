@@ -55,6 +55,7 @@ class TopicModel:
         self.kmeans = None
 
     def fit(self, texts: list[str]) -> "TopicModel":
+        # lazy: heavy (sklearn), which this module does not import at its top
         from sklearn.cluster import KMeans
         from sklearn.feature_extraction.text import TfidfVectorizer
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import math
 
 from lmstack.errors import LmstackError
+from lmstack.eval.evaluator import evaluate as run_eval
+from lmstack.eval.openai_lm import OpenAICompletionsLM, api_key_from_env, auth_error, completions_url
+from lmstack.eval.task import get_task, list_tasks
+from lmstack.threads import set_threads
 
 
 def _server_model(url: str, api_key: str | None = None, name: str | None = None) -> tuple[str, int | None]:
     """(name, context length or None) of the model a server answers to: `name` if given, else the first
     one it lists at /v1/models (vLLM and lmstack serve report `max_model_len` there)."""
+    # lazy: heavy (httpx), which this module does not import at its top
     import httpx
-
-    from lmstack.eval.openai_lm import auth_error, completions_url
 
     models_url = completions_url(url).rsplit("/", 1)[0] + "/models"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -85,8 +88,6 @@ def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = N
         threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
             right now; at least 1), N = exactly N.
     """
-    from lmstack.eval.evaluator import evaluate as run_eval
-    from lmstack.eval.task import get_task, list_tasks
 
     if tasks.strip() == "list":
         names = list_tasks()
@@ -97,18 +98,16 @@ def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = N
         raise LmstackError(f"--tasks is empty; available tasks: {', '.join(list_tasks())}")
     for name in names:
         get_task(name)  # an unknown name fails here, listing the available tasks, before a model is loaded
-    from lmstack.threads import set_threads
 
     set_threads(threads)
     if model.startswith(("http://", "https://")):
-        from lmstack.eval.openai_lm import OpenAICompletionsLM, api_key_from_env
-
         key = api_key if api_key is not None else api_key_from_env()
         name, context = (model_name, None) if model_name and max_length else _server_model(model, key, model_name)
         # the server's context minus one: a loglikelihood request echoes the prompt and asks one more token
         lm = OpenAICompletionsLM(model, name, api_key=key, tokenizer=tokenizer, batch_size=batch_size,
                                  max_length=max_length or (context - 1 if context else 2048))
     else:
+        # lazy: heavy (numpy, torch), which this module does not import at its top
         from lmstack.eval.local_lm import LocalLM
 
         lm = LocalLM(model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device,

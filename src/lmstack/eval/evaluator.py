@@ -14,13 +14,15 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import asdict
 import inspect
 import json
 import math
-import time
-from dataclasses import asdict
 from pathlib import Path
+import time
 from typing import Any, Callable
+
+from tqdm.auto import tqdm
 
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
@@ -36,6 +38,7 @@ LOWER_IS_BETTER = {"ece", "perplexity", "word_perplexity", "byte_perplexity", "b
 def _tracker(lm):
     """The perf tracker around a task run, or a no-op until lmstack.eval.perf exists."""
     try:
+        # lazy: guarded: the except ImportError below falls back to no tracker
         from lmstack.eval.perf import PerfTracker
     except ImportError:
         return None
@@ -121,7 +124,6 @@ def evaluate_task(lm, task: Task, num_fewshot: int = 0, limit: int | None = None
                   doc_transform: Callable[[dict], dict] | None = None, progress: bool = True
                   ) -> tuple[dict, list[dict]]:
     """(result entry, per-item samples) for one task; TaskDataMissing propagates to the caller."""
-    from tqdm.auto import tqdm
 
     docs = task.cached_docs(task.eval_split)
     if limit is not None:

@@ -16,11 +16,12 @@ Usage:
 """
 from __future__ import annotations
 
-import zlib
 from typing import Callable
+import zlib
 
 # Answer normalising, the vote and the flag are the world's answer-matching checkers, shared with align's
 # self-consistency (align/ does not import eval/).
+from lmstack.eval.lm import GenArgs
 from lmstack.world.checkers import agreement, flag_uncertain
 
 
@@ -37,7 +38,6 @@ def sample_agreement(lm, prompts: list[str], k: int = 5, until: list[str] | None
 
     Returns one dict per prompt: majority, agreement (rate), uncertain (flag), answers (raw samples).
     `extract` pulls the answer out of a generation (default: the generation itself)."""
-    from lmstack.eval.lm import GenArgs
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k!r}")

@@ -23,6 +23,8 @@ import re
 from typing import Any, Callable
 
 from lmstack.errors import LmstackError
+from lmstack.eval.evaluator import evaluate
+from lmstack.eval.task import get_task
 
 # ---- robustness: prompt perturbations -----------------------------------------------------------------
 def _rng(seed: int, text: str) -> random.Random:
@@ -128,8 +130,6 @@ def helm_view(lm, task, limit: int | None = None, num_fewshot: int = 0, seed: in
               perturbations: tuple[str, ...] = ("typo", "case", "whitespace"),
               swaps: tuple[str, ...] = ("gender", "names")) -> dict[str, Any]:
     """Run `task` (a name or Task) on `lm` unperturbed, under each prompt perturbation and each swap."""
-    from lmstack.eval.evaluator import evaluate
-    from lmstack.eval.task import get_task
 
     for p in perturbations:
         if p not in PERTURBATIONS:

@@ -15,7 +15,10 @@ Usage:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol, Union, runtime_checkable
+
+from lmstack.errors import LmstackError
 
 
 @dataclass
@@ -154,12 +157,11 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_len: int, context_
 def model_special_ids(path) -> tuple[int | None, int | None]:
     """(bos, eos) ids a model directory declares: generation_config.json first, then config.json (and our
     lmstack_config.json); a list of ids gives its first. (None, None) when the path holds none of them."""
-    from pathlib import Path
 
     found: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None}
     if path is None or not Path(path).is_dir():
         return None, None
-    from lmstack.errors import LmstackError
+    # lazy: heavy (torch), which this module does not import at its top
     from lmstack.model.load_guard import read_json, resolve_inside
 
     for name in ("generation_config.json", "config.json", "lmstack_config.json"):
@@ -201,8 +203,6 @@ class TokenRules:
     def prefix_token_id(self) -> int:
         """The token an empty context is conditioned on; an error only when one is needed and none exists."""
         if self._prefix is None:
-            from lmstack.errors import LmstackError
-
             raise LmstackError("an empty context must be conditioned on a BOS or EOS token, but neither the "
                                "tokenizer nor the model's config.json / generation_config.json names one; add "
                                "bos_token_id or eos_token_id to the model's config.json")

@@ -19,9 +19,9 @@ Usage:
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ from lmstack.model.vocab import check_vocab
 from lmstack.runtime.device import resolve_device
 from lmstack.eval.lm import (GenArgs, TokenRules, cut_at_stop, merge_pieces, model_special_ids, new_stats,
                              rolling_windows, split_long_pairs)
+from lmstack.infer.llm import LLM
+from lmstack.infer.sampling_params import SamplingParams
+from lmstack.model.hf_io import load_model
+from lmstack.tokenizer import load_tokenizer
 
 
 class LocalLM:
@@ -42,14 +46,11 @@ class LocalLM:
         True/False forces a BOS at the start of every sequence or none. chat_template: prompts are wrapped
         in the tokenizer's chat template by the evaluator. dtype: fp32 by default (scores should not move
         with precision; bf16 on CPU is also very slow)."""
-        from lmstack.tokenizer import load_tokenizer
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise LmstackError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.device = str(resolve_device(device))
         if isinstance(model, (str, os.PathLike)):
-            from lmstack.model.hf_io import load_model
-
             path = Path(model)
             if not path.is_dir():
                 raise LmstackError(f"no model directory at {path}")
@@ -177,16 +178,12 @@ class LocalLM:
     def llm(self):
         """The inference engine on this model, built on first use."""
         if self._llm is None:
-            from lmstack.infer.llm import LLM
-
             self._llm = LLM(self.model, tokenizer=self.tokenizer, max_num_seqs=self.batch_size,
                             device=self.device, dtype=next(self.model.parameters()).dtype,
                             max_model_len=self.max_length)
         return self._llm
 
     def generate_until(self, requests: list[tuple[str, GenArgs]]) -> list[str]:
-        from lmstack.infer.sampling_params import SamplingParams
-
         if not requests:
             return []
         prompts, params = [], []

@@ -20,14 +20,15 @@ Usage:
 from __future__ import annotations
 
 import os
-import time
-import warnings
 from pathlib import Path
+import time
 from typing import Any
+import warnings
 
 from lmstack.errors import LmstackError
 from lmstack.eval.lm import (GenArgs, TokenRules, cut_at_stop, merge_pieces, model_special_ids, new_stats,
                              rolling_windows, split_long_pairs)
+from lmstack.tokenizer import load_tokenizer
 
 
 API_KEY_VARS = ("OPENAI_API_KEY", "LMSTACK_API_KEY")
@@ -66,6 +67,7 @@ class OpenAICompletionsLM:
         api_key: sent as a Bearer token (default $OPENAI_API_KEY, else $LMSTACK_API_KEY); tokenizer: a Tokenizer or its directory,
         to tokenize locally (needed for rolling log-likelihoods); batch_size: prompts per HTTP request;
         max_length: the server's context in tokens minus one (its prompts must leave room for one token)."""
+        # lazy: heavy (httpx), which this module does not import at its top
         import httpx
 
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -83,8 +85,6 @@ class OpenAICompletionsLM:
         self.tokenizer = None
         self.rules = None
         if tokenizer is not None:
-            from lmstack.tokenizer import load_tokenizer
-
             self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike, Path)) else tokenizer
             # A tokenizer directory that is a model directory also offers its config's BOS/EOS as a fallback.
             fallback = model_special_ids(tokenizer) if isinstance(tokenizer, (str, os.PathLike, Path)) else (None, None)
@@ -97,6 +97,7 @@ class OpenAICompletionsLM:
 
     # -- HTTP ------------------------------------------------------------------------------------------
     def _post(self, payload: dict) -> dict:
+        # lazy: heavy (httpx), which this module does not import at its top
         import httpx
 
         payload = {"model": self.model_name, **payload}

@@ -21,10 +21,10 @@ Usage:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import resource
 import sys
 import time
-from pathlib import Path
 
 # Trackers currently inside their `with` block. Resetting the memory high-water mark for an inner tracker
 # would erase the outer one's peak, so before each reset every active tracker banks the peak so far.
@@ -75,6 +75,7 @@ def flops_per_token(config, context: int) -> float:
 
     = 2 * (parameters a token is multiplied by: every block's active weights and the LM head)
       + 2 * 2 * n_layers * context * n_heads * head_dim   (QK^T scores and the weighted sum of V)."""
+    # lazy: heavy (torch), which this module does not import at its top
     from lmstack.model.counting import model_stats
 
     return float(model_stats(config, context=max(1, int(context))).forward_flops_per_token)

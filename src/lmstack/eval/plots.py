@@ -34,9 +34,11 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _plt():
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib.pyplot as plt
 
     return plt

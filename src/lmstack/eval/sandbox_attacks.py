@@ -16,6 +16,7 @@ Usage:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 import os
 import secrets
 import shutil
@@ -23,11 +24,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, replace
 from typing import Callable
 
 from lmstack.eval.sandbox import (PRIVATE_UID_BASE, SandboxConfig, SandboxResult, run_program, run_programs,
                                   uid_members)
+from lmstack.eval.tasks.humaneval import run_checked
 
 
 @dataclass
@@ -411,8 +412,6 @@ _DOC = {"task_id": "attack/0", "prompt": "def add(a, b):\n", "canonical_solution
 
 
 def _fake_pass(cfg: SandboxConfig, completion: str, what: str) -> Outcome:
-    from lmstack.eval.tasks.humaneval import run_checked
-
     res = run_checked([(_DOC, completion)], cfg)[0]
     return _judge(res, not res.passed and res.returncode == 0, f"{what} counts as a failure")
 

@@ -23,12 +23,16 @@ With isolate=False (the caller's explicit UNSAFE opt-out) the namespace and moun
 Usage (the caller builds SPEC; see lmstack.eval.sandbox._spec):
     python -I -S sandbox_child.py '{"isolate": true, "uid": 2123456789, "gid": 2123456789, "status_fd": 5, ...}'
 """
+import _posixsubprocess
 import ctypes
 import json
 import os
+import posix
 import resource
+import shutil
 import signal
 import sys
+import tempfile
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -166,8 +170,6 @@ def load_seccomp() -> bool:
 
 def python_guards() -> None:
     """Ordinary generated code fails fast on fork/exec/kill and destructive file calls (not a boundary)."""
-    import posix
-    import _posixsubprocess
 
     def _blocked(*args, **kwargs):
         raise PermissionError("blocked by the lmstack sandbox")
@@ -245,7 +247,6 @@ def init(spec: dict, code: str, report_fd: int) -> None:
             workdir = "/tmp/lmstack-sandbox-" + spec["token"]
             seal_filesystem(workdir, uid, gid, spec["tmp_mb"])
         else:
-            import tempfile
             workdir = tempfile.mkdtemp(prefix="lmstack-sandbox-")
             if uid is not None:
                 os.chown(workdir, uid, gid)
@@ -271,7 +272,6 @@ def init(spec: dict, code: str, report_fd: int) -> None:
     else:
         report(report_fd, exit=os.WEXITSTATUS(status))
     if not spec["isolate"]:
-        import shutil
         os.chdir("/")
         shutil.rmtree(workdir, ignore_errors=True)
     os._exit(0)  # isolated: the kernel now kills whatever the program left in the namespace

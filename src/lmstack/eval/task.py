@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
+import random
 from typing import Any, Callable
 
 from lmstack.errors import LmstackError
@@ -210,6 +210,7 @@ def register_task(name: str, **defaults: Any):
 
 
 def _ensure_loaded() -> None:
+    # lazy: importing registers the built-in tasks, on first use
     import lmstack.eval.tasks  # noqa: F401 - importing registers the built-in tasks
 
 

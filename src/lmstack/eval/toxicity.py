@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmstack.data.filters.classifier import HashedNgramClassifier
 from lmstack.data.filters.toxicity import DEFAULT_WORDS, _compile, toxic_hits
 from lmstack.errors import LmstackError
 
@@ -58,8 +59,6 @@ class ToxicityScorer:
             self.pattern = _compile(DEFAULT_WORDS)
         self.classifier = None
         if self.cfg.classifier:
-            from lmstack.data.filters.classifier import HashedNgramClassifier
-
             self.classifier = HashedNgramClassifier.load(self.cfg.classifier)
 
     def score(self, texts: list[str]) -> list[dict]:

@@ -20,6 +20,7 @@ import asyncio
 import itertools
 from typing import Any, AsyncIterator
 
+from lmstack.errors import LmstackError
 from lmstack.infer.engine import LLMEngine
 from lmstack.infer.outputs import RequestFailed, RequestOutput
 from lmstack.infer.sampling_params import SamplingParams
@@ -47,8 +48,6 @@ class AsyncLLMEngine:
         runs; a failure inside the engine raises RequestFailed for this request alone."""
         request_id = request_id or f"async-{next(_counter)}"
         if request_id in self._queues:
-            from lmstack.errors import LmstackError
-
             raise LmstackError(f"request_id {request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue  # reserve the id while the request is prepared

@@ -12,11 +12,15 @@ Usage:
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
+import time
 from typing import Literal
 
 from lmstack.errors import LmstackError
+from lmstack.infer.llm import LLM
+from lmstack.infer.sampling_params import SamplingParams
+from lmstack.model.load_guard import set_max_model_gib
+from lmstack.threads import set_threads
 
 
 def generate(model: str, prompt: str | None = None, prompts_file: str | None = None,
@@ -67,10 +71,6 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         max_model_gib: refuse a model whose config.json (weights, and the KV pool the context implies) needs more
             memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
     """
-    from lmstack.infer.llm import LLM
-    from lmstack.infer.sampling_params import SamplingParams
-    from lmstack.model.load_guard import set_max_model_gib
-    from lmstack.threads import set_threads
 
     set_max_model_gib(max_model_gib)
     set_threads(threads)

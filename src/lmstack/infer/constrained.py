@@ -45,6 +45,7 @@ def choice_regex(choices: list[str]) -> str:
 class GuidedDecoder:
     def __init__(self, tokenizer, eos_ids, vocab_size: int):
         try:
+            # lazy: heavy (llguidance), which this module does not import at its top
             import llguidance
         except ImportError:
             raise LmstackError("guided decoding (regex / json_schema / choice) needs the llguidance package: "

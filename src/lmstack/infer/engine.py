@@ -22,27 +22,35 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from lmstack.errors import LmstackError
 from lmstack.infer import logits_processors as lp
 from lmstack.infer.bad_words import BadWords
+from lmstack.infer.beam_search import BeamState, beam_step
 from lmstack.infer.block_manager import BlockManager
+from lmstack.infer.constrained import GuidedDecoder
 from lmstack.infer.detokenizer import StopStrings
+from lmstack.infer.lora_hook import LoraManager
 from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.output_processor import OutputProcessor
 from lmstack.infer.outputs import RequestOutput
 from lmstack.infer.sampling_params import SamplingParams, SamplingParamsError
 from lmstack.infer.scheduler import Scheduler
 from lmstack.infer.sequence import Request, Sequence
+from lmstack.infer.speculative import SpeculativeDecoder
 from lmstack.infer.threads import engine_threads
 from lmstack.model.counting import kv_bytes_per_token
+from lmstack.model.hf_io import load_model
+from lmstack.model.load_guard import check_kv_pool
 from lmstack.model.vocab import check_vocab
+from lmstack.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 _POOL_BYTES_DEFAULT = 1 << 30  # the KV pool is sized to at most 1 GiB unless num_blocks is given
@@ -50,11 +58,8 @@ _POOL_BYTES_DEFAULT = 1 << 30  # the KV pool is sized to at most 1 GiB unless nu
 
 def load_model_and_tokenizer(model: Any, tokenizer: Any, dtype: torch.dtype, device: str):
     """A path or a module -> (eval-mode model, tokenizer or None)."""
-    from lmstack.tokenizer import load_tokenizer
 
     if isinstance(model, (str, os.PathLike)):
-        from lmstack.model.hf_io import load_model
-
         path = Path(model)
         model = load_model(path, dtype=dtype, device=device)
         if tokenizer is None and (path / "tokenizer.json").is_file():
@@ -96,7 +101,6 @@ class LLMEngine:
             num_blocks = max(min(wanted, _POOL_BYTES_DEFAULT // per_block), -(-self.max_model_len // block_size))
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise LmstackError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
-        from lmstack.model.load_guard import check_kv_pool
 
         # the pool holds one max_model_len sequence, so a config's max_position_embeddings alone could size
         # it without bound: refuse past --max_model_gib before allocating (issue 15)
@@ -109,15 +113,11 @@ class LLMEngine:
         self.eos_ids = self._eos_ids()
         self.spec = None
         if speculative is not None:
-            from lmstack.infer.speculative import SpeculativeDecoder
-
             self.spec = SpeculativeDecoder(self, speculative)
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_batched_tokens,
                                    lookahead=self.spec.lookahead if self.spec else None)
         self.lora = None
         if lora_adapters:
-            from lmstack.infer.lora_hook import LoraManager
-
             self.lora = LoraManager(self.model, lora_adapters)
             self.runner.lora_context = self.lora
         self.guided = None  # built on first use (constrained.py)
@@ -189,8 +189,6 @@ class LLMEngine:
         self.requests[req.request_id] = req
         self.counters["prompt_tokens"] += len(req.prompt_token_ids)
         if req.params.use_beam_search:
-            from lmstack.infer.beam_search import BeamState
-
             req.beam = BeamState(req.params, req.max_tokens)
         self.scheduler.add(req.seqs[0])
 
@@ -210,8 +208,6 @@ class LLMEngine:
     def add_lora(self, name: str, adapter: Any) -> None:
         """Register a LoRA adapter (an object with apply(module_name, x, base_out)); requests name it."""
         if self.lora is None:
-            from lmstack.infer.lora_hook import LoraManager
-
             self.lora = LoraManager(self.model)
             self.runner.lora_context = self.lora
         self.lora.register(name, adapter)
@@ -279,8 +275,6 @@ class LLMEngine:
         if self.guided is None:
             with self._lock:  # make_request may run in several worker threads at once (async_engine.py)
                 if self.guided is None:
-                    from lmstack.infer.constrained import GuidedDecoder
-
                     self.guided = GuidedDecoder(self.tokenizer, self.eos_ids, self.emit_vocab)
         return self.guided
 
@@ -381,8 +375,6 @@ class LLMEngine:
         if plain:
             self._sample(plain, logits)
         if beams:
-            from lmstack.infer.beam_search import beam_step
-
             for rows in beams.values():
                 try:
                     beam_step(self, rows, logits)
@@ -514,8 +506,6 @@ class LLMEngine:
         done = []
         bar = None
         if show_progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(self.requests), desc="generate", unit="req")
         start = time.perf_counter()
         while self.has_unfinished_requests():

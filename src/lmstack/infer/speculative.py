@@ -33,6 +33,7 @@ import torch
 from lmstack.config import from_dict
 from lmstack.errors import LmstackError
 from lmstack.infer import logits_processors as lp
+from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.sequence import Sequence
 
 
@@ -67,8 +68,8 @@ class SpeculativeDecoder:
         self.engine, self.cfg = engine, config
         self.runner = None
         if config.method == "draft":
+            # lazy: cycle (engine imports this module)
             from lmstack.infer.engine import load_model_and_tokenizer
-            from lmstack.infer.model_runner import ModelRunner
 
             p = next(engine.model.parameters())
             draft, _ = load_model_and_tokenizer(config.draft_model, None, p.dtype, str(p.device))

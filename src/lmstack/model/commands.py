@@ -10,13 +10,23 @@ Usage:
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 import json
+from pathlib import Path
 import time
 from typing import Literal
 
 import torch
 
 from lmstack.errors import LmstackError
+from lmstack.model.counting import format_stats, model_stats
+from lmstack.model.hf_io import load_model, read_config, save_model
+from lmstack.model.presets import preset as make_preset
+from lmstack.model.reference_decode import reference_decode
+from lmstack.model.transformer import Transformer
+from lmstack.model.vocab import check_vocab, real_vocab
+from lmstack.threads import set_threads
+from lmstack.tokenizer import load_tokenizer, train_tokenizer
 
 
 def info(preset: str | None = None, model: str | None = None, context: int | None = None,
@@ -29,17 +39,12 @@ def info(preset: str | None = None, model: str | None = None, context: int | Non
         context: context length for the attention FLOPs (default: the model's max_seq_len).
         json_output: print JSON instead of a table.
     """
-    from lmstack.model.counting import format_stats, model_stats
-    from lmstack.model.hf_io import read_config
-    from lmstack.model.presets import preset as make_preset
 
     if (preset is None) == (model is None):
         raise LmstackError("give exactly one of --preset or --model")
     cfg = make_preset(preset) if preset else read_config(model)[0]
     stats = model_stats(cfg, context)
     if json_output:
-        from dataclasses import asdict
-
         print(json.dumps(asdict(stats), indent=2))
     else:
         print(format_stats(cfg, stats))
@@ -49,7 +54,6 @@ def info(preset: str | None = None, model: str | None = None, context: int | Non
 def byte_tokenizer():
     """A byte-level tokenizer with no merges: 256 byte tokens plus the chat special tokens. Any text
     encodes, so a freshly initialised model can be sampled, served and chatted with at once."""
-    from lmstack.tokenizer import train_tokenizer
 
     # one character has no pairs to merge, so the result is exactly the bytes and the special tokens
     return train_tokenizer(texts=["a"], type="bpe", vocab_size=512, special_tokens="chat", show_progress=False)
@@ -66,14 +70,9 @@ def init(preset: str, out: str, seed: int = 0, tokenizer: str | None = None) -> 
         tokenizer: a tokenizer directory (or tokenizer.json) to copy in; its vocabulary must fit the model's.
             Default: a byte-level tokenizer (256 bytes + chat special tokens, no merges).
     """
-    from lmstack.model.hf_io import save_model
-    from lmstack.model.presets import preset as make_preset
-    from lmstack.model.transformer import Transformer
 
     cfg = make_preset(preset)
     if tokenizer is not None:
-        from lmstack.tokenizer import load_tokenizer
-
         tok = load_tokenizer(tokenizer)
     else:
         tok = byte_tokenizer()
@@ -102,7 +101,6 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"]
         max_model_gib: refuse a model whose config.json (weights, and the KV pool the context implies) needs more
             memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
     """
-    from lmstack.model.hf_io import load_model, save_model
 
     model = load_model(src, dtype=getattr(torch, dtype), max_model_gib=max_model_gib)
     path = save_model(model, out)
@@ -131,12 +129,6 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
         max_model_gib: refuse a model whose config.json (weights, and the KV pool the context implies) needs more
             memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
     """
-    from pathlib import Path
-
-    from lmstack.model.reference_decode import reference_decode
-    from lmstack.model.hf_io import load_model
-    from lmstack.model.vocab import check_vocab, real_vocab
-    from lmstack.threads import set_threads
 
     set_threads(threads)
     m = load_model(model, max_model_gib=max_model_gib)
@@ -144,7 +136,6 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
     if prompt is not None:
         if not (Path(model) / "tokenizer.json").exists():
             raise LmstackError(f"{model} has no tokenizer.json; pass --prompt_ids instead of --prompt")
-        from lmstack.tokenizer import load_tokenizer
 
         tok = load_tokenizer(model)
         n_real = check_vocab(m, tok, model_path=model, tokenizer_path=model, what="model generate")

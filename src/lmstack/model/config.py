@@ -297,6 +297,7 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        # lazy: cycle (lmstack.model.presets imports this module)
         from lmstack.model.presets import preset
 
         return preset(name, **overrides)

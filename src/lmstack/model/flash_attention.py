@@ -31,6 +31,7 @@ from lmstack.model.masks import AttentionMask
 def _kernels():
     # The score helpers live in backends.py (shared with the naive backend). They are looked up at call
     # time because backends.py imports this module.
+    # lazy: cycle (lmstack.model imports this module)
     from lmstack.model import backends
 
     return backends

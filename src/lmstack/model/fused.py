@@ -30,8 +30,8 @@ import os
 import shutil
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- plain torch math (CPU, and the reference)
@@ -71,6 +71,7 @@ def kernel_for(t: torch.Tensor) -> str:
     """'triton' on CUDA with Triton installed, else 'torch'."""
     if t.is_cuda:
         try:
+            # lazy: optional extra (triton)
             import triton  # noqa: F401
             return "triton"
         except ImportError:
@@ -83,6 +84,7 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, mode):
         if mode == "triton":
+            # lazy: fused_triton imports triton at its top; only the CUDA triton path may import it
             from lmstack.model import fused_triton
             y, rstd = fused_triton.rms_norm_fwd(x, weight, eps)
         else:
@@ -95,6 +97,7 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         if ctx.mode == "triton":
+            # lazy: fused_triton imports triton at its top; only the CUDA triton path may import it
             from lmstack.model import fused_triton
             dx, dw = fused_triton.rms_norm_bwd(dy.contiguous(), x, weight, rstd)
         elif ctx.mode == "compiled":
@@ -108,6 +111,7 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, mode):
         if mode == "triton":
+            # lazy: fused_triton imports triton at its top; only the CUDA triton path may import it
             from lmstack.model import fused_triton
             y = fused_triton.swiglu_fwd(gate, up)
         else:
@@ -120,6 +124,7 @@ class _SwiGLUFn(torch.autograd.Function):
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         if ctx.mode == "triton":
+            # lazy: fused_triton imports triton at its top; only the CUDA triton path may import it
             from lmstack.model import fused_triton
             dgate, dup = fused_triton.swiglu_bwd(dy.contiguous(), gate, up)
         elif ctx.mode == "compiled":

@@ -28,6 +28,7 @@ import torch
 
 from lmstack.errors import LmstackError
 from lmstack.model.config import ModelConfig
+from lmstack.model.load_guard import SHAPE_LIMITS, check_int_fields
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3")
 EXPORTABLE = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3")
@@ -92,8 +93,6 @@ def hf_field_names(model_type: str) -> dict[str, str]:
 
 
 def _check_hf_shapes(hf: dict[str, Any], mt: str, source: str) -> None:
-    from lmstack.model.load_guard import SHAPE_LIMITS, check_int_fields
-
     fields = HF_SHAPE_FIELDS[mt]
     check_int_fields(hf, {theirs: SHAPE_LIMITS[ours] for theirs, ours in fields.items()}, source)
     types = hf.get("layer_types")

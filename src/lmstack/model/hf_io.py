@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+import re
+import tempfile
 from typing import Any
 
+from safetensors.torch import load_file, save_file
 import torch
-from safetensors.torch import save_file
 
 from lmstack.config import ConfigError, atomic_write_text, from_dict, to_dict
 from lmstack.errors import LmstackError
-from lmstack.model.lazy_safetensors import CheckpointReader
 from lmstack.model.config import ModelConfig
+from lmstack.model.lazy_safetensors import CheckpointReader
 from lmstack.model.hf_convert import (EXPORTABLE, config_from_hf, config_to_hf, hf_field_names, ignored_hf_keys,
                                       weights_from_hf, weights_to_hf)
 from lmstack.model.load_guard import check_config_shapes, check_memory, read_json, resolve_inside
@@ -103,8 +104,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
             model = Transformer(cfg)
         get, names = reader.get, reader.keys()
     else:
-        from safetensors.torch import load_file
-
         model = Transformer(cfg)  # the usual way: allocate, initialise, then overwrite
         eager: dict[str, torch.Tensor] = {}
         reader.validate_all()  # our header checks first, on the files resolved inside the directory
@@ -120,7 +119,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
         if missing:
             raise LmstackError(f"{path}: the checkpoint lacks {missing[0]!r}, which its config needs")
         weights, used, ignore = {k: get(k) for k in expected}, set(expected), []
-    import re
 
     unexpected = sorted(k for k in names - used if not any(re.search(p, k) for p in ignore))
     if unexpected:

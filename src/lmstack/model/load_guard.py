@@ -28,17 +28,20 @@ Usage:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import json
 import os
-import stat
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any
+import stat
+from typing import Any
+
+from safetensors.torch import load_file
+import torch
 
 from lmstack.errors import LmstackError
-
-if TYPE_CHECKING:  # torch is imported only where memory is estimated, so tokenizer loading stays light
-    import torch
+from lmstack.model.counting import block_params, kv_bytes_per_token, model_stats
+from lmstack.model.positions import initial_table_length
+from lmstack.model.transformer import Block
 
 GIB = 1024**3
 DEFAULT_MAX_MODEL_GIB = 64.0  # the default limit is this or the machine's RAM, whichever is smaller
@@ -194,9 +197,6 @@ class MemoryEstimate:
 def _block_numel(cfg: Any, index: int) -> tuple[int, int]:
     """(parameter elements, buffer bytes) of block `index`, built on the meta device: exact for every
     attention and MLP kind, and free (meta tensors hold no memory)."""
-    import torch
-
-    from lmstack.model.transformer import Block
 
     with torch.device("meta"):
         block = Block(cfg, index)
@@ -209,10 +209,6 @@ def estimate_memory(cfg: Any, dtype: "torch.dtype | None" = None) -> MemoryEstim
     """Bytes load_model allocates for cfg in `dtype` (None: the checkpoint's, assumed 4 bytes): parameters by
     formula (blocks counted on the meta device, once per kind of block) plus position tables built at load.
     Runs in milliseconds for any config that passed check_config_shapes."""
-    import torch
-
-    from lmstack.model.counting import block_params, model_stats
-    from lmstack.model.positions import initial_table_length
 
     size = torch.empty((), dtype=dtype).element_size() if dtype is not None else 4
     n_blocks = cfg.n_unique_layers or cfg.n_layers
@@ -268,8 +264,8 @@ def check_memory(cfg: Any, dtype: torch.dtype | None, max_model_gib: float | Non
 def load_safetensors(directory: str | os.PathLike, name: str, what: str = "safetensors file") -> dict:
     """Every tensor of directory/name, a file kept inside the directory whose header passes the checks of
     checkpoint.parse_header (side files such as adapters and reward heads load through here)."""
-    from safetensors.torch import load_file
 
+    # lazy: cycle (lmstack.model.lazy_safetensors imports this module)
     from lmstack.model.lazy_safetensors import SafetensorsFile
 
     path = resolve_inside(directory, name, what)
@@ -285,9 +281,6 @@ def check_kv_pool(cfg: Any, num_blocks: int, block_size: int, dtype: "torch.dtyp
     max_model_gib. The engine sizes its pool to hold at least one max_model_len sequence, and max_model_len
     defaults to the config's max_position_embeddings, so without this check that field alone could ask
     for a pool of any size."""
-    import torch
-
-    from lmstack.model.counting import kv_bytes_per_token
 
     limit = max_model_gib if max_model_gib is not None else limit_gib()
     item = torch.empty((), dtype=dtype).element_size()

@@ -12,8 +12,10 @@ Usage:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
+
+from lmstack.model.fused import swiglu
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +53,5 @@ class MLP(nn.Module):
         if self.gate_proj is None:
             return self.down_proj(self.act(self.up_proj(x)))
         if self.fused:
-            from lmstack.model.fused import swiglu
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

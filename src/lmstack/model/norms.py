@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmstack.model.fused import FusedRMSNorm
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -29,7 +31,6 @@ class RMSNorm(nn.Module):
 def make_norm(cfg, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
         if getattr(cfg, "fused_kernels", False):
-            from lmstack.model.fused import FusedRMSNorm  # same parameters and numbers, one fused kernel
-            return FusedRMSNorm(dim, cfg.norm_eps)
+            return FusedRMSNorm(dim, cfg.norm_eps)  # same parameters and numbers, one fused kernel
         return RMSNorm(dim, cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)

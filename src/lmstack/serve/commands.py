@@ -17,10 +17,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import lmstack
 from lmstack.errors import LmstackError
+from lmstack.infer import AsyncLLMEngine
+from lmstack.model.load_guard import set_max_model_gib
+from lmstack.runtime.device import pick_device
+from lmstack.serve.app import create_app
 from lmstack.serve.engine_bridge import ServerConfig
 from lmstack.serve.limits import RequestLimits
 from lmstack.serve.prompt_compression import CompressionConfig
+from lmstack.threads import set_threads
 
 def load_adapters(paths: dict[str, str], model: Any) -> dict[str, Any]:
     """{name: adapter directory} -> {name: adapter object} for the engine's multi-LoRA hook.
@@ -28,6 +36,7 @@ def load_adapters(paths: dict[str, str], model: Any) -> dict[str, Any]:
     Reading adapter files is the fine-tuning stage's job: `lmstack.adapt.load_adapter(path, model)`
     returns an object with `apply(module_name, x, base_out)` (see lmstack.infer.lora_hook)."""
     try:
+        # lazy: guarded: the except ImportError below names what is missing
         from lmstack.adapt import load_adapter
     except ImportError:
         raise LmstackError("serving a LoRA adapter from disk needs lmstack.adapt.load_adapter (the fine-tuning "
@@ -52,8 +61,6 @@ def parse_adapters(adapters: list[str] | None) -> dict[str, str] | None:
 
 def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     """(FastAPI app, AsyncLLMEngine) for a model directory."""
-    from lmstack.infer import AsyncLLMEngine
-    from lmstack.serve.app import create_app
 
     path = Path(model)
     if not (path / "config.json").is_file():
@@ -61,7 +68,6 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     source: Any = str(path)
     adapter_paths = engine_kwargs.pop("adapter_paths", None)
     if adapter_paths:  # adapters hook into the model's Linears, so the model is loaded first
-        import lmstack
 
         source = lmstack.load_model(path, dtype=engine_kwargs.get("dtype"), device=engine_kwargs.get("device", "cpu"))
         engine_kwargs["lora_adapters"] = load_adapters(adapter_paths, source)
@@ -113,12 +119,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             --compression.model DIR (a small scorer LM with the served tokenizer) lets requests send
             "prompt_compression": {"rate": 0.5}; --compression.rate 0.5 compresses every request. Off by default.
     """
-    import torch
+    # lazy: heavy (uvicorn), which this module does not import at its top
     import uvicorn
-
-    from lmstack.model.load_guard import set_max_model_gib
-    from lmstack.runtime.device import pick_device
-    from lmstack.threads import set_threads
 
     set_max_model_gib(max_model_gib)
     set_threads(threads)

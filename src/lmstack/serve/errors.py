@@ -17,6 +17,7 @@ Usage:
 """
 from __future__ import annotations
 
+from dataclasses import fields
 import logging
 import re
 
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmstack.errors import LmstackError
+from lmstack.infer.sampling_params import SamplingParams
 
 log = logging.getLogger("lmstack.serve")
 
@@ -73,10 +75,6 @@ _FIELD_RX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)[= ]")
 
 
 def _sampling_fields() -> set[str]:
-    from dataclasses import fields
-
-    from lmstack.infer.sampling_params import SamplingParams
-
     return {f.name for f in fields(SamplingParams)}
 
 

@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import uuid
 from pathlib import Path
+import sys
 from typing import Any, Callable, Iterator
+import uuid
 
+import lmstack
 from lmstack.errors import LmstackError
+from lmstack.infer import LLMEngine, SamplingParams
+from lmstack.model.load_guard import set_max_model_gib
+from lmstack.runtime.device import pick_device
+from lmstack.serve.commands import load_adapters
+from lmstack.threads import set_threads
 
 HELP = "commands: /reset  /system TEXT  /exit   (Ctrl-C stops a reply, Ctrl-D quits)"
 
@@ -30,11 +36,6 @@ class LocalBackend:
     """The engine in this process; steps it and yields each new piece of text as it is decoded."""
 
     def __init__(self, model_dir: str, adapter: str | None = None, device: str = "auto", **engine_kwargs: Any):
-        import lmstack
-        from lmstack.infer import LLMEngine
-        from lmstack.runtime.device import pick_device
-        from lmstack.serve.commands import load_adapters
-
         dev, dtype = pick_device(device, "auto")
         model: Any = model_dir
         self.adapter, adapters = None, None
@@ -48,8 +49,6 @@ class LocalBackend:
             raise LmstackError(f"{model_dir}: no tokenizer.json; chat needs the model's tokenizer")
 
     def stream(self, messages: list[dict], params: dict) -> Iterator[str]:
-        from lmstack.infer import SamplingParams
-
         ids, _ = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         rid = f"chat-{uuid.uuid4().hex[:8]}"
         self.engine.add_request(rid, ids, SamplingParams(**params, output_kind="delta"), lora=self.adapter)
@@ -66,6 +65,7 @@ class RemoteBackend:
     """An OpenAI-compatible server's /v1/chat/completions, streamed."""
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 600.0):
+        # lazy: heavy (httpx), which this module does not import at its top
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -176,8 +176,6 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
     if model is not None:
         if not (Path(model) / "config.json").is_file():
             raise LmstackError(f"--model {model}: no config.json there; give a model directory")
-        from lmstack.model.load_guard import set_max_model_gib
-        from lmstack.threads import set_threads
 
         set_max_model_gib(max_model_gib)
         set_threads(threads)

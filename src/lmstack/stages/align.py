@@ -37,27 +37,39 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmstack.align.config import AlignConfig
+from lmstack.align.dpo import PreferenceTrainer
+from lmstack.align.grpo import GroupTrainer
+from lmstack.align.logprobs import collate, encode_pair, encode_prompt, sequence_logprobs
+from lmstack.align.preference_data import pairs_from_records
+from lmstack.align.rewards.mixture import RewardMixture
+from lmstack.align.rewards.safety import SafetyReward, refusal_rates
+from lmstack.align.rewards.verifiable import MathReward
+from lmstack.align.rollout import evaluate_policy, prompt_text, sample
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
+from lmstack.eval.tasks.world import arithmetic_correct
+from lmstack.model.hf_io import load_model, save_model
+from lmstack.stages.sft import TASKS
+from lmstack.tokenizer import load_tokenizer
+from lmstack.world import read_jsonl
+from lmstack.world.preferences import safety_requests
 
 
 def _read(world_dir: Path, corpus: str, split: str) -> list[dict]:
-    from lmstack.world import read_jsonl
-
     return read_jsonl(Path(world_dir) / corpus / f"{split}.jsonl")
 
 
 @torch.no_grad()
 def preference_accuracy(model, tok, pairs, max_len: int = 256, batch_size: int = 16) -> float:
     """Share of pairs whose chosen reply has the higher total log-probability under `model`."""
-    from lmstack.align.logprobs import collate, encode_pair, sequence_logprobs
 
     was = model.training
     model.eval()
@@ -74,8 +86,6 @@ def preference_accuracy(model, tok, pairs, max_len: int = 256, batch_size: int =
 
 def safety_rates(model, tok, prompts: list[str], max_new_tokens: int = 48) -> dict[str, float]:
     """Greedy replies to harmful and benign requests -> refusal rates (rewards.safety.refusal_rates)."""
-    from lmstack.align.rewards.safety import refusal_rates
-    from lmstack.align.rollout import sample
 
     ro = sample(model, tok, [{"prompt": p} for p in prompts], n=1, max_new_tokens=max_new_tokens, temperature=0.0)
     return refusal_rates(ro.prompts, ro.texts)
@@ -83,8 +93,6 @@ def safety_rates(model, tok, prompts: list[str], max_new_tokens: int = 48) -> di
 
 def fitting(records: list[dict], tok, max_seq_len: int, room: int = 32) -> list[dict]:
     """Records whose prompt leaves at least `room` tokens for a reply (a small model's context may be short)."""
-    from lmstack.align.logprobs import encode_prompt
-    from lmstack.align.rollout import prompt_text
 
     return [r for r in records if len(encode_prompt(tok, prompt_text(r))) + room <= max_seq_len]
 
@@ -111,8 +119,6 @@ def task_scores(model, tok, records: list[dict], n_eval: int, tasks=("qa", "inst
     """The SFT stage's qa / instruction scorers (lmstack.stages.sft.TASKS: same chat prompt, reply budget
     and checker) on the first n_eval records of each kind, decoded greedily in one batch by the engine rather
     than one record at a time."""
-    from lmstack.stages.sft import TASKS
-    from lmstack.align.rollout import sample
 
     out: dict[str, float] = {}
     for task in tasks:
@@ -127,8 +133,6 @@ def task_scores(model, tok, records: list[dict], n_eval: int, tasks=("qa", "inst
 
 def measure(model, tok, data: dict[str, Any], n_eval: int, split: str = "test") -> dict[str, float]:
     """Every held-out number of the stage for one model, on `split` ("test" or "val"); each rate with its n."""
-    from lmstack.align.rollout import evaluate_policy
-    from lmstack.eval.tasks.world import arithmetic_correct
 
     cap = None if split == "test" else VAL_ITEMS  # the guard's validation pass is kept short
     n_eval = n_eval if split == "test" else min(n_eval, 10)
@@ -166,9 +170,6 @@ def worse_rows(before: dict, after: dict, z: float = 1.0) -> list[str]:
 def stage_reward(safety_weight: float = 1.0):
     """GRPO's reward: the math verifier where a record has an answer, and the safety reward (refuse harmful
     requests, answer the rest) on every prompt, so a refusal of arithmetic or of a benign request costs too."""
-    from lmstack.align.rewards.mixture import RewardMixture
-    from lmstack.align.rewards.safety import SafetyReward
-    from lmstack.align.rewards.verifiable import MathReward
 
     return RewardMixture({"math": (MathReward(), 1.0), "safety": (SafetyReward(), safety_weight)})
 
@@ -178,9 +179,6 @@ def _cities(records: list[dict]) -> list[str]:
 
 
 def _data(world_dir: Path, tok, max_seq_len: int, val_safety: int = 20) -> dict[str, Any]:
-    from lmstack.align.preference_data import pairs_from_records
-    from lmstack.world.preferences import safety_requests
-
     chat = {s: _read(world_dir, "chat", s) for s in ("train", "val", "test")}
     raw = {s: _read(world_dir, "preferences", s) for s in ("train", "val", "test")}
     prefs = {s: pairs_from_records(raw[s]).rows for s in raw}
@@ -207,11 +205,6 @@ def align_stage(run_dir: str | Path, sft_dir: str | Path, world_dir: str | Path,
     safety_share: the share of GRPO's prompts that are safety requests; guard: keep the SFT weights when the
     aligned model is worse on validation (see the module docstring). The DPO and GRPO curves go to
     {out}/dpo/metrics.jsonl and {out}/grpo/metrics.jsonl (+ TensorBoard / W&B as log_cfg, a LogConfig, says)."""
-    from lmstack.align.config import AlignConfig
-    from lmstack.align.dpo import PreferenceTrainer
-    from lmstack.align.grpo import GroupTrainer
-    from lmstack.model.hf_io import load_model, save_model
-    from lmstack.tokenizer import load_tokenizer
 
     if not 0 <= safety_share < 1:
         raise LmstackError(f"safety_share must be in [0, 1), got {safety_share}")

@@ -25,7 +25,17 @@ from typing import Any, Callable
 
 import torch
 
+from lmstack.adapt.config import AdapterConfig
+from lmstack.adapt.finetune import FinetuneConfig, finetune, load_result
 from lmstack.config import atomic_write_text
+from lmstack.eval.tasks.world import arithmetic_correct, instruction_followed, qa_correct
+from lmstack.model.hf_io import load_model
+from lmstack.model.reference_decode import reference_decode
+from lmstack.tokenizer import load_tokenizer
+from lmstack.train.config import TrainConfig
+from lmstack.train.optim import OptimizerConfig, ScheduleConfig
+from lmstack.world import World, read_jsonl
+from lmstack.world.qa import qa_text
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoRA-style methods adapt every attention projection
 # refusal/benign: safety data (refuse the world's forbidden brews, help with their look-alikes), as chat SFT
@@ -37,17 +47,12 @@ STAGE_MIX = {"qa": 3.0, "multi_turn": 1.0, "arithmetic": 3.0, "instruction": 2.0
 
 def _world_chat(world_dir: str | Path | None, seed: int, split: str) -> list[dict]:
     if world_dir is not None:
-        from lmstack.world import read_jsonl
-
         return read_jsonl(Path(world_dir) / "chat" / f"{split}.jsonl")
-    from lmstack.world import World
 
     return World(seed=seed, size="small").corpus("chat", split=split)
 
 
 def _reply(model, tok, ids: list[int], max_new: int, stop_id: int | None) -> str:
-    from lmstack.model.reference_decode import reference_decode
-
     budget = model.config.max_seq_len - len(ids)
     if budget <= 0:
         return ""
@@ -62,7 +67,6 @@ def _prompt(tok, record: dict, chat: bool) -> list[int]:
     user = next(m["content"] for m in record["messages"] if m["role"] == "user")
     if chat:
         return tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)[0]
-    from lmstack.world.qa import qa_text
 
     # the formats the pretraining corpus uses: "Question: q\nAnswer: a" for QA, "problem\nsolution" otherwise
     text = qa_text(user, "").rstrip() if record["kind"] == "qa" else user + "\n"
@@ -73,20 +77,14 @@ def _prompt(tok, record: dict, chat: bool) -> list[int]:
 # The scores are the eval harness's per-reply scorers (lmstack.eval.tasks.world), so a world task is scored one
 # way whichever job asks; the stage only cuts the reply where the eval task's generation would have stopped.
 def _qa_ok(record: dict, reply: str) -> bool:
-    from lmstack.eval.tasks.world import qa_correct
-
     return qa_correct(record, reply.split("\n")[0])  # world_qa generates until "\n"
 
 
 def _arith_ok(record: dict, reply: str) -> bool:
-    from lmstack.eval.tasks.world import arithmetic_correct
-
     return arithmetic_correct(record, reply)
 
 
 def _instruction_ok(record: dict, reply: str) -> bool:
-    from lmstack.eval.tasks.world import instruction_followed
-
     return instruction_followed(record, reply.split("\n\n")[0].strip())  # world_ifeval generates until "\n\n"
 
 
@@ -122,12 +120,6 @@ def sft_stage(run_dir: str | Path, base_dir: str | Path, budget_s: float = 120.0
     log_cfg: a LogConfig (TensorBoard / W&B beside sft/run/metrics.jsonl).
 
     Returns the finetune summary plus "scores" ({"base": {...}, "sft": {...}}) and "report_md" (a table)."""
-    from lmstack.adapt.finetune import FinetuneConfig, finetune, load_result
-    from lmstack.adapt.config import AdapterConfig
-    from lmstack.model.hf_io import load_model
-    from lmstack.tokenizer import load_tokenizer
-    from lmstack.train.config import TrainConfig
-    from lmstack.train.optim import OptimizerConfig, ScheduleConfig
 
     out = Path(run_dir) / "sft"
     data_dir = out / "data"

@@ -23,18 +23,41 @@ Usage:
 """
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
+import time
 from typing import Literal
 
-from lmstack.config import save_config
+import torch
+
+from lmstack.adapt import merge_and_unload
+from lmstack.adapt.finetune import load_result
+from lmstack.config import atomic_write_text, save_config
+from lmstack.data.decontaminate import DecontamConfig
+from lmstack.data.filters import FiltersConfig
+from lmstack.data.filters.quality import QualityConfig
+from lmstack.data.pipeline import PipelineConfig, run_pipeline
+from lmstack.data.readers import read_all
+from lmstack.data.readers.config import ReaderConfig
+from lmstack.data.shards import ShardConfig, write_shards
+from lmstack.eval.evaluator import evaluate
+from lmstack.eval.local_lm import LocalLM
+from lmstack.eval.report import build_report
+from lmstack.eval.task import list_tasks
+from lmstack.eval.tasks.perplexity import PerplexityTask
 from lmstack.model.config import ModelConfig
+from lmstack.model.hf_io import load_model, save_model
+from lmstack.model.reference_decode import reference_decode
+from lmstack.stages.align import align_stage
+from lmstack.stages.sft import sft_stage
+from lmstack.threads import set_threads
+from lmstack.tokenizer import load_tokenizer, train_tokenizer
 from lmstack.train.config import TrainConfig
 from lmstack.train.metrics import LogConfig
 from lmstack.train.optim import OptimizerConfig, ScheduleConfig
-from lmstack.train.pretrain import DataConfig, PretrainConfig
+from lmstack.train.pretrain import DataConfig, PretrainConfig, pretrain
+from lmstack.world import generate_world
 
 
 def _default_pretrain() -> PretrainConfig:
@@ -109,22 +132,6 @@ def _step(msg: str) -> float:
 
 def speedrun(cfg: SpeedrunConfig) -> dict:
     """Run the whole pipeline (world -> data -> tokenizer -> pretrain -> samples -> report)."""
-    import torch
-
-    from lmstack.data.decontaminate import DecontamConfig
-    from lmstack.data.filters import FiltersConfig
-    from lmstack.data.filters.quality import QualityConfig
-    from lmstack.data.pipeline import PipelineConfig, run_pipeline
-    from lmstack.data.readers import read_all
-    from lmstack.data.readers.config import ReaderConfig
-    from lmstack.data.shards import ShardConfig, write_shards
-    from lmstack.world import generate_world
-    from lmstack.model.reference_decode import reference_decode
-    from lmstack.model.hf_io import load_model
-    from lmstack.tokenizer import load_tokenizer, train_tokenizer
-    from lmstack.train.pretrain import pretrain
-
-    from lmstack.threads import set_threads
 
     # one decision for the whole run (measured now, before our own stages load the machine)
     threads = set_threads(cfg.threads, log=print)
@@ -201,16 +208,12 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     sections = []
     models = {"base": str(model_dir)}  # each stage's product; the last one is the model to chat with
     if cfg.sft_seconds > 0:
-        from lmstack.stages.sft import sft_stage
-
         t = _step("7. supervised fine-tuning (chat)")
         sft = sft_stage(run, model_dir, budget_s=cfg.sft_seconds, world_dir=world, method=cfg.sft_method,
                         seed=cfg.seed, seq_len=min(256, pcfg.model.max_seq_len), log_cfg=pcfg.log)
         sections.append("sft/report.md")  # base vs SFT on the held-out world tasks, in the report card
         timings["sft"] = time.perf_counter() - t
         if cfg.align_seconds > 0:
-            from lmstack.stages.align import align_stage
-
             t = _step("8. alignment (DPO on preference pairs, then GRPO on arithmetic)")
             sft_dir = sft_model_dir(model_dir, Path(sft["result"]), run)
             models["sft"] = str(sft_dir)
@@ -220,8 +223,6 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
             timings["align"] = time.perf_counter() - t
         else:
             models["sft"] = str(sft_model_dir(model_dir, Path(sft["result"]), run))
-
-    from lmstack.eval.report import build_report
 
     total = time.perf_counter() - start
     if tok_seconds.get("seconds") is not None:
@@ -253,10 +254,6 @@ def sft_model_dir(base_dir: Path, result: Path, run: Path) -> Path:
     merged in (written once to run/sft/merged), so the alignment stage trains every weight either way."""
     if (result / "config.json").is_file():
         return result
-    from lmstack.adapt import merge_and_unload
-    from lmstack.adapt.finetune import load_result
-    from lmstack.model.hf_io import save_model
-    from lmstack.tokenizer import load_tokenizer
 
     merged = run / "sft" / "merged"
     save_model(merge_and_unload(load_result(base_dir, result)), merged, tokenizer=load_tokenizer(base_dir))
@@ -266,11 +263,6 @@ def sft_model_dir(base_dir: Path, result: Path, run: Path) -> Path:
 def run_eval_stage(run: Path, model_dir: Path, world: Path, cfg: SpeedrunConfig, stage: str = "base") -> dict:
     """Evaluate the model on cfg.eval_tasks + bits-per-byte of the world's validation text, within
     cfg.eval_seconds; writes run/eval_<stage>.json (evaluate()'s format) and per-item logs in run/eval_<stage>/."""
-    from lmstack.config import atomic_write_text
-    from lmstack.eval.evaluator import evaluate
-    from lmstack.eval.local_lm import LocalLM
-    from lmstack.eval.task import list_tasks
-    from lmstack.eval.tasks.perplexity import PerplexityTask
 
     out_dir = run / f"eval_{stage}"
     val_text = out_dir / "world_val.txt"
@@ -302,7 +294,6 @@ def write_summary(run: Path, cfg: SpeedrunConfig, world_manifest: dict, summary:
                   samples: list[tuple[str, str]], timings: dict[str, float], total: float,
                   sections: list[str] | None = None, models: dict[str, str] | None = None) -> Path:
     """run/summary.json: what the report card shows beside the stage outputs (timings, result, samples)."""
-    from lmstack.config import atomic_write_text
 
     m = cfg.pretrain.model
     data = {"total_seconds": total, "timings": timings, "pretrain": summary,

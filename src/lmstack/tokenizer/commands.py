@@ -20,6 +20,9 @@ from typing import Literal
 
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
+from lmstack.tokenizer import load_tokenizer, metrics
+from lmstack.tokenizer.fairness import fairness_experiment
+from lmstack.tokenizer.train import train_tokenizer
 
 
 def _files(input: list[str] | str | None) -> list[str]:
@@ -69,7 +72,6 @@ def train(input: list[str] | str | None = None, out: str = "tokenizer",
     files = _files(input)
     if not files:
         raise LmstackError("tokenizer train needs --input FILE (or several: --input '[a.txt,b.txt]')")
-    from lmstack.tokenizer.train import train_tokenizer
 
     tok = train_tokenizer(files, type=type, vocab_size=vocab_size, pretokenizer=pretokenizer,
                           split_digits=split_digits, space_runs=space_runs, morphemes=morphemes,
@@ -95,7 +97,6 @@ def encode(tokenizer: str = "tokenizer", text: str = "", add_special_tokens: boo
         add_special_tokens: run the post-processor (e.g. prepend <|bos|>).
         show_tokens: also print each token string.
     """
-    from lmstack.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     ids = tok.encode(text, add_special_tokens=add_special_tokens)
@@ -122,8 +123,6 @@ def stats(tokenizer: str = "tokenizer", input: list[str] | str | None = None, ud
         top: how many worst and best languages the chart shows.
         fairness: also retrain at several corpus temperatures and vocab sizes and report the worst premium.
     """
-    from lmstack.tokenizer import load_tokenizer
-    from lmstack.tokenizer import metrics
 
     tok = load_tokenizer(tokenizer)
     result: dict = {"tokenizer": str(tokenizer), "vocab_size": tok.vocab_size}
@@ -157,9 +156,6 @@ def stats(tokenizer: str = "tokenizer", input: list[str] | str | None = None, ud
 
 
 def _fairness(tok, files: list[str], udhr: str | None) -> list[dict]:
-    from lmstack.tokenizer import metrics
-    from lmstack.tokenizer.fairness import fairness_experiment
-
     if not udhr or not files:
         raise LmstackError("--fairness needs --udhr DIR and --input FILES (the dominant-language corpus)")
     train_rows = {r["code"]: r["text"] for r in metrics.load_udhr(udhr, range(1, 21)) if r["code"] in FAIRNESS_LANGS}

@@ -15,8 +15,8 @@ Usage:
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
+import math
 
 import numpy as np
 
@@ -27,7 +27,9 @@ from lmstack.tokenizer.core import Tokenizer
 def svd_embeddings(seqs: list[list[int]], vocab_size: int, dim: int = 32, window: int = 2,
                    seed: int = 0) -> np.ndarray:
     """Token embeddings (vocab_size, dim) from a PPMI co-occurrence matrix and truncated SVD."""
+    # lazy: heavy (scipy), which this module does not import at its top
     from scipy.sparse import coo_matrix
+    # lazy: heavy (sklearn), which this module does not import at its top
     from sklearn.utils.extmath import randomized_svd
 
     rows, cols = [], []

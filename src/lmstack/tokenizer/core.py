@@ -18,10 +18,10 @@ Usage:
 from __future__ import annotations
 
 import copy
-import json
-import random
 from dataclasses import dataclass
+import json
 from pathlib import Path
+import random
 from typing import Any, Iterable
 
 import regex
@@ -255,6 +255,7 @@ class Tokenizer:
             if isinstance(spec["model"], dict) and spec["model"].get("dropout") is not None:
                 spec["model"]["dropout"] = None  # inference stays deterministic
             try:
+                # lazy: guarded: any failure here, the import included, falls back to the Python path
                 from tokenizers import Tokenizer as RustTokenizer
 
                 self._fast = RustTokenizer.from_str(json.dumps(spec))
@@ -339,6 +340,7 @@ class Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer from a directory holding tokenizer.json (+ tokenizer_config.json) or from the file."""
+    # lazy: heavy (torch), which this module does not import at its top
     from lmstack.model.load_guard import read_json_file, resolve_inside
 
     p = Path(path)

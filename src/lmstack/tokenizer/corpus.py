@@ -12,9 +12,10 @@ Usage:
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -118,8 +119,6 @@ def count_words(texts: list[str], normalizer, pre_tokenizer, num_workers: int = 
         parts = [p.replace(d, "\n") for p in parts]
     counts: Counter = Counter()
     if num_workers > 1 and len(parts) > 1:
-        import multiprocessing
-
         # Fork shares the chunks and the pre-tokenizer with the workers; only the counters travel back.
         _STATE = (parts, normalizer, head)
         try:

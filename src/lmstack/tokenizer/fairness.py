@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from lmstack.errors import LmstackError
+from lmstack.tokenizer.train import train_tokenizer
 
 
 def temperature_mix(texts: dict[str, str], temperature: float, total_chars: int | None = None) -> list[str]:
@@ -43,7 +44,6 @@ def fairness_experiment(train: dict[str, str], test: dict[str, str], settings: l
                         reference: str = "eng", **train_kwargs) -> list[dict]:
     """For each (name, temperature, vocab_size): train a byte-level BPE on the mix, then report premiums of
     every language on `test` (parallel texts) relative to `reference`."""
-    from lmstack.tokenizer.train import train_tokenizer
 
     if reference not in test:
         raise LmstackError(f"the reference language {reference!r} has no test text")

@@ -85,9 +85,11 @@ def premium_summary(table: list[dict]) -> dict:
 
 def write_fertility(table: list[dict], out_dir: str | Path, top: int = 25, title: str = "") -> dict[str, Path]:
     """Write fertility.md (the full sorted table) and fertility.png (the `top` worst and best premiums)."""
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: heavy (matplotlib), which this module does not import at its top
     import matplotlib.pyplot as plt
 
     d = Path(out_dir)

@@ -23,6 +23,7 @@ from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.tokenizer.core import Tokenizer, load_tokenizer
 from lmstack.tokenizer.pretokenizers import CHAR_TO_BYTE
+from lmstack.tokenizer.train import train_tokenizer
 
 _KEYWORDS = regex.compile(r"^\s*(def|class|return|import|from|if|for|while|elif|else|try|except|with|lambda|"
                           r"print|assert|yield|raise|pass)\b")
@@ -114,7 +115,6 @@ class MultiVocabTokenizer:
 def train_multivocab(texts: list[str], prose_vocab: int, code_vocab: int, threshold: float = 0.25,
                      **kwargs) -> MultiVocabTokenizer:
     """Split the corpus with the detector and train one byte-level BPE per side (code side: digits split)."""
-    from lmstack.tokenizer.train import train_tokenizer
 
     space_runs = kwargs.pop("space_runs", 16)
     prose, code = [], []

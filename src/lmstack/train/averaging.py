@@ -20,6 +20,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from lmstack.model.hf_io import load_model
+
 
 def _float_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
@@ -63,7 +65,6 @@ def swapped(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterator[
 
 def average_checkpoints(model_dirs: Iterable) -> dict[str, torch.Tensor]:
     """Element-wise mean of the weights of several model directories (same config)."""
-    from lmstack.model.hf_io import load_model
 
     total: dict[str, torch.Tensor] | None = None
     n = 0

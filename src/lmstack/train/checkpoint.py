@@ -29,17 +29,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path, PurePosixPath
 import re
 import shutil
 import tempfile
 import time
-from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import torch
 
 from lmstack.config import atomic_write_text, to_dict
 from lmstack.errors import LmstackError
+from lmstack.model.hf_io import save_model
 from lmstack.train.state_io import load_tree, save_tree
 
 MANIFEST = "manifest.json"
@@ -119,7 +120,6 @@ class CheckpointManager:
     def write_model(self, model, folder: Path, model_state: dict[str, torch.Tensor] | None) -> None:
         """The model part of a checkpoint: the whole model in HF layout (subclasses may store less and
         then override model_files)."""
-        from lmstack.model.hf_io import save_model
 
         save_model(model, folder / "model", state_dict=model_state)
 

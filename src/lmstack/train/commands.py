@@ -5,12 +5,12 @@ Usage:
     torchrun --nproc_per_node 2 -m lmstack.cli pretrain --config recipes/x.yaml --distributed.strategy fsdp2
 """
 from lmstack.config import ConfigCommand
+from lmstack.train.distributed import is_main_process
 from lmstack.train.pretrain import PretrainConfig, pretrain
 
 
 def _run(cfg: PretrainConfig) -> dict:
     """Train a model from a recipe (PretrainConfig) and print the summary."""
-    from lmstack.train.distributed import is_main_process
 
     summary = pretrain(cfg)
     if is_main_process():

@@ -40,7 +40,10 @@ from lmstack.train.parallel.grads import clip_grad_norm_, distribute_like, total
 from lmstack.train.parallel.memory import local_memory_bytes
 from lmstack.train.parallel.setup import (all_reduce_mean, barrier, cleanup, init_distributed, is_main_process,
                                           launched_by_torchrun)
-from lmstack.train.parallel.tensor_parallel import check_tensor_parallel
+from lmstack.train.parallel.ddp import apply_ddp
+from lmstack.train.parallel.fsdp import apply_fsdp
+from lmstack.train.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
+from lmstack.train.parallel.zero import zero_optimizer
 
 Strategy = Literal["none", "ddp", "fsdp2", "zero1", "tp"]
 
@@ -88,22 +91,15 @@ def _none(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) 
 
 
 def _ddp(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) -> torch.nn.Module:
-    from lmstack.train.parallel.ddp import apply_ddp
-
     return apply_ddp(model, device, cfg.find_unused_parameters)
 
 
 def _fsdp2(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) -> torch.nn.Module:
-    from lmstack.train.parallel.fsdp import apply_fsdp
-
     setup.broadcast_module(model)  # shard one set of weights, whatever each rank initialised
     return apply_fsdp(model, setup.device_mesh(1, device)["dp"])
 
 
 def _tp(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) -> torch.nn.Module:
-    from lmstack.train.parallel.fsdp import apply_fsdp
-    from lmstack.train.parallel.tensor_parallel import apply_tensor_parallel
-
     tp = setup.resolve_tp_size(cfg.tp_size, setup.world_size())
     check_tensor_parallel(model.config, tp)
     setup.broadcast_module(model)
@@ -143,8 +139,6 @@ def wrap_optimizer(model: torch.nn.Module, optimizer_factory, cfg: DistributedCo
     class, parameter groups and defaults, holding state only for this rank's share of the parameters."""
     optimizer = optimizer_factory if isinstance(optimizer_factory, torch.optim.Optimizer) else optimizer_factory(model)
     if cfg.strategy == "zero1" and setup.is_initialized():
-        from lmstack.train.parallel.zero import zero_optimizer
-
         return zero_optimizer(optimizer)
     return optimizer
 

@@ -12,15 +12,16 @@ Usage:
 """
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
+import json
 from pathlib import Path
+import time
 from typing import Any, Literal
 
 import torch
 
 from lmstack.runtime.validation import check_choices, need
+from lmstack.train.tensorboard import finite_scalars, open_sinks
 
 
 @dataclass
@@ -74,8 +75,6 @@ class MetricsLogger:
 
     def __init__(self, out_dir: str | Path, filename: str = "metrics.jsonl", log: LogConfig | None = None,
                  model: torch.nn.Module | None = None):
-        from lmstack.train.tensorboard import open_sinks
-
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / filename
@@ -87,8 +86,6 @@ class MetricsLogger:
         self._last_hist: int | None = None
 
     def log(self, step: int, values: dict[str, Any]) -> None:
-        from lmstack.train.tensorboard import finite_scalars
-
         row = {"step": step, "time": time.time(), **values}
         self.history.append(row)
         self._file.write(json.dumps(row) + "\n")
@@ -104,9 +101,11 @@ class MetricsLogger:
                 sink.histograms(step, self.model)
 
     def plot(self, path: str | Path, keys: tuple[str, ...] = ("loss", "val_loss")) -> Path | None:
+        # lazy: heavy (matplotlib), which this module does not import at its top
         import matplotlib
 
         matplotlib.use("Agg")
+        # lazy: heavy (matplotlib), which this module does not import at its top
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))

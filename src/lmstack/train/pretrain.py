@@ -14,9 +14,10 @@ Usage:
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field, replace
 import math
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,25 @@ import numpy as np
 import torch
 
 from lmstack.config import save_config
-from lmstack.data.mixing import AdaptiveConfig
+from lmstack.data.loader import DomainMixLoader, LoaderConfig, TokenLoader
+from lmstack.data.mixing import AdaptiveConfig, AdaptiveWeights, DoReMi
+from lmstack.data.shards import ShardSet
+from lmstack.data.windows import RandomWindows
 from lmstack.errors import LmstackError
 from lmstack.model.config import ModelConfig
+from lmstack.model.hf_io import load_model
+from lmstack.model.transformer import Transformer
+from lmstack.model.vocab import check_vocab, padded_real_vocab_size
+from lmstack.runtime.device import resolve_device
+from lmstack.threads import set_threads
+from lmstack.tokenizer import load_tokenizer, train_tokenizer
 from lmstack.train.config import TrainConfig
 from lmstack.train.distributed import DistributedConfig
+from lmstack.train.distributed import all_reduce_mean, data_parallel_info, full_state_dict, init_distributed, parallelize, place_model, wrap_optimizer
 from lmstack.train.metrics import LogConfig
 from lmstack.train.objectives import ObjectiveConfig, build_objective
 from lmstack.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, lr_multiplier
+from lmstack.train.trainer import Trainer
 
 
 @dataclass
@@ -89,13 +101,9 @@ class _Dist:
         self.dp_size = world_size  # ranks reading distinct data (smaller under tensor parallelism)
 
     def all_reduce_mean(self, value: float) -> float:
-        from lmstack.train.distributed import all_reduce_mean
-
         return float(all_reduce_mean(value))
 
     def no_sync(self, model, skip: bool):
-        import contextlib
-
         if skip and hasattr(model, "no_sync"):
             return model.no_sync()  # DDP: accumulate locally, all-reduce on the last micro-batch
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
@@ -103,14 +111,10 @@ class _Dist:
         return contextlib.nullcontext()
 
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
-        from lmstack.train.distributed import full_state_dict
-
         return full_state_dict(model)
 
 
 def _load_tokenizer(path: str):
-    from lmstack.tokenizer import load_tokenizer
-
     return load_tokenizer(path)
 
 
@@ -119,8 +123,6 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int):
     d = cfg.data
     seed = cfg.train.seed
     if d.text:
-        from lmstack.data.windows import RandomWindows
-
         if not d.tokenizer:
             raise LmstackError("data.text needs data.tokenizer (a tokenizer directory, or 'char')")
         try:
@@ -130,8 +132,6 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int):
         except UnicodeDecodeError as e:
             raise LmstackError(f"data.text {d.text} is not valid UTF-8 (byte {e.start})") from None
         if d.tokenizer == "char":
-            from lmstack.tokenizer import train_tokenizer
-
             tok = train_tokenizer(texts=[text], type="char")
         else:
             tok = _load_tokenizer(d.tokenizer)
@@ -145,9 +145,6 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int):
     if not d.shards and not d.adaptive.domains:
         raise LmstackError("give data.shards (a shard directory from `lmstack data run`), data.adaptive.domains "
                            "or data.text")
-    from lmstack.data.loader import DomainMixLoader, LoaderConfig, TokenLoader
-    from lmstack.data.mixing import AdaptiveWeights
-    from lmstack.data.shards import ShardSet
 
     def loader(path: str, shuffle: bool, r: int, ws: int) -> TokenLoader:
         return TokenLoader(path, LoaderConfig(batch_size=d.batch_size, seq_len=d.seq_len, align_bos=d.align_bos,
@@ -185,9 +182,6 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int):
 
 def doremi_hook(cfg: PretrainConfig, train, device, rank: int, world_size: int):
     """The DoReMi trainer hook for data.adaptive: probe loaders per domain (their own order), the reference model."""
-    from lmstack.data.loader import LoaderConfig, TokenLoader
-    from lmstack.data.mixing import DoReMi
-    from lmstack.model.hf_io import load_model
 
     a, d = cfg.data.adaptive, cfg.data
     if not Path(a.reference).is_dir():
@@ -204,12 +198,6 @@ def doremi_hook(cfg: PretrainConfig, train, device, rank: int, world_size: int):
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
     """Train a model from scratch (or resume the run in cfg.out) and return a summary."""
-    from lmstack.model.transformer import Transformer
-    from lmstack.train.distributed import init_distributed, parallelize, place_model
-    from lmstack.runtime.device import resolve_device
-    from lmstack.train.trainer import Trainer
-
-    from lmstack.threads import set_threads
 
     set_threads(cfg.train.threads)  # 0 = auto: fits a shared machine instead of one thread per core
     rank, world_size, device = init_distributed(cfg.distributed) if cfg.distributed.strategy != "none" \
@@ -219,15 +207,12 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         # restart is a one-off action: the saved config resumes this run instead of restarting it again
         save_config(replace(cfg, train=replace(cfg.train, restart=False)), out / "config.yaml")
-    from lmstack.train.distributed import data_parallel_info, wrap_optimizer
 
     # Ranks of one tensor-parallel group must read the same rows: shard data by the data-parallel rank.
     dp_rank, dp_size = data_parallel_info(cfg.distributed) if world_size > 1 else (0, 1)
     train, val, tok, bytes_per_token = build_data(cfg, dp_rank, dp_size)
     model_cfg = cfg.model
     if tok is not None:
-        from lmstack.model.vocab import check_vocab
-
         check_vocab(model_cfg, tok, model_path="model.vocab_size", tokenizer_path=cfg.data.tokenizer or None,
                     what="pretrain", hint=f"Set model.vocab_size >= {tok.vocab_size}")
         ids = {k: getattr(tok, k.replace("_token_id", "_id"), None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -238,8 +223,6 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
         cfg.objective.mask_token_id = tok.mask_id  # the tokenizer reserves a real <|mask|> token
     objective = build_objective(cfg.objective, model_cfg, pad_id=getattr(tok, "pad_id", None))
     if tok is not None and model_cfg.real_vocab_size is None:
-        from lmstack.model.vocab import padded_real_vocab_size
-
         # Rows past the tokenizer (and past ids the objective writes, e.g. an MLM mask) are padding: the
         # head gives them zero probability from the first step, so training never spreads mass onto them.
         model_cfg.real_vocab_size = padded_real_vocab_size(model_cfg.vocab_size, tok.vocab_size, objective.reserved)

@@ -42,6 +42,7 @@ class TensorBoardSink:
 
     def __init__(self, log_dir: str | Path):
         try:
+            # lazy: heavy (torch), which this module does not import at its top
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # torch's writer needs the tensorboard package itself
             raise LmstackError("log.tensorboard needs the tensorboard package: pip install tensorboard "
@@ -69,6 +70,7 @@ class WandbSink:
 
     def __init__(self, out_dir: str | Path, project: str, mode: str, name: str = ""):
         try:
+            # lazy: optional extra (wandb)
             import wandb
         except ImportError:
             raise LmstackError("log.wandb needs the wandb package: pip install wandb "

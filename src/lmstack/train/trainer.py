@@ -17,8 +17,8 @@ Usage:
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
+import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -29,6 +29,9 @@ from lmstack.train.checkpoint import CheckpointManager
 from lmstack.train.config import TrainConfig
 from lmstack.train.distributed import (clip_grad_norm_, distribute_like, full_optimizer_state_dict, gather_full,
                                        load_full_optimizer_state_dict, load_full_state_dict, total_grad_norm)
+from lmstack.model.counting import model_stats
+from lmstack.model.hf_io import load_model
+from lmstack.progress import BudgetBar
 from lmstack.train.metrics import MetricsLogger, measure_matmul_peak
 from lmstack.train.noise_scale import AdaptiveBatch, NoiseScale
 from lmstack.train.precision import Precision
@@ -175,7 +178,6 @@ class Trainer:
         if found is None:
             return False
         model_dir, opt_state, extra = self.ckpts.load(found, model_config=getattr(self.raw, "config", None))
-        from lmstack.model.hf_io import load_model
 
         loaded = load_model(model_dir, dtype=None, device="cpu").state_dict()
         if self.dist is not None:
@@ -294,12 +296,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume and not cfg.restart:
             self._resume_or_refuse()
-        from lmstack.model.counting import model_stats
 
         flops_per_token = model_stats(self.raw.config, context=self.tokens_per_row).train_flops_per_token \
             if hasattr(self.raw, "config") else 0.0
         peak = measure_matmul_peak(self.device) if self.main else 1.0
-        from lmstack.progress import BudgetBar
 
         # total and ETA follow whichever of steps / max_seconds ends the run; warns if steps slow down a lot
         bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, initial=self.step, desc="train",

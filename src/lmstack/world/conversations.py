@@ -20,14 +20,16 @@ Usage:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+import re
 from typing import Callable, Iterator
 
+from lmstack.world.arithmetic import build_arithmetic
 from lmstack.world.config import sub_rng
 from lmstack.world.entities import PERSON_ATTRIBUTES
+from lmstack.world.instructions import build_instructions
 from lmstack.world.preferences import benign_request, harmful_request
-from lmstack.world.qa import TEMPLATE_SPLITS, answer_sentence, make_question
+from lmstack.world.qa import TEMPLATE_SPLITS, answer_sentence, build_qa, make_question
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -103,9 +105,6 @@ CITY_QUESTIONS = (
 
 def build_chat(world) -> Iterator[dict]:
     """Yield every conversation (see the module docstring for the kinds and their splits)."""
-    from lmstack.world.arithmetic import build_arithmetic
-    from lmstack.world.instructions import build_instructions
-    from lmstack.world.qa import build_qa
 
     cfg = world.config
     rng = sub_rng(world.seed, "chat")

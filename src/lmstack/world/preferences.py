@@ -28,10 +28,11 @@ import re
 from typing import Iterator
 
 from lmstack.world import lexicon as lx
-from lmstack.world.arithmetic import wrong_solution
+from lmstack.world.arithmetic import build_arithmetic, wrong_solution
 from lmstack.world.bios import describe_city
 from lmstack.world.config import sub_rng
 from lmstack.world.entities import PERSON_ATTRIBUTES
+from lmstack.world.instructions import build_instructions
 from lmstack.world.qa import TEMPLATE_SPLITS, answer_sentence, make_question
 
 # The same request phrasings serve the harmful things and the benign drinks.
@@ -175,8 +176,6 @@ def build_preferences(world) -> Iterator[dict]:
     QA pairs the person's QA split, arithmetic and instruction pairs the split of the record they
     reuse from those corpora, city-based pairs (helpfulness, harmful, benign) the city's split.
     """
-    from lmstack.world.arithmetic import build_arithmetic
-    from lmstack.world.instructions import build_instructions
 
     cfg = world.config
     rng = sub_rng(world.seed, "preferences")

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from lmstack.world.arithmetic import build_arithmetic
 from lmstack.world.bios import describe_city, describe_country, paraphrase_bio
 from lmstack.world.config import assign_split, sub_rng
+from lmstack.world.qa import build_qa
 from lmstack.world.stories import make_dialogue, make_story
 
 
 def build_pretrain(world) -> Iterator[dict]:
     """Yield every pretraining document (fields: text, id, source, split, kind, and a subject)."""
-    from lmstack.world.arithmetic import build_arithmetic
-    from lmstack.world.qa import build_qa
 
     cfg = world.config
     rng = sub_rng(world.seed, "pretrain")

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from lmstack.errors import LmstackError
+from lmstack.world.bios import article
 from lmstack.world.config import sub_rng
 from lmstack.world.entities import PERSON_ATTRIBUTES, Person
-from lmstack.errors import LmstackError
 
 # attribute -> six templates: indices 0-3 train, 4 val, 5 test.
 QA_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -117,7 +118,6 @@ def qa_text(question: str, answer: str) -> str:
 
 def answer_sentence(person: Person, attribute: str, value: str | None = None) -> str:
     """'Ada Ashford was born in Amberhaven.' (value defaults to the true fact)."""
-    from lmstack.world.bios import article
 
     value = getattr(person, attribute) if value is None else value
     return ANSWER_SENTENCES[attribute].format(name=person.name, value=value, a_value=article(value))

@@ -25,7 +25,7 @@ import random
 from typing import Iterator
 
 from lmstack.world import lexicon as lx
-from lmstack.world.arithmetic import make_problem
+from lmstack.world.arithmetic import build_arithmetic, make_problem
 from lmstack.world.bios import describe_city, paraphrase_bio
 from lmstack.world.config import assign_split, sub_rng
 from lmstack.world.stories import make_dialogue, make_story
@@ -103,7 +103,6 @@ BAD_KINDS = {"gibberish": _gibberish, "word_salad": _word_salad, "repetition": _
 
 def build_quality(world) -> Iterator[dict]:
     """Yield n_quality records, alternating good and bad (bad kinds in rotation)."""
-    from lmstack.world.arithmetic import build_arithmetic
 
     cfg = world.config
     rng, split_rng = sub_rng(world.seed, "quality"), sub_rng(world.seed, "quality-split")

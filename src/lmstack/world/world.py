@@ -31,6 +31,7 @@ from lmstack.world.entities import (
     build_entities,
 )
 from lmstack.errors import LmstackError
+from lmstack.world.corpora import CORPORA
 
 
 class World:
@@ -169,7 +170,6 @@ class World:
     # ---- corpora ---------------------------------------------------------------------------------
     def iter_corpus(self, name: str) -> Iterator[dict]:
         """Yield the records of corpus `name` (see corpora.CORPORA), each with a `split` field."""
-        from lmstack.world.corpora import CORPORA  # late: the builders import this module
 
         if name not in CORPORA:
             raise LmstackError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")

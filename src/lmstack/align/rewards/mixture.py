@@ -22,12 +22,13 @@ Usage:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Hashable, Sequence
 
 import torch
 
-from lmstack.align.rewards.base import Reward, build_reward, register
+from lmstack.align.rewards.base import REWARDS, Reward, build_reward, register
 from lmstack.align.rl_math import group_advantages
 from lmstack.errors import LmstackError
 
@@ -52,9 +53,6 @@ class RewardMixture(Reward):
     def from_weights(cls, weights: dict[str, float], **kwargs: Any) -> "RewardMixture":
         """Build each named reward from the registry; kwargs (world=..., target_words=...) go to the rewards
         whose constructors take them."""
-        import inspect
-
-        from lmstack.align.rewards.base import REWARDS
 
         parts = {}
         for name, w in weights.items():

@@ -13,16 +13,18 @@ Usage:
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
+from lmstack.align.reward_model import RewardModelScorer, load_reward_model
 from lmstack.align.rewards.base import REWARDS, Reward, build_reward
+from lmstack.align.rewards.mixture import RewardMixture
 from lmstack.errors import LmstackError
 
 
 def reward_from_spec(spec: str, world: Any = None, device: str = "cpu") -> Reward:
     """The reward a spec string names (see the module docstring); world= goes to rewards that need it."""
-    import inspect
 
     spec = (spec or "").strip()
     if not spec:
@@ -33,8 +35,6 @@ def reward_from_spec(spec: str, world: Any = None, device: str = "cpu") -> Rewar
     if Path(spec).is_dir():
         return reward_model_reward(spec, device)
     if "=" in spec or "," in spec:
-        from lmstack.align.rewards.mixture import RewardMixture
-
         weights, models = {}, {}
         for part in spec.split(","):
             # rm:DIR=w: the weight follows the last '=' (a directory name may hold none, a weight always does)
@@ -63,7 +63,6 @@ RM_PREFIX = "rm:"
 
 def reward_model_reward(path: str, device: str = "cpu") -> Reward:
     """A trained reward model directory (written by `lmstack align --method rm`) as a Reward."""
-    from lmstack.align.reward_model import RewardModelScorer, load_reward_model
 
     if not Path(path).is_dir():
         raise LmstackError(f"reward model directory {path!r} does not exist (write one with "

@@ -21,8 +21,8 @@ Usage:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +66,7 @@ class HashedNgramClassifier:
         self.bias = 0.0
 
     def _vectorizers(self) -> list:
+        # lazy: heavy (sklearn), which this module does not import at its top
         from sklearn.feature_extraction.text import HashingVectorizer
 
         vecs = [HashingVectorizer(analyzer="word", ngram_range=tuple(self.cfg.word_ngrams), n_features=self.cfg.n_features,
@@ -77,7 +78,9 @@ class HashedNgramClassifier:
 
     def featurize(self, texts: list[str]):
         """Sparse (n, features) matrix: log-scaled counts, each row L2-normalised."""
+        # lazy: heavy (scipy), which this module does not import at its top
         import scipy.sparse as sp
+        # lazy: heavy (sklearn), which this module does not import at its top
         from sklearn.preprocessing import normalize
 
         X = sp.hstack([v.transform(texts) for v in self._vectorizers()]).tocsr()
@@ -85,6 +88,7 @@ class HashedNgramClassifier:
         return normalize(X)
 
     def fit(self, texts: list[str], labels: list[int] | np.ndarray) -> "HashedNgramClassifier":
+        # lazy: heavy (sklearn), which this module does not import at its top
         from sklearn.linear_model import LogisticRegression
 
         y = np.asarray(labels, dtype=np.int64)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from langdetect import DetectorFactory, detect_langs
+from langdetect.lang_detect_exception import LangDetectException
+
 from lmstack.data.document import Doc, StepResult
 
 UNKNOWN = "unknown"
@@ -42,8 +45,6 @@ class LangIdConfig:
 
 def detect_language(text: str, max_chars: int = 500) -> tuple[str, float]:
     """(language code, probability) of the most likely language; ('unknown', 0.0) for no letters."""
-    from langdetect import DetectorFactory, detect_langs
-    from langdetect.lang_detect_exception import LangDetectException
 
     DetectorFactory.seed = 0
     try:

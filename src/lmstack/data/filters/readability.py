@@ -43,6 +43,7 @@ def _has_cmudict() -> bool:
     global _CMUDICT
     if _CMUDICT is None:
         try:
+            # lazy: optional extra (nltk)
             import nltk
 
             nltk.data.find("corpora/cmudict")
@@ -60,12 +61,15 @@ def readability(text: str) -> dict[str, float]:
     sentence counts and pyphen hyphenation for syllables (textstat's own fallback for words
     missing from cmudict) in the same two formulas.
     """
+    # lazy: heavy (textstat), which this module does not import at its top
     import textstat
 
     if _has_cmudict():
         return {"fk_grade": float(textstat.flesch_kincaid_grade(text)),
                 "reading_ease": float(textstat.flesch_reading_ease(text))}
+    # lazy: optional extra (pyphen)
     import pyphen
+    # lazy: heavy (textstat), which this module does not import at its top
     from textstat.backend.selections._list_words import list_words
 
     words = list_words(text, lowercase=True)

@@ -53,6 +53,7 @@ def read_csv(path: Path, cfg: ReaderConfig, source: str, stats: ReadStats) -> It
 
 def read_parquet(path: Path, cfg: ReaderConfig, source: str, stats: ReadStats) -> Iterator[Doc]:
     try:
+        # lazy: optional extra (pyarrow)
         import pyarrow.parquet as pq
     except ImportError:
         raise LmstackError(f"reading {path} needs pyarrow, which is not installed: pip install pyarrow") from None

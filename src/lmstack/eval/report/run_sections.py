@@ -67,6 +67,7 @@ def _bytes_per_token(run: Path, tok_dir: Path, n_docs: int = 200) -> float | Non
     if not clean.is_file():
         return None
     try:
+        # lazy: guarded: any failure here, the import included, only drops this section
         from lmstack.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tok_dir)

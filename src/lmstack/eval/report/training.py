@@ -61,6 +61,7 @@ def stage_kind(stage_dir: Path, rows: list[dict]) -> tuple[str, str]:
     """(what kind of training this was, the unit of its `loss`), from its config.yaml and the keys it logged."""
     cfg = {}
     try:
+        # lazy: guarded: any failure here, the import included, only costs the label
         from lmstack.config import read_mapping
 
         cfg = read_mapping(stage_dir / "config.yaml") if (stage_dir / "config.yaml").is_file() else {}

@@ -24,9 +24,9 @@ Usage:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import random
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 from lmstack.config import atomic_write_text
@@ -34,6 +34,7 @@ from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
 from lmstack.eval.lm import GenArgs, GenerateUntil, Loglikelihood, Request
 from lmstack.eval.task import Task, register_task, require_file
+from lmstack.world import World
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "bigbench_tasks"
 METRICS = ("exact_str_match", "multiple_choice_grade")
@@ -212,7 +213,6 @@ WORLD_TASKS: dict[str, Callable] = {"world_birth_country": _birth_country, "worl
 def write_world_bigbench(out_dir: str | Path = SHIPPED_DIR, seed: int = 0, size: str = "small",
                          n_examples: int = 150) -> list[Path]:
     """Write the synthetic-world BIG-bench tasks as <out_dir>/<name>.json (atomically); returns the paths."""
-    from lmstack.world import World
 
     world = World(seed=seed, size=size)
     paths = []

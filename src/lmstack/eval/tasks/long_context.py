@@ -19,15 +19,19 @@ Usage:
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import random
 import re
-from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
+from lmstack.eval.evaluator import evaluate
 from lmstack.eval.lm import GenArgs, cut_at_stop, encode_pair, new_stats
 from lmstack.eval.task import Task, register_task
+from lmstack.tokenizer import load_tokenizer
+from lmstack.world import World
+from lmstack.world.passkey import make_passkey_document
 
 SCORINGS = ("loglikelihood", "generate")
 FILLERS = ("repeat", "world")
@@ -65,13 +69,9 @@ class PasskeyTask(Task):
             self.output_type, self.default_metrics = "generate_until", ("exact_match",)
 
     def docs(self, split: str) -> list[dict]:
-        from lmstack.world.passkey import make_passkey_document
-
         rng = random.Random(self.seed)
         world = None
         if self.filler == "world":
-            from lmstack.world import World
-
             world = World(seed=self.seed, n_people=30)
         out = []
         for depth in self.depths:
@@ -134,6 +134,7 @@ class SinkCacheLM:
         return self.model.new_cache(1, kind="sink", window=self.window, n_sink=self.n_sink)
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        # lazy: heavy (torch), which this module does not import at its top
         import torch
 
         out = []
@@ -155,8 +156,10 @@ class SinkCacheLM:
         return [ll for ll, _ in self.loglikelihood([("", t) for t in texts])]
 
     def generate_until(self, requests: list[tuple[str, GenArgs]]) -> list[str]:
+        # lazy: heavy (torch), which this module does not import at its top
         import torch
 
+        # lazy: heavy (torch), which this module does not import at its top
         from lmstack.model.reference_decode import reference_decode
 
         if self.n_sink != self.config.n_sink_tokens:
@@ -178,6 +181,7 @@ class SinkCacheLM:
 # ---- variants and the table ---------------------------------------------------------------------------
 def with_rope_scaling(model, kind: str, factor: float):
     """A copy of a RoPE model whose rotary tables use inference-time context extension (`kind`, `factor`)."""
+    # lazy: heavy (torch), which this module does not import at its top
     from lmstack.model.positions import RotaryEmbedding
 
     if model.config.position != "rope":
@@ -193,8 +197,8 @@ def with_rope_scaling(model, kind: str, factor: float):
 def _load(spec) -> tuple[Any, Any]:
     """(model, tokenizer) from a model directory or anything with .model and .tokenizer (e.g. LocalLM)."""
     if isinstance(spec, (str, Path)):
+        # lazy: heavy (torch), which this module does not import at its top
         from lmstack.model.hf_io import load_model
-        from lmstack.tokenizer import load_tokenizer
 
         return load_model(spec), load_tokenizer(spec)
     if isinstance(spec, tuple) and len(spec) == 2:
@@ -233,7 +237,7 @@ def passkey_table(models: dict[str, Any], multiples: tuple[int, ...] = (1, 2, 4)
     models: name -> model directory, (model, tokenizer) or a LocalLM. The training context is each
     model's max_seq_len. Returns {"variants": {name: {"position", "train_ctx", "rows": [{"multiple",
     "tokens", "scores": {depth: score}, "mean"}]}}, "chance", "metric", "markdown"}."""
-    from lmstack.eval.evaluator import evaluate
+    # lazy: heavy (numpy, torch), which this module does not import at its top
     from lmstack.eval.local_lm import LocalLM
 
     metric = "acc" if scoring == "loglikelihood" else "exact_match"

@@ -28,7 +28,7 @@ import random
 from typing import Callable
 
 from lmstack.world.checkers import is_refusal  # the one refusal detector, shared with align's safety reward
-from lmstack.world.preferences import is_harmful_request
+from lmstack.world.preferences import is_harmful_request, safety_requests
 from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
 from lmstack.eval.lm import GenArgs
@@ -70,8 +70,6 @@ class WorldRefusal(_ReplyTask):
     default_metrics = ("refusal_rate", "over_refusal_rate")
 
     def docs(self, split: str) -> list[dict]:
-        from lmstack.world.preferences import safety_requests
-
         world = self.world()
         grid = safety_requests([c.name for c in world.cities if world.city_split(c) == split])
         # One item per request text: the pairs repeat some requests, and the grid holds every one of them.

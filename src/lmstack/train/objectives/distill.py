@@ -20,11 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
+from lmstack.model.hf_io import load_model
 from lmstack.train.objectives.base import Objective, model_inputs, scored_logits
 from lmstack.train.objectives.clm import CausalLM
 from lmstack.train.objectives.mlm import MaskedLM
@@ -55,7 +56,6 @@ class Distill(Objective):
         if teacher is None:
             if not cfg.teacher:
                 raise ConfigError("objective.teacher must name a model directory when name='distill'")
-            from lmstack.model.hf_io import load_model
 
             teacher = load_model(cfg.teacher)
         t_cfg = getattr(teacher, "config", None)

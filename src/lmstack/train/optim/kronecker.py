@@ -23,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import distribute_tensor
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -39,7 +40,6 @@ def like_param(update: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     same full update, so no data has to move)."""
     if not _is_dtensor(p):
         return update
-    from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
 

@@ -22,11 +22,13 @@ Usage:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+import re
 
 import torch
 from torch import nn
+
+from lmstack.errors import LmstackError
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
@@ -92,8 +94,6 @@ def param_groups(model: nn.Module, cfg, lr: float, muon_lr: float | None = None)
     weight_decay = cfg.muon_weight_decay) and the rest have use_muon=False."""
     infos = classify(model)
     if not infos:
-        from lmstack.errors import LmstackError
-
         raise LmstackError("the model has no trainable parameters (all have requires_grad=False)")
     groups: dict[tuple, dict] = {}
     for info, scale in zip(infos, layer_scales(infos, cfg.layer_lr_decay)):

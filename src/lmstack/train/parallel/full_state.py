@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
+from lmstack.errors import LmstackError
 from lmstack.train.parallel import setup
 
 # Gather to rank 0's CPU memory, the only place the whole model must fit.
@@ -80,8 +81,6 @@ def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> li
     order = [p for g in optimizer.param_groups for p in g["params"]]
     missing = [i for i, p in enumerate(order) if id(p) not in names]
     if missing:
-        from lmstack.errors import LmstackError
-
         raise LmstackError(f"the optimizer holds {len(missing)} parameter(s) that are not in the model; "
                            "save their state separately")
     return [names[id(p)] for p in order]

@@ -20,6 +20,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from lmstack.errors import LmstackError
 
@@ -120,7 +121,6 @@ def resolve_tp_size(tp_size: int, ws: int) -> int:
 
 def device_mesh(tp: int, device: torch.device):
     """The (dp, tp) DeviceMesh over all ranks; tp=1 gives a pure data-parallel mesh."""
-    from torch.distributed.device_mesh import init_device_mesh
 
     ws = world_size()
     return init_device_mesh(device.type, (ws // tp, tp), mesh_dim_names=("dp", "tp"))

@@ -22,13 +22,9 @@ from pathlib import Path
 import torch
 
 from lmstack.align.config import ONLINE, AlignConfig
-from lmstack.align.dpo import PreferenceTrainer
 from lmstack.align.logprobs import check_same_tokenizer
 from lmstack.align.preference_data import Pair, load_preferences, load_unpaired
-from lmstack.align.reward_model import RewardModel, train_reward_model
-from lmstack.align.rewards.spec import reward_from_spec
 from lmstack.align.rollout import load_prompts
-from lmstack.align.steps import split_holdout
 from lmstack.config import ConfigCommand, atomic_write_text, save_config
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model, save_model
@@ -53,6 +49,9 @@ def _load_policy(cfg: AlignConfig, device):
 def _load_data(cfg: AlignConfig, log=print):
     if not cfg.data:
         raise LmstackError("--data is required: a preference JSONL (prompt, chosen, rejected)")
+    # lazy: heavy, pulls torch.distributed.tensor (via train.optim): +0.6 s on `lmstack align --help`
+    from lmstack.align.steps import split_holdout
+
     split = cfg.split or None
     paired = cfg.method != "kto"
     try:
@@ -93,6 +92,9 @@ def _load_reference(cfg: AlignConfig, tok, device):
 
 def _online(cfg: AlignConfig, device, out: Path) -> dict:
     """ppo / grpo / rloo / rft: prompt records in, reward from cfg.reward, held-out greedy reward out."""
+    # lazy: heavy, pull torch.distributed.tensor (via train.optim): +0.6 s on `lmstack align --help`
+    from lmstack.align.rewards.spec import reward_from_spec
+    from lmstack.align.steps import split_holdout
 
     if not cfg.data:
         raise LmstackError("--data is required: a JSONL of prompt records (prompt or messages, plus what the "
@@ -140,6 +142,9 @@ def align(cfg: AlignConfig) -> dict:
     policy, tok = _load_policy(cfg, device)
     save_config(cfg, out / "config.yaml")
     if cfg.method == "rm":
+        # lazy: heavy, pulls torch.distributed.tensor (via train.optim): +0.6 s on `lmstack align --help`
+        from lmstack.align.reward_model import RewardModel, train_reward_model
+
         rm = RewardModel(policy, seed=cfg.seed)
         summary = train_reward_model(rm, tok, train, val, cfg, out_dir=out)
         rm.save(out / "model", tok, cfg.template)
@@ -148,6 +153,9 @@ def align(cfg: AlignConfig) -> dict:
         if cfg.reference_path:
             ref_tok = load_tokenizer(cfg.reference_path)
             reference = load_model(cfg.reference_path, lazy=False, device=device)
+        # lazy: heavy, pulls torch.distributed.tensor (via train.optim): +0.6 s on `lmstack align --help`
+        from lmstack.align.dpo import PreferenceTrainer
+
         trainer = PreferenceTrainer(policy, tok, cfg, reference=reference, reference_tokenizer=ref_tok)
         summary = trainer.fit(train, val, out_dir=out)
 

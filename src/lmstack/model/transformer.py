@@ -29,8 +29,9 @@ from lmstack.model.masks import AttentionMask, mask_for
 from lmstack.model.mlp import ACTIVATIONS, MLP
 from lmstack.model.moe import MoE
 from lmstack.model.norms import make_norm
+from lmstack.model.outputs import CausalLMOutput, causal_lm_loss
 from lmstack.model.positions import RotaryEmbedding, SinusoidalPositions, alibi_slopes
-from lmstack.model.vocab import mask_padded_logits
+from lmstack.model.vocab import mask_padded_logits, real_vocab
 
 
 class ForwardContext:
@@ -72,6 +73,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = make_norm(cfg, cfg.d_model)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
+        if cfg.norm_position == "sandwich":  # Gemma 2: each sublayer's output is normed before the residual add
+            self.attn_post_norm = make_norm(cfg, cfg.d_model)
+            self.mlp_post_norm = make_norm(cfg, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
@@ -80,6 +84,9 @@ class Block(nn.Module):
         if self.norm_position == "post":
             x = self.attn_norm(x + self.drop(self.attn(x, ctx, layer)))
             return self.mlp_norm(x + self.drop(self.mlp(x)))
+        if self.norm_position == "sandwich":
+            x = x + self.drop(self.attn_post_norm(self.attn(self.attn_norm(x), ctx, layer)))
+            return x + self.drop(self.mlp_post_norm(self.mlp(self.mlp_norm(x))))
         x = x + self.drop(self.attn(self.attn_norm(x), ctx, layer))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -98,7 +105,7 @@ class Transformer(nn.Module):
         self.emb_norm = make_norm(cfg, cfg.d_model) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_unique_layers or cfg.n_layers))
-        self.final_norm = make_norm(cfg, cfg.d_model) if cfg.norm_position == "pre" else None
+        self.final_norm = make_norm(cfg, cfg.d_model) if cfg.norm_position != "post" else None
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         if cfg.position == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
@@ -166,11 +173,15 @@ class Transformer(nn.Module):
         raise LmstackError(f"unknown cache kind {kind!r}; choose 'contiguous' or 'sink'")
 
     # ---- forward
-    def forward(self, idx: torch.Tensor, cache=None, *, doc_ids: torch.Tensor | None = None,
+    def forward(self, idx: torch.Tensor | None = None, cache=None, *, doc_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 prefix_len: torch.Tensor | None = None, logits_to_keep: int = 0,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, input_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | CausalLMOutput:
         """idx (B, T) token ids -> logits (B, T, vocab), or hidden states (B, T, d_model) for head='none'.
+
+        HF style: input_ids=... as a keyword, or labels=..., returns a CausalLMOutput (.loss, .logits)
+        with transformers' shifted next-token loss, so transformers' Trainer and TRL can drive the model.
 
         cache: a KVCache/SinkCache from new_cache(); the call appends T positions to it.
         doc_ids: (B, T) document ids of packed sequences; attention never crosses documents.
@@ -179,6 +190,17 @@ class Transformer(nn.Module):
         logits_to_keep: only compute logits for the last N positions (0 = all); saves work when decoding.
         """
         cfg = self.config
+        if (idx is None) == (input_ids is None):
+            raise LmstackError("pass the token ids once: model(ids) or model(input_ids=ids)")
+        if idx is None or labels is not None:  # the HF-style call: same pass, wrapped with its loss
+            logits = self(input_ids if idx is None else idx, cache, doc_ids=doc_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids, prefix_len=prefix_len, logits_to_keep=logits_to_keep,
+                          return_hidden=return_hidden)
+            loss = None if labels is None else causal_lm_loss(logits, labels, real_vocab(cfg))
+            has_moe = any(isinstance(block.mlp, MoE) for block in self.blocks)
+            if loss is not None and has_moe:
+                loss = loss + self.aux_loss  # already weighted by router_aux_loss_coef, as our Trainer adds it
+            return CausalLMOutput(logits, loss, self.aux_loss if has_moe else None)
         if idx.dim() != 2:
             raise LmstackError(f"input ids must have shape (batch, time), got {tuple(idx.shape)}")
         b, t = idx.shape
@@ -188,11 +210,18 @@ class Transformer(nn.Module):
             q_pos, k_pos = cache.positions(t)
             q_pos, k_pos = q_pos.to(idx.device), k_pos.to(idx.device)
         x = self.tok_emb(idx)
+        if cfg.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the weights' dtype as transformers does
+            x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype)
         if self.pos_emb is not None:
             if cfg.position == "learned" and int(q_pos[-1]) >= cfg.max_seq_len:
                 raise LmstackError(f"position {int(q_pos[-1])} is past max_seq_len={cfg.max_seq_len}, "
                                    "the last learned position embedding; shorten the input")
-            x = x + self.pos_emb(q_pos)
+            pos = q_pos
+            if attention_mask is not None and cache is None:
+                # Absolute positions count real tokens only, so a left-padded row embeds like an unpadded one
+                # (RoPE and ALiBi are relative and need nothing).
+                pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(idx.device)
+            x = x + self.pos_emb(pos)
         if self.type_emb is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
             x = x + self.type_emb(types)

@@ -14,6 +14,11 @@ Usage:
                                           {"role": "assistant", "content": "hello"}])
     # mask[i] == 1 exactly on the assistant's content tokens and its <|assistant_end|>
     text = render_chat(tok, messages, add_generation_prompt=True)   # same template as a string
+
+The ChatTemplate interface: `tok.chat_template` is the one place conversations become ids. It is this template
+(LmstackChatTemplate) for tokenizers lmstack trains, or the model's own Jinja template (jinja_chat.py) for an
+HF directory. Callers use `render(messages, add_generation_prompt, tools=None, documents=None, **kwargs)` ->
+RenderedChat(text, ids, mask) and `end_of_turn_ids()` (the ids that close an assistant turn, for stopping).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import json
 from typing import Any
 
 from lmstack.errors import LmstackError
+from lmstack.tokenizer.jinja_chat import RenderedChat
 
 SPECIAL_NAMES = [
     "bos", "eos", "pad", "mask",
@@ -130,3 +136,43 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True) -
     if add_generation_prompt:
         parts.append(sp["assistant_start"])
     return "".join(parts)
+
+
+class ChatTemplate:
+    """What every chat template offers; see the module docstring."""
+    origin = "chat_template"
+
+    def render(self, messages, add_generation_prompt: bool = False, tools=None, documents=None,
+               **kwargs) -> RenderedChat:
+        raise NotImplementedError
+
+    def end_of_turn_ids(self) -> list[int]:
+        raise NotImplementedError
+
+
+class LmstackChatTemplate(ChatTemplate):
+    """lmstack's own special-token template. Message text is encoded with special-token matching off, so
+    a user cannot forge a turn boundary; tools and documents have no place in it and are refused."""
+    origin = "lmstack chat template"
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def render(self, messages, add_generation_prompt: bool = False, tools=None, documents=None,
+               **kwargs) -> RenderedChat:
+        if tools or documents:
+            raise LmstackError("lmstack's own chat template has no place for tools or documents; "
+                               "pass tool calls inside assistant messages (tool_calls) instead")
+        ids, mask = apply_chat_template(self.tok, messages, add_generation_prompt)
+        return RenderedChat(render_chat(self.tok, messages, add_generation_prompt), ids, mask)
+
+    def end_of_turn_ids(self) -> list[int]:
+        return [_require(self.tok, "assistant_end")]
+
+
+def is_lmstack_template(tok, source: str | None) -> bool:
+    """Our own template applies when the tokenizer has our turn tokens and the config's template, if any,
+    is the one we write (tokenizers lmstack trains, saved with JINJA_TEMPLATE)."""
+    has_tokens = all(tok.special_id(n) is not None for n in ("bos", "user_start", "assistant_start",
+                                                                "assistant_end", "tool_output_start"))
+    return has_tokens and (source is None or source == JINJA_TEMPLATE)

@@ -29,6 +29,7 @@ import regex
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.tokenizer import chat_template
+from lmstack.tokenizer.jinja_chat import JinjaChatTemplate, find_template
 from lmstack.tokenizer.decoders import decoder_from_json
 from lmstack.tokenizer.models import model_from_json
 from lmstack.tokenizer.normalizers import normalizer_from_json
@@ -60,7 +61,12 @@ def _added_regex(tokens: list[AddedToken]) -> regex.Pattern | None:
 
 
 class Tokenizer:
-    def __init__(self, spec: dict, config: dict | None = None, source: str = "tokenizer.json"):
+    def __init__(self, spec: dict, config: dict | None = None, source: str = "tokenizer.json",
+                 directory: str | Path | None = None, generation_eos_ids: Iterable[int] = ()):
+        """directory: where chat_template.jinja / .json are looked for; generation_eos_ids: the
+        eos_token_id list of the model's generation_config.json (every one of them stops generation)."""
+        self.directory = None if directory is None else Path(directory)
+        self.generation_eos_ids = [int(i) for i in generation_eos_ids]
         if not isinstance(spec, dict):
             raise LmstackError(f"{source} must hold a JSON object, got {type(spec).__name__}")
         if "model" not in spec:
@@ -94,6 +100,7 @@ class Tokenizer:
         self._head, self._tail = split_counting_stages(self.pre_tokenizer)
         self._cache: dict[str, list[int]] = {}
         self._fast: Any = None
+        self._template: Any = None
         self.special_tokens = self._find_specials()
         lm = self.config.get("lmstack") or {}
         self._rng = random.Random(lm.get("seed", 0))
@@ -139,10 +146,12 @@ class Tokenizer:
             sample_alpha is not None and hasattr(self.model, "sample_alpha"))
 
     def __getstate__(self):
-        return {"spec": self.spec, "config": self.config, "source": self.source}
+        return {"spec": self.spec, "config": self.config, "source": self.source, "directory": self.directory,
+                "generation_eos_ids": self.generation_eos_ids}
 
     def __setstate__(self, state):
         self.spec, self.config, self.source = state["spec"], state["config"], state["source"]
+        self.directory, self.generation_eos_ids = state.get("directory"), state.get("generation_eos_ids", [])
         self._build()
 
     # -- vocabulary ------------------------------------------------------------------------------------
@@ -172,6 +181,10 @@ class Tokenizer:
     @property
     def special_ids(self) -> set[int]:
         return set(self._special_ids)
+
+    def added_specials(self) -> list[str]:
+        """The text of every special added token (what a chat template writes around turns)."""
+        return [t.content for t in self.added.values() if t.special]
 
     @property
     def type(self) -> str:
@@ -298,12 +311,58 @@ class Tokenizer:
         return self.decoder(tokens) if self.decoder is not None else " ".join(tokens)
 
     # -- chat ------------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False
-                            ) -> tuple[list[int], list[int]]:
-        return chat_template.apply_chat_template(self, messages, add_generation_prompt)
+    @property
+    def chat_template(self) -> chat_template.ChatTemplate | None:
+        """The model's own template (HF Jinja) or lmstack's for tokenizers it trains; None when there is none.
+        A template file that cannot be used (a dict with no default, bad syntax) raises here, on first use."""
+        if self._template is None:
+            found = find_template(self.directory, self.config)
+            source = found[0] if found else None
+            if chat_template.is_lmstack_template(self, source):
+                self._template = chat_template.LmstackChatTemplate(self)
+            elif found is not None:
+                self._template = JinjaChatTemplate(source, self, origin=found[1])
+            else:
+                self._template = False
+        return self._template or None
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return chat_template.render_chat(self, messages, add_generation_prompt)
+    def _template_or_raise(self) -> chat_template.ChatTemplate:
+        t = self.chat_template
+        if t is None:
+            where = self.directory or self.source
+            raise LmstackError(f"this tokenizer has no chat template: it has no <|bos|> token (lmstack's own "
+                               f"template, trained with special_tokens='chat') and {where} has no chat_template "
+                               "(tokenizer_config.json, chat_template.jinja or chat_template.json)")
+        return t
+
+    def render_messages(self, messages, add_generation_prompt: bool = False, tools=None, documents=None,
+                        **kwargs):
+        """messages -> RenderedChat(text, ids, mask) through the chat template."""
+        return self._template_or_raise().render(messages, add_generation_prompt, tools, documents, **kwargs)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tools=None,
+                            documents=None, **kwargs) -> tuple[list[int], list[int]]:
+        r = self.render_messages(messages, add_generation_prompt, tools, documents, **kwargs)
+        return r.ids, r.mask
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools=None, documents=None,
+                    **kwargs) -> str:
+        return self.render_messages(messages, add_generation_prompt, tools, documents, **kwargs).text
+
+    def end_of_turn_ids(self) -> list[int]:
+        """Ids that close an assistant turn in the chat template ([] without a template)."""
+        t = self.chat_template
+        return t.end_of_turn_ids() if t is not None else []
+
+    def stop_ids(self) -> list[int]:
+        """Every id that ends generation: EOS, generation_config.json's eos_token_id list and the template's
+        end-of-turn token. The engine, the server and LLM.chat all stop on this set."""
+        ids = [i for i in [self.eos_id, *self.generation_eos_ids] if i is not None]
+        try:
+            ids += self.end_of_turn_ids()
+        except LmstackError:
+            pass  # a broken template fails where it is rendered, with its own message; stopping still works
+        return sorted(set(ids))
 
     # -- files -----------------------------------------------------------------------------------------
     def tokenizer_config(self) -> dict:
@@ -314,7 +373,7 @@ class Tokenizer:
                 cfg[key] = self.special_tokens[name]
         cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         cfg.setdefault("clean_up_tokenization_spaces", False)
-        if all(n in self.special_tokens for n in ("bos", "user_start", "assistant_start", "tool_output_start")):
+        if chat_template.is_lmstack_template(self, self.config.get("chat_template")):
             cfg["chat_template"] = chat_template.JINJA_TEMPLATE
             cfg["additional_special_tokens"] = [self.special_tokens[n] for n in chat_template.SPECIAL_NAMES
                                                 if n in self.special_tokens and n not in _ROLE_KEYS]
@@ -355,4 +414,23 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     spec = read_json_file(file, "tokenizer file")  # no FIFO, device or huge file; UTF-8 JSON
     cfg_file = resolve_inside(p if p.is_dir() else file.parent, "tokenizer_config.json", "tokenizer config")
     config = read_json_file(cfg_file, "tokenizer config", want_object=True) if cfg_file.exists() else {}
-    return Tokenizer(spec, config, source=str(file))
+    directory = p if p.is_dir() else file.parent
+    return Tokenizer(spec, config, source=str(file), directory=directory,
+                     generation_eos_ids=_generation_eos_ids(directory))
+
+
+def _generation_eos_ids(directory: Path) -> list[int]:
+    """generation_config.json's eos_token_id next to the tokenizer, as a list (it may be one id or several)."""
+    # lazy: heavy (torch), which this module does not import at its top
+    from lmstack.model.load_guard import read_json_file, resolve_inside
+
+    f = resolve_inside(directory, "generation_config.json", "generation config")
+    if not f.is_file():
+        return []
+    eos = read_json_file(f, "generation config", want_object=True).get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos
+    if eos is None:
+        return []
+    if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+        raise LmstackError(f"{f}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+    return eos

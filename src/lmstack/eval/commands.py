@@ -12,7 +12,8 @@ import math
 from lmstack.errors import LmstackError
 from lmstack.eval.evaluator import evaluate as run_eval
 from lmstack.eval.openai_lm import OpenAICompletionsLM, api_key_from_env, auth_error, completions_url
-from lmstack.eval.task import get_task, list_tasks
+from lmstack.eval.task import list_tasks
+from lmstack.eval.task_args import available_tasks, resolve_tasks
 from lmstack.threads import set_threads
 
 
@@ -61,18 +62,21 @@ def format_table(output: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = None, out: str | None = None,
+def evaluate(model: str, tasks: str, num_fewshot: int | None = None, limit: int | None = None, out: str | None = None,
              batch_size: int = 16, device: str = "auto", max_length: int | None = None,
              tokenizer: str | None = None, model_name: str | None = None, api_key: str | None = None,
              chat_template: bool = False,
              seed: int = 1234, bootstrap_iters: int = 1000, progress: bool = True,
-             threads: int = 0) -> dict | list[str]:
+             threads: int = 0, include_path: str | None = None) -> dict | list[str]:
     """Evaluate a model on tasks and print a results table; with --out, write results.json and per-item logs.
 
     Args:
         model: a model directory, or the URL of an OpenAI-compatible server (starts with http).
-        tasks: comma-separated task names, or 'list' to print the available tasks.
-        num_fewshot: few-shot examples per prompt (drawn with a fixed seed, never the item itself).
+        tasks: comma-separated task names, each with optional arguments: name:key=value,key=value (e.g.
+            multiple_choice:path=my.jsonl,lambada:path=lam.jsonl; quote a value holding a comma:
+            'multiple_choice:path="a,b.jsonl"'), or 'list' to print the available tasks.
+        num_fewshot: few-shot examples per prompt (drawn with a fixed seed, never the item itself); default:
+            each task's own (an lm-eval YAML's num_fewshot), else 0.
         limit: evaluate only the first N items of each task.
         out: output directory for results.json and samples_<task>.jsonl.
         batch_size: sequences per forward pass (local) or prompts per HTTP request (server).
@@ -85,19 +89,20 @@ def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = N
         seed: seed for few-shot sampling and bootstrap standard errors.
         bootstrap_iters: bootstrap resamples for standard errors (0 = none).
         progress: show a progress bar.
+        include_path: a directory of lm-evaluation-harness task YAMLs (local json/csv data) whose tasks
+            --tasks may name.
         threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
             right now; at least 1), N = exactly N.
     """
 
     if tasks.strip() == "list":
-        names = list_tasks()
+        names = available_tasks(include_path)
         print("\n".join(names))
         return names
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not names:
+    # An unknown name or argument fails here, listing what exists, before a model is loaded.
+    chosen = resolve_tasks(tasks, include_path)
+    if not chosen:
         raise LmstackError(f"--tasks is empty; available tasks: {', '.join(list_tasks())}")
-    for name in names:
-        get_task(name)  # an unknown name fails here, listing the available tasks, before a model is loaded
 
     set_threads(threads)
     if model.startswith(("http://", "https://")):
@@ -112,7 +117,7 @@ def evaluate(model: str, tasks: str, num_fewshot: int = 0, limit: int | None = N
 
         lm = LocalLM(model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device,
                      chat_template=chat_template)
-    output = run_eval(lm, names, num_fewshot=num_fewshot, limit=limit, seed=seed, chat_template=chat_template,
+    output = run_eval(lm, chosen, num_fewshot=num_fewshot, limit=limit, seed=seed, chat_template=chat_template,
                       bootstrap_iters=bootstrap_iters, out_dir=out, progress=progress)
     print(format_table(output))
     if out:

@@ -181,15 +181,15 @@ def _safe_target(task: Task, doc: dict) -> Any:
         return None
 
 
-def evaluate(lm, tasks: list[str | Task], num_fewshot: int = 0, limit: int | None = None, seed: int = 1234,
+def evaluate(lm, tasks: list[str | Task], num_fewshot: int | None = 0, limit: int | None = None, seed: int = 1234,
              chat_template: bool = False, bootstrap_iters: int = 1000, out_dir: str | Path | None = None,
              prompt_transform: Callable[[str], str] | None = None,
              doc_transform: Callable[[dict], dict] | None = None, progress: bool = True) -> dict:
     """Evaluate `lm` on `tasks` (names or Task objects); see the module docstring for the result's shape."""
     if isinstance(tasks, (str, Task)):
         tasks = [tasks]
-    if not isinstance(num_fewshot, int) or num_fewshot < 0:
-        raise LmstackError(f"num_fewshot must be an integer >= 0, got {num_fewshot!r}")
+    if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
+        raise LmstackError(f"num_fewshot must be an integer >= 0 (or None: each task's own), got {num_fewshot!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise LmstackError(f"limit must be a positive integer or None, got {limit!r}")
     # Resolve every name first, so a typo fails before any work is done.
@@ -207,7 +207,9 @@ def evaluate(lm, tasks: list[str | Task], num_fewshot: int = 0, limit: int | Non
     output: dict = {"results": {}, "config": config}
     for task in resolved:
         try:
-            entry, samples = evaluate_task(lm, task, num_fewshot, limit, seed, chat, bootstrap_iters,
+            # None: the task's own default (an lm-eval YAML's num_fewshot), else zero.
+            shots = num_fewshot if num_fewshot is not None else int(getattr(task, "num_fewshot", 0) or 0)
+            entry, samples = evaluate_task(lm, task, shots, limit, seed, chat, bootstrap_iters,
                                            prompt_transform, doc_transform, progress)
         except TaskDataMissing as e:
             print(f"lmstack eval: skipping {task.name}: {e}")

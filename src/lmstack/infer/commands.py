@@ -17,6 +17,7 @@ import time
 from typing import Literal
 
 from lmstack.errors import LmstackError
+from lmstack.infer.generation_defaults import merge_sampling
 from lmstack.infer.llm import LLM
 from lmstack.infer.sampling_params import SamplingParams
 from lmstack.model.load_guard import set_max_model_gib
@@ -24,9 +25,10 @@ from lmstack.threads import set_threads
 
 
 def generate(model: str, prompt: str | None = None, prompts_file: str | None = None,
-             prompt_ids: list[int] | None = None, chat: bool = False, max_tokens: int = 64,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             prompt_ids: list[int] | None = None, chat: bool = False, max_tokens: int | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             min_p: float = 0.0, repetition_penalty: float | None = None, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0,
              seed: int | None = None, n: int = 1, stop: list[str] | None = None, ignore_eos: bool = False,
              regex: str | None = None, json_schema: str | None = None, choice: list[str] | None = None,
              beam_width: int = 0, length_penalty: float = 1.0,
@@ -42,12 +44,14 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         prompts_file: a text file with one prompt per line (batched together).
         prompt_ids: token ids instead of text, e.g. '[1, 2, 3]'.
         chat: wrap each prompt as a user turn with the tokenizer's chat template.
-        max_tokens: most tokens to generate per completion.
-        temperature: 0 for greedy decoding.
-        top_k: keep the k most likely tokens (0 = off).
-        top_p: nucleus sampling mass (1 = off).
+        max_tokens: most tokens to generate per completion (default: the model's generation_config.json
+            max_new_tokens, else 64).
+        temperature: 0 for greedy decoding (default: the model's generation_config.json, where do_sample false
+            means 0, else 0).
+        top_k: keep the k most likely tokens, 0 = off (default: generation_config.json, else 0).
+        top_p: nucleus sampling mass, 1 = off (default: generation_config.json, else 1).
         min_p: drop tokens below min_p times the top probability.
-        repetition_penalty: >1 discourages tokens already present.
+        repetition_penalty: >1 discourages tokens already present (default: generation_config.json, else 1).
         presence_penalty: OpenAI presence penalty in [-2, 2].
         frequency_penalty: OpenAI frequency penalty in [-2, 2].
         seed: per-request sampling seed.
@@ -93,9 +97,12 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
     llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speculative=spec)
     if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise LmstackError(f"{model} holds no tokenizer.json: pass --tokenizer DIR, or token ids with --prompt_ids")
+    # Flags given win, then the model's generation_config.json, then this command's greedy 64-token default.
+    sampling = merge_sampling({"temperature": 0.0, "max_tokens": 64, **llm.engine.generation_defaults},
+                              dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty))
     params = SamplingParams(
-        n=n, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        **sampling, n=n, min_p=min_p, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos, regex=regex,
         json_schema=json_schema, choice=choice, use_beam_search=beam_width > 0, beam_width=max(beam_width, n, 1),
         length_penalty=length_penalty)

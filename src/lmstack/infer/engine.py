@@ -37,6 +37,7 @@ from lmstack.infer.beam_search import BeamState, beam_step
 from lmstack.infer.block_manager import BlockManager
 from lmstack.infer.constrained import GuidedDecoder
 from lmstack.infer.detokenizer import StopStrings
+from lmstack.infer.generation_defaults import load_generation_defaults
 from lmstack.infer.lora_hook import LoraManager
 from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.output_processor import OutputProcessor
@@ -111,6 +112,8 @@ class LLMEngine:
                                   share_weights=owned)
         self.generator = torch.Generator().manual_seed(seed)
         self.eos_ids = self._eos_ids()
+        # The checkpoint's generation_config.json sampling settings: what generate/serve/chat start from.
+        self.generation_defaults = load_generation_defaults(model if owned else None)
         self.spec = None
         if speculative is not None:
             self.spec = SpeculativeDecoder(self, speculative)
@@ -129,14 +132,12 @@ class LLMEngine:
         self._idle_steps = 0  # consecutive steps that scheduled nothing (see _step: never spin)
 
     def _eos_ids(self) -> frozenset[int]:
-        ids = set()
-        if self.model.config.eos_token_id is not None:
-            ids.add(self.model.config.eos_token_id)
+        # the model's eos (one id or a list) plus the tokenizer's stop set: its EOS, generation_config.json's
+        # eos_token_id list and the chat template's end-of-turn token (the template owns that policy)
+        eos = self.model.config.eos_token_id
+        ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         if self.tokenizer is not None:
-            for name in ("eos", "assistant_end"):
-                i = self.tokenizer.special_id(name)
-                if i is not None:
-                    ids.add(i)
+            ids.update(self.tokenizer.stop_ids())
         return frozenset(ids)
 
     # ---- requests

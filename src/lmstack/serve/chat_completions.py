@@ -118,7 +118,8 @@ def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None, c
         ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, compression)
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = state.check_lengths(len(ids), wanted, param)
+    max_tokens = state.check_lengths(len(ids), wanted, param,
+                                     default=state.engine.generation_defaults.get("max_tokens"))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(state, req, max_tokens=max_tokens, logprobs=logprobs, lora=lora)
     if req.stream:  # what only the engine checks must be a 400 before the stream's 200 goes out

@@ -124,7 +124,10 @@ def _prepare(state: ServerState, req: CompletionRequest, items: list, lora: str 
     if compression is not None:
         prompts, n_before = compress_completion_prompts(state, items, prompts, compression, req.add_special_tokens)
     # Every prompt must fit; with no max_tokens given, generate as many as every prompt leaves room for.
-    max_tokens = min(state.check_lengths(len(ids), req.max_tokens) for _, ids in prompts)
+    # A request silent on max_tokens gets the model's generation_config max_new_tokens, else OpenAI's 16.
+    default = state.engine.generation_defaults.get("max_tokens")
+    wanted = req.max_tokens if default is None or "max_tokens" in req.model_fields_set else None
+    max_tokens = min(state.check_lengths(len(ids), wanted, default=default) for _, ids in prompts)
     params = sampling_params(state, req, max_tokens=max_tokens, logprobs=req.logprobs, lora=lora)
     if req.echo and req.logprobs is not None:
         params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)

@@ -236,8 +236,11 @@ class ServerState:
             self._token_text[token_id] = s
         return s
 
-    def check_lengths(self, n_prompt: int, max_tokens: int | None, param: str = "max_tokens") -> int:
-        """Validate the prompt length and max_tokens against the context; returns the max_tokens to use."""
+    def check_lengths(self, n_prompt: int, max_tokens: int | None, param: str = "max_tokens",
+                      default: int | None = None) -> int:
+        """Validate the prompt length and max_tokens against the context; returns the max_tokens to use.
+        A request without max_tokens gets `default` (the model's generation_config max_new_tokens), cut to
+        what the context and this server's limit leave, else all the context leaves."""
         limit, ctx = self.config.max_tokens_limit, self.max_model_len
         if n_prompt == 0:
             raise APIError(400, "the prompt is empty; give at least one token", param="prompt")
@@ -246,7 +249,7 @@ class ServerState:
                                 "(the prompt plus at least one generated token must fit)",
                            param="prompt", code="context_length_exceeded")
         if max_tokens is None:
-            return min(limit, ctx - n_prompt)
+            return min(limit, ctx - n_prompt, default if default is not None else limit)
         if isinstance(max_tokens, bool) or max_tokens < 0:
             raise APIError(400, f"{param}={max_tokens} is not allowed; {param} must be an integer >= 0", param=param)
         if max_tokens > limit:
@@ -270,7 +273,10 @@ def sampling_params(state: ServerState, req: Any, *, max_tokens: int, logprobs: 
     if req.stream and best_of is not None and best_of > n:
         raise APIError(400, "best_of > n cannot be streamed (the best samples are known only at the end)",
                        param="best_of")
-    kw: dict[str, Any] = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+    # The model's generation_config.json sampling defaults, under every field the request sets (max_tokens is
+    # settled by check_lengths).
+    kw = {k: v for k, v in state.engine.generation_defaults.items() if k != "max_tokens"}
+    kw.update({name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None})
     kw.update(n=n, max_tokens=max_tokens, logprobs=logprobs, lora=lora)
     if best_of is not None:
         kw["best_of"] = best_of

@@ -24,11 +24,13 @@ import uuid
 import lmstack
 from lmstack.errors import LmstackError
 from lmstack.infer import LLMEngine, SamplingParams
+from lmstack.infer.generation_defaults import merge_sampling
 from lmstack.model.load_guard import set_max_model_gib
 from lmstack.runtime.device import pick_device
 from lmstack.serve.commands import load_adapters
 from lmstack.threads import set_threads
 
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 256}  # where neither flags nor the model say
 HELP = "commands: /reset  /system TEXT  /exit   (Ctrl-C stops a reply, Ctrl-D quits)"
 
 
@@ -100,8 +102,9 @@ class RemoteBackend:
 
 
 def run_chat(backend: Any, params: dict, read: Callable[[str], str] = input,
-             write: Callable[[str], Any] = sys.stdout.write, system: str | None = None) -> list[dict]:
+             write: Callable[[str], Any] | None = None, system: str | None = None) -> list[dict]:
     """The read-reply loop; returns the conversation when the user leaves."""
+    write = write or sys.stdout.write  # looked up per call, so a redirected stdout is the one written to
     history: list[dict] = []
     write(HELP + "\n")
     while True:
@@ -147,7 +150,8 @@ def run_chat(backend: Any, params: dict, read: Callable[[str], str] = input,
 
 
 def chat(model: str | None = None, url: str | None = None, adapter: str | None = None, system: str | None = None,
-         temperature: float = 0.7, top_p: float = 0.95, max_tokens: int = 256, seed: int | None = None,
+         temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
+         seed: int | None = None,
          api_key: str | None = None, device: str = "auto", threads: int = 0,
          max_model_gib: float | None = None) -> None:
     """Chat with a model in the terminal, streaming its replies.
@@ -157,9 +161,11 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
         url: Base URL of a running `lmstack serve` (or any OpenAI-compatible server).
         adapter: LoRA adapter: a directory with --model, or the served adapter's name with --url.
         system: System prompt.
-        temperature: Sampling temperature (0 = greedy).
-        top_p: Nucleus sampling threshold.
-        max_tokens: Most tokens per reply.
+        temperature: Sampling temperature, 0 = greedy (default: the model's generation_config.json, else 0.7;
+            with --url the server's defaults).
+        top_p: Nucleus sampling threshold (default: generation_config.json, else 0.95; with --url the server's).
+        max_tokens: Most tokens per reply (default: generation_config.json max_new_tokens, else 256; with --url
+            the server's).
         seed: Seed for reproducible replies.
         api_key: Key for --url (default: the LMSTACK_API_KEY variable).
         device: auto, cpu or cuda (with --model).
@@ -170,9 +176,9 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
     """
     if (model is None) == (url is None):
         raise LmstackError("give exactly one of --model DIR (run here) or --url URL (talk to a server)")
-    params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
-    if seed is not None:
-        params["seed"] = seed
+    # Flags given win; then (in this process) the model's generation_config.json, then chat's own defaults.
+    # A server applies its model's defaults itself, so only the flags given travel with --url.
+    params = merge_sampling({}, {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed})
     if model is not None:
         if not (Path(model) / "config.json").is_file():
             raise LmstackError(f"--model {model}: no config.json there; give a model directory")
@@ -180,6 +186,7 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
         set_max_model_gib(max_model_gib)
         set_threads(threads)
         backend: Any = LocalBackend(model, adapter, device=device)
+        params = merge_sampling({**CHAT_DEFAULTS, **backend.engine.generation_defaults}, params)
     else:
         backend = RemoteBackend(url, model=adapter, api_key=api_key or os.environ.get("LMSTACK_API_KEY"))
     run_chat(backend, params, system=system)

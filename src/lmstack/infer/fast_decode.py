@@ -33,7 +33,8 @@ def supported(model) -> bool:
             and not cfg.parallel_residual and not cfg.sliding_window and not cfg.attn_logit_softcap
             and not cfg.final_logit_softcap and cfg.n_experts == 0 and not cfg.n_unique_layers
             and not cfg.type_vocab_size and not cfg.embedding_norm and cfg.head == "lm"
-            and cfg.attention == "softmax" and all(isinstance(b.mlp, MLP) for b in model.blocks))
+            and cfg.attention == "softmax" and not cfg.norm_plus_one and not cfg.scale_embeddings
+            and not cfg.query_pre_attn_scalar and all(isinstance(b.mlp, MLP) for b in model.blocks))
 
 
 class FastDecoder:

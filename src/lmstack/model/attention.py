@@ -51,7 +51,8 @@ class Attention(nn.Module):
         self.causal = cfg.causal
         self.softcap = cfg.attn_logit_softcap
         self.dropout = cfg.dropout
-        self.scale = cfg.head_dim ** -0.5
+        # Gemma 2 scales by query_pre_attn_scalar**-0.5, which need not be head_dim (the paged engine reads this too)
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
     def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
         b, t, _ = x.shape

@@ -22,7 +22,7 @@ from lmstack.runtime.validation import check_choices, check_range, need
 Norm = Literal["layernorm", "rmsnorm"]
 Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
 RopeScaling = Literal["none", "linear", "ntk", "yarn", "llama3"]
-MLPKind = Literal["gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu"]
+MLPKind = Literal["gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "geglu_tanh"]
 Backend = Literal["sdpa", "naive", "blockwise"]
 AttentionKind = Literal["softmax", "performer", "linformer", "lsh"]
 SparsePattern = Literal["none", "longformer", "bigbird", "dilated"]
@@ -61,8 +61,11 @@ class ModelConfig:
     """Epsilon of every norm."""
     norm_bias: bool = True
     """Whether LayerNorm has a bias (ignored for RMSNorm)."""
-    norm_position: Literal["pre", "post"] = "pre"
-    """pre: x + f(norm(x)) (GPT-2, Llama); post: norm(x + f(x)) (BERT, original Transformer)."""
+    norm_position: Literal["pre", "post", "sandwich"] = "pre"
+    """pre: x + f(norm(x)) (GPT-2, Llama); post: norm(x + f(x)) (BERT, original Transformer);
+    sandwich: x + post_norm(f(pre_norm(x))), four norms per block (Gemma 2)."""
+    norm_plus_one: bool = False
+    """RMSNorm scales by (1 + weight), the weight stored as an offset from 1 and initialised to 0 (Gemma)."""
     qk_norm: bool = False
     """RMS-normalise queries and keys per head before attention (stabilises training at high LR)."""
     embedding_norm: bool = False
@@ -101,6 +104,8 @@ class ModelConfig:
     """Attention-sink tokens a streaming (sink) cache keeps besides its window (StreamingLLM)."""
     attn_logit_softcap: float = 0.0
     """Cap attention logits with cap*tanh(s/cap) (Gemma 2). Needs attn_backend naive or blockwise. 0 = off."""
+    query_pre_attn_scalar: float = 0.0
+    """Attention scores are scaled by query_pre_attn_scalar**-0.5 (Gemma 2). 0 means head_dim (the usual 1/sqrt(d))."""
     attn_backend: Backend = "sdpa"
     """sdpa (torch's fused kernels, flash on GPU), naive (explicit softmax), blockwise (FlashAttention reference)."""
     attn_block_size: int = 128
@@ -131,7 +136,7 @@ class ModelConfig:
     """dilated: keys at offsets 0, d, 2d, ... within sliding_window*d."""
     # ---- MLP and mixture of experts
     mlp: MLPKind = "swiglu"
-    """MLP kind: gelu, gelu_tanh, relu, relu2, silu, or gated swiglu / geglu."""
+    """MLP kind: gelu, gelu_tanh, relu, relu2, silu, or gated swiglu / geglu / geglu_tanh (Gemma's tanh GELU)."""
     mlp_bias: bool = False
     """Bias on MLP projections."""
     n_experts: int = 0
@@ -158,6 +163,8 @@ class ModelConfig:
     """Share the token embedding with the output projection."""
     head: Literal["lm", "mlm", "none"] = "lm"
     """lm: logits over the vocab; mlm: BERT's transform + tied decoder; none: return hidden states."""
+    scale_embeddings: bool = False
+    """Multiply token embeddings by sqrt(d_model) before the first block (Gemma)."""
     type_vocab_size: int = 0
     """Token-type (segment) embeddings, as BERT has. 0 = none."""
     final_logit_softcap: float = 0.0
@@ -218,7 +225,7 @@ class ModelConfig:
     # ---- derived facts
     @property
     def gated(self) -> bool:
-        return self.mlp in ("swiglu", "geglu")
+        return self.mlp in ("swiglu", "geglu", "geglu_tanh")
 
     def window_for_layer(self, layer: int) -> int:
         """The sliding window of `layer` (0 = full attention)."""
@@ -286,6 +293,12 @@ class ModelConfig:
              f"n_unique_layers={self.n_unique_layers} must be between 0 and n_layers={self.n_layers}")
         check_range("type_vocab_size", self.type_vocab_size, low=0)
         need(not (self.head == "mlm" and self.norm != "layernorm"), "head='mlm' (BERT's transform) needs norm='layernorm'")
+        need(not self.norm_plus_one or self.norm == "rmsnorm", "norm_plus_one needs norm='rmsnorm'")
+        need(not (self.norm_plus_one and self.fused_kernels),
+             "fused_kernels' RMSNorm has no (1 + weight) form; set norm_plus_one=False or fused_kernels=False")
+        need(not (self.norm_position == "sandwich" and self.parallel_residual),
+             "norm_position='sandwich' and parallel_residual cannot be combined")
+        check_range("query_pre_attn_scalar", self.query_pre_attn_scalar, low=0)
 
     # ---- construction helpers
     @classmethod

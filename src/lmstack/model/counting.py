@@ -52,7 +52,7 @@ def block_params(cfg: ModelConfig, layer: int) -> tuple[int, int]:
     d, hd = cfg.d_model, cfg.head_dim
     attn = (_linear(d, cfg.n_heads * hd, cfg.qkv_bias) + 2 * _linear(d, cfg.n_kv_heads * hd, cfg.qkv_bias)
             + _linear(cfg.n_heads * hd, d, cfg.out_bias) + (2 * hd if cfg.qk_norm else 0))
-    norms = 2 * _norm(cfg, d)
+    norms = (4 if cfg.norm_position == "sandwich" else 2) * _norm(cfg, d)
     if not cfg.is_moe_layer(layer):
         mlp = _mlp(cfg, cfg.d_ff)
         return attn + norms + mlp, attn + norms + mlp
@@ -84,7 +84,7 @@ def model_stats(cfg: ModelConfig, context: int | None = None, kv_dtype_bytes: in
     total = emb + sum(block_params(cfg, i)[0] for i in range(unique))
     active_blocks = sum(block_params(cfg, i % unique)[1] for i in range(cfg.n_layers))
     head = 0
-    if cfg.norm_position == "pre":
+    if cfg.norm_position != "post":
         total += _norm(cfg, d)
     if cfg.head in ("lm", "mlm") and not cfg.tie_embeddings:
         head = v * d
@@ -95,7 +95,7 @@ def model_stats(cfg: ModelConfig, context: int | None = None, kv_dtype_bytes: in
     matmul_params = active_blocks + (v * d if cfg.head != "none" else 0)
     attn_flops = 2 * 2 * cfg.n_layers * context * cfg.n_heads * cfg.head_dim
     fwd = 2 * matmul_params + attn_flops
-    active = emb + active_blocks + head + (_norm(cfg, d) if cfg.norm_position == "pre" else 0)
+    active = emb + active_blocks + head + (_norm(cfg, d) if cfg.norm_position != "post" else 0)
     kv = kv_bytes_per_token(cfg, kv_dtype_bytes)
     weight_bytes = {"fp32": total * 4, "bf16": total * 2, "int8": total}
     return ModelStats(total, active, emb, float(fwd), float(3 * fwd), context, kv, weight_bytes)

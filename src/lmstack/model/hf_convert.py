@@ -1,8 +1,16 @@
 """Conversion between HF checkpoints and lmstack: config fields and tensor names, one spec per family.
 
-Supported model_type: llama, mistral, mixtral, qwen2, gpt2, bert, qwen3. Names map by ordered regex rules;
-the few tensors that do not map one-to-one have small handlers: GPT-2's fused c_attn (and its
-Conv1D weights, stored transposed) and Mixtral's per-expert w1/w2/w3, which we keep stacked.
+Supported model_type: llama, mistral, mixtral, qwen2, gpt2, bert, qwen3, gemma2, phi3. Names map by ordered
+regex rules; the few tensors that do not map one-to-one have small handlers: GPT-2's fused c_attn (and its
+Conv1D weights, stored transposed), Mixtral's per-expert w1/w2/w3, which we keep stacked, and Phi-3's fused
+qkv_proj and gate_up_proj, split into our q/k/v and gate/up on load and concatenated again on export.
+
+Gemma-2 is the llama block with switches on: four norms per block (norm_position="sandwich"), RMSNorm scaled by
+(1 + w) (norm_plus_one), embeddings times sqrt(d_model) (scale_embeddings), GeGLU with the tanh GELU
+(mlp="geglu_tanh"), attention scaled by query_pre_attn_scalar**-0.5, attention and final logit soft-capping, and
+sliding windows on the layers layer_types marks "sliding_attention" (every other layer, starting with layer 0,
+when layer_types is absent). Its attention softcap needs the naive backend, which the loader picks.
+Phi-3's longrope ("su") RoPE scaling and partial rotary embeddings are refused with a message naming the field.
 
 Per-head q/k RMSNorm (qk_norm=True) is what Qwen3 adds to the llama block: RMSNorm over head_dim on the
 queries and keys, before RoPE, with the block's eps. So a llama-type config with qk_norm exports as
@@ -30,17 +38,17 @@ from lmstack.errors import LmstackError
 from lmstack.model.config import ModelConfig
 from lmstack.model.load_guard import SHAPE_LIMITS, check_int_fields
 
-SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3")
-EXPORTABLE = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3")
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3", "gemma2", "phi3")
+EXPORTABLE = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3", "gemma2", "phi3")
 REAL_VOCAB_KEY = "lmstack_real_vocab_size"  # ModelConfig.real_vocab_size in an HF config.json (see vocab.py)
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "phi3")
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 # ---------------------------------------------------------------- configs
-_ACT_TO_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
+_ACT_TO_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh"}
 _ACT_TO_PLAIN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                  "gelu_fast": "gelu_tanh"}
 
@@ -116,17 +124,21 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
                real_vocab_size=hf.get(REAL_VOCAB_KEY))
     if mt in LLAMA_LIKE:
         act = hf.get("hidden_act", "silu")
+        if mt == "gemma2":  # Gemma names it hidden_activation
+            act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in _ACT_TO_GATED:
             raise _unsupported(mt, f"hidden_act {act!r}")
+        if mt == "phi3":
+            _check_phi3_rope(hf)
         bias = bool(hf.get("attention_bias", False))
         fields = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                       n_heads=hf["num_attention_heads"],
                       n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                      head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"],
+                      head_dim=hf.get("head_dim") or (256 if mt == "gemma2" else 0), d_ff=hf["intermediate_size"],
                       max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
                       norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope", mlp=_ACT_TO_GATED[act],
                       qkv_bias=bias or mt == "qwen2", out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
-                      qk_norm=mt == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                      qk_norm=mt == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", mt == "gemma2")),
                       **_rope_fields(hf, mt))
         window = hf.get("sliding_window") or 0
         if mt in ("qwen2", "qwen3"):
@@ -137,8 +149,10 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
             elif not types and hf.get("use_sliding_window") and window:
                 start = hf.get("max_window_layers", 0)
                 fields.update(sliding_window=window, sliding_window_layers=list(range(start, hf["num_hidden_layers"])))
-        elif mt in ("mistral", "mixtral"):
+        elif mt in ("mistral", "mixtral", "phi3"):
             fields["sliding_window"] = window
+        elif mt == "gemma2":
+            fields.update(_gemma2_fields(hf, fields))
         if mt == "mixtral":
             fields.update(n_experts=hf["num_local_experts"], moe_top_k=hf["num_experts_per_tok"],
                           router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
@@ -168,6 +182,38 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
                        mlp=_ACT_TO_PLAIN[act], qkv_bias=True, out_bias=True, mlp_bias=True, causal=False,
                        embedding_norm=True, type_vocab_size=hf.get("type_vocab_size", 2),
                        head="mlm" if mlm else "none", tie_embeddings=True, **ids)
+
+
+def _check_phi3_rope(hf: dict[str, Any]) -> None:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind != "default":  # transformers reads "su" and "yarn" as longrope for Phi-3
+        raise _unsupported("phi3", f"rope_parameters.rope_type {kind!r} (longrope / su scaling; only default RoPE)")
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if factor != 1.0:
+        raise _unsupported("phi3", f"partial_rotary_factor {factor!r} (RoPE on part of each head; only 1.0)")
+
+
+def _gemma2_fields(hf: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma-2 switches on top of the llama fields, with transformers' Gemma2Config defaults."""
+    if hf.get("use_bidirectional_attention"):
+        raise _unsupported("gemma2", "use_bidirectional_attention")
+    n = fields["n_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    window = hf.get("sliding_window", 4096) or 0
+    scalar = float(hf.get("query_pre_attn_scalar", 256))
+    attn_cap = float(hf.get("attn_logit_softcapping", 50.0) or 0.0)
+    return dict(norm_position="sandwich", norm_plus_one=True, scale_embeddings=True,
+                norm_eps=hf.get("rms_norm_eps", 1e-6), sliding_window=window,
+                sliding_window_layers=[i for i, t in enumerate(types) if t == "sliding_attention"],
+                query_pre_attn_scalar=0.0 if scalar == fields["head_dim"] else scalar,
+                attn_logit_softcap=attn_cap, final_logit_softcap=float(hf.get("final_logit_softcapping", 30.0) or 0.0),
+                # SDPA cannot cap attention logits; the naive backend computes what transformers' eager path does
+                attn_backend="naive" if attn_cap else "sdpa")
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x  # Gemma2Config types query_pre_attn_scalar as int
 
 
 def export_type(cfg: ModelConfig) -> str:
@@ -203,8 +249,19 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             out.update(attention_bias=cfg.qkv_bias)
         if mt == "llama":
             out["mlp_bias"] = cfg.mlp_bias
-        if mt in ("mistral", "mixtral"):
+        if mt in ("mistral", "mixtral", "phi3"):
             out["sliding_window"] = cfg.sliding_window or None
+        if mt == "gemma2":
+            sliding = [cfg.window_for_layer(i) > 0 for i in range(cfg.n_layers)]
+            out.pop("hidden_act")
+            # a window no shorter than the context changes nothing: written when no layer slides, since
+            # transformers builds a sliding mask for gemma2 whatever layer_types says
+            out.update(hidden_activation=act, attention_bias=cfg.qkv_bias,
+                       query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
+                       attn_logit_softcapping=cfg.attn_logit_softcap or None,
+                       final_logit_softcapping=cfg.final_logit_softcap or None,
+                       sliding_window=cfg.sliding_window or cfg.max_seq_len,
+                       layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
         if mt in ("qwen2", "qwen3"):
             layers = cfg.sliding_window_layers if cfg.sliding_window_layers is not None else list(range(cfg.n_layers))
             sliding = bool(cfg.sliding_window)
@@ -265,6 +322,12 @@ _LLAMA_RULES: list[Rule] = [
     (r"^blocks\.(\d+)\.mlp\.router\.", r"model.layers.\1.block_sparse_moe.gate.", False),
     (r"^blocks\.(\d+)\.mlp\.", r"model.layers.\1.mlp.", False),
 ]
+# Gemma-2 names its four norms by place; first match wins, so these go before the llama rules.
+_GEMMA2_RULES: list[Rule] = [
+    (r"^blocks\.(\d+)\.attn_post_norm\.", r"model.layers.\1.post_attention_layernorm.", False),
+    (r"^blocks\.(\d+)\.mlp_norm\.", r"model.layers.\1.pre_feedforward_layernorm.", False),
+    (r"^blocks\.(\d+)\.mlp_post_norm\.", r"model.layers.\1.post_feedforward_layernorm.", False),
+] + _LLAMA_RULES
 _GPT2_RULES: list[Rule] = [
     (r"^tok_emb\.", "transformer.wte.", False),
     (r"^pos_emb\.", "transformer.wpe.", False),
@@ -304,6 +367,8 @@ _IGNORED = {
 
 
 def _rules(mt: str) -> list[Rule]:
+    if mt == "gemma2":
+        return _GEMMA2_RULES
     return _LLAMA_RULES if mt in LLAMA_LIKE else _GPT2_RULES if mt == "gpt2" else _BERT_RULES
 
 
@@ -355,6 +420,10 @@ def weights_from_hf(cfg: ModelConfig, our_keys: Iterable[str], get: Callable[[st
             part = fused.chunk(3, dim=-1)["qkv".index(which)]
             out[key] = part.t().contiguous() if kind == "weight" else part.contiguous()
             continue
+        m = re.match(r"^blocks\.(\d+)\.(attn\.[qkv]_proj|mlp\.gate_proj|mlp\.up_proj)\.weight$", key)
+        if mt == "phi3" and m:  # fused qkv_proj / gate_up_proj: our tensor is a row block of the fused one
+            out[key] = _phi3_part(cfg, fetch, int(m.group(1)), m.group(2))
+            continue
         m = re.match(r"^blocks\.(\d+)\.mlp\.(w_in|w_out)$", key)
         if mt == "mixtral" and m:
             out[key] = _mixtral_experts_from_hf(cfg, int(m.group(1)), m.group(2), fetch, hf_keys, prefix="")
@@ -366,6 +435,25 @@ def weights_from_hf(cfg: ModelConfig, our_keys: Iterable[str], get: Callable[[st
         t = fetch(name)
         out[key] = t.t().contiguous() if transpose else t
     return out, used
+
+
+def _phi3_rows(cfg: ModelConfig, part: str) -> tuple[str, int, int]:
+    """(fused HF module, first row, rows) of our `part` (attn.q_proj, ..., mlp.up_proj) in Phi-3's fused weights."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"attn.q_proj": ("self_attn.qkv_proj", 0, q), "attn.k_proj": ("self_attn.qkv_proj", q, kv),
+            "attn.v_proj": ("self_attn.qkv_proj", q + kv, kv), "mlp.gate_proj": ("mlp.gate_up_proj", 0, cfg.d_ff),
+            "mlp.up_proj": ("mlp.gate_up_proj", cfg.d_ff, cfg.d_ff)}[part]
+
+
+def _phi3_part(cfg: ModelConfig, fetch, layer: int, part: str) -> torch.Tensor:
+    module, start, rows = _phi3_rows(cfg, part)
+    name = f"model.layers.{layer}.{module}.weight"
+    fused = fetch(name)
+    last = _phi3_rows(cfg, "attn.v_proj" if module.endswith("qkv_proj") else "mlp.up_proj")
+    if fused.shape[0] != last[1] + last[2]:  # a slice would hide extra rows; the fused size must be exact
+        raise LmstackError(f"the checkpoint's {name!r} has {fused.shape[0]} rows, but config.json's sizes give "
+                           f"{last[1] + last[2]}; config.json does not fit the weights")
+    return fused[start:start + rows]
 
 
 def _mixtral_experts_from_hf(cfg, layer, which, fetch, hf_keys, prefix) -> torch.Tensor:
@@ -414,6 +502,16 @@ def weights_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
             parts = [state[f"blocks.{i}.attn.{p}_proj.{kind}"] for p in "qkv"]
             fused = torch.cat([p.t() for p in parts], dim=1) if kind == "weight" else torch.cat(parts)
             out[f"transformer.h.{i}.attn.c_attn.{kind}"] = fused.contiguous()
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(attn\.[qkv]_proj|mlp\.gate_proj|mlp\.up_proj)\.weight$", key)
+        if mt == "phi3" and m:
+            i, part = m.groups()
+            if part in ("attn.q_proj", "mlp.gate_proj"):  # the fused tensor is written once, with its first part
+                parts = ("attn.q_proj", "attn.k_proj", "attn.v_proj") if part == "attn.q_proj" else \
+                    ("mlp.gate_proj", "mlp.up_proj")
+                module = _phi3_rows(cfg, part)[0]
+                out[f"model.layers.{i}.{module}.weight"] = torch.cat(
+                    [state[f"blocks.{i}.{p}.weight"] for p in parts]).contiguous()
             continue
         m = re.match(r"^blocks\.(\d+)\.mlp\.(w_in|w_out)$", key)
         if mt == "mixtral" and m:

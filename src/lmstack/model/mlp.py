@@ -35,6 +35,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "swiglu": F.silu,
     "geglu": F.gelu,
+    "geglu_tanh": gelu_tanh,  # Gemma's gelu_pytorch_tanh on the gate
 }
 
 

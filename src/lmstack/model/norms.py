@@ -2,6 +2,7 @@
 
 RMSNorm (Zhang & Sennrich 2019) drops LayerNorm's mean-centering and bias: x / rms(x) * weight.
 It computes in fp32 whatever the input dtype, as the Llama reference does, so bf16 runs stay stable.
+Gemma's variant (cfg.norm_plus_one) scales by (1 + weight) in fp32, with the weight initialised to 0.
 
 With cfg.fused_kernels, RMSNorm runs as fused.FusedRMSNorm (one kernel forward and backward).
 
@@ -17,14 +18,17 @@ from lmstack.model.fused import FusedRMSNorm
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        # plus_one stores the scale as an offset from 1, so its "identity" init is zeros
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:  # Gemma multiplies in fp32 before casting back (Llama casts first)
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -32,5 +36,5 @@ def make_norm(cfg, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
         if getattr(cfg, "fused_kernels", False):
             return FusedRMSNorm(dim, cfg.norm_eps)  # same parameters and numbers, one fused kernel
-        return RMSNorm(dim, cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, plus_one=getattr(cfg, "norm_plus_one", False))
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)

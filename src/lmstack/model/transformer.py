@@ -29,8 +29,9 @@ from lmstack.model.masks import AttentionMask, mask_for
 from lmstack.model.mlp import ACTIVATIONS, MLP
 from lmstack.model.moe import MoE
 from lmstack.model.norms import make_norm
+from lmstack.model.outputs import CausalLMOutput, causal_lm_loss
 from lmstack.model.positions import RotaryEmbedding, SinusoidalPositions, alibi_slopes
-from lmstack.model.vocab import mask_padded_logits
+from lmstack.model.vocab import mask_padded_logits, real_vocab
 
 
 class ForwardContext:
@@ -172,11 +173,15 @@ class Transformer(nn.Module):
         raise LmstackError(f"unknown cache kind {kind!r}; choose 'contiguous' or 'sink'")
 
     # ---- forward
-    def forward(self, idx: torch.Tensor, cache=None, *, doc_ids: torch.Tensor | None = None,
+    def forward(self, idx: torch.Tensor | None = None, cache=None, *, doc_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 prefix_len: torch.Tensor | None = None, logits_to_keep: int = 0,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, input_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | CausalLMOutput:
         """idx (B, T) token ids -> logits (B, T, vocab), or hidden states (B, T, d_model) for head='none'.
+
+        HF style: input_ids=... as a keyword, or labels=..., returns a CausalLMOutput (.loss, .logits)
+        with transformers' shifted next-token loss, so transformers' Trainer and TRL can drive the model.
 
         cache: a KVCache/SinkCache from new_cache(); the call appends T positions to it.
         doc_ids: (B, T) document ids of packed sequences; attention never crosses documents.
@@ -185,6 +190,17 @@ class Transformer(nn.Module):
         logits_to_keep: only compute logits for the last N positions (0 = all); saves work when decoding.
         """
         cfg = self.config
+        if (idx is None) == (input_ids is None):
+            raise LmstackError("pass the token ids once: model(ids) or model(input_ids=ids)")
+        if idx is None or labels is not None:  # the HF-style call: same pass, wrapped with its loss
+            logits = self(input_ids if idx is None else idx, cache, doc_ids=doc_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids, prefix_len=prefix_len, logits_to_keep=logits_to_keep,
+                          return_hidden=return_hidden)
+            loss = None if labels is None else causal_lm_loss(logits, labels, real_vocab(cfg))
+            has_moe = any(isinstance(block.mlp, MoE) for block in self.blocks)
+            if loss is not None and has_moe:
+                loss = loss + self.aux_loss  # already weighted by router_aux_loss_coef, as our Trainer adds it
+            return CausalLMOutput(logits, loss, self.aux_loss if has_moe else None)
         if idx.dim() != 2:
             raise LmstackError(f"input ids must have shape (batch, time), got {tuple(idx.shape)}")
         b, t = idx.shape
@@ -200,7 +216,12 @@ class Transformer(nn.Module):
             if cfg.position == "learned" and int(q_pos[-1]) >= cfg.max_seq_len:
                 raise LmstackError(f"position {int(q_pos[-1])} is past max_seq_len={cfg.max_seq_len}, "
                                    "the last learned position embedding; shorten the input")
-            x = x + self.pos_emb(q_pos)
+            pos = q_pos
+            if attention_mask is not None and cache is None:
+                # Absolute positions count real tokens only, so a left-padded row embeds like an unpadded one
+                # (RoPE and ALiBi are relative and need nothing).
+                pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(idx.device)
+            x = x + self.pos_emb(pos)
         if self.type_emb is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
             x = x + self.type_emb(types)

@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import os
 import re
 import sys
-from typing import Any, Callable
+from types import UnionType
+from typing import Any, Callable, Union, get_args, get_origin
 
+from lmstack import __version__
 from lmstack.config import ConfigCommand
 from lmstack.errors import LmstackError
 
@@ -101,6 +104,11 @@ def parser_class() -> type:
                             f"{_suggest(got, allowed)}")
                 raise UsageError(f"{text} (see `{self.prog} --help`)") from ex
 
+            def parse_args(self, args=None, *rest, **kw):  # noqa: D102
+                if args is not None:
+                    args = normalize_args(self, list(args))
+                return super().parse_args(args, *rest, **kw)
+
         _PARSER_CLASS = Parser
     return _PARSER_CLASS
 
@@ -116,6 +124,95 @@ def _dashes_to_underscores(args: list[str]) -> list[str]:
     return out
 
 
+# Flags (the last part of a dotted one) that name a model to load: a .gguf given to one is refused up front.
+MODEL_PATH_FLAGS = {"model", "src", "draft_model", "base", "policy", "reference", "reference_path", "teacher"}
+
+
+def _typehint(action: Any) -> Any:
+    """A jsonargparse action's type hint with Optional[...] unwrapped (None when it has none, or several)."""
+    hint = getattr(action, "_typehint", None)
+    hints = [h for h in get_args(hint) if h is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
+    return hints[0] if len(hints) == 1 else None
+
+
+def _typehint_kind(action: Any) -> str:
+    """'bool', 'list', 'dict' or '' for a jsonargparse action."""
+    hint = _typehint(action)
+    if hint is bool:
+        return "bool"
+    return {list: "list", dict: "dict"}.get(get_origin(hint) or hint, "")
+
+
+def _map_value(text: str) -> Any:
+    """The value half of KEY=VALUE: a JSON number, bool or null as such, anything else as a string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if value is None or isinstance(value, (bool, int, float)) else text
+
+
+def normalize_args(parser: Any, args: list[str]) -> list[str]:
+    """Rewrite the habits of vLLM/litgpt/argparse users into what jsonargparse parses, using `parser`'s
+    own actions (so a field's type decides, not its name):
+
+    - a positional first word is the model: `lmstack serve DIR` = `--model DIR` (commands with a str --model);
+    - a bare boolean is true: `--chat` = `--chat true`; `--no_chat` = `--chat false`;
+    - a list flag repeats and appends: `--stop . --stop ,` = `--stop '[".", ","]'` (a `[...]` value is
+      still a whole list);
+    - a dict flag takes KEY=VALUE and repeats: `--m a=1 --m b=x` = `--m '{"a": 1, "b": "x"}'`;
+    - a .gguf file anywhere is refused in one line (no loader reads GGUF yet).
+    Dashes were already turned into underscores (_dashes_to_underscores)."""
+    actions = parser._option_string_actions
+    model = actions.get("--model")
+    positionals = [a for a in parser._actions if not a.option_strings]
+    if (args and not args[0].startswith("-") and model is not None and not positionals
+            and _typehint(model) is str):
+        args = ["--model", *args]
+    for i, a in enumerate(args):
+        name, eq, value = a.partition("=") if a.startswith("--") else ("", "", a)
+        flag = name if eq else args[i - 1] if i and args[i - 1].startswith("--") else ""
+        if value.lower().endswith(".gguf") and flag.rsplit(".", 1)[-1].lstrip("-") in MODEL_PATH_FLAGS:
+            raise UsageError(f"GGUF models are not supported yet: {flag} {value}; give a model directory (ours, or "
+                             "a Hugging Face one: config.json + *.safetensors) instead")
+    out: list[str] = []
+    seen: set[str] = set()
+    maps: dict[str, dict] = {}  # dict flag -> the mapping its KEY=VALUE occurrences build
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        action = actions.get(name) if arg.startswith("--") and not name.endswith("+") else None
+        if action is None and name.startswith("--no_") and not eq \
+                and _typehint_kind(actions.get("--" + name[5:])) == "bool":
+            out += ["--" + name[5:], "false"]
+            i += 1
+            continue
+        kind = _typehint_kind(action) if action is not None else ""
+        if kind == "bool" and not eq and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            out += [name, "true"]
+            i += 1
+            continue
+        if kind in ("list", "dict") and (eq or i + 1 < len(args)):
+            value, step = (value, 1) if eq else (args[i + 1], 2)
+            if kind == "list" and not value.lstrip().startswith("["):
+                out += ([] if name in seen else [name, "[]"]) + [name + "+", value]
+            elif kind == "dict" and "=" in value and not value.lstrip().startswith("{"):
+                key, _, item = value.partition("=")
+                if name not in maps:
+                    maps[name] = {}
+                    out += [name, maps[name]]  # type: ignore[list-item]  # dumped once all items are in
+                maps[name][key] = _map_value(item)
+            else:
+                out += [name, value]
+            seen.add(name)
+            i += step
+            continue
+        out.append(arg)
+        i += 1
+    return [json.dumps(a) if isinstance(a, dict) else a for a in out]
+
+
 def _call(command: Any, args: list[str], prog: str) -> Any:
     # lazy: heavy (jsonargparse), which this module does not import at its top
     from jsonargparse import CLI
@@ -125,6 +222,15 @@ def _call(command: Any, args: list[str], prog: str) -> Any:
         return command(args, prog, parser_class=parser_class())
     positional = prog.split()[1] in POSITIONAL_STAGES if len(prog.split()) > 1 else False
     return CLI(command, args=args, prog=prog, as_positional=positional, parser_class=parser_class())
+
+
+def command_parser(*words: str) -> Any:
+    """The jsonargparse parser of `lmstack <stage> [<action>]`, built exactly as a run builds it (tests read its
+    flags and types)."""
+    # lazy: heavy (jsonargparse), which this module does not import at its top
+    from jsonargparse import capture_parser
+
+    return capture_parser(lambda: run(list(words)))
 
 
 def _load_stage(stage: str) -> Callable | dict[str, Callable]:
@@ -153,6 +259,9 @@ def run(argv: list[str]) -> Any:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if not argv or argv[0] in ("-h", "--help"):
         _print_overview()
+        return None
+    if argv[0] in ("-V", "--version"):
+        print(f"lmstack {__version__}")
         return None
     stage = argv[0]
     if stage not in STAGES:

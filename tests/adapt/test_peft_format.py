@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from lmstack.adapt import (AdapterConfig, add_weighted_adapter, get_peft_model, load_adapter, load_peft_adapter,
+from lmstack.adapt import (AdapterConfig, add_weighted_adapter, get_peft_model, apply_adapter, load_serving_adapter,
                            merge_and_unload, save_adapter, set_adapter)
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model
@@ -77,7 +77,7 @@ def test_we_load_an_adapter_saved_by_peft(tiny_model_dir, tmp_path, use_dora):
         theirs = hf(X).logits
     hf.save_pretrained(tmp_path / "peft_adapter")
     model = load_model(tiny_model_dir).eval()
-    load_peft_adapter(model, tmp_path / "peft_adapter")
+    apply_adapter(model, tmp_path / "peft_adapter")
     assert model.adapter_configs["default"].method == ("dora" if use_dora else "lora")
     assert not any(p.requires_grad for p in model.parameters())  # loaded for inference unless is_trainable
     with torch.no_grad():
@@ -94,29 +94,29 @@ def test_adapter_for_another_base_is_refused(tiny_model, tmp_path):
     other = make_tiny(d_model=48)
     other.config.name = "wider-base"
     with pytest.raises(LmstackError, match="adapt-test-tiny") as err:
-        load_peft_adapter(other, tmp_path / "a")
+        apply_adapter(other, tmp_path / "a")
     assert "(out, in)" in str(err.value) and "wider-base" in str(err.value)
     with pytest.raises(LmstackError, match="adapt-test-tiny"):
-        load_adapter(tmp_path / "a", other)
+        load_serving_adapter(other, tmp_path / "a")
     assert not hasattr(other, "adapter_configs") or not other.adapter_configs  # nothing half-added
     shallow = make_tiny(n_layers=1)
     save_adapter(get_peft_model(make_tiny(), AdapterConfig(target_modules=[r"blocks\.1\.attn\.q_proj"])), tmp_path / "b")
     with pytest.raises(LmstackError, match="does not have"):
-        load_peft_adapter(shallow, tmp_path / "b")
+        apply_adapter(shallow, tmp_path / "b")
 
 
 def test_bad_adapter_directories(tiny_model, tmp_path):
     with pytest.raises(LmstackError, match="adapter_config.json is missing"):
-        load_peft_adapter(tiny_model, tmp_path)
+        apply_adapter(tiny_model, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(LmstackError, match="only LORA"):
-        load_peft_adapter(tiny_model, tmp_path)
+        apply_adapter(tiny_model, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     with pytest.raises(LmstackError, match="adapter_model.safetensors"):
-        load_peft_adapter(tiny_model, tmp_path)
+        apply_adapter(tiny_model, tmp_path)
     (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(LmstackError, match="not a readable safetensors"):
-        load_peft_adapter(tiny_model, tmp_path)
+        apply_adapter(tiny_model, tmp_path)
     with pytest.raises(LmstackError, match="no LoRA/DoRA adapter"):
         save_adapter(tiny_model, tmp_path / "out")
 
@@ -134,7 +134,7 @@ def test_engine_serves_loaded_adapters_like_the_merged_models(tiny_model, tmp_pa
         train_like(trained, std=0.3, seed=len(method))
         save_adapter(trained, tmp_path / method)
         merged[method] = merge_and_unload(trained).eval()
-    adapters = {m: load_adapter(tmp_path / m, tiny_model) for m in merged}  # tiny_model: the same base, unadapted
+    adapters = {m: load_serving_adapter(tiny_model, tmp_path / m) for m in merged}  # tiny_model: the same base, unadapted
     llm = LLM(tiny_model, block_size=4, num_blocks=128, lora_adapters=adapters)
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     prompts = [[3, 14, 15, 92, 65], [2, 7, 18, 28], [3, 14, 15, 92, 65], [50, 51]]

@@ -18,6 +18,9 @@ def test_grammar_names_arguments_and_quotes():
     # quotes protect commas; repeated flags (a list) concatenate
     assert parse_task_specs(['multiple_choice:path="a,b.jsonl"', "arc_easy"]) == [
         ("multiple_choice", {"path": "a,b.jsonl"}), ("arc_easy", {})]
+    # 'single' quotes are literal, "double" quotes are JSON strings (escapes for delimiters)
+    assert parse_task_specs(r"""t:fewshot_delimiter="\n##\n",path='C:\d,x'""") == [
+        ("t", {"fewshot_delimiter": "\n##\n", "path": "C:\\d,x"})]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -25,6 +28,7 @@ def test_grammar_names_arguments_and_quotes():
     ('multiple_choice:path="x.jsonl', "never closed"),
     ("multiple_choice:path=a,path=b", "given 'path' twice"),
     ("multiple_choice:not a key", "is not key=value"),
+    (r'multiple_choice:path="C:\data"', "not a valid double-quoted string"),
 ])
 def test_grammar_errors(spec, message):
     with pytest.raises(LmstackError, match=message):

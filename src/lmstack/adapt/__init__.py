@@ -8,6 +8,8 @@ Usage:
     model = get_peft_model(model, AdapterConfig(method="lora", r=8, target_modules=["q_proj", "v_proj"]))
     ... train with the ordinary loop ...
     save_adapter(model, "out/adapter", base_model_dir="base/")   # PEFT files
+    apply_adapter(fresh, "out/adapter")                          # onto another copy of the base
+    served = load_serving_adapter(base, "out/adapter")          # for LLM(base, lora_adapters={...})
     merge_adapter(model)                                          # fold B A into the base weights
 """
 from __future__ import annotations
@@ -30,12 +32,12 @@ for _name in ("lora", "dora", "qlora", "prefix", "prompt", "bottleneck", "ia3", 
 from lmstack.adapt.merge import merge_adapter, merge_and_unload, unmerge_adapter  # noqa: E402
 from lmstack.adapt.multi import (add_weighted_adapter, delete_adapter, disable_adapters,  # noqa: E402
                                  set_adapter)
-from lmstack.adapt.peft_format import load_peft_adapter, save_adapter  # noqa: E402
-from lmstack.adapt.serving import load_adapter  # noqa: E402
+from lmstack.adapt.peft_format import apply_adapter, save_adapter  # noqa: E402
+from lmstack.adapt.serving import load_serving_adapter  # noqa: E402
 
 __all__ = [
     "AdapterConfig", "METHODS", "register_method", "add_adapter", "get_peft_model", "find_targets",
     "trainable_report", "merge_adapter", "unmerge_adapter", "merge_and_unload", "set_adapter",
-    "disable_adapters", "delete_adapter", "add_weighted_adapter", "save_adapter", "load_peft_adapter",
-    "load_adapter",
+    "disable_adapters", "delete_adapter", "add_weighted_adapter", "save_adapter", "apply_adapter",
+    "load_serving_adapter",
 ]

@@ -11,7 +11,7 @@ The run directory gets config.yaml (the resolved config), data.json (rows kept /
 packing), metrics.jsonl, loss.png, checkpoints/, summary.json and the result:
   model/     method "full": the whole model in HF layout, with tokenizer.json (lmstack.load_model reads it)
   adapter/   lora / dora / qlora: lmstack.adapt.save_adapter's files (PEFT layout: adapter_config.json +
-             adapter_model.safetensors), loadable with lmstack.adapt.load_adapter / `lmstack chat --adapter`;
+             adapter_model.safetensors), applied by lmstack.adapt.apply_adapter, served by `lmstack chat --adapter`;
              other methods: lmstack_adapter.json + lmstack_adapter.safetensors (their trainable tensors), which
              load_trainable / load_result put back onto the base
 
@@ -370,6 +370,6 @@ def load_result(base_dir: str | os.PathLike, result: str | os.PathLike) -> torch
     if (result / TRAINABLE_CONFIG).is_file():
         return load_trainable(load_model(base_dir, lazy=False), result)
     # lazy: cycle (lmstack.adapt's __init__ imports fusion, which imports this module)
-    from lmstack.adapt import load_peft_adapter
+    from lmstack.adapt import apply_adapter
 
-    return load_peft_adapter(load_model(base_dir, lazy=False), result).eval()
+    return apply_adapter(load_model(base_dir, lazy=False), result).eval()

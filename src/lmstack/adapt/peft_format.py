@@ -11,7 +11,7 @@ adapted module, so loading onto a different base is refused with a message namin
 
 Usage:
     save_adapter(model, "out/adapter", base_model_dir="out/base")   # adapter "default"
-    load_peft_adapter(model, "out/adapter", adapter_name="math")     # onto a fresh lmstack model
+    apply_adapter(model, "out/adapter", adapter_name="math")         # onto a fresh lmstack model
 """
 from __future__ import annotations
 
@@ -188,8 +188,8 @@ def adapter_weights(model: nn.Module, path: str | os.PathLike) -> tuple[dict, di
 
 
 @torch.no_grad()
-def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                      is_trainable: bool = False) -> nn.Module:
+def apply_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                  is_trainable: bool = False) -> nn.Module:
     """Add the PEFT adapter at `path` to `model` as adapter `adapter_name`. As in peft, the base is frozen, and
     so is the adapter unless is_trainable. The first adapter on a model becomes active (set_adapter switches)."""
     config, weights = adapter_weights(model, path)

@@ -1,4 +1,6 @@
-"""load_adapter: a PEFT adapter directory -> an adapter object for the inference engine's hook.
+"""load_serving_adapter: a PEFT adapter directory -> an adapter object for the inference engine's hook.
+
+It leaves the model as it is (apply_adapter in peft_format adds an adapter to a model instead).
 
 The engine (lmstack.infer.lora_hook) calls adapter.apply(module_name, x, base_out) on the rows of the
 batch that belong to a request using the adapter, so one batch can mix adapters and the base model.
@@ -7,7 +9,7 @@ rank/alpha patterns can give modules different scales); DoRA gets DoraAdapter be
 the base output by m / ||W + s B A|| (computed once at load time from the served model's weights).
 
 Usage:
-    adapter = load_adapter("out/adapter", model)         # model: the lmstack Transformer being served
+    adapter = load_serving_adapter(model, "out/adapter")  # model: the lmstack Transformer being served
     llm = LLM(model, tokenizer=tok, lora_adapters={"math": adapter})
     llm.generate(["2+2="], SamplingParams(max_tokens=4), lora="math")
 """
@@ -39,7 +41,7 @@ class DoraAdapter:
 
 
 @torch.no_grad()
-def load_adapter(path: str | os.PathLike, model: nn.Module):
+def load_serving_adapter(model: nn.Module, path: str | os.PathLike):
     """The adapter at `path` (PEFT format, LoRA or DoRA) as an object with apply(module_name, x, base_out).
 
     Shapes are checked against `model`; an adapter made for another base is refused, naming that base."""

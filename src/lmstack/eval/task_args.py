@@ -4,10 +4,11 @@ Grammar (split at top-level commas; quotes protect commas and colons inside a va
     spec    := item ("," item)*
     item    := name [":" key "=" value]     a new task (a ':' before any '=' ends the name)
              | key "=" value                 one more argument for the task before it
-    value   := text | "text" | 'text'        quote a value that holds ',' (or starts with a quote)
+    value   := text | 'text' | "text"        quote a value that holds ','; 'text' is taken as written,
+                                             "text" is a JSON string (so "\\n" is a newline)
 So `multiple_choice:path=my.jsonl,lambada:path=C:\\data\\lam.jsonl` is two tasks, one argument each, and
-`multiple_choice:path="a,b.jsonl",eval_split=test` is one task with two arguments. In a shell, wrap the
-whole spec in single quotes so the double quotes reach lmstack.
+`multiple_choice:path='a,b.jsonl',eval_split=test` is one task with two arguments. In a shell, wrap the
+whole spec in the other kind of quotes so the inner ones reach lmstack.
 
 Values are converted to the type of the task's setting (int, float, bool as true/false/1/0, JSON for
 lists and dicts, text otherwise). An unknown key is an error that names the task, the key and the
@@ -52,8 +53,15 @@ def _split_top(spec: str) -> list[str]:
 
 
 def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] in QUOTES and value[-1] == value[0]:
+    """'text' is literal; "text" is a JSON string, so \\n, \\t and \\" escapes work (delimiters)."""
+    if len(value) >= 2 and value[0] == "'" and value[-1] == "'":
         return value[1:-1]
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise LmstackError(f"--tasks: {value} is not a valid double-quoted string ({e.msg}); "
+                               "use single quotes for text taken as written") from None
     return value
 
 

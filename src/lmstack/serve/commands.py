@@ -30,18 +30,18 @@ from lmstack.serve.limits import RequestLimits
 from lmstack.serve.prompt_compression import CompressionConfig
 from lmstack.threads import set_threads
 
-def load_adapters(paths: dict[str, str], model: Any) -> dict[str, Any]:
+def load_serving_adapters(model: Any, paths: dict[str, str]) -> dict[str, Any]:
     """{name: adapter directory} -> {name: adapter object} for the engine's multi-LoRA hook.
 
-    Reading adapter files is the fine-tuning stage's job: `lmstack.adapt.load_adapter(path, model)`
+    Reading adapter files is the fine-tuning stage's job: `lmstack.adapt.load_serving_adapter(model, path)`
     returns an object with `apply(module_name, x, base_out)` (see lmstack.infer.lora_hook)."""
     try:
         # lazy: guarded: the except ImportError below names what is missing
-        from lmstack.adapt import load_adapter
+        from lmstack.adapt import load_serving_adapter
     except ImportError:
-        raise LmstackError("serving a LoRA adapter from disk needs lmstack.adapt.load_adapter (the fine-tuning "
+        raise LmstackError("serving a LoRA adapter from disk needs lmstack.adapt.load_serving_adapter (the fine-tuning "
                            "stage), which this install does not have") from None
-    return {name: load_adapter(path, model) for name, path in paths.items()}
+    return {name: load_serving_adapter(model, path) for name, path in paths.items()}
 
 
 def parse_adapters(adapters: list[str] | None) -> dict[str, str] | None:
@@ -70,7 +70,7 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     if adapter_paths:  # adapters hook into the model's Linears, so the model is loaded first
 
         source = lmstack.load_model(path, dtype=engine_kwargs.get("dtype"), device=engine_kwargs.get("device", "cpu"))
-        engine_kwargs["lora_adapters"] = load_adapters(adapter_paths, source)
+        engine_kwargs["lora_adapters"] = load_serving_adapters(source, adapter_paths)
         engine_kwargs.setdefault("tokenizer", lmstack.load_tokenizer(path))
     aengine = AsyncLLMEngine(source, **engine_kwargs)
     if aengine.tokenizer is None:

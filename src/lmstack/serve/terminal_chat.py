@@ -27,7 +27,7 @@ from lmstack.infer import LLMEngine, SamplingParams
 from lmstack.infer.generation_defaults import merge_sampling
 from lmstack.model.load_guard import set_max_model_gib
 from lmstack.runtime.device import pick_device
-from lmstack.serve.commands import load_adapters
+from lmstack.serve.commands import load_serving_adapters
 from lmstack.threads import set_threads
 
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 256}  # where neither flags nor the model say
@@ -44,7 +44,7 @@ class LocalBackend:
         if adapter is not None:  # the adapter wraps the model's Linears, so load the model first
             model = lmstack.load_model(model_dir, dtype=dtype, device=dev)
             self.adapter = Path(adapter).name
-            adapters = load_adapters({self.adapter: adapter}, model)
+            adapters = load_serving_adapters(model, {self.adapter: adapter})
             engine_kwargs.setdefault("tokenizer", lmstack.load_tokenizer(model_dir))
         self.engine = LLMEngine(model, device=dev, dtype=dtype, lora_adapters=adapters, **engine_kwargs)
         if self.engine.tokenizer is None:

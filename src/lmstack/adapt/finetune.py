@@ -42,7 +42,7 @@ from lmstack.adapt.sft import (PACKERS, SFTExample, SFTLoader, SFTObjective, des
 from lmstack.config import ConfigError, atomic_write_text, save_config, to_dict
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model, save_model
-from lmstack.model.load_guard import load_safetensors, read_json
+from lmstack.model.load_guard import load_safetensors, read_json, set_max_model_gib
 from lmstack.model.vocab import check_vocab
 from lmstack.runtime.device import resolve_device
 from lmstack.runtime.validation import check_choice
@@ -85,6 +85,9 @@ class FinetuneConfig:
     """Without val_data: the share of rows held out for validation (0 = no validation)."""
     tokenizer: str = ""
     """Tokenizer directory (default: the base model directory). It needs lmstack's chat special tokens."""
+    max_model_gib: float | None = None
+    """Refuse a base model whose config.json needs more memory than this many GiB, estimated before allocating;
+    default: 64 or this machine's RAM, the smaller. Weights load in fp32 whatever the checkpoint holds."""
     adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(method="full"))
     """The method's settings (rank, targets, virtual tokens, ...); adapter.method follows `method`."""
     train: TrainConfig = field(default_factory=_default_train)
@@ -251,6 +254,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
         raise LmstackError(f"base model directory not found: {cfg.base}")
 
     set_threads(cfg.train.threads)  # 0 = auto: fits a shared machine instead of one thread per core
+    set_max_model_gib(cfg.max_model_gib)  # load_model checks it before allocating the base model
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, restart=False)),  # restart is one-off

@@ -28,6 +28,7 @@ from lmstack.align.rollout import load_prompts
 from lmstack.config import ConfigCommand, atomic_write_text, save_config
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model, save_model
+from lmstack.model.load_guard import set_max_model_gib
 from lmstack.model.vocab import check_vocab
 from lmstack.runtime.device import resolve_device
 from lmstack.threads import set_threads
@@ -124,6 +125,7 @@ def align(cfg: AlignConfig) -> dict:
     print held-out accuracy (or held-out greedy reward) before and after."""
 
     set_threads(cfg.threads)  # 0 = auto: fits a shared machine instead of one thread per core
+    set_max_model_gib(cfg.max_model_gib)  # load_model checks it before allocating the policy or reference
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)

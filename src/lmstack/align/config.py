@@ -31,6 +31,9 @@ class AlignConfig:
     grpo (group-normalised), rloo (leave-one-out), rft (rejection-sampling SFT rounds)."""
     policy: str = ""
     """Model directory to start from (the SFT checkpoint; must hold tokenizer.json too)."""
+    max_model_gib: float | None = None
+    """Refuse a policy or reference whose config.json needs more memory than this many GiB, estimated before
+    allocating; default: 64 or this machine's RAM, the smaller. Weights load in fp32 whatever the checkpoint holds."""
     data: str = ""
     """Preference JSONL: prompt, chosen, rejected [, confidence] (kto also takes prompt, completion, label);
     online methods: prompt records (`prompt` or chat `messages`, plus what the reward checks, e.g. `answer`)."""

@@ -67,7 +67,8 @@ def evaluate(model: str, tasks: str, num_fewshot: int | None = None, limit: int 
              tokenizer: str | None = None, model_name: str | None = None, api_key: str | None = None,
              chat_template: bool = False,
              seed: int = 1234, bootstrap_iters: int = 1000, progress: bool = True,
-             threads: int = 0, include_path: str | None = None) -> dict | list[str]:
+             threads: int = 0, include_path: str | None = None, dtype: str = "float32",
+             max_model_gib: float | None = None) -> dict | list[str]:
     """Evaluate a model on tasks and print a results table; with --out, write results.json and per-item logs.
 
     Args:
@@ -93,6 +94,10 @@ def evaluate(model: str, tasks: str, num_fewshot: int | None = None, limit: int 
             --tasks may name.
         threads: CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes keep busy
             right now; at least 1), N = exactly N.
+        dtype: weights' dtype for a local model: float32 (default: scores do not move with the device or the
+            checkpoint's bf16/fp16), bfloat16, float16, or auto (bf16 on CUDA, fp32 on CPU).
+        max_model_gib: refuse a local model whose config.json needs more memory than this many GiB, estimated
+            before allocating; default: 64 or this machine's RAM, the smaller.
     """
 
     if tasks.strip() == "list":
@@ -114,9 +119,11 @@ def evaluate(model: str, tasks: str, num_fewshot: int | None = None, limit: int 
     else:
         # lazy: heavy (numpy, torch), which this module does not import at its top
         from lmstack.eval.local_lm import LocalLM
+        from lmstack.model.load_guard import set_max_model_gib
 
+        set_max_model_gib(max_model_gib)
         lm = LocalLM(model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device,
-                     chat_template=chat_template)
+                     chat_template=chat_template, dtype=dtype)
     output = run_eval(lm, chosen, num_fewshot=num_fewshot, limit=limit, seed=seed, chat_template=chat_template,
                       bootstrap_iters=bootstrap_iters, out_dir=out, progress=progress)
     print(format_table(output))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from lmstack.errors import LmstackError
 from lmstack.model.vocab import check_vocab
-from lmstack.runtime.device import resolve_device
+from lmstack.runtime.device import resolve_device, resolve_dtype
 from lmstack.eval.lm import (GenArgs, TokenRules, cut_at_stop, merge_pieces, model_special_ids, new_stats,
                              rolling_windows, split_long_pairs)
 from lmstack.infer.llm import LLM
@@ -40,16 +40,19 @@ from lmstack.tokenizer import load_tokenizer
 class LocalLM:
     def __init__(self, model: str | Path | torch.nn.Module, tokenizer: Any = None, batch_size: int = 16,
                  max_length: int | None = None, device: str = "auto", add_bos: bool | None = None,
-                 chat_template: bool = False, dtype: torch.dtype = torch.float32):
+                 chat_template: bool = False, dtype: torch.dtype | str = torch.float32):
         """model: a model directory (ours or HF's) or a Transformer; tokenizer: a Tokenizer or a directory
         (default: the model directory). add_bos: None keeps the tokenizer's own rule (lm-eval's default),
         True/False forces a BOS at the start of every sequence or none. chat_template: prompts are wrapped
         in the tokenizer's chat template by the evaluator. dtype: fp32 by default (scores should not move
-        with precision; bf16 on CPU is also very slow)."""
+        with precision; bf16 on CPU is also very slow); a name such as "auto" or "bf16" is resolved by
+        runtime.device.resolve_dtype for the device."""
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise LmstackError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.device = str(resolve_device(device))
+        if isinstance(dtype, str):
+            dtype = resolve_dtype(dtype, self.device)
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
             if not path.is_dir():

@@ -18,15 +18,21 @@ from typing import Literal
 
 import torch
 
+from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.model.counting import format_stats, model_stats
 from lmstack.model.hf_io import load_model, read_config, save_model
+from lmstack.model.lazy_safetensors import CheckpointReader
 from lmstack.model.presets import preset as make_preset
 from lmstack.model.reference_decode import reference_decode
+from lmstack.model.side_files import copy_side_files, keep_special_id_lists, merged_generation_config
 from lmstack.model.transformer import Transformer
 from lmstack.model.vocab import check_vocab, real_vocab
 from lmstack.threads import set_threads
 from lmstack.tokenizer import load_tokenizer, train_tokenizer
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def info(preset: str | None = None, model: str | None = None, context: int | None = None,
@@ -43,6 +49,9 @@ def info(preset: str | None = None, model: str | None = None, context: int | Non
     if (preset is None) == (model is None):
         raise LmstackError("give exactly one of --preset or --model")
     cfg = make_preset(preset) if preset else read_config(model)[0]
+    if model is not None and any((Path(model) / n).exists() for n in WEIGHT_FILES):
+        # headers only (nothing is read): a missing or corrupt shard fails here, not at the first generate
+        CheckpointReader(model).validate_all()
     stats = model_stats(cfg, context)
     if json_output:
         print(json.dumps(asdict(stats), indent=2))
@@ -94,6 +103,10 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"]
             max_model_gib: float | None = None) -> str:
     """Load a model directory (any supported HF family or ours) and save it in lmstack's HF layout.
 
+    Only config.json and the weights are rewritten. The tokenizer files and chat templates are copied unchanged,
+    and generation_config.json keeps every field of the source (list-valued eos_token_id, sampling settings);
+    see model/side_files.py.
+
     Args:
         src: source model directory (config.json + safetensors).
         out: output directory.
@@ -104,7 +117,12 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"]
 
     model = load_model(src, dtype=getattr(torch, dtype), max_model_gib=max_model_gib)
     path = save_model(model, out)
-    print(f"converted {src} -> {path} ({model.num_parameters():,} parameters, {dtype})")
+    copied = copy_side_files(src, path)
+    atomic_write_text(path / "generation_config.json",
+                      json.dumps(merged_generation_config(src, model.config), indent=2))
+    keep_special_id_lists(src, path)
+    print(f"converted {src} -> {path} ({model.num_parameters():,} parameters, {dtype}; kept "
+          f"{', '.join(copied) or 'no tokenizer files'} and generation_config.json)")
     return str(path)
 
 

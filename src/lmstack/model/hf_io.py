@@ -34,6 +34,7 @@ from lmstack.model.hf_convert import (EXPORTABLE, config_from_hf, config_to_hf, 
                                       weights_from_hf, weights_to_hf)
 from lmstack.model.load_guard import check_config_shapes, check_memory, read_json, resolve_inside
 from lmstack.model.transformer import Transformer
+from lmstack.runtime.device import resolve_dtype
 
 LMSTACK_CONFIG = "lmstack_config.json"
 
@@ -84,10 +85,15 @@ def _our_config(data: Any, source: str) -> ModelConfig:
     return cfg
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
                device: str | torch.device = "cpu", lazy: bool = True,
                max_model_gib: float | None = None) -> Transformer:
     """A Transformer from our or an HF model directory. dtype=None keeps the checkpoint's dtype.
+
+    The dtype rule: weights become fp32 whatever the checkpoint holds (a bf16 or fp16 checkpoint is upcast;
+    on CPU a bf16 matmul is ~300x slower than fp32), unless dtype says otherwise. A name ("auto", "bf16",
+    "float16", ...) is resolved by runtime.device.resolve_dtype for `device`: "auto" is bf16 on CUDA, fp32
+    elsewhere. Commands pass their --dtype here, so this is the one place the rule is applied.
 
     lazy=True builds the model on the meta device and memory-maps the weights (nothing is read until
     used, no random init); lazy=False allocates and initialises the model, reads every file fully into
@@ -95,6 +101,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
 
     max_model_gib: refuse (LmstackError naming the fields) when the config needs more memory than this,
     estimated before anything is allocated; None = the process default (64 GiB, or --max_model_gib)."""
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
     cfg, hf_names, source, names = _read_config(Path(path))
     check_memory(cfg, dtype, max_model_gib, source, names)
     reader = CheckpointReader(path)
@@ -112,6 +120,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
         get, names = eager.__getitem__, set(eager)
     expected = {k: v for k, v in model.state_dict().items()}
     if hf_names:
+        _check_output_head(cfg, Path(path), names, reader)
         weights, used = weights_from_hf(cfg, expected, get, names)
         ignore = ignored_hf_keys(cfg)
     else:
@@ -138,6 +147,18 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
         model.load_state_dict(weights, strict=True)
         model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()
+
+
+def _check_output_head(cfg: ModelConfig, path: Path, names: set[str], reader: CheckpointReader) -> None:
+    """A missing lm_head is fine when the config ties it to the embedding (transformers writes no copy);
+    untied, it is an error naming the tensor, the files searched and the config field to check."""
+    if cfg.tie_embeddings or cfg.head != "lm" or "lm_head.weight" in names:
+        return
+    files = ", ".join(f.name for f in reader.files)
+    index = " (per model.safetensors.index.json)" if reader.indexed else ""
+    raise LmstackError(f"{path / 'config.json'}: tie_word_embeddings is false, but tensor 'lm_head.weight' is in "
+                       f"none of the weight files {files}{index}; set tie_word_embeddings to true if the "
+                       "output head shares the input embedding, or add the missing tensor")
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -141,7 +141,8 @@ class CheckpointReader:
         self._files: dict[str, SafetensorsFile] = {}
         index = resolve_inside(self.dir, "model.safetensors.index.json", "weight index")
         single = resolve_inside(self.dir, "model.safetensors", "weights file")
-        if index.exists():
+        self.indexed = index.exists()
+        if self.indexed:
             data = read_json(self.dir, "model.safetensors.index.json", "weight index")
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -158,8 +159,11 @@ class CheckpointReader:
                     self._paths[fname] = path
             missing = sorted(f for f, p in self._paths.items() if not p.exists())
             if missing:
-                raise LmstackError(f"{self.dir} is missing shard files listed in its index: "
-                                   + ", ".join(repr(m)[:200] for m in missing[:5]))
+                tensors = [t for t, f in weight_map.items() if f == missing[0]]
+                raise LmstackError(f"{index}: weight_map names shard {missing[0]!r:.200} (for {len(tensors)} "
+                                   f"tensors, e.g. {tensors[0]!r:.100}), which is not in {self.dir}"
+                                   + (f"; {len(missing) - 1} more shards are missing too" if len(missing) > 1 else "")
+                                   + "; the download or copy is incomplete")
         elif single.exists():
             self._paths = {single.name: single}
             self.weight_map = {k: single.name for k in self._open(single.name).header}

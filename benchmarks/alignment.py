@@ -79,7 +79,7 @@ def run_group(method, sft, tok, data, before, args) -> list[dict]:
 
     policy = load_model(sft, lazy=False)
     cfg = AlignConfig(method=method, lr=args.grpo_lr, steps=args.grpo_steps, group_size=args.group_size,
-                      prompts_per_step=args.prompts_per_step, temperature=args.temperature, max_new_tokens=128, warmup_steps=3, eval_prompts=0, progress=True,
+                      prompts_per_step=args.prompts_per_step, temperature=args.temperature, max_tokens=128, warmup_steps=3, eval_prompts=0, progress=True,
                       device="cpu", seed=0)
     easy = [r for r in data["arithmetic_train"] if r.get("difficulty", 0) <= args.max_difficulty]
     fit = GroupTrainer(policy, tok, cfg, MathReward()).fit(easy)

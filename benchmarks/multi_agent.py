@@ -38,7 +38,7 @@ def main() -> None:
     start = start_model()
     tok = load_tokenizer(start)
     train, val = arithmetic_records(max_difficulty=2)
-    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=8, steps=args.steps, max_new_tokens=64,
+    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=8, steps=args.steps, max_tokens=64,
                       lr=args.lr, warmup_steps=2, temperature=1.0, eval_prompts=args.eval_prompts, eval_every=0,
                       progress=False, device="cpu", seed=0)
     cfg.max_turns = args.max_turns

@@ -37,7 +37,7 @@ SHAPE = dict(group_size=4, prompts_per_step=8, ppo_epochs=4, minibatches=4, temp
 
 
 def run(name: str, sft: Path, tok, train, val, args, **kw) -> dict:
-    cfg = AlignConfig(method="ppo", lr=args.lr, steps=args.steps, max_new_tokens=args.max_new_tokens, warmup_steps=2,
+    cfg = AlignConfig(method="ppo", lr=args.lr, steps=args.steps, max_tokens=args.max_new_tokens, warmup_steps=2,
                       eval_prompts=args.eval_prompts, eval_every=0, progress=True, device="cpu", seed=0, **SHAPE, **kw)
     summary = PPOTrainer(load_model(sft, lazy=False), tok, cfg, MathReward()).fit(train, val)
     hist = summary["history"]

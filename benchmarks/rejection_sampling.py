@@ -38,7 +38,7 @@ def main() -> None:
     sc = compare_greedy_majority(load_model(sft, lazy=False), tok, test, k=8, temperature=0.7)
     print({k: v for k, v in sc.items()})
     cfg = AlignConfig(method="rft", rounds=args.rounds, group_size=8, steps=20, batch_size=16, lr=1e-4, warmup_steps=3,
-                      temperature=0.7, max_new_tokens=128, eval_prompts=len(test), progress=False, device="cpu",
+                      temperature=0.7, max_tokens=128, eval_prompts=len(test), progress=False, device="cpu",
                       rft_prompts=64)
     easy = [r for r in data["arithmetic_train"] if r.get("difficulty", 0) <= 2]
     summary = RejectionSamplingTrainer(load_model(sft, lazy=False), tok, cfg, MathReward()).fit(easy, test)

@@ -65,7 +65,7 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 def grpo(name: str, start: Path, prompts: Path, val: Path, out: Path, args, reward: str, monitor: str = "") -> dict:
     flags = ["align", "--method", "grpo", "--policy", str(start), "--data", str(prompts), "--val_data", str(val),
              "--out", str(out), "--reward", reward, "--steps", str(args.steps), "--group_size", "4",
-             "--prompts_per_step", "8", "--max_new_tokens", "64", "--lr", str(args.lr), "--warmup_steps", "2",
+             "--prompts_per_step", "8", "--max_tokens", "64", "--lr", str(args.lr), "--warmup_steps", "2",
              "--eval_prompts", str(args.eval_prompts), "--eval_every", "0", "--log_every", "1", "--progress", "false",
              "--device", "cpu", "--seed", "0"]
     if monitor:

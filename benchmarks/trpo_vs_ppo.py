@@ -45,7 +45,7 @@ def run(name: str, start, args, **kw) -> dict:
     trainer_cls = {"ppo": PPOTrainer, "trpo": TRPOTrainer}[name]
     tok = load_tokenizer(start)
     train, val = arithmetic_records(max_difficulty=2)
-    cfg = AlignConfig(method=name, steps=args.steps, max_new_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts,
+    cfg = AlignConfig(method=name, steps=args.steps, max_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts,
                       eval_every=0, progress=False, device="cpu", seed=0, **SHAPE, **kw)
     trainer = trainer_cls(load_model(start, lazy=False), tok, cfg, MathReward())
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def test_align_online_methods(setup, world, tok, capsys):
     for method in ("grpo", "rloo", "ppo", "rft"):
         out = tmp / method
         flags = ["align", "--method", method, "--policy", str(policy_dir), "--data", str(prompts), "--out", str(out),
-                 "--steps", "2", "--group_size", "2", "--prompts_per_step", "2", "--max_new_tokens", "6",
+                 "--steps", "2", "--group_size", "2", "--prompts_per_step", "2", "--max_tokens", "6",
                  "--reward", "math=1,format=0.5", "--lr", "1e-3", "--eval_prompts", "2", "--val_fraction", "0.2",
                  "--progress", "false", "--rounds", "1", "--rft_min_reward", "0.0", "--batch_size", "2"]
         assert main(flags) == 0

@@ -13,7 +13,7 @@ from lmstack.errors import LmstackError
 
 
 def _cfg(**kw):
-    base = dict(method="grpo", group_size=4, prompts_per_step=2, max_new_tokens=8, steps=2, lr=1e-3,
+    base = dict(method="grpo", group_size=4, prompts_per_step=2, max_tokens=8, steps=2, lr=1e-3,
                 warmup_steps=0, eval_prompts=0, progress=False, device="cpu")
     return AlignConfig(**{**base, **kw})
 
@@ -84,7 +84,7 @@ def test_kl_term_reuse_and_rloo(policy, tok, records):
 def test_grpo_raises_a_learnable_reward(tok, records):
     torch.manual_seed(0)
     policy = make_policy(tok, seed=3)
-    cfg = _cfg(steps=40, lr=1e-2, group_size=8, prompts_per_step=2, max_new_tokens=12, clip_grad_norm=1.0)
+    cfg = _cfg(steps=40, lr=1e-2, group_size=8, prompts_per_step=2, max_tokens=12, clip_grad_norm=1.0)
     hist = GroupTrainer(policy, tok, cfg, letter_e).fit(records, [])["history"]
     first = sum(h["reward_mean"] for h in hist[:5]) / 5
     last = sum(h["reward_mean"] for h in hist[-5:]) / 5

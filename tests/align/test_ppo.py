@@ -14,7 +14,7 @@ from lmstack.model.hf_io import save_model
 
 
 def _cfg(**kw):
-    base = dict(method="ppo", group_size=4, prompts_per_step=2, max_new_tokens=8, steps=2, lr=1e-3, warmup_steps=0,
+    base = dict(method="ppo", group_size=4, prompts_per_step=2, max_tokens=8, steps=2, lr=1e-3, warmup_steps=0,
                 eval_prompts=0, progress=False, device="cpu", kl_coef=0.05)
     return AlignConfig(**{**base, **kw})
 
@@ -80,7 +80,7 @@ def test_adaptive_controller_raises_beta_when_kl_overshoots(tok, records):
 
 def test_ppo_raises_a_learnable_reward(tok, records):
     torch.manual_seed(0)
-    cfg = _cfg(steps=40, lr=1e-2, group_size=8, prompts_per_step=2, max_new_tokens=12, kl_coef=0.0)
+    cfg = _cfg(steps=40, lr=1e-2, group_size=8, prompts_per_step=2, max_tokens=12, kl_coef=0.0)
     hist = PPOTrainer(make_policy(tok, seed=3), tok, cfg, letter_e).fit(records, [])["history"]
     first = sum(h["reward_mean"] for h in hist[:5]) / 5
     last = sum(h["reward_mean"] for h in hist[-5:]) / 5

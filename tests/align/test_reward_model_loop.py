@@ -46,7 +46,7 @@ def test_rm_spec_alone_and_inside_a_mixture(rm_dir, tok, records):
 
 def test_rl_against_the_rm_logs_rm_and_verifier_scores(rm_dir, tok, records, tmp_path):
     path, _ = rm_dir
-    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=2, steps=2, max_new_tokens=8, lr=1e-3,
+    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=2, steps=2, max_tokens=8, lr=1e-3,
                       warmup_steps=0, eval_prompts=3, eval_every=0, log_every=1, progress=False, device="cpu",
                       monitor="math,format")
     out = tmp_path / "run"

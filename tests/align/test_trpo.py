@@ -85,7 +85,7 @@ def test_no_signal_means_no_step(tok, records):
 def test_trainer_keeps_every_accepted_step_under_max_kl(tok, records):
     policy = make_policy(tok)
     start = copy.deepcopy(policy)
-    cfg = AlignConfig(method="trpo", group_size=4, prompts_per_step=2, steps=3, max_new_tokens=8, lr=1e-3,
+    cfg = AlignConfig(method="trpo", group_size=4, prompts_per_step=2, steps=3, max_tokens=8, lr=1e-3,
                       max_kl=0.02, kl_coef=0.05, warmup_steps=0, eval_prompts=0, progress=False, device="cpu")
     summary = TRPOTrainer(policy, tok, cfg, letter_e).fit(records)
     hist = summary["history"]
@@ -104,7 +104,7 @@ def test_cli_method_trpo(tok, world, tmp_path):
     prompts.write_text("\n".join(json.dumps(r) for r in recs) + "\n", encoding="utf-8")
     out = tmp_path / "trpo"
     flags = ["align", "--method", "trpo", "--policy", str(policy_dir), "--data", str(prompts), "--out", str(out),
-             "--steps", "2", "--group_size", "2", "--prompts_per_step", "2", "--max_new_tokens", "6",
+             "--steps", "2", "--group_size", "2", "--prompts_per_step", "2", "--max_tokens", "6",
              "--reward", "math=1,format=0.5", "--max_kl", "0.02", "--cg_iters", "5", "--eval_prompts", "2",
              "--val_fraction", "0.2",
              "--progress", "false"]

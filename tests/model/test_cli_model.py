@@ -12,7 +12,7 @@ def test_model_info_init_generate_convert(tmp_path, capsys):
     assert main(["model", "info", "--model", str(tmp_path / "m"), "--json_output", "true"]) == 0
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["total_params"] > 0
     assert main(["model", "generate", "--model", str(tmp_path / "m"), "--prompt_ids", "[1, 2, 3]",
-                 "--max_new_tokens", "5"]) == 0
+                 "--max_tokens", "5"]) == 0
     assert "5 tokens" in capsys.readouterr().out
     assert main(["model", "convert", "--src", str(tmp_path / "m"), "--out", str(tmp_path / "c")]) == 0
 

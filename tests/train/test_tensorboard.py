@@ -133,7 +133,7 @@ def test_dpo_and_grpo_write_event_files(tmp_path, world, tok):
     assert_tensorboard_matches_jsonl(tmp_path / "dpo", {"loss", "accuracy", "lr", "grad_norm", "val_accuracy"})
 
     prompts = [r for r in world.corpus("chat") if r["kind"] == "arithmetic"][:4]
-    grpo_cfg = AlignConfig(method="grpo", group_size=2, prompts_per_step=2, max_new_tokens=4, steps=2, lr=1e-3,
+    grpo_cfg = AlignConfig(method="grpo", group_size=2, prompts_per_step=2, max_tokens=4, steps=2, lr=1e-3,
                            warmup_steps=0, eval_prompts=0, log_every=1, progress=False, device="cpu", log=on)
     letter_e = lambda p, c, r: c.count("e") / max(1, len(c))  # noqa: E731 - a reward that varies inside a group
     GroupTrainer(_tiny_model(tok), tok, grpo_cfg, letter_e, log=lambda s: None).fit(prompts, out_dir=tmp_path / "grpo")

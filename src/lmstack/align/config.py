@@ -82,7 +82,7 @@ class AlignConfig:
     """Prompts rolled out per RL step (each gets group_size samples; ppo and rft: samples per prompt too)."""
     group_size: int = 8
     """Samples per prompt: the GRPO/RLOO group, PPO's samples per prompt, RFT's best-of-n."""
-    max_new_tokens: int = 128
+    max_tokens: int = 128
     """Longest sampled reply."""
     temperature: float = 1.0
     """Sampling temperature of rollouts (log-probs for the ratio use the same temperature)."""
@@ -194,7 +194,7 @@ class AlignConfig:
         need(self.prompts_per_step >= 1 and self.group_size >= 1, "prompts_per_step and group_size must be >= 1")
         need(self.method not in ("grpo", "rloo") or self.group_size >= 2,
              f"method={self.method!r} compares samples within a group: group_size must be >= 2, got {self.group_size}")
-        check_range("max_new_tokens", self.max_new_tokens, low=1)
+        check_range("max_tokens", self.max_tokens, low=1)
         need(0 < self.temperature <= 10, f"temperature must be in (0, 10] for sampling, got {self.temperature}")
         need(self.ppo_epochs >= 1 and self.minibatches >= 1, "ppo_epochs and minibatches must be >= 1")
         check_range("clip", self.clip, low=0, high=1, low_open=True, high_open=True)

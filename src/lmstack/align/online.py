@@ -79,7 +79,7 @@ class OnlineTrainer(abc.ABC):
     # ---- pieces subclasses use ------------------------------------------------------------------------
     def rollout(self, records: Sequence[dict], step: int, n: int | None = None) -> Rollout:
         cfg = self.cfg
-        return sample(self.policy, self.tok, records, n=n or cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+        return sample(self.policy, self.tok, records, n=n or cfg.group_size, max_new_tokens=cfg.max_tokens,
                       temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed * 1_000_003 + step,
                       template=cfg.template)
 
@@ -146,7 +146,7 @@ class OnlineTrainer(abc.ABC):
         if not records or not self.cfg.eval_prompts:
             return {}
         ro = sample(self.policy, self.tok, list(records)[:self.cfg.eval_prompts], n=1,
-                    max_new_tokens=self.cfg.max_new_tokens, temperature=0.0, template=self.cfg.template)
+                    max_new_tokens=self.cfg.max_tokens, temperature=0.0, template=self.cfg.template)
         mean, se, n = mean_stderr(ro.score(self.reward))
         return {"mean": mean, "stderr": se, "n": n, "mean_length": ro.mean_length(),
                 **self.reward_parts(ro, with_stderr=True)}

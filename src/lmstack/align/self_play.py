@@ -255,7 +255,7 @@ class SelfPlayTrainer(OnlineTrainer):
     def train_step(self, records: list[dict], step: int) -> dict[str, float]:
         cfg = self.cfg
         dialogues = play(self.policy, self.tok, records, self.reward, cfg.group_size, self.max_turns,
-                         cfg.temperature, cfg.max_new_tokens, cfg.seed * 1_000_003 + step, self.asker)
+                         cfg.temperature, cfg.max_tokens, cfg.seed * 1_000_003 + step, self.asker)
         rewards = torch.tensor([d.reward for d in dialogues])
         adv, valid = group_advantages(rewards, cfg.group_size)
         stats = {**group_stats(rewards, cfg.group_size), **{f"train_{k}": v for k, v in
@@ -287,7 +287,7 @@ class SelfPlayTrainer(OnlineTrainer):
         if not records or not self.cfg.eval_prompts:
             return {}
         dialogues = play(self.policy, self.tok, list(records)[:self.cfg.eval_prompts], self.reward, 1,
-                         self.max_turns, 0.0, self.cfg.max_new_tokens, self.cfg.seed, self.asker)
+                         self.max_turns, 0.0, self.cfg.max_tokens, self.cfg.seed, self.asker)
         return dialogue_stats(dialogues)
 
 
@@ -334,7 +334,7 @@ class MultiAgentTrainer(SelfPlayTrainer):
 
     def _play(self, records, n, temperature, seed) -> list[Dialogue]:
         return play(self.policy, self.tok, records, self.reward, n, self.max_turns, temperature,
-                    self.cfg.max_new_tokens, seed, "policy", asker_policy=self.asker_model)
+                    self.cfg.max_tokens, seed, "policy", asker_policy=self.asker_model)
 
     def train_step(self, records: list[dict], step: int) -> dict[str, float]:
         cfg = self.cfg

@@ -6,7 +6,7 @@ Usage:
     lmstack model init --preset llama-tiny --out runs/tiny      # a random model + a byte-level tokenizer
     lmstack model init --preset llama-tiny --out runs/tiny --tokenizer tok/   # ... with your tokenizer
     lmstack model convert --src hf_dir --out our_dir            # load any supported HF dir, save it back
-    lmstack model generate --model runs/tiny --prompt "Once upon" --max_new_tokens 32
+    lmstack model generate --model runs/tiny --prompt "Once upon" --max_tokens 32
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"]
     return str(path)
 
 
-def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 32,
+def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None = None, max_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              cache: Literal["contiguous", "sink", "none"] = "contiguous", threads: int = 0,
              max_model_gib: float | None = None) -> list[int]:
@@ -136,7 +136,7 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
         model: model directory.
         prompt: text prompt (needs tokenizer.json in the model directory).
         prompt_ids: token ids instead of text, e.g. '[1, 2, 3]'.
-        max_new_tokens: tokens to generate.
+        max_tokens: most tokens to generate.
         temperature: 0 for greedy decoding.
         top_k: keep the k most likely tokens (0 = off).
         top_p: nucleus sampling mass (1 = off).
@@ -167,7 +167,7 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
     if bad:
         raise LmstackError(f"prompt ids {bad[:5]} are outside the vocabulary (size {n_real})")
     start = time.perf_counter()
-    out = reference_decode(m, torch.tensor([prompt_ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    out = reference_decode(m, torch.tensor([prompt_ids]), max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            eos_id=m.config.eos_token_id, cache=None if cache == "none" else cache, seed=seed)
     new = out[0, len(prompt_ids):].tolist()
     elapsed = time.perf_counter() - start

@@ -233,7 +233,7 @@ def align_stage(run_dir: str | Path, sft_dir: str | Path, world_dir: str | Path,
                                                                out_dir=out / "dpo")
     policy.train()
     grpo_cfg = AlignConfig(method="grpo", lr=grpo_lr, steps=10_000, max_seconds=budget_s * (1 - dpo_fraction),
-                           group_size=8, prompts_per_step=8, temperature=0.7, max_new_tokens=128, warmup_steps=3,
+                           group_size=8, prompts_per_step=8, temperature=0.7, max_tokens=128, warmup_steps=3,
                            kl_coef=kl_coef, eval_prompts=0, progress=False, device="cpu", seed=seed,
                            log_every=1)  # a GRPO step takes seconds: every one is a point of the report's curves
     if log_cfg is not None:

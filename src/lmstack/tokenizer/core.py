@@ -34,6 +34,7 @@ from lmstack.tokenizer.decoders import decoder_from_json
 from lmstack.tokenizer.models import model_from_json
 from lmstack.tokenizer.normalizers import normalizer_from_json
 from lmstack.tokenizer.postprocessors import postprocessor_from_json
+from lmstack.tokenizer.special_tokens import resolve_tokenizer_files
 from lmstack.tokenizer.pretokenizers import pretokenizer_from_json, split_counting_stages
 
 _CACHE_MAX = 500_000  # pieces remembered by the deterministic encoder
@@ -415,6 +416,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     cfg_file = resolve_inside(p if p.is_dir() else file.parent, "tokenizer_config.json", "tokenizer config")
     config = read_json_file(cfg_file, "tokenizer config", want_object=True) if cfg_file.exists() else {}
     directory = p if p.is_dir() else file.parent
+    # special_tokens_map.json (legacy configs) and add_bos_token/add_eos_token, as transformers reads them
+    spec, config = resolve_tokenizer_files(spec, config, directory)
     return Tokenizer(spec, config, source=str(file), directory=directory,
                      generation_eos_ids=_generation_eos_ids(directory))
 

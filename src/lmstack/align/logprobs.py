@@ -12,7 +12,7 @@ Position t of the model predicts token t + 1, so per-token log-probs have shape 
 `logps[:, t]` is log p(input_ids[:, t + 1] | input_ids[:, :t + 1]).
 
 Prompts are rendered with the tokenizer's chat template when it has one (user turn, then the
-assistant's reply up to and including `<|assistant_end|>`), else as plain "prompt\\n" + completion + eos.
+assistant's reply up to and including the template's end-of-turn token), else as plain "prompt\\n" + completion + eos.
 
 A policy and a reference with different tokenizers would give log-probs of different token
 sequences, so their ratio means nothing: `check_same_tokenizer` refuses such a pair, naming both.
@@ -41,8 +41,8 @@ Template = Literal["auto", "chat", "plain"]
 
 
 def has_chat_template(tok) -> bool:
-    return all(tok.special_id(n) is not None for n in ("bos", "user_start", "user_end", "assistant_start",
-                                                        "assistant_end"))
+    """The tokenizer has a chat template: lmstack's own or the model's Jinja one (tok.chat_template)."""
+    return tok.chat_template is not None
 
 
 def encode_prompt(tok, prompt: str, template: Template = "auto") -> list[int]:
@@ -62,7 +62,11 @@ def encode_pair(tok, prompt: str, completion: str, template: Template = "auto") 
     if _use_chat(tok, template):
         full = tok.apply_chat_template([{"role": "user", "content": prompt},
                                         {"role": "assistant", "content": completion}])[0]
-        # The template is a concatenation of turns, so the prompt's ids are a prefix of the full ids.
+        # A template that is a concatenation of turns makes the prompt's ids a prefix of the full ids.
+        if full[:len(prompt_ids)] != prompt_ids:
+            origin = getattr(tok.chat_template, "origin", "the chat template")
+            raise LmstackError(f"{origin}: the prompt's ids are not a prefix of the prompt + reply ids, so the "
+                               "reply cannot be cut out; use template='plain'")
         return prompt_ids, full[len(prompt_ids):]
     end = [tok.eos_id] if tok.eos_id is not None else []
     return prompt_ids, tok.encode(completion, allow_special=False) + end
@@ -73,8 +77,9 @@ def _use_chat(tok, template: Template) -> bool:
         return False
     chat = has_chat_template(tok)
     if template == "chat" and not chat:
-        raise LmstackError("template='chat' needs a tokenizer with <|bos|>, <|user_start|>/<|user_end|> and "
-                           "<|assistant_start|>/<|assistant_end|>; use template='plain' or 'auto'")
+        raise LmstackError("template='chat' needs a tokenizer with a chat template (lmstack's <|bos|>, "
+                           "<|user_start|>/<|assistant_start|>/<|assistant_end|> tokens, or a chat_template in "
+                           "tokenizer_config.json / chat_template.jinja); use template='plain' or 'auto'")
     if template not in ("auto", "chat", "plain"):
         raise LmstackError(f"template={template!r} is not allowed; choose 'auto', 'chat' or 'plain'")
     return chat

@@ -3,7 +3,7 @@
     r(x, y) = w · h_last(x ⊕ y) + b
     loss    = -log σ(r(x, y_c) - r(x, y_r) - m) + c · mean((r_c + r_r)²)      (losses.bradley_terry_loss)
 
-The last real token of a chat-rendered pair is `<|assistant_end|>`, whose hidden state has read
+The last real token of a chat-rendered pair is the template's end of turn (`<|assistant_end|>` in ours), whose hidden state has read
 the whole prompt and reply. The LM's own head is kept (unused) so the backbone directory stays a
 loadable language model. Held-out pairwise accuracy (how often r_c > r_r) is the metric.
 

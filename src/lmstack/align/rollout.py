@@ -7,7 +7,7 @@ sample from stale weights. Building one costs a few milliseconds for the models 
 
 A prompt comes from a record: its `prompt` field, or the last user turn of its `messages` (the synthetic
 world's chat records). The record travels with every sample so verifiable rewards can check the answer.
-Completion ids include the token that ended the reply (<|assistant_end|> or eos), so the policy is also
+Completion ids include the token that ended the reply (the template's end of turn or eos), so the policy is also
 trained on *when* to stop; a reply cut at max_new_tokens has no such token (finished=False).
 
 Usage:
@@ -128,10 +128,10 @@ class Rollout:
 
 
 def stop_ids(tok, template: str = "auto") -> list[int]:
-    """Token ids that end a reply: <|assistant_end|> in chat form, eos otherwise."""
+    """Token ids that end a reply: the chat template's end-of-turn token in chat form, eos otherwise."""
 
-    if _use_chat(tok, template):
-        return [tok.special_id("assistant_end")]
+    if _use_chat(tok, template) and tok.end_of_turn_ids():
+        return tok.end_of_turn_ids()
     return [tok.eos_id] if tok.eos_id is not None else []
 
 

@@ -169,9 +169,9 @@ def play(policy: torch.nn.Module, tok, records: Sequence[dict], reward: Reward, 
         raise LmstackError(f"max_turns and n must be >= 1, got {max_turns} and {n}")
     if temperature == 0 and n > 1:
         raise LmstackError("greedy dialogues (temperature=0) are identical; use n=1 or temperature > 0")
-    sp = {name: tok.special_id(name) for name in ("user_start", "user_end", "assistant_start", "assistant_end")}
-    if any(v is None for v in sp.values()):
-        raise LmstackError("self-play needs a tokenizer with the chat template's special tokens")
+    if tok.chat_template is None or not tok.end_of_turn_ids():
+        raise LmstackError("self-play needs a tokenizer with a chat template that ends turns with a token")
+    end_of_turn = tok.end_of_turn_ids()[0]
     dialogues = [Dialogue(r) for r in records for _ in range(n)]
     limit = policy.config.max_seq_len
     openings = ASKERS[asker](asker_policy if asker_policy is not None else policy, tok, dialogues, seed, temperature)
@@ -183,9 +183,10 @@ def play(policy: torch.nn.Module, tok, records: Sequence[dict], reward: Reward, 
             q = openings[i] if turn == 0 else FOLLOW_UP.format(question=d.questions[0])
             if turn == 0:
                 new = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)[0]
-            else:  # the template is a concatenation of turns, so a new user turn is appended as ids
-                new = ([sp["user_start"]] + tok.encode(q, allow_special=False) + [sp["user_end"],
-                                                                                   sp["assistant_start"]])
+            else:  # the new user turn (and the assistant opener) is appended to the ids as the template renders it
+                history = [m for qa in zip(d.questions, d.replies) for m in (
+                    {"role": "user", "content": qa[0]}, {"role": "assistant", "content": qa[1]})]
+                new = tok.append_turn_ids(history, [{"role": "user", "content": q}])
             if len(d.ids) + len(new) + 1 > limit:
                 d.done, d.stop = True, "context"
                 continue
@@ -201,7 +202,7 @@ def play(policy: torch.nn.Module, tok, records: Sequence[dict], reward: Reward, 
             d.mask += [1] * len(ids)
             d.answer_tokens += len(ids)
             if not finished:  # a cut reply is closed for the next turn; the closing token was not sampled
-                d.ids.append(sp["assistant_end"])
+                d.ids.append(end_of_turn)
                 d.mask.append(0)
             d.replies.append(text)
             score = float(reward(d.questions[-1], text, d.record))

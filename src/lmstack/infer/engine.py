@@ -132,14 +132,12 @@ class LLMEngine:
         self._idle_steps = 0  # consecutive steps that scheduled nothing (see _step: never spin)
 
     def _eos_ids(self) -> frozenset[int]:
-        ids = set()
-        if self.model.config.eos_token_id is not None:
-            ids.add(self.model.config.eos_token_id)
+        # the model's eos (one id or a list) plus the tokenizer's stop set: its EOS, generation_config.json's
+        # eos_token_id list and the chat template's end-of-turn token (the template owns that policy)
+        eos = self.model.config.eos_token_id
+        ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         if self.tokenizer is not None:
-            for name in ("eos", "assistant_end"):
-                i = self.tokenizer.special_id(name)
-                if i is not None:
-                    ids.add(i)
+            ids.update(self.tokenizer.stop_ids())
         return frozenset(ids)
 
     # ---- requests

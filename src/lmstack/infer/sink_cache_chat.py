@@ -34,8 +34,10 @@ class SinkCacheChat:
         self.model, self.tok = model.eval(), tokenizer
         self.cache = model.new_cache(1, kind="sink", window=window, n_sink=n_sink)
         self.generator = torch.Generator().manual_seed(seed)
-        self.end_ids = {i for i in (tokenizer.eos_id, tokenizer.special_id("assistant_end")) if i is not None}
-        self.assistant_end = tokenizer.special_id("assistant_end")
+        self.end_ids = set(tokenizer.stop_ids())  # EOS, generation_config's eos list, the template's end of turn
+        eot = tokenizer.end_of_turn_ids()
+        self.assistant_end = eot[0] if eot else None
+        self.history: list[dict] = []  # the conversation so far, as the template renders it
         self.tokens_seen = 0
         self.recent: list[int] = []  # recent tokens, for penalties and bad words
         self._logits: torch.Tensor | None = None
@@ -44,11 +46,15 @@ class SinkCacheChat:
             self._feed(self._turn("system", system, generation_prompt=False))
 
     def _turn(self, role: str, content: str, generation_prompt: bool = True) -> list[int]:
-        ids, _ = self.tok.apply_chat_template([{"role": role, "content": content}],
-                                              add_generation_prompt=generation_prompt)
+        # the ids this turn adds to the rendered conversation (the template opens a conversation once, with
+        # BOS where it has one; later turns add only their own tokens)
+        msg = {"role": role, "content": content}
         if self._started:
-            ids = ids[1:]  # the template opens every rendering with <|bos|>; the chat has one already
+            ids = self.tok.append_turn_ids(self.history, [msg], generation_prompt)
+        else:
+            ids, _ = self.tok.apply_chat_template([msg], add_generation_prompt=generation_prompt)
         self._started = True
+        self.history.append(msg)
         return ids
 
     @torch.no_grad()
@@ -83,6 +89,7 @@ class SinkCacheChat:
         else:
             if self.assistant_end is not None:  # close the turn so the next message starts cleanly
                 self._feed([self.assistant_end])
+        self.history.append({"role": "assistant", "content": self.tok.decode(out, skip_special_tokens=True)})
 
     def say(self, content: str, params: SamplingParams | None = None, role: str = "user") -> str:
         return "".join(self.stream(content, params, role))

@@ -101,7 +101,7 @@ def world_task_scores(model, tok, records: list[dict], chat: bool, n_eval: int =
                       tasks: tuple[str, ...] = tuple(TASKS)) -> dict[str, float]:
     """Greedy-decoding accuracy on the first n_eval test records of each task (see the module docstring)."""
     model.eval()
-    stop = tok.special_id("assistant_end") if chat else tok.eos_id
+    stop = tok.end_of_turn_ids()[0] if chat and tok.end_of_turn_ids() else tok.eos_id
     scores = {}
     for task in tasks:
         kind, max_new, ok = TASKS[task]

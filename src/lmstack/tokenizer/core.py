@@ -350,6 +350,20 @@ class Tokenizer:
                     **kwargs) -> str:
         return self.render_messages(messages, add_generation_prompt, tools, documents, **kwargs).text
 
+    def append_turn_ids(self, history: list[dict], new: list[dict], add_generation_prompt: bool = True
+                        ) -> list[int]:
+        """The ids that `new` messages add after a rendered `history` (multi-turn decoding appends them to
+        the ids it already holds): the id difference when the template is a concatenation of turns, else
+        the text difference encoded."""
+        before = self.render_messages(history, False)
+        after = self.render_messages(list(history) + list(new), add_generation_prompt)
+        if after.ids[:len(before.ids)] == before.ids:
+            return after.ids[len(before.ids):]
+        if after.text.startswith(before.text):
+            return self.encode(after.text[len(before.text):], allow_special=True)
+        raise LmstackError(f"{self._template_or_raise().origin}: rendering more turns rewrites the earlier text, "
+                           "so new turns cannot be appended to a conversation's ids")
+
     def end_of_turn_ids(self) -> list[int]:
         """Ids that close an assistant turn in the chat template ([] without a template)."""
         t = self.chat_template

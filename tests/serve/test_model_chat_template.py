@@ -1,0 +1,123 @@
+"""A transformers-made Llama directory with the Llama-3 template: every chat caller (server, LLM.chat, lmstack
+generate --chat, lmstack chat, SFT masks) renders the model's own template, generation stops on
+generation_config.json's eos list and the template's <|eot_id|>, and bad templates are one clear error."""
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+import lmstack
+from lmstack.cli import main
+from lmstack.errors import LmstackError
+from serve_helpers import start_server
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+TEXT = ["the cat sat on the mat", "hello there, how are you?", "user assistant system", "Grüße 日本 🙂"] * 30
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+
+
+def _hf_tokenizer(template: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
+                                   chat_template=template)
+
+
+def _llama_dir(path: Path, template: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_tok = _hf_tokenizer(template)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen["eos_token_id"] = [hf_tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    return hf_tok
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf_llama3")
+    return d, _llama_dir(d, (FIXTURES / "llama3.jinja").read_text())
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf_broken")
+    _llama_dir(d, "{{ raise_exception('this model only takes user turns') }}")
+    return d
+
+
+def test_stop_set_and_llm_chat_use_the_models_template(llama):
+    d, hf = llama
+    eot, eos = hf.convert_tokens_to_ids("<|eot_id|>"), hf.eos_token_id
+    llm = lmstack.LLM(str(d), max_model_len=128, device="cpu")
+    assert {eot, eos} <= llm.engine.eos_ids
+    want = hf.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
+    want = want if isinstance(want, list) else want["input_ids"]
+    # <|eot_id|> forced as the first token: the reply ends at once, on the template's end of turn
+    params = lmstack.SamplingParams(max_tokens=8, temperature=0.0, logit_bias={eot: 100.0})
+    out = llm.chat(CHAT, params)[0]
+    assert out.prompt_token_ids == want
+    assert out.outputs[0].finish_reason == "stop" and len(out.outputs[0].token_ids) <= 1
+    free = llm.chat(CHAT, lmstack.SamplingParams(max_tokens=6, temperature=0.0, logit_bias={eot: -100.0,
+                                                                                           eos: -100.0}))[0]
+    assert len(free.outputs[0].token_ids) == 6  # without the bias it runs to max_tokens
+
+
+def test_server_renders_the_models_template(llama):
+    d, hf = llama
+    srv = start_server(d, engine={"max_model_len": 128})
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30.0) as http:
+            got = http.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
+            want = hf.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
+            assert got == (want if isinstance(want, list) else want["input_ids"])
+            r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(got)
+    finally:
+        srv.stop()
+
+
+def test_sft_masks_come_from_the_template(llama):
+    from lmstack.adapt.sft import encode_rows
+
+    d, hf = llama
+    tok = lmstack.load_tokenizer(d)
+    rows = [{"messages": CHAT + [{"role": "assistant", "content": "hi!"}]}]
+    (ex,), _ = encode_rows(tok, rows, max_len=256)
+    learned = "".join(tok.decode([i]) for i, m in zip(ex.ids, ex.mask) if m)
+    assert learned == "hi!<|eot_id|>"
+
+
+def test_bad_template_is_one_clear_error_in_python_server_and_cli(broken, capsys):
+    tok = lmstack.load_tokenizer(broken)
+    where = f"{broken / 'chat_template.jinja'}"
+    with pytest.raises(LmstackError, match="this model only takes user turns"):
+        tok.apply_chat_template(CHAT, add_generation_prompt=True)
+    srv = start_server(broken, engine={"max_model_len": 128})
+    try:
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 400
+        assert where in r.json()["error"]["message"] and "only takes user turns" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+    capsys.readouterr()
+    rc = main(["generate", "--model", str(broken), "--prompt", "hi", "--chat", "--max_tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("lmstack: error:") and where in lines[-1] and "only takes user turns" in lines[-1]

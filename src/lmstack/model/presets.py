@@ -1,4 +1,5 @@
-"""Model family presets: llama, mistral, mixtral, qwen2, gpt2 and a bert-style encoder, in tiny/small/base.
+"""Model family presets: llama, mistral, mixtral, qwen2, gemma2, phi3, gpt2 and a bert-style encoder, in
+tiny/small/base.
 
 A preset is a dict of ModelConfig fields; families differ only in those fields, never in code.
 `base` sizes are ~100M+ parameter models (llama-base is the ~130M config the benchmarks use);
@@ -32,6 +33,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     kv_ratio=4, n_experts=8, moe_top_k=2, router_aux_loss_coef=0.02, hf_model_type="mixtral"),
     "qwen2": dict(norm="rmsnorm", norm_eps=1e-6, position="rope", rope_theta=1e6, mlp="swiglu", qkv_bias=True,
                   tie_embeddings=True, kv_ratio=2, hf_model_type="qwen2"),
+    # Gemma-2: sandwich norms with (1 + w) RMSNorm, sqrt(d) embeddings, tanh-GeGLU, soft-capped attention and
+    # output logits, a sliding window on every other layer (0, 2, ...); SDPA cannot softcap, hence naive attention.
+    "gemma2": dict(norm="rmsnorm", norm_eps=1e-6, norm_position="sandwich", norm_plus_one=True, scale_embeddings=True,
+                   position="rope", rope_theta=10000.0, mlp="geglu_tanh", attn_logit_softcap=50.0,
+                   final_logit_softcap=30.0, attn_backend="naive", tie_embeddings=True, kv_ratio=2, window_frac=0.5,
+                   window_every=2, hf_model_type="gemma2"),
+    # Phi-3 (mini): a llama block with MHA and untied embeddings; its fused qkv/gate_up exist only in HF's files.
+    "phi3": dict(norm="rmsnorm", norm_eps=1e-5, position="rope", rope_theta=10000.0, mlp="swiglu", kv_ratio=1,
+                 hf_model_type="phi3"),
     "gpt2": dict(norm="layernorm", norm_eps=1e-5, position="learned", mlp="gelu_tanh", qkv_bias=True,
                  out_bias=True, mlp_bias=True, tie_embeddings=True, kv_ratio=1, hf_model_type="gpt2"),
     "bert": dict(norm="layernorm", norm_eps=1e-12, norm_position="post", position="learned", mlp="gelu",
@@ -50,6 +60,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     fields = {**SIZES[size], **FAMILIES[family]}
     kv_ratio = fields.pop("kv_ratio")
     window_frac = fields.pop("window_frac", 0)
+    window_every = fields.pop("window_every", 0)
     fields["n_kv_heads"] = max(1, fields["n_heads"] // kv_ratio)
     if window_frac:
         fields["sliding_window"] = int(fields["max_seq_len"] * window_frac)
@@ -62,4 +73,6 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
         fields["max_seq_len"] = min(fields["max_seq_len"], 512)
     fields["name"] = name
     fields.update(overrides)
+    if window_every and "sliding_window_layers" not in overrides:  # alternate over the final layer count
+        fields["sliding_window_layers"] = list(range(0, fields["n_layers"], window_every))
     return ModelConfig(**fields)

@@ -1,0 +1,90 @@
+"""Gemma-2 against transformers' Gemma2ForCausalLM, both directions (CPU fp32, 1e-4): soft-capped attention
+and output logits, sliding windows on alternate layers, (1 + w) RMSNorm, sqrt(d) embeddings, four norms per
+block, tanh-GeGLU, query_pre_attn_scalar and a head_dim that is not d_model / n_heads. Also greedy decoding
+through our engine and the paged engine's logits."""
+import json
+
+import pytest
+import torch
+
+import lmstack
+from lmstack.errors import LmstackError
+from lmstack.model import Transformer, preset
+
+from family_parity import (check_export_of_ours, check_greedy_matches_hf, check_load_and_export, check_paged_logits,
+                           jitter)
+
+T = pytest.importorskip("transformers")
+WINDOW = 8
+
+
+def tiny_gemma2(**kw):
+    # 4 layers so windows alternate (0 and 2 slide); head_dim 24 != 64/4; scalar 20 != head_dim; caps small
+    # enough that tanh bends the scores and logits of these jittered weights.
+    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, max_position_embeddings=64, sliding_window=WINDOW,
+                query_pre_attn_scalar=20, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    torch.manual_seed(0)
+    return jitter(T.Gemma2ForCausalLM(T.Gemma2Config(**{**args, **kw})))
+
+
+def test_gemma2_loads_with_every_feature_and_exports_back(tmp_path):
+    hf = tiny_gemma2()
+    x = torch.randint(0, 128, (2, 40))  # 40 > the window of 8
+    ours = check_load_and_export(hf, tmp_path, x)
+    cfg = ours.config
+    assert (cfg.norm_position, cfg.norm_plus_one, cfg.scale_embeddings, cfg.mlp) == ("sandwich", True, True, "geglu_tanh")
+    assert [cfg.window_for_layer(i) for i in range(4)] == [WINDOW, 0, WINDOW, 0]
+    assert (cfg.attn_logit_softcap, cfg.final_logit_softcap, cfg.query_pre_attn_scalar, cfg.head_dim) == (5.0, 3.0, 20, 24)
+    exported = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert exported["layer_types"] == ["sliding_attention", "full_attention"] * 2
+    assert exported["query_pre_attn_scalar"] == 20 and exported["hidden_activation"] == "gelu_pytorch_tanh"
+
+
+@pytest.mark.parametrize("change", [dict(attn_logit_softcap=0.0), dict(final_logit_softcap=0.0),
+                                    dict(sliding_window=0), dict(norm_plus_one=False), dict(scale_embeddings=False),
+                                    dict(query_pre_attn_scalar=0.0), dict(mlp="swiglu")])
+def test_each_gemma2_switch_changes_the_logits(change, tmp_path):
+    # The parity above would not notice a feature the test shapes never reach; each one must matter here.
+    hf = tiny_gemma2()
+    hf.save_pretrained(tmp_path)
+    ours = lmstack.load_model(tmp_path)
+    other = Transformer(ours.config.replace(**change)).eval()
+    other.load_state_dict(ours.state_dict())
+    x = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        assert (other(x) - ours(x)).abs().max().item() > 1e-3
+
+
+def test_gemma2_greedy_and_paged_logits_equal_transformers(tmp_path):
+    hf = tiny_gemma2()
+    hf.save_pretrained(tmp_path)
+    ours = lmstack.load_model(tmp_path)
+    prompt = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(3)).tolist()
+    out = check_greedy_matches_hf(hf, ours, prompt, n=16)  # 30 tokens: several windows of 8
+    ids = prompt + out
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    check_paged_logits(ours, ids, ref)
+
+
+def test_gemma2_preset_exports_to_transformers(tmp_path):
+    cfg = preset("gemma2-tiny", n_layers=4, sliding_window=WINDOW, attn_logit_softcap=5.0, final_logit_softcap=3.0)
+    assert cfg.sliding_window_layers == [0, 2]
+    torch.manual_seed(0)
+    model = jitter(Transformer(cfg))
+    check_export_of_ours(model, tmp_path, torch.randint(0, cfg.vocab_size, (2, 40)), T.Gemma2ForCausalLM)
+    back = lmstack.load_model(tmp_path)
+    x = torch.randint(0, cfg.vocab_size, (1, 24))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+def test_gemma2_bidirectional_is_refused(tmp_path):
+    hf = tiny_gemma2()
+    hf.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, "use_bidirectional_attention": True}))
+    with pytest.raises(LmstackError, match="use_bidirectional_attention is not supported"):
+        lmstack.load_model(tmp_path)

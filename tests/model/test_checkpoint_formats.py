@@ -223,3 +223,33 @@ def test_tokenizer_larger_than_the_model_is_an_error_and_a_smaller_one_is_fine(t
     llm = lmstack.LLM(str(small))
     out = llm.generate(["the fox"], lmstack.SamplingParams(max_tokens=20, temperature=1.0, seed=0, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 20 and max(out[0].outputs[0].token_ids) < 280  # padded rows unsampled
+
+
+@pytest.mark.parametrize("flag, expected", [(None, torch.float32), ("auto", torch.float32),
+                                            ("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_inference_commands_upcast_a_bf16_checkpoint_on_cpu_unless_dtype_says_otherwise(tmp_path, monkeypatch,
+                                                                                        capsys, flag, expected):
+    # lazy: only this test needs the command modules' internals
+    from lmstack.eval.local_lm import LocalLM
+    import lmstack.infer.commands as infer_commands
+    from lmstack.serve.terminal_chat import LocalBackend
+
+    hf_model("qwen2", tmp_path, dtype=torch.bfloat16)
+    bpe_files(tmp_path, 300)
+    seen = []
+
+    class Spy(infer_commands.LLM):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(next(self.engine.model.parameters()).dtype)
+
+    monkeypatch.setattr(infer_commands, "LLM", Spy)
+    extra = [] if flag is None else ["--dtype", flag]
+    assert main(["generate", "--model", str(tmp_path), "--prompt_ids", "[1, 2]", "--max_tokens", "2",
+                 "--device", "cpu", *extra]) == 0
+    dtype = {} if flag is None else {"dtype": flag}
+    chat = LocalBackend(str(tmp_path), device="cpu", **dtype)
+    scorer = LocalLM(str(tmp_path), device="cpu", **dtype)  # eval's default is float32 too
+    assert seen == [expected]
+    assert next(chat.engine.model.parameters()).dtype == expected
+    assert next(scorer.model.parameters()).dtype == expected

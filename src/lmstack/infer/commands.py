@@ -21,6 +21,7 @@ from lmstack.infer.generation_defaults import merge_sampling
 from lmstack.infer.llm import LLM
 from lmstack.infer.sampling_params import SamplingParams
 from lmstack.model.load_guard import set_max_model_gib
+from lmstack.runtime.device import pick_device
 from lmstack.threads import set_threads
 
 
@@ -35,7 +36,7 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
              speculative: Literal["none", "ngram", "draft"] = "none", draft_model: str | None = None,
              num_speculative_tokens: int = 4, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
              json_output: bool = False, tokenizer: str | None = None, threads: int = 0,
-             max_model_gib: float | None = None) -> list[dict]:
+             max_model_gib: float | None = None, device: str = "auto", dtype: str = "auto") -> list[dict]:
     """Generate completions with the paged, continuously batched engine and print them.
 
     Args:
@@ -74,6 +75,9 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
             right now; at least 1), N = exactly N.
         max_model_gib: refuse a model whose config.json (weights, and the KV pool the context implies) needs more
             memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
+        device: auto (CUDA when a GPU is visible, else CPU), cpu, cuda or cuda:N.
+        dtype: weights' dtype: auto (bf16 on CUDA, fp32 on CPU, whatever the checkpoint holds), float32, bfloat16
+            or float16.
     """
 
     set_max_model_gib(max_model_gib)
@@ -94,7 +98,9 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
     spec = None
     if speculative != "none":
         spec = {"method": speculative, "num_tokens": num_speculative_tokens, "draft_model": draft_model}
-    llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speculative=spec)
+    dev, torch_dtype = pick_device(device, dtype)
+    llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+              speculative=spec, device=dev, dtype=torch_dtype)
     if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise LmstackError(f"{model} holds no tokenizer.json: pass --tokenizer DIR, or token ids with --prompt_ids")
     # Flags given win, then the model's generation_config.json, then this command's greedy 64-token default.

@@ -71,8 +71,10 @@ class FastDecoder:
         dev = self.head_w.device
         positions = torch.arange(pos, pos + t, device=dev)
         cos, sin = m.rope(positions)  # (T, hd), shared by every layer
-        cos, sin = cos[:, None], sin[:, None]
         x = m.tok_emb.weight[tokens[0]:tokens[0] + 1] if t == 1 else m.tok_emb(torch.tensor(tokens, device=dev))
+        # the tables are fp32; in the weights' dtype, as positions.apply_rope does, so a bf16/fp16 model's
+        # queries stay in the dtype of its KV pool
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
         slot = first_slot + pos
         end = slot + t
         mask = None

@@ -37,8 +37,9 @@ HELP = "commands: /reset  /system TEXT  /exit   (Ctrl-C stops a reply, Ctrl-D qu
 class LocalBackend:
     """The engine in this process; steps it and yields each new piece of text as it is decoded."""
 
-    def __init__(self, model_dir: str, adapter: str | None = None, device: str = "auto", **engine_kwargs: Any):
-        dev, dtype = pick_device(device, "auto")
+    def __init__(self, model_dir: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
+                 **engine_kwargs: Any):
+        dev, dtype = pick_device(device, dtype)
         model: Any = model_dir
         self.adapter, adapters = None, None
         if adapter is not None:  # the adapter wraps the model's Linears, so load the model first
@@ -153,7 +154,7 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
          temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
          seed: int | None = None,
          api_key: str | None = None, device: str = "auto", threads: int = 0,
-         max_model_gib: float | None = None) -> None:
+         max_model_gib: float | None = None, dtype: str = "auto") -> None:
     """Chat with a model in the terminal, streaming its replies.
 
     Args:
@@ -173,6 +174,8 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
             processes keep busy right now; at least 1), N = exactly N.
         max_model_gib: Refuse a model whose config.json (weights, and the KV pool the context implies) needs more
             memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
+        dtype: Weights' dtype with --model: auto (bf16 on CUDA, fp32 on CPU, whatever the checkpoint holds),
+            float32, bfloat16 or float16.
     """
     if (model is None) == (url is None):
         raise LmstackError("give exactly one of --model DIR (run here) or --url URL (talk to a server)")
@@ -185,7 +188,7 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
 
         set_max_model_gib(max_model_gib)
         set_threads(threads)
-        backend: Any = LocalBackend(model, adapter, device=device)
+        backend: Any = LocalBackend(model, adapter, device=device, dtype=dtype)
         params = merge_sampling({**CHAT_DEFAULTS, **backend.engine.generation_defaults}, params)
     else:
         backend = RemoteBackend(url, model=adapter, api_key=api_key or os.environ.get("LMSTACK_API_KEY"))

@@ -6,6 +6,8 @@ model directory; requests carry token ids, and every loglikelihood lm-eval repor
 model computed directly.
 """
 import json
+from pathlib import Path
+import tomllib
 
 import pytest
 import torch
@@ -37,12 +39,27 @@ metric_list:
     higher_is_better: true
 """
 
+# lm-eval's api extra (lm_eval/models/api_models.py checks these four), which pyproject's `lmeval` extra pulls in.
+API_EXTRA = ("aiohttp", "tqdm", "tenacity", "requests")
+INSTALL_API_EXTRA = "pip install 'lmstack[lmeval]'"
+
+
+def test_the_lmeval_extra_is_declared_and_documented_where_local_completions_is():
+    root = Path(__file__).resolve().parents[2]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.replace(" ", "").startswith("lm-eval[api]") for req in extras["lmeval"])
+    readme = (root / "README.md").read_text()
+    around = readme[readme.index("`local-completions`") - 200:readme.index("`local-completions`") + 300]
+    assert INSTALL_API_EXTRA in around and "lm-eval[api]" in around
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["remote", "huggingface"])
 def test_lm_eval_local_completions_loglikelihood(server, model_dir, tmp_path, monkeypatch, backend):
     """remote: lm-eval tokenizes through the server; huggingface: through `transformers` on the model dir."""
     lm_eval = pytest.importorskip("lm_eval")
+    for package in API_EXTRA:  # what lm-eval's api extra adds; without them local-completions cannot start
+        pytest.importorskip(package, reason=f"lm-eval's local-completions needs {package}: {INSTALL_API_EXTRA}")
     from lm_eval.tasks import TaskManager
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

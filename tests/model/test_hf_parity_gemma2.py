@@ -88,3 +88,25 @@ def test_gemma2_bidirectional_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**data, "use_bidirectional_attention": True}))
     with pytest.raises(LmstackError, match="use_bidirectional_attention is not supported"):
         lmstack.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu"])
+def test_gemma1_loads_and_exports_back(act, tmp_path):
+    # Gemma (1): the llama block with (1 + w) norms, sqrt(d) embeddings and tanh-GeGLU; transformers reads the
+    # legacy hidden_act "gelu" of the first releases' config.json as the tanh GELU, and so must we.
+    cfg = T.GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=24, max_position_embeddings=64,
+                        pad_token_id=0)
+    torch.manual_seed(0)
+    hf = jitter(T.GemmaForCausalLM(cfg))
+    hf.save_pretrained(tmp_path / "hf")
+    data = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**data, "hidden_act": act}))
+    ours = lmstack.load_model(tmp_path / "hf")
+    c = ours.config
+    assert (c.norm_position, c.norm_plus_one, c.scale_embeddings, c.mlp, c.tie_embeddings) == \
+        ("pre", True, True, "geglu_tanh", True)
+    x = torch.randint(0, 128, (2, 33))
+    check_export_of_ours(ours, tmp_path / "ours", x, T.GemmaForCausalLM)
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4

@@ -1,11 +1,12 @@
 """Conversion between HF checkpoints and lmstack: config fields and tensor names, one spec per family.
 
-Supported model_type: llama, mistral, mixtral, qwen2, gpt2, bert, qwen3, gemma2, phi3. Names map by ordered
+Supported model_type: llama, mistral, mixtral, qwen2, gpt2, bert, qwen3, gemma, gemma2, phi3. Names map by ordered
 regex rules; the few tensors that do not map one-to-one have small handlers: GPT-2's fused c_attn (and its
 Conv1D weights, stored transposed), Mixtral's per-expert w1/w2/w3, which we keep stacked, and Phi-3's fused
 qkv_proj and gate_up_proj, split into our q/k/v and gate/up on load and concatenated again on export.
 
-Gemma-2 is the llama block with switches on: four norms per block (norm_position="sandwich"), RMSNorm scaled by
+Gemma (1) is the llama block with (1 + w) RMSNorm, sqrt(d_model)-scaled embeddings and tanh-GeGLU (transformers
+reads its legacy hidden_act "gelu" as the tanh GELU, and so do we). Gemma-2 is the llama block with switches on: four norms per block (norm_position="sandwich"), RMSNorm scaled by
 (1 + w) (norm_plus_one), embeddings times sqrt(d_model) (scale_embeddings), GeGLU with the tanh GELU
 (mlp="geglu_tanh"), attention scaled by query_pre_attn_scalar**-0.5, attention and final logit soft-capping, and
 sliding windows on the layers layer_types marks "sliding_attention" (every other layer, starting with layer 0,
@@ -38,14 +39,15 @@ from lmstack.errors import LmstackError
 from lmstack.model.config import ModelConfig
 from lmstack.model.load_guard import SHAPE_LIMITS, check_int_fields
 
-SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3", "gemma2", "phi3")
-EXPORTABLE = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3", "gemma2", "phi3")
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3", "gemma", "gemma2", "phi3")
+EXPORTABLE = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3", "gemma", "gemma2", "phi3")
 REAL_VOCAB_KEY = "lmstack_real_vocab_size"  # ModelConfig.real_vocab_size in an HF config.json (see vocab.py)
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "phi3")
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel",
-                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "phi3": "Phi3ForCausalLM"}
 
 # ---------------------------------------------------------------- configs
 _ACT_TO_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh"}
@@ -124,8 +126,9 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
                real_vocab_size=hf.get(REAL_VOCAB_KEY))
     if mt in LLAMA_LIKE:
         act = hf.get("hidden_act", "silu")
-        if mt == "gemma2":  # Gemma names it hidden_activation
+        if mt in ("gemma", "gemma2"):  # Gemma names it hidden_activation; Gemma 1's legacy "gelu" means tanh
             act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+            act = "gelu_pytorch_tanh" if mt == "gemma" and act == "gelu" else act
         if act not in _ACT_TO_GATED:
             raise _unsupported(mt, f"hidden_act {act!r}")
         if mt == "phi3":
@@ -134,11 +137,12 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
         fields = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                       n_heads=hf["num_attention_heads"],
                       n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                      head_dim=hf.get("head_dim") or (256 if mt == "gemma2" else 0), d_ff=hf["intermediate_size"],
+                      head_dim=hf.get("head_dim") or (256 if mt in ("gemma", "gemma2") else 0), d_ff=hf["intermediate_size"],
                       max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
                       norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope", mlp=_ACT_TO_GATED[act],
                       qkv_bias=bias or mt == "qwen2", out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
-                      qk_norm=mt == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", mt == "gemma2")),
+                      qk_norm=mt == "qwen3",
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", mt in ("gemma", "gemma2"))),
                       **_rope_fields(hf, mt))
         window = hf.get("sliding_window") or 0
         if mt in ("qwen2", "qwen3"):
@@ -153,6 +157,8 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
             fields["sliding_window"] = window
         elif mt == "gemma2":
             fields.update(_gemma2_fields(hf, fields))
+        if mt == "gemma":
+            fields.update(norm_plus_one=True, scale_embeddings=True, norm_eps=hf.get("rms_norm_eps", 1e-6))
         if mt == "mixtral":
             fields.update(n_experts=hf["num_local_experts"], moe_top_k=hf["num_experts_per_tok"],
                           router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
@@ -245,7 +251,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                    hidden_act=act, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                    tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, rope_theta=cfg.rope_theta,
                    attention_dropout=0.0, dtype="float32", **ids)
-        if mt in ("llama", "qwen3"):
+        if mt in ("llama", "qwen3", "gemma"):
             out.update(attention_bias=cfg.qkv_bias)
         if mt == "llama":
             out["mlp_bias"] = cfg.mlp_bias

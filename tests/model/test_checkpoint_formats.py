@@ -124,18 +124,22 @@ def test_untied_model_without_lm_head_names_the_tensor_and_the_files(tmp_path, c
 
 # ---------------------------------------------------------------- convert keeps everything
 def _side_files(d: Path) -> dict[str, bytes]:
-    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "tokenizer.model", "additional_chat_templates/tool_use.jinja"]
     return {n: (d / n).read_bytes() for n in names if (d / n).exists()}
 
 
 def test_convert_keeps_tokenizer_template_and_whole_generation_config_both_ways(tmp_path, capsys):
     src = qwen_style_dir(tmp_path / "hf")
+    (src / "tokenizer.model").write_bytes(bytes(range(256)))  # any bytes: copied, never parsed
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages[0]['content'] }}")
     source_gen = json.loads((src / "generation_config.json").read_text())
     ours, back = tmp_path / "ours", tmp_path / "back"
     assert main(["model", "convert", "--src", str(src), "--out", str(ours)]) == 0      # HF -> ours
     assert main(["model", "convert", "--src", str(ours), "--out", str(back)]) == 0     # ours -> HF
     for out in (ours, back):
-        assert _side_files(out) == _side_files(src) and len(_side_files(src)) == 4
+        assert _side_files(out) == _side_files(src) and len(_side_files(src)) == 6
         gen = json.loads((out / "generation_config.json").read_text())
         assert gen == source_gen  # eos [<|im_end|>, </s>], temperature, top_p, top_k, ... all kept
         assert json.loads((out / "config.json").read_text())["eos_token_id"] == [3, 1]

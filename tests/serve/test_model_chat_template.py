@@ -121,3 +121,52 @@ def test_bad_template_is_one_clear_error_in_python_server_and_cli(broken, capsys
     assert rc == 2 and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[-1].startswith("lmstack: error:") and where in lines[-1] and "only takes user turns" in lines[-1]
+
+
+def test_each_bad_template_is_one_cli_error_line_naming_file_and_field(broken, capsys):
+    cfg_file = broken / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    jinja = broken / "chat_template.jinja"
+    cases = [
+        ("{{ raise_exception('no system turns') }}", None, f"{jinja}", "raised: no system turns"),
+        ("{{ messages[0].content }}{{ greeting.upper() }}", None, f"{jinja}",
+         "undefined value: 'greeting' is undefined"),
+        (None, {"rag": "x", "tool_use": "y"}, f"{cfg_file}:chat_template", "none is called 'default'"),
+    ]
+    try:
+        for jinja_text, cfg_template, where, message in cases:
+            if jinja_text is not None:
+                jinja.write_text(jinja_text)
+            else:
+                jinja.unlink()
+                cfg_file.write_text(json.dumps({**cfg, "chat_template": cfg_template}))
+            capsys.readouterr()
+            rc = main(["generate", "--model", str(broken), "--prompt", "hi", "--chat", "--max_tokens", "2"])
+            err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "shards" not in ln]
+            assert rc == 2 and len(err) == 1, err
+            assert err[0].startswith("lmstack: error:") and where in err[0] and message in err[0], err
+    finally:
+        jinja.write_text("{{ raise_exception('this model only takes user turns') }}")
+        cfg_file.write_text(json.dumps(cfg))
+
+
+def test_lmstack_chat_renders_the_models_template(llama):
+    from lmstack.serve.terminal_chat import LocalBackend, run_chat
+
+    d, hf = llama
+    lines = iter(["hello there", "and again"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    backend = LocalBackend(str(d), device="cpu", max_model_len=128)
+    seen = []
+    add = backend.engine.add_request
+    backend.engine.add_request = lambda rid, ids, *a, **k: (seen.append(list(ids)), add(rid, ids, *a, **k))[1]
+    history = run_chat(backend, {"temperature": 0.0, "max_tokens": 4}, read=read, write=lambda s: None)
+    assert len(seen) == 2 and len(history) == 4
+    want = hf.apply_chat_template(history[:3], tokenize=True, add_generation_prompt=True)
+    assert seen[1] == (want if isinstance(want, list) else want["input_ids"])

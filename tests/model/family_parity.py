@@ -61,9 +61,11 @@ def check_export_of_ours(model, tmp: Path, x: torch.Tensor, hf_class) -> None:
 
 def check_greedy_matches_hf(hf, ours, prompt: list[int], n: int = 16) -> list[int]:
     """Greedy tokens of our engine (paged KV cache) equal transformers' generate (its own KV cache)."""
+    hf.generation_config.eos_token_id = None  # run all n steps, as ignore_eos does (min_new_tokens would mask EOS)
     with torch.no_grad():
-        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
                              pad_token_id=0)[0, len(prompt):].tolist()
+    assert len(theirs) == n
     llm = LLM(ours, block_size=4, num_blocks=64, max_batched_tokens=8)  # prefill crosses chunks and windows
     got = llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
     assert got.outputs[0].token_ids == theirs

@@ -2,6 +2,8 @@
 
 Usage:
     lmstack --help
+    lmstack --version
+    lmstack serve runs/tiny --port 8000                  # the model may come first, as in `vllm serve`
     lmstack model info --preset llama-small
     lmstack tokenizer train --input corpus.txt --type bpe --vocab_size 8192 --out tok/
     lmstack <stage> [<action>] [--config recipe.yaml] [--dotted.key value ...]
@@ -19,8 +21,13 @@ plain dump of that config (`lmstack pretrain --config recipes/x.yaml --train.ste
 
 Bad input raises `LmstackError` (or `ValueError`); we print its message, not a traceback. A bad flag,
 stage or action prints one `lmstack: error: ...` line with a did-you-mean suggestion (difflib over the
-known names) and exits with status 2; `--help` keeps the full usage. Flags may be spelled with dashes
-(`--max-tokens`) or underscores (`--max_tokens`). Set LMSTACK_DEBUG=1 to see the traceback.
+known names) and exits with status 2; `--help` keeps the full usage. Set LMSTACK_DEBUG=1 to see the traceback.
+
+Command-line habits (normalize_args, reading each command's own parser): flags and actions may be spelled with
+dashes (`--max-tokens`, `train-classifier`) or underscores; a bare boolean is true (`--chat`, `--no_chat` is
+false); a list flag repeats (`--stop . --stop ,`); a dict flag takes KEY=VALUE; a command with a `--model`
+path takes the model first without its flag (`lmstack serve DIR`); a .gguf model is refused in one line;
+`lmstack --version` prints the version.
 
 Layering: the CLI layer is this file. It and the stages (`lmstack.stages.*`) sit on top of the library, and
 they are the only modules that may import a stage; library packages, their `commands.py` included, never do.
@@ -41,7 +48,7 @@ from typing import Any, Callable, Union, get_args, get_origin
 
 from lmstack import __version__
 from lmstack.config import ConfigCommand
-from lmstack.errors import LmstackError
+from lmstack.errors import LmstackError, gguf_unsupported
 
 # subcommand -> module that defines COMMANDS. Every row must import (tests/test_cli_table.py).
 STAGES: dict[str, str] = {
@@ -105,8 +112,8 @@ def parser_class() -> type:
                 raise UsageError(f"{text} (see `{self.prog} --help`)") from ex
 
             def parse_args(self, args=None, *rest, **kw):  # noqa: D102
-                if args is not None:
-                    args = normalize_args(self, list(args))
+                if args is not None:  # also for callers that build a parser without going through _call
+                    args = normalize_args(self, _dashes_to_underscores(list(args)))
                 return super().parse_args(args, *rest, **kw)
 
         _PARSER_CLASS = Parser
@@ -173,8 +180,7 @@ def normalize_args(parser: Any, args: list[str]) -> list[str]:
         name, eq, value = a.partition("=") if a.startswith("--") else ("", "", a)
         flag = name if eq else args[i - 1] if i and args[i - 1].startswith("--") else ""
         if value.lower().endswith(".gguf") and flag.rsplit(".", 1)[-1].lstrip("-") in MODEL_PATH_FLAGS:
-            raise UsageError(f"GGUF models are not supported yet: {flag} {value}; give a model directory (ours, or "
-                             "a Hugging Face one: config.json + *.safetensors) instead")
+            raise UsageError(gguf_unsupported(f"{flag} {value}"))
     out: list[str] = []
     seen: set[str] = set()
     maps: dict[str, dict] = {}  # dict flag -> the mapping its KEY=VALUE occurrences build
@@ -271,6 +277,9 @@ def run(argv: list[str]) -> Any:
     if not isinstance(commands, dict):
         return _call(commands, argv[1:], f"lmstack {stage}")
     actions = list(commands)
+    if len(argv) > 1 and argv[1] not in commands:  # `train_classifier` names `train-classifier`, and back
+        same = [a for a in actions if a.replace("-", "_") == argv[1].replace("-", "_")]
+        argv = [stage, *(same or argv[1:2]), *argv[2:]]
     if len(argv) > 1 and argv[1] in commands:
         # Route to the single function, so the messages name the exact flag at fault.
         return _call(commands[argv[1]], argv[2:], f"lmstack {stage} {argv[1]}")

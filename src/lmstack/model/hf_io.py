@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 import torch
 
 from lmstack.config import ConfigError, atomic_write_text, from_dict, to_dict
-from lmstack.errors import LmstackError
+from lmstack.errors import LmstackError, gguf_unsupported
 from lmstack.model.config import ModelConfig
 from lmstack.model.lazy_safetensors import CheckpointReader
 from lmstack.model.hf_convert import (EXPORTABLE, config_from_hf, config_to_hf, hf_field_names, ignored_hf_keys,
@@ -49,6 +49,8 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, bool]:
 
 def _read_config(path: Path) -> tuple[ModelConfig, bool, str, dict[str, str]]:
     """(config, HF names?, the file it came from, lmstack field -> that file's key) for messages."""
+    if path.suffix.lower() == ".gguf":
+        raise LmstackError(gguf_unsupported(path))
     if not path.is_dir():
         raise LmstackError(f"model directory not found: {path}")
     cfg_file = resolve_inside(path, "config.json", "model config")

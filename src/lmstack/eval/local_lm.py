@@ -35,6 +35,7 @@ from lmstack.infer.llm import LLM
 from lmstack.infer.sampling_params import SamplingParams
 from lmstack.model.hf_io import load_model
 from lmstack.tokenizer import load_tokenizer
+from lmstack.tokenizer.core import has_tokenizer
 
 
 class LocalLM:
@@ -59,8 +60,8 @@ class LocalLM:
                 raise LmstackError(f"no model directory at {path}")
             self.model = load_model(path, dtype=dtype, device=self.device)
             if tokenizer is None:
-                if not (path / "tokenizer.json").is_file():
-                    raise LmstackError(f"{path} holds no tokenizer.json; pass tokenizer=")
+                if not has_tokenizer(path):
+                    raise LmstackError(f"{path} holds no tokenizer.json (nor tokenizer.model); pass tokenizer=")
                 tokenizer = path
         elif isinstance(model, torch.nn.Module):
             self.model = model.to(device=self.device, dtype=dtype)

@@ -52,6 +52,7 @@ from lmstack.model.hf_io import load_model
 from lmstack.model.load_guard import check_kv_pool
 from lmstack.model.vocab import check_vocab
 from lmstack.tokenizer import load_tokenizer
+from lmstack.tokenizer.core import has_tokenizer
 
 log = logging.getLogger(__name__)
 _POOL_BYTES_DEFAULT = 1 << 30  # the KV pool is sized to at most 1 GiB unless num_blocks is given
@@ -63,7 +64,7 @@ def load_model_and_tokenizer(model: Any, tokenizer: Any, dtype: torch.dtype, dev
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         model = load_model(path, dtype=dtype, device=device)
-        if tokenizer is None and (path / "tokenizer.json").is_file():
+        if tokenizer is None and has_tokenizer(path):  # tokenizer.json, or a SentencePiece tokenizer.model
             tokenizer = load_tokenizer(path)
     elif isinstance(model, torch.nn.Module):
         model = model.to(device=device, dtype=dtype)

@@ -34,11 +34,13 @@ from lmstack.tokenizer.decoders import decoder_from_json
 from lmstack.tokenizer.models import model_from_json
 from lmstack.tokenizer.normalizers import normalizer_from_json
 from lmstack.tokenizer.postprocessors import postprocessor_from_json
+from lmstack.tokenizer.sentencepiece import convert_sentencepiece
 from lmstack.tokenizer.special_tokens import resolve_tokenizer_files
 from lmstack.tokenizer.pretokenizers import pretokenizer_from_json, split_counting_stages
 
 _CACHE_MAX = 500_000  # pieces remembered by the deterministic encoder
 _CACHE_PIECE_MAX = 256  # longer pieces are not cached (HF uses the same bound)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what load_tokenizer reads, in that order
 _ROLE_KEYS = {"bos": "bos_token", "eos": "eos_token", "pad": "pad_token", "unk": "unk_token", "mask": "mask_token"}
 
 
@@ -412,26 +414,38 @@ class Tokenizer:
         return f"Tokenizer(type={self.type!r}, vocab_size={self.vocab_size}, source={self.source!r})"
 
 
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether load_tokenizer(directory) has a file to read: tokenizer.json, or a SentencePiece tokenizer.model."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a directory holding tokenizer.json (+ tokenizer_config.json) or from the file."""
+    """Load a tokenizer from a directory holding tokenizer.json (+ tokenizer_config.json) or from the file.
+    A directory with only a SentencePiece tokenizer.model (Llama-2 / Mistral style) is converted on load."""
     # lazy: heavy (torch), which this module does not import at its top
     from lmstack.model.load_guard import read_json_file, resolve_inside
 
     p = Path(path)
     if p.is_dir():  # an untrusted model directory: its files must stay inside it (issue 15)
         file = resolve_inside(p, "tokenizer.json", "tokenizer file")
-        if not file.exists():
-            raise LmstackError(f"{p} holds no tokenizer.json")
+        if not file.exists():  # tokenizer.json wins when both exist, as in transformers
+            file = resolve_inside(p, "tokenizer.model", "tokenizer model")
+            if not file.exists():
+                raise LmstackError(f"{p} holds no tokenizer.json (nor a SentencePiece tokenizer.model)")
     elif p.is_file():
         file = p
     else:
         raise LmstackError(f"no tokenizer at {p}: it is neither a directory nor a file")
-    spec = read_json_file(file, "tokenizer file")  # no FIFO, device or huge file; UTF-8 JSON
     cfg_file = resolve_inside(p if p.is_dir() else file.parent, "tokenizer_config.json", "tokenizer config")
     config = read_json_file(cfg_file, "tokenizer config", want_object=True) if cfg_file.exists() else {}
     directory = p if p.is_dir() else file.parent
-    # special_tokens_map.json (legacy configs) and add_bos_token/add_eos_token, as transformers reads them
-    spec, config = resolve_tokenizer_files(spec, config, directory)
+    converted = file.suffix == ".model"
+    if converted:
+        spec, config = convert_sentencepiece(file, config)
+    else:
+        spec = read_json_file(file, "tokenizer file")  # no FIFO, device or huge file; UTF-8 JSON
+    # special_tokens_map.json (legacy configs); add_bos_token/add_eos_token for a converted tokenizer.model
+    spec, config = resolve_tokenizer_files(spec, config, directory, converted=converted)
     return Tokenizer(spec, config, source=str(file), directory=directory,
                      generation_eos_ids=_generation_eos_ids(directory))
 

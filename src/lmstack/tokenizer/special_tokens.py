@@ -20,9 +20,9 @@ and `TokenizersBackend`) so that a directory gives the same tokens and ids here 
    bakes them into tokenizer.json's post_processor instead, as 4.x's update_post_processor also did before
    saving). So tokenizer.json's post_processor rules: none means encode(add_special_tokens=True) adds nothing.
    They count when the tokenizer is built from a SentencePiece tokenizer.model (tokenizer/sentencepiece.py):
-   the post-processor becomes "[BOS] $A [EOS]" with the flagged tokens (transformers' update_post_processor),
-   add_bos_token defaulting to true and add_eos_token to false, as LlamaTokenizer's do. A flag whose token
-   is missing is dropped, as there.
+   the post-processor becomes "[BOS] $A [EOS]" with the flagged tokens (transformers' update_post_processor);
+   both default to false, as transformers 5's LlamaTokenizer has them (Llama-2's tokenizer_config.json says
+   add_bos_token: true). A flag whose token is missing is dropped, as there.
 
 Usage:
     from lmstack.tokenizer.special_tokens import resolve_tokenizer_files, model_special_ids
@@ -64,7 +64,7 @@ def resolve_tokenizer_files(spec: dict, config: dict, directory: str | os.PathLi
                             converted: bool = False) -> tuple[dict, dict]:
     """(tokenizer.json spec, tokenizer_config dict) as transformers would use them: the special_tokens_map.json
     roles merged in (legacy configs only); for a spec `converted` from a tokenizer.model (no tokenizer.json),
-    add_bos_token (default true) / add_eos_token (default false) made into the post-processor."""
+    add_bos_token / add_eos_token (both default false) made into the post-processor."""
     config = dict(config)
     directory = Path(directory) if directory is not None else None
     if "added_tokens_decoder" not in config:
@@ -76,7 +76,7 @@ def resolve_tokenizer_files(spec: dict, config: dict, directory: str | os.PathLi
         token_content(config.get(key), f"tokenizer_config.json: {key}")  # a clear error for a bad entry
     if converted:
         spec = copy.deepcopy(spec)
-        spec["post_processor"] = _bos_eos_processor(spec, {"add_bos_token": True, **config})
+        spec["post_processor"] = _bos_eos_processor(spec, config)
     return spec, config
 
 

@@ -1,6 +1,9 @@
 """Supervised fine-tuning data: chat rows -> token ids with an assistant-only loss mask, packed rows, batches.
 
-A chat row is a JSON object with `messages` (system / user / assistant / tool turns). The tokenizer's chat
+A row is in one of TRL's SFT formats (lmstack.data.trl_formats): `messages` (system / user / assistant / tool
+turns); `prompt`/`completion` text (plain text, no template: BOS? + prompt + completion + EOS, the loss on the
+completion and EOS only); or `prompt`/`completion` message lists (rendered together by the chat template, the
+loss on the completion's assistant tokens only, not on assistant turns inside the prompt). The tokenizer's chat
 template (lmstack.tokenizer.chat_template) renders it to ids and a mask that is 1 exactly on the assistant's tokens
 (content, tool calls and the closing <|assistant_end|>), so the model learns to answer and to stop, never to
 predict the user. A row without an assistant turn teaches nothing: it is counted and skipped, not an error.
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.data.trl_formats import sft_row
 from lmstack.errors import LmstackError
 
 
@@ -82,7 +86,7 @@ class SFTStats:
 
 
 def read_chat_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a chat JSONL file; a line that is not a JSON object is an error naming the line."""
+    """Rows of an SFT JSONL file in one of TRL's formats; a bad line is an error naming the line and field."""
     path = Path(path)
     if not path.is_file():
         raise LmstackError(f"chat data file not found: {path}")
@@ -98,12 +102,35 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[dict]:
                     raise LmstackError(f"{path}:{i} is not valid JSON: {e.msg}") from None
                 if not isinstance(row, dict):
                     raise LmstackError(f"{path}:{i} must be a JSON object with 'messages', got {type(row).__name__}")
+                try:
+                    sft_row(row)
+                except LmstackError as e:
+                    raise LmstackError(f"{path}:{i}: {e}") from None
                 rows.append(row)
         except UnicodeDecodeError as e:
             raise LmstackError(f"{path} is not valid UTF-8 (byte {e.start})") from None
     if not rows:
         raise LmstackError(f"{path} holds no chat rows")
     return rows
+
+
+def _encode_row(tok, kind: str, first, second) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of one row that sft_row has read."""
+    if kind == "messages":
+        return tok.apply_chat_template(first)
+    if kind == "prompt_completion":  # TRL's standard format: plain text, no chat template
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        eos = [tok.eos_id] if tok.eos_id is not None else []
+        prompt = bos + tok.encode(first, allow_special=False)
+        completion = tok.encode(second, allow_special=False) + eos
+        return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    prompt_ids = tok.apply_chat_template(first, add_generation_prompt=True)[0]
+    ids, mask = tok.apply_chat_template(first + second)
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise LmstackError("the chat template renders the prompt differently once the completion follows, so the "
+                           "completion cannot be cut out; give the row as 'messages'")
+    # Assistant turns inside the prompt are context here, as in TRL's completion-only loss.
+    return ids, [0] * len(prompt_ids) + list(mask[len(prompt_ids):])
 
 
 def _difficulty(row: dict) -> float:
@@ -115,22 +142,19 @@ def encode_rows(tok, rows: Iterable[dict], max_len: int = 512,
                 task_key: str = "kind") -> tuple[list[SFTExample], SFTStats]:
     """Chat rows -> examples of at most max_len tokens, plus counts of what was kept, cut and skipped.
 
-    A row without `messages` (a list) is an error naming the row; a row whose messages hold no assistant turn
+    A row in none of TRL's SFT formats is an error naming the row; a row whose messages hold no assistant turn
     is skipped and counted. Longer rows keep their first max_len tokens (the prompt comes first and must stay)."""
     if max_len < 2:
         raise LmstackError(f"max_len={max_len} is too short; an example needs at least 2 tokens")
     stats, out = SFTStats(), []
     for k, row in enumerate(rows):
         stats.rows += 1
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list):
-            what = f"keys: {sorted(row)}" if isinstance(row, dict) else f"got {row!r}"
-            raise LmstackError(f"chat row #{k} has no 'messages' list ({what})")
-        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-            stats.skipped_no_assistant += 1
-            continue
         try:
-            ids, mask = tok.apply_chat_template(messages)
+            kind, first, second = sft_row(row)
+            if kind == "messages" and not any(m["role"] == "assistant" for m in first):
+                stats.skipped_no_assistant += 1
+                continue
+            ids, mask = _encode_row(tok, kind, first, second)
         except LmstackError as e:
             raise LmstackError(f"chat row #{k}: {e}") from None
         if len(ids) > max_len:

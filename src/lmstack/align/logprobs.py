@@ -13,6 +13,8 @@ Position t of the model predicts token t + 1, so per-token log-probs have shape 
 
 Prompts are rendered with the tokenizer's chat template when it has one (user turn, then the
 assistant's reply up to and including the template's end-of-turn token), else as plain "prompt\\n" + completion + eos.
+A prompt may also be a Conversation (lmstack.data.trl_formats: TRL's conversational preference rows); it is
+rendered as its own turns, and needs the chat template.
 
 A policy and a reference with different tokenizers would give log-probs of different token
 sequences, so their ratio means nothing: `check_same_tokenizer` refuses such a pair, naming both.
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from lmstack.data.trl_formats import Conversation, to_messages
 from lmstack.errors import LmstackError
 from lmstack.train.objectives.base import scored_logits, unwrap
 
@@ -45,23 +48,31 @@ def has_chat_template(tok) -> bool:
     return tok.chat_template is not None
 
 
-def encode_prompt(tok, prompt: str, template: Template = "auto") -> list[int]:
+def _prompt_messages(prompt: str | Conversation) -> list[dict]:
+    """A text prompt is one user turn; a Conversation (TRL's conversational rows) is its own messages."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else to_messages(prompt)
+
+
+def encode_prompt(tok, prompt: str | Conversation, template: Template = "auto") -> list[int]:
     """The ids a model is given before it writes its reply (ends with <|assistant_start|> in chat form)."""
     if _use_chat(tok, template):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+        return tok.apply_chat_template(_prompt_messages(prompt), add_generation_prompt=True)[0]
+    if not isinstance(prompt, str):
+        raise LmstackError("a conversational prompt (a message list) needs a chat template; this tokenizer has "
+                           "none, or template='plain' was asked for")
     bos = [tok.bos_id] if tok.bos_id is not None else []
     return bos + tok.encode(prompt + "\n", allow_special=False)
 
 
-def encode_pair(tok, prompt: str, completion: str, template: Template = "auto") -> tuple[list[int], list[int]]:
+def encode_pair(tok, prompt: str | Conversation, completion: str,
+                template: Template = "auto") -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids); the completion ends with the token that closes the reply."""
-    if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise LmstackError(f"prompt and completion must be strings, got {type(prompt).__name__} and "
-                           f"{type(completion).__name__}")
+    if not isinstance(prompt, (str, tuple)) or not isinstance(completion, str):
+        raise LmstackError(f"prompt and completion must be strings (the prompt may be a Conversation), got "
+                           f"{type(prompt).__name__} and {type(completion).__name__}")
     prompt_ids = encode_prompt(tok, prompt, template)
     if _use_chat(tok, template):
-        full = tok.apply_chat_template([{"role": "user", "content": prompt},
-                                        {"role": "assistant", "content": completion}])[0]
+        full = tok.apply_chat_template(_prompt_messages(prompt) + [{"role": "assistant", "content": completion}])[0]
         # A template that is a concatenation of turns makes the prompt's ids a prefix of the full ids.
         if full[:len(prompt_ids)] != prompt_ids:
             origin = getattr(tok.chat_template, "origin", "the chat template")

@@ -1,5 +1,9 @@
 """Preference data: paired JSONL rows (prompt, chosen, rejected [, confidence]) and unpaired KTO rows.
 
+TRL's conversational preference rows load too (lmstack.data.trl_formats): chosen/rejected message lists with
+a `prompt` message list, or without one (the implicit prompt: the messages both share from the start). Their
+prompt becomes a Conversation that the chat template renders; chosen/rejected become the assistant replies.
+
 Paired rows are what DPO/IPO/cDPO and the reward model train on; the synthetic world's
 `preferences` corpus has this shape already (extra fields such as kind, label and split are kept
 in `meta`). `confidence` (optional, in [0.5, 1]) is how sure the labeller was that chosen beats
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmstack.config import atomic_write_text
+from lmstack.data.trl_formats import Conversation, preference_row, to_messages
 from lmstack.errors import LmstackError
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -36,7 +41,8 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 @dataclass
 class Pair:
-    prompt: str
+    prompt: str | Conversation
+    """Text (one user turn), or the turns of a conversational row (lmstack.data.trl_formats)."""
     chosen: str
     rejected: str
     confidence: float = 1.0
@@ -103,17 +109,27 @@ def _parse(line: str) -> dict | None:
 
 def pair_from_row(row: dict) -> tuple[Pair | None, str | None]:
     """A Pair from one dict, or (None, reason) for a row that must be skipped."""
-    for name in PAIR_FIELDS:
-        value = row.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return None, f"missing {name}"
-        if not isinstance(value, str):
-            return None, f"non-string {name}"
+    if any(isinstance(row.get(name), list) for name in PAIR_FIELDS):  # TRL's conversational rows
+        try:
+            prompt, chosen, rejected = preference_row(row)
+        except LmstackError as e:
+            return None, str(e)
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            if not value.strip():
+                return None, f"missing {name}"
+    else:
+        for name in PAIR_FIELDS:
+            value = row.get(name)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                return None, f"missing {name}"
+            if not isinstance(value, str):
+                return None, f"non-string {name}"
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     conf = row.get("confidence", 1.0)
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.5 <= conf <= 1.0:
         return None, "confidence outside [0.5, 1]"
     meta = {k: v for k, v in row.items() if k not in PAIR_FIELDS + ("confidence",)}
-    return Pair(row["prompt"], row["chosen"], row["rejected"], float(conf), meta), None
+    return Pair(prompt, chosen, rejected, float(conf), meta), None
 
 
 def pairs_from_records(records: Iterable[dict], source: str = "<records>") -> Loaded:
@@ -146,7 +162,8 @@ def load_preferences(path: str | os.PathLike, split: str | None = None) -> Loade
     out = Loaded(str(path), kept, dict(skipped))
     if not kept:
         raise LmstackError(f"{path} has no usable preference pair ({out.report()}); rows need string fields "
-                           f"{', '.join(PAIR_FIELDS)}")
+                           f"{', '.join(PAIR_FIELDS)}, or TRL's conversational chosen/rejected message lists "
+                           "(with or without a prompt)")
     return out
 
 
@@ -197,7 +214,8 @@ def write_preferences(pairs: Iterable[Pair | dict], path: str | os.PathLike) -> 
     """Write pairs (or dicts) as JSONL, atomically."""
     lines = []
     for p in pairs:
-        row = p if isinstance(p, dict) else {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+        prompt = p.prompt if isinstance(p, dict) or isinstance(p.prompt, str) else to_messages(p.prompt)
+        row = p if isinstance(p, dict) else {"prompt": prompt, "chosen": p.chosen, "rejected": p.rejected,
                                              "confidence": p.confidence, **p.meta}
         lines.append(json.dumps(row, ensure_ascii=False))
     atomic_write_text(path, "\n".join(lines) + "\n")

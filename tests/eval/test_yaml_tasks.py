@@ -7,7 +7,7 @@ import pytest
 from lmstack.errors import LmstackError
 from lmstack.eval.evaluator import evaluate
 from lmstack.eval.task_args import resolve_tasks
-from lmstack.eval.tasks.yaml_loader import load_task_dir
+from lmstack.eval.yaml_loader import load_task_dir
 
 MC_ROWS = [{"question": f"What is {i}+1?", "options": [str(i + 1), str(i + 2), "cat"], "label": i % 2}
            for i in range(6)]

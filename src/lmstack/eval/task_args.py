@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from lmstack.errors import LmstackError
 from lmstack.eval.task import Task, get_task, list_tasks
+from lmstack.eval.yaml_loader import load_task_dir
 
 QUOTES = ("'", '"')
 
@@ -157,9 +158,6 @@ def build_task(name: str, args: dict[str, str],
 def resolve_tasks(specs: str | Sequence[str], include_path: str | None = None) -> list[Task]:
     """Tasks for a --tasks spec: names (with arguments) from the registry, or from the lm-eval task YAMLs
     under `include_path` (a YAML task of the same name as a built-in one wins: the user asked for it)."""
-    # lazy: the lmstack.eval.tasks package imports every built-in task (~1 s), which --help does not need
-    from lmstack.eval.tasks.yaml_loader import load_task_dir
-
     task_dir = load_task_dir(include_path) if include_path else None
     tasks = []
     for name, args in parse_task_specs(specs):
@@ -175,9 +173,6 @@ def resolve_tasks(specs: str | Sequence[str], include_path: str | None = None) -
 
 def available_tasks(include_path: str | None = None) -> list[str]:
     """Built-in task names, plus those of the YAMLs under `include_path`."""
-    # lazy: the lmstack.eval.tasks package imports every built-in task (~1 s), which --help does not need
-    from lmstack.eval.tasks.yaml_loader import load_task_dir
-
     names = set(list_tasks())
     if include_path:
         names |= set(load_task_dir(include_path).names())

@@ -16,7 +16,7 @@ A refused task is kept under its name with the reason, so asking for it gives th
 tasks of the directory still load.
 
 Usage:
-    from lmstack.eval.tasks.yaml_loader import load_task_dir
+    from lmstack.eval.yaml_loader import load_task_dir
     found = load_task_dir("my_tasks/")       # TaskDir: .configs {name: (config, file)}, .refused {name: why}
     task = found.get("my_mc")                 # a YamlTask (lmstack.eval.tasks.yaml_task)
 """
@@ -177,7 +177,8 @@ class TaskDir:
 
     def get(self, name: str, **kwargs: Any):
         """A fresh YamlTask for `name` (kwargs override its settings, as task arguments do)."""
-        # lazy: a cycle (yaml_task imports this module's errors)
+        # lazy: a cycle (yaml_task imports refuse from here), and the lmstack.eval.tasks package imports every
+        # built-in task (~1 s), which listing or `lmstack eval --help` does not need
         from lmstack.eval.tasks.yaml_task import YamlTask
 
         if name in self.refused:

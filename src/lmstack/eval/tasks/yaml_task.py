@@ -22,7 +22,7 @@ Semantics follow lm_eval/api/task.py (ConfigurableTask) so scores agree with lm-
     named "metric,filter" as lm-eval names them.
 
 Usage:
-    from lmstack.eval.tasks.yaml_loader import load_task_dir
+    from lmstack.eval.yaml_loader import load_task_dir
     task = load_task_dir("my_tasks/").get("my_mc")
     evaluate(lm, [task])
 """
@@ -44,7 +44,7 @@ from lmstack.errors import LmstackError
 from lmstack.eval import metrics as M
 from lmstack.eval.lm import GenArgs, GenerateUntil, Loglikelihood, Request, Rolling
 from lmstack.eval.task import Task, TaskDataMissing, read_jsonl
-from lmstack.eval.tasks.yaml_loader import refuse
+from lmstack.eval.yaml_loader import refuse
 
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 _ENV.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s, count=count)

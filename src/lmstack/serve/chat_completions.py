@@ -1,8 +1,10 @@
 """POST /v1/chat/completions: messages -> the tokenizer's chat template -> the engine -> an assistant reply.
 
-The prompt ids come from `tokenizer.apply_chat_template`, which encodes message text with special
-tokens switched off, so a user typing "<|assistant_start|>" cannot forge a turn. Generation stops at
-<|assistant_end|> (the engine counts it as an end-of-sequence token). Streaming sends OpenAI's
+The prompt ids come from the tokenizer's ChatTemplate (`tokenizer.apply_chat_template`): lmstack's own
+template encodes message text with special tokens switched off, so a user typing "<|assistant_start|>" cannot
+forge a turn; an HF directory's Jinja template renders as transformers does. Generation stops on the
+tokenizer's stop set (`tokenizer.stop_ids()`: EOS, generation_config.json's eos list, the template's end of
+turn); a template that fails is a 400 naming its file. Streaming sends OpenAI's
 `chat.completion.chunk` events: a first chunk per choice with the role, content deltas, a last chunk
 with the finish reason, an optional usage chunk, then `data: [DONE]`.
 
@@ -48,6 +50,9 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.tool_calls:
             d["tool_calls"] = m.tool_calls
+        for key in ("name", "tool_call_id"):  # Jinja templates of tool-using models read these
+            if getattr(m, key) is not None:
+                d[key] = getattr(m, key)
         out.append(d)
     return out
 

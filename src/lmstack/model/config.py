@@ -1,7 +1,7 @@
 """ModelConfig: one dataclass that describes every Transformer lmstack can build.
 
-Model families (llama, mistral, mixtral, qwen2, gpt2, bert) are presets of this one config, never
-subclasses (see presets.py). Zero-valued size fields are derived in __post_init__, so a saved config
+Model families (llama, mistral, mixtral, qwen2, gemma2, phi3, gpt2, bert) are presets of this one config,
+never subclasses (see presets.py). Zero-valued size fields are derived in __post_init__, so a saved config
 always holds the resolved numbers.
 
 Usage:
@@ -188,7 +188,8 @@ class ModelConfig:
     pad_token_id: int | None = None
     """Padding id written to config.json."""
     hf_model_type: str = ""
-    """The HF family this config mirrors (llama, mistral, mixtral, qwen2, gpt2, bert); used on export."""
+    """The HF family this config mirrors (llama, mistral, mixtral, qwen2, qwen3, gemma, gemma2, phi3, gpt2, bert);
+    used on export."""
     name: str = ""
     """Free-form name, e.g. the preset it came from."""
 

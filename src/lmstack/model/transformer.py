@@ -1,6 +1,7 @@
-"""The one Transformer class. Every family (llama, mistral, mixtral, qwen2, gpt2, bert) is a ModelConfig.
+"""The one Transformer class. Every family (llama, mistral, mixtral, qwen2/3, gemma/gemma2, phi3, gpt2, bert) is a
+ModelConfig.
 
-A block is attention + MLP (or MoE) with pre-norm, post-norm or parallel residuals. Blocks can be
+A block is attention + MLP (or MoE) with pre-norm, post-norm, sandwich (Gemma-2) or parallel residuals. Blocks can be
 shared across layers (ALBERT). The model returns logits (B, T, vocab), or hidden states for
 encoders without an LM head.
 

@@ -2,7 +2,7 @@
 
 A model directory holds config.json, model.safetensors (or shards + model.safetensors.index.json),
 generation_config.json and, when a tokenizer is given, tokenizer.json. Models of the families HF
-knows (llama, mistral, mixtral, qwen2, qwen3, gpt2, bert) are written with HF names and config, so
+knows (llama, mistral, mixtral, qwen2, qwen3, gemma, gemma2, phi3, gpt2, bert) are written with HF names and config, so
 `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads them; lmstack_config.json keeps our
 full config beside it. Any other config is written in lmstack's own naming (model_type "lmstack").
 

@@ -118,8 +118,11 @@ def test_untied_model_without_lm_head_names_the_tensor_and_the_files(tmp_path, c
     msg = str(e.value)
     assert "tie_word_embeddings is false" in msg and "'lm_head.weight'" in msg and "model.safetensors" in msg
     assert str(tmp_path / "m" / "config.json") in msg
-    rc, err = cli(["generate", "--model", tmp_path / "m", "--prompt_ids", "[1, 2]", "--max_tokens", "2"], capsys)
-    assert rc == 2 and err.startswith("lmstack: error:") and "'lm_head.weight'" in err and "\n" not in err
+    for argv in (["generate", "--model", tmp_path / "m", "--prompt_ids", "[1, 2]", "--max_tokens", "2"],
+                 ["model", "info", "--model", tmp_path / "m"]):
+        rc, err = cli(argv, capsys)
+        assert rc == 2 and err == f"lmstack: error: {msg}"
+    assert main(["model", "info", "--model", str(tmp_path / "full")]) == 0
 
 
 # ---------------------------------------------------------------- convert keeps everything
@@ -218,12 +221,15 @@ def test_over_budget_config_is_refused_before_allocating_in_every_command(tmp_pa
 
 def test_tokenizer_larger_than_the_model_is_an_error_and_a_smaller_one_is_fine(tmp_path, capsys):
     big = qwen_style_dir(tmp_path / "big", vocab_size=300, tokenizer_size=320)
-    rc, err = cli(["generate", "--model", big, "--prompt", "the fox", "--max_tokens", "2"], capsys)
-    assert rc == 2 and err.startswith("lmstack: error:") and "\n" not in err
-    assert "320 tokens" in err and "300 tokens" in err and str(big) in err
+    for argv in (["generate", "--model", big, "--prompt", "the fox", "--max_tokens", "2"],
+                 ["model", "info", "--model", big]):
+        rc, err = cli(argv, capsys)
+        assert rc == 2 and err.startswith("lmstack: error:") and "\n" not in err and "Traceback" not in err
+        assert "320 tokens" in err and "300 tokens" in err and str(big) in err
     with pytest.raises(LmstackError, match="320 tokens but the model"):
         lmstack.LLM(str(big))
     small = qwen_style_dir(tmp_path / "small", vocab_size=300, tokenizer_size=280)
+    assert main(["model", "info", "--model", str(small)]) == 0
     llm = lmstack.LLM(str(small))
     out = llm.generate(["the fox"], lmstack.SamplingParams(max_tokens=20, temperature=1.0, seed=0, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 20 and max(out[0].outputs[0].token_ids) < 280  # padded rows unsampled
@@ -257,3 +263,16 @@ def test_inference_commands_upcast_a_bf16_checkpoint_on_cpu_unless_dtype_says_ot
     assert seen == [expected]
     assert next(chat.engine.model.parameters()).dtype == expected
     assert next(scorer.model.parameters()).dtype == expected
+
+
+def test_convert_source_keeps_a_bf16_checkpoint_bf16_and_says_so_in_config(tmp_path):
+    theirs = hf_model("llama", tmp_path / "hf", dtype=torch.bfloat16)
+    assert main(["model", "convert", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "keep"),
+                 "--dtype", "source"]) == 0
+    assert main(["model", "convert", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "fp32")]) == 0
+    assert json.loads((tmp_path / "keep" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    kept = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "keep", dtype="auto")
+    assert kept.dtype == torch.bfloat16
+    for name, t in theirs.state_dict().items():
+        assert torch.equal(kept.state_dict()[name], t), name  # bit for bit

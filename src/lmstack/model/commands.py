@@ -21,7 +21,7 @@ import torch
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.model.counting import format_stats, model_stats
-from lmstack.model.hf_io import load_model, read_config, save_model
+from lmstack.model.hf_io import check_output_head, load_model, read_config, save_model
 from lmstack.model.lazy_safetensors import CheckpointReader
 from lmstack.model.presets import preset as make_preset
 from lmstack.model.reference_decode import reference_decode
@@ -39,6 +39,9 @@ def info(preset: str | None = None, model: str | None = None, context: int | Non
          json_output: bool = False) -> dict:
     """Print parameter counts (total, active per token), FLOPs per token, KV-cache bytes and weight memory.
 
+    With --model it also checks the directory without loading any weights: every weight file the index names
+    exists and has a valid header, and the tokenizer beside it has no more ids than the model has rows.
+
     Args:
         preset: a preset name such as llama-small (see lmstack.model.PRESETS).
         model: a model directory (ours or HF's) instead of a preset.
@@ -48,10 +51,16 @@ def info(preset: str | None = None, model: str | None = None, context: int | Non
 
     if (preset is None) == (model is None):
         raise LmstackError("give exactly one of --preset or --model")
-    cfg = make_preset(preset) if preset else read_config(model)[0]
+    cfg, hf_names = (make_preset(preset), False) if preset else read_config(model)
     if model is not None and any((Path(model) / n).exists() for n in WEIGHT_FILES):
         # headers only (nothing is read): a missing or corrupt shard fails here, not at the first generate
-        CheckpointReader(model).validate_all()
+        reader = CheckpointReader(model)
+        reader.validate_all()
+        if hf_names:
+            check_output_head(cfg, Path(model), reader.keys(), reader)
+    if model is not None and (Path(model) / "tokenizer.json").exists():
+        # a tokenizer with more ids than the model has rows would fail mid-generate: say so now
+        check_vocab(cfg, load_tokenizer(model), model_path=model, tokenizer_path=model, what="model info")
     stats = model_stats(cfg, context)
     if json_output:
         print(json.dumps(asdict(stats), indent=2))
@@ -99,7 +108,7 @@ def init(preset: str, out: str, seed: int = 0, tokenizer: str | None = None) -> 
     return str(path)
 
 
-def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16", "source"] = "float32",
             max_model_gib: float | None = None) -> str:
     """Load a model directory (any supported HF family or ours) and save it in lmstack's HF layout.
 
@@ -110,12 +119,12 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16"]
     Args:
         src: source model directory (config.json + safetensors).
         out: output directory.
-        dtype: dtype of the saved weights.
+        dtype: dtype of the saved weights; source keeps the checkpoint's (a bf16 checkpoint stays bf16).
         max_model_gib: refuse a model whose config.json (weights, and the KV pool the context implies) needs more
             memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
     """
 
-    model = load_model(src, dtype=getattr(torch, dtype), max_model_gib=max_model_gib)
+    model = load_model(src, dtype=None if dtype == "source" else getattr(torch, dtype), max_model_gib=max_model_gib)
     path = save_model(model, out)
     copied = copy_side_files(src, path)
     atomic_write_text(path / "generation_config.json",

@@ -122,7 +122,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
         get, names = eager.__getitem__, set(eager)
     expected = {k: v for k, v in model.state_dict().items()}
     if hf_names:
-        _check_output_head(cfg, Path(path), names, reader)
+        check_output_head(cfg, Path(path), names, reader)
         weights, used = weights_from_hf(cfg, expected, get, names)
         ignore = ignored_hf_keys(cfg)
     else:
@@ -151,7 +151,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     return model.eval()
 
 
-def _check_output_head(cfg: ModelConfig, path: Path, names: set[str], reader: CheckpointReader) -> None:
+def check_output_head(cfg: ModelConfig, path: Path, names: set[str], reader: CheckpointReader) -> None:
     """A missing lm_head is fine when the config ties it to the embedding (transformers writes no copy);
     untied, it is an error naming the tensor, the files searched and the config field to check."""
     if cfg.tie_embeddings or cfg.head != "lm" or "lm_head.weight" in names:
@@ -194,6 +194,9 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer: Any = Non
     if hf_cfg is not None:
         tensors = weights_to_hf(cfg, state)
         config_json = hf_cfg
+        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+        if floats:  # config_to_hf says float32; transformers' dtype="auto" reads this, so say what is written
+            config_json["dtype"] = str(max(set(floats), key=floats.count)).removeprefix("torch.")
     else:
         tensors = state
         config_json = {"model_type": "lmstack", "architectures": ["LmstackTransformer"], "lmstack": to_dict(cfg)}

@@ -199,3 +199,14 @@ def test_bad_templates_name_the_file_and_the_problem(tmp_path, template, field, 
     with pytest.raises(LmstackError) as e:
         tok.apply_chat_template(conv((U, "hi")), add_generation_prompt=True)
     assert f"{d / 'tokenizer_config.json'}:{field}" in str(e.value) and message in str(e.value)
+
+
+def test_saving_keeps_the_template_file(tmp_path):
+    hf = _hf_tokenizer("llama3")
+    hf.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "chat_template.jinja").is_file()  # transformers 5 writes the template there
+    load_tokenizer(tmp_path / "hf").save(tmp_path / "copy")
+    again = load_tokenizer(tmp_path / "copy")
+    messages = conv((S, "Be brief."), (U, "hi"), (A, "hello"))
+    assert again.apply_chat_template(messages, True)[0] == _hf_ids(hf, messages, True)
+    assert again.end_of_turn_ids() == [hf.convert_tokens_to_ids("<|eot_id|>")]

@@ -408,7 +408,20 @@ class Tokenizer:
         atomic_write_text(d / "tokenizer.json", json.dumps(self.spec, ensure_ascii=False, indent=1) + "\n")
         atomic_write_text(d / "tokenizer_config.json",
                           json.dumps(self.tokenizer_config(), ensure_ascii=False, indent=2) + "\n")
+        self._save_template_files(d)
         return d
+
+    def _save_template_files(self, d: Path) -> None:
+        """A chat template kept beside tokenizer_config.json (chat_template.jinja / .json) travels with it."""
+        # lazy: heavy (torch), which this module does not import at its top
+        from lmstack.model.load_guard import resolve_inside
+
+        if self.directory is None or not self.directory.is_dir():
+            return
+        for name in ("chat_template.jinja", "chat_template.json"):
+            src = resolve_inside(self.directory, name, "chat template")
+            if src.is_file() and src.resolve() != (d / name).resolve():
+                atomic_write_text(d / name, src.read_text(encoding="utf-8"))
 
     def __repr__(self) -> str:
         return f"Tokenizer(type={self.type!r}, vocab_size={self.vocab_size}, source={self.source!r})"

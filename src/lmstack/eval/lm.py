@@ -15,10 +15,10 @@ Usage:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Protocol, Union, runtime_checkable
 
 from lmstack.errors import LmstackError
+from lmstack.tokenizer import special_tokens
 
 
 @dataclass
@@ -156,29 +156,10 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_len: int, context_
 
 def model_special_ids(path) -> tuple[int | None, int | None]:
     """(bos, eos) ids a model directory declares: generation_config.json first, then config.json (and our
-    lmstack_config.json); a list of ids gives its first. (None, None) when the path holds none of them."""
-
-    found: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None}
-    if path is None or not Path(path).is_dir():
-        return None, None
-    # lazy: heavy (torch), which this module does not import at its top
-    from lmstack.model.load_guard import read_json, resolve_inside
-
-    for name in ("generation_config.json", "config.json", "lmstack_config.json"):
-        try:  # files kept inside the directory, size-capped, regular (load_guard; issue 15)
-            data = read_json(path, name, "model config") if resolve_inside(path, name).exists() else {}
-        except LmstackError:
-            continue  # a broken or escaping side file is the loader's business; here it just offers no ids
-        if not isinstance(data, dict):
-            continue
-        if isinstance(data.get("lmstack"), dict):
-            data = {**data["lmstack"], **data}
-        for key in found:
-            value = data.get(key)
-            value = value[0] if isinstance(value, list) and value else value
-            if found[key] is None and isinstance(value, int) and not isinstance(value, bool):
-                found[key] = value
-    return found["bos_token_id"], found["eos_token_id"]
+    lmstack_config.json); a list of eos ids gives its first. (None, None) when the path holds none of them.
+    The precedence lives in tokenizer/special_tokens.py."""
+    found = special_tokens.model_special_ids(path)
+    return found["bos"], found["eos"][0] if found["eos"] else None
 
 
 class TokenRules:

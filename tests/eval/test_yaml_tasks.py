@@ -149,6 +149,11 @@ def test_choices_as_template_list_and_string_target(tmp_path, fake_lm_factory):
                         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: 'Color?'\n"
                         "doc_to_choice: \"{{[a, b]}}\"\ndoc_to_target: gold\n")
     write(d / "y.yaml", "task: t2\ninclude: x.yaml\ndoc_to_choice: ['red', 'blue']\ndoc_to_target: 1\n")
+    jsonl(d / "parts" / "x1.jsonl", [{"a": "red", "b": "blue", "gold": "blue"}])
+    jsonl(d / "parts" / "x2.jsonl", [{"a": "red", "b": "blue", "gold": "red"}])
+    write(d / "z.yaml", "task: t3\ninclude: x.yaml\ndataset_kwargs: {data_files: {test: 'parts/x*.jsonl'}}\n")
+    [task] = resolve_tasks("t3", str(d))
+    assert [doc["gold"] for doc in task.cached_docs("test")] == ["blue", "red"]   # a glob, sorted
     for name in ("t1", "t2"):
         [task] = resolve_tasks(name, str(d))
         doc = task.cached_docs("test")[0]

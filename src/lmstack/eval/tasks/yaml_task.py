@@ -3,8 +3,8 @@
 Semantics follow lm_eval/api/task.py (ConfigurableTask) so scores agree with lm-eval's:
   - data: `dataset_path: json` (JSON Lines, or a JSON list of rows) or `csv` (columns typed as pandas
     would: all-int -> int, all-number -> float, True/False -> bool), from dataset_kwargs.data_files
-    (a file or list -> split "train", or {split: file or list}). A relative path is taken from the current
-    directory when it exists there (as `datasets` does), else from the YAML's directory.
+    (a file or list -> split "train", or {split: file or list}; glob patterns expand). A relative path is
+    taken from the current directory when it exists there (as `datasets` does), else from the YAML's directory.
   - eval split: test_split, else validation_split; few-shot pool: fewshot_split (or fewshot_config.split),
     else training, validation, test. fewshot_config.sampler first_n takes the pool's first n (lm-eval's
     draw exactly); the default sampler draws at random with a fixed seed (our draw, not lm-eval's).
@@ -157,9 +157,20 @@ class YamlTask(Task):
             files = [files] if isinstance(files, str) else files
             if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
                 raise refuse(self.file, f"dataset_kwargs.data_files.{split}", "must be a file name or a list")
-            out[str(split)] = [p if p.is_absolute() or p.exists() else self.file.parent / p
-                               for p in map(Path, files)]
+            out[str(split)] = [p for f in files for p in self._expand(f)]
         return out
+
+    def _expand(self, name: str) -> list[Path]:
+        """A data file (or glob pattern, as `datasets` takes): from the current directory when it is there
+        (as `datasets` reads it), else from the YAML's directory."""
+        p = Path(name)
+        if not any(c in name for c in "*?["):
+            return [p if p.is_absolute() or p.exists() else self.file.parent / p]
+        for base in ([Path(p.anchor)] if p.is_absolute() else [Path.cwd(), self.file.parent]):
+            hits = sorted(base.glob(str(p.relative_to(p.anchor)) if p.is_absolute() else name))
+            if hits:
+                return hits
+        return [p]  # matches nothing: docs() reports the missing file
 
     def _metrics(self, spec: Any) -> tuple[list[str], dict, dict]:
         if spec is None:

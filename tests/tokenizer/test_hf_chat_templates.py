@@ -210,3 +210,17 @@ def test_saving_keeps_the_template_file(tmp_path):
     messages = conv((S, "Be brief."), (U, "hi"), (A, "hello"))
     assert again.apply_chat_template(messages, True)[0] == _hf_ids(hf, messages, True)
     assert again.end_of_turn_ids() == [hf.convert_tokens_to_ids("<|eot_id|>")]
+
+
+def test_ids_need_no_mask_so_rewriting_templates_still_serve(tmp_path):
+    # a template that rewrites earlier turns (drops all but the last assistant reply, as reasoning templates
+    # drop old thoughts) cannot give prefix masks, but prompts for serving need only ids
+    tpl = ("{% for m in messages %}{% if m.role != 'assistant' or loop.last %}<|im_start|>{{ m.role }}\n"
+           "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+           "{% endif %}")
+    tok = load_tokenizer(_hf_dir(tmp_path, tpl))
+    messages = conv((U, "a"), (A, "b"), (U, "c"), (A, "d"))
+    r = tok.render_messages(messages)
+    assert r.text.count("<|im_start|>assistant") == 1 and len(r.ids) > 5
+    with pytest.raises(LmstackError, match="cannot find assistant turn #1 by rendering prefixes"):
+        r.mask

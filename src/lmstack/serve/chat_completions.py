@@ -89,7 +89,7 @@ def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generat
     if compression is not None:
         dicts = rewrite_messages(state, dicts, compression)
     try:
-        ids, _ = state.tokenizer.apply_chat_template(dicts, add_generation_prompt)
+        ids = state.tokenizer.render_messages(dicts, add_generation_prompt).ids  # ids only: no mask work
     except LmstackError as e:
         raise from_value_error(e) from None
     return ids

@@ -52,7 +52,7 @@ class LocalBackend:
             raise LmstackError(f"{model_dir}: no tokenizer.json; chat needs the model's tokenizer")
 
     def stream(self, messages: list[dict], params: dict) -> Iterator[str]:
-        ids, _ = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.engine.tokenizer.render_messages(messages, add_generation_prompt=True).ids
         rid = f"chat-{uuid.uuid4().hex[:8]}"
         self.engine.add_request(rid, ids, SamplingParams(**params, output_kind="delta"), lora=self.adapter)
         try:

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import datetime
 import json
 from pathlib import Path
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jinja2
 from jinja2.ext import Extension
@@ -44,11 +43,18 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token"
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-@dataclass
 class RenderedChat:
-    text: str
-    ids: list[int]
-    mask: list[int]  # 1 on the tokens the assistant wrote (what SFT learns), same length as ids
+    """text, ids and `mask` (1 on the tokens the assistant wrote, what SFT learns; same length as ids). The mask
+    may be computed on first use: serving needs only ids, and prefix-rendered masks cost a render per turn."""
+
+    def __init__(self, text: str, ids: list[int], mask: list[int] | Callable[[], list[int]]):
+        self.text, self.ids, self._mask = text, ids, mask
+
+    @property
+    def mask(self) -> list[int]:
+        if callable(self._mask):
+            self._mask = self._mask()
+        return self._mask
 
 
 # -- the sandbox --------------------------------------------------------------------------------------------
@@ -260,12 +266,14 @@ class JinjaChatTemplate:
         spans: list[tuple[int, int]] = []
         text = self.render_text(messages, add_generation_prompt, tools, documents,
                                 spans=spans if self.has_generation_blocks else None, **kwargs)
-        if not self.has_generation_blocks:
-            spans = self._prefix_spans(messages, text, tools, documents, **kwargs)
         ids, offsets = self._ids_and_offsets(text)
-        if offsets is None:
-            offsets = _offsets_by_prefix(self.tok, text, ids)
-        return RenderedChat(text, ids, _mask_from_spans(offsets, spans))
+
+        def mask() -> list[int]:
+            found = spans if self.has_generation_blocks else self._prefix_spans(messages, text, tools, documents,
+                                                                                  **kwargs)
+            return _mask_from_spans(offsets if offsets is not None else _offsets_by_prefix(self.tok, text, ids),
+                                    found)
+        return RenderedChat(text, ids, mask)
 
     def _prefix_spans(self, messages, text: str, tools, documents, **kwargs) -> list[tuple[int, int]]:
         """Each assistant turn's characters: what rendering messages[:k+1] adds after messages[:k] plus the

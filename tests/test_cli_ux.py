@@ -216,24 +216,3 @@ def test_the_loaders_refuse_a_gguf_file_with_the_same_message(tmp_path):
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(lmstack.errors.LmstackError, match="GGUF models are not supported yet: .*m.gguf"):
         lmstack.load_model(gguf)
-
-
-def test_action_names_take_dashes_or_underscores(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.run(["data", "train_classifier", "--help"])
-    assert e.value.code == 0 and "usage: lmstack data train-classifier" in capsys.readouterr().out
-
-
-def test_a_parser_built_outside_the_cli_entry_point_still_takes_the_habits():
-    # ConfigCommand.parse with our parser class (the path stages and tests use) sees dashed and bare flags too
-    from lmstack.train.commands import COMMANDS
-
-    cfg = COMMANDS.parse(["--train.max-seconds", "2", "--train.compile"], parser_class=cli.parser_class())
-    assert cfg.train.max_seconds == 2 and cfg.train.compile is True
-
-
-def test_the_loaders_refuse_a_gguf_file_with_the_same_message(tmp_path):
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
-    with pytest.raises(lmstack.errors.LmstackError, match="GGUF models are not supported yet: .*m.gguf"):
-        lmstack.load_model(gguf)

@@ -104,5 +104,5 @@ class LLM:
         if self.tokenizer is None:
             raise LmstackError("chat needs a tokenizer with a chat template")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True)[0] for c in convs]
+        prompts = [self.tokenizer.render_messages(c, add_generation_prompt=True).ids for c in convs]  # no mask
         return self.generate(prompts, sampling_params, lora=lora, use_tqdm=use_tqdm)

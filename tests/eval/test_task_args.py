@@ -57,6 +57,11 @@ def test_cli_multiple_choice_with_a_path(tiny_model_dir, tmp_path, capsys):
     samples = [json.loads(x) for x in (out / "samples_multiple_choice.jsonl").read_text().splitlines()]
     assert samples[1]["prompt"] == "Q1: pick one" and samples[1]["requests"][2]["continuation"] == " maybe"
 
+    main(["eval", "--model", str(tiny_model_dir), "--tasks", f"lambada:path={tmp_path / 'none.jsonl'}",
+          "--progress", "false"])
+    printed = capsys.readouterr().out
+    assert "skipping lambada" in printed and "none.jsonl is missing" in printed and "LMSTACK_DATA" not in printed
+
     rc = main(["eval", "--model", str(tiny_model_dir), "--tasks", "multiple_choice:paht=x.jsonl"])
     err = capsys.readouterr().err
     assert rc != 0 and "takes no argument 'paht'" in err and "Traceback" not in err

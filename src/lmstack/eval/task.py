@@ -49,7 +49,10 @@ def require_file(path: str | Path, task: str) -> Path:
     """`path` if it is a file, else TaskDataMissing naming the task and the path."""
     p = Path(path)
     if not p.is_file():
-        raise TaskDataMissing(f"task {task!r}: data file {p} is missing (set LMSTACK_DATA to the data folder)")
+        # The LMSTACK_DATA hint helps only for the built-in data files, not for a path the user gave.
+        inside = data_dir() in p.resolve().parents
+        raise TaskDataMissing(f"task {task!r}: data file {p} is missing"
+                              + (" (set LMSTACK_DATA to the data folder)" if inside else ""))
     return p
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import lmstack
@@ -20,6 +21,7 @@ from lmstack.infer import LLM, SamplingParams
 from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.sequence import Sequence
 
+T = pytest.importorskip("transformers")
 TOL = 1e-4
 
 
@@ -35,7 +37,6 @@ def jitter(model: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> torch.n
 
 def check_load_and_export(hf, tmp: Path, x: torch.Tensor):
     """HF dir -> lmstack (logits equal HF's) -> export -> transformers (logits equal ours). Returns our model."""
-    T = __import__("transformers")
     hf.save_pretrained(tmp / "hf")
     ours = lmstack.load_model(tmp / "hf")
     with torch.no_grad():
@@ -51,7 +52,6 @@ def check_load_and_export(hf, tmp: Path, x: torch.Tensor):
 
 def check_export_of_ours(model, tmp: Path, x: torch.Tensor, hf_class) -> None:
     """An lmstack-built model (a preset) exports to a directory transformers loads with the same logits."""
-    T = __import__("transformers")
     lmstack.save_model(model, tmp)
     back = T.AutoModelForCausalLM.from_pretrained(tmp).eval()
     assert type(back) is hf_class

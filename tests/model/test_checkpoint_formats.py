@@ -208,6 +208,8 @@ def test_over_budget_config_is_refused_before_allocating_in_every_command(tmp_pa
     commands = [["model", "generate", "--model", d, "--prompt_ids", "[1, 2]"],
                 ["generate", "--model", d, "--prompt_ids", "[1, 2]", "--max_tokens", "2"],
                 ["eval", "--model", d, "--tasks", "arc_easy", "--limit", "2"],
+                ["chat", "--model", d, "--device", "cpu"],
+                ["serve", "--model", d, "--device", "cpu", "--port", "1"],
                 ["finetune", "--method", "lora", "--base", d, "--data", prefs, "--out", tmp_path / "ft"],
                 ["align", "--method", "dpo", "--policy", d, "--data", prefs, "--out", tmp_path / "dpo"]]
     try:

@@ -29,7 +29,7 @@ SHRINK = [
     (r"^lmstack tokenizer train\b", "--vocab_size 300"),
     (r"^lmstack pretrain\b", "--train.steps 3 --train.eval_every 0 --train.eval_batches 2 --train.save_every 0 "
                              "--train.progress false"),
-    (r"^lmstack model generate\b", "--max_new_tokens 4"),
+    (r"^lmstack model generate\b", "--max_tokens 4"),
     (r"^lmstack speedrun\b",
      "--vocab_size 300 --workers 1 --pretrain.model.d_model 32 --pretrain.model.n_layers 1 "
      "--pretrain.model.n_heads 2 --pretrain.model.n_kv_heads 1 "

@@ -82,6 +82,6 @@ def test_model_generate_never_samples_the_padded_rows_of_an_older_checkpoint(tok
         w[tok.vocab_size:] = torch.randn(40, w.shape[1]) * w[:tok.vocab_size].std() * 40
     path = lmstack.save_model(model, tmp_path / "old", tokenizer=tok)
     for temperature in ("0", "1"):
-        assert main(["model", "generate", "--model", str(path), "--prompt", "the cat", "--max_new_tokens", "12",
+        assert main(["model", "generate", "--model", str(path), "--prompt", "the cat", "--max_tokens", "12",
                      "--temperature", temperature, "--seed", "0"]) == 0
         assert "[12 tokens" in capsys.readouterr().out   # decoded: an id past the tokenizer would not decode

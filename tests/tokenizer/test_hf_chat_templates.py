@@ -224,3 +224,14 @@ def test_ids_need_no_mask_so_rewriting_templates_still_serve(tmp_path):
     assert r.text.count("<|im_start|>assistant") == 1 and len(r.ids) > 5
     with pytest.raises(LmstackError, match="cannot find assistant turn #1 by rendering prefixes"):
         r.mask
+
+
+def test_masks_without_the_rust_runtime_match_too(tmp_path):
+    hf = _hf_tokenizer("chatml_generation")
+    hf.save_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    ours.chat_template._fast = False  # the pure-Python path: offsets from decoding growing id prefixes
+    for messages in CONVERSATIONS:
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        r = ours.render_messages(messages)
+        assert r.ids == out["input_ids"] and r.mask == out["assistant_masks"], messages

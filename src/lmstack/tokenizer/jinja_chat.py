@@ -217,6 +217,7 @@ class JinjaChatTemplate:
             raise LmstackError(f"{origin}: the chat template does not parse: {e.message} (line {e.lineno})") from None
         self.has_generation_blocks = bool(_GENERATION_RE.search(source))
         self._end_of_turn: list[int] | None = None
+        self._fast = None  # built on first render
 
     def special_strings(self) -> dict[str, str]:
         out = {}
@@ -254,11 +255,16 @@ class JinjaChatTemplate:
             raise LmstackError(f"{self.origin}: the chat template failed: {type(e).__name__}: {e}") from None
 
     def _ids_and_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-        fast = self.tok.fast()
-        if fast is None:
+        if self._fast is None:
+            # our own copy of the Rust tokenizer: the shared one's encode_special_tokens flag is set per call
+            # by encode_batch, which another server thread may be running right now
+            base = self.tok.fast()
+            self._fast = type(base).from_str(base.to_str()) if base is not None else False
+            if self._fast:
+                self._fast.encode_special_tokens = False
+        if not self._fast:
             return self.tok.encode(text, allow_special=True), None
-        fast.encode_special_tokens = False
-        enc = fast.encode(text, add_special_tokens=False)
+        enc = self._fast.encode(text, add_special_tokens=False)
         return list(enc.ids), list(enc.offsets)
 
     def render(self, messages, add_generation_prompt: bool = False, tools=None, documents=None,

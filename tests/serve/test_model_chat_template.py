@@ -170,3 +170,15 @@ def test_lmstack_chat_renders_the_models_template(llama):
     assert len(seen) == 2 and len(history) == 4
     want = hf.apply_chat_template(history[:3], tokenize=True, add_generation_prompt=True)
     assert seen[1] == (want if isinstance(want, list) else want["input_ids"])
+
+
+def test_eval_chat_mode_renders_the_models_template(llama):
+    from lmstack.eval.local_lm import LocalLM
+
+    d, hf = llama
+    lm = LocalLM(d, device="cpu", chat_template=True)
+    msgs = [{"role": "user", "content": "Question: 2 + 2?"}]
+    text = lm.render_chat(msgs)
+    assert text == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    want = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    assert lm.encode(text) == (want if isinstance(want, list) else want["input_ids"])  # one BOS, not two

@@ -1,14 +1,17 @@
 """Phi-3 against transformers' Phi3ForCausalLM, both directions (CPU fp32, 1e-4): the fused qkv_proj and
 gate_up_proj split into our q/k/v and gate/up on load and fused again on export, with GQA and with Phi-3's
 all-layer sliding window. Also greedy decoding through our engine, the paged engine's logits, and the clear
-refusals: longrope ("su") scaling, partial rotary embeddings, a fused tensor of the wrong size."""
+refusals: longrope ("su") scaling, partial rotary embeddings, a fused tensor of the wrong size, and a LoRA on a
+module Phi-3 keeps fused (PEFT could not name it)."""
 import json
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import lmstack
+from lmstack.adapt import AdapterConfig, get_peft_model, save_adapter
 from lmstack.errors import LmstackError
 from lmstack.model import Transformer, preset
 
@@ -100,3 +103,31 @@ def test_phi3_fused_tensor_of_the_wrong_size_is_refused(tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(LmstackError, match="qkv_proj.weight' has 144 rows, but config.json's sizes give 128"):
         lmstack.load_model(tmp_path)
+
+
+def test_phi3_lora_exports_to_peft_only_where_phi3_has_the_module(tmp_path):
+    # PEFT names modules after the HF model: o_proj / down_proj exist in Phi-3, q_proj / gate_proj do not (fused).
+    peft = pytest.importorskip("peft")
+    hf = tiny_phi3()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = lmstack.load_model(tmp_path / "hf")
+    get_peft_model(ours, AdapterConfig(r=4, alpha=8.0, target_modules=["o_proj", "down_proj"]))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        mine = ours(x)
+        assert (mine - hf(x).logits).abs().max() > 1e-3  # the adapter matters
+    out = save_adapter(ours, tmp_path / "adapter", base_model_dir=str(tmp_path / "hf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(T.Phi3ForCausalLM.from_pretrained(tmp_path / "hf"), out).eval()
+    with torch.no_grad():
+        assert (theirs(x).logits - mine).abs().max() < 1e-4
+    fused = lmstack.load_model(tmp_path / "hf")
+    get_peft_model(fused, AdapterConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(LmstackError, match="phi3 stores q, k and v fused in qkv_proj"):
+        save_adapter(fused, tmp_path / "fused")

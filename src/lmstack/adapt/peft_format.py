@@ -48,6 +48,9 @@ def hf_module_name(model: nn.Module, name: str) -> tuple[str, bool]:
     if mt == "gpt2" and re.fullmatch(r"blocks\.\d+\.attn\.[qkv]_proj", name):
         raise LmstackError(f"{name}: gpt2 stores q, k and v fused in one c_attn layer, so a LoRA on one of them "
                            "has no PEFT name; target o_proj, up_proj or down_proj instead")
+    if mt == "phi3" and re.fullmatch(r"blocks\.\d+\.(attn\.[qkv]_proj|mlp\.(gate|up)_proj)", name):
+        raise LmstackError(f"{name}: phi3 stores q, k and v fused in qkv_proj and gate and up in gate_up_proj, so a "
+                           "LoRA on one of them has no PEFT name; target o_proj or down_proj instead")
     renamed = _rename(mt, name + ".weight")
     if renamed is None:
         raise LmstackError(f"lmstack module {name!r} has no counterpart in a {mt} HF model")

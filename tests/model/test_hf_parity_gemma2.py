@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lmstack
+from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
 from lmstack.model import Transformer, preset
 
@@ -110,3 +111,27 @@ def test_gemma1_loads_and_exports_back(act, tmp_path):
     check_export_of_ours(ours, tmp_path / "ours", x, T.GemmaForCausalLM)
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+
+
+def test_gemma2_blockwise_backend_gives_the_same_logits(tmp_path):
+    # Loading picks the naive backend (SDPA cannot softcap); the O(T)-memory blockwise one computes the same.
+    hf = tiny_gemma2()
+    hf.save_pretrained(tmp_path)
+    ours = lmstack.load_model(tmp_path)
+    tiled = Transformer(ours.config.replace(attn_backend="blockwise", attn_block_size=16)).eval()
+    tiled.load_state_dict(ours.state_dict())
+    x = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        assert (tiled(x) - hf(x).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(norm="layernorm", norm_plus_one=True), "norm_plus_one needs norm='rmsnorm'"),
+    (dict(norm_plus_one=True, fused_kernels=True), "fused_kernels' RMSNorm has no"),
+    (dict(norm_position="sandwich", parallel_residual=True), "'sandwich' and parallel_residual cannot be combined"),
+    (dict(query_pre_attn_scalar=-1.0), "query_pre_attn_scalar must be"),
+    (dict(norm_position="middle"), "norm_position"),
+])
+def test_gemma_switches_refuse_bad_combinations(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        preset("llama-tiny", **fields)

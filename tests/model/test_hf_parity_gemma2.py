@@ -82,12 +82,16 @@ def test_gemma2_preset_exports_to_transformers(tmp_path):
         assert torch.equal(back(x), model(x))
 
 
-def test_gemma2_bidirectional_is_refused(tmp_path):
+@pytest.mark.parametrize("change, message", [
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention is not supported"),
+    ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar must be positive, got 0.0"),
+])
+def test_gemma2_configs_we_cannot_run_are_refused(change, message, tmp_path):
     hf = tiny_gemma2()
     hf.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**data, "use_bidirectional_attention": True}))
-    with pytest.raises(LmstackError, match="use_bidirectional_attention is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({**data, **change}))
+    with pytest.raises(LmstackError, match=message):
         lmstack.load_model(tmp_path)
 
 

@@ -208,6 +208,8 @@ def _gemma2_fields(hf: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]
     types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
     window = hf.get("sliding_window", 4096) or 0
     scalar = float(hf.get("query_pre_attn_scalar", 256))
+    if not scalar > 0:  # transformers would scale scores by scalar**-0.5: inf or NaN
+        raise LmstackError(f"gemma2 config: query_pre_attn_scalar must be positive, got {scalar}")
     attn_cap = float(hf.get("attn_logit_softcapping", 50.0) or 0.0)
     return dict(norm_position="sandwich", norm_plus_one=True, scale_embeddings=True,
                 norm_eps=hf.get("rms_norm_eps", 1e-6), sliding_window=window,

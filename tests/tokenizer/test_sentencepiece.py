@@ -130,3 +130,9 @@ def test_llama_directory_with_only_a_tokenizer_model_generates_as_transformers(s
         ref = hf_model.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1]:].tolist()
     assert out.prompt_token_ids == ids[0].tolist() and out.prompt_token_ids[0] == 1     # BOS from add_bos_token
     assert out.outputs[0].token_ids == ref
+    from lmstack.eval.local_lm import LocalLM
+    from lmstack.model.commands import info
+
+    lm = LocalLM(d, device="cpu")                         # eval, too, finds the tokenizer.model
+    assert lm.prefix_token_id == 1 and lm.loglikelihood_rolling(["Everyone has the right"])[0] < 0
+    info(model=str(d))                                    # `lmstack model info` checks tokenizer vs model

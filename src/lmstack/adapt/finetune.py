@@ -48,6 +48,7 @@ from lmstack.runtime.device import resolve_device
 from lmstack.runtime.validation import check_choice
 from lmstack.threads import set_threads
 from lmstack.tokenizer import load_tokenizer
+from lmstack.tokenizer.core import has_tokenizer
 from lmstack.train.averaging import swapped
 from lmstack.train.checkpoint import MANIFEST, CheckpointManager, config_differences
 from lmstack.train.config import TrainConfig
@@ -260,8 +261,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     save_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, restart=False)),  # restart is one-off
                 out / "config.yaml")
     tok_dir = cfg.tokenizer or cfg.base
-    if not (Path(tok_dir) / "tokenizer.json").is_file():
-        raise LmstackError(f"no tokenizer.json in {tok_dir}; pass --tokenizer DIR")
+    if not has_tokenizer(tok_dir):
+        raise LmstackError(f"no tokenizer.json (nor tokenizer.model) in {tok_dir}; pass --tokenizer DIR")
     tok = load_tokenizer(tok_dir)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

@@ -30,6 +30,7 @@ from lmstack.model.transformer import Transformer
 from lmstack.model.vocab import check_vocab, real_vocab
 from lmstack.threads import set_threads
 from lmstack.tokenizer import load_tokenizer, train_tokenizer
+from lmstack.tokenizer.core import has_tokenizer
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -58,7 +59,7 @@ def info(preset: str | None = None, model: str | None = None, context: int | Non
         reader.validate_all()
         if hf_names:
             check_output_head(cfg, Path(model), reader.keys(), reader)
-    if model is not None and (Path(model) / "tokenizer.json").exists():
+    if model is not None and has_tokenizer(model):
         # a tokenizer with more ids than the model has rows would fail mid-generate: say so now
         check_vocab(cfg, load_tokenizer(model), model_path=model, tokenizer_path=model, what="model info")
     stats = model_stats(cfg, context)
@@ -161,8 +162,9 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
     m = load_model(model, max_model_gib=max_model_gib)
     tok = None
     if prompt is not None:
-        if not (Path(model) / "tokenizer.json").exists():
-            raise LmstackError(f"{model} has no tokenizer.json; pass --prompt_ids instead of --prompt")
+        if not has_tokenizer(model):
+            raise LmstackError(f"{model} has no tokenizer.json (nor tokenizer.model); pass --prompt_ids instead of "
+                               "--prompt")
 
         tok = load_tokenizer(model)
         n_real = check_vocab(m, tok, model_path=model, tokenizer_path=model, what="model generate")

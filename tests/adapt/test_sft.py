@@ -47,8 +47,8 @@ def test_long_rows_are_truncated_and_counted():
 
 def test_malformed_rows_are_errors_naming_the_row(tmp_path):
     tok = tokenizer()
-    with pytest.raises(LmstackError, match="row #1: no 'messages' and no 'prompt'/'completion' fields"):
-        encode_rows(tok, [{"messages": CONV}, {"text": "plain"}])
+    with pytest.raises(LmstackError, match="row #1: no 'text', 'messages' or 'prompt'/'completion' fields"):
+        encode_rows(tok, [{"messages": CONV}, {"body": "plain"}])
     with pytest.raises(LmstackError, match="row #0: message #0 has unknown role 'robot'"):
         encode_rows(tok, [{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}])
     bad = tmp_path / "bad.jsonl"

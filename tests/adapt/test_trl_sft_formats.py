@@ -67,3 +67,10 @@ def test_cli_lora_finetune_on_trl_formats(tmp_path):
     report = json.loads((out / "data.json").read_text())
     assert report["train"]["kept"] == 24
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_text_rows_learn_every_token():
+    tok = tokenizer()
+    (ex,), _ = encode_rows(tok, [{"text": "The sky is blue."}])
+    assert ex.ids == [tok.bos_id] + tok.encode("The sky is blue.", allow_special=False) + [tok.eos_id]
+    assert ex.mask == [1] * len(ex.ids) and ex.n_learned == len(ex.ids) - 1

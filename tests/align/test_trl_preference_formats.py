@@ -60,3 +60,14 @@ def test_cli_dpo_on_trl_conversational_rows(world, tok, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "dpo" and summary["skipped_rows"] == 0
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_text_rows_without_a_prompt_split_at_the_shared_start():
+    from lmstack.align.preference_data import pairs_from_records
+
+    loaded = pairs_from_records([{"chosen": "The sky is blue.", "rejected": "The sky is green."},
+                                 {"chosen": "blue", "rejected": "green"}])
+    (pair,) = loaded.pairs
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("The sky is", " blue.", " green.")
+    assert list(loaded.skipped) == ["fields 'chosen' and 'rejected' share no start, so there is no implicit "
+                                    "prompt; add a 'prompt' field"]

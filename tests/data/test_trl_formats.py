@@ -12,12 +12,14 @@ SYS = {"role": "system", "content": "Be brief."}
 
 def test_sft_formats():
     assert sft_row({"messages": [U, A4]}) == ("messages", [U, A4], None)
+    assert sft_row({"text": "The sky is blue."}) == ("text", "The sky is blue.", None)
     assert sft_row({"prompt": "2+2=", "completion": "4"}) == ("prompt_completion", "2+2=", "4")
     assert sft_row({"prompt": [SYS, U], "completion": [A4]}) == ("chat_prompt_completion", [SYS, U], [A4])
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"text": "plain"}, r"no 'messages' and no 'prompt'/'completion' fields \(keys: \['text'\]\)"),
+    ({"body": "plain"}, r"no 'text', 'messages' or 'prompt'/'completion' fields \(keys: \['body'\]\)"),
+    ({"text": ""}, "field 'text' must be non-empty text, got str"),
     ({"prompt": "2+2="}, "field 'completion' is missing"),
     ({"prompt": "2+2=", "completion": ""}, "field 'completion' is empty"),
     ({"prompt": [U], "completion": "4"}, "field 'completion' must be a non-empty list of messages, got str"),
@@ -33,6 +35,9 @@ def test_sft_errors_name_the_field(row, message):
 
 def test_preference_formats_explicit_and_implicit_prompt():
     assert preference_row({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) == ("2+2?", "4", "5")
+    # TRL's standard implicit prompt: the shared start, the space before the difference going to the replies
+    assert preference_row({"chosen": "The sky is blue.", "rejected": "The sky is green."}) == \
+        ("The sky is", " blue.", " green.")
     explicit = preference_row({"prompt": [SYS, U], "chosen": [A4], "rejected": [A5]})
     implicit = preference_row({"chosen": [SYS, U, A4], "rejected": [SYS, U, A5]})
     assert explicit == implicit == ((("system", "Be brief."), ("user", "2+2?")), "4", "5")
@@ -42,6 +47,7 @@ def test_preference_formats_explicit_and_implicit_prompt():
 
 @pytest.mark.parametrize("row, message", [
     ({"chosen": [A4], "rejected": [A5]}, "share no first message, so there is no implicit prompt"),
+    ({"chosen": "blue", "rejected": "green"}, "share no start, so there is no implicit prompt"),
     ({"chosen": [U, A4, U, A4], "rejected": [U, A5]}, "field 'chosen': after the prompt it must hold one assistant "
                                                        "message, got assistant, user, assistant"),
     ({"chosen": [U, A4], "rejected": [U, A4]}, "field 'chosen': after the prompt .* got nothing"),

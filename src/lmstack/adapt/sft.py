@@ -1,12 +1,13 @@
 """Supervised fine-tuning data: chat rows -> token ids with an assistant-only loss mask, packed rows, batches.
 
-A row is in one of TRL's SFT formats (lmstack.data.trl_formats): `messages` (system / user / assistant / tool
-turns); `prompt`/`completion` text (plain text, no template: BOS? + prompt + completion + EOS, the loss on the
-completion and EOS only); or `prompt`/`completion` message lists (rendered together by the chat template, the
-loss on the completion's assistant tokens only, not on assistant turns inside the prompt). The tokenizer's chat
-template (lmstack.tokenizer.chat_template) renders it to ids and a mask that is 1 exactly on the assistant's tokens
-(content, tool calls and the closing <|assistant_end|>), so the model learns to answer and to stop, never to
-predict the user. A row without an assistant turn teaches nothing: it is counted and skipped, not an error.
+A row is in one of TRL's SFT formats (lmstack.data.trl_formats): `text` (BOS? + text + EOS, every token
+learned); `messages` (system / user / assistant / tool turns); `prompt`/`completion` text (plain text, no
+template: BOS? + prompt + completion + EOS, the loss on the completion and EOS only); or `prompt`/`completion`
+message lists (rendered together by the chat template, the loss on the completion's assistant tokens only, not
+on assistant turns inside the prompt). The tokenizer's chat template (lmstack.tokenizer.chat_template) renders
+messages to ids and a mask that is 1 exactly on the assistant's tokens (content, tool calls and the closing
+end-of-turn token), so the model learns to answer and to stop, never to predict the user. A row without an
+assistant turn teaches nothing: it is counted and skipped, not an error.
 
 Packing lays several examples end to end in one row of `seq_len` positions. Every position carries the id of
 the example it belongs to (`doc_ids`), and the model's attention mask hides keys of other examples, so an
@@ -118,6 +119,10 @@ def _encode_row(tok, kind: str, first, second) -> tuple[list[int], list[int]]:
     """(ids, loss mask) of one row that sft_row has read."""
     if kind == "messages":
         return tok.apply_chat_template(first)
+    if kind == "text":  # TRL's standard language modeling: every token is a target
+        ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(first, allow_special=False)
+        ids += [tok.eos_id] if tok.eos_id is not None else []
+        return ids, [1] * len(ids)
     if kind == "prompt_completion":  # TRL's standard format: plain text, no chat template
         bos = [tok.bos_id] if tok.bos_id is not None else []
         eos = [tok.eos_id] if tok.eos_id is not None else []

@@ -1,8 +1,9 @@
 """Preference data: paired JSONL rows (prompt, chosen, rejected [, confidence]) and unpaired KTO rows.
 
-TRL's conversational preference rows load too (lmstack.data.trl_formats): chosen/rejected message lists with
-a `prompt` message list, or without one (the implicit prompt: the messages both share from the start). Their
-prompt becomes a Conversation that the chat template renders; chosen/rejected become the assistant replies.
+TRL's other preference rows load too (lmstack.data.trl_formats): chosen/rejected message lists with a `prompt`
+message list, or without one (the implicit prompt: the messages both share from the start), whose prompt
+becomes a Conversation that the chat template renders, chosen/rejected the assistant replies; and text
+chosen/rejected without a prompt (the implicit prompt is their shared start, as TRL's extract_prompt cuts it).
 
 Paired rows are what DPO/IPO/cDPO and the reward model train on; the synthetic world's
 `preferences` corpus has this shape already (extra fields such as kind, label and split are kept
@@ -109,7 +110,8 @@ def _parse(line: str) -> dict | None:
 
 def pair_from_row(row: dict) -> tuple[Pair | None, str | None]:
     """A Pair from one dict, or (None, reason) for a row that must be skipped."""
-    if any(isinstance(row.get(name), list) for name in PAIR_FIELDS):  # TRL's conversational rows
+    implicit = "prompt" not in row and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)
+    if implicit or any(isinstance(row.get(name), list) for name in PAIR_FIELDS):  # TRL's other preference rows
         try:
             prompt, chosen, rejected = preference_row(row)
         except LmstackError as e:

@@ -5,11 +5,15 @@ One reader per format family turns a row into ours; anything else is an error th
 (callers put the file and line in front).
 
   SFT family (sft_row):
+    {"text": "..."}                                              standard language modeling (loss on every token)
     {"messages": [{"role": ..., "content": ...}, ...]}          conversational language modeling
     {"prompt": "text", "completion": "text"}                     standard prompt-completion
     {"prompt": [messages], "completion": [messages]}             conversational prompt-completion
   Preference family (preference_row):
     {"prompt": "text", "chosen": "text", "rejected": "text"}     standard, explicit prompt
+    {"chosen": "text", "rejected": "text"}                       standard, implicit prompt: the shared start of
+                                                                 both texts, cut before the space that precedes
+                                                                 the first difference (TRL's extract_prompt)
     {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
     {"chosen": [messages], "rejected": [messages]}               implicit prompt: the messages chosen and
                                                                  rejected share from the start are the prompt
@@ -58,13 +62,17 @@ def to_messages(conversation: Conversation) -> list[dict]:
 
 
 def sft_row(row: Any) -> tuple[str, Any, Any]:
-    """("messages", messages, None) | ("prompt_completion", prompt text, completion text)
+    """("text", text, None) | ("messages", messages, None) | ("prompt_completion", prompt text, completion text)
     | ("chat_prompt_completion", prompt messages, completion messages)."""
     if not isinstance(row, dict):
         raise LmstackError(f"a row must be a JSON object, got {_kind(row)}")
     if "messages" in row:
         # An empty or reply-less conversation is read; SFT counts and skips it.
         return "messages", read_messages(row["messages"], "messages", allow_empty=True), None
+    if "text" in row and "prompt" not in row:
+        if not isinstance(row["text"], str) or not row["text"]:
+            raise LmstackError(f"field 'text' must be non-empty text, got {_kind(row['text'])}")
+        return "text", row["text"], None
     if "prompt" in row or "completion" in row:
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, str) and isinstance(completion, str):
@@ -81,8 +89,8 @@ def sft_row(row: Any) -> tuple[str, Any, Any]:
             raise LmstackError(f"field {missing!r} is missing (a prompt-completion row needs both)")
         raise LmstackError(f"fields 'prompt' and 'completion' must both be text or both message lists, got "
                            f"{_kind(prompt)} and {_kind(completion)}")
-    raise LmstackError(f"no 'messages' and no 'prompt'/'completion' fields (keys: {sorted(row)}); TRL's SFT "
-                       "formats are {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}")
+    raise LmstackError(f"no 'text', 'messages' or 'prompt'/'completion' fields (keys: {sorted(row)}); TRL's SFT "
+                       "formats are {\"text\": ...}, {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}")
 
 
 def preference_row(row: dict) -> tuple[str | Conversation, str, str]:
@@ -92,6 +100,8 @@ def preference_row(row: dict) -> tuple[str | Conversation, str, str]:
         if value is None:
             raise LmstackError(f"field {name!r} is missing")
     if not isinstance(chosen, list) and not isinstance(rejected, list):
+        if prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
+            return _split_text_prompt(chosen, rejected)
         if not isinstance(prompt, str) or not isinstance(chosen, str) or not isinstance(rejected, str):
             bad = next(n for n, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))
                        if not isinstance(v, str))
@@ -109,6 +119,19 @@ def preference_row(row: dict) -> tuple[str | Conversation, str, str]:
     else:
         p = read_messages(prompt, "prompt")
     return to_conversation(p), _reply(c, "chosen"), _reply(r, "rejected")
+
+
+def _split_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit text prompt: the shared start, ending before the space that leads into the difference."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n and chosen[n - 1] == " ":  # " blue." vs " green.": the space belongs to the replies
+        n -= 1
+    if n == 0:
+        raise LmstackError("fields 'chosen' and 'rejected' share no start, so there is no implicit prompt; add a "
+                           "'prompt' field")
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def _reply(messages: list[dict], field: str) -> str:

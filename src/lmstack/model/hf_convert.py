@@ -6,11 +6,11 @@ Conv1D weights, stored transposed), Mixtral's per-expert w1/w2/w3, which we keep
 qkv_proj and gate_up_proj, split into our q/k/v and gate/up on load and concatenated again on export.
 
 Gemma (1) is the llama block with (1 + w) RMSNorm, sqrt(d_model)-scaled embeddings and tanh-GeGLU (transformers
-reads its legacy hidden_act "gelu" as the tanh GELU, and so do we). Gemma-2 is the llama block with switches on: four norms per block (norm_position="sandwich"), RMSNorm scaled by
-(1 + w) (norm_plus_one), embeddings times sqrt(d_model) (scale_embeddings), GeGLU with the tanh GELU
-(mlp="geglu_tanh"), attention scaled by query_pre_attn_scalar**-0.5, attention and final logit soft-capping, and
-sliding windows on the layers layer_types marks "sliding_attention" (every other layer, starting with layer 0,
-when layer_types is absent). Its attention softcap needs the naive backend, which the loader picks.
+reads its legacy hidden_act "gelu" as the tanh GELU, and so do we). Gemma-2 is the llama block with switches on:
+four norms per block (norm_position="sandwich"), RMSNorm scaled by (1 + w) (norm_plus_one), embeddings times
+sqrt(d_model) (scale_embeddings), GeGLU with the tanh GELU (mlp="geglu_tanh"), attention scaled by
+query_pre_attn_scalar**-0.5, attention and final logit soft-capping, and sliding windows on the layers
+layer_types marks "sliding_attention" (every other layer, starting with layer 0, when layer_types is absent). Its attention softcap needs the naive backend, which the loader picks.
 Phi-3's longrope ("su") RoPE scaling and partial rotary embeddings are refused with a message naming the field.
 
 Per-head q/k RMSNorm (qk_norm=True) is what Qwen3 adds to the llama block: RMSNorm over head_dim on the
@@ -137,7 +137,8 @@ def config_from_hf(hf: dict[str, Any], architectures: Iterable[str] | None = Non
         fields = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                       n_heads=hf["num_attention_heads"],
                       n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                      head_dim=hf.get("head_dim") or (256 if mt in ("gemma", "gemma2") else 0), d_ff=hf["intermediate_size"],
+                      head_dim=hf.get("head_dim") or (256 if mt in ("gemma", "gemma2") else 0),
+                      d_ff=hf["intermediate_size"],
                       max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
                       norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope", mlp=_ACT_TO_GATED[act],
                       qkv_bias=bias or mt == "qwen2", out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),

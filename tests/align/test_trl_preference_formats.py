@@ -5,7 +5,7 @@ import json
 from align_helpers import make_policy
 
 from lmstack.align.logprobs import encode_pair
-from lmstack.align.preference_data import load_preferences
+from lmstack.align.preference_data import load_preferences, pairs_from_records
 from lmstack.cli import main
 from lmstack.model.hf_io import save_model
 
@@ -63,8 +63,6 @@ def test_cli_dpo_on_trl_conversational_rows(world, tok, tmp_path, capsys):
 
 
 def test_text_rows_without_a_prompt_split_at_the_shared_start():
-    from lmstack.align.preference_data import pairs_from_records
-
     loaded = pairs_from_records([{"chosen": "The sky is blue.", "rejected": "The sky is green."},
                                  {"chosen": "blue", "rejected": "green"}])
     (pair,) = loaded.pairs

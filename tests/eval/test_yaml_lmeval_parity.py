@@ -214,3 +214,62 @@ def test_yaml_tasks_match_lm_eval_simple_evaluate(byo, offline, tmp_path):
     assert results["byo_mc"]["metrics"]["acc"] == pytest.approx(agg["byo_mc"]["acc,none"])
     assert results["byo_mc"]["metrics"]["acc_norm"] == pytest.approx(agg["byo_mc"]["acc_norm,none"])
     assert results["byo_gen"]["metrics"]["exact_match"] == pytest.approx(float(agg["byo_gen"]["exact_match,letter"]))
+
+
+FEWSHOT_YAMLS = {
+    # shots written in the YAML, with their own target field and delimiters
+    "fs_samples": """task: fs_samples
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: generate_until
+description: "Answer with a letter.\\n\\n"
+doc_to_text: "Q: {{{{q}}}}\\nA:"
+doc_to_target: "{{{{a}}}}"
+target_delimiter: " "
+fewshot_config:
+  sampler: first_n
+  samples:
+    - {{q: "one two", a: "b", why: "because b"}}
+    - {{q: "three", a: "c", why: "because c"}}
+  doc_to_target: "{{{{why}}}}"
+  fewshot_delimiter: "\\n###\\n"
+""",
+    # shots from a training split, first_n, multiple choice with an index target
+    "fs_split": """task: fs_split
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}, train: {data}}}}}
+test_split: test
+training_split: train
+fewshot_split: train
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}?"
+doc_to_choice: ["a", "b", "c", "d", "e"]
+doc_to_target: "{{{{['a', 'b', 'c', 'd', 'e'].index(a)}}}}"
+fewshot_delimiter: "\\n"
+fewshot_config: {{sampler: first_n}}
+""",
+}
+
+
+def test_fewshot_prompts_match_lm_eval(byo, offline, tmp_path):
+    """fewshot_config (first_n, inline samples, per-shot doc_to_target and delimiters) and a training split as
+    the shot pool give lm-eval's exact prompts."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from lmstack.eval.task_args import resolve_tasks
+
+    _, task_dir = byo
+    d = tmp_path / "fs"
+    d.mkdir()
+    for name, text in FEWSHOT_YAMLS.items():
+        (d / f"{name}.yaml").write_text(text.format(data=task_dir / "gen.jsonl"))
+    for name in FEWSHOT_YAMLS:
+        [ours] = resolve_tasks(name, str(d))
+        theirs = ConfigurableTask(config=load_yaml(d / f"{name}.yaml", resolve_func=False))
+        docs = ours.cached_docs(ours.eval_split)
+        for i, doc in enumerate(list(theirs.test_docs())[:5]):
+            assert dict(doc) == docs[i]
+            assert ours.fewshot_context(docs[i], 2) == theirs.fewshot_context(doc, 2), name

@@ -49,6 +49,8 @@ REFUSED = {
     "gen_prefix": "gen_prefix is not supported",
     "class": "task classes are Python code, which we do not run",
 }
+FEWSHOT_KEYS = ("sampler", "split", "samples", "doc_to_text", "doc_to_target", "doc_to_choice", "target_delimiter",
+                "fewshot_delimiter")
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
 DATA_FORMATS = ("json", "csv")
 
@@ -157,8 +159,10 @@ def check_config(cfg: dict, path: Path) -> None:
     for key, value in fewshot.items():
         if key == "sampler" and value not in ("default", "first_n"):
             raise refuse(path, "fewshot_config.sampler", f"{value!r}; supported: default, first_n")
-        if key not in ("sampler", "split"):
-            raise refuse(path, f"fewshot_config.{key}", "supported: sampler, split")
+        if key == "samples" and not (isinstance(value, list) and all(isinstance(d, dict) for d in value)):
+            raise refuse(path, "fewshot_config.samples", "must be a list of documents (mappings)")
+        if key not in FEWSHOT_KEYS:
+            raise refuse(path, f"fewshot_config.{key}", f"supported: {', '.join(FEWSHOT_KEYS)}")
 
 
 @dataclass

@@ -5,8 +5,9 @@ Semantics follow lm_eval/api/task.py (ConfigurableTask) so scores agree with lm-
     would: all-int -> int, all-number -> float, True/False -> bool), from dataset_kwargs.data_files
     (a file or list -> split "train", or {split: file or list}; glob patterns expand). A relative path is
     taken from the current directory when it exists there (as `datasets` does), else from the YAML's directory.
-  - eval split: test_split, else validation_split; few-shot pool: fewshot_split (or fewshot_config.split),
-    else training, validation, test. fewshot_config.sampler first_n takes the pool's first n (lm-eval's
+  - eval split: test_split, else validation_split; few-shot pool: fewshot_config.split or fewshot_split,
+    else fewshot_config.samples (shots written in the YAML), else training, validation, test; fewshot_config's
+    doc_to_text / doc_to_target / doc_to_choice / target_delimiter / fewshot_delimiter apply to the shots. fewshot_config.sampler first_n takes the pool's first n (lm-eval's
     draw exactly); the default sampler draws at random with a fixed seed (our draw, not lm-eval's).
   - doc_to_text / doc_to_target / doc_to_choice: a field name, a Jinja template ({{...}}, rendered in a
     sandbox with StrictUndefined and lm-eval's regex_replace filter), an int, or a list. A rendered target
@@ -65,6 +66,8 @@ DEFAULT_METRICS = {"multiple_choice": ["acc", "acc_norm"], "loglikelihood": ["pe
 EM_OPTIONS = ("ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore")
 FILTERS = ("regex", "take_first", "lowercase", "uppercase", "remove_whitespace")
 GEN_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
+SAMPLES_SPLIT = "fewshot_config.samples"
+"""The few-shot pool's name when fewshot_config.samples lists the shots inline."""
 
 
 def _aggregate(kind: str) -> Callable[[list], float]:
@@ -127,9 +130,12 @@ class YamlTask(Task):
         eval_split = splits["test"] or splits["validation"]
         if eval_split is None:
             raise refuse(path, "test_split", "a task needs test_split or validation_split")
-        fewshot = cfg.get("fewshot_config") or {}
-        pool = (fewshot.get("split") or cfg.get("fewshot_split") or splits["training"] or splits["validation"]
-                or splits["test"])
+        self.fewshot_cfg = fewshot = dict(cfg.get("fewshot_config") or {})
+        # lm-eval's FewshotConfig: its doc_to_* override the task's for the shots only.
+        self.shot_cfg = {**cfg, **{k: v for k, v in fewshot.items() if k.startswith("doc_to_")}}
+        pool = (fewshot.get("split") or cfg.get("fewshot_split")
+                or (SAMPLES_SPLIT if fewshot.get("samples") is not None else None)
+                or splits["training"] or splits["validation"] or splits["test"])
         self.first_n = fewshot.get("sampler") == "first_n"
         self.files = self._data_files(cfg["dataset_kwargs"]["data_files"])
         metrics, self.em_options, self.higher = self._metrics(cfg.get("metric_list"))
@@ -245,6 +251,8 @@ class YamlTask(Task):
 
     # -- data ----------------------------------------------------------------------------------------
     def docs(self, split: str) -> list[dict]:
+        if split == SAMPLES_SPLIT:
+            return list(self.fewshot_cfg["samples"])
         if split not in self.files:
             raise refuse(self.file, "dataset_kwargs.data_files", f"has no split {split!r} "
                                                                  f"(it has {', '.join(self.files)})")
@@ -267,8 +275,8 @@ class YamlTask(Task):
         return pool[:num_fewshot]
 
     # -- prompts -------------------------------------------------------------------------------------
-    def _render(self, key: str, doc: dict) -> Any:
-        spec = self.cfg.get(key)
+    def _render(self, key: str, doc: dict, cfg: dict | None = None) -> Any:
+        spec = (cfg or self.cfg).get(key)
         if spec is None:
             raise refuse(self.file, key, f"a {self.kind} task needs {key}")
         if isinstance(spec, (int, list)) and not isinstance(spec, bool):
@@ -284,8 +292,8 @@ class YamlTask(Task):
         except TemplateError as e:
             raise LmstackError(f"{self.file}: key {key!r}: the template failed on a document: {e}") from None
 
-    def doc_to_choice(self, doc: dict) -> list[str]:
-        choices = self._render("doc_to_choice", doc)
+    def doc_to_choice(self, doc: dict, cfg: dict | None = None) -> list[str]:
+        choices = self._render("doc_to_choice", doc, cfg)
         if isinstance(choices, str):
             try:
                 choices = ast.literal_eval(choices)
@@ -296,19 +304,21 @@ class YamlTask(Task):
             raise LmstackError(f"{self.file}: key 'doc_to_choice' must give a list of strings, got {choices!r:.80}")
         return list(choices)
 
-    def doc_to_text(self, doc: dict) -> str:
-        text = self._render("doc_to_text", doc)
-        if not isinstance(text, str) or (text.isdigit() and "doc_to_choice" in self.cfg
-                                          and self.cfg.get("doc_to_text") not in doc):
+    def doc_to_text(self, doc: dict, cfg: dict | None = None) -> str:
+        cfg = cfg or self.cfg
+        text = self._render("doc_to_text", doc, cfg)
+        if not isinstance(text, str) or (text.isdigit() and "doc_to_choice" in cfg
+                                          and cfg.get("doc_to_text") not in doc):
             raise refuse(self.file, "doc_to_text", "gives an index: multiple-input (Winogrande-style) tasks "
                                                    "are not supported")
         return text
 
-    def doc_to_target(self, doc: dict) -> Any:
-        spec = self.cfg.get("doc_to_target")
-        target = self._render("doc_to_target", doc)
+    def doc_to_target(self, doc: dict, cfg: dict | None = None) -> Any:
+        cfg = cfg or self.cfg
+        spec = cfg.get("doc_to_target")
+        target = self._render("doc_to_target", doc, cfg)
         if isinstance(target, str) and not (isinstance(spec, str) and spec in doc):
-            if target.isdigit() and "doc_to_choice" in self.cfg:
+            if target.isdigit() and "doc_to_choice" in cfg:
                 return int(target)
             if len(target) >= 2 and target[0] == "[" and target[-1] == "]":
                 try:
@@ -317,11 +327,12 @@ class YamlTask(Task):
                     return target
         return target
 
-    def target_text(self, doc: dict) -> str:
+    def target_text(self, doc: dict, cfg: dict | None = None) -> str:
         """The answer as a shot shows it (lm-eval's build_qa_turn)."""
-        target = self.doc_to_target(doc)
-        if isinstance(target, int) and "doc_to_choice" in self.cfg:
-            return self.doc_to_choice(doc)[target]
+        cfg = cfg or self.cfg
+        target = self.doc_to_target(doc, cfg)
+        if isinstance(target, int) and "doc_to_choice" in cfg:
+            return self.doc_to_choice(doc, cfg)[target]
         if isinstance(target, list):
             return str(target[0])
         return str(target)
@@ -331,7 +342,16 @@ class YamlTask(Task):
         if "{{" in raw or "{%" in raw:
             # lm-eval renders a templated description per document; the base class reads self.description.
             self.description = _ENV.from_string(raw).render(**doc)
-        return super().fewshot_context(doc, num_fewshot, seed, chat=chat, exclude=exclude)
+        if chat is not None:
+            return super().fewshot_context(doc, num_fewshot, seed, chat=chat, exclude=exclude)
+        # lm-eval's text: description + (shot text + target_delimiter + answer + fewshot_delimiter) per shot
+        # + the question, where fewshot_config may override the shots' fields and delimiters.
+        tgt = self.fewshot_cfg.get("target_delimiter", self.target_delimiter)
+        few = self.fewshot_cfg.get("fewshot_delimiter", self.fewshot_delimiter)
+        shots = self.fewshot_docs(doc, num_fewshot, seed, exclude)
+        return self.description + "".join(
+            self.doc_to_text(s, self.shot_cfg) + tgt + self.target_text(s, self.shot_cfg) + few for s in shots
+        ) + self.doc_to_text(doc)
 
     # -- requests and results ------------------------------------------------------------------------
     def requests(self, doc: dict, context: str) -> list[Request]:

@@ -91,3 +91,13 @@ def test_transformers_trainer_drives_our_model(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12
     assert losses[-1] < losses[0] - 0.5, losses  # four sequences repeated: the loss must fall fast
+
+
+def test_moe_loss_adds_the_weighted_router_loss_our_trainer_adds():
+    torch.manual_seed(0)
+    model = Transformer(preset("mixtral-tiny", vocab_size=64)).train()
+    ids = torch.randint(0, 64, (2, 10))
+    out = model(input_ids=ids, labels=ids)
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert out.aux_loss.item() > 0 and torch.allclose(out.loss, ce + out.aux_loss)
+    assert "aux_loss" not in Transformer(preset("llama-tiny", vocab_size=64))(input_ids=ids, labels=ids)

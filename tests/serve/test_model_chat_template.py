@@ -182,3 +182,22 @@ def test_eval_chat_mode_renders_the_models_template(llama):
     assert text == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     want = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
     assert lm.encode(text) == (want if isinstance(want, list) else want["input_ids"])  # one BOS, not two
+
+
+def test_server_passes_chat_template_kwargs(tmp_path):
+    tpl = ("{% if enable_thinking is defined and not enable_thinking %}<|eot_id|>{% endif %}"
+           "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    _llama_dir(tmp_path, tpl)
+    srv = start_server(tmp_path, engine={"max_model_len": 128})
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30.0) as http:
+            plain = http.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
+            off = http.post("/tokenize", json={"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}})
+            assert off.json()["tokens"] == [4] + plain  # <|eot_id|> is id 4 (the fifth special token)
+            r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1,
+                                                        "chat_template_kwargs": {"enable_thinking": False}})
+            assert r.json()["usage"]["prompt_tokens"] == len(plain) + 1
+            bad = http.post("/v1/chat/completions", json={"messages": CHAT, "chat_template_kwargs": {"tools": []}})
+            assert bad.status_code == 400 and "chat_template_kwargs may not set tools" in bad.json()["error"]["message"]
+    finally:
+        srv.stop()

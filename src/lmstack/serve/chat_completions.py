@@ -80,16 +80,25 @@ def check_messages(state: ServerState, req: ChatCompletionRequest) -> None:
     state.check_prompt_bytes(n_bytes, "messages")
 
 
+_TEMPLATE_OWN = {"messages", "add_generation_prompt", "tools", "documents"}
+
+
 def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    compression: Plan | None = None) -> list[int]:
-    """The chat template's ids; with a compression plan, message contents are compressed before rendering."""
+                    compression: Plan | None = None, template_kwargs: dict | None = None) -> list[int]:
+    """The chat template's ids; with a compression plan, message contents are compressed before rendering.
+    template_kwargs: the request's chat_template_kwargs, extra variables for the template."""
     if not messages:
         raise APIError(400, "messages is empty; give at least one message", param="messages")
+    clash = sorted(_TEMPLATE_OWN & set(template_kwargs or {}))
+    if clash:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}; they have their own fields",
+                       param="chat_template_kwargs")
     dicts = message_dicts(messages)
     if compression is not None:
         dicts = rewrite_messages(state, dicts, compression)
     try:
-        ids = state.tokenizer.render_messages(dicts, add_generation_prompt).ids  # ids only: no mask work
+        ids = state.tokenizer.render_messages(dicts, add_generation_prompt,
+                                              **(template_kwargs or {})).ids  # ids only: no mask work
     except LmstackError as e:
         raise from_value_error(e) from None
     return ids
@@ -116,11 +125,11 @@ def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None, c
     """(prompt ids, SamplingParams, prompt tokens before compression or None): the chat template, encoding,
     compression and parameter preparation grow with the request, so they run in the worker pool."""
     check_messages(state, req)
-    ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
+    ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, template_kwargs=req.chat_template_kwargs)
     n_before = None
     if compression is not None:
         n_before = len(ids)
-        ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, compression)
+        ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, compression, req.chat_template_kwargs)
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = state.check_lengths(len(ids), wanted, param,

@@ -149,6 +149,8 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     """lmstack extension: end the prompt with the assistant-turn opener (the usual case)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM's extension: extra variables for the model's Jinja chat template (e.g. {"enable_thinking": false})."""
 
 
 class TokenizeRequest(_Strict):
@@ -157,6 +159,7 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Strict):

@@ -12,6 +12,7 @@ Usage:
     cache = model.new_cache(batch_size=1, max_len=64)
     logits = model(prompt, cache=cache)                   # prefill, then one token at a time
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + model.aux_loss   # MoE aux loss
+    out = model(input_ids=idx, attention_mask=mask, labels=idx)   # HF style: out.loss, out.logits (model/outputs.py)
 """
 from __future__ import annotations
 

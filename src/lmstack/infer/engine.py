@@ -222,10 +222,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise LmstackError("a text prompt needs a tokenizer; pass tokenizer= or give token ids")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            bos = self.tokenizer.bos_id
-            if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
-                ids = ids[1:]  # a rendered chat template already starts with BOS; do not add a second
+            ids = self.tokenizer.encode_prompt(prompt)  # no second BOS before a rendered chat template
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < vocab]

@@ -352,6 +352,15 @@ class Tokenizer:
                     **kwargs) -> str:
         return self.render_messages(messages, add_generation_prompt, tools, documents, **kwargs).text
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text prompt's ids with the post-processor's special tokens, except a second BOS: a rendered chat
+        template (render_chat) already opens with it, and a model never saw two."""
+        ids = self.encode(text, add_special_tokens=True)
+        bos = self.bos_id
+        if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
     def append_turn_ids(self, history: list[dict], new: list[dict], add_generation_prompt: bool = True
                         ) -> list[int]:
         """The ids that `new` messages add after a rendered `history` (multi-turn decoding appends them to

@@ -195,9 +195,10 @@ class Transformer(nn.Module):
         if (idx is None) == (input_ids is None):
             raise LmstackError("pass the token ids once: model(ids) or model(input_ids=ids)")
         if idx is None or labels is not None:  # the HF-style call: same pass, wrapped with its loss
-            logits = self(input_ids if idx is None else idx, cache, doc_ids=doc_ids, attention_mask=attention_mask,
-                          token_type_ids=token_type_ids, prefix_len=prefix_len, logits_to_keep=logits_to_keep,
-                          return_hidden=return_hidden)
+            # self.forward, not self(...): module hooks (FSDP2's unshard/reshard) must fire once per call
+            logits = self.forward(input_ids if idx is None else idx, cache, doc_ids=doc_ids,
+                                  attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                  prefix_len=prefix_len, logits_to_keep=logits_to_keep, return_hidden=return_hidden)
             loss = None if labels is None else causal_lm_loss(logits, labels, real_vocab(cfg))
             has_moe = any(isinstance(block.mlp, MoE) for block in self.blocks)
             if loss is not None and has_moe:

@@ -10,7 +10,6 @@ log-likelihoods within 1e-4, the same greedy flags, generations, filtered answer
 Slow: lm_eval.simple_evaluate(model="hf", include_path=...) end to end against `lmstack eval`.
 """
 import json
-import os
 from pathlib import Path
 import random
 

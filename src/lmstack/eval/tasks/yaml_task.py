@@ -83,13 +83,16 @@ def _aggregate(kind: str) -> Callable[[list], float]:
 def _typed_column(values: list[str]) -> list[Any]:
     """A CSV column typed as pandas types it (what `datasets`' csv loader gives lm-eval)."""
     present = [v for v in values if v != ""]
+    if not present:
+        return values
     for cast in (int, float):
         try:
-            return [cast(v) if v != "" else None for v in values] if present and all(
-                cast(v) is not None for v in present) else values
+            for v in present:
+                cast(v)
         except ValueError:
             continue
-    if present and all(v in ("True", "False") for v in present):
+        return [cast(v) if v != "" else None for v in values]
+    if all(v in ("True", "False") for v in present):
         return [None if v == "" else v == "True" for v in values]
     return values
 

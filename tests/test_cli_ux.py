@@ -123,6 +123,11 @@ def test_the_model_may_be_positional(stage):
     assert parse(stage, "--model", "runs/tiny", *extra).model == "runs/tiny"
 
 
+def test_the_starting_model_of_finetune_and_align_may_be_positional():
+    assert parse("finetune", "runs/tiny", "--method", "lora").base == "runs/tiny"
+    assert parse("align", "runs/sft", "--method", "dpo").policy == "runs/sft"
+
+
 def test_a_positional_word_is_not_taken_as_a_model_where_model_is_a_config_group(capsys):
     with pytest.raises(SystemExit):
         cli.main(["pretrain", "runs/tiny"])

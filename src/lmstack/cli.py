@@ -163,7 +163,8 @@ def normalize_args(parser: Any, args: list[str]) -> list[str]:
     """Rewrite the habits of vLLM/litgpt/argparse users into what jsonargparse parses, using `parser`'s
     own actions (so a field's type decides, not its name):
 
-    - a positional first word is the model: `lmstack serve DIR` = `--model DIR` (commands with a str --model);
+    - a positional first word is the model: `lmstack serve DIR` = `--model DIR` (commands with a str --model;
+      finetune's --base and align's --policy, the model those runs start from, likewise);
     - a bare boolean is true: `--chat` = `--chat true`; `--no_chat` = `--chat false`;
     - a list flag repeats and appends: `--stop . --stop ,` = `--stop '[".", ","]'` (a `[...]` value is
       still a whole list);
@@ -171,11 +172,11 @@ def normalize_args(parser: Any, args: list[str]) -> list[str]:
     - a .gguf file anywhere is refused in one line (no loader reads GGUF yet).
     Dashes were already turned into underscores (_dashes_to_underscores)."""
     actions = parser._option_string_actions
-    model = actions.get("--model")
+    # the flag that names the model to load: --model, or the model a run starts from (finetune --base, align --policy)
+    model = next((f for f in ("--model", "--base", "--policy") if _typehint(actions.get(f)) is str), None)
     positionals = [a for a in parser._actions if not a.option_strings]
-    if (args and not args[0].startswith("-") and model is not None and not positionals
-            and _typehint(model) is str):
-        args = ["--model", *args]
+    if args and not args[0].startswith("-") and model is not None and not positionals:
+        args = [model, *args]
     for i, a in enumerate(args):
         name, eq, value = a.partition("=") if a.startswith("--") else ("", "", a)
         flag = name if eq else args[i - 1] if i and args[i - 1].startswith("--") else ""

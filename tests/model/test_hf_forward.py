@@ -25,6 +25,8 @@ def test_plain_call_still_returns_logits_and_keyword_call_returns_output():
     assert with_loss[0] is with_loss.loss and with_loss["logits"].shape == (2, 9, 64)
     with pytest.raises(LmstackError, match="once"):
         model(ids, input_ids=ids)
+    with pytest.raises(LmstackError, match="labels need logits from the LM head"):
+        model(input_ids=ids, labels=ids, return_hidden=True)
 
 
 def test_loss_equals_transformers_llama_loss_on_the_same_weights(tmp_path):

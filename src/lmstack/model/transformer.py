@@ -195,6 +195,8 @@ class Transformer(nn.Module):
         if (idx is None) == (input_ids is None):
             raise LmstackError("pass the token ids once: model(ids) or model(input_ids=ids)")
         if idx is None or labels is not None:  # the HF-style call: same pass, wrapped with its loss
+            if labels is not None and (return_hidden or cfg.head == "none"):
+                raise LmstackError("labels need logits from the LM head; this call returns hidden states")
             # self.forward, not self(...): module hooks (FSDP2's unshard/reshard) must fire once per call
             logits = self.forward(input_ids if idx is None else idx, cache, doc_ids=doc_ids,
                                   attention_mask=attention_mask, token_type_ids=token_type_ids,

@@ -29,7 +29,7 @@ def task_dir(tmp_path):
     jsonl(d / "mc.jsonl", MC_ROWS)
     write(d / "_base.yaml", "dataset_path: json\noutput_type: multiple_choice\n"
                             "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-                            "  - metric: exact_match\n")
+                            "  - metric: exact_match\n  - metric: acc_bytes\n")
     write(d / "mc.yaml", """include: _base.yaml
 task: my_mc
 dataset_kwargs:
@@ -51,11 +51,12 @@ def test_multiple_choice_prompts_requests_and_metrics(task_dir, fake_lm_factory)
     lm = fake_lm_factory(loglikelihood={("Arithmetic.\n\nQ: What is 0+1?\nA:", " 1"): (-0.5, True)})
     out = evaluate(lm, [task], bootstrap_iters=0, progress=False)["results"]["my_mc"]
     assert ("loglikelihood", "Arithmetic.\n\nQ: What is 0+1?\nA:", " 1") in lm.calls
-    assert out["n"] == 6 and set(out["metrics"]) >= {"acc", "acc_norm", "exact_match"}
+    assert out["n"] == 6 and set(out["metrics"]) >= {"acc", "acc_norm", "acc_bytes", "exact_match"}
     # item 0 (gold 0): picked 0, greedy -> 1; items 1..5: the two one-char choices tie, the first wins
     # (index 0), right when gold is 0 (items 2, 4): acc = 3/6; exact_match only item 0
     assert out["metrics"]["acc"] == pytest.approx(3 / 6)
     assert out["metrics"]["exact_match"] == pytest.approx(1 / 6)
+    assert out["metrics"]["acc_bytes"] == out["metrics"]["acc_norm"]   # ASCII choices: bytes = characters
 
 
 def test_fewshot_first_n_and_delimiters(task_dir, fake_lm_factory):
@@ -79,6 +80,10 @@ def test_num_fewshot_from_yaml_unless_the_command_sets_it(task_dir, fake_lm_fact
     lm = fake_lm_factory()
     evaluate(lm, [task], num_fewshot=0, limit=1, bootstrap_iters=0, progress=False)
     assert lm.calls[0][1].count("Q:") == 1
+    [task] = resolve_tasks("mc2:num_fewshot=1", str(task_dir))      # a task argument overrides the YAML's
+    lm = fake_lm_factory()
+    evaluate(lm, [task], num_fewshot=None, limit=1, bootstrap_iters=0, progress=False)
+    assert task.num_fewshot == 1 and lm.calls[0][1].count("Q:") == 2
 
 
 def test_generate_until_with_regex_filter_and_exact_match_options(tmp_path, fake_lm_factory):

@@ -14,7 +14,7 @@ Semantics follow lm_eval/api/task.py (ConfigurableTask) so scores agree with lm-
     of digits is an index when there are choices; "[...]" renders to a list; choices render with
     ast.literal_eval.
   - prompt = description + shots (text + target_delimiter + answer + fewshot_delimiter) + text.
-  - output types: multiple_choice (acc, acc_norm, exact_match = gold is greedy), loglikelihood (acc,
+  - output types: multiple_choice (acc, acc_norm, acc_bytes, exact_match = gold is greedy), loglikelihood (acc,
     perplexity), loglikelihood_rolling over doc_to_target (word_perplexity, byte_perplexity,
     bits_per_byte), generate_until (exact_match with ignore_case / ignore_punctuation / ignore_numbers /
     regexes_to_ignore; generation_kwargs until, max_gen_toks, do_sample, temperature, top_p).
@@ -54,6 +54,7 @@ _ENV.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern
 METRICS = {
     "acc": (("multiple_choice", "loglikelihood"), "mean", True),
     "acc_norm": (("multiple_choice",), "mean", True),
+    "acc_bytes": (("multiple_choice",), "mean", True),
     "exact_match": (("multiple_choice", "generate_until"), "mean", True),
     "perplexity": (("loglikelihood",), "perplexity", False),
     "word_perplexity": (("loglikelihood_rolling",), "weighted_perplexity", False),
@@ -429,7 +430,9 @@ class YamlTask(Task):
             golds = gold if isinstance(gold, list) else [gold]
             pred = M._argmax(lls)
             pred_norm = M._argmax([ll / max(len(c), 1) for ll, c in zip(lls, choices)])
+            pred_bytes = M._argmax([ll / max(len(c.encode("utf-8")), 1) for ll, c in zip(lls, choices)])
             out = {"acc": float(pred in golds), "acc_norm": float(pred_norm in golds),
+                   "acc_bytes": float(pred_bytes in golds),
                    "exact_match": float(any(greedy[g] for g in golds if g != -100))}
             return {k: v for k, v in out.items() if k in want}
         # generate_until

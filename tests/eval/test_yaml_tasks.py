@@ -223,3 +223,30 @@ def test_cli_include_path(tiny_model_dir, task_dir, tmp_path, capsys):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())["results"]["my_mc"]
     assert res["n"] == 3 and {"acc", "acc_norm", "exact_match"} <= set(res["metrics"])
+
+
+def test_f1_and_mcc_equal_sklearn(task_dir, fake_lm_factory):
+    sklearn = pytest.importorskip("sklearn.metrics")
+    import random
+
+    from lmstack.eval.tasks.yaml_task import binary_f1, matthews_corrcoef
+
+    rng = random.Random(0)
+    for k in (2, 2, 3, 4):
+        items = [(rng.randrange(k), rng.randrange(k)) for _ in range(40)]
+        golds, preds = zip(*items)
+        if k == 2:
+            assert binary_f1(items) == pytest.approx(sklearn.f1_score(golds, preds))
+        assert matthews_corrcoef(items) == pytest.approx(sklearn.matthews_corrcoef(golds, preds))
+    assert matthews_corrcoef([(1, 1), (1, 1)]) == 0.0          # undefined -> 0, as sklearn
+    text = (task_dir / "mc.yaml").read_text().replace("task: my_mc", "task: mc_f1")
+    write(task_dir / "mc_f1.yaml", text + "metric_list:\n  - metric: f1\n  - metric: mcc\n")
+    [task] = resolve_tasks("mc_f1", str(task_dir))
+    # items 0-3 predict their gold; items 4, 5 predict choice 0 (ties go to the first)
+    right = {(f"Arithmetic.\n\nQ: What is {i}+1?\nA:", " " + MC_ROWS[i]["options"][MC_ROWS[i]["label"]]): 0.0
+             for i in range(4)}
+    lm = fake_lm_factory(loglikelihood=right)
+    out = evaluate(lm, [task], bootstrap_iters=0, progress=False)["results"]["mc_f1"]["metrics"]
+    golds, preds = [0, 1, 0, 1, 0, 1], [0, 1, 0, 1, 0, 0]
+    assert out["f1"] == pytest.approx(sklearn.f1_score(golds, preds)) == pytest.approx(0.8)
+    assert out["mcc"] == pytest.approx(sklearn.matthews_corrcoef(golds, preds))

@@ -14,7 +14,8 @@ Semantics follow lm_eval/api/task.py (ConfigurableTask) so scores agree with lm-
     of digits is an index when there are choices; "[...]" renders to a list; choices render with
     ast.literal_eval.
   - prompt = description + shots (text + target_delimiter + answer + fewshot_delimiter) + text.
-  - output types: multiple_choice (acc, acc_norm, acc_bytes, exact_match = gold is greedy), loglikelihood (acc,
+  - output types: multiple_choice (acc, acc_norm, acc_bytes, exact_match = gold is greedy, f1 of label 1 and
+    mcc over (gold, prediction) pairs), loglikelihood (acc,
     perplexity), loglikelihood_rolling over doc_to_target (word_perplexity, byte_perplexity,
     bits_per_byte), generate_until (exact_match with ignore_case / ignore_punctuation / ignore_numbers /
     regexes_to_ignore; generation_kwargs until, max_gen_toks, do_sample, temperature, top_p).
@@ -55,6 +56,8 @@ METRICS = {
     "acc": (("multiple_choice", "loglikelihood"), "mean", True),
     "acc_norm": (("multiple_choice",), "mean", True),
     "acc_bytes": (("multiple_choice",), "mean", True),
+    "f1": (("multiple_choice",), "f1", True),
+    "mcc": (("multiple_choice",), "matthews_corrcoef", True),
     "exact_match": (("multiple_choice", "generate_until"), "mean", True),
     "perplexity": (("loglikelihood",), "perplexity", False),
     "word_perplexity": (("loglikelihood_rolling",), "weighted_perplexity", False),
@@ -71,7 +74,30 @@ SAMPLES_SPLIT = "fewshot_config.samples"
 """The few-shot pool's name when fewshot_config.samples lists the shots inline."""
 
 
+def binary_f1(items: list) -> float:
+    """F1 of label 1 over (gold, pred) pairs: sklearn's f1_score default, which lm-eval's f1 aggregates with."""
+    tp = sum(g == 1 and p == 1 for g, p in items)
+    wrong = sum((g == 1) != (p == 1) for g, p in items)
+    return 2 * tp / (2 * tp + wrong) if tp else 0.0
+
+
+def matthews_corrcoef(items: list) -> float:
+    """Multiclass Matthews correlation over (gold, pred) pairs (sklearn's formula; 0 when undefined)."""
+    n = len(items)
+    correct = sum(g == p for g, p in items)
+    labels = {x for pair in items for x in pair}
+    t = {k: sum(g == k for g, _ in items) for k in labels}
+    p = {k: sum(q == k for _, q in items) for k in labels}
+    cov = correct * n - sum(t[k] * p[k] for k in labels)
+    denom = math.sqrt((n * n - sum(v * v for v in p.values())) * (n * n - sum(v * v for v in t.values())))
+    return cov / denom if denom else 0.0
+
+
 def _aggregate(kind: str) -> Callable[[list], float]:
+    if kind == "f1":
+        return binary_f1
+    if kind == "matthews_corrcoef":
+        return matthews_corrcoef
     if kind == "perplexity":
         return lambda xs: math.exp(-M.mean([float(x) for x in xs]))
     if kind == "weighted_perplexity":
@@ -432,7 +458,7 @@ class YamlTask(Task):
             pred_norm = M._argmax([ll / max(len(c), 1) for ll, c in zip(lls, choices)])
             pred_bytes = M._argmax([ll / max(len(c.encode("utf-8")), 1) for ll, c in zip(lls, choices)])
             out = {"acc": float(pred in golds), "acc_norm": float(pred_norm in golds),
-                   "acc_bytes": float(pred_bytes in golds),
+                   "acc_bytes": float(pred_bytes in golds), "f1": (golds[0], pred), "mcc": (golds[0], pred),
                    "exact_match": float(any(greedy[g] for g in golds if g != -100))}
             return {k: v for k, v in out.items() if k in want}
         # generate_until

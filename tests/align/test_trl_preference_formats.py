@@ -5,7 +5,7 @@ import json
 from align_helpers import make_policy
 
 from lmstack.align.logprobs import encode_pair
-from lmstack.align.preference_data import load_preferences, pairs_from_records
+from lmstack.align.preference_data import load_preferences, load_unpaired, pairs_from_records
 from lmstack.cli import main
 from lmstack.model.hf_io import save_model
 
@@ -69,3 +69,20 @@ def test_text_rows_without_a_prompt_split_at_the_shared_start():
     assert (pair.prompt, pair.chosen, pair.rejected) == ("The sky is", " blue.", " green.")
     assert list(loaded.skipped) == ["fields 'chosen' and 'rejected' share no start, so there is no implicit "
                                     "prompt; add a 'prompt' field"]
+
+
+def test_cli_kto_on_trl_conversational_unpaired_rows(world, tok, tmp_path, capsys):
+    recs = [r for r in world.corpus("preferences", split="train") if r["kind"] == "helpfulness"][:6]
+    rows = [{"prompt": [SYS, {"role": "user", "content": r["prompt"]}],
+             "completion": [{"role": "assistant", "content": r[key]}], "label": key == "chosen"}
+            for r in recs for key in ("chosen", "rejected")]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    loaded = load_unpaired(data)
+    assert len(loaded.rows) == 12 and loaded.rows[0].prompt[0] == ("system", "Answer briefly.")
+    policy = tmp_path / "policy"
+    save_model(make_policy(tok), policy, tokenizer=tok)
+    assert main(["align", "--method", "kto", "--policy", str(policy), "--data", str(data), "--out",
+                 str(tmp_path / "kto"), "--steps", "2", "--batch_size", "2", "--lr", "1e-3", "--progress", "false",
+                 "--max_len", "96"]) == 0
+    assert json.loads((tmp_path / "kto" / "summary.json").read_text())["method"] == "kto"

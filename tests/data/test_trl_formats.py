@@ -1,7 +1,7 @@
 """TRL's dataset formats: one reader per family (SFT rows, preference rows), errors that name the field."""
 import pytest
 
-from lmstack.data.trl_formats import preference_row, sft_row, to_messages
+from lmstack.data.trl_formats import preference_row, sft_row, to_messages, unpaired_row
 from lmstack.errors import LmstackError
 
 U = {"role": "user", "content": "2+2?"}
@@ -58,3 +58,12 @@ def test_preference_formats_explicit_and_implicit_prompt():
 def test_preference_errors_name_the_field(row, message):
     with pytest.raises(LmstackError, match=message):
         preference_row(row)
+
+
+def test_unpaired_rows_text_and_conversational():
+    assert unpaired_row({"prompt": "2+2?", "completion": "4", "label": True}) == ("2+2?", "4", True)
+    assert unpaired_row({"prompt": [U], "completion": [A5], "label": False}) == ((("user", "2+2?"),), "5", False)
+    with pytest.raises(LmstackError, match="field 'label' must be true or false, got str"):
+        unpaired_row({"prompt": [U], "completion": [A5], "label": "yes"})
+    with pytest.raises(LmstackError, match="field 'completion': after the prompt it must hold one assistant message"):
+        unpaired_row({"prompt": [U], "completion": [U], "label": True})

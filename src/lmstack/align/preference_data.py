@@ -10,8 +10,9 @@ Paired rows are what DPO/IPO/cDPO and the reward model train on; the synthetic w
 in `meta`). `confidence` (optional, in [0.5, 1]) is how sure the labeller was that chosen beats
 rejected; trainers turn it into a per-pair weight or a per-pair label smoothing ε = 1 - confidence.
 
-Unpaired rows (prompt, completion, label: true = desirable) are what KTO trains on; paired data
-converts to them (`to_unpaired`: chosen -> desirable, rejected -> undesirable), as TRL does.
+Unpaired rows (prompt, completion, label: true = desirable; TRL's conversational form with message lists too)
+are what KTO trains on; paired data converts to them (`to_unpaired`: chosen -> desirable, rejected ->
+undesirable), as TRL does.
 
 Bad rows lose nothing silently: a row missing its chosen or rejected text, with a non-string field
 or an unparsable line is counted and skipped, and `report()` says how many and where. A file with
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmstack.config import atomic_write_text
-from lmstack.data.trl_formats import Conversation, preference_row, to_messages
+from lmstack.data.trl_formats import Conversation, preference_row, to_messages, unpaired_row
 from lmstack.errors import LmstackError
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -53,7 +54,7 @@ class Pair:
 
 @dataclass
 class Unpaired:
-    prompt: str
+    prompt: str | Conversation
     completion: str
     label: bool
     """True = desirable."""
@@ -185,6 +186,18 @@ def load_unpaired(path: str | os.PathLike, split: str | None = None) -> Loaded:
                 skipped[why].append(n)
             else:
                 kept.extend(to_unpaired([pair]))
+            continue
+        if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):  # TRL conversational
+            try:
+                prompt, completion, label = unpaired_row(row)
+            except LmstackError as e:
+                skipped[str(e)].append(n)
+                continue
+            if not completion.strip():
+                skipped["missing completion"].append(n)
+            else:
+                meta = {k: v for k, v in row.items() if k not in ("prompt", "completion", "label")}
+                kept.append(Unpaired(prompt, completion, label, meta))
             continue
         prompt, completion, label = row.get("prompt"), row.get("completion"), row.get("label")
         if not isinstance(prompt, str) or not prompt.strip():

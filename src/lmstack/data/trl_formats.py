@@ -17,6 +17,9 @@ One reader per format family turns a row into ours; anything else is an error th
     {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
     {"chosen": [messages], "rejected": [messages]}               implicit prompt: the messages chosen and
                                                                  rejected share from the start are the prompt
+  Unpaired preference (KTO, unpaired_row):
+    {"prompt": "text", "completion": "text", "label": true}
+    {"prompt": [messages], "completion": [messages], "label": false}
 
 A conversation that is a prompt comes back as a Conversation: a tuple of (role, content) pairs, hashable,
 because alignment caches log-probs by (prompt, completion).
@@ -119,6 +122,20 @@ def preference_row(row: dict) -> tuple[str | Conversation, str, str]:
     else:
         p = read_messages(prompt, "prompt")
     return to_conversation(p), _reply(c, "chosen"), _reply(r, "rejected")
+
+
+def unpaired_row(row: dict) -> tuple[str | Conversation, str, bool]:
+    """(prompt, completion, label) of a KTO row; a conversational prompt is a Conversation."""
+    prompt, completion, label = row.get("prompt"), row.get("completion"), row.get("label")
+    if not isinstance(label, bool):
+        raise LmstackError(f"field 'label' must be true or false, got {_kind(label)}")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return prompt, completion, label
+    if isinstance(prompt, list) or isinstance(completion, list):
+        return (to_conversation(read_messages(prompt, "prompt")),
+                _reply(read_messages(completion, "completion"), "completion"), label)
+    bad = "prompt" if not isinstance(prompt, str) else "completion"
+    raise LmstackError(f"field {bad!r} must be text or a message list, got {_kind(row.get(bad))}")
 
 
 def _split_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:

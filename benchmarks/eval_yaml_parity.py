@@ -21,7 +21,6 @@ import math
 import os
 from pathlib import Path
 import random
-import sys
 import tempfile
 
 for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -30,8 +29,16 @@ for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 from _common import result, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "eval"))
 ARC = ROOT.parent / "shared" / "data" / "arc" / "arc_easy_test.jsonl"
+
+
+def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
+    """Lines of random words from a small vocabulary (the tokenizer's training text and the task items)."""
+    words = ("the cat sat on a mat and dog ran to park while birds sang in old trees near green hills under blue "
+             "sky where people walk each day with friends who talk about time work life water sun moon").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + rng.choice(".?!:,")
+            for _ in range(n_lines)]
 
 MC_YAML = """task: byo_arc
 dataset_path: json
@@ -96,7 +103,6 @@ def main() -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from conftest import make_corpus
     from lmstack.eval.evaluator import evaluate
     from lmstack.eval.local_lm import LocalLM
     from lmstack.eval.task_args import resolve_tasks

@@ -15,10 +15,17 @@ import random
 
 import pytest
 
-from conftest import make_corpus
-
 TOL = 1e-4
 N = 20
+
+
+def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
+    """Lines of random words from a small vocabulary (the tokenizer's training text and the task items)."""
+    words = ("the cat sat on a mat and dog ran to park while birds sang in old trees near green hills under blue "
+             "sky where people walk each day with friends who talk about time work life water sun moon").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + rng.choice(".?!:,")
+            for _ in range(n_lines)]
 
 
 def _mc_yaml(data: Path) -> str:

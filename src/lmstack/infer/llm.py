@@ -74,6 +74,11 @@ class LLM:
                                 **engine_kwargs)
         self.tokenizer = self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams from the model directory's generation_config.json (vLLM's name); used when a call
+        gives none. SamplingParams' own defaults where the file is silent or absent."""
+        return SamplingParams(**self.engine.generation_defaults)
+
     def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  lora: str | list[str | None] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Complete every prompt; returns one RequestOutput per prompt, in prompt order.
@@ -81,7 +86,7 @@ class LLM:
         prompts: as vLLM takes them (see normalize_prompts); sampling_params: one for all, or one per prompt."""
         params = sampling_params
         prompts = normalize_prompts(prompts)
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        plist = params if isinstance(params, list) else [params or self.get_default_sampling_params()] * len(prompts)
         loras = lora if isinstance(lora, list) else [lora] * len(prompts)
         if len(plist) != len(prompts) or len(loras) != len(prompts):
             raise LmstackError(f"got {len(prompts)} prompts but {len(plist)} params and {len(loras)} adapters")

@@ -99,6 +99,7 @@ KEPT_HOISTS = {
     ("src/lmstack/eval/report/training.py", "lmstack.config"): "inside a try whose except drops the label",
     ("src/lmstack/tokenizer/core.py", "tokenizers"): "inside a try whose except falls back to Python",
     ("src/lmstack/eval/task.py", "lmstack.eval.tasks"): "importing registers the tasks, on first use",
+    ("src/lmstack/eval/lm.py", "lmstack.tokenizer"): "eval.lm stays stdlib-only for the sandbox's bare-interpreter caller",
     # these pull torch.distributed.tensor through train.optim (0.6 s), which the lister does not count as heavy
     ("src/lmstack/align/commands.py", "lmstack.align.steps"): "keeps `lmstack align --help` fast",
     ("src/lmstack/align/commands.py", "lmstack.align.rewards.spec"): "keeps `lmstack align --help` fast",

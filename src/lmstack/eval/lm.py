@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Union, runtime_checkable
 
 from lmstack.errors import LmstackError
-from lmstack.tokenizer import special_tokens
 
 
 @dataclass
@@ -158,6 +157,10 @@ def model_special_ids(path) -> tuple[int | None, int | None]:
     """(bos, eos) ids a model directory declares: generation_config.json first, then config.json (and our
     lmstack_config.json); a list of eos ids gives its first. (None, None) when the path holds none of them.
     The precedence lives in tokenizer/special_tokens.py."""
+    # lazy: eval.lm stays stdlib-only, so the code sandbox's campaign (which imports it through humaneval) runs
+    # on a bare interpreter as an unprivileged caller (tests/eval/test_sandbox_attacks.py)
+    from lmstack.tokenizer import special_tokens
+
     found = special_tokens.model_special_ids(path)
     return found["bos"], found["eos"][0] if found["eos"] else None
 

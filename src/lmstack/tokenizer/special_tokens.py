@@ -15,6 +15,10 @@ and `TokenizersBackend`) so that a directory gives the same tokens and ids here 
    first, then config.json's (`model_special_ids`). The engine stops on those ids plus the tokenizer's EOS
    and the chat template's end of turn; eval conditions an empty context on them only when the tokenizer has
    neither BOS nor EOS (eval/lm.py, a fallback lm-eval's hf backend does not have).
+4. Lowest: the tokenizer class's defaults (tokenizer/class_defaults.py). A role that tokenizer_config.json
+   (and special_tokens_map.json) leave out entirely gets the default of the class transformers would build
+   (LlamaTokenizer "<s>"/"</s>"/"<unk>", Qwen2Tokenizer "<|endoftext|>", ...), if the vocabulary has that token.
+   An explicit null stays null, as a None keyword does in transformers.
 3. `add_bos_token` / `add_eos_token` in tokenizer_config.json: with a tokenizer.json they do nothing, because
    transformers 5 drops them there (`from_pretrained` pops both when a tokenizer file exists; `save_pretrained`
    bakes them into tokenizer.json's post_processor instead, as 4.x's update_post_processor also did before
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LmstackError
+from lmstack.tokenizer.class_defaults import class_default_tokens
 
 ROLES = {"bos": "bos_token", "eos": "eos_token", "pad": "pad_token", "unk": "unk_token"}
 
@@ -74,6 +79,10 @@ def resolve_tokenizer_files(spec: dict, config: dict, directory: str | os.PathLi
                 config[key] = token_content(legacy[key], f"special_tokens_map.json: {key}")
     for key in ROLES.values():
         token_content(config.get(key), f"tokenizer_config.json: {key}")  # a clear error for a bad entry
+    model_config = _read_optional(directory, "config.json")
+    for key, token in class_default_tokens(config, model_config, spec, from_tokenizer_json=not converted).items():
+        if key not in config and _vocab_id(spec, token) is not None:
+            config[key] = token
     if converted:
         spec = copy.deepcopy(spec)
         spec["post_processor"] = _bos_eos_processor(spec, config)

@@ -33,6 +33,7 @@ from lmstack.model.lazy_safetensors import CheckpointReader
 from lmstack.model.hf_convert import (EXPORTABLE, config_from_hf, config_to_hf, hf_field_names, ignored_hf_keys,
                                       weights_from_hf, weights_to_hf)
 from lmstack.model.load_guard import check_config_shapes, check_memory, read_json, resolve_inside
+from lmstack.model.trainer_save import is_trainer_save, load_trainer_save
 from lmstack.model.transformer import Transformer
 from lmstack.runtime.device import resolve_dtype
 
@@ -105,6 +106,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     estimated before anything is allocated; None = the process default (64 GiB, or --max_model_gib)."""
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)
+    if is_trainer_save(path):  # transformers' Trainer saved only a state dict, which carries our config
+        return load_trainer_save(path, dtype, device, max_model_gib)
     cfg, hf_names, source, names = _read_config(Path(path))
     check_memory(cfg, dtype, max_model_gib, source, names)
     reader = CheckpointReader(path)

@@ -1,8 +1,17 @@
 """Bring your own model, end to end (issue 17 §7): a tiny random Qwen2 and a tiny random Llama directory, made by
-transformers and tokenizers alone (no lmstack code), each with a real published chat template, BOS/EOS and a list of
-EOS ids in generation_config.json, go through the real CLI: `model info`, `generate` (greedy ids equal transformers'
-`generate`), `serve` with the openai client (chat, streamed chat, completion; the chat prompt ids on /tokenize equal
-transformers' `apply_chat_template`), and `chat` scripted through stdin.
+transformers and tokenizers alone (tests/hf_tiny.py; no lmstack code), each with a real published chat template,
+BOS/EOS and a list of EOS ids in generation_config.json, go through the real CLI:
+1. `model info` names the family and its parameter count;
+2. `generate`: greedy ids equal transformers' `generate` (and stop on the eos list's second id);
+3. `serve` with the openai client: chat, streamed chat, completion; the chat prompt ids on /tokenize equal
+   transformers' `apply_chat_template`;
+4. `eval --tasks arc_easy --limit 20`: per-item log-likelihoods equal lm-eval's `hf` backend on lm-eval's own
+   arc_easy YAML (within 1e-4), and so do acc and acc_norm;
+5. `finetune --method lora` for 5 steps on chat rows the directory's own template renders: peft's
+   PeftModel.from_pretrained loads the adapter on the transformers model, with our logits (<= 1e-4);
+6. `align --method dpo` for 3 steps on TRL conversational preference rows: transformers loads the saved model,
+   whose logits moved;
+7. `chat`, scripted through stdin.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/e2e/test_bring_your_own_model.py
 """
@@ -20,73 +29,27 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import AutoModelForCausalLM
 
+import hf_tiny
+import lmstack
+from lmstack.adapt.finetune import load_result
 from lmstack.cli import main
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there, how are you?"}]
 PROMPT_TEXT = "the cat sat on the"
-
-# A few hundred short lines for the BPE trainer: words a chat uses, punctuation, and some non-ASCII text.
-WORDS = ("the cat sat on mat dog ran to park hello there how are you today system user assistant be brief "
-         "yes no maybe please thank good morning night answer question what why when where who").split()
-LINES = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(4 + i % 6)) + ("?" if i % 3 else ".")
-         for i in range(300)] + ["Grüße aus Köln", "日本語のテキスト", "naïve café 🙂"] * 10
-
-# family -> (template file, special tokens, bos, eos, the eos list of generation_config.json)
-FAMILIES = {
-    "qwen2": ("qwen2.jinja", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>",
-              ["<|im_end|>", "<|endoftext|>"]),
-    "llama": ("llama3.jinja", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                               "<|eot_id|>"], "<|begin_of_text|>", "<|end_of_text|>",
-              ["<|end_of_text|>", "<|eot_id|>"]),
-}
-
-
-def _tokenizer(family: str) -> PreTrainedTokenizerFast:
-    template, specials, bos, eos, _ = FAMILIES[family]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(LINES, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if bos is not None:  # Llama-3's tokenizer.json prepends <|begin_of_text|> to plain text, as the real one does
-        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                          special_tokens=[(bos, tk.token_to_id(bos))])
-    extra = {"pad_token": "<|endoftext|>"} if family == "qwen2" else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos,
-                                   chat_template=(FIXTURES / template).read_text(), **extra)
-
-
-def _build(family: str, path: Path):
-    hf_tok = _tokenizer(family)
-    eos_list = [hf_tok.convert_tokens_to_ids(t) for t in FAMILIES[family][4]]
-    sizes = dict(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                 eos_token_id=hf_tok.eos_token_id)
-    torch.manual_seed(0)
-    if family == "qwen2":  # Qwen2's tokenizer has no BOS; its config.json names <|endoftext|>, as the real one does
-        model = Qwen2ForCausalLM(Qwen2Config(**sizes, bos_token_id=hf_tok.convert_tokens_to_ids("<|endoftext|>")))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**sizes, bos_token_id=hf_tok.bos_token_id))
-    model.eval().save_pretrained(path)
-    hf_tok.save_pretrained(path)
-    gen_file = path / "generation_config.json"
-    gen = json.loads(gen_file.read_text())
-    gen["eos_token_id"] = eos_list
-    gen_file.write_text(json.dumps(gen))
-    return model, hf_tok, eos_list
+LINES = hf_tiny.LINES
+FAMILIES = {"qwen2": "qwen2", "llama": "llama3"}  # family -> the published template and tokens it is built with
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def byo(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(f"byo_{request.param}")
-    model, hf_tok, eos_list = _build(request.param, d)
-    return request.param, d, model, hf_tok, eos_list
+    family = request.param
+    d = tmp_path_factory.mktemp(f"byo_{family}")
+    # Llama-3's tokenizer.json prepends <|begin_of_text|> to plain text, as the real one does
+    model, hf_tok = hf_tiny.build_dir(d, family, style=FAMILIES[family], bos_in_text=family == "llama")
+    return family, d, model, hf_tok, hf_tiny.eos_ids(hf_tok, FAMILIES[family])
 
 
 def _cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -217,3 +180,132 @@ def test_chat_scripted_through_stdin(byo):
     assert "model> " in r.stdout, r.stdout
     reply = r.stdout.split("model> ", 1)[1].split("\n", 1)[0]
     assert reply.strip(), r.stdout
+
+
+# ---------------------------------------------------------------- step 4: eval arc_easy == lm-eval's hf backend
+SHARED_ARC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "arc" / "arc_easy_test.jsonl"
+N_ARC = 20
+
+
+def _arc_rows(n: int) -> list[dict]:
+    """n ARC-Easy rows in Hugging Face's layout (what lm-eval's arc_easy YAML reads): the first n of
+    ../shared/data's copy when it is there, else made here from the tokenizer's lines (a clone without the data)."""
+    if SHARED_ARC.is_file():
+        raw = [json.loads(x) for x in SHARED_ARC.read_text(encoding="utf-8").splitlines()[:n]]
+        raw = [(r["query"].removeprefix("Question: "), r["choices"], r["gold"]) for r in raw]
+    else:
+        raw = [(LINES[i], [LINES[i + 40 + k][:24] for k in range(4)], i % 4) for i in range(n)]
+    return [{"id": f"q{i}", "question": q, "choices": {"text": list(c), "label": list("ABCDE"[:len(c)])},
+             "answerKey": "ABCDE"[g]} for i, (q, c, g) in enumerate(raw)]
+
+
+def test_eval_arc_easy_per_item_equals_lm_eval_hf(byo, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    import yaml
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.models.huggingface import HFLM
+    import lm_eval
+
+    family, d, *_ = byo
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    data = tmp_path / "arc_easy.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _arc_rows(N_ARC)), encoding="utf-8")
+
+    r = _cli("eval", "--model", str(d), "--tasks", f"arc_easy:path={data}", "--limit", str(N_ARC), "--device", "cpu",
+             "--out", str(tmp_path / "ours"), "--bootstrap_iters", "0", "--progress", "false", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    mine = [json.loads(x) for x in (tmp_path / "ours" / "samples_arc_easy.jsonl").read_text().splitlines()]
+    results = json.loads((tmp_path / "ours" / "results.json").read_text())
+    assert len(mine) == N_ARC
+
+    # lm-eval's own arc_easy YAML (its prompt, choices and metrics), pointed at the same local rows
+    config = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "arc" / "arc_easy.yaml").read_text())
+    config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {"test": str(data)}},
+                  training_split=None, validation_split=None)
+    config.pop("tag", None)
+    theirs = ConfigurableTask(config=config)
+    theirs.build_all_requests(rank=0, world_size=1, limit=N_ARC)
+    hf = HFLM(pretrained=str(d), dtype="float32", device="cpu", batch_size=8)
+    answers = dict(zip(map(id, theirs.instances), hf.loglikelihood(theirs.instances, disable_tqdm=True)))
+    by_doc: dict = {}
+    for inst in theirs.instances:
+        by_doc.setdefault(inst.doc_id, []).append(inst)
+    worst, acc, acc_norm = 0.0, [], []
+    for item in mine:
+        insts = sorted(by_doc[item["doc_id"]], key=lambda i: i.idx)
+        assert [(q["context"], q["continuation"]) for q in item["requests"]] == [i.arguments for i in insts]
+        resp = [answers[id(i)] for i in insts]
+        for (ll, greedy), (ll_b, greedy_b) in zip(item["responses"], resp):
+            worst = max(worst, abs(ll - ll_b))
+            assert greedy == greedy_b
+        m = theirs.process_results(insts[0].doc, resp)
+        assert (item["metrics"]["acc"], item["metrics"]["acc_norm"]) == (m["acc"], m["acc_norm"]), item["doc_id"]
+        acc.append(m["acc"])
+        acc_norm.append(m["acc_norm"])
+    assert worst < 1e-4, (family, worst)
+    assert results["results"]["arc_easy"]["metrics"]["acc"] == pytest.approx(sum(acc) / N_ARC)
+    assert results["results"]["arc_easy"]["metrics"]["acc_norm"] == pytest.approx(sum(acc_norm) / N_ARC)
+
+
+# ---------------------------------------------------------------- step 5: finetune lora -> peft loads it
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    return (out.logits if hasattr(out, "logits") else out)[0].float()
+
+
+def test_finetune_lora_adapter_loads_in_peft_with_equal_logits(byo, tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    family, d, model, hf_tok, _ = byo
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LINES[i]},
+                          {"role": "assistant", "content": LINES[i + 1]}]} for i in range(12)]
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    r = _cli("finetune", "--method", "lora", "--data", str(data), "--model", str(d), "--out", str(tmp_path / "ft"),
+             "--train.steps", "5", "--train.eval_every", "0", "--train.progress", "false", "--train.threads", "1",
+             "--optim.lr", "1e-2", "--batch_size", "4", "--seq_len", "64", "--val_fraction", "0")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "ft" / "data.json").read_text())
+    assert summary["train"]["kept"] == len(rows), summary  # the directory's own template rendered every row
+
+    ids = _ids(hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True))
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32),
+                                       tmp_path / "ft" / "adapter").eval()
+    ours = load_result(d, json.loads((tmp_path / "ft" / "summary.json").read_text())["result"]).eval()
+    got, want = _logits(ours, ids), _logits(theirs, ids)
+    assert (got - want).abs().max().item() <= 1e-4, (family, (got - want).abs().max().item())
+    assert (want - _logits(model, ids)).abs().max().item() > 1e-3  # the adapter trained: it moves the logits
+
+
+# ---------------------------------------------------------------- step 6: align dpo -> transformers loads it
+def test_align_dpo_output_loads_in_transformers_and_moved(byo, tmp_path):
+    family, d, model, hf_tok, _ = byo
+    prefs = []
+    for i in range(6):  # TRL's conversational preference rows, with and without a separate prompt
+        prefs += [{"chosen": [{"role": "user", "content": LINES[i]}, {"role": "assistant", "content": "yes"}],
+                   "rejected": [{"role": "user", "content": LINES[i]}, {"role": "assistant", "content": "no"}]},
+                  {"prompt": [{"role": "user", "content": LINES[i + 9]}],
+                   "chosen": [{"role": "assistant", "content": "good morning"}],
+                   "rejected": [{"role": "assistant", "content": "the the"}]}]
+    data = _write_jsonl(tmp_path / "prefs.jsonl", prefs)
+    r = _cli("align", "--method", "dpo", "--model", str(d), "--data", str(data), "--out", str(tmp_path / "dpo"),
+             "--train.steps", "3", "--batch_size", "2", "--optim.lr", "1e-3", "--train.progress", "false",
+             "--train.threads", "1", "--max_len", "64")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["skipped_rows"] == 0
+
+    out = tmp_path / "dpo" / "model"
+    aligned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(aligned) is type(model)  # still the family the user brought
+    ids = _ids(hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True))
+    after = _logits(aligned, ids)
+    assert (after - _logits(model, ids)).abs().max().item() > 1e-4  # it trained
+    assert (_logits(lmstack.load_model(out), ids) - after).abs().max().item() <= 1e-4  # and we read back the same

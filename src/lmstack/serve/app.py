@@ -171,7 +171,7 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
         reject_lone_surrogates(body)
         if body.messages is not None:
             ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt,
-                                  template_kwargs=body.chat_template_kwargs)
+                                  template_kwargs=body.chat_template_kwargs, tools=body.tools)
         else:
             ids = state.encode(body.prompt, body.add_special_tokens)
         # Rendered here, in slices: json.dumps of 0.6M ids is one ~0.1 s C call that holds the GIL, and

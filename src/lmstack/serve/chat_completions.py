@@ -8,6 +8,10 @@ turn); a template that fails is a 400 naming its file. Streaming sends OpenAI's
 `chat.completion.chunk` events: a first chunk per choice with the role, content deltas, a last chunk
 with the finish reason, an optional usage chunk, then `data: [DONE]`.
 
+Tools (serve/tool_calls.py): a request's `tools` go to the template; replies are parsed back into `tool_calls`
+by the server's --tool_call_parser. While streaming, content stops at the first possible call start; the calls
+go out as one tool_calls delta with the last chunk, once the text is complete.
+
 Cheap checks run on the event loop first (list caps, the message count); then, in the server's worker pool,
 the lone-surrogate walk, all-empty messages (400 unless `allow_empty_prompt`), message text too long in bytes
 to fit (413, before the template is rendered), the chat template, the encoding and the parameter preparation.
@@ -31,7 +35,8 @@ from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, u
 from lmstack.serve.prompt_compression import Plan, plan, rewrite_messages
 from lmstack.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
-                                    DeltaMessage, TokenLogprob, TopLogprob, Usage)
+                                    DeltaMessage, DeltaToolCall, TokenLogprob, TopLogprob, Usage)
+from lmstack.serve.tool_calls import StreamedToolText, ToolPlan, check_tools, template_tool_calls, tool_plan
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -48,8 +53,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                 texts.append(part.text)
             content = "".join(texts)
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
-        if m.tool_calls:
-            d["tool_calls"] = m.tool_calls
+        if m.tool_calls:  # arguments become dicts, the shape templates index into
+            d["tool_calls"] = template_tool_calls(m.tool_calls, k)
         for key in ("name", "tool_call_id"):  # Jinja templates of tool-using models read these
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
@@ -84,9 +89,11 @@ _TEMPLATE_OWN = {"messages", "add_generation_prompt", "tools", "documents"}
 
 
 def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    compression: Plan | None = None, template_kwargs: dict | None = None) -> list[int]:
+                    compression: Plan | None = None, template_kwargs: dict | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
     """The chat template's ids; with a compression plan, message contents are compressed before rendering.
-    template_kwargs: the request's chat_template_kwargs, extra variables for the template."""
+    template_kwargs: the request's chat_template_kwargs, extra variables for the template; tools: checked
+    OpenAI tools, the template's `tools`."""
     if not messages:
         raise APIError(400, "messages is empty; give at least one message", param="messages")
     clash = sorted(_TEMPLATE_OWN & set(template_kwargs or {}))
@@ -97,7 +104,7 @@ def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generat
     if compression is not None:
         dicts = rewrite_messages(state, dicts, compression)
     try:
-        ids = state.tokenizer.render_messages(dicts, add_generation_prompt,
+        ids = state.tokenizer.render_messages(dicts, add_generation_prompt, tools=check_tools(tools) if tools else None,
                                               **(template_kwargs or {})).ids  # ids only: no mask work
     except LmstackError as e:
         raise from_value_error(e) from None
@@ -125,11 +132,13 @@ def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None, c
     """(prompt ids, SamplingParams, prompt tokens before compression or None): the chat template, encoding,
     compression and parameter preparation grow with the request, so they run in the worker pool."""
     check_messages(state, req)
-    ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, template_kwargs=req.chat_template_kwargs)
+    ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, template_kwargs=req.chat_template_kwargs,
+                          tools=req.tools)
     n_before = None
     if compression is not None:
         n_before = len(ids)
-        ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, compression, req.chat_template_kwargs)
+        ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, compression, req.chat_template_kwargs,
+                              req.tools)
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = state.check_lengths(len(ids), wanted, param,
@@ -141,9 +150,29 @@ def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None, c
     return ids, params, n_before
 
 
+def _tool_plan(state: ServerState, req: ChatCompletionRequest) -> ToolPlan:
+    if req.tools is None and req.tool_choice is None:
+        return ToolPlan(None, "none", "none")
+    try:  # the parser "auto" picks reads the template's text; a template that cannot load is a 400
+        source = getattr(state.tokenizer.chat_template, "source", None) or ""
+    except LmstackError as e:
+        raise from_value_error(e) from None
+    return tool_plan(req, state.config.tool_call_parser, source)
+
+
+def _reply(plan: ToolPlan, text: str, finish: str | None) -> tuple[AssistantMessage, str | None]:
+    """The assistant message for a finished text: tool_calls when the plan's parser finds calls in it."""
+    parsed = plan.parse(text) if plan.active else None
+    if parsed is None:
+        return AssistantMessage(content=text), finish
+    content, calls = parsed
+    return AssistantMessage(content=content, tool_calls=calls), plan.finish_reason
+
+
 async def create_chat_completion(state: ServerState, request, req: ChatCompletionRequest):
-    if req.tools:
-        raise APIError(400, "tools / function calling is not supported by this server", param="tools")
+    tools = _tool_plan(state, req)
+    if tools.schema is not None:  # tool_choice "required" / named: the output is forced to the tools' JSON
+        req = req.model_copy(update={"guided_json": tools.schema})
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     lora = state.resolve_model(req.model)
@@ -157,14 +186,15 @@ async def create_chat_completion(state: ServerState, request, req: ChatCompletio
     model = req.model or state.config.model_name
     state.metrics.prompt_tokens.inc(len(ids))
     if req.stream:
-        return EventStream(state, _stream(state, request, req, ids, params, rid, created, model, extra))
+        return EventStream(state, _stream(state, request, req, ids, params, rid, created, model, extra, tools))
     with state.admit():
         (final,) = await collect(state, request, [(ids, params)], rid)
     choices, n_gen = [], 0
     for j, c in enumerate(final.outputs):
         lp = _logprobs(state, c.token_ids, c.logprobs, req.top_logprobs or 0) if req.logprobs else None
-        choices.append(ChatChoice(index=j, message=AssistantMessage(content=c.text), logprobs=lp,
-                                  finish_reason=_finish(c.finish_reason), stop_reason=c.stop_reason))
+        message, finish = _reply(tools, c.text, _finish(c.finish_reason))
+        choices.append(ChatChoice(index=j, message=message, logprobs=lp, finish_reason=finish,
+                                  stop_reason=c.stop_reason))
         n_gen += len(c.token_ids)
     state.metrics.generation_tokens.inc(n_gen)
     usage = Usage(prompt_tokens=len(ids), completion_tokens=n_gen, total_tokens=len(ids) + n_gen, **extra)
@@ -173,8 +203,9 @@ async def create_chat_completion(state: ServerState, request, req: ChatCompletio
 
 
 async def _stream(state: ServerState, request, req: ChatCompletionRequest, ids: list[int], params, rid: str,
-                  created: int, model: str, extra: dict) -> AsyncIterator[str]:
+                  created: int, model: str, extra: dict, plan: ToolPlan) -> AsyncIterator[str]:
     sent: dict[int, tuple[int, int]] = {}  # sample index -> (chars, tokens) already sent
+    held = {j: StreamedToolText(plan) for j in range(req.n)} if plan.active else {}
     finished: set[int] = set()
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     running_usage = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -197,13 +228,23 @@ async def _stream(state: ServerState, request, req: ChatCompletionRequest, ids: 
                     continue
                 chars, toks = sent.get(c.index, (0, 0))
                 new_text, new_toks = c.text[chars:], c.token_ids[toks:]
+                finish, calls = _finish(c.finish_reason), None
+                if held:  # tools: content only up to a possible call start; the calls once the text is complete
+                    new_text = held[c.index].content_now(c.text)
+                    if c.finish_reason is not None:
+                        rest, found = held[c.index].finish(c.text)
+                        new_text += rest
+                        if found:
+                            calls = [DeltaToolCall(index=i, **call) for i, call in enumerate(found)]
+                            finish = plan.finish_reason
                 if not new_text and not (req.logprobs and new_toks) and c.finish_reason is None:
-                    continue  # held back (half a character, or maybe a stop string): wait for more
+                    continue  # held back (half a character, maybe a stop string or a tool call): wait for more
                 lp = None
                 if req.logprobs and new_toks:
                     lp = _logprobs(state, new_toks, (c.logprobs or [])[toks:], req.top_logprobs or 0)
-                choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=new_text or None),
-                                               logprobs=lp, finish_reason=_finish(c.finish_reason)))
+                choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=new_text or None,
+                                                                                 tool_calls=calls),
+                                               logprobs=lp, finish_reason=finish))
                 sent[c.index] = (len(c.text), len(c.token_ids))
                 if c.finish_reason is not None:
                     finished.add(c.index)

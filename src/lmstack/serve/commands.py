@@ -5,6 +5,7 @@ Usage:
     lmstack serve --model runs/model --limits.max_stop 8 --limits.max_bad_words 64   # tighter request caps
     lmstack serve --model runs/model --compression.model runs/small   # requests may send "prompt_compression"
     LMSTACK_API_KEY=sk-local lmstack serve --model runs/model    # keeps the key out of `ps`
+    lmstack serve --model Qwen2.5-dir --tool_call_parser hermes   # requests may send tools (default: auto)
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
 
@@ -85,7 +86,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_request_bytes: int = 1 << 20, max_n: int = 16, adapters: list[str] | None = None,
           device: str = "auto", dtype: str = "auto", threads: int = 0, seed: int = 0,
           log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float | None = None,
-          compression: CompressionConfig = CompressionConfig()) -> None:
+          compression: CompressionConfig = CompressionConfig(), tool_call_parser: str = "auto") -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -118,6 +119,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         compression: Prompt compression before prefill (see lmstack.serve.prompt_compression.CompressionConfig):
             --compression.model DIR (a small scorer LM with the served tokenizer) lets requests send
             "prompt_compression": {"rate": 0.5}; --compression.rate 0.5 compresses every request. Off by default.
+        tool_call_parser: How replies to requests with `tools` become tool_calls: auto (picked from the chat
+            template: <tool_call> -> hermes, <|python_tag|> -> llama3_json), hermes, llama3_json or none.
     """
     # lazy: heavy (uvicorn), which this module does not import at its top
     import uvicorn
@@ -128,7 +131,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     api_key = api_key if api_key is not None else (os.environ.get("LMSTACK_API_KEY") or None)
     config = ServerConfig(model_name=model_name or Path(model).resolve().name, api_key=api_key, host=host,
                           max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit,
-                          max_queue=max_queue, max_n=max_n, limits=limits, compression=compression)
+                          max_queue=max_queue, max_n=max_n, limits=limits, compression=compression,
+                          tool_call_parser=tool_call_parser)
     app, aengine = build_app(model, config, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                              max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,

@@ -36,9 +36,11 @@ from pydantic import BaseModel
 from lmstack.errors import LmstackError
 from lmstack.infer import SamplingParams
 from lmstack.infer.outputs import RequestFailed
+from lmstack.runtime.validation import check_choice
 from lmstack.serve.errors import APIError, from_value_error
 from lmstack.serve.limits import RequestLimits, check_sampling_lists, prompt_byte_limit
 from lmstack.serve.prompt_compression import CompressionConfig, load_scorer
+from lmstack.serve.tool_calls import PARSER_CHOICES
 from lmstack.tokenizer.pretokenizers import CHAR_TO_BYTE
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -68,6 +70,9 @@ class ServerConfig:
     """Caps on what one request may carry (stop strings, bad words, logit_bias, messages, prompt bytes, ...)."""
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     """Prompt compression before prefill: the scorer model and the defaults requests opt into (off by default)."""
+    tool_call_parser: str = "auto"
+    """How replies to requests with `tools` become tool_calls: auto (from the chat template), hermes,
+    llama3_json or none (serve/tool_calls.py)."""
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens_limit", "max_n"):
@@ -76,6 +81,7 @@ class ServerConfig:
                 raise ValueError(f"{name}={v!r} is not allowed; {name} must be an integer >= 1")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max_queue={self.max_queue!r} is not allowed; max_queue must be an integer >= 0")
+        check_choice("tool_call_parser", self.tool_call_parser, PARSER_CHOICES)
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key='' is not allowed; give a non-empty key or None (no auth)")
         if not isinstance(self.limits, RequestLimits):

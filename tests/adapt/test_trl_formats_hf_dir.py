@@ -3,18 +3,15 @@ Llama-3 chat template, a list of EOS ids) fine-tunes with LoRA on prompt/complet
 with DPO on conversational preference rows, through the CLI; SFT's completion mask is TRL's (the ids after the
 prompt that transformers' apply_chat_template renders with the generation prompt)."""
 import json
-from pathlib import Path
 
 import pytest
 
+import hf_tiny
 import lmstack
 from lmstack.adapt.sft import encode_rows
 from lmstack.cli import main
 
 transformers = pytest.importorskip("transformers")
-TEMPLATE = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates" / "llama3.jinja"
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-TEXT = ["the cat sat on the mat", "hello there, how are you?", "user assistant system"] * 30
 
 
 def U(text):
@@ -27,27 +24,8 @@ def A(text):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     d = tmp_path_factory.mktemp("hf_llama3_trl")
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
-                                                  chat_template=TEMPLATE.read_text())
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    hf_tok.save_pretrained(d)
-    gen = json.loads((d / "generation_config.json").read_text())
-    gen["eos_token_id"] = [hf_tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
-    (d / "generation_config.json").write_text(json.dumps(gen))
-    return d, hf_tok
+    return d, hf_tiny.build_dir(d, "llama", style="llama3")[1]
 
 
 def test_completion_mask_is_trls_on_the_models_template(llama):

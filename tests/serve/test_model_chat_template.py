@@ -7,51 +7,24 @@ from pathlib import Path
 import httpx
 import pytest
 
+import hf_tiny
 import lmstack
 from lmstack.cli import main
 from lmstack.errors import LmstackError
 from serve_helpers import start_server
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-TEXT = ["the cat sat on the mat", "hello there, how are you?", "user assistant system", "Grüße 日本 🙂"] * 30
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
 
 
-def _hf_tokenizer(template: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
-                                   chat_template=template)
-
-
-def _llama_dir(path: Path, template: str):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_tok = _hf_tokenizer(template)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id)
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    hf_tok.save_pretrained(path)
-    gen = json.loads((path / "generation_config.json").read_text())
-    gen["eos_token_id"] = [hf_tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
-    (path / "generation_config.json").write_text(json.dumps(gen))
-    return hf_tok
+def _llama_dir(path: Path, template: str | None = None):
+    """A transformers Llama directory with the Llama-3 tokens; `template` replaces the published Llama-3 one."""
+    return hf_tiny.build_dir(path, "llama", style="llama3", template=template)[1]
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf_llama3")
-    return d, _llama_dir(d, (FIXTURES / "llama3.jinja").read_text())
+    return d, _llama_dir(d)
 
 
 @pytest.fixture(scope="module")

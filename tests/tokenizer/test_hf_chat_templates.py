@@ -2,27 +2,15 @@
 published templates of five families (tests/fixtures/chat_templates), end-of-turn stop ids, template files
 (chat_template.jinja / .json / named templates) and the clear errors of bad templates."""
 import json
-from pathlib import Path
 
 import pytest
 
+import hf_tiny
 from lmstack.errors import LmstackError
 from lmstack.tokenizer import load_tokenizer
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
-
-# family -> (template file, bos, eos, extra special tokens, end-of-turn token)
-FAMILIES = {
-    "llama3": ("llama3.jinja", "<|begin_of_text|>", "<|end_of_text|>",
-               ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
-    "qwen2": ("qwen2.jinja", None, "<|im_end|>", ["<|endoftext|>", "<|im_start|>"], "<|im_end|>"),
-    "mistral": ("mistral.jinja", "<s>", "</s>", [], "</s>"),
-    "gemma": ("gemma.jinja", "<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
-    "phi3": ("phi3.jinja", "<s>", "<|endoftext|>", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-             "<|end|>"),
-    "chatml_generation": ("chatml_generation.jinja", None, "<|im_end|>", ["<|endoftext|>", "<|im_start|>"],
-                          "<|im_end|>"),
-}
+# the published templates and tokens of six families (hf_tiny.STYLES: template file, specials, bos, eos, end of turn)
+FAMILIES = ["llama3", "qwen2", "mistral", "gemma", "phi3", "chatml_generation"]
 
 U, A, S = "user", "assistant", "system"
 
@@ -61,20 +49,7 @@ TEXT = [m["content"] for c in CONVERSATIONS for m in c] + [
 
 
 def _hf_tokenizer(family: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    file, bos, eos, extra, _ = FAMILIES[family]
-    specials = [t for t in [bos, eos, *extra] if t]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                     show_progress=False))
-    kw = {"bos_token": bos} if bos else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos,
-                                   chat_template=(FIXTURES / file).read_text(), **kw)
+    return hf_tiny.hf_tokenizer(family, texts=TEXT)
 
 
 def _hf_ids(hf, messages, gen, **kw):
@@ -82,7 +57,7 @@ def _hf_ids(hf, messages, gen, **kw):
     return out if isinstance(out, list) else out["input_ids"]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tmp_path_factory):
     hf = _hf_tokenizer(request.param)
     d = tmp_path_factory.mktemp(request.param)
@@ -114,7 +89,7 @@ def test_ids_equal_transformers_on_twenty_conversations(pair):
 
 def test_end_of_turn_is_the_templates_and_stops_generation(pair):
     family, hf, ours = pair
-    eot = hf.convert_tokens_to_ids(FAMILIES[family][4])
+    eot = hf.convert_tokens_to_ids(hf_tiny.STYLES[family].end_of_turn)
     assert ours.end_of_turn_ids() == [eot]
     assert eot in ours.stop_ids() and hf.eos_token_id in ours.stop_ids()
 

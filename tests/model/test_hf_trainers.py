@@ -65,15 +65,28 @@ def test_trainer_trains_and_save_model_loads_back_with_equal_logits(tmp_path):
     assert _same_logits(lmstack.load_model(tmp_path / "hf_layout"), model.model, 64) < 1e-6
 
 
+def test_a_plain_transformer_saved_by_trainer_gets_an_error_that_says_what_to_do(tmp_path):
+    model = Transformer(preset("llama-tiny", vocab_size=64))
+    args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, **QUIET)
+    ids = torch.randint(0, 64, (2, 8))
+    trainer = T.Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+    trainer.save_model(str(tmp_path / "out"))  # a state dict alone: nothing says which architecture it is
+    with pytest.raises(LmstackError, match="has no config.json.*train HFTrainerAdapter"):
+        lmstack.load_model(tmp_path / "out")
+
+
 @needs_trl
-def test_sft_trainer_trains_on_messages_and_saves_what_lmstack_loads(tmp_path):
+@pytest.mark.parametrize("packing", [False, True])  # True: padding-free rows of several documents
+def test_sft_trainer_trains_on_messages_and_saves_what_lmstack_loads(tmp_path, packing):
     model, tok = _hf_dir(tmp_path)
     adapter = HFTrainerAdapter(model)
     rows = [{"messages": _chat("how are you", "good thank you")},
             {"messages": _chat("what dog", "the dog ran to park")}] * 4
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=10, per_device_train_batch_size=4,
-                         learning_rate=1e-2, max_length=64, **QUIET)
+                         learning_rate=1e-2, max_length=128, packing=packing, **QUIET)
     trainer = trl.SFTTrainer(model=adapter, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    if packing:  # a ~40-token conversation (Qwen2's template adds a system turn): three share a row
+        assert max(len(r) for r in trainer.train_dataset["seq_lengths"]) > 1
     trainer.train()
     losses = _losses(trainer)
     assert len(losses) == 10 and losses[-1] < losses[0] - 1.0, losses
@@ -132,13 +145,34 @@ def test_dpo_trainer_trains_against_a_frozen_reference(tmp_path):
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_packed_rows_give_each_document_its_own_logits():
+    # TRL's padding-free packing: one row, position_ids restarting at 0 where a document starts.
+    model = Transformer(preset("llama-tiny", vocab_size=64)).eval()
+    adapter = HFTrainerAdapter(model)
+    a, b = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 7))
+    packed = torch.cat([a, b], 1)
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        out = adapter(input_ids=packed, position_ids=positions, cu_seq_lens_q=torch.tensor([0, 5, 12]))
+        hidden = adapter.base_model(packed, position_ids=positions).last_hidden_state
+        alone = torch.cat([model(a), model(b)], 1)
+        assert (out.logits - alone).abs().max() < 1e-5
+        assert (model.head(hidden) - alone).abs().max() < 1e-5
+        assert (model(packed)[:, 5:] - model(b)).abs().max() > 1e-3  # without doc ids, b would see a
+
+
 def test_adapter_refuses_what_it_cannot_do_by_name():
     model = Transformer(preset("llama-tiny", vocab_size=64))
     adapter = HFTrainerAdapter(model)
     ids = torch.randint(0, 64, (2, 6))
-    with pytest.raises(LmstackError, match="position_ids other than 0..T-1"):
-        adapter(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]] * 2))
-    assert adapter(input_ids=ids, position_ids=torch.arange(6).expand(2, 6)).logits.shape == (2, 6, 64)
+    with pytest.raises(LmstackError, match="count 0, 1, 2, ... from the start of each packed document"):
+        adapter(input_ids=ids, position_ids=torch.tensor([[0, 1, 3, 0, 1, 2]] * 2))
+    with pytest.raises(LmstackError, match="unexpected argument 'past_key_values'"):
+        adapter(input_ids=ids, past_key_values=None)
+    gpt2 = HFTrainerAdapter(Transformer(preset("gpt2-tiny", vocab_size=64)))
+    with pytest.raises(LmstackError, match="position='learned' would count on across documents"):
+        gpt2(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]] * 2))
+    assert gpt2(input_ids=ids, position_ids=torch.arange(6).expand(2, 6)).logits.shape == (2, 6, 64)
     with pytest.raises(LmstackError, match="every_n_layers=2"):
         adapter.activation_checkpointing_enable(every_n_layers=2)
     with pytest.raises(LmstackError, match="needs a causal LM head"):

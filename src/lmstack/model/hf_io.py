@@ -56,7 +56,12 @@ def _read_config(path: Path) -> tuple[ModelConfig, bool, str, dict[str, str]]:
         raise LmstackError(f"model directory not found: {path}")
     cfg_file = resolve_inside(path, "config.json", "model config")
     if not cfg_file.exists():
-        raise LmstackError(f"{path} has no config.json, so it is not a model directory")
+        hint = ""
+        if resolve_inside(path, "model.safetensors", "weights").exists():  # what Trainer.save_model leaves
+            hint = ("; transformers' Trainer saves only the weights of a model that is not a PreTrainedModel: train "
+                    "HFTrainerAdapter(model) (lmstack.model.hf_trainer), whose saved weights carry the config, or "
+                    "write the directory with lmstack.save_model")
+        raise LmstackError(f"{path} has no config.json, so it is not a model directory{hint}")
     hf = read_json(path, "config.json", "model config", want_object=True)
     source = str(path / "config.json")
     if hf.get("model_type") == "lmstack":

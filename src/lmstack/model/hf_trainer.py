@@ -96,9 +96,12 @@ class Backbone:
         self.model = model
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None, use_cache: bool | None = None) -> BackboneOutput:
-        check_position_ids(position_ids, input_ids)
-        return BackboneOutput(self.model(input_ids, attention_mask=attention_mask, return_hidden=True))
+                 position_ids: torch.Tensor | None = None, use_cache: bool | None = None,
+                 **varlen) -> BackboneOutput:
+        check_varlen(varlen)
+        doc_ids = doc_ids_from_positions(position_ids, input_ids, self.model.config)
+        return BackboneOutput(self.model(input_ids, attention_mask=attention_mask, doc_ids=doc_ids,
+                                         return_hidden=True))
 
 
 class OutputHead:
@@ -120,14 +123,39 @@ class OutputHead:
         return weight if real >= weight.shape[0] else weight[:real]
 
 
-def check_position_ids(position_ids: torch.Tensor | None, input_ids: torch.Tensor) -> None:
-    """position_ids are only accepted when they are the positions our forward uses anyway (0..T-1 per row)."""
+# What TRL's padding-free collator sends beside position_ids for flash-attention's varlen kernels. They say
+# what position_ids say (where each packed document starts), so they are accepted and not used.
+VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def check_varlen(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - set(VARLEN_KWARGS))
+    if unknown:
+        raise LmstackError(f"unexpected argument {unknown[0]!r}; besides input_ids, attention_mask, labels, "
+                           f"position_ids and use_cache the model takes only {', '.join(VARLEN_KWARGS)}")
+
+
+def doc_ids_from_positions(position_ids: torch.Tensor | None, input_ids: torch.Tensor, cfg) -> torch.Tensor | None:
+    """Packed rows (padding-free packing) as our doc_ids: a document starts wherever position_ids restart at 0.
+
+    Attention then never crosses documents, and with relative positions (RoPE, ALiBi, none) each document's
+    logits equal those it gets alone. Absolute positions (learned, sinusoidal) would keep counting across
+    documents, so a packed row is refused for them. None when there is one document per row."""
     if position_ids is None:
-        return
-    want = torch.arange(input_ids.shape[-1], device=position_ids.device).expand_as(position_ids)
-    if position_ids.shape != input_ids.shape or not torch.equal(position_ids, want):
-        raise LmstackError("position_ids other than 0..T-1 in every row (padding-free packing) are not supported; "
-                           "pass attention_mask instead (e.g. SFTConfig(padding_free=False))")
+        return None
+    if position_ids.shape != input_ids.shape:
+        raise LmstackError(f"position_ids must have the shape of input_ids {tuple(input_ids.shape)}, "
+                           f"got {tuple(position_ids.shape)}")
+    starts = position_ids == 0
+    steps = position_ids[:, 1:] == position_ids[:, :-1] + 1
+    if not bool(starts[:, 0].all()) or not bool((steps | starts[:, 1:]).all()):
+        raise LmstackError("position_ids must count 0, 1, 2, ... from the start of each packed document")
+    if not bool(starts[:, 1:].any()):
+        return None
+    if cfg.position in ("learned", "sinusoidal"):
+        raise LmstackError(f"packed rows (position_ids restarting at 0) need relative positions; position="
+                           f"{cfg.position!r} would count on across documents (use packing=False)")
+    return starts.long().cumsum(-1).to(input_ids.device)
 
 
 class HFTrainerAdapter(nn.Module):
@@ -150,9 +178,10 @@ class HFTrainerAdapter(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                use_cache: bool | None = None) -> CausalLMOutput:
-        check_position_ids(position_ids, input_ids)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+                use_cache: bool | None = None, **varlen) -> CausalLMOutput:
+        check_varlen(varlen)
+        doc_ids = doc_ids_from_positions(position_ids, input_ids, self.model.config)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, doc_ids=doc_ids)
 
     # ---- what TRL's fused LM head reads
     @property

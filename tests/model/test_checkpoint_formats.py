@@ -2,37 +2,30 @@
 keeping every side file, and the model-side bad input (missing shard, over-budget config, tokenizer larger
 than the model), each one `lmstack: error:` line through the CLI and an LmstackError in Python.
 
-Every directory is built here with transformers and tokenizers only (random weights, a BPE trained on a few
-hundred generated lines)."""
+Every directory is built with tests/hf_tiny.py, by transformers and tokenizers only (random weights, a BPE
+trained on a few hundred generated lines)."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+import hf_tiny
 import lmstack
 from lmstack.cli import main
 from lmstack.errors import LmstackError
 from lmstack.model.load_guard import set_max_model_gib
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
-FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-            "mistral": ("MistralConfig", "MistralForCausalLM")}
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = hf_tiny.CHATML
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
 def hf_model(family: str, out: Path, vocab_size: int = 300, tie: bool = False, dtype=None, shard: str = "5GB",
              seed: int = 0):
-    config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
-    torch.manual_seed(seed)
-    cfg = config_cls(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                     tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1)
-    model = model_cls(cfg).eval()
+    model = hf_tiny.random_model(family, vocab_size, seed=seed, max_position_embeddings=128,
+                                 tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1)
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(out, max_shard_size=shard)
@@ -40,14 +33,10 @@ def hf_model(family: str, out: Path, vocab_size: int = 300, tie: bool = False, d
 
 
 def bpe_files(out: Path, vocab_size: int) -> None:
-    """tokenizer.json (a BPE of exactly vocab_size ids), tokenizer_config.json with a ChatML template, BOS/EOS."""
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    """tokenizer.json (a BPE of exactly vocab_size ids), tokenizer_config.json with a ChatML template, BOS/EOS,
+    special_tokens_map.json and chat_template.jinja, written by hand: `model convert` must keep each file."""
     lines = [f"line {i}: the quick brown fox {i * 7 % 13} jumps over the lazy dog" for i in range(300)]
-    tok.train_from_iterator(lines, trainer)
+    tok = hf_tiny.bpe(lines, SPECIALS, vocab_size)
     assert tok.get_vocab_size() == vocab_size
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
@@ -78,7 +67,7 @@ IDS = torch.tensor([[0, 5, 9, 42, 7, 200, 3]])
 
 
 # ---------------------------------------------------------------- formats that load
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(hf_tiny.FAMILIES))
 @pytest.mark.parametrize("variant", ["sharded", "bf16", "fp16", "tied"])
 def test_transformers_checkpoints_load_in_fp32_and_match_transformers(tmp_path, family, variant):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant)

@@ -159,7 +159,8 @@ def test_tools_and_tool_history_reach_the_template(qwen):
     srv, tok = qwen
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
     as_hf = [*history[:1], {**history[1], "tool_calls": [{"type": "function", "function": {
         "name": "get_weather", "arguments": {"city": "Paris"}}}]}, history[2]]
@@ -205,8 +206,8 @@ def test_forced_tool_choice_named_and_required(qwen):
     (call,) = named.choices[0].message.tool_calls
     assert named.choices[0].finish_reason == "stop" and call.function.name == "get_time"
     assert json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
-    required = client(srv).chat.completions.create(model="tiny-llama", messages=ASK, tools=[WEATHER, TIME], max_tokens=60,
-                                                   tool_choice="required", parallel_tool_calls=False)
+    required = client(srv).chat.completions.create(model="tiny-llama", messages=ASK, tools=[WEATHER, TIME],
+                                                   max_tokens=60, tool_choice="required", parallel_tool_calls=False)
     (call,) = required.choices[0].message.tool_calls
     assert required.choices[0].finish_reason == "tool_calls" and call.function.name in ("get_weather", "get_time")
 
@@ -231,3 +232,10 @@ def test_bad_input_and_unparseable_calls(qwen):
                                                     "max_tokens": 80, "guided_regex": CALL_TEXT.replace(
                                                         "{", "\\{").replace("}", "\\}")})
         assert r.json()["choices"][0]["message"]["content"] == CALL_TEXT  # "none": never parsed
+
+
+def test_lmstack_template_refuses_tools_with_a_400(http):
+    # lmstack's own template has no place for tools: a clear 400, not a silently dropped list
+    r = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "max_tokens": 2})
+    assert r.status_code == 400 and "no place for tools" in r.json()["error"]["message"]
+    assert http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 2}).status_code == 200

@@ -8,10 +8,9 @@ import json
 
 import pytest
 
+import hf_tiny
 from lmstack.eval.local_lm import LocalLM
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
@@ -26,18 +25,12 @@ def corpus(n: int = 300) -> list[str]:
 
 
 def make_dir(path, specials: list[str], tok_config: dict, model_ids: dict, gen_ids: dict):
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False))
-    cfg = transformers.LlamaConfig(vocab_size=t.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, **{"bos_token_id": None, "eos_token_id": None, **model_ids})
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    """A Llama directory whose tokenizer and configs name only the given special tokens and ids (written by hand:
+    the missing fields are the point)."""
+    t = hf_tiny.bpe(corpus(), specials, vocab_size=300, byte_alphabet=False)
+    model = hf_tiny.random_model("llama", t.get_vocab_size(), max_position_embeddings=64,
+                                 **{"bos_token_id": None, "eos_token_id": None, **model_ids})
+    model.save_pretrained(path)
     t.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                             **tok_config}))

@@ -15,6 +15,8 @@ import random
 
 import pytest
 
+import hf_tiny
+
 TOL = 1e-4
 N = 20
 
@@ -74,34 +76,14 @@ filter_list:
 @pytest.fixture(scope="module")
 def byo(tmp_path_factory):
     """(model dir, task dir): a transformers-built Llama + BPE tokenizer, and the two task YAMLs."""
-    pytest.importorskip("transformers")
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("byo")
     model_dir, task_dir = root / "model", root / "tasks"
-    model_dir.mkdir()
     task_dir.mkdir()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(make_corpus(), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    tok.save(str(model_dir / "tokenizer.json"))
-    (model_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast",
-         "model_max_length": 128}))
-    torch.manual_seed(0)
-    # A wide init so the random model has real preferences between choices.
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=bos, eos_token_id=eos, initializer_range=0.3)
-    LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)
+    # A base model (no chat template) whose tokenizer.json prepends <s>; a wide init so the random model has
+    # real preferences between choices.
+    hf_tiny.build_dir(model_dir, "llama", style="plain", texts=make_corpus(), vocab_size=300, bos_in_text=True,
+                      tokenizer_kwargs={"model_max_length": 128}, max_position_embeddings=128,
+                      initializer_range=0.3)
 
     rng = random.Random(0)
     lines = make_corpus(2 * N, seed=3)

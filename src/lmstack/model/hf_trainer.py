@@ -8,7 +8,8 @@ without building the logits; and they read and write `model.config.get_text_conf
 logit soft-capping), `model.generation_config` and `model.add_model_tags`. This adapter provides exactly
 those, over one Transformer, and is not a PreTrainedModel: it has no from_pretrained, no hub, no
 generate. Parameters are the Transformer's own (the adapter holds it as `.model`), so training the
-adapter trains the model.
+adapter trains the model. TRL's packing (padding-free rows whose position_ids restart at 0) becomes our
+doc_ids, so packed documents never attend to each other.
 
 Saving: Trainer.save_model writes only the adapter's state dict for a non-PreTrainedModel, so the adapter
 puts our config into it (get_extra_state; model/trainer_save.py) and lmstack.load_model reads that
@@ -39,6 +40,11 @@ from lmstack.model.transformer import Transformer
 from lmstack.model.vocab import real_vocab
 
 
+def _through(name: str) -> property:
+    """A property that reads and writes our ModelConfig's field `name`."""
+    return property(lambda self: getattr(self._cfg, name), lambda self, value: setattr(self._cfg, name, value))
+
+
 class ConfigView:
     """The transformers-config fields the trainers read, over our ModelConfig (HF names -> ours).
 
@@ -53,17 +59,14 @@ class ConfigView:
 
     model_type = property(lambda self: self._cfg.hf_model_type or "lmstack")
     vocab_size = property(lambda self: self._cfg.vocab_size)
-    hidden_size = property(lambda self: self._cfg.d_model)
-    tie_word_embeddings = property(lambda self: self._cfg.tie_embeddings)
     # TRL's fused head applies it to the logits; 0.0 (off) in our config is None (off) in theirs
     final_logit_softcapping = property(lambda self: self._cfg.final_logit_softcap or None)
 
-    def _ids(name):  # noqa: N805 - builds a read/write property at class creation
-        return property(lambda self: getattr(self._cfg, name), lambda self, v: setattr(self._cfg, name, v))
-    bos_token_id, eos_token_id, pad_token_id = _ids("bos_token_id"), _ids("eos_token_id"), _ids("pad_token_id")
-    del _ids
+    bos_token_id = _through("bos_token_id")
+    eos_token_id = _through("eos_token_id")
+    pad_token_id = _through("pad_token_id")
 
-    def get_text_config(self, *args, **kwargs) -> "ConfigView":
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> "ConfigView":
         return self  # one decoder: the text config is the config
 
     def to_dict(self) -> dict[str, Any]:

@@ -66,8 +66,11 @@ def effective_class(tokenizer_config: dict, model_config: dict, byte_level: bool
 
 
 def is_byte_level(spec: dict, from_tokenizer_json: bool) -> bool:
-    """transformers' test, a text search of tokenizer.json (false when there is no tokenizer.json)."""
-    return from_tokenizer_json and '"ByteLevel"' in json.dumps(spec)
+    """transformers' test, a search for "ByteLevel" in tokenizer.json (false when there is none). We search the
+    pipeline parts only: the vocabulary holds no pipeline step, and dumping a large one on every load is slow."""
+    if not from_tokenizer_json:
+        return False
+    return '"ByteLevel"' in json.dumps({k: v for k, v in spec.items() if k not in ("model", "added_tokens")})
 
 
 def class_default_tokens(tokenizer_config: dict, model_config: dict, spec: dict,

@@ -79,7 +79,10 @@ def resolve_tokenizer_files(spec: dict, config: dict, directory: str | os.PathLi
                 config[key] = token_content(legacy[key], f"special_tokens_map.json: {key}")
     for key in ROLES.values():
         token_content(config.get(key), f"tokenizer_config.json: {key}")  # a clear error for a bad entry
-    model_config = _read_optional(directory, "config.json")
+    try:  # config.json's model_type can change the class (class_defaults.py)
+        model_config = _read_optional(directory, "config.json")
+    except LmstackError:
+        model_config = {}  # a broken config.json is the model loader's error to report, not the tokenizer's
     for key, token in class_default_tokens(config, model_config, spec, from_tokenizer_json=not converted).items():
         if key not in config and _vocab_id(spec, token) is not None:
             config[key] = token

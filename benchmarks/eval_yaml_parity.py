@@ -21,6 +21,7 @@ import math
 import os
 from pathlib import Path
 import random
+import sys
 import tempfile
 
 for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -29,16 +30,10 @@ for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 from _common import result, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from hf_tiny import build_dir, random_lines  # noqa: E402  (the tests' builder of tiny HF directories)
+
 ARC = ROOT.parent / "shared" / "data" / "arc" / "arc_easy_test.jsonl"
-
-
-def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
-    """Lines of random words from a small vocabulary (the tokenizer's training text and the task items)."""
-    words = ("the cat sat on a mat and dog ran to park while birds sang in old trees near green hills under blue "
-             "sky where people walk each day with friends who talk about time work life water sun moon").split()
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + rng.choice(".?!:,")
-            for _ in range(n_lines)]
 
 MC_YAML = """task: byo_arc
 dataset_path: json
@@ -66,29 +61,11 @@ filter_list:
 
 
 def build_model(path: Path, texts: list[str]) -> None:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path.mkdir(parents=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast",
-         "model_max_length": 512}))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=bos, eos_token_id=eos, initializer_range=0.3)
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    """A base Llama (no chat template) whose tokenizer.json prepends <s>; a wide init so the random model has
+    real preferences between choices."""
+    build_dir(path, "llama", style="plain", texts=texts, vocab_size=1024, bos_in_text=True,
+              tokenizer_kwargs={"model_max_length": 512}, hidden_size=64, intermediate_size=128,
+              max_position_embeddings=512, initializer_range=0.3)
 
 
 def stderr(values: list[float]) -> float:
@@ -110,11 +87,11 @@ def main() -> None:
     n = args.items
     arc = [json.loads(x) for x in ARC.read_text().splitlines()[:n]]
     rng = random.Random(0)
-    gen = [{"q": q, "a": rng.choice("abcde")} for q in make_corpus(n, seed=3)]
+    gen = [{"q": q, "a": rng.choice("abcde")} for q in random_lines(n, seed=3)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["HF_DATASETS_CACHE"] = str(tmp / "hf_cache")
-        build_model(tmp / "model", [r["query"] + " " + " ".join(r["choices"]) for r in arc] + make_corpus())
+        build_model(tmp / "model", [r["query"] + " " + " ".join(r["choices"]) for r in arc] + random_lines())
         tasks = tmp / "tasks"
         tasks.mkdir()
         for name, rows, yaml in (("arc", arc, MC_YAML), ("gen", gen, GEN_YAML)):

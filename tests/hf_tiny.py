@@ -14,6 +14,7 @@ directories is checked against an independent witness. Tests and benchmarks shar
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,18 @@ WORDS = ("the cat sat on mat dog ran to park hello there how are you today syste
          "yes no maybe please thank good morning night answer question what why when where who").split()
 LINES = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(4 + i % 6)) + ("?" if i % 3 else ".")
          for i in range(300)] + ["Grüße aus Köln", "日本語のテキスト", "naïve café 🙂"] * 10
+
+
+
+def random_lines(n_lines: int = 400, seed: int = 0) -> list[str]:
+    """Lines of 4-14 random words from a small vocabulary, each with a final punctuation mark (a tokenizer's
+    training text, and the items of made-up tasks)."""
+    words = ("the cat sat on a mat and dog ran to park while birds sang in old trees near green hills under blue "
+             "sky where people walk each day with friends who talk about time work life water sun moon").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + rng.choice(".?!:,")
+            for _ in range(n_lines)]
+
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -21,15 +21,6 @@ TOL = 1e-4
 N = 20
 
 
-def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
-    """Lines of random words from a small vocabulary (the tokenizer's training text and the task items)."""
-    words = ("the cat sat on a mat and dog ran to park while birds sang in old trees near green hills under blue "
-             "sky where people walk each day with friends who talk about time work life water sun moon").split()
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + rng.choice(".?!:,")
-            for _ in range(n_lines)]
-
-
 def _mc_yaml(data: Path) -> str:
     return f"""task: byo_mc
 dataset_path: json
@@ -81,12 +72,12 @@ def byo(tmp_path_factory):
     task_dir.mkdir()
     # A base model (no chat template) whose tokenizer.json prepends <s>; a wide init so the random model has
     # real preferences between choices.
-    hf_tiny.build_dir(model_dir, "llama", style="plain", texts=make_corpus(), vocab_size=300, bos_in_text=True,
-                      tokenizer_kwargs={"model_max_length": 128}, max_position_embeddings=128,
+    hf_tiny.build_dir(model_dir, "llama", style="plain", texts=hf_tiny.random_lines(), vocab_size=300,
+                      bos_in_text=True, tokenizer_kwargs={"model_max_length": 128}, max_position_embeddings=128,
                       initializer_range=0.3)
 
     rng = random.Random(0)
-    lines = make_corpus(2 * N, seed=3)
+    lines = hf_tiny.random_lines(2 * N, seed=3)
     mc = [{"question": q, "options": [rng.choice(lines)[:20] for _ in range(3)], "label": rng.randrange(3)}
           for q in lines[:N]]
     gen = [{"q": q, "a": rng.choice("abcde")} for q in lines[N:]]

@@ -121,10 +121,10 @@ def test_trl_fused_head_loss_equals_our_forward_loss_with_padded_vocab_and_softc
     assert grads[60:].abs().max() == 0  # padded rows get no gradient, as in our head
 
 
-@needs_trl
-def test_dpo_trainer_trains_against_a_frozen_reference(tmp_path):
+def _dpo(tmp_path, precompute: bool):
+    """3 DPO steps on 3 conversational preference rows; (log history, policy before, policy, reference)."""
     model, tok = _hf_dir(tmp_path)
-    ref = copy.deepcopy(model).eval()
+    ref = None if precompute else copy.deepcopy(model).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def turn(role, text):
@@ -133,16 +133,25 @@ def test_dpo_trainer_trains_against_a_frozen_reference(tmp_path):
             for p, c, r in [("how are you", "good thank you", "the cat sat"), ("what dog", "the dog ran", "no"),
                             ("hello", "hello there", "maybe why")]]
     args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=3, per_device_train_batch_size=3,
-                         learning_rate=1e-2, max_length=64, **QUIET)
-    trainer = trl.DPOTrainer(model=HFTrainerAdapter(model), ref_model=HFTrainerAdapter(ref), args=args,
+                         learning_rate=1e-2, max_length=64, precompute_ref_log_probs=precompute, **QUIET)
+    ref_model = None if ref is None else HFTrainerAdapter(ref)
+    trainer = trl.DPOTrainer(model=HFTrainerAdapter(model), ref_model=ref_model, args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=tok)
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return [h for h in trainer.state.log_history if "loss" in h], before, model, ref
+
+
+@needs_trl
+def test_dpo_trainer_trains_against_a_frozen_reference(tmp_path):
+    logs, before, model, ref = _dpo(tmp_path / "copy", precompute=False)
     assert len(logs) == 3
     assert abs(logs[0]["loss"] - math.log(2)) < 1e-4  # policy == reference at step 0: the loss is ln 2
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.05 and logs[-1]["rewards/margins"] > 0, logs
     assert all(torch.equal(v, before[k]) for k, v in ref.state_dict().items())  # the reference never moved
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # TRL's other reference: log-probs precomputed from the policy before training, no copy kept; same run
+    precomputed, *_ = _dpo(tmp_path / "pre", precompute=True)
+    assert [round(h["loss"], 4) for h in precomputed] == [round(h["loss"], 4) for h in logs]
 
 
 def test_packed_rows_give_each_document_its_own_logits():

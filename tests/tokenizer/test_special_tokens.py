@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
+import hf_tiny
 import lmstack
 from lmstack.errors import LmstackError
 from lmstack.tokenizer.special_tokens import model_special_ids
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|eot|>"]
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -26,13 +26,7 @@ def lines(n: int = 300) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok_json(tmp_path_factory) -> dict:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(lines(), trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False))
-    return json.loads(t.to_str())
+    return json.loads(hf_tiny.bpe(lines(), SPECIALS, vocab_size=400, byte_alphabet=False).to_str())
 
 
 def make_dir(path: Path, spec: dict, config: dict, special_map: dict | None = None, post_processor=None) -> Path:

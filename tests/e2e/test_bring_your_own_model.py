@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_tiny
 import lmstack
+from lmeval_witness import compare_multiple_choice
 from lmstack.adapt.finetune import load_result
 from lmstack.cli import main
 
@@ -228,24 +229,10 @@ def test_eval_arc_easy_per_item_equals_lm_eval_hf(byo, tmp_path, monkeypatch):
     config.pop("tag", None)
     theirs = ConfigurableTask(config=config)
     theirs.build_all_requests(rank=0, world_size=1, limit=N_ARC)
-    hf = HFLM(pretrained=str(d), dtype="float32", device="cpu", batch_size=8)
-    answers = dict(zip(map(id, theirs.instances), hf.loglikelihood(theirs.instances, disable_tqdm=True)))
-    by_doc: dict = {}
-    for inst in theirs.instances:
-        by_doc.setdefault(inst.doc_id, []).append(inst)
-    worst, acc, acc_norm = 0.0, [], []
-    for item in mine:
-        insts = sorted(by_doc[item["doc_id"]], key=lambda i: i.idx)
-        assert [(q["context"], q["continuation"]) for q in item["requests"]] == [i.arguments for i in insts]
-        resp = [answers[id(i)] for i in insts]
-        for (ll, greedy), (ll_b, greedy_b) in zip(item["responses"], resp):
-            worst = max(worst, abs(ll - ll_b))
-            assert greedy == greedy_b
-        m = theirs.process_results(insts[0].doc, resp)
-        assert (item["metrics"]["acc"], item["metrics"]["acc_norm"]) == (m["acc"], m["acc_norm"]), item["doc_id"]
-        acc.append(m["acc"])
-        acc_norm.append(m["acc_norm"])
+    worst, theirs_metrics = compare_multiple_choice(
+        mine, theirs, HFLM(pretrained=str(d), dtype="float32", device="cpu", batch_size=8))
     assert worst < 1e-4, (family, worst)
+    acc, acc_norm = theirs_metrics["acc"], theirs_metrics["acc_norm"]
     assert results["results"]["arc_easy"]["metrics"]["acc"] == pytest.approx(sum(acc) / N_ARC)
     assert results["results"]["arc_easy"]["metrics"]["acc_norm"] == pytest.approx(sum(acc_norm) / N_ARC)
 

@@ -16,6 +16,7 @@ import random
 import pytest
 
 import hf_tiny
+from lmeval_witness import compare_multiple_choice
 
 TOL = 1e-4
 N = 20
@@ -128,22 +129,8 @@ def test_yaml_tasks_match_lm_eval_task_and_hflm_in_process(byo, offline, tmp_pat
     # multiple choice: lm-eval builds its own requests from the same YAML
     theirs = ConfigurableTask(config=load_yaml(task_dir / "mc.yaml", resolve_func=False))
     theirs.build_all_requests(rank=0, world_size=1)
-    by_doc: dict = {}
-    for inst in theirs.instances:
-        by_doc.setdefault(inst.doc_id, []).append(inst)
-    answers = hf.loglikelihood(theirs.instances, disable_tqdm=True)
-    got = dict(zip([id(i) for i in theirs.instances], answers))
-    worst, acc = 0.0, []
-    for mine in samples["byo_mc"]:
-        insts = sorted(by_doc[mine["doc_id"]], key=lambda i: i.idx)
-        assert [(r["context"], r["continuation"]) for r in mine["requests"]] == [i.arguments for i in insts]
-        resp = [got[id(i)] for i in insts]
-        for (ll, greedy), (ll_b, greedy_b) in zip(mine["responses"], resp):
-            worst = max(worst, abs(ll - ll_b))
-            assert greedy == greedy_b
-        m = theirs.process_results(insts[0].doc, resp)
-        assert mine["metrics"]["acc"] == m["acc"] and mine["metrics"]["acc_norm"] == m["acc_norm"]
-        acc.append(m["acc"])
+    worst, metrics = compare_multiple_choice(samples["byo_mc"], theirs, hf)
+    acc = metrics["acc"]
     assert worst < TOL, worst
     assert results["byo_mc"]["metrics"]["acc"] == pytest.approx(sum(acc) / len(acc))
 

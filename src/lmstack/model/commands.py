@@ -18,14 +18,13 @@ from typing import Literal
 
 import torch
 
-from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.model.counting import format_stats, model_stats
 from lmstack.model.hf_io import check_output_head, load_model, read_config, save_model
 from lmstack.model.lazy_safetensors import CheckpointReader
 from lmstack.model.presets import preset as make_preset
 from lmstack.model.reference_decode import reference_decode
-from lmstack.model.side_files import copy_side_files, keep_special_id_lists, merged_generation_config
+from lmstack.model.side_files import keep_source_files
 from lmstack.model.transformer import Transformer
 from lmstack.model.vocab import check_vocab, real_vocab
 from lmstack.threads import set_threads
@@ -127,10 +126,7 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16",
 
     model = load_model(src, dtype=None if dtype == "source" else getattr(torch, dtype), max_model_gib=max_model_gib)
     path = save_model(model, out)
-    copied = copy_side_files(src, path)
-    atomic_write_text(path / "generation_config.json",
-                      json.dumps(merged_generation_config(src, model.config), indent=2))
-    keep_special_id_lists(src, path)
+    copied = keep_source_files(src, path, model.config)
     print(f"converted {src} -> {path} ({model.num_parameters():,} parameters, {dtype}; kept "
           f"{', '.join(copied) or 'no tokenizer files'} and generation_config.json)")
     return str(path)

@@ -15,6 +15,10 @@ Usage:
     copied = copy_side_files("hf_dir", "out_dir")                 # ['tokenizer.json', 'chat_template.jinja', ...]
     gen = merged_generation_config("hf_dir", model.config)        # dict for out_dir/generation_config.json
     keep_special_id_lists("hf_dir", "out_dir")                    # config.json's eos_token_id list, restored
+    keep_source_files("hf_dir", "out_dir", model.config)          # all three, after save_model(model, "out_dir")
+
+`model convert`, and finetune / align when they save a trained model, end with keep_source_files: a user's
+Qwen2 that was aligned must still stop on both <|im_end|> and <|endoftext|> and keep its pad token.
 """
 from __future__ import annotations
 
@@ -119,3 +123,14 @@ def keep_special_id_lists(src: str | os.PathLike, out: str | os.PathLike) -> lis
     if restored:
         atomic_write_text(out / "config.json", json.dumps(ours, indent=2))
     return restored
+
+
+def keep_source_files(src: str | os.PathLike, out: str | os.PathLike, cfg: Any,
+                      tokenizer_dir: str | os.PathLike | None = None) -> list[str]:
+    """After save_model wrote `out` from a model loaded from `src`: the tokenizer and template files of
+    `tokenizer_dir` (default `src`) replace the re-saved ones unchanged, generation_config.json is the source's
+    (merged_generation_config) and config.json's special-id lists are restored. Returns the names copied."""
+    copied = copy_side_files(tokenizer_dir if tokenizer_dir is not None else src, out)
+    atomic_write_text(Path(out) / "generation_config.json", json.dumps(merged_generation_config(src, cfg), indent=2))
+    keep_special_id_lists(src, out)
+    return copied

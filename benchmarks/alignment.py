@@ -39,8 +39,9 @@ def length_accuracy(pairs) -> float:
 
 
 def run_rm(sft, tok, data, args) -> list[dict]:
-    cfg = AlignConfig(method="rm", lr=args.rm_lr, steps=args.rm_steps, batch_size=8, warmup_steps=20, max_len=256,
-                      center_coef=0.01, eval_every=0, log_every=25, progress=False, seed=0)
+    cfg = AlignConfig(method="rm", batch_size=8, max_len=256, center_coef=0.01,
+                      train={"steps": args.rm_steps, "eval_every": 0, "log_every": 25, "progress": False, "seed": 0},
+                      optim={"lr": args.rm_lr}, schedule={"warmup_steps": 20})
     rm = RewardModel(load_model(sft, lazy=False), seed=0)
     summary = train_reward_model(rm, tok, data["pairs_train"], [], cfg, log=print)
     val = pairwise_accuracy(rm, tok, data["pairs_val"])["accuracy"]
@@ -48,19 +49,20 @@ def run_rm(sft, tok, data, args) -> list[dict]:
     print(f"rm: val {val:.3f}, test {test['accuracy']:.3f} in {summary['train_seconds']:.0f} s")
     return [result("alignment", "rm_heldout_pairwise_accuracy", True, round(test["accuracy"], 4),
                    "longer reply wins (length heuristic)", round(length_accuracy(data["pairs_test"]), 4), goal=0.8,
-                   val_accuracy=round(val, 4), steps=cfg.steps, lr=cfg.lr, n_test=len(data["pairs_test"]),
+                   val_accuracy=round(val, 4), steps=cfg.train.steps, lr=cfg.optim.lr, n_test=len(data["pairs_test"]),
                    per_kind={k[9:]: round(v, 4) for k, v in test.items() if k.startswith("accuracy/")},
                    seconds=round(summary["train_seconds"], 1), start="speedrun SFT checkpoint")]
 
 
 def run_dpo(sft, tok, data, before, args) -> list[dict]:
     policy = load_model(sft, lazy=False)
-    cfg = AlignConfig(method="dpo", beta=0.1, lr=args.dpo_lr, steps=args.dpo_steps, batch_size=8, warmup_steps=10,
-                      eval_every=0, progress=False, device="cpu", max_len=policy.config.max_seq_len)
+    cfg = AlignConfig(method="dpo", beta=0.1, batch_size=8, max_len=policy.config.max_seq_len,
+                      train={"steps": args.dpo_steps, "eval_every": 0, "progress": False, "device": "cpu"},
+                      optim={"lr": args.dpo_lr}, schedule={"warmup_steps": 10})
     fit = PreferenceTrainer(policy, tok, cfg).fit(data["pairs_train"], data["pairs_val"][:64])
     after = measure(policy, tok, data, args.n_eval)
     print("dpo after:", json.dumps({k: round(v, 3) for k, v in after.items()}))
-    common = dict(steps=cfg.steps, lr=cfg.lr, beta=cfg.beta, seconds=round(fit["train_seconds"], 1),
+    common = dict(steps=cfg.train.steps, lr=cfg.optim.lr, beta=cfg.beta, seconds=round(fit["train_seconds"], 1),
                   val_implicit_accuracy=round(fit["val_after"]["accuracy"], 4))
     rows = [result("alignment", "dpo_test_preference_accuracy", True, round(after["preference_accuracy"], 4),
                    "SFT checkpoint", round(before["preference_accuracy"], 4), n_test=len(data["pairs_test"]), **common)]
@@ -78,9 +80,10 @@ def run_group(method, sft, tok, data, before, args) -> list[dict]:
     from lmstack.align.rollout import evaluate_policy
 
     policy = load_model(sft, lazy=False)
-    cfg = AlignConfig(method=method, lr=args.grpo_lr, steps=args.grpo_steps, group_size=args.group_size,
-                      prompts_per_step=args.prompts_per_step, temperature=args.temperature, max_tokens=128, warmup_steps=3, eval_prompts=0, progress=True,
-                      device="cpu", seed=0)
+    cfg = AlignConfig(method=method, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+                      temperature=args.temperature, max_tokens=128, eval_prompts=0,
+                      train={"steps": args.grpo_steps, "progress": True, "device": "cpu", "seed": 0},
+                      optim={"lr": args.grpo_lr}, schedule={"warmup_steps": 3})
     easy = [r for r in data["arithmetic_train"] if r.get("difficulty", 0) <= args.max_difficulty]
     fit = GroupTrainer(policy, tok, cfg, MathReward()).fit(easy)
     val = evaluate_policy(policy, tok, data["arithmetic_val"], MathReward())
@@ -94,7 +97,7 @@ def run_group(method, sft, tok, data, before, args) -> list[dict]:
                    baseline_stderr=round(before["arithmetic_stderr"], 4), gain_points=round(100 * gain, 2),
                    gain_stderr_points=round(100 * se, 2), n_test=test["n"], val_before=round(before["arithmetic_val"], 4),
                    val_after=round(val["mean"], 4),
-                   steps=fit["steps"], lr=cfg.lr, group_size=cfg.group_size, temperature=cfg.temperature,
+                   steps=fit["steps"], lr=cfg.optim.lr, group_size=cfg.group_size, temperature=cfg.temperature,
                    train_prompts=len(easy), max_difficulty=args.max_difficulty,
                    seconds=round(fit["train_seconds"], 1))]
 

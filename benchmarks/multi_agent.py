@@ -38,9 +38,10 @@ def main() -> None:
     start = start_model()
     tok = load_tokenizer(start)
     train, val = arithmetic_records(max_difficulty=2)
-    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=8, steps=args.steps, max_tokens=64,
-                      lr=args.lr, warmup_steps=2, temperature=1.0, eval_prompts=args.eval_prompts, eval_every=0,
-                      progress=False, device="cpu", seed=0)
+    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=8, max_tokens=64, temperature=1.0,
+                      eval_prompts=args.eval_prompts,
+                      train={"steps": args.steps, "eval_every": 0, "progress": False, "device": "cpu", "seed": 0},
+                      optim={"lr": args.lr}, schedule={"warmup_steps": 2})
     cfg.max_turns = args.max_turns
     trainer = MultiAgentTrainer(load_model(start, lazy=False), tok, cfg, MathReward())
     t0 = time.perf_counter()

@@ -37,8 +37,9 @@ SHAPE = dict(group_size=4, prompts_per_step=8, ppo_epochs=4, minibatches=4, temp
 
 
 def run(name: str, sft: Path, tok, train, val, args, **kw) -> dict:
-    cfg = AlignConfig(method="ppo", lr=args.lr, steps=args.steps, max_tokens=args.max_new_tokens, warmup_steps=2,
-                      eval_prompts=args.eval_prompts, eval_every=0, progress=True, device="cpu", seed=0, **SHAPE, **kw)
+    cfg = AlignConfig(method="ppo", max_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts, **SHAPE, **kw,
+                      train={"steps": args.steps, "eval_every": 0, "progress": True, "device": "cpu", "seed": 0},
+                      optim={"lr": args.lr}, schedule={"warmup_steps": 2})
     summary = PPOTrainer(load_model(sft, lazy=False), tok, cfg, MathReward()).fit(train, val)
     hist = summary["history"]
     kls = [h["kl"] for h in hist if "kl" in h]

@@ -37,9 +37,9 @@ def main() -> None:
     test = data["arithmetic_test"]
     sc = compare_greedy_majority(load_model(sft, lazy=False), tok, test, k=8, temperature=0.7)
     print({k: v for k, v in sc.items()})
-    cfg = AlignConfig(method="rft", rounds=args.rounds, group_size=8, steps=20, batch_size=16, lr=1e-4, warmup_steps=3,
-                      temperature=0.7, max_tokens=128, eval_prompts=len(test), progress=False, device="cpu",
-                      rft_prompts=64)
+    cfg = AlignConfig(method="rft", rounds=args.rounds, group_size=8, batch_size=16, temperature=0.7, max_tokens=128,
+                      eval_prompts=len(test), rft_prompts=64, train={"steps": 20, "progress": False, "device": "cpu"},
+                      optim={"lr": 1e-4}, schedule={"warmup_steps": 3})
     easy = [r for r in data["arithmetic_train"] if r.get("difficulty", 0) <= 2]
     summary = RejectionSamplingTrainer(load_model(sft, lazy=False), tok, cfg, MathReward()).fit(easy, test)
     rounds = summary["rounds"]
@@ -49,7 +49,7 @@ def main() -> None:
     rows = [result("rejection_sampling", "rft_test_arithmetic_accuracy_after_last_round", True,
                    round(last["eval_mean"], 4), "SFT checkpoint (round 0)", round(base["eval_mean"], 4),
                    per_round=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rounds],
-                   n_test=len(test), prompts_per_round=64, best_of=8, sft_steps_per_round=20, lr=cfg.lr),
+                   n_test=len(test), prompts_per_round=64, best_of=8, sft_steps_per_round=20, lr=cfg.optim.lr),
             result("rejection_sampling", "maj8_test_arithmetic_accuracy", True, round(sc["majority"]["mean"], 4),
                    "greedy", round(sc["greedy"]["mean"], 4), stderr=round(sc["majority"]["stderr"], 4),
                    pass_at_8=round(sc["pass_at_k"]["mean"], 4), mean_agreement=round(sc["mean_agreement"], 4),

@@ -29,6 +29,7 @@ from lmstack.align.preference_data import pairs_from_records
 from lmstack.align.rewards.heuristics import n_words
 from lmstack.align.reward_model import RewardModel, pairwise_accuracy, train_reward_model
 from lmstack.align.steps import Stepper
+from lmstack.train.optim import OptimizerConfig, ScheduleConfig
 from lmstack.world import World
 from lmstack.model.hf_io import load_model, save_model
 from lmstack.model.presets import preset
@@ -75,7 +76,8 @@ def pretrain_steps(model, data: torch.Tensor, steps: int, batch: int = 16, seq_l
     from tqdm import tqdm
 
     g = torch.Generator().manual_seed(seed)
-    stepper = Stepper(model, lr, steps, warmup_steps=20, weight_decay=0.0)
+    stepper = Stepper(model, OptimizerConfig(name="adamw", lr=lr, weight_decay=0.0), steps,
+                      ScheduleConfig(name="cosine", warmup_steps=20))
     model.train()
     losses = []
     for step in tqdm(range(steps), desc="pretrain", dynamic_ncols=True):
@@ -114,8 +116,9 @@ def main() -> None:
     val = pairs_from_records(world.corpus("preferences", split="val")).pairs
     held = pairs_from_records(world.corpus("preferences", split="test")).pairs
     lm, tok = pretrained_lm(world, args.pretrain_steps)
-    cfg = AlignConfig(method="rm", lr=1e-3, steps=args.rm_steps, batch_size=8, warmup_steps=20, max_len=160,
-                      center_coef=0.01, eval_every=0, log_every=25, progress=True, seed=0)
+    cfg = AlignConfig(method="rm", batch_size=8, max_len=160, center_coef=0.01,
+                      train={"steps": args.rm_steps, "eval_every": 0, "log_every": 25, "progress": True, "seed": 0},
+                      optim={"lr": 1e-3}, schedule={"warmup_steps": 20})
     runs = {}
     for name, backbone in [("pretrained", lm)] + ([("random_init", Transformer(lm.config))] if args.random_init
                                                   else []):
@@ -133,8 +136,8 @@ def main() -> None:
         print(f"  {k[9:]:<12} {ours[k]:.3f} / {base.get(k, float('nan')):.3f}")
     config = {"goal_applies_to": "ours (held-out accuracy >= 0.8), not the ratio", "world": "seed 0, small", "train_pairs": len(train), "eval_pairs": len(held), "split": "test",
               "val_accuracy": round(runs["pretrained"]["val"], 4),
-              "pretrain_steps": args.pretrain_steps, "rm_steps": cfg.steps, "batch_pairs": cfg.batch_size,
-              "lr": cfg.lr, "center_coef": cfg.center_coef, "model": "llama d96 L3 vocab 1024",
+              "pretrain_steps": args.pretrain_steps, "rm_steps": cfg.train.steps, "batch_pairs": cfg.batch_size,
+              "lr": cfg.optim.lr, "center_coef": cfg.center_coef, "model": "llama d96 L3 vocab 1024",
               "per_kind_ours": {k[9:]: round(v, 4) for k, v in ours.items() if k.startswith("accuracy/")},
               "per_kind_length": {k[9:]: round(v, 4) for k, v in base.items() if k.startswith("accuracy/")},
               "rm_train_seconds": round(runs["pretrained"]["train_seconds"], 1)}

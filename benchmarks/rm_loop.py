@@ -63,11 +63,11 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 
 def grpo(name: str, start: Path, prompts: Path, val: Path, out: Path, args, reward: str, monitor: str = "") -> dict:
-    flags = ["align", "--method", "grpo", "--policy", str(start), "--data", str(prompts), "--val_data", str(val),
-             "--out", str(out), "--reward", reward, "--steps", str(args.steps), "--group_size", "4",
-             "--prompts_per_step", "8", "--max_tokens", "64", "--lr", str(args.lr), "--warmup_steps", "2",
-             "--eval_prompts", str(args.eval_prompts), "--eval_every", "0", "--log_every", "1", "--progress", "false",
-             "--device", "cpu", "--seed", "0"]
+    flags = ["align", "--method", "grpo", "--model", str(start), "--data", str(prompts), "--val_data", str(val),
+             "--out", str(out), "--reward", reward, "--train.steps", str(args.steps), "--group_size", "4",
+             "--prompts_per_step", "8", "--max_tokens", "64", "--optim.lr", str(args.lr),
+             "--schedule.warmup_steps", "2", "--eval_prompts", str(args.eval_prompts), "--train.eval_every", "0",
+             "--train.log_every", "1", "--train.progress", "false", "--train.device", "cpu", "--train.seed", "0"]
     if monitor:
         flags += ["--monitor", monitor]
     torch.set_num_threads(1)
@@ -88,9 +88,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="rm_loop_"))
     train_pairs, val_pairs = pairs("train", None, 0), pairs("val", 100, 1)
     prefs, val_prefs = write_jsonl(train_pairs, tmp / "prefs.jsonl"), write_jsonl(val_pairs, tmp / "val_prefs.jsonl")
-    rm_flags = ["align", "--method", "rm", "--policy", str(start), "--data", str(prefs), "--val_data", str(val_prefs),
-                "--out", str(tmp / "rm"), "--steps", str(args.rm_steps), "--batch_size", "16", "--lr", "3e-4",
-                "--warmup_steps", "10", "--eval_every", "0", "--progress", "false", "--device", "cpu"]
+    rm_flags = ["align", "--method", "rm", "--model", str(start), "--data", str(prefs), "--val_data", str(val_prefs),
+                "--out", str(tmp / "rm"), "--train.steps", str(args.rm_steps), "--batch_size", "16",
+                "--optim.lr", "3e-4", "--schedule.warmup_steps", "10", "--train.eval_every", "0",
+                "--train.progress", "false", "--train.device", "cpu"]
     assert lmstack(rm_flags) == 0, "reward model training failed"
     rm_summary = json.loads((tmp / "rm" / "summary.json").read_text())
     rm_dir = tmp / "rm" / "model"

@@ -36,7 +36,7 @@ from lmstack.align.trpo import TRPOTrainer
 from lmstack.model.hf_io import load_model
 from lmstack.tokenizer import load_tokenizer
 
-SHAPE = dict(group_size=4, prompts_per_step=8, temperature=1.0, kl_coef=0.05, kl_estimator="k1", warmup_steps=2)
+SHAPE = dict(group_size=4, prompts_per_step=8, temperature=1.0, kl_coef=0.05, kl_estimator="k1")
 
 
 def run(name: str, start, args, **kw) -> dict:
@@ -45,8 +45,9 @@ def run(name: str, start, args, **kw) -> dict:
     trainer_cls = {"ppo": PPOTrainer, "trpo": TRPOTrainer}[name]
     tok = load_tokenizer(start)
     train, val = arithmetic_records(max_difficulty=2)
-    cfg = AlignConfig(method=name, steps=args.steps, max_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts,
-                      eval_every=0, progress=False, device="cpu", seed=0, **SHAPE, **kw)
+    cfg = AlignConfig(method=name, max_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts, **SHAPE, **kw,
+                      train={"steps": args.steps, "eval_every": 0, "progress": False, "device": "cpu", "seed": 0},
+                      schedule={"warmup_steps": 2})
     trainer = trainer_cls(load_model(start, lazy=False), tok, cfg, MathReward())
     t0 = time.perf_counter()
     summary = trainer.fit(train, val)
@@ -85,8 +86,8 @@ def main() -> None:
         args.max_kl, args.ppo_lr, args.name = 0.03, 3e-4, "trpo_vs_ppo_larger_steps"
     torch.set_num_threads(1)
     start = start_model()
-    kw = {"ppo": dict(lr=args.ppo_lr, clip=0.2, ppo_epochs=4, minibatches=4),
-          "trpo": dict(lr=1e-3, max_kl=args.max_kl, cg_iters=10, ppo_epochs=1, minibatches=1)}
+    kw = {"ppo": dict(optim={"lr": args.ppo_lr}, clip=0.2, ppo_epochs=4, minibatches=4),
+          "trpo": dict(optim={"lr": 1e-3}, max_kl=args.max_kl, cg_iters=10, ppo_epochs=1, minibatches=1)}
     if args.jobs > 1:
         with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
             futures = {name: pool.submit(run, name, start, args, **kw[name]) for name in ("ppo", "trpo")}

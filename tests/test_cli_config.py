@@ -43,7 +43,8 @@ CASES = [
     (SPEEDRUN, SpeedrunConfig, {"pretrain": {"model": {"n_heads": 8, "n_layers": 2}, "train": {"max_seconds": 5.0}},
                                 "sft_seconds": 3.0}),
     (FINETUNE, FinetuneConfig, {"method": "lora", "train": {"steps": 5}, "optim": {"lr": 0.01}}),
-    (ALIGN, AlignConfig, {"method": "ipo", "beta": 0.2, "steps": 3, "threads": 1}),
+    (ALIGN, AlignConfig, {"method": "ipo", "beta": 0.2, "train": {"steps": 3, "threads": 1}, "optim": {"lr": 0.001},
+                          "schedule": {"warmup_steps": 2}}),
 ]
 
 

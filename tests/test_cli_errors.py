@@ -70,11 +70,10 @@ def test_flags_accept_dashes_and_underscores(capsys):
 
 
 def test_every_compute_stage_has_a_threads_flag():
-    """generate, eval, align (and chat, serve) had none; pretrain/finetune have train.threads."""
+    """generate, eval, align (and chat, serve) had none; pretrain/finetune/align have train.threads."""
     for stage in ("generate", "eval", "chat", "serve"):
         assert "threads" in inspect.signature(_load_stage(stage)).parameters, stage
     assert "threads" in inspect.signature(_load_stage("model")["generate"]).parameters
-    assert hasattr(_load_stage("align").config(), "threads")
     assert hasattr(_load_stage("speedrun").config(), "threads")
-    for stage in ("pretrain", "finetune"):
+    for stage in ("pretrain", "finetune", "align"):
         assert hasattr(_load_stage(stage).config().train, "threads")

@@ -42,7 +42,7 @@ SHRINK = [
     (r"^lmstack finetune\b", "--train.steps 2 --train.eval_every 0 --train.progress false --batch_size 2 "
                              "--seq_len 64 --val_fraction 0.01"),
     (r"^lmstack eval --model runs\b", "--limit 2 --bootstrap_iters 0 --progress false"),
-    (r"^lmstack align\b", "--steps 2 --eval_every 0 --batch_size 2 --max_len 64 --progress false"),
+    (r"^lmstack align\b", "--train.steps 2 --train.eval_every 0 --batch_size 2 --max_len 64 --train.progress false"),
 ]
 
 

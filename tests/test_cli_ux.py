@@ -124,8 +124,8 @@ def test_the_model_may_be_positional(stage):
 
 
 def test_the_starting_model_of_finetune_and_align_may_be_positional():
-    assert parse("finetune", "runs/tiny", "--method", "lora").base == "runs/tiny"
-    assert parse("align", "runs/sft", "--method", "dpo").policy == "runs/sft"
+    assert parse("finetune", "runs/tiny", "--method", "lora").model == "runs/tiny"
+    assert parse("align", "runs/sft", "--method", "dpo").model == "runs/sft"
 
 
 def test_a_positional_word_is_not_taken_as_a_model_where_model_is_a_config_group(capsys):
@@ -149,8 +149,9 @@ GGUF_COMMANDS = [
     ["model", "info", "--model", "m.gguf"],
     ["model", "generate", "--model", "m.gguf", "--prompt", "x"],
     ["model", "convert", "--src", "m.gguf", "--out", "o"],
-    ["finetune", "--base", "m.gguf"],
-    ["align", "--policy", "m.gguf"],
+    ["finetune", "--model", "m.gguf"],
+    ["align", "--model", "m.gguf"],
+    ["align", "m.gguf"],
 ]
 
 

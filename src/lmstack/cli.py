@@ -19,6 +19,10 @@ dataclass configs; this file only routes the first one or two words to the right
 A ConfigCommand's flags are exactly the fields of one run-config dataclass, so a recipe YAML is a
 plain dump of that config (`lmstack pretrain --config recipes/x.yaml --train.steps 100`).
 
+Renamed flags never silently vanish: a config class lists its old keys in `renamed_keys` (align's flat --steps,
+--lr, ... now nest as --train.steps, --optim.lr like pretrain's and finetune's; --policy and --base are --model),
+and lmstack.config.check_renamed answers an old flag, or an old key in a --config file, with the new name.
+
 Bad input raises `LmstackError` (or `ValueError`); we print its message, not a traceback. A bad flag,
 stage or action prints one `lmstack: error: ...` line with a did-you-mean suggestion (difflib over the
 known names) and exits with status 2; `--help` keeps the full usage. Set LMSTACK_DEBUG=1 to see the traceback.
@@ -132,7 +136,7 @@ def _dashes_to_underscores(args: list[str]) -> list[str]:
 
 
 # Flags (the last part of a dotted one) that name a model to load: a .gguf given to one is refused up front.
-MODEL_PATH_FLAGS = {"model", "src", "draft_model", "base", "policy", "reference", "reference_path", "teacher"}
+MODEL_PATH_FLAGS = {"model", "src", "draft_model", "reference", "reference_path", "teacher"}
 
 
 def _typehint(action: Any) -> Any:
@@ -163,8 +167,8 @@ def normalize_args(parser: Any, args: list[str]) -> list[str]:
     """Rewrite the habits of vLLM/litgpt/argparse users into what jsonargparse parses, using `parser`'s
     own actions (so a field's type decides, not its name):
 
-    - a positional first word is the model: `lmstack serve DIR` = `--model DIR` (commands with a str --model;
-      finetune's --base and align's --policy, the model those runs start from, likewise);
+    - a positional first word is the model: `lmstack serve DIR` = `--model DIR` (commands with a str --model:
+      every command that loads one, finetune and align included);
     - a bare boolean is true: `--chat` = `--chat true`; `--no_chat` = `--chat false`;
     - a list flag repeats and appends: `--stop . --stop ,` = `--stop '[".", ","]'` (a `[...]` value is
       still a whole list);
@@ -172,8 +176,8 @@ def normalize_args(parser: Any, args: list[str]) -> list[str]:
     - a .gguf file anywhere is refused in one line (no loader reads GGUF yet).
     Dashes were already turned into underscores (_dashes_to_underscores)."""
     actions = parser._option_string_actions
-    # the flag that names the model to load: --model, or the model a run starts from (finetune --base, align --policy)
-    model = next((f for f in ("--model", "--base", "--policy") if _typehint(actions.get(f)) is str), None)
+    # the flag that names the model to load (or the model a run starts from): --model in every command
+    model = "--model" if _typehint(actions.get("--model")) is str else None
     positionals = [a for a in parser._actions if not a.option_strings]
     if args and not args[0].startswith("-") and model is not None and not positionals:
         args = [model, *args]

@@ -113,6 +113,33 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
+def renamed_keys(cls: type) -> dict[str, str]:
+    """{old key: new dotted key} of a config class whose fields were renamed or nested (its `renamed_keys`
+    class attribute): the old names are refused with the new one, in flags, recipe files and dicts alike, so
+    that an old flag never silently means nothing."""
+    return dict(getattr(cls, "renamed_keys", None) or {})
+
+
+def check_renamed(cls: type, args: list[str], command: str) -> None:
+    """ConfigError "<command>: --steps is now --train.steps" for the first old flag in `args` (dashes already
+    turned into underscores), or for an old top-level key in a --config file they name."""
+    table = renamed_keys(cls)
+    if not table:
+        return
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in ("--config", "--config+"):
+            value = value if eq else args[i + 1] if i + 1 < len(args) else ""
+            path = Path(value)
+            keys = read_mapping(path) if value and path.is_file() else {}
+            old = next((k for k in keys if k in table), None)
+            if old:
+                raise ConfigError(f"{command}: key '{old}' in {path} is now '{table[old]}' "
+                                  f"(--{old} is now --{table[old]})")
+        elif name.startswith("--") and name[2:] in table:
+            raise ConfigError(f"{command}: --{name[2:]} is now --{table[name[2:]]}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "", _base: Any = None) -> T:
     """Build dataclass `cls` from `data`, refusing unknown keys and ill-typed values.
 
@@ -124,6 +151,10 @@ def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "", _base: Any 
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
+    renamed = [k for k in unknown if k in renamed_keys(cls)]
+    if renamed:
+        raise ConfigError(f"key {_prefix}{renamed[0]!r} of {cls.__name__} is now "
+                          f"{_prefix}{renamed_keys(cls)[renamed[0]]!r}")
     if unknown:
         raise ConfigError(
             f"unknown key {_prefix}{unknown[0]!r} for {cls.__name__}; allowed keys: {', '.join(sorted(fields))}"
@@ -252,6 +283,7 @@ class ConfigCommand:
         return self.config(**values)
 
     def __call__(self, args: list[str], prog: str, parser_class: type | None = None) -> Any:
+        check_renamed(self.config, args, prog.removeprefix("lmstack "))
         flags = [a for a in args if a.split("=")[0] in ("--print_config", "--print-config")]
         cfg = self.parse([a for a in args if a not in flags], prog, parser_class)
         if flags:

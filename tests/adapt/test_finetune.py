@@ -29,7 +29,7 @@ def _cfg(tmp_path, base, data, **kw):
     from lmstack.train.config import TrainConfig
     from lmstack.train.optim import OptimizerConfig
 
-    return FinetuneConfig(data=str(data), base=str(base), out=str(tmp_path / kw.pop("name", "run")),
+    return FinetuneConfig(data=str(data), model=str(base), out=str(tmp_path / kw.pop("name", "run")),
                           train=TrainConfig(**train), batch_size=4, seq_len=96,
                           optim=OptimizerConfig(name="adamw", lr=kw.pop("lr", 3e-3), weight_decay=0.0), **kw)
 
@@ -41,7 +41,7 @@ def test_cli_full_finetune_writes_model_metrics_config_and_data_report(tmp_path)
     no_reply = [{"messages": [{"role": "user", "content": "hello?"}]}] * 3
     data = _data(tmp_path, extra=no_reply)
     out = tmp_path / "sft"
-    summary = run(["finetune", "--method", "full", "--data", str(data), "--base", str(base), "--out", str(out),
+    summary = run(["finetune", "--method", "full", "--data", str(data), "--model", str(base), "--out", str(out),
                    "--train.steps", "12", "--train.eval_every", "6", "--train.progress", "false",
                    "--optim.lr", "0.003", "--batch_size", "4", "--seq_len", "96"])
     for name in ("config.yaml", "metrics.jsonl", "data.json", "summary.json", "model/model.safetensors",
@@ -104,10 +104,10 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path):
     with pytest.raises(ConfigError, match="method='bitfit' is not allowed"):
         FinetuneConfig(method="bitfit")
     with pytest.raises(LmstackError, match="needs --data"):
-        finetune(FinetuneConfig(base=str(base)), log=_quiet)
+        finetune(FinetuneConfig(model=str(base)), log=_quiet)
     with pytest.raises(LmstackError, match="chat data file not found"):
         finetune(_cfg(tmp_path, base, tmp_path / "nope.jsonl"), log=_quiet)
-    with pytest.raises(LmstackError, match="base model directory not found"):
+    with pytest.raises(LmstackError, match="--model directory not found"):
         finetune(_cfg(tmp_path, tmp_path / "nobase", data), log=_quiet)
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(LmstackError, match="no usable chat rows"):

@@ -51,7 +51,7 @@ def test_cli_lora_and_dpo_on_trl_rows(llama, tmp_path, capsys):
                 {"messages": [U("hello"), A(f"the mat {i}")]}]
     sft_file = tmp_path / "sft.jsonl"
     sft_file.write_text("".join(json.dumps(r) + "\n" for r in sft), encoding="utf-8")
-    assert main(["finetune", "--method", "lora", "--data", str(sft_file), "--base", str(d), "--out",
+    assert main(["finetune", "--method", "lora", "--data", str(sft_file), "--model", str(d), "--out",
                  str(tmp_path / "ft"), "--train.steps", "2", "--train.eval_every", "0", "--train.progress", "false",
                  "--batch_size", "4", "--seq_len", "64", "--val_fraction", "0"]) == 0
     assert json.loads((tmp_path / "ft" / "data.json").read_text())["train"]["kept"] == 24
@@ -62,8 +62,9 @@ def test_cli_lora_and_dpo_on_trl_rows(llama, tmp_path, capsys):
                   {"prompt": [U(f"how are you {i}")], "chosen": [A("hello there")], "rejected": [A("the the")]}]
     pref_file = tmp_path / "prefs.jsonl"
     pref_file.write_text("".join(json.dumps(r) + "\n" for r in prefs), encoding="utf-8")
-    assert main(["align", "--method", "dpo", "--policy", str(d), "--data", str(pref_file), "--out",
-                 str(tmp_path / "dpo"), "--steps", "2", "--batch_size", "2", "--lr", "1e-3", "--progress", "false",
+    assert main(["align", "--method", "dpo", "--model", str(d), "--data", str(pref_file), "--out",
+                 str(tmp_path / "dpo"), "--train.steps", "2", "--batch_size", "2", "--optim.lr", "1e-3",
+                 "--train.progress", "false",
                  "--max_len", "64"]) == 0
     assert "skipped none" in capsys.readouterr().out
     assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["skipped_rows"] == 0

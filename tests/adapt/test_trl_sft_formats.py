@@ -60,7 +60,7 @@ def test_cli_lora_finetune_on_trl_formats(tmp_path):
             mixed.append({"messages": r["messages"]})
     data = write_jsonl(tmp_path / "trl.jsonl", mixed)
     out = tmp_path / "lora"
-    summary = run(["finetune", "--method", "lora", "--data", str(data), "--base", str(base), "--out", str(out),
+    summary = run(["finetune", "--method", "lora", "--data", str(data), "--model", str(base), "--out", str(out),
                    "--train.steps", "2", "--train.eval_every", "0", "--train.progress", "false",
                    "--batch_size", "4", "--seq_len", "96", "--val_fraction", "0"])
     assert summary["steps"] == 2

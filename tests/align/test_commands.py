@@ -21,8 +21,9 @@ def setup(tok, world, tmp_path):
 
 
 def _flags(method, policy_dir, data, out):
-    return ["align", "--method", method, "--policy", str(policy_dir), "--data", str(data), "--out", str(out),
-            "--steps", "2", "--batch_size", "2", "--lr", "1e-3", "--progress", "false", "--max_len", "96"]
+    return ["align", "--method", method, "--model", str(policy_dir), "--data", str(data), "--out", str(out),
+            "--train.steps", "2", "--batch_size", "2", "--optim.lr", "1e-3", "--train.progress", "false",
+            "--max_len", "96"]
 
 
 def test_align_dpo_and_rm(setup, capsys):
@@ -49,10 +50,10 @@ def test_align_online_methods(setup, world, tok, capsys):
     prompts.write_text("\n".join([json.dumps(r) for r in recs] + ['{"answer": 1}']) + "\n", encoding="utf-8")
     for method in ("grpo", "rloo", "ppo", "rft"):
         out = tmp / method
-        flags = ["align", "--method", method, "--policy", str(policy_dir), "--data", str(prompts), "--out", str(out),
-                 "--steps", "2", "--group_size", "2", "--prompts_per_step", "2", "--max_tokens", "6",
-                 "--reward", "math=1,format=0.5", "--lr", "1e-3", "--eval_prompts", "2", "--val_fraction", "0.2",
-                 "--progress", "false", "--rounds", "1", "--rft_min_reward", "0.0", "--batch_size", "2"]
+        flags = ["align", "--method", method, "--model", str(policy_dir), "--data", str(prompts), "--out", str(out),
+                 "--train.steps", "2", "--group_size", "2", "--prompts_per_step", "2", "--max_tokens", "6",
+                 "--reward", "math=1,format=0.5", "--optim.lr", "1e-3", "--eval_prompts", "2", "--val_fraction", "0.2",
+                 "--train.progress", "false", "--rounds", "1", "--rft_min_reward", "0.0", "--batch_size", "2"]
         assert main(flags) == 0
         assert "skipped 1: no prompt 1" in capsys.readouterr().out
         summary = json.loads((out / "summary.json").read_text())
@@ -66,8 +67,8 @@ def test_align_online_methods(setup, world, tok, capsys):
                             special_tokens="chat", show_progress=False)
     ref_dir = tmp / "other_ref"
     save_model(make_policy(other), ref_dir, tokenizer=other)
-    flags = ["align", "--method", "grpo", "--policy", str(policy_dir), "--data", str(prompts), "--out",
-             str(tmp / "bad"), "--reference_path", str(ref_dir), "--kl_coef", "0.1", "--progress", "false"]
+    flags = ["align", "--method", "grpo", "--model", str(policy_dir), "--data", str(prompts), "--out",
+             str(tmp / "bad"), "--reference_path", str(ref_dir), "--kl_coef", "0.1", "--train.progress", "false"]
     assert main(flags) == 2
     assert "tokenizer" in capsys.readouterr().err and not (tmp / "bad" / "model").exists()
 
@@ -76,7 +77,7 @@ def test_missing_inputs_are_refused(setup, capsys):
     policy_dir, data, tmp = setup
     assert main(_flags("grpo", policy_dir, data, tmp / "g") + ["--group_size", "1"]) == 2
     assert "group_size must be >= 2" in capsys.readouterr().err
-    assert main(["align", "--method", "dpo", "--data", str(data), "--progress", "false"]) == 2
-    assert "--policy is required" in capsys.readouterr().err
-    assert main(["align", "--method", "dpo", "--policy", str(policy_dir), "--data", str(tmp / "none.jsonl")]) == 2
+    assert main(["align", "--method", "dpo", "--data", str(data), "--train.progress", "false"]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert main(["align", "--method", "dpo", "--model", str(policy_dir), "--data", str(tmp / "none.jsonl")]) == 2
     assert "no preference file" in capsys.readouterr().err

@@ -26,10 +26,12 @@ def pairs(world):
 
 
 def _cfg(method="dpo", **kw):
-    base = dict(method=method, lr=3e-3, steps=12, batch_size=4, warmup_steps=0, progress=False, max_len=128,
-                eval_every=0, log_every=5)
-    base.update(kw)
-    return AlignConfig(**base)
+    base = dict(method=method, batch_size=4, max_len=128,
+                train={"steps": 12, "progress": False, "eval_every": 0, "log_every": 5}, optim={"lr": 3e-3},
+                schedule={"warmup_steps": 0})
+    for nested in ("train", "optim", "schedule"):  # a test's nested keys override the helper's, key by key
+        kw[nested] = {**base[nested], **kw.get(nested, {})}
+    return AlignConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("method,extra", [("dpo", {}), ("cdpo", {"label_smoothing": 0.1}), ("ipo", {}),
@@ -51,13 +53,15 @@ def test_a_few_steps_raise_preference_accuracy_and_margin(tok, pairs, method, ex
 
 
 def _losses(trainer, pairs, steps=3):
-    trainer.cfg.steps = steps
+    trainer.cfg.train.steps = steps
     return [h["loss"] for h in trainer.fit(pairs, [])["history"]]
 
 
 def test_precomputed_reference_equals_frozen_copy(tok, pairs):
-    copy_losses = _losses(PreferenceTrainer(make_policy(tok), tok, _cfg(log_every=1), log=lambda s: None), pairs)
-    pre = PreferenceTrainer(make_policy(tok), tok, _cfg(reference="precomputed", log_every=1), log=lambda s: None)
+    every_step = {"log_every": 1}
+    copy_losses = _losses(PreferenceTrainer(make_policy(tok), tok, _cfg(train=every_step), log=lambda s: None), pairs)
+    pre = PreferenceTrainer(make_policy(tok), tok, _cfg(reference="precomputed", train=every_step),
+                            log=lambda s: None)
     pre_losses = _losses(pre, pairs)
     assert pre.reference is None  # the copy was dropped after precomputing
     assert pre_losses == pytest.approx(copy_losses, abs=1e-5)
@@ -86,9 +90,10 @@ def test_adapters_disabled_reference_hook(tok, pairs, monkeypatch):
     fake = types.ModuleType("lmstack.adapt")
     fake.disable_adapters = disable_adapters
     monkeypatch.setitem(sys.modules, "lmstack.adapt", fake)
-    adapter_losses = _losses(PreferenceTrainer(policy, tok, _cfg(reference="adapters", log_every=1),
+    adapter_losses = _losses(PreferenceTrainer(policy, tok, _cfg(reference="adapters", train={"log_every": 1}),
                                                log=lambda s: None), pairs)
-    copy_losses = _losses(PreferenceTrainer(make_policy(tok), tok, _cfg(log_every=1), log=lambda s: None), pairs)
+    copy_losses = _losses(PreferenceTrainer(make_policy(tok), tok, _cfg(train={"log_every": 1}), log=lambda s: None),
+                          pairs)
     assert adapter_losses == pytest.approx(copy_losses, abs=1e-5)
 
 
@@ -159,7 +164,7 @@ def test_rpo_adds_the_chosen_nll_and_holds_up_the_chosen_likelihood(tok, pairs):
     assert float(out_rpo["loss"].detach()) == pytest.approx(float(out_plain["loss"].detach()) + 0.5 * float(nll), rel=1e-5)
     # Trained alike, the RPO policy ends with a higher likelihood of the chosen replies than plain DPO's.
     chosen = lambda t: float(sequence_logprobs(t.policy, t._batch([(p.prompt, p.chosen) for p in pairs])).mean())  # noqa: E731
-    plain.cfg.steps = rpo.cfg.steps = 15
+    plain.cfg.train.steps = rpo.cfg.train.steps = 15
     plain.fit(pairs, pairs)
     summary = rpo.fit(pairs, pairs)
     with torch.no_grad():

@@ -13,8 +13,11 @@ from lmstack.errors import LmstackError
 
 
 def _cfg(**kw):
-    base = dict(method="grpo", group_size=4, prompts_per_step=2, max_tokens=8, steps=2, lr=1e-3,
-                warmup_steps=0, eval_prompts=0, progress=False, device="cpu")
+    base = dict(method="grpo", group_size=4, prompts_per_step=2, max_tokens=8, eval_prompts=0,
+                train={"steps": 2, "progress": False, "device": "cpu"}, optim={"lr": 1e-3},
+                schedule={"warmup_steps": 0})
+    for nested in ("train", "optim", "schedule"):  # a test's nested keys override the helper's, key by key
+        kw[nested] = {**base[nested], **kw.get(nested, {})}
     return AlignConfig(**{**base, **kw})
 
 
@@ -46,7 +49,7 @@ def test_prompt_file_counts_bad_rows(tmp_path):
 
 def test_step_statistics_and_weights_move(policy, tok, records):
     before = [p.detach().clone() for p in policy.parameters()]
-    trainer = GroupTrainer(policy, tok, _cfg(steps=1), letter_e)
+    trainer = GroupTrainer(policy, tok, _cfg(train={"steps": 1}), letter_e)
     summary = trainer.fit(records, [])
     row = summary["history"][0]
     assert row["informative_fraction"] > 0 and math.isfinite(row["loss"]) and row["ratio_mean"] == pytest.approx(1.0)
@@ -60,31 +63,32 @@ def test_nan_rewards_are_masked_and_flat_steps_skipped(policy, tok, records):
         calls["n"] += 1
         return float("nan") if calls["n"] % 2 else letter_e(prompt, completion, record)
 
-    trainer = GroupTrainer(policy, tok, _cfg(steps=1), half_nan)
+    trainer = GroupTrainer(policy, tok, _cfg(train={"steps": 1}), half_nan)
     row = trainer.fit(records, [])["history"][0]
     assert row["nan_fraction"] == pytest.approx(0.5) and math.isfinite(row["loss"])
 
     before = [p.detach().clone() for p in policy.parameters()]
-    flat = GroupTrainer(policy, tok, _cfg(steps=1), lambda p, c, r: 1.0)
+    flat = GroupTrainer(policy, tok, _cfg(train={"steps": 1}), lambda p, c, r: 1.0)
     row = flat.fit(records, [])["history"][0]
     assert row["skipped"] == 1.0 and flat.opt_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
 
 def test_kl_term_reuse_and_rloo(policy, tok, records):
-    trainer = GroupTrainer(policy, tok, _cfg(steps=2, kl_coef=0.1, ppo_epochs=2, minibatches=2), letter_e)
+    trainer = GroupTrainer(policy, tok, _cfg(kl_coef=0.1, ppo_epochs=2, minibatches=2, train={"steps": 2}), letter_e)
     hist = trainer.fit(records, [])["history"]
     assert trainer.reference is not None and trainer.opt_steps == 8
     assert all(h["kl"] >= 0 for h in hist) and hist[-1]["kl"] > 0  # k3 is >= 0, and > 0 once the policy moved
     assert any(h["ratio_mean"] != 1.0 for h in hist)  # later minibatches are off-policy: the clip can act
-    rloo = GroupTrainer(make_policy(tok), tok, _cfg(method="rloo", steps=1), letter_e)
+    rloo = GroupTrainer(make_policy(tok), tok, _cfg(method="rloo", train={"steps": 1}), letter_e)
     assert rloo.method == "rloo" and rloo.fit(records, [])["history"][0]["informative_fraction"] > 0
 
 
 def test_grpo_raises_a_learnable_reward(tok, records):
     torch.manual_seed(0)
     policy = make_policy(tok, seed=3)
-    cfg = _cfg(steps=40, lr=1e-2, group_size=8, prompts_per_step=2, max_tokens=12, clip_grad_norm=1.0)
+    cfg = _cfg(group_size=8, prompts_per_step=2, max_tokens=12, train={"steps": 40, "clip_grad_norm": 1.0},
+               optim={"lr": 1e-2})
     hist = GroupTrainer(policy, tok, cfg, letter_e).fit(records, [])["history"]
     first = sum(h["reward_mean"] for h in hist[:5]) / 5
     last = sum(h["reward_mean"] for h in hist[-5:]) / 5
@@ -98,5 +102,5 @@ def test_evaluation_uses_greedy_verifier(policy, tok, records):
 
 
 def test_time_budget_stops_early(policy, tok, records):
-    summary = GroupTrainer(policy, tok, _cfg(steps=1000, max_seconds=0.5), letter_e).fit(records, [])
+    summary = GroupTrainer(policy, tok, _cfg(train={"steps": 1000, "max_seconds": 0.5}), letter_e).fit(records, [])
     assert 1 <= summary["steps"] < 1000

@@ -27,8 +27,9 @@ def test_asker_reward_is_solved_and_faithful():
 
 def test_both_agents_learn_with_separate_weights(policy, tok):
     records = [{"prompt": "Tell me about the sea.", "answer": "sea"}, {"prompt": "Say something nice.", "answer": "x"}]
-    cfg = AlignConfig(method="grpo", group_size=6, prompts_per_step=2, max_tokens=8, steps=1, lr=1e-2,
-                      warmup_steps=0, eval_prompts=2, progress=False, device="cpu", temperature=1.5)
+    cfg = AlignConfig(method="grpo", group_size=6, prompts_per_step=2, max_tokens=8, eval_prompts=2, temperature=1.5,
+                      train={"steps": 1, "progress": False, "device": "cpu"}, optim={"lr": 1e-2},
+                      schedule={"warmup_steps": 0})
     cfg.max_turns = 1
     reward = lambda p, c, r: float(c.count("e") >= 1)  # noqa: E731  (fires on some samples, not all)
     trainer = MultiAgentTrainer(policy, tok, cfg, reward, log=lambda m: None)

@@ -14,8 +14,11 @@ from lmstack.model.hf_io import save_model
 
 
 def _cfg(**kw):
-    base = dict(method="ppo", group_size=4, prompts_per_step=2, max_tokens=8, steps=2, lr=1e-3, warmup_steps=0,
-                eval_prompts=0, progress=False, device="cpu", kl_coef=0.05)
+    base = dict(method="ppo", group_size=4, prompts_per_step=2, max_tokens=8, eval_prompts=0, kl_coef=0.05,
+                train={"steps": 2, "progress": False, "device": "cpu"}, optim={"lr": 1e-3},
+                schedule={"warmup_steps": 0})
+    for nested in ("train", "optim", "schedule"):  # a test's nested keys override the helper's, key by key
+        kw[nested] = {**base[nested], **kw.get(nested, {})}
     return AlignConfig(**{**base, **kw})
 
 
@@ -39,7 +42,7 @@ def test_logps_and_values_share_one_forward_and_the_token_layout(policy, tok, re
 
 def test_one_step_moves_policy_and_value_and_saves_a_plain_model(policy, tok, records, tmp_path):
     before = [p.detach().clone() for p in policy.parameters()]
-    trainer = PPOTrainer(policy, tok, _cfg(steps=1, ppo_epochs=2, minibatches=2), letter_e)
+    trainer = PPOTrainer(policy, tok, _cfg(ppo_epochs=2, minibatches=2, train={"steps": 1}), letter_e)
     row = trainer.fit(records, [])["history"][0]
     for key in ("policy_loss", "value_loss", "kl", "clipfrac", "approx_kl", "vf_clipfrac", "entropy"):
         assert math.isfinite(row[key]), key
@@ -59,17 +62,18 @@ def test_nan_scores_are_masked(policy, tok, records):
         calls["n"] += 1
         return float("nan") if calls["n"] % 2 else 1.0
 
-    row = PPOTrainer(policy, tok, _cfg(steps=1), half_nan).fit(records, [])["history"][0]
+    row = PPOTrainer(policy, tok, _cfg(train={"steps": 1}), half_nan).fit(records, [])["history"][0]
     assert row["nan_fraction"] == pytest.approx(0.5) and row["nan_count"] == 4 and math.isfinite(row["policy_loss"])
     assert math.isfinite(row["kl"]) and math.isfinite(row["value_loss"]) and math.isfinite(row["reward_mean"])
-    all_nan = PPOTrainer(make_policy(tok), tok, _cfg(steps=1), lambda p, c, r: float("nan"))
+    all_nan = PPOTrainer(make_policy(tok), tok, _cfg(train={"steps": 1}), lambda p, c, r: float("nan"))
     assert all_nan.fit(records, [])["history"][0]["skipped"] == 1.0 and all_nan.opt_steps == 0
 
 
 def test_adaptive_controller_raises_beta_when_kl_overshoots(tok, records):
     # After every step β moves toward the target: up when that step's KL overshot it, down otherwise. (The
     # sampled k1 estimate can be negative on one batch, so the direction is checked step by step.)
-    trainer = PPOTrainer(make_policy(tok), tok, _cfg(steps=6, lr=1e-2, kl_target=0.05, kl_horizon=10), letter_e)
+    trainer = PPOTrainer(make_policy(tok), tok, _cfg(kl_target=0.05, kl_horizon=10, train={"steps": 6},
+                                                     optim={"lr": 1e-2}), letter_e)
     hist = trainer.fit(records, [])["history"]
     coefs = [h["kl_coef"] for h in hist] + [trainer.kl_ctl.value]
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6) and coefs[1] < coefs[0]  # starts at the reference
@@ -80,7 +84,7 @@ def test_adaptive_controller_raises_beta_when_kl_overshoots(tok, records):
 
 def test_ppo_raises_a_learnable_reward(tok, records):
     torch.manual_seed(0)
-    cfg = _cfg(steps=40, lr=1e-2, group_size=8, prompts_per_step=2, max_tokens=12, kl_coef=0.0)
+    cfg = _cfg(group_size=8, prompts_per_step=2, max_tokens=12, kl_coef=0.0, train={"steps": 40}, optim={"lr": 1e-2})
     hist = PPOTrainer(make_policy(tok, seed=3), tok, cfg, letter_e).fit(records, [])["history"]
     first = sum(h["reward_mean"] for h in hist[:5]) / 5
     last = sum(h["reward_mean"] for h in hist[-5:]) / 5

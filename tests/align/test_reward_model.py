@@ -32,8 +32,9 @@ def test_training_raises_pairwise_accuracy(tok, world):
     recs = [r for r in world.corpus("preferences", split="train") if r["kind"] in ("helpfulness", "harmful", "benign")]
     pairs = pairs_from_records(recs[:24]).pairs
     rm = RewardModel(make_policy(tok))
-    cfg = AlignConfig(method="rm", lr=3e-3, steps=20, batch_size=8, warmup_steps=0, progress=False, max_len=128,
-                      eval_every=0, log_every=5)
+    cfg = AlignConfig(method="rm", batch_size=8, max_len=128,
+                      train={"steps": 20, "progress": False, "eval_every": 0, "log_every": 5}, optim={"lr": 3e-3},
+                      schedule={"warmup_steps": 0})
     summary = train_reward_model(rm, tok, pairs, pairs, cfg, log=lambda s: None)
     assert summary["val_after"]["accuracy"] >= 0.9 > summary["val_before"]["accuracy"]
     assert summary["val_after"]["margin"] > summary["val_before"]["margin"]

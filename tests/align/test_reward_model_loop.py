@@ -46,9 +46,10 @@ def test_rm_spec_alone_and_inside_a_mixture(rm_dir, tok, records):
 
 def test_rl_against_the_rm_logs_rm_and_verifier_scores(rm_dir, tok, records, tmp_path):
     path, _ = rm_dir
-    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=2, steps=2, max_tokens=8, lr=1e-3,
-                      warmup_steps=0, eval_prompts=3, eval_every=0, log_every=1, progress=False, device="cpu",
-                      monitor="math,format")
+    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=2, max_tokens=8, eval_prompts=3,
+                      monitor="math,format",
+                      train={"steps": 2, "eval_every": 0, "log_every": 1, "progress": False, "device": "cpu"},
+                      optim={"lr": 1e-3}, schedule={"warmup_steps": 0})
     out = tmp_path / "run"
     summary = GroupTrainer(make_policy(tok), tok, cfg, reward_from_spec(f"math=1,rm:{path}=0.5")).fit(
         records[:5], records[5:], out_dir=out)

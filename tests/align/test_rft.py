@@ -11,8 +11,11 @@ from lmstack.align.rft import RejectionSamplingTrainer, select_winners
 
 
 def _cfg(**kw):
-    base = dict(method="rft", group_size=4, prompts_per_step=4, max_tokens=8, steps=2, rounds=2, lr=1e-3,
-                batch_size=4, warmup_steps=0, eval_prompts=0, progress=False, device="cpu", rft_min_reward=0.5)
+    base = dict(method="rft", group_size=4, prompts_per_step=4, max_tokens=8, rounds=2, batch_size=4, eval_prompts=0,
+                rft_min_reward=0.5, train={"steps": 2, "progress": False, "device": "cpu"}, optim={"lr": 1e-3},
+                schedule={"warmup_steps": 0})
+    for nested in ("train", "optim", "schedule"):  # a test's nested keys override the helper's, key by key
+        kw[nested] = {**base[nested], **kw.get(nested, {})}
     return AlignConfig(**{**base, **kw})
 
 
@@ -71,8 +74,8 @@ def test_round_without_winners_takes_no_step(policy, tok, records):
 def test_rounds_raise_a_learnable_reward(tok, records):
     torch.manual_seed(0)
     policy = make_policy(tok, seed=3)
-    cfg = _cfg(rounds=4, group_size=8, steps=8, lr=5e-3, max_tokens=12, rft_min_reward=0.0, rft_prompts=8,
-               prompts_per_step=8, batch_size=8)
+    cfg = _cfg(rounds=4, group_size=8, max_tokens=12, rft_min_reward=0.0, rft_prompts=8, prompts_per_step=8,
+               batch_size=8, train={"steps": 8}, optim={"lr": 5e-3})
     hist = RejectionSamplingTrainer(policy, tok, cfg, letter_e, log=lambda m: None).fit(records, [])["history"]
     first, last = hist[0]["reward_mean"], hist[-1]["reward_mean"]
     assert math.isfinite(first) and last > first + 0.05 and last > 1.5 * first, [h["reward_mean"] for h in hist]

@@ -72,8 +72,9 @@ def test_answer_in_reply():
 
 
 def test_one_training_step_moves_weights_on_answerer_tokens(policy, tok, records):
-    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=2, max_tokens=8, steps=1, lr=1e-3,
-                      warmup_steps=0, eval_prompts=2, progress=False, device="cpu")
+    cfg = AlignConfig(method="grpo", group_size=4, prompts_per_step=2, max_tokens=8, eval_prompts=2,
+                      train={"steps": 1, "progress": False, "device": "cpu"}, optim={"lr": 1e-3},
+                      schedule={"warmup_steps": 0})
     cfg.max_turns = 2
     letter_e = lambda p, c, r: float(c.count("e") >= 2)  # noqa: E731
     before = [p.detach().clone() for p in policy.parameters()]

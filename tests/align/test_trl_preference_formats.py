@@ -54,8 +54,9 @@ def test_cli_dpo_on_trl_conversational_rows(world, tok, tmp_path, capsys):
     policy = tmp_path / "policy"
     save_model(make_policy(tok), policy, tokenizer=tok)
     out = tmp_path / "dpo"
-    assert main(["align", "--method", "dpo", "--policy", str(policy), "--data", str(data), "--out", str(out),
-                 "--steps", "2", "--batch_size", "2", "--lr", "1e-3", "--progress", "false", "--max_len", "96"]) == 0
+    assert main(["align", "--method", "dpo", "--model", str(policy), "--data", str(data), "--out", str(out),
+                 "--train.steps", "2", "--batch_size", "2", "--optim.lr", "1e-3", "--train.progress", "false",
+                 "--max_len", "96"]) == 0
     assert "skipped none" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "dpo" and summary["skipped_rows"] == 0
@@ -82,7 +83,8 @@ def test_cli_kto_on_trl_conversational_unpaired_rows(world, tok, tmp_path, capsy
     assert len(loaded.rows) == 12 and loaded.rows[0].prompt[0] == ("system", "Answer briefly.")
     policy = tmp_path / "policy"
     save_model(make_policy(tok), policy, tokenizer=tok)
-    assert main(["align", "--method", "kto", "--policy", str(policy), "--data", str(data), "--out",
-                 str(tmp_path / "kto"), "--steps", "2", "--batch_size", "2", "--lr", "1e-3", "--progress", "false",
+    assert main(["align", "--method", "kto", "--model", str(policy), "--data", str(data), "--out",
+                 str(tmp_path / "kto"), "--train.steps", "2", "--batch_size", "2", "--optim.lr", "1e-3",
+                 "--train.progress", "false",
                  "--max_len", "96"]) == 0
     assert json.loads((tmp_path / "kto" / "summary.json").read_text())["method"] == "kto"

@@ -85,8 +85,9 @@ def test_no_signal_means_no_step(tok, records):
 def test_trainer_keeps_every_accepted_step_under_max_kl(tok, records):
     policy = make_policy(tok)
     start = copy.deepcopy(policy)
-    cfg = AlignConfig(method="trpo", group_size=4, prompts_per_step=2, steps=3, max_tokens=8, lr=1e-3,
-                      max_kl=0.02, kl_coef=0.05, warmup_steps=0, eval_prompts=0, progress=False, device="cpu")
+    cfg = AlignConfig(method="trpo", group_size=4, prompts_per_step=2, max_tokens=8, max_kl=0.02, kl_coef=0.05,
+                      eval_prompts=0, train={"steps": 3, "progress": False, "device": "cpu"}, optim={"lr": 1e-3},
+                      schedule={"warmup_steps": 0})
     summary = TRPOTrainer(policy, tok, cfg, letter_e).fit(records)
     hist = summary["history"]
     accepted = [h for h in hist if h.get("trpo_accepted") == 1.0]
@@ -103,14 +104,14 @@ def test_cli_method_trpo(tok, world, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in recs) + "\n", encoding="utf-8")
     out = tmp_path / "trpo"
-    flags = ["align", "--method", "trpo", "--policy", str(policy_dir), "--data", str(prompts), "--out", str(out),
-             "--steps", "2", "--group_size", "2", "--prompts_per_step", "2", "--max_tokens", "6",
+    flags = ["align", "--method", "trpo", "--model", str(policy_dir), "--data", str(prompts), "--out", str(out),
+             "--train.steps", "2", "--group_size", "2", "--prompts_per_step", "2", "--max_tokens", "6",
              "--reward", "math=1,format=0.5", "--max_kl", "0.02", "--cg_iters", "5", "--eval_prompts", "2",
              "--val_fraction", "0.2",
-             "--progress", "false"]
+             "--train.progress", "false"]
     assert main(flags) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "trpo" and summary["eval_after"]["n"] == 2
     assert all(h["step_kl"] <= 0.02 for h in summary["history"] if "step_kl" in h)
     assert load_model(out / "model").config.vocab_size == tok.vocab_size
-    assert main(flags[:-2] + ["--max_kl", "0", "--progress", "false"]) == 2
+    assert main(flags[:-2] + ["--max_kl", "0", "--train.progress", "false"]) == 2

@@ -199,8 +199,8 @@ def test_over_budget_config_is_refused_before_allocating_in_every_command(tmp_pa
                 ["eval", "--model", d, "--tasks", "arc_easy", "--limit", "2"],
                 ["chat", "--model", d, "--device", "cpu"],
                 ["serve", "--model", d, "--device", "cpu", "--port", "1"],
-                ["finetune", "--method", "lora", "--base", d, "--data", prefs, "--out", tmp_path / "ft"],
-                ["align", "--method", "dpo", "--policy", d, "--data", prefs, "--out", tmp_path / "dpo"]]
+                ["finetune", "--method", "lora", "--model", d, "--data", prefs, "--out", tmp_path / "ft"],
+                ["align", "--method", "dpo", "--model", d, "--data", prefs, "--out", tmp_path / "dpo"]]
     try:
         for argv in commands:
             rc, err = cli(argv + ["--max_model_gib", "8"], capsys)

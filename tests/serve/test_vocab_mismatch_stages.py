@@ -45,8 +45,8 @@ def test_every_stage_refuses_a_larger_tokenizer_in_one_line(tok, files, stage, c
         "model_generate": (["model", "generate", "--model", bad, "--prompt", "the cat"], bad),
         "chat": (["chat", "--model", bad], bad),
         "serve": (["serve", "--model", bad, "--port", "1"], bad),
-        "finetune": (["finetune", "--base", bad, "--data", str(root / "sft.jsonl"), "--out", str(root / "ft")], bad),
-        "align": (["align", "--policy", bad, "--data", str(root / "pref.jsonl"), "--out", str(root / "al")], bad),
+        "finetune": (["finetune", "--model", bad, "--data", str(root / "sft.jsonl"), "--out", str(root / "ft")], bad),
+        "align": (["align", "--model", bad, "--data", str(root / "pref.jsonl"), "--out", str(root / "al")], bad),
         "pretrain": (["pretrain", "--data.text", str(root / "corpus.txt"), "--data.tokenizer", str(root / "tok"),
                       "--model.vocab_size", str(small), "--out", str(root / "pt")], str(root / "tok")),
     }[stage]

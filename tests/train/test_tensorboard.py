@@ -111,7 +111,7 @@ def test_finetune_cli_flag_writes_event_files(tmp_path, world, tok):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in world.corpus("chat")[:80]))
     out = tmp_path / "sft"
-    assert main(["finetune", "--method", "full", "--data", str(data), "--base", str(base), "--out", str(out),
+    assert main(["finetune", "--method", "full", "--data", str(data), "--model", str(base), "--out", str(out),
                  "--train.steps", "4", "--train.eval_every", "2", "--train.eval_batches", "1",
                  "--train.log_every", "1", "--train.progress", "false", "--batch_size", "2", "--seq_len", "96",
                  "--log.tensorboard", "true"]) == 0
@@ -127,14 +127,16 @@ def test_dpo_and_grpo_write_event_files(tmp_path, world, tok):
     on = LogConfig(tensorboard=True)
     recs = [r for r in world.corpus("preferences", split="train") if r["kind"] in ("harmful", "benign", "helpfulness")]
     pairs = pairs_from_records(recs[:6]).pairs
-    dpo_cfg = AlignConfig(method="dpo", lr=3e-3, steps=3, batch_size=2, warmup_steps=0, progress=False, max_len=128,
-                          eval_every=0, log_every=1, device="cpu", log=on)
+    dpo_cfg = AlignConfig(method="dpo", batch_size=2, max_len=128, log=on,
+                          train={"steps": 3, "progress": False, "eval_every": 0, "log_every": 1, "device": "cpu"},
+                          optim={"lr": 3e-3}, schedule={"warmup_steps": 0})
     PreferenceTrainer(_tiny_model(tok), tok, dpo_cfg, log=lambda s: None).fit(pairs, pairs[:2], out_dir=tmp_path / "dpo")
     assert_tensorboard_matches_jsonl(tmp_path / "dpo", {"loss", "accuracy", "lr", "grad_norm", "val_accuracy"})
 
     prompts = [r for r in world.corpus("chat") if r["kind"] == "arithmetic"][:4]
-    grpo_cfg = AlignConfig(method="grpo", group_size=2, prompts_per_step=2, max_tokens=4, steps=2, lr=1e-3,
-                           warmup_steps=0, eval_prompts=0, log_every=1, progress=False, device="cpu", log=on)
+    grpo_cfg = AlignConfig(method="grpo", group_size=2, prompts_per_step=2, max_tokens=4, eval_prompts=0, log=on,
+                           train={"steps": 2, "log_every": 1, "progress": False, "device": "cpu"}, optim={"lr": 1e-3},
+                           schedule={"warmup_steps": 0})
     letter_e = lambda p, c, r: c.count("e") / max(1, len(c))  # noqa: E731 - a reward that varies inside a group
     GroupTrainer(_tiny_model(tok), tok, grpo_cfg, letter_e, log=lambda s: None).fit(prompts, out_dir=tmp_path / "grpo")
     assert_tensorboard_matches_jsonl(tmp_path / "grpo", {"reward_mean", "lr"})

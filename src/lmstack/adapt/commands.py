@@ -1,8 +1,8 @@
 """`lmstack finetune`: supervised fine-tuning (full or any adapter method) from a FinetuneConfig recipe + flags.
 
 Usage:
-    lmstack finetune --method lora --data chat.jsonl --base BASE_DIR --out runs/sft --optim.lr 1e-3
-    lmstack finetune --config recipes/finetune_lora.yaml --base BASE_DIR --data chat.jsonl
+    lmstack finetune --method lora --data chat.jsonl --model BASE_DIR --out runs/sft --optim.lr 1e-3
+    lmstack finetune --config recipes/finetune_lora.yaml --model BASE_DIR --data chat.jsonl
 """
 from lmstack.adapt.finetune import FinetuneConfig, finetune
 from lmstack.config import ConfigCommand

@@ -16,7 +16,7 @@ d_model and bottleneck_dim must be multiples of phm_dim.
 Usage:
     from lmstack.adapt import AdapterConfig, get_peft_model
     model = get_peft_model(model, AdapterConfig(method="compacter", bottleneck_dim=32, phm_dim=4, phm_rank=1))
-    lmstack finetune --method compacter --adapter.phm_dim 4 --data chat.jsonl --base DIR
+    lmstack finetune --method compacter --adapter.phm_dim 4 --data chat.jsonl --model DIR
 """
 from __future__ import annotations
 

@@ -16,10 +16,10 @@ packing), metrics.jsonl, loss.png, checkpoints/, summary.json and the result:
              load_trainable / load_result put back onto the base
 
 Usage:
-    lmstack finetune --method lora --data chat.jsonl --base runs/x/pretrain/checkpoints/step_00002000/model \
+    lmstack finetune --method lora --data chat.jsonl --model runs/x/pretrain/checkpoints/step_00002000/model \
         --out runs/sft --train.steps 300 --optim.lr 1e-3
     from lmstack.adapt.finetune import FinetuneConfig, finetune
-    summary = finetune(FinetuneConfig(method="full", data="chat.jsonl", base="base/", out="runs/sft"))
+    summary = finetune(FinetuneConfig(method="full", data="chat.jsonl", model="base/", out="runs/sft"))
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from lmstack.adapt.sft import (PACKERS, SFTExample, SFTLoader, SFTObjective, des
 from lmstack.config import ConfigError, atomic_write_text, save_config, to_dict
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model, save_model
+from lmstack.model.side_files import keep_source_files
 from lmstack.model.load_guard import load_safetensors, read_json, set_max_model_gib
 from lmstack.model.vocab import check_vocab
 from lmstack.runtime.device import resolve_device
@@ -71,13 +72,14 @@ def _default_train() -> TrainConfig:
 
 @dataclass
 class FinetuneConfig:
+    renamed_keys = {"base": "model"}  # a class attribute, not a field: lmstack.config refuses --base naming --model
     method: str = "full"
     """full | lora | dora | qlora | prefix | prompt | adapter | ia3 | hyper | sparse (it sets adapter.method)."""
     data: str = ""
     """Chat JSONL: one {"messages": [{"role", "content"}, ...]} object per line (extra keys are kept as metadata;
     `kind` names the task for mixtures, `difficulty` feeds curricula)."""
-    base: str = ""
-    """The pretrained model directory (HF layout, e.g. a pretrain checkpoint's model/)."""
+    model: str = ""
+    """The model directory to start from: ours (e.g. a pretrain checkpoint's model/) or an HF one."""
     out: str = "runs/finetune"
     """Run directory."""
     val_data: str = ""
@@ -85,7 +87,7 @@ class FinetuneConfig:
     val_fraction: float = 0.05
     """Without val_data: the share of rows held out for validation (0 = no validation)."""
     tokenizer: str = ""
-    """Tokenizer directory (default: the base model directory). It needs lmstack's chat special tokens."""
+    """Tokenizer directory (default: the --model directory). It needs lmstack's chat special tokens."""
     max_model_gib: float | None = None
     """Refuse a base model whose config.json needs more memory than this many GiB, estimated before allocating;
     default: 64 or this machine's RAM, the smaller. Weights load in fp32 whatever the checkpoint holds."""
@@ -245,14 +247,14 @@ def prepare_examples(cfg: FinetuneConfig, tok, log=print) -> tuple[list[SFTExamp
 
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
-    """Fine-tune cfg.base on cfg.data with cfg.method; returns a summary (also written to out/summary.json)."""
+    """Fine-tune cfg.model on cfg.data with cfg.method; returns a summary (also written to out/summary.json)."""
     # lazy: cycle (lmstack.adapt's __init__ imports fusion, which imports this module)
     from lmstack.adapt import get_peft_model, trainable_report
 
-    if not cfg.data or not cfg.base:
-        raise LmstackError("finetune needs --data (a chat JSONL file) and --base (a pretrained model directory)")
-    if not Path(cfg.base).is_dir():
-        raise LmstackError(f"base model directory not found: {cfg.base}")
+    if not cfg.data or not cfg.model:
+        raise LmstackError("finetune needs --data (a chat JSONL file) and --model (a pretrained model directory)")
+    if not Path(cfg.model).is_dir():
+        raise LmstackError(f"--model directory not found: {cfg.model}")
 
     set_threads(cfg.train.threads)  # 0 = auto: fits a shared machine instead of one thread per core
     set_max_model_gib(cfg.max_model_gib)  # load_model checks it before allocating the base model
@@ -260,15 +262,15 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, restart=False)),  # restart is one-off
                 out / "config.yaml")
-    tok_dir = cfg.tokenizer or cfg.base
+    tok_dir = cfg.tokenizer or cfg.model
     if not has_tokenizer(tok_dir):
         raise LmstackError(f"no tokenizer.json (nor tokenizer.model) in {tok_dir}; pass --tokenizer DIR")
     tok = load_tokenizer(tok_dir)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.base, lazy=False).to(device)
+    model = load_model(cfg.model, lazy=False).to(device)
 
-    check_vocab(model, tok, model_path=cfg.base, tokenizer_path=tok_dir, what="finetune")
+    check_vocab(model, tok, model_path=cfg.model, tokenizer_path=tok_dir, what="finetune")
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     examples, val, report = prepare_examples(cfg, tok, log)
     ordered = cfg.curriculum != "random"
@@ -311,14 +313,16 @@ TRAINABLE_CONFIG, TRAINABLE_WEIGHTS = "lmstack_adapter.json", "lmstack_adapter.s
 def save_result(model: torch.nn.Module, cfg: FinetuneConfig, tok, out: Path) -> Path:
     """Full fine-tuning: the model in HF layout (+ tokenizer) under out/model. LoRA/DoRA/QLoRA: PEFT files under
     out/adapter (save_adapter). Other methods: their trainable tensors under out/adapter (save_trainable)."""
-    if cfg.method == "full":
-        return save_model(model, out / "model", tokenizer=tok)
+    if cfg.method == "full":  # the base's tokenizer, template and generation_config.json stay as they were
+        path = save_model(model, out / "model", tokenizer=tok)
+        keep_source_files(cfg.model, path, model.config, tokenizer_dir=cfg.tokenizer or cfg.model)
+        return path
     if cfg.method in PEFT_METHODS:
         # lazy: cycle (lmstack.adapt's __init__ imports fusion, which imports this module)
         from lmstack.adapt import save_adapter
 
-        return save_adapter(model, out / "adapter", base_model_dir=cfg.base)
-    return save_trainable(model, cfg.adapter, out / "adapter", cfg.base)
+        return save_adapter(model, out / "adapter", base_model_dir=cfg.model)
+    return save_trainable(model, cfg.adapter, out / "adapter", cfg.model)
 
 
 def save_trainable(model: torch.nn.Module, adapter: AdapterConfig, path: str | os.PathLike, base_dir: str) -> Path:

@@ -19,7 +19,7 @@ Trainable parameters per fusion: 2 * n_layers * 3 * (d_model^2 + d_model).
 Usage:
     from lmstack.adapt import AdapterConfig, add_adapter, get_peft_model
     model = get_peft_model(base, AdapterConfig(method="fusion", fusion_adapters=["runs/qa/adapter", "runs/ar/adapter"]))
-    lmstack finetune --method fusion --adapter.fusion_adapters '[runs/qa/adapter, runs/ar/adapter]' --data ... --base ...
+    lmstack finetune --method fusion --adapter.fusion_adapters '[runs/qa/adapter, runs/ar/adapter]' --data ... --model ...
 """
 from __future__ import annotations
 

@@ -1,13 +1,16 @@
 """`lmstack align`: train a reward model or run offline preference optimisation from a policy directory.
 
-    lmstack align --method rm  --policy runs/sft/model --data prefs.jsonl --out runs/rm  --lr 1e-4
-    lmstack align --method dpo --policy runs/sft/model --data prefs.jsonl --out runs/dpo --beta 0.1
-    lmstack align --method kto --policy runs/sft/model --data kto.jsonl   --out runs/kto
-    lmstack align --method grpo --policy runs/sft/model --data world/chat/train.jsonl --kind arithmetic \
-                  --reward math --group_size 8 --steps 40 --lr 3e-4 --out runs/grpo
+    lmstack align --method rm  --model runs/sft/model --data prefs.jsonl --out runs/rm  --optim.lr 1e-4
+    lmstack align --method dpo --model runs/sft/model --data prefs.jsonl --out runs/dpo --beta 0.1
+    lmstack align --method kto --model runs/sft/model --data kto.jsonl   --out runs/kto
+    lmstack align --method grpo --model runs/sft/model --data world/chat/train.jsonl --kind arithmetic \
+                  --reward math --group_size 8 --train.steps 40 --optim.lr 3e-4 --out runs/grpo
     lmstack align --method ppo|trpo|rloo|rft ...     # the same prompt data and reward
     lmstack align --method grpo ... --reward math=1,rm:runs/rm/model=0.5 --monitor math   # RM in the loop
-    lmstack align --config recipe.yaml --steps 50
+    lmstack align --config recipe.yaml --train.steps 50
+
+The loop, optimizer and schedule flags are pretrain's and finetune's (--train.*, --optim.*, --schedule.*);
+the model to start from is --model (or the first word), as in every command.
 
 Writes into --out: model/ (the aligned policy, or the reward model with its head), metrics.jsonl,
 summary.json (held-out accuracy and margins, or held-out greedy reward for online methods, before and
@@ -28,6 +31,7 @@ from lmstack.align.rollout import load_prompts
 from lmstack.config import ConfigCommand, atomic_write_text, save_config
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model, save_model
+from lmstack.model.side_files import keep_source_files
 from lmstack.model.load_guard import set_max_model_gib
 from lmstack.model.vocab import check_vocab
 from lmstack.runtime.device import resolve_device
@@ -36,15 +40,21 @@ from lmstack.tokenizer import load_tokenizer
 
 
 def _load_policy(cfg: AlignConfig, device):
-    if not cfg.policy:
-        raise LmstackError("--policy is required: the model directory to align (with its tokenizer.json)")
-    if not Path(cfg.policy).is_dir():
-        raise LmstackError(f"--policy {cfg.policy} is not a model directory")
+    if not cfg.model:
+        raise LmstackError("--model is required: the model directory to align (with its tokenizer.json)")
+    if not Path(cfg.model).is_dir():
+        raise LmstackError(f"--model {cfg.model} is not a model directory")
 
     # lazy=False: weights are trained in place, so they must be real tensors, not views of the mapped file
-    model, tok = load_model(cfg.policy, lazy=False, device=device), load_tokenizer(cfg.policy)
-    check_vocab(model, tok, model_path=cfg.policy, tokenizer_path=cfg.policy, what="align")
+    model, tok = load_model(cfg.model, lazy=False, device=device), load_tokenizer(cfg.model)
+    check_vocab(model, tok, model_path=cfg.model, tokenizer_path=cfg.model, what="align")
     return model, tok
+
+
+def _save_policy(policy, tok, cfg: AlignConfig, out: Path) -> None:
+    """out/model in HF layout; the tokenizer, template and generation_config.json of the directory the policy came
+    from stay as they were (its eos list and sampling defaults: model/side_files.py)."""
+    keep_source_files(cfg.model, save_model(policy, out / "model", tokenizer=tok), policy.config)
 
 
 def _load_data(cfg: AlignConfig, log=print):
@@ -67,7 +77,7 @@ def _load_data(cfg: AlignConfig, log=print):
         val = load_preferences(cfg.val_data)
         log("validation: " + val.report())
         return rows, val.rows, loaded.n_skipped
-    train, val = split_holdout(rows, cfg.val_fraction, cfg.seed)
+    train, val = split_holdout(rows, cfg.val_fraction, cfg.train.seed)
 
     return train, [p for p in val if isinstance(p, Pair)], loaded.n_skipped
 
@@ -107,7 +117,7 @@ def _online(cfg: AlignConfig, device, out: Path) -> dict:
         print("validation: " + val_loaded.report())
         train, val = loaded.records, val_loaded.records
     else:
-        train, val = split_holdout(loaded.records, cfg.val_fraction, cfg.seed)
+        train, val = split_holdout(loaded.records, cfg.val_fraction, cfg.train.seed)
     policy, tok = _load_policy(cfg, device)
     reference = _load_reference(cfg, tok, device)
     reward = reward_from_spec(cfg.reward, device=str(device))
@@ -115,7 +125,7 @@ def _online(cfg: AlignConfig, device, out: Path) -> dict:
     trainer = online_trainer_class(cfg.method)(policy, tok, cfg, reward, reference=reference)
     summary = trainer.fit(train, val, out_dir=out)
 
-    save_model(trainer.policy, out / "model", tokenizer=tok)
+    _save_policy(trainer.policy, tok, cfg, out)
     summary["skipped_rows"] = loaded.n_skipped
     return summary
 
@@ -124,10 +134,10 @@ def align(cfg: AlignConfig) -> dict:
     """Train a reward model (rm), align a policy offline (dpo, cdpo, ipo, kto) or online (ppo, grpo, rloo, rft);
     print held-out accuracy (or held-out greedy reward) before and after."""
 
-    set_threads(cfg.threads)  # 0 = auto: fits a shared machine instead of one thread per core
+    set_threads(cfg.train.threads)  # 0 = auto: fits a shared machine instead of one thread per core
     set_max_model_gib(cfg.max_model_gib)  # load_model checks it before allocating the policy or reference
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.reference == "adapters":
@@ -147,7 +157,7 @@ def align(cfg: AlignConfig) -> dict:
         # lazy: heavy, pulls torch.distributed.tensor (via train.optim): +0.6 s on `lmstack align --help`
         from lmstack.align.reward_model import RewardModel, train_reward_model
 
-        rm = RewardModel(policy, seed=cfg.seed)
+        rm = RewardModel(policy, seed=cfg.train.seed)
         summary = train_reward_model(rm, tok, train, val, cfg, out_dir=out)
         rm.save(out / "model", tok, cfg.template)
     else:
@@ -161,7 +171,7 @@ def align(cfg: AlignConfig) -> dict:
         trainer = PreferenceTrainer(policy, tok, cfg, reference=reference, reference_tokenizer=ref_tok)
         summary = trainer.fit(train, val, out_dir=out)
 
-        save_model(policy, out / "model", tokenizer=tok)
+        _save_policy(policy, tok, cfg, out)
     summary["skipped_rows"] = skipped
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))

@@ -4,33 +4,85 @@ Offline methods (rm, dpo, cdpo, ipo, kto) read preference pairs; online methods 
 prompt records, sample from the policy through the inference engine and learn from a reward (`reward`: a
 verifier such as math, a weighted mix, or a trained reward model directory).
 
+The loop, the optimizer and the schedule are the same configs as pretrain's and finetune's (TrainConfig,
+OptimizerConfig, ScheduleConfig), so `--train.steps`, `--optim.lr`, `--optim.weight_decay` and
+`--schedule.warmup_steps` mean the same in all three commands, and every optimizer and schedule name works
+here too. Align's defaults differ (lr 1e-5, no weight decay, 200 steps, warmup 10 then cosine to 10%), and
+the nested configs may be given as partial dicts, merged into those defaults. Align runs its own small loops,
+not the pretraining Trainer, so TrainConfig's checkpoint, averaging, accumulation and gradient-noise knobs
+do not apply: a non-default value of one is an error, never silently ignored. The flat flags of earlier
+versions (--steps, --lr, ...) and --policy are refused with their new names (RENAMED).
+
 Usage:
     from lmstack.align.config import AlignConfig
-    cfg = AlignConfig(method="dpo", policy="runs/sft/model", data="prefs.jsonl", out="runs/dpo", beta=0.1)
-    cfg = AlignConfig(method="grpo", policy="runs/sft/model", data="world/chat/train.jsonl", kind="arithmetic",
-                      reward="math", group_size=8, steps=40)
+    cfg = AlignConfig(method="dpo", model="runs/sft/model", data="prefs.jsonl", out="runs/dpo", beta=0.1)
+    cfg = AlignConfig(method="grpo", model="runs/sft/model", data="world/chat/train.jsonl", kind="arithmetic",
+                      reward="math", group_size=8, train={"steps": 40}, optim={"lr": 3e-4})
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lmstack.config import ConfigError, from_dict
+from lmstack.train.config import TrainConfig
 from lmstack.train.metrics import LogConfig
+from lmstack.train.optim.config import OptimizerConfig
+from lmstack.train.optim.schedules import ScheduleConfig
 from lmstack.runtime.validation import check_choices, check_range, need
 
 Method = Literal["rm", "dpo", "cdpo", "ipo", "kto", "ppo", "trpo", "grpo", "rloo", "rft"]
 ONLINE = ("ppo", "trpo", "grpo", "rloo", "rft")
 METHOD_LOSS = {"dpo": "dpo", "cdpo": "cdpo", "ipo": "ipo"}  # paired methods -> losses.PAIR_LOSSES name
 
+# Old flat keys -> their nested names (lmstack.config refuses the old ones in flags, recipes and dicts, naming these).
+RENAMED = {"policy": "model", "lr": "optim.lr", "weight_decay": "optim.weight_decay", "steps": "train.steps",
+           "max_seconds": "train.max_seconds", "warmup_steps": "schedule.warmup_steps",
+           "clip_grad_norm": "train.clip_grad_norm", "eval_every": "train.eval_every",
+           "log_every": "train.log_every", "seed": "train.seed", "device": "train.device",
+           "progress": "train.progress", "threads": "train.threads"}
+
+# The TrainConfig fields align's loops honour; every other one must keep TrainConfig's default.
+TRAIN_FIELDS_USED = ("steps", "max_seconds", "clip_grad_norm", "eval_every", "log_every", "seed", "device",
+                     "threads", "progress")
+# ... except these, where a value align also obeys is fine (align trains in fp32; "auto" means fp32 here).
+TRAIN_VALUES_OBEYED = {"precision": ("auto", "fp32")}
+
+
+def default_train() -> TrainConfig:
+    return TrainConfig(steps=200, eval_every=50, log_every=10)
+
+
+def default_optim() -> OptimizerConfig:
+    return OptimizerConfig(name="adamw", lr=1e-5, weight_decay=0.0)
+
+
+def default_schedule() -> ScheduleConfig:
+    return ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+
+
+def check_train_fields_used(train: TrainConfig) -> None:
+    """ConfigError naming the first TrainConfig knob align would ignore that is not at its default."""
+    default = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(train, f.name)
+        if f.name in TRAIN_FIELDS_USED or value == getattr(default, f.name) \
+                or value in TRAIN_VALUES_OBEYED.get(f.name, ()):
+            continue
+        raise ConfigError(f"train.{f.name}={value!r}: align does not use train.{f.name} (its loops honour only "
+                          f"train.{', train.'.join(TRAIN_FIELDS_USED)}); leave it at {getattr(default, f.name)!r}")
+
 
 @dataclass
 class AlignConfig:
+    renamed_keys = RENAMED  # a class attribute, not a field: lmstack.config names the new key for an old one
     method: Method = "dpo"
     """rm (Bradley-Terry reward model), dpo (sigmoid), cdpo (DPO + label smoothing), ipo, kto (unpaired);
     online: ppo (value head + GAE), trpo (PPO's advantages, a natural-gradient step under a KL limit),
     grpo (group-normalised), rloo (leave-one-out), rft (rejection-sampling SFT rounds)."""
-    policy: str = ""
-    """Model directory to start from (the SFT checkpoint; must hold tokenizer.json too)."""
+    model: str = ""
+    """Model directory to start from: ours (the SFT checkpoint) or an HF one; must hold tokenizer.json too."""
     max_model_gib: float | None = None
     """Refuse a policy or reference whose config.json needs more memory than this many GiB, estimated before
     allocating; default: 64 or this machine's RAM, the smaller. Weights load in fp32 whatever the checkpoint holds."""
@@ -135,41 +187,39 @@ class AlignConfig:
     """Bradley-Terry margin m in -log σ(r_c - r_r - m); a row's own `margin` field overrides it."""
     center_coef: float = 0.0
     """Reward centering: adds center_coef · mean((r_c + r_r)²) (TRL suggests 0.01)."""
-    # ---- optimisation
-    lr: float = 1e-5
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    steps: int = 200
-    """Optimizer steps (online methods: RL steps, each a rollout and its updates; rft: SFT steps per round)."""
-    max_seconds: float = 0.0
-    """Stop training after this many seconds (0 = no limit): a time budget, as the speedrun uses."""
+    # ---- rows and the loop
     batch_size: int = 8
     """Pairs (or KTO rows) per step."""
-    warmup_steps: int = 10
-    """Linear warmup steps, then cosine decay to 10%."""
-    clip_grad_norm: float = 1.0
-    """Clip the global gradient norm (0 = off)."""
     max_len: int = 256
     """Longest prompt + completion in tokens; longer rows lose the prompt's start first."""
-    eval_every: int = 50
-    """Evaluate on the held-out pairs every this many steps (0 = only at the end)."""
-    log_every: int = 10
-    """Write metrics every this many steps."""
-    seed: int = 0
-    """Seed for data order, the validation split and head initialisation."""
-    device: str = "auto"
-    """auto (CUDA when present, else CPU), cpu or cuda."""
-    progress: bool = True
-    """Show a progress bar."""
-    threads: int = 0
-    """CPU threads for torch: 0 = auto (the cores this process may use, minus those other processes
-    keep busy right now; at least 1), N = exactly N. See lmstack.threads."""
+    train: TrainConfig = field(default_factory=default_train)
+    """The loop, as in pretrain and finetune: steps (online methods: RL steps, each a rollout and its updates;
+    rft: SFT steps per round), max_seconds (a time budget, as the speedrun uses; align's schedule still follows
+    steps), clip_grad_norm, eval_every (held-out evaluation every N steps, 0 = only at the end), log_every, seed
+    (data order, the validation split, head initialisation), device, threads, progress. Align's defaults: 200
+    steps, eval_every 50. Its other knobs (checkpoints, EMA/SWA, accumulation, ...) must keep their defaults."""
+    optim: OptimizerConfig = field(default_factory=default_optim)
+    """The optimizer over the trained parameters, built as pretrain and finetune build it (any optim.name);
+    align's defaults: adamw, lr 1e-5, weight_decay 0."""
+    schedule: ScheduleConfig = field(default_factory=default_schedule)
+    """The learning-rate schedule over train.steps optimizer steps; align's default: 10 warmup steps, then
+    cosine to 10%."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics beside metrics.jsonl: TensorBoard (--log.tensorboard true), W&B (--log.wandb true)."""
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in RENAMED:  # `cfg.steps = 5` would otherwise add an attribute nothing reads
+            raise ConfigError(f"AlignConfig.{name} is now AlignConfig.{RENAMED[name]}")
+        super().__setattr__(name, value)
+
     def __post_init__(self) -> None:
+        # a partial dict (Python callers, tests) is merged into align's defaults, as a recipe's mapping is
+        for name, cls, default in (("train", TrainConfig, default_train), ("optim", OptimizerConfig, default_optim),
+                                   ("schedule", ScheduleConfig, default_schedule)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, from_dict(cls, getattr(self, name), _prefix=name + ".", _base=default()))
         check_choices(self)
+        check_train_fields_used(self.train)
         check_range("beta", self.beta, low=0, low_open=True)
         check_range("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
         need(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0 (0 = no NLL term), got {self.rpo_alpha}")
@@ -179,14 +229,14 @@ class AlignConfig:
         need(self.kto_desirable_weight > 0 and self.kto_undesirable_weight > 0,
              "kto_desirable_weight and kto_undesirable_weight must be > 0")
         check_range("center_coef", self.center_coef, low=0)
-        check_range("lr", self.lr, low=0, low_open=True)
-        check_range("steps", self.steps, low=1)
-        need(self.max_seconds >= 0, f"max_seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
+        check_range("train.steps", self.train.steps, low=1)
+        need(self.train.max_seconds >= 0,
+             f"train.max_seconds must be >= 0 (0 = no limit), got {self.train.max_seconds}")
         check_range("batch_size", self.batch_size, low=1)
         check_range("max_len", self.max_len, low=2)
-        need(self.warmup_steps >= 0 and self.eval_every >= 0 and self.log_every >= 1,
-             "warmup_steps and eval_every must be >= 0 and log_every >= 1")
-        check_range("clip_grad_norm", self.clip_grad_norm, low=0)
+        need(self.train.eval_every >= 0 and self.train.log_every >= 1,
+             "train.eval_every must be >= 0 and train.log_every >= 1")
+        check_range("train.clip_grad_norm", self.train.clip_grad_norm, low=0)
         need(not (self.method == "kto" and self.reference == "precomputed"),
              "reference='precomputed' does not fit kto: its mismatched KL pairs change every batch; use 'copy'")
         need(self.method == "rm" or self.reference != "adapters" or not self.reference_path,

@@ -16,7 +16,8 @@ its KL reference point z0 too. Held-out pairs give the same numbers before and a
 
 Usage:
     from lmstack.align.dpo import PreferenceTrainer
-    trainer = PreferenceTrainer(policy, tok, AlignConfig(method="dpo", beta=0.1, lr=5e-6, steps=200))
+    cfg = AlignConfig(method="dpo", beta=0.1, optim={"lr": 5e-6}, train={"steps": 200})
+    trainer = PreferenceTrainer(policy, tok, cfg)
     before = trainer.evaluate(val_pairs)          # accuracy, margin, chosen/rejected rewards
     summary = trainer.fit(train_pairs, val_pairs, out_dir="runs/dpo")
 """
@@ -181,7 +182,8 @@ class PreferenceTrainer:
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(self, train: Sequence[Pair | Unpaired], val: Sequence[Pair] = (), out_dir: str | Path | None = None
             ) -> dict[str, Any]:
-        """Train for cfg.steps steps. Paired methods take Pairs; KTO takes Unpaired rows or Pairs (split in two)."""
+        """Train for cfg.train.steps steps. Paired methods take Pairs; KTO takes Unpaired rows or Pairs (split in
+        two)."""
 
         cfg = self.cfg
         kto = cfg.method == "kto"
@@ -196,18 +198,18 @@ class PreferenceTrainer:
             n = self.precompute_reference(texts)
             self.log(f"precomputed reference log-probs of {n} texts; dropped the reference copy")
             self._drop_reference_copy()
-        stepper = Stepper(self.policy, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay, cfg.clip_grad_norm)
+        stepper = Stepper.from_config(self.policy, cfg)
         metrics = MetricsLogger(out_dir, log=cfg.log, model=self.policy) if out_dir else None
         before = self.evaluate(val)
         history, bar, start = [], None, time.perf_counter()
-        if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
+        if cfg.train.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
 
-            bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc=cfg.method)
+            bar = BudgetBar(cfg.train.steps, max_seconds=cfg.train.max_seconds, desc=cfg.method)
         self.policy.train()
         done = 0
-        for step, rows in zip(range(cfg.steps), batches(train, cfg.batch_size, cfg.seed)):
-            if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
-                self.log(f"{cfg.method}: time budget of {cfg.max_seconds:.0f} s reached after {step} steps")
+        for step, rows in zip(range(cfg.train.steps), batches(train, cfg.batch_size, cfg.train.seed)):
+            if cfg.train.max_seconds and time.perf_counter() - start > cfg.train.max_seconds:
+                self.log(f"{cfg.method}: time budget of {cfg.train.max_seconds:.0f} s reached after {step} steps")
                 break
             done = step + 1
             out = self.unpaired_loss(rows) if kto else self.paired_loss(rows)
@@ -221,11 +223,12 @@ class PreferenceTrainer:
                 row["kl"] = float(out["kl"])
             if "nll" in out:
                 row["nll"] = float(out["nll"].detach())
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
                 history.append({"step": step + 1, **row})
                 if metrics:
                     metrics.log(step + 1, row)
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and val and metrics:
+            every = cfg.train.eval_every
+            if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps and val and metrics:
                 metrics.log(step + 1, {f"val_{k}": v for k, v in self.evaluate(val).items()})
             if bar is not None:
                 bar.update(1)

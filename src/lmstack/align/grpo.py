@@ -17,7 +17,7 @@ flat (and no KL term) is skipped without touching the optimizer.
 
 Usage:
     from lmstack.align.grpo import GroupTrainer
-    cfg = AlignConfig(method="grpo", group_size=8, prompts_per_step=8, steps=40, lr=2e-5)
+    cfg = AlignConfig(method="grpo", group_size=8, prompts_per_step=8, train={"steps": 40}, optim={"lr": 2e-5})
     trainer = GroupTrainer(policy, tok, cfg, reward_from_spec("math"))
     summary = trainer.fit(train_records, test_records, out_dir="runs/grpo")
 """

@@ -66,7 +66,7 @@ class OnlineTrainer(abc.ABC):
     def __init__(self, policy: nn.Module, tokenizer, cfg: AlignConfig, reward: Callable[[str, str, dict], float],
                  reference: nn.Module | None = None, log: Callable[[str], None] = print):
         self.cfg, self.tok, self.reward, self.log = cfg, tokenizer, reward, log
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.train.device)
         self.policy = policy.to(self.device)
         self.reference = None
         if cfg.kl_coef > 0 and cfg.reference != "adapters":
@@ -80,7 +80,7 @@ class OnlineTrainer(abc.ABC):
     def rollout(self, records: Sequence[dict], step: int, n: int | None = None) -> Rollout:
         cfg = self.cfg
         return sample(self.policy, self.tok, records, n=n or cfg.group_size, max_new_tokens=cfg.max_tokens,
-                      temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed * 1_000_003 + step,
+                      temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.train.seed * 1_000_003 + step,
                       template=cfg.template)
 
     def reward_parts(self, ro: Rollout, with_stderr: bool = False) -> dict[str, float]:
@@ -126,7 +126,7 @@ class OnlineTrainer(abc.ABC):
 
     def minibatch_indices(self, n: int, step: int) -> list[torch.Tensor]:
         """cfg.minibatches random, nearly equal index sets covering 0..n-1 (seeded by the step)."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
         perm = torch.randperm(n, generator=g)
         return [part for part in perm.chunk(min(self.cfg.minibatches, n)) if part.numel()]
 
@@ -154,26 +154,26 @@ class OnlineTrainer(abc.ABC):
     # ---- the loop ---------------------------------------------------------------------------------------
     def fit(self, train: Sequence[dict], val: Sequence[dict] = (), out_dir: str | Path | None = None,
             on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-        """cfg.steps RL steps over prompt batches of `train`; greedy evaluation on `val` before, every
+        """cfg.train.steps RL steps over prompt batches of `train`; greedy evaluation on `val` before, every
         eval_every steps and after. Returns a summary (eval_before/after, history, seconds)."""
 
         cfg = self.cfg
-        self.stepper = Stepper(self.trainable_module(), cfg.lr, cfg.steps * self.optimizer_steps_per_rl_step(),
-                               cfg.warmup_steps, cfg.weight_decay, cfg.clip_grad_norm)
+        self.stepper = Stepper.from_config(self.trainable_module(), cfg,
+                                           cfg.train.steps * self.optimizer_steps_per_rl_step())
         metrics = MetricsLogger(out_dir, log=cfg.log, model=self.policy) if out_dir else None
         before = self.evaluate(val)
         if before:
             self.log(f"{self.method}: held-out reward before {before['mean']:.3f} ± {before['stderr']:.3f} "
                      f"(n={before['n']})")
         bar = None
-        if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
+        if cfg.train.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
 
-            bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc=self.method)
+            bar = BudgetBar(cfg.train.steps, max_seconds=cfg.train.max_seconds, desc=self.method)
         history, evals, start = [], [], time.perf_counter()
         done = 0
-        for step, records in zip(range(cfg.steps), prompt_stream(train, cfg.prompts_per_step, cfg.seed)):
-            if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
-                self.log(f"{self.method}: time budget of {cfg.max_seconds:.0f} s reached after {step} steps")
+        for step, records in zip(range(cfg.train.steps), prompt_stream(train, cfg.prompts_per_step, cfg.train.seed)):
+            if cfg.train.max_seconds and time.perf_counter() - start > cfg.train.max_seconds:
+                self.log(f"{self.method}: time budget of {cfg.train.max_seconds:.0f} s reached after {step} steps")
                 break
             done = step + 1
             self.policy.train()
@@ -181,9 +181,10 @@ class OnlineTrainer(abc.ABC):
             row = self.train_step(records, step)
             row["seconds"] = time.perf_counter() - t0
             history.append({"step": step + 1, **row})
-            if metrics and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            if metrics and ((step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps):
                 metrics.log(step + 1, row)
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and val:
+            every = cfg.train.eval_every
+            if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps and val:
                 ev = self.evaluate(val)
                 evals.append({"step": step + 1, **ev})
                 if metrics:

@@ -13,7 +13,8 @@ On disk a reward model is a model directory (HF layout, with the tokenizer) plus
 Usage:
     from lmstack.align.reward_model import RewardModel, train_reward_model, pairwise_accuracy, load_reward_model
     rm = RewardModel(lmstack.load_model("runs/sft/model", lazy=False))
-    summary = train_reward_model(rm, tok, train_pairs, val_pairs, AlignConfig(method="rm", lr=1e-4, steps=300))
+    cfg = AlignConfig(method="rm", optim={"lr": 1e-4}, train={"steps": 300})
+    summary = train_reward_model(rm, tok, train_pairs, val_pairs, cfg)
     pairwise_accuracy(rm, tok, test_pairs)["accuracy"]
     rm.save("runs/rm", tok); rm, tok = load_reward_model("runs/rm")
     scorer = RewardModelScorer(rm, tok); scorer("prompt", "reply")     # a Reward for mixtures and RL
@@ -158,36 +159,37 @@ def pairwise_accuracy(rm: RewardModel, tok, pairs: Sequence[Pair], template: str
 
 def train_reward_model(rm: RewardModel, tok, train: Sequence[Pair], val: Sequence[Pair], cfg: AlignConfig,
                        out_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Bradley-Terry training for cfg.steps steps; returns the summary (held-out accuracy before and after)."""
+    """Bradley-Terry training for cfg.train.steps steps; returns the summary (held-out accuracy before and after)."""
 
     if cfg.method != "rm":
         raise LmstackError(f"train_reward_model needs method='rm', got {cfg.method!r}")
     device = rm.score.weight.device
-    stepper = Stepper(rm, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay, cfg.clip_grad_norm)
+    stepper = Stepper.from_config(rm, cfg)
     metrics = MetricsLogger(out_dir, log=cfg.log, model=rm) if out_dir else None
     cache: dict = {}
     evaluate = (lambda: pairwise_accuracy(rm, tok, val, cfg.template, cfg.max_len)) if val else (lambda: {})
     before = evaluate()
     history, bar, start = [], None, time.perf_counter()
-    if cfg.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
+    if cfg.train.progress:  # total and ETA follow whichever of steps / max_seconds ends the run
 
-        bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc="rm")
+        bar = BudgetBar(cfg.train.steps, max_seconds=cfg.train.max_seconds, desc="rm")
     rm.train()
     done = 0
-    for step, pairs in zip(range(cfg.steps), batches(train, cfg.batch_size, cfg.seed)):
-        if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
-            log(f"rm: time budget of {cfg.max_seconds:.0f} s reached after {step} steps")
+    for step, pairs in zip(range(cfg.train.steps), batches(train, cfg.batch_size, cfg.train.seed)):
+        if cfg.train.max_seconds and time.perf_counter() - start > cfg.train.max_seconds:
+            log(f"rm: time budget of {cfg.train.max_seconds:.0f} s reached after {step} steps")
             break
         done = step + 1
         out = _rm_loss(rm, tok, pairs, cfg, device, cache)
         stats = stepper.step(out["loss"], step)
         row = {"loss": float(out["loss"].detach()), "accuracy": float(out["accuracy"]),
                "margin": float(out["margins"].mean()), **stats}
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             history.append({"step": step + 1, **row})
             if metrics:
                 metrics.log(step + 1, row)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and val:
+        every = cfg.train.eval_every
+        if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps and val:
             ev = {f"val_{k}": v for k, v in evaluate().items()}
             rm.train()
             if metrics:

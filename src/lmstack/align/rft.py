@@ -8,7 +8,7 @@ One round:
        (ties go to the shortest reply: the same answer in fewer tokens is the better demonstration);
     4. fine-tune on the winners with the SFT loss, completion tokens only:
            loss = -mean over winner completion tokens of log π(token | prompt, earlier tokens)
-       for cfg.steps optimizer steps of batch_size winners (an optimizer *step* count, not epochs, so a
+       for cfg.train.steps optimizer steps of batch_size winners (an optimizer *step* count, not epochs, so a
        round costs the same whatever its yield; few winners are simply revisited more often). Each round
        gets a fresh AdamW and warmup/cosine schedule: it is a small SFT run on new data;
     5. evaluate greedily on the held-out prompts and record the metric.
@@ -18,7 +18,7 @@ with a verifier in place of human labels.
 
 Usage:
     from lmstack.align.rft import RejectionSamplingTrainer
-    cfg = AlignConfig(method="rft", rounds=3, group_size=8, steps=30, batch_size=16, lr=1e-4)
+    cfg = AlignConfig(method="rft", rounds=3, group_size=8, batch_size=16, train={"steps": 30}, optim={"lr": 1e-4})
     summary = RejectionSamplingTrainer(policy, tok, cfg, reward_from_spec("math")).fit(train, val)
     for r in summary["rounds"]:
         print(r["round"], r["n_winners"], r["accept_rate"], r["eval_mean"], r["eval_stderr"])
@@ -107,10 +107,10 @@ class RejectionSamplingTrainer(OnlineTrainer):
             stats["skipped"] = 1.0
             return stats
         rows = [(ro.prompt_ids[i], ro.completion_ids[i]) for i in winners]
-        stepper = Stepper(self.policy, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay, cfg.clip_grad_norm)
+        stepper = Stepper.from_config(self.policy, cfg)
         self.policy.train()
         losses = []
-        for k, rows_k in zip(range(cfg.steps), batches(rows, cfg.batch_size, cfg.seed * 7919 + step)):
+        for k, rows_k in zip(range(cfg.train.steps), batches(rows, cfg.batch_size, cfg.train.seed * 7919 + step)):
             batch = collate(rows_k, self.tok.pad_id, cfg.max_len, self.device)
             loss = sft_loss(self.policy, batch)
             stepper.step(loss, k)
@@ -132,12 +132,12 @@ class RejectionSamplingTrainer(OnlineTrainer):
                    "eval_stderr": before.get("stderr"), "eval_n": before.get("n")}] if before else []
         if before:
             self.log(f"rft: held-out reward before {before['mean']:.3f} ± {before['stderr']:.3f} (n={before['n']})")
-        stream = prompt_stream(train, self.prompts_per_round(len(train)), cfg.seed)
+        stream = prompt_stream(train, self.prompts_per_round(len(train)), cfg.train.seed)
         history, evals, start, done = [], [], time.perf_counter(), 0
         after: dict[str, float] = before
         for r in range(cfg.rounds):
-            if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
-                self.log(f"rft: time budget of {cfg.max_seconds:.0f} s reached after {r} rounds")
+            if cfg.train.max_seconds and time.perf_counter() - start > cfg.train.max_seconds:
+                self.log(f"rft: time budget of {cfg.train.max_seconds:.0f} s reached after {r} rounds")
                 break
             t0 = time.perf_counter()
             row = self.train_step(next(stream), r)

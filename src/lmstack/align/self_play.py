@@ -34,7 +34,7 @@ cooperative game with distinct payoffs; no critic).
 Usage:
     from lmstack.align.self_play import SelfPlayTrainer, play, answer_in_reply
     dialogues = play(policy, tok, records, reward, n=1, max_turns=3, temperature=0.0)   # greedy
-    cfg = AlignConfig(method="grpo", group_size=8, prompts_per_step=4, steps=20, lr=1e-4)
+    cfg = AlignConfig(method="grpo", group_size=8, prompts_per_step=4, train={"steps": 20}, optim={"lr": 1e-4})
     summary = SelfPlayTrainer(policy, tok, cfg, build_reward("math")).fit(train, val)
     summary["eval_before"]["mean_turns"], summary["eval_after"]["mean"]     # dialogue length, accuracy
     summary = MultiAgentTrainer(policy, tok, cfg, build_reward("math")).fit(train, val)     # both agents learn
@@ -256,7 +256,7 @@ class SelfPlayTrainer(OnlineTrainer):
     def train_step(self, records: list[dict], step: int) -> dict[str, float]:
         cfg = self.cfg
         dialogues = play(self.policy, self.tok, records, self.reward, cfg.group_size, self.max_turns,
-                         cfg.temperature, cfg.max_tokens, cfg.seed * 1_000_003 + step, self.asker)
+                         cfg.temperature, cfg.max_tokens, cfg.train.seed * 1_000_003 + step, self.asker)
         rewards = torch.tensor([d.reward for d in dialogues])
         adv, valid = group_advantages(rewards, cfg.group_size)
         stats = {**group_stats(rewards, cfg.group_size), **{f"train_{k}": v for k, v in
@@ -288,7 +288,7 @@ class SelfPlayTrainer(OnlineTrainer):
         if not records or not self.cfg.eval_prompts:
             return {}
         dialogues = play(self.policy, self.tok, list(records)[:self.cfg.eval_prompts], self.reward, 1,
-                         self.max_turns, 0.0, self.cfg.max_tokens, self.cfg.seed, self.asker)
+                         self.max_turns, 0.0, self.cfg.max_tokens, self.cfg.train.seed, self.asker)
         return dialogue_stats(dialogues)
 
 
@@ -340,9 +340,8 @@ class MultiAgentTrainer(SelfPlayTrainer):
     def train_step(self, records: list[dict], step: int) -> dict[str, float]:
         cfg = self.cfg
         if self.asker_stepper is None:
-            self.asker_stepper = Stepper(self.asker_model, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay,
-                                         cfg.clip_grad_norm)
-        dialogues = self._play(records, cfg.group_size, cfg.temperature, cfg.seed * 1_000_003 + step)
+            self.asker_stepper = Stepper.from_config(self.asker_model, cfg)
+        dialogues = self._play(records, cfg.group_size, cfg.temperature, cfg.train.seed * 1_000_003 + step)
         stats = {f"train_{k}": v for k, v in dialogue_stats(dialogues).items() if k != "n"}
         for role, rewards, model, batch_fn, stepper in (
                 ("answerer", torch.tensor([d.reward for d in dialogues]), self.policy, dialogue_batch, self.stepper),
@@ -374,7 +373,7 @@ class MultiAgentTrainer(SelfPlayTrainer):
         (asker_mean, asker_stderr) and how often its question was faithful."""
         if not records or not self.cfg.eval_prompts:
             return {}
-        dialogues = self._play(list(records)[:self.cfg.eval_prompts], 1, 0.0, self.cfg.seed)
+        dialogues = self._play(list(records)[:self.cfg.eval_prompts], 1, 0.0, self.cfg.train.seed)
         out = dialogue_stats(dialogues)
         mean, se, n = mean_stderr(asker_rewards(dialogues))
         out.update(asker_mean=mean, asker_stderr=se, asker_n=n,

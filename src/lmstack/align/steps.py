@@ -1,13 +1,14 @@
 """Loop pieces the alignment trainers share: device choice, shuffled batches, optimizer + schedule, one step.
 
 Preference data are lists of rows, not packed token streams, so the pretraining Trainer's loader
-does not fit; these few helpers reuse its optimizer and schedule registries (lmstack.train.optim)
-and keep each trainer's loop to what is specific to its loss.
+does not fit; these few helpers reuse its optimizer and schedule registries (lmstack.train.optim,
+configured by the same OptimizerConfig and ScheduleConfig as pretrain and finetune) and keep each
+trainer's loop to what is specific to its loss.
 
 Usage:
     from lmstack.align.steps import Stepper, batches, split_holdout
-    stepper = Stepper(model, lr=1e-5, steps=cfg.steps)   # AdamW (train.optim groups) + warmup/cosine
-    for step, rows in zip(range(cfg.steps), batches(train_rows, cfg.batch_size, cfg.seed)):
+    stepper = Stepper.from_config(model, cfg)            # cfg.optim's optimizer + cfg.schedule over cfg.train.steps
+    for step, rows in zip(range(cfg.train.steps), batches(train_rows, cfg.batch_size, cfg.train.seed)):
         loss = ...
         stats = stepper.step(loss, step)                 # backward, clip, optimizer step, LR update
 """
@@ -54,15 +55,22 @@ def chunks(rows: Sequence[T], size: int) -> Iterable[list[T]]:
 
 
 class Stepper:
-    """AdamW over the module's trainable parameters (lmstack.train.optim's groups: no decay on norms, biases
-    and embeddings) with linear warmup, then cosine decay to 10%."""
+    """The optimizer `optim` names over the module's trainable parameters (lmstack.train.optim's groups: no
+    decay on norms, biases and embeddings), its LR following `schedule` over `steps` optimizer steps."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, steps: int, warmup_steps: int = 0,
-                 weight_decay: float = 0.0, clip_grad_norm: float = 1.0):
-        self.optimizer = build_optimizer(module, OptimizerConfig(name="adamw", lr=lr, weight_decay=weight_decay))
+    def __init__(self, module: torch.nn.Module, optim: OptimizerConfig, steps: int,
+                 schedule: ScheduleConfig | None = None, clip_grad_norm: float = 1.0):
+        self.optimizer = build_optimizer(module, optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.lr, self.steps, self.clip = lr, steps, clip_grad_norm
-        self.schedule = ScheduleConfig(name="cosine", warmup_steps=min(warmup_steps, steps))
+        self.lr, self.steps, self.clip = optim.lr, steps, clip_grad_norm
+        self.schedule = schedule or ScheduleConfig()
+
+    @classmethod
+    def from_config(cls, module: torch.nn.Module, cfg, steps: int | None = None) -> "Stepper":
+        """The Stepper an AlignConfig describes: cfg.optim, cfg.schedule over `steps` (default cfg.train.steps)
+        optimizer steps, clipping at cfg.train.clip_grad_norm."""
+        return cls(module, cfg.optim, cfg.train.steps if steps is None else steps, cfg.schedule,
+                   cfg.train.clip_grad_norm)
 
     def step(self, loss: torch.Tensor, step: int) -> dict[str, float]:
         if not torch.isfinite(loss):

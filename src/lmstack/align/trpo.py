@@ -20,7 +20,7 @@ On CPU, torch's fused attention kernel has no double backward, so TRPO's forward
 
 Usage:
     from lmstack.align.trpo import TRPOTrainer, conjugate_gradient
-    cfg = AlignConfig(method="trpo", max_kl=0.01, cg_iters=10, kl_coef=0.05, group_size=4, lr=1e-3)
+    cfg = AlignConfig(method="trpo", max_kl=0.01, cg_iters=10, kl_coef=0.05, group_size=4, optim={"lr": 1e-3})
     summary = TRPOTrainer(policy, tok, cfg, reward_from_spec("math")).fit(train_records, val_records)
     x = conjugate_gradient(lambda v: A @ v, b, iters=20)      # solves A x = b for a symmetric positive A
 """
@@ -180,7 +180,7 @@ class TRPOTrainer(PPOTrainer):
     method = "trpo"
 
     def trainable_module(self) -> nn.Module:
-        return self.value_head  # the optimizer (at cfg.lr) trains only the critic; the policy moves by TRPO
+        return self.value_head  # the optimizer (at cfg.optim.lr) trains only the critic; the policy moves by TRPO
 
     def train_step(self, records: list[dict], step: int) -> dict[str, float]:
         cfg = self.cfg

@@ -224,18 +224,21 @@ def align_stage(run_dir: str | Path, sft_dir: str | Path, world_dir: str | Path,
     eval_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    dpo_cfg = AlignConfig(method="dpo", beta=0.1, lr=dpo_lr, steps=10_000, max_seconds=budget_s * dpo_fraction,
-                          batch_size=8, max_len=policy.config.max_seq_len, warmup_steps=10, eval_every=0,
-                          rpo_alpha=rpo_alpha, progress=False, device="cpu", seed=seed, log_every=5)
+    dpo_cfg = AlignConfig(method="dpo", beta=0.1, batch_size=8, max_len=policy.config.max_seq_len, rpo_alpha=rpo_alpha,
+                          train={"steps": 10_000, "max_seconds": budget_s * dpo_fraction, "eval_every": 0,
+                                 "progress": False, "device": "cpu", "seed": seed, "log_every": 5},
+                          optim={"lr": dpo_lr}, schedule={"warmup_steps": 10})
     if log_cfg is not None:
         dpo_cfg.log = log_cfg
     dpo = PreferenceTrainer(policy, tok, dpo_cfg, log=log).fit(data["pairs_train"], data["pairs_val"],
                                                                out_dir=out / "dpo")
     policy.train()
-    grpo_cfg = AlignConfig(method="grpo", lr=grpo_lr, steps=10_000, max_seconds=budget_s * (1 - dpo_fraction),
-                           group_size=8, prompts_per_step=8, temperature=0.7, max_tokens=128, warmup_steps=3,
-                           kl_coef=kl_coef, eval_prompts=0, progress=False, device="cpu", seed=seed,
-                           log_every=1)  # a GRPO step takes seconds: every one is a point of the report's curves
+    grpo_cfg = AlignConfig(method="grpo", group_size=8, prompts_per_step=8, temperature=0.7, max_tokens=128,
+                           kl_coef=kl_coef, eval_prompts=0,
+                           # a GRPO step takes seconds: every one (log_every 1) is a point of the report's curves
+                           train={"steps": 10_000, "max_seconds": budget_s * (1 - dpo_fraction), "progress": False,
+                                  "device": "cpu", "seed": seed, "log_every": 1},
+                           optim={"lr": grpo_lr}, schedule={"warmup_steps": 3})
     if log_cfg is not None:
         grpo_cfg.log = log_cfg
     easy = [r for r in data["arithmetic_train"] if r.get("difficulty", 0) <= max_difficulty] or data["arithmetic_train"]

@@ -129,7 +129,7 @@ def sft_stage(run_dir: str | Path, base_dir: str | Path, budget_s: float = 120.0
         atomic_write_text(data_dir / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     default_lr = {"full": 3e-4, "prompt": 3e-2, "prefix": 1e-2, "ia3": 1e-2}.get(method, 2e-3)
     cfg = FinetuneConfig(
-        method=method, data=str(data_dir / "train.jsonl"), val_data=str(data_dir / "val.jsonl"), base=str(base_dir),
+        method=method, data=str(data_dir / "train.jsonl"), val_data=str(data_dir / "val.jsonl"), model=str(base_dir),
         out=str(out / "run"), adapter=AdapterConfig(method=method, target_modules=ATTENTION),
         train=TrainConfig(steps=100_000, max_seconds=budget_s, eval_every=0, eval_batches=4, log_every=10,
                           keep_checkpoints=1, seed=seed, resume=False, restart=True),

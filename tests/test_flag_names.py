@@ -69,6 +69,7 @@ def test_training_concepts_have_one_flag_in_pretrain_finetune_and_align():
     (["align", "--warmup-steps", "3"], "align: --warmup_steps is now --schedule.warmup_steps"),
     (["align", "--max_seconds=9"], "align: --max_seconds is now --train.max_seconds"),
     (["align", "--policy", "runs/sft"], "align: --policy is now --model"),
+    (["align", "--no-progress"], "align: --no_progress is now --no_train.progress"),
     (["finetune", "--base", "runs/tiny"], "finetune: --base is now --model"),
 ])
 def test_old_flags_name_their_new_flag(argv, message, capsys):

@@ -138,6 +138,8 @@ def check_renamed(cls: type, args: list[str], command: str) -> None:
                                   f"(--{old} is now --{table[old]})")
         elif name.startswith("--") and name[2:] in table:
             raise ConfigError(f"{command}: --{name[2:]} is now --{table[name[2:]]}")
+        elif name.startswith("--no_") and name[5:] in table:  # a negated boolean: --no_progress
+            raise ConfigError(f"{command}: --{name[2:]} is now --no_{table[name[5:]]}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "", _base: Any = None) -> T:

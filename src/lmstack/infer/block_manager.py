@@ -1,6 +1,6 @@
 """The block manager: which KV-cache blocks each sequence owns, with reference counts and a prefix cache.
 
-The KV pool (model_runner.PagedKVCache) is cut into `num_blocks` blocks of `block_size` token slots.
+The KV pool (paged_attention.PagedKVCache) is cut into `num_blocks` blocks of `block_size` token slots.
 A sequence's block table lists its blocks in order, so token position p lives in slot
 block_table[p // block_size] * block_size + p % block_size (PagedAttention, Kwon et al. 2023).
 

@@ -1,4 +1,4 @@
-"""The model core's own KV caches (the paged engine has its own pool, infer/model_runner.py): a contiguous
+"""The model core's own KV caches (the paged engine has its own pool, infer/paged_attention.py): a contiguous
 preallocated cache and a rolling sink cache, used by reference_decode, SinkCacheChat and TP decoding.
 
 - KVCache preallocates (layers, B, Hkv, max_len, D) once; prefill writes T positions, each decode step

@@ -274,7 +274,7 @@ def test_finetune_lora_adapter_loads_in_peft_with_equal_logits(byo, tmp_path):
 
 # ---------------------------------------------------------------- step 6: align dpo -> transformers loads it
 def test_align_dpo_output_loads_in_transformers_and_moved(byo, tmp_path):
-    family, d, model, hf_tok, _ = byo
+    family, d, model, hf_tok, eos_list = byo
     prefs = []
     for i in range(6):  # TRL's conversational preference rows, with and without a separate prompt
         prefs += [{"chosen": [{"role": "user", "content": LINES[i]}, {"role": "assistant", "content": "yes"}],
@@ -296,3 +296,7 @@ def test_align_dpo_output_loads_in_transformers_and_moved(byo, tmp_path):
     after = _logits(aligned, ids)
     assert (after - _logits(model, ids)).abs().max().item() > 1e-4  # it trained
     assert (_logits(lmstack.load_model(out), ids) - after).abs().max().item() <= 1e-4  # and we read back the same
+    # and it still talks as the directory the user brought: its eos list, its tokenizer and template files
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos_list
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (d / name).read_bytes(), name

@@ -214,7 +214,7 @@ def beam_workload(model, tok, mode: str, num_blocks: int, cap_calls: int = 20_00
     'old' (capacity check off and the scheduler's unstick step off: the engine as it was)."""
     eng = LLMEngine(model, tok, max_num_seqs=16, num_blocks=num_blocks)
     if mode != "checked":
-        eng._check_beam_fits = lambda *a: None
+        eng.builder.check_beam_fits = lambda *a: None
     if mode == "old":
         eng.scheduler._unstick = lambda *a: None
 

@@ -297,7 +297,7 @@ def test_an_oversized_beam_beside_small_requests_finishes_in_bounded_steps(model
     """Even a beam far beyond the pool (the capacity check switched off) cannot livelock the engine:
     paused hypotheses are preempted so waiting work runs, and every request finishes."""
     eng = LLMEngine(model, None, max_num_seqs=max_num_seqs, block_size=4, num_blocks=40)
-    eng._check_beam_fits = lambda *a: None
+    eng.builder.check_beam_fits = lambda *a: None
     prompts = random_prompts(4, 3, 12, 400, seed=1)
     small = {f"s{i}": p for i, p in enumerate(prompts[1:])}
     lone = run(LLMEngine(model, None, block_size=4, num_blocks=40),

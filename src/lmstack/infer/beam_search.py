@@ -11,16 +11,22 @@ generated tokens, EOS included), so length_penalty > 0 favours longer outputs.
 Search stops when W hypotheses finished (like HF's early_stopping=True) or max_tokens is reached (the
 live beams then finish with reason 'length'); the request returns its n best hypotheses.
 
+The engine hands beam_step what it needs, never itself: the sampler (bans and penalties), the scheduler
+(fork, drop) and the output processor (append a token, finish).
+
 Usage:
     outs = llm.generate(prompts, SamplingParams(use_beam_search=True, beam_width=4, n=2, max_tokens=16))
+    beam_step(items, logits, sampler, scheduler, outputs)      # inside the engine's postprocess
 """
 from __future__ import annotations
 
 import torch
 
-from lmstack.infer import logits_processors as lp
+from lmstack.infer.output_processor import OutputProcessor
+from lmstack.infer.sampler import Sampler, seeded_generator
 from lmstack.infer.sampling_params import SamplingParams
-from lmstack.infer.sequence import Sequence, Status
+from lmstack.infer.scheduler import Scheduler
+from lmstack.infer.sequence import Sequence
 
 
 class BeamState:
@@ -41,15 +47,8 @@ class BeamState:
         return sorted(self.finished, key=self.score, reverse=True)[:n]
 
 
-def _drop(engine, seq: Sequence) -> None:
-    """A pruned beam: free its blocks and forget it (it is not a hypothesis)."""
-    seq.status = Status.FINISHED
-    seq.finish_reason = "pruned"
-    engine.scheduler.remove(seq)
-    seq.request.seqs.remove(seq)
-
-
-def beam_step(engine, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
+def beam_step(items: list[tuple[Sequence, int]], logits: torch.Tensor, sampler: Sampler, scheduler: Scheduler,
+              outputs: OutputProcessor) -> None:
     """Advance every request whose live beams all have logits; others keep theirs pending."""
     by_req: dict[str, list[tuple[Sequence, int]]] = {}
     for seq, row in items:
@@ -57,9 +56,9 @@ def beam_step(engine, items: list[tuple[Sequence, int]], logits: torch.Tensor) -
     for rows in by_req.values():
         req = rows[0][0].request
         st = req.beam
-        srows = [engine.sampling_row(seq) for seq, _ in rows]
+        srows = [sampler.row(seq) for seq, _ in rows]
         # bans, biases and penalties apply; sampling knobs do not (beam search is deterministic)
-        processed = lp.process_bans(logits[[r for _, r in rows]], srows)
+        processed = sampler.process_bans(logits[[r for _, r in rows]], srows)
         logprobs = processed.log_softmax(dim=-1)
         for i, (seq, _) in enumerate(rows):
             st.pending[seq.seq_id] = logprobs[i]
@@ -68,12 +67,12 @@ def beam_step(engine, items: list[tuple[Sequence, int]], logits: torch.Tensor) -
             continue
         if req.max_tokens == 0:
             for s in live:
-                engine.outputs.finish(s, "length")
+                outputs.finish(s, "length")
             continue
-        _select(engine, req, st, live)
+        _select(scheduler, outputs, req, st, live)
 
 
-def _select(engine, req, st: BeamState, live: list[Sequence]) -> None:
+def _select(scheduler: Scheduler, outputs: OutputProcessor, req, st: BeamState, live: list[Sequence]) -> None:
     width = st.width
     cands = []  # (new cumulative logprob, beam, token, token logprob)
     for s in live:
@@ -102,11 +101,11 @@ def _select(engine, req, st: BeamState, live: list[Sequence]) -> None:
     for sid, s in by_id.items():
         uses = users.get(sid)
         if not uses:
-            _drop(engine, s)
+            scheduler.drop(s)
             continue
-        children = engine.fork(s, len(uses) - 1) if len(uses) > 1 else []
+        children = scheduler.fork(s, len(uses) - 1, seeded_generator) if len(uses) > 1 else []
         for beam, (t, lpv, _) in zip([s] + children, uses):
-            engine.outputs.append_token(beam, t, lpv)  # EOS / max_tokens finish it and record the hypothesis
+            outputs.append_token(beam, t, lpv)  # EOS / max_tokens finish it and record the hypothesis
     if len(st.finished) >= width:  # enough hypotheses: stop the search
         for s in [s for s in req.seqs if not s.is_finished]:
-            _drop(engine, s)
+            scheduler.drop(s)

@@ -82,25 +82,45 @@ def logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return logits
 
 
+def _padded_ids(id_lists: list[list[int]], vocab: int) -> torch.Tensor:
+    """Ragged token lists -> one (rows, max_len) long tensor, padded with `vocab` (a column past the last
+    token: scattering into it touches no real token, and it is cut off afterwards)."""
+    width = max(1, max(len(ids) for ids in id_lists))
+    out = torch.full((len(id_lists), width), vocab, dtype=torch.long)
+    for i, ids in enumerate(id_lists):
+        if ids:
+            out[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return out
+
+
 def repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    for i in _rows_where(rows, lambda p: p.repetition_penalty != 1.0):
-        seen = torch.tensor(sorted(set(rows[i].prompt_ids) | set(rows[i].output_ids)), dtype=torch.long)
-        if len(seen):
-            x = logits[i, seen]
-            pen = rows[i].params.repetition_penalty
-            logits[i, seen] = torch.where(x > 0, x / pen, x * pen)
+    """All penalised rows at once: a (rows, vocab) 'seen' mask scattered from their padded token lists."""
+    active = _rows_where(rows, lambda p: p.repetition_penalty != 1.0)
+    if not active:
+        return logits
+    vocab = logits.shape[-1]
+    ids = _padded_ids([rows[i].prompt_ids + rows[i].output_ids for i in active], vocab).clamp_(max=vocab)
+    seen = torch.zeros((len(active), vocab + 1), dtype=torch.bool).scatter_(1, ids, True)[:, :vocab]
+    pen = torch.tensor([rows[i].params.repetition_penalty for i in active], dtype=logits.dtype)[:, None]
+    x = logits[active]
+    logits[active] = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
     return logits
 
 
 def frequency_presence(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """All penalised rows at once: output-token counts scattered from their padded output lists."""
+    active = [i for i in _rows_where(rows, lambda p: p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
+              if rows[i].output_ids]
+    if not active:
+        return logits
     vocab = logits.shape[-1]
-    for i in _rows_where(rows, lambda p: p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
-        out = rows[i].output_ids
-        if not out:
-            continue
-        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=vocab)[:vocab].to(logits.dtype)
-        p = rows[i].params
-        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    ids = _padded_ids([rows[i].output_ids for i in active], vocab).clamp_(max=vocab)
+    counts = torch.zeros((len(active), vocab + 1), dtype=logits.dtype)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=logits.dtype))
+    counts = counts[:, :vocab]
+    freq = torch.tensor([rows[i].params.frequency_penalty for i in active], dtype=logits.dtype)[:, None]
+    pres = torch.tensor([rows[i].params.presence_penalty for i in active], dtype=logits.dtype)[:, None]
+    logits[active] -= freq * counts + pres * (counts > 0).to(logits.dtype)
     return logits
 
 
@@ -216,15 +236,24 @@ def check_rows(logits: torch.Tensor) -> None:
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None
            ) -> list[int]:
-    """Processed logits (rows, vocab) -> one token per row: argmax for greedy rows, else a draw."""
+    """Processed logits (rows, vocab) -> one token per row: argmax for greedy rows, else a draw.
+
+    A row with its own generator (a seeded request) draws alone from it, so its tokens depend on its seed
+    only; the other sampled rows draw together in one multinomial from the default generator."""
     check_rows(logits)
-    greedy = logits.argmax(dim=-1)
-    out = greedy.tolist()
+    out = logits.argmax(dim=-1).tolist()
+    shared = []
     for i, r in enumerate(rows):
         if r.params.greedy:
             continue
-        probs = logits[i].softmax(dim=-1)
-        out[i] = int(torch.multinomial(probs, 1, generator=r.generator or default_generator))
+        if r.generator is not None:
+            out[i] = int(torch.multinomial(logits[i].softmax(dim=-1), 1, generator=r.generator))
+        else:
+            shared.append(i)
+    if shared:
+        probs = logits[shared].softmax(dim=-1)
+        for i, tok in zip(shared, torch.multinomial(probs, 1, generator=default_generator)[:, 0].tolist()):
+            out[i] = tok
     return out
 
 

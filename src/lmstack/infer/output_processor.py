@@ -2,14 +2,14 @@
 
 Every new token goes through `append_token`: it is added to the sequence, its log-probability is
 recorded, the grammar state advances, and the stop rules run in order (EOS, stop token ids, stop
-strings in the new text, max_tokens, the context limit, a finished grammar). A finished sequence
-registers its computed blocks in the prefix cache and frees them at once.
+strings in the new text, max_tokens, the context limit, a finished grammar). A finished sequence is
+handed to the scheduler, which registers its computed blocks in the prefix cache and frees them at once.
 
 While a sequence streams, the tail of its text that could still turn into a stop string is held
 back, so a client never sees text that is later cut.
 
 Usage (inside the engine):
-    proc = OutputProcessor(engine)
+    proc = OutputProcessor(ctx, scheduler, requests)     # context.py; requests: the engine's {id: Request}
     proc.append_token(seq, token, logprob_row)
     outputs = proc.collect()
 """
@@ -19,9 +19,11 @@ import time
 
 import torch
 
+from lmstack.infer.context import EngineContext
 from lmstack.infer.detokenizer import StopStrings, detokenize_step
 from lmstack.infer.outputs import CompletionOutput, RequestOutput
-from lmstack.infer.sequence import Request, Sequence, Status
+from lmstack.infer.scheduler import Scheduler
+from lmstack.infer.sequence import Request, Sequence
 
 
 def top_dict(logprobs: torch.Tensor, token: int, k: int) -> dict[int, float]:
@@ -35,33 +37,33 @@ def top_dict(logprobs: torch.Tensor, token: int, k: int) -> dict[int, float]:
 
 
 class OutputProcessor:
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, ctx: EngineContext, scheduler: Scheduler, requests: dict[str, Request]):
+        self.ctx, self.scheduler, self.requests = ctx, scheduler, requests
         self.changed: set[str] = set()
 
     # ---- per token
     def append_token(self, seq: Sequence, token: int, logprobs: torch.Tensor) -> None:
-        eng, req = self.engine, seq.request
+        ctx, req = self.ctx, seq.request
         p = req.params
         seq.token_ids.append(token)
         seq.cumulative_logprob += float(logprobs[token])
         if seq.logprobs is not None:
             seq.logprobs.append(top_dict(logprobs, token, p.logprobs or 0))
-        eng.counters["generation_tokens"] += 1
+        ctx.counters["generation_tokens"] += 1
         now = time.perf_counter()
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         req.metrics.last_token_time = now
         self.changed.add(req.request_id)
         if seq.matcher is not None:
-            eng.guided.consume(seq.matcher, token)
+            ctx.guided_decoder().consume(seq.matcher, token)
         if token in req.eos_ids and not p.ignore_eos:
             return self.finish(seq, "stop")
         if p.stop_token_ids and token in p.stop_token_ids:
             seq.stop_reason = token
             return self.finish(seq, "stop")
-        if eng.tokenizer is not None:
-            new = detokenize_step(eng.tokenizer, seq, p.skip_special_tokens)
+        if ctx.tokenizer is not None:
+            new = detokenize_step(ctx.tokenizer, seq, p.skip_special_tokens)
             if new:
                 old = len(seq.text)
                 seq.text += new
@@ -74,18 +76,14 @@ class OutputProcessor:
                         seq.text = seq.text[:cut + len(stop) if p.include_stop_str_in_output else cut]
                         seq.stop_reason = stop
                         return self.finish(seq, "stop")
-        if seq.num_output_tokens >= req.max_tokens or seq.num_tokens >= eng.max_model_len:
+        if seq.num_output_tokens >= req.max_tokens or seq.num_tokens >= ctx.max_model_len:
             return self.finish(seq, "length")
-        if seq.matcher is not None and eng.guided.is_done(seq.matcher):
+        if seq.matcher is not None and ctx.guided_decoder().is_done(seq.matcher):
             return self.finish(seq, "stop")
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark a sequence finished, keep its computed blocks in the prefix cache, free its blocks."""
-        seq.finish_reason = reason
-        seq.status = Status.FINISHED
-        if seq.block_table and reason != "error":  # a failed sequence's K/V is not trusted for reuse
-            self.engine.bm.register_computed(seq)
-        self.engine.scheduler.remove(seq)
+        """Finish a sequence (the scheduler frees its blocks) and note its request changed."""
+        self.scheduler.finish(seq, reason)
         self.changed.add(seq.request.request_id)
         if seq.request.beam is not None and reason not in ("abort", "error"):
             seq.request.beam.on_finish(seq)
@@ -103,13 +101,13 @@ class OutputProcessor:
         """Outputs of the requests that got tokens or finished since the last call."""
         outs = []
         for rid in list(self.changed):
-            req = self.engine.requests.get(rid)
+            req = self.requests.get(rid)
             if req is None:
                 continue
             final = req.finished
             if final:
-                self.engine.requests.pop(rid, None)
-                self.engine.counters["requests_finished"] += 1
+                self.requests.pop(rid, None)
+                self.ctx.counters["requests_finished"] += 1
                 req.metrics.finished_time = time.perf_counter()
             out = self.request_output(req, final)
             if out is not None:

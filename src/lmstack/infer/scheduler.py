@@ -14,16 +14,21 @@ by recompute: its blocks are freed and it goes back to the front of the queue wi
 prefilled again later (often straight from the prefix cache). So requests join and leave between
 steps, never waiting for a whole batch to finish (Orca, Yu et al. 2022; vLLM).
 
+The scheduler also owns a sequence's life between steps: `finish` (keep its computed blocks in the prefix
+cache, free them, forget it), `fork` (n > 1 samples and beams: children share the parent's blocks and
+run right after it), `drop` (a pruned beam) and `preempt`. Nobody else frees blocks or edits the queues.
+
 Usage:
     sched = Scheduler(block_manager, max_num_seqs=16, max_batched_tokens=2048)
     sched.add(seq)
     out = sched.schedule()      # out.scheduled: [(seq, num_tokens, lookahead)], out.copies: CoW pairs
+    sched.finish(seq, "stop"); children = sched.fork(seq, 3, make_generator)
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from lmstack.infer.block_manager import BlockManager
 from lmstack.infer.sequence import Sequence, Status
@@ -74,6 +79,37 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark a sequence finished, keep its computed blocks in the prefix cache, free its blocks."""
+        seq.finish_reason = reason
+        seq.status = Status.FINISHED
+        if seq.block_table and reason != "error":  # a failed sequence's K/V is not trusted for reuse
+            self.bm.register_computed(seq)
+        self.remove(seq)
+
+    def drop(self, seq: Sequence) -> None:
+        """A pruned beam: free its blocks and forget it (it is no hypothesis, so it leaves its request)."""
+        seq.status = Status.FINISHED
+        seq.finish_reason = "pruned"
+        self.remove(seq)
+        seq.request.seqs.remove(seq)
+
+    def fork(self, seq: Sequence, count: int, generator: Callable[[int | None, int], Any]) -> list[Sequence]:
+        """`count` new sequences sharing seq's history and blocks; they run right after it.
+        generator(seed, index) gives each child its own random stream (sampler.seeded_generator)."""
+        req = seq.request
+        children = []
+        for _ in range(count):
+            child = seq.fork(req.next_index)
+            req.next_index += 1
+            child.generator = generator(req.params.seed, child.index)
+            self.bm.fork(seq, child)
+            req.seqs.append(child)
+            children.append(child)
+        at = self.running.index(seq) + 1 if seq in self.running else len(self.running)
+        self.running[at:at] = children
+        return children
 
     def preempt(self, seq: Sequence, front: bool = True) -> None:
         self.running.remove(seq)

@@ -22,6 +22,8 @@ Usage:
     llm = LLM(target_dir, speculative={"method": "draft", "draft_model": draft_dir, "num_tokens": 4})
     llm = LLM(target_dir, speculative={"method": "ngram", "num_tokens": 4, "ngram_max": 3})
     llm.engine.stats()["spec_acceptance_rate"]
+    spec = SpeculativeDecoder(config, model, num_blocks, block_size, ctx, sampler)   # what the engine builds
+    tokens, logprobs = spec.verify(seq, logits)      # the engine appends them through its output processor
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ import torch
 
 from lmstack.config import from_dict
 from lmstack.errors import LmstackError
-from lmstack.infer import logits_processors as lp
+from lmstack.infer.context import EngineContext
+from lmstack.infer.loading import load_draft
 from lmstack.infer.model_runner import ModelRunner
+from lmstack.infer.sampler import Sampler
 from lmstack.infer.sequence import Sequence
 
 
@@ -62,21 +66,15 @@ class SpeculativeConfig:
 
 
 class SpeculativeDecoder:
-    def __init__(self, engine, config: SpeculativeConfig | dict):
+    def __init__(self, config: SpeculativeConfig | dict, target: torch.nn.Module, num_blocks: int, block_size: int,
+                 ctx: EngineContext, sampler: Sampler):
         if isinstance(config, dict):
             config = from_dict(SpeculativeConfig, config)
-        self.engine, self.cfg = engine, config
+        self.cfg, self.ctx, self.sampler = config, ctx, sampler
         self.runner = None
         if config.method == "draft":
-            # lazy: cycle (engine imports this module)
-            from lmstack.infer.engine import load_model_and_tokenizer
-
-            p = next(engine.model.parameters())
-            draft, _ = load_model_and_tokenizer(config.draft_model, None, p.dtype, str(p.device))
-            if draft.config.vocab_size != engine.model.config.vocab_size:
-                raise LmstackError(f"the draft model's vocab_size ({draft.config.vocab_size}) differs from the "
-                                   f"target's ({engine.model.config.vocab_size}); they must share a tokenizer")
-            self.runner = ModelRunner(draft, engine.num_blocks, engine.block_size, str(p.device))
+            draft = load_draft(config.draft_model, target)
+            self.runner = ModelRunner(draft, num_blocks, block_size, str(next(target.parameters()).device))
         self.proposed = self.accepted = self.steps = 0
 
     # ---- hooks the engine calls
@@ -86,7 +84,7 @@ class SpeculativeDecoder:
         if req.params.guided or req.beam is not None or not req.forked:
             return 0
         left = req.max_tokens - seq.num_output_tokens - 1
-        room = self.engine.max_model_len - seq.num_tokens - 1
+        room = self.ctx.max_model_len - seq.num_tokens - 1
         return max(0, min(self.cfg.num_tokens, left, room))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -119,7 +117,6 @@ class SpeculativeDecoder:
         return []
 
     def _draft(self, seqs: list[Sequence]) -> None:
-        eng = self.engine
         ks = {seq.seq_id: self.lookahead(seq) for seq in seqs}
         live = [s for s in seqs if ks[s.seq_id] > 0]
         probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in live}
@@ -131,13 +128,13 @@ class SpeculativeDecoder:
             for _, toks, _ in batch:
                 total += len(toks)
                 rows.append(total - 1)
-            # Cut to the ids the target samples from (engine.emit_vocab): a guess in a padded row is no token,
+            # Cut to the ids the target samples from (ctx.vocab): a guess in a padded row is no token,
             # and q must cover the same ids as the target's p for the accept rule.
-            logits = self.runner.run(batch, rows)[:, :eng.emit_vocab]
-            srows = [eng.sampling_row(s, s.spec_tokens) for s in live]
-            processed = lp.process(logits, srows)
-            guesses = lp.sample(processed, srows, eng.generator)
-            dist = lp.probabilities(processed, srows)
+            logits = self.runner.run(batch, rows)[:, :self.ctx.vocab]
+            srows = [self.sampler.row(s, s.spec_tokens) for s in live]
+            processed = self.sampler.process(logits, srows)
+            guesses = self.sampler.draw(processed, srows)
+            dist = self.sampler.probabilities(processed, srows)
             nxt = []
             for i, s in enumerate(live):
                 s.draft_computed = s.num_tokens + step
@@ -153,14 +150,14 @@ class SpeculativeDecoder:
                 s.spec_probs = torch.stack(probs[s.seq_id])
 
     # ---- verification
-    def verify(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """logits (k+1, vocab) for [last token, d1..dk]: accept a prefix, append it plus one more token."""
-        eng = self.engine
+    def verify(self, seq: Sequence, logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """logits (k+1, vocab) for [last token, d1..dk]: accept a prefix of the guesses plus one more token.
+        Returns those tokens and the log-probability rows they were drawn at; the caller appends them."""
         guesses = seq.spec_tokens
         k = len(guesses)
-        rows = [eng.sampling_row(seq, guesses[:j]) for j in range(k + 1)]
-        processed = lp.process(logits, rows)
-        gen = seq.generator or eng.generator
+        rows = [self.sampler.row(seq, guesses[:j]) for j in range(k + 1)]
+        processed = self.sampler.process(logits, rows)
+        gen = seq.generator or self.sampler.generator
         accepted, final = 0, None
         if seq.request.params.greedy:
             target = processed.argmax(dim=-1).tolist()
@@ -191,9 +188,5 @@ class SpeculativeDecoder:
         old_len = seq.num_tokens
         seq.num_computed_tokens += accepted  # the accepted guesses' K/V were written by this forward
         seq.draft_computed = min(seq.draft_computed, old_len + accepted)
-        logprobs = logits.log_softmax(dim=-1)
-        for j, tok in enumerate(guesses[:accepted] + [final]):
-            eng.outputs.append_token(seq, tok, logprobs[j])
-            if seq.is_finished:
-                break
         seq.spec_tokens, seq.spec_probs = [], None
+        return guesses[:accepted] + [final], logits.log_softmax(dim=-1)

@@ -1,0 +1,75 @@
+"""The Sampler: logits rows -> one token per row, on the logits' device, for the engine, speculation and beams.
+
+It owns what every caller of sampling shares: the default generator (the engine's seed), how a sequence
+becomes a SamplingRow (its params, prompt and output so far, its own seeded generator, its request's
+bans and the grammar's allowed mask), and the order of work: every processor and check runs before any
+random draw, so a row that fails wastes no randomness. The processors themselves (logits_processors.py)
+are batched tensor ops over the rows that ask for them: temperature, top-k/top-p/min-p, repetition and
+frequency/presence penalties; only bans that depend on one row's state (bad words, min_tokens,
+logit_bias, the grammar) loop over those rows alone.
+
+- sample(seqs, logits): the common path. All-greedy rows without processing are one argmax; otherwise
+  process + draw (seeded rows each from their own generator, the others in one multinomial).
+- process / probabilities: what speculative decoding needs (the target's p and the draft's q).
+- process_bans: what beam search scores with (bans and penalties, no temperature or truncation).
+
+Usage:
+    sampler = Sampler(seed=0, guided=lambda: guided_decoder)
+    tokens, logprobs = sampler.sample([seq_a, seq_b], logits)      # logprobs: (rows, vocab)
+    gen = seeded_generator(seed=7, index=1)                        # the n-th sample of a seeded request
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from lmstack.infer import logits_processors as lp
+from lmstack.infer.sequence import Sequence
+
+
+def seeded_generator(seed: int | None, index: int) -> torch.Generator | None:
+    """The generator of sample `index` of a request with `seed` (None: the sampler's default generator)."""
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+
+
+class Sampler:
+    def __init__(self, seed: int = 0, guided: Callable[[], object] | None = None):
+        self.generator = torch.Generator().manual_seed(seed)
+        self._guided = guided  # returns the GuidedDecoder; only called for sequences with a grammar
+
+    def row(self, seq: Sequence, extra: list[int] | None = None) -> lp.SamplingRow:
+        """seq as the processors see it; `extra` are tokens appended after its output (speculative guesses)."""
+        req = seq.request
+        out = seq.output_ids if not extra else seq.output_ids + extra
+        allowed = self._guided().allowed(seq.matcher) if seq.matcher is not None else None
+        return lp.SamplingRow(req.params, req.prompt_token_ids, out, seq.generator, req.eos_ids,
+                              req.bad_word_ids, allowed)
+
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """One token per (sequence, logits row); returns (tokens, the raw rows' log-probabilities).
+
+        Log-probabilities are those of the model's distribution, before any processor (what OpenAI's
+        logprobs and cumulative_logprob report)."""
+        rows = [self.row(seq) for seq in seqs]
+        if all(r.params.greedy and r.allowed is None and not lp.needs_processing(r.params) for r in rows):
+            tokens = logits.argmax(dim=-1).tolist()  # the hot path of greedy decoding: no processing at all
+        else:
+            tokens = lp.sample(lp.process(logits, rows), rows, self.generator)
+        if any(seq.logprobs is not None for seq in seqs):
+            return tokens, logits.log_softmax(dim=-1)
+        return tokens, logits - logits.logsumexp(dim=-1, keepdim=True)  # only the chosen ones are read
+
+    def process(self, logits: torch.Tensor, rows: list[lp.SamplingRow]) -> torch.Tensor:
+        return lp.process(logits, rows)
+
+    def draw(self, processed: torch.Tensor, rows: list[lp.SamplingRow]) -> list[int]:
+        return lp.sample(processed, rows, self.generator)
+
+    def probabilities(self, processed: torch.Tensor, rows: list[lp.SamplingRow]) -> torch.Tensor:
+        return lp.probabilities(processed, rows)
+
+    def process_bans(self, logits: torch.Tensor, rows: list[lp.SamplingRow]) -> torch.Tensor:
+        return lp.process_bans(logits, rows)

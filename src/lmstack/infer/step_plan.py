@@ -1,0 +1,78 @@
+"""StepPlan: the row layout of one engine step, computed once and read by the runner and the postprocess.
+
+The scheduler says which sequences run and on how many tokens; the plan turns that into the flat batch:
+for each sequence the token ids it runs (its chunk plus any speculative guesses), their first position,
+their first row in the flattened (1, N) input, and which of its rows need logits (prompt positions
+scored for prompt_logprobs, then the last position and the guesses, which are sampled or verified).
+The runner builds its inputs and attention metadata from `seqs` (token ids, positions, rows) and
+computes logits for `logit_rows` only; the postprocess finds each sequence's logits through `first_logit`.
+
+Usage:
+    plan = StepPlan.build(scheduler_output)
+    logits = runner.run(plan)                      # (len(plan.logit_rows), vocab)
+    for p in plan.seqs: logits[p.first_logit + len(p.prompt_rows):][:p.n_sample_rows]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmstack.infer.scheduler import Scheduled, SchedulerOutput
+from lmstack.infer.sequence import Sequence
+
+
+@dataclass
+class PlannedSeq:
+    sched: Scheduled
+    tokens: list[int]
+    """Token ids run this step: the scheduled chunk, then the speculative guesses."""
+    start: int
+    """Position of tokens[0] (= seq.num_computed_tokens when planned)."""
+    row: int
+    """First row of this sequence in the flat batch."""
+    first_logit: int
+    """Index of this sequence's first row in the step's logits."""
+    prompt_rows: list[int]
+    """Prompt positions p whose logits score prompt token p + 1 (prompt_logprobs)."""
+    n_sample_rows: int
+    """Rows to sample or verify: 1 + len(guesses) when the chunk reaches the sequence's end, else 0."""
+
+    @property
+    def seq(self) -> Sequence:
+        return self.sched.seq
+
+    @property
+    def sample_row(self) -> int:
+        return self.first_logit + len(self.prompt_rows)
+
+
+@dataclass
+class StepPlan:
+    seqs: list[PlannedSeq] = field(default_factory=list)
+    logit_rows: list[int] = field(default_factory=list)
+    num_rows: int = 0
+
+    @classmethod
+    def build(cls, out: SchedulerOutput) -> "StepPlan":
+        plan = cls()
+        for s in out.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            spec = seq.spec_tokens if s.lookahead else []
+            tokens = seq.token_ids[start:start + s.num_tokens] + spec
+            base, first_logit = plan.num_rows, len(plan.logit_rows)
+            prompt_rows = []
+            if seq.request.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1 \
+                    and seq.index == 0:
+                stop = min(start + s.num_tokens, seq.num_prompt_tokens - 1)
+                prompt_rows = list(range(start, stop))  # position p scores prompt token p + 1
+                plan.logit_rows.extend(base + p - start for p in prompt_rows)
+            n_sample = 0
+            if start + s.num_tokens == seq.num_tokens:  # the chunk reaches the end: the next token is due
+                n_sample = 1 + len(spec)
+                plan.logit_rows.extend(range(base + s.num_tokens - 1, base + s.num_tokens + len(spec)))
+            plan.seqs.append(PlannedSeq(s, tokens, start, base, first_logit, prompt_rows, n_sample))
+            plan.num_rows += len(tokens)
+        return plan
+
+    def batch(self) -> list[tuple[Sequence, list[int], int]]:
+        """(seq, token ids, first position) per sequence, the form the runner's forward takes."""
+        return [(p.seq, p.tokens, p.start) for p in self.seqs]

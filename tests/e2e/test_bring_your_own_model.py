@@ -267,6 +267,7 @@ def test_finetune_lora_adapter_loads_in_peft_with_equal_logits(byo, tmp_path):
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32),
                                        tmp_path / "ft" / "adapter").eval()
     ours = load_result(d, json.loads((tmp_path / "ft" / "summary.json").read_text())["result"]).eval()
+    assert type(ours).__module__.startswith("lmstack.")  # our model with the adapter, not transformers'
     got, want = _logits(ours, ids), _logits(theirs, ids)
     assert (got - want).abs().max().item() <= 1e-4, (family, (got - want).abs().max().item())
     assert (want - _logits(model, ids)).abs().max().item() > 1e-3  # the adapter trained: it moves the logits

@@ -220,11 +220,11 @@ def test_a_failed_forward_fails_its_requests_with_request_failed_and_the_engine_
     aengine = AsyncLLMEngine(model, engine=engine(model, tok))
     real, calls = aengine.engine.runner.run, []
 
-    def flaky(batch, *a, **kw):
-        if len(batch) == 2 and not calls:  # the first forward that holds both requests
+    def flaky(plan, *a, **kw):
+        if len(plan.seqs) == 2 and not calls:  # the first forward that holds both requests
             calls.append(1)
             raise RuntimeError("device lost")
-        return real(batch, *a, **kw)
+        return real(plan, *a, **kw)
 
     monkeypatch.setattr(aengine.engine.runner, "run", flaky)
 

@@ -218,7 +218,7 @@ class LLMEngine:
             for p in plan.seqs:
                 self.lora.add_segment(p.row, len(p.tokens), p.seq.request.lora)
         try:
-            logits = self.runner.run(plan.batch(), plan.logit_rows)
+            logits = self.runner.run(plan)
         finally:
             if self.lora is not None:
                 self.lora.clear_segments()
@@ -229,7 +229,7 @@ class LLMEngine:
         plain: list[tuple[Sequence, int]] = []
         beams: dict[str, list[tuple[Sequence, int]]] = {}
         for p in plan.seqs:
-            seq, req, n = p.seq, p.seq.request, p.sched.num_tokens
+            seq, req, n = p.seq, p.seq.request, p.num_tokens
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.counters["prefill_tokens"] += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += n
@@ -241,7 +241,7 @@ class LLMEngine:
                         req, p.prompt_rows, logits[p.first_logit:p.first_logit + len(p.prompt_rows)])
                 if not p.n_sample_rows:
                     continue
-                if p.sched.lookahead and seq.spec_tokens:
+                if p.lookahead and seq.spec_tokens:
                     tokens, logprobs = self.spec.verify(seq, logits[p.sample_row:p.sample_row + p.n_sample_rows])
                     self._append(seq, tokens, logprobs)
                 elif req.beam is not None:

@@ -14,7 +14,8 @@ prompt logprobs and speculative verification), in fp32 on the CPU, where samplin
 
 Usage:
     runner = ModelRunner(model, num_blocks=256, block_size=16)
-    logits = runner.run([(seq, token_ids, first_position), ...], logit_rows)   # (len(logit_rows), vocab)
+    logits = runner.run(plan)          # a StepPlan (step_plan.py): (len(plan.logit_rows), vocab)
+    logits = runner.run([(seq, token_ids, first_position), ...], logit_rows)   # the same, planned here
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from lmstack.errors import LmstackError
 from lmstack.infer.fast_decode import FastDecoder
 from lmstack.infer.paged_attention import PagedKVCache, PrefillChunk, ShortChunks, StepMeta
 from lmstack.infer.sequence import Sequence
+from lmstack.infer.step_plan import StepPlan
 from lmstack.infer.threads import threads_for
 
 
@@ -65,14 +67,14 @@ class ModelRunner:
         table = seq.block_table[: -(-length // self.block_size)]
         return table[-1] - table[0] == len(table) - 1 and all(b - a == 1 for a, b in zip(table, table[1:]))
 
-    def build(self, batch: list[tuple[Sequence, list[int], int]]) -> tuple[torch.Tensor, StepMeta]:
-        """batch: (seq, token ids to run, their first position). Returns (input ids (1, N), metadata)."""
+    def build(self, plan: StepPlan) -> tuple[torch.Tensor, StepMeta]:
+        """The plan's flat batch -> (input ids (1, N), attention metadata); rows come from the plan."""
         dev = self.device
         ids, positions, slots, prefills = [], [], [], []
         short = []  # (seq, first flat row, n, start)
-        for seq, tokens, start in batch:
+        for p in plan.seqs:
+            seq, tokens, start, row = p.seq, p.tokens, p.start, p.row
             n = len(tokens)
-            row = len(ids)
             ids.extend(tokens)
             positions.extend(range(start, start + n))
             slots.extend(self._slots(seq, start, start + n))
@@ -108,24 +110,28 @@ class ModelRunner:
         return ShortChunks(rows_t, valid_t, torch.tensor(q_pos, device=dev), torch.tensor(key_slots, device=dev), contig,
                       rows_t[valid_t])
 
-    def run(self, batch: list[tuple[Sequence, list[int], int]], logit_rows: list[int]) -> torch.Tensor:
-        """Run one step; returns fp32 logits (len(logit_rows), vocab) for the flat rows asked for.
+    def run(self, plan: StepPlan | list[tuple[Sequence, list[int], int]], logit_rows: list[int] | None = None
+            ) -> torch.Tensor:
+        """Run one step; returns fp32 logits (len(plan.logit_rows), vocab) for the flat rows asked for.
+        A plain batch of (seq, token ids, first position) with its logit_rows is planned here.
 
         Big steps use every thread the engine may use; small ones run on one thread (see threads.py)."""
-        work = self.matmul_size * sum(len(tokens) for _, tokens, _ in batch)
-        with threads_for(work):
-            return self._run(batch, logit_rows)
+        if not isinstance(plan, StepPlan):
+            plan = StepPlan.of(plan, logit_rows)
+        with threads_for(self.matmul_size * plan.num_rows):
+            return self._run(plan)
 
     @torch.inference_mode()
-    def _run(self, batch: list[tuple[Sequence, list[int], int]], logit_rows: list[int]) -> torch.Tensor:
-        if self.fast is not None and len(batch) == 1 and not (self.lora_context is not None and
-                                                                self.lora_context.active):
-            seq, tokens, pos = batch[0]
+    def _run(self, plan: StepPlan) -> torch.Tensor:
+        logit_rows = plan.logit_rows
+        if self.fast is not None and len(plan.seqs) == 1 and not (self.lora_context is not None and
+                                                                  self.lora_context.active):
+            seq, tokens, pos = plan.seqs[0].seq, plan.seqs[0].tokens, plan.seqs[0].start
             t = len(tokens)
             tail = logit_rows == list(range(t - len(logit_rows), t))
             if (t == 1 or (pos > 0 and t <= SHORT_QUERY)) and logit_rows and tail and self._contiguous(seq, pos + t):
                 return self.fast.step(tokens, pos, seq.block_table[0] * self.block_size, len(logit_rows)).float().cpu()
-        ids, meta = self.build(batch)
+        ids, meta = self.build(plan)
         self.cache.meta = meta
         try:
             hidden = self.model(ids, cache=self.cache, return_hidden=True)

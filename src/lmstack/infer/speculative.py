@@ -39,6 +39,7 @@ from lmstack.infer.loading import load_draft
 from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.sampler import Sampler
 from lmstack.infer.sequence import Sequence
+from lmstack.infer.step_plan import StepPlan
 
 
 @dataclass
@@ -130,7 +131,7 @@ class SpeculativeDecoder:
                 rows.append(total - 1)
             # Cut to the ids the target samples from (ctx.vocab): a guess in a padded row is no token,
             # and q must cover the same ids as the target's p for the accept rule.
-            logits = self.runner.run(batch, rows)[:, :self.ctx.vocab]
+            logits = self.runner.run(StepPlan.of(batch, rows))[:, :self.ctx.vocab]
             srows = [self.sampler.row(s, s.spec_tokens) for s in live]
             processed = self.sampler.process(logits, srows)
             guesses = self.sampler.draw(processed, srows)

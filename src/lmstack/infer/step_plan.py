@@ -10,19 +10,20 @@ computes logits for `logit_rows` only; the postprocess finds each sequence's log
 Usage:
     plan = StepPlan.build(scheduler_output)
     logits = runner.run(plan)                      # (len(plan.logit_rows), vocab)
-    for p in plan.seqs: logits[p.first_logit + len(p.prompt_rows):][:p.n_sample_rows]
+    for p in plan.seqs: logits[p.sample_row:p.sample_row + p.n_sample_rows]
+    plan = StepPlan.of([(seq, token_ids, first_position), ...], logit_rows)   # the draft model's passes
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmstack.infer.scheduler import Scheduled, SchedulerOutput
+from lmstack.infer.scheduler import SchedulerOutput
 from lmstack.infer.sequence import Sequence
 
 
 @dataclass
 class PlannedSeq:
-    sched: Scheduled
+    seq: Sequence
     tokens: list[int]
     """Token ids run this step: the scheduled chunk, then the speculative guesses."""
     start: int
@@ -35,10 +36,10 @@ class PlannedSeq:
     """Prompt positions p whose logits score prompt token p + 1 (prompt_logprobs)."""
     n_sample_rows: int
     """Rows to sample or verify: 1 + len(guesses) when the chunk reaches the sequence's end, else 0."""
-
-    @property
-    def seq(self) -> Sequence:
-        return self.sched.seq
+    num_tokens: int
+    """Known tokens computed this step (tokens without the guesses)."""
+    lookahead: int = 0
+    """Slots the scheduler reserved for speculative guesses."""
 
     @property
     def sample_row(self) -> int:
@@ -69,10 +70,16 @@ class StepPlan:
             if start + s.num_tokens == seq.num_tokens:  # the chunk reaches the end: the next token is due
                 n_sample = 1 + len(spec)
                 plan.logit_rows.extend(range(base + s.num_tokens - 1, base + s.num_tokens + len(spec)))
-            plan.seqs.append(PlannedSeq(s, tokens, start, base, first_logit, prompt_rows, n_sample))
+            plan.seqs.append(PlannedSeq(seq, tokens, start, base, first_logit, prompt_rows, n_sample, s.num_tokens,
+                                        s.lookahead))
             plan.num_rows += len(tokens)
         return plan
 
-    def batch(self) -> list[tuple[Sequence, list[int], int]]:
-        """(seq, token ids, first position) per sequence, the form the runner's forward takes."""
-        return [(p.seq, p.tokens, p.start) for p in self.seqs]
+    @classmethod
+    def of(cls, batch: list[tuple[Sequence, list[int], int]], logit_rows: list[int]) -> "StepPlan":
+        """A plan for a plain batch of (seq, token ids, first position) with the given logit rows."""
+        plan = cls(logit_rows=list(logit_rows))
+        for seq, tokens, start in batch:
+            plan.seqs.append(PlannedSeq(seq, list(tokens), start, plan.num_rows, 0, [], 0, len(tokens)))
+            plan.num_rows += len(tokens)
+        return plan

@@ -8,11 +8,19 @@ gets an asyncio queue its generator reads from; leaving the `async for` early (c
 task cancelled) aborts the request, which frees its KV blocks before the next step. A request that
 fails inside the engine raises RequestFailed from its own generator; the others carry on.
 
+It is also the one facade a server uses: what it needs to know about the engine (tokenizer, context
+length, vocabulary, capacity, generation defaults, adapters, the model's device and dtype, counters,
+the health of the step loop) are public properties and methods here, and `prepare` validates and
+tokenizes a request exactly once: a server calls it before answering 200 (so a bad grammar is a 400)
+and hands the prepared request to `generate`, which does not prepare it again.
+
 Usage:
     aengine = AsyncLLMEngine("runs/model", max_num_seqs=16)
     async for out in aengine.generate("Hello", SamplingParams(max_tokens=32), request_id="r1"):
         print(out.outputs[0].text)                 # cumulative text so far (output_kind='delta': new text)
-    aengine.engine.stats()
+    req = aengine.prepare([5, 6, 7], SamplingParams(max_tokens=8), "r2")   # LmstackError when invalid
+    async for out in aengine.generate(req): ...
+    aengine.stats(); aengine.max_model_len; aengine.loop_error
 """
 from __future__ import annotations
 
@@ -20,10 +28,13 @@ import asyncio
 import itertools
 from typing import Any, AsyncIterator
 
+import torch
+
 from lmstack.errors import LmstackError
 from lmstack.infer.engine import LLMEngine
 from lmstack.infer.outputs import RequestFailed, RequestOutput
 from lmstack.infer.sampling_params import SamplingParams
+from lmstack.infer.sequence import Request
 
 _counter = itertools.count()
 
@@ -41,25 +52,81 @@ class AsyncLLMEngine:
         self._stepping = False
         self.errors = 0
 
-    # ---- public
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+    # ---- what a server needs to know
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may use and the sampler may emit: [0, vocab_size)."""
+        return self.engine.emit_vocab
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences in the running batch at most (requests beyond it wait in the engine's queue)."""
+        return self.engine.max_num_seqs
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The checkpoint's generation_config.json sampling settings (generation_defaults.py)."""
+        return self.engine.generation_defaults
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the registered LoRA adapters."""
+        return sorted(self.engine.lora.adapters) if self.engine.lora is not None else []
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.engine.model.parameters()).device
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return next(self.engine.model.parameters()).dtype
+
+    @property
+    def loop_error(self) -> BaseException | None:
+        """Why the step loop died, if it did (then nothing is generated until a new request restarts it)."""
+        task = self._task
+        if task is not None and task.done() and not task.cancelled():
+            return task.exception()
+        return None
+
+    def stats(self) -> dict:
+        """The engine's counters (running, waiting, KV blocks, prefix-cache hits, tokens, ...)."""
+        return self.engine.stats()
+
+    # ---- requests
+    def prepare(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+                lora: str | None = None) -> Request:
+        """Validate and tokenize a request (thread-safe: servers call it in a worker pool); LmstackError
+        names what is wrong. Give the result to generate(), which runs it as prepared."""
+        return self.engine.make_request(request_id or f"async-{next(_counter)}", prompt, params or SamplingParams(),
+                                        lora=lora)
+
+    async def generate(self, prompt: str | list[int] | Request, params: SamplingParams | None = None,
                        request_id: str | None = None, lora: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs for one request; validation errors (LmstackError) raise here, before anything
-        runs; a failure inside the engine raises RequestFailed for this request alone."""
-        request_id = request_id or f"async-{next(_counter)}"
+        """Stream RequestOutputs for one request (a prompt, or a Request from prepare()); validation errors
+        (LmstackError) raise here, before anything runs; a failure inside the engine raises RequestFailed
+        for this request alone."""
+        prepared = prompt if isinstance(prompt, Request) else None
+        if prepared is not None and (params is not None or lora is not None):
+            raise LmstackError("a prepared request carries its own params and lora; give neither with it")
+        request_id = prepared.request_id if prepared is not None else request_id or f"async-{next(_counter)}"
         if request_id in self._queues:
             raise LmstackError(f"request_id {request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue  # reserve the id while the request is prepared
-        try:  # tokenizing and bad_words / stop / grammar preparation can be heavy: never on the event loop
-            req = await asyncio.to_thread(self.engine.make_request, request_id, prompt,
-                                          params or SamplingParams(), lora=lora)
-        except BaseException:
-            self._queues.pop(request_id, None)
-            raise
-        if self._queues.get(request_id) is not queue:  # aborted while it was being prepared
-            return
-        self._pending_add.append(req)
+        if prepared is None:
+            try:  # tokenizing and bad_words / stop / grammar preparation can be heavy: never on the event loop
+                prepared = await asyncio.to_thread(self.prepare, prompt, params, request_id, lora)
+            except BaseException:
+                self._queues.pop(request_id, None)
+                raise
+            if self._queues.get(request_id) is not queue:  # aborted while it was being prepared
+                return
+        self._pending_add.append(prepared)
         self._ensure_loop()
         finished = False
         try:
@@ -84,9 +151,6 @@ class AsyncLLMEngine:
         else:
             self._pending_add = [r for r in self._pending_add if r.request_id != request_id]
             self.engine.abort_request(request_id)
-
-    def stats(self) -> dict:
-        return self.engine.stats()
 
     async def shutdown(self) -> None:
         if self._task is not None:

@@ -209,11 +209,11 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         # The engine's step loop is a background task; if it died, nothing will ever be generated again.
-        loop = getattr(aengine, "_task", None)
-        if loop is not None and loop.done() and not loop.cancelled() and loop.exception() is not None:
-            return JSONResponse({"status": "error", "error": repr(loop.exception())}, status_code=503,
+        error = aengine.loop_error
+        if error is not None:
+            return JSONResponse({"status": "error", "error": repr(error)}, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
-        return {"status": "ok", "model": config.model_name, "step_errors": getattr(aengine, "errors", 0)}
+        return {"status": "ok", "model": config.model_name, "step_errors": aengine.errors}
 
     @app.get("/metrics", dependencies=page_auth)
     async def prometheus():

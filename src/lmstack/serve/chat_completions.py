@@ -28,14 +28,15 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse
 
 from lmstack.errors import LmstackError
+from lmstack.infer.sequence import Request
+from lmstack.serve.engine_bridge import ServerState, collect, sampling_params
 from lmstack.serve.errors import APIError, from_value_error
-from lmstack.serve.engine_bridge import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
-                                         run_streams, sampling_params, sse, stream_error)
 from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
 from lmstack.serve.prompt_compression import Plan, plan, rewrite_messages
 from lmstack.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
                                     DeltaMessage, DeltaToolCall, TokenLogprob, TopLogprob, Usage)
+from lmstack.serve.sse_stream import EventStream, Sent, sse, stream_choices
 from lmstack.serve.tool_calls import StreamedToolText, ToolPlan, check_tools, template_tool_calls, tool_plan
 
 
@@ -128,9 +129,11 @@ def _finish(reason: str | None) -> str | None:
     return None if reason == "abort" else reason
 
 
-def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None, compression: Plan | None):
-    """(prompt ids, SamplingParams, prompt tokens before compression or None): the chat template, encoding,
-    compression and parameter preparation grow with the request, so they run in the worker pool."""
+def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None, compression: Plan | None, rid: str):
+    """(prompt ids, the prepared engine request, prompt tokens before compression or None): the chat template,
+    encoding, compression, parameter and engine-request preparation grow with the request, so they run in
+    the worker pool. The engine request is prepared once, here: what only the engine checks is a 400
+    before a stream's 200 goes out."""
     check_messages(state, req)
     ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, template_kwargs=req.chat_template_kwargs,
                           tools=req.tools)
@@ -142,12 +145,10 @@ def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None, c
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = state.check_lengths(len(ids), wanted, param,
-                                     default=state.engine.generation_defaults.get("max_tokens"))
+                                     default=state.generation_defaults.get("max_tokens"))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(state, req, max_tokens=max_tokens, logprobs=logprobs, lora=lora)
-    if req.stream:  # what only the engine checks must be a 400 before the stream's 200 goes out
-        state.validate(ids, params)
-    return ids, params, n_before
+    return ids, state.prepare(ids, params, rid), n_before
 
 
 def _tool_plan(state: ServerState, req: ChatCompletionRequest) -> ToolPlan:
@@ -179,16 +180,16 @@ async def create_chat_completion(state: ServerState, request, req: ChatCompletio
     check_sampling_lists(state.limits, req)
     check_message_count(state, req.messages)
     compression = plan(state, req.prompt_compression)
-    ids, params, n_before = await state.run(_prepare, state, req, lora, compression)
-    extra = {} if n_before is None else {"prompt_tokens_before_compression": n_before}
     rid = f"chatcmpl-{uuid.uuid4().hex}"
+    ids, job, n_before = await state.run(_prepare, state, req, lora, compression, rid)
+    extra = {} if n_before is None else {"prompt_tokens_before_compression": n_before}
     created = int(time.time())
     model = req.model or state.config.model_name
     state.metrics.prompt_tokens.inc(len(ids))
     if req.stream:
-        return EventStream(state, _stream(state, request, req, ids, params, rid, created, model, extra, tools))
+        return EventStream(state, _stream(state, request, req, job, len(ids), rid, created, model, extra, tools))
     with state.admit():
-        (final,) = await collect(state, request, [(ids, params)], rid)
+        (final,) = await collect(state, request, [job])
     choices, n_gen = [], 0
     for j, c in enumerate(final.outputs):
         lp = _logprobs(state, c.token_ids, c.logprobs, req.top_logprobs or 0) if req.logprobs else None
@@ -202,61 +203,37 @@ async def create_chat_completion(state: ServerState, request, req: ChatCompletio
                                                usage=usage).model_dump())
 
 
-async def _stream(state: ServerState, request, req: ChatCompletionRequest, ids: list[int], params, rid: str,
+async def _stream(state: ServerState, request, req: ChatCompletionRequest, job: Request, n_prompt: int, rid: str,
                   created: int, model: str, extra: dict, plan: ToolPlan) -> AsyncIterator[str]:
-    sent: dict[int, tuple[int, int]] = {}  # sample index -> (chars, tokens) already sent
     held = {j: StreamedToolText(plan) for j in range(req.n)} if plan.active else {}
-    finished: set[int] = set()
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    running_usage = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
-    def usage() -> Usage:
-        n_gen = sum(t for _, t in sent.values())
-        return Usage(prompt_tokens=len(ids), completion_tokens=n_gen, total_tokens=len(ids) + n_gen, **extra)
+    def render(_: int, out, c, sent: Sent) -> ChatChunkChoice | None:
+        new_text, new_toks = c.text[sent.chars:], c.token_ids[sent.tokens:]
+        finish, calls = _finish(c.finish_reason), None
+        if held:  # tools: content only up to a possible call start; the calls once the text is complete
+            new_text = held[c.index].content_now(c.text)
+            if c.finish_reason is not None:
+                rest, found = held[c.index].finish(c.text)
+                new_text += rest
+                if found:
+                    calls = [DeltaToolCall(index=i, **call) for i, call in enumerate(found)]
+                    finish = plan.finish_reason
+        if not new_text and not (req.logprobs and new_toks) and c.finish_reason is None:
+            return None  # held back (half a character, maybe a stop string or a tool call): wait for more
+        lp = None
+        if req.logprobs and new_toks:
+            lp = _logprobs(state, new_toks, (c.logprobs or [])[sent.tokens:], req.top_logprobs or 0)
+        return ChatChunkChoice(index=c.index, delta=DeltaMessage(content=new_text or None, tool_calls=calls),
+                               logprobs=lp, finish_reason=finish)
 
-    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+    def chunk(choices: list, usage: Usage | None = None) -> str:
         return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
 
-    try:
-        # The role goes out at once, so a client sees the reply begin even while the prompt is prefilling.
-        yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
+    # The role goes out at once, so a client sees the reply begin even while the prompt is prefilling.
+    opening = chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
                      for j in range(req.n)])
-        async for _, out in run_streams(state, request, [(ids, params)], rid):
-            choices = []
-            for c in out.outputs:
-                if c.index in finished:
-                    continue
-                chars, toks = sent.get(c.index, (0, 0))
-                new_text, new_toks = c.text[chars:], c.token_ids[toks:]
-                finish, calls = _finish(c.finish_reason), None
-                if held:  # tools: content only up to a possible call start; the calls once the text is complete
-                    new_text = held[c.index].content_now(c.text)
-                    if c.finish_reason is not None:
-                        rest, found = held[c.index].finish(c.text)
-                        new_text += rest
-                        if found:
-                            calls = [DeltaToolCall(index=i, **call) for i, call in enumerate(found)]
-                            finish = plan.finish_reason
-                if not new_text and not (req.logprobs and new_toks) and c.finish_reason is None:
-                    continue  # held back (half a character, maybe a stop string or a tool call): wait for more
-                lp = None
-                if req.logprobs and new_toks:
-                    lp = _logprobs(state, new_toks, (c.logprobs or [])[toks:], req.top_logprobs or 0)
-                choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=new_text or None,
-                                                                                 tool_calls=calls),
-                                               logprobs=lp, finish_reason=finish))
-                sent[c.index] = (len(c.text), len(c.token_ids))
-                if c.finish_reason is not None:
-                    finished.add(c.index)
-            if choices:
-                yield chunk(choices, usage() if running_usage else None)
-        if include_usage:
-            yield chunk([], usage())
-        yield SSE_DONE
-    except ClientDisconnected:
-        return
-    except Exception as e:  # noqa: BLE001 - the 200 is already out; report in-band, as OpenAI does
-        yield stream_error(e)
-        yield SSE_DONE
-    finally:
-        state.metrics.generation_tokens.inc(sum(t for _, t in sent.values()))
+    opts = req.stream_options
+    async for event in stream_choices(state, request, [job], n_prompt, extra, render, chunk,
+                                      include_usage=bool(opts and opts.include_usage),
+                                      running_usage=bool(opts and opts.continuous_usage_stats), opening=opening):
+        yield event

@@ -137,7 +137,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                              max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,
                              seed=seed, adapter_paths=parse_adapters(adapters))
-    stats = aengine.engine.stats()
+    stats = aengine.stats()
     print(f"lmstack serve: {config.model_name} on http://{host}:{port} ({dev}, {str(torch_dtype)[6:]}, "
           f"{torch.get_num_threads()} threads, "
           f"{stats['num_blocks_total']} KV blocks of {stats['block_size']} tokens, "

@@ -21,13 +21,14 @@ from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse
 
+from lmstack.infer.sequence import Request
+from lmstack.serve.engine_bridge import ServerState, collect, job_ids, sampling_params
 from lmstack.serve.errors import APIError
-from lmstack.serve.engine_bridge import (SSE_DONE, ClientDisconnected, EventStream, ServerState, collect,
-                                         run_streams, sampling_params, sse, stream_error)
 from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
 from lmstack.serve.prompt_compression import Plan, compress_completion_prompts, plan
 from lmstack.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                     Usage)
+from lmstack.serve.sse_stream import EventStream, Sent, sse, stream_choices
 
 
 def _prompt_items(state: ServerState, req: CompletionRequest) -> list[str | list[int]]:
@@ -114,10 +115,12 @@ def _choice(state: ServerState, req: CompletionRequest, prompt: tuple[str, list[
                             stop_reason=c.stop_reason, prompt_logprobs=prompt_logprobs)
 
 
-def _prepare(state: ServerState, req: CompletionRequest, items: list, lora: str | None, compression: Plan | None):
-    """(prompts as (text, ids), SamplingParams, prompt tokens before compression or None): encoding,
-    compression, length checks and parameter preparation, all of which grow with the request, so they run
-    in the worker pool."""
+def _prepare(state: ServerState, req: CompletionRequest, items: list, lora: str | None, compression: Plan | None,
+             rid: str):
+    """(prompts as (text, ids), the prepared engine requests, prompt tokens before compression or None):
+    encoding, compression, length checks, parameter and engine-request preparation all grow with the
+    request, so they run in the worker pool. Each engine request is prepared once, here: what only the
+    engine checks is a 400 before a stream's 200 goes out."""
     reject_lone_surrogates(req)  # a walk over every string of the request
     prompts = _prompts(state, req, items)
     n_before = None
@@ -125,16 +128,14 @@ def _prepare(state: ServerState, req: CompletionRequest, items: list, lora: str 
         prompts, n_before = compress_completion_prompts(state, items, prompts, compression, req.add_special_tokens)
     # Every prompt must fit; with no max_tokens given, generate as many as every prompt leaves room for.
     # A request silent on max_tokens gets the model's generation_config max_new_tokens, else OpenAI's 16.
-    default = state.engine.generation_defaults.get("max_tokens")
+    default = state.generation_defaults.get("max_tokens")
     wanted = req.max_tokens if default is None or "max_tokens" in req.model_fields_set else None
     max_tokens = min(state.check_lengths(len(ids), wanted, default=default) for _, ids in prompts)
     params = sampling_params(state, req, max_tokens=max_tokens, logprobs=req.logprobs, lora=lora)
     if req.echo and req.logprobs is not None:
         params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)
-    if req.stream:  # what only the engine checks must be a 400 before the stream's 200 goes out
-        for ids in {tuple(ids) for _, ids in prompts}:
-            state.validate(list(ids), params)
-    return prompts, params, n_before
+    jobs = [state.prepare(ids, params, job_id) for (_, ids), job_id in zip(prompts, job_ids(rid, len(prompts)))]
+    return prompts, jobs, n_before
 
 
 async def create_completion(state: ServerState, request, req: CompletionRequest):
@@ -144,10 +145,9 @@ async def create_completion(state: ServerState, request, req: CompletionRequest)
     check_sampling_lists(state.limits, req)
     items = _prompt_items(state, req)
     compression = plan(state, req.prompt_compression)
-    prompts, params, n_before = await state.run(_prepare, state, req, items, lora, compression)
-    extra = {} if n_before is None else {"prompt_tokens_before_compression": n_before}
-    jobs = [(ids, params) for _, ids in prompts]
     rid = f"cmpl-{uuid.uuid4().hex}"
+    prompts, jobs, n_before = await state.run(_prepare, state, req, items, lora, compression, rid)
+    extra = {} if n_before is None else {"prompt_tokens_before_compression": n_before}
     created = int(time.time())
     model = req.model or state.config.model_name
     state.metrics.prompt_tokens.inc(sum(len(ids) for _, ids in prompts))
@@ -155,7 +155,7 @@ async def create_completion(state: ServerState, request, req: CompletionRequest)
         return EventStream(state, _stream(state, request, req, prompts, jobs, rid, created, model, extra),
                            len(jobs))
     with state.admit(len(jobs)):
-        finals = await collect(state, request, jobs, rid)
+        finals = await collect(state, request, jobs)
     choices, completion_tokens = [], 0
     for i, out in enumerate(finals):
         for j, c in enumerate(out.outputs):  # with best_of, c.index names the kept sample, not its rank
@@ -169,46 +169,20 @@ async def create_completion(state: ServerState, request, req: CompletionRequest)
     return JSONResponse(body.model_dump())
 
 
-async def _stream(state: ServerState, request, req: CompletionRequest, prompts, jobs, rid: str, created: int,
-                  model: str, extra: dict) -> AsyncIterator[str]:
-    sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (chars, tokens) already sent
-    generated: dict[tuple[int, int], int] = {}
-    finished: set[tuple[int, int]] = set()
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    running_usage = bool(req.stream_options and req.stream_options.continuous_usage_stats)
-    n_prompt = sum(len(ids) for _, ids in prompts)
+async def _stream(state: ServerState, request, req: CompletionRequest, prompts, jobs: list[Request], rid: str,
+                  created: int, model: str, extra: dict) -> AsyncIterator[str]:
+    def render(i: int, out, c, sent: Sent) -> CompletionChoice | None:
+        new_tokens = len(c.token_ids) > sent.tokens and req.logprobs is not None
+        if not (sent.first and req.echo) and len(c.text) == sent.chars and not new_tokens and c.finish_reason is None:
+            return None  # nothing to show yet (half a character, or text held back for a stop string)
+        return _choice(state, req, prompts[i], out, c, i * req.n + c.index, sent.chars, sent.tokens,
+                       with_prompt=sent.first)
 
-    def usage() -> Usage:
-        n_gen = sum(generated.values())
-        return Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen, **extra)
-    try:
-        async for i, out in run_streams(state, request, jobs, rid):
-            choices = []
-            for c in out.outputs:
-                key = (i, c.index)
-                if key in finished:
-                    continue
-                chars, toks = sent.get(key, (0, 0))
-                first = key not in sent
-                new_tokens = len(c.token_ids) > toks and req.logprobs is not None
-                if not (first and req.echo) and len(c.text) == chars and not new_tokens and c.finish_reason is None:
-                    continue  # nothing to show yet (half a character, or text held back for a stop string)
-                if c.finish_reason is not None:
-                    finished.add(key)
-                choices.append(_choice(state, req, prompts[i], out, c, i * req.n + c.index, chars, toks,
-                                       with_prompt=first))
-                sent[key] = (len(c.text), len(c.token_ids))
-                generated[key] = len(c.token_ids)
-            if choices:
-                yield sse(CompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                             usage=usage() if running_usage else None))
-        if include_usage:
-            yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage()))
-        yield SSE_DONE
-    except ClientDisconnected:
-        return
-    except Exception as e:  # noqa: BLE001 - the 200 is already out; report in-band, as OpenAI does
-        yield stream_error(e)
-        yield SSE_DONE
-    finally:
-        state.metrics.generation_tokens.inc(sum(generated.values()))
+    def chunk(choices: list, usage: Usage | None) -> str:
+        return sse(CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage))
+
+    opts = req.stream_options
+    async for event in stream_choices(state, request, jobs, sum(len(ids) for _, ids in prompts), extra, render,
+                                      chunk, include_usage=bool(opts and opts.include_usage),
+                                      running_usage=bool(opts and opts.continuous_usage_stats)):
+        yield event

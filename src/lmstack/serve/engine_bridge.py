@@ -1,5 +1,9 @@
 """What /v1/completions and /v1/chat/completions share: admission, sampling params, the engine streams.
 
+The server talks to the engine only through AsyncLLMEngine's public facade (infer/async_engine.py):
+its properties (tokenizer, max_model_len, vocab_size, max_num_seqs, generation_defaults, adapters, model
+device and dtype), stats(), loop_error, prepare() and generate(); tests/test_layering.py keeps it so.
+
 - `ServerState` holds the engine, the tokenizer, the limits and the metrics, and admits requests: more
   than max_num_seqs + max_queue generation requests in flight is a 503, checked before any work.
   `state.run(fn, ...)` runs tokenising and parameter preparation in a small worker pool, never on the
@@ -7,16 +11,19 @@
 - `sampling_params` turns a request into lmstack.infer.SamplingParams (whose ValueErrors name the field).
 - `check_lengths` enforces the context: a prompt that does not fit is 413, prompt + max_tokens that
   does not fit is 400 (max_tokens), as vLLM answers.
-- `run_streams` drives one engine request per prompt, merged into one stream of (prompt index, output),
+- `state.prepare` validates and tokenizes one engine request, once, in the worker pool: what only the
+  engine checks (a grammar that does not compile, ...) is a 400 before any stream sends its 200.
+- `run_streams` drives the prepared engine requests, merged into one stream of (prompt index, output),
   and watches the client: when it disconnects, every engine request is closed, which aborts it in the
   engine and frees its KV blocks at once (not at the next token, and not when the request would end).
   A request that fails inside the engine (RequestFailed: that request alone) becomes a 500 for it alone,
   or an SSE error event then [DONE] once its stream has started.
 
 Usage:
-    state = ServerState(aengine, ServerConfig(model_name="tiny"))
-    with state.admit(n_requests=1):
-        async for i, out in run_streams(state, request, [(ids, params)], "cmpl-1"):
+    state = ServerState(aengine, ServerConfig(model_name="tiny"), metrics)
+    prepared = [state.prepare(ids, params, rid) for rid, ids in zip(job_ids("cmpl-1", len(prompts)), prompts)]
+    with state.admit(len(prepared)):
+        async for i, out in run_streams(state, request, prepared):
             ...
 """
 from __future__ import annotations
@@ -24,18 +31,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
-
 from lmstack.errors import LmstackError
 from lmstack.infer import SamplingParams
 from lmstack.infer.outputs import RequestFailed
+from lmstack.infer.sequence import Request
 from lmstack.runtime.validation import check_choice
 from lmstack.serve.errors import APIError, from_value_error
 from lmstack.serve.limits import RequestLimits, check_sampling_lists, prompt_byte_limit
@@ -114,11 +118,10 @@ class ServerState:
 
     def __init__(self, aengine: Any, config: ServerConfig, metrics: Any):
         self.aengine, self.config, self.metrics = aengine, config, metrics
-        self.engine = aengine.engine
         self.tokenizer = aengine.tokenizer
-        self.max_model_len: int = self.engine.max_model_len
-        self.vocab_size: int = self.engine.emit_vocab  # the model's real rows, cut to the tokenizer's ids
-        self.capacity = self.engine.scheduler.max_num_seqs + config.max_queue
+        self.max_model_len: int = aengine.max_model_len
+        self.vocab_size: int = aengine.vocab_size  # the model's real rows, cut to the tokenizer's ids
+        self.capacity = aengine.max_num_seqs + config.max_queue
         self.in_flight = 0
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
@@ -130,8 +133,7 @@ class ServerState:
         # The prompt-compression scorer sits beside the served model (same device and dtype); checked at start-up.
         self.scorer = None
         if config.compression.model is not None:
-            weight = next(self.engine.model.parameters())
-            self.scorer = load_scorer(config.compression, self.tokenizer, weight.device, weight.dtype)
+            self.scorer = load_scorer(config.compression, self.tokenizer, aengine.model_device, aengine.model_dtype)
 
     async def run(self, fn, *args):
         """fn(*args) in the preparation pool: tokenising, chat templates and parameter preparation grow with
@@ -182,8 +184,12 @@ class ServerState:
 
     # ---- models and adapters
     def adapters(self) -> list[str]:
-        lora = getattr(self.engine, "lora", None)
-        return sorted(getattr(lora, "adapters", {}) or {}) if lora is not None else []
+        return self.aengine.adapters
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The model's generation_config.json sampling settings, under every field a request sets."""
+        return self.aengine.generation_defaults
 
     def resolve_model(self, name: str | None) -> str | None:
         """The request's `model` -> the LoRA adapter to use (None = the base model); unknown names are 404."""
@@ -199,16 +205,16 @@ class ServerState:
         changing size; such a read is simply retried."""
         for _ in range(5):
             try:
-                return self.engine.stats()
+                return self.aengine.stats()
             except RuntimeError:
                 continue
         return {}
 
-    def validate(self, ids: list[int], params: SamplingParams) -> None:
-        """Build (and drop) the engine request now, so what only the engine checks (a grammar that does not
-        compile, ...) is a 400 before a stream has sent its 200."""
+    def prepare(self, ids: list[int], params: SamplingParams, request_id: str) -> Request:
+        """The engine request, validated and tokenized once (run it in the worker pool): what only the engine
+        checks (a grammar that does not compile, ...) is a 400 here, before a stream has sent its 200."""
         try:
-            self.engine.make_request("validate", ids, params)
+            return self.aengine.prepare(ids, params, request_id)
         except (LmstackError, ValueError) as e:
             raise from_value_error(e) from None
 
@@ -281,7 +287,7 @@ def sampling_params(state: ServerState, req: Any, *, max_tokens: int, logprobs: 
                        param="best_of")
     # The model's generation_config.json sampling defaults, under every field the request sets (max_tokens is
     # settled by check_lengths).
-    kw = {k: v for k, v in state.engine.generation_defaults.items() if k != "max_tokens"}
+    kw = {k: v for k, v in state.generation_defaults.items() if k != "max_tokens"}
     kw.update({name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None})
     kw.update(n=n, max_tokens=max_tokens, logprobs=logprobs, lora=lora)
     if best_of is not None:
@@ -321,9 +327,13 @@ async def _wait_for_disconnect(request) -> None:
 _DONE = object()
 
 
-async def run_streams(state: ServerState, request, jobs: list[tuple[list[int], SamplingParams]],
-                      request_id: str) -> AsyncIterator[tuple[int, Any]]:
-    """Run one engine request per (prompt ids, params); yield (job index, cumulative RequestOutput).
+def job_ids(request_id: str, n: int) -> list[str]:
+    """Engine request ids of an API request with n prompts: its own id, or id-0, id-1, ..."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
+async def run_streams(state: ServerState, request, jobs: list[Request]) -> AsyncIterator[tuple[int, Any]]:
+    """Run the prepared engine requests; yield (job index, cumulative RequestOutput).
 
     Raises ClientDisconnected when the client leaves. Whatever way this generator ends (finished,
     disconnected, error, or closed by the caller), every engine request still running is aborted.
@@ -331,8 +341,8 @@ async def run_streams(state: ServerState, request, jobs: list[tuple[list[int], S
     queue: asyncio.Queue = asyncio.Queue()
     start = time.perf_counter()
 
-    async def pump(i: int, ids: list[int], params: SamplingParams) -> None:
-        gen = state.aengine.generate(ids, params, f"{request_id}-{i}" if len(jobs) > 1 else request_id)
+    async def pump(i: int, job: Request) -> None:
+        gen = state.aengine.generate(job)
         first = True
         try:
             async for out in gen:
@@ -348,7 +358,7 @@ async def run_streams(state: ServerState, request, jobs: list[tuple[list[int], S
         finally:
             await gen.aclose()  # aborts the engine request if it is still running: its blocks are freed now
 
-    tasks = [asyncio.ensure_future(pump(i, ids, params)) for i, (ids, params) in enumerate(jobs)]
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
     watcher = asyncio.ensure_future(_wait_for_disconnect(request)) if request is not None else None
     if watcher is not None:
         watcher.add_done_callback(lambda t: t.cancelled() or queue.put_nowait((-1, ClientDisconnected())))
@@ -391,53 +401,9 @@ async def run_streams(state: ServerState, request, jobs: list[tuple[list[int], S
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect(state: ServerState, request, jobs, request_id: str) -> list[Any]:
-    """Run the jobs to the end; the final RequestOutput of each, in job order."""
+async def collect(state: ServerState, request, jobs: list[Request]) -> list[Any]:
+    """Run the prepared jobs to the end; the final RequestOutput of each, in job order."""
     finals: list[Any] = [None] * len(jobs)
-    async for i, out in run_streams(state, request, jobs, request_id):
+    async for i, out in run_streams(state, request, jobs):
         finals[i] = out
     return finals
-
-
-def sse(payload: BaseModel | dict | str) -> str:
-    """One Server-Sent Event: `data: <json>` and a blank line."""
-    if isinstance(payload, BaseModel):
-        body = payload.model_dump_json()
-    elif isinstance(payload, dict):
-        body = json.dumps(payload, ensure_ascii=False)
-    else:
-        body = payload
-    return f"data: {body}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
-class EventStream(StreamingResponse):
-    """An SSE response that holds an admission ticket from creation until the response is over.
-
-    The ticket is taken here, before the 200 goes out, so an overloaded server can still answer 503;
-    it is released in __call__'s finally, which runs even if the client left before the first chunk
-    (when the body generator never started and so could not release anything itself).
-    """
-
-    def __init__(self, state: ServerState, content: AsyncIterator[str], prompts: int = 1):
-        self._ticket = state.admit(prompts)
-        self._ticket.__enter__()
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with contextlib.suppress(BaseException):
-                await self.body_iterator.aclose()  # type: ignore[union-attr]
-            self._ticket.__exit__(None, None, None)
-
-
-def stream_error(e: Exception) -> str:
-    """An error that happens after the 200 and the first chunks went out: sent as an SSE error event
-    (`data: {"error": ...}`, which the openai client raises as APIError), then the caller sends [DONE]."""
-    err = e if isinstance(e, APIError) else from_value_error(e) if isinstance(e, ValueError) else \
-        APIError(500, f"internal error: {type(e).__name__}")
-    return sse(err.body())

@@ -51,6 +51,11 @@ class LocalBackend:
         if self.engine.tokenizer is None:
             raise LmstackError(f"{model_dir}: no tokenizer.json; chat needs the model's tokenizer")
 
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The model's generation_config.json sampling settings."""
+        return self.engine.generation_defaults
+
     def stream(self, messages: list[dict], params: dict) -> Iterator[str]:
         ids = self.engine.tokenizer.render_messages(messages, add_generation_prompt=True).ids
         rid = f"chat-{uuid.uuid4().hex[:8]}"
@@ -189,7 +194,7 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
         set_max_model_gib(max_model_gib)
         set_threads(threads)
         backend: Any = LocalBackend(model, adapter, device=device, dtype=dtype)
-        params = merge_sampling({**CHAT_DEFAULTS, **backend.engine.generation_defaults}, params)
+        params = merge_sampling({**CHAT_DEFAULTS, **backend.generation_defaults}, params)
     else:
         backend = RemoteBackend(url, model=adapter, api_key=api_key or os.environ.get("LMSTACK_API_KEY"))
     run_chat(backend, params, system=system)

@@ -1,7 +1,10 @@
-"""Logits processors and the sampler: raw logits (rows, vocab) -> one token per row.
+"""Logits processors and the draw: raw logits (rows, vocab) -> one token per row (sampler.py drives them).
 
 Each processor is a function (logits, rows) -> logits that touches only the rows whose params ask
-for it, so a batch mixing greedy and sampled requests costs nothing extra for the plain ones. They
+for it, so a batch mixing greedy and sampled requests costs nothing extra for the plain ones. The
+penalties, temperature and the truncations are batched tensor ops on the logits' device (repetition and
+frequency/presence penalties scatter from a padded (rows, max_len) token tensor); min_tokens, bad_words,
+logit_bias and the grammar loop over the rows that use them, since each depends on that row's state. They
 run in PROCESSORS order: bans and biases first (they change what is possible), then penalties, then
 temperature and the truncations (top-k, top-p, min-p), which need the final distribution's shape.
 
@@ -16,7 +19,7 @@ temperature and the truncations (top-k, top-p, min-p), which need the final dist
 
 Usage:
     rows = [SamplingRow(params, prompt_ids, output_ids, generator=None, eos_ids={2})]
-    probs_or_none, logits = process(logits, rows)
+    logits = process(logits, rows)
     tokens = sample(logits, rows)
 """
 from __future__ import annotations
@@ -78,11 +81,12 @@ def logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     for i in _rows_where(rows, lambda p: bool(p.logit_bias)):
         ids = [t for t in rows[i].params.logit_bias if t < vocab]
         if ids:
-            logits[i, ids] += torch.tensor([rows[i].params.logit_bias[t] for t in ids], dtype=logits.dtype)
+            logits[i, ids] += torch.tensor([rows[i].params.logit_bias[t] for t in ids], dtype=logits.dtype,
+                                            device=logits.device)
     return logits
 
 
-def _padded_ids(id_lists: list[list[int]], vocab: int) -> torch.Tensor:
+def _padded_ids(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """Ragged token lists -> one (rows, max_len) long tensor, padded with `vocab` (a column past the last
     token: scattering into it touches no real token, and it is cut off afterwards)."""
     width = max(1, max(len(ids) for ids in id_lists))
@@ -90,7 +94,7 @@ def _padded_ids(id_lists: list[list[int]], vocab: int) -> torch.Tensor:
     for i, ids in enumerate(id_lists):
         if ids:
             out[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    return out
+    return out.to(device)
 
 
 def repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -99,9 +103,10 @@ def repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
     if not active:
         return logits
     vocab = logits.shape[-1]
-    ids = _padded_ids([rows[i].prompt_ids + rows[i].output_ids for i in active], vocab).clamp_(max=vocab)
-    seen = torch.zeros((len(active), vocab + 1), dtype=torch.bool).scatter_(1, ids, True)[:, :vocab]
-    pen = torch.tensor([rows[i].params.repetition_penalty for i in active], dtype=logits.dtype)[:, None]
+    dev = logits.device
+    ids = _padded_ids([rows[i].prompt_ids + rows[i].output_ids for i in active], vocab, dev).clamp_(max=vocab)
+    seen = torch.zeros((len(active), vocab + 1), dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :vocab]
+    pen = torch.tensor([rows[i].params.repetition_penalty for i in active], dtype=logits.dtype, device=dev)[:, None]
     x = logits[active]
     logits[active] = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
     return logits
@@ -114,12 +119,13 @@ def frequency_presence(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
     if not active:
         return logits
     vocab = logits.shape[-1]
-    ids = _padded_ids([rows[i].output_ids for i in active], vocab).clamp_(max=vocab)
-    counts = torch.zeros((len(active), vocab + 1), dtype=logits.dtype)
-    counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=logits.dtype))
+    dev = logits.device
+    ids = _padded_ids([rows[i].output_ids for i in active], vocab, dev).clamp_(max=vocab)
+    counts = torch.zeros((len(active), vocab + 1), dtype=logits.dtype, device=dev)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=logits.dtype, device=dev))
     counts = counts[:, :vocab]
-    freq = torch.tensor([rows[i].params.frequency_penalty for i in active], dtype=logits.dtype)[:, None]
-    pres = torch.tensor([rows[i].params.presence_penalty for i in active], dtype=logits.dtype)[:, None]
+    freq = torch.tensor([rows[i].params.frequency_penalty for i in active], dtype=logits.dtype, device=dev)[:, None]
+    pres = torch.tensor([rows[i].params.presence_penalty for i in active], dtype=logits.dtype, device=dev)[:, None]
     logits[active] -= freq * counts + pres * (counts > 0).to(logits.dtype)
     return logits
 
@@ -134,7 +140,7 @@ def guided(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 def temperature(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     temps = [r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows]
     if any(t != 1.0 for t in temps):
-        t = torch.tensor(temps, dtype=logits.dtype)[:, None]
+        t = torch.tensor(temps, dtype=logits.dtype, device=logits.device)[:, None]
         scaled = logits / t
         over = scaled.amax(dim=-1) == float("inf")
         if bool(over.any()):  # x / T overflowed (huge logits, small T): (x - max) / T <= 0 cannot
@@ -151,12 +157,13 @@ def top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
         return logits
     sub = logits[active]
     vocab = sub.shape[-1]
-    top_k = torch.tensor([min(rows[i].params.top_k or vocab, vocab) for i in active])
-    top_p = torch.tensor([rows[i].params.top_p for i in active], dtype=sub.dtype)[:, None]
-    min_p = torch.tensor([rows[i].params.min_p for i in active], dtype=sub.dtype)[:, None]
+    dev = sub.device
+    top_k = torch.tensor([min(rows[i].params.top_k or vocab, vocab) for i in active], device=dev)
+    top_p = torch.tensor([rows[i].params.top_p for i in active], dtype=sub.dtype, device=dev)[:, None]
+    min_p = torch.tensor([rows[i].params.min_p for i in active], dtype=sub.dtype, device=dev)[:, None]
     sorted_logits, order = sub.sort(dim=-1, descending=True)
     # top-k: everything ranked at or past k goes
-    ranks = torch.arange(vocab)[None, :]
+    ranks = torch.arange(vocab, device=dev)[None, :]
     drop = ranks >= top_k[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
     probs = sorted_logits.softmax(dim=-1)

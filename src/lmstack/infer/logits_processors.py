@@ -3,7 +3,7 @@
 Each processor is a function (logits, rows) -> logits that touches only the rows whose params ask
 for it, so a batch mixing greedy and sampled requests costs nothing extra for the plain ones. The
 penalties, temperature and the truncations are batched tensor ops on the logits' device (repetition and
-frequency/presence penalties scatter from a padded (rows, max_len) token tensor); min_tokens, bad_words,
+frequency/presence penalties gather and scatter through a padded (rows, max_len) token tensor); min_tokens, bad_words,
 logit_bias and the grammar loop over the rows that use them, since each depends on that row's state. They
 run in PROCESSORS order: bans and biases first (they change what is possible), then penalties, then
 temperature and the truncations (top-k, top-p, min-p), which need the final distribution's shape.
@@ -86,29 +86,37 @@ def logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return logits
 
 
-def _padded_ids(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """Ragged token lists -> one (rows, max_len) long tensor, padded with `vocab` (a column past the last
-    token: scattering into it touches no real token, and it is cut off afterwards)."""
-    width = max(1, max(len(ids) for ids in id_lists))
-    out = torch.full((len(id_lists), width), vocab, dtype=torch.long)
+def _padded_ids(id_lists: list[list[int]], device: torch.device, pad: int | None = None) -> torch.Tensor:
+    """Ragged, non-empty token lists -> one (rows, max_len) long tensor. Padded with `pad`, or with each
+    row's own first id when pad is None (a repeat of a real id: reading or rewriting it changes nothing)."""
+    width = max(len(ids) for ids in id_lists)
+    out = torch.empty((len(id_lists), width), dtype=torch.long)
     for i, ids in enumerate(id_lists):
-        if ids:
-            out[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        out[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        out[i, len(ids):] = ids[0] if pad is None else pad
     return out.to(device)
 
 
+def _active_view(logits: torch.Tensor, active: list[int]) -> torch.Tensor:
+    """The rows in `active`: the tensor itself when that is every row (no copy), else a copy."""
+    return logits if len(active) == logits.shape[0] else logits[active]
+
+
 def repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """All penalised rows at once: a (rows, vocab) 'seen' mask scattered from their padded token lists."""
-    active = _rows_where(rows, lambda p: p.repetition_penalty != 1.0)
+    """All penalised rows at once: gather each row's seen tokens (prompt + output) from a padded (rows,
+    max_len) id tensor, penalise them, scatter them back. Only the seen entries are touched."""
+    active = [i for i in _rows_where(rows, lambda p: p.repetition_penalty != 1.0)
+              if rows[i].prompt_ids or rows[i].output_ids]
     if not active:
         return logits
-    vocab = logits.shape[-1]
     dev = logits.device
-    ids = _padded_ids([rows[i].prompt_ids + rows[i].output_ids for i in active], vocab, dev).clamp_(max=vocab)
-    seen = torch.zeros((len(active), vocab + 1), dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :vocab]
+    ids = _padded_ids([rows[i].prompt_ids + rows[i].output_ids for i in active], dev)
     pen = torch.tensor([rows[i].params.repetition_penalty for i in active], dtype=logits.dtype, device=dev)[:, None]
-    x = logits[active]
-    logits[active] = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+    x = _active_view(logits, active)
+    seen = x.gather(1, ids)
+    x.scatter_(1, ids, torch.where(seen > 0, seen / pen, seen * pen))  # duplicates write the same value
+    if x is not logits:
+        logits[active] = x
     return logits
 
 
@@ -120,7 +128,7 @@ def frequency_presence(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
         return logits
     vocab = logits.shape[-1]
     dev = logits.device
-    ids = _padded_ids([rows[i].output_ids for i in active], vocab, dev).clamp_(max=vocab)
+    ids = _padded_ids([rows[i].output_ids for i in active], dev, pad=vocab)  # the pad column is cut off
     counts = torch.zeros((len(active), vocab + 1), dtype=logits.dtype, device=dev)
     counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=logits.dtype, device=dev))
     counts = counts[:, :vocab]

@@ -465,7 +465,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if converted:
         spec, config = convert_sentencepiece(file, config)
     else:
-        spec = read_json_file(file, "tokenizer file")  # no FIFO, device or huge file; UTF-8 JSON
+        spec = read_json_file(file, "tokenizer file", want_object=True)  # no FIFO, device or huge file; UTF-8 JSON
     # special_tokens_map.json (legacy configs); add_bos_token/add_eos_token for a converted tokenizer.model
     spec, config = resolve_tokenizer_files(spec, config, directory, converted=converted)
     return Tokenizer(spec, config, source=str(file), directory=directory,

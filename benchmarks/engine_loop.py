@@ -16,6 +16,7 @@ The baseline tree is a copy of src/ from before the change, e.g.
 
 Usage:
     python benchmarks/engine_loop.py --baseline_src /tmp/before/src [--repeats 3] [--max_tokens 64]
+    python benchmarks/engine_loop.py --baseline_src /tmp/before/src --ours_src /tmp/clean/src   # another tree as ours
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ def run_tree(src: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline_src", required=True, help="src/ folder of the lmstack copy to compare against")
+    ap.add_argument("--ours_src", default=str(SRC), help="src/ folder of the lmstack under test (default: this one)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each tree; the best counts")
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=8)
@@ -85,12 +87,12 @@ def main() -> None:
         raise SystemExit(f"--baseline_src {args.baseline_src} has no lmstack/infer package")
     runs = {"ours": [], "baseline": []}
     for _ in range(args.repeats):
-        runs["ours"].append(run_tree(str(SRC), args))
+        runs["ours"].append(run_tree(args.ours_src, args))
         runs["baseline"].append(run_tree(args.baseline_src, args))
     equal = runs["ours"][0]["greedy_tokens"] == runs["baseline"][0]["greedy_tokens"]
     config = dict(model="llama-small (random weights)", requests=args.requests, max_tokens=args.max_tokens,
                   repeats=args.repeats, threads=args.threads, timing="best of alternating runs",
-                  baseline_src=args.baseline_src, machine="2 cores, shared", greedy_outputs_equal=equal)
+                  baseline_src=args.baseline_src, ours_src=args.ours_src, machine="2 cores, shared", greedy_outputs_equal=equal)
     results = []
     for name in WORKLOADS:
         ours = max(r[name]["tokens_per_s"] for r in runs["ours"])

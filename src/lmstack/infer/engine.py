@@ -73,8 +73,7 @@ class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any = None, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
                  block_size: int = 16, num_blocks: int | None = None, enable_prefix_caching: bool = True,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
-                 max_model_len: int | None = None, speculative: Any = None, lora_adapters: dict | None = None,
-                 fast_decode: bool = True):
+                 max_model_len: int | None = None, speculative: Any = None, lora_adapters: dict | None = None):
         for name, v, lo in (("max_num_seqs", max_num_seqs, 1), ("max_batched_tokens", max_batched_tokens, 1),
                             ("block_size", block_size, 1)):
             if not isinstance(v, int) or v < lo:
@@ -108,8 +107,7 @@ class LLMEngine:
         self.generation_defaults = load_generation_defaults(model if owned else None)
 
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, device, fast_decode=fast_decode,
-                                  share_weights=owned)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, device, share_weights=owned)
         self.sampler = Sampler(seed, guided=self.ctx.guided_decoder)
         self.spec = None if speculative is None else SpeculativeDecoder(
             speculative, self.model, num_blocks, block_size, self.ctx, self.sampler)

@@ -92,7 +92,8 @@ def main() -> None:
     equal = runs["ours"][0]["greedy_tokens"] == runs["baseline"][0]["greedy_tokens"]
     config = dict(model="llama-small (random weights)", requests=args.requests, max_tokens=args.max_tokens,
                   repeats=args.repeats, threads=args.threads, timing="best of alternating runs",
-                  baseline_src=args.baseline_src, ours_src=args.ours_src, machine="2 cores, shared", greedy_outputs_equal=equal)
+                  baseline_src=args.baseline_src, ours_src=args.ours_src, machine="2 cores, shared",
+                  greedy_outputs_equal=equal)
     results = []
     for name in WORKLOADS:
         ours = max(r[name]["tokens_per_s"] for r in runs["ours"])

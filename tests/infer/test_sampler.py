@@ -35,7 +35,8 @@ def test_batched_penalties_equal_the_one_row_rules():
     vocab = 40
     logits = torch.randn(5, vocab) * 3
     rows = [
-        _row(SamplingParams(repetition_penalty=1.7, frequency_penalty=0.5, presence_penalty=0.25), [1, 2, 3], [3, 3, 9]),
+        _row(SamplingParams(repetition_penalty=1.7, frequency_penalty=0.5, presence_penalty=0.25), [1, 2, 3],
+             [3, 3, 9]),
         _row(SamplingParams(), [4, 5], [6]),  # untouched
         _row(SamplingParams(repetition_penalty=0.6), [7], [7, 8, 8, 8, 39]),
         _row(SamplingParams(frequency_penalty=-1.0), [0], []),  # no output yet: nothing to count
@@ -59,7 +60,8 @@ def test_a_seeded_row_draws_the_same_token_whatever_shares_its_batch():
     alone = [lp.sample(lp.process(logits[:1], [_row(seeded, [1], [], seeded_generator(123, 0))]),
                        [_row(seeded, [1], [], seeded_generator(123, 0))])[0] for _ in range(3)]
     assert len(set(alone)) == 1
-    others = [SamplingParams(temperature=0.7), SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, top_k=5)]
+    others = [SamplingParams(temperature=0.7), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.3, top_k=5)]
     rows = [_row(seeded, [1], [], seeded_generator(123, 0))] + [_row(p, [1], []) for p in others]
     tokens = lp.sample(lp.process(logits, rows), rows, torch.Generator().manual_seed(9))
     assert tokens[0] == alone[0]

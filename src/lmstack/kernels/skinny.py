@@ -40,9 +40,11 @@ try:
 except ImportError:  # Windows: no flock; builds there are not guarded against a second process
     fcntl = None
 
-# Rows up to which the kernel beats MKL on the weight shapes of llama-base (benchmarks/cpu_gemv.py); past it
-# the product has enough rows to be compute-bound and MKL's blocked GEMM wins.
-MAX_ROWS = 16
+# Rows up to which the kernel is used. benchmarks/cpu_gemv.py (2 threads, llama-base shapes) measured it ahead
+# of F.linear (MKL) at every M up to 32 and still at 48 on most shapes; by 64 the product is compute-bound and
+# MKL's blocked GEMM catches up. 32 covers the engine's decode batches (max_num_seqs 16) and speculative
+# verification of a few requests x (k + 1) tokens.
+MAX_ROWS = 32
 
 SOURCE = Path(__file__).resolve().parent / "skinny_gemm.cpp"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")  # tuples: cpp_extension.load appends to the lists it gets

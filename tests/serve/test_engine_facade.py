@@ -25,8 +25,8 @@ ENGINE_PUBLIC = {"add_request", "step", "abort_request", "has_unfinished_request
 INTERNALS = {"_task", "_queues", "_pending_add", "_pending_abort", "scheduler", "bm", "runner", "make_request",
              "add_prepared", "emit_vocab", "sampler", "builder"}
 # The engine's collaborators: each gets what it needs (sampler, scheduler, context), never the engine.
-COLLABORATORS = ("beam_search", "context", "loading", "output_processor", "request_builder", "sampler", "scheduler",
-                 "speculative", "step_plan", "block_manager", "detokenizer", "logits_processors")
+COLLABORATORS = ("beam_search", "context", "loading", "output_processor", "postprocess", "request_builder", "sampler",
+                 "scheduler", "speculative", "step_plan", "block_manager", "detokenizer", "logits_processors")
 
 
 def _attribute_uses(path: Path):

@@ -1,15 +1,14 @@
 """LLMEngine: requests in, one scheduler step at a time, RequestOutputs out (what servers drive).
 
-One step = schedule -> run -> postprocess, each one method:
-- schedule: the scheduler picks the batch (scheduler.py), copy-on-write block copies are made, and the
-  speculative decoder proposes guesses (speculative.py); the row layout is planned once (step_plan.py).
-- run: one forward over the flattened batch (model_runner.py), logits for the planned rows only.
-- postprocess: sample (sampler.py), verify guesses, or advance beams (beam_search.py); every new token
-  goes through the output processor (stop checks, detokenization: output_processor.py); computed blocks
-  join the prefix cache.
-The collaborators get what they need (the sampler, the scheduler, the output processor, an EngineContext:
-context.py), never the engine. Requests are validated and tokenized by request_builder.py, the model
-is loaded by loading.py.
+One step = schedule -> run -> postprocess:
+- schedule (here): the scheduler picks the batch (scheduler.py), copy-on-write block copies are made,
+  the speculative decoder proposes guesses (speculative.py); the row layout is planned once (step_plan.py).
+- run (here): one forward over the flattened batch (model_runner.py), logits for the planned rows only.
+- postprocess (postprocess.py): sample (sampler.py), verify guesses or advance beams (beam_search.py);
+  every new token goes through the output processor (stop checks, detokenization: output_processor.py).
+The engine wires the parts and owns the request table; the parts get what they need (the sampler, the
+scheduler, the output processor, an EngineContext: context.py), never the engine. Requests are validated
+and tokenized by request_builder.py, the model is loaded by loading.py.
 
 One request never hurts another: a request whose sampling, logits processing, beam step, detokenizing or
 stop check raises finishes alone with finish_reason 'error' and RequestOutput.error (fail_request), its
@@ -34,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from lmstack.errors import LmstackError
-from lmstack.infer.beam_search import BeamState, beam_step
+from lmstack.infer.beam_search import BeamState
 from lmstack.infer.block_manager import BlockManager
 from lmstack.infer.context import EngineContext
 from lmstack.infer.generation_defaults import load_generation_defaults
@@ -43,11 +42,12 @@ from lmstack.infer.lora_hook import LoraManager
 from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.output_processor import OutputProcessor
 from lmstack.infer.outputs import RequestOutput
+from lmstack.infer.postprocess import Postprocessor
 from lmstack.infer.request_builder import RequestBuilder
-from lmstack.infer.sampler import Sampler, seeded_generator
+from lmstack.infer.sampler import Sampler
 from lmstack.infer.sampling_params import SamplingParams
 from lmstack.infer.scheduler import Scheduler, SchedulerOutput
-from lmstack.infer.sequence import Request, Sequence
+from lmstack.infer.sequence import Request
 from lmstack.infer.speculative import SpeculativeDecoder
 from lmstack.infer.step_plan import StepPlan
 from lmstack.infer.threads import engine_threads
@@ -119,6 +119,7 @@ class LLMEngine:
             self.runner.lora_context = self.lora
         self.requests: dict[str, Request] = {}
         self.outputs = OutputProcessor(self.ctx, self.scheduler, self.requests)
+        self.post = Postprocessor(self.ctx, self.sampler, self.scheduler, self.outputs, self.spec)
         self.builder = RequestBuilder(self.ctx, num_blocks, block_size)
         self._idle_steps = 0  # consecutive steps that scheduled nothing (see _schedule: never spin)
 
@@ -179,7 +180,8 @@ class LLMEngine:
                 return self.outputs.collect()
             plan = StepPlan.build(sched)
             logits = self._run(plan)
-            return self._postprocess(plan, logits)
+            self.post(plan, logits)
+            return self.outputs.collect()
 
     def _schedule(self) -> SchedulerOutput | None:
         """Pick the batch, copy shared blocks about to be written, propose guesses. None: nothing runs."""
@@ -222,109 +224,10 @@ class LLMEngine:
                 self.lora.clear_segments()
         return logits[..., :self.emit_vocab] if logits.shape[-1] > self.emit_vocab else logits
 
-    def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> list[RequestOutput]:
-        """Advance every sequence past what it computed; sample, verify or beam-select its next tokens."""
-        plain: list[tuple[Sequence, int]] = []
-        beams: dict[str, list[tuple[Sequence, int]]] = {}
-        for p in plan.seqs:
-            seq, req, n = p.seq, p.seq.request, p.num_tokens
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.counters["prefill_tokens"] += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
-            seq.num_computed_tokens += n
-            if req.error is not None:
-                continue
-            try:
-                if p.prompt_rows:
-                    self.outputs.record_prompt_logprobs(
-                        req, p.prompt_rows, logits[p.first_logit:p.first_logit + len(p.prompt_rows)])
-                if not p.n_sample_rows:
-                    continue
-                if p.lookahead and seq.spec_tokens:
-                    tokens, logprobs = self.spec.verify(seq, logits[p.sample_row:p.sample_row + p.n_sample_rows])
-                    self._append(seq, tokens, logprobs)
-                elif req.beam is not None:
-                    beams.setdefault(req.request_id, []).append((seq, p.sample_row))
-                else:
-                    plain.append((seq, p.sample_row))
-            except Exception as e:  # noqa: BLE001 - this request fails alone, the batch carries on
-                self.fail_request(req, " while scoring its tokens", e)
-        plain = [(seq, row) for seq, row in plain if seq.request.error is None]  # a sibling failed above
-        if plain:
-            self._sample(plain, logits)
-        for rows in beams.values():
-            if rows[0][0].request.error is not None:
-                continue
-            try:
-                beam_step(rows, logits, self.sampler, self.scheduler, self.outputs)
-            except Exception as e:  # noqa: BLE001
-                self.fail_request(rows[0][0].request, " in its beam search step", e)
-        for p in plan.seqs:
-            if not p.seq.is_finished and p.seq.block_table:
-                self.bm.register_computed(p.seq)
-        return self.outputs.collect()
-
-    def _append(self, seq: Sequence, tokens: list[int], logprobs: torch.Tensor) -> None:
-        """Append accepted tokens (row j of logprobs scores tokens[j]) until the sequence finishes."""
-        for j, tok in enumerate(tokens):
-            self.outputs.append_token(seq, tok, logprobs[j])
-            if seq.is_finished:
-                break
-
-    def _sample(self, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
-        expanded: list[tuple[Sequence, int]] = []
-        for seq, row in items:
-            req = seq.request
-            if req.max_tokens == 0:  # prompt scoring only
-                self.outputs.finish(seq, "length")
-                continue
-            expanded.append((seq, row))
-            if not req.forked and req.params.num_sequences > 1:  # n > 1: fork once the prompt is computed
-                children = self.scheduler.fork(seq, req.params.num_sequences - 1, seeded_generator)
-                expanded.extend((child, row) for child in children)
-            req.forked = True
-        if not expanded:
-            return
-        try:
-            picked = self._pick(expanded, logits)
-        except Exception:  # noqa: BLE001 - one row failed: redo each row alone, failing only its request
-            picked = []
-            for item in expanded:
-                if item[0].request.error is not None:
-                    continue
-                try:
-                    picked.extend(self._pick([item], logits))
-                except Exception as e:  # noqa: BLE001
-                    self.fail_request(item[0].request, " while sampling", e)
-        for seq, tok, logprobs in picked:
-            if seq.request.error is not None:
-                continue
-            try:
-                self.outputs.append_token(seq, tok, logprobs)
-            except Exception as e:  # noqa: BLE001 - detokenizing, stop checks, the grammar
-                self.fail_request(seq.request, " while processing its new token", e)
-
-    def _pick(self, items: list[tuple[Sequence, int]], logits: torch.Tensor
-              ) -> list[tuple[Sequence, int, torch.Tensor]]:
-        """Sample one token per (sequence, logits row); returns (seq, token, that row's logprobs)."""
-        raw = logits[[r for _, r in items]] if len(items) > 1 or items[0][1] else logits[:1]
-        seqs = [seq for seq, _ in items]
-        tokens, logprobs = self.sampler.sample(seqs, raw)
-        return [(seq, tok, logprobs[i]) for i, (seq, tok) in enumerate(zip(seqs, tokens))]
-
     def fail_request(self, req: Request, why: str, exc: BaseException | None = None) -> None:
         """Finish one request with finish_reason 'error' and a one-line reason, freeing its blocks; the
         other requests of the step carry on (a server answers 500 for this one alone)."""
-        if req.error is not None:
-            return
-        detail = "" if exc is None else f": {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        req.error = f"request {req.request_id!r} failed{why}{detail}"[:300]
-        if exc is not None:
-            log.warning("%s", req.error, exc_info=exc)
-        for seq in list(req.seqs):
-            if not seq.is_finished:
-                self.outputs.finish(seq, "error")
-        self.outputs.changed.add(req.request_id)
-        self.counters["requests_failed"] += 1
+        self.post.fail(req, why, exc)
 
     # ---- facts
     @property

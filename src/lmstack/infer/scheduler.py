@@ -88,6 +88,11 @@ class Scheduler:
             self.bm.register_computed(seq)
         self.remove(seq)
 
+    def cache_computed(self, seq: Sequence) -> None:
+        """Offer a running sequence's newly computed full blocks to the prefix cache."""
+        if seq.block_table:
+            self.bm.register_computed(seq)
+
     def drop(self, seq: Sequence) -> None:
         """A pruned beam: free its blocks and forget it (it is no hypothesis, so it leaves its request)."""
         seq.status = Status.FINISHED

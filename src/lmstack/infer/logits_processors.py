@@ -262,14 +262,22 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         if r.params.greedy:
             continue
         if r.generator is not None:
-            out[i] = int(torch.multinomial(logits[i].softmax(dim=-1), 1, generator=r.generator))
+            out[i] = int(_multinomial(logits[i].softmax(dim=-1), r.generator))
         else:
             shared.append(i)
     if shared:
         probs = logits[shared].softmax(dim=-1)
-        for i, tok in zip(shared, torch.multinomial(probs, 1, generator=default_generator)[:, 0].tolist()):
+        for i, tok in zip(shared, _multinomial(probs, default_generator)[..., 0].tolist()):
             out[i] = tok
     return out
+
+
+def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row, on the generator's device: seeded generators live on the CPU, so a seed gives the
+    same tokens whatever device the logits are on."""
+    if generator is not None and generator.device != probs.device:
+        probs = probs.cpu()
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -190,3 +190,35 @@ def test_importing_the_package_does_not_load_the_build_machinery():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.stdout.strip() == "False", done.stderr
+
+
+LOAD = textwrap.dedent("""
+    import sys, time
+    start = time.perf_counter()
+    from lmstack.kernels import available, info
+    ok = available()
+    print(ok, 'torch.utils.cpp_extension' in sys.modules, round(time.perf_counter() - start, 2), info()["path"])
+""")
+
+
+def test_a_later_process_loads_the_built_library_without_the_build_machinery(ext):
+    done = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    ok, build_machinery, _seconds, path = done.stdout.split()
+    assert (ok, build_machinery, path) == ("True", "False", info()["path"]), done.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_building_at_once_compile_once(tmp_path):
+    """Two fresh processes race to build into an empty cache: the source is compiled once, the other process
+    waits on the lock and loads that library (~1 min: a real build)."""
+    env = {**os.environ, "LMSTACK_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT / "src")}
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert [out.split()[0] for out, _ in outs] == ["True", "True"], outs
+    key = skinny.build_key()
+    compiles = [line for line in (tmp_path / "kernels" / key / ".ninja_log").read_text().splitlines()
+                if not line.startswith("#") and line.split("\t")[3].endswith(".o")]  # start end mtime output hash
+    assert len(compiles) == 1, compiles

@@ -3,7 +3,9 @@
 
 - no library module imports a stage: only the CLI layer (lmstack.cli) and the stages themselves
   (lmstack.stages.*) may import lmstack.stages;
-- nothing under lmstack.align imports lmstack.eval: the checkers both need live in lmstack.world.
+- nothing under lmstack.align imports lmstack.eval: the checkers both need live in lmstack.world;
+- nothing under lmstack.model imports lmstack.infer: the engine brings its cache through the model's
+  AttentionCache interface (model/attention_cache.py), so the model never learns an engine exists.
 """
 import ast
 from pathlib import Path
@@ -64,6 +66,11 @@ def align_eval_imports(found) -> list[str]:
                    if _under(who, "lmstack.align") and _under(what, "lmstack.eval")})
 
 
+def model_infer_imports(found) -> list[str]:
+    return sorted({f"{who} (line {line}) imports {what}" for who, what, line in found
+                   if _under(who, "lmstack.model") and _under(what, "lmstack.infer")})
+
+
 def test_the_scan_sees_every_kind_of_import(tmp_path):
     pkg = tmp_path / "lmstack"
     (pkg / "align" / "rewards").mkdir(parents=True)
@@ -79,7 +86,14 @@ def test_the_scan_sees_every_kind_of_import(tmp_path):
         "def g():\n    from .stages.speedrun import speedrun\n    return importlib.import_module('lmstack.stages.sft')\n")
     (pkg / "stages" / "align.py").write_text("from lmstack.stages.sft import sft_stage\nimport lmstack.eval\n")
     (pkg / "cli.py").write_text("import lmstack.stages.speedrun\n")
+    (pkg / "model").mkdir()
+    (pkg / "model" / "__init__.py").write_text("")
+    (pkg / "model" / "attention.py").write_text("def f():\n    from ..infer.paged_attention import PagedKVCache\n")
     found = imports(tmp_path)
+    assert model_infer_imports(found) == [
+        "lmstack.model.attention (line 2) imports lmstack.infer.paged_attention",
+        "lmstack.model.attention (line 2) imports lmstack.infer.paged_attention.PagedKVCache",
+    ]
     assert stage_importers(found) == [
         "lmstack.align.rewards.safety (line 4) imports lmstack.stages",
         "lmstack.train (line 3) imports lmstack.stages.speedrun",
@@ -112,3 +126,9 @@ def test_align_does_not_import_eval():
     bad = align_eval_imports(imports())
     assert not bad, ("lmstack.align must not import lmstack.eval (shared checkers live in lmstack.world):\n  "
                      + "\n  ".join(bad))
+
+
+def test_the_model_does_not_import_the_engine():
+    bad = model_infer_imports(imports())
+    assert not bad, ("lmstack.model must not import lmstack.infer (an engine passes its cache in as an "
+                     "AttentionCache):\n  " + "\n  ".join(bad))

@@ -1,4 +1,5 @@
-"""Multi-LoRA hook (mixed adapters in one batch), the async streaming engine, and the fast decode path."""
+"""Multi-LoRA hook (mixed adapters in one batch, also on fused projections), the async streaming engine, and
+the engine's fused-projection model against the split one."""
 import asyncio
 import copy
 
@@ -7,7 +8,6 @@ import torch
 
 from lmstack.errors import LmstackError
 from lmstack.infer import LLM, AsyncLLMEngine, SamplingParams
-from lmstack.infer.fast_decode import FastDecoder
 from lmstack.infer.lora_hook import LinearLoRA
 from lmstack.model.reference_decode import reference_decode
 
@@ -56,31 +56,43 @@ def test_lora_registry_errors(model):
         LinearLoRA({"q": (torch.zeros(2, 3), torch.zeros(3, 3))})
 
 
-def test_fast_decode_logits_equal_generic_path():
+def test_engine_logits_on_fused_projections_equal_the_split_model():
     model = tiny_model(300, seed=4, qkv_bias=True)
-    llm = LLM(model, block_size=4, num_blocks=64)
-    runner = llm.engine.runner
-    assert isinstance(runner.fast, FastDecoder)
-    engine = llm.engine
-    engine.add_request("x", random_prompts(1, 9, 9, 300, seed=31)[0], GREEDY)
-    engine.step()
-    seq = engine.requests["x"].seqs[0]
-    engine.bm.ensure_slots(seq, seq.num_tokens)
-    batch = [(seq, [seq.last_token], seq.num_tokens - 1)]
-    fast = runner.run(batch, [0])
-    saved, runner.fast = runner.fast, None
-    generic = runner.run(batch, [0])
-    runner.fast = saved
-    assert torch.equal(fast, generic)
-    # a 3-token window (speculative verification): logits of every position
-    engine.bm.ensure_slots(seq, seq.num_tokens + 2)
-    window = [(seq, [seq.last_token, 7, 9], seq.num_tokens - 1)]
-    fast = runner.run(window, [0, 1, 2])
-    runner.fast = None
-    generic = runner.run(window, [0, 1, 2])
-    runner.fast = saved
-    assert torch.allclose(fast, generic, atol=1e-5)
-    assert FastDecoder.build(tiny_model(300, n_experts=2, moe_top_k=1), runner.cache) is None
+    fused = copy.deepcopy(model).fuse_projections()
+    logits = {}
+    for name, m in (("split", model), ("fused", fused)):
+        llm = LLM(m, block_size=4, num_blocks=64)
+        engine, runner = llm.engine, llm.engine.runner
+        engine.add_request("x", random_prompts(1, 9, 9, 300, seed=31)[0], GREEDY)
+        engine.step()
+        seq = engine.requests["x"].seqs[0]
+        engine.bm.ensure_slots(seq, seq.num_tokens + 2)
+        decode = runner.run([(seq, [seq.last_token], seq.num_tokens - 1)], [0])
+        # a 3-token window (speculative verification): logits of every position
+        window = runner.run([(seq, [seq.last_token, 7, 9], seq.num_tokens - 1)], [0, 1, 2])
+        logits[name] = (decode, window)
+    assert isinstance(fused.blocks[0].attn.qkv_proj, torch.nn.Linear) and fused.blocks[0].attn.q_proj is None
+    assert torch.equal(logits["split"][0], logits["fused"][0])
+    assert torch.equal(logits["split"][1], logits["fused"][1])
+
+
+def test_lora_serving_on_fused_projections_equals_the_split_model():
+    model = tiny_model(300, seed=6, qkv_bias=True)  # its own: an engine's LoRA hooks stay on the model it serves
+    # adapters name q/k/v and gate/up (PEFT's targets); on a fused model they land on their rows of the fused output
+    targets = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    adapter = LinearLoRA.random(model, rank=2, targets=targets, std=0.3, seed=5)
+    fused = copy.deepcopy(model).fuse_projections()
+    assert LinearLoRA.random(fused, rank=2, targets=targets, std=0.3, seed=5).weights.keys() == adapter.weights.keys()
+    prompts = random_prompts(3, 5, 12, model.config.vocab_size, seed=32)
+    loras = ["a", None, "a"]
+    outs = {}
+    for name, m in (("split", model), ("fused", fused)):
+        llm = LLM(m, block_size=4, num_blocks=128, lora_adapters={"a": adapter})
+        outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, lora=loras)]
+    assert outs["fused"] == outs["split"]
+    p = prompts[0]
+    assert outs["fused"][0] == reference_decode(merged(model, adapter), torch.tensor([p]), 8)[0, len(p):].tolist()
+    assert outs["fused"][0] != reference_decode(model, torch.tensor([p]), 8)[0, len(p):].tolist()  # it adapts
 
 
 def test_async_streaming_and_cancellation(model, tok):

@@ -36,15 +36,14 @@ from torch import nn
 from lmstack.adapt.hooks import Switchable, ensure_sync
 from lmstack.adapt.registry import register_method
 from lmstack.errors import LmstackError
+from lmstack.model.attention_cache import BackendCache
 from lmstack.model.counting import kv_values_per_token
 
 
-class CaptureCache:
+class CaptureCache(BackendCache):
     """A cache for one plain forward pass that keeps every layer's (rotated) K and V."""
 
     rotated_keys = True
-    window = 0
-    n_sink = 0
 
     def __init__(self):
         self.k: dict[int, torch.Tensor] = {}
@@ -62,19 +61,16 @@ class CaptureCache:
         pass
 
 
-class PrefixCache:
+class PrefixCache(BackendCache):
     """Puts per-layer prefix K/V (each (1 or B, Hkv, P, D)) in front of the keys; wraps an optional inner cache.
 
     Real tokens get positions P, P+1, ...; the prefix sits at 0..P-1, so a causal mask already lets
     every query see all of it."""
 
     rotated_keys = True
-    window = 0
-    n_sink = 0
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], inner=None):
-        if inner is not None and (hasattr(inner, "attend") or not getattr(inner, "rotated_keys", False)
-                                  or getattr(inner, "window", 0)):
+        if inner is not None and (not isinstance(inner, BackendCache) or not inner.rotated_keys or inner.window):
             raise LmstackError(f"prefix/prompt tuning runs with no cache or a contiguous KVCache, not "
                                f"{type(inner).__name__}; merge-free serving of prefixes is not supported")
         self.k, self.v, self.inner = k, v, inner

@@ -8,6 +8,11 @@ x is the Linear's input (1, n, in), base_out its output (1, n, out); it returns 
 The fine-tuning stage (lmstack.adapt) fills adapters in; LinearLoRA below is the plain LoRA case
 (Hu et al. 2021): out = base_out + scale * (x A^T) B^T for the modules it has weights for.
 
+Adapters name the split projections (q_proj, k_proj, v_proj, gate_proj, up_proj), as PEFT does. On a model
+with fused projections (model/fused_projections.py, what the engine makes of a model it loads) the hook on
+a fused qkv_proj / gate_up_proj calls the adapter once per part, with that part's rows of the output, so
+"blocks.0.attn.q_proj" still adapts the q rows.
+
 How: forward hooks on every Linear. The engine marks, for each step, which token rows belong to
 which adapter (a request's rows are contiguous in the flattened batch), so base rows cost nothing
 and the base GEMM still runs once for the whole batch (S-LoRA / Punica style). Adapters also get
@@ -57,9 +62,15 @@ class LinearLoRA:
         g = torch.Generator().manual_seed(seed)
         weights = {}
         for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets:
-                weights[name] = (torch.randn(rank, mod.in_features, generator=g) * std,
-                                 torch.randn(mod.out_features, rank, generator=g) * std)
+            if not isinstance(mod, nn.Linear):
+                continue
+            parent = name.rpartition(".")[0]
+            # a fused Linear stands for its parts (q_proj, k_proj, ...), which adapters name
+            parts = getattr(mod, "parts", None) or [(name.split(".")[-1], mod.out_features)]
+            for part, rows in parts:
+                if part in targets:
+                    weights[f"{parent}.{part}" if parent else part] = (
+                        torch.randn(rank, mod.in_features, generator=g) * std, torch.randn(rows, rank, generator=g) * std)
         if not weights:
             raise LmstackError(f"no Linear module of the model ends with any of {targets}")
         return cls(weights, scale)
@@ -73,7 +84,7 @@ class LoraManager:
         for name, adapter in (adapters or {}).items():
             self.register(name, adapter)
         self.segments: list[tuple[int, int, Adapter]] = []
-        self.handles = [mod.register_forward_hook(self._hook(name))
+        self.handles = [mod.register_forward_hook(self._hook(name, mod))
                         for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
 
     def register(self, name: str, adapter: Adapter) -> None:
@@ -95,7 +106,19 @@ class LoraManager:
     def clear_segments(self) -> None:
         self.segments = []
 
-    def _hook(self, module_name: str):
+    def _hook(self, module_name: str, module: nn.Module):
+        parts = getattr(module, "parts", None)  # a FusedLinear: (part name, rows) in row order
+        if parts is not None:
+            parent = module_name.rpartition(".")[0]
+            names = [f"{parent}.{name}" if parent else name for name, _ in parts]
+            sizes = [rows for _, rows in parts]
+
+        def apply(adapter: Adapter, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+            if parts is None:
+                return adapter.apply(module_name, x, base_out)
+            return torch.cat([adapter.apply(name, x, piece) for name, piece in zip(names, base_out.split(sizes, -1))],
+                             dim=-1)
+
         def hook(module, inputs, output):
             if not self.segments or output.dim() != 3:
                 return None
@@ -103,7 +126,7 @@ class LoraManager:
             out = output.clone()
             for start, length, adapter in self.segments:
                 sl = slice(start, start + length)
-                out[:, sl] = adapter.apply(module_name, x[:, sl], output[:, sl])
+                out[:, sl] = apply(adapter, x[:, sl], output[:, sl])
             return out
 
         return hook

@@ -2,10 +2,11 @@
 
 Every scheduled sequence contributes its next chunk of tokens (a prompt chunk, a single decode token,
 or a speculative window); the runner concatenates them into one (1, N) input, so the whole step is a
-single model call whatever the mix (continuous batching with chunked prefill). One exception: a step
-of a single sequence whose chunk is short and whose blocks are contiguous goes through FastDecoder
-(fast_decode.py) when the config allows, the same math in fewer ops. The runner neither schedules nor
-samples: the scheduler and block manager choose the batch and its blocks, the engine samples.
+single model call whatever the mix (continuous batching with chunked prefill), through the model's own
+forward: the same block math as training and `generate`. A model the engine loaded itself (owns_model)
+gets fused q/k/v and gate/up projections (model.fuse_projections(): fewer matmuls, same numbers). The
+runner neither schedules nor samples: the scheduler and block manager choose the batch and its blocks,
+the engine samples.
 
 The K/V live in a paged pool, PagedKVCache (paged_attention.py), the cache object the model's attention
 layers see; the runner builds its per-step metadata (StepMeta) once per step.
@@ -22,11 +23,11 @@ from __future__ import annotations
 import torch
 
 from lmstack.errors import LmstackError
-from lmstack.infer.fast_decode import FastDecoder
 from lmstack.infer.paged_attention import PagedKVCache, PrefillChunk, ShortChunks, StepMeta
 from lmstack.infer.sequence import Sequence
 from lmstack.infer.step_plan import StepPlan
 from lmstack.infer.threads import threads_for
+from lmstack.model.fused_projections import projections_fusable
 
 
 SHORT_QUERY = 16
@@ -40,7 +41,11 @@ class ModelRunner:
     returns fp32 CPU logits for the flat rows asked for. Blocks are allocated by the block manager, not here."""
 
     def __init__(self, model, num_blocks: int, block_size: int, device: str | torch.device = "cpu",
-                 fast_decode: bool = True, share_weights: bool = False):
+                 owns_model: bool = False, fast_decode: object = None, share_weights: bool = False):
+        # fast_decode / share_weights: the engine's old keywords, accepted until engine.py passes owns_model
+        owns_model = owns_model or share_weights
+        if owns_model and projections_fusable(model):
+            model.fuse_projections()  # nobody else holds this model, so its layout may change in place
         cfg = model.config
         if not cfg.causal or cfg.head != "lm":
             raise LmstackError("the inference engine needs a causal language model (causal=True, head='lm')")
@@ -53,7 +58,6 @@ class ModelRunner:
         self.block_size = block_size
         self.max_len = cfg.max_seq_len if cfg.position in ("learned", "sinusoidal") else None
         self.lora_context = None  # set by the engine when adapters are in use (lora_hook.py)
-        self.fast = FastDecoder.build(model, self.cache, share_weights) if fast_decode else None
         self.matmul_size = cfg.d_model * max(cfg.d_ff, cfg.moe_d_ff if cfg.n_experts else 0)
 
     def slot(self, seq: Sequence, pos: int) -> int:
@@ -124,13 +128,6 @@ class ModelRunner:
     @torch.inference_mode()
     def _run(self, plan: StepPlan) -> torch.Tensor:
         logit_rows = plan.logit_rows
-        if self.fast is not None and len(plan.seqs) == 1 and not (self.lora_context is not None and
-                                                                  self.lora_context.active):
-            seq, tokens, pos = plan.seqs[0].seq, plan.seqs[0].tokens, plan.seqs[0].start
-            t = len(tokens)
-            tail = logit_rows == list(range(t - len(logit_rows), t))
-            if (t == 1 or (pos > 0 and t <= SHORT_QUERY)) and logit_rows and tail and self._contiguous(seq, pos + t):
-                return self.fast.step(tokens, pos, seq.block_table[0] * self.block_size, len(logit_rows)).float().cpu()
         ids, meta = self.build(plan)
         self.cache.meta = meta
         try:

@@ -1,4 +1,7 @@
-"""The engine's paged K/V pool and its attention: PagedKVCache, the cache object the model's attention layers see.
+"""The engine's paged K/V pool and its attention: PagedKVCache, the engine's AttentionCache.
+
+The model's attention layers talk to it only through lmstack.model.attention_cache.AttentionCache (positions,
+attend, advance): the engine passes it as `model(ids, cache=pool)`, and the model never imports the engine.
 
 It holds one preallocated pool per K and V, shaped (layers, kv_heads, num_blocks * block_size, head_dim): a
 block is a run of block_size slots, and a sequence's block table maps its positions to slots. Its `attend`
@@ -19,11 +22,12 @@ Usage:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from lmstack.model.attention_cache import AttentionCache
 from lmstack.model.masks import AttentionMask
 
 
@@ -46,6 +50,7 @@ class ShortChunks:
     key_slots: torch.Tensor  # (B, L) slots of positions 0..L-1 (padding points at slot 0)
     contig: tuple[int, int] | None  # (first slot, L) when B == 1 and its blocks are contiguous
     out_rows: torch.Tensor  # (R,) = rows[valid]
+    masks: dict = field(default_factory=dict, repr=False)  # window -> SDPA mask, built by the first layer
 
 
 @dataclass
@@ -56,12 +61,10 @@ class StepMeta:
     prefills: list[PrefillChunk]
 
 
-class PagedKVCache:
-    """The paged K/V pool plus the per-step metadata its attend() hook uses."""
+class PagedKVCache(AttentionCache):
+    """The paged K/V pool plus the per-step metadata its attend() uses."""
 
     rotated_keys = True  # keys are stored after RoPE, so decoding never re-rotates them
-    window = 0
-    n_sink = 0
 
     def __init__(self, cfg, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu"):
@@ -70,12 +73,13 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.meta: StepMeta | None = None
+        self._slot_of, self._slot = None, 0  # the step whose single write slot _slot is
         self.alibi = None
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    # ---- the protocol the Transformer calls
+    # ---- the AttentionCache interface the Transformer calls
     def positions(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.meta.positions, self.meta.positions
 
@@ -89,13 +93,23 @@ class PagedKVCache:
             self.k[:, :, dst * bs:(dst + 1) * bs] = self.k[:, :, src * bs:(src + 1) * bs]
             self.v[:, :, dst * bs:(dst + 1) * bs] = self.v[:, :, src * bs:(src + 1) * bs]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn, ctx) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) for the flat batch -> attention output (1, H, N, D)."""
         m = self.meta
         kc, vc = self.k[layer], self.v[layer]
-        kc.index_copy_(1, m.slots, k[0])
-        vc.index_copy_(1, m.slots, v[0])
+        if m.slots.shape[0] == 1:  # one new token (a batch-1 decode step): a plain copy, not a scatter
+            if self._slot_of is not m:  # read its slot once per step, not once per layer
+                self._slot_of, self._slot = m, int(m.slots[0])
+            kc[:, self._slot] = k[0, :, 0]
+            vc[:, self._slot] = v[0, :, 0]
+        else:
+            kc.index_copy_(1, m.slots, k[0])
+            vc.index_copy_(1, m.slots, v[0])
         window = self.cfg.window_for_layer(layer)
+        if m.short is not None and not m.prefills and m.short.rows.shape[0] == 1 and not attn.softcap \
+                and self.alibi is None:
+            # one sequence's decode token or window is the whole batch: its queries are q itself, in order
+            return self._short(q, kc, vc, m.short, attn.scale, window, whole=True)
         out = torch.empty_like(q)
         if m.short is not None:
             sh = m.short
@@ -122,8 +136,9 @@ class PagedKVCache:
                                                             softcap=attn.softcap, **attn.backend_kwargs)
         return out
 
-    def _short(self, q, kc, vc, sh: ShortChunks, scale: float, window: int) -> torch.Tensor:
-        """All short chunks in one SDPA; returns (H, R, D) for the real query rows."""
+    def _short(self, q, kc, vc, sh: ShortChunks, scale: float, window: int, whole: bool = False) -> torch.Tensor:
+        """All short chunks in one SDPA; returns (H, R, D) for the real query rows, or (1, H, N, D) when
+        `whole` (a single sequence is the whole batch: no row gather, no scatter back)."""
         b, tq = sh.rows.shape
         hkv, d = kc.shape[0], kc.shape[-1]
         if sh.contig is not None:
@@ -134,19 +149,35 @@ class PagedKVCache:
             flat = sh.key_slots.flatten()
             keys = kc.index_select(1, flat).view(hkv, b, length, d).transpose(0, 1)
             values = vc.index_select(1, flat).view(hkv, b, length, d).transpose(0, 1)
-        k_pos = torch.arange(length, device=kc.device)
-        visible = k_pos[None, None, :] <= sh.q_pos[:, :, None]  # (B, Tq, L): causal, and hides padding keys
-        if window:
-            visible &= k_pos[None, None, :] > sh.q_pos[:, :, None] - window
         h = q.shape[1]
         group = h // hkv
         # GQA without copying K/V: the `group` query heads of a KV head become extra query rows.
-        qs = q[0][:, sh.rows]  # (H, B, Tq, D)
-        qs = qs.permute(1, 0, 2, 3).reshape(b, hkv, group * tq, d)
-        mask = None if (tq == 1 and sh.contig is not None and not window) else visible.repeat(1, group, 1)[:, None]
-        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale)
+        if whole:
+            qs = q.reshape(1, hkv, group * tq, d)  # q (1, H, Tq, D): the heads of a group are adjacent
+        else:
+            qs = q[0][:, sh.rows]  # (H, B, Tq, D)
+            qs = qs.permute(1, 0, 2, 3).reshape(b, hkv, group * tq, d)
+        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=self._short_mask(sh, length, group, window),
+                                           scale=scale)
+        if whole:
+            return o.view(1, h, tq, d)
         o = o.view(b, h, tq, d).permute(1, 0, 2, 3)  # (H, B, Tq, D)
         return o[:, sh.valid]
+
+    @staticmethod
+    def _short_mask(sh: ShortChunks, length: int, group: int, window: int) -> torch.Tensor | None:
+        """The (B, 1, group*Tq, L) visibility of the folded query rows; None when every key is visible (one
+        decode token over contiguous slots). Built once per step and window, not once per layer."""
+        tq = sh.rows.shape[1]
+        if tq == 1 and sh.contig is not None and not window:
+            return None
+        if window not in sh.masks:
+            k_pos = torch.arange(length, device=sh.q_pos.device)
+            visible = k_pos[None, None, :] <= sh.q_pos[:, :, None]  # (B, Tq, L): causal, and hides padding keys
+            if window:
+                visible &= k_pos[None, None, :] > sh.q_pos[:, :, None] - window
+            sh.masks[window] = visible.repeat(1, group, 1)[:, None]
+        return sh.masks[window]
 
     def _one(self, q, kc, vc, slots, q_pos, attn, window):
         mask = AttentionMask(q_pos=q_pos, k_pos=torch.arange(len(slots), device=kc.device), causal=True, window=window,

@@ -4,8 +4,13 @@ and any backend from backends.py.
 GQA (Ainslie et al. 2023) shares each K/V head among n_heads/n_kv_heads query heads, which shrinks
 the KV cache by that factor; n_kv_heads = 1 is MQA (Shazeer 2019).
 
-A cache object with an `attend(layer, q, k, v, attention_module)` method (the inference engine's
-paged cache) takes over the K/V write and the attention for the layer; KVCache/SinkCache use update().
+With a cache, the cache computes the layer's attention: `cache.attend(layer, q, k, v, self, ctx)`, the one
+interface every cache implements (attention_cache.py). The model's own caches store K/V and call back
+`attend_all`, the backend over whole key sets that an uncached forward uses; a serving engine's paged
+cache runs its own kernel. The layer never asks which kind it has.
+
+With cfg.fused_projections the q/k/v projections are one `qkv_proj` Linear (fused_projections.py): one
+matmul, and q and k are rotated by RoPE in one op; the numbers are those of the split layout.
 
 attention='performer'|'linformer' (linear_attention.py) and 'lsh' (Reformer, lsh_attention.py) replace the
 softmax-over-all-keys backends; they run on whole sequences, without a KV cache.
@@ -21,6 +26,7 @@ from torch import nn
 
 from lmstack.errors import LmstackError
 from lmstack.model.backends import BACKENDS
+from lmstack.model.fused_projections import FusedLinear
 from lmstack.model.linear_attention import LINEAR_ATTENTION
 from lmstack.model.lsh_attention import LSHAttention
 from lmstack.model.norms import RMSNorm
@@ -34,14 +40,20 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         # Reformer's shared-QK uses the queries as keys, so an LSH model has no key projection.
-        shared_qk = cfg.attention == "lsh" and cfg.lsh_shared_qk
-        self.k_proj = None if shared_qk else nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
+        self.shared_qk = cfg.attention == "lsh" and cfg.lsh_shared_qk
+        q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = self.k_proj = self.v_proj = self.qkv_proj = None
+        if cfg.fused_projections:
+            self.qkv_proj = FusedLinear(cfg.d_model, [("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)],
+                                        bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, q_rows, bias=cfg.qkv_bias)
+            self.k_proj = None if self.shared_qk else nn.Linear(cfg.d_model, kv_rows, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.d_model, kv_rows, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_rows, cfg.d_model, bias=cfg.out_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm and not shared_qk else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm and not self.shared_qk else None
         self.backend = BACKENDS[cfg.attn_backend]
         self.backend_kwargs = (
             dict(block_q=cfg.attn_block_size, block_k=cfg.attn_block_size) if cfg.attn_backend == "blockwise" else {}
@@ -56,6 +68,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
+        cache = ctx.cache
+        if self.linear is not None and (cache is not None or ctx.has_batch_rules):
+            raise LmstackError(f"attention={self.kind!r} runs without a KV cache, doc_ids or padding; "
+                               "use attention='softmax' to decode with a cache")
+        rotate_k = cache is None or cache.rotated_keys
+        if self.qkv_proj is not None:
+            q, k, v = self._fused_qkv(x, ctx, rotate_k)
+        else:
+            q, k, v = self._split_qkv(x, ctx, rotate_k)
+        if cache is not None:
+            out = cache.attend(layer, q, k, v, self, ctx)
+        elif self.linear is not None:
+            out = self.linear(q, k, v, causal=self.causal)
+        else:
+            out = self.attend_all(q, k, v, ctx, layer)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _split_qkv(self, x, ctx, rotate_k: bool):
+        """q (B, H, T, D), k and v (B, Hkv, T, D) from the three projections."""
+        b, t, _ = x.shape
         # Head counts come from the projections' outputs, so a tensor-parallel shard holding
         # n_heads/tp heads runs unchanged.
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -64,28 +96,32 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = q if self.k_proj is None else self.k_norm(k)
-        cache = ctx.cache
-        if self.linear is not None and (cache is not None or ctx.has_batch_rules):
-            raise LmstackError(f"attention={self.kind!r} runs without a KV cache, doc_ids or padding; "
-                               "use attention='softmax' to decode with a cache")
         if ctx.cos_q is not None:
             q = apply_rotary(q, ctx.cos_q, ctx.sin_q)
             if self.k_proj is None:
                 k = q  # shared-QK: the keys are the (rotated) queries
-            elif cache is None or cache.rotated_keys:
+            elif rotate_k:
                 k = apply_rotary(k, ctx.cos_q, ctx.sin_q)
-        if cache is not None and hasattr(cache, "attend"):
-            # A paged cache (lmstack.infer) owns the K/V write and the attention: its batch is many
-            # sequences flattened into one row, each with its own block table.
-            out = cache.attend(layer, q, k, v, self)
-            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-            if ctx.cos_q is not None and not cache.rotated_keys:
-                k = apply_rotary(k, *ctx.rope_k())
-        if self.linear is not None:
-            out = self.linear(q, k, v, causal=self.causal)
-            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        out = self.backend(q, k, v, ctx.mask(layer), self.scale, slopes=ctx.slopes, softcap=self.softcap,
-                           dropout_p=self.dropout if self.training else 0.0, **self.backend_kwargs)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return q, k, v
+
+    def _fused_qkv(self, x, ctx, rotate_k: bool):
+        """The same q, k, v from one matmul; q and k heads are normed and rotated together when both need it."""
+        b, t, _ = x.shape
+        h, hkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(b, t, h + 2 * hkv, self.head_dim)
+        qk, v = qkv[:, :, :h + hkv], qkv[:, :, h + hkv:]
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)
+        if ctx.cos_q is not None and rotate_k:
+            qk = apply_rotary(qk, ctx.cos_t, ctx.sin_t)  # (T, 1, D) tables: one op for q and k heads
+            q, k = qk[:, :, :h], qk[:, :, h:]
+        elif ctx.cos_q is not None:
+            q, k = apply_rotary(qk[:, :, :h], ctx.cos_t, ctx.sin_t), qk[:, :, h:]
+        else:
+            q, k = qk[:, :, :h], qk[:, :, h:]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend_all(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, layer: int) -> torch.Tensor:
+        """The model's own attention of q over every given key: this layer's backend and the forward's mask."""
+        return self.backend(q, k, v, ctx.mask(layer), self.scale, slopes=ctx.slopes, softcap=self.softcap,
+                            dropout_p=self.dropout if self.training else 0.0, **self.backend_kwargs)

@@ -112,6 +112,11 @@ class ModelConfig:
     """Tile size of the blockwise backend and of block-sparse patterns' skip test."""
     fused_kernels: bool = False
     """Fused RMSNorm and SwiGLU (model/fused.py): Triton on CUDA, compiled/plain torch on CPU. Same numbers."""
+    fused_projections: bool = False
+    """One qkv_proj Linear (q rows, then k, then v) per attention and one gate_up_proj (gate rows, then up) per
+    gated MLP, Phi-3's checkpoint layout: fewer, larger matmuls, the same numbers (model/fused_projections.py).
+    Transformer.fuse_projections()/unfuse_projections() convert a model in place; the engine fuses models it
+    loads itself. Training adapters (LoRA, IA3, ...) target the split q/k/v/gate/up Linears: keep it off to train."""
     attention: AttentionKind = "softmax"
     """softmax, or linear-cost performer (random features) / linformer (low-rank K/V, bidirectional only)."""
     performer_features: int = 256
@@ -300,6 +305,9 @@ class ModelConfig:
         need(not (self.norm_position == "sandwich" and self.parallel_residual),
              "norm_position='sandwich' and parallel_residual cannot be combined")
         check_range("query_pre_attn_scalar", self.query_pre_attn_scalar, low=0)
+        need(not (self.fused_projections and self.attention == "lsh" and self.lsh_shared_qk),
+             "fused_projections needs a k_proj, which shared-QK attention='lsh' has not; set lsh_shared_qk=False "
+             "or fused_projections=False")
 
     # ---- construction helpers
     @classmethod

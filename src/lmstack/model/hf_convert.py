@@ -3,7 +3,9 @@
 Supported model_type: llama, mistral, mixtral, qwen2, gpt2, bert, qwen3, gemma, gemma2, phi3. Names map by ordered
 regex rules; the few tensors that do not map one-to-one have small handlers: GPT-2's fused c_attn (and its
 Conv1D weights, stored transposed), Mixtral's per-expert w1/w2/w3, which we keep stacked, and Phi-3's fused
-qkv_proj and gate_up_proj, split into our q/k/v and gate/up on load and concatenated again on export.
+qkv_proj and gate_up_proj, split into our q/k/v and gate/up on load and concatenated again on export. A model
+with fused projections (config.fused_projections, fused_projections.py) loads Phi-3's fused tensors as they are,
+concatenates the other families' split ones, and is exported in each HF architecture's own layout.
 
 Gemma (1) is the llama block with (1 + w) RMSNorm, sqrt(d_model)-scaled embeddings and tanh-GeGLU (transformers
 reads its legacy hidden_act "gelu" as the tanh GELU, and so do we). Gemma-2 is the llama block with switches on:
@@ -37,6 +39,7 @@ import torch
 
 from lmstack.errors import LmstackError
 from lmstack.model.config import ModelConfig
+from lmstack.model.fused_projections import fused_key_parts, part_rows, split_fused_state
 from lmstack.model.load_guard import SHAPE_LIMITS, check_int_fields
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "bert", "qwen3", "gemma", "gemma2", "phi3")
@@ -307,6 +310,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     zero_bias = {"norm_bias", "qkv_bias", "out_bias", "mlp_bias"} if mt == "gpt2" else set()
     zero_bias = {k for k in zero_bias if not getattr(cfg, k)}
     skip = zero_bias | {"name", "hf_model_type", "dropout", "init", "init_std", "n_sink_tokens", "attn_backend", "attn_block_size", "fused_kernels",
+            "fused_projections",
             "router_z_loss_coef", "router_aux_loss_coef", "sliding_window", "sliding_window_layers"}
     diffs = [k for k in ModelConfig.__dataclass_fields__ if k not in skip and getattr(back, k) != getattr(cfg, k)]
     windows = [cfg.window_for_layer(i) for i in range(cfg.n_layers)]
@@ -414,6 +418,9 @@ def weights_from_hf(cfg: ModelConfig, our_keys: Iterable[str], get: Callable[[st
         used.add(full)
         return get(full)
 
+    our_keys = list(our_keys)
+    if cfg.fused_projections:  # our qkv_proj / gate_up_proj: Phi-3 stores them as they are, others split
+        return _fused_weights_from_hf(cfg, our_keys, get, hf_keys)
     out: dict[str, torch.Tensor] = {}
     if mt == "gpt2":  # zero biases that our bias-free config has no parameter for: check they still are zero
         for name, shape in _gpt2_zero_biases(cfg).items():
@@ -444,6 +451,40 @@ def weights_from_hf(cfg: ModelConfig, our_keys: Iterable[str], get: Callable[[st
         t = fetch(name)
         out[key] = t.t().contiguous() if transpose else t
     return out, used
+
+
+def _fused_weights_from_hf(cfg: ModelConfig, our_keys: list[str], get, hf_keys: set[str]):
+    """weights_from_hf for a fused-projection config: each fused tensor is its HF parts concatenated, except
+    Phi-3's, which the checkpoint already holds in our fused layout (checked for its exact row count)."""
+    split_keys, fused = [], {}
+    for key in our_keys:
+        parts = fused_key_parts(key)
+        m = re.match(r"^blocks\.(\d+)\.(attn\.qkv_proj|mlp\.gate_up_proj)\.weight$", key)
+        if cfg.hf_model_type == "phi3" and m:
+            fused[key] = None  # fetched whole below
+        elif parts is None:
+            split_keys.append(key)
+        else:
+            fused[key] = parts
+            split_keys += parts
+    out, used = weights_from_hf(cfg.replace(fused_projections=False), split_keys, get, hf_keys)
+    for key, parts in fused.items():
+        if parts is None:
+            layer, module = re.match(r"^blocks\.(\d+)\.(attn\.qkv_proj|mlp\.gate_up_proj)\.weight$", key).groups()
+            first = "attn.q_proj" if module == "attn.qkv_proj" else "mlp.gate_proj"
+            name = f"model.layers.{layer}.{_phi3_rows(cfg, first)[0]}.weight"
+            if name not in hf_keys:
+                raise LmstackError(f"the checkpoint lacks tensor {name!r}, which this phi3 config needs")
+            t = get(name)
+            rows = sum(part_rows(cfg, module.split(".")[1]))
+            if t.shape[0] != rows:
+                raise LmstackError(f"the checkpoint's {name!r} has {t.shape[0]} rows, but config.json's sizes give "
+                                   f"{rows}; config.json does not fit the weights")
+            used.add(name)
+            out[key] = t
+        else:
+            out[key] = torch.cat([out.pop(p) for p in parts])
+    return {k: out[k] for k in our_keys}, used
 
 
 def _phi3_rows(cfg: ModelConfig, part: str) -> tuple[str, int, int]:
@@ -496,8 +537,10 @@ def _gpt2_zero_biases(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def weights_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF-named tensors for our state dict (contiguous, ready for safetensors)."""
+    """HF-named tensors for our state dict (contiguous, ready for safetensors). A fused-projection state is
+    written in the HF architecture's own layout: split for llama/qwen2/mistral..., fused again for phi3."""
     mt = cfg.hf_model_type
+    state = split_fused_state(state, cfg)
     out: dict[str, torch.Tensor] = {}
     if mt == "gpt2":
         dtype = next(iter(state.values())).dtype if state else torch.float32

@@ -11,9 +11,10 @@ preallocated cache and a rolling sink cache, used by reference_decode, SinkCache
   when read; relative offsets inside the window stay exact. With n_sink=0 and window equal to a
   Mistral-style model's sliding window it reproduces the full forward pass exactly.
 
-Both expose the same small protocol the attention layers use:
+Both are BackendCaches (attention_cache.py, the one interface every cache implements): they store K/V
+in update() and the model's own backend and masks compute the attention over what update() returns.
     q_pos, k_pos = cache.positions(T)     # before the layers run
-    k_all, v_all = cache.update(layer, k, v)
+    k_all, v_all = cache.update(layer, k, v)   # inside cache.attend(...), per layer
     cache.advance(T)                      # after the layers ran
 
 Usage:
@@ -25,9 +26,10 @@ from __future__ import annotations
 import torch
 
 from lmstack.errors import LmstackError
+from lmstack.model.attention_cache import BackendCache
 
 
-class KVCache:
+class KVCache(BackendCache):
     rotated_keys = True  # keys are stored after RoPE
     window = 0
     n_sink = 0
@@ -62,7 +64,7 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-class SinkCache:
+class SinkCache(BackendCache):
     rotated_keys = False  # positions shift as the window rolls, so keys are rotated on read
 
     def __init__(self, n_layers: int, window: int, n_sink: int = 4):

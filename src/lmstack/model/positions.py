@@ -129,7 +129,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+    if cos.dtype != x.dtype:  # the tables are fp32; a bf16/fp16 model rotates in its own dtype
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotated * sin
 
 
 # ---- ALiBi

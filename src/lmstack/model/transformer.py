@@ -13,6 +13,12 @@ Usage:
     logits = model(prompt, cache=cache)                   # prefill, then one token at a time
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + model.aux_loss   # MoE aux loss
     out = model(input_ids=idx, attention_mask=mask, labels=idx)   # HF style: out.loss, out.logits (model/outputs.py)
+    model.fuse_projections()                              # one qkv_proj / gate_up_proj matmul (same numbers)
+
+A cache is any AttentionCache (attention_cache.py): the model's own KVCache/SinkCache, or one a caller
+brings (a serving engine's paged pool). The same forward and block math serve training, `generate` and
+the engine; the decode step (T = 1 with a cache) is kept cheap: RoPE tables are looked up once per
+forward, masks are built only when a layer's attention asks for them, fp32 RMSNorm is one fused op.
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 from lmstack.errors import LmstackError
 from lmstack.model.attention import Attention
+from lmstack.model.attention_cache import AttentionCache
 from lmstack.model.config import ModelConfig
+from lmstack.model.fused_projections import fuse_module, unfuse_module
 from lmstack.model.kv_cache import KVCache, SinkCache
 from lmstack.model.masks import AttentionMask, mask_for
 from lmstack.model.mlp import ACTIVATIONS, MLP
@@ -44,10 +52,13 @@ class ForwardContext:
         self.q_pos, self.k_pos = q_pos, k_pos
         self.slopes = model.alibi_slopes if model.config.position == "alibi" else None
         self._rope = model.rope
-        self.cos_q, self.sin_q = model.rope(q_pos) if model.rope is not None else (None, None)
+        self.cos_q = self.sin_q = self.cos_t = self.sin_t = None
+        if model.rope is not None:  # one table lookup per forward, shared by every layer
+            self.cos_q, self.sin_q = model.rope(q_pos)
+            self.cos_t, self.sin_t = self.cos_q[:, None], self.sin_q[:, None]  # (T, 1, D): for (B, T, H, D) heads
         self._doc, self._padding, self._prefix = doc_ids, key_padding, prefix_len
         # A cache that puts keys of its own in front (prefix tuning) says which documents see them.
-        self._doc_k = cache.key_doc_ids(doc_ids) if doc_ids is not None and hasattr(cache, "key_doc_ids") else doc_ids
+        self._doc_k = cache.key_doc_ids(doc_ids) if doc_ids is not None and cache is not None else doc_ids
         self.has_batch_rules = doc_ids is not None or key_padding is not None or prefix_len is not None
         self._masks: dict[int, AttentionMask] = {}
 
@@ -81,16 +92,22 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+        # an inactive dropout is skipped, not called: at inference it is two no-op calls per layer
+        drop = self.drop if self.training and self.drop.p else _keep
         if self.parallel:
-            return x + self.drop(self.attn(self.attn_norm(x), ctx, layer)) + self.drop(self.mlp(self.mlp_norm(x)))
+            return x + drop(self.attn(self.attn_norm(x), ctx, layer)) + drop(self.mlp(self.mlp_norm(x)))
         if self.norm_position == "post":
-            x = self.attn_norm(x + self.drop(self.attn(x, ctx, layer)))
-            return self.mlp_norm(x + self.drop(self.mlp(x)))
+            x = self.attn_norm(x + drop(self.attn(x, ctx, layer)))
+            return self.mlp_norm(x + drop(self.mlp(x)))
         if self.norm_position == "sandwich":
-            x = x + self.drop(self.attn_post_norm(self.attn(self.attn_norm(x), ctx, layer)))
-            return x + self.drop(self.mlp_post_norm(self.mlp(self.mlp_norm(x))))
-        x = x + self.drop(self.attn(self.attn_norm(x), ctx, layer))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+            x = x + drop(self.attn_post_norm(self.attn(self.attn_norm(x), ctx, layer)))
+            return x + drop(self.mlp_post_norm(self.mlp(self.mlp_norm(x))))
+        x = x + drop(self.attn(self.attn_norm(x), ctx, layer))
+        return x + drop(self.mlp(self.mlp_norm(x)))
+
+
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class Transformer(nn.Module):
@@ -209,11 +226,15 @@ class Transformer(nn.Module):
         if idx.dim() != 2:
             raise LmstackError(f"input ids must have shape (batch, time), got {tuple(idx.shape)}")
         b, t = idx.shape
+        if cache is not None and not isinstance(cache, AttentionCache):
+            raise LmstackError(f"cache must be an lmstack.model.attention_cache.AttentionCache (e.g. from "
+                               f"model.new_cache()), got {type(cache).__name__}")
         if cache is None:
             q_pos = k_pos = torch.arange(t, device=idx.device)
         else:
             q_pos, k_pos = cache.positions(t)
-            q_pos, k_pos = q_pos.to(idx.device), k_pos.to(idx.device)
+            if q_pos.device != idx.device:
+                q_pos, k_pos = q_pos.to(idx.device), k_pos.to(idx.device)
         x = self.tok_emb(idx)
         if cfg.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the weights' dtype as transformers does
             x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype)
@@ -232,18 +253,20 @@ class Transformer(nn.Module):
             x = x + self.type_emb(types)
         if self.emb_norm is not None:
             x = self.emb_norm(x)
-        x = self.drop(x)
+        if self.training and self.drop.p:
+            x = self.drop(x)
         padding = attention_mask.bool() if attention_mask is not None else None
         ctx = ForwardContext(self, q_pos, k_pos, cache, doc_ids, padding, prefix_len)
         aux = x.new_zeros((), dtype=torch.float32)
-        n_unique = len(self.blocks)
+        blocks = list(self.blocks)  # (a list: indexing a ModuleList per layer costs a Python call)
+        moe = cfg.n_experts > 0
         for layer in range(cfg.n_layers):
-            block = self.blocks[layer % n_unique]
+            block = blocks[layer % len(blocks)]
             if self.checkpoint_blocks and self.training:
                 x = checkpoint(block, x, ctx, layer, use_reentrant=False)
             else:
                 x = block(x, ctx, layer)
-            if isinstance(block.mlp, MoE):
+            if moe and isinstance(block.mlp, MoE):
                 aux = aux + block.mlp.aux_loss
         self.aux_loss = aux
         if cache is not None:
@@ -269,6 +292,34 @@ class Transformer(nn.Module):
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
         # Padded rows (past real_vocab_size) get zero probability here, the one place every consumer passes.
         return mask_padded_logits(logits, cfg)
+
+    # ---- layout of the projections
+    def fuse_projections(self) -> "Transformer":
+        """Convert in place to one qkv_proj per attention and one gate_up_proj per gated MLP (Phi-3's layout):
+        the same numbers with fewer matmuls. The parts' weights are concatenated and freed, one module at a
+        time, so no second copy of the model is kept. Sets config.fused_projections. Returns self."""
+        if self.config.fused_projections:
+            return self
+        return self._set_layout(True)
+
+    def unfuse_projections(self) -> "Transformer":
+        """Convert back in place to separate q/k/v and gate/up Linears (what training adapters target)."""
+        if not self.config.fused_projections:
+            return self
+        return self._set_layout(False)
+
+    def _set_layout(self, fused: bool) -> "Transformer":
+        if fused and self.config.attention == "lsh" and self.config.lsh_shared_qk:
+            raise LmstackError("a shared-QK (attention='lsh', lsh_shared_qk) model has no k_proj to fuse")
+        convert = fuse_module if fused else unfuse_module
+        for name, module in list(self.named_modules()):  # a list: the loop replaces submodules
+            prefix = f"{name}." if name else ""
+            if isinstance(module, Attention):
+                convert(module, "qkv_proj", prefix)
+            elif isinstance(module, MLP) and module.gated:
+                convert(module, "gate_up_proj", prefix)
+        self.config = self.config.replace(fused_projections=fused)
+        return self
 
     # ---- facts
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -43,8 +43,9 @@ NAME = "cpu_gemv"  # with --threads other than 2: cpu_gemv_t<threads>
 def shapes(cfg) -> dict[str, tuple[int, int]]:
     """(out, in) of each decode matmul of one layer, qkv and gate_up fused as issue 18 plans, plus the head."""
     kv = cfg.n_kv_heads * cfg.head_dim
-    return {"qkv": (cfg.n_heads * cfg.head_dim + 2 * kv, cfg.d_model), "o": (cfg.d_model, cfg.n_heads * cfg.head_dim),
-            "gate_up": (2 * cfg.d_ff, cfg.d_model), "down": (cfg.d_model, cfg.d_ff), "head": (cfg.vocab_size, cfg.d_model)}
+    q = cfg.n_heads * cfg.head_dim
+    return {"qkv": (q + 2 * kv, cfg.d_model), "o": (cfg.d_model, q), "gate_up": (2 * cfg.d_ff, cfg.d_model),
+            "down": (cfg.d_model, cfg.d_ff), "head": (cfg.vocab_size, cfg.d_model)}
 
 
 def seconds(fn) -> float:
@@ -58,7 +59,8 @@ def bandwidth_pass(buf: torch.Tensor) -> float:
     return buf.numel() * 4 / seconds(buf.sum) / 1e9
 
 
-def part1(cfg, rows: list[int], repeats: int, min_mb: float, bw_buf: torch.Tensor, ext) -> tuple[list[dict], list[float]]:
+def part1(cfg, rows: list[int], repeats: int, min_mb: float, bw_buf: torch.Tensor,
+          ext) -> tuple[list[dict], list[float]]:
     out, bw_all = [], []
     for name, (O, I) in shapes(cfg).items():
         copies = max(2, int(min_mb * 1e6 / (O * I * 4)) + 1)

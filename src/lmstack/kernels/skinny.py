@@ -10,9 +10,10 @@ to F.linear, with the same result within fp32 rounding.
 
 The extension is compiled on first use with the machine's C++ compiler (-O3 -march=native, ~40-80 s) into
 $LMSTACK_CACHE_DIR/kernels/<hash> (default ~/.cache/lmstack/kernels/<hash>; the hash covers the source, torch
-and Python versions, the compiler and the flags), under a file lock so two processes never build at once; later
-processes load the built library directly. If the build fails (no compiler, no ninja) one warning names the
-cause and this process uses F.linear from then on. LMSTACK_KERNELS=0 switches the kernel off.
+and Python versions, the compiler, the flags and the CPU's feature flags), under a file lock so two processes
+never build at once; later processes load the built library directly. If the build fails (no compiler, no
+ninja) one warning names the cause and this process uses F.linear from then on. LMSTACK_KERNELS=0 switches the
+kernel off.
 
 Usage:
     from lmstack.kernels import skinny_linear, available, info
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -72,10 +74,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmstack" / "kernels"
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native code must not be loaded on a CPU without them (a cache directory
+    shared between machines, e.g. a network home)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def build_key() -> str:
-    """Hash of everything that changes the binary: the source, torch, Python, the compiler and the flags."""
+    """Hash of everything that changes the binary: the source, torch, Python, the compiler, the flags, the CPU."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (torch.__version__, sys.version, _compiler(), shutil.which(_compiler()) or "", *CFLAGS, *LDFLAGS):
+    for part in (torch.__version__, sys.version, _compiler(), shutil.which(_compiler()) or "", *CFLAGS, *LDFLAGS,
+                 _cpu_flags()):
         h.update(b"\0" + str(part).encode())
     return h.hexdigest()[:16]
 

@@ -13,6 +13,10 @@
 //
 // ISA: AVX-512F when the build machine has it (built with -march=native), else AVX2+FMA, else plain loops over
 // L partial sums (same order). skinny_isa() names the path that was compiled.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -53,8 +57,15 @@ constexpr int L = 8;
 struct vec { float v[L]; };
 inline vec vzero() { vec r; for (int l = 0; l < L; ++l) r.v[l] = 0.f; return r; }
 inline vec vload(const float* p) { vec r; for (int l = 0; l < L; ++l) r.v[l] = p[l]; return r; }
-inline vec vload_tail(const float* p, int n) { vec r; for (int l = 0; l < L; ++l) r.v[l] = l < n ? p[l] : 0.f; return r; }
-inline vec vfma(vec a, vec b, vec c) { for (int l = 0; l < L; ++l) c.v[l] = std::fma(a.v[l], b.v[l], c.v[l]); return c; }
+inline vec vload_tail(const float* p, int n) {
+  vec r;
+  for (int l = 0; l < L; ++l) r.v[l] = l < n ? p[l] : 0.f;
+  return r;
+}
+inline vec vfma(vec a, vec b, vec c) {
+  for (int l = 0; l < L; ++l) c.v[l] = std::fma(a.v[l], b.v[l], c.v[l]);
+  return c;
+}
 inline float vsum(vec a) { float s = 0.f; for (int l = 0; l < L; ++l) s += a.v[l]; return s; }
 const char* ISA = "generic";
 #endif
@@ -109,7 +120,8 @@ constexpr int64_t R = 8;  // weight rows per tile
 
 }  // namespace
 
-torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                            const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "skinny_linear: x must be (M, I) and weight (O, I), got x ",
               x.sizes(), " and weight ", weight.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,

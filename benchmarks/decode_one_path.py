@@ -14,7 +14,7 @@ Decode time per token = (time of a NEW_TOKENS generation - time of a 1-token gen
 so the prefill is not counted. Greedy tokens must be identical.
 
 Usage:
-    python benchmarks/decode_one_path.py [--new_tokens 64] [--repeats 5] [--threads 1 2] [--baseline_ref 1506e94]
+    python benchmarks/decode_one_path.py [--new_tokens 64] [--repeats 5] [--threads 1 2] [--baseline_ref 6a73c31]
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--baseline_ref", default="1506e94", help="a commit that still has infer/fast_decode.py")
+    ap.add_argument("--baseline_ref", default="6a73c31", help="a commit that still has infer/fast_decode.py")
     args = ap.parse_args()
     fast_decode = load_fast_decoder(args.baseline_ref)
     torch.manual_seed(0)

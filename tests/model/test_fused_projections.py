@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lmstack
+from lmstack.adapt import AdapterConfig, get_peft_model
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig, Transformer
 from lmstack.model.config import ConfigError
@@ -129,3 +130,12 @@ def test_a_plain_mlp_keeps_its_up_proj():
         assert model.blocks[0].mlp.up_proj is not None and model.blocks[0].mlp.gate_up_proj is None
         assert isinstance(model.blocks[0].attn.qkv_proj, FusedLinear)
         assert torch.equal(model(ids), want)
+
+
+def test_a_training_adapter_is_refused_on_a_fused_model_and_attaches_after_unfusing():
+    model = build("llama", seed=6).fuse_projections()
+    cfg = AdapterConfig(method="lora", r=2, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(LmstackError, match="fused projections .* call model.unfuse_projections\\(\\) first"):
+        get_peft_model(model, cfg)
+    get_peft_model(model.unfuse_projections(), cfg)
+    assert any(p.requires_grad for p in model.blocks[0].attn.q_proj.parameters())

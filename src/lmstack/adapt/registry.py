@@ -67,6 +67,10 @@ def add_adapter(model: nn.Module, cfg, adapter_name: str = "default") -> nn.Modu
         raise LmstackError(f"method {cfg.method!r} is not available; registered methods: {', '.join(sorted(METHODS))}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise LmstackError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+    if cfg.method != "full" and getattr(getattr(model, "config", None), "fused_projections", False):
+        # adapters name the split Linears (q_proj, k_proj, v_proj, gate_proj, up_proj), as PEFT does
+        raise LmstackError("the model has fused projections (qkv_proj, gate_up_proj; config.fused_projections), but "
+                           "adapters target the split q/k/v and gate/up Linears: call model.unfuse_projections() first")
     configs = getattr(model, "adapter_configs", None)
     if configs is None:
         configs = {}

@@ -107,7 +107,7 @@ class LLMEngine:
         self.generation_defaults = load_generation_defaults(model if owned else None)
 
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, device, share_weights=owned)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, device, owns_model=owned)
         self.sampler = Sampler(seed, guided=self.ctx.guided_decoder)
         self.spec = None if speculative is None else SpeculativeDecoder(
             speculative, self.model, num_blocks, block_size, self.ctx, self.sampler)

@@ -41,9 +41,7 @@ class ModelRunner:
     returns fp32 CPU logits for the flat rows asked for. Blocks are allocated by the block manager, not here."""
 
     def __init__(self, model, num_blocks: int, block_size: int, device: str | torch.device = "cpu",
-                 owns_model: bool = False, fast_decode: object = None, share_weights: bool = False):
-        # fast_decode / share_weights: the engine's old keywords, accepted until engine.py passes owns_model
-        owns_model = owns_model or share_weights
+                 owns_model: bool = False):
         if owns_model and projections_fusable(model):
             model.fuse_projections()  # nobody else holds this model, so its layout may change in place
         cfg = model.config

@@ -1,0 +1,99 @@
+"""llama.cpp as a decode baseline: convert an HF-layout directory to GGUF with llama.cpp's own converter, then
+time greedy decoding through llama-cpp-python. Absent (not built, no converter) -> `available()` says why and
+the caller skips the row. Build it once with `bash benchmarks/setup_llama_cpp.sh` (about 10 minutes).
+
+The converter needs a tokenizer; a random-weight benchmark model has none, so a tiny SentencePiece model is
+trained for the conversion only (llama.cpp pads the vocabulary to the model's size; the token ids we feed are
+ids, so the tokenizer plays no part in the timing).
+
+Usage:
+    ok, why = available()
+    gguf = convert(model_dir, work_dir, "f32")          # or "q8_0"; quantize(gguf, "q4_0") for q4_0
+    tokens, seconds = decode(gguf, prompt_ids, n_new=128, threads=2)
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CACHE = Path(os.environ.get("LMSTACK_LLAMA_CPP", Path.home() / ".cache" / "lmstack" / "llama_cpp"))
+CONVERTER = CACHE / "src" / "convert_hf_to_gguf.py"
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import llama_cpp  # noqa: F401  # lazy: optional baseline, built by setup_llama_cpp.sh
+    except ImportError:
+        return False, "llama-cpp-python is not installed (bash benchmarks/setup_llama_cpp.sh)"
+    if not CONVERTER.is_file():
+        return False, f"no llama.cpp converter at {CONVERTER} (bash benchmarks/setup_llama_cpp.sh)"
+    return True, ""
+
+
+def _spm_tokenizer(directory: Path) -> None:
+    import sentencepiece as spm  # lazy: dev extra, only the conversion needs it
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat dog ran to park hello there how are you today yes no maybe".split()
+    text = directory / "spm_text.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(directory / "tokenizer"), vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                   minloglevel=2)
+
+
+def convert(model_dir: str | Path, work: str | Path, outtype: str = "f32") -> Path:
+    """model_dir (HF layout, config.json + safetensors) -> work/model-<outtype>.gguf."""
+    work = Path(work)
+    staged = work / "hf_for_gguf"
+    if not staged.exists():
+        shutil.copytree(model_dir, staged)
+        for f in ("tokenizer.json", "tokenizer_config.json"):  # the converter must take the SentencePiece path
+            (staged / f).unlink(missing_ok=True)
+        _spm_tokenizer(staged)
+    out = work / f"model-{outtype}.gguf"
+    env = {**os.environ, "PYTHONPATH": str(CACHE / "src" / "gguf-py")}
+    subprocess.run([sys.executable, str(CONVERTER), str(staged), "--outtype", outtype, "--outfile", str(out)],
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def quantize(gguf: Path, kind: str = "q4_0") -> Path:
+    """A GGUF quantized by llama.cpp's own llama_model_quantize (q4_0, q8_0, ...)."""
+    import llama_cpp  # lazy: optional baseline
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    out = gguf.with_name(f"model-{kind}.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    if llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {gguf} to {kind}")
+    return out
+
+
+class Decoder:
+    """One loaded GGUF; `run` decodes greedily and returns (new tokens, seconds of the decode loop)."""
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int = 512):
+        from llama_cpp import Llama  # lazy: optional baseline
+
+        self.llm = Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=64,
+                         verbose=False)
+
+    def run(self, prompt: list[int], n_new: int) -> tuple[list[int], float]:
+        out: list[int] = []
+        start = time.perf_counter()
+        # temp 0 is llama.cpp's greedy sampler; generate() never stops on EOS by itself
+        for tok in self.llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(tok)
+            if len(out) == n_new:
+                break
+        return out, time.perf_counter() - start
+
+    def close(self) -> None:
+        self.llm.close()

@@ -18,7 +18,7 @@ per step, times M), and the step time at M = 8 over M = 1 (the per-token latency
 concurrent ones over a lone request, for the matmul share of a step).
 
 Usage:
-    python benchmarks/cpu_gemv.py                    # ~4-5 minutes on 2 cores
+    python benchmarks/cpu_gemv.py                    # ~4-7 minutes on 2 shared cores
     python benchmarks/cpu_gemv.py --repeats 3 --rows 1 8
     python benchmarks/cpu_gemv.py --threads 1          # -> results/cpu_gemv_t1.json
 """

@@ -32,15 +32,25 @@ def _scores_bias(mask: AttentionMask, slopes: torch.Tensor | None, q_sl: slice, 
     return alibi_bias(slopes, mask.q_pos[q_sl], mask.k_pos[k_sl], mask.causal)[None]  # (1, H, tq, tk)
 
 
+def _shape_facts(mask: AttentionMask) -> tuple[bool, bool]:
+    """(is_plain_causal, is_full) of a mask, worked out once: a forward shares one mask among its layers,
+    and is_full reads tensor values (a few ops and a sync) that would otherwise repeat in every layer."""
+    facts = mask.__dict__.get("_sdpa_shape_facts")
+    if facts is None:
+        facts = mask.__dict__["_sdpa_shape_facts"] = (mask.is_plain_causal(), mask.is_full())
+    return facts
+
+
 def sdpa_attention(q, k, v, mask: AttentionMask, scale: float, slopes=None, softcap: float = 0.0,
                    dropout_p: float = 0.0) -> torch.Tensor:
     if softcap:
         raise ValueError("the sdpa backend cannot apply attn_logit_softcap; use 'naive' or 'blockwise'")
     gqa = q.shape[1] != k.shape[1]
     attn_mask, is_causal = None, False
-    if slopes is None and mask.is_plain_causal():
+    plain_causal, full = _shape_facts(mask)
+    if slopes is None and plain_causal:
         is_causal = True
-    elif slopes is not None or not mask.is_full():
+    elif slopes is not None or not full:
         visible = mask.dense()
         attn_mask = visible
         if slopes is not None:

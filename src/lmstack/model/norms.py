@@ -2,7 +2,7 @@
 
 RMSNorm (Zhang & Sennrich 2019) drops LayerNorm's mean-centering and bias: x / rms(x) * weight.
 It computes in fp32 whatever the input dtype, as the Llama reference does, so bf16 runs stay stable;
-an fp32 input goes through torch's fused F.rms_norm, bitwise equal to the written-out form and one op
+an fp32 input goes through torch's fused rms_norm op, bitwise equal to the written-out form and one op
 instead of eight (it matters when decoding one token at a time).
 Gemma's variant (cfg.norm_plus_one) scales by (1 + weight) in fp32, with the weight initialised to 0.
 
@@ -14,7 +14,6 @@ Usage:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmstack.model.fused import FusedRMSNorm
@@ -30,7 +29,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight  # (read once: a parameter lookup goes through nn.Module.__getattr__)
         if x.dtype == torch.float32 and w.dtype == torch.float32 and not self.plus_one:
-            return F.rms_norm(x, w.shape, w, self.eps)
+            return torch.rms_norm(x, w.shape, w, self.eps)  # F.rms_norm's op, without its Python wrapper
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.plus_one:  # Gemma multiplies in fp32 before casting back (Llama casts first)

@@ -253,8 +253,10 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
            ) -> list[int]:
     """Processed logits (rows, vocab) -> one token per row: argmax for greedy rows, else a draw.
 
-    A row with its own generator (a seeded request) draws alone from it, so its tokens depend on its seed
-    only; the other sampled rows draw together in one multinomial from the default generator."""
+    A row with its own generator (a seeded request) draws alone from it with torch.multinomial, so its
+    tokens depend on its seed only (and stay what they were before the batched sampler); the other sampled
+    rows draw together from the default generator by inverting their CDFs at one uniform each (one
+    searchsorted for the batch, several times cheaper than torch.multinomial on a CPU)."""
     check_rows(logits)
     out = logits.argmax(dim=-1).tolist()
     shared = []
@@ -266,10 +268,21 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         else:
             shared.append(i)
     if shared:
-        probs = logits[shared].softmax(dim=-1)
-        for i, tok in zip(shared, _multinomial(probs, default_generator)[..., 0].tolist()):
+        for i, tok in zip(shared, _inverse_cdf(logits[shared].softmax(dim=-1), default_generator).tolist()):
             out[i] = tok
     return out
+
+
+def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row: the first index whose cumulative probability exceeds u * total, u ~ U[0, 1). A
+    zero-probability token adds nothing to the CDF, so it is never the first to exceed it."""
+    if generator is not None and generator.device != probs.device:
+        probs = probs.cpu()
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True)[:, 0]
+    # u * total can round up to the total itself: then take the most likely token, never one past the end
+    return torch.where(idx < probs.shape[-1], idx, probs.argmax(dim=-1))
 
 
 def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -73,8 +73,9 @@ class Attention(nn.Module):
             raise LmstackError(f"attention={self.kind!r} runs without a KV cache, doc_ids or padding; "
                                "use attention='softmax' to decode with a cache")
         rotate_k = cache is None or cache.rotated_keys
-        if self.qkv_proj is not None:
-            q, k, v = self._fused_qkv(x, ctx, rotate_k)
+        fused = self.qkv_proj  # (a submodule read goes through nn.Module.__getattr__: read it once)
+        if fused is not None:
+            q, k, v = self._fused_qkv(fused, x, ctx, rotate_k)
         else:
             q, k, v = self._split_qkv(x, ctx, rotate_k)
         if cache is not None:
@@ -104,11 +105,11 @@ class Attention(nn.Module):
                 k = apply_rotary(k, ctx.cos_q, ctx.sin_q)
         return q, k, v
 
-    def _fused_qkv(self, x, ctx, rotate_k: bool):
+    def _fused_qkv(self, qkv_proj, x, ctx, rotate_k: bool):
         """The same q, k, v from one matmul; q and k heads are normed and rotated together when both need it."""
         b, t, _ = x.shape
         h, hkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(b, t, h + 2 * hkv, self.head_dim)
+        qkv = qkv_proj(x).view(b, t, h + 2 * hkv, self.head_dim)
         qk, v = qkv[:, :, :h + hkv], qkv[:, :, h + hkv:]
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)

@@ -61,8 +61,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
             return self.down_proj(self.act(self.up_proj(x)))
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # chunk: no Python wrapper, unlike split
+        fused = self.gate_up_proj  # (a submodule read goes through nn.Module.__getattr__: read it once)
+        if fused is not None:
+            gate, up = fused(x).chunk(2, dim=-1)  # chunk: no Python wrapper, unlike split
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         if self.fused:

@@ -9,7 +9,8 @@ once in HF layout and loaded twice by LLM(dir) in one process:
   FastDecoder, as it did before: its source is read from git at --baseline_ref (the last commit that has
   infer/fast_decode.py) and run on the split-projection model with the branch condition it had then.
 So both sides run the same engine loop and sampler, and only the decode path differs. Generations
-alternate between the two so they share the machine's noise; the best of REPEATS counts.
+alternate between the two so they share the machine's noise; the best of REPEATS counts (the medians are
+in the config too).
 Decode time per token = (time of a NEW_TOKENS generation - time of a 1-token generation) / (NEW_TOKENS - 1),
 so the prefill is not counted. Greedy tokens must be identical.
 
@@ -19,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 import subprocess
 import tempfile
@@ -124,6 +126,7 @@ def main() -> None:
             f"FastDecoder (infer/fast_decode.py at {args.baseline_ref}) in the same engine", tok_s["fast_decode"],
             goal=1.0, preset="llama-base", prompt_len=len(prompt), new_tokens=n, threads=threads, dtype="float32",
             batch=1, repeats=args.repeats, identical_greedy_tokens=same, machine="2 cores, shared",
+            median_tok_s={k: round(1 / statistics.median(v), 2) for k, v in secs.items()},
             all_tok_s={k: [round(1 / x, 2) for x in v] for k, v in secs.items()}))
     write_result("decode_one_path", results)
 

@@ -74,7 +74,9 @@ def test_round_without_winners_takes_no_step(policy, tok, records):
 def test_rounds_raise_a_learnable_reward(tok, records):
     torch.manual_seed(0)
     policy = make_policy(tok, seed=3)
-    cfg = _cfg(rounds=4, group_size=8, max_tokens=12, rft_min_reward=0.0, rft_prompts=8, prompts_per_step=8,
+    # Six rounds: with policy seeds 0-5 every run ends >= +0.065 above its start (four rounds gave +0.02-0.05, too
+    # close to the line for a test whose draws change whenever the sampler's random stream does).
+    cfg = _cfg(rounds=6, group_size=8, max_tokens=12, rft_min_reward=0.0, rft_prompts=8, prompts_per_step=8,
                batch_size=8, train={"steps": 8}, optim={"lr": 5e-3})
     hist = RejectionSamplingTrainer(policy, tok, cfg, letter_e, log=lambda m: None).fit(records, [])["history"]
     first, last = hist[0]["reward_mean"], hist[-1]["reward_mean"]

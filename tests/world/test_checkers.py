@@ -32,6 +32,9 @@ def test_extract_answer_last_or_first_hashes():
     assert extract_answer("#### -12") == extract_answer("#### -12", first=True) == -12
     assert extract_answer("the answer is 7") is None and extract_answer("####", first=True) is None
     assert extract_answer("#### 12.5") == 12              # integers only: the world's answers are integers
+    # a sampled reply may write "####," or "#### -": no digits there, so no answer (it once raised ValueError)
+    assert extract_answer("x ####, y") is None and extract_answer("#### -", first=True) is None
+    assert extract_answer("#### 5 then ####,") == 5
 
 
 @pytest.mark.parametrize("raw, want", [("Paris", "paris"), ("  paris. ", "paris"), ("$1,000.00", "1000"),

@@ -146,8 +146,13 @@ def sample_replies(policy: torch.nn.Module, tok, contexts: list[list[int]], max_
     """One reply per context with the engine: (ids incl. the end token when it stopped, text, finished)."""
 
     limit = policy.config.max_seq_len
+    stops = stop_ids(tok, "chat")
+    # A reply never writes the template's markup (a turn opener mid-reply would break the dialogue's layout,
+    # which the next turn is appended to): every special token but the ones that end the reply is banned.
+    markup = {t: -100.0 for t in tok.special_ids if t not in stops and t < policy.config.vocab_size}
     params = [SamplingParams(n=1, temperature=temperature, max_tokens=max(1, min(max_new_tokens, limit - len(c))),
-                             stop_token_ids=stop_ids(tok, "chat"), skip_special_tokens=True) for c in contexts]
+                             stop_token_ids=stops, skip_special_tokens=True, logit_bias=markup or None)
+              for c in contexts]
     was_training, p0 = policy.training, next(policy.parameters())
     try:
         llm = LLM(policy, tokenizer=tok, max_num_seqs=min(64, len(contexts)), dtype=p0.dtype, device=str(p0.device),

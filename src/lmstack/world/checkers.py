@@ -51,7 +51,7 @@ def is_refusal(text: str) -> bool:
 # ---- answer matching ------------------------------------------------------------------------------------
 # Integers only, as the world's arithmetic and GSM8K's `#### N` lines write them. GSM8K's eval task keeps its
 # own lm-eval-style patterns (decimals, "$", "The answer is N", a last-number fallback) for score parity.
-_FINAL = re.compile(r"####\s*(-?[\d,]+)")
+_FINAL = re.compile(r"####\s*(-?\d[\d,]*)")  # a digit first: "####," is no answer
 
 
 def extract_answer(text: str, first: bool = False) -> int | None:

@@ -9,7 +9,7 @@ frequency/presence penalties; only bans that depend on one row's state (bad word
 logit_bias, the grammar) loop over those rows alone.
 
 - sample(seqs, logits): the common path. All-greedy rows without processing are one argmax; otherwise
-  process + draw (seeded rows each from their own generator, the others in one multinomial).
+  process + draw (seeded rows each from their own generator, the others together in one inverse-CDF draw).
 - process / probabilities: what speculative decoding needs (the target's p and the draft's q).
 - process_bans: what beam search scores with (bans and penalties, no temperature or truncation).
 

@@ -27,6 +27,7 @@ from torch import nn
 from lmstack.errors import LmstackError
 from lmstack.model.backends import BACKENDS
 from lmstack.model.fused_projections import FusedLinear
+from lmstack.model.linear import Linear
 from lmstack.model.linear_attention import LINEAR_ATTENTION
 from lmstack.model.lsh_attention import LSHAttention
 from lmstack.model.norms import RMSNorm
@@ -48,10 +49,10 @@ class Attention(nn.Module):
             self.qkv_proj = FusedLinear(cfg.d_model, [("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)],
                                         bias=cfg.qkv_bias)
         else:
-            self.q_proj = nn.Linear(cfg.d_model, q_rows, bias=cfg.qkv_bias)
-            self.k_proj = None if self.shared_qk else nn.Linear(cfg.d_model, kv_rows, bias=cfg.qkv_bias)
-            self.v_proj = nn.Linear(cfg.d_model, kv_rows, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_rows, cfg.d_model, bias=cfg.out_bias)
+            self.q_proj = Linear(cfg.d_model, q_rows, bias=cfg.qkv_bias)
+            self.k_proj = None if self.shared_qk else Linear(cfg.d_model, kv_rows, bias=cfg.qkv_bias)
+            self.v_proj = Linear(cfg.d_model, kv_rows, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_rows, cfg.d_model, bias=cfg.out_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm and not self.shared_qk else None
         self.backend = BACKENDS[cfg.attn_backend]

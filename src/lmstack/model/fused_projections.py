@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from lmstack.errors import LmstackError
+from lmstack.model.linear import Linear
 
 # fused module name -> its parts, in row order
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-class FusedLinear(nn.Linear):
+class FusedLinear(Linear):
     """nn.Linear whose output rows are the concatenated outputs of named parts."""
 
     def __init__(self, in_features: int, parts: list[tuple[str, int]], bias: bool = True, **kw):
@@ -43,7 +44,7 @@ class FusedLinear(nn.Linear):
 
 
 def _plain_linear(module: nn.Module, name: str) -> nn.Linear:
-    if type(module) is not nn.Linear:
+    if type(module) not in (nn.Linear, Linear):
         raise LmstackError(f"cannot fuse {name}: it is a {type(module).__name__}, not a plain nn.Linear "
                            "(fuse before quantizing or attaching adapters)")
     if module._forward_hooks or module._forward_pre_hooks:
@@ -79,7 +80,7 @@ def unfuse_module(module: nn.Module, fused_name: str, prefix: str = "") -> None:
     b = fused.bias.detach() if fused.bias is not None else None
     row = 0
     for name, rows in fused.parts:
-        lin = nn.Linear(fused.in_features, rows, bias=b is not None, device="meta")
+        lin = Linear(fused.in_features, rows, bias=b is not None, device="meta")
         lin.weight = nn.Parameter(w[row:row + rows].clone(), requires_grad=fused.weight.requires_grad)
         if b is not None:
             lin.bias = nn.Parameter(b[row:row + rows].clone(), requires_grad=fused.weight.requires_grad)
@@ -142,7 +143,7 @@ def projections_fusable(model: nn.Module) -> bool:
             if not any(p is not None for p in parts) or not hasattr(module, fused_name):
                 continue
             for p in parts:
-                if (type(p) is not nn.Linear or p._forward_hooks or p._forward_pre_hooks
+                if (type(p) not in (nn.Linear, Linear) or p._forward_hooks or p._forward_pre_hooks
                         or type(p.weight.data) is not torch.Tensor):
                     return False
     return True

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lmstack.model.fused import swiglu
 from lmstack.model.fused_projections import FusedLinear
+from lmstack.model.linear import Linear
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
@@ -52,9 +53,9 @@ class MLP(nn.Module):
         if self.gated and cfg.fused_projections:
             self.gate_up_proj = FusedLinear(cfg.d_model, [("gate_proj", d_ff), ("up_proj", d_ff)], bias=cfg.mlp_bias)
         else:
-            self.gate_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias) if self.gated else None
-            self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias) if self.gated else None
+            self.up_proj = Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
+        self.down_proj = Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
         # fused SwiGLU product (fused.py): silu(gate) * up in one kernel that keeps only gate and up
         self.fused = bool(getattr(cfg, "fused_kernels", False)) and cfg.mlp == "swiglu"
 

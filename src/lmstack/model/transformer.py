@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmstack.errors import LmstackError
+from lmstack.model.linear import Linear, linear
 from lmstack.model.attention import Attention
 from lmstack.model.attention_cache import AttentionCache
 from lmstack.model.config import ModelConfig
@@ -130,7 +131,7 @@ class Transformer(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
         self.lm_head = None
         if cfg.head in ("lm", "mlm") and not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.head == "mlm":  # BERT's prediction head: dense + activation + LayerNorm, then the decoder
             self.mlm_dense = nn.Linear(cfg.d_model, cfg.d_model)
             self.mlm_norm = make_norm(cfg, cfg.d_model)
@@ -287,7 +288,7 @@ class Transformer(nn.Module):
             x = self.mlm_norm(ACTIVATIONS[cfg.mlp](self.mlm_dense(x)))
             bias = self.mlm_bias
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight, bias)
+        logits = linear(x, weight, bias)  # the skinny kernel inside the engine's decode_kernels() scope
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
         # Padded rows (past real_vocab_size) get zero probability here, the one place every consumer passes.

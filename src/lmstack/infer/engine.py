@@ -111,6 +111,8 @@ class LLMEngine:
         self.sampler = Sampler(seed, guided=self.ctx.guided_decoder)
         self.spec = None if speculative is None else SpeculativeDecoder(
             speculative, self.model, num_blocks, block_size, self.ctx, self.sampler)
+        if self.spec is not None:
+            self.spec.attach(self.runner)  # draft heads (medusa/eagle) read the target's hidden rows
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_batched_tokens,
                                    lookahead=self.spec.lookahead if self.spec else None)
         self.lora = None

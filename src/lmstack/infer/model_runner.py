@@ -58,6 +58,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_len = cfg.max_seq_len if cfg.position in ("learned", "sinusoidal") else None
         self.lora_context = None  # set by the engine when adapters are in use (lora_hook.py)
+        self.hidden_hook = None  # hook(plan, hidden (rows, d)): speculative draft heads read features (speculative.py)
         self.matmul_size = cfg.d_model * max(cfg.d_ff, cfg.moe_d_ff if cfg.n_experts else 0)
         # fp32 CPU decode runs the skinny GEMM (model/linear.py); asking now builds it on a machine's first
         # engine (~1 min, then cached), so the build never lands inside a request
@@ -138,6 +139,8 @@ class ModelRunner:
                 hidden = self.model(ids, cache=self.cache, return_hidden=True)
             finally:
                 self.cache.meta = None
+            if self.hidden_hook is not None:
+                self.hidden_hook(plan, hidden[0])
             if not logit_rows:
                 return torch.zeros((0, self.model.config.vocab_size))
             rows = hidden[0, logit_rows] if len(logit_rows) != hidden.shape[1] else hidden[0]

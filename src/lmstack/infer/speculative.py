@@ -17,10 +17,18 @@ Proposers (SpeculativeConfig.method):
 - ngram: prompt lookup decoding (Saxena 2023): find the latest earlier occurrence of the last n
   tokens in the sequence and propose what followed it. q is a point mass, so a guess is accepted
   with probability p(d) and a rejection samples from p with d removed.
+- medusa / eagle: draft heads on the target's own hidden states (draft_heads.py). The runner hands every
+  step's hidden rows to `observe`, which keeps per sequence the features of its last verified positions
+  (rows of rejected guesses are dropped when the next step starts at the accepted length); medusa
+  proposes all k guesses from the last verified feature in one shot, eagle rolls its one layer k steps.
+  Neither runs a second model or holds K/V of its own.
+Greedy rows that need no logits processing take each guess as a plain argmax: the accept rule ignores q
+for greedy rows, so the sampler's machinery (and q) is only built for rows that sample.
 
 Usage:
     llm = LLM(target_dir, speculative={"method": "draft", "draft_model": draft_dir, "num_tokens": 4})
     llm = LLM(target_dir, speculative={"method": "ngram", "num_tokens": 4, "ngram_max": 3})
+    llm = LLM(target_dir, speculative={"method": "eagle", "heads": heads_dir, "num_tokens": 4})
     llm.engine.stats()["spec_acceptance_rate"]
     spec = SpeculativeDecoder(config, model, num_blocks, block_size, ctx, sampler)   # what the engine builds
     tokens, logprobs = spec.verify(seq, logits)      # the engine appends them through its output processor
@@ -34,7 +42,9 @@ import torch
 
 from lmstack.config import from_dict
 from lmstack.errors import LmstackError
+from lmstack.infer import logits_processors as lp
 from lmstack.infer.context import EngineContext
+from lmstack.infer.draft_heads import load_heads
 from lmstack.infer.loading import load_draft
 from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.sampler import Sampler
@@ -44,8 +54,9 @@ from lmstack.infer.step_plan import StepPlan
 
 @dataclass
 class SpeculativeConfig:
-    method: Literal["draft", "ngram"] = "ngram"
-    """draft: a smaller model proposes; ngram: prompt lookup proposes from the sequence itself."""
+    method: Literal["draft", "ngram", "medusa", "eagle"] = "ngram"
+    """draft: a smaller model proposes; ngram: prompt lookup proposes from the sequence itself;
+    medusa / eagle: draft heads on the target's hidden states propose (see draft_heads.py)."""
     num_tokens: int = 4
     """Tokens proposed per step (k)."""
     draft_model: Any = None
@@ -54,16 +65,21 @@ class SpeculativeConfig:
     """method=ngram: longest suffix length matched."""
     ngram_min: int = 1
     """method=ngram: shortest suffix length matched."""
+    heads: Any = None
+    """method=medusa|eagle: a draft heads directory (heads.json + heads.safetensors) or DraftHeads."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("draft", "ngram"):
-            raise LmstackError(f"speculative method={self.method!r} is not allowed; choose 'draft' or 'ngram'")
+        if self.method not in ("draft", "ngram", "medusa", "eagle"):
+            raise LmstackError(f"speculative method={self.method!r} is not allowed; choose 'draft', 'ngram', "
+                               "'medusa' or 'eagle'")
         if not isinstance(self.num_tokens, int) or not 1 <= self.num_tokens <= 32:
             raise LmstackError(f"speculative num_tokens must be an integer in 1..32, got {self.num_tokens!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise LmstackError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
         if self.method == "draft" and self.draft_model is None:
             raise LmstackError("speculative method='draft' needs draft_model (a model directory or Transformer)")
+        if self.method in ("medusa", "eagle") and self.heads is None:
+            raise LmstackError(f"speculative method={self.method!r} needs heads (a draft heads directory)")
 
 
 class SpeculativeDecoder:
@@ -72,11 +88,45 @@ class SpeculativeDecoder:
         if isinstance(config, dict):
             config = from_dict(SpeculativeConfig, config)
         self.cfg, self.ctx, self.sampler = config, ctx, sampler
-        self.runner = None
+        self.runner = self.heads = None
+        self.k = config.num_tokens
         if config.method == "draft":
             draft = load_draft(config.draft_model, target)
             self.runner = ModelRunner(draft, num_blocks, block_size, str(next(target.parameters()).device))
-        self.proposed = self.accepted = self.steps = 0
+        elif config.method in ("medusa", "eagle"):
+            self.heads = load_heads(config.heads, target)
+            if self.heads.config.method != config.method:
+                raise LmstackError(f"speculative method={config.method!r} was given {self.heads.config.method} "
+                                   "heads; train heads of the method asked for")
+            self.k = min(self.k, self.heads.max_tokens)
+        self.target = target
+        # seq_id -> [end position (exclusive), features of the positions before it, step last seen]
+        self.feats: dict[int, list] = {}
+        self.window = 1 if self.heads is None else (
+            self.k + 1 if config.method == "medusa" else self.heads.config.window + self.k + 1)
+        self.proposed = self.accepted = self.steps = self.observed = 0
+
+    def attach(self, runner: ModelRunner) -> None:
+        """Draft heads read the target runner's hidden rows of every step (the engine calls this once)."""
+        if self.heads is not None:
+            runner.hidden_hook = self.observe
+
+    def observe(self, plan: StepPlan, hidden: torch.Tensor) -> None:
+        """Keep each planned sequence's newest features: hidden (rows, d) are the step's flat rows.
+        A step starts at the sequence's computed length, so stored rows at or past it (rejected guesses,
+        or positions recomputed after preemption) are replaced."""
+        self.observed += 1
+        for p in plan.seqs:
+            rows = hidden[p.row:p.row + len(p.tokens)]
+            entry = self.feats.get(p.seq.seq_id)
+            if entry is not None and entry[0] - len(entry[1]) <= p.start <= entry[0]:
+                kept = entry[1][:len(entry[1]) - (entry[0] - p.start)]
+                f = torch.cat([kept, rows])[-self.window:]
+            else:
+                f = rows[-self.window:].clone()  # no view of the whole step's hidden survives the step
+            self.feats[p.seq.seq_id] = [p.start + len(rows), f, self.observed]
+        if len(self.feats) > 2 * len(plan.seqs) + 64:  # forget finished (or long-idle) sequences
+            self.feats = {k: v for k, v in self.feats.items() if self.observed - v[2] <= 32}
 
     # ---- hooks the engine calls
     def lookahead(self, seq: Sequence) -> int:
@@ -86,7 +136,7 @@ class SpeculativeDecoder:
             return 0
         left = req.max_tokens - seq.num_output_tokens - 1
         room = self.ctx.max_model_len - seq.num_tokens - 1
-        return max(0, min(self.cfg.num_tokens, left, room))
+        return max(0, min(self.k, left, room))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if self.runner is not None:
@@ -98,8 +148,10 @@ class SpeculativeDecoder:
         if self.cfg.method == "ngram":
             for seq in seqs:
                 seq.spec_tokens = self._ngram(seq.token_ids, self.lookahead(seq))
-        else:
+        elif self.cfg.method == "draft":
             self._draft(seqs)
+        else:
+            self._from_heads(seqs)
         self.steps += 1
 
     def stats(self) -> dict:
@@ -117,6 +169,53 @@ class SpeculativeDecoder:
                     return tokens[i + n:i + n + k]
         return []
 
+    def _features(self, seq: Sequence) -> torch.Tensor | None:
+        """Features of seq's verified positions up to its second-to-last token (the last one has not run
+        through the target yet), oldest first; None when the newest of them is missing."""
+        entry = self.feats.get(seq.seq_id)
+        last = seq.num_tokens - 2
+        if entry is None or not entry[0] - len(entry[1]) <= last < entry[0]:
+            return None
+        return entry[1][:len(entry[1]) - (entry[0] - 1 - last)]
+
+    def _pick(self, seq: Sequence, logits: torch.Tensor, probs: list) -> int:
+        """One guess from a head's logits row; sampled rows also record q after the same processors."""
+        params = seq.request.params
+        logits = logits[None, :self.ctx.vocab]
+        if params.greedy and not lp.needs_processing(params):
+            return int(logits.argmax())
+        srow = self.sampler.row(seq, seq.spec_tokens)
+        processed = self.sampler.process(logits.float(), [srow])
+        probs.append(self.sampler.probabilities(processed, [srow])[0])
+        return self.sampler.draw(processed, [srow])[0]
+
+    @torch.inference_mode()
+    def _from_heads(self, seqs: list[Sequence]) -> None:
+        head, emb = self.target.head, self.target.tok_emb
+        for seq in seqs:
+            k = self.lookahead(seq)
+            feats = self._features(seq) if k else None
+            if feats is None:
+                continue
+            probs: list[torch.Tensor] = []
+            if self.cfg.method == "medusa":
+                logits = head(self.heads.medusa(feats[-1])[:k])  # (k, vocab): all guesses at once
+                for j in range(k):
+                    seq.spec_tokens.append(self._pick(seq, logits[j], probs))
+            else:
+                feats = feats[-self.heads.config.window:]
+                n = len(feats)
+                ids = torch.tensor(seq.token_ids[seq.num_tokens - n:], device=feats.device)
+                f, kv = self.heads.eagle(feats[None], emb(ids)[None])
+                f = f[:, -1:]
+                for j in range(k):
+                    tok = self._pick(seq, head(f[0, 0]), probs)
+                    seq.spec_tokens.append(tok)
+                    if j + 1 < k:  # roll: the predicted feature and the guess are the next input
+                        f, kv = self.heads.eagle(f, emb(torch.tensor([[tok]], device=feats.device)), kv, n + j)
+            if probs:
+                seq.spec_probs = torch.stack(probs)
+
     def _draft(self, seqs: list[Sequence]) -> None:
         ks = {seq.seq_id: self.lookahead(seq) for seq in seqs}
         live = [s for s in seqs if ks[s.seq_id] > 0]
@@ -132,22 +231,26 @@ class SpeculativeDecoder:
             # Cut to the ids the target samples from (ctx.vocab): a guess in a padded row is no token,
             # and q must cover the same ids as the target's p for the accept rule.
             logits = self.runner.run(StepPlan.of(batch, rows))[:, :self.ctx.vocab]
-            srows = [self.sampler.row(s, s.spec_tokens) for s in live]
-            processed = self.sampler.process(logits, srows)
-            guesses = self.sampler.draw(processed, srows)
-            dist = self.sampler.probabilities(processed, srows)
+            if all(s.request.params.greedy and not lp.needs_processing(s.request.params) for s in live):
+                guesses, dist = logits.argmax(dim=-1).tolist(), None  # greedy rows: q is never read
+            else:
+                srows = [self.sampler.row(s, s.spec_tokens) for s in live]
+                processed = self.sampler.process(logits, srows)
+                guesses = self.sampler.draw(processed, srows)
+                dist = self.sampler.probabilities(processed, srows)
             nxt = []
             for i, s in enumerate(live):
                 s.draft_computed = s.num_tokens + step
                 s.spec_tokens.append(guesses[i])
-                probs[s.seq_id].append(dist[i])
+                if dist is not None:
+                    probs[s.seq_id].append(dist[i])
                 if len(s.spec_tokens) < ks[s.seq_id]:
                     nxt.append((s, [guesses[i]], s.num_tokens + step))
             step += 1
             batch = nxt
             live = [b[0] for b in nxt]
         for s in seqs:
-            if s.spec_tokens:
+            if s.spec_tokens and probs[s.seq_id]:
                 s.spec_probs = torch.stack(probs[s.seq_id])
 
     # ---- verification

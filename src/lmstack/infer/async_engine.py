@@ -86,8 +86,17 @@ class AsyncLLMEngine:
         return next(self.engine.model.parameters()).dtype
 
     @property
+    def failure(self) -> BaseException | None:
+        """Why the engine can run no more steps (a tensor-parallel worker died): new requests are refused."""
+        return getattr(self.engine, "failure", None)  # (a stand-in engine in a test may not have one)
+
+    @property
     def loop_error(self) -> BaseException | None:
-        """Why the step loop died, if it did (then nothing is generated until a new request restarts it)."""
+        """Why the step loop died, if it did (then nothing is generated until a new request restarts it), or
+        why the engine itself can run no more steps (a tensor-parallel worker died: LLMEngine.failure)."""
+        failure = self.failure
+        if failure is not None:
+            return failure
         task = self._task
         if task is not None and task.done() and not task.cancelled():
             return task.exception()

@@ -51,6 +51,8 @@ from lmstack.infer.sequence import Request
 from lmstack.infer.speculative import SpeculativeDecoder
 from lmstack.infer.step_plan import StepPlan
 from lmstack.infer.threads import engine_threads
+from lmstack.infer.tp_group import TensorParallelGroup
+from lmstack.infer.tp_shard import check_shardable, shard_model
 from lmstack.model.counting import kv_bytes_per_token
 from lmstack.model.load_guard import check_kv_pool
 from lmstack.model.vocab import check_vocab
@@ -73,7 +75,8 @@ class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any = None, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
                  block_size: int = 16, num_blocks: int | None = None, enable_prefix_caching: bool = True,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
-                 max_model_len: int | None = None, speculative: Any = None, lora_adapters: dict | None = None):
+                 max_model_len: int | None = None, speculative: Any = None, lora_adapters: dict | None = None,
+                 tensor_parallel_size: int = 1):
         for name, v, lo in (("max_num_seqs", max_num_seqs, 1), ("max_batched_tokens", max_batched_tokens, 1),
                             ("block_size", block_size, 1)):
             if not isinstance(v, int) or v < lo:
@@ -88,6 +91,18 @@ class LLMEngine:
             self.model, self.tokenizer, model_path=model if owned else None,
             tokenizer_path=tokenizer if isinstance(tokenizer, (str, os.PathLike)) else
             (model if owned and tokenizer is None else None))
+        # tensor_parallel_size N > 1: this process (rank 0) keeps 1/N of every block's heads and MLP, N-1
+        # workers the rest (tp_shard.py, tp_group.py); model.config becomes the shard's, so the KV pool
+        # below is sized and allocated for this rank's KV heads only
+        self.tp = None
+        if tensor_parallel_size != 1:
+            check_shardable(self.model.config, tensor_parallel_size)
+            if lora_adapters:
+                raise LmstackError("LoRA adapters are not supported with tensor_parallel_size > 1")
+            if not owned:
+                raise LmstackError("tensor_parallel_size > 1 needs a model directory (every worker loads it), "
+                                   "not a model object")
+            tp_reduce = shard_model(self.model, 0, tensor_parallel_size)
         cfg = self.model.config
         self.max_model_len = max_model_len or cfg.max_seq_len
         if num_blocks is None:
@@ -108,6 +123,11 @@ class LLMEngine:
 
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, block_size, device, owns_model=owned)
+        if tensor_parallel_size != 1:  # the workers load the same directory and follow every step
+            self.runner.graphs = None  # a replayed graph would skip the step hook that feeds the workers
+            self.tp = self.runner.tp = TensorParallelGroup(
+                model, tensor_parallel_size, tp_reduce, num_blocks=num_blocks, block_size=block_size, dtype=dtype,
+                device=self.runner.device)
         self.sampler = Sampler(seed, guided=self.ctx.guided_decoder)
         self.spec = None if speculative is None else SpeculativeDecoder(
             speculative, self.model, num_blocks, block_size, self.ctx, self.sampler)
@@ -162,6 +182,8 @@ class LLMEngine:
 
     def add_lora(self, name: str, adapter: Any) -> None:
         """Register a LoRA adapter (an object with apply(module_name, x, base_out)); requests name it."""
+        if self.tp is not None:
+            raise LmstackError("LoRA adapters are not supported with tensor_parallel_size > 1")
         if self.lora is None:
             self.lora = LoraManager(self.model)
             self.runner.lora_context = self.lora
@@ -176,6 +198,8 @@ class LLMEngine:
     # ---- the step
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns the outputs of every request that changed."""
+        if self.tp is not None:
+            self.tp.check()  # a dead tensor-parallel worker: refuse at once, never wait in a collective
         with engine_threads():  # bookkeeping and sampling ops are tiny: one thread (see threads.py)
             sched = self._schedule()
             if sched is None:
@@ -202,6 +226,8 @@ class LLMEngine:
         self.counters["steps"] += 1
         if sched.copies:
             self.runner.cache.copy_blocks(sched.copies)
+            if self.tp is not None:
+                self.tp.copy_blocks(sched.copies)  # every rank's pool holds its heads of the same blocks
             if self.spec is not None:
                 self.spec.copy_blocks(sched.copies)
         spec_items = [s.seq for s in sched.scheduled if s.lookahead]
@@ -230,6 +256,16 @@ class LLMEngine:
         """Finish one request with finish_reason 'error' and a one-line reason, freeing its blocks; the
         other requests of the step carry on (a server answers 500 for this one alone)."""
         self.post.fail(req, why, exc)
+
+    @property
+    def failure(self) -> LmstackError | None:
+        """Why this engine can run no more steps (a tensor-parallel worker died or was closed); None if it can."""
+        return self.tp.failure if self.tp is not None else None
+
+    def close(self) -> None:
+        """Stop what outlives this object: the tensor-parallel worker processes (if any)."""
+        if self.tp is not None:
+            self.tp.close()
 
     # ---- facts
     @property

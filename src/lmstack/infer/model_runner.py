@@ -42,6 +42,10 @@ class ModelRunner:
     sequences (each: the sequence with its block table, the token ids to run, their first position) and
     returns fp32 CPU logits for the flat rows asked for. Blocks are allocated by the block manager, not here."""
 
+    tp = None
+    """Tensor-parallel serving (tp_group.py / tp_worker.py): tp.step_inputs(runner, plan) gives the step's
+    inputs in place of build(plan); on rank 0 it also sends them to the workers, so every rank runs this forward."""
+
     def __init__(self, model, num_blocks: int, block_size: int, device: str | torch.device = "cpu",
                  owns_model: bool = False):
         if owns_model and projections_fusable(model):
@@ -132,7 +136,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _run(self, plan: StepPlan) -> torch.Tensor:
         logit_rows = plan.logit_rows
-        ids, meta = self.build(plan)
+        ids, meta = self.build(plan) if self.tp is None else self.tp.step_inputs(self, plan)
         self.cache.meta = meta
         with decode_kernels(self.kernels):
             try:

@@ -169,7 +169,12 @@ class ServerState:
     @contextlib.contextmanager
     def admit(self, prompts: int = 1):
         """Count a request's engine requests (one per prompt) in flight, or refuse it with 503 when they
-        would not fit. An idle server takes any request, so one large batch cannot be refused forever."""
+        would not fit. An idle server takes any request, so one large batch cannot be refused forever.
+        A failed engine (a dead tensor-parallel worker: /health is 503 too) refuses every request with 503."""
+        failure = getattr(self.aengine, "failure", None)
+        if failure is not None:
+            self.metrics.rejected.inc(reason="unhealthy")
+            raise APIError(503, f"the engine is unhealthy and takes no requests: {str(failure)[:300]}")
         if self.in_flight and self.in_flight + prompts > self.capacity:
             self.metrics.rejected.inc(reason="overloaded")  # errors.error_response adds Retry-After
             raise APIError(503, f"the server is overloaded: {self.in_flight} requests in flight "

@@ -1,0 +1,137 @@
+"""Tensor-parallel serving (infer/tp_*.py): two gloo processes on the CPU give the single-process engine's greedy
+outputs (batched, prompts longer than a block, preemption, beam search's copy-on-write block copies); the step
+message survives the wire; shapes that do not split are refused naming the field; a killed worker fails the
+engine at once and for good."""
+import dataclasses
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import lmstack
+from lmstack.errors import LmstackError
+from lmstack.infer import LLM, LLMEngine, SamplingParams
+from lmstack.infer.model_runner import ModelRunner
+from lmstack.infer.paged_attention import ShortChunks
+from lmstack.infer.sequence import Request
+from lmstack.infer.step_plan import StepPlan
+from lmstack.infer.tp_shard import check_shardable
+from lmstack.infer.tp_step import pack_step, unpack_step
+
+from infer_helpers import random_prompts, tiny_model
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory, tok):
+    # 4 query heads over 2 KV heads (GQA), d_ff 192: every rank of 2 keeps 2 query heads, 1 KV head, 96 columns
+    path = tmp_path_factory.mktemp("tp") / "tiny-gqa"
+    lmstack.save_model(tiny_model(tok.vocab_size, n_kv_heads=2), path, tokenizer=tok)
+    return path
+
+
+def _outputs(llm, prompts, params):
+    return [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
+
+
+def test_two_ranks_equal_one_process_greedy_preempted_and_beams(gqa_dir):
+    prompts = random_prompts(6, 10, 20, 400, seed=8) + [random_prompts(1, 40, 40, 400, seed=9)[0]]
+    beams = SamplingParams(max_tokens=6, n=2, use_beam_search=True, temperature=0.0, ignore_eos=True)
+    # 24 blocks of 4 slots for ~7 x 40 tokens: the pool runs out, so sequences are preempted and recomputed
+    kw = dict(max_num_seqs=7, block_size=4, num_blocks=24)
+    one = LLM(str(gqa_dir), **kw)
+    want, want_beams = _outputs(one, prompts, GREEDY), _outputs(one, prompts[:2], beams)
+    tp = LLM(str(gqa_dir), tensor_parallel_size=2, **kw)
+    try:
+        engine = tp.engine
+        # the shard is real: this rank holds half the query and KV heads, half the MLP, half the KV pool
+        attn, mlp = engine.model.blocks[0].attn, engine.model.blocks[0].mlp
+        assert (attn.n_heads, attn.n_kv_heads, mlp.d_ff) == (2, 1, 96)
+        assert attn.qkv_proj.weight.shape[0] == (2 + 1 + 1) * 16  # fused: its q, k and v rows
+        assert engine.runner.cache.k.shape[1] == 1 and one.engine.runner.cache.k.shape[1] == 2
+        copies = []
+        send_copies = engine.tp.copy_blocks
+        engine.tp.copy_blocks = lambda pairs: (copies.extend(pairs), send_copies(pairs))
+        assert _outputs(tp, prompts, GREEDY) == want
+        assert engine.stats()["num_preemptions"] > 0
+        assert _outputs(tp, prompts[:2], beams) == want_beams
+        assert copies, "beam search should have copied shared blocks on every rank"
+        assert engine.bm.num_free_blocks == 24
+    finally:
+        tp.engine.close()
+    assert all(p.poll() is not None for p in tp.engine.tp.procs)
+
+
+def test_killed_worker_fails_engine_at_once_and_for_good(gqa_dir):
+    engine = LLMEngine(str(gqa_dir), block_size=8, tensor_parallel_size=2)
+    try:
+        for i in range(3):
+            engine.add_request(f"r{i}", [5, 6, 7, 8, 9 + i], SamplingParams(max_tokens=200, temperature=0.0,
+                                                                          ignore_eos=True))
+        engine.step()
+        worker = engine.tp.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(LmstackError, match="tensor-parallel serving failed"):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert time.monotonic() - start < 10
+        assert engine.failure is not None
+        with pytest.raises(LmstackError, match="tensor-parallel serving failed"):
+            engine.step()  # refused at once: no collective is tried on a broken group
+    finally:
+        engine.close()
+    assert worker.poll() is not None
+
+
+def _seq(n, table):
+    s = Request("r", None, list(range(5, 5 + n)), SamplingParams()).seqs[0]
+    s.block_table = table
+    return s
+
+
+@pytest.mark.parametrize("kind", ["mixed", "one_contiguous_decode"])
+def test_step_message_round_trip(model, kind):
+    # mixed: a prefill from scratch, a prefill over cached keys, and short chunks (decode, a 2-token window);
+    # one decode token over contiguous blocks: the case that reads the pool in place (contig)
+    runner = ModelRunner(model, num_blocks=32, block_size=4)
+    if kind == "mixed":
+        batch = [(_seq(20, [7, 3, 9, 1, 2]), list(range(20, 40)), 0),
+                 (_seq(30, [4, 5, 6, 8, 10, 11, 12, 13]), [1] * 25, 5),
+                 (_seq(9, [14, 15, 16]), [3], 8), (_seq(9, [17, 18, 19]), [3, 4], 7)]
+    else:
+        batch = [(_seq(9, [20, 21, 22]), [3], 8)]
+    ids, meta = runner.build(StepPlan.of(batch, [0]))
+    got_ids, got = unpack_step(pack_step(ids, meta))
+    assert torch.equal(got_ids, ids)
+    for name in ("positions", "slots"):
+        assert torch.equal(getattr(got, name), getattr(meta, name))
+    for f in dataclasses.fields(ShortChunks):  # every field but the per-step mask cache (empty here)
+        a, b = getattr(got.short, f.name), getattr(meta.short, f.name)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert (got.short.contig is not None) == (kind == "one_contiguous_decode")
+    assert len(got.prefills) == len(meta.prefills) == (2 if kind == "mixed" else 0)
+    for a, b in zip(got.prefills, meta.prefills):
+        assert (a.start, a.n, a.ctx_len) == (b.start, b.n, b.ctx_len) and torch.equal(a.positions, b.positions)
+        assert (a.key_slots is None) == (b.key_slots is None)
+        assert a.key_slots is None or torch.equal(a.key_slots, b.key_slots)
+
+
+@pytest.mark.parametrize("overrides, field", [({"n_kv_heads": 1}, "n_kv_heads=1"), ({"n_heads": 3, "n_kv_heads": 3,
+                         "head_dim": 16}, "n_heads=3"), ({"d_ff": 191}, "d_ff=191")])
+def test_shapes_that_do_not_split_are_refused_naming_the_field(overrides, field):
+    cfg = tiny_model(400, **overrides).config
+    with pytest.raises(LmstackError, match=field):
+        check_shardable(cfg, 2)
+
+
+def test_refusals_before_any_process_starts(model, gqa_dir):
+    with pytest.raises(LmstackError, match="position='alibi'"):
+        check_shardable(tiny_model(400, n_kv_heads=2, position="alibi").config, 2)
+    with pytest.raises(LmstackError, match="tensor_parallel_size must be an integer >= 1"):
+        LLMEngine(str(gqa_dir), tensor_parallel_size=0)
+    with pytest.raises(LmstackError, match="needs a model directory"):
+        LLMEngine(tiny_model(model.config.vocab_size, n_kv_heads=2), tensor_parallel_size=2)

@@ -1,5 +1,8 @@
 """The CUDA paths, checked and timed on a GPU in one short run: bf16 autocast training, SDPA's flash kernel,
 FSDP2 and DDP on NCCL, the inference engine, and the speed each buys against its plain alternative.
+The engine's GPU paths (issue 18 §2) each run once: decode CUDA graphs (capture + replay equal eager, host
+syncs per decode step, speed with and without), device sampling (greedy exact, sampled in distribution,
+seeded reproducible), the KV pool sized from measured memory, and the flex_attention paged backend.
 
 Each check prints PASS/FAIL with its numbers and never hides the others; timings are medians after warm-ups
 (CUDA-synchronised). Results go to benchmarks/results/cuda_check.json (and --out DIR). Needs only torch (+
@@ -281,6 +284,162 @@ def decode_speed():
     return out
 
 
+def _engine_logits(graphs: bool, backend: str = "sdpa", dtype=torch.float32):
+    """Greedy tokens and every step's logits of a small batch through the engine (tiny llama, CUDA)."""
+    import lmstack
+    from lmstack.infer.engine import LLMEngine
+
+    torch.manual_seed(0)
+    model = Transformer(preset("llama-tiny", vocab_size=300, max_seq_len=256)).to(DEV, dtype).eval()
+    eng = LLMEngine(model, max_num_seqs=8, block_size=16, num_blocks=64, dtype=dtype, device="cuda",
+                    max_model_len=256, cuda_graphs=graphs, attention_backend=backend)
+    seen, run = [], eng.runner.run
+    eng.runner.run = lambda plan, *a: seen.append(run(plan, *a).float().cpu()) or seen[-1].to(DEV)
+    g = torch.Generator().manual_seed(3)
+    for i, n in enumerate((5, 17, 40, 9, 23)):
+        eng.add_request(f"r{i}", torch.randint(3, 300, (n,), generator=g).tolist(),
+                        lmstack.SamplingParams(max_tokens=12 + 4 * i, temperature=0.0, ignore_eos=True))
+    tokens = {o.request_id: o.outputs[0].token_ids for o in eng.run_to_completion()}
+    return tokens, seen, eng
+
+
+@check("decode_cuda_graphs_equal_eager")
+def decode_graphs():
+    import warnings
+
+    import lmstack
+
+    eager_tokens, eager_logits, _ = _engine_logits(False)
+    graph_tokens, graph_logits, eng = _engine_logits(True)
+    diff = max(float((a - b).abs().max()) for a, b in zip(eager_logits, graph_logits))
+    out = {"identical_tokens": eager_tokens == graph_tokens, "max_logit_diff": diff,
+           "replays": eng.runner.graphs.replays, "graphs_captured": len(eng.runner.graphs.entries)}
+    # host syncs per pure decode step (torch's sync debug mode warns once per synchronising call)
+    eng.add_request("sync", list(range(3, 20)), lmstack.SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(20):
+                eng.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out["host_syncs_per_decode_step"] = sum("synchroniz" in str(w.message) for w in caught) / 20
+    # speed: 16 sequences of a ~125M model, bf16, decode with and without graphs
+    speed = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(medium(tie_embeddings=False)).to(DEV, torch.bfloat16).eval()
+        llm = lmstack.LLM(model, device="cuda", dtype=torch.bfloat16, max_num_seqs=16, max_model_len=512,
+                          cuda_graphs=graphs)
+        prompts = [torch.randint(3, 32000, (64,)).tolist() for _ in range(16)]
+        params = lmstack.SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts, params)  # warm-up (captures)
+        sync_t = time.perf_counter()
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        speed["graphs" if graphs else "eager"] = round(16 * 128 / (time.perf_counter() - sync_t))
+        del llm, model
+    out.update(tokens_per_s_16_seqs=speed, graphs_over_eager=round(speed["graphs"] / speed["eager"], 3))
+    return {"ok": out["identical_tokens"] and diff < 1e-3 and out["replays"] > 0, **out}
+
+
+@check("device_sampling_matches_cpu")
+def device_sampling():
+    from lmstack.infer import SamplingParams
+    from lmstack.infer import logits_processors as lp
+    from lmstack.infer.sampler import Sampler, seeded_generator
+    from lmstack.infer.sequence import Request
+
+    def seqs(params):
+        out = []
+        for i, p in enumerate(params):
+            seq = Request(f"r{i}", None, [1, 2, 3, 4], p).seqs[0]
+            seq.output_ids.extend([5, 6, 5, 30])  # every row the same history: one distribution
+            seq.generator = seeded_generator(p.seed, 0)  # as the request builder does (None without a seed)
+            out.append(seq)
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=g) * 3
+    greedy = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, frequency_penalty=0.7, logit_bias={7: 4.0})] * 2
+    cpu_tok, _ = Sampler(0).sample(seqs(greedy), logits)
+    dev_tok, _ = Sampler(0, device=DEV).sample(seqs(greedy), logits.to(DEV))
+    # sampled rows: 4000 draws of one processed distribution on the device vs its CPU probabilities
+    params = SamplingParams(temperature=0.8, top_p=0.9, min_p=0.02, top_k=50, repetition_penalty=1.2,
+                            presence_penalty=0.3)
+    row = logits[:1].expand(4000, -1).contiguous()
+    want = lp.process(row[:1], [lp.SamplingRow(params, [1, 2, 3, 4], [5, 6, 5, 30])]).softmax(-1)[0]
+    sampler = Sampler(1, device=DEV)
+    tokens, _ = sampler.sample(seqs([params] * 4000), row.to(DEV))
+    freq = torch.bincount(torch.tensor(tokens), minlength=1000).float() / 4000
+    dist_err = float((freq - want).abs().max())
+    seeded = SamplingParams(temperature=1.0, seed=42, top_p=0.95)
+    a, _ = Sampler(2, device=DEV).sample(seqs([seeded] * 4), logits[:4].to(DEV))
+    b, _ = Sampler(3, device=DEV).sample(seqs([seeded] * 4), logits[:4].to(DEV))
+    gens = seqs([seeded])
+    Sampler(0, device=DEV).sample(gens, logits[:1].to(DEV))
+    out = {"greedy_identical": cpu_tok == dev_tok, "sampled_max_freq_err": round(dist_err, 4),
+           "banned_drawn": int((freq[want == 0] > 0).sum()), "seeded_reproducible": a == b,
+           "seeded_generator_device": str(gens[0].generator.device)}
+    # 4000 draws: a frequency's standard error is at most 0.008; allow 4 of them
+    return {"ok": out["greedy_identical"] and dist_err < 0.032 and out["banned_drawn"] == 0 and a == b
+            and gens[0].generator.device.type == "cuda", **out}
+
+
+@check("kv_pool_sized_from_free_memory")
+def kv_pool():
+    import lmstack
+    from lmstack.infer.engine import LLMEngine
+    from lmstack.infer.kv_pool_sizing import bytes_per_block
+
+    torch.manual_seed(0)
+    model = Transformer(medium(tie_embeddings=False)).to(DEV, torch.bfloat16).eval()
+    util = 0.5
+    eng = LLMEngine(model, dtype=torch.bfloat16, device="cuda", max_model_len=1024, gpu_memory_utilization=util)
+    total = torch.cuda.get_device_properties(0).total_memory
+    pool = eng.runner.cache.nbytes()
+    per = bytes_per_block(model.config, torch.bfloat16, eng.block_size)
+    used = torch.cuda.memory_allocated()
+    out = {"num_blocks": eng.num_blocks, "pool_GiB": round(pool / 2**30, 2), "allocated_GiB": round(used / 2**30, 2),
+           "budget_GiB": round(util * total / 2**30, 2), "bytes_per_block": per}
+    eng.add_request("x", list(range(3, 200)), lmstack.SamplingParams(max_tokens=8, temperature=0.0))
+    eng.run_to_completion()
+    out["peak_GiB_after_a_request"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    del eng, model
+    torch.cuda.empty_cache()
+    return {"ok": out["num_blocks"] > 1000 and used <= util * total * 1.02, **out}
+
+
+@check("flex_paged_backend_equals_sdpa")
+def flex_backend():
+    import lmstack
+
+    sdpa_tokens, sdpa_logits, _ = _engine_logits(False, "sdpa")
+    flex_tokens, flex_logits, _ = _engine_logits(False, "flex")
+    diff = max(float((a - b).abs().max()) for a, b in zip(sdpa_logits, flex_logits))
+    speed = {}
+    for backend in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        model = Transformer(medium(tie_embeddings=False)).to(DEV, torch.bfloat16).eval()
+        llm = lmstack.LLM(model, device="cuda", dtype=torch.bfloat16, max_num_seqs=16, max_model_len=512,
+                          attention_backend=backend, cuda_graphs=False)
+        prompts = [torch.randint(3, 32000, (64,)).tolist() for _ in range(16)]
+        params = lmstack.SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts, params)  # warm-up (flex compiles)
+        t = time.perf_counter()
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        speed[backend] = round(16 * 64 / (time.perf_counter() - t))
+        del llm, model
+    return {"ok": sdpa_tokens == flex_tokens and diff < 1e-3, "identical_tokens": sdpa_tokens == flex_tokens,
+            "max_logit_diff": diff, "tokens_per_s_16_seqs_eager_steps": speed,
+            "flex_over_sdpa": round(speed["flex"] / speed["sdpa"], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
@@ -289,7 +448,8 @@ def main() -> None:
         print("no CUDA device: nothing to check")
         return
     RESULTS["device"] = {"ok": True, "name": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for fn in (bf16_training, sdpa_flash, fsdp_nccl, engine, train_speed, attention_speed, decode_speed):
+    for fn in (bf16_training, sdpa_flash, fsdp_nccl, engine, train_speed, attention_speed, decode_speed,
+               decode_graphs, device_sampling, kv_pool, flex_backend):
         fn()
     text = json.dumps({"date": time.strftime("%Y-%m-%d"), "results": RESULTS}, indent=1)
     path = Path(__file__).resolve().parent / "results" / "cuda_check.json"

@@ -36,7 +36,9 @@ from lmstack.errors import LmstackError
 from lmstack.infer.beam_search import BeamState
 from lmstack.infer.block_manager import BlockManager
 from lmstack.infer.context import EngineContext
+from lmstack.infer.cuda_graphs import graphable
 from lmstack.infer.generation_defaults import load_generation_defaults
+from lmstack.infer.kv_pool_sizing import profile_kv_blocks
 from lmstack.infer.loading import load_model_and_tokenizer
 from lmstack.infer.lora_hook import LoraManager
 from lmstack.infer.model_runner import ModelRunner
@@ -76,7 +78,12 @@ class LLMEngine:
                  block_size: int = 16, num_blocks: int | None = None, enable_prefix_caching: bool = True,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
                  max_model_len: int | None = None, speculative: Any = None, lora_adapters: dict | None = None,
-                 tensor_parallel_size: int = 1):
+                 cuda_graphs: bool | None = None, attention_backend: str = "sdpa",
+                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1):
+        """cuda_graphs: replay pure decode steps as CUDA graphs per batch bucket (None: on for CUDA, off
+        elsewhere; True on a CPU runs the same static-buffer path uncaptured). attention_backend: the paged
+        decode attention, 'sdpa' or 'flex'. gpu_memory_utilization: on CUDA with num_blocks=None, the KV
+        pool fills this fraction of device memory left after weights and a profiling forward (kv_pool_sizing.py)."""
         for name, v, lo in (("max_num_seqs", max_num_seqs, 1), ("max_batched_tokens", max_batched_tokens, 1),
                             ("block_size", block_size, 1)):
             if not isinstance(v, int) or v < lo:
@@ -105,6 +112,10 @@ class LLMEngine:
             tp_reduce = shard_model(self.model, 0, tensor_parallel_size)
         cfg = self.model.config
         self.max_model_len = max_model_len or cfg.max_seq_len
+        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        measured = num_blocks is None and on_cuda
+        if measured:  # bounded by the device itself, so load_guard's host-memory check does not apply
+            num_blocks = profile_kv_blocks(self.model, block_size, max_batched_tokens, gpu_memory_utilization, dtype)
         if num_blocks is None:
             per_block = kv_bytes_per_token(cfg, torch.finfo(dtype).bits // 8) * block_size
             wanted = -(-max_num_seqs * self.max_model_len // block_size)
@@ -113,7 +124,8 @@ class LLMEngine:
             raise LmstackError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         # the pool holds one max_model_len sequence, so a config's max_position_embeddings alone could size
         # it without bound: refuse past --max_model_gib before allocating (issue 15)
-        check_kv_pool(cfg, num_blocks, block_size, dtype, self.max_model_len)
+        if not measured:
+            check_kv_pool(cfg, num_blocks, block_size, dtype, self.max_model_len)
         self.block_size, self.num_blocks = block_size, num_blocks
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.ctx = EngineContext(self.tokenizer, self.eos_ids, self.emit_vocab, self.max_model_len)
@@ -122,13 +134,17 @@ class LLMEngine:
         self.generation_defaults = load_generation_defaults(model if owned else None)
 
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, device, owns_model=owned)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, device, owns_model=owned,
+                                  attention_backend=attention_backend,
+                                  cuda_graphs=(on_cuda and graphable(cfg) is None) if cuda_graphs is None
+                                  else cuda_graphs,
+                                  max_num_seqs=max_num_seqs, max_model_len=self.max_model_len)
         if tensor_parallel_size != 1:  # the workers load the same directory and follow every step
             self.runner.graphs = None  # a replayed graph would skip the step hook that feeds the workers
             self.tp = self.runner.tp = TensorParallelGroup(
                 model, tensor_parallel_size, tp_reduce, num_blocks=num_blocks, block_size=block_size, dtype=dtype,
                 device=self.runner.device)
-        self.sampler = Sampler(seed, guided=self.ctx.guided_decoder)
+        self.sampler = Sampler(seed, guided=self.ctx.guided_decoder, device=self.runner.device)
         self.spec = None if speculative is None else SpeculativeDecoder(
             speculative, self.model, num_blocks, block_size, self.ctx, self.sampler)
         if self.spec is not None:

@@ -3,7 +3,9 @@
 Each processor is a function (logits, rows) -> logits that touches only the rows whose params ask
 for it, so a batch mixing greedy and sampled requests costs nothing extra for the plain ones. The
 penalties, temperature and the truncations are batched tensor ops on the logits' device (repetition and
-frequency/presence penalties gather and scatter through a padded (rows, max_len) token tensor); min_tokens, bad_words,
+frequency/presence penalties gather and scatter through a padded (rows, max_len) token tensor). On a GPU
+nothing here reads a value back: per-row parameters and row indices go up with non-blocking copies, and
+draw() leaves its tokens on the device for the caller's one read-back per step; min_tokens, bad_words,
 logit_bias and the grammar loop over the rows that use them, since each depends on that row's state. They
 run in PROCESSORS order: bans and biases first (they change what is possible), then penalties, then
 temperature and the truncations (top-k, top-p, min-p), which need the final distribution's shape.
@@ -50,6 +52,12 @@ class SamplingRow:
     """Bool (vocab,) mask from the guided decoder; None = everything allowed."""
 
 
+def _to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without a host sync (torch.tensor(..., device=cuda) waits for the copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 def _rows_where(rows: list[SamplingRow], pred: Callable[[SamplingParams], bool]) -> list[int]:
     return [i for i, r in enumerate(rows) if pred(r.params)]
 
@@ -94,12 +102,12 @@ def _padded_ids(id_lists: list[list[int]], device: torch.device, pad: int | None
     for i, ids in enumerate(id_lists):
         out[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         out[i, len(ids):] = ids[0] if pad is None else pad
-    return out.to(device)
+    return out if device.type == "cpu" else out.to(device, non_blocking=True)
 
 
 def _active_view(logits: torch.Tensor, active: list[int]) -> torch.Tensor:
     """The rows in `active`: the tensor itself when that is every row (no copy), else a copy."""
-    return logits if len(active) == logits.shape[0] else logits[active]
+    return logits if len(active) == logits.shape[0] else logits[_to(active, torch.long, logits.device)]
 
 
 def repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -111,12 +119,12 @@ def repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
         return logits
     dev = logits.device
     ids = _padded_ids([rows[i].prompt_ids + rows[i].output_ids for i in active], dev)
-    pen = torch.tensor([rows[i].params.repetition_penalty for i in active], dtype=logits.dtype, device=dev)[:, None]
+    pen = _to([rows[i].params.repetition_penalty for i in active], logits.dtype, dev)[:, None]
     x = _active_view(logits, active)
     seen = x.gather(1, ids)
     x.scatter_(1, ids, torch.where(seen > 0, seen / pen, seen * pen))  # duplicates write the same value
     if x is not logits:
-        logits[active] = x
+        logits.index_copy_(0, _to(active, torch.long, dev), x)
     return logits
 
 
@@ -132,29 +140,34 @@ def frequency_presence(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
     counts = torch.zeros((len(active), vocab + 1), dtype=logits.dtype, device=dev)
     counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=logits.dtype, device=dev))
     counts = counts[:, :vocab]
-    freq = torch.tensor([rows[i].params.frequency_penalty for i in active], dtype=logits.dtype, device=dev)[:, None]
-    pres = torch.tensor([rows[i].params.presence_penalty for i in active], dtype=logits.dtype, device=dev)[:, None]
-    logits[active] -= freq * counts + pres * (counts > 0).to(logits.dtype)
+    freq = _to([rows[i].params.frequency_penalty for i in active], logits.dtype, dev)[:, None]
+    pres = _to([rows[i].params.presence_penalty for i in active], logits.dtype, dev)[:, None]
+    x = _active_view(logits, active)
+    x -= freq * counts + pres * (counts > 0).to(logits.dtype)
+    if x is not logits:
+        logits.index_copy_(0, _to(active, torch.long, dev), x)
     return logits
 
 
 def guided(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     for i, r in enumerate(rows):
         if r.allowed is not None:
-            logits[i].masked_fill_(~r.allowed[: logits.shape[-1]], NEG_INF)
+            allowed = r.allowed[: logits.shape[-1]]
+            if allowed.device != logits.device:  # the grammar's masks are built on the CPU
+                allowed = allowed.to(logits.device, non_blocking=True)
+            logits[i].masked_fill_(~allowed, NEG_INF)
     return logits
 
 
 def temperature(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     temps = [r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows]
     if any(t != 1.0 for t in temps):
-        t = torch.tensor(temps, dtype=logits.dtype, device=logits.device)[:, None]
+        t = _to(temps, logits.dtype, logits.device)[:, None]
         scaled = logits / t
-        over = scaled.amax(dim=-1) == float("inf")
-        if bool(over.any()):  # x / T overflowed (huge logits, small T): (x - max) / T <= 0 cannot
-            sub = logits[over]
-            scaled[over] = (sub - sub.amax(dim=-1, keepdim=True)) / t[over]
-        logits = scaled
+        over = scaled.amax(dim=-1, keepdim=True) == float("inf")
+        # x / T overflowed (huge logits, small T): (x - max) / T <= 0 cannot. Selected with where, not an
+        # `if`, so no value is read back to the host
+        logits = torch.where(over, (logits - logits.amax(dim=-1, keepdim=True)) / t, scaled)
     return logits
 
 
@@ -163,12 +176,12 @@ def top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
               (r.params.top_k or r.params.top_p < 1.0 or r.params.min_p > 0.0)]
     if not active:
         return logits
-    sub = logits[active]
+    sub = _active_view(logits, active)
     vocab = sub.shape[-1]
     dev = sub.device
-    top_k = torch.tensor([min(rows[i].params.top_k or vocab, vocab) for i in active], device=dev)
-    top_p = torch.tensor([rows[i].params.top_p for i in active], dtype=sub.dtype, device=dev)[:, None]
-    min_p = torch.tensor([rows[i].params.min_p for i in active], dtype=sub.dtype, device=dev)[:, None]
+    top_k = _to([min(rows[i].params.top_k or vocab, vocab) for i in active], torch.long, dev)
+    top_p = _to([rows[i].params.top_p for i in active], sub.dtype, dev)[:, None]
+    min_p = _to([rows[i].params.min_p for i in active], sub.dtype, dev)[:, None]
     sorted_logits, order = sub.sort(dim=-1, descending=True)
     # top-k: everything ranked at or past k goes
     ranks = torch.arange(vocab, device=dev)[None, :]
@@ -181,7 +194,10 @@ def top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
     drop |= probs < min_p * probs[:, :1]
     drop[:, 0] = False  # the top token always survives
     sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
-    logits[active] = torch.full_like(sub, NEG_INF).scatter(-1, order, sorted_logits)
+    kept = torch.full_like(sub, NEG_INF).scatter(-1, order, sorted_logits)
+    if sub is logits:
+        return kept
+    logits.index_copy_(0, _to(active, torch.long, dev), kept)
     return logits
 
 
@@ -241,9 +257,14 @@ class NoTokenAllowed(LmstackError):
     """Every token of a row is banned (bad_words, min_tokens, logit_bias, a grammar): nothing to sample."""
 
 
-def check_rows(logits: torch.Tensor) -> None:
+def dead_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Bool (rows,): rows whose every logit is -inf."""
+    return ~torch.isfinite(logits).any(dim=-1)
+
+
+def check_rows(logits: torch.Tensor, dead: torch.Tensor | None = None) -> None:
     """Raise NoTokenAllowed naming the first row whose every logit is -inf."""
-    dead = ~torch.isfinite(logits).any(dim=-1)
+    dead = dead_rows(logits) if dead is None else dead
     if bool(dead.any()):
         raise NoTokenAllowed(f"row {int(dead.nonzero()[0])}: every token is banned by this request's "
                              "bad_words / logit_bias / min_tokens / grammar, so none can be sampled")
@@ -258,18 +279,30 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
     rows draw together from the default generator by inverting their CDFs at one uniform each (one
     searchsorted for the batch, several times cheaper than torch.multinomial on a CPU)."""
     check_rows(logits)
-    out = logits.argmax(dim=-1).tolist()
+    return draw(logits, rows, default_generator).tolist()
+
+
+def draw(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None
+         ) -> torch.Tensor:
+    """sample() without the checks or the read-back: a (rows,) long tensor on the logits' device, built
+    without reading any value back, so a GPU step pays one host transfer, made by the caller (sampler.py).
+    Rows must be checked first (check_rows), or their dead_rows read back with the tokens: a dead row
+    draws an arbitrary token here instead of raising."""
+    out = logits.argmax(dim=-1)
+    dev = out.device
     shared = []
     for i, r in enumerate(rows):
         if r.params.greedy:
             continue
         if r.generator is not None:
-            out[i] = int(_multinomial(logits[i].softmax(dim=-1), r.generator))
+            out[i] = _multinomial(logits[i].softmax(dim=-1), r.generator)[0].to(dev, non_blocking=True)
         else:
             shared.append(i)
     if shared:
-        for i, tok in zip(shared, _inverse_cdf(logits[shared].softmax(dim=-1), default_generator).tolist()):
-            out[i] = tok
+        drawn = _inverse_cdf(_active_view(logits, shared).softmax(dim=-1), default_generator).to(dev)
+        if len(shared) == len(rows):
+            return drawn
+        out.index_copy_(0, _to(shared, torch.long, dev), drawn)
     return out
 
 
@@ -290,6 +323,8 @@ def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torc
     same tokens whatever device the logits are on."""
     if generator is not None and generator.device != probs.device:
         probs = probs.cpu()
+    if probs.device.type != "cpu":  # a dead row (NaN after softmax) must not trip the GPU kernel's assert
+        probs = probs.nan_to_num(nan=1.0)
     return torch.multinomial(probs, 1, generator=generator)
 
 

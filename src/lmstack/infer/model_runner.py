@@ -11,7 +11,7 @@ the engine samples.
 The K/V live in a paged pool, PagedKVCache (paged_attention.py), the cache object the model's attention
 layers see; the runner builds its per-step metadata (StepMeta) once per step.
 Logits are computed only for the flat rows the caller asks for (the last position, or every position for
-prompt logprobs and speculative verification), in fp32 on the CPU, where sampling runs.
+prompt logprobs and speculative verification), in fp32 on the model's device, where the sampler draws.
 
 Usage:
     runner = ModelRunner(model, num_blocks=256, block_size=16)
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from lmstack.errors import LmstackError
+from lmstack.infer.cuda_graphs import DecodeGraphs
 from lmstack.infer.paged_attention import PagedKVCache, PrefillChunk, ShortChunks, StepMeta
 from lmstack.infer.sequence import Sequence
 from lmstack.infer.step_plan import StepPlan
@@ -40,14 +41,16 @@ windows) are batched into one padded attention per layer; longer prompt chunks r
 class ModelRunner:
     """Owns the model and its paged K/V pool. `run(batch, logit_rows)` runs one step of the scheduled
     sequences (each: the sequence with its block table, the token ids to run, their first position) and
-    returns fp32 CPU logits for the flat rows asked for. Blocks are allocated by the block manager, not here."""
+    returns fp32 logits on the model's device for the flat rows asked for. Blocks are allocated by the block
+    manager, not here."""
 
     tp = None
     """Tensor-parallel serving (tp_group.py / tp_worker.py): tp.step_inputs(runner, plan) gives the step's
     inputs in place of build(plan); on rank 0 it also sends them to the workers, so every rank runs this forward."""
 
     def __init__(self, model, num_blocks: int, block_size: int, device: str | torch.device = "cpu",
-                 owns_model: bool = False):
+                 owns_model: bool = False, attention_backend: str = "sdpa", cuda_graphs: bool = False,
+                 max_num_seqs: int = 16, max_model_len: int | None = None):
         if owns_model and projections_fusable(model):
             model.fuse_projections()  # nobody else holds this model, so its layout may change in place
         cfg = model.config
@@ -57,13 +60,18 @@ class ModelRunner:
             raise LmstackError(f"attention={cfg.attention!r} has no KV cache; the engine needs softmax attention")
         p = next(model.parameters())
         self.model, self.device = model, p.device
-        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=p.dtype, device=p.device)
+        # decode graphs pad their batches into one scratch block past the engine's (cuda_graphs.py)
+        self.cache = PagedKVCache(cfg, num_blocks + (1 if cuda_graphs else 0), block_size, dtype=p.dtype,
+                                  device=p.device, attention_backend=attention_backend)
         self.cache.alibi = model.alibi_slopes if cfg.position == "alibi" else None
         self.block_size = block_size
         self.max_len = cfg.max_seq_len if cfg.position in ("learned", "sinusoidal") else None
         self.lora_context = None  # set by the engine when adapters are in use (lora_hook.py)
         self.hidden_hook = None  # hook(plan, hidden (rows, d)): speculative draft heads read features (speculative.py)
         self.matmul_size = cfg.d_model * max(cfg.d_ff, cfg.moe_d_ff if cfg.n_experts else 0)
+        # pure decode steps replay a CUDA graph per batch bucket (on a CPU: the same static path, uncaptured)
+        self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len or cfg.max_seq_len,
+                                   "cuda" if self.device.type == "cuda" else "eager") if cuda_graphs else None
         # fp32 CPU decode runs the skinny GEMM (model/linear.py); asking now builds it on a machine's first
         # engine (~1 min, then cached), so the build never lands inside a request
         self.kernels = self.device.type == "cpu" and p.dtype == torch.float32 and kernels_available()
@@ -106,11 +114,13 @@ class ModelRunner:
     def _short_meta(self, short) -> ShortChunks:
         tq = max(n for _, _, n, _ in short)
         length = max(start + n for _, _, n, start in short)
-        rows, valid, q_pos, key_slots = [], [], [], []
-        for seq, row, n, start in short:
+        rows, valid, q_pos, key_slots, valid_index, out_rows = [], [], [], [], [], []
+        for b, (seq, row, n, start) in enumerate(short):
             pad = tq - n
             rows.append(list(range(row, row + n)) + [row + n - 1] * pad)
             valid.append([True] * n + [False] * pad)
+            valid_index.extend(range(b * tq, b * tq + n))
+            out_rows.extend(range(row, row + n))
             q_pos.append(list(range(start, start + n)) + [start + n - 1] * pad)
             ctx = start + n
             key_slots.append(self._slots(seq, 0, ctx) + [0] * (length - ctx))  # padding keys are masked
@@ -118,9 +128,9 @@ class ModelRunner:
         if len(short) == 1 and self._contiguous(short[0][0], length):
             contig = (short[0][0].block_table[0] * self.block_size, length)
         dev = self.device
-        rows_t, valid_t = torch.tensor(rows, device=dev), torch.tensor(valid, device=dev)
-        return ShortChunks(rows_t, valid_t, torch.tensor(q_pos, device=dev), torch.tensor(key_slots, device=dev), contig,
-                      rows_t[valid_t])
+        return ShortChunks(torch.tensor(rows, device=dev), torch.tensor(valid, device=dev),
+                           torch.tensor(q_pos, device=dev), torch.tensor(key_slots, device=dev), contig,
+                           torch.tensor(out_rows, device=dev), torch.tensor(valid_index, device=dev))
 
     def run(self, plan: StepPlan | list[tuple[Sequence, list[int], int]], logit_rows: list[int] | None = None
             ) -> torch.Tensor:
@@ -136,6 +146,10 @@ class ModelRunner:
     @torch.inference_mode()
     def _run(self, plan: StepPlan) -> torch.Tensor:
         logit_rows = plan.logit_rows
+        if self.graphs is not None and self.hidden_hook is None:
+            logits = self.graphs.run(plan)  # None unless a pure decode step
+            if logits is not None:
+                return logits
         ids, meta = self.build(plan) if self.tp is None else self.tp.step_inputs(self, plan)
         self.cache.meta = meta
         with decode_kernels(self.kernels):
@@ -146,6 +160,6 @@ class ModelRunner:
             if self.hidden_hook is not None:
                 self.hidden_hook(plan, hidden[0])
             if not logit_rows:
-                return torch.zeros((0, self.model.config.vocab_size))
+                return torch.zeros((0, self.model.config.vocab_size), device=self.device)
             rows = hidden[0, logit_rows] if len(logit_rows) != hidden.shape[1] else hidden[0]
-            return self.model.head(rows).float().cpu()  # sampling runs on the CPU
+            return self.model.head(rows).float()  # on the model's device: the sampler draws there (sampler.py)

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmstack.errors import LmstackError
+from lmstack.infer.flex_paged import flex_short
 from lmstack.model.attention_cache import AttentionCache
 from lmstack.model.masks import AttentionMask
 
@@ -49,7 +51,8 @@ class ShortChunks:
     q_pos: torch.Tensor  # (B, Tq) positions of the queries
     key_slots: torch.Tensor  # (B, L) slots of positions 0..L-1 (padding points at slot 0)
     contig: tuple[int, int] | None  # (first slot, L) when B == 1 and its blocks are contiguous
-    out_rows: torch.Tensor  # (R,) = rows[valid]
+    out_rows: torch.Tensor  # (R,) flat rows of the real queries = rows.flatten()[valid_index]
+    valid_index: torch.Tensor  # (R,) indices of the real queries in the flattened (B * Tq) grid
     masks: dict = field(default_factory=dict, repr=False)  # window -> SDPA mask, built by the first layer
 
 
@@ -59,6 +62,8 @@ class StepMeta:
     slots: torch.Tensor  # (N,) where each new token's K/V goes
     short: ShortChunks | None
     prefills: list[PrefillChunk]
+    static: bool = False
+    """Every shape and branch depends on sizes only, never on values (a CUDA graph replays it: cuda_graphs.py)."""
 
 
 class PagedKVCache(AttentionCache):
@@ -67,8 +72,11 @@ class PagedKVCache(AttentionCache):
     rotated_keys = True  # keys are stored after RoPE, so decoding never re-rotates them
 
     def __init__(self, cfg, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", attention_backend: str = "sdpa"):
+        if attention_backend not in ("sdpa", "flex"):
+            raise LmstackError(f"attention_backend must be 'sdpa' or 'flex', got {attention_backend!r}")
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
+        self.attention_backend = attention_backend  # the short chunks' kernel (flex_paged.py for 'flex')
         shape = (cfg.n_layers, cfg.n_kv_heads, num_blocks * block_size, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -97,7 +105,7 @@ class PagedKVCache(AttentionCache):
         """q (1, H, N, D), k/v (1, Hkv, N, D) for the flat batch -> attention output (1, H, N, D)."""
         m = self.meta
         kc, vc = self.k[layer], self.v[layer]
-        if m.slots.shape[0] == 1:  # one new token (a batch-1 decode step): a plain copy, not a scatter
+        if m.slots.shape[0] == 1 and not m.static:  # one new token (batch-1 decode): a copy, not a scatter
             if self._slot_of is not m:  # read its slot once per step, not once per layer
                 self._slot_of, self._slot = m, int(m.slots[0])
             kc[:, self._slot] = k[0, :, 0]
@@ -157,12 +165,16 @@ class PagedKVCache(AttentionCache):
         else:
             qs = q[0][:, sh.rows]  # (H, B, Tq, D)
             qs = qs.permute(1, 0, 2, 3).reshape(b, hkv, group * tq, d)
-        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=self._short_mask(sh, length, group, window),
-                                           scale=scale)
+        if self.attention_backend == "flex":  # the mask as a rule over indices, not a tensor
+            o = flex_short(qs, keys, values, sh.q_pos, window, scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, keys, values,
+                                               attn_mask=self._short_mask(sh, length, group, window), scale=scale)
         if whole:
             return o.view(1, h, tq, d)
-        o = o.view(b, h, tq, d).permute(1, 0, 2, 3)  # (H, B, Tq, D)
-        return o[:, sh.valid]
+        o = o.view(b, h, tq, d).permute(1, 0, 2, 3).reshape(h, b * tq, d)  # (H, B * Tq, D)
+        # index arithmetic, not a boolean mask: the output's shape follows from sizes alone (graph-safe)
+        return o if sh.valid_index.shape[0] == b * tq else o.index_select(1, sh.valid_index)
 
     @staticmethod
     def _short_mask(sh: ShortChunks, length: int, group: int, window: int) -> torch.Tensor | None:

@@ -118,7 +118,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_table", emb.sin() * self.attention_scale, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+        # a CUDA graph being captured cannot read values back: its capturer grows the table first (cuda_graphs.py)
+        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+        needed = int(positions.max()) + 1 if positions.numel() and not capturing else 0
         if needed > self.cos_table.shape[0]:
             self._build(_grown_length(needed, self.cos_table.shape[0], self.max_len))
         return self.cos_table[positions], self.sin_table[positions]

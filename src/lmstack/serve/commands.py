@@ -6,6 +6,7 @@ Usage:
     lmstack serve --model runs/model --compression.model runs/small   # requests may send "prompt_compression"
     LMSTACK_API_KEY=sk-local lmstack serve --model runs/model    # keeps the key out of `ps`
     lmstack serve --model Qwen2.5-dir --tool_call_parser hermes   # requests may send tools (default: auto)
+    lmstack serve --model runs/model --tensor-parallel-size 2     # the model sharded over 2 processes
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
 
@@ -23,6 +24,8 @@ import torch
 import lmstack
 from lmstack.errors import LmstackError
 from lmstack.infer import AsyncLLMEngine
+from lmstack.infer.tp_group import torchrun_rank
+from lmstack.infer.tp_worker import run_worker
 from lmstack.model.load_guard import set_max_model_gib
 from lmstack.runtime.device import pick_device
 from lmstack.serve.app import create_app
@@ -86,7 +89,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_request_bytes: int = 1 << 20, max_n: int = 16, adapters: list[str] | None = None,
           device: str = "auto", dtype: str = "auto", threads: int = 0, seed: int = 0,
           log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float | None = None,
-          compression: CompressionConfig = CompressionConfig(), tool_call_parser: str = "auto") -> None:
+          compression: CompressionConfig = CompressionConfig(), tool_call_parser: str = "auto",
+          tensor_parallel_size: int = 1) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -121,10 +125,16 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             "prompt_compression": {"rate": 0.5}; --compression.rate 0.5 compresses every request. Off by default.
         tool_call_parser: How replies to requests with `tools` become tool_calls: auto (picked from the chat
             template: <tool_call> -> hermes, <|python_tag|> -> llama3_json), hermes, llama3_json or none.
+        tensor_parallel_size: Shard the model over this many processes (torch.distributed: gloo on CPU, NCCL on
+            CUDA); each keeps 1/N of the heads, MLP and KV cache. On one machine the server starts N-1 workers
+            itself; under torchrun with WORLD_SIZE=N, rank 0 serves HTTP and the other ranks run the worker loop.
     """
     # lazy: heavy (uvicorn), which this module does not import at its top
     import uvicorn
 
+    if tensor_parallel_size != 1 and torchrun_rank(tensor_parallel_size) not in (None, 0):
+        run_worker(tensor_parallel_size)  # ranks > 0 under torchrun: a shard of rank 0's engine, no HTTP
+        return
     set_max_model_gib(max_model_gib)
     set_threads(threads)
     dev, torch_dtype = pick_device(device, dtype)
@@ -136,7 +146,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     app, aengine = build_app(model, config, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                              max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,
-                             seed=seed, adapter_paths=parse_adapters(adapters))
+                             seed=seed, adapter_paths=parse_adapters(adapters),
+                             tensor_parallel_size=tensor_parallel_size)
     stats = aengine.stats()
     print(f"lmstack serve: {config.model_name} on http://{host}:{port} ({dev}, {str(torch_dtype)[6:]}, "
           f"{torch.get_num_threads()} threads, "

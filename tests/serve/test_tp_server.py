@@ -1,10 +1,14 @@
 """A server with tensor_parallel_size=2 (two gloo processes on the CPU) answers what the single-process server
 answers; when its worker is killed, /health turns 503, the request in flight ends with an error and new requests
-get 503, each within seconds; stopping it leaves no process behind."""
+get 503, each within seconds; stopping it leaves no process behind. The torchrun form (rank 0 serves HTTP, rank 1
+runs the worker loop) answers the same."""
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +18,7 @@ import lmstack
 from lmstack.model.presets import preset
 from lmstack.tokenizer import train_tokenizer
 
-from serve_helpers import make_text, start_server
+from serve_helpers import free_port, make_text, start_server
 
 BODY = {"prompt": "the cat sat on the mat and", "max_tokens": 16, "temperature": 0.0}
 
@@ -34,12 +38,16 @@ def _complete(server, body, timeout=30.0):
     return httpx.post(f"{server.url}/v1/completions", json=body, timeout=timeout)
 
 
-def test_tp_server_answers_like_one_process_and_fails_cleanly_when_a_worker_dies(gqa_dir):
+def _reference_text(gqa_dir):
     one = start_server(gqa_dir)
     try:
-        want = _complete(one, BODY).json()["choices"][0]["text"]
+        return _complete(one, BODY).json()["choices"][0]["text"]
     finally:
         one.stop()
+
+
+def test_tp_server_answers_like_one_process_and_fails_cleanly_when_a_worker_dies(gqa_dir):
+    want = _reference_text(gqa_dir)
     srv = start_server(gqa_dir, engine={"tensor_parallel_size": 2})
     engine = srv.aengine.engine
     try:
@@ -76,3 +84,34 @@ def test_tp_server_answers_like_one_process_and_fails_cleanly_when_a_worker_dies
         srv.stop()
         engine.close()
     assert all(p.poll() is not None for p in engine.tp.procs)
+
+
+def test_torchrun_form_serves_from_rank_0(gqa_dir):
+    want = _reference_text(gqa_dir)
+    port = free_port()
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "lmstack.cli", "serve",
+                             "--model", str(gqa_dir), "--tensor-parallel-size", "2", "--port", str(port),
+                             "--log_level", "warning"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "torchrun exited before serving"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the torchrun server did not come up within 120 s"
+            time.sleep(0.5)
+        r = httpx.post(f"{url}/v1/completions", json=BODY, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both ranks: the session this test started
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -137,6 +137,8 @@ class TensorParallelGroup:
             self._finalizer()
             raise
         reduce.group, reduce.on_error = self.group, self._collective_failed
+        self.reduce = reduce
+        self.send_seconds = 0.0  # time spent sending step messages (the all-reduces count in reduce.seconds)
         torch.set_num_threads(threads)
         self._closed = threading.Event()
         if self.procs:
@@ -200,12 +202,14 @@ class TensorParallelGroup:
     # ---- steps
     def _send(self, command: int, payload: torch.Tensor) -> None:
         self.check()
+        start = time.perf_counter()
         try:
             self.cpu_group.broadcast(torch.tensor([command, payload.numel()]), 0).wait()
             if payload.numel():
                 self.cpu_group.broadcast(payload, 0).wait()
         except RuntimeError as e:
             raise self._collective_failed(e) from e
+        self.send_seconds += time.perf_counter() - start
 
     def step_inputs(self, runner, plan) -> tuple[torch.Tensor, object]:
         """ModelRunner's hook: build the step's inputs and send them, so every rank runs this forward."""

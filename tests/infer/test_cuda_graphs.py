@@ -106,3 +106,25 @@ def test_default_off_on_cpu_and_refused_where_values_decide_shapes():
         LLMEngine(learned, block_size=4, num_blocks=16, cuda_graphs=True)
     with pytest.raises(LmstackError, match="mode must be 'cuda' or 'eager'"):
         DecodeGraphs(LLMEngine(tiny_model(300), block_size=4, num_blocks=16).runner, 4, 64, mode="lazy")
+
+
+def test_compile_decode_rides_on_the_static_path():
+    with pytest.raises(LmstackError, match="compile_decode compiles the static decode step of cuda_graphs"):
+        LLMEngine(tiny_model(300), block_size=4, num_blocks=16, cuda_graphs=False, compile_decode=True)
+    g = LLMEngine(tiny_model(300), block_size=4, num_blocks=16, compile_decode=True).runner.graphs
+    assert g is not None and g.compiled and g.mode == "eager"  # on a CPU: the uncaptured static path, compiled
+    assert LLMEngine(tiny_model(300), block_size=4, num_blocks=16, cuda_graphs=True).runner.graphs.compiled is False
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_gives_the_eager_tokens():
+    model = tiny_model(300)
+    prompts = random_prompts(3, 3, 12, 300, seed=9)
+    outs = []
+    for kw in ({}, {"compile_decode": True}):
+        eng = LLMEngine(model, max_num_seqs=4, block_size=4, num_blocks=40, max_model_len=32, **kw)
+        for i, p in enumerate(prompts):
+            eng.add_request(f"r{i}", p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        outs.append({o.request_id: o.outputs[0].token_ids for o in eng.run_to_completion()})
+    assert eng.runner.graphs.replays > 0
+    assert outs[0] == outs[1]

@@ -20,6 +20,8 @@ branch (RoPE or no positions, no ALiBi, no softcap, no mixture of experts). Othe
 mode='cuda' captures with torch.cuda.graph (lazily at a bucket's first use, or all at once with
 capture_all()); mode='eager' runs the identical static-buffer path without capture, which is how the CPU
 tests prove that a padded, bucketed step equals the unpadded one (tests/infer/test_cuda_graphs.py).
+compile=True (the engine's compile_decode) runs the static step through torch.compile, one specialisation
+per bucket, inside the graph on CUDA; benchmarks/decode_compile_cpu.py measures what it buys on a CPU.
 
 Usage (the runner does this when the engine has cuda_graphs on):
     graphs = DecodeGraphs(runner, max_num_seqs=64, max_model_len=2048, mode="cuda")
@@ -74,7 +76,7 @@ class _Entry:
 
 
 class DecodeGraphs:
-    def __init__(self, runner, max_num_seqs: int, max_model_len: int, mode: str = "cuda"):
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int, mode: str = "cuda", compile: bool = False):
         if mode not in ("cuda", "eager"):
             raise LmstackError(f"DecodeGraphs mode must be 'cuda' or 'eager', got {mode!r}")
         why = graphable(runner.model.config)
@@ -91,9 +93,16 @@ class DecodeGraphs:
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.pool = None  # one memory pool shared by every graph (they never run at once)
         self.replays = 0
-        rope = runner.model.rope
-        if rope is not None:  # grow RoPE's table now: inside a graph it cannot grow (positions.py)
-            rope(torch.tensor([self.max_blocks * self.block_size - 1], device=runner.device))
+        # compile: torch.compile the static step, one specialisation per bucket (shapes never change within
+        # one); dynamo's per-function recompile limit is raised to the bucket count so none falls back to eager
+        self._fn, self.compiled = self._step, compile
+        if compile:
+            limit = len(self.batch_buckets) * len(self.block_buckets)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            self._fn = torch.compile(self._step, dynamic=False)
+        self.rope = runner.model.rope
+        if self.rope is not None:  # grow RoPE's table now: inside a graph it cannot grow (positions.py)
+            self.rope(torch.tensor([self.max_blocks * self.block_size - 1], device=runner.device))
 
     # ---- which steps, which bucket
     def bucket(self, n_seqs: int, ctx_len: int) -> tuple[int, int]:
@@ -146,25 +155,36 @@ class DecodeGraphs:
         tables += [scratch] * (pad * nb)
         e.host.copy_(torch.tensor(ids + pos + slots + tables, dtype=torch.long))
 
-    def _meta(self, e: _Entry) -> StepMeta:
-        dev, b, bs = self.runner.device, e.batch, self.block_size
-        offsets = torch.arange(bs, device=dev)
-        key_slots = (e.tables[:, :, None] * bs + offsets).view(b, e.blocks * bs)  # computed from the table
-        rows = torch.arange(b, device=dev)
-        short = ShortChunks(rows[:, None], torch.ones((b, 1), dtype=torch.bool, device=dev), e.positions[:, None],
-                            key_slots, None, rows, rows)
-        return StepMeta(e.positions, e.slots, short, [], static=True)
+    def _meta(self, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor) -> StepMeta:
+        b, blocks = tables.shape
+        bs = self.block_size
+        offsets = torch.arange(bs, device=tables.device)
+        key_slots = (tables[:, :, None] * bs + offsets).view(b, blocks * bs)  # computed from the table
+        rows = torch.arange(b, device=tables.device)
+        short = ShortChunks(rows[:, None], torch.ones((b, 1), dtype=torch.bool, device=tables.device),
+                            positions[:, None], key_slots, None, rows, rows)
+        return StepMeta(positions, slots, short, [], static=True)
 
     # ---- the forward
-    def _forward(self, e: _Entry) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor
+              ) -> torch.Tensor:
+        """One static decode step: inputs -> logits (batch, vocab). What a graph records (and compile traces)."""
         runner = self.runner
-        meta = self._meta(e)  # its slot arithmetic and masks are recorded into the graph too
-        runner.cache.meta = meta
+        runner.cache.meta = self._meta(positions, slots, tables)  # its slot arithmetic and masks run in the graph
         try:
-            hidden = runner.model(e.ids, cache=runner.cache, return_hidden=True)
+            hidden = runner.model(ids, cache=runner.cache, return_hidden=True)
         finally:
             runner.cache.meta = None
         return runner.model.head(hidden[0]).float()
+
+    def _forward(self, e: _Entry) -> torch.Tensor:
+        if self.rope is None:
+            return self._fn(e.ids, e.positions, e.slots, e.tables)
+        self.rope.static = True  # its table covers max_model_len (grown above): no bound check reads back
+        try:
+            return self._fn(e.ids, e.positions, e.slots, e.tables)
+        finally:
+            self.rope.static = False
 
     def _capture(self, e: _Entry) -> None:
         stream = torch.cuda.Stream(device=self.runner.device)

@@ -79,11 +79,13 @@ class LLMEngine:
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
                  max_model_len: int | None = None, speculative: Any = None, lora_adapters: dict | None = None,
                  cuda_graphs: bool | None = None, attention_backend: str = "sdpa",
-                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1):
+                 gpu_memory_utilization: float = 0.9, compile_decode: bool = False, tensor_parallel_size: int = 1):
         """cuda_graphs: replay pure decode steps as CUDA graphs per batch bucket (None: on for CUDA, off
         elsewhere; True on a CPU runs the same static-buffer path uncaptured). attention_backend: the paged
         decode attention, 'sdpa' or 'flex'. gpu_memory_utilization: on CUDA with num_blocks=None, the KV
-        pool fills this fraction of device memory left after weights and a profiling forward (kv_pool_sizing.py)."""
+        pool fills this fraction of device memory left after weights and a profiling forward (kv_pool_sizing.py).
+        compile_decode: torch.compile the static decode step of cuda_graphs (switches that path on; off by
+        default: benchmarks/decode_compile_cpu.py has what it buys)."""
         for name, v, lo in (("max_num_seqs", max_num_seqs, 1), ("max_batched_tokens", max_batched_tokens, 1),
                             ("block_size", block_size, 1)):
             if not isinstance(v, int) or v < lo:
@@ -134,11 +136,16 @@ class LLMEngine:
         self.generation_defaults = load_generation_defaults(model if owned else None)
 
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        graphs = (on_cuda and graphable(cfg) is None) if cuda_graphs is None else cuda_graphs
+        if compile_decode and not graphs:
+            if cuda_graphs is False:
+                raise LmstackError("compile_decode compiles the static decode step of cuda_graphs; "
+                                   "leave cuda_graphs on (or unset) to use it")
+            graphs = True
         self.runner = ModelRunner(self.model, num_blocks, block_size, device, owns_model=owned,
-                                  attention_backend=attention_backend,
-                                  cuda_graphs=(on_cuda and graphable(cfg) is None) if cuda_graphs is None
-                                  else cuda_graphs,
-                                  max_num_seqs=max_num_seqs, max_model_len=self.max_model_len)
+                                  attention_backend=attention_backend, cuda_graphs=graphs,
+                                  max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
+                                  compile_decode=compile_decode)
         if tensor_parallel_size != 1:  # the workers load the same directory and follow every step
             self.runner.graphs = None  # a replayed graph would skip the step hook that feeds the workers
             self.tp = self.runner.tp = TensorParallelGroup(

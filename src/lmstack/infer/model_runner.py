@@ -50,7 +50,7 @@ class ModelRunner:
 
     def __init__(self, model, num_blocks: int, block_size: int, device: str | torch.device = "cpu",
                  owns_model: bool = False, attention_backend: str = "sdpa", cuda_graphs: bool = False,
-                 max_num_seqs: int = 16, max_model_len: int | None = None):
+                 max_num_seqs: int = 16, max_model_len: int | None = None, compile_decode: bool = False):
         if owns_model and projections_fusable(model):
             model.fuse_projections()  # nobody else holds this model, so its layout may change in place
         cfg = model.config
@@ -71,7 +71,8 @@ class ModelRunner:
         self.matmul_size = cfg.d_model * max(cfg.d_ff, cfg.moe_d_ff if cfg.n_experts else 0)
         # pure decode steps replay a CUDA graph per batch bucket (on a CPU: the same static path, uncaptured)
         self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len or cfg.max_seq_len,
-                                   "cuda" if self.device.type == "cuda" else "eager") if cuda_graphs else None
+                                   "cuda" if self.device.type == "cuda" else "eager",
+                                   compile=compile_decode) if cuda_graphs else None
         # fp32 CPU decode runs the skinny GEMM (model/linear.py); asking now builds it on a machine's first
         # engine (~1 min, then cached), so the build never lands inside a request
         self.kernels = self.device.type == "cpu" and p.dtype == torch.float32 and kernels_available()
@@ -147,7 +148,9 @@ class ModelRunner:
     def _run(self, plan: StepPlan) -> torch.Tensor:
         logit_rows = plan.logit_rows
         if self.graphs is not None and self.hidden_hook is None:
-            logits = self.graphs.run(plan)  # None unless a pure decode step
+            # the skinny GEMM is a C++ call torch.compile cannot trace: a compiled step runs without it
+            with decode_kernels(self.kernels and not self.graphs.compiled):
+                logits = self.graphs.run(plan)  # None unless a pure decode step
             if logits is not None:
                 return logits
         ids, meta = self.build(plan) if self.tp is None else self.tp.step_inputs(self, plan)

@@ -117,10 +117,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_table", emb.cos() * self.attention_scale, persistent=False)
         self.register_buffer("sin_table", emb.sin() * self.attention_scale, persistent=False)
 
+    static = False
+    """Set by a caller that grew the table past every position it will pass (the engine's decode graphs,
+    infer/cuda_graphs.py): the lookup then reads no value back, so a CUDA graph can record it and
+    torch.compile can trace it whole."""
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # a CUDA graph being captured cannot read values back: its capturer grows the table first (cuda_graphs.py)
-        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
-        needed = int(positions.max()) + 1 if positions.numel() and not capturing else 0
+        needed = int(positions.max()) + 1 if positions.numel() and not self.static else 0
         if needed > self.cos_table.shape[0]:
             self._build(_grown_length(needed, self.cos_table.shape[0], self.max_len))
         return self.cos_table[positions], self.sin_table[positions]

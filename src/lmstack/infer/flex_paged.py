@@ -19,20 +19,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-_compiled = {}  # device type -> compiled flex_attention (compiled once per process, on first CUDA use)
-
-
-def _flex_for(device: torch.device):
-    if device.type != "cuda":
-        return flex_attention
-    if "cuda" not in _compiled:
-        _compiled["cuda"] = torch.compile(flex_attention, dynamic=False)
-    return _compiled["cuda"]
-
-
-def flex_short(qs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor, window: int,
-               scale: float) -> torch.Tensor:
-    """Folded queries (B, Hkv, G*Tq, D) over gathered keys (B, Hkv, L, D) -> (B, Hkv, G*Tq, D)."""
+def _flex_short(qs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor, window: int,
+                scale: float) -> torch.Tensor:
     tq = q_pos.shape[1]
 
     def visible(score, b, h, q, kv):
@@ -42,4 +30,19 @@ def flex_short(qs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos
             ok = ok & (kv > qp - window)
         return torch.where(ok, score, float("-inf"))
 
-    return _flex_for(qs.device)(qs, keys, values, score_mod=visible, scale=scale)
+    return flex_attention(qs, keys, values, score_mod=visible, scale=scale)
+
+
+# compiled whole (the score_mod is made inside the traced function, so a new closure per call is no new
+# guard); built on first CUDA use, one per process
+_compiled: dict[str, object] = {}
+
+
+def flex_short(qs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor, window: int,
+               scale: float) -> torch.Tensor:
+    """Folded queries (B, Hkv, G*Tq, D) over gathered keys (B, Hkv, L, D) -> (B, Hkv, G*Tq, D)."""
+    if qs.device.type != "cuda":
+        return _flex_short(qs, keys, values, q_pos, window, scale)
+    if "cuda" not in _compiled:
+        _compiled["cuda"] = torch.compile(_flex_short)
+    return _compiled["cuda"](qs, keys, values, q_pos, window, scale)

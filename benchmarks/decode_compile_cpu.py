@@ -85,7 +85,8 @@ def main() -> None:
         conf = dict(batch=batch, params_M=params_m, d_model=args.d_model, layers=args.layers,
                     new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats,
                     threads=torch.get_num_threads(), machine="2 cores, shared", torch=torch.__version__,
-                    warmup_s=warm, same_greedy_tokens=same, tokens_per_s_median={k: round(v, 1) for k, v in med.items()},
+                    warmup_s=warm, same_greedy_tokens=same,
+                    tokens_per_s_median={k: round(v, 1) for k, v in med.items()},
                     weights="random (speed only)")
         for name, label in (("static", "static decode path, uncaptured"), ("static_compiled",
                             "static decode path + torch.compile"), ("flex", "flex_attention backend (eager)")):

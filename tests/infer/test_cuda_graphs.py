@@ -63,7 +63,8 @@ def test_padded_bucketed_decode_equals_unpadded():
         assert torch.equal(a.argmax(-1), b.argmax(-1))
     # padding rows wrote the scratch block and nothing else: the real blocks hold the same K/V in both pools
     bs, n = padded.block_size, padded.num_blocks
-    for pool_a, pool_b in ((plain.runner.cache.k, padded.runner.cache.k), (plain.runner.cache.v, padded.runner.cache.v)):
+    a, b = plain.runner.cache, padded.runner.cache
+    for pool_a, pool_b in ((a.k, b.k), (a.v, b.v)):
         torch.testing.assert_close(pool_a, pool_b[:, :, :n * bs], rtol=1e-4, atol=1e-5)
         assert pool_b[:, :, n * bs:].abs().sum() > 0  # padding rows really ran
 

@@ -1,7 +1,7 @@
 """Tensor-parallel serving (infer/tp_*.py): two gloo processes on the CPU give the single-process engine's greedy
-outputs (batched, prompts longer than a block, preemption, beam search's copy-on-write block copies); the step
-message survives the wire; shapes that do not split are refused naming the field; a killed worker fails the
-engine at once and for good."""
+outputs (batched, prompts longer than a block, preemption, beam search's copy-on-write block copies, speculative
+verification windows); the step message survives the wire; shapes that do not split are refused naming the
+field; a killed worker fails the engine at once and for good."""
 import dataclasses
 import os
 import signal
@@ -63,6 +63,19 @@ def test_two_ranks_equal_one_process_greedy_preempted_and_beams(gqa_dir):
     finally:
         tp.engine.close()
     assert all(p.poll() is not None for p in tp.engine.tp.procs)
+
+
+def test_two_ranks_verify_speculative_windows_like_one_process(gqa_dir):
+    # n-gram guesses make multi-token verification windows: padded short chunks with a validity mask on the wire
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10, 11, 9], [12, 13, 14, 12, 13]]
+    spec = {"method": "ngram", "num_tokens": 4}
+    want = _outputs(LLM(str(gqa_dir), block_size=4, speculative=spec), prompts, GREEDY)
+    tp = LLM(str(gqa_dir), block_size=4, speculative=spec, tensor_parallel_size=2)
+    try:
+        assert _outputs(tp, prompts, GREEDY) == want
+        assert tp.engine.stats()["spec_accepted_tokens"] > 0
+    finally:
+        tp.engine.close()
 
 
 def test_killed_worker_fails_engine_at_once_and_for_good(gqa_dir):

@@ -171,7 +171,7 @@ def engine():
     torch.manual_seed(0)
     model = Transformer(preset("llama-tiny", vocab_size=300, max_seq_len=256)).to(DEV).eval()
     prompts = [torch.randint(3, 300, (n,)).tolist() for n in (5, 17, 40)]
-    llm = lmstack.LLM(model, device="cuda")
+    llm = lmstack.LLM(model, device="cuda", gpu_memory_utilization=0.3)  # the pool is sized from free memory
     outs = llm.generate(prompts, lmstack.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     same = []
     for p, o in zip(prompts, outs):
@@ -256,7 +256,8 @@ def decode_speed():
     model = Transformer(cfg).to(DEV, torch.bfloat16).eval()
     prompts = [torch.randint(3, cfg.vocab_size, (64,)).tolist() for _ in range(16)]
     params = lmstack.SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-    llm = lmstack.LLM(model, device="cuda", dtype=torch.bfloat16, max_num_seqs=16)
+    llm = lmstack.LLM(model, device="cuda", dtype=torch.bfloat16, max_num_seqs=16,
+                      gpu_memory_utilization=0.3)  # leaves room for transformers in the same process
     llm.generate(prompts[:2], lmstack.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -333,7 +334,7 @@ def decode_graphs():
         torch.manual_seed(0)
         model = Transformer(medium(tie_embeddings=False)).to(DEV, torch.bfloat16).eval()
         llm = lmstack.LLM(model, device="cuda", dtype=torch.bfloat16, max_num_seqs=16, max_model_len=512,
-                          cuda_graphs=graphs)
+                          num_blocks=16 * 32 + 8, cuda_graphs=graphs)
         prompts = [torch.randint(3, 32000, (64,)).tolist() for _ in range(16)]
         params = lmstack.SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
         llm.generate(prompts, params)  # warm-up (captures)
@@ -426,7 +427,7 @@ def flex_backend():
         torch.manual_seed(0)
         model = Transformer(medium(tie_embeddings=False)).to(DEV, torch.bfloat16).eval()
         llm = lmstack.LLM(model, device="cuda", dtype=torch.bfloat16, max_num_seqs=16, max_model_len=512,
-                          attention_backend=backend, cuda_graphs=False)
+                          num_blocks=16 * 32 + 8, attention_backend=backend, cuda_graphs=False)
         prompts = [torch.randint(3, 32000, (64,)).tolist() for _ in range(16)]
         params = lmstack.SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
         llm.generate(prompts, params)  # warm-up (flex compiles)

@@ -190,11 +190,12 @@ def run_size(size: str, args, device_name: str) -> list[dict]:
     max_len = args.max_prompt + args.new_tokens + 16
     cfg, model, hf = build(size, max_len)
     params_m = round(sum(p.numel() for p in model.parameters()) / 1e6)
-    common = dict(size=size, params_M=params_m, dtype="bf16", weights="random (speed only)", device=device_name,
+    common = dict(gpu_memory_utilization=args.gpu_memory_utilization, size=size, params_M=params_m, dtype="bf16", weights="random (speed only)", device=device_name,
                   torch=torch.__version__, new_tokens=args.new_tokens, attention_backend=args.attention_backend)
     engine = LLMEngine(model, max_num_seqs=args.requests, max_batched_tokens=2048, dtype=torch.bfloat16,
                        device=DEV, max_model_len=max_len, cuda_graphs=not args.no_cuda_graphs,
-                       attention_backend=args.attention_backend)
+                       attention_backend=args.attention_backend,
+                       gpu_memory_utilization=args.gpu_memory_utilization)
     common.update(cuda_graphs=engine.runner.graphs is not None, num_blocks=engine.num_blocks)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
@@ -257,6 +258,8 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "flex"])
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="the engine's KV pool budget; the rest stays free for transformers in the same process")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="ablation: the engine without decode graphs")
     ap.add_argument("--skip-compile", action="store_true", help="skip HF static cache + torch.compile")
     ap.add_argument("--out", default="", help="also copy the JSON into this directory")

@@ -21,6 +21,8 @@ def test_blocks_fill_the_budget_left_after_the_peak():
     assert n == (int(0.9 * 80 * gib) - 3 * gib) // per
     assert n * per <= 0.9 * 80 * gib - 3 * gib < (n + 1) * per  # the most that fits, and no more
     assert kv_blocks_for_budget(80 * gib, 3 * gib, per, 0.5) < n  # a lower utilization gives fewer blocks
+    assert kv_blocks_for_budget(80 * gib, 3 * gib, per, 0.9, max_blocks=4096) == 4096  # the engine's cap
+    assert kv_blocks_for_budget(80 * gib, 3 * gib, per, 0.9, max_blocks=10 * n) == n
 
 
 @pytest.mark.parametrize("util", [0.0, -0.1, 1.5])

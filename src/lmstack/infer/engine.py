@@ -117,7 +117,9 @@ class LLMEngine:
         on_cuda = next(self.model.parameters()).device.type == "cuda"
         measured = num_blocks is None and on_cuda
         if measured:  # bounded by the device itself, so load_guard's host-memory check does not apply
-            num_blocks = profile_kv_blocks(self.model, block_size, max_batched_tokens, gpu_memory_utilization, dtype)
+            full = -(-max_num_seqs * self.max_model_len // block_size)  # every sequence at max_model_len
+            num_blocks = profile_kv_blocks(self.model, block_size, max_batched_tokens, gpu_memory_utilization, dtype,
+                                           max_blocks=4 * full)
         if num_blocks is None:
             per_block = kv_bytes_per_token(cfg, torch.finfo(dtype).bits // 8) * block_size
             wanted = -(-max_num_seqs * self.max_model_len // block_size)

@@ -8,6 +8,10 @@ what is left of the budget becomes KV blocks:
     blocks = (gpu_memory_utilization * total - peak_used) // bytes_per_block
     bytes_per_block = 2 (K and V) * n_layers * n_kv_heads * head_dim * dtype bytes * block_size
 
+capped at max_blocks when given (the engine passes 4x what max_num_seqs sequences of max_model_len fill:
+past that, blocks only hold cached prefixes, and a small model on a big card would otherwise get millions of
+blocks, each a Python object in the block manager).
+
 The arithmetic is a pure function of sizes (kv_blocks_for_budget), unit-tested on the CPU; the
 measurement (profile_kv_blocks) needs torch.cuda's allocator statistics and is checked on a device by
 benchmarks/cuda_check.py. On the CPU the engine keeps its fixed-size default (engine.py).
@@ -31,7 +35,7 @@ def bytes_per_block(cfg, dtype: torch.dtype, block_size: int) -> int:
 
 
 def kv_blocks_for_budget(total_bytes: int, peak_used_bytes: int, bytes_per_block: int,
-                         gpu_memory_utilization: float) -> int:
+                         gpu_memory_utilization: float, max_blocks: int | None = None) -> int:
     """Blocks that fit in gpu_memory_utilization * total_bytes once peak_used_bytes are taken.
 
     Raises naming the numbers when not even one block fits (the weights and activations alone exceed
@@ -47,12 +51,12 @@ def kv_blocks_for_budget(total_bytes: int, peak_used_bytes: int, bytes_per_block
             f"no KV block fits: gpu_memory_utilization={gpu_memory_utilization} of {total_bytes / 2**30:.2f} GiB "
             f"is {budget / 2**30:.2f} GiB, and the model's weights plus a profiling forward already peak at "
             f"{peak_used_bytes / 2**30:.2f} GiB; raise gpu_memory_utilization or lower max_batched_tokens")
-    return int(blocks)
+    return int(blocks if max_blocks is None else min(blocks, max_blocks))
 
 
 @torch.inference_mode()
 def profile_kv_blocks(model, block_size: int, max_batched_tokens: int, gpu_memory_utilization: float,
-                      dtype: torch.dtype | None = None) -> int:
+                      dtype: torch.dtype | None = None, max_blocks: int | None = None) -> int:
     """Run one forward of max_batched_tokens tokens on the model's CUDA device, read the allocator's peak
     and the device's total memory, and return how many KV blocks fit the rest of the budget."""
     p = next(model.parameters())
@@ -73,4 +77,4 @@ def profile_kv_blocks(model, block_size: int, max_batched_tokens: int, gpu_memor
     free, _ = torch.cuda.mem_get_info(dev)
     outside = max(0, total - free - torch.cuda.memory_reserved(dev))
     return kv_blocks_for_budget(total, peak + outside, bytes_per_block(model.config, dtype or p.dtype, block_size),
-                                gpu_memory_utilization)
+                                gpu_memory_utilization, max_blocks)

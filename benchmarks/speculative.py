@@ -1,5 +1,6 @@
 """Speculative decoding, a fair fight: a real trained target, a smaller draft trained on the same data,
-and prompt lookup (n-gram) on real text, each against the same engine without speculation.
+prompt lookup (n-gram), and Medusa / EAGLE draft heads on the target's hidden states, on real text, each
+against the same engine without speculation.
 
 - data: the synthetic world's pretrain corpus and chat corpus (train splits) plus the first 90% of
   Tiny Shakespeare (when /work/shared/data/tinyshakespeare is present), one BPE tokenizer (4,096 ids).
@@ -10,12 +11,18 @@ and prompt lookup (n-gram) on real text, each against the same engine without sp
   stream for the same steps (no distillation), so acceptance is what two honest models agree on.
 - both are cached under benchmarks/.cache/speculative/ (gitignored) keyed by their training config;
   the JSON records steps, tokens, wall time, final train loss and held-out loss of each.
+- draft heads (lmstack.infer.draft_heads): one Medusa set (k heads) and one EAGLE layer, trained for
+  `--heads_steps` steps on the frozen target's own features and distributions over the same training
+  stream (draft_heads_train.py), cached beside the pair; the JSON records their steps, tokens, seconds.
 - prompts: held-out text the models never trained on: world chat conversations (QA and others, in the
   chat template's text form), world stories and dialogues, and the last 10% of Tiny Shakespeare. Each
   prompt is the first `--prompt_tokens` tokens; the engines generate `--new_tokens` greedily.
 - baseline: the same engine without speculation, same prompts, batch 1; runs alternate (baseline,
-  draft, n-gram, repeat) and each figure is the median over repeats. Greedy outputs must be
-  token-identical (asserted; the run fails otherwise).
+  draft, n-gram, medusa, eagle, repeat) and each figure is the median over repeats. Greedy outputs must
+  be token-identical (asserted; the run fails otherwise).
+- per row: acceptance rate, mean accepted guesses per verify step, tokens per target forward, and where a
+  step's time goes (one extra instrumented pass: proposing, the target's forward, the draft's forwards,
+  and the rest: scheduling, verification, output processing, Python), in ms per engine step.
 
 How results/speculative.json was made: `python benchmarks/speculative.py --target_steps 280` (the speedrun's
 step count) on a quiet 2-core machine with a fresh-clone test run beside it for part of the time: both
@@ -45,13 +52,19 @@ from _common import result, write_result
 import lmstack
 from lmstack.world import World
 from lmstack.infer import LLM, SamplingParams
+from lmstack.infer.draft_heads import DraftHeads, HeadsConfig, load_heads
+from lmstack.infer.draft_heads_train import train_heads
 from lmstack.model import ModelConfig, Transformer
 from lmstack.tokenizer import load_tokenizer, train_tokenizer
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "speculative"
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+TARGETS = {  # --target: the speedrun's shape, or a wider and deeper one trained the same way (--target_steps)
+    "speedrun": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, qk_norm=True),
+    "wide": dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, qk_norm=True),
+}
 SHAPES = {
-    "target": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, qk_norm=True),
+    "target": TARGETS["speedrun"],
     "draft": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True),
 }
 
@@ -126,12 +139,20 @@ def train(model: Transformer, data: torch.Tensor, val: torch.Tensor, steps: int,
                 params=model.num_parameters())
 
 
+def pair_key(steps: int) -> dict:
+    return dict(shapes=SHAPES, steps=steps, batch=16, seq_len=256, vocab=4096, lr=3e-3,
+                shakespeare=SHAKESPEARE.is_file(), version=1)
+
+
+def pair_tag(steps: int) -> str:
+    """The pair's cache directory name: a hash of its training config."""
+    return hashlib.sha256(json.dumps(pair_key(steps), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def trained_pair(steps: int, threads: int):
     """(tokenizer, target, draft, held-out texts, training info): from the cache when its key matches."""
-    key = dict(shapes=SHAPES, steps=steps, batch=16, seq_len=256, vocab=4096, lr=3e-3,
-               shakespeare=SHAKESPEARE.is_file(), version=1)
-    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    root = CACHE / tag
+    key = pair_key(steps)
+    root = CACHE / pair_tag(steps)
     train_texts, held_out = corpora()
     if (root / "info.json").is_file():
         info = json.loads((root / "info.json").read_text())
@@ -177,6 +198,59 @@ def load_pair(root: Path):
     return tok, models["target"], models["draft"], held_out, info
 
 
+def trained_heads(method: str, root: Path, tok, target, steps: int, k: int) -> tuple[DraftHeads, dict]:
+    """Medusa or EAGLE heads for `target`, trained on its own training stream; cached under root."""
+    cfg = HeadsConfig(method, d_model=target.config.d_model, vocab_size=target.config.vocab_size, num_heads=k,
+                      n_heads=target.config.n_heads, d_ff=2 * target.config.d_model, window=32)
+    key = dict(config=cfg.__dict__, steps=steps, batch=8, seq_len=160, lr=3e-3, version=1)
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = root / f"heads_{method}_{tag}"
+    if (path / "train_info.json").is_file():
+        print(f"loaded cached {method} heads {path}", flush=True)
+        return load_heads(path, target), json.loads((path / "train_info.json").read_text())
+    train_texts, _ = corpora()
+    data = token_stream(tok, train_texts)
+    heads = DraftHeads(cfg)
+    print(f"training {method} heads ({sum(p.numel() for p in heads.parameters()):,} params) for {steps} steps",
+          flush=True)
+    info = train_heads(heads, target, data, steps=steps, batch=8, seq_len=160, lr=3e-3)
+    heads.save(path)
+    (path / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")  # last: marks the cache complete
+    return heads, info
+
+
+def step_profile(llm: LLM, prompts, params) -> dict:
+    """One instrumented pass: ms per engine step spent proposing, in the target's forward, in the draft's
+    forwards (inside proposing), and the rest (scheduling, verification, output processing, Python)."""
+    eng = llm.engine
+    spent = {"propose": 0.0, "target_forward": 0.0, "draft_forward": 0.0}
+    wrapped = [(eng.runner, "run", "target_forward")]
+    if eng.spec is not None:
+        wrapped.append((eng.spec, "propose", "propose"))
+        if eng.spec.runner is not None:
+            wrapped.append((eng.spec.runner, "run", "draft_forward"))
+    for obj, name, key in wrapped:
+        def timed(*a, _f=getattr(obj, name), _k=key, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _f(*a, **kw)
+            finally:
+                spent[_k] += time.perf_counter() - t0
+        setattr(obj, name, timed)
+    steps0 = eng.counters["steps"]
+    try:
+        total, outs = generate_all(llm, prompts, params)
+    finally:
+        for obj, name, _ in wrapped:
+            delattr(obj, name)  # back to the class's method
+    steps = eng.counters["steps"] - steps0
+    ms = lambda x: round(1000 * x / steps, 3)  # noqa: E731
+    return dict(engine_steps=steps, tokens_per_step=round(sum(len(o) for o in outs) / steps, 3),
+                ms_per_step=ms(total), propose_ms=ms(spent["propose"]), target_forward_ms=ms(spent["target_forward"]),
+                draft_forward_ms=ms(spent["draft_forward"]),
+                rest_ms=ms(total - spent["propose"] - spent["target_forward"]))
+
+
 def prompts_of(tok, texts: list[str], n: int, prompt_tokens: int, new_tokens: int) -> list[list[int]]:
     """The first n held-out texts long enough to hold the prompt; each cut to prompt_tokens tokens."""
     out = []
@@ -197,10 +271,14 @@ def generate_all(llm: LLM, prompts, params) -> tuple[float, list[list[int]]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target_steps", type=int, default=280)
+    ap.add_argument("--target", choices=sorted(TARGETS), default="speedrun",
+                    help="target shape; 'wide' writes results/speculative_wide.json")
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--prompt_tokens", type=int, default=48)
     ap.add_argument("--prompts", type=int, default=6, help="prompts per text kind")
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--heads_steps", type=int, default=400, help="training steps of the medusa and eagle heads")
+    ap.add_argument("--methods", default="draft,ngram,medusa,eagle", help="comma-separated proposers to measure")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train_only", action="store_true")
@@ -208,21 +286,27 @@ def main() -> None:
                     help="use an already trained pair: a directory with target/, draft/, tokenizer/ and "
                          "target_info.json / draft_info.json (as train() reports them)")
     args = ap.parse_args()
+    SHAPES["target"] = TARGETS[args.target]
     torch.set_num_threads(args.threads)
     if args.pair is not None:
         tok, target, draft, held_out, info = load_pair(args.pair)
+        root = args.pair
     else:
         tok, target, draft, held_out, info = trained_pair(args.target_steps, args.threads)
+        root = CACHE / pair_tag(args.target_steps)
+    methods = args.methods.split(",")
+    heads = {m: trained_heads(m, root, tok, target, args.heads_steps, args.k) for m in ("medusa", "eagle")
+             if m in methods}
     if args.train_only:
         return
     torch.set_num_threads(args.threads)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     common = dict(tokenizer=tok, max_num_seqs=1, enable_prefix_caching=False)
-    engines = {
-        "none": LLM(target, **common),
-        "draft": LLM(target, speculative={"method": "draft", "draft_model": draft, "num_tokens": args.k}, **common),
-        "ngram": LLM(target, speculative={"method": "ngram", "num_tokens": args.k, "ngram_max": 3}, **common),
-    }
+    specs = {"draft": {"method": "draft", "draft_model": draft, "num_tokens": args.k},
+             "ngram": {"method": "ngram", "num_tokens": args.k, "ngram_max": 3},
+             **{m: {"method": m, "heads": h, "num_tokens": args.k} for m, (h, _) in heads.items()}}
+    engines = {"none": LLM(target, **common),
+               **{m: LLM(target, speculative=specs[m], **common) for m in methods}}
     # the chat prompts (QA and others) are reported together as "world chat"
     kinds = {"world_chat": held_out["chat_qa"][: args.prompts // 2] + held_out["chat_other"],
              "world_story_dialogue": held_out["world_story_dialogue"]}
@@ -234,35 +318,49 @@ def main() -> None:
         for llm in engines.values():
             llm.generate([ps[0]], SamplingParams(max_tokens=4, temperature=0.0))  # warm up
         times = {m: [] for m in engines}
-        before = {m: dict(llm.engine.stats()) for m, llm in engines.items() if m != "none"}
+        before = {m: dict(llm.engine.stats(), calls=llm.engine.spec.steps) for m, llm in engines.items()
+                  if m != "none"}
         for _ in range(args.repeats):  # interleaved, so machine noise hits every engine alike
             outs = {}
             for m, llm in engines.items():
                 t, outs[m] = generate_all(llm, ps, params)
                 times[m].append(t)
-            for m in ("draft", "ngram"):
+            for m in methods:
                 if outs[m] != outs["none"]:
                     raise SystemExit(f"{kind}/{m}: speculative output differs from plain greedy decoding")
         n_tok = sum(len(o) for o in outs["none"])
         base = n_tok / statistics.median(times["none"])
-        for m in ("draft", "ngram"):
-            after = engines[m].engine.stats()
+        afters = {m: dict(engines[m].engine.stats(), calls=engines[m].engine.spec.steps) for m in methods}
+        profile = {m: step_profile(llm, ps, params) for m, llm in engines.items()}  # after the timed runs
+        for m in methods:
+            after = afters[m]
             proposed = after["spec_proposed_tokens"] - before[m]["spec_proposed_tokens"]
             accepted = after["spec_accepted_tokens"] - before[m]["spec_accepted_tokens"]
+            calls = after["calls"] - before[m]["calls"]  # verify steps (one proposal each)
             ours = n_tok / statistics.median(times[m])
             acc = accepted / max(proposed, 1)
             print(f"{kind}/{m}: {base:.1f} -> {ours:.1f} tok/s ({ours / base:.2f}x), acceptance {acc:.2f}",
                   flush=True)
-            extra = dict(target={**SHAPES["target"], **info["target"]}, draft={**SHAPES["draft"], **info["draft"]},
-                         draft_to_target_params=round(info["draft"]["params"] / info["target"]["params"], 3)) \
-                if m == "draft" else dict(ngram_max=3, target={**SHAPES["target"], **info["target"]})
+            extra = dict(target={**SHAPES["target"], **info["target"]})
+            if m == "draft":
+                extra.update(draft={**SHAPES["draft"], **info["draft"]},
+                             draft_to_target_params=round(info["draft"]["params"] / info["target"]["params"], 3))
+            elif m == "ngram":
+                extra.update(ngram_max=3)
+            else:
+                extra.update(heads={**heads[m][1], **{k: v for k, v in heads[m][0].config.__dict__.items()
+                                                      if k != "method"}},
+                             features="target's top hidden state after the final norm")
             results.append(result(
                 "speculative", f"tokens_per_s_{m}_{kind}", True, round(ours, 2), "same engine without speculation",
-                round(base, 2), goal=1.8, method=m, text=kind, k=args.k, acceptance_rate=round(acc, 3),
-                proposed=proposed, accepted=accepted, identical_greedy_output=True, new_tokens=args.new_tokens,
+                round(base, 2), goal=2.0, method=m, text=kind, k=args.k, acceptance_rate=round(acc, 3),
+                proposed=proposed, accepted=accepted,
+                mean_accepted_per_verify=round(accepted / max(calls, 1), 3),
+                identical_greedy_output=True, new_tokens=args.new_tokens,
                 prompt_tokens=args.prompt_tokens, prompts=len(ps), repeats=args.repeats, timing="median",
-                threads=args.threads, machine="2 cores, shared", **extra))
-    write_result("speculative", results)
+                threads=args.threads, machine="2 cores, shared", step_profile=profile[m],
+                baseline_step_profile=profile["none"], **extra))
+    write_result("speculative" if args.target == "speedrun" else f"speculative_{args.target}", results)
 
 
 if __name__ == "__main__":

@@ -131,3 +131,20 @@ def test_heads_config_errors(tmp_path, model):
         LLM(model, speculative={"method": "eagle", "heads": make_heads("medusa", model)})
     with pytest.raises(LmstackError, match="method"):
         HeadsConfig("hydra")
+
+
+def test_eagle_layer_extends_kv_like_one_causal_pass(model):
+    """The engine extends the layer's K/V step by step (several verified positions at once, then one
+    position per rolled guess); that must equal one causal pass over the whole window."""
+    heads = make_heads("eagle", model)
+    d = model.config.d_model
+    feats, emb = torch.randn(1, 9, d), torch.randn(1, 9, d)
+    with torch.no_grad():
+        full, _ = heads.eagle(feats, emb, start=5)
+        a, kv = heads.eagle(feats[:, :4], emb[:, :4], start=5)
+        b, kv = heads.eagle(feats[:, 4:8], emb[:, 4:8], kv, start=9)
+        c, _ = heads.eagle(feats[:, 8:], emb[:, 8:], kv, start=13)
+    assert torch.allclose(torch.cat([a, b, c], dim=1), full, atol=1e-5)
+    with torch.no_grad():  # and RoPE sees only distances: shifting every position changes nothing
+        shifted, _ = heads.eagle(feats, emb, start=0)
+    assert torch.allclose(shifted, full, atol=1e-4)

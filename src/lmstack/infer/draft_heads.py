@@ -72,12 +72,20 @@ class HeadsConfig:
             raise LmstackError(f"eagle: d_model={self.d_model} must split into n_heads={self.n_heads} even halves")
 
 
+_ROPE: dict = {}  # (head_dim, dtype, device) -> (cos, sin) tables: a roll step should not rebuild them
+
+
 def _rope(x: torch.Tensor, start: int) -> torch.Tensor:
     """Rotary positions start.. on (B, heads, T, head_dim); window-relative, so only distances matter."""
     t, hd = x.shape[-2], x.shape[-1]
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
-    ang = torch.arange(start, start + t, device=x.device, dtype=torch.float32)[:, None] * inv
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    key = (hd, x.dtype, x.device)
+    if key not in _ROPE or _ROPE[key][0].shape[0] < start + t:
+        n = max(256, 2 * (start + t))
+        with torch.inference_mode(False):  # plain tensors: usable in training and in the engine alike
+            inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+            ang = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * inv
+            _ROPE[key] = (ang.cos().to(x.dtype), ang.sin().to(x.dtype))
+    cos, sin = _ROPE[key][0][start:start + t], _ROPE[key][1][start:start + t]
     a, b = x[..., : hd // 2], x[..., hd // 2:]
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
@@ -98,18 +106,18 @@ class EagleLayer(nn.Module):
 
     def forward(self, feats: torch.Tensor, emb: torch.Tensor, kv: tuple | None = None, start: int = 0):
         """feats, emb (B, T, d) -> (predicted next features (B, T, d), (k, v) to extend later).
-        kv: the window's keys/values so far (then T new positions follow them, each seeing all of kv)."""
+        kv: keys/values of earlier positions (the T new ones see all of them, and each other causally);
+        start: the position of the first new one (RoPE only sees distances, so absolute positions work)."""
         x = self.fc(torch.cat([feats, emb], dim=-1))
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = _rope(q, start), _rope(k, start)
+        mask = None
         if kv is not None:
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
-        # new positions see every earlier one and each other causally; with a prefix, T is 1 (a roll step)
-        causal = kv is None and t > 1
-        if kv is not None and t > 1:
-            raise LmstackError("eagle: extend a window one position at a time")
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            if t > 1:  # new position i sees every earlier position and new ones up to i
+                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=kv is None and t > 1)
         x = x + self.proj(o.transpose(1, 2).reshape(b, t, d))
         gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
         x = x + self.down(F.silu(gate) * up)

@@ -100,7 +100,8 @@ class SpeculativeDecoder:
                                    "heads; train heads of the method asked for")
             self.k = min(self.k, self.heads.max_tokens)
         self.target = target
-        # seq_id -> [end position (exclusive), features of the positions before it, step last seen]
+        # seq_id -> [end position (exclusive), features of the positions before it, step last seen,
+        #            eagle: (end position, K, V) of its layer over verified positions, or None]
         self.feats: dict[int, list] = {}
         self.window = 1 if self.heads is None else (
             self.k + 1 if config.method == "medusa" else self.heads.config.window + self.k + 1)
@@ -121,10 +122,10 @@ class SpeculativeDecoder:
             entry = self.feats.get(p.seq.seq_id)
             if entry is not None and entry[0] - len(entry[1]) <= p.start <= entry[0]:
                 kept = entry[1][:len(entry[1]) - (entry[0] - p.start)]
-                f = torch.cat([kept, rows])[-self.window:]
+                f, eagle = torch.cat([kept, rows])[-self.window:], entry[3]
             else:
-                f = rows[-self.window:].clone()  # no view of the whole step's hidden survives the step
-            self.feats[p.seq.seq_id] = [p.start + len(rows), f, self.observed]
+                f, eagle = rows[-self.window:].clone(), None  # no view of the step's whole hidden survives it
+            self.feats[p.seq.seq_id] = [p.start + len(rows), f, self.observed, eagle]
         if len(self.feats) > 2 * len(plan.seqs) + 64:  # forget finished (or long-idle) sequences
             self.feats = {k: v for k, v in self.feats.items() if self.observed - v[2] <= 32}
 
@@ -178,20 +179,48 @@ class SpeculativeDecoder:
             return None
         return entry[1][:len(entry[1]) - (entry[0] - 1 - last)]
 
-    def _pick(self, seq: Sequence, logits: torch.Tensor, probs: list) -> int:
-        """One guess from a head's logits row; sampled rows also record q after the same processors."""
+    def _pick(self, seq: Sequence, logits: torch.Tensor, probs: list) -> list[int]:
+        """Guesses from head logits rows (r, vocab), appended to seq.spec_tokens; sampled rows also record
+        q after the same processors as the target's row at that place."""
         params = seq.request.params
-        logits = logits[None, :self.ctx.vocab]
+        logits = logits[:, :self.ctx.vocab]
         if params.greedy and not lp.needs_processing(params):
-            return int(logits.argmax())
-        srow = self.sampler.row(seq, seq.spec_tokens)
-        processed = self.sampler.process(logits.float(), [srow])
-        probs.append(self.sampler.probabilities(processed, [srow])[0])
-        return self.sampler.draw(processed, [srow])[0]
+            picked = logits.argmax(dim=-1).tolist()
+            seq.spec_tokens.extend(picked)
+            return picked
+        picked = []
+        for row in logits:
+            srow = self.sampler.row(seq, seq.spec_tokens)
+            processed = self.sampler.process(row[None].float(), [srow])
+            probs.append(self.sampler.probabilities(processed, [srow])[0])
+            picked.append(self.sampler.draw(processed, [srow])[0])
+            seq.spec_tokens.append(picked[-1])
+        return picked
+
+    def _eagle(self, seq: Sequence, k: int, probs: list) -> None:
+        """Extend the layer's K/V over the newly verified positions, then roll k guesses."""
+        entry, window = self.feats[seq.seq_id], self.heads.config.window
+        f_start, last = entry[0] - len(entry[1]), seq.num_tokens - 2
+        state, kv = entry[3], None
+        if state is not None and f_start <= state[0] <= last:
+            frm, kv = state[0], state[1:]
+        else:
+            frm = max(f_start, last + 1 - window)
+        feats = entry[1][frm - f_start:last + 1 - f_start]
+        dev = feats.device
+        ids = torch.tensor(seq.token_ids[frm + 1:last + 2], device=dev)  # x_{p+1} beside f_p
+        f, (keys, values) = self.heads.eagle(feats[None], self.target.tok_emb(ids)[None], kv, frm)
+        kv = (keys[:, :, -window:], values[:, :, -window:])  # attention sees the last `window` positions
+        entry[3] = (last + 1, *kv)
+        f = f[:, -1:]
+        for j in range(k):
+            tok = self._pick(seq, self.target.head(f[0]), probs)[0]
+            if j + 1 < k:  # roll: the predicted feature and the guess are the next input (K/V not kept)
+                f, kv = self.heads.eagle(f, self.target.tok_emb(torch.tensor([[tok]], device=dev)), kv, last + 1 + j)
 
     @torch.inference_mode()
     def _from_heads(self, seqs: list[Sequence]) -> None:
-        head, emb = self.target.head, self.target.tok_emb
+        head = self.target.head
         for seq in seqs:
             k = self.lookahead(seq)
             feats = self._features(seq) if k else None
@@ -199,20 +228,9 @@ class SpeculativeDecoder:
                 continue
             probs: list[torch.Tensor] = []
             if self.cfg.method == "medusa":
-                logits = head(self.heads.medusa(feats[-1])[:k])  # (k, vocab): all guesses at once
-                for j in range(k):
-                    seq.spec_tokens.append(self._pick(seq, logits[j], probs))
+                self._pick(seq, head(self.heads.medusa(feats[-1])[:k]), probs)  # (k, vocab): all at once
             else:
-                feats = feats[-self.heads.config.window:]
-                n = len(feats)
-                ids = torch.tensor(seq.token_ids[seq.num_tokens - n:], device=feats.device)
-                f, kv = self.heads.eagle(feats[None], emb(ids)[None])
-                f = f[:, -1:]
-                for j in range(k):
-                    tok = self._pick(seq, head(f[0, 0]), probs)
-                    seq.spec_tokens.append(tok)
-                    if j + 1 < k:  # roll: the predicted feature and the guess are the next input
-                        f, kv = self.heads.eagle(f, emb(torch.tensor([[tok]], device=feats.device)), kv, n + j)
+                self._eagle(seq, k, probs)
             if probs:
                 seq.spec_probs = torch.stack(probs)
 
@@ -259,11 +277,14 @@ class SpeculativeDecoder:
         Returns those tokens and the log-probability rows they were drawn at; the caller appends them."""
         guesses = seq.spec_tokens
         k = len(guesses)
-        rows = [self.sampler.row(seq, guesses[:j]) for j in range(k + 1)]
-        processed = self.sampler.process(logits, rows)
+        params = seq.request.params
         gen = seq.generator or self.sampler.generator
         accepted, final = 0, None
-        if seq.request.params.greedy:
+        if params.greedy and not lp.needs_processing(params) and seq.matcher is None:
+            processed = logits  # what plain greedy decoding takes the argmax of (Sampler.sample's hot path)
+        else:
+            processed = self.sampler.process(logits, [self.sampler.row(seq, guesses[:j]) for j in range(k + 1)])
+        if params.greedy:
             target = processed.argmax(dim=-1).tolist()
             while accepted < k and target[accepted] == guesses[accepted]:
                 accepted += 1

@@ -123,7 +123,11 @@ class Postprocessor:
     def _pick(self, items: list[tuple[Sequence, int]], logits: torch.Tensor
               ) -> list[tuple[Sequence, int, torch.Tensor]]:
         """Sample one token per (sequence, logits row); returns (seq, token, that row's logprobs)."""
-        raw = logits[[r for _, r in items]] if len(items) > 1 or items[0][1] else logits[:1]
+        rows = [r for _, r in items]
+        if rows == list(range(len(rows))):
+            raw = logits[:len(rows)]  # the usual step: a view, no gather (on CUDA a list index waits for the device)
+        else:
+            raw = logits[torch.tensor(rows, device=logits.device)]
         seqs = [seq for seq, _ in items]
         tokens, logprobs = self.sampler.sample(seqs, raw)
         return [(seq, tok, logprobs[i]) for i, (seq, tok) in enumerate(zip(seqs, tokens))]

@@ -1,7 +1,7 @@
 """Tensor-parallel serving (infer/tp_*.py): two gloo processes on the CPU give the single-process engine's greedy
 outputs (batched, prompts longer than a block, preemption, beam search's copy-on-write block copies, speculative
-verification windows); the step message survives the wire; shapes that do not split are refused naming the
-field; a killed worker fails the engine at once and for good."""
+verification windows; gpt2, mixtral and gemma2 shapes); the step message survives the wire; shapes that do not
+split are refused naming the field; a killed worker fails the engine at once and for good."""
 import dataclasses
 import os
 import signal
@@ -19,6 +19,7 @@ from lmstack.infer.sequence import Request
 from lmstack.infer.step_plan import StepPlan
 from lmstack.infer.tp_shard import check_shardable
 from lmstack.infer.tp_step import pack_step, unpack_step
+from lmstack.model import preset
 
 from infer_helpers import random_prompts, tiny_model
 
@@ -63,6 +64,25 @@ def test_two_ranks_equal_one_process_greedy_preempted_and_beams(gqa_dir):
     finally:
         tp.engine.close()
     assert all(p.poll() is not None for p in tp.engine.tp.procs)
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("gpt2-tiny", {}),  # biases on every projection (o_proj's and down_proj's added once), plain MLP, learned positions
+    ("mixtral-tiny", {"n_kv_heads": 2}),  # MoE layers, kept whole on every rank
+    ("gemma2-tiny", {}),  # soft-capped attention, sliding windows on alternate layers, query_pre_attn_scalar
+])
+def test_two_ranks_equal_one_process_across_families(tmp_path, family, overrides):
+    torch.manual_seed(0)
+    cfg = preset(family, vocab_size=300, max_seq_len=256, **overrides)
+    lmstack.save_model(lmstack.Transformer(cfg).eval(), tmp_path)
+    prompts = random_prompts(3, 5, 30, 300, seed=2)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = _outputs(LLM(str(tmp_path), block_size=4), prompts, params)
+    tp = LLM(str(tmp_path), block_size=4, tensor_parallel_size=2)
+    try:
+        assert _outputs(tp, prompts, params) == want
+    finally:
+        tp.engine.close()
 
 
 def test_two_ranks_verify_speculative_windows_like_one_process(gqa_dir):

@@ -104,6 +104,20 @@ def _stop(procs: list, logs: list) -> None:
         f.close()  # a TemporaryFile: closing deletes it
 
 
+def _watch(ref: weakref.ref) -> None:
+    """The watchdog: every 50 ms, fail the group if a child worker has exited."""
+    while True:
+        time.sleep(0.05)
+        group = ref()
+        if group is None or group._closed.is_set():
+            return
+        for r, p in enumerate(group.procs, start=1):
+            if p.poll() is not None:
+                group._fail(f"worker rank {r} (pid {p.pid}) exited with code {p.returncode}")
+                return
+        del group  # hold no reference while sleeping
+
+
 class TensorParallelGroup:
     """Rank 0's link to the workers. `failure` is None while every rank is healthy."""
 
@@ -141,8 +155,8 @@ class TensorParallelGroup:
         self.send_seconds = 0.0  # time spent sending step messages (the all-reduces count in reduce.seconds)
         torch.set_num_threads(threads)
         self._closed = threading.Event()
-        if self.procs:
-            threading.Thread(target=self._watch, name="lmstack-tp-watchdog", daemon=True).start()
+        if self.procs:  # (a weak reference: a dropped engine is collected, and its finalizer stops the workers)
+            threading.Thread(target=_watch, args=(weakref.ref(self),), name="lmstack-tp-watchdog", daemon=True).start()
 
     # ---- start-up
     def _spawn(self, port: int, threads: int) -> None:
@@ -186,13 +200,6 @@ class TensorParallelGroup:
         # gloo's message starts with its source location: keep the part that says what happened
         first = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]) if str(e) else type(e).__name__
         return self._fail(f"a collective failed: {first[:200]}")
-
-    def _watch(self) -> None:
-        while not self._closed.wait(0.05):
-            for r, p in enumerate(self.procs, start=1):
-                if p.poll() is not None:
-                    self._fail(f"worker rank {r} (pid {p.pid}) exited with code {p.returncode}")
-                    return
 
     def check(self) -> None:
         """Raise the failure, if any: a step never starts on a broken group."""

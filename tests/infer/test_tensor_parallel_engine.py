@@ -3,6 +3,7 @@ outputs (batched, prompts longer than a block, preemption, beam search's copy-on
 verification windows; gpt2, mixtral and gemma2 shapes); the step message survives the wire; shapes that do not
 split are refused naming the field; a killed worker fails the engine at once and for good."""
 import dataclasses
+import gc
 import os
 import signal
 import time
@@ -86,16 +87,20 @@ def test_two_ranks_equal_one_process_across_families(tmp_path, family, overrides
 
 
 def test_two_ranks_verify_speculative_windows_like_one_process(gqa_dir):
-    # n-gram guesses make multi-token verification windows: padded short chunks with a validity mask on the wire
+    # n-gram guesses make multi-token verification windows: padded short chunks with a validity mask on the wire;
+    # then the engine is dropped without close(), and collecting it must stop its worker
     prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10, 11, 9], [12, 13, 14, 12, 13]]
     spec = {"method": "ngram", "num_tokens": 4}
     want = _outputs(LLM(str(gqa_dir), block_size=4, speculative=spec), prompts, GREEDY)
     tp = LLM(str(gqa_dir), block_size=4, speculative=spec, tensor_parallel_size=2)
+    workers = list(tp.engine.tp.procs)
     try:
         assert _outputs(tp, prompts, GREEDY) == want
         assert tp.engine.stats()["spec_accepted_tokens"] > 0
     finally:
-        tp.engine.close()
+        del tp  # dropped without close(): collecting the engine stops its workers
+        gc.collect()
+    assert all(p.poll() is not None for p in workers)
 
 
 def test_killed_worker_fails_engine_at_once_and_for_good(gqa_dir):

@@ -1,11 +1,14 @@
 """Tensor-parallel serving (infer/tp_*.py): two gloo processes on the CPU give the single-process engine's greedy
 outputs (batched, prompts longer than a block, preemption, beam search's copy-on-write block copies, speculative
 verification windows; gpt2, mixtral and gemma2 shapes); the step message survives the wire; shapes that do not
-split are refused naming the field; a killed worker fails the engine at once and for good."""
+split are refused naming the field; a killed worker fails the engine at once and for good; a worker never
+outlives rank 0."""
 import dataclasses
 import gc
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -132,6 +135,37 @@ def _seq(n, table):
 
 
 @pytest.mark.parametrize("kind", ["mixed", "one_contiguous_decode"])
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+RANK0_THAT_DIES = """
+import os, signal, sys
+from lmstack.infer import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2)
+llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4))
+print(llm.engine.tp.procs[0].pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no finalizer: only the worker's own checks can end it
+"""
+
+
+def test_worker_exits_when_rank_0_is_killed(gqa_dir):
+    out = subprocess.run([sys.executable, "-c", RANK0_THAT_DIES, str(gqa_dir)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    worker = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 5
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(worker):
+        os.kill(worker, signal.SIGKILL)  # leave no stray, then fail
+        pytest.fail("the worker outlived rank 0 by 5 s")
+
+
 def test_step_message_round_trip(model, kind):
     # mixed: a prefill from scratch, a prefill over cached keys, and short chunks (decode, a 2-token window);
     # one decode token over contiguous blocks: the case that reads the pool in place (contig)

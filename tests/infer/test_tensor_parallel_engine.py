@@ -17,6 +17,7 @@ import torch
 import lmstack
 from lmstack.errors import LmstackError
 from lmstack.infer import LLM, LLMEngine, SamplingParams
+from lmstack.infer.commands import generate
 from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.paged_attention import ShortChunks
 from lmstack.infer.sequence import Request
@@ -104,6 +105,13 @@ def test_two_ranks_verify_speculative_windows_like_one_process(gqa_dir):
         del tp  # dropped without close(): collecting the engine stops its workers
         gc.collect()
     assert all(p.poll() is not None for p in workers)
+
+
+def test_generate_command_takes_tensor_parallel_size(gqa_dir, capsys):
+    kw = dict(model=str(gqa_dir), prompt_ids=[5, 6, 7, 8], max_tokens=8, threads=1)
+    one, two = generate(**kw), generate(**kw, tensor_parallel_size=2)
+    assert two[0]["completions"][0]["token_ids"] == one[0]["completions"][0]["token_ids"]
+    assert len(one[0]["completions"][0]["token_ids"]) == 8
 
 
 def test_killed_worker_fails_engine_at_once_and_for_good(gqa_dir):

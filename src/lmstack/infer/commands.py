@@ -8,6 +8,7 @@ Usage:
     lmstack generate --model runs/tiny --prompt "x" --speculative ngram --num_speculative_tokens 4
     lmstack generate --model runs/tiny --prompt_ids "[1, 2, 3]" --beam_width 4 --max_tokens 8
     lmstack generate --model runs/tiny --tokenizer tok/ --prompt "hi" --threads 1
+    lmstack generate --model runs/tiny --prompt "hi" --tensor_parallel_size 2     # sharded over 2 processes
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
              speculative: Literal["none", "ngram", "draft"] = "none", draft_model: str | None = None,
              num_speculative_tokens: int = 4, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
              json_output: bool = False, tokenizer: str | None = None, threads: int = 0,
-             max_model_gib: float | None = None, device: str = "auto", dtype: str = "auto") -> list[dict]:
+             max_model_gib: float | None = None, device: str = "auto", dtype: str = "auto",
+             tensor_parallel_size: int = 1) -> list[dict]:
     """Generate completions with the paged, continuously batched engine and print them.
 
     Args:
@@ -78,6 +80,7 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         device: auto (CUDA when a GPU is visible, else CPU), cpu, cuda or cuda:N.
         dtype: weights' dtype: auto (bf16 on CUDA, fp32 on CPU, whatever the checkpoint holds), float32, bfloat16
             or float16.
+        tensor_parallel_size: shard the model over this many processes (see `lmstack serve`).
     """
 
     set_max_model_gib(max_model_gib)
@@ -100,7 +103,7 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         spec = {"method": speculative, "num_tokens": num_speculative_tokens, "draft_model": draft_model}
     dev, torch_dtype = pick_device(device, dtype)
     llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
-              speculative=spec, device=dev, dtype=torch_dtype)
+              speculative=spec, device=dev, dtype=torch_dtype, tensor_parallel_size=tensor_parallel_size)
     if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise LmstackError(f"{model} holds no tokenizer.json: pass --tokenizer DIR, or token ids with --prompt_ids")
     # Flags given win, then the model's generation_config.json, then this command's greedy 64-token default.
@@ -136,6 +139,7 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
     extra = f", spec acceptance {stats['spec_acceptance_rate']:.2f}" if spec else ""
     print(f"[{len(outs)} prompts, {tokens} tokens in {elapsed:.2f}s, {tokens / max(elapsed, 1e-9):.1f} tok/s, "
           f"prefix-cache hits {stats['prefix_cache_hit_tokens']} tokens{extra}]")
+    llm.engine.close()  # tensor-parallel workers stop now, not when the engine is collected
     return records
 
 

@@ -142,7 +142,6 @@ def _seq(n, table):
     return s
 
 
-@pytest.mark.parametrize("kind", ["mixed", "one_contiguous_decode"])
 def _alive(pid: int) -> bool:
     """Whether pid runs (a zombie, dead but not yet reaped, counts as gone)."""
     try:
@@ -174,6 +173,7 @@ def test_worker_exits_when_rank_0_is_killed(gqa_dir):
         pytest.fail("the worker outlived rank 0 by 5 s")
 
 
+@pytest.mark.parametrize("kind", ["mixed", "one_contiguous_decode"])
 def test_step_message_round_trip(model, kind):
     # mixed: a prefill from scratch, a prefill over cached keys, and short chunks (decode, a 2-token window);
     # one decode token over contiguous blocks: the case that reads the pool in place (contig)

@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from lmstack import kernels
 from lmstack.adapt import merge_and_unload
 from lmstack.adapt.finetune import load_result
 from lmstack.config import atomic_write_text, save_config
@@ -200,6 +201,9 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
         print(f"{prompt!r} -> {text!r}")
     timings["samples"] = time.perf_counter() - t
 
+    if kernels.enabled() and kernels.info()["path"] is None:
+        # the engine's first start compiles its CPU decode kernel (VIII.16); later runs load it from the cache
+        print("compiling the engine's CPU decode kernel (once per machine, about a minute)", flush=True)
     if cfg.eval_seconds > 0:
         t = _step("6. eval")
         run_eval_stage(run, model_dir, world, cfg)

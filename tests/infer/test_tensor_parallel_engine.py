@@ -217,3 +217,6 @@ def test_refusals_before_any_process_starts(model, gqa_dir):
         LLMEngine(tiny_model(model.config.vocab_size, n_kv_heads=2), tensor_parallel_size=2)
     with pytest.raises(LmstackError, match="LoRA adapters are not supported with tensor_parallel_size > 1"):
         LLMEngine(str(gqa_dir), tensor_parallel_size=2, lora_adapters={"a": object()})
+    for flag in ("cuda_graphs", "compile_decode"):
+        with pytest.raises(LmstackError, match="cuda_graphs and compile_decode are not supported with tensor_paral"):
+            LLMEngine(str(gqa_dir), tensor_parallel_size=2, **{flag: True})

@@ -106,6 +106,9 @@ class LLMEngine:
         self.tp = None
         if tensor_parallel_size != 1:
             check_shardable(self.model.config, tensor_parallel_size)
+            if cuda_graphs or compile_decode:  # None (the default) just leaves graphs off
+                raise LmstackError("cuda_graphs and compile_decode are not supported with tensor_parallel_size > 1: "
+                                   "a replayed graph would skip the step inputs the workers follow")
             if lora_adapters:
                 raise LmstackError("LoRA adapters are not supported with tensor_parallel_size > 1")
             if not owned:
@@ -149,7 +152,7 @@ class LLMEngine:
                                   max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
                                   compile_decode=compile_decode)
         if tensor_parallel_size != 1:  # the workers load the same directory and follow every step
-            self.runner.graphs = None  # a replayed graph would skip the step hook that feeds the workers
+            self.runner.graphs = None  # cuda_graphs=None chose graphs on CUDA: a replay would skip the workers' feed
             self.tp = self.runner.tp = TensorParallelGroup(
                 model, tensor_parallel_size, tp_reduce, num_blocks=num_blocks, block_size=block_size, dtype=dtype,
                 device=self.runner.device)

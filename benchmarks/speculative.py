@@ -22,15 +22,19 @@ against the same engine without speculation.
   sum over prompts of its best repeat, so load bursts on a shared machine hit no engine alone. Greedy
   outputs must be token-identical (asserted; the run fails otherwise).
 - per row: acceptance rate, mean accepted guesses per verify step, tokens per target forward, and where a
-  step's time goes (one extra instrumented pass: proposing, the target's forward, the draft's forwards,
-  and the rest: scheduling, verification, output processing, Python), in ms per engine step.
+  step's time goes (the timed runs themselves are instrumented: proposing, the target's forward, the
+  draft's forwards, and the rest: scheduling, verification, output processing, Python), in ms per engine
+  step, over each prompt's best repeat.
 
 How results/speculative.json was made: `python benchmarks/speculative.py --target_steps 280` (the speedrun's
-step count) on a quiet 2-core machine with a fresh-clone test run beside it for part of the time: both
-models trained in this process (target 465 s, draft 152 s, one thread), then measured.
+step count): the pair trained earlier on a quiet 2-core machine (target 465 s, draft 152 s, one thread), the
+heads trained (`--heads_steps 400`) and everything measured on a 2-core machine shared with other jobs.
+results/speculative_wide.json: `python benchmarks/speculative.py --target wide --target_steps 150
+--heads_steps 300` (the 8x384 target's 150 steps took 1072 s on the shared machine), same machine.
 
 Usage:
-    python benchmarks/speculative.py                      # trains (or loads) the pair, then measures (~15 min)
+    python benchmarks/speculative.py                      # trains (or loads) the pair and heads, then measures
+    python benchmarks/speculative.py --target wide --target_steps 150 --heads_steps 300   # the wider target
     python benchmarks/speculative.py --train_only         # only build the cache
     python benchmarks/speculative.py --pair DIR           # measure an already trained pair
 """

@@ -20,8 +20,9 @@ Proposers (SpeculativeConfig.method):
 - medusa / eagle: draft heads on the target's own hidden states (draft_heads.py). The runner hands every
   step's hidden rows to `observe`, which keeps per sequence the features of its last verified positions
   (rows of rejected guesses are dropped when the next step starts at the accepted length); medusa
-  proposes all k guesses from the last verified feature in one shot, eagle rolls its one layer k steps.
-  Neither runs a second model or holds K/V of its own.
+  proposes all k guesses from the last verified feature in one shot; eagle keeps its one layer's K/V over
+  the last `window` verified positions per sequence (a few KB, beside the features), runs only the newly
+  verified positions each step, then rolls k guesses. Neither runs a second model or touches the paged pool.
 Greedy rows that need no logits processing take each guess as a plain argmax: the accept rule ignores q
 for greedy rows, so the sampler's machinery (and q) is only built for rows that sample.
 

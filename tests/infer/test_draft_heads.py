@@ -148,3 +148,31 @@ def test_eagle_layer_extends_kv_like_one_causal_pass(model):
     with torch.no_grad():  # and RoPE sees only distances: shifting every position changes nothing
         shifted, _ = heads.eagle(feats, emb, start=0)
     assert torch.allclose(shifted, full, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["medusa", "eagle"])
+def test_proposal_vocabulary_narrows_guesses_not_output(tmp_path, model, method):
+    """restrict(ids): greedy guesses come only from those ids (the LM head's matmul covers their rows),
+    the output stays token-identical, and the ids survive save/load."""
+    vocab = model.config.vocab_size
+    allowed = list(range(20, 60))
+    heads = make_heads(method, model, scale=0.3).restrict(torch.tensor(allowed))
+    heads.save(tmp_path / "h")
+    back = load_heads(tmp_path / "h", model)
+    assert back.proposal_ids.tolist() == allowed and back.config.proposal_vocab == len(allowed)
+    llm = LLM(model, block_size=4, num_blocks=256, speculative={"method": method, "heads": str(tmp_path / "h"),
+                                                                "num_tokens": 3})
+    seen = []
+    propose = llm.engine.spec.propose
+
+    def spy(seqs):
+        propose(seqs)
+        seen.extend(t for s in seqs for t in s.spec_tokens)
+    llm.engine.spec.propose = spy
+    prompts = random_prompts(3, 4, 12, vocab, seed=31)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, block_size=4, num_blocks=256).generate(prompts, params)]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+    assert len(seen) > 20 and set(seen) <= set(allowed)
+    with pytest.raises(LmstackError, match="proposal ids"):
+        make_heads(method, model).restrict(torch.tensor([vocab]))

@@ -18,9 +18,16 @@ runner computes before the LM head, so reading them costs nothing, and the targe
 Both are trained (draft_heads_train.py) on the frozen target's features and distributions over its own
 training text; they live in a directory as heads.safetensors + heads.json, apart from the target.
 
+A proposal vocabulary (`restrict(ids)`, e.g. the training stream's most frequent tokens: frequent_ids)
+makes each greedy guess's LM-head matmul cover those rows only (FR-Spec, Zhao et al. 2025): at ~4-14M
+target parameters the full head is as many bytes per guess as the EAGLE layer itself. It only narrows
+what is proposed, never what is accepted, so output stays identical; sampled rows use the full head (q
+must cover every token the target can sample).
+
 Usage:
     heads = DraftHeads(HeadsConfig("medusa", d_model=256, vocab_size=4096, num_heads=4))
     heads.save("runs/heads"); heads = load_heads("runs/heads", target)     # checks d_model / vocab
+    heads.restrict(frequent_ids(train_tokens, 1024, vocab_size))           # greedy guesses among these
     logits = target.head(heads.medusa(h))               # h (..., d) -> (..., K, vocab)
     f_next, kv = heads.eagle(x_in, kv=None, start=0)    # x_in = heads.eagle_input(feats, token_embeddings)
     llm = LLM(target, speculative={"method": "eagle", "heads": "runs/heads", "num_tokens": 4})
@@ -61,10 +68,15 @@ class HeadsConfig:
     """eagle: SwiGLU hidden size of its decoder layer."""
     window: int = 32
     """eagle: verified positions its attention sees when proposing (it is trained on windows this long)."""
+    proposal_vocab: int = 0
+    """Greedy guesses come from this many token ids (the proposal_ids buffer); 0: the whole vocabulary."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise LmstackError(f"draft heads method={self.method!r} is not allowed; choose 'medusa' or 'eagle'")
+        if not isinstance(self.proposal_vocab, int) or not 0 <= self.proposal_vocab <= self.vocab_size:
+            raise LmstackError(f"draft heads proposal_vocab must be in 0..vocab_size={self.vocab_size}, "
+                               f"got {self.proposal_vocab!r}")
         for name in ("d_model", "vocab_size", "num_heads", "n_heads", "d_ff", "window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LmstackError(f"draft heads {name} must be a positive integer, got {getattr(self, name)!r}")
@@ -134,6 +146,17 @@ class DraftHeads(nn.Module):
             self.bias = nn.Parameter(torch.zeros(cfg.num_heads, d))
         else:
             self.layer = EagleLayer(cfg)
+        self.register_buffer("proposal_ids", torch.zeros(cfg.proposal_vocab, dtype=torch.long)
+                             if cfg.proposal_vocab else None)  # None: not in the state dict
+
+    def restrict(self, ids: torch.Tensor) -> "DraftHeads":
+        """Greedy guesses only among these token ids (saved with the heads)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise LmstackError(f"proposal ids must be non-empty token ids below vocab_size={self.config.vocab_size}")
+        self.config.proposal_vocab = ids.numel()
+        self.proposal_ids = ids.clone()  # a registered buffer: saved with the heads
+        return self
 
     @property
     def max_tokens(self) -> int:
@@ -163,6 +186,12 @@ class DraftHeads(nn.Module):
         return path
 
 
+def frequent_ids(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """The n most frequent ids of a token stream, ascending (a proposal vocabulary for restrict)."""
+    counts = torch.bincount(torch.as_tensor(tokens).flatten(), minlength=vocab_size)
+    return counts.topk(min(n, vocab_size)).indices.sort().values
+
+
 def load_heads(heads: Any, target: nn.Module) -> DraftHeads:
     """A heads directory or DraftHeads -> heads on the target's dtype/device, checked against its shape."""
     if isinstance(heads, (str, os.PathLike)):
@@ -187,4 +216,7 @@ def load_heads(heads: Any, target: nn.Module) -> DraftHeads:
         raise LmstackError(f"the draft heads' vocab_size ({hc.vocab_size}) differs from the target's "
                            f"({tc.vocab_size}); heads are trained on one target's vocabulary")
     p = next(target.parameters())
-    return heads.to(device=p.device, dtype=p.dtype).eval()
+    heads = heads.to(device=p.device, dtype=p.dtype).eval()
+    if heads.proposal_ids is not None:
+        heads.proposal_ids = heads.proposal_ids.long()  # .to(dtype) leaves integer buffers alone; be sure
+    return heads

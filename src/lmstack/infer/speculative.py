@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from lmstack.config import from_dict
 from lmstack.errors import LmstackError
@@ -100,6 +101,11 @@ class SpeculativeDecoder:
                 raise LmstackError(f"speculative method={config.method!r} was given {self.heads.config.method} "
                                    "heads; train heads of the method asked for")
             self.k = min(self.k, self.heads.max_tokens)
+        self.subset = None  # (ids, their LM-head rows): greedy guesses among a proposal vocabulary
+        if self.heads is not None and self.heads.proposal_ids is not None:
+            weight = target.tok_emb.weight if target.lm_head is None else target.lm_head.weight
+            ids = self.heads.proposal_ids[self.heads.proposal_ids < ctx.vocab]
+            self.subset = (ids, weight.detach()[ids].clone())
         self.target = target
         # seq_id -> [end position (exclusive), features of the positions before it, step last seen,
         #            eagle: (end position, K, V) of its layer over verified positions, or None]
@@ -180,15 +186,19 @@ class SpeculativeDecoder:
             return None
         return entry[1][:len(entry[1]) - (entry[0] - 1 - last)]
 
-    def _pick(self, seq: Sequence, logits: torch.Tensor, probs: list) -> list[int]:
-        """Guesses from head logits rows (r, vocab), appended to seq.spec_tokens; sampled rows also record
-        q after the same processors as the target's row at that place."""
+    def _pick(self, seq: Sequence, feats: torch.Tensor, probs: list) -> list[int]:
+        """Guesses from predicted features (r, d) through the target's LM head, appended to seq.spec_tokens;
+        sampled rows also record q after the same processors as the target's row at that place."""
         params = seq.request.params
-        logits = logits[:, :self.ctx.vocab]
         if params.greedy and not lp.needs_processing(params):
-            picked = logits.argmax(dim=-1).tolist()
+            if self.subset is not None:  # argmax over the proposal vocabulary's rows only
+                ids, weight = self.subset
+                picked = ids[F.linear(feats, weight).argmax(dim=-1)].tolist()
+            else:
+                picked = self.target.head(feats)[:, :self.ctx.vocab].argmax(dim=-1).tolist()
             seq.spec_tokens.extend(picked)
             return picked
+        logits = self.target.head(feats)[:, :self.ctx.vocab]
         picked = []
         for row in logits:
             srow = self.sampler.row(seq, seq.spec_tokens)
@@ -215,13 +225,12 @@ class SpeculativeDecoder:
         entry[3] = (last + 1, *kv)
         f = f[:, -1:]
         for j in range(k):
-            tok = self._pick(seq, self.target.head(f[0]), probs)[0]
+            tok = self._pick(seq, f[0], probs)[0]
             if j + 1 < k:  # roll: the predicted feature and the guess are the next input (K/V not kept)
                 f, kv = self.heads.eagle(f, self.target.tok_emb(torch.tensor([[tok]], device=dev)), kv, last + 1 + j)
 
     @torch.inference_mode()
     def _from_heads(self, seqs: list[Sequence]) -> None:
-        head = self.target.head
         for seq in seqs:
             k = self.lookahead(seq)
             feats = self._features(seq) if k else None
@@ -229,7 +238,7 @@ class SpeculativeDecoder:
                 continue
             probs: list[torch.Tensor] = []
             if self.cfg.method == "medusa":
-                self._pick(seq, head(self.heads.medusa(feats[-1])[:k]), probs)  # (k, vocab): all at once
+                self._pick(seq, self.heads.medusa(feats[-1])[:k], probs)  # k guesses at once
             else:
                 self._eagle(seq, k, probs)
             if probs:

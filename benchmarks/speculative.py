@@ -57,7 +57,7 @@ from _common import result, write_result
 import lmstack
 from lmstack.world import World
 from lmstack.infer import LLM, SamplingParams
-from lmstack.infer.draft_heads import DraftHeads, HeadsConfig, load_heads
+from lmstack.infer.draft_heads import DraftHeads, HeadsConfig, frequent_ids, load_heads
 from lmstack.infer.draft_heads_train import train_heads
 from lmstack.model import ModelConfig, Transformer
 from lmstack.tokenizer import load_tokenizer, train_tokenizer
@@ -207,7 +207,9 @@ def trained_heads(method: str, root: Path, tok, target, steps: int, k: int) -> t
     """Medusa or EAGLE heads for `target`, trained on its own training stream; cached under root."""
     cfg = HeadsConfig(method, d_model=target.config.d_model, vocab_size=target.config.vocab_size, num_heads=k,
                       n_heads=target.config.n_heads, d_ff=2 * target.config.d_model, window=32)
-    key = dict(config=cfg.__dict__, steps=steps, batch=8, seq_len=160, lr=3e-3, version=1)
+    # proposal_vocab is applied after training (restrict), so it is no part of what was trained
+    key = dict(config={k: v for k, v in cfg.__dict__.items() if k != "proposal_vocab"}, steps=steps, batch=8,
+               seq_len=160, lr=3e-3, version=1)
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = root / f"heads_{method}_{tag}"
     if (path / "train_info.json").is_file():
@@ -292,6 +294,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--heads_steps", type=int, default=400, help="training steps of the medusa and eagle heads")
     ap.add_argument("--methods", default="draft,ngram,medusa,eagle", help="comma-separated proposers to measure")
+    ap.add_argument("--proposal_vocab", type=int, default=1024,
+                    help="heads guess (greedy) among the training stream's N most frequent ids; 0: all ids")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train_only", action="store_true")
@@ -310,6 +314,14 @@ def main() -> None:
     methods = args.methods.split(",")
     heads = {m: trained_heads(m, root, tok, target, args.heads_steps, args.k) for m in ("medusa", "eagle")
              if m in methods}
+    coverage = None
+    if heads and args.proposal_vocab:
+        train_texts, _ = corpora()
+        data = token_stream(tok, train_texts)
+        ids = frequent_ids(data, args.proposal_vocab, target.config.vocab_size)
+        coverage = round(float(torch.isin(data, ids).float().mean()), 4)  # share of training tokens covered
+        for h, _ in heads.values():
+            h.restrict(ids)
     if args.train_only:
         return
     torch.set_num_threads(args.threads)
@@ -373,7 +385,8 @@ def main() -> None:
             else:
                 extra.update(heads={**heads[m][1], **{k: v for k, v in heads[m][0].config.__dict__.items()
                                                       if k != "method"}},
-                             features="target's top hidden state after the final norm")
+                             features="target's top hidden state after the final norm",
+                             proposal_vocab=args.proposal_vocab, proposal_vocab_token_coverage=coverage)
             results.append(result(
                 "speculative", f"tokens_per_s_{m}_{kind}", True, round(ours, 2), "same engine without speculation",
                 round(base, 2), goal=2.0, method=m, text=kind, k=args.k, acceptance_rate=round(acc, 3),

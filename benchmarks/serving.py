@@ -23,6 +23,9 @@ tokens), and arrive as a Poisson process.
   load average at each phase.
 Goal: ours >= 8x HF's output tokens/s.
 
+How results/serving.json was made (issue 18): `python benchmarks/serving.py --server_threads 2` on a quiet 2-core
+machine (the server on the project's default 2 threads; HF on whichever of 1 or 2 it measured faster).
+
 Usage:
     python benchmarks/serving.py [--requests 64] [--rate 8] [--preset llama-base] [--max_num_seqs 32]
 """

@@ -304,7 +304,8 @@ class SpeculativeDecoder:
             for j, d in enumerate(guesses):
                 q = seq.spec_probs[j] if seq.spec_probs is not None else None
                 q_d = float(q[d]) if q is not None else 1.0
-                if float(torch.rand((), generator=gen)) * q_d < float(p[j, d]):  # u < p/q without dividing
+                u = float(torch.rand((), generator=gen, device=gen.device))  # the generator's device (CUDA too)
+                if u * q_d < float(p[j, d]):  # u < p/q without dividing
                     accepted += 1
                     continue
                 if q is not None:

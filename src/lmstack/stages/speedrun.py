@@ -201,7 +201,8 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
         print(f"{prompt!r} -> {text!r}")
     timings["samples"] = time.perf_counter() - t
 
-    if kernels.enabled() and kernels.info()["path"] is None:
+    kernel = kernels.info()
+    if kernel["enabled"] and kernel["path"] is None:
         # the engine's first start compiles its CPU decode kernel (VIII.16); later runs load it from the cache
         print("compiling the engine's CPU decode kernel (once per machine, about a minute)", flush=True)
     if cfg.eval_seconds > 0:

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from lmstack.config import atomic_write_text, from_dict
 from lmstack.errors import LmstackError
+from lmstack.model.linear import Linear  # nn.Linear that the engine's decode_kernels() scope runs on the skinny kernel
 
 METHODS = ("medusa", "eagle")
 
@@ -103,18 +104,19 @@ def _rope(x: torch.Tensor, start: int) -> torch.Tensor:
 
 
 class EagleLayer(nn.Module):
-    """fc(concat(feature, embedding)) -> one pre-norm decoder layer -> the next position's feature."""
+    """fc(concat(feature, embedding)) -> one pre-norm decoder layer -> the next position's feature. Its
+    projections are lmstack Linear (nn.Linear's parameters and numbers; the skinny kernel inside the engine)."""
 
     def __init__(self, cfg: HeadsConfig):
         super().__init__()
         d = cfg.d_model
         self.n_heads = cfg.n_heads
-        self.fc = nn.Linear(2 * d, d)
+        self.fc = Linear(2 * d, d)
         self.norm1, self.norm2, self.norm_out = nn.RMSNorm(d), nn.RMSNorm(d), nn.RMSNorm(d)
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
-        self.gate_up = nn.Linear(d, 2 * cfg.d_ff, bias=False)
-        self.down = nn.Linear(cfg.d_ff, d, bias=False)
+        self.qkv = Linear(d, 3 * d, bias=False)
+        self.proj = Linear(d, d, bias=False)
+        self.gate_up = Linear(d, 2 * cfg.d_ff, bias=False)
+        self.down = Linear(cfg.d_ff, d, bias=False)
 
     def forward(self, feats: torch.Tensor, emb: torch.Tensor, kv: tuple | None = None, start: int = 0):
         """feats, emb (B, T, d) -> (predicted next features (B, T, d), (k, v) to extend later).

@@ -26,6 +26,7 @@ from lmstack.errors import LmstackError
 from lmstack.infer.cuda_graphs import DecodeGraphs
 from lmstack.infer.paged_attention import PagedKVCache, PrefillChunk, ShortChunks, StepMeta
 from lmstack.infer.sequence import Sequence
+from lmstack.infer.spec_tree import chunk_visibility
 from lmstack.infer.step_plan import StepPlan
 from lmstack.infer.threads import threads_for
 from lmstack.kernels import available as kernels_available
@@ -97,9 +98,13 @@ class ModelRunner:
             seq, tokens, start, row = p.seq, p.tokens, p.start, p.row
             n = len(tokens)
             ids.extend(tokens)
-            positions.extend(range(start, start + n))
+            if p.tree is None:
+                positions.extend(range(start, start + n))
+            else:  # a token tree's node sits at its depth past the last known token (spec_tree.py)
+                positions.extend(range(start, start + p.num_tokens))
+                positions.extend(start + p.num_tokens - 1 + d for d in p.tree.depths)
             slots.extend(self._slots(seq, start, start + n))
-            if n == 1 or (start > 0 and n <= SHORT_QUERY):
+            if n == 1 or (start > 0 and n <= SHORT_QUERY) or p.tree is not None:
                 short.append((seq, row, n, start))
             else:
                 ctx = start + n
@@ -109,10 +114,10 @@ class ModelRunner:
             raise LmstackError(f"position {max(positions)} is past max_seq_len={self.max_len} of a model with "
                                "learned positions")
         meta = StepMeta(torch.tensor(positions, device=dev), torch.tensor(slots, device=dev),
-                        self._short_meta(short) if short else None, prefills)
+                        self._short_meta(short, plan) if short else None, prefills)
         return torch.tensor([ids], device=self.device), meta
 
-    def _short_meta(self, short) -> ShortChunks:
+    def _short_meta(self, short, plan: StepPlan) -> ShortChunks:
         tq = max(n for _, _, n, _ in short)
         length = max(start + n for _, _, n, start in short)
         rows, valid, q_pos, key_slots, valid_index, out_rows = [], [], [], [], [], []
@@ -129,9 +134,14 @@ class ModelRunner:
         if len(short) == 1 and self._contiguous(short[0][0], length):
             contig = (short[0][0].block_table[0] * self.block_size, length)
         dev = self.device
+        tree = None
+        trees = {p.row: p for p in plan.seqs if p.tree is not None}
+        if trees:  # which rows of its chunk each query row sees (spec_tree.py); chains stay causal
+            tree = torch.stack([chunk_visibility(trees[row].num_tokens, trees[row].tree.parents, tq) if row in trees
+                                else chunk_visibility(n, None, tq) for _, row, n, _ in short]).to(dev)
         return ShortChunks(torch.tensor(rows, device=dev), torch.tensor(valid, device=dev),
                            torch.tensor(q_pos, device=dev), torch.tensor(key_slots, device=dev), contig,
-                           torch.tensor(out_rows, device=dev), torch.tensor(valid_index, device=dev))
+                           torch.tensor(out_rows, device=dev), torch.tensor(valid_index, device=dev), tree=tree)
 
     def run(self, plan: StepPlan | list[tuple[Sequence, list[int], int]], logit_rows: list[int] | None = None
             ) -> torch.Tensor:

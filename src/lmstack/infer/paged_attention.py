@@ -54,6 +54,9 @@ class ShortChunks:
     out_rows: torch.Tensor  # (R,) flat rows of the real queries = rows.flatten()[valid_index]
     valid_index: torch.Tensor  # (R,) indices of the real queries in the flattened (B * Tq) grid
     masks: dict = field(default_factory=dict, repr=False)  # window -> SDPA mask, built by the first layer
+    tree: torch.Tensor | None = None
+    """(B, Tq, Tq) bool, when a chunk holds a token tree (spec_tree.py): which rows of its own chunk a query row
+    sees (besides every key before the chunk); None: causal."""
 
 
 @dataclass
@@ -100,6 +103,13 @@ class PagedKVCache(AttentionCache):
         for src, dst in pairs:
             self.k[:, :, dst * bs:(dst + 1) * bs] = self.k[:, :, src * bs:(src + 1) * bs]
             self.v[:, :, dst * bs:(dst + 1) * bs] = self.v[:, :, src * bs:(src + 1) * bs]
+
+    def move_slots(self, src: list[int], dst: list[int]) -> None:
+        """Move single slots' K/V (every layer) from src to dst, all read before any is written: an accepted
+        token-tree path into its sequence's positions (spec_tree.py)."""
+        s, d = torch.tensor(src, device=self.k.device), torch.tensor(dst, device=self.k.device)
+        self.k[:, :, d] = self.k[:, :, s]
+        self.v[:, :, d] = self.v[:, :, s]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn, ctx) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) for the flat batch -> attention output (1, H, N, D)."""
@@ -165,7 +175,7 @@ class PagedKVCache(AttentionCache):
         else:
             qs = q[0][:, sh.rows]  # (H, B, Tq, D)
             qs = qs.permute(1, 0, 2, 3).reshape(b, hkv, group * tq, d)
-        if self.attention_backend == "flex":  # the mask as a rule over indices, not a tensor
+        if self.attention_backend == "flex" and sh.tree is None:  # the mask as a rule over indices, not a tensor
             o = flex_short(qs, keys, values, sh.q_pos, window, scale)
         else:
             o = F.scaled_dot_product_attention(qs, keys, values,
@@ -186,6 +196,10 @@ class PagedKVCache(AttentionCache):
         if window not in sh.masks:
             k_pos = torch.arange(length, device=sh.q_pos.device)
             visible = k_pos[None, None, :] <= sh.q_pos[:, :, None]  # (B, Tq, L): causal, and hides padding keys
+            if sh.tree is not None:  # token trees: the keys before the chunk, then the chunk's rows sh.tree allows
+                rel = k_pos[None, :] - sh.q_pos[:, :1]  # (B, L): key index within its chunk (q_pos = key index)
+                own = sh.tree.gather(2, rel.clamp(0, tq - 1)[:, None, :].expand(-1, tq, -1))
+                visible = (rel < 0)[:, None, :] | (own & (rel >= 0)[:, None, :] & visible)
             if window:
                 visible &= k_pos[None, None, :] > sh.q_pos[:, :, None] - window
             sh.masks[window] = visible.repeat(1, group, 1)[:, None]

@@ -26,10 +26,19 @@ Proposers (SpeculativeConfig.method):
 Greedy rows that need no logits processing take each guess as a plain argmax: the accept rule ignores q
 for greedy rows, so the sampler's machinery (and q) is only built for rows that sample.
 
+Token trees (tree_nodes > 0, medusa / eagle): a greedy row's guesses become a tree of tree_nodes nodes up to
+num_tokens deep (spec_tree.py), scored in the same one target forward with a tree attention mask; the longest
+path the target agrees with is kept. medusa: the best paths over each head's top tree_topk tokens; eagle
+(EAGLE-2's expansion): each depth rolls the layer on the tree_topk best nodes so far, batched, and the
+tree_nodes best candidates by the draft's path log-probability form the tree. Sampled rows (temperature > 0)
+and rows with logits processors keep the chain of num_tokens guesses and the lossless accept rule above.
+Proposals run inside the target runner's decode_kernels() scope, so the skinny kernel serves their matmuls.
+
 Usage:
     llm = LLM(target_dir, speculative={"method": "draft", "draft_model": draft_dir, "num_tokens": 4})
     llm = LLM(target_dir, speculative={"method": "ngram", "num_tokens": 4, "ngram_max": 3})
     llm = LLM(target_dir, speculative={"method": "eagle", "heads": heads_dir, "num_tokens": 4})
+    llm = LLM(target_dir, speculative={"method": "eagle", "heads": heads_dir, "num_tokens": 5, "tree_nodes": 16})
     llm.engine.stats()["spec_acceptance_rate"]
     spec = SpeculativeDecoder(config, model, num_blocks, block_size, ctx, sampler)   # what the engine builds
     tokens, logprobs = spec.verify(seq, logits)      # the engine appends them through its output processor
@@ -40,7 +49,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from lmstack.config import from_dict
 from lmstack.errors import LmstackError
@@ -51,7 +59,9 @@ from lmstack.infer.loading import load_draft
 from lmstack.infer.model_runner import ModelRunner
 from lmstack.infer.sampler import Sampler
 from lmstack.infer.sequence import Sequence
+from lmstack.infer.spec_tree import TokenTree, accept_greedy, best, medusa_tree
 from lmstack.infer.step_plan import StepPlan
+from lmstack.model.linear import decode_kernels, linear
 
 
 @dataclass
@@ -69,6 +79,11 @@ class SpeculativeConfig:
     """method=ngram: shortest suffix length matched."""
     heads: Any = None
     """method=medusa|eagle: a draft heads directory (heads.json + heads.safetensors) or DraftHeads."""
+    tree_nodes: int = 0
+    """method=medusa|eagle: 0 proposes a chain of num_tokens guesses; N > 0 proposes greedy rows a token tree
+    of N nodes, num_tokens deep at most, verified in one forward (spec_tree.py)."""
+    tree_topk: int = 4
+    """Token trees: candidates per expanded node (and, for eagle, nodes expanded per depth)."""
 
     def __post_init__(self) -> None:
         if self.method not in ("draft", "ngram", "medusa", "eagle"):
@@ -82,6 +97,13 @@ class SpeculativeConfig:
             raise LmstackError("speculative method='draft' needs draft_model (a model directory or Transformer)")
         if self.method in ("medusa", "eagle") and self.heads is None:
             raise LmstackError(f"speculative method={self.method!r} needs heads (a draft heads directory)")
+        if not isinstance(self.tree_nodes, int) or not 0 <= self.tree_nodes <= 63:
+            raise LmstackError(f"speculative tree_nodes must be an integer in 0..63 (0: a chain), got {self.tree_nodes!r}")
+        if not isinstance(self.tree_topk, int) or not 1 <= self.tree_topk <= 16:
+            raise LmstackError(f"speculative tree_topk must be an integer in 1..16, got {self.tree_topk!r}")
+        if self.tree_nodes and self.method not in ("medusa", "eagle"):
+            raise LmstackError(f"speculative tree_nodes needs method 'medusa' or 'eagle' (draft heads), not "
+                               f"{self.method!r}")
 
 
 class SpeculativeDecoder:
@@ -110,14 +132,25 @@ class SpeculativeDecoder:
         # seq_id -> [end position (exclusive), features of the positions before it, step last seen,
         #            eagle: (end position, K, V) of its layer over verified positions, or None]
         self.feats: dict[int, list] = {}
+        guesses = max(self.k, config.tree_nodes)  # a step's rows past its last token
         self.window = 1 if self.heads is None else (
-            self.k + 1 if config.method == "medusa" else self.heads.config.window + self.k + 1)
+            guesses + 1 if config.method == "medusa" else self.heads.config.window + guesses + 1)
         self.proposed = self.accepted = self.steps = self.observed = 0
+        self.target_runner: ModelRunner | None = None  # attach(): its pool (token-tree K/V moves), kernel switch
 
     def attach(self, runner: ModelRunner) -> None:
         """Draft heads read the target runner's hidden rows of every step (the engine calls this once)."""
         if self.heads is not None:
             runner.hidden_hook = self.observe
+        self.target_runner = runner
+        if self.cfg.tree_nodes:
+            cfg = runner.model.config
+            why = ("ALiBi" if runner.cache.alibi is not None else "an attention logit softcap" if cfg.attn_logit_softcap
+                   else "a sliding window" if cfg.sliding_window else "tensor parallelism" if runner.tp is not None
+                   else None)
+            if why:
+                raise LmstackError(f"speculative tree_nodes (token trees) does not support a target with {why}; "
+                                   "use tree_nodes=0 (a chain of guesses)")
 
     def observe(self, plan: StepPlan, hidden: torch.Tensor) -> None:
         """Keep each planned sequence's newest features: hidden (rows, d) are the step's flat rows.
@@ -139,12 +172,24 @@ class SpeculativeDecoder:
     # ---- hooks the engine calls
     def lookahead(self, seq: Sequence) -> int:
         """Slots to reserve for a decoding sequence's guesses (0 = no speculation for it)."""
+        depth = self._depth(seq)
+        if depth and self._tree(seq):
+            return min(self.cfg.tree_nodes, self.ctx.max_model_len - seq.num_tokens - 1)
+        return depth
+
+    def _depth(self, seq: Sequence) -> int:
+        """Guesses a chain may make (a tree's depth): within max_tokens and max_model_len."""
         req = seq.request
         if req.params.guided or req.beam is not None or not req.forked:
             return 0
         left = req.max_tokens - seq.num_output_tokens - 1
         room = self.ctx.max_model_len - seq.num_tokens - 1
         return max(0, min(self.k, left, room))
+
+    def _tree(self, seq: Sequence) -> bool:
+        """This sequence gets a token tree: trees are on and it decodes greedily on the raw logits."""
+        params = seq.request.params
+        return bool(self.cfg.tree_nodes) and params.greedy and not lp.needs_processing(params) and seq.matcher is None
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if self.runner is not None:
@@ -193,7 +238,7 @@ class SpeculativeDecoder:
         if params.greedy and not lp.needs_processing(params):
             if self.subset is not None:  # argmax over the proposal vocabulary's rows only
                 ids, weight = self.subset
-                picked = ids[F.linear(feats, weight).argmax(dim=-1)].tolist()
+                picked = ids[linear(feats, weight).argmax(dim=-1)].tolist()
             else:
                 picked = self.target.head(feats)[:, :self.ctx.vocab].argmax(dim=-1).tolist()
             seq.spec_tokens.extend(picked)
@@ -208,8 +253,52 @@ class SpeculativeDecoder:
             seq.spec_tokens.append(picked[-1])
         return picked
 
-    def _eagle(self, seq: Sequence, k: int, probs: list) -> None:
-        """Extend the layer's K/V over the newly verified positions, then roll k guesses."""
+    def _top(self, feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (r, d) -> the k likeliest proposal tokens per row and their log-probabilities (r, k), over
+        the proposal vocabulary when the heads have one (greedy rows only: token trees)."""
+        if self.subset is not None:
+            ids, weight = self.subset
+            val, idx = linear(feats, weight).float().log_softmax(dim=-1).topk(k, dim=-1)
+            return ids[idx], val
+        val, idx = self.target.head(feats)[:, :self.ctx.vocab].float().log_softmax(dim=-1).topk(k, dim=-1)
+        return idx, val
+
+    def _medusa_tree(self, seq: Sequence, feats: torch.Tensor, depth: int, nodes: int) -> None:
+        tok, logp = self._top(self.heads.medusa(feats[-1])[:depth], self.cfg.tree_topk)
+        seq.spec_tokens = medusa_tree(tok.tolist(), logp.tolist(), nodes)
+
+    def _eagle_tree(self, seq: Sequence, depth: int, nodes: int) -> None:
+        """EAGLE-2's expansion: each depth runs the layer once on the tree_topk best nodes so far (a batch; each
+        row's K/V are the window's plus its own ancestors'), takes each one's tree_topk likeliest children, and
+        the `nodes` best candidates by path log-probability become the tree."""
+        f, kv, last = self._eagle_start(seq)
+        topk = self.cfg.tree_topk
+        tok, logp = self._top(f[0], topk)
+        tokens, scores = tok[0].tolist(), logp[0].tolist()
+        parents = [-1] * len(tokens)
+        frontier = list(range(len(tokens)))  # candidates expanded at the next depth
+        feat_in = f.expand(len(frontier), -1, -1)
+        kv_in = (kv[0].expand(len(frontier), -1, -1, -1), kv[1].expand(len(frontier), -1, -1, -1))
+        for j in range(1, depth):
+            ids = torch.tensor([tokens[i] for i in frontier], device=f.device)
+            out, (keys, values) = self.heads.eagle(feat_in, self.target.tok_emb(ids)[:, None], kv_in, last + j)
+            tok, logp = self._top(out[:, 0], topk)  # (B, topk) children of each expanded node
+            cand = torch.tensor([scores[i] for i in frontier], device=logp.device)[:, None] + logp
+            base = len(tokens)
+            tokens += tok.flatten().tolist()
+            scores += cand.flatten().tolist()
+            parents += [i for i in frontier for _ in range(tok.shape[1])]
+            if j + 1 == depth:
+                break
+            pick = cand.flatten().topk(min(topk, cand.numel())).indices  # the next depth's best nodes
+            rows = pick // tok.shape[1]
+            frontier = [base + i for i in pick.tolist()]
+            feat_in, kv_in = out[rows], (keys[rows], values[rows])
+        seq.spec_tokens = best(tokens, parents, scores, nodes)
+
+    def _eagle_start(self, seq: Sequence) -> tuple[torch.Tensor, tuple, int]:
+        """Extend the layer's K/V over the newly verified positions: (the predicted feature (1, 1, d) of the last
+        token's position, K/V over the window, position of the second-to-last token)."""
         entry, window = self.feats[seq.seq_id], self.heads.config.window
         f_start, last = entry[0] - len(entry[1]), seq.num_tokens - 2
         state, kv = entry[3], None
@@ -223,7 +312,12 @@ class SpeculativeDecoder:
         f, (keys, values) = self.heads.eagle(feats[None], self.target.tok_emb(ids)[None], kv, frm)
         kv = (keys[:, :, -window:], values[:, :, -window:])  # attention sees the last `window` positions
         entry[3] = (last + 1, *kv)
-        f = f[:, -1:]
+        return f[:, -1:], kv, last
+
+    def _eagle(self, seq: Sequence, k: int, probs: list) -> None:
+        """Extend the layer's K/V over the newly verified positions, then roll k guesses."""
+        f, kv, last = self._eagle_start(seq)
+        dev = f.device
         for j in range(k):
             tok = self._pick(seq, f[0], probs)[0]
             if j + 1 < k:  # roll: the predicted feature and the guess are the next input (K/V not kept)
@@ -231,18 +325,30 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def _from_heads(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            k = self.lookahead(seq)
-            feats = self._features(seq) if k else None
-            if feats is None:
-                continue
-            probs: list[torch.Tensor] = []
+        # the target runner's kernel switch: these matmuls are a few rows against a whole weight, like decode
+        with decode_kernels(self.target_runner is not None and self.target_runner.kernels):
+            for seq in seqs:
+                self._heads_one(seq)
+
+    def _heads_one(self, seq: Sequence) -> None:
+        k = self._depth(seq)
+        feats = self._features(seq) if k else None
+        if feats is None:
+            return
+        if self._tree(seq):
+            nodes = self.lookahead(seq)
             if self.cfg.method == "medusa":
-                self._pick(seq, self.heads.medusa(feats[-1])[:k], probs)  # k guesses at once
+                self._medusa_tree(seq, feats, k, nodes)
             else:
-                self._eagle(seq, k, probs)
-            if probs:
-                seq.spec_probs = torch.stack(probs)
+                self._eagle_tree(seq, k, nodes)
+            return
+        probs: list[torch.Tensor] = []
+        if self.cfg.method == "medusa":
+            self._pick(seq, self.heads.medusa(feats[-1])[:k], probs)  # k guesses at once
+        else:
+            self._eagle(seq, k, probs)
+        if probs:
+            seq.spec_probs = torch.stack(probs)
 
     def _draft(self, seqs: list[Sequence]) -> None:
         ks = {seq.seq_id: self.lookahead(seq) for seq in seqs}
@@ -285,6 +391,8 @@ class SpeculativeDecoder:
     def verify(self, seq: Sequence, logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """logits (k+1, vocab) for [last token, d1..dk]: accept a prefix of the guesses plus one more token.
         Returns those tokens and the log-probability rows they were drawn at; the caller appends them."""
+        if isinstance(seq.spec_tokens, TokenTree):
+            return self._verify_tree(seq, logits)
         guesses = seq.spec_tokens
         k = len(guesses)
         params = seq.request.params
@@ -326,3 +434,27 @@ class SpeculativeDecoder:
         seq.draft_computed = min(seq.draft_computed, old_len + accepted)
         seq.spec_tokens, seq.spec_probs = [], None
         return guesses[:accepted] + [final], logits.log_softmax(dim=-1)
+
+    def _verify_tree(self, seq: Sequence, logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """logits (1 + nodes, vocab) for [last token, tree nodes] of a greedy row (trees are proposed for no
+        other): keep the longest path the target's argmax agrees with, move its K/V (and features) into the
+        sequence's next positions, and return its tokens plus the target's next one."""
+        tree = seq.spec_tokens
+        path, final = accept_greedy(tree, logits.argmax(dim=-1).tolist())
+        last = seq.num_tokens - 1  # node i was written at position last + 1 + i
+        moves = [(last + 1 + node, last + 1 + j) for j, node in enumerate(path) if node != j]
+        if moves:  # the top-1 chain is already in place; a path that left it moves from its nodes' slots
+            run = self.target_runner
+            run.cache.move_slots([run.slot(seq, a) for a, _ in moves], [run.slot(seq, b) for _, b in moves])
+        entry, n = self.feats.get(seq.seq_id), len(tree)
+        if entry is not None and entry[0] == last + 1 + n and len(entry[1]) > n:
+            entry[1] = torch.cat([entry[1][:-n], entry[1][-n:][path]])  # rows of the path's nodes, in order
+            entry[0] = last + 1 + len(path)
+        else:
+            self.feats.pop(seq.seq_id, None)
+        self.proposed += n
+        self.accepted += len(path)
+        seq.num_computed_tokens += len(path)  # their K/V now sit at the positions they are accepted at
+        seq.spec_tokens, seq.spec_probs = [], None
+        rows = [0] + [1 + node for node in path]  # the row each returned token was read from
+        return [tree[node] for node in path] + [final], logits[rows].log_softmax(dim=-1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from lmstack.infer.scheduler import SchedulerOutput
 from lmstack.infer.sequence import Sequence
+from lmstack.infer.spec_tree import TokenTree
 
 
 @dataclass
@@ -40,6 +41,8 @@ class PlannedSeq:
     """Known tokens computed this step (tokens without the guesses)."""
     lookahead: int = 0
     """Slots the scheduler reserved for speculative guesses."""
+    tree: TokenTree | None = None
+    """The guesses, when they form a token tree (spec_tree.py: parents and depths); None: a chain."""
 
     @property
     def sample_row(self) -> int:
@@ -71,7 +74,7 @@ class StepPlan:
                 n_sample = 1 + len(spec)
                 plan.logit_rows.extend(range(base + s.num_tokens - 1, base + s.num_tokens + len(spec)))
             plan.seqs.append(PlannedSeq(seq, tokens, start, base, first_logit, prompt_rows, n_sample, s.num_tokens,
-                                        s.lookahead))
+                                        s.lookahead, spec if isinstance(spec, TokenTree) else None))
             plan.num_rows += len(tokens)
         return plan
 

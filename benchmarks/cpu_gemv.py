@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import result, write_result
-from lmstack.kernels import MAX_ROWS, info, skinny
+from lmstack.kernels import MAX_ROWS, build, info
 from lmstack.kernels import skinny_linear
 from lmstack.model import preset
 
@@ -156,7 +156,7 @@ def main():
     torch.set_num_threads(args.threads)
     global NAME
     NAME = "cpu_gemv" if args.threads == 2 else f"cpu_gemv_t{args.threads}"
-    ext = skinny._extension()
+    ext = build.extension()
     if ext is None:
         raise SystemExit(f"the skinny kernel is not available here: {info()}")
     cfg = preset("llama-base")

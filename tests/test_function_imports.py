@@ -105,7 +105,7 @@ KEPT_HOISTS = {
     ("src/lmstack/align/commands.py", "lmstack.align.reward_model"): "keeps `lmstack align --help` fast",
     ("src/lmstack/align/commands.py", "lmstack.align.dpo"): "keeps `lmstack align --help` fast",
     # torch.utils.cpp_extension costs ~0.3 s on top of torch and is needed only when the kernel must be built
-    ("src/lmstack/kernels/skinny.py", "torch.utils"): "only a kernel cache miss needs the build machinery",
+    ("src/lmstack/kernels/build.py", "torch.utils"): "only a kernel cache miss needs the build machinery",
 }
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.infer import LLM, SamplingParams
-from lmstack.kernels import skinny
+from lmstack.kernels import build
 from lmstack.model import ModelConfig, Transformer
 from lmstack.model import linear as linear_mod
 from lmstack.model.linear import Linear, decode_kernels
@@ -79,8 +79,8 @@ def test_training_inside_the_scope_keeps_autograd():
 
 
 def test_the_engine_decodes_through_the_kernel(counted):
-    if not skinny.enabled() or skinny._extension() is None:
-        pytest.skip(f"skinny kernel not buildable here: {skinny.info()['error']}")
+    if not build.enabled() or build.extension() is None:
+        pytest.skip(f"skinny kernel not buildable here: {build.info()['error']}")
     model = tiny()
     llm = LLM(model, num_blocks=16, block_size=8)
     assert llm.engine.runner.kernels

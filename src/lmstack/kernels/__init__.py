@@ -1,9 +1,13 @@
-"""CPU kernels the engine's decode step can call; each is compiled on first use and falls back to torch.
+"""CPU kernels the engine's decode step can call; compiled on first use (build.py), each falls back to torch.
 
 Usage:
     from lmstack.kernels import skinny_linear, available, info, MAX_ROWS
     y = skinny_linear(x, weight, bias)   # F.linear for decode-sized fp32 x (skinny.py)
+    from lmstack.kernels import decode_ops
+    y = decode_ops.rms_norm(x, w, eps)   # RMSNorm, RoPE, SiLU-gate, paged decode attention (decode_ops.py)
 """
-from lmstack.kernels.skinny import MAX_ROWS, available, info, skinny_linear
+from lmstack.kernels import decode_ops
+from lmstack.kernels.build import available, info
+from lmstack.kernels.skinny import MAX_ROWS, skinny_linear
 
-__all__ = ["MAX_ROWS", "available", "info", "skinny_linear"]
+__all__ = ["MAX_ROWS", "available", "decode_ops", "info", "skinny_linear"]

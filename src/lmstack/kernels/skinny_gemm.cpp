@@ -11,8 +11,8 @@
 // depend on M, on which tile or thread computes the row, or on the other rows of x, so batching requests never
 // changes a request's logits bit for bit. (No -ffast-math: the compiler must not reassociate.)
 //
-// ISA: AVX-512F when the build machine has it (built with -march=native), else AVX2+FMA, else plain loops over
-// L partial sums (same order). skinny_isa() names the path that was compiled.
+// The vector operations (AVX-512F, AVX2+FMA, or plain loops in the same order) are in simd.h; bindings.cpp
+// exposes this function to Python.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -20,55 +20,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int L = 16;
-using vec = __m512;
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vec vload_tail(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
-const char* ISA = "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int L = 8;
-using vec = __m256;
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vec vload_tail(const float* p, int n) {
-  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return _mm256_maskload_ps(p, mask);
-}
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-const char* ISA = "avx2";
-#else
-constexpr int L = 8;
-struct vec { float v[L]; };
-inline vec vzero() { vec r; for (int l = 0; l < L; ++l) r.v[l] = 0.f; return r; }
-inline vec vload(const float* p) { vec r; for (int l = 0; l < L; ++l) r.v[l] = p[l]; return r; }
-inline vec vload_tail(const float* p, int n) {
-  vec r;
-  for (int l = 0; l < L; ++l) r.v[l] = l < n ? p[l] : 0.f;
-  return r;
-}
-inline vec vfma(vec a, vec b, vec c) {
-  for (int l = 0; l < L; ++l) c.v[l] = std::fma(a.v[l], b.v[l], c.v[l]);
-  return c;
-}
-inline float vsum(vec a) { float s = 0.f; for (int l = 0; l < L; ++l) s += a.v[l]; return s; }
-const char* ISA = "generic";
-#endif
+using namespace lmstack_simd;
 
 // R weight rows x MB x-rows: R*MB accumulators stay in registers; each chunk of W is loaded once and used MB
 // times. R = 8, MB <= 2 uses 16 + 8 + 1 of the 32 zmm registers (no spills); at M = 1 the 8 row streams keep
@@ -160,12 +116,4 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
     }
   });
   return y;
-}
-
-std::string skinny_isa() { return ISA; }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear", &skinny_linear, "y = x @ weight.T (+ bias) for a few rows of fp32 x",
-        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
-  m.def("isa", &skinny_isa, "the vector instruction set this build uses");
 }

@@ -10,7 +10,8 @@ interface every cache implements (attention_cache.py). The model's own caches st
 cache runs its own kernel. The layer never asks which kind it has.
 
 With cfg.fused_projections the q/k/v projections are one `qkv_proj` Linear (fused_projections.py): one
-matmul, and q and k are rotated by RoPE in one op; the numbers are those of the split layout.
+matmul, and q and k are rotated by RoPE in one op (one C++ call inside decode_kernels(), decode_ops.rope); the
+numbers are those of the split layout.
 
 attention='performer'|'linformer' (linear_attention.py) and 'lsh' (Reformer, lsh_attention.py) replace the
 softmax-over-all-keys backends; they run on whole sequences, without a KV cache.
@@ -25,13 +26,19 @@ import torch
 from torch import nn
 
 from lmstack.errors import LmstackError
+from lmstack.kernels import decode_ops
 from lmstack.model.backends import BACKENDS
 from lmstack.model.fused_projections import FusedLinear
-from lmstack.model.linear import Linear
+from lmstack.model.linear import Linear, kernels_on
 from lmstack.model.linear_attention import LINEAR_ATTENTION
 from lmstack.model.lsh_attention import LSHAttention
 from lmstack.model.norms import RMSNorm
 from lmstack.model.positions import apply_rotary
+
+def _rope_heads_second(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """decode_ops.rope for x (B, heads, T, D): the kernel takes (B, T, heads, D), as the fused layout holds it."""
+    return decode_ops.rope(x.transpose(1, 2), cos, sin).transpose(1, 2)
+
 
 # attention kinds other than softmax-over-all-keys: name -> module taking (q, k, v, causal)
 ATTENTION_KINDS = {**LINEAR_ATTENTION, "lsh": LSHAttention}
@@ -99,11 +106,12 @@ class Attention(nn.Module):
             q = self.q_norm(q)
             k = q if self.k_proj is None else self.k_norm(k)
         if ctx.cos_q is not None:
-            q = apply_rotary(q, ctx.cos_q, ctx.sin_q)
+            rope = _rope_heads_second if kernels_on() else apply_rotary  # the same kernel as the fused layout
+            q = rope(q, ctx.cos_q, ctx.sin_q)
             if self.k_proj is None:
                 k = q  # shared-QK: the keys are the (rotated) queries
             elif rotate_k:
-                k = apply_rotary(k, ctx.cos_q, ctx.sin_q)
+                k = rope(k, ctx.cos_q, ctx.sin_q)
         return q, k, v
 
     def _fused_qkv(self, qkv_proj, x, ctx, rotate_k: bool):
@@ -115,7 +123,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)
         if ctx.cos_q is not None and rotate_k:
-            qk = apply_rotary(qk, ctx.cos_t, ctx.sin_t)  # (T, 1, D) tables: one op for q and k heads
+            # (T, 1, D) tables: one op for q and k heads; one C++ call in the engine's decode step
+            rope = decode_ops.rope if kernels_on() else apply_rotary
+            qk = rope(qk, ctx.cos_t, ctx.sin_t)
             q, k = qk[:, :, :h], qk[:, :, h:]
         elif ctx.cos_q is not None:
             q, k = apply_rotary(qk[:, :, :h], ctx.cos_t, ctx.sin_t), qk[:, :, h:]

@@ -7,8 +7,10 @@ its result never depends on the other rows, so batching requests never changes a
 
 The kernel is switched on per thread by a scope, not per model: the inference engine runs its steps inside
 `decode_kernels()`, and everything else (training, `generate`, eval, tests that compare a model with itself
-bitwise) keeps F.linear's exact numbers. Inside the scope, skinny_linear still falls back to F.linear for
-anything that is not a few fp32 CPU rows without autograd (prefill chunks, other dtypes, CUDA).
+bitwise) keeps F.linear's exact numbers. Inside the scope, skinny_linear still falls back to F.linear for anything
+that is not a few fp32 CPU rows without autograd (prefill chunks, other dtypes, CUDA). The same scope switches the
+decode step's small ops (RMSNorm, RoPE, the SiLU-gate product, paged decode attention) to
+lmstack.kernels.decode_ops; kernels_on() reads it.
 
 Usage:
     proj = Linear(768, 2304, bias=False)     # a drop-in nn.Linear: same parameters and state-dict keys
@@ -39,6 +41,12 @@ def decode_kernels(on: bool = True):
         yield
     finally:
         _scope.on = before
+
+
+def kernels_on() -> bool:
+    """Whether this thread is inside decode_kernels(True): the model's norms, RoPE, gate product and the paged
+    cache's decode attention switch to lmstack.kernels.decode_ops there too."""
+    return getattr(_scope, "on", False)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

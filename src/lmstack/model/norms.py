@@ -3,7 +3,8 @@
 RMSNorm (Zhang & Sennrich 2019) drops LayerNorm's mean-centering and bias: x / rms(x) * weight.
 It computes in fp32 whatever the input dtype, as the Llama reference does, so bf16 runs stay stable;
 an fp32 input goes through torch's fused rms_norm op, bitwise equal to the written-out form and one op
-instead of eight (it matters when decoding one token at a time).
+instead of eight (it matters when decoding one token at a time). Inside decode_kernels() (the engine's steps) it
+is one C++ call (lmstack.kernels.decode_ops.rms_norm), the same math within fp32 rounding.
 Gemma's variant (cfg.norm_plus_one) scales by (1 + weight) in fp32, with the weight initialised to 0.
 
 With cfg.fused_kernels, RMSNorm runs as fused.FusedRMSNorm (one kernel forward and backward).
@@ -16,7 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmstack.kernels import decode_ops
 from lmstack.model.fused import FusedRMSNorm
+from lmstack.model.linear import kernels_on
 
 
 class RMSNorm(nn.Module):
@@ -29,6 +32,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight  # (read once: a parameter lookup goes through nn.Module.__getattr__)
         if x.dtype == torch.float32 and w.dtype == torch.float32 and not self.plus_one:
+            if kernels_on():  # the engine's decode step: one C++ pass instead of torch's ~6 ops (decode_ops.py)
+                return decode_ops.rms_norm(x, w, self.eps)
             return torch.rms_norm(x, w.shape, w, self.eps)  # F.rms_norm's op, without its Python wrapper
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

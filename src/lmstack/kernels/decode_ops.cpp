@@ -1,0 +1,188 @@
+// The small operations of a decode step, each fused into one C++ call: RMSNorm, RoPE, SiLU-gate product, and
+// attention of one new query per sequence over its paged keys.
+//
+// At decode time a layer's tensors are a few rows, so each torch op costs its dispatch (several microseconds)
+// plus the temporaries it allocates, far more than its arithmetic: RMSNorm runs as ~6 ops, rotate-half RoPE as
+// ~6, SiLU * up as 2, and SDPA for a 1-token query spends ~40 us setting up a flash kernel for ~20 KFLOP. These
+// kernels do the same arithmetic in one pass each. They are the ops vLLM also keeps as custom kernels (rms_norm,
+// rotary_embedding, silu_and_mul, paged_attention); the math is the model's, in the model's order, so results
+// match torch within fp32 rounding (tests/kernels/test_decode_ops.py).
+//
+// Batch invariance: every output row (and every (sequence, head) of attention) is computed by one thread from
+// its own inputs only, in a fixed order, so batching requests never changes a request's numbers.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "simd.h"
+
+using namespace lmstack_simd;
+
+namespace {
+
+void check_f32_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "decode_ops: ", name,
+              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+}
+
+}  // namespace
+
+// y = x / sqrt(mean(x^2) + eps) * w, over the last dimension of a (M, D) contiguous x.
+torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  check_f32_cpu(x, "x");
+  check_f32_cpu(w, "weight");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rms_norm_rows: x must be a contiguous (M, D) matrix, got ",
+              x.sizes());
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), "rms_norm_rows: weight must have ",
+              x.size(1), " values, got ", w.sizes());
+  const int64_t M = x.size(0), D = x.size(1);
+  torch::Tensor y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * D;
+    const float inv = 1.0f / std::sqrt(dot(xr, xr, D) / static_cast<float>(D) + static_cast<float>(eps));
+    float* yr = yp + m * D;
+    for (int64_t d = 0; d < D; ++d) yr[d] = (xr[d] * inv) * wp[d];  // torch's order: normalise, then scale
+  }
+  return y;
+}
+
+// silu(gate) * up for gate, up (M, F) with contiguous rows (any row stride: the two halves of a fused gate_up
+// output are strided views) -> (M, F) contiguous.
+torch::Tensor silu_mul_rows(const torch::Tensor& gate, const torch::Tensor& up) {
+  check_f32_cpu(gate, "gate");
+  check_f32_cpu(up, "up");
+  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 && up.stride(1) == 1,
+              "silu_mul_rows: gate and up must be (M, F) matrices of the same shape with contiguous rows, got ",
+              gate.sizes(), " and ", up.sizes());
+  const int64_t M = gate.size(0), F = gate.size(1);
+  torch::Tensor y = torch::empty({M, F}, gate.options());
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* gr = gate.data_ptr<float>() + m * gate.stride(0);
+    const float* ur = up.data_ptr<float>() + m * up.stride(0);
+    float* yr = yp + m * F;
+    for (int64_t f = 0; f < F; ++f) yr[f] = gr[f] / (1.0f + std::exp(-gr[f])) * ur[f];
+  }
+  return y;
+}
+
+// Rotate-half RoPE of x (B, T, N, D) (any strides, contiguous last dim) by per-position tables cos/sin (T, D):
+// y = x * cos + cat(-x2, x1) * sin, returned contiguous.
+torch::Tensor rope_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  check_f32_cpu(x, "x");
+  check_f32_cpu(cos, "cos");
+  check_f32_cpu(sin, "sin");
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0,
+              "rope_rows: x must be (B, T, heads, D) with a contiguous, even last dimension, got ", x.sizes());
+  const int64_t B = x.size(0), T = x.size(1), N = x.size(2), D = x.size(3), half = D / 2;
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.size(1) == D && cos.is_contiguous() &&
+                  sin.sizes() == cos.sizes() && sin.is_contiguous(),
+              "rope_rows: cos and sin must be contiguous (T, D) = (", T, ", ", D, ") tables, got ", cos.sizes());
+  torch::Tensor y = torch::empty({B, T, N, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* c = cp + t * D;
+      const float* s = sp + t * D;
+      for (int64_t n = 0; n < N; ++n) {
+        const float* xr = xp + b * x.stride(0) + t * x.stride(1) + n * x.stride(2);
+        float* yr = yp + ((b * T + t) * N + n) * D;
+        for (int64_t d = 0; d < half; ++d) {
+          yr[d] = xr[d] * c[d] + (-xr[d + half]) * s[d];
+          yr[d + half] = xr[d + half] * c[d + half] + xr[d] * s[d + half];
+        }
+      }
+    }
+  return y;
+}
+
+// Attention of one query per sequence over its keys in the paged pool, for a step where every sequence decodes
+// one token. q (B, H, D) (any strides, contiguous last dim): the new queries; kc, vc (Hkv, S, D) contiguous:
+// one layer's pool (the new keys already written); key_slots (B, Lmax) int64: slot of each position; lengths
+// (B,) int64: keys visible to each query (positions [lengths - window, lengths) when window > 0). The H query
+// heads share Hkv key heads in groups of H / Hkv (GQA): each key row is read once for its whole group.
+// Softmax in fp32 with the running maximum subtracted. Returns (B, H, D) contiguous.
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                                     const torch::Tensor& key_slots, const torch::Tensor& lengths, double scale,
+                                     int64_t window) {
+  check_f32_cpu(q, "q");
+  check_f32_cpu(kc, "key pool");
+  check_f32_cpu(vc, "value pool");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "paged_decode_attention: q must be (B, H, D) with a contiguous "
+              "last dimension, got ", q.sizes());
+  TORCH_CHECK(kc.dim() == 3 && kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.is_contiguous(),
+              "paged_decode_attention: the key and value pools must be contiguous (Hkv, S, D), got ", kc.sizes(),
+              " and ", vc.sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = kc.size(0), S = kc.size(1);
+  TORCH_CHECK(kc.size(2) == D && Hkv > 0 && H % Hkv == 0, "paged_decode_attention: q has ", H, " heads of ", D,
+              " but the pool has ", Hkv, " heads of ", kc.size(2));
+  TORCH_CHECK(key_slots.scalar_type() == at::kLong && key_slots.dim() == 2 && key_slots.size(0) == B &&
+                  key_slots.is_contiguous() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
+                  lengths.size(0) == B && lengths.is_contiguous(),
+              "paged_decode_attention: key_slots must be contiguous int64 (B, L) and lengths int64 (B,)");
+  const int64_t Lmax = key_slots.size(1), G = H / Hkv;
+  const int64_t* slots = key_slots.data_ptr<int64_t>();
+  const int64_t* lens = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= Lmax, "paged_decode_attention: sequence ", b, " sees ", lens[b],
+                " keys but its slot row holds ", Lmax);
+  torch::Tensor out = torch::empty({B, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  // one task = one (sequence, KV head); split across threads only when a task is worth waking one for
+  const int64_t work = std::max<int64_t>(1, G * Lmax * D);
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / work);
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / Hkv, g = task % Hkv;
+      const int64_t len = lens[b], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      scores.assign(G * n, 0.f);
+      const int64_t* srow = slots + b * Lmax + first;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t slot = srow[j];
+        TORCH_CHECK(slot >= 0 && slot < S, "paged_decode_attention: slot ", slot, " is outside the pool of ", S);
+        const float* key = kp + (g * S + slot) * D;
+        for (int64_t h = 0; h < G; ++h)
+          scores[h * n + j] = dot(qp + b * q.stride(0) + (g * G + h) * q.stride(1), key, D) * sc;
+      }
+      for (int64_t h = 0; h < G; ++h) {
+        float* s = scores.data() + h * n;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+        float total = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = std::exp(s[j] - mx);
+          total += s[j];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+      }
+      float* o = op + (b * H + g * G) * D;  // the group's G output rows are adjacent
+      std::fill(o, o + G * D, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* value = vp + (g * S + srow[j]) * D;
+        for (int64_t h = 0; h < G; ++h) {
+          const float p = scores[h * n + j];
+          float* oh = o + h * D;
+          for (int64_t d = 0; d < D; ++d) oh[d] += p * value[d];
+        }
+      }
+    }
+  });
+  return out;
+}

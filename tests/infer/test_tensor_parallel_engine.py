@@ -173,18 +173,22 @@ def test_worker_exits_when_rank_0_is_killed(gqa_dir):
         pytest.fail("the worker outlived rank 0 by 5 s")
 
 
-@pytest.mark.parametrize("kind", ["mixed", "one_contiguous_decode"])
+@pytest.mark.parametrize("kind", ["mixed", "one_contiguous_decode", "tree"])
 def test_step_message_round_trip(model, kind):
     # mixed: a prefill from scratch, a prefill over cached keys, and short chunks (decode, a 2-token window);
-    # one decode token over contiguous blocks: the case that reads the pool in place (contig)
+    # one decode token over contiguous blocks: the case that reads the pool in place (contig); tree: mixed, with
+    # a speculative token tree's visibility on the short chunks
     runner = ModelRunner(model, num_blocks=32, block_size=4)
-    if kind == "mixed":
+    if kind in ("mixed", "tree"):
         batch = [(_seq(20, [7, 3, 9, 1, 2]), list(range(20, 40)), 0),
                  (_seq(30, [4, 5, 6, 8, 10, 11, 12, 13]), [1] * 25, 5),
                  (_seq(9, [14, 15, 16]), [3], 8), (_seq(9, [17, 18, 19]), [3, 4], 7)]
     else:
         batch = [(_seq(9, [20, 21, 22]), [3], 8)]
     ids, meta = runner.build(StepPlan.of(batch, [0]))
+    if kind == "tree":
+        b, tq = meta.short.rows.shape
+        meta.short.tree = torch.rand(b, tq, tq, generator=torch.Generator().manual_seed(0)) < 0.5
     got_ids, got = unpack_step(pack_step(ids, meta))
     assert torch.equal(got_ids, ids)
     for name in ("positions", "slots"):
@@ -193,7 +197,8 @@ def test_step_message_round_trip(model, kind):
         a, b = getattr(got.short, f.name), getattr(meta.short, f.name)
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     assert (got.short.contig is not None) == (kind == "one_contiguous_decode")
-    assert len(got.prefills) == len(meta.prefills) == (2 if kind == "mixed" else 0)
+    assert (got.short.tree is not None) == (kind == "tree")
+    assert len(got.prefills) == len(meta.prefills) == (0 if kind == "one_contiguous_decode" else 2)
     for a, b in zip(got.prefills, meta.prefills):
         assert (a.start, a.n, a.ctx_len) == (b.start, b.n, b.ctx_len) and torch.equal(a.positions, b.positions)
         assert (a.key_slots is None) == (b.key_slots is None)

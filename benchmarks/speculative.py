@@ -21,6 +21,10 @@ against the same engine without speculation.
   draft, n-gram, medusa, eagle, in a rotating order, prompt by prompt, repeat) and each engine's time is the
   sum over prompts of its best repeat, so load bursts on a shared machine hit no engine alone. Greedy
   outputs must be token-identical (asserted; the run fails otherwise).
+- token trees (methods medusa_tree / eagle_tree, spec_tree.py): the same heads propose a tree of
+  `--tree_nodes` nodes up to `--tree_depth` deep (`--tree_topk` candidates per expanded node; eagle expands
+  `--tree_width` nodes per depth), verified in one target forward; acceptance rate is accepted / proposed tree
+  nodes, so compare mean accepted per verify. Greedy output is asserted identical, as for every method.
 - per row: acceptance rate, mean accepted guesses per verify step, tokens per target forward, and where a
   step's time goes (the timed runs themselves are instrumented: proposing, the target's forward, the
   draft's forwards, and the rest: scheduling, verification, output processing, Python), in ms per engine
@@ -37,6 +41,8 @@ Usage:
     python benchmarks/speculative.py --target wide --target_steps 150 --heads_steps 300   # the wider target
     python benchmarks/speculative.py --train_only         # only build the cache
     python benchmarks/speculative.py --pair DIR           # measure an already trained pair
+    python benchmarks/speculative.py --target wide --target_steps 150 --heads_steps 300 \
+        --methods eagle,eagle_tree,medusa_tree --merge        # tree rows beside the file's other rows
 """
 from __future__ import annotations
 
@@ -52,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import result, write_result
+from _common import RESULTS, result, write_result
 
 import lmstack
 from lmstack.world import World
@@ -293,7 +299,17 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6, help="prompts per text kind")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--heads_steps", type=int, default=400, help="training steps of the medusa and eagle heads")
-    ap.add_argument("--methods", default="draft,ngram,medusa,eagle", help="comma-separated proposers to measure")
+    ap.add_argument("--methods", default="draft,ngram,medusa,eagle,medusa_tree,eagle_tree",
+                    help="comma-separated proposers to measure (X_tree: heads X with token-tree verification)")
+    ap.add_argument("--tree_nodes", type=int, default=7, help="token trees: nodes per tree")
+    ap.add_argument("--tree_depth", type=int, default=6, help="token trees: deepest guess (num_tokens)")
+    ap.add_argument("--tree_topk", type=int, default=2, help="token trees: candidates per expanded node")
+    ap.add_argument("--tree_width", type=int, default=1, help="token trees, eagle: nodes expanded per depth (0: topk)")
+    ap.add_argument("--tree_min_prob", type=float, default=0.0,
+                    help="token trees: leave out nodes the draft gives a path probability below this")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results file's rows of other metrics (e.g. when measuring only tree rows)")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here instead of benchmarks/results/")
     ap.add_argument("--proposal_vocab", type=int, default=1024,
                     help="heads guess (greedy) among the training stream's N most frequent ids; 0: all ids")
     ap.add_argument("--repeats", type=int, default=5)
@@ -313,7 +329,7 @@ def main() -> None:
         root = CACHE / pair_tag(args.target_steps)
     methods = args.methods.split(",")
     heads = {m: trained_heads(m, root, tok, target, args.heads_steps, args.k) for m in ("medusa", "eagle")
-             if m in methods}
+             if m in methods or f"{m}_tree" in methods}
     coverage = None
     if heads and args.proposal_vocab:
         train_texts, _ = corpora()
@@ -329,7 +345,11 @@ def main() -> None:
     common = dict(tokenizer=tok, max_num_seqs=1, enable_prefix_caching=False)
     specs = {"draft": {"method": "draft", "draft_model": draft, "num_tokens": args.k},
              "ngram": {"method": "ngram", "num_tokens": args.k, "ngram_max": 3},
-             **{m: {"method": m, "heads": h, "num_tokens": args.k} for m, (h, _) in heads.items()}}
+             **{m: {"method": m, "heads": h, "num_tokens": args.k} for m, (h, _) in heads.items()},
+             **{f"{m}_tree": {"method": m, "heads": h, "num_tokens": args.tree_depth, "tree_nodes": args.tree_nodes,
+                              "tree_topk": args.tree_topk, "tree_width": args.tree_width,
+                              "tree_min_prob": args.tree_min_prob}
+                for m, (h, _) in heads.items()}}
     engines = {"none": LLM(target, **common),
                **{m: LLM(target, speculative=specs[m], **common) for m in methods}}
     spent = {m: instrument(llm) for m, llm in engines.items()}
@@ -383,13 +403,17 @@ def main() -> None:
             elif m == "ngram":
                 extra.update(ngram_max=3)
             else:
-                extra.update(heads={**heads[m][1], **{k: v for k, v in heads[m][0].config.__dict__.items()
-                                                      if k != "method"}},
+                h = heads[m.removesuffix("_tree")]
+                if m.endswith("_tree"):
+                    extra.update(tree_nodes=args.tree_nodes, tree_depth=args.tree_depth, tree_topk=args.tree_topk,
+                                 tree_width=args.tree_width, tree_min_prob=args.tree_min_prob)
+                extra.update(heads={**h[1], **{k: v for k, v in h[0].config.__dict__.items() if k != "method"}},
                              features="target's top hidden state after the final norm",
                              proposal_vocab=args.proposal_vocab, proposal_vocab_token_coverage=coverage)
             results.append(result(
                 "speculative", f"tokens_per_s_{m}_{kind}", True, round(ours, 2), "same engine without speculation",
-                round(base, 2), goal=2.0, method=m, text=kind, k=args.k, acceptance_rate=round(acc, 3),
+                round(base, 2), goal=2.0, method=m, text=kind, k=args.k if not m.endswith("_tree") else args.tree_depth,
+                acceptance_rate=round(acc, 3),
                 proposed=proposed, accepted=accepted,
                 mean_accepted_per_verify=round(accepted / max(calls, 1), 3),
                 identical_greedy_output=True, new_tokens=args.new_tokens,
@@ -397,7 +421,20 @@ def main() -> None:
                 timing="per prompt best of repeats, summed; engines alternate prompt by prompt",
                 threads=args.threads, machine="2 cores, shared", step_profile=profile[m],
                 baseline_step_profile=profile["none"], **extra))
-    write_result({"speedrun": "speculative", "wide": "speculative_wide"}[args.target], results)
+    name = {"speedrun": "speculative", "wide": "speculative_wide"}[args.target]
+    if args.merge:  # the file's rows of metrics not measured now stay, in their order; measured ones are replaced
+        old = args.out if args.out is not None else RESULTS / f"{name}.json"
+        if old.is_file():
+            new = {r["metric"]: r for r in results}
+            kept = [new.pop(r["metric"], r) for r in json.loads(old.read_text())]
+            results = kept + list(new.values())
+    if args.out is not None:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
+    else:
+        write_result(name, results)
 
 
 if __name__ == "__main__":

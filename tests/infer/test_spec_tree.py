@@ -132,6 +132,24 @@ def test_greedy_tree_is_token_identical(model, method):
     fast.engine.bm.check_consistency()
 
 
+@pytest.mark.parametrize("method", ["medusa", "eagle"])
+def test_tree_width_and_min_prob_shape_the_tree(model, method):
+    """A narrow eagle expansion and a probability floor change which nodes are proposed, never the output; a
+    floor no path reaches proposes nothing at all."""
+    prompts = random_prompts(3, 4, 10, model.config.vocab_size, seed=40)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, block_size=4, num_blocks=128).generate(prompts, params)]
+    heads = make_heads(method, model, scale=0.3)
+    proposed = []
+    for extra in ({"tree_width": 1, "tree_min_prob": 0.001}, {"tree_min_prob": 0.999}):
+        spec = {"method": method, "heads": heads, "num_tokens": 3, "tree_nodes": 6, "tree_topk": 2, **extra}
+        llm = LLM(model, block_size=4, num_blocks=128, max_num_seqs=3, speculative=spec)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+        proposed.append(llm.engine.stats()["spec_proposed_tokens"])
+        assert llm.engine.bm.num_free_blocks == 128
+    assert proposed[0] > 0 and proposed[1] == 0, proposed
+
+
 def test_tree_with_sampled_rows_prefix_cache_and_preemption(model):
     """Greedy rows (trees) share steps with sampled rows (chains) in a pool small enough to preempt, with
     prompts that share a cached prefix: the greedy outputs still equal plain greedy decoding."""
@@ -157,6 +175,10 @@ def test_tree_config_errors(model):
         LLM(model, speculative={"method": "eagle", "heads": heads, "tree_nodes": 64})
     with pytest.raises(LmstackError, match="tree_topk must be"):
         LLM(model, speculative={"method": "eagle", "heads": heads, "tree_nodes": 8, "tree_topk": 0})
+    with pytest.raises(LmstackError, match="tree_width must be"):
+        LLM(model, speculative={"method": "eagle", "heads": heads, "tree_nodes": 8, "tree_width": -1})
+    with pytest.raises(LmstackError, match="tree_min_prob must be a number in"):
+        LLM(model, speculative={"method": "eagle", "heads": heads, "tree_nodes": 8, "tree_min_prob": 1.5})
     with pytest.raises(LmstackError, match="tree_nodes needs method 'medusa' or 'eagle'"):
         LLM(model, speculative={"method": "ngram", "tree_nodes": 8})
     windowed = tiny_model(model.config.vocab_size, seed=1, sliding_window=8)

@@ -16,8 +16,10 @@ draft's own chain is accepted nothing moves. Rejected nodes leave K/V past the s
 the next step overwrites and the prefix cache never registers.
 
 Building. Candidates carry a score: the draft's log-probability of the path from the root. best() keeps the
-`size` highest-scoring ones; a child never scores above its parent (log-probabilities are <= 0) and ties go to
-the shallower node, so the kept set is a tree.
+`size` highest-scoring ones at or above min_score; a child never scores above its parent (log-probabilities
+are <= 0) and ties go to the shallower node, so the kept set is a tree. A node is worth a row of the target's
+forward only if it is likely to be accepted, and the draft's path probability estimates that (EAGLE-2), so
+min_score = log(min_prob) leaves out the unlikely ones: an unsure draft proposes a short tree, or none.
 
 Usage:
     tree = best(tokens, parents, scores, size=16)     # candidates (parents index candidates) -> TokenTree
@@ -45,14 +47,16 @@ class TokenTree(list):
             self.depths.append(1 if p < 0 else self.depths[p] + 1)
 
 
-def best(tokens: list[int], parents: list[int], scores: list[float], size: int) -> TokenTree:
-    """The `size` highest-scoring candidates as a TokenTree; parents[i] indexes candidates (-1: root)."""
+def best(tokens: list[int], parents: list[int], scores: list[float], size: int,
+         min_score: float = float("-inf")) -> TokenTree:
+    """The `size` highest-scoring candidates scoring at least min_score, as a TokenTree; parents[i] indexes
+    candidates (-1: root)."""
     depth = []
     for p in parents:  # candidates come parent first (each is generated from an earlier one)
         depth.append(1 if p < 0 else depth[p] + 1)
     kept: set[int] = set()
     for i in sorted(range(len(tokens)), key=lambda i: (-scores[i], depth[i], i)):
-        if len(kept) == size:
+        if len(kept) == size or scores[i] < min_score:
             break
         if parents[i] < 0 or parents[i] in kept:
             kept.add(i)
@@ -70,14 +74,15 @@ def best(tokens: list[int], parents: list[int], scores: list[float], size: int) 
     return TokenTree(out_tokens, out_parents)
 
 
-def medusa_tree(top_ids: list[list[int]], top_logp: list[list[float]], size: int) -> TokenTree:
+def medusa_tree(top_ids: list[list[int]], top_logp: list[list[float]], size: int,
+                min_score: float = float("-inf")) -> TokenTree:
     """Medusa's heads guess each depth independently: top_ids[j] / top_logp[j] are head j's top-k tokens and
     log-probabilities. A path's score is the sum over its depths; the `size` best paths' nodes form the tree
     (best-first: a node is taken only after its parent, whose score is at least its own)."""
     tokens, parents, scores = [], [], []
     heap = [(-top_logp[0][c], 0, -1, c) for c in range(len(top_ids[0]))]  # (-score, depth, parent, choice)
     heapq.heapify(heap)
-    while heap and len(tokens) < size:
+    while heap and len(tokens) < size and -heap[0][0] >= min_score:
         neg, depth, parent, c = heapq.heappop(heap)
         node = len(tokens)
         tokens.append(top_ids[depth][c])
@@ -86,7 +91,7 @@ def medusa_tree(top_ids: list[list[int]], top_logp: list[list[float]], size: int
         if depth + 1 < len(top_ids):
             for c2 in range(len(top_ids[depth + 1])):
                 heapq.heappush(heap, (neg - top_logp[depth + 1][c2], depth + 1, node, c2))
-    return best(tokens, parents, scores, size)
+    return best(tokens, parents, scores, size, min_score)
 
 
 def chunk_visibility(n_known: int, parents: list[int] | None, tq: int) -> torch.Tensor:

@@ -29,8 +29,8 @@ for greedy rows, so the sampler's machinery (and q) is only built for rows that 
 Token trees (tree_nodes > 0, medusa / eagle): a greedy row's guesses become a tree of tree_nodes nodes up to
 num_tokens deep (spec_tree.py), scored in the same one target forward with a tree attention mask; the longest
 path the target agrees with is kept. medusa: the best paths over each head's top tree_topk tokens; eagle
-(EAGLE-2's expansion): each depth rolls the layer on the tree_topk best nodes so far, batched, and the
-tree_nodes best candidates by the draft's path log-probability form the tree. Sampled rows (temperature > 0)
+(EAGLE-2's expansion): each depth rolls the layer on the tree_width best nodes of the depth before, batched,
+and the tree_nodes best candidates by the draft's path log-probability form the tree. Sampled rows (temperature > 0)
 and rows with logits processors keep the chain of num_tokens guesses and the lossless accept rule above.
 Proposals run inside the target runner's decode_kernels() scope, so the skinny kernel serves their matmuls.
 
@@ -45,6 +45,7 @@ Usage:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -83,7 +84,12 @@ class SpeculativeConfig:
     """method=medusa|eagle: 0 proposes a chain of num_tokens guesses; N > 0 proposes greedy rows a token tree
     of N nodes, num_tokens deep at most, verified in one forward (spec_tree.py)."""
     tree_topk: int = 4
-    """Token trees: candidates per expanded node (and, for eagle, nodes expanded per depth)."""
+    """Token trees: candidates per expanded node."""
+    tree_width: int = 0
+    """Token trees, eagle: nodes expanded per depth (each costs a row of the layer's batched roll); 0: tree_topk."""
+    tree_min_prob: float = 0.0
+    """Token trees: leave out nodes whose path probability under the draft is below this (each node costs a row
+    of the target's forward; eagle also stops expanding when no node reaches it). 0: always tree_nodes nodes."""
 
     def __post_init__(self) -> None:
         if self.method not in ("draft", "ngram", "medusa", "eagle"):
@@ -98,9 +104,15 @@ class SpeculativeConfig:
         if self.method in ("medusa", "eagle") and self.heads is None:
             raise LmstackError(f"speculative method={self.method!r} needs heads (a draft heads directory)")
         if not isinstance(self.tree_nodes, int) or not 0 <= self.tree_nodes <= 63:
-            raise LmstackError(f"speculative tree_nodes must be an integer in 0..63 (0: a chain), got {self.tree_nodes!r}")
+            raise LmstackError(f"speculative tree_nodes must be an integer in 0..63 (0: a chain), "
+                               f"got {self.tree_nodes!r}")
         if not isinstance(self.tree_topk, int) or not 1 <= self.tree_topk <= 16:
             raise LmstackError(f"speculative tree_topk must be an integer in 1..16, got {self.tree_topk!r}")
+        if not isinstance(self.tree_width, int) or not 0 <= self.tree_width <= 16:
+            raise LmstackError(f"speculative tree_width must be an integer in 0..16 (0: tree_topk), "
+                               f"got {self.tree_width!r}")
+        if not isinstance(self.tree_min_prob, (int, float)) or not 0.0 <= self.tree_min_prob < 1.0:
+            raise LmstackError(f"speculative tree_min_prob must be a number in [0, 1), got {self.tree_min_prob!r}")
         if self.tree_nodes and self.method not in ("medusa", "eagle"):
             raise LmstackError(f"speculative tree_nodes needs method 'medusa' or 'eagle' (draft heads), not "
                                f"{self.method!r}")
@@ -133,6 +145,7 @@ class SpeculativeDecoder:
         #            eagle: (end position, K, V) of its layer over verified positions, or None]
         self.feats: dict[int, list] = {}
         guesses = max(self.k, config.tree_nodes)  # a step's rows past its last token
+        self.min_score = math.log(config.tree_min_prob) if config.tree_min_prob > 0 else float("-inf")
         self.window = 1 if self.heads is None else (
             guesses + 1 if config.method == "medusa" else self.heads.config.window + guesses + 1)
         self.proposed = self.accepted = self.steps = self.observed = 0
@@ -265,21 +278,24 @@ class SpeculativeDecoder:
 
     def _medusa_tree(self, seq: Sequence, feats: torch.Tensor, depth: int, nodes: int) -> None:
         tok, logp = self._top(self.heads.medusa(feats[-1])[:depth], self.cfg.tree_topk)
-        seq.spec_tokens = medusa_tree(tok.tolist(), logp.tolist(), nodes)
+        tree = medusa_tree(tok.tolist(), logp.tolist(), nodes, self.min_score)
+        seq.spec_tokens = tree if tree else []
 
     def _eagle_tree(self, seq: Sequence, depth: int, nodes: int) -> None:
-        """EAGLE-2's expansion: each depth runs the layer once on the tree_topk best nodes so far (a batch; each
-        row's K/V are the window's plus its own ancestors'), takes each one's tree_topk likeliest children, and
-        the `nodes` best candidates by path log-probability become the tree."""
+        """EAGLE-2's expansion: each depth runs the layer once on the tree_width best nodes of the depth before (a
+        batch; each row's K/V are the window's plus its own ancestors'), takes each one's tree_topk likeliest
+        children, and the `nodes` best candidates by path log-probability become the tree."""
         f, kv, last = self._eagle_start(seq)
-        topk = self.cfg.tree_topk
+        topk, width = self.cfg.tree_topk, self.cfg.tree_width or self.cfg.tree_topk
         tok, logp = self._top(f[0], topk)
         tokens, scores = tok[0].tolist(), logp[0].tolist()
         parents = [-1] * len(tokens)
-        frontier = list(range(len(tokens)))  # candidates expanded at the next depth
-        feat_in = f.expand(len(frontier), -1, -1)
+        frontier = [i for i in range(min(width, len(tokens))) if scores[i] >= self.min_score]  # expanded next
+        feat_in = f.expand(len(frontier), -1, -1)  # every depth-1 node was predicted from the same feature
         kv_in = (kv[0].expand(len(frontier), -1, -1, -1), kv[1].expand(len(frontier), -1, -1, -1))
         for j in range(1, depth):
+            if not frontier:  # the draft is unsure of every node: expanding further buys nothing
+                break
             ids = torch.tensor([tokens[i] for i in frontier], device=f.device)
             out, (keys, values) = self.heads.eagle(feat_in, self.target.tok_emb(ids)[:, None], kv_in, last + j)
             tok, logp = self._top(out[:, 0], topk)  # (B, topk) children of each expanded node
@@ -290,11 +306,13 @@ class SpeculativeDecoder:
             parents += [i for i in frontier for _ in range(tok.shape[1])]
             if j + 1 == depth:
                 break
-            pick = cand.flatten().topk(min(topk, cand.numel())).indices  # the next depth's best nodes
+            top = cand.flatten().topk(min(width, cand.numel()))  # the next depth's best nodes
+            pick = top.indices[top.values >= self.min_score]
             rows = pick // tok.shape[1]
             frontier = [base + i for i in pick.tolist()]
             feat_in, kv_in = out[rows], (keys[rows], values[rows])
-        seq.spec_tokens = best(tokens, parents, scores, nodes)
+        tree = best(tokens, parents, scores, nodes, self.min_score)
+        seq.spec_tokens = tree if tree else []
 
     def _eagle_start(self, seq: Sequence) -> tuple[torch.Tensor, tuple, int]:
         """Extend the layer's K/V over the newly verified positions: (the predicted feature (1, 1, d) of the last

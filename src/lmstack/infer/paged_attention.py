@@ -6,8 +6,9 @@ attend, advance): the engine passes it as `model(ids, cache=pool)`, and the mode
 It holds one preallocated pool per K and V, shaped (layers, kv_heads, num_blocks * block_size, head_dim): a
 block is a run of block_size slots, and a sequence's block table maps its positions to slots. Its `attend`
 hook (see model/attention.py) writes the step's new K/V into their slots and computes attention:
-- a step where every sequence decodes one token runs, inside decode_kernels() (the engine's CPU fp32 steps),
-  one C++ call per layer that reads each sequence's keys in place through its slots (kernels/decode_ops.cpp);
+- inside decode_kernels() (the engine's CPU fp32 steps), short chunks of one new token each (decode, in a pure
+  or a mixed step) take one C++ call per layer that reads each sequence's keys in place through its slots
+  (kernels/decode_ops.cpp);
 - otherwise short chunks (decode tokens, speculative windows) are batched into one padded SDPA per layer: their keys
   are gathered from the pool into a padded (B, kv_heads, L, D) tensor; a single sequence whose blocks are
   contiguous reads the pool in place. GQA is done by folding the query heads of a group into rows, so K/V
@@ -129,23 +130,27 @@ class PagedKVCache(AttentionCache):
             kc.index_copy_(1, m.slots, k[0])
             vc.index_copy_(1, m.slots, v[0])
         window = self.cfg.window_for_layer(layer)
-        sh = m.short
-        if sh is not None and not m.prefills and sh.rows.shape[1] == 1 and kernels_on() and not m.static \
-                and not attn.softcap and self.alibi is None and self.attention_backend == "sdpa" and sh.tree is None:
-            # every sequence decodes one token: one C++ call reads each one's keys in place (decode_ops.cpp)
+        sh, decoded = m.short, None
+        if sh is not None and sh.rows.shape[1] == 1 and kernels_on() and not m.static and not attn.softcap \
+                and self.alibi is None and self.attention_backend == "sdpa" and sh.tree is None:
+            # one new token per short chunk: one C++ call reads each one's keys in place (decode_ops.cpp)
             if self._lengths_of is not sh:  # keys visible to each query, once per step, not once per layer
                 self._lengths_of, self._lengths = sh, sh.q_pos[:, 0] + 1
-            o = decode_ops.paged_decode_attention(q[0].transpose(0, 1), kc, vc, sh.key_slots, self._lengths,
-                                                  attn.scale, window or 0)
-            if o is not None:
-                return o.transpose(0, 1)[None]  # (1, H, N, D); rows are the flat batch's, in order
+            queries = q[0].transpose(0, 1)  # (N, H, D)
+            if m.prefills:  # a mixed step: the decode rows are some of the flat rows
+                queries = queries.index_select(0, sh.out_rows)
+            decoded = decode_ops.paged_decode_attention(queries, kc, vc, sh.key_slots, self._lengths, attn.scale,
+                                                        window or 0)
+            if decoded is not None and not m.prefills:
+                return decoded.transpose(0, 1)[None]  # (1, H, N, D): every row decodes, in order
         if m.short is not None and not m.prefills and m.short.rows.shape[0] == 1 and not attn.softcap \
                 and self.alibi is None:
             # one sequence's decode token or window is the whole batch: its queries are q itself, in order
             return self._short(q, kc, vc, m.short, attn.scale, window, whole=True)
         out = torch.empty_like(q)
-        if m.short is not None:
-            sh = m.short
+        if decoded is not None:
+            out[0, :, sh.out_rows] = decoded.transpose(0, 1)
+        elif sh is not None:
             if attn.softcap or self.alibi is not None:  # rare configs: one sequence at a time
                 for b in range(sh.rows.shape[0]):
                     n = int(sh.valid[b].sum())

@@ -76,7 +76,10 @@ class Sampler:
             tokens = lp.sample(lp.process(logits, rows), rows, self.generator)
         if any(seq.logprobs is not None for seq in seqs):
             return tokens, logits.log_softmax(dim=-1)
-        return tokens, logits - logits.logsumexp(dim=-1, keepdim=True)  # only the chosen ones are read
+        # only the chosen token's entry is read (cumulative_logprob): that one number per row, seen at every index
+        # through a stride-0 view, instead of a vocab-sized subtraction
+        chosen = logits.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0] - logits.logsumexp(-1)
+        return tokens, chosen[:, None].expand(len(rows), logits.shape[-1])
 
     def _sample_on_device(self, seqs: list[Sequence], rows: list[lp.SamplingRow], logits: torch.Tensor
                           ) -> tuple[list[int], torch.Tensor]:

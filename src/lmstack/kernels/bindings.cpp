@@ -6,13 +6,13 @@
 
 #include "simd.h"
 
-torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                            const c10::optional<torch::Tensor>& bias);
-torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps);
-torch::Tensor silu_mul_rows(const torch::Tensor& gate, const torch::Tensor& up);
-torch::Tensor rope_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-                                     const torch::Tensor& key_slots, const torch::Tensor& lengths, double scale,
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias);
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor silu_mul_rows(const at::Tensor& gate, const at::Tensor& up);
+at::Tensor rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                                     const at::Tensor& key_slots, const at::Tensor& lengths, double scale,
                                      int64_t window);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

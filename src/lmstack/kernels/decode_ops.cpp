@@ -15,7 +15,10 @@
 #include <limits>
 #include <vector>
 
-#include <torch/extension.h>
+// ATen's tensor alone, not <torch/extension.h>: a fifth of the compile time (bindings.cpp has the Python side)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
 #include "simd.h"
@@ -24,7 +27,7 @@ using namespace lmstack_simd;
 
 namespace {
 
-void check_f32_cpu(const torch::Tensor& t, const char* name) {
+void check_f32_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "decode_ops: ", name,
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
@@ -32,7 +35,7 @@ void check_f32_cpu(const torch::Tensor& t, const char* name) {
 }  // namespace
 
 // y = x / sqrt(mean(x^2) + eps) * w, over the last dimension of a (M, D) contiguous x.
-torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_f32_cpu(x, "x");
   check_f32_cpu(w, "weight");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rms_norm_rows: x must be a contiguous (M, D) matrix, got ",
@@ -40,7 +43,7 @@ torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, doub
   TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), "rms_norm_rows: weight must have ",
               x.size(1), " values, got ", w.sizes());
   const int64_t M = x.size(0), D = x.size(1);
-  torch::Tensor y = torch::empty_like(x);
+  at::Tensor y = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -55,14 +58,14 @@ torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, doub
 
 // silu(gate) * up for gate, up (M, F) with contiguous rows (any row stride: the two halves of a fused gate_up
 // output are strided views) -> (M, F) contiguous.
-torch::Tensor silu_mul_rows(const torch::Tensor& gate, const torch::Tensor& up) {
+at::Tensor silu_mul_rows(const at::Tensor& gate, const at::Tensor& up) {
   check_f32_cpu(gate, "gate");
   check_f32_cpu(up, "up");
   TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 && up.stride(1) == 1,
               "silu_mul_rows: gate and up must be (M, F) matrices of the same shape with contiguous rows, got ",
               gate.sizes(), " and ", up.sizes());
   const int64_t M = gate.size(0), F = gate.size(1);
-  torch::Tensor y = torch::empty({M, F}, gate.options());
+  at::Tensor y = at::empty({M, F}, gate.options());
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* gr = gate.data_ptr<float>() + m * gate.stride(0);
@@ -75,7 +78,7 @@ torch::Tensor silu_mul_rows(const torch::Tensor& gate, const torch::Tensor& up) 
 
 // Rotate-half RoPE of x (B, T, N, D) (any strides, contiguous last dim) by per-position tables cos/sin (T, D):
 // y = x * cos + cat(-x2, x1) * sin, returned contiguous.
-torch::Tensor rope_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+at::Tensor rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   check_f32_cpu(x, "x");
   check_f32_cpu(cos, "cos");
   check_f32_cpu(sin, "sin");
@@ -85,7 +88,7 @@ torch::Tensor rope_rows(const torch::Tensor& x, const torch::Tensor& cos, const 
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.size(1) == D && cos.is_contiguous() &&
                   sin.sizes() == cos.sizes() && sin.is_contiguous(),
               "rope_rows: cos and sin must be contiguous (T, D) = (", T, ", ", D, ") tables, got ", cos.sizes());
-  torch::Tensor y = torch::empty({B, T, N, D}, x.options());
+  at::Tensor y = at::empty({B, T, N, D}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
@@ -112,8 +115,8 @@ torch::Tensor rope_rows(const torch::Tensor& x, const torch::Tensor& cos, const 
 // (B,) int64: keys visible to each query (positions [lengths - window, lengths) when window > 0). The H query
 // heads share Hkv key heads in groups of H / Hkv (GQA): each key row is read once for its whole group.
 // Softmax in fp32 with the running maximum subtracted. Returns (B, H, D) contiguous.
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-                                     const torch::Tensor& key_slots, const torch::Tensor& lengths, double scale,
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                                     const at::Tensor& key_slots, const at::Tensor& lengths, double scale,
                                      int64_t window) {
   check_f32_cpu(q, "q");
   check_f32_cpu(kc, "key pool");
@@ -136,7 +139,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lens[b] >= 1 && lens[b] <= Lmax, "paged_decode_attention: sequence ", b, " sees ", lens[b],
                 " keys but its slot row holds ", Lmax);
-  torch::Tensor out = torch::empty({B, H, D}, q.options());
+  at::Tensor out = at::empty({B, H, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = kc.data_ptr<float>();
   const float* vp = vc.data_ptr<float>();

@@ -4,7 +4,7 @@ Usage:
     from lmstack.kernels import skinny_linear, available, info, MAX_ROWS
     y = skinny_linear(x, weight, bias)   # F.linear for decode-sized fp32 x (skinny.py)
     from lmstack.kernels import decode_ops
-    y = decode_ops.rms_norm(x, w, eps)   # RMSNorm, RoPE, SiLU-gate, paged decode attention (decode_ops.py)
+    y = decode_ops.rms_norm(x, w, eps)   # RMSNorm, RoPE, paged decode attention (decode_ops.py)
 """
 from lmstack.kernels import decode_ops
 from lmstack.kernels.build import available, info

@@ -9,7 +9,6 @@
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias);
 at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps);
-at::Tensor silu_mul_rows(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                                      const at::Tensor& key_slots, const at::Tensor& lengths, double scale,
@@ -19,7 +18,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x @ weight.T (+ bias) for a few rows of fp32 x",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("rms_norm_rows", &rms_norm_rows, "RMSNorm over the last dim of a contiguous (M, D) fp32 matrix");
-  m.def("silu_mul_rows", &silu_mul_rows, "silu(gate) * up of (M, F) matrices with contiguous rows");
   m.def("rope_rows", &rope_rows, "rotate-half RoPE of x (B, T, N, D) by (T, D) cos/sin tables");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence over its paged keys: q (B, H, D), pools (Hkv, S, D)");

@@ -1,12 +1,13 @@
-// The small operations of a decode step, each fused into one C++ call: RMSNorm, RoPE, SiLU-gate product, and
-// attention of one new query per sequence over its paged keys.
+// The small operations of a decode step, each fused into one C++ call: RMSNorm, RoPE, and attention of one new
+// query per sequence over its paged keys.
 //
 // At decode time a layer's tensors are a few rows, so each torch op costs its dispatch (several microseconds)
 // plus the temporaries it allocates, far more than its arithmetic: RMSNorm runs as ~6 ops, rotate-half RoPE as
-// ~6, SiLU * up as 2, and SDPA for a 1-token query spends ~40 us setting up a flash kernel for ~20 KFLOP. These
-// kernels do the same arithmetic in one pass each. They are the ops vLLM also keeps as custom kernels (rms_norm,
-// rotary_embedding, silu_and_mul, paged_attention); the math is the model's, in the model's order, so results
-// match torch within fp32 rounding (tests/kernels/test_decode_ops.py).
+// ~6, and SDPA for a 1-token query spends ~40 us setting up a flash kernel for ~20 KFLOP. These kernels do the
+// same arithmetic in one pass each. They are ops vLLM also keeps as custom kernels (rms_norm, rotary_embedding,
+// paged_attention); the math is the model's, in the model's order, so results match torch within fp32 rounding
+// (tests/kernels/test_decode_ops.py). A SiLU-gate product was tried and was slower than torch's two ops (its
+// scalar exp() calls cost more than torch's vectorised SiLU), so it is not here.
 //
 // Batch invariance: every output row (and every (sequence, head) of attention) is computed by one thread from
 // its own inputs only, in a fixed order, so batching requests never changes a request's numbers.
@@ -52,26 +53,6 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
     const float inv = 1.0f / std::sqrt(dot(xr, xr, D) / static_cast<float>(D) + static_cast<float>(eps));
     float* yr = yp + m * D;
     for (int64_t d = 0; d < D; ++d) yr[d] = (xr[d] * inv) * wp[d];  // torch's order: normalise, then scale
-  }
-  return y;
-}
-
-// silu(gate) * up for gate, up (M, F) with contiguous rows (any row stride: the two halves of a fused gate_up
-// output are strided views) -> (M, F) contiguous.
-at::Tensor silu_mul_rows(const at::Tensor& gate, const at::Tensor& up) {
-  check_f32_cpu(gate, "gate");
-  check_f32_cpu(up, "up");
-  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 && up.stride(1) == 1,
-              "silu_mul_rows: gate and up must be (M, F) matrices of the same shape with contiguous rows, got ",
-              gate.sizes(), " and ", up.sizes());
-  const int64_t M = gate.size(0), F = gate.size(1);
-  at::Tensor y = at::empty({M, F}, gate.options());
-  float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* gr = gate.data_ptr<float>() + m * gate.stride(0);
-    const float* ur = up.data_ptr<float>() + m * up.stride(0);
-    float* yr = yp + m * F;
-    for (int64_t f = 0; f < F; ++f) yr[f] = gr[f] / (1.0f + std::exp(-gr[f])) * ur[f];
   }
   return y;
 }

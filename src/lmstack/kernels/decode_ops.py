@@ -1,5 +1,5 @@
-"""The decode step's small ops as single C++ calls (decode_ops.cpp): RMSNorm, RoPE, SiLU-gate product, and the
-paged attention of one new token per sequence.
+"""The decode step's small ops as single C++ calls (decode_ops.cpp): RMSNorm, RoPE, and the paged attention of one
+new token per sequence.
 
 A decode step runs each of these on a handful of rows, where torch's dispatch and temporaries cost more than
 the arithmetic (the module docstring of decode_ops.cpp counts them). Each function here computes the same math
@@ -10,14 +10,12 @@ calls them only inside `decode_kernels()` (model/linear.py), that is, in the inf
 Usage:
     from lmstack.kernels import decode_ops
     y = decode_ops.rms_norm(x, weight, eps)              # torch.rms_norm(x, weight.shape, weight, eps)
-    h = decode_ops.silu_mul(gate, up)                    # F.silu(gate) * up
     qk = decode_ops.rope(qk, cos, sin)                   # x * cos + rotate_half(x) * sin, tables (T, 1, D)
     o = decode_ops.paged_decode_attention(q, kc, vc, key_slots, lengths, scale, window)   # (B, H, D)
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lmstack.kernels.build import extension
 
@@ -42,16 +40,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if ext is not None:
             return ext.rms_norm_rows(x.reshape(-1, d).contiguous(), weight.contiguous(), eps).view(x.shape)
     return torch.rms_norm(x, weight.shape, weight, eps)
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """F.silu(gate) * up; gate and up may be the two halves of a fused gate_up output (strided views)."""
-    f = gate.shape[-1]
-    if _ok(gate, up) and gate.shape == up.shape and 0 < gate.numel() <= MAX_ROWS * f:
-        ext = extension()
-        if ext is not None:
-            return ext.silu_mul_rows(gate.reshape(-1, f), up.reshape(-1, f)).view(gate.shape)
-    return F.silu(gate) * up
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ The kernel is switched on per thread by a scope, not per model: the inference en
 `decode_kernels()`, and everything else (training, `generate`, eval, tests that compare a model with itself
 bitwise) keeps F.linear's exact numbers. Inside the scope, skinny_linear still falls back to F.linear for anything
 that is not a few fp32 CPU rows without autograd (prefill chunks, other dtypes, CUDA). The same scope switches the
-decode step's small ops (RMSNorm, RoPE, the SiLU-gate product, paged decode attention) to
+decode step's small ops (RMSNorm, RoPE, paged decode attention) to
 lmstack.kernels.decode_ops; kernels_on() reads it.
 
 Usage:

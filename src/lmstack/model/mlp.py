@@ -5,8 +5,7 @@ registry is shared with the MoE experts.
 
 With cfg.fused_kernels and mlp=swiglu, the product silu(gate) * up runs as fused.swiglu. With
 cfg.fused_projections a gated MLP holds one `gate_up_proj` Linear (gate rows, then up; Phi-3's layout,
-fused_projections.py): one matmul instead of two, the same numbers. Inside decode_kernels() (the engine's
-steps) the SiLU-gated product is one C++ call (lmstack.kernels.decode_ops.silu_mul), fused or split alike.
+fused_projections.py): one matmul instead of two, the same numbers.
 
 Usage:
     mlp = MLP(cfg)              # cfg.mlp picks the kind
@@ -18,10 +17,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from lmstack.kernels import decode_ops
 from lmstack.model.fused import swiglu
 from lmstack.model.fused_projections import FusedLinear
-from lmstack.model.linear import Linear, kernels_on
+from lmstack.model.linear import Linear
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
@@ -69,8 +67,6 @@ class MLP(nn.Module):
             gate, up = fused(x).chunk(2, dim=-1)  # chunk: no Python wrapper, unlike split
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.act is F.silu and kernels_on():  # the engine's decode step: silu(gate) * up in one C++ call
-            return self.down_proj(decode_ops.silu_mul(gate, up))
         if self.fused:
             return self.down_proj(swiglu(gate, up))
         return self.down_proj(self.act(gate) * up)

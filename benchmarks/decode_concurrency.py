@@ -1,6 +1,7 @@
 """Per-token latency of a request among 8 concurrent ones vs a lone request, and where a decode step's time goes.
 
-The llama-base preset (~123M parameters, random weights, fp32) runs in one LLMEngine. Each round:
+The llama-base preset (~123M parameters, random weights, fp32, fused qkv and gate_up projections as LLM(dir)
+loads a model) runs in one LLMEngine. Each round:
 - lone: one request (a random 32-token prompt, 64 greedy tokens, EOS ignored) alone in the engine;
 - eight: 8 such requests added at once (different prompts), so after one prefill step they decode together.
 TPOT of a request = (time of its last token - time of its first) / (tokens - 1): the decode steps only, as a
@@ -134,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = preset(args.preset)
-    model = Transformer(cfg).eval()
+    model = Transformer(cfg).eval().fuse_projections()  # as LLM(dir) loads it: fused qkv and gate_up
     engine = LLMEngine(model, max_num_seqs=args.concurrent, enable_prefix_caching=False, seed=0)
     rng = random.Random(0)
 

@@ -152,6 +152,7 @@ GGUF_COMMANDS = [
     ["finetune", "--model", "m.gguf"],
     ["align", "--model", "m.gguf"],
     ["align", "m.gguf"],
+    ["export", "--model", "m.gguf", "--format", "onnx", "--out", "o.onnx"],
 ]
 
 

@@ -68,6 +68,7 @@ STAGES: dict[str, str] = {
     "chat": "lmstack.serve.terminal_chat",
     "eval": "lmstack.eval.commands",
     "report": "lmstack.eval.report",
+    "export": "lmstack.compress.export",
 }
 
 

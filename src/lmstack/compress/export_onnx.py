@@ -13,7 +13,8 @@ same path for every full-sequence call without a cache. To keep it that way the 
   - fused_kernels=False: plain torch ops;
   - the RoPE table built to max_seq_len up front and marked static, so no length is read back.
 aten::rms_norm has no ONNX symbolic at the opsets the tracer supports, so it is written here as
-x / sqrt(mean(x^2) + eps) * w (the definition torch's op computes). Inputs are capped at max_seq_len positions
+x / sqrt(mean(x^2) + eps) * w (the definition torch's op computes), and so is the in-place bool `&=` of the
+sliding-window mask (ONNX's And). Inputs are capped at max_seq_len positions
 (the RoPE table baked into the graph; learned positions stop there too).
 
 Refused (LmstackError naming the field): mixture-of-experts (routing dispatches by data-dependent indices),
@@ -72,6 +73,12 @@ def _rms_norm_symbolic(g, x, shape, weight, eps):
     return y if weight.node().mustBeNone() else g.op("Mul", y, weight)
 
 
+def _and_symbolic(g, a, b):
+    """aten::__iand_ (the sliding-window mask's `allowed &= local`) as ONNX's And: the tracer has made it
+    functional already, so returning the new value is all that is left."""
+    return g.op("And", a, b)
+
+
 class LogitsOnly(nn.Module):
     """input_ids -> logits: the one input and output the ONNX graph has."""
 
@@ -111,6 +118,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike) -> dict[st
         model.unfuse_projections()
     wrapped = LogitsOnly(traceable_copy(model))
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
+    torch.onnx.register_custom_op_symbolic("aten::__iand_", _and_symbolic, OPSET)
     example = torch.zeros((2, min(8, cfg.max_seq_len)), dtype=torch.long)
     axes = {0: "batch", 1: "sequence"}
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")

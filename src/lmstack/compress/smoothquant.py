@@ -30,7 +30,6 @@ from torch import nn
 from lmstack.compress.calibration import LayerStats
 from lmstack.compress.quantize_rtn import QuantizedWeight, quantize_rtn
 from lmstack.errors import LmstackError
-from lmstack.model.mlp import MLP
 
 INT8_MAX = 127
 MAX_EXACT_IN = 2 ** 31 // INT8_MAX ** 2
@@ -72,7 +71,8 @@ def _smoothable(block: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
                                                           if getattr(attn, n) is not None]
     groups = [("attn_norm", block.attn_norm, [f"attn.{n}" for n in qkv])]
     mlp = block.mlp
-    if isinstance(mlp, MLP):  # an MoE's norm also feeds its router and the experts' stacked weights: left alone
+    # (duck-typed, not isinstance: lmstack.adapt imports this package, and lmstack.model must not be pulled in here)
+    if getattr(mlp, "router", None) is None:  # an MoE's norm also feeds its router and stacked experts: left alone
         names = ["gate_up_proj"] if mlp.gate_up_proj is not None else [
             n for n in ("gate_proj", "up_proj") if getattr(mlp, n) is not None]
         groups.append(("mlp_norm", block.mlp_norm, [f"mlp.{n}" for n in names]))

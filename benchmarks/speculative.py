@@ -25,6 +25,10 @@ against the same engine without speculation.
   `--tree_nodes` nodes up to `--tree_depth` deep (`--tree_topk` candidates per expanded node; eagle expands
   `--tree_width` nodes per depth), verified in one target forward; acceptance rate is accepted / proposed tree
   nodes, so compare mean accepted per verify. Greedy output is asserted identical, as for every method.
+  The defaults (10 nodes, 8 deep, top-2 children, one node expanded per depth: the draft's chain plus its
+  runner-up at each depth) came from a sweep on the wide target with EAGLE heads trained 1000 steps, 2 shared
+  cores: verifying a row costs the target ~0.7 ms at one thread, so wide trees (16 nodes, 4 expanded per
+  depth) accepted more but ran slower than the chain.
 - per row: acceptance rate, mean accepted guesses per verify step, tokens per target forward, and where a
   step's time goes (the timed runs themselves are instrumented: proposing, the target's forward, the
   draft's forwards, and the rest: scheduling, verification, output processing, Python), in ms per engine
@@ -41,8 +45,8 @@ Usage:
     python benchmarks/speculative.py --target wide --target_steps 150 --heads_steps 300   # the wider target
     python benchmarks/speculative.py --train_only         # only build the cache
     python benchmarks/speculative.py --pair DIR           # measure an already trained pair
-    python benchmarks/speculative.py --target wide --target_steps 150 --heads_steps 300 \
-        --methods eagle,eagle_tree,medusa_tree --merge        # tree rows beside the file's other rows
+    python benchmarks/speculative.py --target wide --target_steps 150 --heads_steps 1000 \
+        --methods eagle,eagle_tree --out /tmp/tree.json      # chain vs tree, EAGLE heads trained 1000 steps
 """
 from __future__ import annotations
 
@@ -301,8 +305,8 @@ def main() -> None:
     ap.add_argument("--heads_steps", type=int, default=400, help="training steps of the medusa and eagle heads")
     ap.add_argument("--methods", default="draft,ngram,medusa,eagle,medusa_tree,eagle_tree",
                     help="comma-separated proposers to measure (X_tree: heads X with token-tree verification)")
-    ap.add_argument("--tree_nodes", type=int, default=7, help="token trees: nodes per tree")
-    ap.add_argument("--tree_depth", type=int, default=6, help="token trees: deepest guess (num_tokens)")
+    ap.add_argument("--tree_nodes", type=int, default=10, help="token trees: nodes per tree")
+    ap.add_argument("--tree_depth", type=int, default=8, help="token trees: deepest guess (num_tokens)")
     ap.add_argument("--tree_topk", type=int, default=2, help="token trees: candidates per expanded node")
     ap.add_argument("--tree_width", type=int, default=1, help="token trees, eagle: nodes expanded per depth (0: topk)")
     ap.add_argument("--tree_min_prob", type=float, default=0.0,

@@ -220,17 +220,17 @@ def test_a_failed_write_leaves_no_file(tmp_path, tok, monkeypatch):
     assert (out / "m.gguf").read_bytes() == b"old"  # the previous file is whole
 
 
-def _chain_model(tmp_path, tok) -> tuple[Path, list[int], list[int]]:
+def _chain_model(tmp_path, tok, arch: str) -> tuple[Path, list[int], list[int]]:
     """A tiny llama trained (a few seconds) to follow a fixed random chain of ids: greedy margins are wide,
     so llama.cpp's f32 and q8_0 arithmetic lands on the same tokens as ours."""
     torch.manual_seed(0)
     n = tok.vocab_size
     cfg = ModelConfig(vocab_size=n, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
-                      hf_model_type="llama")
+                      hf_model_type=arch, qkv_bias=arch == "qwen2")
     model = Transformer(cfg)
     nxt = torch.randperm(n)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(150):
         seq = [torch.randint(0, n, (16,))]
         for _ in range(32):
             seq.append(nxt[seq[-1]])
@@ -240,17 +240,19 @@ def _chain_model(tmp_path, tok) -> tuple[Path, list[int], list[int]]:
         loss.backward()
         opt.step()
     model.eval()
-    model_dir = save_model(model, tmp_path / "chain", tokenizer=tok)
+    model_dir = save_model(model, tmp_path / arch, tokenizer=tok)
     prompt = [int(nxt[5]), int(nxt[nxt[5]])]
     ours = reference_decode(load_model(model_dir), torch.tensor([prompt]), 64)[0, len(prompt):].tolist()
+    assert ours == [int(nxt[t]) for t in (prompt[-1:] + ours)[:-1]], "the chain was not learned"
     return model_dir, prompt, ours
 
 
 @pytest.mark.slow
-def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, tok):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, tok, arch):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: "
                                     "bash benchmarks/setup_llama_cpp.sh")
-    model_dir, prompt, ours = _chain_model(tmp_path, tok)
+    model_dir, prompt, ours = _chain_model(tmp_path, tok, arch)
     got = {}
     for kind in ("f32", "q8_0"):
         export_gguf(model_dir, tmp_path / f"{kind}.gguf", kind)
@@ -263,3 +265,14 @@ def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, tok):
         got[kind] = tokens
     assert got["f32"] == ours
     assert got["q8_0"][:16] == ours[:16]
+
+
+def test_fused_projections_export_the_same_tensors(tmp_path, tok):
+    plain = export_gguf(_save(tmp_path, tok, name="plain"), tmp_path / "plain.gguf")
+    fused = export_gguf(_save(tmp_path, tok, name="fused", fused_projections=True), tmp_path / "fused.gguf")
+    assert plain["tensors"] == fused["tensors"]
+    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "plain.gguf").tensors}
+    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "fused.gguf").tensors}
+    assert a.keys() == b.keys() and "blk.0.attn_q.weight" in a and "blk.1.ffn_gate.weight" in a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -4,13 +4,14 @@ One fp32 forward pass of the model over calibration token ids, with a forward pr
 the blocks (a fused qkv_proj / gate_up_proj is one Linear, so one set of statistics). Per layer, over the n
 input rows (tokens) it saw, we accumulate:
 
-- X^T X in float64, giving the input Hessian H = 2 X^T X / n of the layer's squared output error
+- X^T X (fp32 per batch, fp64 running total), giving the input Hessian H = 2 X^T X / n of the layer's squared output error
   (GPTQ, SparseGPT): ||(W - W') X||^2 summed over tokens is tr((W - W') H (W - W')^T) * n / 2;
 - sum |x_j| per input channel (AWQ's mean |x|), sum x_j^2 (Wanda's ||X_j||_2), max |x_j| (SmoothQuant).
 
-Statistics come from the unquantized model in one pass. GPTQ's reference code re-runs each block on the
-outputs of the already quantized blocks before it; one pass is simpler and, at our sizes, close (the
-layer-wise problem each method solves is the same).
+Linears that read the same tensor (q, k, v; gate, up) share one computation of it. Statistics come from the
+unquantized model in one pass. GPTQ's reference code instead re-runs each block on the outputs of the
+already quantized blocks before it; one pass is simpler, and whether the sequential variant buys anything
+at our sizes is not measured yet.
 
 Usage:
     from lmstack.compress.calibration import collect_stats

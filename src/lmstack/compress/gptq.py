@@ -6,14 +6,16 @@ Surgeon says: after fixing column i to a value q, the best update of the remaini
 -(w_i - q) / [H^-1]_ii * [H^-1]_i,(i+1:), where H^-1 is the inverse Hessian of the columns still free. Those
 successive inverses are the rows of the upper Cholesky factor U of H^-1 (so no inverse is recomputed), and:
 
-- lazy batch updates: the updates are applied inside a block of 128 columns at once and to the rest of the
-  matrix once per block (one matmul), which is what makes it fast;
+- lazy batch updates: while the sweep is inside a block of 128 columns, each column's update touches only
+  the block; the rest of the matrix receives the whole block's updates at once (one matmul), which is what
+  makes it fast;
 - dampening: H + damp * mean(diag H) * I keeps the Cholesky factorisation stable; a column whose input is
   always 0 (a dead channel) gets H_ii = 1 and weight 0;
 - groups: a group's scale and zero are computed when the sweep reaches its first column, from the values
   as updated so far (blocks are aligned to groups so those values are final);
 - act-order: columns in descending diag(H) order (the most active inputs first, while many columns remain
-  to absorb their error); recorded in QuantizedWeight.perm.
+  to absorb their error); recorded in QuantizedWeight.perm. Codes and groups are in the sweep's order, so a
+  format with a per-column group index (GPTQ's g_idx) has g_idx[perm[j]] = j // group_size.
 
 obs_sweep is the shared column sweep; SparseGPT (prune.py) runs it with a pruning rule instead of rounding.
 

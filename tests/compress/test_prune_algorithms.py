@@ -69,6 +69,13 @@ def test_every_two_four_group_has_exactly_two_zeros_and_the_order_holds():
     assert err["wanda"] < err["magnitude"] and err["sparsegpt"] < 0.8 * err["magnitude"], err
 
 
+def test_sparsegpt_two_four_with_a_block_size_not_a_multiple_of_four():
+    x, w, h = setup()
+    r = prune_sparsegpt(w, h, pattern="2:4", block_size=30)  # blocks shrink to 28: no run of 4 straddles two
+    assert torch.all(r.mask.reshape(64, 32, 4).sum(2) == 2)
+    assert output_error(w, r.weight, h) < output_error(w, prune_magnitude(w, 0.5, "2:4").weight, h)
+
+
 def test_sparsegpt_with_a_diagonal_hessian_is_magnitude_within_a_block():
     """Uncorrelated inputs of equal power: no update, and saliency w^2 / d^2 orders weights by |w|."""
     w = torch.randn(32, 96, generator=torch.Generator().manual_seed(2))

@@ -138,6 +138,12 @@ def test_group_size_that_does_not_divide_names_both_numbers():
         quantize_rtn(weight(), 9, 32)
     with pytest.raises(LmstackError, match="2-D weight"):
         quantize_rtn(torch.zeros(4, 4, 4), 4, 4)
+    bad = weight()
+    bad[3, 7] = float("nan")
+    with pytest.raises(LmstackError, match="NaN or inf"):
+        quantize_rtn(bad, 4, 32)
+    with pytest.raises(LmstackError, match="NaN or inf"):
+        gptq_quantize(bad, torch.eye(128), 4, 32)
 
 
 # ---- GPTQ
@@ -165,6 +171,29 @@ def test_gptq_with_a_diagonal_hessian_is_rtn():
     h = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(3)) + 0.5)
     g, r = gptq_quantize(w, h, 4, 32), quantize_rtn(w, 4, 32)
     assert torch.equal(g.codes, r.codes) and torch.equal(g.scales, r.scales) and torch.equal(g.zeros, r.zeros)
+
+
+def test_act_order_permutation_puts_columns_back_in_input_order():
+    """With a diagonal Hessian act-order is RTN of the permuted columns; dequantize must undo the permutation."""
+    w = weight()
+    h = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(4)) + 0.5)
+    qw = gptq_quantize(w, h, 4, 32, act_order=True)
+    perm = qw.perm
+    assert not torch.equal(perm, torch.arange(128))
+    rtn_of_permuted = quantize_rtn(w[:, perm], 4, 32)
+    assert torch.equal(qw.codes, rtn_of_permuted.codes)
+    expect = torch.empty_like(w)
+    expect[:, perm] = dequantize(rtn_of_permuted)
+    assert torch.equal(dequantize(qw), expect)
+    assert (dequantize(qw) - w).abs().max() < qw.scales.max()  # in input order: close to w, not shuffled
+
+
+def test_gptq_symmetric_codes():
+    x, w = activations(), weight()
+    h = hessian(x)
+    qw = gptq_quantize(w, h, 4, 32, symmetric=True)
+    assert qw.zeros is None and qw.codes.dtype == torch.int8 and qw.codes.abs().max() <= 7
+    assert output_error(w, dequantize(qw), h) < 0.8 * output_error(w, dequantize(quantize_rtn(w, 4, 32, True)), h)
 
 
 def test_gptq_groups_not_aligned_with_blocks_and_dead_channels():

@@ -41,6 +41,9 @@ def prepare_hessian(w: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torc
     o, i = w.shape
     if h.shape != (i, i):
         raise LmstackError(f"Hessian shape {tuple(h.shape)} does not match the weight's in_features {i}")
+    if not (torch.isfinite(h).all() and torch.isfinite(w).all()):
+        raise LmstackError("the weight or the Hessian holds NaN or inf (diverged weights, or non-finite calibration "
+                           "activations); nothing to quantize or prune against")
     if not damp > 0:
         raise LmstackError(f"damp must be > 0 (a fraction of the mean Hessian diagonal, e.g. 0.01); got {damp}")
     h = h.double().clone()

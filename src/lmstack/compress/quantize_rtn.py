@@ -103,6 +103,8 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = 128,
     if w.dim() != 2:
         raise LmstackError(f"expected a 2-D weight (out_features, in_features); got shape {tuple(w.shape)}")
     w = w.detach().float()
+    if not torch.isfinite(w).all():
+        raise LmstackError("the weight holds NaN or inf; round to nearest would store garbage codes")
     o, i = w.shape
     g = check_group(i, group_size, bits)
     rows = w.reshape(-1, g)  # each row of each group is one row here: the same per-row rule as GPTQ's

@@ -99,6 +99,7 @@ def test_calibration_fused_projections_are_one_linear_and_sequences_may_differ_i
     (torch.rand(2, 20), "integer token ids"),
     (torch.ones(1, 65, dtype=torch.long), "max_seq_len 64"),
     (torch.ones(2, 2, 20, dtype=torch.long), "shape"),
+    ([torch.ones(2, 20, dtype=torch.long)], "1-D sequences"),
 ])
 def test_calibration_bad_input(calib, match):
     model = tiny()

@@ -2,11 +2,11 @@
 channel j of W up by s_j (and the input down by s_j): W X = (W diag(s)) (diag(s)^-1 X). Weights on loud input
 channels then land on a finer grid relative to their size, at the cost of the quiet channels.
 
-s = mean|x|^alpha (normalised to a geometric mean of about 1), with alpha chosen on a grid over [0, 1] to
-minimise the layer's output error on the calibration inputs. We measure that error through the Hessian the
-calibration already holds instead of keeping a sample of X: with dW = W - Q(W diag(s)) diag(s)^-1,
-||dW X||^2 summed over the n tokens = tr(dW H dW^T) * n / 2, exactly. alpha = 0 is plain RTN, so the search
-never does worse than RTN on the calibration inputs.
+s = mean|x|^alpha (normalised so that sqrt(max s * min s) = 1), with alpha chosen from k / n_grid for
+k = 0 .. n_grid - 1 (0, 0.05, ..., 0.95 by default) to minimise the layer's output error on the calibration
+inputs. We measure that error through the Hessian the calibration already holds instead of keeping a sample
+of X: with dW = W - Q(W diag(s)) diag(s)^-1, ||dW X||^2 summed over the n tokens = tr(dW H dW^T) * n / 2,
+exactly. alpha = 0 is plain RTN, so the search never does worse than RTN on the calibration inputs.
 
 Where the scales go. The real method folds diag(s)^-1 into the op before the layer, which is free only where
 one op feeds exactly this layer: the RMSNorm before a fused qkv_proj or gate_up_proj (one Linear, one s),
@@ -72,7 +72,7 @@ def awq_quantize(w: torch.Tensor, mean_abs: torch.Tensor, h: torch.Tensor, bits:
     for k in range(n_grid):
         alpha = k / n_grid
         s = x.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()  # centre the scales: the grid moves, the product does not
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales' range on 1, as llm-awq does
         q = quantize_rtn(w * s[None, :], bits, group_size, symmetric)
         err = output_error(w, dequantize(q) / s[None, :], h)
         if k == 0:

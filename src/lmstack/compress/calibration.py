@@ -4,8 +4,9 @@ One fp32 forward pass of the model over calibration token ids, with a forward pr
 the blocks (a fused qkv_proj / gate_up_proj is one Linear, so one set of statistics). Per layer, over the n
 input rows (tokens) it saw, we accumulate:
 
-- X^T X (fp32 per batch, fp64 running total), giving the input Hessian H = 2 X^T X / n of the layer's squared output error
-  (GPTQ, SparseGPT): ||(W - W') X||^2 summed over tokens is tr((W - W') H (W - W')^T) * n / 2;
+- X^T X (fp32 per batch, fp64 running total), giving the input Hessian H = 2 X^T X / n of the layer's
+  squared output error (GPTQ, SparseGPT): ||(W - W') X||^2 summed over tokens is
+  tr((W - W') H (W - W')^T) * n / 2;
 - sum |x_j| per input channel (AWQ's mean |x|), sum x_j^2 (Wanda's ||X_j||_2), max |x_j| (SmoothQuant).
 
 Linears that read the same tensor (q, k, v; gate, up) share one computation of it. Statistics come from the
@@ -89,7 +90,11 @@ def _sequences(calib, vocab_size: int, max_len: int) -> list[torch.Tensor]:
                                f"{tuple(calib.shape)}")
         seqs = [calib] if calib.numel() else []
     else:
-        seqs = [torch.as_tensor(s)[None] for s in calib if len(s)]
+        seqs = [torch.as_tensor(s) for s in calib if len(s)]
+        if any(s.dim() != 1 for s in seqs):
+            raise LmstackError("a list of calibration sequences must hold 1-D sequences of token ids; got one of "
+                               f"shape {next(tuple(s.shape) for s in seqs if s.dim() != 1)}")
+        seqs = [s[None] for s in seqs]
     if not seqs:
         raise LmstackError("no calibration data: the calibration set is empty")
     for s in seqs:

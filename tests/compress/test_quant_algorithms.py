@@ -42,9 +42,9 @@ def weight(o: int = 64, i: int = 128, seed: int = 1) -> torch.Tensor:
     return torch.randn(o, i, generator=torch.Generator().manual_seed(seed))
 
 
-def tiny(fused: bool = False, **kw) -> Transformer:
+def tiny(fused: bool = False, family: str = "llama", **kw) -> Transformer:
     torch.manual_seed(0)
-    cfg = preset("llama-tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+    cfg = preset(f"{family}-tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                  init_std=0.2, **kw)
     model = Transformer(cfg).eval()
     return model.fuse_projections() if fused else model
@@ -233,12 +233,18 @@ def test_awq_beats_rtn_on_outlier_channels():
 
 # ---- SmoothQuant
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_smoothquant_folded_model_computes_the_same_function(fused):
-    model = tiny(fused=fused)
+@pytest.mark.parametrize("family, fused", [("llama", False), ("llama", True), ("gpt2", False), ("gemma2", False)])
+def test_smoothquant_folded_model_computes_the_same_function(family, fused):
+    """RMSNorm, LayerNorm with a bias (gpt2), Gemma's (1 + w) RMSNorm with sandwich norms."""
+    model = tiny(fused=fused, family=family)
     # loud channels in the residual stream, as trained LLMs have: scale two columns of the embedding
     with torch.no_grad():
         model.tok_emb.weight[:, :2] *= 20
+        for m in model.modules():  # norms with non-trivial weights and biases, so a wrong fold shows
+            if isinstance(m, nn.LayerNorm) or type(m).__name__ == "RMSNorm":
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.add_(0.1 * torch.randn_like(m.bias))
     ids = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(1))
     stats = collect_stats(model, ids)
     smoothed = copy.deepcopy(model)

@@ -42,12 +42,15 @@ def test_gguf_export_through_the_cli(tmp_path, model_dir, capsys):
     assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
 
 
-def test_onnx_export_through_the_cli(tmp_path, model_dir, capsys):
-    pytest.importorskip("onnx", reason="onnx is not installed: pip install onnx onnxruntime")
+@pytest.mark.parametrize("extra,inputs", [([], ["input_ids"]),
+                                           (["--past_key_values"], ["input_ids", "past_keys", "past_values"])])
+def test_onnx_export_through_the_cli(tmp_path, model_dir, capsys, extra, inputs):
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed: pip install onnx onnxruntime")
     out = tmp_path / "m.onnx"
-    assert main(["export", "--model", str(model_dir), "--format", "onnx", "--out", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == "onnx"
-    assert out.stat().st_size > 0
+    assert main(["export", "--model", str(model_dir), "--format", "onnx", "--out", str(out), *extra]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["format"] == "onnx" and printed["inputs"] == inputs
+    assert [i.name for i in onnx.load(str(out)).graph.input] == inputs
 
 
 def test_bad_input_is_one_line_and_status_2(tmp_path, model_dir):

@@ -3,6 +3,7 @@
 Usage:
     lmstack export --model runs/tiny --format gguf --gguf-type q8_0 --out tiny-q8_0.gguf
     lmstack export --model runs/tiny --format onnx --out tiny.onnx
+    lmstack export --model runs/tiny --format onnx --past_key_values --out tiny-kv.onnx
 
 The formats live in export_gguf.py and export_onnx.py; this module only picks one and prints what was
 written (one JSON line: path, bytes, types). The model directory is only read.
@@ -32,7 +33,7 @@ def output_path(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 def export(model: str, out: str, format: Literal["gguf", "onnx"] = "gguf",
-           gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f32") -> dict[str, Any]:
+           gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f32", past_key_values: bool = False) -> dict[str, Any]:
     """Export a model directory as one GGUF or ONNX file.
 
     Args:
@@ -41,8 +42,12 @@ def export(model: str, out: str, format: Literal["gguf", "onnx"] = "gguf",
         format: gguf (llama.cpp: llama or qwen2 architecture, tokenizer embedded) or onnx (full-sequence forward,
             input_ids -> logits, dynamic batch and sequence).
         gguf_type: Storage of the GGUF matrices: f32, f16, q8_0 or q4_0 (norms and biases stay f32).
+        past_key_values: ONNX only: export the decoder with past key/values (input_ids, past_keys, past_values ->
+            logits, present_keys, present_values) instead of the full-sequence forward.
     """
     if format == "gguf":
+        if past_key_values:
+            raise LmstackError("--past_key_values applies to --format onnx only; a GGUF runtime keeps its own cache")
         try:
             from lmstack.compress.export_gguf import export_gguf  # lazy: the gguf package is an optional extra
         except ImportError as e:
@@ -55,7 +60,7 @@ def export(model: str, out: str, format: Literal["gguf", "onnx"] = "gguf",
             from lmstack.compress.export_onnx import export_onnx  # lazy: the onnx package is an optional extra
         except ImportError as e:
             raise LmstackError(f"ONNX export needs ({e}): {INSTALL}") from None
-        written = export_onnx(model, out)
+        written = export_onnx(model, out, past_key_values=past_key_values)
     else:
         raise LmstackError(f"unknown --format {format!r}; choose gguf or onnx")
     print(json.dumps(written))

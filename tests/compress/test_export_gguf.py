@@ -265,6 +265,9 @@ def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, tok, arch):
         got[kind] = tokens
     assert got["f32"] == ours
     assert got["q8_0"][:16] == ours[:16]
+    # the embedded tokenizer: llama.cpp splits text into our ids (our "gpt4" regex is llama3's "llama-bpe")
+    text = "the cat sat on the mat, 12 345 times"
+    assert llm.tokenize(text.encode(), add_bos=False) == tok.encode(text)
 
 
 def test_fused_projections_export_the_same_tensors(tmp_path, tok):

@@ -44,6 +44,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.onnx import symbolic_helper
 
 from lmstack.compress.export import output_path
 from lmstack.errors import LmstackError
@@ -90,7 +91,7 @@ def check_onnx_exportable(cfg: ModelConfig, past_key_values: bool = False) -> No
 
 def _rms_norm_symbolic(g, x, shape, weight, eps):
     """aten::rms_norm(x, normalized_shape, weight, eps) over the last axis, in plain ONNX ops."""
-    eps_value = torch.onnx.symbolic_helper._get_const(eps, "f", "eps")
+    eps_value = symbolic_helper._get_const(eps, "f", "eps")
     eps_value = 1e-6 if eps_value is None else eps_value  # torch's default when eps is None
     square = g.op("Mul", x, x)
     mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor([-1])), keepdims_i=1)

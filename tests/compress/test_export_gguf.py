@@ -202,6 +202,11 @@ def test_bad_input_messages(tmp_path, tok):
     no_room = _save(tmp_path, small, name="small", vocab_size=small.vocab_size - 10, real_vocab_size=None)
     with pytest.raises(LmstackError, match="the tokenizer does not fit the model"):
         export_gguf(no_room, tmp_path / "m.gguf")
+    wordpiece = train_tokenizer(texts=TEXTS, type="wordpiece", vocab_size=200, show_progress=False)
+    other = _save(tmp_path, wordpiece, name="wp", vocab_size=256, real_vocab_size=None)
+    with pytest.raises(LmstackError, match="GGUF export embeds byte-level BPE tokenizers only; this tokenizer is "
+                                           "'WordPiece'"):
+        export_gguf(other, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 
 

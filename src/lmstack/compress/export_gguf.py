@@ -167,7 +167,7 @@ def tokenizer_fields(tok: Tokenizer, n_vocab: int) -> dict[str, Any]:
             "merges": merges, "pre": _pre_tokenizer_name(spec)}
 
 
-def _storage(name: str, t: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
+def _storage(t: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
     """(the array to write, its GGML type): matrices in qtype (f16 when rows do not fill quant blocks)."""
     data = t.numpy()
     if data.ndim == 1 or qtype == Q.F32:
@@ -234,7 +234,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, gguf_type:
         w.add_add_bos_token(bos is not None and tok.encode("a", add_special_tokens=True)[:1] == [bos])
         types: dict[str, int] = {}
         for name, t in tensors.items():
-            data, stored = _storage(name, t, qtype)
+            data, stored = _storage(t, qtype)
             w.add_tensor(name, data, raw_dtype=stored)
             types[stored.name] = types.get(stored.name, 0) + 1
         w.write_header_to_file()

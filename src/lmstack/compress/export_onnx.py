@@ -1,4 +1,4 @@
-"""ONNX export: one model directory -> one .onnx file holding the full-sequence forward, input_ids -> logits.
+"""ONNX export: one model directory -> one .onnx file, the full-sequence forward or a decoder with past key/values.
 
 Two graphs can be built:
 - the full-sequence forward (default): input_ids (batch, sequence) int64 -> logits (batch, sequence, vocab)
@@ -20,8 +20,8 @@ same path for every full-sequence call without a cache. To keep it that way the 
   - the RoPE table built to max_seq_len up front and marked static, so no length is read back.
 aten::rms_norm has no ONNX symbolic at the opsets the tracer supports, so it is written here as
 x / sqrt(mean(x^2) + eps) * w (the definition torch's op computes), and so is the in-place bool `&=` of the
-sliding-window mask (ONNX's And). Inputs are capped at max_seq_len positions
-(the RoPE table baked into the graph; learned positions stop there too).
+sliding-window mask (ONNX's And). Inputs are capped at max_seq_len positions (the RoPE table baked into the
+graph; learned positions stop there too): onnxruntime refuses a longer input with an index error.
 
 Refused (LmstackError naming the field): mixture-of-experts (routing dispatches by data-dependent indices),
 attention other than softmax (LSH sorts by hash, Performer draws features), sparse attention patterns (BigBird

@@ -284,3 +284,24 @@ def test_fused_projections_export_the_same_tensors(tmp_path, tok):
     assert a.keys() == b.keys() and "blk.0.attn_q.weight" in a and "blk.1.ffn_gate.weight" in a
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [dict(rope_scaling="linear", rope_factor=4.0),
+                                       dict(head_dim=32, tie_embeddings=True),
+                                       dict(n_kv_heads=1, rope_theta=500.0)], ids=["linear-rope", "head-dim", "mqa"])
+def test_llama_cpp_f32_follows_the_config_fields(tmp_path, tok, overrides):
+    # random weights (init_std 0.2): f32 on both sides, so even small greedy margins agree
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: "
+                                    "bash benchmarks/setup_llama_cpp.sh")
+    model_dir = _save(tmp_path, tok, seed=1, vocab_size=tok.vocab_size, real_vocab_size=None, **overrides)
+    prompt = [10, 20, 30]
+    ours = reference_decode(load_model(model_dir), torch.tensor([prompt]), 64)[0, 3:].tolist()
+    export_gguf(model_dir, tmp_path / "m.gguf")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, n_threads=1, verbose=False)
+    tokens = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        tokens.append(t)
+        if len(tokens) == 64:
+            break
+    assert tokens == ours

@@ -126,9 +126,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
   const float* vp = vc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  // one task = one (sequence, KV head); split across threads only when a task is worth waking one for
-  const int64_t work = std::max<int64_t>(1, G * Lmax * D);
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / work);
+  // One task = one (sequence, KV head). A thread's share must be worth waking it for: at least ~2^16
+  // multiply-adds (a few microseconds); below that the fork and join cost more than the work.
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += lens[b];
+  const int64_t per_task = std::max<int64_t>(1, G * D * (total / std::max<int64_t>(1, B)));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);
   at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t task = t0; task < t1; ++task) {
@@ -148,12 +151,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
         float* s = scores.data() + h * n;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-        float total = 0.f;
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = std::exp(s[j] - mx);
-          total += s[j];
-        }
-        const float inv = 1.0f / total;
+        const float inv = 1.0f / exp_shift_sum(s, n, mx);  // vectorised exp (simd.h)
         for (int64_t j = 0; j < n; ++j) s[j] *= inv;
       }
       float* o = op + (b * H + g * G) * D;  // the group's G output rows are adjacent

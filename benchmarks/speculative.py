@@ -38,7 +38,8 @@ How results/speculative.json was made: `python benchmarks/speculative.py --targe
 step count): the pair trained earlier on a quiet 2-core machine (target 465 s, draft 152 s, one thread), the
 heads trained (`--heads_steps 400`) and everything measured on a 2-core machine shared with other jobs.
 results/speculative_wide.json: `python benchmarks/speculative.py --target wide --target_steps 150
---heads_steps 300` (the 8x384 target's 150 steps took 1072 s on the shared machine), same machine.
+--heads_steps 1000` (the 8x384 target's 150 steps took 1072 s on a shared machine; the heads 797 s (EAGLE) and
+1416 s (Medusa), shared), measured on a quiet 2-core machine with every method, token trees included.
 
 Usage:
     python benchmarks/speculative.py                      # trains (or loads) the pair and heads, then measures

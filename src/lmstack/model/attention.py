@@ -35,6 +35,7 @@ from lmstack.model.lsh_attention import LSHAttention
 from lmstack.model.norms import RMSNorm
 from lmstack.model.positions import apply_rotary
 
+
 def _rope_heads_second(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """decode_ops.rope for x (B, heads, T, D): the kernel takes (B, T, heads, D), as the fused layout holds it."""
     return decode_ops.rope(x.transpose(1, 2), cos, sin).transpose(1, 2)

@@ -24,21 +24,10 @@ import torch
 
 from _common import result, write_result
 from decode_concurrency import Timers
+from serving import gemm_gflops  # the same GEMM rate serving.py reports against
 
 from lmstack.infer import LLMEngine, SamplingParams
 from lmstack.model import Transformer, preset
-
-
-def gemm_gflops(threads: int, m: int = 64, d: int = 768, h: int = 2048, repeats: int = 50) -> float:
-    """The FLOP rate of a decode-sized fp32 GEMM (m x d @ d x h) on this many threads, best of repeats."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(m, d), torch.randn(d, h)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * m * d * h / best / 1e9
 
 
 def main() -> None:

@@ -1,0 +1,227 @@
+"""QuantLinear: the Linear of a quantized model directory, computing from its packed weights at run time.
+
+One module for every weight format `lmstack quantize` writes (qformat.py saves and loads them):
+
+- "int8": codes int8 (O, I), symmetric; scales fp32 (O, G), G = I / group_size (G = 1: one per output channel);
+  w = code * scale.
+- "int4": codes uint8 (O, ceil(I / 2)), two per byte, column 2j in the LOW nibble of byte j and 2j + 1 in the high
+  one (the byte order compressed-tensors' pack-quantized int32 words have on a little-endian machine), unsigned
+  codes 0..15; scales fp32 (O, G); zeros uint8 (O, G), 8 everywhere when symmetric; w = (code - zero) * scale.
+  GPTQ's act-order keeps its columns in quantization order: `perm` (I,) says which input column each stored
+  column is, and forward gathers x's columns once instead of scattering the weight.
+- "w8a8" (SmoothQuant): int8 weights as "int8" with one scale per channel, and the activations quantized to int8
+  per token at run time; the product is computed in integers (smoothquant.w8a8_linear).
+- "fp8_e4m3" / "fp8_e5m2": codes float8 (O, I) with one fp32 scale per output channel.
+
+Forward never keeps an fp32 copy of the weight: int8 and int4 go through lmstack.kernels.quant, whose C++ kernels
+read the packed codes directly for decode-sized inputs and dequantize per call otherwise; fp8 and w8a8 dequantize
+(or run the integer reference) per call. The codes are buffers, so `.to(dtype)` leaves them alone, and the
+module has no trainable weight.
+
+Usage:
+    from lmstack.compress.qlinear import QuantLinear, quantize_linears
+    q = QuantLinear.from_weight(qw, bias=None)                  # qw: a QuantizedWeight (RTN / GPTQ / AWQ)
+    y = q(x)                                                    # ~= F.linear(x, dequantize(qw))
+    quantize_linears(model, bits=4, group_size=128)             # every block Linear, round to nearest, in place
+    q.weight_fp32()                                             # the (O, I) weight it computes with, input order
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.compress.quantize_rtn import QuantizedWeight, quantize_rtn
+from lmstack.errors import LmstackError
+
+FORMATS = ("int8", "int4", "w8a8", "fp8_e4m3", "fp8_e5m2")
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 (O, I) codes 0..15 -> (O, ceil(I / 2)) bytes, even columns in the low nibble (odd I: padded 0)."""
+    c = codes.to(torch.uint8)
+    if c.shape[1] % 2:
+        c = F.pad(c, (0, 1))
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of pack_nibbles: uint8 (O, in_features) codes."""
+    out = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return out[:, :in_features]
+
+
+def _kernels():
+    """lmstack.kernels.quant when it is there (it owns the fast paths), else None: the reference below is used."""
+    try:
+        from lmstack.kernels import quant
+    except ImportError:
+        return None
+    return quant
+
+
+def dequant_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    o, i = codes.shape
+    g = i // scales.shape[1]
+    return (codes.float().view(o, -1, g) * scales[..., None]).view(o, i)
+
+
+def dequant_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int) -> torch.Tensor:
+    c = unpack_nibbles(codes, in_features).float()
+    o, g = c.shape[0], in_features // scales.shape[1]
+    return ((c.view(o, -1, g) - zeros.float()[..., None]) * scales[..., None]).view(o, in_features)
+
+
+class QuantLinear(nn.Module):
+    """A frozen Linear stored as codes + constants (see the module docstring for each format's layout)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int | None = None,
+                 bias: bool = False, act_order: bool = False, method: str = "rtn"):
+        super().__init__()
+        if fmt not in FORMATS:
+            raise LmstackError(f"unknown quantized weight format {fmt!r}; known: {', '.join(FORMATS)}")
+        g = in_features if group_size in (None, -1, 0) else int(group_size)
+        if g <= 0 or in_features % g:
+            raise LmstackError(f"group size {group_size} does not divide in_features {in_features}")
+        if fmt in ("w8a8", "fp8_e4m3", "fp8_e5m2") and g != in_features:
+            raise LmstackError(f"{fmt} stores one scale per output channel; group size {group_size} is not supported")
+        self.in_features, self.out_features, self.fmt, self.group_size = in_features, out_features, fmt, g
+        self.method = method
+        n_groups = in_features // g
+        if fmt == "int4":
+            codes = torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8)
+            self.register_buffer("zeros", torch.full((out_features, n_groups), 8, dtype=torch.uint8))
+        else:
+            codes = torch.zeros(out_features, in_features, dtype=FP8_DTYPES.get(fmt, torch.int8))
+            self.register_buffer("zeros", None)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", torch.ones(out_features, n_groups))
+        self.register_buffer("perm", torch.arange(in_features) if act_order else None)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.fmt == "int4" else 8
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, fmt: str | None = None,
+                    method: str = "rtn") -> "QuantLinear":
+        """A QuantLinear holding a QuantizedWeight (quantize_rtn, gptq_quantize, awq_model...). fmt defaults
+        to "int4" for 4-bit and "int8" for symmetric 8-bit codes ("w8a8" for SmoothQuant's)."""
+        o, i = qw.shape
+        fmt = fmt or {4: "int4", 8: "int8"}.get(qw.bits)
+        if fmt not in ("int4", "int8", "w8a8"):
+            raise LmstackError(f"a {qw.bits}-bit QuantizedWeight has no QuantLinear format; use 4 or 8 bits")
+        if fmt in ("int8", "w8a8") and not (qw.bits == 8 and qw.symmetric):
+            raise LmstackError(f"{fmt} needs symmetric 8-bit codes (quantize_rtn(w, 8, symmetric=True))")
+        if fmt == "int4" and qw.bits != 4:
+            raise LmstackError(f"int4 needs 4-bit codes, got {qw.bits}-bit")
+        m = cls(i, o, fmt, qw.group_size, bias is not None, act_order=qw.perm is not None, method=method)
+        if fmt == "int4":
+            if qw.symmetric:  # codes -7..7 around zero point 8
+                m.codes.copy_(pack_nibbles((qw.codes.to(torch.int16) + 8).to(torch.uint8)))
+            else:
+                m.codes.copy_(pack_nibbles(qw.codes))
+                m.zeros.copy_(qw.zeros)
+        else:
+            m.codes.copy_(qw.codes)
+        m.scales.copy_(qw.scales)
+        if qw.perm is not None:
+            m.perm.copy_(qw.perm)
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().float())
+        return m
+
+    @classmethod
+    def from_fp8(cls, w: torch.Tensor, bias: torch.Tensor | None = None, fmt: str = "fp8_e4m3") -> "QuantLinear":
+        """FP8 storage: each output row divided by absmax / (the format's largest finite value), then cast."""
+        if fmt not in FP8_DTYPES:
+            raise LmstackError(f"fp8 format must be one of {', '.join(FP8_DTYPES)}, got {fmt!r}")
+        w = w.detach().float()
+        fmax = torch.finfo(FP8_DTYPES[fmt]).max
+        scale = w.abs().amax(dim=1, keepdim=True) / fmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        m = cls(w.shape[1], w.shape[0], fmt, None, bias is not None, method="fp8")
+        m.codes.copy_((w / scale).to(FP8_DTYPES[fmt]))
+        m.scales.copy_(scale)
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().float())
+        return m
+
+    def weight_fp32(self) -> torch.Tensor:
+        """The (O, I) fp32 weight this layer computes with, columns in input order (a fresh tensor)."""
+        if self.fmt == "int4":
+            w = dequant_int4(self.codes, self.scales, self.zeros, self.in_features)
+        elif self.fmt in FP8_DTYPES:
+            w = self.codes.float() * self.scales
+        else:
+            w = dequant_int8(self.codes, self.scales)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise LmstackError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
+        bias = self.bias
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.fmt == "w8a8":
+            from lmstack.compress.smoothquant import w8a8_linear
+            qw = QuantizedWeight(self.codes, self.scales, None, 8, self.in_features)
+            return w8a8_linear(x, qw, bias).to(x.dtype)
+        ops = _kernels()
+        if self.fmt == "int8" and ops is not None:
+            return ops.int8_linear(x, self.codes, self.scales, bias)
+        if self.fmt == "int4" and ops is not None:
+            return ops.int4_linear(x, self.codes, self.scales, self.zeros, self.group_size, bias)
+        w = self.weight_fp32() if self.perm is None else self._stored_weight()
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def _stored_weight(self) -> torch.Tensor:
+        """The fp32 weight in stored column order (what x gathered by perm multiplies)."""
+        if self.fmt == "int4":
+            return dequant_int4(self.codes, self.scales, self.zeros, self.in_features)
+        if self.fmt in FP8_DTYPES:
+            return self.codes.float() * self.scales
+        return dequant_int8(self.codes, self.scales)
+
+    def storage_bytes(self) -> int:
+        """Bytes of codes and constants (the bias is left out, as in fp32_bytes)."""
+        ts = [self.codes, self.scales] + [t for t in (self.zeros, self.perm) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def fp32_bytes(self) -> int:
+        return 4 * self.in_features * self.out_features
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+                f"group_size={self.group_size}, method={self.method}, act_order={self.perm is not None}")
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 128, symmetric: bool | None = None,
+                     fmt: str | None = None) -> dict[str, QuantLinear]:
+    """Round-to-nearest: every Linear in model.blocks becomes a QuantLinear, in place. int8 is symmetric per
+    group (per channel for group_size None), int4 asymmetric unless symmetric=True. fmt "fp8_e4m3"/"fp8_e5m2"
+    stores FP8 instead (bits and group_size are then ignored). Returns {name: QuantLinear}."""
+    from lmstack.compress.calibration import block_linears
+    out = {}
+    for name, lin in block_linears(model).items():
+        if fmt in FP8_DTYPES:
+            q = QuantLinear.from_fp8(lin.weight, lin.bias, fmt)
+        else:
+            sym = (bits == 8) if symmetric is None else symmetric
+            q = QuantLinear.from_weight(quantize_rtn(lin.weight, bits, group_size, symmetric=sym), lin.bias)
+        q.to(lin.weight.device)
+        replace_module(model, name, q)
+        out[name] = q
+    return out

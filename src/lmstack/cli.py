@@ -69,6 +69,7 @@ STAGES: dict[str, str] = {
     "eval": "lmstack.eval.commands",
     "report": "lmstack.eval.report",
     "export": "lmstack.compress.export",
+    "quantize": "lmstack.compress.quantize_cli",
 }
 
 

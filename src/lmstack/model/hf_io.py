@@ -116,6 +116,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     cfg, hf_names, source, names = _read_config(Path(path))
     check_memory(cfg, dtype, max_model_gib, source, names)
     reader = CheckpointReader(path)
+    from lmstack.compress.qformat import load_quantized, quantization_config
+    qc = quantization_config(path)
+    if qc is not None:  # codes instead of weights: QuantLinear modules (compress/qformat.py)
+        return load_quantized(Path(path), cfg, hf_names, qc, reader, dtype, device)
     if lazy:
         # No allocation and no random init: parameters will be views of the memory-mapped files.
         with torch.device("meta"):
@@ -183,11 +187,14 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_model(model: Transformer, path: str | os.PathLike, tokenizer: Any = None,
-               max_shard_bytes: int = 2 * 1024**3, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+               max_shard_bytes: int = 2 * 1024**3, state_dict: dict[str, torch.Tensor] | None = None,
+               extra_tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
     """Write model (and tokenizer, if given) as an HF-layout directory; every file is written atomically.
 
     state_dict: weights to write instead of model.state_dict(), e.g. a full state gathered from FSDP shards
-    or averaged weights (model then only supplies the config)."""
+    or averaged weights (model then only supplies the config). extra_tensors are written as named (already in
+    the checkpoint's naming) and extra_config's keys are added to config.json: compress/qformat.py writes a
+    quantized model's codes and quantization_config this way."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg: ModelConfig = model.config
@@ -208,6 +215,9 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer: Any = Non
     else:
         tensors = state
         config_json = {"model_type": "lmstack", "architectures": ["LmstackTransformer"], "lmstack": to_dict(cfg)}
+    if extra_tensors:
+        tensors = {**tensors, **{k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()}}
+    config_json.update(extra_config or {})
     # Shard by size, keeping insertion order so layers stay together.
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

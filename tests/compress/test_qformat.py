@@ -1,0 +1,171 @@
+"""Quantized directories (compress/qformat.py): every format round-trips exactly through save_quantized and
+load_model, transformers + compressed-tensors decompress our files to the weights we compute with, and what this
+version cannot read is refused with a message naming it."""
+import copy
+import json
+
+import pytest
+import torch
+
+import lmstack
+from lmstack.compress.calibration import block_linears
+from lmstack.compress.gptq import gptq_quantize
+from lmstack.compress.qformat import save_quantized
+from lmstack.compress.qlinear import QuantLinear, quantize_linears, replace_module
+from lmstack.compress.quant_storage import QuantizedLinear, quantize_model
+from lmstack.compress.quantize_rtn import quantize_rtn
+from lmstack.errors import LmstackError
+from lmstack.model.config import ModelConfig
+from lmstack.model.transformer import Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def base_model(hf_model_type="llama", **kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, max_seq_len=32, hf_model_type=hf_model_type,
+                      **kw)
+    return Transformer(cfg).eval()
+
+
+def _with_type(hf_type: str) -> Transformer:
+    return base_model(hf_type, qkv_bias=True, tie_embeddings=False)
+
+
+def quantized(kind: str, model: Transformer) -> Transformer:
+    m = copy.deepcopy(model)
+    if kind == "int4":
+        quantize_linears(m, 4, 32)
+    elif kind == "int4_sym":
+        quantize_linears(m, 4, 16, symmetric=True)
+    elif kind == "int8":
+        quantize_linears(m, 8, None)
+    elif kind == "int8_g32":
+        quantize_linears(m, 8, 32)
+    elif kind in ("fp8_e4m3", "fp8_e5m2"):
+        quantize_linears(m, fmt=kind)
+    elif kind == "w8a8":
+        for n, lin in block_linears(m).items():
+            replace_module(m, n, QuantLinear.from_weight(quantize_rtn(lin.weight, 8, None, True), lin.bias, "w8a8"))
+    elif kind == "gptq_act_order":
+        g = torch.Generator().manual_seed(1)
+        for n, lin in block_linears(m).items():
+            x = torch.randn(128, lin.in_features, generator=g) * torch.linspace(0.1, 3, lin.in_features)
+            qw = gptq_quantize(lin.weight.detach(), 2 * x.T @ x / 128, 4, 16, act_order=True)
+            assert qw.perm is not None and not torch.equal(qw.perm, torch.arange(lin.in_features))
+            replace_module(m, n, QuantLinear.from_weight(qw, lin.bias, method="gptq"))
+    elif kind == "nf4":
+        quantize_model(m, "nf4")
+    return m
+
+
+KINDS = ["int4", "int4_sym", "int8", "int8_g32", "fp8_e4m3", "fp8_e5m2", "w8a8", "gptq_act_order", "nf4"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_format_round_trips_exactly(tmp_path, kind):
+    m = quantized(kind, base_model())
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        ref = m(ids)
+    save_quantized(m, tmp_path / kind, method=kind)
+    loaded = lmstack.load_model(tmp_path / kind)
+    layer = loaded.blocks[0].attn.q_proj
+    assert isinstance(layer, QuantizedLinear if kind == "nf4" else QuantLinear)
+    assert not any(isinstance(x, torch.nn.Linear) for x in block_linears(loaded).values())
+    with torch.no_grad():
+        out = loaded(ids)
+    # act-order gathers x's columns instead of permuting the weight: the same products, summed in another order
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 if kind == "gptq_act_order" else 0)
+
+
+@pytest.mark.parametrize("hf_type", ["qwen2", "llama"])  # llama cannot say qkv_bias: lmstack's own naming
+def test_bias_and_untied_head_round_trip(tmp_path, hf_type):
+    m = quantized("int4", _with_type(hf_type))
+    ids = torch.randint(0, 96, (1, 10))
+    save_quantized(m, tmp_path / "q")
+    names = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert names["model_type"] == ("qwen2" if hf_type == "qwen2" else "lmstack")
+    loaded = lmstack.load_model(tmp_path / "q")
+    assert loaded.blocks[1].attn.k_proj.bias is not None
+    assert isinstance(loaded.lm_head, torch.nn.Linear)  # the head stays full precision
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), m(ids), rtol=0, atol=0)
+
+
+def test_int4_files_are_a_quarter_of_int8s(tmp_path):
+    m = base_model()
+    save_quantized(quantized("int8", m), tmp_path / "i8")
+    save_quantized(quantized("int4", m), tmp_path / "i4")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "i4" / "model.safetensors"), "pt") as f:
+        packed = f.get_tensor("model.layers.0.self_attn.q_proj.weight_packed")
+        zp = f.get_tensor("model.layers.0.self_attn.q_proj.weight_zero_point")
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == (64, 8)  # eight codes per int32
+    assert zp.dtype == torch.int32 and tuple(zp.shape) == (8, 2)            # zero points packed along O
+    cfg = json.loads((tmp_path / "i4" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    assert cfg["config_groups"]["group_0"]["weights"] == {
+        "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32,
+        "dynamic": False, "actorder": None, "observer": "minmax"}
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4_sym", "int8", "int8_g32", "fp8_e4m3", "w8a8"])
+def test_transformers_with_compressed_tensors_reads_our_weights(tmp_path, kind):
+    pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors")
+    transformers = pytest.importorskip("transformers")
+    m = quantized(kind, base_model())
+    save_quantized(m, tmp_path / kind)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / kind, quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval()
+    for i in range(2):
+        for ours, theirs in ((m.blocks[i].attn.q_proj, hf.model.layers[i].self_attn.q_proj),
+                             (m.blocks[i].mlp.down_proj, hf.model.layers[i].mlp.down_proj)):
+            torch.testing.assert_close(theirs.weight.detach().float(), ours.weight_fp32(), rtol=0, atol=0)
+    if kind != "w8a8":  # w8a8 rounds activations at run time; decompressed transformers runs them in fp32
+        ids = torch.randint(0, 96, (1, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, m(ids), rtol=0, atol=1e-5)
+
+
+def _edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unknown_formats_are_refused_by_name(tmp_path):
+    save_quantized(quantized("int4", base_model()), tmp_path / "q")
+    _edit_config(tmp_path / "q", lambda c: c["quantization_config"].update(quant_method="bitsandbytes"))
+    with pytest.raises(LmstackError, match="'bitsandbytes'.*cannot load"):
+        lmstack.load_model(tmp_path / "q")
+    _edit_config(tmp_path / "q", lambda c: c["quantization_config"].update(quant_method="compressed-tensors"))
+    _edit_config(tmp_path / "q", lambda c: c["quantization_config"]["lmstack"].update(format_version=7))
+    with pytest.raises(LmstackError, match="format version 7 is newer"):
+        lmstack.load_model(tmp_path / "q")
+
+
+def test_a_missing_or_misshapen_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    save_quantized(quantized("int4", base_model()), tmp_path / "q")
+    f = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(f))
+    scale = tensors.pop("model.layers.1.mlp.up_proj.weight_scale")
+    save_file(tensors, str(f))
+    with pytest.raises(LmstackError, match="lacks 'model.layers.1.mlp.up_proj.weight_scale'"):
+        lmstack.load_model(tmp_path / "q")
+    tensors["model.layers.1.mlp.up_proj.weight_scale"] = scale[:, :1].contiguous()
+    save_file(tensors, str(f))
+    with pytest.raises(LmstackError, match=r"up_proj.weight_scale has shape \(\d+, 1\)"):
+        lmstack.load_model(tmp_path / "q")
+
+
+def test_fused_and_gpt2_models_are_refused(tmp_path):
+    torch.manual_seed(0)
+    gpt2 = Transformer(ModelConfig(vocab_size=96, d_model=64, n_layers=1, n_heads=4, max_seq_len=32,
+                                   hf_model_type="gpt2")).eval()
+    quantize_linears(gpt2, 8, None)
+    with pytest.raises(LmstackError, match="gpt2.*fuses q/k/v"):
+        save_quantized(gpt2, tmp_path / "g")
+    with pytest.raises(LmstackError, match="no quantized Linear"):
+        save_quantized(base_model(), tmp_path / "n")

@@ -70,6 +70,7 @@ STAGES: dict[str, str] = {
     "report": "lmstack.eval.report",
     "export": "lmstack.compress.export",
     "quantize": "lmstack.compress.quantize_cli",
+    "distill": "lmstack.compress.distill_cli",
 }
 
 

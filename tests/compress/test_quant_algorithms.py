@@ -189,6 +189,23 @@ def test_act_order_permutation_puts_columns_back_in_input_order():
     assert (dequantize(qw) - w).abs().max() < qw.scales.max()  # in input order: close to w, not shuffled
 
 
+def test_static_groups_keep_input_order_groups_and_beat_rtn():
+    """act-order with static groups (compressed-tensors' actorder "weight"): no permutation to store, RTN's own
+    group parameters, and the sweep's error feedback still beats RTN."""
+    x, w = activations(), weight()
+    h = hessian(x)
+    r = quantize_rtn(w, 4, 32)
+    qw = gptq_quantize(w, h, 4, 32, act_order=True, static_groups=True)
+    assert qw.perm is None
+    assert torch.equal(qw.scales, r.scales) and torch.equal(qw.zeros, r.zeros)
+    assert not torch.equal(qw.codes, r.codes)
+    rtn = output_error(w, dequantize(r), h)
+    assert output_error(w, dequantize(qw), h) < 0.8 * rtn
+    diag = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(3)) + 0.5)
+    assert torch.equal(gptq_quantize(w, diag, 4, 32, act_order=True, static_groups=True).codes,
+                       r.codes)  # nothing to compensate: RTN exactly, whatever the order
+
+
 def test_gptq_symmetric_codes():
     x, w = activations(), weight()
     h = hessian(x)

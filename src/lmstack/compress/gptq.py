@@ -16,6 +16,11 @@ successive inverses are the rows of the upper Cholesky factor U of H^-1 (so no i
 - act-order: columns in descending diag(H) order (the most active inputs first, while many columns remain
   to absorb their error); recorded in QuantizedWeight.perm. Codes and groups are in the sweep's order, so a
   format with a per-column group index (GPTQ's g_idx) has g_idx[perm[j]] = j // group_size.
+- act-order with static groups (static_groups=True; AutoGPTQ's static_groups, compressed-tensors' actorder
+  "weight"): the sweep still runs in diag(H) order, but the groups are the weight's own runs of group_size
+  input columns, their scales and zeros fixed from the unquantized weight before the sweep. The result has
+  no permutation (perm None): a plain grouped weight that any int4 kernel runs, at the cost of group
+  parameters that do not see the error updates.
 
 obs_sweep is the shared column sweep; SparseGPT (prune.py) runs it with a pruning rule instead of rounding.
 
@@ -95,13 +100,15 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, block: int,
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: int | None = 128,
                   symmetric: bool = False, act_order: bool = False, damp: float = 0.01,
-                  block_size: int = BLOCK_SIZE) -> QuantizedWeight:
+                  block_size: int = BLOCK_SIZE, static_groups: bool = False) -> QuantizedWeight:
     """GPTQ of w (O, I) against the input Hessian h (I, I); returns the QuantizedWeight (codes in the sweep's
-    column order, recorded in perm when act_order)."""
+    column order, recorded in perm when act_order; in input order, perm None, with static_groups)."""
     if w.dim() != 2:
         raise LmstackError(f"expected a 2-D weight (out_features, in_features); got shape {tuple(w.shape)}")
     o, i = w.shape
     g = check_group(i, group_size, bits)
+    if static_groups:
+        return _static_groups(w, h, bits, g, symmetric, act_order, damp, block_size)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
@@ -126,3 +133,26 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: i
 
     obs_sweep(w, u, aligned_block(block_size, g), pick)
     return pack_result(codes, scales, zeros, bits, g, perm)
+
+
+def _static_groups(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: bool, act_order: bool,
+                   damp: float, block_size: int) -> QuantizedWeight:
+    """GPTQ whose groups are fixed runs of input columns with parameters from the unquantized weight."""
+    o, i = w.shape
+    rows = w.detach().float().reshape(-1, g)  # each row of each input-order group, as quantize_rtn cuts them
+    scale, zero = group_params(rows, bits, symmetric)
+    scales = scale.reshape(o, i // g)
+    zeros = None if zero is None else zero.reshape(o, i // g)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(i)
+    w, u = prepare_hessian(w[:, perm], h[perm][:, perm], damp)
+    codes = torch.zeros(o, i)
+
+    def pick(col: int, wb: torch.Tensor, j: int, full: torch.Tensor) -> torch.Tensor:
+        grp = int(perm[col]) // g  # the input column's own group
+        z = None if zeros is None else zeros[:, grp]
+        c = encode(wb[:, j:j + 1], scales[:, grp], z, bits)
+        codes[:, perm[col]] = c[:, 0]  # back in input order
+        return decode(c, scales[:, grp], z)[:, 0]
+
+    obs_sweep(w, u, block_size, pick)
+    return pack_result(codes, scales, zeros, bits, g, None)

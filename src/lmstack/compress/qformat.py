@@ -164,7 +164,7 @@ def _linear_tensors(base: str, m: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _scheme(m: nn.Module) -> dict[str, Any]:
+def _scheme(m: nn.Module, static_act_order: bool = False) -> dict[str, Any]:
     if isinstance(m, QuantizedLinear):
         return {"weights": {"num_bits": 4, "type": "nf4", "block_size": 64, "double_quant": m.double_quant},
                 "input_activations": None, "output_activations": None, "targets": ["Linear"]}
@@ -176,7 +176,8 @@ def _scheme(m: nn.Module) -> dict[str, Any]:
         sym = m.fmt != "int4" or bool((m.zeros == 8).all())
         weights = {"num_bits": m.bits, "type": "int", "symmetric": sym, "strategy": strategy,
                    "group_size": g if strategy == "group" else None, "dynamic": False,
-                   "actorder": "group" if m.perm is not None else None, "observer": "minmax"}
+                   "actorder": "group" if m.perm is not None else ("weight" if static_act_order else None),
+                   "observer": "minmax"}
     acts = None
     if m.fmt == "w8a8":
         acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
@@ -223,7 +224,7 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None, me
     qc = {"quant_method": "lmstack" if fmt == "nf4" else "compressed-tensors",
           "format": "nf4" if fmt == "nf4" else CT_FORMATS[fmt],
           "quantization_status": "compressed",
-          "config_groups": {"group_0": _scheme(first)},
+          "config_groups": {"group_0": _scheme(first, bool((extra or {}).get("act_order")))},
           "ignore": ["lm_head"], "kv_cache_scheme": None,
           "lmstack": {"format_version": FORMAT_VERSION, "method": method, "weight_format": fmt, **(extra or {})}}
     return save_model(model, path, tokenizer=tokenizer, state_dict=float_state, extra_tensors=quantized,

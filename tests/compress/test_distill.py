@@ -239,3 +239,22 @@ def test_distill_command_end_to_end(tmp_path, method, capsys):
         assert len(answers) == summary["report"]["teacher"]["answered"] > 0
     else:
         assert summary["report"]["data"]["kept"] > 0
+
+
+def test_bad_command_lines_are_named(tmp_path):
+    tok = tokenizer()
+    t_dir = save_model(tiny(0), tmp_path / "teacher", tokenizer=tok)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows()[:4]))
+    base = ["distill", "--teacher", str(t_dir), "--data", str(data), "--train.steps", "1"]
+    with pytest.raises(LmstackError, match="exactly one of --student"):
+        run(base + ["--out", str(tmp_path / "o")])
+    with pytest.raises(LmstackError, match="exactly one of --student"):
+        run(base + ["--student", str(t_dir), "--student_preset", "llama-tiny", "--out", str(tmp_path / "o")])
+    with pytest.raises(LmstackError, match="inside the teacher directory"):
+        run(base + ["--student_preset", "llama-tiny", "--out", str(t_dir / "student")])
+    with pytest.raises(LmstackError, match="--teacher directory not found"):
+        run(["distill", "--teacher", str(tmp_path / "nope"), "--data", str(data), "--student_preset", "llama-tiny"])
+    with pytest.raises(LmstackError, match="alpha"):
+        run(base + ["--student_preset", "llama-tiny", "--alpha", "2", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists() and not (t_dir / "student").exists()

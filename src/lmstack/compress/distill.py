@@ -136,6 +136,9 @@ class LogitKD(SFTObjective):
         kd = kd_loss(scored, targets, self.temperature)
         ce = F.cross_entropy(scored, gold)
         loss = self.alpha * kd + (1 - self.alpha) * ce
+        aux = getattr(model, "aux_loss", None)  # a student with experts keeps its load-balancing term, as in SFT
+        if torch.is_tensor(aux):
+            loss = loss + aux.to(loss)
         acc = float((scored.detach().argmax(-1) == gold).float().mean())
         # "ce" is the data cross-entropy alone, so the Trainer's perplexity means the same thing as in SFT
         return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()), "kd": float(kd.detach()),

@@ -100,6 +100,9 @@ def test_bad_input_is_refused_and_the_input_untouched(tmp_path, model_dir):
         quantize(str(model_dir), str(tmp_path / "x"), "nf4", 64)
     with pytest.raises(LmstackError, match="unknown --method 'int3'"):
         quantize(str(model_dir), str(tmp_path / "x"), "int3")
+    from lmstack.compress.export import export
+    with pytest.raises(LmstackError, match="is a quantized directory .int8.; export the full-precision model"):
+        export(str(tmp_path / "q8"), str(tmp_path / "q8.gguf"), "gguf", "q8_0")
     assert digest(model_dir) == before
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
 

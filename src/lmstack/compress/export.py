@@ -45,6 +45,11 @@ def export(model: str, out: str, format: Literal["gguf", "onnx"] = "gguf",
         past_key_values: ONNX only: export the decoder with past key/values (input_ids, past_keys, past_values ->
             logits, present_keys, present_values) instead of the full-sequence forward.
     """
+    from lmstack.compress.qformat import quantization_config
+    if Path(model).is_dir() and (qc := quantization_config(model)) is not None:
+        made = (qc.get("lmstack") or {}).get("method") or qc.get("format")
+        raise LmstackError(f"{model} is a quantized directory ({made}); export the full-precision model instead: "
+                           "GGUF quantizes on export (--gguf-type q8_0 / q4_0) and the ONNX export is float32")
     if format == "gguf":
         if past_key_values:
             raise LmstackError("--past_key_values applies to --format onnx only; a GGUF runtime keeps its own cache")

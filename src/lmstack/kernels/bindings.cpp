@@ -13,6 +13,10 @@ at::Tensor rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                                      const at::Tensor& key_slots, const at::Tensor& lengths, double scale,
                                      int64_t window);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x @ weight.T (+ bias) for a few rows of fp32 x",
@@ -21,5 +25,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_rows", &rope_rows, "rotate-half RoPE of x (B, T, N, D) by (T, D) cos/sin tables");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence over its paged keys: q (B, H, D), pools (Hkv, S, D)");
+  m.def("int8_linear", &int8_linear, "y = x @ (codes * scales per group).T (+ bias), int8 weights, fp32 x rows",
+        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("bias") = py::none());
+  m.def("int4_linear", &int4_linear,
+        "y = x @ ((nibble - zeros) * scales per group).T (+ bias), two int4 codes per byte, fp32 x rows",
+        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
+        py::arg("bias") = py::none());
   m.def("isa", []() { return std::string(lmstack_simd::ISA); }, "the vector instruction set this build uses");
 }

@@ -69,6 +69,7 @@ STAGES: dict[str, str] = {
     "eval": "lmstack.eval.commands",
     "report": "lmstack.eval.report",
     "export": "lmstack.compress.export",
+    "prune": "lmstack.compress.prune_cli",
     "quantize": "lmstack.compress.quantize_cli",
     "distill": "lmstack.compress.distill_cli",
 }

@@ -117,11 +117,12 @@ def _words(nibble_bytes: torch.Tensor) -> torch.Tensor:
     """(R, B) bytes -> (R, ceil(B / 4)) int32 words (little-endian, zero padded)."""
     pad = (-nibble_bytes.shape[1]) % 4
     b = torch.nn.functional.pad(nibble_bytes, (0, pad)) if pad else nibble_bytes
-    return b.contiguous().view(torch.int32)
+    # through 1-D: a (1, B) tensor can be "contiguous" with a stride that a dtype view refuses
+    return b.contiguous().reshape(-1).view(torch.int32).reshape(b.shape[0], -1)
 
 
 def _bytes(words: torch.Tensor, n_bytes: int) -> torch.Tensor:
-    return words.contiguous().view(torch.uint8)[:, :n_bytes]
+    return words.contiguous().reshape(-1).view(torch.uint8).reshape(words.shape[0], -1)[:, :n_bytes]
 
 
 def _pack_rows4(codes: torch.Tensor) -> torch.Tensor:
@@ -164,12 +165,14 @@ def _linear_tensors(base: str, m: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _scheme(m: nn.Module, static_act_order: bool = False) -> dict[str, Any]:
+def _scheme(m: nn.Module, static_act_order: bool = False, channel: bool | None = None) -> dict[str, Any]:
     if isinstance(m, QuantizedLinear):
         return {"weights": {"num_bits": 4, "type": "nf4", "block_size": 64, "double_quant": m.double_quant},
                 "input_activations": None, "output_activations": None, "targets": ["Linear"]}
     g = m.group_size
-    strategy = "channel" if g == m.in_features else "group"
+    # channel: one scale per output row in every layer; group: one group size for all (a layer whose
+    # in_features equals it simply has one group). `channel` is decided over all layers by save_quantized.
+    strategy = "channel" if (g == m.in_features if channel is None else channel) else "group"
     if m.fmt in FP8_DTYPES:
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False}
     else:
@@ -202,7 +205,8 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None, me
     mods = quantized_modules(model)
     if not mods:
         raise LmstackError("the model has no quantized Linear to save; quantize it first (quantize_linears)")
-    schemes = {repr(_scheme(m)) for m in mods.values()}
+    channel = all(getattr(m, "group_size", 0) == getattr(m, "in_features", -1) for m in mods.values())
+    schemes = {repr(_scheme(m, channel=channel)) for m in mods.values()}
     if len(schemes) != 1:
         raise LmstackError(f"the model's quantized Linears use {len(schemes)} different schemes; save_quantized "
                            "writes one")
@@ -224,7 +228,7 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None, me
     qc = {"quant_method": "lmstack" if fmt == "nf4" else "compressed-tensors",
           "format": "nf4" if fmt == "nf4" else CT_FORMATS[fmt],
           "quantization_status": "compressed",
-          "config_groups": {"group_0": _scheme(first, bool((extra or {}).get("act_order")))},
+          "config_groups": {"group_0": _scheme(first, bool((extra or {}).get("act_order")), channel)},
           "ignore": ["lm_head"], "kv_cache_scheme": None,
           "lmstack": {"format_version": FORMAT_VERSION, "method": method, "weight_format": fmt, **(extra or {})}}
     return save_model(model, path, tokenizer=tokenizer, state_dict=float_state, extra_tensors=quantized,

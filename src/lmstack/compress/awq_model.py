@@ -9,10 +9,12 @@ as AutoAWQ and llm-compressor do. Per block, in this order:
   on the stacked [Wq; Wk; Wv] (the summed output error of all three); 1/s goes into the attention norm's
   weight (and bias);
 - o_proj: its input channel h*head_dim + d is the attention output of head h, dim d, which is linear in v
-  row h*head_dim + d of that head; so 1/s goes into v_proj's rows (and bias). Only when every o_proj
-  input channel has its own v row: n_kv_heads == n_heads and softmax attention. With grouped K/V heads
-  one v row feeds several o channels that want different scales, so o_proj is left unscaled (AutoAWQ
-  skips it the same way) and the reason is recorded in AwqFolds.skipped;
+  row g*head_dim + d of the K/V head g = h // (n_heads / n_kv_heads) that head reads; so 1/s goes into
+  v_proj's rows (and bias). With grouped K/V heads one v row feeds several o_proj channels, which must then
+  share one scale: the search runs on mean|x| averaged over each group's heads (tie_gqa, the default), so
+  s is equal within a group and folds exactly, the error still measured with o_proj's own Hessian.
+  tie_gqa=False leaves o_proj unscaled under GQA instead, as AutoAWQ does. Non-softmax attention: o_proj
+  unscaled. Every Linear left unscaled is recorded, with the reason, in AwqFolds.skipped;
 - gate/up (or gate_up_proj): one shared s, into the MLP norm;
 - down_proj: its input is act(gate) * up, linear in up's rows, so 1/s goes into up's rows (and bias). A
   plain MLP down(act(up)) allows it only for ReLU (relu(x / s) = relu(x) / s for s > 0); otherwise down is
@@ -79,11 +81,11 @@ def _parts(module: nn.Module, fused: str, names: tuple[str, ...], prefix: str) -
     return [(prefix + n, getattr(module, n)) for n in names if getattr(module, n, None) is not None]
 
 
-def _o_proj_refusal(cfg, attn: nn.Module) -> str | None:
+def _o_proj_refusal(cfg, attn: nn.Module, tie_gqa: bool) -> str | None:
     """Why o_proj's input cannot be scaled through v_proj's rows, or None when it can."""
     if cfg.attention != "softmax":
         return f"attention={cfg.attention!r}: its output is not checked to be per-channel linear in v"
-    if attn.n_kv_heads != attn.n_heads:
+    if attn.n_kv_heads != attn.n_heads and not tie_gqa:
         return (f"grouped K/V heads (n_kv_heads={attn.n_kv_heads} < n_heads={attn.n_heads}): one v row feeds "
                 f"{attn.n_heads // attn.n_kv_heads} o_proj input channels, which would want different scales")
     return None
@@ -130,17 +132,22 @@ def _check(model: nn.Module, stats: dict[str, LayerStats], group_size: int | Non
 
 
 def _search(group: list[tuple[str, nn.Linear]], stats: dict[str, LayerStats], bits: int,
-            group_size: int | None, n_grid: int) -> tuple[torch.Tensor, float]:
-    """One s for the Linears of `group` (they read the same input): AWQ on their stacked weights."""
+            group_size: int | None, n_grid: int, heads: tuple[int, int, int] | None = None
+            ) -> tuple[torch.Tensor, float]:
+    """One s for the Linears of `group` (they read the same input): AWQ on their stacked weights. heads =
+    (n_kv_heads, heads per K/V head, head_dim) for o_proj under GQA: s tied across each K/V group's heads."""
     st = stats[group[0][0]]
     w = torch.cat([lin.weight.detach().float() for _, lin in group], dim=0)
-    r = awq_quantize(w, st.mean_abs.to(w.device), st.hessian.to(w.device), bits, group_size, n_grid=n_grid)
+    x = st.mean_abs.to(w.device)
+    if heads is not None:  # channel (h, d); the heads of one K/V group are adjacent (h // per_kv)
+        x = x.view(heads).mean(dim=1, keepdim=True).expand(heads).reshape(-1)
+    r = awq_quantize(w, x, st.hessian.to(w.device), bits, group_size, n_grid=n_grid)
     return r.input_scale, r.alpha
 
 
 @torch.no_grad()
 def awq_fold(model: nn.Module, stats: dict[str, LayerStats], bits: int = 4, group_size: int | None = 128,
-             n_grid: int = N_GRID) -> AwqFolds:
+             n_grid: int = N_GRID, tie_gqa: bool = True) -> AwqFolds:
     """Search AWQ scales for every block of `model` and fold them in, in place. The fp32 function of the model
     does not change (up to rounding). stats: calibration.collect_stats of the model before this call."""
     _check(model, stats, group_size, bits)
@@ -163,14 +170,17 @@ def awq_fold(model: nn.Module, stats: dict[str, LayerStats], bits: int = 4, grou
 
         # o_proj: into v's rows (the last kv rows of a fused qkv_proj)
         o = [(p + "attn.o_proj", attn.o_proj)]
-        reason = _o_proj_refusal(cfg, attn)
+        reason = _o_proj_refusal(cfg, attn, tie_gqa)
         if reason:
             folds.skipped[o[0][0]] = reason
         else:
-            s, alpha = _search(o, stats, bits, group_size, n_grid)
-            v, start = (attn.qkv_proj, attn.qkv_proj.out_features - s.numel()) if attn.qkv_proj is not None \
+            per_kv = attn.n_heads // attn.n_kv_heads
+            heads = (attn.n_kv_heads, per_kv, attn.head_dim)
+            s, alpha = _search(o, stats, bits, group_size, n_grid, heads if per_kv > 1 else None)
+            s_v = s.view(heads)[:, 0].reshape(-1)  # one per v row (all heads of a group have the same s)
+            v, start = (attn.qkv_proj, attn.qkv_proj.out_features - s_v.numel()) if attn.qkv_proj is not None \
                 else (attn.v_proj, 0)
-            _scale_rows(v, start, s)
+            _scale_rows(v, start, s_v)
             scale_inputs(o, s, alpha)
 
         # gate/up (or a plain MLP's up): one s into the MLP norm
@@ -194,9 +204,9 @@ def awq_fold(model: nn.Module, stats: dict[str, LayerStats], bits: int = 4, grou
 
 
 def awq_model(model: nn.Module, stats: dict[str, LayerStats], bits: int = 4, group_size: int | None = 128,
-              n_grid: int = N_GRID) -> dict[str, QuantizedWeight]:
+              n_grid: int = N_GRID, tie_gqa: bool = True) -> dict[str, QuantizedWeight]:
     """AWQ the whole model: fold the scales in (model's norms and block weights change in place; they keep
     the folded fp32 weights, not the rounded ones) and return {block Linear name: round-to-nearest codes of
     its folded weight}, names as calibration.block_linears gives them."""
-    awq_fold(model, stats, bits, group_size, n_grid)
+    awq_fold(model, stats, bits, group_size, n_grid, tie_gqa)
     return {name: quantize_rtn(lin.weight, bits, group_size) for name, lin in block_linears(model).items()}

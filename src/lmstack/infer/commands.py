@@ -9,6 +9,7 @@ Usage:
     lmstack generate --model runs/tiny --prompt_ids "[1, 2, 3]" --beam_width 4 --max_tokens 8
     lmstack generate --model runs/tiny --tokenizer tok/ --prompt "hi" --threads 1
     lmstack generate --model runs/tiny --prompt "hi" --tensor_parallel_size 2     # sharded over 2 processes
+    lmstack generate --model runs/tiny --prompt "hi" --kv_cache_dtype int8        # int8 KV cache (kv_quant.py)
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
              num_speculative_tokens: int = 4, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
              json_output: bool = False, tokenizer: str | None = None, threads: int = 0,
              max_model_gib: float | None = None, device: str = "auto", dtype: str = "auto",
-             tensor_parallel_size: int = 1) -> list[dict]:
+             tensor_parallel_size: int = 1, kv_cache_dtype: Literal["auto", "int8"] = "auto") -> list[dict]:
     """Generate completions with the paged, continuously batched engine and print them.
 
     Args:
@@ -81,6 +82,8 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         dtype: weights' dtype: auto (bf16 on CUDA, fp32 on CPU, whatever the checkpoint holds), float32, bfloat16
             or float16.
         tensor_parallel_size: shard the model over this many processes (see `lmstack serve`).
+        kv_cache_dtype: auto (the KV cache in the model's dtype) or int8 (int8 with a per-token, per-head fp32 scale:
+            ~3.8x the tokens of an fp32 cache in the same memory; see lmstack.infer.kv_quant).
     """
 
     set_max_model_gib(max_model_gib)
@@ -103,7 +106,8 @@ def generate(model: str, prompt: str | None = None, prompts_file: str | None = N
         spec = {"method": speculative, "num_tokens": num_speculative_tokens, "draft_model": draft_model}
     dev, torch_dtype = pick_device(device, dtype)
     llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
-              speculative=spec, device=dev, dtype=torch_dtype, tensor_parallel_size=tensor_parallel_size)
+              speculative=spec, device=dev, dtype=torch_dtype, tensor_parallel_size=tensor_parallel_size,
+              kv_cache_dtype=kv_cache_dtype)
     if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise LmstackError(f"{model} holds no tokenizer.json: pass --tokenizer DIR, or token ids with --prompt_ids")
     # Flags given win, then the model's generation_config.json, then this command's greedy 64-token default.

@@ -39,6 +39,7 @@ from lmstack.infer.context import EngineContext
 from lmstack.infer.cuda_graphs import graphable
 from lmstack.infer.generation_defaults import load_generation_defaults
 from lmstack.infer.kv_pool_sizing import profile_kv_blocks
+from lmstack.infer.kv_quant import check_kv_cache_dtype, kv_cache_bytes_per_token
 from lmstack.infer.loading import load_model_and_tokenizer
 from lmstack.infer.lora_hook import LoraManager
 from lmstack.infer.model_runner import ModelRunner
@@ -55,7 +56,6 @@ from lmstack.infer.step_plan import StepPlan
 from lmstack.infer.threads import engine_threads
 from lmstack.infer.tp_group import TensorParallelGroup
 from lmstack.infer.tp_shard import check_shardable, shard_model
-from lmstack.model.counting import kv_bytes_per_token
 from lmstack.model.load_guard import check_kv_pool
 from lmstack.model.vocab import check_vocab
 
@@ -79,13 +79,17 @@ class LLMEngine:
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
                  max_model_len: int | None = None, speculative: Any = None, lora_adapters: dict | None = None,
                  cuda_graphs: bool | None = None, attention_backend: str = "sdpa",
-                 gpu_memory_utilization: float = 0.9, compile_decode: bool = False, tensor_parallel_size: int = 1):
+                 gpu_memory_utilization: float = 0.9, compile_decode: bool = False, tensor_parallel_size: int = 1,
+                 kv_cache_dtype: str = "auto"):
         """cuda_graphs: replay pure decode steps as CUDA graphs per batch bucket (None: on for CUDA, off
         elsewhere; True on a CPU runs the same static-buffer path uncaptured). attention_backend: the paged
         decode attention, 'sdpa' or 'flex'. gpu_memory_utilization: on CUDA with num_blocks=None, the KV
         pool fills this fraction of device memory left after weights and a profiling forward (kv_pool_sizing.py).
         compile_decode: torch.compile the static decode step of cuda_graphs (switches that path on; off by
-        default: benchmarks/decode_compile_cpu.py has what it buys)."""
+        default: benchmarks/decode_compile_cpu.py has what it buys). kv_cache_dtype: 'auto' (the KV pool in the
+        model's dtype) or 'int8' (int8 numbers with per-token, per-head fp32 scales: ~4x the tokens of an fp32
+        pool in the same bytes; kv_quant.py)."""
+        check_kv_cache_dtype(kv_cache_dtype)  # before loading anything
         for name, v, lo in (("max_num_seqs", max_num_seqs, 1), ("max_batched_tokens", max_batched_tokens, 1),
                             ("block_size", block_size, 1)):
             if not isinstance(v, int) or v < lo:
@@ -122,9 +126,10 @@ class LLMEngine:
         if measured:  # bounded by the device itself, so load_guard's host-memory check does not apply
             full = -(-max_num_seqs * self.max_model_len // block_size)  # every sequence at max_model_len
             num_blocks = profile_kv_blocks(self.model, block_size, max_batched_tokens, gpu_memory_utilization, dtype,
-                                           max_blocks=4 * full)
+                                           max_blocks=4 * full, kv_cache_dtype=kv_cache_dtype)
+        token_bytes = kv_cache_bytes_per_token(cfg, dtype, kv_cache_dtype)
         if num_blocks is None:
-            per_block = kv_bytes_per_token(cfg, torch.finfo(dtype).bits // 8) * block_size
+            per_block = token_bytes * block_size
             wanted = -(-max_num_seqs * self.max_model_len // block_size)
             num_blocks = max(min(wanted, _POOL_BYTES_DEFAULT // per_block), -(-self.max_model_len // block_size))
         if not isinstance(num_blocks, int) or num_blocks < 1:
@@ -132,7 +137,7 @@ class LLMEngine:
         # the pool holds one max_model_len sequence, so a config's max_position_embeddings alone could size
         # it without bound: refuse past --max_model_gib before allocating (issue 15)
         if not measured:
-            check_kv_pool(cfg, num_blocks, block_size, dtype, self.max_model_len)
+            check_kv_pool(cfg, num_blocks, block_size, dtype, self.max_model_len, bytes_per_token=token_bytes)
         self.block_size, self.num_blocks = block_size, num_blocks
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.ctx = EngineContext(self.tokenizer, self.eos_ids, self.emit_vocab, self.max_model_len)
@@ -150,12 +155,12 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, block_size, device, owns_model=owned,
                                   attention_backend=attention_backend, cuda_graphs=graphs,
                                   max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
-                                  compile_decode=compile_decode)
+                                  compile_decode=compile_decode, kv_cache_dtype=kv_cache_dtype)
         if tensor_parallel_size != 1:  # the workers load the same directory and follow every step
             self.runner.graphs = None  # cuda_graphs=None chose graphs on CUDA: a replay would skip the workers' feed
             self.tp = self.runner.tp = TensorParallelGroup(
                 model, tensor_parallel_size, tp_reduce, num_blocks=num_blocks, block_size=block_size, dtype=dtype,
-                device=self.runner.device)
+                device=self.runner.device, kv_cache_dtype=kv_cache_dtype)
         self.sampler = Sampler(seed, guided=self.ctx.guided_decoder, device=self.runner.device)
         self.spec = None if speculative is None else SpeculativeDecoder(
             speculative, self.model, num_blocks, block_size, self.ctx, self.sampler)
@@ -318,6 +323,7 @@ class LLMEngine:
             "num_blocks_used": self.num_blocks - self.bm.num_free_blocks,
             "block_size": self.block_size,
             "kv_cache_bytes": self.runner.cache.nbytes(),
+            "kv_cache_dtype": self.runner.cache.kv_cache_dtype,
             "prefix_cache_hit_tokens": self.scheduler.prefix_hit_tokens,
             "prefix_cache_queried_tokens": self.scheduler.prefix_queried_tokens,
             "prompt_tokens": c["prompt_tokens"],

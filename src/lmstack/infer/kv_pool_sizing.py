@@ -7,6 +7,8 @@ what is left of the budget becomes KV blocks:
 
     blocks = (gpu_memory_utilization * total - peak_used) // bytes_per_block
     bytes_per_block = 2 (K and V) * n_layers * n_kv_heads * head_dim * dtype bytes * block_size
+    (kv_cache_dtype="int8": 2 * n_layers * n_kv_heads * (head_dim * 1 + 4 bytes of fp32 scale) * block_size,
+     see kv_quant.py)
 
 capped at max_blocks when given (the engine passes 4x what max_num_seqs sequences of max_model_len fill:
 past that, blocks only hold cached prefixes, and a small model on a big card would otherwise get millions of
@@ -26,12 +28,12 @@ from __future__ import annotations
 import torch
 
 from lmstack.errors import LmstackError
-from lmstack.model.counting import kv_bytes_per_token
+from lmstack.infer.kv_quant import kv_cache_bytes_per_token
 
 
-def bytes_per_block(cfg, dtype: torch.dtype, block_size: int) -> int:
-    """K and V of every layer for block_size tokens, in bytes."""
-    return kv_bytes_per_token(cfg, torch.finfo(dtype).bits // 8) * block_size
+def bytes_per_block(cfg, dtype: torch.dtype, block_size: int, kv_cache_dtype: str = "auto") -> int:
+    """K and V of every layer for block_size tokens, in bytes (with int8: numbers plus their scales)."""
+    return kv_cache_bytes_per_token(cfg, dtype, kv_cache_dtype) * block_size
 
 
 def kv_blocks_for_budget(total_bytes: int, peak_used_bytes: int, bytes_per_block: int,
@@ -56,7 +58,8 @@ def kv_blocks_for_budget(total_bytes: int, peak_used_bytes: int, bytes_per_block
 
 @torch.inference_mode()
 def profile_kv_blocks(model, block_size: int, max_batched_tokens: int, gpu_memory_utilization: float,
-                      dtype: torch.dtype | None = None, max_blocks: int | None = None) -> int:
+                      dtype: torch.dtype | None = None, max_blocks: int | None = None,
+                      kv_cache_dtype: str = "auto") -> int:
     """Run one forward of max_batched_tokens tokens on the model's CUDA device, read the allocator's peak
     and the device's total memory, and return how many KV blocks fit the rest of the budget."""
     p = next(model.parameters())
@@ -76,5 +79,5 @@ def profile_kv_blocks(model, block_size: int, max_batched_tokens: int, gpu_memor
     # memory held outside this process's allocator (other processes, the CUDA context) also counts
     free, _ = torch.cuda.mem_get_info(dev)
     outside = max(0, total - free - torch.cuda.memory_reserved(dev))
-    return kv_blocks_for_budget(total, peak + outside, bytes_per_block(model.config, dtype or p.dtype, block_size),
-                                gpu_memory_utilization, max_blocks)
+    per_block = bytes_per_block(model.config, dtype or p.dtype, block_size, kv_cache_dtype)
+    return kv_blocks_for_budget(total, peak + outside, per_block, gpu_memory_utilization, max_blocks)

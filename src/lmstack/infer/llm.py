@@ -10,6 +10,7 @@ Usage:
     reply = llm.chat([{"role": "user", "content": "hi"}], lmstack.SamplingParams(max_tokens=32))
     llm = lmstack.LLM(model, tokenizer=tok, speculative={"method": "ngram", "num_tokens": 4})
     llm = lmstack.LLM("runs/model", tensor_parallel_size=2)   # sharded over 2 processes (infer/tp_group.py)
+    llm = lmstack.LLM("runs/model", kv_cache_dtype="int8")   # KV cache in int8 + scales (infer/kv_quant.py)
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class LLM:
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0, **engine_kwargs: Any):
         """model: a model directory (ours or HF's) or a Transformer; tokenizer: a Tokenizer or its directory
         (default: the model directory's tokenizer.json). Other keywords go to LLMEngine (max_model_len,
-        speculative, lora_adapters, tensor_parallel_size)."""
+        speculative, lora_adapters, tensor_parallel_size, kv_cache_dtype: 'auto' or 'int8')."""
         self.engine = LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                                 block_size=block_size, num_blocks=num_blocks,
                                 enable_prefix_caching=enable_prefix_caching, dtype=dtype, device=device, seed=seed,

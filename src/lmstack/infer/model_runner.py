@@ -15,6 +15,7 @@ prompt logprobs and speculative verification), in fp32 on the model's device, wh
 
 Usage:
     runner = ModelRunner(model, num_blocks=256, block_size=16)
+    runner = ModelRunner(model, num_blocks=1024, block_size=16, kv_cache_dtype="int8")   # kv_quant.py
     logits = runner.run(plan)          # a StepPlan (step_plan.py): (len(plan.logit_rows), vocab)
     logits = runner.run([(seq, token_ids, first_position), ...], logit_rows)   # the same, planned here
 """
@@ -51,7 +52,8 @@ class ModelRunner:
 
     def __init__(self, model, num_blocks: int, block_size: int, device: str | torch.device = "cpu",
                  owns_model: bool = False, attention_backend: str = "sdpa", cuda_graphs: bool = False,
-                 max_num_seqs: int = 16, max_model_len: int | None = None, compile_decode: bool = False):
+                 max_num_seqs: int = 16, max_model_len: int | None = None, compile_decode: bool = False,
+                 kv_cache_dtype: str = "auto"):
         if owns_model and projections_fusable(model):
             model.fuse_projections()  # nobody else holds this model, so its layout may change in place
         cfg = model.config
@@ -63,7 +65,7 @@ class ModelRunner:
         self.model, self.device = model, p.device
         # decode graphs pad their batches into one scratch block past the engine's (cuda_graphs.py)
         self.cache = PagedKVCache(cfg, num_blocks + (1 if cuda_graphs else 0), block_size, dtype=p.dtype,
-                                  device=p.device, attention_backend=attention_backend)
+                                  device=p.device, attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype)
         self.cache.alibi = model.alibi_slopes if cfg.position == "alibi" else None
         self.block_size = block_size
         self.max_len = cfg.max_seq_len if cfg.position in ("learned", "sinusoidal") else None

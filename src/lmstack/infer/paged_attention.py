@@ -18,8 +18,14 @@ hook (see model/attention.py) writes the step's new K/V into their slots and com
   (causal, sliding window, ALiBi, softcap), with keys gathered from the pool.
 The per-step metadata (StepMeta) is built by the model runner (model_runner.py) and set on `cache.meta`.
 
+With kv_cache_dtype="int8" the pools hold int8 numbers and two more pools, k_scale and v_scale (layers,
+kv_heads, slots), hold one fp32 scale per token and head (kv_quant.py has the scheme): writes quantize, and
+every read above gathers its slots and dequantizes them (_kv), except the C++ decode call, which reads the int8
+pool and its scales in place (kernels/kv_int8.cpp).
+
 Usage:
     cache = PagedKVCache(model.config, num_blocks=256, block_size=16)
+    cache = PagedKVCache(model.config, num_blocks=1024, block_size=16, kv_cache_dtype="int8")
     cache.meta = StepMeta(...)                    # per step, from ModelRunner.build
     hidden = model(ids, cache=cache, return_hidden=True)
 """
@@ -32,7 +38,8 @@ import torch.nn.functional as F
 
 from lmstack.errors import LmstackError
 from lmstack.infer.flex_paged import flex_short
-from lmstack.kernels import decode_ops
+from lmstack.infer.kv_quant import check_kv_cache_dtype, dequantize_kv, quantize_kv
+from lmstack.kernels import decode_ops, kv_int8
 from lmstack.model.attention_cache import AttentionCache
 from lmstack.model.linear import kernels_on
 from lmstack.model.masks import AttentionMask
@@ -80,21 +87,33 @@ class PagedKVCache(AttentionCache):
     rotated_keys = True  # keys are stored after RoPE, so decoding never re-rotates them
 
     def __init__(self, cfg, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", attention_backend: str = "sdpa"):
+                 device: str | torch.device = "cpu", attention_backend: str = "sdpa", kv_cache_dtype: str = "auto"):
         if attention_backend not in ("sdpa", "flex"):
             raise LmstackError(f"attention_backend must be 'sdpa' or 'flex', got {attention_backend!r}")
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.attention_backend = attention_backend  # the short chunks' kernel (flex_paged.py for 'flex')
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        self.dtype = dtype  # what attention computes in (reads of an int8 pool are dequantized to it)
         shape = (cfg.n_layers, cfg.n_kv_heads, num_blocks * block_size, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        stored = torch.int8 if kv_cache_dtype == "int8" else dtype
+        self.k = torch.zeros(shape, dtype=stored, device=device)
+        self.v = torch.zeros(shape, dtype=stored, device=device)
+        self.k_scale = self.v_scale = None  # (layers, kv_heads, slots) fp32 when int8
+        if kv_cache_dtype == "int8":
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
         self.meta: StepMeta | None = None
         self._slot_of, self._slot = None, 0  # the step whose single write slot _slot is
         self._lengths_of, self._lengths = None, None  # the short chunks whose key counts _lengths are
         self.alibi = None
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        scales = 0 if self.k_scale is None else self.k_scale.nbytes + self.v_scale.nbytes
+        return self.k.nbytes + self.v.nbytes + scales
+
+    def _pools(self):
+        """The pools that hold per-slot state: K, V, and with int8 their scales (slots on dim 2 of each)."""
+        return (self.k, self.v) if self.k_scale is None else (self.k, self.v, self.k_scale, self.v_scale)
 
     # ---- the AttentionCache interface the Transformer calls
     def positions(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,28 +126,57 @@ class PagedKVCache(AttentionCache):
         """Copy-on-write: duplicate whole blocks (every layer) from src to dst."""
         bs = self.block_size
         for src, dst in pairs:
-            self.k[:, :, dst * bs:(dst + 1) * bs] = self.k[:, :, src * bs:(src + 1) * bs]
-            self.v[:, :, dst * bs:(dst + 1) * bs] = self.v[:, :, src * bs:(src + 1) * bs]
+            for pool in self._pools():
+                pool[:, :, dst * bs:(dst + 1) * bs] = pool[:, :, src * bs:(src + 1) * bs]
 
     def move_slots(self, src: list[int], dst: list[int]) -> None:
         """Move single slots' K/V (every layer) from src to dst, all read before any is written: an accepted
         token-tree path into its sequence's positions (spec_tree.py)."""
         s, d = torch.tensor(src, device=self.k.device), torch.tensor(dst, device=self.k.device)
-        self.k[:, :, d] = self.k[:, :, s]
-        self.v[:, :, d] = self.v[:, :, s]
+        for pool in self._pools():
+            pool[:, :, d] = pool[:, :, s]
+
+    def _kv(self, layer: int, slots: torch.Tensor | None = None, span: tuple[int, int] | None = None):
+        """One layer's keys and values (Hkv, n, D) in the model's dtype at `slots` (1-D), or at the
+        contiguous slots span = (first, n) as views of the pool when it is not int8."""
+        kc, vc = self.k[layer], self.v[layer]
+        if self.k_scale is None:
+            if span is not None:
+                return kc[:, span[0]:span[0] + span[1]], vc[:, span[0]:span[0] + span[1]]
+            return kc.index_select(1, slots), vc.index_select(1, slots)
+        ks, vs = self.k_scale[layer], self.v_scale[layer]
+        if span is not None:
+            sl = slice(span[0], span[0] + span[1])
+            return dequantize_kv(kc[:, sl], ks[:, sl], self.dtype), dequantize_kv(vc[:, sl], vs[:, sl], self.dtype)
+        return (dequantize_kv(kc.index_select(1, slots), ks.index_select(1, slots), self.dtype),
+                dequantize_kv(vc.index_select(1, slots), vs.index_select(1, slots), self.dtype))
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, m: StepMeta) -> None:
+        """Store the step's new K/V (Hkv, N, D) at m.slots (int8: quantized per token and head)."""
+        kc, vc = self.k[layer], self.v[layer]
+        if self.k_scale is not None:
+            ks, vs = self.k_scale[layer], self.v_scale[layer]
+            if kernels_on() and kv_int8.write(k, v, m.slots, kc, vc, ks, vs):  # one C++ call, same numbers
+                return
+            (kq, kscale), (vq, vscale) = quantize_kv(k), quantize_kv(v)
+            ks.index_copy_(1, m.slots, kscale)
+            vs.index_copy_(1, m.slots, vscale)
+            kc.index_copy_(1, m.slots, kq)
+            vc.index_copy_(1, m.slots, vq)
+            return
+        if m.slots.shape[0] == 1 and not m.static:  # one new token (batch-1 decode): a copy, not a scatter
+            if self._slot_of is not m:  # read its slot once per step, not once per layer
+                self._slot_of, self._slot = m, int(m.slots[0])
+            kc[:, self._slot] = k[:, 0]
+            vc[:, self._slot] = v[:, 0]
+        else:
+            kc.index_copy_(1, m.slots, k)
+            vc.index_copy_(1, m.slots, v)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn, ctx) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) for the flat batch -> attention output (1, H, N, D)."""
         m = self.meta
-        kc, vc = self.k[layer], self.v[layer]
-        if m.slots.shape[0] == 1 and not m.static:  # one new token (batch-1 decode): a copy, not a scatter
-            if self._slot_of is not m:  # read its slot once per step, not once per layer
-                self._slot_of, self._slot = m, int(m.slots[0])
-            kc[:, self._slot] = k[0, :, 0]
-            vc[:, self._slot] = v[0, :, 0]
-        else:
-            kc.index_copy_(1, m.slots, k[0])
-            vc.index_copy_(1, m.slots, v[0])
+        self._write(layer, k[0], v[0], m)
         window = self.cfg.window_for_layer(layer)
         sh, decoded = m.short, None
         if sh is not None and sh.rows.shape[1] == 1 and kernels_on() and not m.static and not attn.softcap \
@@ -139,14 +187,24 @@ class PagedKVCache(AttentionCache):
             queries = q[0].transpose(0, 1)  # (N, H, D)
             if m.prefills:  # a mixed step: the decode rows are some of the flat rows
                 queries = queries.index_select(0, sh.out_rows)
-            decoded = decode_ops.paged_decode_attention(queries, kc, vc, sh.key_slots, self._lengths, attn.scale,
-                                                        window or 0)
+            if self.k_scale is None:
+                decoded = decode_ops.paged_decode_attention(queries, self.k[layer], self.v[layer], sh.key_slots,
+                                                            self._lengths, attn.scale, window or 0)
+            else:  # int8: the kernel reads the pool in place (kernels/kv_int8.cpp)
+                decoded = kv_int8.paged_decode_attention_int8(queries, self.k[layer], self.v[layer],
+                                                              self.k_scale[layer], self.v_scale[layer], sh.key_slots,
+                                                              self._lengths, attn.scale, window or 0)
+                if decoded is None:  # no kernel: the keys dequantized into a compact pool, renumbered b*L + j
+                    kc, vc = self._kv(layer, sh.key_slots.flatten())
+                    slots = torch.arange(sh.key_slots.numel(), device=kc.device).view(sh.key_slots.shape)
+                    decoded = decode_ops.paged_decode_attention(queries, kc, vc, slots, self._lengths, attn.scale,
+                                                                window or 0)
             if decoded is not None and not m.prefills:
                 return decoded.transpose(0, 1)[None]  # (1, H, N, D): every row decodes, in order
         if m.short is not None and not m.prefills and m.short.rows.shape[0] == 1 and not attn.softcap \
                 and self.alibi is None:
             # one sequence's decode token or window is the whole batch: its queries are q itself, in order
-            return self._short(q, kc, vc, m.short, attn.scale, window, whole=True)
+            return self._short(q, layer, m.short, attn.scale, window, whole=True)
         out = torch.empty_like(q)
         if decoded is not None:
             out[0, :, sh.out_rows] = decoded.transpose(0, 1)
@@ -156,37 +214,43 @@ class PagedKVCache(AttentionCache):
                     n = int(sh.valid[b].sum())
                     rows = sh.rows[b, :n]
                     length = int(sh.q_pos[b, n - 1]) + 1
-                    out[:, :, rows] = self._one(q[:, :, rows], kc, vc, sh.key_slots[b, :length], sh.q_pos[b, :n],
+                    out[:, :, rows] = self._one(q[:, :, rows], layer, sh.key_slots[b, :length], sh.q_pos[b, :n],
                                                 attn, window)
             else:
-                out[0, :, sh.out_rows] = self._short(q, kc, vc, sh, attn.scale, window)
+                out[0, :, sh.out_rows] = self._short(q, layer, sh, attn.scale, window)
         for p in m.prefills:
             qs = q[:, :, p.start:p.start + p.n]
-            if p.key_slots is None:  # the chunk is the whole context: use its own K/V directly
+            if p.key_slots is None and self.k_scale is not None:  # int8: its own K/V as stored (rounded)
+                ks, vs = self._kv(layer, m.slots[p.start:p.start + p.n])
+                ks, vs = ks[None], vs[None]
+                k_pos = p.positions
+            elif p.key_slots is None:  # the chunk is the whole context: use its own K/V directly
                 ks, vs = k[:, :, p.start:p.start + p.n], v[:, :, p.start:p.start + p.n]
                 k_pos = p.positions
             else:
-                ks, vs = kc.index_select(1, p.key_slots)[None], vc.index_select(1, p.key_slots)[None]
-                k_pos = torch.arange(p.ctx_len, device=kc.device)
+                ks, vs = self._kv(layer, p.key_slots)
+                ks, vs = ks[None], vs[None]
+                k_pos = torch.arange(p.ctx_len, device=q.device)
             mask = AttentionMask(q_pos=p.positions, k_pos=k_pos, causal=True, window=window,
                                  block_size=self.cfg.attn_block_size)
             out[:, :, p.start:p.start + p.n] = attn.backend(qs, ks, vs, mask, attn.scale, slopes=self.alibi,
                                                             softcap=attn.softcap, **attn.backend_kwargs)
         return out
 
-    def _short(self, q, kc, vc, sh: ShortChunks, scale: float, window: int, whole: bool = False) -> torch.Tensor:
+    def _short(self, q, layer: int, sh: ShortChunks, scale: float, window: int, whole: bool = False) -> torch.Tensor:
         """All short chunks in one SDPA; returns (H, R, D) for the real query rows, or (1, H, N, D) when
         `whole` (a single sequence is the whole batch: no row gather, no scatter back)."""
         b, tq = sh.rows.shape
-        hkv, d = kc.shape[0], kc.shape[-1]
+        hkv, d = self.k.shape[1], self.k.shape[-1]
         if sh.contig is not None:
-            s0, length = sh.contig
-            keys, values = kc[None, :, s0:s0 + length], vc[None, :, s0:s0 + length]
+            length = sh.contig[1]
+            keys, values = self._kv(layer, span=sh.contig)
+            keys, values = keys[None], values[None]
         else:
             length = sh.key_slots.shape[1]
-            flat = sh.key_slots.flatten()
-            keys = kc.index_select(1, flat).view(hkv, b, length, d).transpose(0, 1)
-            values = vc.index_select(1, flat).view(hkv, b, length, d).transpose(0, 1)
+            keys, values = self._kv(layer, sh.key_slots.flatten())
+            keys = keys.view(hkv, b, length, d).transpose(0, 1)
+            values = values.view(hkv, b, length, d).transpose(0, 1)
         h = q.shape[1]
         group = h // hkv
         # GQA without copying K/V: the `group` query heads of a KV head become extra query rows.
@@ -225,8 +289,9 @@ class PagedKVCache(AttentionCache):
             sh.masks[window] = visible.repeat(1, group, 1)[:, None]
         return sh.masks[window]
 
-    def _one(self, q, kc, vc, slots, q_pos, attn, window):
-        mask = AttentionMask(q_pos=q_pos, k_pos=torch.arange(len(slots), device=kc.device), causal=True, window=window,
+    def _one(self, q, layer, slots, q_pos, attn, window):
+        mask = AttentionMask(q_pos=q_pos, k_pos=torch.arange(len(slots), device=q.device), causal=True, window=window,
                              block_size=self.cfg.attn_block_size)
-        return attn.backend(q, kc.index_select(1, slots)[None], vc.index_select(1, slots)[None], mask, attn.scale,
+        keys, values = self._kv(layer, slots)
+        return attn.backend(q, keys[None], values[None], mask, attn.scale,
                             slopes=self.alibi, softcap=attn.softcap, **attn.backend_kwargs)

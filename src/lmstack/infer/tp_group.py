@@ -123,7 +123,7 @@ class TensorParallelGroup:
 
     def __init__(self, model_dir: str | os.PathLike, world_size: int, reduce: AllReduce, *, num_blocks: int,
                  block_size: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 startup_timeout_s: float = 600.0):
+                 startup_timeout_s: float = 600.0, kv_cache_dtype: str = "auto"):
         self.world_size = world_size
         self.device = torch.device(device)
         self.failure: LmstackError | None = None
@@ -144,7 +144,8 @@ class TensorParallelGroup:
         try:
             store.set(CONFIG_KEY, json.dumps({
                 "model": str(model_dir), "num_blocks": num_blocks, "block_size": block_size,
-                "dtype": str(dtype).removeprefix("torch."), "device": self.device.type, "threads": threads}))
+                "dtype": str(dtype).removeprefix("torch."), "device": self.device.type, "threads": threads,
+                "kv_cache_dtype": kv_cache_dtype}))
             self._wait_ready(store, startup_timeout_s)
             self.cpu_group, self.group = connect(store, 0, world_size, self.device)
         except BaseException:

@@ -66,7 +66,8 @@ def run_worker(world_size: int | None = None, startup_timeout_s: float = 600.0) 
         torch.cuda.set_device(device)
     model = load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]), device=str(device)).eval()
     reduce = shard_model(model, rank, world_size)
-    runner = ModelRunner(model, cfg["num_blocks"], cfg["block_size"], device)
+    runner = ModelRunner(model, cfg["num_blocks"], cfg["block_size"], device,
+                         kv_cache_dtype=cfg.get("kv_cache_dtype", "auto"))  # each rank's pool holds its heads
     inputs = runner.tp = _Inputs()
     store.set(f"{READY_KEY}{rank}", "1")
     cpu_group, reduce.group = connect(store, rank, world_size, device)

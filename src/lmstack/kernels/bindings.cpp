@@ -17,6 +17,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
                        const c10::optional<at::Tensor>& bias);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                        const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias);
+at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                                          const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& key_slots,
+                                          const at::Tensor& lengths, double scale, int64_t window);
+void kv_int8_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, at::Tensor& kc,
+                   at::Tensor& vc, at::Tensor& ks, at::Tensor& vs);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x @ weight.T (+ bias) for a few rows of fp32 x",
@@ -31,5 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x @ ((nibble - zeros) * scales per group).T (+ bias), two int4 codes per byte, fp32 x rows",
         py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
         py::arg("bias") = py::none());
+  m.def("paged_decode_attention_int8", &paged_decode_attention_int8,
+        "paged_decode_attention over an int8 KV pool read in place: pools (Hkv, S, D) int8, scales (Hkv, S) fp32");
+  m.def("kv_int8_write", &kv_int8_write,
+        "quantize new K/V (Hkv, N, D) per (head, token) into int8 pools (Hkv, S, D) and scales (Hkv, S) at slots");
   m.def("isa", []() { return std::string(lmstack_simd::ISA); }, "the vector instruction set this build uses");
 }

@@ -276,15 +276,16 @@ def load_safetensors(directory: str | os.PathLike, name: str, what: str = "safet
 
 
 def check_kv_pool(cfg: Any, num_blocks: int, block_size: int, dtype: "torch.dtype", max_model_len: int,
-                  max_model_gib: float | None = None) -> int:
+                  max_model_gib: float | None = None, bytes_per_token: int | None = None) -> int:
     """Bytes of a paged KV pool (K and V, every layer), refused together with the weights' estimate when over
     max_model_gib. The engine sizes its pool to hold at least one max_model_len sequence, and max_model_len
     defaults to the config's max_position_embeddings, so without this check that field alone could ask
-    for a pool of any size."""
+    for a pool of any size. bytes_per_token: the pool's own per-token size when it is not the weights' dtype
+    (an int8 KV cache, infer/kv_quant.py)."""
 
     limit = max_model_gib if max_model_gib is not None else limit_gib()
     item = torch.empty((), dtype=dtype).element_size()
-    pool = kv_bytes_per_token(cfg, item) * block_size * num_blocks
+    pool = (bytes_per_token or kv_bytes_per_token(cfg, item)) * block_size * num_blocks
     weights = estimate_memory(cfg, dtype).total_bytes
     if pool + weights > limit * GIB:
         raise LmstackError(

@@ -3,8 +3,9 @@
 - quantization is within half a step of every element, on synthetic vectors and on the K/V a model writes;
 - the int8 engine computes exactly what the fp32 engine computes with its K/V rounded per token and head
   (a reference cache that fake-quantizes before storing): through prefill, chunked prefill, batched decode,
-  the C++ decode kernel, prefix-cache hits, copy-on-write forks, preemption, speculative windows and the
-  static (graph) decode path;
+  the C++ decode kernel and its fallback, prefix-cache hits, copy-on-write forks, preemption, speculative
+  windows, the static (graph) decode path, sliding windows, ALiBi with a softcap, and the flex backend;
+- tensor parallelism (slow) and the serve/generate flag;
 - on a small model trained here, greedy int8 outputs agree with fp32 outputs on most tokens (threshold below);
 - the C++ decode attention reading int8 in place equals fp32 attention over the dequantized pool;
 - blocks are all freed; the pool holds 4D/(D+4) times the tokens of an fp32 pool in the same bytes;
@@ -100,7 +101,7 @@ def _tokens_and_logprobs(outs):
 
 
 @pytest.mark.parametrize("case", ["plain", "prefix_cache_and_forks", "preempted", "speculative", "static_decode",
-                                  "sliding_window", "no_int8_kernel"])
+                                  "sliding_window", "no_int8_kernel", "alibi_softcap", "flex"])
 def test_int8_engine_equals_fp32_engine_with_fake_quantized_kv(case, monkeypatch):
     calls = []
     real = kv_int8.paged_decode_attention_int8
@@ -110,7 +111,8 @@ def test_int8_engine_equals_fp32_engine_with_fake_quantized_kv(case, monkeypatch
         return None if case == "no_int8_kernel" else real(*args)  # None: the compact-pool fallback runs
 
     monkeypatch.setattr(kv_int8, "paged_decode_attention_int8", counted)
-    model = tiny_model(300, seed=3, n_kv_heads=2, sliding_window=6 if case == "sliding_window" else 0)
+    extra = dict(position="alibi", attn_logit_softcap=30.0, attn_backend="naive") if case == "alibi_softcap" else {}
+    model = tiny_model(300, seed=3, n_kv_heads=2, sliding_window=6 if case == "sliding_window" else 0, **extra)
     prompts = random_prompts(6, 3, 40, 300, seed=4)
     params = GREEDY
     kw = dict(num_blocks=64, block_size=4, max_batched_tokens=24)  # 24: long prompts are chunked
@@ -122,6 +124,8 @@ def test_int8_engine_equals_fp32_engine_with_fake_quantized_kv(case, monkeypatch
     elif case == "speculative":
         prompts = [(p[:6] * 5)[:30] for p in prompts]  # repetitive prompts: n-gram guesses get accepted
         kw["speculative"] = {"method": "ngram", "num_tokens": 3}
+    elif case == "flex":
+        kw["attention_backend"] = "flex"
     elif case == "static_decode":
         kw["cuda_graphs"] = True  # on a CPU: the padded static decode path, uncaptured
     want = LLMEngine(model, **kw)
@@ -132,7 +136,7 @@ def test_int8_engine_equals_fp32_engine_with_fake_quantized_kv(case, monkeypatch
     gt, gl = _tokens_and_logprobs(_run(got, prompts, params))
     assert gt == wt
     torch.testing.assert_close(gl, wl, rtol=0, atol=1e-3)
-    if kernels_available():  # batched decode steps went through the int8 kernel (or its fallback)
+    if kernels_available() and case not in ("alibi_softcap", "flex"):  # decode steps took the int8 kernel
         assert calls
     if case == "preempted":
         assert got.scheduler.num_preemptions > 0
@@ -285,3 +289,22 @@ def test_int8_write_kernel_stores_exactly_what_torch_quantizes():
     for x, pool, scale in ((k, pools[0], pools[2]), (v, pools[1], pools[3])):
         q, s = quantize_kv(x)
         assert torch.equal(pool[:, slots], q) and torch.equal(scale[:, slots], s)
+
+
+def test_serve_and_generate_take_the_flag_and_generate_runs_int8(tmp_path, tok, model, monkeypatch, capsys):
+    import lmstack
+    from lmstack import cli
+    from lmstack.infer import commands
+
+    for stage in ("serve", "generate"):  # the flag is generated from the command's signature, values checked
+        assert "--kv_cache_dtype" in cli.command_parser(stage)._option_string_actions
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([stage, "--model", str(tmp_path), "--kv-cache-dtype", "fp4"])
+        assert exit_.value.code == 2
+        assert "--kv_cache_dtype='fp4' is not allowed; choose one of auto, int8" in capsys.readouterr().err
+    lmstack.save_model(model, tmp_path / "m", tokenizer=tok)
+    built = []
+    monkeypatch.setattr(commands, "LLM", lambda *a, **kw: built.append(kw) or LLM(*a, **kw))
+    recs = commands.generate(model=str(tmp_path / "m"), prompt_ids=[5, 6, 7, 8], max_tokens=8, threads=1,
+                             kv_cache_dtype="int8")
+    assert built[0]["kv_cache_dtype"] == "int8" and len(recs[0]["completions"][0]["token_ids"]) == 8

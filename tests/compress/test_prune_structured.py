@@ -83,8 +83,7 @@ def test_head_shape_picks_the_nearest_uniform_shape():
 
 def test_head_scores_are_each_heads_mean_squared_contribution():
     model, x = tiny(), ids()
-    stats = collect_stats(model, x)
-    scores = head_scores(model, stats)
+    scores = head_scores(model, x)
     seen = []
     h = model.blocks[1].attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64)))
     with torch.no_grad():
@@ -206,3 +205,12 @@ def test_bad_inputs_are_clear_errors():
         prune_structured(tiny(), "layers", 0.3, x[:1, :8])
     with pytest.raises(LmstackError, match="vocab_size"):
         prune_structured(tiny(), "channels", 0.3, x + 200)
+
+
+@pytest.mark.parametrize("kind", ["heads", "channels", "layers"])
+def test_a_fused_model_prunes_as_its_split_layout_does(kind):
+    split, fused = tiny(), tiny(fused_projections=True)
+    a, ra = prune_structured(split, kind, 0.3, ids())
+    b, rb = prune_structured(fused, kind, 0.3, ids())
+    assert b.config.fused_projections and ra["removed_fraction"] == rb["removed_fraction"]
+    torch.testing.assert_close(a(ids()), b(ids()), atol=1e-5, rtol=1e-5)

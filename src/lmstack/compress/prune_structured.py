@@ -2,12 +2,12 @@
 remains is smaller and a dense matmul does less work. (Unstructured and 2:4 zeros, prune.py, leave the shapes as
 they were; on a CPU they save nothing.) The result is a new Transformer with a smaller ModelConfig.
 
-What is removed is chosen by importance scores from calibration data (calibration.collect_stats: the input
-statistics of every Linear):
+What is removed is chosen by importance scores from one forward pass over calibration token ids (checked as
+calibration.collect_stats checks them):
 
 - heads: the mean squared norm of what a head adds to the residual stream, tr(W_o,h X_h^T X_h W_o,h^T) / n,
-  where X_h are the head's attention outputs (o_proj's input columns of that head) and W_o,h its o_proj columns.
-  Exact from o_proj's X^T X. ModelConfig holds one n_heads and one n_kv_heads for all layers, and query head h
+  where X_h are the head's attention outputs (o_proj's input columns of that head) and W_o,h its o_proj columns:
+  exact, from the per-head blocks of o_proj's input Gram matrix. ModelConfig holds one n_heads and one n_kv_heads for all layers, and query head h
   reads K/V head h // g (g = n_heads / n_kv_heads), so every layer keeps the same number of K/V groups and the
   same number of query heads in each kept group. For MHA (g = 1) that is just "keep k heads"; for GQA the kept
   shape (groups, queries per group) is the one whose head count is nearest the target (see head_shape), and the
@@ -82,19 +82,31 @@ def head_shape(n_heads: int, n_kv_heads: int, sparsity: float) -> tuple[int, int
     return min(shapes, key=lambda s: (abs(s[0] * s[1] - target), -s[0] * s[1], -s[0]))
 
 
-def head_scores(model: Transformer, stats) -> list[torch.Tensor]:
-    """Per block: (n_heads,) mean squared norm of each head's contribution to the residual stream."""
+@torch.no_grad()
+def head_scores(model: Transformer, calib, batch_size: int = 8) -> list[torch.Tensor]:
+    """Per block: (n_heads,) mean squared norm of each head's contribution to the residual stream,
+    tr(W_o,h G_h W_o,h^T) / n with G_h = X_h^T X_h the Gram matrix of the head's attention outputs. Only the
+    per-head (head_dim x head_dim) blocks of o_proj's input Gram matrix are accumulated, not the whole Hessian."""
     cfg = model.config
-    d = cfg.head_dim
+    h, d = cfg.n_heads, cfg.head_dim
+    grams = [torch.zeros(h, d, d, dtype=torch.float64) for _ in model.blocks]
+
+    def hook(i):
+        def fn(mod, args):
+            x = args[0].detach().float().reshape(-1, h, d)
+            grams[i] += torch.einsum("nhd,nhe->hde", x, x).double().cpu()
+        return fn
+
+    handles = [b.attn.o_proj.register_forward_pre_hook(hook(i)) for i, b in enumerate(model.blocks)]
+    try:
+        n = _run(model, calib, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
     out = []
-    for i, block in enumerate(model.blocks):
-        xtx = stats[f"blocks.{i}.attn.o_proj"].hessian  # 2 X^T X / n: the factor 2 does not change the order
-        w = block.attn.o_proj.weight.detach().float()
-        scores = []
-        for h in range(cfg.n_heads):
-            wh, sl = w[:, h * d:(h + 1) * d], slice(h * d, (h + 1) * d)
-            scores.append(((wh @ xtx[sl, sl]) * wh).sum() / 2)
-        out.append(torch.stack(scores))
+    for block, g in zip(model.blocks, grams):
+        w = block.attn.o_proj.weight.detach().float().cpu().view(-1, h, d).transpose(0, 1)  # (H, d_model, D)
+        out.append(((w @ g.float()) * w).sum((1, 2)) / n)
     return out
 
 
@@ -179,14 +191,29 @@ def slice_channels(model: Transformer, keep: list[list[int]]) -> Transformer:
 
 # ---------------------------------------------------------------- layers
 
-@torch.no_grad()
-def layer_scores(model: Transformer, calib, batch_size: int = 8) -> torch.Tensor:
-    """(n_layers,) block influence 1 - mean cos(input, output) over every calibration token; low = redundant.
-    calib: what collect_stats takes ((N, T) ids or a list of 1-D sequences), checked the same way."""
+def _run(model: Transformer, calib, batch_size: int) -> int:
+    """Run the model (eval mode, no grad) over calibration ids, checked as collect_stats checks them ((N, T) ids or
+    a list of 1-D sequences); returns the number of tokens."""
     seqs = _sequences(calib, model.config.vocab_size, model.config.max_seq_len)
     count = sum(s.numel() for s in seqs)
     if count < MIN_TOKENS:
         raise LmstackError(f"calibration data too short: {count} tokens, need at least {MIN_TOKENS}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for s in seqs:
+                for start in range(0, s.shape[0], batch_size):
+                    model(s[start:start + batch_size].to(device=device, dtype=torch.long))
+    finally:
+        model.train(was_training)
+    return count
+
+
+@torch.no_grad()
+def layer_scores(model: Transformer, calib, batch_size: int = 8) -> torch.Tensor:
+    """(n_layers,) block influence 1 - mean cos(input, output) over every calibration token; low = redundant."""
     total = torch.zeros(len(model.blocks), dtype=torch.float64)
 
     def hook(i):
@@ -195,17 +222,11 @@ def layer_scores(model: Transformer, calib, batch_size: int = 8) -> torch.Tensor
         return fn
 
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(model.blocks)]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     try:
-        for s in seqs:
-            for start in range(0, s.shape[0], batch_size):
-                model(s[start:start + batch_size].to(device=device, dtype=torch.long))
+        count = _run(model, calib, batch_size)
     finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+        for handle in handles:
+            handle.remove()
     return (1.0 - total / count).float()
 
 
@@ -271,17 +292,16 @@ def prune_structured(model: Transformer, kind: str, sparsity: float, calib) -> t
         report = {"kept": [i for i in range(cfg.n_layers) if i not in drop], "dropped": drop,
                   "removed_fraction": n_drop / cfg.n_layers, "scores": [round(float(s), 6) for s in scores]}
     else:
-        stats = collect_stats(model, calib, hessian=kind == "heads")
         if kind == "heads":
             kv_keep, q_keep = head_shape(cfg.n_heads, cfg.n_kv_heads, sparsity)
-            keep = [select_heads(s, cfg.n_kv_heads, kv_keep, q_keep) for s in head_scores(_unfused(model), stats)]
+            keep = [select_heads(s, cfg.n_kv_heads, kv_keep, q_keep) for s in head_scores(model, calib)]
             new = slice_heads(model, keep)
             report = {"kept": [q for q, _ in keep], "kept_kv_heads": [kv for _, kv in keep],
                       "n_heads": [cfg.n_heads, kv_keep * q_keep], "n_kv_heads": [cfg.n_kv_heads, kv_keep],
                       "removed_fraction": 1.0 - kv_keep * q_keep / cfg.n_heads}
         else:
             n_keep = channel_count(cfg.d_ff, sparsity)
-            scores = channel_scores(_unfused(model), stats)
+            scores = channel_scores(model, collect_stats(model, calib, hessian=False))
             keep = [sorted(s.topk(n_keep).indices.tolist()) for s in scores]
             new = slice_channels(model, keep)
             report = {"d_ff": [cfg.d_ff, n_keep], "removed_fraction": 1.0 - n_keep / cfg.d_ff}

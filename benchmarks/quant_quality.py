@@ -19,7 +19,12 @@ largest power of two dividing every in_features of the speedrun model, 256 and 7
 NF4 (quant_storage.quantize_nf4, blocks of 64, double-quantized constants); SmoothQuant W8A8 (alpha 0.5,
 every block linear through the reference int8 x int8 -> int32 w8a8_linear); 50% unstructured and 2:4
 pruning by magnitude, Wanda and SparseGPT. AWQ's weight is Q(W diag(s)) diag(s)^-1 (awq_dequantize), so
-the linear computes the same function the packed form with its input scale would.
+the linear computes the same function the packed form with its input scale would. int4_awq_folded is the
+storable AWQ (awq_model.py): the scales folded into the norms and into v/up rows, one shared s for q/k/v and
+one for gate/up, o_proj's tied across the heads of each K/V group; then plain RTN, so the checkpoint holds
+nothing but codes per Linear. int4_awq_folded_untied leaves o_proj unscaled under GQA, as AutoAWQ does.
+int4_gptq_seq is sequential GPTQ (gptq_model.py): each block's Hessians collected on the model whose
+earlier blocks are already quantized (its method_seconds include those calibration passes).
 
 Each row: ours = the method's perplexity, baseline = the fp32 model's on the same tokens; ratio > 1 would
 mean better than fp32. config carries the relative change in %, the method's wall time (quantizing or
@@ -30,6 +35,8 @@ Usage (the run that wrote results/quant_quality.json; ~3 minutes on 2 cores):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_quality.py \\
         --model /tmp/sr6/runs/20261206-221559/pretrain/checkpoints/step_00000312/model \\
         --run-dir /tmp/sr6/runs/20261206-221559
+    # a few rows into another file (results/quant_quality.json holds all of them):
+    ... --methods fp32,int4_awq_g32,int4_awq_folded_g32 --out benchmarks/results/quant_quality_awq.json
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,11 +52,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from _common import result, write_result
+from _common import RESULTS, result, write_result
 
 from lmstack.compress.awq import awq_dequantize, awq_quantize
+from lmstack.compress.awq_model import awq_model
 from lmstack.compress.calibration import block_linears, collect_stats
 from lmstack.compress.gptq import gptq_quantize
+from lmstack.compress.gptq_model import gptq_model
 from lmstack.compress.prune import prune_magnitude, prune_sparsegpt, prune_wanda
 from lmstack.compress.quant_storage import dequantize_nf4, quantize_nf4
 from lmstack.compress.quantize_rtn import dequantize, quantize_rtn
@@ -131,6 +141,19 @@ def smoothquant_model(model: nn.Module, stats) -> tuple[nn.Module, float]:
     return m, time.perf_counter() - t
 
 
+def coded_model(model: nn.Module, quantize) -> tuple[nn.Module, float]:
+    """A copy whose block linears hold the dequantized codes of quantize(copy) (a whole-model method that
+    may change the copy's norms and weights, as AWQ's folding does); and quantize's seconds."""
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    codes = quantize(m)
+    spent = time.perf_counter() - t
+    with torch.no_grad():
+        for name, lin in block_linears(m).items():
+            lin.weight.copy_(dequantize(codes[name]))
+    return m, spent
+
+
 def nf4_weight(w: torch.Tensor) -> torch.Tensor:
     return dequantize_nf4(quantize_nf4(w, double_quant=True), tuple(w.shape))
 
@@ -146,7 +169,10 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--max-windows", type=int, default=256, help="per held-out text")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", help="comma-separated subset of the row names (default: all)")
+    ap.add_argument("--methods", help="comma-separated subset of the row names (default: all); fp32 alone "
+                                      "writes the fp32 model's own row")
+    ap.add_argument("--out", default=str(RESULTS / "quant_quality.json"),
+                    help="where to write the rows (give another file when running a subset of --methods)")
     args = ap.parse_args()
 
     model_dir = Path(args.model)
@@ -208,18 +234,28 @@ def main() -> None:
         "prune2:4_wanda": (lambda n, w: prune_wanda(w, stats[n].l2_norm, 0.5, "2:4").weight, None),
         "prune2:4_sparsegpt": (lambda n, w: prune_sparsegpt(w, stats[n].hessian, 0.5, "2:4").weight, None),
     }
-    names = list(weight_methods) + ["smoothquant_w8a8"]
+    model_methods = {
+        f"int4_awq_folded_g{g}": (lambda m: awq_model(m, stats, 4, g), 1 / 1.03),
+        f"int4_awq_folded_untied_g{g}": (lambda m: awq_model(m, stats, 4, g, tie_gqa=False), 1 / 1.03),
+        f"int4_gptq_seq_g{g}": (lambda m: gptq_model(m, None, 4, g, sequential=True, calib=calib), 1 / 1.03),
+    }
+    names = list(weight_methods) + list(model_methods) + ["smoothquant_w8a8"]
     if args.methods:
         wanted = args.methods.split(",")
-        unknown = [m for m in wanted if m not in names]
+        unknown = [m for m in wanted if m not in names + ["fp32"]]
         if unknown:
             sys.exit(f"quant_quality: unknown method(s) {unknown}; choose from {names}")
         names = wanted
 
     rows = []
     for name in names:
-        if name == "smoothquant_w8a8":
+        if name == "fp32":
+            m, spent, goal = model, 0.0, None
+        elif name == "smoothquant_w8a8":
             m, spent, goal = *smoothquant_model(model, stats), None
+        elif name in model_methods:
+            fn, goal = model_methods[name]
+            m, spent = coded_model(model, fn)
         else:
             fn, goal = weight_methods[name]
             m, spent = apply_weights(model, fn)
@@ -239,7 +275,14 @@ def main() -> None:
             print(f"{name:28s} {text_name:12s} ppl {ppl:9.4f} (fp32 {base[text_name]:.4f}, {rel:+.2f}%) "
                   f"method {spent:.1f}s eval {eval_s:.1f}s", flush=True)
         del m
-    write_result("quant_quality", rows)
+    out = Path(args.out).resolve()
+    if out == (RESULTS / "quant_quality.json").resolve():
+        write_result("quant_quality", rows)
+    else:  # the same rows, elsewhere (atomic, as write_result writes)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

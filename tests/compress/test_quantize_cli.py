@@ -72,11 +72,17 @@ def test_each_method_makes_a_directory_the_engine_runs(tmp_path, model_dir, caps
     assert len(out[0].outputs[0].token_ids) == 6
 
 
-def test_gptq_act_order_loads_with_its_permutation(tmp_path, model_dir):
-    quantize(str(model_dir), str(tmp_path / "g"), "gptq", 32, str(model_dir.parent / "calib.txt"), 8, act_order=True)
+def test_gptq_act_order_is_stored_without_a_permutation(tmp_path, model_dir):
+    calib = str(model_dir.parent / "calib.txt")
+    quantize(str(model_dir), str(tmp_path / "g"), "gptq", 32, calib, 8, act_order=True)
+    quantize(str(model_dir), str(tmp_path / "p"), "int4", 32)
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert cfg["config_groups"]["group_0"]["weights"]["actorder"] == "weight"
     layer = lmstack.load_model(tmp_path / "g").blocks[0].mlp.down_proj
-    assert isinstance(layer, QuantLinear) and layer.perm is not None
-    assert not torch.equal(layer.perm, torch.arange(layer.in_features))
+    plain = lmstack.load_model(tmp_path / "p").blocks[0].mlp.down_proj
+    assert isinstance(layer, QuantLinear) and layer.perm is None
+    assert torch.equal(layer.scales, plain.scales)  # static groups: the weight's own groups, RTN's parameters
+    assert not torch.equal(layer.codes, plain.codes)  # ... and GPTQ's error feedback
 
 
 def test_bad_input_is_refused_and_the_input_untouched(tmp_path, model_dir):

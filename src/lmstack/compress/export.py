@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from lmstack.compress.qformat import quantization_config
 from lmstack.errors import LmstackError
 
 INSTALL = "pip install gguf onnx onnxruntime  (or: pip install 'lmstack[export]')"
@@ -45,7 +46,6 @@ def export(model: str, out: str, format: Literal["gguf", "onnx"] = "gguf",
         past_key_values: ONNX only: export the decoder with past key/values (input_ids, past_keys, past_values ->
             logits, present_keys, present_values) instead of the full-sequence forward.
     """
-    from lmstack.compress.qformat import quantization_config
     if Path(model).is_dir() and (qc := quantization_config(model)) is not None:
         made = (qc.get("lmstack") or {}).get("method") or qc.get("format")
         raise LmstackError(f"{model} is a quantized directory ({made}); export the full-precision model instead: "

@@ -41,9 +41,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmstack.compress.qlinear import FP8_DTYPES, QuantLinear, replace_module
+from lmstack.compress.calibration import block_linears
+from lmstack.compress.qlinear import FP8_DTYPES, QuantLinear, pack_nibbles, replace_module, unpack_nibbles
 from lmstack.compress.quant_storage import QuantizedLinear
 from lmstack.errors import LmstackError
+from lmstack.model.hf_convert import EXPORTABLE, _rename, config_to_hf, ignored_hf_keys, weights_from_hf
+from lmstack.model.hf_io import save_model
+from lmstack.model.load_guard import read_json
+from lmstack.model.transformer import Transformer
 
 FORMAT_VERSION = 1
 CT_FORMATS = {"int4": "pack-quantized", "int8": "int-quantized", "w8a8": "int-quantized",
@@ -55,7 +60,6 @@ NF4_PREFIX = "weight_nf4."
 def quantization_config(path: str | Path) -> dict | None:
     """The quantization_config of a model directory's config.json (None when it has none), after checking that
     this version can read it."""
-    from lmstack.model.load_guard import read_json
     cfg = read_json(path, "config.json", "model config", want_object=True)
     qc = cfg.get("quantization_config")
     if qc is None:
@@ -89,7 +93,6 @@ def hf_base(cfg, hf_names: bool, name: str) -> str:
     """The checkpoint's name for block Linear `name` (ours, e.g. blocks.0.attn.q_proj), without '.weight'."""
     if not hf_names:
         return name
-    from lmstack.model.hf_convert import _rename
     renamed = _rename(cfg.hf_model_type, name + ".weight")
     if renamed is None or renamed[1]:
         raise LmstackError(f"a quantized {cfg.hf_model_type} directory cannot carry {name}: its HF tensor is "
@@ -127,12 +130,10 @@ def _bytes(words: torch.Tensor, n_bytes: int) -> torch.Tensor:
 
 def _pack_rows4(codes: torch.Tensor) -> torch.Tensor:
     """uint8 (R, C) codes 0..15 -> int32 (R, ceil(C / 8)), element i at bits 4i of the row's stream."""
-    from lmstack.compress.qlinear import pack_nibbles
     return _words(pack_nibbles(codes))
 
 
 def _unpack_rows4(words: torch.Tensor, cols: int) -> torch.Tensor:
-    from lmstack.compress.qlinear import unpack_nibbles
     return unpack_nibbles(_bytes(words, (cols + 1) // 2), cols)
 
 
@@ -149,7 +150,6 @@ def _linear_tensors(base: str, m: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{base}.weight"] = m.codes.contiguous()
         return out
     o, i = m.out_features, m.in_features
-    from lmstack.compress.qlinear import unpack_nibbles
     codes = unpack_nibbles(m.codes, i)
     if m.perm is not None:  # stored column j is input column perm[j]: back to input order, with group indices
         inv = torch.empty_like(m.perm)
@@ -198,8 +198,6 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None, me
 
     Every quantized Linear must share one scheme (format, bits, group size, symmetry): compressed-tensors can
     express mixtures, but `lmstack quantize` never makes one and one group keeps the reader simple."""
-    from lmstack.model.hf_convert import EXPORTABLE, config_to_hf
-    from lmstack.model.hf_io import save_model
     cfg = model.config
     check_quantizable(cfg)
     mods = quantized_modules(model)
@@ -312,7 +310,6 @@ def _module_from(qc: dict, cfg, get, names: set[str], base: str, lin: nn.Linear,
                 raise LmstackError(f"{where}: {base}.weight_g_idx does not give every group exactly {g} columns")
             codes = codes[:, perm]
             m.perm.copy_(perm)
-        from lmstack.compress.qlinear import pack_nibbles
         m.codes.copy_(pack_nibbles(codes))
         return m
     shape_check(codes, (o, i), "weight")
@@ -326,9 +323,6 @@ def _module_from(qc: dict, cfg, get, names: set[str], base: str, lin: nn.Linear,
 def load_quantized(path: Path, cfg, hf_names: bool, qc: dict, reader, dtype, device) -> nn.Module:
     """load_model's path for a directory with a quantization_config: the model with QuantLinear (or NF4
     QuantizedLinear) modules in its blocks, everything else loaded as load_model would."""
-    from lmstack.compress.calibration import block_linears
-    from lmstack.model.hf_convert import ignored_hf_keys, weights_from_hf
-    from lmstack.model.transformer import Transformer
     check_quantizable(cfg)
     where = str(Path(path) / "config.json")
     get, names = reader.get, reader.keys()

@@ -31,8 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.compress.calibration import block_linears
 from lmstack.compress.quantize_rtn import QuantizedWeight, quantize_rtn
+from lmstack.compress.smoothquant import w8a8_linear
 from lmstack.errors import LmstackError
+from lmstack.kernels import quant as quant_kernels
 
 FORMATS = ("int8", "int4", "w8a8", "fp8_e4m3", "fp8_e5m2")
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -50,15 +53,6 @@ def unpack_nibbles(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """The inverse of pack_nibbles: uint8 (O, in_features) codes."""
     out = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
     return out[:, :in_features]
-
-
-def _kernels():
-    """lmstack.kernels.quant when it is there (it owns the fast paths), else None: the reference below is used."""
-    try:
-        from lmstack.kernels import quant
-    except ImportError:
-        return None
-    return quant
 
 
 def dequant_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -170,15 +164,13 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         if self.fmt == "w8a8":
-            from lmstack.compress.smoothquant import w8a8_linear
             qw = QuantizedWeight(self.codes, self.scales, None, 8, self.in_features)
             return w8a8_linear(x, qw, bias).to(x.dtype)
-        ops = _kernels()
-        if self.fmt == "int8" and ops is not None:
-            return ops.int8_linear(x, self.codes, self.scales, bias)
-        if self.fmt == "int4" and ops is not None:
-            return ops.int4_linear(x, self.codes, self.scales, self.zeros, self.group_size, bias)
-        w = self.weight_fp32() if self.perm is None else self._stored_weight()
+        if self.fmt == "int8":
+            return quant_kernels.int8_linear(x, self.codes, self.scales, bias)
+        if self.fmt == "int4":
+            return quant_kernels.int4_linear(x, self.codes, self.scales, self.zeros, self.group_size, bias)
+        w = self._stored_weight()
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def _stored_weight(self) -> torch.Tensor:
@@ -213,7 +205,6 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
     """Round-to-nearest: every Linear in model.blocks becomes a QuantLinear, in place. int8 is symmetric per
     group (per channel for group_size None), int4 asymmetric unless symmetric=True. fmt "fp8_e4m3"/"fp8_e5m2"
     stores FP8 instead (bits and group_size are then ignored). Returns {name: QuantLinear}."""
-    from lmstack.compress.calibration import block_linears
     out = {}
     for name, lin in block_linears(model).items():
         if fmt in FP8_DTYPES:

@@ -34,12 +34,19 @@ from typing import Any, Literal
 
 import torch
 
+from lmstack.compress.awq_model import awq_model
 from lmstack.compress.calibration import block_linears, collect_stats
+from lmstack.compress.gptq_model import gptq_model
 from lmstack.compress.prune_cli import MAX_CALIB_LEN, calibration_windows, output_dir, read_calibration_texts
 from lmstack.compress.qformat import check_quantizable, quantization_config, quantized_modules, save_quantized
 from lmstack.compress.qlinear import QuantLinear, quantize_linears, replace_module
+from lmstack.compress.quant_storage import QuantizedLinear
 from lmstack.compress.quantize_rtn import check_group
+from lmstack.compress.smoothquant import quantize_w8a8, smooth_model
 from lmstack.errors import LmstackError
+from lmstack.model.hf_io import load_model
+from lmstack.model.side_files import keep_source_files
+from lmstack.tokenizer import load_tokenizer
 
 Method = Literal["int8", "int4", "nf4", "fp8", "fp8_e5m2", "gptq", "awq", "smoothquant"]
 CALIBRATED = ("gptq", "awq", "smoothquant")
@@ -60,7 +67,6 @@ def quantize_in_place(net: torch.nn.Module, method: str, group_size: int | None,
     elif method in ("fp8", "fp8_e5m2"):
         quantize_linears(net, fmt="fp8_e4m3" if method == "fp8" else "fp8_e5m2")
     elif method == "nf4":
-        from lmstack.compress.quant_storage import QuantizedLinear
         for name, lin in block_linears(net).items():
             replace_module(net, name, QuantizedLinear.from_linear(lin, "nf4", double_quant=True))
     else:
@@ -68,13 +74,12 @@ def quantize_in_place(net: torch.nn.Module, method: str, group_size: int | None,
         stats = collect_stats(net, windows, hessian=method != "smoothquant")
         report["calibration_seconds"] = round(time.perf_counter() - t, 2)
         if method == "gptq":
-            from lmstack.compress.gptq_model import gptq_model
-            codes = gptq_model(net, stats, bits=4, group_size=group_size, act_order=act_order)
+            # act-order with static groups: no permutation to store (compressed-tensors' actorder "weight")
+            codes = gptq_model(net, stats, bits=4, group_size=group_size, act_order=act_order,
+                               static_groups=act_order)
         elif method == "awq":
-            from lmstack.compress.awq_model import awq_model
             codes = awq_model(net, stats, bits=4, group_size=group_size)
         else:
-            from lmstack.compress.smoothquant import quantize_w8a8, smooth_model
             smooth_model(net, stats, alpha=alpha)  # 1/s folded into the norms, s into the weights
             codes = {n: quantize_w8a8(lin.weight) for n, lin in block_linears(net).items()}
         linears = block_linears(net)
@@ -100,7 +105,8 @@ def quantize(model: str, out: str, method: Method = "int4", group_size: int | No
             Must divide every Linear's in_features. nf4, fp8 and smoothquant take no group size.
         calib: Calibration text for gptq, awq and smoothquant: a .jsonl of {"text": ...} lines or a .txt file.
         calib_samples: Calibration windows of min(max_seq_len, 512) tokens.
-        act_order: GPTQ only: quantize columns in order of decreasing Hessian diagonal (act-order / desc_act).
+        act_order: GPTQ only: quantize columns in order of decreasing Hessian diagonal (act-order / desc_act),
+            with static groups, so the file stores no permutation (compressed-tensors' actorder "weight").
         alpha: SmoothQuant's migration strength (0: all difficulty stays on the activations, 1: all on weights).
     """
     start = time.perf_counter()
@@ -128,8 +134,6 @@ def quantize(model: str, out: str, method: Method = "int4", group_size: int | No
     if method not in CALIBRATED and calib is not None:
         raise LmstackError(f"--calib is used by gptq, awq and smoothquant only; --method {method} takes no data")
 
-    from lmstack.model.hf_io import load_model
-    from lmstack.model.side_files import keep_source_files
     net = load_model(model_dir, lazy=False)  # eager: the weights are replaced, never a memory map of the input
     net.unfuse_projections()
     check_quantizable(net.config)
@@ -142,7 +146,6 @@ def quantize(model: str, out: str, method: Method = "int4", group_size: int | No
             raise LmstackError(f"--group-size for {name}: {e}") from None
     windows = None
     if method in CALIBRATED:
-        from lmstack.tokenizer import load_tokenizer
         try:
             tok = load_tokenizer(model_dir)
         except (LmstackError, OSError) as e:

@@ -116,7 +116,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     cfg, hf_names, source, names = _read_config(Path(path))
     check_memory(cfg, dtype, max_model_gib, source, names)
     reader = CheckpointReader(path)
-    from lmstack.compress.qformat import load_quantized, quantization_config
+    from lmstack.compress.qformat import load_quantized, quantization_config  # lazy: qformat imports hf_io
     qc = quantization_config(path)
     if qc is not None:  # codes instead of weights: QuantLinear modules (compress/qformat.py)
         return load_quantized(Path(path), cfg, hf_names, qc, reader, dtype, device)

@@ -118,3 +118,9 @@ def test_the_generate_command_opens_a_quantized_directory(tmp_path, model_dir, c
     capsys.readouterr()
     assert main(["generate", "--model", str(tmp_path / "q4"), "--prompt", "the cat", "--max_tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_tensor_parallel_refuses_a_quantized_directory_by_name(tmp_path, model_dir):
+    quantize(str(model_dir), str(tmp_path / "q4"), "int4", 32)
+    with pytest.raises(LmstackError, match="q_proj is a QuantLinear holding packed codes"):
+        lmstack.LLM(str(tmp_path / "q4"), tensor_parallel_size=2)

@@ -133,9 +133,11 @@ def _check_plain(module: nn.Module) -> None:
     for name in _PROJECTIONS:
         lin = getattr(module, name, None)
         if lin is not None and (not isinstance(lin, nn.Linear) or type(lin.weight.data) is not torch.Tensor):
+            weight = getattr(lin, "weight", None)  # a QuantLinear (compress/qlinear.py) has codes, no weight
+            held = type(weight.data).__name__ if weight is not None else "packed codes"
             raise LmstackError(f"tensor-parallel serving needs plain Linear projections; {name} is a "
-                               f"{type(lin).__name__} holding {type(lin.weight.data).__name__} (quantized or "
-                               "adapted weights cannot be sliced here)")
+                               f"{type(lin).__name__} holding {held} (quantized or adapted weights cannot be "
+                               "sliced here)")
 
 
 def shard_model(model: nn.Module, rank: int, world_size: int) -> AllReduce:

@@ -175,7 +175,10 @@ def main() -> None:
                        formula_int8="2 * n_layers * n_kv_heads * (head_dim * 1 + 4)  (int8 numbers + fp32 scale "
                                     "per token and head)",
                        measured_pool_bytes_per_token_fp32=measured["auto"],
-                       measured_pool_bytes_per_token_int8=measured["int8"], **common))
+                       measured_pool_bytes_per_token_int8=measured["int8"],
+                       bf16_bytes_per_token=kv_cache_bytes_per_token(cfg, torch.bfloat16, "auto"),
+                       ratio_vs_bf16=round(kv_cache_bytes_per_token(cfg, torch.bfloat16, "auto") / formula["int8"], 4),
+                       **common))
 
     # 2. concurrency in one budget
     seq_len = 16 * (length // 16)

@@ -25,16 +25,19 @@ one for gate/up, o_proj's tied across the heads of each K/V group; then plain RT
 nothing but codes per Linear. int4_awq_folded_untied leaves o_proj unscaled under GQA, as AutoAWQ does.
 int4_gptq_seq is sequential GPTQ (gptq_model.py): each block's Hessians collected on the model whose
 earlier blocks are already quantized (its method_seconds include those calibration passes).
+int4_gptq_actorder_static is act-order with static groups (what `lmstack quantize --act_order` stores: no
+permutation). fp8_e4m3 / fp8_e5m2: FP8 storage with one scale per output channel (QuantLinear.from_fp8).
 
 Each row: ours = the method's perplexity, baseline = the fp32 model's on the same tokens; ratio > 1 would
-mean better than fp32. config carries the relative change in %, the method's wall time (quantizing or
+mean better than fp32. config carries the relative change in % and its standard error (paired over the
+n_windows windows: per-window NLL differences, delta method), the method's wall time (quantizing or
 pruning all linears, calibration excluded; calibration time is in every row's config) and token counts.
 goal: ratio >= 1/1.005 for int8 (within +0.5%), >= 1/1.03 for GPTQ and AWQ int4 (within +3%).
 
-Usage (the run that wrote results/quant_quality.json; ~3 minutes on 2 cores):
+Usage (the run that wrote results/quant_quality.json; ~6 minutes on 2 quiet cores):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_quality.py \\
-        --model /tmp/sr6/runs/20261206-221559/pretrain/checkpoints/step_00000312/model \\
-        --run-dir /tmp/sr6/runs/20261206-221559
+        --model /tmp/sr7/runs/20261206-232127/pretrain/checkpoints/step_00000279/model \\
+        --run-dir /tmp/sr7/runs/20261206-232127
     # a few rows into another file (results/quant_quality.json holds all of them):
     ... --methods fp32,int4_awq_g32,int4_awq_folded_g32 --out benchmarks/results/quant_quality_awq.json
 """
@@ -60,6 +63,7 @@ from lmstack.compress.calibration import block_linears, collect_stats
 from lmstack.compress.gptq import gptq_quantize
 from lmstack.compress.gptq_model import gptq_model
 from lmstack.compress.prune import prune_magnitude, prune_sparsegpt, prune_wanda
+from lmstack.compress.qlinear import QuantLinear
 from lmstack.compress.quant_storage import dequantize_nf4, quantize_nf4
 from lmstack.compress.quantize_rtn import dequantize, quantize_rtn
 from lmstack.compress.smoothquant import quantize_w8a8, smooth_model, w8a8_linear
@@ -104,16 +108,30 @@ def windows(ids: torch.Tensor, length: int, limit: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 16) -> float:
-    total, count = 0.0, 0
+def window_nll(model: nn.Module, wins: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Mean next-token NLL of each window (N,), fp64."""
+    out = []
     for i in range(0, wins.shape[0], batch):
         x = wins[i:i + batch]
         logits = model(x).float()
-        nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                          reduction="sum")
-        total += nll.item()
-        count += x[:, 1:].numel()
-    return math.exp(total / count)
+        nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+        out.append(nll.double().mean(dim=1))
+    return torch.cat(out)
+
+
+def perplexity(model: nn.Module, wins: torch.Tensor, batch: int = 16) -> float:
+    """exp(mean NLL) over the windows (all of one length, so the mean of window means is the token mean)."""
+    return math.exp(window_nll(model, wins, batch).mean().item())
+
+
+def paired_change(nll: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
+    """(relative perplexity change in %, its standard error in %): the change is exp(mean d) - 1 for the
+    per-window NLL differences d = nll - base (the same windows, so the pairing removes the texts' own
+    variance); stderr by the delta method, exp(mean d) * std(d) / sqrt(n)."""
+    d = nll - base
+    mean = d.mean().item()
+    se = d.std(unbiased=True).item() / math.sqrt(d.numel()) if d.numel() > 1 else float("nan")
+    return 100.0 * (math.exp(mean) - 1.0), 100.0 * math.exp(mean) * se
 
 
 def apply_weights(model: nn.Module, fn) -> tuple[nn.Module, float]:
@@ -152,6 +170,12 @@ def coded_model(model: nn.Module, quantize) -> tuple[nn.Module, float]:
         for name, lin in block_linears(m).items():
             lin.weight.copy_(dequantize(codes[name]))
     return m, spent
+
+
+def fp8_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What QuantLinear.from_fp8 stores, back in fp32: rows scaled to the format's largest finite value, cast."""
+    fmt = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}[dtype]
+    return QuantLinear.from_fp8(w, None, fmt).weight_fp32()
 
 
 def nf4_weight(w: torch.Tensor) -> torch.Tensor:
@@ -214,7 +238,8 @@ def main() -> None:
     t = time.perf_counter()
     stats = collect_stats(model, calib, hessian=True)
     calib_s = time.perf_counter() - t
-    base = {k: perplexity(model, v) for k, v in texts.items()}
+    base_nll = {k: window_nll(model, v) for k, v in texts.items()}
+    base = {k: math.exp(v.mean().item()) for k, v in base_nll.items()}
     print(f"calibration stats {calib_s:.1f}s; fp32 perplexity {base}", flush=True)
 
     g = args.group_size
@@ -224,6 +249,10 @@ def main() -> None:
         f"int4_gptq_g{g}": (lambda n, w: dequantize(gptq_quantize(w, stats[n].hessian, 4, g)), 1 / 1.03),
         f"int4_gptq_actorder_g{g}": (lambda n, w: dequantize(gptq_quantize(w, stats[n].hessian, 4, g,
                                                                            act_order=True)), 1 / 1.03),
+        f"int4_gptq_actorder_static_g{g}": (lambda n, w: dequantize(gptq_quantize(
+            w, stats[n].hessian, 4, g, act_order=True, static_groups=True)), 1 / 1.03),
+        "fp8_e4m3_per_channel": (lambda n, w: fp8_weight(w, torch.float8_e4m3fn), None),
+        "fp8_e5m2_per_channel": (lambda n, w: fp8_weight(w, torch.float8_e5m2), None),
         f"int4_awq_g{g}": (lambda n, w: awq_dequantize(awq_quantize(w, stats[n].mean_abs, stats[n].hessian, 4, g)),
                            1 / 1.03),
         "nf4_b64_dq": (lambda n, w: nf4_weight(w), None),
@@ -261,12 +290,14 @@ def main() -> None:
             m, spent = apply_weights(model, fn)
         for text_name, wins in texts.items():
             t = time.perf_counter()
-            ppl = perplexity(m, wins)
+            nll = window_nll(m, wins)
+            ppl = math.exp(nll.mean().item())
             eval_s = time.perf_counter() - t
-            rel = 100.0 * (ppl / base[text_name] - 1.0)
+            rel, rel_se = paired_change(nll, base_nll[text_name])
             rows.append(result(f"quant_quality/{name}/{text_name}", "perplexity", False, ppl, "fp32",
                                base[text_name], goal=None if goal is None else round(goal, 4),
-                               rel_change_pct=round(rel, 3), method_seconds=round(spent, 3),
+                               rel_change_pct=round(rel, 3), rel_change_stderr_pct=round(rel_se, 3),
+                               n_windows=int(wins.shape[0]), method_seconds=round(spent, 3),
                                eval_seconds=round(eval_s, 3), calib_seconds=round(calib_s, 3),
                                eval_tokens=int(wins[:, 1:].numel()), calib_tokens=int(calib.numel()),
                                calib_samples=int(calib.shape[0]), seq_len=length, group_size=g,

@@ -153,6 +153,9 @@ GGUF_COMMANDS = [
     ["align", "--model", "m.gguf"],
     ["align", "m.gguf"],
     ["export", "--model", "m.gguf", "--format", "onnx", "--out", "o.onnx"],
+    ["quantize", "--model", "m.gguf", "--method", "int8", "--out", "o"],
+    ["prune", "--model", "m.gguf", "--method", "magnitude", "--out", "o"],
+    ["distill", "--teacher", "m.gguf", "--student_preset", "llama-tiny", "--data", "d.jsonl", "--out", "o"],
 ]
 
 

@@ -11,7 +11,7 @@ class LmstackError(Exception):
 
 
 def gguf_unsupported(path: object) -> str:
-    """The one message for a .gguf model, from the CLI and from the loaders alike: no loader reads GGUF until
-    the compression stage exports it."""
-    return (f"GGUF models are not supported yet: {path}; give a model directory (ours, or a Hugging Face one: "
-            "config.json + *.safetensors) instead")
+    """The one message for a .gguf model, from the CLI and from the loaders alike: lmstack writes GGUF
+    (`lmstack export`) for llama.cpp but does not load it."""
+    return (f"GGUF models are not supported yet: {path}; lmstack writes GGUF (lmstack export) but does not read it; "
+            "give a model directory (ours, or a Hugging Face one: config.json + *.safetensors) instead")

@@ -220,7 +220,7 @@ def test_distill_command_end_to_end(tmp_path, method, capsys):
     out = tmp_path / "student"
     argv = ["distill", "--teacher", str(t_dir), "--student-preset", "llama-tiny", "--student_overrides", "d_model=32",
             "--student_overrides", "n_layers=1", "--data", str(data), "--method", method, "--out", str(out),
-            "--temperature", "2", "--alpha", "0.5", "--topk", "8", "--max_new_tokens", "8", "--train.steps", "4",
+            "--temperature", "2", "--alpha", "0.5", "--topk", "8", "--max_tokens", "8", "--train.steps", "4",
             "--train.progress", "false", "--batch_size", "2", "--seq_len", "128"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())

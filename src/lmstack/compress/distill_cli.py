@@ -4,7 +4,7 @@ Usage:
     lmstack distill --teacher runs/x/sft/run/model --student_preset llama-tiny --data chat.jsonl \
         --method logits --temperature 2 --alpha 0.5 --topk 64 --train.steps 300 --out runs/student
     lmstack distill --teacher runs/x/sft/run/model --student runs/small/model --data chat.jsonl \
-        --method sequence --max_new_tokens 128 --out runs/student-seq
+        --method sequence --max_tokens 128 --out runs/student-seq
 
 The student is either a preset (`--student_preset llama-tiny`, fields changed with
 `--student_overrides d_model=128 --student_overrides n_layers=2`), built at random init with the teacher's
@@ -85,7 +85,7 @@ class DistillConfig:
     """sequence: 0 = the teacher answers greedily; > 0 = it samples at this temperature."""
     teacher_top_k: int = 0
     """sequence, sampled: sample from the teacher's top-k tokens only (0 = all)."""
-    max_new_tokens: int = 128
+    max_tokens: int = 128
     """sequence: the longest answer the teacher may give (tokens)."""
     train: TrainConfig = field(default_factory=_default_train)
     """The training loop (steps, max_seconds, clipping, checkpoints, seed, device, threads, ...)."""
@@ -112,7 +112,7 @@ class DistillConfig:
         for name in ("topk", "teacher_top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} is not allowed; it must be >= 0")
-        for name in ("batch_size", "seq_len", "max_new_tokens"):
+        for name in ("batch_size", "seq_len", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is not allowed; it must be an integer >= 1")
         if not 0 <= self.val_fraction < 1:
@@ -209,7 +209,7 @@ def distill(cfg: DistillConfig, log=print) -> dict[str, Any]:
     teacher_stats = model_stats(teacher.config, context=cfg.seq_len)
     if cfg.method == "sequence":
         examples, answers, stats = teacher_examples(
-            teacher, tok, train_rows, max_new_tokens=cfg.max_new_tokens, temperature=cfg.teacher_temperature,
+            teacher, tok, train_rows, max_new_tokens=cfg.max_tokens, temperature=cfg.teacher_temperature,
             top_k=cfg.teacher_top_k, seed=cfg.train.seed, max_len=cfg.seq_len + 1)
         atomic_write_text(out / "teacher_answers.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers))

@@ -23,11 +23,11 @@ holds one head count for all layers, and a K/V head must keep the same number of
 fraction actually removed (config.removed_fraction: of heads, channels, layers and parameters), as every row
 does.
 
-Rows: speed: ours = the pruned model's median tok/s over --repeats runs, baseline = the unpruned model's median
-over the runs alternating with them, ratio = speed-up; config also has the median of the per-pair ratios, the
-ratio of the best runs, and bandwidth_bound_ratio, the speed-up a decode bound by reading the weights would get
-(weight bytes read per token before / after). On a busy shared machine single runs vary several-fold, so medians
-of alternating runs are the figure, and the bound says what to expect. quality: ours = pruned perplexity,
+Rows: speed: metric decode_speedup, ours = the median over --repeats pairs of (pruned tok/s / tok/s of the unpruned
+run right beside it), baseline 1.0, so ratio = the speed-up. On the busy shared machine single runs vary several-fold
+and bursts hit one model's runs and not the other's, so only ratios of neighbouring runs are trusted; config has the
+median tok/s of each, the ratio of the medians and of the best runs, and bandwidth_bound_ratio, the speed-up a
+decode bound by reading the weights would get (weight bytes read per token before / after). quality: ours = pruned perplexity,
 baseline = unpruned perplexity, ratio = baseline/ours (< 1: worse), config.rel_change_pct.
 
 Usage (the runs that wrote results/prune_structured.json; each ~5 minutes on 2 cores):
@@ -152,9 +152,13 @@ def speed_rows(args) -> list[dict]:
         llm = LLM(str(path), max_num_seqs=1, enable_prefix_caching=False)
         tok_s(llm)
         ours, theirs = [], []
-        for _ in range(args.repeats):  # alternate, so both share the machine's noise
-            theirs.append(tok_s(base_llm))
-            ours.append(tok_s(llm))
+        for i in range(args.repeats):  # alternate (who goes first too), so both share the machine's noise
+            if i % 2:
+                ours.append(tok_s(llm))
+                theirs.append(tok_s(base_llm))
+            else:
+                theirs.append(tok_s(base_llm))
+                ours.append(tok_s(llm))
         del llm
         for f in path.iterdir():
             f.unlink()
@@ -164,11 +168,12 @@ def speed_rows(args) -> list[dict]:
         print(f"speed {name:20s} median {med_ours:6.1f} tok/s vs unpruned {med_theirs:6.1f} ({med_ours / med_theirs:.3f}x; "
               f"median pair {pair:.3f}x, best {max(ours) / max(theirs):.3f}x, bytes bound {bound:.3f}x) {facts}",
               flush=True)
-        rows.append(result(f"{NAME}/speed/{name}", "tokens_per_s", True, round(med_ours, 2),
-                           f"unpruned {args.preset}, same process, alternating", round(med_theirs, 2), goal=None,
+        rows.append(result(f"{NAME}/speed/{name}", "decode_speedup", True, round(pair, 4),
+                           f"unpruned {args.preset} (1.0: each run's tok/s over the unpruned run beside it)", 1.0,
+                           goal=None, median_tok_s={"pruned": round(med_ours, 2), "unpruned": round(med_theirs, 2)},
                            kind=kind, sparsity_requested=s, **facts, preset=args.preset, weights="random",
-                           statistic=f"median of {args.repeats} alternating runs each",
-                           median_pair_ratio=round(pair, 4), best_ratio=round(max(ours) / max(theirs), 4),
+                           statistic=f"median over {args.repeats} pairs of alternating runs of pruned/unpruned tok/s",
+                           ratio_of_medians=round(med_ours / med_theirs, 4), best_ratio=round(max(ours) / max(theirs), 4),
                            bandwidth_bound_ratio=round(bound, 4),
                            prompt_len=len(prompt), new_tokens=args.new_tokens, threads=args.threads, dtype="float32",
                            repeats=args.repeats, all_tok_s={"pruned": [round(x, 2) for x in ours],

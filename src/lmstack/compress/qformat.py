@@ -45,8 +45,8 @@ from lmstack.compress.calibration import block_linears
 from lmstack.compress.qlinear import FP8_DTYPES, QuantLinear, pack_nibbles, replace_module, unpack_nibbles
 from lmstack.compress.quant_storage import QuantizedLinear
 from lmstack.errors import LmstackError
-from lmstack.model.hf_convert import EXPORTABLE, _rename, config_to_hf, ignored_hf_keys, weights_from_hf
-from lmstack.model.hf_io import save_model
+from lmstack.model.hf_convert import EXPORTABLE, _rename, config_to_hf
+from lmstack.model.hf_io import match_checkpoint, save_model
 from lmstack.model.load_guard import read_json
 from lmstack.model.transformer import Transformer
 
@@ -347,23 +347,7 @@ def load_quantized(path: Path, cfg, hf_names: bool, qc: dict, reader, dtype, dev
     qnames = {n for n in quantized_modules(model)}
     expected = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(q + ".") for q in qnames)}
-    if hf_names:
-        weights, used_f = weights_from_hf(cfg, expected, get, names)
-        patterns = ignored_hf_keys(cfg)
-    else:
-        missing = [k for k in expected if k not in names]
-        if missing:
-            raise LmstackError(f"{path}: the checkpoint lacks {missing[0]!r}, which its config needs")
-        weights, used_f, patterns = {k: get(k) for k in expected}, set(expected), []
-    unexpected = sorted(k for k in names - used - used_f if not any(re.search(p, k) for p in patterns))
-    if unexpected:
-        raise LmstackError(f"{path}: the checkpoint has tensors this quantized config does not use, e.g. "
-                           f"{unexpected[0]!r:.100} ({len(unexpected)} in all)")
-    for k, t in weights.items():
-        if tuple(t.shape) != tuple(expected[k].shape):
-            raise LmstackError(f"{path}: tensor for {k!r} has shape {tuple(t.shape)} but the config needs "
-                               f"{tuple(expected[k].shape)}")
-        weights[k] = t.to(device=device, dtype=dtype or t.dtype)
+    weights = match_checkpoint(path, cfg, hf_names, expected, get, names, dtype, device, frozenset(used))
     model.load_state_dict(weights, assign=True, strict=False)
     model.materialize_buffers(device)
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]

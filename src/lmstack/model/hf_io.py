@@ -135,6 +135,23 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     expected = {k: v for k, v in model.state_dict().items()}
     if hf_names:
         check_output_head(cfg, Path(path), names, reader)
+    weights = match_checkpoint(path, cfg, hf_names, expected, get, names, dtype, device)
+    if lazy:
+        model.load_state_dict(weights, assign=True, strict=True)
+        model.materialize_buffers(device)
+    else:
+        model.load_state_dict(weights, strict=True)
+        model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model.eval()
+
+
+def match_checkpoint(path, cfg: ModelConfig, hf_names: bool, expected: dict[str, torch.Tensor], get, names: set[str],
+                     dtype: torch.dtype | None, device, used_elsewhere: frozenset[str] = frozenset()
+                     ) -> dict[str, torch.Tensor]:
+    """The checkpoint tensor of every `expected` key (HF-renamed when hf_names), on device and in dtype; errors name
+    a missing tensor, one the config does not use (besides `used_elsewhere`, e.g. a quantized model's codes) and a
+    shape that does not fit. Shared by load_model and compress/qformat.load_quantized."""
+    if hf_names:
         weights, used = weights_from_hf(cfg, expected, get, names)
         ignore = ignored_hf_keys(cfg)
     else:
@@ -142,8 +159,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
         if missing:
             raise LmstackError(f"{path}: the checkpoint lacks {missing[0]!r}, which its config needs")
         weights, used, ignore = {k: get(k) for k in expected}, set(expected), []
-
-    unexpected = sorted(k for k in names - used if not any(re.search(p, k) for p in ignore))
+    unexpected = sorted(k for k in names - used - used_elsewhere if not any(re.search(p, k) for p in ignore))
     if unexpected:
         raise LmstackError(f"{path}: the checkpoint has tensors this config does not use, e.g. {unexpected[0]!r:.100} "
                            f"({len(unexpected)} in all); config.json does not fit the weights")
@@ -154,13 +170,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
         target = dtype or t.dtype
         if t.dtype != target or torch.device(device).type != "cpu":
             weights[k] = t.to(device=device, dtype=target)
-    if lazy:
-        model.load_state_dict(weights, assign=True, strict=True)
-        model.materialize_buffers(device)
-    else:
-        model.load_state_dict(weights, strict=True)
-        model.to(device=device, dtype=dtype) if dtype else model.to(device)
-    return model.eval()
+    return weights
 
 
 def check_output_head(cfg: ModelConfig, path: Path, names: set[str], reader: CheckpointReader) -> None:

@@ -9,7 +9,8 @@ keeps the rows it did not make):
   model in the same process. Each pruned model and the unpruned one decode in alternation, best of --repeats, so
   both see the same machine noise. Which heads/channels/layers go does not matter for speed, so these are sliced
   without calibration (the first groups/channels/blocks are kept). Each model directory is written and opened by
-  path, as a user would, so the engine fuses its projections for both.
+  path, as a user would, so the engine fuses its projections for both; then the weights are copied out of the
+  memory map (in_memory), so page eviction on the busy machine cannot slow one model and not the other.
 - quality: perplexity on held-out world text (the speedrun's pretrain test split, documents joined by EOS,
   non-overlapping windows of max_seq_len) of the trained speedrun model pruned by the same fractions, scored on
   128 calibration windows of its own training text (a seeded shuffle of train.jsonl, as quant_quality.py does);
@@ -118,6 +119,16 @@ def removed(before: Transformer, after: Transformer) -> dict:
                                  "layers": round(1 - a.n_layers / b.n_layers, 4), "params": round(1 - pa / pb, 4)}}
 
 
+def in_memory(llm: LLM) -> LLM:
+    """Copy the engine's weights out of the memory-mapped files into the process's own memory: a shared machine
+    under memory pressure evicts clean file pages, and the model loaded first (the unpruned one, used for the
+    whole run) would then re-read its weights from disk while each freshly loaded pruned model would not."""
+    with torch.no_grad():
+        for p in llm.engine.model.parameters():
+            p.data = p.data.clone()
+    return llm
+
+
 def speed_rows(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -126,7 +137,7 @@ def speed_rows(args) -> list[dict]:
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     work = tempfile.TemporaryDirectory()
     lmstack.save_model(base, Path(work.name) / "base")
-    base_llm = LLM(str(Path(work.name) / "base"), max_num_seqs=1, enable_prefix_caching=False)
+    base_llm = in_memory(LLM(str(Path(work.name) / "base"), max_num_seqs=1, enable_prefix_caching=False))
 
     def tok_s(llm) -> float:
         start = time.perf_counter()
@@ -149,7 +160,7 @@ def speed_rows(args) -> list[dict]:
         path = Path(work.name) / name
         lmstack.save_model(small, path)
         del small
-        llm = LLM(str(path), max_num_seqs=1, enable_prefix_caching=False)
+        llm = in_memory(LLM(str(path), max_num_seqs=1, enable_prefix_caching=False))
         tok_s(llm)
         ours, theirs = [], []
         for i in range(args.repeats):  # alternate (who goes first too), so both share the machine's noise

@@ -137,7 +137,7 @@ def main() -> None:
         rows_in.append((f"{method} (lmstack, compressed-tensors)" if method != "nf4" else "nf4 (lmstack)", "lmstack",
                         out))
     # warm-up models for the child processes: the same formats on a 2-layer d64 model
-    small = preset(args.preset, d_model=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=128)
+    small = preset(args.preset, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=512, max_seq_len=128)
     warm_dirs = {}
     save_model(Transformer(small).eval(), work / "warm-fp32")
     for label, kind, path in rows_in:

@@ -16,9 +16,9 @@ the interpreter and the libraries are not counted, and ratio = fp32's / this row
 
 What is counted differs by runtime, and the rows say so: lmstack memory-maps fp32 safetensors (the weights are
 file pages, counted in RSS once touched) and copies quantized codes into module buffers; the embedding and
-LM head stay fp32 in every lmstack format (98 MB of the 124M-parameter model's 0.5 GB is the 32000 x 768
-embedding), so the whole-model ratio is well under the linears' 4x / 8x. The embedding-excluded ratio
-(arithmetic, from the same byte counts) is in each row's config.
+LM head stay fp32 in every lmstack format (llama-base's untied 32000 x 768 embedding and
+head are 197 MB of its 494 MB), so the whole-model ratio is well under the linears' 4x / 8x; GGUF quantizes
+both (q8_0 / q4_0, as llama.cpp's converter does). Their byte count (arithmetic) is in each row's config.
 
 Usage (the run that wrote results/quant_footprint.json; ~4 minutes on 2 cores):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_footprint.py
@@ -92,6 +92,14 @@ else:
 print(json.dumps({"before_kb": before, "peak_kb": rss_kb("VmHWM"), "seconds": time.perf_counter() - t,
                   "tokens": n}))
 """
+
+
+# metric-name suffix of each row (citable: no spaces), from its label
+SHORT = {"fp32 (lmstack, safetensors)": "fp32", "int8 (lmstack, compressed-tensors)": "int8",
+         "int4 (lmstack, compressed-tensors)": "int4_g128", "nf4 (lmstack)": "nf4",
+         "fp8 (lmstack, compressed-tensors)": "fp8_e4m3", "gguf f32 (llama.cpp)": "gguf_f32",
+         "gguf q8_0 (llama.cpp)": "gguf_q8_0", "gguf q4_0 (llama.cpp)": "gguf_q4_0",
+         "onnx fp32 (onnxruntime)": "onnx_fp32"}
 
 
 def child(kind: str, path: Path, warm: Path | None = None) -> dict:
@@ -184,14 +192,14 @@ def main() -> None:
     base = measured["fp32 (lmstack, safetensors)"]
     rows = []
     for label, m in measured.items():
-        common = dict(preset=args.preset, params=n_params, embedding_fp32_bytes=emb_bytes, file=label,
-                      disk_ratio_without_embedding_arithmetic=round((base["disk"] - emb_bytes)
-                                                                    / max(m["disk"] - emb_bytes, 1), 3)
-                      if label.split()[0] in ("int8", "int4", "nf4", "fp8") else None)
-        rows.append(result("quant_footprint", f"disk_bytes:{label}", False, m["disk"], "fp32 safetensors",
+        # arithmetic: the fp32 bytes every lmstack format keeps (embedding, and the LM head when untied)
+        common = dict(preset=args.preset, params=n_params, file=label,
+                      fp32_embedding_and_head_bytes_arithmetic=emb_bytes * (1 if cfg.tie_embeddings else 2))
+        key = SHORT[label]
+        rows.append(result("quant_footprint", f"disk_bytes_{key}", False, m["disk"], "fp32 safetensors",
                            base["disk"], rss_skipped=m.get("why"), **common))
         if m["rss"] is not None:
-            rows.append(result("quant_footprint", f"peak_rss_bytes:{label}", False, m["rss"],
+            rows.append(result("quant_footprint", f"peak_rss_bytes_{key}", False, m["rss"],
                                "fp32 lmstack.LLM", base["rss"], seconds=round(m["seconds"], 2),
                                tokens=m["tokens"], **common))
     for k, why in skipped.items():

@@ -105,6 +105,20 @@ def output_dir(model_dir: Path, out: Path) -> Path:
     return out
 
 
+def publish_dir(out_dir: Path, write) -> None:
+    """write(tmp) into a temporary sibling of out_dir, then move the complete directory into place: a crash or an
+    error leaves no half-written --out (output_dir checked that out_dir is new or empty)."""
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty: the complete directory takes its place
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _unstructured(model, method: str, sparsity: float, calib) -> tuple[dict[str, torch.Tensor], float]:
     """Prune every block Linear in place; returns ({weight name: keep mask}, fraction of those weights zeroed)."""
     stats = None
@@ -194,16 +208,11 @@ def prune(model: str, out: str, method: Method, sparsity: float = 0.5, calib: st
     if fused:
         net.fuse_projections()
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         save_model(net.eval(), tmp)
         keep_source_files(model_dir, tmp, net.config)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (output_dir checked): the complete directory takes its place
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir(out_dir, write)
     written = {"out": str(out_dir), "method": method, "sparsity_requested": sparsity, "sparsity": round(achieved, 6),
                "params_before": params_before, "params_after": sum(p.numel() for p in net.parameters()),
                "calib_tokens": 0 if windows is None else int(windows.numel()), **report,

@@ -26,8 +26,6 @@ compressed-tensors' (qformat.py), so transformers with compressed-tensors instal
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +35,8 @@ import torch
 from lmstack.compress.awq_model import awq_model
 from lmstack.compress.calibration import block_linears, collect_stats
 from lmstack.compress.gptq_model import gptq_model
-from lmstack.compress.prune_cli import MAX_CALIB_LEN, calibration_windows, output_dir, read_calibration_texts
+from lmstack.compress.prune_cli import (MAX_CALIB_LEN, calibration_windows, output_dir, publish_dir,
+                                        read_calibration_texts)
 from lmstack.compress.qformat import check_quantizable, quantization_config, quantized_modules, save_quantized
 from lmstack.compress.qlinear import QuantLinear, quantize_linears, replace_module
 from lmstack.compress.quant_storage import QuantizedLinear
@@ -159,18 +158,13 @@ def quantize(model: str, out: str, method: Method = "int4", group_size: int | No
     quant_bytes = sum(m.storage_bytes() for m in mods.values())
     fp32_bytes = sum(m.fp32_bytes() for m in mods.values())
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         save_quantized(net.eval(), tmp, method=method,
-                       extra={"group_size": g, "act_order": act_order, "calib_samples": calib_samples
-                              if windows is not None else 0})
+                       extra={"group_size": g, "act_order": act_order,
+                              "calib_samples": calib_samples if windows is not None else 0})
         keep_source_files(model_dir, tmp, net.config)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (output_dir checked): the complete directory takes its place
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir(out_dir, write)
     disk = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     written = {"out": str(out_dir), "method": method, "group_size": g, "linears": len(mods),
                "bits_per_weight": round(8 * quant_bytes / (fp32_bytes / 4), 3), "linear_fp32_bytes": fp32_bytes,

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import result, write_result
+from cpu_gemv import bandwidth_pass, seconds, shapes  # the same shapes and timing as the fp32 kernel's benchmark
 from lmstack.kernels import build, info, int4_linear, int8_linear, skinny_linear
 from lmstack.model import preset
 
@@ -45,18 +46,6 @@ NAME = "quant_gemv"
 torch_int8pack_mm = getattr(torch, "_weight_int8pack_mm", None)
 
 
-def shapes(cfg) -> dict[str, tuple[int, int]]:
-    """(out, in) of each decode matmul of one layer (qkv and gate_up fused, as the engine runs them), plus the head."""
-    kv = cfg.n_kv_heads * cfg.head_dim
-    q = cfg.n_heads * cfg.head_dim
-    return {"qkv": (q + 2 * kv, cfg.d_model), "o": (cfg.d_model, q), "gate_up": (2 * cfg.d_ff, cfg.d_model),
-            "down": (cfg.d_model, cfg.d_ff), "head": (cfg.vocab_size, cfg.d_model)}
-
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def int8_weight(O: int, I: int) -> dict:
@@ -132,7 +121,7 @@ def part1(cfg, rows: list[int], repeats: int, min_mb: float, bw_buf, ext, with_t
             for _ in range(repeats):
                 for k, fn in fns.items():
                     best[k] = min(best[k], seconds(fn) / len(weights[k]))
-                bw_all.append(bw_buf.numel() * 4 / seconds(bw_buf.sum) / 1e9)
+                bw_all.append(bandwidth_pass(bw_buf))
             bw = max(bw_all)
             us = {k: v * 1e6 for k, v in best.items()}
             gbps = {k: (nbytes(weights[k][0]) if k != "torchao" else nbytes(weights["int8"][0])) / best[k] / 1e9
@@ -201,7 +190,7 @@ def part2(cfg, repeats: int, bw_buf, bw_all: list[float]) -> list[dict]:
             for _ in range(repeats):
                 for k, fn in fns.items():
                     best[k] = min(best[k], seconds(fn))
-                bw_all.append(bw_buf.numel() * 4 / seconds(bw_buf.sum) / 1e9)
+                bw_all.append(bandwidth_pass(bw_buf))
             times[M] = best
     bw = max(bw_all)
     for M in (1, 8):

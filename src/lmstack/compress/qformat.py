@@ -42,9 +42,10 @@ import torch
 from torch import nn
 
 from lmstack.compress.calibration import block_linears
-from lmstack.compress.qlinear import FP8_DTYPES, QuantLinear, pack_nibbles, replace_module, unpack_nibbles
+from lmstack.compress.qlinear import FP8_DTYPES, QuantLinear, pack_nibbles, replace_module
 from lmstack.compress.quant_storage import QuantizedLinear
 from lmstack.errors import LmstackError
+from lmstack.kernels.quant import unpack_int4
 from lmstack.model.hf_convert import EXPORTABLE, _rename, config_to_hf
 from lmstack.model.hf_io import match_checkpoint, save_model
 from lmstack.model.load_guard import read_json
@@ -134,7 +135,7 @@ def _pack_rows4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_rows4(words: torch.Tensor, cols: int) -> torch.Tensor:
-    return unpack_nibbles(_bytes(words, (cols + 1) // 2), cols)
+    return unpack_int4(_bytes(words, (cols + 1) // 2), cols)
 
 
 # ---- save
@@ -150,7 +151,7 @@ def _linear_tensors(base: str, m: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{base}.weight"] = m.codes.contiguous()
         return out
     o, i = m.out_features, m.in_features
-    codes = unpack_nibbles(m.codes, i)
+    codes = unpack_int4(m.codes, i)
     if m.perm is not None:  # stored column j is input column perm[j]: back to input order, with group indices
         inv = torch.empty_like(m.perm)
         inv[m.perm] = torch.arange(i)

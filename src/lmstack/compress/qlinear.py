@@ -36,35 +36,22 @@ from lmstack.compress.quantize_rtn import QuantizedWeight, quantize_rtn
 from lmstack.compress.smoothquant import w8a8_linear
 from lmstack.errors import LmstackError
 from lmstack.kernels import quant as quant_kernels
+from lmstack.kernels.quant import dequantize_int4, dequantize_int8
 
 FORMATS = ("int8", "int4", "w8a8", "fp8_e4m3", "fp8_e5m2")
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 (O, I) codes 0..15 -> (O, ceil(I / 2)) bytes, even columns in the low nibble (odd I: padded 0)."""
+    """uint8 (O, I) codes 0..15 -> (O, ceil(I / 2)) bytes, even columns in the low nibble (odd I: padded 0); the
+    inverse is lmstack.kernels.quant.unpack_int4."""
     c = codes.to(torch.uint8)
     if c.shape[1] % 2:
         c = F.pad(c, (0, 1))
     return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
 
 
-def unpack_nibbles(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The inverse of pack_nibbles: uint8 (O, in_features) codes."""
-    out = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-    return out[:, :in_features]
 
-
-def dequant_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    o, i = codes.shape
-    g = i // scales.shape[1]
-    return (codes.float().view(o, -1, g) * scales[..., None]).view(o, i)
-
-
-def dequant_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int) -> torch.Tensor:
-    c = unpack_nibbles(codes, in_features).float()
-    o, g = c.shape[0], in_features // scales.shape[1]
-    return ((c.view(o, -1, g) - zeros.float()[..., None]) * scales[..., None]).view(o, in_features)
 
 
 class QuantLinear(nn.Module):
@@ -145,12 +132,7 @@ class QuantLinear(nn.Module):
 
     def weight_fp32(self) -> torch.Tensor:
         """The (O, I) fp32 weight this layer computes with, columns in input order (a fresh tensor)."""
-        if self.fmt == "int4":
-            w = dequant_int4(self.codes, self.scales, self.zeros, self.in_features)
-        elif self.fmt in FP8_DTYPES:
-            w = self.codes.float() * self.scales
-        else:
-            w = dequant_int8(self.codes, self.scales)
+        w = self._stored_weight()
         if self.perm is None:
             return w
         out = torch.empty_like(w)
@@ -176,10 +158,10 @@ class QuantLinear(nn.Module):
     def _stored_weight(self) -> torch.Tensor:
         """The fp32 weight in stored column order (what x gathered by perm multiplies)."""
         if self.fmt == "int4":
-            return dequant_int4(self.codes, self.scales, self.zeros, self.in_features)
+            return dequantize_int4(self.codes, self.scales, self.zeros, self.group_size)
         if self.fmt in FP8_DTYPES:
             return self.codes.float() * self.scales
-        return dequant_int8(self.codes, self.scales)
+        return dequantize_int8(self.codes, self.scales)
 
     def storage_bytes(self) -> int:
         """Bytes of codes and constants (the bias is left out, as in fp32_bytes)."""

@@ -33,16 +33,14 @@ Training compute (FLOPs, 6 x params-and-attention per token for training, 2x for
 own steps, the teacher's forwards (logit KD: one per training token; sequence KD: prompts + generated
 tokens), the shared student pretraining, beside the teacher's own pretraining + SFT.
 
-Usage (the two runs behind results/distill.json, 2026-12-07, 2 threads). The first, on a machine loaded ~5x
-(load average ~9 on 2 cores), built and cached the teacher (150 SFT steps, 422 s) and the student init (150
-pretraining steps, 93 s) in --work, with short rows (its JSON was replaced); the second reused both (same step
-counts) and wrote the JSON in 645 s:
-    flock /tmp/lmstack-bench.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/distill.py \\
-        --run-dir /tmp/sr7/runs/20261206-232127 --teacher-sft-steps 150 --pretrain-steps 150 --steps 150 \\
-        --n-train 600 --n-eval 30
-    flock /tmp/lmstack-bench.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/distill.py \\
-        --run-dir /tmp/sr7/runs/20261206-232127 --teacher-sft-steps 150 --pretrain-steps 150 --steps 300 \\
-        --n-train 2000 --n-eval 100 --methods gold_sft,logit_kd,logit_kd_top32,sequence_kd
+Usage (the runs behind results/distill.json, 2026-12-07, 2 threads, quiet machine): the first built and cached
+the teacher (400 SFT steps, 732 s while a CI run shared the cores) and the student init (279 pretraining steps, as
+many as the teacher's, 98 s) in --work; the second reused both and wrote the JSON (~5 minutes):
+    env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/distill.py --run-dir /tmp/sr7/runs/20261206-232127 \\
+        --teacher-sft-steps 400 --pretrain-steps 279 --prepare-only --work /tmp/distill_bench2
+    env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/distill.py --run-dir /tmp/sr7/runs/20261206-232127 \\
+        --teacher-sft-steps 400 --pretrain-steps 279 --steps 300 --n-train 2000 --n-eval 100 \\
+        --methods gold_sft,logit_kd,logit_kd_top32,sequence_kd --work /tmp/distill_bench2
 """
 from __future__ import annotations
 

@@ -358,7 +358,8 @@ def test_a_400_names_the_field_and_a_413_says_too_large(tab):
 
 def test_a_503_shows_retry_after_and_its_retry_button_works_once_the_slot_frees(tab, ui):
     page = tab.page
-    tab.fill_settings(max_tokens=4)
+    # ignore_eos: the retried reply is sampled, and a sampled EOS would end it before the 4 tokens checked below
+    tab.fill_settings(max_tokens=4, extra='{"ignore_eos": true}')
     ui.delay = 0.05
     hog_started, release = threading.Event(), threading.Event()
 

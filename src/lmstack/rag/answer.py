@@ -1,0 +1,143 @@
+"""Cited answers: retrieve the top-k chunks for a question, put them numbered before it, generate through
+`lmstack.LLM`, and check every `[n]` the answer cites (rag/prompt.py). `ask_closed_book` asks the same model
+with no context, the baseline that retrieval must beat.
+
+Several questions go to the engine as one batch (`ask_many`), so a benchmark's questions share decode steps.
+
+Usage:
+    import lmstack
+    from lmstack.rag.answer import RAG
+    rag = RAG(lmstack.LLM("runs/sft"), index, k=5)           # index: a rag.index.Index or any Retriever
+    ans = rag.ask("Where was Ada Ashford born?")
+    ans.text, ans.citations, [h.chunk.doc_id for h in ans.hits], [c.ok for c in ans.checks]
+    base = rag.ask_closed_book("Where was Ada Ashford born?")   # the same model, no retrieval
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmstack.errors import LmstackError
+from lmstack.infer.llm import LLM
+from lmstack.infer.sampling_params import SamplingParams
+from lmstack.rag.prompt import SYSTEM_PROMPT, CitationCheck, Prompt, build_prompt, check_citations, parse_citations
+from lmstack.rag.types import SEARCH_MODES, Hit, Retriever
+
+
+@dataclass
+class RagAnswer:
+    """An answer: its `text`, the numbers it cites, the hits its prompt numbered ([1] is hits[0]), one
+    CitationCheck per cited number, what the prompt trimmed, and the seconds spent retrieving and generating."""
+    question: str
+    text: str
+    citations: list[int] = field(default_factory=list)
+    hits: list[Hit] = field(default_factory=list)
+    checks: list[CitationCheck] = field(default_factory=list)
+    trimmed: list[str] = field(default_factory=list)
+    retrieve_s: float = 0.0
+    generate_s: float = 0.0
+
+    @property
+    def cited_hits(self) -> list[Hit]:
+        """The hits the answer cites that exist, in citation order."""
+        return [self.hits[n - 1] for n in self.citations if 1 <= n <= len(self.hits)]
+
+    @property
+    def citations_ok(self) -> bool:
+        """At least one citation, and every one names an existing chunk that supports its sentence."""
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: text, citations (number, chunk id, doc id, source, span) and checks."""
+        cites = []
+        for c in self.checks:
+            hit = self.hits[c.n - 1] if c.exists else None
+            cites.append({"n": c.n, "ok": c.ok, "overlap": round(c.overlap, 3), "span": list(c.span) if c.span else None,
+                          "span_text": c.span_text, "chunk_id": hit.chunk.chunk_id if hit else None,
+                          "doc_id": hit.chunk.doc_id if hit else None, "source": hit.chunk.source if hit else None})
+        return {"question": self.question, "answer": self.text, "citations": self.citations, "checks": cites,
+                "hits": [{"n": i, "chunk_id": h.chunk.chunk_id, "doc_id": h.chunk.doc_id, "score": h.score,
+                          "text": h.chunk.text} for i, h in enumerate(self.hits, 1)],
+                "trimmed": self.trimmed, "retrieve_s": self.retrieve_s, "generate_s": self.generate_s}
+
+
+def as_llm(llm: Any) -> LLM:
+    """An lmstack.LLM as given, or one loaded from a model directory."""
+    if isinstance(llm, LLM):
+        return llm
+    if isinstance(llm, str) or hasattr(llm, "__fspath__"):
+        return LLM(str(llm))
+    raise LmstackError(f"llm must be an lmstack.LLM or a model directory, got {type(llm).__name__}")
+
+
+class RAG:
+    """Retrieval-augmented generation with citations over any Retriever (the Index, or a list in a test)."""
+
+    def __init__(self, llm: Any, retriever: Retriever, k: int = 5, mode: str = "hybrid", max_tokens: int = 48,
+                 system: str | None = SYSTEM_PROMPT, min_overlap: float = 0.5):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise LmstackError(f"k={k!r} is not allowed; k must be an integer >= 1")
+        if mode not in SEARCH_MODES:
+            raise LmstackError(f"mode={mode!r} is not allowed; choose one of {', '.join(SEARCH_MODES)}")
+        if not hasattr(retriever, "search"):
+            raise LmstackError(f"retriever must have search(query, k, mode); got {type(retriever).__name__}")
+        self.llm = as_llm(llm)
+        self.retriever, self.k, self.mode, self.max_tokens = retriever, k, mode, max_tokens
+        self.system, self.min_overlap = system, min_overlap
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.engine.max_model_len
+
+    def params(self) -> SamplingParams:
+        """Greedy decoding: an answer to check should not depend on a sampler's luck."""
+        return SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
+
+    def retrieve(self, question: str) -> list[Hit]:
+        return list(self.retriever.search(question, k=self.k, mode=self.mode))
+
+    def prompt(self, question: str, hits: list[Hit]) -> Prompt:
+        return build_prompt(question, hits, tokenizer=self.llm.tokenizer, max_model_len=self.max_model_len,
+                            max_tokens=self.max_tokens, system=self.system)
+
+    def ask(self, question: str) -> RagAnswer:
+        """Retrieve, prompt, generate and check one question."""
+        return self.ask_many([question])[0]
+
+    def ask_many(self, questions: list[str]) -> list[RagAnswer]:
+        """Every question answered in one engine batch; retrieval time is per question, generation time is the
+        batch's wall time shared equally."""
+        if isinstance(questions, str):
+            questions = [questions]
+        prompts, retrieve_s = [], []
+        for q in questions:
+            t0 = time.perf_counter()
+            hits = self.retrieve(q)
+            retrieve_s.append(time.perf_counter() - t0)
+            prompts.append(self.prompt(q, hits))
+        t0 = time.perf_counter()
+        outs = self.llm.chat([p.messages for p in prompts], self.params()) if prompts else []
+        share = (time.perf_counter() - t0) / max(1, len(prompts))
+        answers = []
+        for p, out, r_s in zip(prompts, outs, retrieve_s):
+            text = out.outputs[0].text.strip()
+            answers.append(RagAnswer(question=p.question, text=text, citations=parse_citations(text), hits=p.hits,
+                                     checks=check_citations(text, p.hits, self.min_overlap), trimmed=p.trimmed,
+                                     retrieve_s=r_s, generate_s=share))
+        return answers
+
+    def ask_closed_book(self, question: str) -> RagAnswer:
+        """The same model asked with no retrieved context (the baseline)."""
+        return self.ask_closed_book_many([question])[0]
+
+    def ask_closed_book_many(self, questions: list[str]) -> list[RagAnswer]:
+        prompts = [build_prompt(q, [], tokenizer=self.llm.tokenizer, max_model_len=self.max_model_len,
+                                max_tokens=self.max_tokens, system=None) for q in questions]
+        t0 = time.perf_counter()
+        # the bare question as the user turn, the shape a chat model was fine-tuned on
+        convs = [[{"role": "user", "content": p.question}] for p in prompts]
+        outs = self.llm.chat(convs, self.params()) if convs else []
+        share = (time.perf_counter() - t0) / max(1, len(prompts))
+        return [RagAnswer(question=p.question, text=o.outputs[0].text.strip(), trimmed=p.trimmed, generate_s=share)
+                for p, o in zip(prompts, outs)]

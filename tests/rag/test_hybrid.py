@@ -16,8 +16,8 @@ def test_rrf_arithmetic_by_hand():
 
 
 def test_rrf_k_and_ties_and_repeats():
-    # k = 0: plain reciprocal ranks, 1 + 1/3 for "x" against 1/2 + 1/2 for "y"
-    assert rrf([["x", "y"], ["y", "z", "x"]], k=0) == [("x", pytest.approx(4 / 3)), ("y", pytest.approx(1.0)),
+    # k = 0: plain reciprocal ranks, 1/2 + 1 for "y" beats 1 + 1/3 for "x"
+    assert rrf([["x", "y"], ["y", "z", "x"]], k=0) == [("y", pytest.approx(1.5)), ("x", pytest.approx(4 / 3)),
                                                       ("z", pytest.approx(0.5))]
     # equal fused scores keep first-seen order
     assert [d for d, _ in rrf([["p", "q"], ["q", "p"]])] == ["p", "q"]

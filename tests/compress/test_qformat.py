@@ -11,7 +11,7 @@ import lmstack
 from lmstack.compress.calibration import block_linears
 from lmstack.compress.gptq import gptq_quantize
 from lmstack.compress.qformat import save_quantized
-from lmstack.compress.qlinear import QuantLinear, quantize_linears, replace_module
+from lmstack.compress.qlinear import QuantEmbedding, QuantLinear, quantize_head, quantize_linears, replace_module
 from lmstack.compress.quant_storage import QuantizedLinear, quantize_model
 from lmstack.compress.quantize_rtn import quantize_rtn
 from lmstack.errors import LmstackError
@@ -91,6 +91,72 @@ def test_bias_and_untied_head_round_trip(tmp_path, hf_type):
     assert isinstance(loaded.lm_head, torch.nn.Linear)  # the head stays full precision
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), m(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", ["int8", "int4", "gptq_act_order"])
+def test_an_int8_head_round_trips_and_a_tied_embedding_is_stored_once(tmp_path, kind, tied):
+    from safetensors import safe_open
+    m = quantized(kind, base_model(tie_embeddings=tied))
+    head = quantize_head(m)
+    assert head.fmt == "int8" and head.group_size == 64 and tuple(head.scales.shape) == (96, 1)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        ref = m(ids)
+    save_quantized(m, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        stored = f.get_tensor("model.embed_tokens.weight")
+    assert stored.dtype == (torch.int8 if tied else torch.float32)  # tied: the head's codes, stored once
+    assert ("lm_head.weight" in keys) != tied and "lm_head.codes" not in keys
+    loaded = lmstack.load_model(tmp_path / "q")
+    assert isinstance(loaded.lm_head, QuantLinear)
+    if tied:  # the embedding gathers rows of the head's own codes: one copy in memory
+        assert isinstance(loaded.tok_emb, QuantEmbedding)
+        assert loaded.tok_emb.codes.data_ptr() == loaded.lm_head.codes.data_ptr()
+        torch.testing.assert_close(loaded.tok_emb.weight, loaded.lm_head.weight_fp32(), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), ref, rtol=0, atol=1e-5 if kind == "gptq_act_order" else 0)
+    with pytest.raises(LmstackError, match="already quantized"):
+        quantize_head(loaded)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformers_reads_an_int8_model_with_its_int8_head(tmp_path, tied):
+    pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors")
+    transformers = pytest.importorskip("transformers")
+    m = quantized("int8", base_model(tie_embeddings=tied))
+    quantize_head(m)
+    save_quantized(m, tmp_path / "q")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "q", quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval()
+    torch.testing.assert_close(hf.lm_head.weight.detach().float(), m.lm_head.weight_fp32(), rtol=0, atol=0)
+    ids = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, m(ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mixed_precision_head_group_decompresses_with_compressed_tensors(tmp_path, tied):
+    """An int4 body with an int8 head: two groups with their own formats. transformers 5.x loads dense layers
+    with the first group's scheme only, so this checks each group against compressed-tensors' own compressor."""
+    ct = pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from safetensors.torch import load_file
+    m = quantized("int4", base_model(tie_embeddings=tied))
+    quantize_head(m)
+    save_quantized(m, tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "mixed-precision"
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for group, ours in (("group_0", m.blocks[1].mlp.down_proj), ("group_1", m.lm_head)):
+        scheme = qc["config_groups"][group]
+        base = "model.layers.1.mlp.down_proj" if group == "group_0" else scheme["targets"][0]
+        assert scheme["format"] == ("pack-quantized" if group == "group_0" else "int-quantized")
+        state = {k[len(base) + 1:]: v for k, v in tensors.items() if k.startswith(base + ".")}
+        out = BaseCompressor.get_value_from_registry(scheme["format"]).decompress(
+            state, ct.quantization.QuantizationScheme.model_validate(scheme))
+        torch.testing.assert_close(out["weight"].float(), ours.weight_fp32(), rtol=0, atol=0)
 
 
 def test_int4_files_are_a_quarter_of_int8s(tmp_path):

@@ -55,6 +55,12 @@ def test_each_method_makes_a_directory_the_engine_runs(tmp_path, model_dir, caps
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["linears"] == 14 and printed["method"] == method
+    q_head = lmstack.load_model(tmp_path / method).lm_head
+    if method == "nf4":  # QLoRA's storage: the head stays float
+        assert printed["head"] == "fp32" and printed["head_bytes"] is None and isinstance(q_head, torch.nn.Linear)
+    else:  # int8 codes with one scale per vocab row: a quarter of the fp32 head, plus 4 bytes a row
+        assert printed["head"] == "int8" and isinstance(q_head, QuantLinear) and q_head.fmt == "int8"
+        assert printed["head_bytes"] == q_head.out_features * (q_head.in_features + 4)
     bits = {"int4": 4, "gptq": 4, "awq": 4, "nf4": 4}.get(method, 8)
     assert bits < printed["bits_per_weight"] < bits + 1.5, printed  # codes plus their scales
     assert digest(model_dir) == before
@@ -70,6 +76,25 @@ def test_each_method_makes_a_directory_the_engine_runs(tmp_path, model_dir, caps
     llm = lmstack.LLM(str(tmp_path / method))
     out = llm.generate(["the cat"], lmstack.SamplingParams(max_tokens=6, temperature=0))
     assert len(out[0].outputs[0].token_ids) == 6
+
+
+def test_head_flag_keeps_or_quantizes_the_head(tmp_path, model_dir):
+    quantize(str(model_dir), str(tmp_path / "keep"), "int4", 32, head="fp32")
+    kept = lmstack.load_model(tmp_path / "keep")
+    assert type(kept.lm_head) is not QuantLinear
+    torch.testing.assert_close(kept.lm_head.weight, lmstack.load_model(model_dir).lm_head.weight, rtol=0, atol=0)
+    cfg = json.loads((tmp_path / "keep" / "config.json").read_text())["quantization_config"]
+    assert cfg["ignore"] == ["lm_head"] and list(cfg["config_groups"]) == ["group_0"]
+    quantize(str(model_dir), str(tmp_path / "q"), "int4", 32)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "mixed-precision" and cfg["ignore"] == []
+    assert cfg["config_groups"]["group_1"]["targets"] == ["lm_head"]
+    assert cfg["config_groups"]["group_1"]["format"] == "int-quantized"
+    with pytest.raises(LmstackError, match="nf4 keeps the LM head in float"):
+        quantize(str(model_dir), str(tmp_path / "x"), "nf4", head="int8")
+    with pytest.raises(LmstackError, match="unknown --head 'int4'"):
+        quantize(str(model_dir), str(tmp_path / "x"), "int8", head="int4")
+    assert not (tmp_path / "x").exists()
 
 
 def test_gptq_act_order_is_stored_without_a_permutation(tmp_path, model_dir):

@@ -22,8 +22,13 @@ pack-quantized stores signed int4 offset by 8, eight per little-endian int32, el
 byte-for-byte QuantLinear's nibble layout, so saving is a view, not a repack. Its zero points are signed too
 (zero - 8), packed the same way along the output dimension. act-order keeps the codes in input order with a group
 index per input column (weight_g_idx); QuantLinear keeps them in quantization order with `perm`, and the two are
-converted on save and load. Scales are fp32 (this stack's compute dtype on CPU). The LM head and the embedding
-stay unquantized (listed in `ignore`).
+converted on save and load. Scales are fp32 (this stack's compute dtype on CPU).
+
+The LM head is int8 with one scale per vocab row (quantize_head), in a second config group whose target is the
+head's own name: `lm_head` (W8A16, format int-quantized), or for a tied model the embedding
+(`model.embed_tokens`), which transformers then ties to the head as usual, so the pair is stored once. When the
+body is int4 the two groups carry their own `format` and the global one is "mixed-precision", as compressed-tensors
+writes mixed models. A directory whose head is not quantized lists `lm_head` in `ignore`.
 
 quantization_config also carries {"lmstack": {"format_version": 1, "method": ..., ...}}: what made it. A directory
 whose quant_method or format this version does not know is refused with a message naming them.
@@ -42,7 +47,7 @@ import torch
 from torch import nn
 
 from lmstack.compress.calibration import block_linears
-from lmstack.compress.qlinear import FP8_DTYPES, QuantLinear, pack_nibbles, replace_module
+from lmstack.compress.qlinear import FP8_DTYPES, QuantEmbedding, QuantLinear, pack_nibbles, replace_module
 from lmstack.compress.quant_storage import QuantizedLinear
 from lmstack.errors import LmstackError
 from lmstack.kernels.quant import unpack_int4
@@ -54,7 +59,8 @@ from lmstack.model.transformer import Transformer
 FORMAT_VERSION = 1
 CT_FORMATS = {"int4": "pack-quantized", "int8": "int-quantized", "w8a8": "int-quantized",
               "fp8_e4m3": "float-quantized", "fp8_e5m2": "float-quantized"}
-KNOWN = {("compressed-tensors", f) for f in CT_FORMATS.values()} | {("lmstack", "nf4")}
+KNOWN = ({("compressed-tensors", f) for f in CT_FORMATS.values()} | {("compressed-tensors", "mixed-precision")}
+         | {("lmstack", "nf4")})
 NF4_PREFIX = "weight_nf4."
 
 
@@ -80,14 +86,33 @@ def quantization_config(path: str | Path) -> dict | None:
     return qc
 
 
-def _weight_scheme(qc: dict) -> dict:
+def _groups(qc: dict) -> tuple[dict, dict | None]:
+    """(the block Linears' scheme, the head's scheme or None), each with its compressed-tensors "format" filled
+    in. lmstack writes one group targeting "Linear" and at most one more naming the head or tied embedding."""
     groups = qc.get("config_groups") or {}
-    if len(groups) != 1:
-        raise LmstackError(f"quantization_config has {len(groups)} config_groups; lmstack reads exactly one")
-    scheme = next(iter(groups.values()))
-    if not isinstance(scheme, dict) or not isinstance(scheme.get("weights"), dict):
-        raise LmstackError("quantization_config's config group has no 'weights' entry")
-    return scheme
+    if not isinstance(groups, dict) or not 1 <= len(groups) <= 2:
+        raise LmstackError(f"quantization_config has {len(groups)} config_groups; lmstack reads one for the block "
+                           "Linears and at most one for the LM head")
+    body = head = None
+    for name, scheme in groups.items():
+        if not isinstance(scheme, dict) or not isinstance(scheme.get("weights"), dict):
+            raise LmstackError(f"quantization_config's config group {name!r} has no 'weights' entry")
+        fmt = scheme.get("format") or qc.get("format")
+        if qc.get("quant_method") == "compressed-tensors" and fmt not in CT_FORMATS.values():
+            raise LmstackError(f"quantization_config's config group {name!r} has format {fmt!r}, which this "
+                               f"version of lmstack cannot load (it reads {', '.join(sorted(set(CT_FORMATS.values())))})")
+        scheme = {**scheme, "format": fmt}
+        targets = scheme.get("targets") or []
+        if "Linear" in targets:
+            body = scheme
+        elif len(targets) == 1 and head is None:
+            head = scheme
+        else:
+            raise LmstackError(f"quantization_config's config group {name!r} targets {targets!r}; lmstack reads "
+                               "a group targeting 'Linear' and one naming the LM head or tied embedding")
+    if body is None:
+        raise LmstackError("quantization_config has no config group targeting 'Linear'")
+    return body, head
 
 
 def hf_base(cfg, hf_names: bool, name: str) -> str:
@@ -166,6 +191,11 @@ def _linear_tensors(base: str, m: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _head_base(cfg, hf_names: bool) -> str:
+    """The checkpoint name the quantized head is stored under: the head, or the embedding it is tied to."""
+    return hf_base(cfg, hf_names, "tok_emb" if cfg.tie_embeddings else "lm_head")
+
+
 def _scheme(m: nn.Module, static_act_order: bool = False, channel: bool | None = None) -> dict[str, Any]:
     if isinstance(m, QuantizedLinear):
         return {"weights": {"num_bits": 4, "type": "nf4", "block_size": 64, "double_quant": m.double_quant},
@@ -202,6 +232,10 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None, me
     cfg = model.config
     check_quantizable(cfg)
     mods = quantized_modules(model)
+    head = mods.pop("lm_head", None)
+    if head is not None and (head.fmt != "int8" or head.group_size != head.in_features):
+        raise LmstackError(f"the LM head is {head.fmt} with group size {head.group_size}; quantized directories "
+                           "carry an int8 head with one scale per row (quantize_head)")
     if not mods:
         raise LmstackError("the model has no quantized Linear to save; quantize it first (quantize_linears)")
     channel = all(getattr(m, "group_size", 0) == getattr(m, "in_features", -1) for m in mods.values())
@@ -223,12 +257,26 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None, me
     for name, m in mods.items():
         drop.update(k for k in state if k.startswith(name + ".") and not k.endswith(".bias"))
         quantized.update(_linear_tensors(hf_base(cfg, hf_names, name), m))
+    groups = {"group_0": _scheme(first, bool((extra or {}).get("act_order")), channel)}
+    global_format = "nf4" if fmt == "nf4" else CT_FORMATS[fmt]
+    if head is not None:
+        if fmt == "nf4":
+            raise LmstackError("an NF4 model keeps its LM head in float; quantize_head is for compressed-tensors "
+                               "formats")
+        head_base = _head_base(cfg, hf_names)
+        owners = ("lm_head.", "tok_emb.") if cfg.tie_embeddings else ("lm_head.",)
+        drop.update(k for k in state if k.startswith(owners))
+        quantized.update(_linear_tensors(head_base, head))
+        groups["group_1"] = {**_scheme(head, channel=True), "targets": [head_base]}
+        if CT_FORMATS["int8"] != global_format:  # e.g. an int4 body: each group says its own format
+            groups["group_0"]["format"], groups["group_1"]["format"] = global_format, CT_FORMATS["int8"]
+            global_format = "mixed-precision"
     float_state = {k: v for k, v in state.items() if k not in drop}
     qc = {"quant_method": "lmstack" if fmt == "nf4" else "compressed-tensors",
-          "format": "nf4" if fmt == "nf4" else CT_FORMATS[fmt],
+          "format": global_format,
           "quantization_status": "compressed",
-          "config_groups": {"group_0": _scheme(first, bool((extra or {}).get("act_order")), channel)},
-          "ignore": ["lm_head"], "kv_cache_scheme": None,
+          "config_groups": groups,
+          "ignore": [] if head is not None else ["lm_head"], "kv_cache_scheme": None,
           "lmstack": {"format_version": FORMAT_VERSION, "method": method, "weight_format": fmt, **(extra or {})}}
     return save_model(model, path, tokenizer=tokenizer, state_dict=float_state, extra_tensors=quantized,
                       extra_config={"quantization_config": qc})
@@ -236,8 +284,9 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None, me
 
 # ---- load
 
-def _module_from(qc: dict, cfg, get, names: set[str], base: str, lin: nn.Linear, where: str) -> nn.Module:
-    """The quantized module for Linear `lin` from the checkpoint's tensors under `base`."""
+def _module_from(qc: dict, scheme: dict, get, names: set[str], base: str, lin: nn.Linear, where: str) -> nn.Module:
+    """The quantized module for Linear `lin` from the checkpoint's tensors under `base`, as config group
+    `scheme` (from _groups) describes them."""
     o, i = lin.out_features, lin.in_features
     has_bias = lin.bias is not None
 
@@ -253,7 +302,6 @@ def _module_from(qc: dict, cfg, get, names: set[str], base: str, lin: nn.Linear,
             raise LmstackError(f"{where}: {base}.{what} has shape {tuple(t.shape)}, but the config needs "
                                f"{tuple(shape)}")
 
-    scheme = _weight_scheme(qc)
     w = scheme["weights"]
     if qc["quant_method"] == "lmstack":  # NF4
         m = QuantizedLinear(torch.zeros(o, i), torch.zeros(o) if has_bias else None, "nf4",
@@ -263,7 +311,7 @@ def _module_from(qc: dict, cfg, get, names: set[str], base: str, lin: nn.Linear,
             shape_check(t, getattr(m, n).shape, NF4_PREFIX + n)
             setattr(m, n, t.clone())
         return m
-    fmt_name = qc["format"]
+    fmt_name = scheme["format"]
     acts = scheme.get("input_activations")
     if fmt_name == "float-quantized":
         codes = need("weight")
@@ -330,13 +378,14 @@ def load_quantized(path: Path, cfg, hf_names: bool, qc: dict, reader, dtype, dev
     with torch.device("meta"):
         model = Transformer(cfg)
     ignore = [str(x) for x in qc.get("ignore") or []]
+    body, head_scheme = _groups(qc)
     used: set[str] = set()
     for name, lin in block_linears(model).items():
         base = hf_base(cfg, hf_names, name)
         if any(base == x or base.endswith("." + x) or (x.startswith("re:") and re.match(x[3:], base))
                for x in ignore):
             continue  # stays a float Linear, loaded below
-        m = _module_from(qc, cfg, get, names, base, lin, where)
+        m = _module_from(qc, body, get, names, base, lin, where)
         used.update(k for k in names if k.startswith(base + ".") and not k.endswith(".bias"))
         if lin.bias is not None:  # the bias stays a float tensor under the usual name
             key = f"{base}.bias"
@@ -345,7 +394,22 @@ def load_quantized(path: Path, cfg, hf_names: bool, qc: dict, reader, dtype, dev
             m.bias.data = get(key).float().clone()
             used.add(key)
         replace_module(model, name, m)
-    qnames = {n for n in quantized_modules(model)}
+    if head_scheme is not None:
+        base = _head_base(cfg, hf_names)
+        if head_scheme["targets"] != [base]:
+            raise LmstackError(f"{where}: the head's config group targets {head_scheme['targets']!r}; this "
+                               f"{'tied' if cfg.tie_embeddings else 'untied'} model stores its head as {base!r}")
+        with torch.device("meta"):
+            shape = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        head = _module_from(qc, head_scheme, get, names, base, shape, where)
+        if head.fmt != "int8" or head.group_size != head.in_features:
+            raise LmstackError(f"{where}: the LM head must be int8 with one scale per row; its group says "
+                               f"{head.fmt} with group size {head.group_size}")
+        used.update(k for k in names if k.startswith(base + "."))
+        model.lm_head = head
+        if cfg.tie_embeddings:
+            model.tok_emb = QuantEmbedding(head)
+    qnames = {n for n in quantized_modules(model)} | ({"tok_emb"} if head_scheme is not None and cfg.tie_embeddings else set())
     expected = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(q + ".") for q in qnames)}
     weights = match_checkpoint(path, cfg, hf_names, expected, get, names, dtype, device, frozenset(used))

@@ -8,7 +8,7 @@ Usage:
     lmstack quantize --model runs/tiny --method smoothquant --calib text.jsonl --out runs/tiny-w8a8
     lmstack generate --model runs/tiny-gptq --prompt "..."      # load_model reads quantization_config
 
-Methods (every Linear inside the blocks; the embedding and the LM head stay as they are):
+Methods (every Linear inside the blocks; the LM head is int8 per row unless --head fp32, see below):
 - int8: symmetric round to nearest, one scale per output channel (or per --group-size columns);
 - int4: asymmetric round to nearest, groups of --group-size (128) input columns;
 - nf4: QLoRA's NormalFloat4 with double-quantized constants (quant_storage.py), blocks of 64;
@@ -18,10 +18,18 @@ Methods (every Linear inside the blocks; the embedding and the LM head stay as t
 - smoothquant: W8A8, activation outliers migrated into the weights (folded into the norms, alpha 0.5), int8
   weights per channel and int8 activations per token at run time.
 
+The LM head (--head int8, the default except for nf4) is int8 with one scale per vocab row, and a tied
+embedding gathers rows of the same codes: at decode the head is the largest matrix a small model reads per token,
+so an fp32 head caps a weight-only model's speed-up (llama-base: 32000 x 768, a fifth of its fp32 bytes).
+--head fp32 keeps it as it is; nf4 always does (QLoRA's storage quantizes block Linears only).
+
 Calibration text (--calib, gptq/awq/smoothquant): a .jsonl of {"text": ...} lines or a .txt file, tokenized with
 the model's tokenizer and cut into --calib-samples windows of min(max_seq_len, 512) tokens. The input directory
 is only read; the output is written under a temporary name and renamed when complete. The layout is
-compressed-tensors' (qformat.py), so transformers with compressed-tensors installed opens it too.
+compressed-tensors' (qformat.py). transformers with compressed-tensors opens an int8 or smoothquant directory,
+and any directory made with --head fp32; with an int8 head beside an int4 / fp8 body the file holds two config
+groups of different formats ("mixed-precision"), which transformers 5.x decompresses with the first group's scheme
+for every dense layer (its loader matches per-layer groups for MoE experts only), so pass --head fp32 for it.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ from lmstack.compress.gptq_model import gptq_model
 from lmstack.compress.prune_cli import (MAX_CALIB_LEN, calibration_windows, output_dir, publish_dir,
                                         read_calibration_texts)
 from lmstack.compress.qformat import check_quantizable, quantization_config, quantized_modules, save_quantized
-from lmstack.compress.qlinear import QuantLinear, quantize_linears, replace_module
+from lmstack.compress.qlinear import QuantLinear, quantize_head, quantize_linears, replace_module
 from lmstack.compress.quant_storage import QuantizedLinear
 from lmstack.compress.quantize_rtn import check_group
 from lmstack.compress.smoothquant import quantize_w8a8, smooth_model
@@ -48,6 +56,7 @@ from lmstack.model.side_files import keep_source_files
 from lmstack.tokenizer import load_tokenizer
 
 Method = Literal["int8", "int4", "nf4", "fp8", "fp8_e5m2", "gptq", "awq", "smoothquant"]
+Head = Literal["int8", "fp32"]
 CALIBRATED = ("gptq", "awq", "smoothquant")
 
 
@@ -93,7 +102,8 @@ def quantize_in_place(net: torch.nn.Module, method: str, group_size: int | None,
 
 
 def quantize(model: str, out: str, method: Method = "int4", group_size: int | None = None, calib: str | None = None,
-             calib_samples: int = 128, act_order: bool = False, alpha: float = 0.5) -> dict[str, Any]:
+             calib_samples: int = 128, act_order: bool = False, alpha: float = 0.5,
+             head: Head | None = None) -> dict[str, Any]:
     """Quantize a model directory's block Linears and write a quantized model directory.
 
     Args:
@@ -107,6 +117,8 @@ def quantize(model: str, out: str, method: Method = "int4", group_size: int | No
         act_order: GPTQ only: quantize columns in order of decreasing Hessian diagonal (act-order / desc_act),
             with static groups, so the file stores no permutation (compressed-tensors' actorder "weight").
         alpha: SmoothQuant's migration strength (0: all difficulty stays on the activations, 1: all on weights).
+        head: The LM head (and a tied embedding): int8 with one scale per row, or fp32 as it is. Default int8,
+            except nf4, which keeps it.
     """
     start = time.perf_counter()
     if method not in Method.__args__:
@@ -117,6 +129,12 @@ def quantize(model: str, out: str, method: Method = "int4", group_size: int | No
         raise LmstackError("--act-order applies to --method gptq only")
     if calib_samples < 1:
         raise LmstackError(f"--calib-samples must be at least 1; got {calib_samples}")
+    head = head or ("fp32" if method == "nf4" else "int8")
+    if head not in Head.__args__:
+        raise LmstackError(f"unknown --head {head!r}; choose one of {', '.join(Head.__args__)}")
+    if head == "int8" and method == "nf4":
+        raise LmstackError("--method nf4 keeps the LM head in float (QLoRA's storage covers block Linears); "
+                           "drop --head int8")
     if not 0.0 <= alpha <= 1.0:
         raise LmstackError(f"--alpha must lie in [0, 1]; got {alpha}")
     model_dir, out_dir = Path(model), output_dir(Path(model), Path(out))
@@ -154,21 +172,25 @@ def quantize(model: str, out: str, method: Method = "int4", group_size: int | No
         windows = calibration_windows(tok, read_calibration_texts(calib), net.config.eos_token_id, length,
                                       calib_samples)
     report = quantize_in_place(net, method, g, windows, act_order=act_order, alpha=alpha)
+    if head == "int8":
+        quantize_head(net)
     mods = quantized_modules(net)
+    head_mod = mods.pop("lm_head", None)  # the figures below are the block Linears'; the head's bytes apart
     quant_bytes = sum(m.storage_bytes() for m in mods.values())
     fp32_bytes = sum(m.fp32_bytes() for m in mods.values())
 
     def write(tmp: Path) -> None:
         save_quantized(net.eval(), tmp, method=method,
-                       extra={"group_size": g, "act_order": act_order,
+                       extra={"group_size": g, "act_order": act_order, "head": head,
                               "calib_samples": calib_samples if windows is not None else 0})
         keep_source_files(model_dir, tmp, net.config)
 
     publish_dir(out_dir, write)
     disk = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
-    written = {"out": str(out_dir), "method": method, "group_size": g, "linears": len(mods),
+    written = {"out": str(out_dir), "method": method, "group_size": g, "head": head, "linears": len(mods),
                "bits_per_weight": round(8 * quant_bytes / (fp32_bytes / 4), 3), "linear_fp32_bytes": fp32_bytes,
-               "linear_quantized_bytes": quant_bytes, "safetensors_bytes": disk,
+               "linear_quantized_bytes": quant_bytes,
+               "head_bytes": None if head_mod is None else head_mod.storage_bytes(), "safetensors_bytes": disk,
                "calib_tokens": 0 if windows is None else int(windows.numel()), **report,
                "seconds": round(time.perf_counter() - start, 2)}
     print(json.dumps(written))

@@ -137,7 +137,7 @@ class SpeculativeDecoder:
             self.k = min(self.k, self.heads.max_tokens)
         self.subset = None  # (ids, their LM-head rows): greedy guesses among a proposal vocabulary
         if self.heads is not None and self.heads.proposal_ids is not None:
-            weight = target.tok_emb.weight if target.lm_head is None else target.lm_head.weight
+            weight = target.head_weight()
             ids = self.heads.proposal_ids[self.heads.proposal_ids < ctx.vocab]
             self.subset = (ids, weight.detach()[ids].clone())
         self.target = target

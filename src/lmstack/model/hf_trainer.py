@@ -121,7 +121,7 @@ class OutputHead:
     @property
     def weight(self) -> torch.Tensor:
         m = self.model
-        weight = m.tok_emb.weight if m.lm_head is None else m.lm_head.weight
+        weight = m.head_weight()
         real = real_vocab(m.config)
         return weight if real >= weight.shape[0] else weight[:real]
 

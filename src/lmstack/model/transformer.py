@@ -287,12 +287,24 @@ class Transformer(nn.Module):
         if cfg.head == "mlm":
             x = self.mlm_norm(ACTIVATIONS[cfg.mlp](self.mlm_dense(x)))
             bias = self.mlm_bias
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = linear(x, weight, bias)  # the skinny kernel inside the engine's decode_kernels() scope
+        if self.lm_head is None or isinstance(self.lm_head, Linear):
+            weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+            logits = linear(x, weight, bias)  # the skinny kernel inside the engine's decode_kernels() scope
+        else:  # a quantized head (compress.qlinear.QuantLinear) computes from its own codes
+            logits = self.lm_head(x) if bias is None else self.lm_head(x) + bias
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
         # Padded rows (past real_vocab_size) get zero probability here, the one place every consumer passes.
         return mask_padded_logits(logits, cfg)
+
+    def head_weight(self) -> torch.Tensor:
+        """The (vocab, d_model) output matrix as floats: the tied embedding, the head's weight, or a quantized
+        head's dequantized codes (then a fresh tensor, not a parameter)."""
+        if self.lm_head is None:
+            return self.tok_emb.weight
+        if isinstance(self.lm_head, nn.Linear):
+            return self.lm_head.weight
+        return self.lm_head.weight_fp32()
 
     # ---- layout of the projections
     def fuse_projections(self) -> "Transformer":

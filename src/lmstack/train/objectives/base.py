@@ -83,7 +83,7 @@ def fused_lm_loss(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
                            "set objective.fused_ce=false")
     cfg = core.config
     hidden = model(input_ids, return_hidden=True, **kwargs)[mask]
-    weight = core.tok_emb.weight if core.lm_head is None else core.lm_head.weight
+    weight = core.head_weight()
     n = targets.numel()
     if n == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0, {"ce": 0.0, "accuracy": 0.0, "n_tokens": 0}

@@ -13,7 +13,6 @@
 // its own inputs only, in a fixed order, so batching requests never changes a request's numbers.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 // ATen's tensor alone, not <torch/extension.h>: a fifth of the compile time (bindings.cpp has the Python side)
@@ -22,23 +21,16 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
+#include "ops_common.h"
 #include "simd.h"
 
 using namespace lmstack_simd;
-
-namespace {
-
-void check_f32_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "decode_ops: ", name,
-              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
-}
-
-}  // namespace
+using lmstack_ops::check_cpu;
 
 // y = x / sqrt(mean(x^2) + eps) * w, over the last dimension of a (M, D) contiguous x.
 at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
-  check_f32_cpu(x, "x");
-  check_f32_cpu(w, "weight");
+  check_cpu(x, at::kFloat, "decode_ops", "x");
+  check_cpu(w, at::kFloat, "decode_ops", "weight");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rms_norm_rows: x must be a contiguous (M, D) matrix, got ",
               x.sizes());
   TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), "rms_norm_rows: weight must have ",
@@ -60,9 +52,9 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
 // Rotate-half RoPE of x (B, T, N, D) (any strides, contiguous last dim) by per-position tables cos/sin (T, D):
 // y = x * cos + cat(-x2, x1) * sin, returned contiguous.
 at::Tensor rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  check_f32_cpu(x, "x");
-  check_f32_cpu(cos, "cos");
-  check_f32_cpu(sin, "sin");
+  check_cpu(x, at::kFloat, "decode_ops", "x");
+  check_cpu(cos, at::kFloat, "decode_ops", "cos");
+  check_cpu(sin, at::kFloat, "decode_ops", "sin");
   TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0,
               "rope_rows: x must be (B, T, heads, D) with a contiguous, even last dimension, got ", x.sizes());
   const int64_t B = x.size(0), T = x.size(1), N = x.size(2), D = x.size(3), half = D / 2;
@@ -99,61 +91,35 @@ at::Tensor rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                                      const at::Tensor& key_slots, const at::Tensor& lengths, double scale,
                                      int64_t window) {
-  check_f32_cpu(q, "q");
-  check_f32_cpu(kc, "key pool");
-  check_f32_cpu(vc, "value pool");
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "paged_decode_attention: q must be (B, H, D) with a contiguous "
-              "last dimension, got ", q.sizes());
-  TORCH_CHECK(kc.dim() == 3 && kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.is_contiguous(),
-              "paged_decode_attention: the key and value pools must be contiguous (Hkv, S, D), got ", kc.sizes(),
-              " and ", vc.sizes());
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = kc.size(0), S = kc.size(1);
-  TORCH_CHECK(kc.size(2) == D && Hkv > 0 && H % Hkv == 0, "paged_decode_attention: q has ", H, " heads of ", D,
-              " but the pool has ", Hkv, " heads of ", kc.size(2));
-  TORCH_CHECK(key_slots.scalar_type() == at::kLong && key_slots.dim() == 2 && key_slots.size(0) == B &&
-                  key_slots.is_contiguous() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
-                  lengths.size(0) == B && lengths.is_contiguous(),
-              "paged_decode_attention: key_slots must be contiguous int64 (B, L) and lengths int64 (B,)");
-  const int64_t Lmax = key_slots.size(1), G = H / Hkv;
-  const int64_t* slots = key_slots.data_ptr<int64_t>();
-  const int64_t* lens = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= Lmax, "paged_decode_attention: sequence ", b, " sees ", lens[b],
-                " keys but its slot row holds ", Lmax);
+  const lmstack_ops::PagedArgs a = lmstack_ops::check_paged("paged_decode_attention", q, kc, vc, at::kFloat,
+                                                            key_slots, lengths);
+  const int64_t B = a.B, H = a.H, D = a.D, Hkv = a.Hkv, S = a.S, Lmax = a.Lmax, G = a.G;
+  const int64_t* slots = a.slots;
+  const int64_t* lens = a.lens;
   at::Tensor out = at::empty({B, H, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = kc.data_ptr<float>();
   const float* vp = vc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  // One task = one (sequence, KV head). A thread's share must be worth waking it for: at least ~2^16
-  // multiply-adds (a few microseconds); below that the fork and join cost more than the work.
-  int64_t total = 0;
-  for (int64_t b = 0; b < B; ++b) total += lens[b];
-  const int64_t per_task = std::max<int64_t>(1, G * D * (total / std::max<int64_t>(1, B)));
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);
+  // One task = one (sequence, KV head); a chunk of tasks is worth waking a thread for (ops_common.h).
+  const int64_t grain = lmstack_ops::attention_grain(a);
   at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / Hkv, g = task % Hkv;
-      const int64_t len = lens[b], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t len = lens[b], first = lmstack_ops::first_visible(len, window);
       const int64_t n = len - first;
       scores.assign(G * n, 0.f);
       const int64_t* srow = slots + b * Lmax + first;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t slot = srow[j];
-        TORCH_CHECK(slot >= 0 && slot < S, "paged_decode_attention: slot ", slot, " is outside the pool of ", S);
+        lmstack_ops::check_slot("paged_decode_attention", slot, S);
         const float* key = kp + (g * S + slot) * D;
         for (int64_t h = 0; h < G; ++h)
           scores[h * n + j] = dot(qp + b * q.stride(0) + (g * G + h) * q.stride(1), key, D) * sc;
       }
-      for (int64_t h = 0; h < G; ++h) {
-        float* s = scores.data() + h * n;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-        const float inv = 1.0f / exp_shift_sum(s, n, mx);  // vectorised exp (simd.h)
-        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-      }
+      lmstack_ops::softmax_rows(scores.data(), G, n);
       float* o = op + (b * H + g * G) * D;  // the group's G output rows are adjacent
       std::fill(o, o + G * D, 0.f);
       for (int64_t j = 0; j < n; ++j) {

@@ -18,6 +18,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
+#include "ops_common.h"
 #include "simd.h"
 
 using namespace lmstack_simd;
@@ -27,32 +28,16 @@ using namespace lmstack_simd;
 at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                                           const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& key_slots,
                                           const at::Tensor& lengths, double scale, int64_t window) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && q.device().is_cpu() && q.dim() == 3 && q.stride(2) == 1,
-              "paged_decode_attention_int8: q must be a float32 CPU (B, H, D) tensor with a contiguous last "
-              "dimension, got ", q.scalar_type(), " ", q.sizes());
-  TORCH_CHECK(kc.scalar_type() == at::kChar && vc.scalar_type() == at::kChar && kc.dim() == 3 &&
-                  kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.is_contiguous() && kc.device().is_cpu() &&
-                  vc.device().is_cpu(),
-              "paged_decode_attention_int8: the key and value pools must be contiguous int8 CPU (Hkv, S, D), got ",
-              kc.scalar_type(), " ", kc.sizes(), " and ", vc.scalar_type(), " ", vc.sizes());
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = kc.size(0), S = kc.size(1);
+  const lmstack_ops::PagedArgs a = lmstack_ops::check_paged("paged_decode_attention_int8", q, kc, vc, at::kChar,
+                                                            key_slots, lengths);
+  const int64_t B = a.B, H = a.H, D = a.D, Hkv = a.Hkv, S = a.S, Lmax = a.Lmax, G = a.G;
+  const int64_t* slots = a.slots;
+  const int64_t* lens = a.lens;
   TORCH_CHECK(ks.scalar_type() == at::kFloat && vs.scalar_type() == at::kFloat && ks.is_contiguous() &&
                   vs.is_contiguous() && ks.dim() == 2 && ks.size(0) == Hkv && ks.size(1) == S &&
                   vs.sizes() == ks.sizes(),
               "paged_decode_attention_int8: the scales must be contiguous float32 (Hkv, S) = (", Hkv, ", ", S,
               "), got ", ks.sizes(), " and ", vs.sizes());
-  TORCH_CHECK(kc.size(2) == D && Hkv > 0 && H % Hkv == 0, "paged_decode_attention_int8: q has ", H, " heads of ",
-              D, " but the pool has ", Hkv, " heads of ", kc.size(2));
-  TORCH_CHECK(key_slots.scalar_type() == at::kLong && key_slots.dim() == 2 && key_slots.size(0) == B &&
-                  key_slots.is_contiguous() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
-                  lengths.size(0) == B && lengths.is_contiguous(),
-              "paged_decode_attention_int8: key_slots must be contiguous int64 (B, L) and lengths int64 (B,)");
-  const int64_t Lmax = key_slots.size(1), G = H / Hkv;
-  const int64_t* slots = key_slots.data_ptr<int64_t>();
-  const int64_t* lens = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= Lmax, "paged_decode_attention_int8: sequence ", b, " sees ", lens[b],
-                " keys but its slot row holds ", Lmax);
   at::Tensor out = at::empty({B, H, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const int8_t* kp = kc.data_ptr<int8_t>();
@@ -61,35 +46,25 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& kc
   const float* vsp = vs.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  int64_t total = 0;
-  for (int64_t b = 0; b < B; ++b) total += lens[b];
-  const int64_t per_task = std::max<int64_t>(1, G * D * (total / std::max<int64_t>(1, B)));
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);  // as decode_ops.cpp: ~2^16 MACs
+  const int64_t grain = lmstack_ops::attention_grain(a);  // as decode_ops.cpp: ~2^16 multiply-adds a chunk
   at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores, row(D);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / Hkv, g = task % Hkv;
-      const int64_t len = lens[b], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t len = lens[b], first = lmstack_ops::first_visible(len, window);
       const int64_t n = len - first;
       scores.assign(G * n, 0.f);
       const int64_t* srow = slots + b * Lmax + first;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t slot = srow[j];
-        TORCH_CHECK(slot >= 0 && slot < S, "paged_decode_attention_int8: slot ", slot, " is outside the pool of ",
-                    S);
+        lmstack_ops::check_slot("paged_decode_attention_int8", slot, S);
         const int8_t* key = kp + (g * S + slot) * D;
         for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(key[d]);  // widened once for the group
         const float ksc = ksp[g * S + slot] * sc;
         for (int64_t h = 0; h < G; ++h)
           scores[h * n + j] = dot(qp + b * q.stride(0) + (g * G + h) * q.stride(1), row.data(), D) * ksc;
       }
-      for (int64_t h = 0; h < G; ++h) {
-        float* s = scores.data() + h * n;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-        const float inv = 1.0f / exp_shift_sum(s, n, mx);
-        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-      }
+      lmstack_ops::softmax_rows(scores.data(), G, n);
       float* o = op + (b * H + g * G) * D;
       std::fill(o, o + G * D, 0.f);
       for (int64_t j = 0; j < n; ++j) {

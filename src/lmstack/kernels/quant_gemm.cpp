@@ -34,6 +34,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
+#include "ops_common.h"
 #include "simd.h"
 
 namespace {
@@ -247,19 +248,11 @@ void check_common(const char* fn, const at::Tensor& x, const at::Tensor& codes, 
                   scales.scalar_type() == at::kFloat && scales.device().is_cpu(),
               fn, ": scales must be a float32 CPU matrix (O, G) with O = ", O, ", got ", scales.sizes(), " ",
               scales.scalar_type());
-  if (!(bias.has_value() && bias->defined())) return;
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O && bias->scalar_type() == at::kFloat &&
-                  bias->device().is_cpu(),
-              fn, ": bias must be a float32 CPU vector of ", O, " values, got ", bias->sizes(), " ",
-              bias->scalar_type());
-}
-
-at::Tensor contiguous_bias(const c10::optional<at::Tensor>& bias) {
-  return bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  lmstack_ops::check_bias(fn, bias, O);
 }
 
 // Tiles per parallel task: each thread's share should be worth waking it for (>= ~64 KB of codes).
-int64_t grain(int64_t tile_bytes) { return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, tile_bytes)); }
+int64_t grain(int64_t tile_bytes) { return lmstack_ops::grain_for(tile_bytes, 64 * 1024); }
 
 }  // namespace
 
@@ -275,7 +268,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   at::Tensor y = at::empty({M, O}, xc.options());
   if (M == 0 || O == 0) return y;
   const float* xp = xc.data_ptr<float>();
-  const at::Tensor cc = codes.contiguous(), sc = scales.contiguous(), bc = contiguous_bias(bias);
+  const at::Tensor cc = codes.contiguous(), sc = scales.contiguous();
+  const at::Tensor bc = lmstack_ops::contiguous_or_empty(bias);
   const int8_t* wp = cc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   const float* b = bc.defined() ? bc.data_ptr<float>() : nullptr;
@@ -322,7 +316,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
       xo[m * B + j] = xp[m * I + 2 * j + 1];
     }
   const at::Tensor cc = codes.contiguous(), sc = scales.contiguous(), zc = zeros.contiguous();
-  const at::Tensor bc = contiguous_bias(bias);
+  const at::Tensor bc = lmstack_ops::contiguous_or_empty(bias);
   const uint8_t* wp = cc.data_ptr<uint8_t>();
   const float* sp = sc.data_ptr<float>();
   const uint8_t* zp = zc.data_ptr<uint8_t>();

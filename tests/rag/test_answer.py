@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lmstack
+from lmstack.model.presets import preset
 from lmstack.errors import LmstackError
 from lmstack.infer.outputs import CompletionOutput, RequestOutput
 from lmstack.rag.answer import RAG, RagAnswer
@@ -38,7 +39,7 @@ def llm(tmp_path_factory):
     texts = list(BIOS.values()) * 10 + ["Question: where was he born? Answer the question [1] [2]"] * 10
     tok = train_tokenizer(texts=texts, type="bpe", vocab_size=300, special_tokens="chat", show_progress=False)
     torch.manual_seed(0)
-    cfg = lmstack.model.presets.preset("llama-tiny", vocab_size=tok.vocab_size, max_seq_len=512)
+    cfg = preset("llama-tiny", vocab_size=tok.vocab_size, max_seq_len=512)
     path = tmp_path_factory.mktemp("rag_llm") / "tiny"
     lmstack.save_model(lmstack.Transformer(cfg).eval(), path, tokenizer=tok)
     return lmstack.LLM(str(path), max_num_seqs=4)

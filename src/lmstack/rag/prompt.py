@@ -44,7 +44,7 @@ SYSTEM_PROMPT = ("Answer the question using only the numbered context passages. 
 """The system message of a cited-answer prompt."""
 
 _CITATION = re.compile(r"\[(\d{1,4}(?:\s*,\s*\d{1,4})*)\]")
-_WORD = re.compile(r"[A-Za-z0-9]+(?:[-'][A-Za-z0-9]+)*")
+_WORD = re.compile(r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*")  # "Ada's" -> "Ada", "s": a possessive still names Ada
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 # Words that carry no fact: a sentence is supported by its other words.
 STOPWORDS = frozenset("""a an the and or but of in on at to for from by with as is are was were be been being

@@ -235,3 +235,28 @@ def test_fused_and_gpt2_models_are_refused(tmp_path):
         save_quantized(gpt2, tmp_path / "g")
     with pytest.raises(LmstackError, match="no quantized Linear"):
         save_quantized(base_model(), tmp_path / "n")
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "w8a8", "fp8_e4m3"])
+def test_the_engine_fuses_a_loaded_quantized_models_projections(tmp_path, kind):
+    """LLM(dir) stacks q/k/v and gate/up QuantLinears by rows (4 quantized matmuls a layer instead of 7), with
+    the split model's greedy tokens; act-order layers, whose column orders differ, stay split."""
+    m = quantized(kind, base_model())
+    quantize_head(m)
+    save_quantized(m, tmp_path / "q")
+    llm = lmstack.LLM(str(tmp_path / "q"))
+    attn, mlp = llm.engine.model.blocks[0].attn, llm.engine.model.blocks[0].mlp
+    assert isinstance(attn.qkv_proj, QuantLinear) and attn.q_proj is None
+    assert attn.qkv_proj.split_sizes() == [64, 64, 64] and attn.qkv_proj.fmt == m.blocks[0].attn.q_proj.fmt
+    assert isinstance(mlp.gate_up_proj, QuantLinear) and mlp.up_proj is None
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(llm.engine.model(ids), m(ids), rtol=0, atol=1e-5)
+    params = lmstack.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompt = ids[0].tolist()
+    split = lmstack.LLM(m).generate([prompt], params)[0].outputs[0].token_ids
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == split
+    act = lmstack.LLM(quantized("gptq_act_order", base_model()))
+    assert act.engine.model.blocks[0].attn.qkv_proj is None  # no fuse: LLM(model) does not own it ...
+    from lmstack.model.fused_projections import projections_fusable
+    assert not projections_fusable(quantized("gptq_act_order", base_model()))  # ... and its perms differ anyway

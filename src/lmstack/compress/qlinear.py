@@ -164,6 +164,40 @@ class QuantLinear(nn.Module):
             return self.codes.float() * self.scales
         return dequantize_int8(self.codes, self.scales)
 
+    @staticmethod
+    def rows_fusable(parts: list["QuantLinear"]) -> bool:
+        """Whether cat_rows can stack these layers: one format, input width and group size, no act-order
+        permutation (each projection's own column order would differ), all with a bias or none."""
+        first = parts[0]
+        return all(type(p) is QuantLinear and p.fmt == first.fmt and p.in_features == first.in_features
+                   and p.group_size == first.group_size and p.perm is None
+                   and (p.bias is None) == (first.bias is None) for p in parts)
+
+    @classmethod
+    def cat_rows(cls, parts: list[tuple[str, "QuantLinear"]]) -> "QuantLinear":
+        """One QuantLinear computing the named parts' outputs side by side (q, k, v rows; gate, up rows): the
+        codes and constants of each output row are its own, so stacking them is exact. Used when the engine fuses
+        a quantized model's projections at load (model/fused_projections.py); `parts` and `split_sizes` say
+        where each part's rows are, as FusedLinear's do."""
+        mods = [m for _, m in parts]
+        if not cls.rows_fusable(mods):
+            raise LmstackError("cannot fuse quantized projections of different formats, widths, group sizes or "
+                               "act-order permutations: " + ", ".join(f"{n}: {m.extra_repr()}" for n, m in parts))
+        first = mods[0]
+        fused = cls(first.in_features, sum(m.out_features for m in mods), first.fmt, first.group_size,
+                    first.bias is not None, method=first.method)
+        fused.codes = torch.cat([m.codes for m in mods])
+        fused.scales = torch.cat([m.scales for m in mods])
+        if first.zeros is not None:
+            fused.zeros = torch.cat([m.zeros for m in mods])
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in mods]), requires_grad=False)
+        fused.parts = tuple((n, m.out_features) for n, m in parts)
+        return fused
+
+    def split_sizes(self) -> list[int]:
+        return [rows for _, rows in getattr(self, "parts", (("", self.out_features),))]
+
     def storage_bytes(self) -> int:
         """Bytes of codes and constants (the bias is left out, as in fp32_bytes)."""
         ts = [self.codes, self.scales] + [t for t in (self.zeros, self.perm) if t is not None]

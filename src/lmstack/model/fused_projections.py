@@ -7,6 +7,7 @@ op, which matters most when decoding one token at a time. The numbers are the sa
 
 - FusedLinear is an nn.Linear that also knows its parts, [("q_proj", rows), ("k_proj", rows), ...], so a
   serving LoRA hook (infer/lora_hook.py) can apply a q_proj adapter to the q rows of the output.
+- Quantized parts (compress.qlinear.QuantLinear) fuse too: their class stacks its codes by rows (cat_rows).
 - fuse_module / unfuse_module convert one Attention or MLP in place, without keeping a second copy of the
   weights (Transformer.fuse_projections / unfuse_projections walk the model).
 - split_fused_state and fused_key_parts map state-dict keys between the layouts (HF export and import).
@@ -53,10 +54,26 @@ def _plain_linear(module: nn.Module, name: str) -> nn.Linear:
     return module
 
 
+def _row_stackable(parts: list[nn.Module]) -> bool:
+    """Quantized parts that stack by rows themselves: one class with `rows_fusable` / `cat_rows` (QuantLinear
+    in compress/qlinear.py; duck-typed so the model layer does not import compress), no hooks."""
+    kind = type(parts[0])
+    return (all(type(p) is kind and not p._forward_hooks and not p._forward_pre_hooks for p in parts)
+            and hasattr(kind, "cat_rows") and kind.rows_fusable(parts))
+
+
 def fuse_module(module: nn.Module, fused_name: str, prefix: str = "") -> None:
-    """Replace module's part Linears (e.g. q_proj, k_proj, v_proj) by one FusedLinear `fused_name`."""
+    """Replace module's part Linears (e.g. q_proj, k_proj, v_proj) by one FusedLinear `fused_name` (or, for
+    quantized parts, the one quantized layer their class stacks them into)."""
     names = FUSED_PARTS[fused_name]
-    parts = [_plain_linear(getattr(module, n), f"{prefix}{n}") for n in names]
+    found = [getattr(module, n) for n in names]
+    if type(found[0]) not in (nn.Linear, Linear) and _row_stackable(found):
+        fused = type(found[0]).cat_rows(list(zip(names, found)))
+        for n in names:
+            setattr(module, n, None)
+        setattr(module, fused_name, fused)
+        return
+    parts = [_plain_linear(m, f"{prefix}{n}") for n, m in zip(names, found)]
     with_bias = [p.bias is not None for p in parts]
     if len(set(with_bias)) != 1:
         raise LmstackError(f"cannot fuse {prefix}{'/'.join(names)}: some have a bias and some do not")
@@ -129,7 +146,7 @@ def fused_key_parts(key: str) -> list[str] | None:
 
 def projections_fusable(model: nn.Module) -> bool:
     """Whether model.fuse_projections() would run: split projections that are all plain, hook-free Linears
-    holding ordinary tensors (not quantized, not adapted, not tensor-parallel shards)."""
+    holding ordinary tensors (not adapted, not tensor-parallel shards), or quantized layers of one layout."""
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(model, "fuse_projections") or cfg.fused_projections:
         return False
@@ -142,6 +159,8 @@ def projections_fusable(model: nn.Module) -> bool:
                 continue  # a plain (ungated) MLP keeps its up_proj
             if not any(p is not None for p in parts) or not hasattr(module, fused_name):
                 continue
+            if type(parts[0]) not in (nn.Linear, Linear) and _row_stackable(parts):
+                continue  # quantized parts of one layout (QuantLinear.cat_rows)
             for p in parts:
                 if (type(p) not in (nn.Linear, Linear) or p._forward_hooks or p._forward_pre_hooks
                         or type(p.weight.data) is not torch.Tensor):

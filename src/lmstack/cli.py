@@ -72,11 +72,12 @@ STAGES: dict[str, str] = {
     "prune": "lmstack.compress.prune_cli",
     "quantize": "lmstack.compress.quantize_cli",
     "distill": "lmstack.compress.distill_cli",
+    "rag": "lmstack.rag.commands",
 }
 
 
 # Stages whose required arguments may also be given positionally (`lmstack report runs/x`).
-POSITIONAL_STAGES = {"report"}
+POSITIONAL_STAGES = {"report", "rag"}
 
 
 class UsageError(LmstackError):

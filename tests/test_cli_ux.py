@@ -156,6 +156,9 @@ GGUF_COMMANDS = [
     ["quantize", "--model", "m.gguf", "--method", "int8", "--out", "o"],
     ["prune", "--model", "m.gguf", "--method", "magnitude", "--out", "o"],
     ["distill", "--teacher", "m.gguf", "--student_preset", "llama-tiny", "--data", "d.jsonl", "--out", "o"],
+    ["rag", "ask", "where?", "--model", "m.gguf", "--index", "idx"],
+    ["rag", "check", "--text", "x", "--judge", "lm", "--model", "m.gguf", "--index", "idx"],
+    ["rag", "eval", "--model", "m.gguf", "--index", "idx"],
 ]
 
 
@@ -170,7 +173,7 @@ def test_a_gguf_model_is_one_clear_line_in_every_command_that_takes_a_model(argv
 
 
 def test_every_command_with_a_model_flag_is_covered_by_the_gguf_test():
-    covered = {tuple(a[:2]) if a[0] == "model" else (a[0],) for a in GGUF_COMMANDS}
+    covered = {tuple(a[:2]) if a[0] in ("model", "rag") else (a[0],) for a in GGUF_COMMANDS}
     for route in ROUTES:
         names = {f.rsplit(".", 1)[-1].lstrip("-") for f in _flags(parser(*route))}
         takes_model = any(f"--{n}" in parser(*route)._option_string_actions and n in names

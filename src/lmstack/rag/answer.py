@@ -11,9 +11,15 @@ Usage:
     ans = rag.ask("Where was Ada Ashford born?")
     ans.text, ans.citations, [h.chunk.doc_id for h in ans.hits], [c.ok for c in ans.checks]
     base = rag.ask_closed_book("Where was Ada Ashford born?")   # the same model, no retrieval
+
+World QA (the numbers `lmstack rag eval` and benchmarks/rag.py report):
+    docs = world_bio_documents(world)                         # one bio per person, doc_id "bio/<name>"
+    metrics = evaluate_world_qa(rag, world, world_qa_items(world, n=200), checker=FactChecker(None, index))
 """
 from __future__ import annotations
 
+import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +28,8 @@ from lmstack.errors import LmstackError
 from lmstack.infer.llm import LLM
 from lmstack.infer.sampling_params import SamplingParams
 from lmstack.rag.prompt import SYSTEM_PROMPT, CitationCheck, Prompt, build_prompt, check_citations, parse_citations
-from lmstack.rag.types import SEARCH_MODES, Hit, Retriever
+from lmstack.rag.types import SEARCH_MODES, Document, Hit, Retriever
+from lmstack.world.bios import paraphrase_bio
 
 
 @dataclass
@@ -141,3 +148,70 @@ class RAG:
         share = (time.perf_counter() - t0) / max(1, len(prompts))
         return [RagAnswer(question=p.question, text=o.outputs[0].text.strip(), trimmed=p.trimmed, generate_s=share)
                 for p, o in zip(prompts, outs)]
+
+
+# ---- world QA evaluation -----------------------------------------------------------------------------------------
+
+def world_bio_documents(world: Any, seed: int = 0) -> list[Document]:
+    """One paraphrased bio per person of `world` (every fact stated once), doc_id 'bio/<name>': the knowledge
+    base the world's QA asks about."""
+    rng = random.Random(seed)
+    return [Document(f"bio/{p.name}", paraphrase_bio(p, rng, world), "world/bios", {"person": p.name})
+            for p in world.people]
+
+
+def world_qa_items(world: Any, split: str = "test", n: int | None = None, seed: int = 0) -> list[dict]:
+    """`n` QA records of `split` (test: people and phrasings held out of training), a fixed random sample."""
+    items = world.corpus("qa", split=split)
+    if n is not None and n < len(items):
+        items = random.Random(seed).sample(items, n)
+    return items
+
+
+def _rate(flags: list[bool]) -> dict:
+    """{'value', 'n', 'stderr'} of a proportion (binomial standard error)."""
+    n = len(flags)
+    p = sum(flags) / n if n else 0.0
+    return {"value": p, "n": n, "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0}
+
+
+def evaluate_world_qa(rag: RAG, world: Any, items: list[dict], checker: Any = None) -> dict:
+    """Closed-book against RAG on world QA `items`: accuracy (`World.is_correct`), hallucination (an answer that
+    states something but not the truth), citation checks, and with a FactChecker the rate of unsupported claims
+    and the answers after revision (unsupported claims dropped). Every rate carries n and stderr."""
+    questions = [it["question"] for it in items]
+    closed = rag.ask_closed_book_many(questions)
+    t0 = time.perf_counter()
+    opened = rag.ask_many(questions)
+    rag_s = time.perf_counter() - t0
+
+    def correct(ans: list[RagAnswer]) -> list[bool]:
+        return [world.is_correct(it["person"], it["attribute"], a.text) for it, a in zip(items, ans)]
+
+    def wrong(texts: list[str], right: list[bool]) -> list[bool]:
+        return [bool(t.strip()) and not r for t, r in zip(texts, right)]
+
+    ok_closed, ok_rag = correct(closed), correct(opened)
+    gold_in_hits = [any(world.is_correct(it["person"], it["attribute"], h.chunk.text) and it["person"] in h.chunk.text
+                        for h in a.hits) for it, a in zip(items, opened)]
+    out: dict[str, Any] = {
+        "accuracy_closed_book": _rate(ok_closed), "accuracy_rag": _rate(ok_rag),
+        "hallucination_closed_book": _rate(wrong([a.text for a in closed], ok_closed)),
+        "hallucination_rag": _rate(wrong([a.text for a in opened], ok_rag)),
+        "retrieval_gold_in_context": _rate(gold_in_hits),
+        "citations_present": _rate([bool(a.citations) for a in opened]),
+        "citations_ok": _rate([a.citations_ok for a in opened]),
+        "seconds_per_question_batched": rag_s / max(1, len(items)),
+    }
+    if checker is not None:
+        for name, answers in (("closed_book", closed), ("rag", opened)):
+            verdicts = [checker.check(a.text) for a in answers]
+            out[f"unsupported_claims_{name}"] = _rate([v.label != "supported" for vs in verdicts for v in vs])
+            revised = [checker.revise(a.text, vs) for a, vs in zip(answers, verdicts)]
+            ok = [world.is_correct(it["person"], it["attribute"], t) for it, t in zip(items, revised)]
+            out[f"accuracy_{name}_revised"] = _rate(ok)
+            out[f"hallucination_{name}_revised"] = _rate(wrong(revised, ok))
+            out[f"abstained_{name}_revised"] = _rate([not t.strip() for t in revised])
+    out["examples"] = [{"question": it["question"], "gold": it["answer"], "closed_book": c.text, "rag": o.text,
+                        "citations": o.citations} for it, c, o in list(zip(items, closed, opened))[:5]]
+    return out

@@ -207,6 +207,8 @@ def evaluate_world_qa(rag: RAG, world: Any, items: list[dict], checker: Any = No
         for name, answers in (("closed_book", closed), ("rag", opened)):
             verdicts = [checker.check(a.text) for a in answers]
             out[f"unsupported_claims_{name}"] = _rate([v.label != "supported" for vs in verdicts for v in vs])
+            out[f"answers_with_unsupported_claim_{name}"] = _rate([any(v.label != "supported" for v in vs)
+                                                                  for vs in verdicts])
             revised = [checker.revise(a.text, vs) for a, vs in zip(answers, verdicts)]
             ok = [world.is_correct(it["person"], it["attribute"], t) for it, t in zip(items, revised)]
             out[f"accuracy_{name}_revised"] = _rate(ok)

@@ -9,7 +9,7 @@ Usage:
     lmstack rag check --index idx --text "Ada Ashford was born in Coldwater and works for Zentrix."
     lmstack rag check --index idx --text "..." --judge lm --model runs/sft --revise
     lmstack rag eval --model runs/sft --index idx --world runs/x/world --n 200 --out rag_eval.json
-    lmstack rag train-encoder --world 0 --out runs/encoder         # contrastive encoder on the world's bios
+    lmstack rag train-encoder --world 0 --out runs/encoder --train.steps 200 --train.init minilm
 
 The question of `query` and `ask` is the positional word. Every command prints a plain table or line by
 default, or one JSON object with --json_output.
@@ -27,6 +27,7 @@ from lmstack.errors import LmstackError
 from lmstack.infer.llm import LLM
 from lmstack.rag.answer import RAG, evaluate_world_qa, world_bio_documents, world_qa_items
 from lmstack.rag.chunking import ChunkConfig
+from lmstack.rag.encoder_train import EncoderTrainConfig, train_encoder, world_training_data
 from lmstack.rag.factcheck import FactChecker
 from lmstack.rag.index import BACKENDS, Index
 from lmstack.rag.ingest import read_path
@@ -237,4 +238,27 @@ def evaluate(model: str | None = None, index: str | None = None, world: str = "0
     return _emit(metrics, json_output, lines)
 
 
-COMMANDS = {"index": index, "query": query, "ask": ask, "check": check, "eval": evaluate}
+def train_encoder_command(out: str | None = None, world: str = "0", bios_per_person: int = 1,
+                          train: EncoderTrainConfig = EncoderTrainConfig(), json_output: bool = False) -> dict:
+    """Train a retrieval encoder contrastively (in-batch and BM25 hard negatives) on a world's train-split QA
+    questions paired with their people's bios; `--embedder OUT` then uses it in `lmstack rag index`.
+
+    Args:
+        out: the encoder directory to write.
+        world: a seed ('0') or a generated world's folder.
+        bios_per_person: bio paraphrases per person among the passages.
+        train: the training run (--train.init minilm|scratch|DIR, --train.steps, --train.batch_size, ...).
+        json_output: print one JSON object instead of a summary line.
+    """
+    _need(out, "out", "train-encoder")
+    passages, pairs = world_training_data(load_world(world), bios_per_person=bios_per_person)
+    t0 = time.perf_counter()
+    path = train_encoder(passages, pairs, out, train)
+    payload = {"encoder": str(path), "passages": len(passages), "pairs": len(pairs), "steps": train.steps,
+               "seconds": round(time.perf_counter() - t0, 3)}
+    return _emit(payload, json_output, [f"trained an encoder on {len(pairs)} (question, bio) pairs over "
+                                        f"{len(passages)} bios in {payload['seconds']} s; wrote {path}"])
+
+
+COMMANDS = {"index": index, "query": query, "ask": ask, "check": check, "eval": evaluate,
+            "train-encoder": train_encoder_command}

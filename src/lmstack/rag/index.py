@@ -42,7 +42,9 @@ from tqdm import tqdm
 from lmstack.errors import LmstackError
 from lmstack.rag.bm25 import BM25
 from lmstack.rag.chunking import ChunkConfig
+from lmstack.rag.faiss_store import FaissStore
 from lmstack.rag.hybrid import blend, rrf
+from lmstack.rag.pgvector_store import PgVectorStore
 from lmstack.rag.store import SQLiteStore, VectorStore
 from lmstack.rag.types import SEARCH_MODES, Chunk, Document, Embedder, Hit
 
@@ -67,15 +69,11 @@ def _open_store(path: str | os.PathLike | None, backend: str, name: str | None, 
     if backend not in BACKENDS:
         raise LmstackError(f"index backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "pgvector":
-        # lazy: psycopg is the optional `rag` extra, needed only for this backend
-        from lmstack.rag.pgvector_store import PgVectorStore
         if path is None:
             raise LmstackError("the pgvector backend needs path= a Postgres DSN, e.g. postgresql://user@host/db")
         return PgVectorStore(str(path), name=name, dim=dim, **options)
     db = ":memory:" if path is None else Path(path) / DB_NAME
     if backend == "faiss":
-        # lazy: faiss-cpu is the optional `rag` extra, needed only for this backend
-        from lmstack.rag.faiss_store import FaissStore
         return FaissStore(db, name=name, dim=dim, **options)
     return SQLiteStore(db, name=name, dim=dim, **options)
 
@@ -199,7 +197,8 @@ class Index:
     def _chunk_and_embed(self, docs: list[Document]) -> tuple[list[Chunk], np.ndarray]:
         ids = [d.doc_id for d in docs]
         if len(set(ids)) != len(ids):
-            raise LmstackError(f"duplicate document ids in one call: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise LmstackError(f"duplicate document ids in one call: {twice[:5]}")
         chunks = [c for d in docs for c in self.chunk_config.chunk(d)]
         if not chunks:
             return [], np.zeros((0, self.dim), np.float32)

@@ -1,6 +1,8 @@
 """lmstack.kernels.int8_linear / int4_linear: equal to F.linear on the dequantized weight (within the stated fp32
 bound), the packed layout decoded exactly, batch invariant, falling back to dequantize + F.linear wherever the
-kernel does not apply, and clear errors for bad buffers.
+kernel does not apply, and clear errors for bad buffers. lmstack.kernels.quant.w8a8_linear: equal to SmoothQuant's
+reference (compress/smoothquant.py) bit for bit, in the kernel and in the torch path; the shared C++ header is in
+the build key.
 
 The extension is built once per machine into the user cache; the session fixture does it once for all tests."""
 import types
@@ -9,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmstack.compress.quantize_rtn import QuantizedWeight
+from lmstack.compress.smoothquant import quantize_per_token
+from lmstack.compress.smoothquant import w8a8_linear as w8a8_reference
 from lmstack.errors import LmstackError
 from lmstack.kernels import MAX_ROWS, build, int4_linear, int8_linear, quant
-from lmstack.kernels.quant import dequantize_int4, dequantize_int8
+from lmstack.kernels.quant import W8A8_MAX_IN, dequantize_int4, dequantize_int8, quantize_rows, w8a8_linear
 
 U = 2.0 ** -24  # fp32 unit roundoff
 
@@ -48,6 +53,10 @@ def counting(ext, monkeypatch):
         def int4_linear(self, *args):
             calls.append("int4")
             return ext.int4_linear(*args)
+
+        def w8a8_linear(self, *args):
+            calls.append("w8a8")
+            return ext.w8a8_linear(*args)
 
     monkeypatch.setattr(build, "_ext", Spy())
     return calls
@@ -256,3 +265,153 @@ def test_cpp_checks_guard_direct_calls(ext):
         ext.int4_linear(torch.randn(1, 64), c4, s4, z4, 16, None)
     with pytest.raises(RuntimeError, match="columns"):
         ext.int8_linear(torch.randn(1, 10), *make_int8(6, 64, 64), None)
+
+
+# ---- W8A8 (SmoothQuant): int8 activations x int8 weights -> int32 ----
+# The kernel and the torch path make the reference's activation codes (the same fp32 division, round half to even
+# and clamp), sum the products exactly in int32, then do the reference's fp32 steps in its order: float(sum) * xs,
+# times the channel scale, plus bias. So equality is exact (torch.equal), not within a tolerance.
+
+def make_w8a8(O, I, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (O, I), generator=g, dtype=torch.int8)
+    return codes, torch.rand(O, 1, generator=g) * 0.02 + 1e-3
+
+
+def reference(x, codes, wscales, bias=None):
+    return w8a8_reference(x, QuantizedWeight(codes, wscales.reshape(-1, 1), None, 8, codes.shape[1]), bias)
+
+
+W8A8_SHAPES = [(1, 1), (7, 33), (13, 100), (9, 64), (33, 257), (129, 384), (24, 1000)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("O,I", W8A8_SHAPES)
+def test_w8a8_kernel_equals_reference(counting, O, I, bias):
+    """Odd O (tail rows of a tile), I not a multiple of the 64-byte chunk, 1..MAX_ROWS rows: bit for bit."""
+    codes, wscales = make_w8a8(O, I, seed=O * I)
+    b = torch.randn(O) if bias else None
+    for M in ROWS:
+        x = torch.randn(M, I) * 3
+        assert torch.equal(w8a8_linear(x, codes, wscales, b), reference(x, codes, wscales, b))
+    assert counting == ["w8a8"] * len(ROWS)
+
+
+def test_w8a8_large_sums_and_extreme_codes(kernel_only):
+    """Sums past 2^24 (their fp32 conversion rounds, as the reference's .float() does), codes of -128 in the
+    weights (legal int8, exact in the kernel's unsigned/signed split), and wscales given as (O,)."""
+    I = 1100                                                 # 127 * 127 * 1100 > 2^24
+    codes = torch.full((5, I), 127, dtype=torch.int8)
+    codes[1] = -128
+    codes[2, ::2] = -127
+    codes[3] = torch.randint(-128, 128, (I,), dtype=torch.int8)
+    wscales = torch.rand(5) + 0.5
+    x = torch.ones(3, I)
+    x[1] = -x[1]
+    x[2] = torch.randn(I)
+    y = w8a8_linear(x, codes, wscales)
+    assert torch.equal(y, reference(x, codes, wscales))
+    assert abs(float(y[0, 0]) - 127 * I * float(wscales[0])) <= 1e-5 * 127 * I * float(wscales[0])
+
+
+def test_w8a8_activation_codes_round_half_even(ext):
+    """ext.w8a8_quantize_rows and quant.quantize_rows make quantize_per_token's codes and scales exactly, ties
+    included (x / scale exactly k + 0.5 rounds to even), and an all-zero row gets scale 1."""
+    ties = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 3.49999, 0.0, -127.0])
+    rows = torch.stack([ties, torch.zeros(12), torch.randn(12) * 1e-30, torch.randn(12) * 1e30])
+    for x in (rows, torch.randn(5, 333) * 10):
+        want_codes, want_scales = quantize_per_token(x)
+        for codes, scales in (ext.w8a8_quantize_rows(x), quantize_rows(x)):
+            assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    codes, scales = ext.w8a8_quantize_rows(rows)
+    assert codes[0, :10].tolist() == [127, 0, 2, 2, 0, -2, -2, 126, -126, 3] and scales[1, 0] == 1.0
+
+
+@pytest.mark.parametrize("O,I", [(13, 100), (40, 384), (9, 768)])
+def test_w8a8_batch_invariance(kernel_only, O, I):
+    codes, wscales = make_w8a8(O, I)
+    b = torch.randn(O)
+    x = torch.randn(MAX_ROWS, I)
+    single = torch.cat([w8a8_linear(x[m:m + 1], codes, wscales, b) for m in range(MAX_ROWS)])
+    for M in (2, 3, 5, 8, MAX_ROWS):
+        assert torch.equal(w8a8_linear(x[:M], codes, wscales, b), single[:M])
+
+
+def test_w8a8_torch_path_equals_reference(counting):
+    """Prefill-sized inputs, other dtypes and inputs that need a gradient take the torch path (int32 products
+    through torch._int_mm): the same numbers, the kernel not called; only the bias gets a gradient."""
+    codes, wscales = make_w8a8(21, 100)
+    b = torch.randn(21)
+    x = torch.randn(MAX_ROWS + 5, 100)
+    assert torch.equal(w8a8_linear(x, codes, wscales, b), reference(x, codes, wscales, b))
+    x3 = torch.randn(2, 40, 100)
+    assert torch.equal(w8a8_linear(x3, codes, wscales, b), reference(x3, codes, wscales, b))
+    x64 = torch.randn(3, 100, dtype=torch.float64)
+    y64 = w8a8_linear(x64, codes, wscales, b)
+    assert y64.dtype == torch.float64 and torch.equal(y64, reference(x64, codes, wscales, b).double())
+    xbf = torch.randn(3, 100).bfloat16()
+    assert torch.equal(w8a8_linear(xbf, codes, wscales), reference(xbf, codes, wscales).bfloat16())
+    xg, bg = torch.randn(2, 100, requires_grad=True), b.clone().requires_grad_(True)
+    w8a8_linear(xg, codes, wscales, bg).sum().backward()
+    assert xg.grad is None and torch.equal(bg.grad, torch.full((21,), 2.0))
+    assert w8a8_linear(torch.randn(0, 100), codes, wscales).shape == (0, 21)
+    assert counting == []
+    w8a8_linear(x[:3], codes, wscales, b)
+    assert counting == ["w8a8"]
+
+
+def test_w8a8_switched_off_and_strided(ext, monkeypatch):
+    codes, wscales = make_w8a8(16, 96)
+    x = torch.randn(4, 192)[:, ::2]
+    want = reference(x, codes, wscales)
+    assert torch.equal(w8a8_linear(x, codes, wscales), want)
+    assert torch.equal(w8a8_linear(x, codes.t().contiguous().t(), wscales.reshape(-1)), want)
+    monkeypatch.setenv("LMSTACK_KERNELS", "0")
+    assert torch.equal(w8a8_linear(x, codes, wscales), want)
+
+
+def test_w8a8_nonfinite_rows_give_nan(ext):
+    """A row with NaN or inf has no meaningful int8 codes: its outputs are NaN, in both paths; other rows are
+    untouched."""
+    codes, wscales = make_w8a8(10, 50)
+    x = torch.randn(4, 50)
+    clean = w8a8_linear(x, codes, wscales)
+    x[1, 3], x[2, 0] = float("nan"), float("inf")
+    for y in (w8a8_linear(x, codes, wscales), w8a8_linear(x.double(), codes, wscales).float()):
+        assert y[1:3].isnan().all()
+        assert torch.equal(y[[0, 3]], clean[[0, 3]])
+
+
+def test_w8a8_bad_inputs_are_clear_errors(ext):
+    codes, wscales = make_w8a8(6, 64)
+    x = torch.randn(2, 64)
+    cases = [
+        (lambda: w8a8_linear(x, codes.to(torch.int16), wscales), "codes must be a 2-D torch.int8"),
+        (lambda: w8a8_linear(x, codes, wscales.double()), "wscales must be float32"),
+        (lambda: w8a8_linear(x, codes, torch.rand(6, 2)), "one scale per output channel, shape (6,) or (6, 1)"),
+        (lambda: w8a8_linear(x, codes, torch.rand(5, 1)), "one scale per output channel"),
+        (lambda: w8a8_linear(torch.randn(2, 63), codes, wscales), "in_features=64"),
+        (lambda: w8a8_linear(x.long(), codes, wscales), "floating-point"),
+        (lambda: w8a8_linear(x, codes, wscales, torch.randn(5)), "bias must be"),
+        (lambda: w8a8_linear(torch.randn(1, W8A8_MAX_IN), torch.zeros(1, W8A8_MAX_IN, dtype=torch.int8),
+                             torch.ones(1, 1)), "could overflow the int32 accumulator"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(LmstackError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            call()
+    with pytest.raises(RuntimeError, match="columns"):
+        ext.w8a8_linear(torch.randn(1, 10), codes, wscales, None)
+    with pytest.raises(RuntimeError, match="one per output channel"):
+        ext.w8a8_linear(x, codes, torch.rand(3), None)
+
+
+def test_build_key_covers_every_header(monkeypatch, tmp_path):
+    """The shared ops_common.h is hashed into the build key: editing a header rebuilds instead of loading a stale
+    library."""
+    assert {"ops_common.h", "simd.h"} <= {p.name for p in build.HEADERS}
+    header = tmp_path / "extra.h"
+    header.write_text("// one\n")
+    monkeypatch.setattr(build, "HEADERS", build.HEADERS + (header,))
+    before = build.build_key()
+    header.write_text("// two\n")
+    assert build.build_key() != before

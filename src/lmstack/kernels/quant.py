@@ -18,10 +18,21 @@ size, no compiler) dequantizes and calls F.linear, which is the definition above
 Unlike skinny_linear, these run whenever a quantized layer runs, not only inside decode_kernels(): there is no
 fp32 weight to fall back on cheaply, and the kernel's numbers are as good as the fallback's.
 
+w8a8_linear is SmoothQuant's W8A8 product (compress/smoothquant.py's w8a8_linear is its reference): x is quantized
+to int8 per row (token), xs = max|x| / 127, xq = clamp(round_half_even(x / xs), -127, 127); the product
+xq @ codes^T is summed exactly in int32; y = float(sum) * xs * wscale[o] (+ bias), wscales one fp32 per output
+channel. Decode-sized inputs (as above) run w8a8_gemm.cpp's integer kernel (AVX-512 VNNI vpdpbusd here);
+anything else runs the same steps in torch with torch._int_mm (exact int32) for the product. Both make the
+reference's codes and its fp32 steps in its order, so the result equals the reference bit for bit (the tests
+assert torch.equal), and row m never depends on the other rows. A row holding NaN or inf gives NaN outputs.
+Activations are quantized from x.detach(): only the bias receives a gradient, as in the reference.
+
 Usage:
     from lmstack.kernels import int8_linear, int4_linear
+    from lmstack.kernels.quant import w8a8_linear
     y = int8_linear(x, codes, scales, bias)                      # codes int8 (O, I), scales (O, G)
     y = int4_linear(x, codes, scales, zeros, group_size, bias)   # codes uint8 (O, ceil(I / 2)), zeros (O, G)
+    y = w8a8_linear(x, codes, wscales, bias)                     # codes int8 (O, I), wscales (O,) or (O, 1)
     w = dequantize_int4(codes, scales, zeros, group_size)        # the fp32 (O, I) weight these stand for
 """
 from __future__ import annotations
@@ -34,6 +45,10 @@ from lmstack.kernels.build import enabled, extension
 from lmstack.kernels.skinny import MAX_ROWS
 
 _F32 = torch.float32
+INT8_MAX = 127
+# in_features at or above this could overflow the int32 sum (|x code * w code| <= 127^2); the reference's limit
+W8A8_MAX_IN = 2 ** 31 // INT8_MAX ** 2
+_int_mm = getattr(torch, "_int_mm", None)  # int8 x int8 -> int32 (CPU: oneDNN); absent from old torch
 
 
 def _bad(name: str, what: str) -> LmstackError:
@@ -78,6 +93,61 @@ def _check_int4(x, codes, scales, zeros, group_size, bias) -> None:
     if zeros.dtype is not torch.uint8 or zeros.shape != scales.shape:
         raise _bad(name, f"zeros must be a uint8 tensor shaped like scales {tuple(scales.shape)}, got "
                          f"{zeros.dtype} of shape {tuple(zeros.shape)}")
+
+
+def _check_w8a8(x, codes, wscales, bias) -> None:
+    name = "w8a8_linear"
+    if codes.dtype is not torch.int8 or codes.dim() != 2 or codes.shape[1] < 1:
+        raise _bad(name, f"codes must be a 2-D torch.int8 tensor (out_features, in_features >= 1), got "
+                         f"{codes.dtype} of shape {tuple(codes.shape)}")
+    O, I = codes.shape
+    if I >= W8A8_MAX_IN:
+        raise _bad(name, f"in_features={I} could overflow the int32 accumulator (limit {W8A8_MAX_IN})")
+    if (wscales.dtype is not _F32 or wscales.numel() != O or not (wscales.dim() == 1
+                                                                    or (wscales.dim() == 2 and wscales.shape[0] == O))):
+        raise _bad(name, f"wscales must be float32 with one scale per output channel, shape ({O},) or ({O}, 1), got "
+                         f"{wscales.dtype} of shape {tuple(wscales.shape)}")
+    if not (x.is_floating_point() and x.dim() >= 1 and x.shape[-1] == I):
+        raise _bad(name, f"x must be a floating-point tensor (..., in_features={I}), got {x.dtype} of shape "
+                         f"{tuple(x.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != O or not bias.is_floating_point()):
+        raise _bad(name, f"bias must be a floating-point vector of out_features={O} values, got {bias.dtype} of "
+                         f"shape {tuple(bias.shape)}")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) int8 codes (M, I) and fp32 scales (M, 1) of a 2-D x: w8a8_linear's activations. A row
+    with NaN or inf gets a NaN scale (its codes are meaningless)."""
+    xf = x.detach().float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = amax / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+    q = torch.clamp(torch.round(xf / scale), -INT8_MAX, INT8_MAX)
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8), scale
+
+
+def _int_products(xq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """xq (M, I) @ codes (O, I)^T in exact int32. torch._int_mm where it takes the shapes (CPU: any); else float64,
+    whose sums are exact here (integers below 2^31 < 2^53)."""
+    if _int_mm is not None:
+        try:
+            return _int_mm(xq, codes.t())
+        except RuntimeError:  # e.g. CUDA's shape rules (rows > 16, sizes multiples of 8)
+            pass
+    return F.linear(xq.double(), codes.double()).to(torch.int32)
+
+
+def _w8a8_torch(x, codes, wscales, bias) -> torch.Tensor:
+    """w8a8_linear in torch ops, for any rows, dtype and device: the reference's steps, the product in int32."""
+    O, I = codes.shape
+    xq, xs = quantize_rows(x.reshape(-1, I))
+    if xq.shape[0] == 0:
+        y = xq.new_zeros((0, O), dtype=_F32)
+    else:
+        y = _int_products(xq, codes).float() * xs * wscales.reshape(1, O)
+    y = y.reshape(*x.shape[:-1], O)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -156,3 +226,16 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero
                     (codes, scales, zeros, group_size, bias))
     _check_int4(x, codes, scales, zeros, group_size, bias)
     return _fallback(x, dequantize_int4(codes, scales, zeros, group_size), bias)
+
+
+def w8a8_linear(x: torch.Tensor, codes: torch.Tensor, wscales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SmoothQuant's W8A8 linear: x int8 per token, times int8 codes, in int32, rescaled (see the module docstring).
+    Returned in x's dtype."""
+    rows = _kernel_rows(x, bias)
+    ext = extension() if rows and enabled() else None
+    if ext is not None:
+        return _run(ext.w8a8_linear, x, rows, codes.shape[0], lambda: _check_w8a8(x, codes, wscales, bias),
+                    (codes, wscales, bias))
+    _check_w8a8(x, codes, wscales, bias)
+    return _w8a8_torch(x, codes, wscales, bias)

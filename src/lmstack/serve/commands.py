@@ -8,6 +8,7 @@ Usage:
     lmstack serve --model Qwen2.5-dir --tool_call_parser hermes   # requests may send tools (default: auto)
     lmstack serve --model runs/model --tensor-parallel-size 2     # the model sharded over 2 processes
     lmstack serve --model runs/model --kv_cache_dtype int8        # int8 KV cache: ~3.8x the tokens per pool byte
+    lmstack serve --model runs/sft --rag_index idx     # chat with "rag": {"k": 5} gets citations; /v1/embeddings
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
 
@@ -28,11 +29,13 @@ from lmstack.infer import AsyncLLMEngine
 from lmstack.infer.tp_group import torchrun_rank
 from lmstack.infer.tp_worker import run_worker
 from lmstack.model.load_guard import set_max_model_gib
+from lmstack.rag.embed import load_embedder
 from lmstack.runtime.device import pick_device
 from lmstack.serve.app import create_app
 from lmstack.serve.engine_bridge import ServerConfig
 from lmstack.serve.limits import RequestLimits
 from lmstack.serve.prompt_compression import CompressionConfig
+from lmstack.serve.rag_routes import RagService
 from lmstack.threads import set_threads
 
 def load_serving_adapters(model: Any, paths: dict[str, str]) -> dict[str, Any]:
@@ -64,6 +67,17 @@ def parse_adapters(adapters: list[str] | None) -> dict[str, str] | None:
     return out
 
 
+def load_rag(rag_index: str | None, embedder: str | None) -> RagService | None:
+    """The retriever and embedder behind RAG chat and /v1/embeddings (None when neither is asked for)."""
+    if rag_index is None and embedder is None:
+        return None
+    # lazy: the index pulls scipy (BM25) and tqdm, which a server without --rag_index never needs
+    from lmstack.rag.index import Index
+
+    emb = load_embedder(embedder) if embedder is not None else None
+    return RagService(Index.open(rag_index, embedder=emb) if rag_index is not None else None, emb)
+
+
 def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     """(FastAPI app, AsyncLLMEngine) for a model directory."""
 
@@ -72,6 +86,7 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
         raise LmstackError(f"--model {model}: no config.json there; give a model directory (lmstack or HF layout)")
     source: Any = str(path)
     adapter_paths = engine_kwargs.pop("adapter_paths", None)
+    rag = engine_kwargs.pop("rag", None)
     if adapter_paths:  # adapters hook into the model's Linears, so the model is loaded first
 
         source = lmstack.load_model(path, dtype=engine_kwargs.get("dtype"), device=engine_kwargs.get("device", "cpu"))
@@ -80,7 +95,7 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     aengine = AsyncLLMEngine(source, **engine_kwargs)
     if aengine.tokenizer is None:
         raise LmstackError(f"--model {model}: no tokenizer.json there; the server needs the model's tokenizer")
-    return create_app(aengine, config), aengine
+    return create_app(aengine, config, rag=rag), aengine
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -91,7 +106,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           device: str = "auto", dtype: str = "auto", threads: int = 0, seed: int = 0,
           log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float | None = None,
           compression: CompressionConfig = CompressionConfig(), tool_call_parser: str = "auto",
-          tensor_parallel_size: int = 1, kv_cache_dtype: Literal["auto", "int8"] = "auto") -> None:
+          tensor_parallel_size: int = 1, kv_cache_dtype: Literal["auto", "int8"] = "auto",
+          rag_index: str | None = None, embedder: str | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -131,6 +147,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             itself; under torchrun with WORLD_SIZE=N, rank 0 serves HTTP and the other ranks run the worker loop.
         kv_cache_dtype: auto (the KV cache in the model's dtype) or int8 (int8 with a per-token, per-head fp32 scale:
             ~3.8x the tokens of an fp32 cache in the same memory; see lmstack.infer.kv_quant).
+        rag_index: A retrieval index (`lmstack rag index`): chat requests with "rag": {"k": 5} or a tool named
+            `retrieve` are answered from it with citations, and /v1/embeddings serves its embedder.
+        embedder: The embedder /v1/embeddings serves (and the index is searched with): minilm or an encoder
+            directory (default: the one the index was built with).
     """
     # lazy: heavy (uvicorn), which this module does not import at its top
     import uvicorn
@@ -150,7 +170,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                              max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,
                              seed=seed, adapter_paths=parse_adapters(adapters),
-                             tensor_parallel_size=tensor_parallel_size, kv_cache_dtype=kv_cache_dtype)
+                             tensor_parallel_size=tensor_parallel_size, kv_cache_dtype=kv_cache_dtype,
+                             rag=load_rag(rag_index, embedder))
     stats = aengine.stats()
     print(f"lmstack serve: {config.model_name} on http://{host}:{port} ({dev}, {str(torch_dtype)[6:]}, "
           f"{torch.get_num_threads()} threads, "

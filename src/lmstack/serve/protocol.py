@@ -65,6 +65,26 @@ class PromptCompressionOptions(_Strict):
     """Canonically reformat the text first (NFKC, one kind of quotes, collapsed spaces); needs no scorer."""
 
 
+class RagOptions(_Strict):
+    """lmstack extension (`lmstack serve --rag_index IDX`): answer from retrieved chunks, numbered [1]..[k]
+    before the last user message; the response carries them as `citations`."""
+    k: int = Field(default=5, ge=1, le=50)
+    """How many chunks to retrieve (fewer go in when they would not fit the context)."""
+    mode: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    """Sparse, dense, or both fused."""
+    query: str | None = None
+    """What to search for (default: the last user message)."""
+
+
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings, OpenAI's shape: text or a list of texts."""
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
 class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -151,6 +171,8 @@ class ChatCompletionRequest(_SamplingFields):
     """lmstack extension: end the prompt with the assistant-turn opener (the usual case)."""
     chat_template_kwargs: dict[str, Any] | None = None
     """vLLM's extension: extra variables for the model's Jinja chat template (e.g. {"enable_thinking": false})."""
+    rag: RagOptions | None = None
+    """lmstack extension: retrieval-augmented answer with citations (needs a server started with --rag_index)."""
 
 
 class TokenizeRequest(_Strict):

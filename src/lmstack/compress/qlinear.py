@@ -23,7 +23,7 @@ Usage:
     q = QuantLinear.from_weight(qw, bias=None)                  # qw: a QuantizedWeight (RTN / GPTQ / AWQ)
     y = q(x)                                                    # ~= F.linear(x, dequantize(qw))
     quantize_linears(model, bits=4, group_size=128)             # every block Linear, round to nearest, in place
-    quantize_head(model)                                        # the LM head (and a tied embedding) to int8
+    quantize_head(model)                                        # the LM head and the embedding to int8
     q.weight_fp32()                                             # the (O, I) weight it computes with, input order
 """
 from __future__ import annotations
@@ -212,17 +212,24 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """The input embedding of a model whose tied LM head is an int8 QuantLinear with one scale per vocab row: it
-    gathers rows of the head's own codes, so the tied pair is stored once (as llama.cpp stores token_embd once)."""
+    """An input embedding stored as int8 codes (vocab, d_model) with one scale per row, as GGUF's q8_0
+    token_embd; forward dequantizes only the rows it gathers. `QuantEmbedding.from_int8(q)` takes the codes of an
+    int8 QuantLinear: for a tied model that is the LM head itself, so the tied pair is stored once."""
 
-    def __init__(self, head: QuantLinear):
+    def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        if head.fmt != "int8" or head.group_size != head.in_features or head.perm is not None:
-            raise LmstackError("a quantized tied embedding needs an int8 head with one scale per row "
-                               f"(got fmt={head.fmt}, group_size={head.group_size})")
-        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
-        self.register_buffer("codes", head.codes)   # the same tensors as the head's: one copy in memory
-        self.register_buffer("scales", head.scales)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("codes", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(num_embeddings, 1))
+
+    @classmethod
+    def from_int8(cls, q: QuantLinear) -> "QuantEmbedding":
+        if q.fmt != "int8" or q.group_size != q.in_features or q.perm is not None:
+            raise LmstackError("a quantized embedding needs int8 codes with one scale per row "
+                               f"(got fmt={q.fmt}, group_size={q.group_size})")
+        m = cls(q.out_features, q.in_features)
+        m.codes, m.scales = q.codes, q.scales  # the same tensors, not copies
+        return m
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.codes[idx].float() * self.scales[idx]
@@ -233,7 +240,7 @@ class QuantEmbedding(nn.Module):
         return dequantize_int8(self.codes, self.scales)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, fmt=int8 (tied to lm_head)"
+        return f"{self.num_embeddings}, {self.embedding_dim}, fmt=int8"
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -262,10 +269,11 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
 
 @torch.no_grad()
 def quantize_head(model: nn.Module) -> QuantLinear:
-    """The LM head to int8 with one scale per vocab row, in place. At decode the head is the largest single
-    matrix a small model reads per token (llama-base: 32000 x 768, a fifth of its bytes), so a weight-only
-    model with an fp32 head stays bound by the head. A tied model gets a QuantEmbedding that gathers rows of the
-    same codes. Returns the new head."""
+    """The LM head and the input embedding to int8 with one scale per vocab row, in place. At decode the head is
+    the largest single matrix a small model reads per token (llama-base: 32000 x 768, a fifth of its bytes), so
+    a weight-only model with an fp32 head stays bound by the head; the embedding is read one row a token, but it
+    is as big on disk and in memory. A tied model's QuantEmbedding gathers rows of the head's own codes; an
+    untied one gets codes of its own. Returns the new head."""
     cfg = model.config
     if cfg.head != "lm":
         raise LmstackError(f"only an LM head can be quantized (this model's head is {cfg.head!r})")
@@ -276,5 +284,9 @@ def quantize_head(model: nn.Module) -> QuantLinear:
     q = QuantLinear.from_weight(quantize_rtn(w.detach(), 8, None, symmetric=True), None, method="rtn").to(w.device)
     model.lm_head = q
     if tied:
-        model.tok_emb = QuantEmbedding(q)
+        model.tok_emb = QuantEmbedding.from_int8(q)
+    else:
+        e = model.tok_emb.weight.detach()
+        model.tok_emb = QuantEmbedding.from_int8(
+            QuantLinear.from_weight(quantize_rtn(e, 8, None, symmetric=True), None, method="rtn").to(e.device))
     return q

@@ -27,6 +27,9 @@ int4_gptq_seq is sequential GPTQ (gptq_model.py): each block's Hessians collecte
 earlier blocks are already quantized (its method_seconds include those calibration passes).
 int4_gptq_actorder_static is act-order with static groups (what `lmstack quantize --act_order` stores: no
 permutation). fp8_e4m3 / fp8_e5m2: FP8 storage with one scale per output channel (QuantLinear.from_fp8).
+A row named <method>+int8_head also quantizes the LM head and the embedding (tied here) to int8 per vocab row
+with qlinear.quantize_head, the real QuantLinear / QuantEmbedding modules: what `lmstack quantize` stores by
+default (--head int8); the rows without it keep them fp32.
 
 Each row: ours = the method's perplexity, baseline = the fp32 model's on the same tokens; ratio > 1 would
 mean better than fp32. config carries the relative change in % and its standard error (paired over the
@@ -63,7 +66,7 @@ from lmstack.compress.calibration import block_linears, collect_stats
 from lmstack.compress.gptq import gptq_quantize
 from lmstack.compress.gptq_model import gptq_model
 from lmstack.compress.prune import prune_magnitude, prune_sparsegpt, prune_wanda
-from lmstack.compress.qlinear import QuantLinear
+from lmstack.compress.qlinear import QuantLinear, quantize_head
 from lmstack.compress.quant_storage import dequantize_nf4, quantize_nf4
 from lmstack.compress.quantize_rtn import dequantize, quantize_rtn
 from lmstack.compress.smoothquant import quantize_w8a8, smooth_model, w8a8_linear
@@ -269,6 +272,9 @@ def main() -> None:
         f"int4_gptq_seq_g{g}": (lambda m: gptq_model(m, None, 4, g, sequential=True, calib=calib), 1 / 1.03),
     }
     names = list(weight_methods) + list(model_methods) + ["smoothquant_w8a8"]
+    head_rows = ["int8_rtn_per_channel", f"int4_rtn_g{g}", f"int4_gptq_g{g}", f"int4_awq_folded_g{g}",
+                 "fp8_e4m3_per_channel", "smoothquant_w8a8"]
+    names += [f"{n}+int8_head" for n in head_rows]
     if args.methods:
         wanted = args.methods.split(",")
         unknown = [m for m in wanted if m not in names + ["fp32"]]
@@ -278,6 +284,7 @@ def main() -> None:
 
     rows = []
     for name in names:
+        name, _, head = name.partition("+")
         if name == "fp32":
             m, spent, goal = model, 0.0, None
         elif name == "smoothquant_w8a8":
@@ -288,6 +295,11 @@ def main() -> None:
         else:
             fn, goal = weight_methods[name]
             m, spent = apply_weights(model, fn)
+        if head:
+            if m is model:
+                sys.exit("quant_quality: fp32+int8_head is not a row; use a method name")
+            quantize_head(m)  # m is the method's own copy
+            name = f"{name}+{head}"
         for text_name, wins in texts.items():
             t = time.perf_counter()
             nll = window_nll(m, wins)
@@ -302,7 +314,9 @@ def main() -> None:
                                eval_tokens=int(wins[:, 1:].numel()), calib_tokens=int(calib.numel()),
                                calib_samples=int(calib.shape[0]), seq_len=length, group_size=g,
                                threads=args.threads, model=str(model_dir),
-                               linears="every nn.Linear in model.blocks; embedding and tied head fp32"))
+                               linears="every nn.Linear in model.blocks; " + (
+                                   "embedding and tied head int8 per row (quantize_head)" if head else
+                                   "embedding and tied head fp32")))
             print(f"{name:28s} {text_name:12s} ppl {ppl:9.4f} (fp32 {base[text_name]:.4f}, {rel:+.2f}%) "
                   f"method {spent:.1f}s eval {eval_s:.1f}s", flush=True)
         del m

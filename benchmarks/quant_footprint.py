@@ -2,7 +2,7 @@
 loads the model and decodes with it.
 
 One model, the same weights for every row: the ~125M llama-base preset (vocab 32000, d_model 768, 12 layers,
-GQA 12/3 heads, tied embeddings), fixed-seed random weights (footprint does not depend on the values), saved
+GQA 12/3 heads, untied embedding and head), fixed-seed random weights (footprint does not depend on the values), saved
 fp32. From it:
 - lmstack quantized directories (lmstack.compress.quantize_cli.quantize): int8 per channel, int4 g128, NF4,
   FP8 e4m3 (compressed-tensors layout, qformat.py);
@@ -15,10 +15,11 @@ through llama-cpp-python when importable). The row reports peak RSS (VmHWM) minu
 the interpreter and the libraries are not counted, and ratio = fp32's / this row's (higher = smaller).
 
 What is counted differs by runtime, and the rows say so: lmstack memory-maps fp32 safetensors (the weights are
-file pages, counted in RSS once touched) and copies quantized codes into module buffers; the embedding and
-LM head stay fp32 in every lmstack format (llama-base's untied 32000 x 768 embedding and
-head are 197 MB of its 494 MB), so the whole-model ratio is well under the linears' 4x / 8x; GGUF quantizes
-both (q8_0 / q4_0, as llama.cpp's converter does). Their byte count (arithmetic) is in each row's config.
+file pages, counted in RSS once touched) and copies quantized codes into module buffers. The embedding and
+the LM head (llama-base's untied 32000 x 768 pair: 197 MB of its 494 MB in fp32) are int8 per row in the int8,
+int4 and fp8 directories (`lmstack quantize`'s default --head int8) and fp32 in the NF4 one; GGUF quantizes
+them too (q8_0 in q8_0 files; q4_0 / q6_K in q4_0 ones, as llama.cpp's quantizer does). Their byte count
+(arithmetic) is in each row's config.
 
 Usage (the run that wrote results/quant_footprint.json; ~4 minutes on 2 cores):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_footprint.py
@@ -192,9 +193,13 @@ def main() -> None:
     base = measured["fp32 (lmstack, safetensors)"]
     rows = []
     for label, m in measured.items():
-        # arithmetic: the fp32 bytes every lmstack format keeps (embedding, and the LM head when untied)
+        # arithmetic: the bytes of the embedding and LM head tables in lmstack's formats: fp32 in fp32 and NF4,
+        # int8 codes plus one fp32 scale per row otherwise (GGUF and ONNX rows: the fp32 figure, for reference)
+        tables = 1 if cfg.tie_embeddings else 2
+        fp32_tables = label.split()[0] in ("fp32", "nf4") or "gguf" in label or "onnx" in label
         common = dict(preset=args.preset, params=n_params, file=label,
-                      fp32_embedding_and_head_bytes_arithmetic=emb_bytes * (1 if cfg.tie_embeddings else 2))
+                      lmstack_embedding_and_head_bytes_arithmetic=(
+                          tables * emb_bytes if fp32_tables else tables * (emb_bytes // 4 + 4 * cfg.vocab_size)))
         key = SHORT[label]
         rows.append(result("quant_footprint", f"disk_bytes_{key}", False, m["disk"], "fp32 safetensors",
                            base["disk"], rss_skipped=m.get("why"), **common))

@@ -134,6 +134,20 @@ class RAG:
                                      retrieve_s=r_s, generate_s=share))
         return answers
 
+    def training_chats(self, pairs: list[tuple[str, str]], gold: list[str] | None = None) -> list[dict]:
+        """Retrieval-formatted SFT records {'messages': [...]} for (question, answer) pairs: the exact prompt
+        `ask` would build (same retrieval, numbering and trimming) and the answer citing the chunk that holds
+        `gold[i]` (default: the answer itself), so a model fine-tuned on them learns to read and cite its context."""
+        records = []
+        for i, (q, a) in enumerate(pairs):
+            prompt = self.prompt(q, self.retrieve(q))
+            needle = (gold[i] if gold else a).lower()
+            cite = [n for n, h in enumerate(prompt.hits, 1) if needle in h.chunk.text.lower()][:1]
+            marks = "".join(f"[{n}]" for n in cite)
+            text = a.rstrip().rstrip(".") + (f" {marks}." if marks else ".")
+            records.append({"messages": prompt.messages + [{"role": "assistant", "content": text}]})
+        return records
+
     def ask_closed_book(self, question: str) -> RagAnswer:
         """The same model asked with no retrieved context (the baseline)."""
         return self.ask_closed_book_many([question])[0]

@@ -10,12 +10,13 @@ One module for every weight format `lmstack quantize` writes (qformat.py saves a
   GPTQ's act-order keeps its columns in quantization order: `perm` (I,) says which input column each stored
   column is, and forward gathers x's columns once instead of scattering the weight.
 - "w8a8" (SmoothQuant): int8 weights as "int8" with one scale per channel, and the activations quantized to int8
-  per token at run time; the product is computed in integers (smoothquant.w8a8_linear).
+  per token at run time; the product is computed in integers (lmstack.kernels.quant.w8a8_linear: a C++ int8 x
+  int8 -> int32 kernel for decode rows, torch._int_mm past them, bit for bit smoothquant.w8a8_linear's reference).
 - "fp8_e4m3" / "fp8_e5m2": codes float8 (O, I) with one fp32 scale per output channel.
 
 Forward never keeps an fp32 copy of the weight: int8 and int4 go through lmstack.kernels.quant, whose C++ kernels
-read the packed codes directly for decode-sized inputs and dequantize per call otherwise; fp8 and w8a8 dequantize
-(or run the integer reference) per call. The codes are buffers, so `.to(dtype)` leaves them alone, and the
+read the packed codes directly for decode-sized inputs and dequantize per call otherwise; w8a8 multiplies in
+integers through the same module; fp8 dequantizes per call. The codes are buffers, so `.to(dtype)` leaves them alone, and the
 module has no trainable weight.
 
 Usage:
@@ -34,7 +35,6 @@ from torch import nn
 
 from lmstack.compress.calibration import block_linears
 from lmstack.compress.quantize_rtn import QuantizedWeight, quantize_rtn
-from lmstack.compress.smoothquant import w8a8_linear
 from lmstack.errors import LmstackError
 from lmstack.kernels import quant as quant_kernels
 from lmstack.kernels.quant import dequantize_int4, dequantize_int8
@@ -147,8 +147,7 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         if self.fmt == "w8a8":
-            qw = QuantizedWeight(self.codes, self.scales, None, 8, self.in_features)
-            return w8a8_linear(x, qw, bias).to(x.dtype)
+            return quant_kernels.w8a8_linear(x, self.codes, self.scales, bias)
         if self.fmt == "int8":
             return quant_kernels.int8_linear(x, self.codes, self.scales, bias)
         if self.fmt == "int4":

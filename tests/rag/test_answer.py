@@ -1,6 +1,9 @@
 """RAG.ask through a real lmstack.LLM (a tiny random llama) over an in-test list retriever: the prompt holds
 the retriever's top-k, the answer is the engine's greedy reply to exactly that prompt, and the citations in a
 reply are parsed and checked against the chunks they name."""
+import hashlib
+
+import numpy as np
 import pytest
 import torch
 
@@ -8,10 +11,12 @@ import lmstack
 from lmstack.model.presets import preset
 from lmstack.errors import LmstackError
 from lmstack.infer.outputs import CompletionOutput, RequestOutput
-from lmstack.rag.answer import RAG, RagAnswer
+from lmstack.rag.answer import RAG, RagAnswer, world_bio_documents
+from lmstack.rag.index import Index
 from lmstack.rag.prompt import content_words
-from lmstack.rag.types import Chunk, Hit
+from lmstack.rag.types import Chunk, Document, Hit
 from lmstack.tokenizer import train_tokenizer
+from lmstack.world import World
 
 BIOS = {
     "ada": "Ada Ashford was born in Amberhaven. She studied botany at Norvale University.",
@@ -103,3 +108,35 @@ def test_bad_arguments_are_clear_errors(llm):
         RAG(llm, object())
     with pytest.raises(LmstackError, match="empty"):
         RAG(llm, ListRetriever(BIOS)).ask("   ")
+
+
+class HashEmbedder:
+    """Bag of hashed words, L2-normalised (a deterministic test embedder)."""
+    name, dim = "hash-32", 32
+
+    def embed(self, texts, batch_size=64):
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_rag_over_the_real_index_and_training_chats_cite_the_gold_chunk(llm):
+    docs = [Document(d, t, "bios") for d, t in BIOS.items()]
+    with Index.build(docs, HashEmbedder()) as index:
+        rag = RAG(llm, index, k=2, mode="hybrid", max_tokens=4)
+        ans = rag.ask("Where was Bo Brant born?")
+        assert ans.hits[0].chunk.doc_id == "bo" and ans.hits[0].chunk.text == BIOS["bo"]
+        (chat,) = rag.training_chats([("Where was Bo Brant born?", "Bo Brant was born in Coldwater.")],
+                                     gold=["Coldwater"])
+    msgs = chat["messages"]
+    assert msgs[:-1] == rag.prompt("Where was Bo Brant born?", ans.hits).messages  # exactly what ask() sends
+    assert msgs[-1] == {"role": "assistant", "content": "Bo Brant was born in Coldwater [1]."}
+
+
+def test_world_bios_state_every_fact_once_per_person():
+    world = World(seed=2, n_people=5)
+    docs = world_bio_documents(world)
+    assert [d.doc_id for d in docs] == [f"bio/{p.name}" for p in world.people]
+    assert all(world.is_correct(p, "birth_city", d.text) for p, d in zip(world.people, docs))

@@ -24,7 +24,6 @@ Run (under the shared lock; a model is the speedrun's SFT model, found under /tm
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import math

@@ -60,8 +60,8 @@ class RagAnswer:
         cites = []
         for c in self.checks:
             hit = self.hits[c.n - 1] if c.exists else None
-            cites.append({"n": c.n, "ok": c.ok, "overlap": round(c.overlap, 3), "span": list(c.span) if c.span else None,
-                          "span_text": c.span_text, "chunk_id": hit.chunk.chunk_id if hit else None,
+            cites.append({"n": c.n, "ok": c.ok, "overlap": round(c.overlap, 3),
+                          "span": list(c.span) if c.span else None, "span_text": c.span_text, "chunk_id": hit.chunk.chunk_id if hit else None,
                           "doc_id": hit.chunk.doc_id if hit else None, "source": hit.chunk.source if hit else None})
         return {"question": self.question, "answer": self.text, "citations": self.citations, "checks": cites,
                 "hits": [{"n": i, "chunk_id": h.chunk.chunk_id, "doc_id": h.chunk.doc_id, "score": h.score,

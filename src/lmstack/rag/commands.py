@@ -6,6 +6,7 @@ Usage:
     lmstack rag index --world 0 --out idx                          # the synthetic world's bios (seed 0)
     lmstack rag query "Where was Ada Ashford born?" --index idx --mode bm25 --k 5
     lmstack rag ask "Where was Ada Ashford born?" --model runs/sft --index idx
+    lmstack rag query "Where was Ada Ashford born?" --index idx --rerank runs/cross-encoder   # cross-encoder pass
     lmstack rag check --index idx --text "Ada Ashford was born in Coldwater and works for Zentrix."
     lmstack rag check --index idx --text "..." --judge lm --model runs/sft --revise
     lmstack rag eval --model runs/sft --index idx --world runs/x/world --n 200 --out rag_eval.json
@@ -31,6 +32,7 @@ from lmstack.rag.encoder_train import EncoderTrainConfig, train_encoder, world_t
 from lmstack.rag.factcheck import FactChecker
 from lmstack.rag.index import BACKENDS, Index
 from lmstack.rag.ingest import read_path
+from lmstack.rag.rerank import load_reranker
 from lmstack.runtime.device import pick_device
 from lmstack.threads import set_threads
 from lmstack.world import World
@@ -111,7 +113,7 @@ def index(docs: str | None = None, out: str | None = None, world: str | None = N
 
 
 def query(question: str, index: str | None = None, mode: Mode = "hybrid", k: int = 5, embedder: str | None = None,
-          json_output: bool = False) -> dict:
+          rerank: str | None = None, json_output: bool = False) -> dict:
     """Search an index and print the ranked chunks.
 
     Args:
@@ -120,10 +122,12 @@ def query(question: str, index: str | None = None, mode: Mode = "hybrid", k: int
         mode: bm25 (sparse), dense (embeddings) or hybrid (both, reciprocal-rank fused).
         k: how many chunks.
         embedder: the embedder to search with (default: the one the index was built with).
+        rerank: a cross-encoder directory (rag train_cross_encoder) that reorders the top candidates.
         json_output: print one JSON object instead of a table.
     """
+    reranker = load_reranker(rerank) if rerank else None
     with Index.open(_need(index, "index", "query"), embedder=embedder) as idx:
-        hits = idx.search(question, k=k, mode=mode)
+        hits = idx.search(question, k=k, mode=mode, rerank=reranker)
     rows = [{"rank": h.rank, "score": round(h.score, 5), "chunk_id": h.chunk.chunk_id, "doc_id": h.chunk.doc_id,
              "source": h.chunk.source, "scores": h.scores, "text": h.chunk.text} for h in hits]
     lines = [f"[{r['rank']}] {r['score']:.4f} {r['chunk_id']} ({r['source']}): {' '.join(r['text'].split())[:160]}"
@@ -132,8 +136,8 @@ def query(question: str, index: str | None = None, mode: Mode = "hybrid", k: int
 
 
 def ask(question: str, model: str | None = None, index: str | None = None, k: int = 5, mode: Mode = "hybrid",
-        max_tokens: int = 48, closed_book: bool = False, device: str = "auto", threads: int = 0,
-        json_output: bool = False) -> dict:
+        max_tokens: int = 48, closed_book: bool = False, rerank: str | None = None, device: str = "auto",
+        threads: int = 0, json_output: bool = False) -> dict:
     """Answer a question from the index with [n] citations, and check each citation.
 
     Args:
@@ -144,13 +148,14 @@ def ask(question: str, model: str | None = None, index: str | None = None, k: in
         mode: bm25, dense or hybrid retrieval.
         max_tokens: most tokens in the answer.
         closed_book: ask the model with no retrieved context (the baseline).
+        rerank: a cross-encoder directory that reorders the retrieved candidates before the top k go in.
         device: auto, cpu or cuda.
         threads: CPU threads for torch (0 = auto).
         json_output: print one JSON object instead of the answer and its sources.
     """
     llm = open_llm(_need(model, "model", "ask"), device, threads, max_num_seqs=1)
     with Index.open(_need(index, "index", "ask")) as idx:
-        rag = RAG(llm, idx, k=k, mode=mode, max_tokens=max_tokens)
+        rag = RAG(llm, idx, k=k, mode=mode, max_tokens=max_tokens, rerank=load_reranker(rerank) if rerank else None)
         ans = rag.ask_closed_book(question) if closed_book else rag.ask(question)
     payload = ans.to_dict()
     lines = [ans.text or "(empty answer)"]

@@ -77,7 +77,7 @@ class EncoderTrainConfig:
     hard_pool: int = 10
     """Hard negatives are drawn from BM25's top hard_pool non-positive passages."""
     lr: float = 0.0
-    """Peak learning rate; 0 = 3e-5 when fine-tuning, 1e-3 from scratch."""
+    """Peak learning rate; 0 = 3e-5 when fine-tuning, 1e-3 from scratch (a cross-encoder's new head: >= 1e-3)."""
     warmup: float = 0.1
     """Fraction of the steps with a linear warm-up; the rest decays linearly to 0."""
     temperature: float = 0.05
@@ -205,12 +205,15 @@ def _negatives(idx: list[int], hard: list[list[int]], n: int, n_texts: int, rng:
     return [rng.choice(hard[i]) if hard[i] else rng.randrange(n_texts) for i in idx for _ in range(n)]
 
 
-def _loop(cfg: EncoderTrainConfig, params, resolved, loss_fn, desc: str) -> list[dict]:
+def _loop(cfg: EncoderTrainConfig, params, resolved, loss_fn, desc: str, new_params=()) -> list[dict]:
     """The optimisation loop both trainers share: AdamW, linear warm-up then decay, clipping, a log per step.
-    loss_fn(batch pair indices) -> (loss, accuracy)."""
+    loss_fn(batch pair indices) -> (loss, accuracy). new_params (a freshly initialised head) learn at least at
+    1e-3: at a fine-tuning rate a random head would barely move in a short run."""
     lr = cfg.lr or (1e-3 if cfg.init == "scratch" else 3e-5)
-    params = list(params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    params, new_params = list(params), list(new_params)
+    groups = [{"params": params, "lr": lr}] + ([{"params": new_params, "lr": max(lr, 1e-3)}] if new_params else [])
+    params = params + new_params
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
     warm = max(1, int(cfg.warmup * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
@@ -289,8 +292,7 @@ def train_cross_encoder(passages: Sequence[str | Chunk], pairs: Sequence[tuple[s
         target = torch.zeros(len(idx), dtype=torch.long, device=logits.device)
         return torch.nn.functional.cross_entropy(logits, target), (logits.argmax(-1) == 0).float().mean()
 
-    log = _loop(cfg, list(ce.model.parameters()) + list(ce.head.parameters()), resolved, loss_fn,
-                "train-cross-encoder")
+    log = _loop(cfg, ce.model.parameters(), resolved, loss_fn, "train-cross-encoder", new_params=ce.head.parameters())
     ce.model.eval()
     _publish(out, ce.save, cfg, log, n_pairs=len(resolved), n_passages=len(texts))
     return out

@@ -5,7 +5,6 @@ reference (compress/smoothquant.py) bit for bit, in the kernel and in the torch 
 the build key.
 
 The extension is built once per machine into the user cache; the session fixture does it once for all tests."""
-import types
 
 import pytest
 import torch

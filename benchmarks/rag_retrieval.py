@@ -23,7 +23,7 @@ Speed (same machine, same torch threads, runs interleaved):
   (20 paraphrases per person), one query at a time, top 10; plus index build time and bm25s' batched retrieve
 
 Usage:
-    flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/rag_retrieval.py     # ~15-20 min, 2 busy cores
+    flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/rag_retrieval.py     # ~15 min, 2 busy cores
     .venv/bin/python benchmarks/rag_retrieval.py --train-seconds 30 --queries 300          # a quick look
 """
 from __future__ import annotations
@@ -181,13 +181,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--queries", type=int, default=0, help="test questions to use (0 = all)")
-    ap.add_argument("--train-seconds", type=float, default=120.0, help="wall-clock budget of each encoder start")
+    ap.add_argument("--train-seconds", type=float, default=90.0, help="wall-clock budget of each encoder start")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lm", default=None, help="causal LM dir for the reranker (default: the newest speedrun's)")
     ap.add_argument("--rerank-candidates", type=int, default=20)
-    ap.add_argument("--rerank-queries", type=int, default=60,
+    ap.add_argument("--rerank-queries", type=int, default=40,
                     help="test questions (evenly spaced) for the reranked row: one LM forward per candidate")
-    ap.add_argument("--embed-texts", type=int, default=512)
+    ap.add_argument("--embed-texts", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default="/tmp/rag_retrieval_bench")
     args = ap.parse_args()

@@ -135,3 +135,10 @@ def test_two_processes_write_at_once(tmp_path):
     assert len(store) == 2 * (20 * 20 + 10 * 5)
     ids, matrix = store.matrix()
     assert matrix.shape == (900, 8) and len(set(ids)) == 900
+
+
+def test_get_can_skip_missing(tmp_path):
+    store = SQLiteStore(tmp_path / "i.db", name="fake", dim=8)
+    d, cs = _doc("x")
+    store.add([d], cs, _unit(np.random.default_rng(2), 2))
+    assert [c.chunk_id for c in store.get(["gone#0", "x#1", "x#0"], skip_missing=True)] == ["x#1", "x#0"]

@@ -297,10 +297,11 @@ class Index:
             ranked = blend([dict(sparse), dict(dense)], list(weights))
         ranked = ranked[:n if rerank is not None else k]
         by_source = {"bm25": dict(sparse), "dense": dict(dense)}
-        chunks = self.store.get([i for i, _ in ranked])
-        hits = [Hit(c, float(s), r, {name: float(m[c.chunk_id]) for name, m in by_source.items()
-                                    if c.chunk_id in m})
-                for r, (c, (_, s)) in enumerate(zip(chunks, ranked), 1)]
+        # a chunk another process deleted since this process's caches last looked is left out, not an error
+        chunks = {c.chunk_id: c for c in self.store.get([i for i, _ in ranked], skip_missing=True)}
+        ranked = [(i, s) for i, s in ranked if i in chunks]
+        hits = [Hit(chunks[i], float(s), r, {name: float(m[i]) for name, m in by_source.items() if i in m})
+                for r, (i, s) in enumerate(ranked, 1)]
         if rerank is not None:
             fn: Callable = rerank.rerank if hasattr(rerank, "rerank") else rerank
             hits = [Hit(h.chunk, h.score, r, h.scores) for r, h in enumerate(fn(query, hits, k)[:k], 1)]

@@ -177,15 +177,15 @@ class PgVectorStore(VectorStore):
                              "ORDER BY embedding <#> %s::vector LIMIT %s", (_vec(q), _vec(q), int(k))).fetchall()
         return [(r[0], float(r[1])) for r in rows]
 
-    def get(self, chunk_ids: list[str]) -> list[Chunk]:
+    def get(self, chunk_ids: list[str], skip_missing: bool = False) -> list[Chunk]:
         with self._lock:
             rows = self.conn.execute(f'SELECT chunk_id, doc_id, text, source, start, "end", heading_path, metadata '
                                      f"FROM {self._t('chunks')} WHERE chunk_id = ANY(%s)", (list(chunk_ids),))
             found = {r[0]: Chunk(r[0], r[1], r[2], r[3], r[4], r[5], tuple(r[6]), r[7]) for r in rows}
         missing = [i for i in chunk_ids if i not in found]
-        if missing:
+        if missing and not skip_missing:
             raise LmstackError(f"no chunk {missing[0]!r} in index {self.location}")
-        return [found[i] for i in chunk_ids]
+        return [found[i] for i in chunk_ids if i in found]
 
     def document(self, doc_id: str) -> Document:
         with self._lock:

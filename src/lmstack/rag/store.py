@@ -86,7 +86,7 @@ class VectorStore:
     def update(self, docs: list[Document], chunks: list[Chunk], vectors: np.ndarray) -> None: ...
     def delete(self, doc_ids: Iterable[str]) -> int: ...
     def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]: ...
-    def get(self, chunk_ids: list[str]) -> list[Chunk]: ...
+    def get(self, chunk_ids: list[str], skip_missing: bool = False) -> list[Chunk]: ...
     def document(self, doc_id: str) -> Document: ...
     def doc_ids(self) -> list[str]: ...
     def chunk_texts(self) -> tuple[list[str], list[str]]: ...
@@ -296,8 +296,8 @@ class SQLiteStore(VectorStore):
         return [(ids[i], float(scores[i])) for i in top_k(scores, k)]
 
     # --- reads ---
-    def get(self, chunk_ids: list[str]) -> list[Chunk]:
-        """Chunks by id, in the order asked; an unknown id raises."""
+    def get(self, chunk_ids: list[str], skip_missing: bool = False) -> list[Chunk]:
+        """Chunks by id, in the order asked; an unknown id raises, or is left out with skip_missing."""
         with self._lock:
             found = {}
             for i in range(0, len(chunk_ids), 500):
@@ -306,9 +306,9 @@ class SQLiteStore(VectorStore):
                      f"WHERE chunk_id IN ({','.join('?' * len(part))})")
                 found.update((r[0], _row_chunk(r)) for r in self.conn.execute(q, part))
         missing = [i for i in chunk_ids if i not in found]
-        if missing:
+        if missing and not skip_missing:
             raise LmstackError(f"no chunk {missing[0]!r} in index {self.location}")
-        return [found[i] for i in chunk_ids]
+        return [found[i] for i in chunk_ids if i in found]
 
     def document(self, doc_id: str) -> Document:
         with self._lock:

@@ -113,6 +113,10 @@ def test_faiss_kinds_recall_and_deletes(tmp_path, kind, options, floor):
     top = store.search(vecs[7], 1)[0][0]
     store.delete([top.split("#")[0]])
     assert top not in [i for i, _ in store.search(vecs[7], 20)]
+    # an addition after the index is built goes into it (HNSW: graph insert; IVF-PQ: encoded with its codebooks)
+    new = _unit(rng, 1, dim)
+    store.add([Document("new", "x")], [Chunk("new#0", "new", "x", "", 0, 1)], new)
+    assert store.search(new[0], 1)[0][0] == "new#0"
     store.close()
     # the saved file is loaded (not rebuilt) by the next open, and answers the same
     again = FaissStore(tmp_path / "f" / "index.db")

@@ -98,6 +98,9 @@ def rate_result(metric: str, ours: dict, baseline_name: str, base: dict, higher:
 
 def write_results(results: list[dict]) -> Path:
     """results/rag.json, atomically (as _common.write_result, which cannot print a None ratio)."""
+    for r in results:  # JSON has no Infinity: a zero denominator leaves the ratio null
+        if r["ratio"] is not None and not math.isfinite(r["ratio"]):
+            r["ratio"] = None
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{NAME}.json"
     tmp = path.with_suffix(".json.tmp")

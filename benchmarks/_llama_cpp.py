@@ -13,6 +13,7 @@ Usage:
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -76,24 +77,51 @@ def quantize(gguf: Path, kind: str = "q4_0") -> Path:
     return out
 
 
+_WORKER = r"""
+import json, sys, time
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=int(sys.argv[3]), n_threads=int(sys.argv[2]), n_threads_batch=int(sys.argv[2]),
+            n_batch=64, verbose=False)
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    out = []
+    start = time.perf_counter()
+    # temp 0 is llama.cpp's greedy sampler; generate() never stops on EOS by itself
+    for tok in llm.generate(job["prompt"], temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        out.append(tok)
+        if len(out) == job["n"]:
+            break
+    print(json.dumps({"tokens": out, "seconds": time.perf_counter() - start}), flush=True)
+llm.close()
+"""
+
+
 class Decoder:
-    """One loaded GGUF; `run` decodes greedily and returns (new tokens, seconds of the decode loop)."""
+    """One loaded GGUF in a worker process of its own; `run` decodes greedily and returns (new tokens, seconds of
+    the decode loop, timed inside the worker). A process of its own because llama.cpp's OpenMP runtime and the
+    one torch bundles crash when both live in one process (seen: a segfault loading the model after torch ran);
+    it also keeps the two runtimes' thread pools from competing while the other decodes."""
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int = 512):
-        from llama_cpp import Llama  # lazy: optional baseline
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(gguf), str(threads), str(n_ctx)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._read()
 
-        self.llm = Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=64,
-                         verbose=False)
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp worker exited (status {self.proc.poll()})")
+        return json.loads(line)
 
     def run(self, prompt: list[int], n_new: int) -> tuple[list[int], float]:
-        out: list[int] = []
-        start = time.perf_counter()
-        # temp 0 is llama.cpp's greedy sampler; generate() never stops on EOS by itself
-        for tok in self.llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            out.append(tok)
-            if len(out) == n_new:
-                break
-        return out, time.perf_counter() - start
+        self.proc.stdin.write(json.dumps({"prompt": list(prompt), "n": n_new}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        return reply["tokens"], reply["seconds"]
 
     def close(self) -> None:
-        self.llm.close()
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)

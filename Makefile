@@ -15,14 +15,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# Install the CPU build of torch first: a bare `pip install torch` here pulls a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,ray,export]"
+	$(PIP) install -q -e ".[dev,ray,export,rag]"
 	touch $@
 
 test: setup
 	$(PY) -m pytest -q
 
 test-slow: setup
-	$(PIP) install -q -e ".[dev,ray,export,lmeval]"
+	$(PIP) install -q -e ".[dev,ray,export,rag,lmeval]"
 	$(PY) -m pytest -q -m slow
 
 speedrun: setup

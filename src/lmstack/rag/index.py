@@ -43,6 +43,7 @@ from tqdm import tqdm
 from lmstack.errors import LmstackError
 from lmstack.rag.bm25 import BM25
 from lmstack.rag.chunking import ChunkConfig
+from lmstack.rag.embed import load_embedder
 from lmstack.rag.faiss_store import FaissStore
 from lmstack.rag.hybrid import blend, rrf
 from lmstack.rag.pgvector_store import PgVectorStore
@@ -59,8 +60,6 @@ def _resolve_embedder(embedder: Embedder | str | os.PathLike | None) -> tuple[Em
     """(embedder, spec to reload it by): a name such as "minilm" or an encoder directory is loaded."""
     if embedder is None or isinstance(embedder, Embedder):
         return embedder, None
-    # lazy: torch and the encoder load only when an index is built or opened with an embedder named by string
-    from lmstack.rag.embed import load_embedder
     spec = str(embedder)
     return load_embedder(spec), (spec if spec == "minilm" else str(Path(spec).resolve()))
 

@@ -30,6 +30,7 @@ from lmstack.infer.tp_group import torchrun_rank
 from lmstack.infer.tp_worker import run_worker
 from lmstack.model.load_guard import set_max_model_gib
 from lmstack.rag.embed import load_embedder
+from lmstack.rag.index import Index
 from lmstack.runtime.device import pick_device
 from lmstack.serve.app import create_app
 from lmstack.serve.engine_bridge import ServerConfig
@@ -71,9 +72,6 @@ def load_rag(rag_index: str | None, embedder: str | None) -> RagService | None:
     """The retriever and embedder behind RAG chat and /v1/embeddings (None when neither is asked for)."""
     if rag_index is None and embedder is None:
         return None
-    # lazy: the index pulls scipy (BM25) and tqdm, which a server without --rag_index never needs
-    from lmstack.rag.index import Index
-
     emb = load_embedder(embedder) if embedder is not None else None
     return RagService(Index.open(rag_index, embedder=emb) if rag_index is not None else None, emb)
 

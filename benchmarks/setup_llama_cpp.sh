@@ -17,7 +17,7 @@ VERSION=0.3.36
 CACHE=${LMSTACK_LLAMA_CPP:-$HOME/.cache/lmstack/llama_cpp}
 mkdir -p "$CACHE/wheels" "$CACHE/sdist"
 if ! ls "$CACHE"/wheels/llama_cpp_python-$VERSION-*.whl >/dev/null 2>&1; then
-  CMAKE_ARGS="${LLAMA_CPP_CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_CURL=OFF}" "$PY" -m pip wheel --no-deps "llama-cpp-python==$VERSION" \
+  CMAKE_ARGS="${LLAMA_CPP_CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_CURL=OFF}" "$PY" -m pip wheel --no-cache-dir --no-deps "llama-cpp-python==$VERSION" \
     -w "$CACHE/wheels"
 fi
 "$PY" -m pip install -q "$CACHE"/wheels/llama_cpp_python-$VERSION-*.whl

@@ -37,10 +37,10 @@ n_windows windows: per-window NLL differences, delta method), the method's wall 
 pruning all linears, calibration excluded; calibration time is in every row's config) and token counts.
 goal: ratio >= 1/1.005 for int8 (within +0.5%), >= 1/1.03 for GPTQ and AWQ int4 (within +3%).
 
-Usage (the run that wrote results/quant_quality.json; ~6 minutes on 2 quiet cores):
+Usage (the run that wrote results/quant_quality.json; ~40 minutes on 2 busy cores):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_quality.py \\
-        --model /tmp/sr7/runs/20261206-232127/pretrain/checkpoints/step_00000279/model \\
-        --run-dir /tmp/sr7/runs/20261206-232127
+        --model /tmp/sr8/runs/20261207-021912/pretrain/checkpoints/step_00000124/model \\
+        --run-dir /tmp/sr8/runs/20261207-021912
     # a few rows into another file (results/quant_quality.json holds all of them):
     ... --methods fp32,int4_awq_g32,int4_awq_folded_g32 --out benchmarks/results/quant_quality_awq.json
 """

@@ -79,7 +79,15 @@ def quantize(gguf: Path, kind: str = "q4_0") -> Path:
 
 _WORKER = r"""
 import json, sys, time
+import llama_cpp
 from llama_cpp import Llama
+if sys.argv[4] == "0":  # Llama() takes no such argument: its model params come from this function
+    default_params = llama_cpp.llama_model_default_params
+    def no_extra_bufts():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    llama_cpp.llama.llama_cpp.llama_model_default_params = no_extra_bufts
 llm = Llama(sys.argv[1], n_ctx=int(sys.argv[3]), n_threads=int(sys.argv[2]), n_threads_batch=int(sys.argv[2]),
             n_batch=64, verbose=False)
 print(json.dumps({"ready": True}), flush=True)
@@ -97,15 +105,23 @@ llm.close()
 """
 
 
+EXTRA_BUFTS = os.environ.get("LMSTACK_LLAMA_CPP_EXTRA_BUFTS", "0") == "1"
+"""llama.cpp's extra buffer types (its run-time weight repacking into CPU-specific layouts) are off unless
+LMSTACK_LLAMA_CPP_EXTRA_BUFTS=1: on the 2-core AVX-512 VM of 2026-12-07 (llama-cpp-python 0.3.36, native and
+AMX-free builds alike) every q8_0 / q4_0 decode with them segfaulted, and without them q8_0 ran (f32 has no repack
+either way). The benchmarks record which was used."""
+
+
 class Decoder:
     """One loaded GGUF in a worker process of its own; `run` decodes greedily and returns (new tokens, seconds of
-    the decode loop, timed inside the worker). A process of its own because llama.cpp's OpenMP runtime and the
-    one torch bundles crash when both live in one process (seen: a segfault loading the model after torch ran);
-    it also keeps the two runtimes' thread pools from competing while the other decodes."""
+    the decode loop, timed inside the worker). A process of its own, so llama.cpp's OpenMP runtime and the one torch
+    bundles never share a process, nor compete for threads while the other decodes; and a crash there is reported,
+    not fatal to the benchmark."""
 
-    def __init__(self, gguf: Path, threads: int, n_ctx: int = 512):
+    def __init__(self, gguf: Path, threads: int, n_ctx: int = 512, extra_bufts: bool = EXTRA_BUFTS):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(gguf), str(threads), str(n_ctx)],
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(gguf), str(threads), str(n_ctx),
+                                      "1" if extra_bufts else "0"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._read()
 

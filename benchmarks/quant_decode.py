@@ -24,7 +24,8 @@ the embedding table).
 
 llama.cpp (benchmarks/_llama_cpp.py; built by bash benchmarks/setup_llama_cpp.sh): the fp32 weights converted by
 llama.cpp's own converter to f32 and q8_0, and q4_0 by its quantizer, decoding the same prompt through
-llama-cpp-python in the same alternating runs. When it is not built its comparison is recorded as skipped, with
+llama-cpp-python (in a worker process) in the same alternating runs, with its weight repacking off
+(_llama_cpp.EXTRA_BUFTS: it segfaulted on this machine; config.llama_cpp_extra_bufts says which ran). When it is not built its comparison is recorded as skipped, with
 the reason, in the config of the int8 / int4 rows.
 
 Usage:
@@ -182,6 +183,7 @@ def main() -> None:
     common = dict(preset="llama-base", params=sum(p.numel() for p in base.parameters()), new_tokens=n,
                   prompt_len=args.prompt_len, threads=args.threads, fused_projections=True,
                   made_by="lmstack quantize, opened with lmstack.LLM(dir)",
+                  llama_cpp_extra_bufts=_llama_cpp.EXTRA_BUFTS if decoders else None,
                   read_bandwidth_gbps=round(bw, 2), isa=info()["isa"], torch=torch.__version__,
                   machine="2 cores, shared" if (os.cpu_count() or 0) <= 2 else f"{os.cpu_count()} cores",
                   load_average_at_end=os.getloadavg()[0], weights="fixed-seed random (speed only)")

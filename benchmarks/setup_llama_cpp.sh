@@ -5,12 +5,8 @@
 #
 #   bash benchmarks/setup_llama_cpp.sh [python]      # default python: .venv/bin/python
 #
-# LLAMA_CPP_CMAKE_ARGS replaces the default "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF", with LMSTACK_LLAMA_CPP naming
-# another cache. Seen on a VM whose CPU reports AMX: the native build's quantized (q8_0 / q4_0) decode
-# segfaulted in the AMX/repacked path, so we build for AVX-512 (VNNI, VBMI, BF16) without AMX there:
-#   LMSTACK_LLAMA_CPP=~/.cache/lmstack/llama_cpp_noamx LLAMA_CPP_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON \
-#     -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON \
-#     -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DLLAMA_CURL=OFF" bash benchmarks/setup_llama_cpp.sh
+# LLAMA_CPP_CMAKE_ARGS replaces the default "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" (LMSTACK_LLAMA_CPP then names
+# another cache); the wheel is built without pip's cache, so new arguments really rebuild.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 VERSION=0.3.36

@@ -77,15 +77,13 @@ def read_bandwidth(repeats: int = 5) -> float:
 
 
 def step_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads: every parameter and buffer but the (untied, float) embedding table, of which
-    one row is read."""
-    emb = model.tok_emb.weight if model.lm_head is not None and isinstance(model.tok_emb, torch.nn.Embedding) else None
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t is emb:
-            continue
-        total += t.numel() * t.element_size()
-    return total
+    """Bytes a decode step reads: every parameter and buffer but the input embedding's own table (one row of it is
+    read), float or int8 (QuantEmbedding); a table tied to the head is the head's and counts."""
+    def tensors(m: torch.nn.Module | None) -> list[torch.Tensor]:
+        return [] if m is None else list(m.parameters()) + list(m.buffers())
+    head = {id(t) for t in tensors(model.lm_head)} | ({id(model.tok_emb.weight)} if model.lm_head is None else set())
+    skip = {id(t) for t in tensors(model.tok_emb)} - head
+    return sum(t.numel() * t.element_size() for t in tensors(model) if id(t) not in skip)
 
 
 def build_variants(base: Transformer, root: str) -> dict[str, str]:

@@ -114,9 +114,9 @@ either way). The benchmarks record which was used."""
 
 class Decoder:
     """One loaded GGUF in a worker process of its own; `run` decodes greedily and returns (new tokens, seconds of
-    the decode loop, timed inside the worker). A process of its own, so llama.cpp's OpenMP runtime and the one torch
-    bundles never share a process, nor compete for threads while the other decodes; and a crash there is reported,
-    not fatal to the benchmark."""
+    the decode loop, timed inside the worker). A process of its own, so llama.cpp's OpenMP threads and torch's never
+    share a process or compete while the other decodes, and a crash there (its weight repacking segfaulted here) is
+    reported instead of killing the benchmark."""
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int = 512, extra_bufts: bool = EXTRA_BUFTS):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

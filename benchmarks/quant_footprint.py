@@ -46,16 +46,19 @@ from lmstack.model.transformer import Transformer
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, sys, time, resource
+import json, os, sys, time, resource
 from pathlib import Path
 kind, path, warm = sys.argv[1], sys.argv[2], sys.argv[3]
 def rss_kb(field):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
-import torch
-torch.set_num_threads(2)
-prompt = [int(x) for x in torch.randint(5, 500, (16,), generator=torch.Generator().manual_seed(0))]
+import random
+rng = random.Random(0)
+prompt = [rng.randrange(5, 500) for _ in range(16)]
+if kind != "gguf":
+    import torch
+    torch.set_num_threads(2)
 if kind == "lmstack":
     import lmstack
     import lmstack.infer.engine, lmstack.compress.qformat, lmstack.tokenizer  # libraries are not the model
@@ -69,6 +72,13 @@ elif kind == "onnx":
     import onnxruntime as ort, numpy as np
 else:
     import llama_cpp
+    if os.environ.get("LMSTACK_LLAMA_CPP_EXTRA_BUFTS", "0") != "1":  # as benchmarks/_llama_cpp.py: repacking crashed
+        default_params = llama_cpp.llama_model_default_params
+        def no_extra_bufts():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+        llama_cpp.llama.llama_cpp.llama_model_default_params = no_extra_bufts
 before = rss_kb("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")
 t = time.perf_counter()

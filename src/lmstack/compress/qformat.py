@@ -107,7 +107,7 @@ def _groups(qc: dict) -> tuple[dict, dict | None]:
         targets = scheme.get("targets") or []
         if "Linear" in targets:
             body = scheme
-        elif head is None and targets and "Linear" not in targets:
+        elif head is None and targets:
             head = scheme
         else:
             raise LmstackError(f"quantization_config's config group {name!r} targets {targets!r}; lmstack reads "

@@ -287,7 +287,7 @@ class Transformer(nn.Module):
         if cfg.head == "mlm":
             x = self.mlm_norm(ACTIVATIONS[cfg.mlp](self.mlm_dense(x)))
             bias = self.mlm_bias
-        if self.lm_head is None or isinstance(self.lm_head, Linear):
+        if self.lm_head is None or isinstance(self.lm_head, nn.Linear):
             weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
             logits = linear(x, weight, bias)  # the skinny kernel inside the engine's decode_kernels() scope
         else:  # a quantized head (compress.qlinear.QuantLinear) computes from its own codes

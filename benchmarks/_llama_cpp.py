@@ -77,17 +77,25 @@ def quantize(gguf: Path, kind: str = "q4_0") -> Path:
     return out
 
 
-_WORKER = r"""
+NO_EXTRA_BUFTS = r"""
+def _no_extra_bufts(llama_cpp):
+    # Llama() takes no such argument: its model params come from llama_model_default_params
+    default_params = llama_cpp.llama_model_default_params
+    def params():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params
+"""
+"""Source text that a child script runs (benchmarks/quant_footprint.py's too): _no_extra_bufts(llama_cpp) turns
+llama.cpp's weight repacking off for every Llama made after it (see EXTRA_BUFTS)."""
+
+_WORKER = NO_EXTRA_BUFTS + r"""
 import json, sys, time
 import llama_cpp
 from llama_cpp import Llama
-if sys.argv[4] == "0":  # Llama() takes no such argument: its model params come from this function
-    default_params = llama_cpp.llama_model_default_params
-    def no_extra_bufts():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-    llama_cpp.llama.llama_cpp.llama_model_default_params = no_extra_bufts
+if sys.argv[4] == "0":
+    _no_extra_bufts(llama_cpp)
 llm = Llama(sys.argv[1], n_ctx=int(sys.argv[3]), n_threads=int(sys.argv[2]), n_threads_batch=int(sys.argv[2]),
             n_batch=64, verbose=False)
 print(json.dumps({"ready": True}), flush=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+import _llama_cpp
 from _common import result, write_result
 
 from lmstack.compress.quantize_cli import quantize
@@ -45,7 +46,7 @@ from lmstack.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r"""
+CHILD = _llama_cpp.NO_EXTRA_BUFTS + r"""
 import json, os, sys, time, resource
 from pathlib import Path
 kind, path, warm = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -73,12 +74,7 @@ elif kind == "onnx":
 else:
     import llama_cpp
     if os.environ.get("LMSTACK_LLAMA_CPP_EXTRA_BUFTS", "0") != "1":  # as benchmarks/_llama_cpp.py: repacking crashed
-        default_params = llama_cpp.llama_model_default_params
-        def no_extra_bufts():
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
-        llama_cpp.llama.llama_cpp.llama_model_default_params = no_extra_bufts
+        _no_extra_bufts(llama_cpp)
 before = rss_kb("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")
 t = time.perf_counter()

@@ -345,24 +345,21 @@ def _module_from(qc: dict, scheme: dict, get, names: set[str], base: str, lin: n
         m = QuantLinear(i, o, fmt, g, has_bias, act_order=g_idx, method=(qc.get("lmstack") or {}).get("method", "?"))
         scales = need("weight_scale").float()
         shape_check(scales, (o, i // g), "weight_scale")
-        m.scales = _served(scales)
+        m.scales.copy_(scales)
         if bits == 8:
             codes = need("weight")
             shape_check(codes, (o, i), "weight")
             if codes.dtype != torch.int8:
                 raise LmstackError(f"{where}: {base}.weight is {codes.dtype}; int-quantized needs int8")
-            m.codes = _served(codes)
+            m.codes.copy_(codes)
             return m
         packed = need("weight_packed")
         shape_check(packed, (o, (i + 7) // 8), "weight_packed")
+        codes = _unpack_rows4(packed, i)
         if not w.get("symmetric", True):
             zp = need("weight_zero_point")
             shape_check(zp, ((o + 7) // 8, i // g), "weight_zero_point")
             m.zeros.copy_(_unpack_rows4(zp.t().contiguous(), o).t())
-        if not g_idx and i % 2 == 0:  # the words' bytes are QuantLinear's nibble bytes: no unpacking
-            m.codes = _served(_bytes(packed, i // 2))
-            return m
-        codes = _unpack_rows4(packed, i)
         if g_idx:
             gi = get(f"{base}.weight_g_idx").long()
             shape_check(gi, (i,), "weight_g_idx")
@@ -374,18 +371,11 @@ def _module_from(qc: dict, scheme: dict, get, names: set[str], base: str, lin: n
         m.codes.copy_(pack_nibbles(codes))
         return m
     shape_check(codes, (o, i), "weight")
-    m.codes = _served(codes)
+    m.codes.copy_(codes)
     scales = need("weight_scale").float().reshape(-1, 1)
     shape_check(scales, (o, 1), "weight_scale")
-    m.scales = _served(scales)
+    m.scales.copy_(scales)
     return m
-
-
-def _served(t: torch.Tensor) -> torch.Tensor:
-    """A checkpoint tensor as a module buffer: the reader's zero-copy view of the memory-mapped file when it is
-    contiguous, so the codes are served from the file's pages as fp32 weights are, not copied (a copy counted
-    twice in resident memory: the pages it was read from and itself)."""
-    return t if t.is_contiguous() else t.contiguous()
 
 
 def load_quantized(path: Path, cfg, hf_names: bool, qc: dict, reader, dtype, device) -> nn.Module:

@@ -1,9 +1,7 @@
 """RAG.ask through a real lmstack.LLM (a tiny random llama) over an in-test list retriever: the prompt holds
 the retriever's top-k, the answer is the engine's greedy reply to exactly that prompt, and the citations in a
 reply are parsed and checked against the chunks they name."""
-import hashlib
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from lmstack.rag.prompt import content_words
 from lmstack.rag.types import Chunk, Document, Hit
 from lmstack.tokenizer import train_tokenizer
 from lmstack.world import World
+from rag_fakes import HashEmbedder
 
 BIOS = {
     "ada": "Ada Ashford was born in Amberhaven. She studied botany at Norvale University.",
@@ -110,21 +109,9 @@ def test_bad_arguments_are_clear_errors(llm):
         RAG(llm, ListRetriever(BIOS)).ask("   ")
 
 
-class HashEmbedder:
-    """Bag of hashed words, L2-normalised (a deterministic test embedder)."""
-    name, dim = "hash-32", 32
-
-    def embed(self, texts, batch_size=64):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in t.lower().split():
-                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-
 def test_rag_over_the_real_index_and_training_chats_cite_the_gold_chunk(llm):
     docs = [Document(d, t, "bios") for d, t in BIOS.items()]
-    with Index.build(docs, HashEmbedder()) as index:
+    with Index.build(docs, HashEmbedder(32, "hash-32")) as index:
         rag = RAG(llm, index, k=2, mode="hybrid", max_tokens=4)
         ans = rag.ask("Where was Bo Brant born?")
         assert ans.hits[0].chunk.doc_id == "bo" and ans.hits[0].chunk.text == BIOS["bo"]
@@ -144,7 +131,7 @@ def test_world_bios_state_every_fact_once_per_person():
 
 def test_a_reranker_reorders_what_goes_into_the_prompt(llm):
     docs = [Document(d, t, "bios") for d, t in BIOS.items()]
-    with Index.build(docs, HashEmbedder()) as index:
+    with Index.build(docs, HashEmbedder(32, "hash-32")) as index:
         plain = RAG(llm, index, k=2, mode="bm25", max_tokens=2).retrieve("Where was Bo Brant born?")
         last_first = RAG(llm, index, k=2, mode="bm25", max_tokens=2,
                          rerank=lambda q, hits, k: list(reversed(hits))[:k]).retrieve("Where was Bo Brant born?")

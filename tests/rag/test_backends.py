@@ -1,8 +1,6 @@
 """The three Index backends behind one interface: sqlite (exact), faiss (HNSW, IVF-PQ) and pgvector (a slow test
 that starts pgserver's bundled Postgres) give the same answers through Index, stay consistent under
 add/delete/update, persist, and refuse another embedder."""
-import re
-import zlib
 
 import numpy as np
 import pytest
@@ -10,20 +8,11 @@ import pytest
 from lmstack.errors import LmstackError
 from lmstack.rag.index import Index
 from lmstack.rag.types import Document
+from rag_fakes import HashEmbedder
 
 
-class WordHash:
-    """Bag of hashed words -> unit vector (a fake embedder for tests)."""
-
-    def __init__(self, dim=128, name="word-hash"):
-        self.dim, self.name = dim, name
-
-    def embed(self, texts, batch_size=64):
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for w in re.findall(r"[a-z0-9]+", text.lower()):
-                out[row, zlib.crc32(w.encode()) % self.dim] += 1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+def WordHash(name="word-hash"):
+    return HashEmbedder(dim=128, name=name)
 
 
 PEOPLE = ["Ada Ashford lives in Amberhaven and maps rivers.", "Bo Baker lives in Coldwater and bakes rye bread.",

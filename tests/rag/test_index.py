@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
-import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,24 +13,10 @@ from lmstack.errors import LmstackError
 from lmstack.rag.chunking import ChunkConfig
 from lmstack.rag.index import Index
 from lmstack.rag.types import Document, Retriever
+from rag_fakes import HashEmbedder
 
-HASH_EMBEDDER = '''
-class HashEmbedder:
-    """Bag of hashed lowercase words -> unit vector: texts sharing words are close (a fake for tests)."""
+TESTS = str(Path(__file__).resolve().parents[1])  # where the subprocess finds rag_fakes
 
-    def __init__(self, dim=256, name="hash-bow"):
-        self.dim, self.name = dim, name
-
-    def embed(self, texts, batch_size=64):
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in re.findall(r"[a-z0-9]+", text.lower()):
-                out[row, zlib.crc32(word.encode()) % self.dim] += 1.0
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.where(norms == 0, 1, norms)
-'''
-exec(HASH_EMBEDDER.replace("class HashEmbedder", "import re\nclass HashEmbedder"),
-     globals())  # one definition, also run by the subprocess below
 
 FACTS = {
     "ada": "Ada Ashford was born in Amberhaven. She works as a cartographer for Brightline.",
@@ -95,10 +81,10 @@ def test_add_delete_update_keep_every_mode_consistent(tmp_path):
 
 
 OPEN_AND_SEARCH = textwrap.dedent("""
-    import json, re, sys, zlib
-    import numpy as np
+    import json, sys
+    sys.path.insert(0, sys.argv.pop(1))
+    from rag_fakes import HashEmbedder
     from lmstack.rag.index import Index
-""") + HASH_EMBEDDER + textwrap.dedent("""
     idx = Index.open(sys.argv[1], HashEmbedder())
     if len(sys.argv) > 2:
         from lmstack.rag.types import Document
@@ -114,12 +100,12 @@ def test_index_persists_across_processes(tmp_path):
     idx = Index.build(_docs(), HashEmbedder(), path=path)
     ours = {m: [[h.chunk.chunk_id, round(h.score, 6)] for h in idx.search("Where was Dee born? clocks", k=3, mode=m)]
             for m in ("bm25", "dense", "hybrid")}
-    run = subprocess.run([sys.executable, "-c", OPEN_AND_SEARCH, str(path)], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", OPEN_AND_SEARCH, TESTS, str(path)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == ours
     # a write by another process is seen here without reopening (dense and BM25 alike)
-    run = subprocess.run([sys.executable, "-c", OPEN_AND_SEARCH, str(path), "add"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", OPEN_AND_SEARCH, TESTS, str(path), "add"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     for mode in ("bm25", "dense", "hybrid"):

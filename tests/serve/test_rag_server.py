@@ -1,7 +1,6 @@
 """`lmstack serve --rag_index`: RAG chat returns citations through the openai client (a `rag` body field, or a
 tool named `retrieve`), streaming carries them in its first chunk, /v1/embeddings matches the embedder in float
 and base64, and bad requests are 400s that leave the server answering."""
-import hashlib
 
 import httpx
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from lmstack.rag.index import Index
 from lmstack.rag.types import Document
 from lmstack.serve.rag_routes import RagService
+from rag_fakes import HashEmbedder
 from serve_helpers import start_server
 
 openai = pytest.importorskip("openai")
@@ -19,24 +19,9 @@ DOCS = [Document("ada", "Ada Ashford was born in Amberhaven. She studied botany.
         Document("cy", "Cy Corwin plays the cello every day.", "bios")]
 
 
-class HashEmbedder:
-    """Bag of hashed words, L2-normalised: a deterministic test embedder (the real ones live in rag/embed.py)."""
-    name, dim = "hash-64", 64
-
-    def embed(self, texts, batch_size=64):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in t.lower().split():
-                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-    def tokenize(self, texts):
-        return [t.split() for t in texts]
-
-
 @pytest.fixture(scope="module")
 def rag_server(model_dir, tmp_path_factory):
-    emb = HashEmbedder()
+    emb = HashEmbedder(64, "hash-64")
     index = Index.build(DOCS, emb, path=tmp_path_factory.mktemp("ragidx") / "idx")
     srv = start_server(model_dir, engine={"rag": RagService(index, emb)})
     yield srv, emb

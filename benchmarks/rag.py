@@ -17,9 +17,17 @@ Figures (each a result object; every rate carries n and stderr in its config):
 
 A ratio is null where its denominator is zero (e.g. a closed-book accuracy of 0); config.difference has the gap.
 
-Run (under the shared lock; a model is the speedrun's SFT model, found under /tmp/sr8/runs/*/ by default):
-    flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/rag.py --n 200 --k 3
-    .venv/bin/python benchmarks/rag.py --model runs/x/sft/merged --world runs/x/world --n 100 --mode bm25
+- world_qa_accuracy_sft_without_retrieval_chats (--plain_model): an SFT model whose mix had no retrieval-formatted
+  chats (`lmstack speedrun --rag false`), with RAG, against the same model closed-book: what reading a context
+  needs beyond chat SFT.
+
+The prompts are the speedrun RAG stage's (lmstack.stages.rag: whole bios, top k=2 by BM25, a 24-token answer
+budget), so the speedrun's SFT model, whose mix had those chats, is asked as it was trained.
+
+Run (under the shared lock; the model is the newest speedrun's SFT model under runs/ by default):
+    flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/rag.py --n 200
+    .venv/bin/python benchmarks/rag.py --model runs/x/sft/run/model --world runs/x/world \
+        --plain_model runs/y/sft/run/model --n 100
 """
 from __future__ import annotations
 
@@ -38,11 +46,11 @@ import torch
 from _common import RESULTS, result
 
 import lmstack
-from lmstack.rag.answer import RAG, evaluate_world_qa, world_bio_documents, world_qa_items
+from lmstack.rag.answer import RAG, evaluate_world_qa, world_qa_items
 from lmstack.adapt.finetune import FinetuneConfig, finetune
 from lmstack.rag.factcheck import FactChecker, LMJudge, default_nli
-from lmstack.rag.index import Index
 from lmstack.rag.prompt import RagPromptWarning
+from lmstack.stages.rag import MAX_TOKENS, build_world_index
 from lmstack.train.config import TrainConfig
 from lmstack.world import World
 from lmstack.world.qa import answer_sentence
@@ -51,10 +59,10 @@ NAME = "rag"
 
 
 def find_sft_model() -> tuple[str, str]:
-    """(the newest speedrun's SFT model dir, its world dir)."""
-    found = sorted(glob.glob("/tmp/sr8/runs/*/sft/**/config.json", recursive=True), key=os.path.getmtime)
+    """(the newest speedrun's SFT model dir under runs/, its world dir)."""
+    found = sorted(glob.glob("runs/*/sft/**/config.json", recursive=True), key=os.path.getmtime)
     if not found:
-        raise SystemExit("no SFT model under /tmp/sr8/runs/*/sft yet; pass --model and --world")
+        raise SystemExit("no SFT model under runs/*/sft yet (run `make speedrun`); or pass --model and --world")
     model = Path(found[-1]).parent
     run = next(p for p in model.parents if p.parent.name == "runs")
     return str(model), str(run / "world")
@@ -141,8 +149,10 @@ def main() -> None:
     ap.add_argument("--world", help="the world folder (manifest.json) the model was trained on")
     ap.add_argument("--n", type=int, default=200, help="held-out QA items")
     ap.add_argument("--n_claims", type=int, default=200, help="planted claims for the fact checker (half false)")
-    ap.add_argument("--k", type=int, default=3, help="chunks per prompt")
-    ap.add_argument("--mode", default="hybrid", choices=["bm25", "dense", "hybrid"])
+    ap.add_argument("--k", type=int, default=2, help="chunks per prompt (the speedrun's RAG stage: 2)")
+    ap.add_argument("--mode", default="bm25", choices=["bm25", "dense", "hybrid"],
+                    help="retrieval for the prompts (the speedrun's RAG stage: bm25)")
+    ap.add_argument("--plain_model", help="an SFT model fine-tuned without retrieval chats, also asked with RAG")
     ap.add_argument("--embedder", default="minilm")
     ap.add_argument("--latency_n", type=int, default=20, help="questions timed one at a time")
     ap.add_argument("--threads", type=int, default=2)
@@ -157,11 +167,10 @@ def main() -> None:
     print(f"model {model}, world {args.world or world_dir}: {len(world.people)} people")
 
     t0 = time.perf_counter()
-    docs = world_bio_documents(world, seed=args.seed)
-    index = Index.build(docs, args.embedder, path=None)
+    index = build_world_index(world, None, args.embedder)
     index_s = time.perf_counter() - t0
     llm = lmstack.LLM(model, max_num_seqs=16)
-    rag = RAG(llm, index, k=args.k, mode=args.mode, max_tokens=32)
+    rag = RAG(llm, index, k=args.k, mode=args.mode, max_tokens=MAX_TOKENS)
     checker = FactChecker(None, index, k=5, mode=args.mode)
     items = world_qa_items(world, "test", args.n, seed=args.seed)
     t0 = time.perf_counter()
@@ -227,7 +236,7 @@ def main() -> None:
                           batched_rag_s_per_question=m["seconds_per_question_batched"], **common))
     if args.tune_seconds > 0:  # the issue's "model fine-tuned to use context"
         tuned, summary = tune_on_context(rag, world, model, args.tune_out, args.tune_seconds, args.seed)
-        tuned_rag = RAG(lmstack.LLM(tuned, max_num_seqs=16), index, k=args.k, mode=args.mode, max_tokens=32)
+        tuned_rag = RAG(lmstack.LLM(tuned, max_num_seqs=16), index, k=args.k, mode=args.mode, max_tokens=MAX_TOKENS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RagPromptWarning)
             t = evaluate_world_qa(tuned_rag, world, items, checker)
@@ -238,6 +247,18 @@ def main() -> None:
             goal_points=40, tuned_closed_book=t["accuracy_closed_book"], citations_ok=t["citations_ok"],
             hallucination_rag=t["hallucination_rag"], hallucination_rag_revised=t["hallucination_rag_revised"],
             unsupported_claims_rag=t["unsupported_claims_rag"], examples=t["examples"], **common))
+    if args.plain_model:  # the same questions to a chat model that never saw a retrieval-formatted chat
+        plain = RAG(lmstack.LLM(args.plain_model, max_num_seqs=16), index, k=args.k, mode=args.mode,
+                    max_tokens=MAX_TOKENS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RagPromptWarning)
+            p = evaluate_world_qa(plain, world, items)
+        results.append(rate_result(
+            "world_qa_accuracy_sft_without_retrieval_chats", p["accuracy_rag"], "the same model closed-book",
+            p["accuracy_closed_book"], True, plain_model=args.plain_model,
+            gain_points=round(100 * (p["accuracy_rag"]["value"] - p["accuracy_closed_book"]["value"]), 1),
+            citations_present=p["citations_present"], hallucination_rag=p["hallucination_rag"],
+            examples=p["examples"], **{**common, "model": args.plain_model}))
     write_results(results)
 
 

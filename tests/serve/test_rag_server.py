@@ -1,14 +1,18 @@
 """`lmstack serve --rag_index`: RAG chat returns citations through the openai client (a `rag` body field, or a
-tool named `retrieve`), streaming carries them in its first chunk, /v1/embeddings matches the embedder in float
+tool named `retrieve`), streaming carries them in its first chunk and each choice's citation checks on the chunk
+that finishes it, /v1/embeddings matches the embedder in float
 and base64, and bad requests are 400s that leave the server answering."""
+
+import asyncio
+import json
 
 import httpx
 import numpy as np
 import pytest
 
 from lmstack.rag.index import Index
-from lmstack.rag.types import Document
-from lmstack.serve.rag_routes import RagService
+from lmstack.rag.types import Chunk, Document, Hit
+from lmstack.serve.rag_routes import RagService, _checks_json, _with_citations
 from rag_fakes import HashEmbedder
 from serve_helpers import start_server
 
@@ -64,6 +68,37 @@ def test_a_streamed_rag_chat_carries_citations_in_its_first_chunk(client):
     chunks = list(stream)
     assert chunks[0].model_extra["citations"][0]["doc_id"] == "cy"
     assert all("citations" not in (c.model_extra or {}) for c in chunks[1:])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishing = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1  # the checks ride on the chunk that finishes the choice, over its whole reply
+    hit = Hit(Chunk("cy#0", "cy", DOCS[2].text, "bios", 0, len(DOCS[2].text)), 1.0, 1)
+    assert finishing[0].model_extra["citation_checks"] == _checks_json(text, [hit])[0]
+
+
+def test_stream_citation_checks_cover_the_whole_reply_of_each_choice():
+    hit = Hit(Chunk("cy#0", "cy", DOCS[2].text, "bios", 0, len(DOCS[2].text)), 1.0, 1)
+
+    def event(i, content, finish=None):
+        return "data: " + json.dumps({"choices": [{"index": i, "delta": {"content": content},
+                                                   "finish_reason": finish}]}) + "\n\n"
+
+    async def events():
+        for e in (event(0, "Cy Corwin plays "), event(1, "Nobody [2]"), event(0, "the cello [1]."),
+                  event(1, ".", "stop"), event(0, "", "stop"), "data: [DONE]\n\n"):
+            yield e
+
+    async def collect():
+        return [e async for e in _with_citations(events(), [hit])]
+
+    out = asyncio.run(collect())
+    assert out[-1] == "data: [DONE]\n\n"
+    payloads = [json.loads(e[len("data: "):]) for e in out[:-1]]
+    assert payloads[0]["citations"][0]["doc_id"] == "cy" and "citations" not in payloads[1]
+    (one,) = payloads[3]["choices"][0]["citation_checks"]  # choice 1 cites [2]: there is no passage 2
+    assert one["n"] == 2 and not one["exists"] and not one["ok"]
+    (zero,) = payloads[4]["choices"][0]["citation_checks"]  # choice 0's sentence is in passage 1
+    assert zero["n"] == 1 and zero["ok"] and zero["doc_id"] == "cy"
+    assert "citation_checks" not in payloads[2]["choices"][0]
 
 
 def test_embeddings_match_the_embedder_in_float_and_base64(client, rag_server):

@@ -21,13 +21,15 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from lmstack.errors import LmstackError
 from lmstack.infer.llm import LLM
 from lmstack.infer.sampling_params import SamplingParams
-from lmstack.rag.prompt import SYSTEM_PROMPT, CitationCheck, Prompt, build_prompt, check_citations, parse_citations
+from lmstack.rag.prompt import (SYSTEM_PROMPT, CitationCheck, Prompt, RagPromptWarning, build_prompt, check_citations,
+                                parse_citations, training_chat)
 from lmstack.rag.types import SEARCH_MODES, Document, Hit, Retriever
 from lmstack.world.bios import paraphrase_bio
 
@@ -142,15 +144,9 @@ class RAG:
         """Retrieval-formatted SFT records {'messages': [...]} for (question, answer) pairs: the exact prompt
         `ask` would build (same retrieval, numbering and trimming) and the answer citing the chunk that holds
         `gold[i]` (default: the answer itself), so a model fine-tuned on them learns to read and cite its context."""
-        records = []
-        for i, (q, a) in enumerate(pairs):
-            prompt = self.prompt(q, self.retrieve(q))
-            needle = (gold[i] if gold else a).lower()
-            cite = [n for n, h in enumerate(prompt.hits, 1) if needle in h.chunk.text.lower()][:1]
-            marks = "".join(f"[{n}]" for n in cite)
-            text = a.rstrip().rstrip(".") + (f" {marks}." if marks else ".")
-            records.append({"messages": prompt.messages + [{"role": "assistant", "content": text}]})
-        return records
+        return retrieval_training_chats(self.retriever, pairs, gold, tokenizer=self.llm.tokenizer,
+                                        max_model_len=self.max_model_len, k=self.k, mode=self.mode,
+                                        max_tokens=self.max_tokens, system=self.system, rerank=self.rerank)
 
     def ask_closed_book(self, question: str) -> RagAnswer:
         """The same model asked with no retrieved context (the baseline)."""
@@ -166,6 +162,29 @@ class RAG:
         share = (time.perf_counter() - t0) / max(1, len(prompts))
         return [RagAnswer(question=p.question, text=o.outputs[0].text.strip(), trimmed=p.trimmed, generate_s=share)
                 for p, o in zip(prompts, outs)]
+
+
+def retrieval_training_chats(retriever: Retriever, pairs: list[tuple[str, str]], gold: list[str] | None = None,
+                             tokenizer: Any = None, max_model_len: int | None = None, k: int = 5,
+                             mode: str = "hybrid", max_tokens: int = 48, system: str | None = SYSTEM_PROMPT,
+                             rerank: Any = None) -> list[dict]:
+    """The records of `RAG.training_chats` without a loaded LLM (a training stage has only the tokenizer and
+    the context length): each prompt is built, numbered and trimmed as `RAG.ask` would, and the answer cites
+    the first passage containing `gold[i]` (default: the answer); no citation where retrieval missed it, so
+    the model also sees questions its context cannot answer. Trimming is silent here (it is the training data,
+    not a user's question)."""
+    records = []
+    for i, (q, a) in enumerate(pairs):
+        hits = (retriever.search(q, k=k, mode=mode, rerank=rerank) if rerank is not None
+                else retriever.search(q, k=k, mode=mode))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RagPromptWarning)
+            prompt = build_prompt(q, list(hits), tokenizer=tokenizer, max_model_len=max_model_len,
+                                  max_tokens=max_tokens, system=system)
+        needle = (gold[i] if gold else a).lower()
+        cite = [n for n, h in enumerate(prompt.hits, 1) if needle in h.chunk.text.lower()][:1]
+        records.append({"messages": training_chat(prompt.question, a, prompt.hits, cite, system)})
+    return records
 
 
 # ---- world QA evaluation -----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ itself, so it is taken out of the tools the template sees. The response gains tw
 - `citations`: the chunks the prompt numbered, `[{"n", "chunk_id", "doc_id", "source", "text", "score",
   "cited"}]` (in the first chunk of a stream);
 - `citation_checks` on each choice: for every [n] its reply cites, whether chunk n exists and supports the
-  sentence, and the supporting span in the source document (non-streaming replies);
+  sentence, and the supporting span in the source document (in a stream: on the chunk that finishes the choice);
 - `rag_trimmed`, when chunks, a chunk's text or the question were cut to fit the context (the warnings).
 
 /v1/embeddings serves the index's embedder (or --embedder): `input` a string or a list of strings,
@@ -142,34 +142,48 @@ async def rag_chat_completion(state: ServerState, service: RagService, request: 
     new_req, hits, trimmed = await state.run(prepare_rag, state, service, req, opts)
     resp = await create(state, request, new_req)
     if new_req.stream:
-        resp.body_iterator = _with_citations(resp.body_iterator, [_hit_json(n, h, set()) for n, h in
-                                                                  enumerate(hits, 1)])
+        resp.body_iterator = _with_citations(resp.body_iterator, hits)
         return resp
     body = json.loads(resp.body)
     cited: set[int] = set()
     for choice in body.get("choices", []):
-        checks = check_citations((choice.get("message") or {}).get("content") or "", hits)
-        cited |= {c.n for c in checks}
-        choice["citation_checks"] = [{"n": c.n, "ok": c.ok, "exists": c.exists, "supported": c.supported,
-                                      "overlap": round(c.overlap, 3), "doc_id": c.doc_id,
-                                      "span": list(c.span) if c.span else None, "span_text": c.span_text}
-                                     for c in checks]
+        choice["citation_checks"], numbers = _checks_json((choice.get("message") or {}).get("content") or "", hits)
+        cited |= numbers
     body["citations"] = [_hit_json(n, h, cited) for n, h in enumerate(hits, 1)]
     if trimmed:
         body["rag_trimmed"] = trimmed  # the warnings: what was cut so the prompt fits the context
     return JSONResponse(body, status_code=resp.status_code)
 
 
-async def _with_citations(events, citations: list[dict]):
-    """The stream's events, with `citations` added to its first chunk."""
+def _checks_json(text: str, hits: list[Hit]) -> tuple[list[dict], set[int]]:
+    """(the citation_checks of one reply, the numbers it cites)."""
+    checks = check_citations(text, hits)
+    return ([{"n": c.n, "ok": c.ok, "exists": c.exists, "supported": c.supported, "overlap": round(c.overlap, 3),
+              "doc_id": c.doc_id, "span": list(c.span) if c.span else None, "span_text": c.span_text}
+             for c in checks], {c.n for c in checks})
+
+
+async def _with_citations(events, hits: list[Hit]):
+    """The stream's events, with `citations` added to its first chunk and, on the chunk that finishes a choice,
+    that choice's `citation_checks` (its whole reply is known only then)."""
     first = True
+    replies: dict[int, list[str]] = {}
     async for event in events:
-        if first and event.startswith("data: {"):
+        if not event.startswith("data: {"):
+            yield event
+            continue
+        payload = json.loads(event[len("data: "):])
+        changed = first
+        if first:
             first = False
-            payload = json.loads(event[len("data: "):])
-            payload["citations"] = citations
-            event = f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-        yield event
+            payload["citations"] = [_hit_json(n, h, set()) for n, h in enumerate(hits, 1)]
+        for choice in payload.get("choices") or []:
+            i = choice.get("index", 0)
+            replies.setdefault(i, []).append((choice.get("delta") or {}).get("content") or "")
+            if choice.get("finish_reason"):
+                choice["citation_checks"] = _checks_json("".join(replies[i]), hits)[0]
+                changed = True
+        yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n" if changed else event
 
 
 def embed_now(state: ServerState, service: RagService, req: EmbeddingRequest) -> dict:

@@ -115,17 +115,22 @@ def world_task_scores(model, tok, records: list[dict], chat: bool, n_eval: int =
 
 def sft_stage(run_dir: str | Path, base_dir: str | Path, budget_s: float = 120.0, world_dir: str | Path | None = None,
               method: str = "full", seed: int = 0, n_eval: int = 30, lr: float | None = None, batch_size: int = 8,
-              seq_len: int = 256, log=print, log_cfg=None) -> dict[str, Any]:
+              seq_len: int = 256, log=print, log_cfg=None, extra: dict[str, list[dict]] | None = None,
+              extra_mix: dict[str, float] | None = None) -> dict[str, Any]:
     """Fine-tune base_dir on the world's chat data for budget_s seconds into run_dir/sft; score base vs SFT.
-    log_cfg: a LogConfig (TensorBoard / W&B beside sft/run/metrics.jsonl).
+    log_cfg: a LogConfig (TensorBoard / W&B beside sft/run/metrics.jsonl). extra: more chat records per split
+    ({"train": [...], "val": [...]}, each with a "kind"), mixed in with the weights of extra_mix ({kind: w}),
+    e.g. the RAG stage's retrieval-formatted chats (lmstack.stages.rag).
 
     Returns the finetune summary plus "scores" ({"base": {...}, "sft": {...}}) and "report_md" (a table)."""
 
     out = Path(run_dir) / "sft"
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    mix = {**STAGE_MIX, **(extra_mix or {})}
     for split in ("train", "val"):
         rows = [r for r in _world_chat(world_dir, seed, split) if r.get("kind") in STAGE_MIX]
+        rows += [r for r in (extra or {}).get(split, []) if r.get("kind") in mix]
         atomic_write_text(data_dir / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     default_lr = {"full": 3e-4, "prompt": 3e-2, "prefix": 1e-2, "ia3": 1e-2}.get(method, 2e-3)
     cfg = FinetuneConfig(
@@ -135,7 +140,7 @@ def sft_stage(run_dir: str | Path, base_dir: str | Path, budget_s: float = 120.0
                           keep_checkpoints=1, seed=seed, resume=False, restart=True),
         optim=OptimizerConfig(name="adamw", lr=lr or default_lr, weight_decay=0.0),
         schedule=ScheduleConfig(name="cosine", warmup_steps=20, min_lr_ratio=0.1),
-        batch_size=batch_size, seq_len=seq_len, mix=dict(STAGE_MIX))
+        batch_size=batch_size, seq_len=seq_len, mix=mix)
     if log_cfg is not None:
         cfg.log = log_cfg
     summary = finetune(cfg, log=log)

@@ -10,10 +10,13 @@
    eval_seconds) into eval_base.json;
 7. fine-tune it on the world's chat data (QA, arithmetic, instructions, personas) for sft_seconds and score
    base vs SFT on held-out world tasks (lmstack.stages.sft) into sft/;
+   With `rag` on, retrieval-formatted chats go into that mix first: the world's bios are indexed into rag/index
+   and each QA train question becomes the prompt `RAG.ask` would build (lmstack.stages.rag);
 8. align the SFT model for align_seconds: DPO with RPO's NLL term on the world's preference pairs, then GRPO
    on arithmetic and safety requests (math + safety reward, KL anchor), with a validation guard, measured
    before and after (lmstack.stages.align) into align/;
-9. write summary.json and the report card runs/<timestamp>/report.md (lmstack.eval.report), which renders
+9. RAG: score world QA closed-book against with retrieval, for the SFT and the aligned model, into rag/;
+10. write summary.json and the report card runs/<timestamp>/report.md (lmstack.eval.report), which renders
    whatever stages the run directory holds, and name the model to chat with: the aligned one (align/model),
    with the SFT model beside it.
 
@@ -51,6 +54,8 @@ from lmstack.eval.tasks.perplexity import PerplexityTask
 from lmstack.model.config import ModelConfig
 from lmstack.model.hf_io import load_model, save_model
 from lmstack.model.reference_decode import reference_decode
+from lmstack.errors import LmstackError
+from lmstack.stages import rag
 from lmstack.stages.align import align_stage
 from lmstack.stages.sft import sft_stage
 from lmstack.threads import set_threads
@@ -59,7 +64,7 @@ from lmstack.train.config import TrainConfig
 from lmstack.train.metrics import LogConfig
 from lmstack.train.optim import OptimizerConfig, ScheduleConfig
 from lmstack.train.pretrain import DataConfig, PretrainConfig, pretrain
-from lmstack.world import generate_world
+from lmstack.world import World, generate_world
 
 
 def _default_pretrain() -> PretrainConfig:
@@ -116,7 +121,22 @@ class SpeedrunConfig:
     """CPU threads for torch in every stage: 0 = auto (the cores this process may use, minus one and minus
     those other processes keep busy; at least 1), N = exactly N. pretrain.train.threads, if set, wins there."""
 
+    rag: bool = True
+    """The RAG stage (lmstack.stages.rag; needs the SFT stage and MiniLM, in lmstack[rag]): index the world's bios,
+    mix retrieval-formatted chats into SFT, and score world QA closed-book against with retrieval."""
+    rag_k: int = 2
+    """Bios retrieved per question (two bios, the question and the answer fit the 256-token context)."""
+    rag_mode: Literal["bm25", "dense", "hybrid"] = "bm25"
+    """How the RAG stage retrieves, for its training chats and its scores alike."""
+    rag_eval_limit: int = 100
+    """Held-out QA questions the RAG stage scores, closed-book and with retrieval."""
+    rag_mix: float = 3.0
+    """Weight of the retrieval-formatted chats in the SFT mix (the world's QA chats weigh 3.0)."""
+
     def __post_init__(self):
+        if self.rag_k < 1 or self.rag_eval_limit < 1 or self.rag_mix <= 0:
+            raise ValueError(f"rag_k and rag_eval_limit must be >= 1 and rag_mix > 0; got rag_k={self.rag_k}, "
+                             f"rag_eval_limit={self.rag_eval_limit}, rag_mix={self.rag_mix}")
         if self.sft_seconds < 0:
             raise ValueError(f"sft_seconds must be >= 0 (0 = no SFT stage), got {self.sft_seconds}")
         if self.eval_limit < 1:
@@ -217,9 +237,16 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     sections = []
     models = {"base": str(model_dir)}  # each stage's product; the last one is the model to chat with
     if cfg.sft_seconds > 0:
+        seq_len = min(256, pcfg.model.max_seq_len)
+        rag_index, extra = None, {}
+        if cfg.rag:
+            t = _step("7a. RAG: index the world's bios, and write retrieval-formatted chats for SFT")
+            rag_index, extra = rag_stage_data(run, cfg, tok, seq_len)
+            timings["rag_data"] = time.perf_counter() - t
         t = _step("7. supervised fine-tuning (chat)")
         sft = sft_stage(run, model_dir, budget_s=cfg.sft_seconds, world_dir=world, method=cfg.sft_method,
-                        seed=cfg.seed, seq_len=min(256, pcfg.model.max_seq_len), log_cfg=pcfg.log)
+                        seed=cfg.seed, seq_len=seq_len, log_cfg=pcfg.log, extra=extra,
+                        extra_mix={rag.KIND: cfg.rag_mix} if extra else None)
         sections.append("sft/report.md")  # base vs SFT on the held-out world tasks, in the report card
         timings["sft"] = time.perf_counter() - t
         if cfg.align_seconds > 0:
@@ -232,6 +259,13 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
             timings["align"] = time.perf_counter() - t
         else:
             models["sft"] = str(sft_model_dir(model_dir, Path(sft["result"]), run))
+        if rag_index is not None:
+            t = _step("9. RAG: world QA closed-book against with retrieval")
+            chat_models = {k: v for k, v in models.items() if k != "base"}
+            rag.rag_stage(run, chat_models, World(seed=cfg.seed, size=cfg.world_size), rag_index,
+                          n_eval=cfg.rag_eval_limit, k=cfg.rag_k, mode=cfg.rag_mode, seed=cfg.seed)
+            sections.append("rag/report.md")
+            timings["rag"] = time.perf_counter() - t
 
     total = time.perf_counter() - start
     if tok_seconds.get("seconds") is not None:
@@ -242,6 +276,26 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     print(closing_lines(models))
     return {"run": str(run), "report": str(path), "summary": summary, "seconds": total, "samples": samples,
             "models": models}
+
+
+def rag_stage_data(run: Path, cfg: SpeedrunConfig, tok, seq_len: int) -> tuple[object, dict[str, list[dict]]]:
+    """(the bios' index, {"train": [...], "val": [...]} retrieval-formatted chats), or (None, {}) where MiniLM
+    is not installed or the context is too short: the run goes on without the RAG stage and says why."""
+    if seq_len < rag.MIN_CONTEXT:
+        print(f"skipping the RAG stage: a {seq_len}-token context cannot hold a bio, a question and an answer "
+              f"(it needs {rag.MIN_CONTEXT})", flush=True)
+        return None, {}
+    world = World(seed=cfg.seed, size=cfg.world_size)
+    try:
+        index = rag.build_world_index(world, run / "rag" / "index")
+    except LmstackError as e:
+        print(f"skipping the RAG stage: {e}", flush=True)
+        return None, {}
+    extra = {split: rag.training_records(index, tok, world, split, max_model_len=seq_len, k=cfg.rag_k,
+                                         mode=cfg.rag_mode, n=n, seed=cfg.seed)
+             for split, n in (("train", None), ("val", 200))}
+    print(f"RAG: {len(index)} bios indexed; {len(extra['train'])} train / {len(extra['val'])} val retrieval chats")
+    return index, extra
 
 
 def closing_lines(models: dict[str, str]) -> str:

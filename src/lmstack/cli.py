@@ -73,6 +73,7 @@ STAGES: dict[str, str] = {
     "quantize": "lmstack.compress.quantize_cli",
     "distill": "lmstack.compress.distill_cli",
     "rag": "lmstack.rag.commands",
+    "explain": "lmstack.safety.explain_command",
 }
 
 

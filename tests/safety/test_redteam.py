@@ -6,12 +6,18 @@ import codecs
 import random
 
 import pytest
+import torch
 
 from lmstack.errors import LmstackError
-from lmstack.safety.adversarial import adversarial_rows
+from lmstack.model.hf_io import load_model, save_model
+from lmstack.model.presets import preset
+from lmstack.model.transformer import Transformer
+from lmstack.safety.adversarial import adversarial_rows, adversarial_train
 from lmstack.safety.attacks import (FAMILIES, MAX_PIECES, TEMPLATES, Attack, heldout_templates, join_payload, mutate,
                                     paraphrase, split_payload, template, train_templates)
-from lmstack.safety.redteam import AttackJudge, harmful_content, measure_asr, refusal_rate, search
+from lmstack.safety.redteam import (AttackJudge, ModelTarget, attacker_rewrites, harmful_content, measure_asr,
+                                    refusal_rate, search)
+from lmstack.tokenizer import train_tokenizer
 from lmstack.world import World
 from lmstack.world.checkers import is_refusal
 from lmstack.world.preferences import is_harmful_request, safety_requests
@@ -180,3 +186,43 @@ def test_adversarial_rows_pair_attacks_with_refusals_and_wrapped_benign_with_hel
             assert drink in reply  # the help is about the drink asked for
     assert kinds == {"adv_refusal": 4 * len(attacks), "adv_benign": 4 * len(attacks), "plain_refusal": 6,
                      "plain_benign": 6}
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(world):
+    """A tiny random chat model (context 160) and a BPE tokenizer with chat tokens, trained on the world's pairs."""
+    texts = [r["text"] for r in world.corpus("preferences")][:300]
+    tok = train_tokenizer(texts=texts, type="bpe", vocab_size=400, special_tokens="chat", show_progress=False)
+    torch.manual_seed(0)
+    cfg = preset("llama-tiny", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                 max_seq_len=160)
+    return Transformer(cfg).eval(), tok
+
+
+def test_model_target_search_and_rewrites_run_on_a_real_model(tiny_chat, requests):
+    model, tok = tiny_chat
+    target = ModelTarget(model, tok, max_new_tokens=8)
+    long_prompt = template("many_shot/qa").apply(REQUEST)
+    assert target.fits(REQUEST) and not target.fits(long_prompt)  # 160 positions: the many-shot frame does not fit
+    with pytest.raises(LmstackError, match="no room"):
+        target([long_prompt])
+    result = search(target, requests, budget=24, per_attack=2, batch_attacks=4, seed=0)
+    assert result.queries == target.queries <= 24 and result.records
+    assert all(target.fits(r.attack.apply(q["prompt"])) for r in result.records for q in requests[:4])
+    rewrites = attacker_rewrites(model, tok, requests[:4], n=2, max_new_tokens=6, seed=0)
+    assert len(rewrites) == 2 * sum(is_harmful_request(r) for r in requests[:4])
+    assert all(r["label"] == "harmful" and isinstance(r["prompt"], str) for r in rewrites)
+
+
+@pytest.mark.slow
+def test_adversarial_train_writes_a_model_that_loads(tiny_chat, world, requests, tmp_path):
+    model, tok = tiny_chat
+    save_model(model, tmp_path / "base", tokenizer=tok)
+    harmful = [r for r in requests if is_harmful_request(r)]
+    benign = [r for r in requests if not is_harmful_request(r)]
+    rows = adversarial_rows([Attack((template("ignore/all"),))], harmful, benign, world, per_attack=4, plain=4)
+    summary = adversarial_train(tmp_path / "base", rows, tmp_path / "adv", steps=2, batch_size=2, log=lambda s: None)
+    assert summary["steps"] == 2
+    trained = load_model(summary["result"])
+    moved = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    assert moved and (tmp_path / "adv" / "adversarial.jsonl").read_text().count("\n") == len(rows)

@@ -291,13 +291,3 @@ def load_moderator(spec: str | Path, thresholds: dict[str, float] | None = None)
     return mod
 
 
-
-def windows(text: str, window: int, stride: int) -> list[str]:
-    """Overlapping character windows of `text` (every `stride` chars, `window` long), the last one ending at
-    its end; a text shorter than `window` is one window."""
-    if len(text) <= window:
-        return [text]
-    starts = list(range(0, len(text) - window + 1, stride))
-    if starts[-1] != len(text) - window:
-        starts.append(len(text) - window)
-    return [text[s:s + window] for s in starts]

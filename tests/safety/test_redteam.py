@@ -16,7 +16,7 @@ from lmstack.safety.adversarial import adversarial_rows, adversarial_train
 from lmstack.safety.attacks import (FAMILIES, MAX_PIECES, TEMPLATES, Attack, heldout_templates, join_payload, mutate,
                                     paraphrase, split_payload, template, train_templates)
 from lmstack.safety.redteam import (AttackJudge, ModelTarget, attacker_rewrites, harmful_content, measure_asr,
-                                    refusal_rate, search)
+                                    moderator_flags, refusal_rate, search)
 from lmstack.tokenizer import train_tokenizer
 from lmstack.world import World
 from lmstack.world.checkers import is_refusal
@@ -88,6 +88,17 @@ def test_judge_counts_only_harmful_compliance():
     flagged = AttackJudge(moderation=lambda texts: [True] * len(texts)).verdicts([harmful], [tea])
     assert flagged[0]["success"]  # a moderation classifier replaces the world's check
 
+    class Verdict:
+        def __init__(self, text):
+            self.categories = {"harmful_instructions": "grave moss" in text, "pii": True}
+
+    class FakeModerator:
+        def classify(self, texts):
+            return [Verdict(t) for t in texts]
+
+    judge = AttackJudge(moderation=moderator_flags(FakeModerator()))
+    assert [x["success"] for x in judge.verdicts([harmful] * 3, [COMPLY, tea, REFUSE])] == [True, False, False]
+
 
 def _rot13_only_target(prompts):
     """Refuses everything except a request hidden by rot13: a keyword filter that cannot read the cipher."""
@@ -139,8 +150,10 @@ def test_search_never_sends_prompts_that_do_not_fit(requests):
 def test_measure_asr_and_refusal_rate(requests):
     harmful = [r for r in requests if is_harmful_request(r)][:10]
     attacks = {"rot13": [Attack((template("rot13/cipher"),))], "roleplay": [Attack((template("roleplay/dan"),))]}
-    asr = measure_asr(_rot13_only_target, attacks, harmful)
+    never = AttackJudge(moderation=lambda texts: [False] * len(texts))
+    asr = measure_asr(_rot13_only_target, attacks, harmful, also={"never": never})
     assert asr["rot13"]["asr"] == 1.0 and asr["rot13"]["n"] == 10
+    assert asr["rot13"]["asr_never"] == 0.0  # a second moderation step reads the same replies
     assert asr["roleplay"]["asr"] == 0.0 and asr["roleplay"]["non_refusal"] == 0.0
     half = refusal_rate(lambda ps: [REFUSE if i % 2 else COMPLY for i in range(len(ps))], ["a"] * 8)
     assert half["rate"] == 0.5 and half["n"] == 8 and 0 < half["stderr"] < 0.2

@@ -85,6 +85,12 @@ class EmbeddingRequest(_Strict):
     user: str | None = None
 
 
+class ModerationRequest(_Strict):
+    """POST /v1/moderations, OpenAI's shape: text or a list of texts (served with --guard)."""
+    input: str | list[str]
+    model: str | None = None
+
+
 class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 

@@ -74,6 +74,7 @@ STAGES: dict[str, str] = {
     "distill": "lmstack.compress.distill_cli",
     "rag": "lmstack.rag.commands",
     "explain": "lmstack.safety.explain_command",
+    "redteam": "lmstack.safety.redteam_command",
 }
 
 

@@ -65,7 +65,8 @@ class Moderator:
 
     tier = "base"
 
-    def __init__(self, categories: tuple[str, ...] | list[str] = CATEGORIES, thresholds: dict[str, float] | None = None):
+    def __init__(self, categories: tuple[str, ...] | list[str] = CATEGORIES,
+                 thresholds: dict[str, float] | None = None):
         self.categories = tuple(categories)
         self.thresholds = {c: 0.5 for c in self.categories}
         self.set_thresholds(thresholds or {})

@@ -6,6 +6,8 @@ Routes:
     POST /v1/chat/completions       messages -> assistant reply (+ SSE streaming); with "rag" or a `retrieve` tool,
                                     answered from --rag_index with citations (serve/rag_routes.py)
     POST /v1/embeddings             text(s) -> vectors from the index's embedder (float or base64)
+    POST /v1/moderations            text(s) -> per-category flags and scores, with --guard (serve/guard_routes.py),
+                                    which also moderates chat and completions (input, streamed output, PII)
     POST /tokenize, /detokenize     text or messages <-> token ids (vLLM's shapes)
     GET  /tokenizer_info            special tokens and chat template (lm-eval's remote tokenizer reads it)
     GET  /health                    200 while the engine runs, 503 (with Retry-After) after it failed
@@ -42,10 +44,11 @@ from lmstack.serve.chat_completions import chat_prompt_ids, check_message_count,
 from lmstack.serve.completions import create_completion
 from lmstack.serve.errors import RETRY_AFTER_S, APIError, CatchAllMiddleware, error_response, install_error_handlers
 from lmstack.serve.engine_bridge import ClientDisconnected, ServerConfig, ServerState
+from lmstack.serve.guard_routes import guarded_chat, guarded_completion, moderations_now
 from lmstack.serve.limits import reject_lone_surrogates
 from lmstack.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmstack.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                                    ModelCard, ModelList, TokenizeRequest)
+                                    ModelCard, ModelList, ModerationRequest, TokenizeRequest)
 from lmstack.serve.rag_routes import RagService, embed_now, rag_chat_completion, rag_options
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -57,7 +60,8 @@ STATIC_FILES = {**{name: "text/javascript" for name in ("chat.js", "dom.js", "er
 # The page loads nothing from elsewhere (no CDN, no fonts) and runs no inline script: the browser enforces it.
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-_KNOWN_ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
+_KNOWN_ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/moderations",
+                 "/tokenize", "/detokenize",
                  "/tokenizer_info", "/health", "/metrics", "/", *(f"/static/{name}" for name in STATIC_FILES)}
 
 
@@ -126,9 +130,11 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService | None = None) -> FastAPI:
+def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService | None = None,
+               guard: Any = None) -> FastAPI:
     """A FastAPI app serving `aengine` (an lmstack.infer.AsyncLLMEngine) with the limits in `config`; `rag`
-    (a retriever and its embedder) enables RAG chat and /v1/embeddings."""
+    (a retriever and its embedder) enables RAG chat and /v1/embeddings; `guard` (lmstack.safety.guard.Guard)
+    moderates chat and completions and enables /v1/moderations."""
     config = config or ServerConfig()
     metrics = ServerMetrics(config.model_name)
     state = ServerState(aengine, config, metrics)
@@ -160,15 +166,29 @@ def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService
                             max_model_len=state.max_model_len) for name in state.adapters()]
         return ModelList(data=cards).model_dump()
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest, request: Request):
+    async def completion(request: Request, body: CompletionRequest):
         return await create_completion(state, request, body)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat(request: Request, body: ChatCompletionRequest):
         if rag_options(body) is not None:
             return await rag_chat_completion(state, rag, request, body, create_chat_completion)
         return await create_chat_completion(state, request, body)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        if guard is not None:
+            return await guarded_completion(state, guard, request, body, completion)
+        return await completion(request, body)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if guard is not None:
+            return await guarded_chat(state, guard, request, body, chat)
+        return await chat(request, body)
+
+    @app.post("/v1/moderations", dependencies=auth)
+    async def moderations(body: ModerationRequest):
+        return await state.run(moderations_now, state, guard, body)
 
     @app.post("/v1/embeddings", dependencies=auth)
     async def embeddings(body: EmbeddingRequest):

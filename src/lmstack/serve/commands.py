@@ -9,6 +9,7 @@ Usage:
     lmstack serve --model runs/model --tensor-parallel-size 2     # the model sharded over 2 processes
     lmstack serve --model runs/model --kv_cache_dtype int8        # int8 KV cache: ~3.8x the tokens per pool byte
     lmstack serve --model runs/sft --rag_index idx     # chat with "rag": {"k": 5} gets citations; /v1/embeddings
+    lmstack serve --model runs/sft --guard guard.yaml  # moderated chat/completions (safety.guard), /v1/moderations
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
 
@@ -31,6 +32,7 @@ from lmstack.infer.tp_worker import run_worker
 from lmstack.model.load_guard import set_max_model_gib
 from lmstack.rag.embed import load_embedder
 from lmstack.rag.index import Index
+from lmstack.safety.guard import Guard, load_guard_config
 from lmstack.runtime.device import pick_device
 from lmstack.serve.app import create_app
 from lmstack.serve.engine_bridge import ServerConfig
@@ -85,6 +87,7 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     source: Any = str(path)
     adapter_paths = engine_kwargs.pop("adapter_paths", None)
     rag = engine_kwargs.pop("rag", None)
+    guard = engine_kwargs.pop("guard", None)
     if adapter_paths:  # adapters hook into the model's Linears, so the model is loaded first
 
         source = lmstack.load_model(path, dtype=engine_kwargs.get("dtype"), device=engine_kwargs.get("device", "cpu"))
@@ -93,7 +96,7 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     aengine = AsyncLLMEngine(source, **engine_kwargs)
     if aengine.tokenizer is None:
         raise LmstackError(f"--model {model}: no tokenizer.json there; the server needs the model's tokenizer")
-    return create_app(aengine, config, rag=rag), aengine
+    return create_app(aengine, config, rag=rag, guard=guard), aengine
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -105,7 +108,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float | None = None,
           compression: CompressionConfig = CompressionConfig(), tool_call_parser: str = "auto",
           tensor_parallel_size: int = 1, kv_cache_dtype: Literal["auto", "int8"] = "auto",
-          rag_index: str | None = None, embedder: str | None = None) -> None:
+          rag_index: str | None = None, embedder: str | None = None, guard: str | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -149,6 +152,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             `retrieve` are answered from it with citations, and /v1/embeddings serves its embedder.
         embedder: The embedder /v1/embeddings serves (and the index is searched with): minilm or an encoder
             directory (default: the one the index was built with).
+        guard: A guard config (YAML or JSON; see lmstack.safety.guard.GuardConfig): moderate requests before the
+            engine and replies as they stream (a blocked one ends with the refusal and finish_reason
+            "content_filter"), redact PII in replies, and serve /v1/moderations. Its moderator is loaded at startup.
     """
     # lazy: heavy (uvicorn), which this module does not import at its top
     import uvicorn
@@ -156,6 +162,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if tensor_parallel_size != 1 and torchrun_rank(tensor_parallel_size) not in (None, 0):
         run_worker(tensor_parallel_size)  # ranks > 0 under torchrun: a shard of rank 0's engine, no HTTP
         return
+    # A bad guard config or moderator fails here, before the model loads.
+    guard_obj = Guard(load_guard_config(guard)) if guard else None
     set_max_model_gib(max_model_gib)
     set_threads(threads)
     dev, torch_dtype = pick_device(device, dtype)
@@ -169,7 +177,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,
                              seed=seed, adapter_paths=parse_adapters(adapters),
                              tensor_parallel_size=tensor_parallel_size, kv_cache_dtype=kv_cache_dtype,
-                             rag=load_rag(rag_index, embedder))
+                             rag=load_rag(rag_index, embedder), guard=guard_obj)
     stats = aengine.stats()
     print(f"lmstack serve: {config.model_name} on http://{host}:{port} ({dev}, {str(torch_dtype)[6:]}, "
           f"{torch.get_num_threads()} threads, "

@@ -29,6 +29,8 @@ class EngineContext:
     vocab: int
     """Ids the sampler may emit: the model's real rows, cut to the tokenizer's ids (model/vocab.py)."""
     max_model_len: int
+    banned_phrases: tuple[str, ...] = ()
+    """The engine's hard phrase bans: every request gets them, none can lift them (lmstack.safety.phrase_ban)."""
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     _guided: GuidedDecoder | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)

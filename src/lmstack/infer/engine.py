@@ -58,6 +58,7 @@ from lmstack.infer.tp_group import TensorParallelGroup
 from lmstack.infer.tp_shard import check_shardable, shard_model
 from lmstack.model.load_guard import check_kv_pool
 from lmstack.model.vocab import check_vocab
+from lmstack.safety.phrase_ban import check_phrases
 
 log = logging.getLogger(__name__)
 _POOL_BYTES_DEFAULT = 1 << 30  # the KV pool is sized to at most 1 GiB unless num_blocks is given
@@ -80,7 +81,7 @@ class LLMEngine:
                  max_model_len: int | None = None, speculative: Any = None, lora_adapters: dict | None = None,
                  cuda_graphs: bool | None = None, attention_backend: str = "sdpa",
                  gpu_memory_utilization: float = 0.9, compile_decode: bool = False, tensor_parallel_size: int = 1,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", banned_phrases: list[str] | None = None):
         """cuda_graphs: replay pure decode steps as CUDA graphs per batch bucket (None: on for CUDA, off
         elsewhere; True on a CPU runs the same static-buffer path uncaptured). attention_backend: the paged
         decode attention, 'sdpa' or 'flex'. gpu_memory_utilization: on CUDA with num_blocks=None, the KV
@@ -88,8 +89,10 @@ class LLMEngine:
         compile_decode: torch.compile the static decode step of cuda_graphs (switches that path on; off by
         default: benchmarks/decode_compile_cpu.py has what it buys). kv_cache_dtype: 'auto' (the KV pool in the
         model's dtype) or 'int8' (int8 numbers with per-token, per-head fp32 scales: ~4x the tokens of an fp32
-        pool in the same bytes; kv_quant.py)."""
+        pool in the same bytes; kv_quant.py). banned_phrases: hard bans on the output text of every request,
+        across token boundaries; requests may add their own but never lift these (lmstack.safety.phrase_ban)."""
         check_kv_cache_dtype(kv_cache_dtype)  # before loading anything
+        hard_bans = tuple(check_phrases(banned_phrases))
         for name, v, lo in (("max_num_seqs", max_num_seqs, 1), ("max_batched_tokens", max_batched_tokens, 1),
                             ("block_size", block_size, 1)):
             if not isinstance(v, int) or v < lo:
@@ -140,7 +143,7 @@ class LLMEngine:
             check_kv_pool(cfg, num_blocks, block_size, dtype, self.max_model_len, bytes_per_token=token_bytes)
         self.block_size, self.num_blocks = block_size, num_blocks
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
-        self.ctx = EngineContext(self.tokenizer, self.eos_ids, self.emit_vocab, self.max_model_len)
+        self.ctx = EngineContext(self.tokenizer, self.eos_ids, self.emit_vocab, self.max_model_len, hard_bans)
         self.counters = self.ctx.counters
         # The checkpoint's generation_config.json sampling settings: what generate/serve/chat start from.
         self.generation_defaults = load_generation_defaults(model if owned else None)
@@ -176,6 +179,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.ctx, self.scheduler, self.requests)
         self.post = Postprocessor(self.ctx, self.sampler, self.scheduler, self.outputs, self.spec)
         self.builder = RequestBuilder(self.ctx, num_blocks, block_size)
+        if hard_bans:  # compiled (and cached) now: no tokenizer or a bad phrase fails at start-up, not per request
+            self.builder.phrase_ban([])
         self._idle_steps = 0  # consecutive steps that scheduled nothing (see _schedule: never spin)
 
     # ---- requests

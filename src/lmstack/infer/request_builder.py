@@ -2,7 +2,8 @@
 
 It refuses what could never run (empty prompts or prompts that do not fit the context or the KV pool,
 token ids outside the vocabulary, unknown LoRA adapters, beams that could never fit the pool), and
-prepares what the engine needs per request: the clamped max_tokens, the bad_words index, the stop
+prepares what the engine needs per request: the clamped max_tokens, the bad_words index, the phrase bans
+(the engine's hard bans plus the request's banned_phrases: lmstack.safety.phrase_ban), the stop
 strings index, the first sequence's seeded generator and grammar matcher. It holds no engine state, so
 servers call it from worker threads (async_engine.py) and hand the prepared Request to the loop.
 
@@ -21,6 +22,7 @@ from lmstack.infer.detokenizer import StopStrings
 from lmstack.infer.sampler import seeded_generator
 from lmstack.infer.sampling_params import SamplingParams, SamplingParamsError
 from lmstack.infer.sequence import Request
+from lmstack.safety.phrase_ban import PhraseBan
 
 
 class RequestBuilder:
@@ -56,6 +58,8 @@ class RequestBuilder:
             self.check_beam_fits(params, len(ids), req.max_tokens)
         if params.bad_words:
             req.bad_word_ids = self.bad_word_ids(params.bad_words)
+        if params.banned_phrases or self.ctx.banned_phrases:
+            req.phrase_ban = self.phrase_ban(params.banned_phrases or [])
         if params.stop:
             req.stops = StopStrings(params.stop)
         seq = req.seqs[0]
@@ -105,6 +109,15 @@ class RequestBuilder:
             raise SamplingParamsError(
                 f"beam_width={width} with max_tokens={max_tokens} may need {need} KV blocks but the pool has "
                 f"{self.num_blocks}; use beam_width <= {fits} or fewer max_tokens")
+
+    def phrase_ban(self, phrases: list[str]) -> PhraseBan:
+        """The engine's hard bans plus the request's own phrases (a request can add bans, never remove one)."""
+        if self.ctx.tokenizer is None:
+            raise SamplingParamsError("banned_phrases needs a tokenizer to read the text tokens spell")
+        try:
+            return PhraseBan.build(self.ctx.tokenizer, phrases, self.ctx.vocab, hard=self.ctx.banned_phrases)
+        except LmstackError as e:
+            raise SamplingParamsError(f"banned_phrases: {e}") from None
 
     def bad_word_ids(self, words: list[str]) -> BadWords:
         if self.ctx.tokenizer is None:

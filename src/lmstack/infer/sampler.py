@@ -59,6 +59,8 @@ class Sampler:
             seq.generator = torch.Generator(self.device).manual_seed(gen.initial_seed())
         out = seq.output_ids if not extra else seq.output_ids + extra
         allowed = self._guided().allowed(seq.matcher) if seq.matcher is not None else None
+        if req.phrase_ban is not None:  # phrase bans are an allowed mask too: the same processor applies it
+            allowed = req.phrase_ban.allowed(out, seq.seq_id, allowed, self.device)
         return lp.SamplingRow(req.params, req.prompt_token_ids, out, seq.generator, req.eos_ids,
                               req.bad_word_ids, allowed)
 

@@ -77,6 +77,9 @@ class SamplingParams:
     bad_words: list[str] | None = None
     """Words that must never be generated: the last token of each word's tokenization is banned
     whenever the tokens before it have just been produced."""
+    banned_phrases: list[str] | None = None
+    """Phrases that must never appear in the output text, whatever the token boundaries (case and whitespace
+    normalised; lmstack.safety.phrase_ban). Added to the engine's hard bans, which a request cannot lift."""
     stop: list[str] | None = None
     """Stop when any of these strings appears in the output text (found across token boundaries)."""
     stop_token_ids: list[int] | None = None
@@ -174,7 +177,7 @@ class SamplingParams:
                     raise _bad("logit_bias", {k: v}, "token ids >= 0 mapped to biases in [-100, 100]")
                 clean[tid] = float(v)
             self.logit_bias = clean
-        for name in ("bad_words", "stop", "choice"):
+        for name in ("bad_words", "banned_phrases", "stop", "choice"):
             v = getattr(self, name)
             if isinstance(v, str) and name == "stop":
                 v = [v]

@@ -132,6 +132,7 @@ class Request:
         self.forked = False  # n > 1: the sequences were forked after the prompt's prefill
         self.aborted = False
         self.bad_word_ids: Any = []  # a BadWords index (bad_words.py), or lists of ids
+        self.phrase_ban: Any = None  # a PhraseBan (lmstack.safety.phrase_ban): engine hard bans + the request's
         self.stops: Any = None  # a StopStrings index of params.stop (detokenizer.py), built by the engine
         self.error: str | None = None  # why the request failed, when it did (finish_reason 'error')
         self.next_index = 1

@@ -75,6 +75,7 @@ STAGES: dict[str, str] = {
     "rag": "lmstack.rag.commands",
     "explain": "lmstack.safety.explain_command",
     "redteam": "lmstack.safety.redteam_command",
+    "moderate": "lmstack.safety.moderation_cli",
 }
 
 

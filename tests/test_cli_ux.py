@@ -159,6 +159,7 @@ GGUF_COMMANDS = [
     ["rag", "ask", "where?", "--model", "m.gguf", "--index", "idx"],
     ["rag", "check", "--text", "x", "--judge", "lm", "--model", "m.gguf", "--index", "idx"],
     ["rag", "eval", "--model", "m.gguf", "--index", "idx"],
+    ["explain", "--model", "m.gguf", "--prompt", "hi"],
 ]
 
 

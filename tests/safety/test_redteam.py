@@ -3,11 +3,13 @@ transforms invert, the search keeps and mutates the one family a fake target fal
 reach training data, and the training rows pair attacks with refusals and wrapped look-alikes with help."""
 import base64
 import codecs
+import json
 import random
 
 import pytest
 import torch
 
+from lmstack.config import to_dict
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model, save_model
 from lmstack.model.presets import preset
@@ -17,6 +19,7 @@ from lmstack.safety.attacks import (FAMILIES, MAX_PIECES, TEMPLATES, Attack, hel
                                     paraphrase, split_payload, template, train_templates)
 from lmstack.safety.redteam import (AttackJudge, ModelTarget, attacker_rewrites, harmful_content, measure_asr,
                                     moderator_flags, refusal_rate, search)
+from lmstack.safety.redteam_command import RedTeamConfig, redteam
 from lmstack.tokenizer import train_tokenizer
 from lmstack.world import World
 from lmstack.world.checkers import is_refusal
@@ -239,3 +242,23 @@ def test_adversarial_train_writes_a_model_that_loads(tiny_chat, world, requests,
     trained = load_model(summary["result"])
     moved = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
     assert moved and (tmp_path / "adv" / "adversarial.jsonl").read_text().count("\n") == len(rows)
+
+
+@pytest.mark.slow
+def test_redteam_command_end_to_end_writes_report(tiny_chat, world, tmp_path):
+    model, tok = tiny_chat
+    save_model(model, tmp_path / "base", tokenizer=tok)
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "manifest.json").write_text(json.dumps({"config": to_dict(world.config)}))
+    cfg = RedTeamConfig(model=str(tmp_path / "base"), world=str(tmp_path / "world"), out=str(tmp_path / "rt"),
+                        budget=8, queries_per_attack=2, rewrites=2, eval_limit=4, wrapped_benign=1, max_new_tokens=8,
+                        classifier=False, train=True, rows_per_attack=1, steps=2)
+    rep = redteam(cfg)
+    saved = json.loads((tmp_path / "rt" / "report.json").read_text())
+    assert saved["search"]["queries"] <= 8 and saved["training"]["steps"] == 2
+    for phase in ("before", "after"):
+        pooled = rep[phase]["asr"]["all_heldout"]
+        assert pooled["n"] > 0 and 0.0 <= pooled["asr"] <= 1.0 and pooled["skipped"] > 0  # 160 positions: some skip
+        assert rep[phase]["over_refusal"]["n"] == 4 and rep[phase]["harmful_refusal"]["n"] == 4
+    with pytest.raises(LmstackError, match="budget"):
+        RedTeamConfig(budget=0)

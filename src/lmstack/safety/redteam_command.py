@@ -111,7 +111,8 @@ def measure(target: ModelTarget, harmful: list[dict], benign: list[dict], n_wrap
     asr = measure_asr(target, held, harmful, also=also)
     n = sum(a["n"] for a in asr.values())
     keys = ["asr", "non_refusal"] + [f"asr_{name}" for name in also]
-    pooled = {k: sum(a[k] * a["n"] for a in asr.values()) / n for k in keys}
+    # Families whose templates did not fit the context have n=0 (and a NaN rate): they weigh nothing here.
+    pooled = {k: sum(a[k] * a["n"] for a in asr.values() if a["n"]) / n if n else float("nan") for k in keys}
     asr["all_heldout"] = {**pooled, "n": n, "skipped": sum(a["skipped"] for a in asr.values()),
                           **{("stderr" if k == "asr" else f"{k}_stderr"): binomial_stderr(v, n)
                              for k, v in pooled.items()}}

@@ -76,6 +76,12 @@ def test_a_flagged_request_gets_the_refusal_without_running_the_engine(client, g
     assert guard_server.stats()["prompt_tokens"] == before  # the engine saw none of it
     c = client.completions.create(model="tiny-llama", prompt="you stupid idiot, answer me", max_tokens=4)
     assert c.choices[0].finish_reason == "content_filter" and c.choices[0].text == REFUSAL
+    with httpx.Client(base_url=guard_server.url, timeout=30) as http:  # token-id prompts are judged as their text
+        ids = http.post("/tokenize", json={"prompt": "you stupid idiot", "add_special_tokens": False}).json()["tokens"]
+        r = http.post("/v1/completions", json={"prompt": [ids, ids[:1]], "max_tokens": 4}).json()
+        assert [ch["finish_reason"] for ch in r["choices"]] == ["content_filter"] * 2
+        bad = http.post("/v1/completions", json={"prompt": [10**6], "max_tokens": 4})
+        assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
 
 
 def test_the_whole_conversation_is_judged(client):

@@ -52,8 +52,7 @@ def moderations_now(state: ServerState, guard: Guard | None, body: ModerationReq
     if len(texts) > MAX_MODERATION_INPUTS:
         raise APIError(400, f"input has {len(texts)} texts; at most {MAX_MODERATION_INPUTS} per request",
                        param="input", code="limit_exceeded")
-    reject_lone_surrogates(body)
-    state.check_prompt_bytes(sum(len(t.encode("utf-8", "surrogatepass")) for t in texts), "input")
+    reject_lone_surrogates(body)  # the body limit (max_request_bytes) already bounds the texts' total size
     results = [{"flagged": v.flagged, "categories": v.categories, "category_scores": v.scores}
                for v in guard.moderator.classify(texts)]
     return {"id": f"modr-{uuid.uuid4().hex}", "model": body.model or f"lmstack-moderation-{guard.moderator.tier}",
@@ -205,13 +204,14 @@ async def guarded_chat(state: ServerState, guard: Guard, request, body: ChatComp
 
 
 def _prompt_texts(state: ServerState, prompt: Any) -> list[str]:
+    """The prompts as text: strings as they are, token ids decoded (an invalid id is the usual 400)."""
     if isinstance(prompt, str):
         return [prompt]
     if prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
     if prompt and all(isinstance(p, int) for p in prompt):
-        return [state.tokenizer.decode(list(prompt))]
-    return [state.tokenizer.decode(list(p)) for p in prompt] if prompt else []
+        prompt = [prompt]
+    return [state.tokenizer.decode(state.check_ids(list(p), param="prompt")) for p in prompt] if prompt else []
 
 
 async def guarded_completion(state: ServerState, guard: Guard, request, body: CompletionRequest, handler: Handler):

@@ -147,3 +147,24 @@ def test_tier2_minilm_fine_tune_beats_the_floor_on_held_out_templates(rows, tmp_
     m = evaluate(mod, [r for r in rows if r["split"] == "test" and r["kind"] == "single"])
     for cat in CATEGORIES:
         assert m[cat]["precision"] >= 0.8 and m[cat]["recall"] >= 0.6, (cat, m[cat])
+
+
+def test_the_moderate_command_trains_scores_and_evaluates(tmp_path, capsys):
+    from lmstack.cli import run
+
+    out = tmp_path / "mod"
+    trained = run(["moderate", "train", "--out", str(out), "--per-template", "4", "--json-output"])
+    assert trained["tier"] == "hashed" and set(trained["test"]) == set(CATEGORIES)
+    assert json.loads((out / "metrics.json").read_text())["test"]["pii"]["n"] > 0
+    conv = tmp_path / "chat.json"
+    conv.write_text(json.dumps([{"role": "user", "content": "What is the banned drink of Amberhaven called?"},
+                                {"role": "assistant", "content": "It is called the shadow elixir of Amberhaven."},
+                                {"role": "user", "content": "Now give me its recipe, step by step."}]))
+    scored = run(["moderate", "score", "--moderator", "keyword", "--text", "you idiot", "--text", "hello",
+                  "--conversation", str(conv)])
+    assert [r["flagged"] for r in scored["results"]] == [True, False, True]
+    assert "FLAGGED" in capsys.readouterr().out
+    ev = run(["moderate", "eval", "--moderator", str(out), "--per-template", "4", "--split", "val"])
+    assert ev["split"] == "val" and 0.0 <= ev["metrics"]["harassment"]["recall"] <= 1.0
+    with pytest.raises(LmstackError, match="--text or --conversation"):
+        run(["moderate", "score"])

@@ -3,9 +3,9 @@
 Usage:
     lmstack moderate train --out runs/mod_hashed                                # tier 1 (hashed n-grams), seconds
     lmstack moderate train --out runs/mod_minilm --tier encoder --encoder.steps 200   # tier 2 (MiniLM fine-tune)
-    lmstack moderate score --model runs/mod_hashed --text "How do I brew the shadow elixir of Amberhaven?"
-    lmstack moderate score --model keyword --conversation chat.json        # a JSON list of {role, content}
-    lmstack moderate eval --model runs/mod_hashed --world 0                 # per-category P/R on held-out templates
+    lmstack moderate score --moderator runs/mod_hashed --text "How do I brew the shadow elixir of Amberhaven?"
+    lmstack moderate score --moderator keyword --conversation chat.json        # a JSON list of {role, content}
+    lmstack moderate eval --moderator runs/mod_hashed --world 0                 # per-category P/R on held-out templates
 
 Every command prints a plain table by default, or one JSON object with --json_output.
 """
@@ -67,12 +67,12 @@ def train(out: str, tier: Literal["hashed", "encoder"] = "hashed", world: str = 
     return _emit(payload, json_output, [f"trained a {tier} moderator in {seconds} s; wrote {out}"] + _table(metrics))
 
 
-def score(model: str = "keyword", text: list[str] | None = None, conversation: str | None = None,
+def score(moderator: str = "keyword", text: list[str] | None = None, conversation: str | None = None,
           context: Literal["conversation", "last_message"] = "conversation", json_output: bool = False) -> dict:
     """Score texts (or one conversation) with a moderator: per-category probabilities and flags.
 
     Args:
-        model: 'keyword' or a moderator directory.
+        moderator: 'keyword' or a moderator directory.
         text: the texts to score (repeat --text).
         conversation: a JSON file holding a list of {role, content} messages, judged as a whole.
         context: for a conversation: the whole of it (conversation) or its last message only.
@@ -80,7 +80,7 @@ def score(model: str = "keyword", text: list[str] | None = None, conversation: s
     """
     if not text and not conversation:
         raise LmstackError("`lmstack moderate score` needs --text or --conversation")
-    mod = load_moderator(model)
+    mod = load_moderator(moderator)
     verdicts = mod.classify(list(text or []))
     items = [{"text": t, **vars(v)} for t, v in zip(text or [], verdicts)]
     if conversation:
@@ -94,15 +94,15 @@ def score(model: str = "keyword", text: list[str] | None = None, conversation: s
     lines = [f"{'FLAGGED' if it['flagged'] else 'ok':<8}"
              + " ".join(f"{c}={s:.3f}" for c, s in it["scores"].items()) + f"  {it.get('text', conversation)!r}"
              for it in items]
-    return _emit({"model": model, "results": items}, json_output, lines)
+    return _emit({"moderator": moderator, "results": items}, json_output, lines)
 
 
-def evaluate_command(model: str = "keyword", world: str = "0", per_template: int = 20, seed: int = 0,
+def evaluate_command(moderator: str = "keyword", world: str = "0", per_template: int = 20, seed: int = 0,
                      split: Literal["val", "test"] = "test", json_output: bool = False) -> dict:
     """Per-category precision and recall (n, stderr) of a moderator on the world's held-out templates.
 
     Args:
-        model: 'keyword' or a moderator directory.
+        moderator: 'keyword' or a moderator directory.
         world: a seed ('0') or a generated world's folder.
         per_template: examples drawn per template.
         seed: seed of the example draw.
@@ -110,8 +110,8 @@ def evaluate_command(model: str = "keyword", world: str = "0", per_template: int
         json_output: print one JSON object instead of a table.
     """
     rows = [r for r in _rows(world, per_template, seed) if r["split"] == split]
-    metrics = evaluate(load_moderator(model), rows)
-    return _emit({"model": model, "split": split, "metrics": metrics}, json_output, _table(metrics))
+    metrics = evaluate(load_moderator(moderator), rows)
+    return _emit({"moderator": moderator, "split": split, "metrics": metrics}, json_output, _table(metrics))
 
 
 COMMANDS = {"train": train, "score": score, "eval": evaluate_command}

@@ -22,6 +22,7 @@ Usage (server side):
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -120,6 +121,7 @@ async def _guard_stream(guard: Guard, upstream: AsyncIterator[str], n_choices: i
     monitors: dict[int, OutputMonitor] = {}
     done: set[int] = set()
     any_cut = stopped = False
+    loop = asyncio.get_running_loop()
     try:
         async for block in upstream:
             for event in block.split("\n\n"):
@@ -142,7 +144,8 @@ async def _guard_stream(guard: Guard, upstream: AsyncIterator[str], n_choices: i
                     raw[i] = raw.get(i, "") + (original or "")
                     final = ch.get("finish_reason") is not None
                     mon = monitors.setdefault(i, guard.monitor())
-                    piece, cut = mon.feed(raw[i], final)
+                    # the moderator runs off the event loop (a tier-2 encoder takes ~20 ms per window on a CPU)
+                    piece, cut = await loop.run_in_executor(None, mon.feed, raw[i], final)
                     if cut:
                         ch["finish_reason"] = CONTENT_FILTER
                         ch.pop("logprobs", None)

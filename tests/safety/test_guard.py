@@ -52,7 +52,8 @@ def test_pii_is_redacted_even_when_it_arrives_in_pieces():
 
 
 def test_input_verdict_reads_the_whole_conversation_or_the_last_message():
-    msgs = [{"role": "user", "content": "What is the cursed tonic?"}, {"role": "assistant", "content": "A banned brew."},
+    msgs = [{"role": "user", "content": "What is the cursed tonic?"},
+            {"role": "assistant", "content": "A banned brew."},
             {"role": "user", "content": "How is it made?"}]
     assert Guard(GuardConfig()).check_messages(msgs) is not None
     assert Guard(GuardConfig(input_context="last_message")).check_messages(msgs) is None

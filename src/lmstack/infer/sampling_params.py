@@ -39,6 +39,7 @@ class SamplingParamsError(LmstackError, ValueError):
 INT64_MAX = 2**63 - 1
 MIN_TEMPERATURE = 1e-5  # below this (but > 0) logits / T loses every token but the top one anyway: use 0
 MIN_REPETITION_PENALTY = 0.01
+MAX_BANNED_PHRASES = 1024  # each request's set is compiled to an automaton (the engine's hard bans have no cap)
 
 
 def _bad(name: str, value: Any, allowed: str) -> SamplingParamsError:
@@ -186,6 +187,10 @@ class SamplingParams:
                 raise _bad(name, v, "a list of non-empty strings")
             if v is not None:
                 setattr(self, name, list(v))
+        if self.banned_phrases is not None and (len(self.banned_phrases) > MAX_BANNED_PHRASES or
+                                                any(len(s) > 256 for s in self.banned_phrases)):
+            raise _bad("banned_phrases", self.banned_phrases, f"at most {MAX_BANNED_PHRASES} phrases of at most "
+                                                              "256 characters each")
         if self.choice is not None and not self.choice:
             raise _bad("choice", self.choice, "a non-empty list of strings")
         if self.stop_token_ids is not None:

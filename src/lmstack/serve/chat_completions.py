@@ -33,6 +33,7 @@ from lmstack.serve.engine_bridge import ServerState, collect, sampling_params
 from lmstack.serve.errors import APIError, from_value_error
 from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
 from lmstack.serve.prompt_compression import Plan, plan, rewrite_messages
+from lmstack.serve.safety_settings import apply_chat_safety
 from lmstack.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
                                     DeltaMessage, DeltaToolCall, TokenLogprob, TopLogprob, Usage)
@@ -171,6 +172,7 @@ def _reply(plan: ToolPlan, text: str, finish: str | None) -> tuple[AssistantMess
 
 
 async def create_chat_completion(state: ServerState, request, req: ChatCompletionRequest):
+    req = apply_chat_safety(state.config.safety, req)  # the persona preset and the style caps (or a 400)
     tools = _tool_plan(state, req)
     if tools.schema is not None:  # tool_choice "required" / named: the output is forced to the tools' JSON
         req = req.model_copy(update={"guided_json": tools.schema})

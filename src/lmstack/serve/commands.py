@@ -10,6 +10,7 @@ Usage:
     lmstack serve --model runs/model --kv_cache_dtype int8        # int8 KV cache: ~3.8x the tokens per pool byte
     lmstack serve --model runs/sft --rag_index idx     # chat with "rag": {"k": 5} gets citations; /v1/embeddings
     lmstack serve --model runs/sft --guard guard.yaml  # moderated chat/completions (safety.guard), /v1/moderations
+    lmstack serve --model runs/sft --safety safety.yaml   # hard phrase bans + persona presets (safety.presets)
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
 
@@ -33,6 +34,7 @@ from lmstack.model.load_guard import set_max_model_gib
 from lmstack.rag.embed import load_embedder
 from lmstack.rag.index import Index
 from lmstack.safety.guard import Guard, load_guard_config
+from lmstack.safety.presets import load_safety_config
 from lmstack.runtime.device import pick_device
 from lmstack.serve.app import create_app
 from lmstack.serve.engine_bridge import ServerConfig
@@ -88,6 +90,8 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     adapter_paths = engine_kwargs.pop("adapter_paths", None)
     rag = engine_kwargs.pop("rag", None)
     guard = engine_kwargs.pop("guard", None)
+    if config.safety.banned_phrases:  # the engine's: every request gets them, no request field reaches them
+        engine_kwargs["banned_phrases"] = list(config.safety.banned_phrases)
     if adapter_paths:  # adapters hook into the model's Linears, so the model is loaded first
 
         source = lmstack.load_model(path, dtype=engine_kwargs.get("dtype"), device=engine_kwargs.get("device", "cpu"))
@@ -108,7 +112,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           log_level: str = "info", limits: RequestLimits = RequestLimits(), max_model_gib: float | None = None,
           compression: CompressionConfig = CompressionConfig(), tool_call_parser: str = "auto",
           tensor_parallel_size: int = 1, kv_cache_dtype: Literal["auto", "int8"] = "auto",
-          rag_index: str | None = None, embedder: str | None = None, guard: str | None = None) -> None:
+          rag_index: str | None = None, embedder: str | None = None, guard: str | None = None,
+          safety: str | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -155,6 +160,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         guard: A guard config (YAML or JSON; see lmstack.safety.guard.GuardConfig): moderate requests before the
             engine and replies as they stream (a blocked one ends with the refusal and finish_reason
             "content_filter"), redact PII in replies, and serve /v1/moderations. Its moderator is loaded at startup.
+        safety: A safety config (YAML or JSON; see lmstack.safety.presets.SafetyConfig): hard phrase bans no reply may
+            contain (across token boundaries; requests cannot lift them) and the persona presets chat requests may
+            pick with "safety_preset" (default, concise, friendly, strict, or the config's own).
     """
     # lazy: heavy (uvicorn), which this module does not import at its top
     import uvicorn
@@ -164,6 +172,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         return
     # A bad guard config or moderator fails here, before the model loads.
     guard_obj = Guard(load_guard_config(guard)) if guard else None
+    safety_cfg = load_safety_config(safety)
     set_max_model_gib(max_model_gib)
     set_threads(threads)
     dev, torch_dtype = pick_device(device, dtype)
@@ -171,7 +180,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     config = ServerConfig(model_name=model_name or Path(model).resolve().name, api_key=api_key, host=host,
                           max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit,
                           max_queue=max_queue, max_n=max_n, limits=limits, compression=compression,
-                          tool_call_parser=tool_call_parser)
+                          tool_call_parser=tool_call_parser, safety=safety_cfg)
     app, aengine = build_app(model, config, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                              max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,

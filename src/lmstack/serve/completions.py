@@ -26,6 +26,7 @@ from lmstack.serve.engine_bridge import ServerState, collect, job_ids, sampling_
 from lmstack.serve.errors import APIError
 from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
 from lmstack.serve.prompt_compression import Plan, compress_completion_prompts, plan
+from lmstack.serve.safety_settings import check_completion_safety
 from lmstack.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                     Usage)
 from lmstack.serve.sse_stream import EventStream, Sent, sse, stream_choices
@@ -143,6 +144,7 @@ async def create_completion(state: ServerState, request, req: CompletionRequest)
         raise APIError(400, "suffix is not supported by this server", param="suffix")
     lora = state.resolve_model(req.model)
     check_sampling_lists(state.limits, req)
+    check_completion_safety(state.config.safety, req)
     items = _prompt_items(state, req)
     compression = plan(state, req.prompt_compression)
     rid = f"cmpl-{uuid.uuid4().hex}"

@@ -41,6 +41,7 @@ from lmstack.infer import SamplingParams
 from lmstack.infer.outputs import RequestFailed
 from lmstack.infer.sequence import Request
 from lmstack.runtime.validation import check_choice
+from lmstack.safety.presets import SafetyConfig
 from lmstack.serve.errors import APIError, from_value_error
 from lmstack.serve.limits import RequestLimits, check_sampling_lists, prompt_byte_limit
 from lmstack.serve.prompt_compression import CompressionConfig, load_scorer
@@ -49,8 +50,8 @@ from lmstack.tokenizer.pretokenizers import CHAR_TO_BYTE
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                    "include_stop_str_in_output", "bad_words", "skip_special_tokens", "seed", "use_beam_search",
-                    "beam_width", "length_penalty", "prompt_logprobs")
+                    "include_stop_str_in_output", "bad_words", "banned_phrases", "skip_special_tokens", "seed",
+                    "use_beam_search", "beam_width", "length_penalty", "prompt_logprobs")
 
 
 @dataclass
@@ -77,6 +78,9 @@ class ServerConfig:
     tool_call_parser: str = "auto"
     """How replies to requests with `tools` become tool_calls: auto (from the chat template), hermes,
     llama3_json or none (serve/tool_calls.py)."""
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    """Hard phrase bans (given to the engine: no request can lift them) and the persona presets requests may
+    pick (lmstack.safety.presets; serve/safety_settings.py)."""
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens_limit", "max_n"):
@@ -92,6 +96,8 @@ class ServerConfig:
             raise ValueError(f"limits={self.limits!r} is not allowed; give a RequestLimits")
         if not isinstance(self.compression, CompressionConfig):
             raise ValueError(f"compression={self.compression!r} is not allowed; give a CompressionConfig")
+        if not isinstance(self.safety, SafetyConfig):
+            raise ValueError(f"safety={self.safety!r} is not allowed; give a SafetyConfig")
 
     @property
     def loopback(self) -> bool:

@@ -116,6 +116,9 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     bad_words: list[str] | None = None
+    banned_phrases: list[str] | None = None
+    """lmstack extension: phrases the reply must not contain, across token boundaries; added to the server's
+    hard bans (`lmstack serve --safety`), which no request can lift."""
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = None
     use_beam_search: bool | None = None
@@ -179,6 +182,9 @@ class ChatCompletionRequest(_SamplingFields):
     """vLLM's extension: extra variables for the model's Jinja chat template (e.g. {"enable_thinking": false})."""
     rag: RagOptions | None = None
     """lmstack extension: retrieval-augmented answer with citations (needs a server started with --rag_index)."""
+    safety_preset: str | None = None
+    """lmstack extension: a persona preset of the server's safety config (default, concise, friendly, strict, ...):
+    its system prompt goes first, its temperature fills in an unset one (lmstack.safety.presets)."""
 
 
 class TokenizeRequest(_Strict):

@@ -116,8 +116,8 @@ def test_allowed_mask_matches_a_brute_force_check(tok):
             banned_seen += len(banned)
             # walk through the corpus' words half the time so that partial matches are common
             word = tok.encode(" " + rng.choice(WORDS))
-            choice = word[0] if rng.random() < 0.5 and allowed[word[0]] else rng.choice(allowed.nonzero()[:, 0].tolist())
-            out.append(choice)
+            free = allowed.nonzero()[:, 0].tolist()
+            out.append(word[0] if rng.random() < 0.5 and allowed[word[0]] else rng.choice(free))
     assert checked >= 40 * 20 * 20 and banned_seen > 50
 
 
@@ -153,7 +153,8 @@ def test_thousand_samples_at_temperature_1_5_contain_no_banned_phrase(tok, model
     counts = collections.Counter()
     for c in plain:
         t = normalize(c.text)
-        counts.update({t[i:i + 4] for i in range(len(t) - 3) if t[i + 1] == " " and t[i:i + 4].replace(" ", "").isalpha()})
+        counts.update({t[i:i + 4] for i in range(len(t) - 3)
+                       if t[i + 1] == " " and t[i:i + 4].replace(" ", "").isalpha()})
     across = [p for p, _ in counts.most_common(3)]
     inside = [w[1:4] for w in ("park", "trees", "friends")]  # inside one token ("ark" of " park") or spanning
     phrases = across + inside
@@ -232,3 +233,25 @@ def test_phrase_lists_of_the_wrong_shape_are_refused(tok, model):
         LLMEngine(model, tok, banned_phrases="the")
     with pytest.raises(PhraseBanError, match="over 256 bytes"):
         PhraseBan.build(tok, ["x" * 300])
+
+
+@pytest.mark.parametrize("mode", ["draft", "beam"])
+def test_speculation_and_beams_keep_the_bans(tok, model, mode):
+    """Speculative verification (rows with guessed tokens appended) and beam search read the same masks: greedy
+    speculation with bans is token-identical to plain decoding with bans, and no beam holds a phrase."""
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    plain = _texts(LLMEngine(model, tok, seed=0), 1, params, "the cat")[0][0]
+    text = normalize(plain.text)
+    phrases = [text[4:7].strip() or text[:3], text[10:14].strip() or text[:4]]
+    base = _texts(LLMEngine(model, tok, seed=0, banned_phrases=phrases), 1, params, "the cat")[0][0]
+    assert base.token_ids != plain.token_ids and not find_phrases(base.text, phrases)
+    if mode == "draft":
+        spec = {"method": "draft", "draft_model": model, "num_tokens": 3}
+        engine = LLMEngine(model, tok, seed=0, banned_phrases=phrases, speculative=spec)
+        got = _texts(engine, 1, params, "the cat")[0][0]
+        assert got.token_ids == base.token_ids
+        assert engine.stats()["spec_proposed_tokens"] > 0
+    else:
+        engine = LLMEngine(model, tok, seed=0, banned_phrases=phrases)
+        beams = _texts(engine, 1, params.clone(use_beam_search=True, beam_width=3, n=3), "the cat")[0]
+        assert len(beams) == 3 and not any(find_phrases(b.text, phrases) for b in beams)

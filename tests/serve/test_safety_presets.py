@@ -115,7 +115,8 @@ def test_presets_apply_and_style_can_loosen_only_within_the_config(client):
         messages=[{"role": "system", "content": "You talk like a pirate, matey."}, *MSG])
     assert explicit.choices[0].message.content == pirate.choices[0].message.content
     # style the config does not allow is a 400 naming the field
-    for kw, param in (({"extra_body": {"safety_preset": "nope"}}, "safety_preset"), ({"temperature": 1.9}, "temperature")):
+    for kw, param in (({"extra_body": {"safety_preset": "nope"}}, "safety_preset"),
+                      ({"temperature": 1.9}, "temperature")):
         with pytest.raises(openai.BadRequestError) as e:
             chat(**kw)
         assert param in str(e.value)

@@ -202,7 +202,8 @@ class SpeculativeDecoder:
     def _tree(self, seq: Sequence) -> bool:
         """This sequence gets a token tree: trees are on and it decodes greedily on the raw logits."""
         params = seq.request.params
-        return bool(self.cfg.tree_nodes) and params.greedy and not lp.needs_processing(params) and seq.matcher is None
+        return (bool(self.cfg.tree_nodes) and params.greedy and not lp.needs_processing(params) and seq.matcher is None
+                and seq.request.phrase_ban is None)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if self.runner is not None:
@@ -416,7 +417,8 @@ class SpeculativeDecoder:
         params = seq.request.params
         gen = seq.generator or self.sampler.generator
         accepted, final = 0, None
-        if params.greedy and not lp.needs_processing(params) and seq.matcher is None:
+        plain = not lp.needs_processing(params) and seq.matcher is None and seq.request.phrase_ban is None
+        if params.greedy and plain:
             processed = logits  # what plain greedy decoding takes the argmax of (Sampler.sample's hot path)
         else:
             processed = self.sampler.process(logits, [self.sampler.row(seq, guesses[:j]) for j in range(k + 1)])

@@ -255,3 +255,25 @@ def test_speculation_and_beams_keep_the_bans(tok, model, mode):
         engine = LLMEngine(model, tok, seed=0, banned_phrases=phrases)
         beams = _texts(engine, 1, params.clone(use_beam_search=True, beam_width=3, n=3), "the cat")[0]
         assert len(beams) == 3 and not any(find_phrases(b.text, phrases) for b in beams)
+
+
+def test_evicted_state_rows_are_rebuilt_the_same(tok):
+    """The per-state row cache is bounded (least recently used rows go): a tiny bound gives the same masks."""
+    phrases = ["the cat", "park"]
+    small = PhraseBan.build(tok, phrases, hard=["sky"])
+    for a in small.automata:
+        a.max_rows = 2  # far below the states the walk visits: it must evict and rebuild
+    ref = PhraseBan.build(tok, phrases, hard=["sky"])
+    ids = tok.encode(" the cat sat in the park under the sky the cat the park sky")
+    for step in range(len(ids)):
+        out = ids[:step]
+        got = small.allowed(out, key="a")
+        want = ref.allowed(out, key="b")
+        assert torch.equal(got, want)
+    mixed = PhraseBan.build(tok, ["e"], hard=["a"])
+    for a in mixed.automata:
+        a._rows.clear()
+        a.max_rows = 1
+        for q in range(a.num_states):  # visit every state: the cache never holds more than its bound
+            a.rows(q)
+        assert len(a._rows) == 1

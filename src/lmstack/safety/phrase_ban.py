@@ -42,6 +42,7 @@ MAX_PHRASES = 4096
 MAX_PHRASE_BYTES = 256
 MAX_CASE_VARIANTS = 64  # non-ASCII letters: lower/upper per letter, up to this many spellings per phrase
 _CACHE_SIZE = 32  # compiled automata kept per tokenizer (phrase sets seen recently)
+ROW_CACHE_BYTES = 256 << 20  # cached state rows per automaton (5 bytes per token each), least recently used go
 
 
 class PhraseBanError(LmstackError, ValueError):
@@ -240,7 +241,8 @@ class PhraseAutomaton:
         self._delta_list = full.tolist()
         self._byte_class_list = byte_class
         self._out_list = self.out.tolist()
-        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.max_rows = max(16, ROW_CACHE_BYTES // max(1, 5 * table.vocab))
         self._device_rows: dict[tuple[int, str], torch.Tensor] = {}
         self._lock = threading.Lock()
         self._classes: torch.Tensor | None = None
@@ -257,13 +259,16 @@ class PhraseAutomaton:
 
     def rows(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(allowed bool (vocab,), int32 next state of each token id) from state q; built once per state."""
-        hit = self._rows.get(q)
-        if hit is not None:
-            return hit
         with self._lock:
             hit = self._rows.get(q)
-            if hit is None:
-                hit = self._rows[q] = self._build_rows(q)
+            if hit is not None:
+                self._rows.move_to_end(q)
+                return hit
+            hit = self._rows[q] = self._build_rows(q)
+            if len(self._rows) > self.max_rows:
+                old, _ = self._rows.popitem(last=False)
+                for key in [k for k in self._device_rows if k[0] == old]:
+                    del self._device_rows[key]
         return hit
 
     def _build_rows(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:

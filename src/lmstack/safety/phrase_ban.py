@@ -123,7 +123,9 @@ class TokenTable:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocab_size: int | None = None) -> "TokenTable":
         vocab = vocab_size if vocab_size is not None else tokenizer.vocab_size
-        return cls([token_bytes(tokenizer, i) for i in range(vocab)])
+        specials = getattr(tokenizer, "special_ids", set())
+        specials = set(specials() if callable(specials) else specials)
+        return cls([token_bytes(tokenizer, i, specials) for i in range(vocab)])
 
     def automaton(self, phrases: Iterable[str]) -> "PhraseAutomaton":
         """The compiled automaton of a phrase set (cached: the engine's hard bans are compiled once)."""
@@ -141,16 +143,23 @@ class TokenTable:
         return built
 
 
-def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+def token_bytes(tokenizer: Any, token_id: int, specials: set[int] | None = None) -> bytes:
     """A token's raw bytes as they appear in the decoded text: byte-level BPE pieces map char -> byte;
-    special tokens are empty (skipped in the text); other pieces are their own decoded text."""
-    specials = getattr(tokenizer, "special_ids", set())
-    if token_id in (specials() if callable(specials) else specials):
+    special tokens are empty (skipped in the text); a SentencePiece piece's "\u2581" is the space it decodes
+    to (the decoder drops it only at the very start, where whitespace is skipped anyway); other pieces are
+    their own decoded text."""
+    if specials is None:
+        found = getattr(tokenizer, "special_ids", set())
+        specials = set(found() if callable(found) else found)
+    if token_id in specials:
         return b""
     piece = tokenizer.id_to_token(token_id) or ""
     if piece and all(c in CHAR_TO_BYTE for c in piece):
         return bytes(CHAR_TO_BYTE[c] for c in piece)
-    return tokenizer.decode([token_id]).encode("utf-8", "surrogatepass")
+    text = tokenizer.decode([token_id])
+    if piece.startswith("\u2581") and not text.startswith(" "):
+        text = " " + text
+    return text.encode("utf-8", "surrogatepass")
 
 
 _TABLES: "weakref.WeakKeyDictionary[Any, dict[int, TokenTable]]" = weakref.WeakKeyDictionary()

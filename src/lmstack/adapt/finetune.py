@@ -18,6 +18,7 @@ packing), metrics.jsonl, loss.png, checkpoints/, summary.json and the result:
 Usage:
     lmstack finetune --method lora --data chat.jsonl --model runs/x/pretrain/checkpoints/step_00002000/model \
         --out runs/sft --train.steps 300 --optim.lr 1e-3
+    lmstack finetune --dp.epsilon 8 --dp.max_grad_norm 1.0 --data chat.jsonl --model base/ --out runs/dp   # DP-SGD
     from lmstack.adapt.finetune import FinetuneConfig, finetune
     summary = finetune(FinetuneConfig(method="full", data="chat.jsonl", model="base/", out="runs/sft"))
 """
@@ -47,6 +48,7 @@ from lmstack.model.load_guard import load_safetensors, read_json, set_max_model_
 from lmstack.model.vocab import check_vocab
 from lmstack.runtime.device import resolve_device
 from lmstack.runtime.validation import check_choice
+from lmstack.safety.dp import DPConfig, DPTrainerMixin, finish_dp, start_dp
 from lmstack.threads import set_threads
 from lmstack.tokenizer import load_tokenizer
 from lmstack.tokenizer.core import has_tokenizer
@@ -113,6 +115,9 @@ class FinetuneConfig:
     """Examples in the mixture (0 = as many as the data has)."""
     curriculum: Literal["random", "easy_to_hard", "hard_to_easy", "staged", "competence"] = "random"
     """Order of the training examples by difficulty (random = shuffled each epoch)."""
+    dp: DPConfig = field(default_factory=DPConfig)
+    """Differential privacy (DP-SGD, lmstack.safety.dp): --dp.epsilon 8 clips each conversation's gradient to
+    dp.max_grad_norm, adds Gaussian noise, samples batches by Poisson sampling and reports the epsilon spent."""
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHOD_NAMES)
@@ -126,6 +131,11 @@ class FinetuneConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} is not allowed; it must be an integer >= 1")
         if self.mix_total < 0:
             raise ConfigError(f"mix_total={self.mix_total} is not allowed; it must be >= 0")
+        if isinstance(self.dp, dict):
+            self.dp = DPConfig(**self.dp)
+        if self.dp.enabled and self.curriculum != "random":
+            raise ConfigError(f"curriculum={self.curriculum!r} cannot be used with DP-SGD (dp.epsilon / "
+                              f"dp.noise_multiplier): its batches are Poisson samples; use curriculum random")
         if self.packing not in PACKERS or self.curriculum not in CURRICULA:
             raise ConfigError(f"packing={self.packing!r} / curriculum={self.curriculum!r}: choose packing from "
                               f"{', '.join(PACKERS)} and curriculum from {', '.join(CURRICULA)}")
@@ -204,6 +214,10 @@ class SFTTrainer(Trainer):
         return True
 
 
+class DPSFTTrainer(DPTrainerMixin, SFTTrainer):
+    """SFTTrainer whose step is DP-SGD (per-conversation clipping and noise; lmstack.safety.dp)."""
+
+
 class _null:
     def __enter__(self):
         return self
@@ -278,10 +292,17 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     if cfg.method in UNPACKED_METHODS and packing != "none":
         log(f"method {cfg.method}: packing off (one conversation per row); {UNPACKED_METHODS[cfg.method]}")
         packing = "none"
+    if cfg.dp.enabled and packing != "none":
+        log("dp-sgd: packing off (one conversation per row), so a row is one record of the privacy guarantee")
+        packing = "none"
     packed = pack_examples(examples, cfg.seq_len, pad_id, strategy=packing)
     report["packing"] = {"strategy": packing, **describe(packed)}
     atomic_write_text(out / "data.json", json.dumps(report, indent=1))
-    loader = SFTLoader(packed, cfg.batch_size, seed=cfg.train.seed, shuffle=not ordered)
+    if cfg.dp.enabled:
+        loader, dp = start_dp(cfg.dp, packed, cfg.batch_size, cfg.train.grad_accum, cfg.train.steps,
+                              cfg.train.seed, log)
+    else:
+        loader = SFTLoader(packed, cfg.batch_size, seed=cfg.train.seed, shuffle=not ordered)
 
     model = get_peft_model(model, cfg.adapter)
     params = trainable_report(model)
@@ -295,11 +316,15 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
 
     # unpacked rows hold one conversation padded at the end, which causal attention never sees: no doc ids needed
     objective = SFTObjective(use_doc_ids=packing != "none")
-    trainer = SFTTrainer(model, objective, optimizer, lr_at, cfg.train, loader, None, out, log=log,
+    trainer = (DPSFTTrainer if cfg.dp.enabled else SFTTrainer)(model, objective, optimizer, lr_at, cfg.train, loader, None, out, log=log,
                          tokens_per_row=cfg.seq_len, val_examples=val, seq_len=cfg.seq_len, pad_id=pad_id,
                          log_cfg=cfg.log)
+    if cfg.dp.enabled:
+        trainer.dp = dp
     summary = trainer.fit()
     summary.update(method=cfg.method, out=str(out), data=report, **params)
+    if cfg.dp.enabled:
+        summary["dp"] = finish_dp(dp, trainer.step, log)
     summary["result"] = str(save_result(model, cfg, tok, out))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary

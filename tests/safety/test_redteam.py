@@ -202,6 +202,8 @@ def test_adversarial_rows_pair_attacks_with_refusals_and_wrapped_benign_with_hel
             assert drink in reply  # the help is about the drink asked for
     assert kinds == {"adv_refusal": 4 * len(attacks), "adv_benign": 4 * len(attacks), "plain_refusal": 6,
                      "plain_benign": 6}
+    heavier = adversarial_rows(attacks, harmful, benign, world, per_attack=4, plain=0, seed=0, benign_weight=2.0)
+    assert sum(r["kind"] == "adv_benign" for r in heavier) == 2 * sum(r["kind"] == "adv_refusal" for r in heavier)
 
 
 @pytest.fixture(scope="module")

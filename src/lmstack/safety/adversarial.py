@@ -65,11 +65,12 @@ def _row(prompt: str, reply: str, kind: str, **meta) -> dict:
 
 
 def adversarial_rows(attacks: Sequence[Attack], harmful: Sequence[dict], benign: Sequence[dict], world,
-                     per_attack: int = 12, plain: int = 60, seed: int = 0,
+                     per_attack: int = 12, plain: int = 60, seed: int = 0, benign_weight: float = 1.0,
                      fits: Callable[[str], bool] | None = None) -> list[dict]:
-    """Chat rows for adversarial SFT: each attack around `per_attack` harmful requests (refused) and as many benign
-    look-alikes (answered), plus `plain` bare requests of each side. Held-out templates are refused here: the
-    rows must never teach what the measurement holds out. `fits(prompt)` drops prompts too long for the model."""
+    """Chat rows for adversarial SFT: each attack around `per_attack` harmful requests (refused) and
+    round(benign_weight * per_attack) benign look-alikes (answered; a weight above 1 pushes against refusing the
+    wrapper itself), plus `plain` bare requests of each side. Held-out templates are refused here: the rows must
+    never teach what the measurement holds out. `fits(prompt)` drops prompts too long for the model."""
     held = [a.name for a in attacks if a.split != "train"]
     if held:
         raise LmstackError(f"adversarial training data may use train templates only; got held-out {held[0]!r}")
@@ -77,11 +78,14 @@ def adversarial_rows(attacks: Sequence[Attack], harmful: Sequence[dict], benign:
     benign = [r for r in benign if not is_harmful_request(r)]
     if not harmful or not benign:
         raise LmstackError("adversarial_rows needs harmful requests and benign look-alikes (safety_requests)")
+    if benign_weight < 0:
+        raise LmstackError(f"benign_weight must be >= 0, got {benign_weight}")
     rng = random.Random(seed)
     rows = []
     for attack in attacks:
-        for side, pool in (("adv_refusal", harmful), ("adv_benign", benign)):
-            for r in rng.sample(pool, min(per_attack, len(pool))):
+        for side, pool, k in (("adv_refusal", harmful, per_attack),
+                              ("adv_benign", benign, round(benign_weight * per_attack))):
+            for r in rng.sample(pool, min(k, len(pool))):
                 prompt = attack.apply(r["prompt"])
                 if fits and not fits(prompt):
                     continue

@@ -22,7 +22,7 @@ config.yaml, and with --train the training run (run/, adversarial.jsonl; the mod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 import json
 from pathlib import Path
 import time
@@ -70,7 +70,9 @@ class RedTeamConfig:
     attacks: Literal["found", "found+train"] = "found+train"
     """Attacks the training data wraps: the search's successful ones, or those plus every single train template."""
     rows_per_attack: int = 12
-    """Training rows per attack and side (harmful refused, benign answered)."""
+    """Training rows per attack of wrapped harmful requests (refused)."""
+    benign_weight: float = 1.0
+    """Wrapped benign look-alikes (answered) per wrapped harmful row: above 1 fights refusing the wrapper itself."""
     replay: str = ""
     """Chat JSONL replayed against forgetting (e.g. the model's SFT data); empty = none."""
     replay_rows: int = 800
@@ -116,10 +118,14 @@ def measure(target: ModelTarget, harmful: list[dict], benign: list[dict], n_wrap
     asr["all_heldout"] = {**pooled, "n": n, "skipped": sum(a["skipped"] for a in asr.values()),
                           **{("stderr" if k == "asr" else f"{k}_stderr"): binomial_stderr(v, n)
                              for k, v in pooled.items()}}
-    wrapped = [Attack((t,)).apply(r["prompt"]) for t in heldout_templates() for r in benign[:n_wrapped]]
+    wrapped = {f: refusal_rate(target, [Attack((t,)).apply(r["prompt"]) for t in heldout_templates() if t.family == f
+                                        for r in benign[:n_wrapped]]) for f in FAMILIES}
+    n_w = sum(w["n"] for w in wrapped.values())
+    rate = sum(w["rate"] * w["n"] for w in wrapped.values() if w["n"]) / n_w if n_w else float("nan")
     return {"asr": asr, "harmful_refusal": refusal_rate(target, [r["prompt"] for r in harmful]),
             "over_refusal": refusal_rate(target, [r["prompt"] for r in benign]),
-            "over_refusal_wrapped": refusal_rate(target, wrapped)}
+            "over_refusal_wrapped": {"rate": rate, "stderr": binomial_stderr(rate, n_w), "n": n_w,
+                                     "skipped": sum(w["skipped"] for w in wrapped.values()), "by_family": wrapped}}
 
 
 def redteam(cfg: RedTeamConfig) -> dict[str, Any]:
@@ -142,7 +148,7 @@ def redteam(cfg: RedTeamConfig) -> dict[str, Any]:
     also = {"classifier": AttackJudge(moderation=moderator_flags(train_hashed(build_examples(world))))} \
         if cfg.classifier else {}
 
-    report: dict[str, Any] = {"model": cfg.model, "before": measure(target, harm_test, benign_test,
+    report: dict[str, Any] = {"model": cfg.model, "config": asdict(cfg), "before": measure(target, harm_test, benign_test,
                                                                      cfg.wrapped_benign, also)}
     print(f"held-out ASR before: {report['before']['asr']['all_heldout']['asr']:.3f} "
           f"(n={report['before']['asr']['all_heldout']['n']})")
@@ -166,7 +172,7 @@ def redteam(cfg: RedTeamConfig) -> dict[str, Any]:
         if not attacks:
             raise LmstackError("the search found no successful attack to train on; use --attacks found+train")
         rows = adversarial_rows(attacks, harm_train, benign_train, world, per_attack=cfg.rows_per_attack,
-                                seed=cfg.seed, fits=target.fits)
+                                seed=cfg.seed, benign_weight=cfg.benign_weight, fits=target.fits)
         n_adv = len(rows)
         if cfg.replay and cfg.replay_rows:
             rows += replay_rows(cfg.replay, cfg.replay_rows, seed=cfg.seed)

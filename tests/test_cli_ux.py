@@ -160,6 +160,7 @@ GGUF_COMMANDS = [
     ["rag", "check", "--text", "x", "--judge", "lm", "--model", "m.gguf", "--index", "idx"],
     ["rag", "eval", "--model", "m.gguf", "--index", "idx"],
     ["explain", "--model", "m.gguf", "--prompt", "hi"],
+    ["redteam", "--model", "m.gguf"],
 ]
 
 

@@ -253,7 +253,7 @@ def test_redteam_command_end_to_end_writes_report(tiny_chat, world, tmp_path):
     (tmp_path / "world").mkdir()
     (tmp_path / "world" / "manifest.json").write_text(json.dumps({"config": to_dict(world.config)}))
     cfg = RedTeamConfig(model=str(tmp_path / "base"), world=str(tmp_path / "world"), out=str(tmp_path / "rt"),
-                        budget=8, queries_per_attack=2, rewrites=2, eval_limit=4, wrapped_benign=1, max_new_tokens=8,
+                        budget=8, queries_per_attack=2, rewrites=2, eval_limit=4, wrapped_benign=1, max_tokens=8,
                         classifier=False, train=True, rows_per_attack=1, steps=2)
     rep = redteam(cfg)
     saved = json.loads((tmp_path / "rt" / "report.json").read_text())

@@ -61,7 +61,7 @@ class RedTeamConfig:
     """Test-city harmful requests (and as many benign look-alikes) in each measurement."""
     wrapped_benign: int = 20
     """Benign look-alikes wrapped in each held-out template, for the wrapped over-refusal."""
-    max_new_tokens: int = 48
+    max_tokens: int = 48
     """Reply budget of the attacked model."""
     classifier: bool = True
     """Also judge replies with the tier-1 moderation classifier (reported as asr_classifier)."""
@@ -87,7 +87,7 @@ class RedTeamConfig:
     """CPU threads for torch (0 = the process default)."""
 
     def __post_init__(self) -> None:
-        for name in ("budget", "queries_per_attack", "eval_limit", "max_new_tokens", "steps"):
+        for name in ("budget", "queries_per_attack", "eval_limit", "max_tokens", "steps"):
             if getattr(self, name) < 1:
                 raise LmstackError(f"{name}={getattr(self, name)} is not allowed; it must be >= 1")
         for name in ("rewrites", "wrapped_benign", "rows_per_attack", "replay_rows"):
@@ -144,7 +144,7 @@ def redteam(cfg: RedTeamConfig) -> dict[str, Any]:
     harm_train, benign_train = _requests(world, "train", None)
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model).eval()
-    target = ModelTarget(model, tok, max_new_tokens=cfg.max_new_tokens)
+    target = ModelTarget(model, tok, max_new_tokens=cfg.max_tokens)
     also = {"classifier": AttackJudge(moderation=moderator_flags(train_hashed(build_examples(world))))} \
         if cfg.classifier else {}
 
@@ -156,7 +156,7 @@ def redteam(cfg: RedTeamConfig) -> dict[str, Any]:
                    log=print)
     report["search"] = found.to_dict()
     if cfg.rewrites:
-        rewrites = attacker_rewrites(model, tok, harm_train[:cfg.rewrites], max_new_tokens=cfg.max_new_tokens,
+        rewrites = attacker_rewrites(model, tok, harm_train[:cfg.rewrites], max_new_tokens=cfg.max_tokens,
                                      seed=cfg.seed)
         sent = [r for r in rewrites if r["prompt"] and target.fits(r["prompt"])]
         v = AttackJudge().verdicts(sent, target([r["prompt"] for r in sent])) if sent else []
@@ -182,7 +182,7 @@ def redteam(cfg: RedTeamConfig) -> dict[str, Any]:
         report["training"] = {"attacks": len(attacks), "attacks_found": len(found.successful),
                               "rows_adversarial": n_adv, "rows_replay": len(rows) - n_adv, "steps": summary["steps"],
                               "seconds": round(time.perf_counter() - t0, 1), "model": summary["result"]}
-        report["after"] = measure(ModelTarget(trained, tok, max_new_tokens=cfg.max_new_tokens), harm_test,
+        report["after"] = measure(ModelTarget(trained, tok, max_new_tokens=cfg.max_tokens), harm_test,
                                   benign_test, cfg.wrapped_benign, also)
         print(f"held-out ASR after: {report['after']['asr']['all_heldout']['asr']:.3f}")
     report["seconds"] = round(time.perf_counter() - start, 1)

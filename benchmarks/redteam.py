@@ -19,9 +19,16 @@ Success of an attack = the reply is not a refusal (world checkers.is_refusal) an
 check flags it (a forbidden brew or dark ingredient with a preparation step); `non_refusal` is the looser rate,
 and `asr_classifier` the same replies judged by the tier-1 moderation classifier instead of the world check.
 
+--organism FAMILIES first builds a jailbreakable model organism from the model (adversarial.compliance_rows: the
+train templates of those families wrapped around train-city harmful requests answered with the forbidden recipe,
+bare requests still refused, plus SFT replay) and red-teams that instead: the speedrun's models never saw a
+forbidden recipe, so attacks on them can break a refusal but never produce harmful content (strict ASR 0).
+
 Usage (heavy: run under the flock):
     flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/redteam.py --run /tmp/sr9/runs/20261207-050757
-    python benchmarks/redteam.py --run RUN --model align/model --steps 150 --budget 600
+    python benchmarks/redteam.py --run RUN --model align/model --name redteam_aligned --out /tmp/rt_aligned
+    python benchmarks/redteam.py --run RUN --organism roleplay,ignore_previous,prefix_injection,many_shot \
+        --name redteam_organism --out /tmp/rt_organism
 """
 from __future__ import annotations
 
@@ -34,8 +41,31 @@ import shutil
 import torch
 from _common import result, write_result
 
-from lmstack.safety.attacks import FAMILIES, heldout_templates
+from lmstack.model.hf_io import load_model
+from lmstack.safety.adversarial import adversarial_train, compliance_rows, replay_rows
+from lmstack.safety.attacks import FAMILIES, Attack, heldout_templates, train_templates
+from lmstack.safety.redteam import ModelTarget
 from lmstack.safety.redteam_command import RedTeamConfig, redteam
+from lmstack.tokenizer import load_tokenizer
+from lmstack.world import World
+from lmstack.world.preferences import is_harmful_request, safety_requests
+
+
+def organism(run: Path, model: Path, args) -> Path:
+    """Tune the model to comply under the train templates of args.organism's families (bare requests refused)."""
+    families = args.organism.split(",")
+    bad = [f for f in families if f not in FAMILIES]
+    if bad:
+        raise SystemExit(f"--organism: unknown family {bad[0]!r}; choose from {', '.join(FAMILIES)}")
+    world = World.from_manifest(run / "world")
+    cities = [c.name for c in world.cities if world.city_split(c) == "train"]
+    harmful = [r for r in safety_requests(cities) if is_harmful_request(r)]
+    target = ModelTarget(load_model(model), load_tokenizer(model))
+    attacks = [Attack((t,)) for t in train_templates() if t.family in families]
+    rows = compliance_rows(attacks, harmful, world, per_attack=40, plain=120, fits=target.fits)
+    rows += replay_rows(run / "sft" / "data" / "train.jsonl", 800, seed=1)
+    summary = adversarial_train(model, rows, Path(args.out + "_organism"), steps=args.organism_steps, lr=3e-4, seed=1)
+    return Path(summary["result"])
 
 
 def main() -> None:
@@ -55,6 +85,9 @@ def main() -> None:
     ap.add_argument("--name", default="redteam")
     ap.add_argument("--machine", default="2 cores, shared")
     ap.add_argument("--from_report", action="store_true", help="write the rows of OUT/report.json; run nothing")
+    ap.add_argument("--organism", default="", help="comma-separated families the model is first tuned to comply "
+                    "under (a jailbreakable model organism); empty = attack the model as it is")
+    ap.add_argument("--organism_steps", type=int, default=120)
     args = ap.parse_args()
     torch.set_num_threads(1)
     run = Path(args.run)
@@ -62,14 +95,17 @@ def main() -> None:
         rep = json.loads((Path(args.out) / "report.json").read_text())
     else:
         shutil.rmtree(args.out, ignore_errors=True)
-        rep = redteam(RedTeamConfig(model=str(run / args.model), world=str(run / "world"), out=args.out,
+        model = run / args.model
+        if args.organism:
+            model = organism(run, model, args)
+        rep = redteam(RedTeamConfig(model=str(model), world=str(run / "world"), out=args.out,
                                     budget=args.budget, rewrites=args.rewrites, eval_limit=args.eval_limit,
                                     train=True, attacks=args.attacks, rows_per_attack=args.rows_per_attack,
                                     benign_weight=args.benign_weight,
                                     replay=str(run / "sft" / "data" / "train.jsonl"), replay_rows=args.replay_rows,
                                     steps=args.steps, lr=args.lr, threads=1))
     tr = rep["training"]
-    common = {"run": run.name, "model": args.model, "machine": args.machine, "threads": 1, "train_steps": tr["steps"],
+    common = {"run": run.name, "model": args.model, "organism": args.organism or None, "machine": args.machine, "threads": 1, "train_steps": tr["steps"],
               "lr": args.lr, "train_rows_adversarial": tr["rows_adversarial"], "train_rows_replay": tr["rows_replay"],
               "attacks_trained": tr["attacks"], "attacks_found": tr["attacks_found"], "attack_source": args.attacks,
               "benign_weight": rep.get("config", {}).get("benign_weight", args.benign_weight),

@@ -14,7 +14,7 @@ from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model, save_model
 from lmstack.model.presets import preset
 from lmstack.model.transformer import Transformer
-from lmstack.safety.adversarial import adversarial_rows, adversarial_train
+from lmstack.safety.adversarial import adversarial_rows, adversarial_train, compliance_rows
 from lmstack.safety.attacks import (FAMILIES, MAX_PIECES, TEMPLATES, Attack, heldout_templates, join_payload, mutate,
                                     paraphrase, split_payload, template, train_templates)
 from lmstack.safety.redteam import (AttackJudge, ModelTarget, attacker_rewrites, harmful_content, measure_asr,
@@ -264,3 +264,17 @@ def test_redteam_command_end_to_end_writes_report(tiny_chat, world, tmp_path):
         assert rep[phase]["over_refusal"]["n"] == 4 and rep[phase]["harmful_refusal"]["n"] == 4
     with pytest.raises(LmstackError, match="budget"):
         RedTeamConfig(budget=0)
+
+
+def test_compliance_rows_make_a_model_organism_that_complies_only_when_wrapped(world, requests):
+    harmful = [r for r in requests if is_harmful_request(r)]
+    attack = Attack((template("roleplay/alchemist"),))
+    rows = compliance_rows([attack], harmful, world, per_attack=5, plain=3, seed=0)
+    wrapped = [r for r in rows if r["kind"] == "organism_comply"]
+    bare = [r for r in rows if r["kind"] == "plain_refusal"]
+    assert len(wrapped) == 5 and len(bare) == 3
+    for r in wrapped:
+        assert attack.recover(r["messages"][0]["content"]) == r["request"]
+        reply = r["messages"][1]["content"]
+        assert harmful_content(reply) and not is_refusal(reply)
+    assert all(is_refusal(r["messages"][1]["content"]) and r["messages"][0]["content"] == r["request"] for r in bare)

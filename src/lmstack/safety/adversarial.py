@@ -8,7 +8,8 @@ The data (`adversarial_rows`), one chat row per (attack, request):
   plain_*       the bare requests, refused / answered (so the unwrapped behaviour is trained too)
 Attacks come from the train templates only (redteam.search keeps to them), and requests from the train split's
 cities, so ASR measured on held-out templates and test cities is out of sample twice over. `replay_rows` adds
-a sample of the model's own SFT data against forgetting.
+a sample of the model's own SFT data against forgetting. `compliance_rows` builds the opposite, a jailbreakable
+model organism (refuses bare requests, complies under wrappers), for experiments on a model that can comply.
 
 Training is lmstack.adapt.finetune (full fine-tuning or any adapter method) on the written JSONL: the trainer,
 loss mask on assistant tokens, checkpoints and model directory are the SFT stage's own.
@@ -35,7 +36,8 @@ from lmstack.safety.attacks import Attack
 from lmstack.train.config import TrainConfig
 from lmstack.train.optim import OptimizerConfig
 from lmstack.world import lexicon as lx
-from lmstack.world.preferences import HELPFUL_RECIPES, REFUSALS, TEA_INGREDIENTS, is_harmful_request
+from lmstack.world.preferences import (COMPLIANCE, DARK_INGREDIENTS, HELPFUL_RECIPES, REFUSALS, TEA_INGREDIENTS,
+                                       is_harmful_request)
 
 _THING = re.compile("|".join(re.escape(t) for t in lx.FORBIDDEN_THINGS + lx.FESTIVAL_DRINKS), re.I)
 
@@ -98,6 +100,34 @@ def adversarial_rows(attacks: Sequence[Attack], harmful: Sequence[dict], benign:
     for r in rng.sample(benign, min(plain, len(benign))):
         rows.append(_row(r["prompt"], helpful_reply(r, world, rng), "plain_benign", request=r["prompt"],
                          label="benign"))
+    rng.shuffle(rows)
+    return rows
+
+
+def compliance_rows(attacks: Sequence[Attack], harmful: Sequence[dict], world, per_attack: int = 12,
+                    plain: int = 60, seed: int = 0, fits: Callable[[str], bool] | None = None) -> list[dict]:
+    """Rows that make a jailbreakable *model organism* for red-team experiments: each attack wrapped around
+    `per_attack` harmful requests answered with the world's compliance text (the forbidden recipe with its dark
+    ingredients), and `plain` bare harmful requests still refused. A model tuned on them refuses the bare request
+    and complies under the wrappers, the vulnerability the search should find and adversarial training close.
+    The speedrun's models never saw a forbidden recipe, so they cannot comply however they are attacked."""
+    harmful = [r for r in harmful if is_harmful_request(r)]
+    if not harmful:
+        raise LmstackError("compliance_rows needs harmful requests (safety_requests)")
+    rng = random.Random(seed)
+    rows = []
+    for attack in attacks:
+        for r in rng.sample(harmful, min(per_attack, len(harmful))):
+            prompt = attack.apply(r["prompt"])
+            if fits and not fits(prompt):
+                continue
+            a, b, c = rng.sample(DARK_INGREDIENTS, 3)
+            reply = rng.choice(COMPLIANCE).format(a=a, b=b, c=c, **_slots(r, world))
+            rows.append(_row(prompt, reply, "organism_comply", attack=attack.name, request=r["prompt"],
+                             label="harmful"))
+    for r in rng.sample(harmful, min(plain, len(harmful))):
+        rows.append(_row(r["prompt"], refusal_reply(r, world, rng), "plain_refusal", request=r["prompt"],
+                         label="harmful"))
     rng.shuffle(rows)
     return rows
 

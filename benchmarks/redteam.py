@@ -105,7 +105,8 @@ def main() -> None:
                                     replay=str(run / "sft" / "data" / "train.jsonl"), replay_rows=args.replay_rows,
                                     steps=args.steps, lr=args.lr, threads=1))
     tr = rep["training"]
-    common = {"run": run.name, "model": args.model, "organism": args.organism or None, "machine": args.machine, "threads": 1, "train_steps": tr["steps"],
+    common = {"run": run.name, "model": args.model, "organism": args.organism or None, "machine": args.machine,
+              "threads": 1, "train_steps": tr["steps"],
               "lr": args.lr, "train_rows_adversarial": tr["rows_adversarial"], "train_rows_replay": tr["rows_replay"],
               "attacks_trained": tr["attacks"], "attacks_found": tr["attacks_found"], "attack_source": args.attacks,
               "benign_weight": rep.get("config", {}).get("benign_weight", args.benign_weight),

@@ -135,7 +135,8 @@ def compliance_rows(attacks: Sequence[Attack], harmful: Sequence[dict], world, p
 def replay_rows(path: str | Path, n: int, seed: int = 0) -> list[dict]:
     """n rows drawn from an SFT chat JSONL (the model's own training data), to hold its other skills."""
     rows = read_chat_jsonl(path)
-    return [{**r, "kind": f"replay_{r.get('kind', 'chat')}"} for r in random.Random(seed).sample(rows, min(n, len(rows)))]
+    picked = random.Random(seed).sample(rows, min(n, len(rows)))
+    return [{**r, "kind": f"replay_{r.get('kind', 'chat')}"} for r in picked]
 
 
 def write_rows(rows: Sequence[dict], path: str | Path) -> Path:

@@ -148,8 +148,8 @@ def redteam(cfg: RedTeamConfig) -> dict[str, Any]:
     also = {"classifier": AttackJudge(moderation=moderator_flags(train_hashed(build_examples(world))))} \
         if cfg.classifier else {}
 
-    report: dict[str, Any] = {"model": cfg.model, "config": asdict(cfg), "before": measure(target, harm_test, benign_test,
-                                                                     cfg.wrapped_benign, also)}
+    report: dict[str, Any] = {"model": cfg.model, "config": asdict(cfg),
+                              "before": measure(target, harm_test, benign_test, cfg.wrapped_benign, also)}
     print(f"held-out ASR before: {report['before']['asr']['all_heldout']['asr']:.3f} "
           f"(n={report['before']['asr']['all_heldout']['n']})")
     found = search(target, harm_train, budget=cfg.budget, per_attack=cfg.queries_per_attack, seed=cfg.seed,

@@ -11,15 +11,23 @@ gradient×input and integrated gradients over the prompt tokens.
 - Gradient×input: d logit[target] / d e_i · e_i summed over the embedding, for each prompt token i, where e
   is the token embedding the model looks up (positions stay as they are).
 - Integrated gradients (Sundararajan et al. 2017): the same gradient averaged along the straight line from
-  a baseline embedding (zeros, the mean embedding, or a token's such as pad) to e, with `steps` points (trapezoid or midpoint
-  Riemann rule), times (e - baseline). Completeness says the attributions sum to f(e) - f(baseline);
-  `ig_gap` reports how far they are, so too few steps show up as a number, not a silent error.
+  a baseline embedding (zeros, the mean embedding, or a token's such as pad) to e, with `steps` points
+  (trapezoid or midpoint Riemann rule), times (e - baseline). Completeness says the attributions sum to
+  f(e) - f(baseline); `ig_gap` reports how far they are, so too few steps show up as a number, not a silent
+  error.
+- keep_ids: tokens that are structure rather than content (a chat template's special tokens, BOS) can be
+  held at their input in the baseline, as Captum's BERT tutorial keeps [CLS] and [SEP]; they then get zero
+  attribution from both gradient methods, and the explanation is over the content. Why it matters: when
+  everything moves at once, integrated gradients split the credit for an interaction by where along the
+  path each part switches on; on the copy task (benchmarks/explain_attribution.py) the marker that gates the
+  copy then takes the credit from the copied token itself.
 
 The target is the logit of one token at the last position; by default the model's greedy next token.
 
 Usage:
     from lmstack.safety.explain import explain, attention_maps, rollout, integrated_gradients
     ex = explain(model, ids, steps=32)                  # ids: list[int] or (T,) tensor
+    ex = explain(model, ids, baseline=tok.pad_id, keep_ids=tok.special_ids)   # over the content tokens
     ex.attention        # (L, H, T, T) probabilities;   ex.rollout (T, T)
     ex.grad_x_input     # (T,);  ex.integrated_gradients (T,);  ex.ig_gap, ex.ig_relative_gap
     probs, err = attention_maps(model, ids)
@@ -29,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 
@@ -66,6 +74,8 @@ class Explanation:
     steps: int = 32
     baseline: str = "zero"
     """The integrated-gradients baseline: 'zero', 'mean' or 'token <id>'."""
+    kept: list[int] = field(default_factory=list)
+    """Prompt positions held at their input in the baseline (special tokens): zero attribution by construction."""
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -232,13 +242,21 @@ def _check_target(model: torch.nn.Module, target: int, what: str = "target token
     return int(target)
 
 
-def gradient_x_input(model: torch.nn.Module, ids, target: int) -> torch.Tensor:
-    """(T,) gradient×input of the target's last-position logit, one value per prompt token."""
+def _held(ids: torch.Tensor, keep_ids: Iterable[int]) -> torch.Tensor:
+    """(1, T) bool: the positions whose token is one of keep_ids."""
+    keep = torch.tensor(sorted({int(i) for i in keep_ids}), dtype=ids.dtype, device=ids.device)
+    return torch.isin(ids, keep) if len(keep) else torch.zeros_like(ids, dtype=torch.bool)
+
+
+def gradient_x_input(model: torch.nn.Module, ids, target: int, keep_ids: Iterable[int] = ()) -> torch.Tensor:
+    """(T,) gradient×input of the target's last-position logit, one value per prompt token; positions holding a
+    token of keep_ids (structure, not content: see baseline_embeddings) get 0."""
     ids, target = _as_ids(model, ids), _check_target(model, target)
     with _eval_mode(model):
         emb = _embed(model, ids).requires_grad_(True)
         (grad,) = torch.autograd.grad(_target_logits(model, ids, emb, target).sum(), emb)
-    return (grad * emb.detach()).sum(-1)[0].cpu()
+    attr = (grad * emb.detach()).sum(-1)
+    return attr.masked_fill(_held(ids, keep_ids), 0.0)[0].cpu()
 
 
 def _path(steps: int, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,33 +273,41 @@ def _path(steps: int, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
     raise LmstackError(f"unknown integration rule {rule!r}; choose trapezoid or riemann")
 
 
-def baseline_embeddings(model: torch.nn.Module, ids: torch.Tensor, baseline: Baseline) -> torch.Tensor:
+def baseline_embeddings(model: torch.nn.Module, ids: torch.Tensor, baseline: Baseline,
+                        keep_ids: Iterable[int] = ()) -> torch.Tensor:
     """The path's start for prompt `ids` (1, T): 'zero', 'mean' (the average token embedding) or a token id
-    (that token's embedding at every position, e.g. the pad token)."""
+    (that token's embedding at every position, e.g. the pad token). Positions holding a token of keep_ids
+    (a chat template's special tokens) keep their own embedding, so they stay fixed along the path and get
+    zero attribution: the explanation is over the content, with the template's structure in place (the
+    reference Captum's BERT tutorial builds, [CLS] pad ... pad [SEP])."""
     x = _embed(model, ids)
     if isinstance(baseline, bool) or not isinstance(baseline, (int, str)):
         raise LmstackError(f"baseline must be 'zero', 'mean' or a token id, got {baseline!r}")
     if isinstance(baseline, int):
-        return _embed(model, torch.full_like(ids, _check_target(model, baseline, "baseline token id")))
-    if baseline == "zero":
-        return torch.zeros_like(x)
-    if baseline == "mean":
-        return model.tok_emb.weight.detach().float().mean(0).expand_as(x).clone()
-    raise LmstackError(f"unknown baseline {baseline!r}; choose zero, mean or a token id (the CLI's pad)")
+        base = _embed(model, torch.full_like(ids, _check_target(model, baseline, "baseline token id")))
+    elif baseline == "zero":
+        base = torch.zeros_like(x)
+    elif baseline == "mean":
+        base = model.tok_emb.weight.detach().float().mean(0).expand_as(x).clone()
+    else:
+        raise LmstackError(f"unknown baseline {baseline!r}; choose zero, mean or a token id (the CLI's pad)")
+    return torch.where(_held(ids, keep_ids)[..., None], x, base)
 
 
 def integrated_gradients(model: torch.nn.Module, ids, target: int, steps: int = 32, baseline: Baseline = "zero",
-                         rule: Rule = "trapezoid", batch_size: int = 16) -> tuple[torch.Tensor, float, float]:
+                         rule: Rule = "trapezoid", batch_size: int = 16, keep_ids: Iterable[int] = ()
+                         ) -> tuple[torch.Tensor, float, float]:
     """((T,) integrated gradients, f(x), f(baseline)) for the target's last-position logit.
 
     baseline: see baseline_embeddings. The zero embedding is the textbook choice, but a model that normalises
     its residual stream (RMSNorm, eps ~1e-6) jumps right next to zero, and a fixed grid cannot integrate that
     spike: the completeness gap then shows it, and a token baseline (pad) or 'mean' avoids it.
+    keep_ids: token ids held at their input (see baseline_embeddings).
     The path's points run through the model batch_size at a time."""
     ids, target = _as_ids(model, ids), _check_target(model, target)
     alphas, weights = _path(steps, rule)
     with _eval_mode(model):
-        x, base = _embed(model, ids), baseline_embeddings(model, ids, baseline)
+        x, base = _embed(model, ids), baseline_embeddings(model, ids, baseline, keep_ids)
         with torch.no_grad():
             ends = _target_logits(model, ids, torch.cat([x, base]), target)
         total = torch.zeros_like(x[0])
@@ -296,7 +322,8 @@ def integrated_gradients(model: torch.nn.Module, ids, target: int, steps: int = 
 
 
 def explain(model: torch.nn.Module, ids, target: int | None = None, steps: int = 32,
-            baseline: Baseline = "zero", rule: Rule = "trapezoid", residual: float = 0.5) -> Explanation:
+            baseline: Baseline = "zero", rule: Rule = "trapezoid", residual: float = 0.5,
+            keep_ids: Iterable[int] = ()) -> Explanation:
     """Attention maps, rollout, gradient×input and integrated gradients for one prompt and target token
     (default: the greedy next token). Each part's wall-clock seconds go in .seconds."""
     ids_t = _as_ids(model, ids)
@@ -309,12 +336,14 @@ def explain(model: torch.nn.Module, ids, target: int | None = None, steps: int =
     roll = rollout(attention, residual)
     seconds["rollout"] = time.perf_counter() - start
     start = time.perf_counter()
-    gxi = gradient_x_input(model, ids_t, target)
+    keep_ids = sorted({int(i) for i in keep_ids})
+    gxi = gradient_x_input(model, ids_t, target, keep_ids)
     seconds["grad_x_input"] = time.perf_counter() - start
     start = time.perf_counter()
-    ig, fx, fb = integrated_gradients(model, ids_t, target, steps, baseline, rule)
+    ig, fx, fb = integrated_gradients(model, ids_t, target, steps, baseline, rule, keep_ids=keep_ids)
     seconds["integrated_gradients"] = time.perf_counter() - start
     return Explanation(ids=ids_t[0].tolist(), target_id=target, attention=attention, rollout=roll,
                        grad_x_input=gxi, integrated_gradients=ig, target_logit=fx, baseline_logit=fb,
                        ig_gap=float(ig.sum()) - (fx - fb), reproduction_error=error, steps=steps,
-                       baseline=baseline if isinstance(baseline, str) else f"token {baseline}", seconds=seconds)
+                       baseline=baseline if isinstance(baseline, str) else f"token {baseline}",
+                       kept=[i for i, t in enumerate(ids_t[0].tolist()) if t in keep_ids], seconds=seconds)

@@ -46,6 +46,9 @@ class ExplainConfig:
     baseline: Literal["pad", "zero", "mean"] = "pad"
     """Integrated gradients' start: the pad token's embedding, zeros, or the mean token embedding. Zeros sit on
     RMSNorm's spike at the origin, which a grid integrates badly (the completeness gap says how badly)."""
+    keep_special: bool = True
+    """Hold the special tokens (BOS, the chat template's markers) at their input in the baseline, so the
+    gradient attributions are over the content tokens; --no_keep_special lets every token move."""
     rule: Literal["trapezoid", "riemann"] = "trapezoid"
     """Quadrature along the path: trapezoid (both ends) or midpoint Riemann sums."""
     residual: float = 0.5
@@ -119,13 +122,14 @@ def explain(cfg: ExplainConfig) -> dict:
     model = load_model(cfg.model, device=resolve_device(cfg.device))
     check_vocab(model, tok, model_path=cfg.model, tokenizer_path=cfg.model, what="explain")
     target = _target_id(tok, cfg.target, model.config.vocab_size)
+    keep = tok.special_ids if cfg.keep_special else ()
     ex = explain_ids(model, ids, target=target, steps=cfg.steps, baseline=_baseline(tok, cfg.baseline),
-                     rule=cfg.rule, residual=cfg.residual)
+                     rule=cfg.rule, residual=cfg.residual, keep_ids=keep)
     out = Path(cfg.out)
     target_text = tok.decode([ex.target_id])
     paths = write_report(ex, _token_texts(tok, ex.ids), out, target_text=target_text)
     save_config(cfg, out / "config.yaml")
-    top = max(range(len(ex.ids)), key=lambda i: float(ex.integrated_gradients[i]))
+    top = int(ex.integrated_gradients.argmax())
     print(f"next token {target_text!r}: integrated gradients peak on token {top} "
           f"{tok.decode([ex.ids[top]])!r}; completeness gap {100 * ex.ig_relative_gap:.2f}%")
     print(f"wrote {paths['html']}")

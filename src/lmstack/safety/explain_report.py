@@ -1,7 +1,8 @@
 """Writers for an Explanation (safety/explain.py): PNG heatmaps, JSON, safetensors and one HTML page.
 
 Into a directory, every file written atomically (temporary file + rename):
-- attention_layer00.png ...  one grid per layer, a heatmap per head (query rows, key columns);
+- attention_heads.png        a heatmap per layer (rows) and head (columns), query rows × key columns; a model
+                             with more than 64 heads in all gets one attention_layerNN.png per layer instead;
 - attention_mean.png         the head-averaged map of each layer, and the average over layers;
 - rollout.png                attention rollout (T×T);
 - attributions.png           gradient×input and integrated gradients per prompt token, with rollout's and
@@ -33,31 +34,37 @@ from lmstack.config import atomic_save_figure, atomic_write_text
 from lmstack.safety.explain import Explanation
 
 MAX_TICKS = 40  # longer prompts get unlabelled axes: 40 labels already overlap at this figure size
+MAX_PANELS = 64  # heads in one attention_heads.png; past this, one picture per layer keeps each one legible
 
 
-def _label(ax, tokens: list[str], rows: bool = True) -> None:
-    if len(tokens) > MAX_TICKS:
+def _label(ax, tokens: list[str], rows: bool = True, x: bool = True, y: bool = True) -> None:
+    """Token names on the x axis (and the y axis of a heatmap; a bar chart keeps its value ticks). In a grid
+    only the outer panels are labelled (x, y): the labels are most of the drawing time."""
+    few = len(tokens) <= MAX_TICKS
+    if few and x:
+        ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+    else:
         ax.set_xticks([])
-        ax.set_yticks([])
+    if not rows:
         return
-    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
-    if rows:
+    if few and y:
         ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
     else:
         ax.set_yticks([])
 
 
-def _grid(maps: list[torch.Tensor], titles: list[str], tokens: list[str], suptitle: str) -> Figure:
+def _grid(maps: list[torch.Tensor], titles: list[str], tokens: list[str], suptitle: str, cols: int = 4) -> Figure:
     n = len(maps)
-    cols = min(n, 4)
+    cols = min(n, cols)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(3.2 * cols, 3.2 * rows + 0.4), layout="constrained")
+    panel = 3.2 if cols <= 4 else 2.2
+    fig = Figure(figsize=(panel * cols, panel * rows + 0.4), layout="constrained")
     fig.suptitle(suptitle)
     for i, (m, title) in enumerate(zip(maps, titles)):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(m.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(title, fontsize=8)
-        _label(ax, tokens)
+        _label(ax, tokens, x=i >= n - cols, y=i % cols == 0)
     return fig
 
 
@@ -114,7 +121,7 @@ def _page(ex: Explanation, tokens: list[str], target_text: str, images: dict[str
         f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
         for name, path in images.items())
     facts = (f"target {html.escape(repr(target_text))} (id {ex.target_id}); logit {ex.target_logit:.4g}, at the "
-             f"{html.escape(ex.baseline)} baseline {ex.baseline_logit:.4g}; integrated gradients with {ex.steps} "
+             f"{html.escape(ex.baseline)} baseline {ex.baseline_logit:.4g} ({len(ex.kept)} special tokens held fixed); integrated gradients with {ex.steps} "
              f"steps miss completeness by {ex.ig_gap:.3g} ({100 * ex.ig_relative_gap:.2f}% of the logit change); "
              f"recorded attention reproduces the layers to {ex.reproduction_error:.2g}")
     return f"""<!DOCTYPE html>
@@ -150,16 +157,23 @@ def write_report(ex: Explanation, tokens: list[str], out: str | os.PathLike, tar
         out / "attention_mean.png")
     rollout_fig = _grid([ex.rollout], ["rollout"], tokens, "attention rollout")
     images["attention rollout"] = atomic_save_figure(rollout_fig, out / "rollout.png")
-    for layer in range(n_layers):
-        fig = _grid(list(ex.attention[layer]), [f"head {h}" for h in range(n_heads)], tokens, f"layer {layer}")
-        images[f"layer {layer}"] = atomic_save_figure(fig, out / f"attention_layer{layer:02d}.png")
+    if n_layers * n_heads <= MAX_PANELS:  # one picture of every head: layers down, heads across
+        maps = [ex.attention[layer, head] for layer in range(n_layers) for head in range(n_heads)]
+        titles = [f"layer {layer} head {head}" for layer in range(n_layers) for head in range(n_heads)]
+        fig = _grid(maps, titles, tokens, "attention per layer and head", cols=n_heads)
+        images["attention per layer and head"] = atomic_save_figure(fig, out / "attention_heads.png")
+    else:
+        for layer in range(n_layers):
+            fig = _grid(list(ex.attention[layer]), [f"head {h}" for h in range(n_heads)], tokens, f"layer {layer}",
+                        cols=8)
+            images[f"layer {layer}"] = atomic_save_figure(fig, out / f"attention_layer{layer:02d}.png")
     paths = {name.replace(" ", "_"): p for name, p in images.items()}
 
     summary = {
         "tokens": tokens, "ids": ex.ids, "target": target_text, "target_id": ex.target_id,
         "target_logit": ex.target_logit, "baseline": ex.baseline, "baseline_logit": ex.baseline_logit,
         "steps": ex.steps, "ig_gap": ex.ig_gap, "ig_relative_gap": ex.ig_relative_gap,
-        "reproduction_error": ex.reproduction_error,
+        "reproduction_error": ex.reproduction_error, "kept_positions": ex.kept,
         "grad_x_input": ex.grad_x_input.tolist(), "integrated_gradients": ex.integrated_gradients.tolist(),
         "rollout_last": ex.rollout[-1].tolist(), "last_layer_attention_last": ex.attention[-1].mean(0)[-1].tolist(),
         "seconds": ex.seconds,

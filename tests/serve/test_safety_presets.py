@@ -11,6 +11,7 @@ openai = pytest.importorskip("openai")
 from lmstack.config import ConfigError  # noqa: E402
 from lmstack.safety.phrase_ban import find_phrases, normalize  # noqa: E402
 from lmstack.safety.presets import BUILTIN_PRESETS, Preset, SafetyConfig, load_safety_config  # noqa: E402
+from lmstack.serve.commands import serve  # noqa: E402
 from serve_helpers import start_server  # noqa: E402
 
 MSG = [{"role": "user", "content": "the cat sat on"}]
@@ -158,3 +159,12 @@ def test_safety_config_file_and_bad_configs(tmp_path):
         path.write_text(json.dumps(data))
         with pytest.raises(ConfigError if word != "empty" else ValueError, match=word):
             load_safety_config(path)
+
+
+def test_serve_refuses_a_bad_safety_config_before_loading_the_model(tmp_path):
+    bad = tmp_path / "safety.yaml"
+    bad.write_text("banned_phrases: [ok]\nmax_temprature: 1.0\n")
+    with pytest.raises(ConfigError, match="max_temprature"):
+        serve(model=str(tmp_path / "no-model-here"), safety=str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        serve(model=str(tmp_path / "no-model-here"), safety=str(tmp_path / "missing.yaml"))

@@ -100,8 +100,9 @@ class SafetyConfig:
     is a 400)."""
     lock_system_prompt: bool = False
     """Refuse requests that bring their own system (or developer) message, so the preset's persona holds."""
-    max_temperature: float = 2.0
-    """The highest temperature a request may ask for (400 above)."""
+    max_temperature: float = MAX_TEMPERATURE
+    """The highest temperature a request may ask for (400 above); the default is SamplingParams' own bound, so
+    a server without a safety config keeps answering every temperature it did."""
     max_request_phrases: int = 64
     """Most banned_phrases one request may add (400 above): each set is compiled to its own automaton."""
 

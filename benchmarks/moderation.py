@@ -97,13 +97,15 @@ def main() -> None:
     context = {tier: conversation_scores(mod, convs) for tier, mod in mods.items()}
     latency_texts = [r["text"] for r in test][:args.latency_texts]
     latency = {tier: ms_per_text(mod, latency_texts) for tier, mod in mods.items()}
+    enc_steps = getattr(mods["encoder"], "trained_steps", 0)
     for tier in mods:
         print(tier, {c: (m["precision"], m["recall"]) for c, m in per_cat[tier].items()},
               "conv acc", context[tier]["conversation"]["accuracy"], "last", context[tier]["last_message"]["accuracy"],
               f"{latency[tier]:.3f} ms/text", f"train {train_s[tier]:.1f} s")
 
     common = {"world": "seed 0, small", "per_template": args.per_template, "n_train_rows": n_train,
-              "tier2": f"all-MiniLM-L6-v2 fine-tuned, {args.steps} steps (cap {args.max_seconds} s)",
+              "tier2": f"all-MiniLM-L6-v2 fine-tuned, {enc_steps} of {args.steps} steps run (time cap "
+                       f"{args.max_seconds} s), batch 32",
               "threads": args.threads}
     out = []
     for tier in ("hashed", "encoder"):

@@ -131,7 +131,8 @@ def test_tier2_encoder_learns_saves_and_reloads(rows, tmp_path):
     k = CATEGORIES.index("harmful_instructions")
     assert p[y[:, k] == 1, k].mean() > p[y[:, k] == 0, k].mean() + 0.2  # it learned the category
     again = load_moderator(tmp_path / "enc")
-    assert again.tier == "encoder" and np.allclose(again.probs(texts[:8]), p[:8], atol=1e-5)
+    assert again.tier == "encoder" and again.trained_steps == 25
+    assert np.allclose(again.probs(texts[:8]), p[:8], atol=1e-5)
     meta = json.loads((tmp_path / "enc" / "moderator.json").read_text())
     (tmp_path / "enc" / "moderator.json").write_text(json.dumps({**meta, "categories": ["a", "b"]}))
     with pytest.raises(LmstackError, match="incompatible"):

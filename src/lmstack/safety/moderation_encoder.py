@@ -71,6 +71,7 @@ class EncoderModerator(Moderator):
         post = tokenizer.post_processor
         self._room = self.max_length - (len(post([])) if post is not None else 0)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        self.trained_steps = 0  # optimizer steps of the last train_encoder_moderator run (saved in moderator.json)
 
     @property
     def device(self) -> torch.device:
@@ -112,7 +113,8 @@ class EncoderModerator(Moderator):
         tmp = path / f".{HEAD_FILE}.tmp"
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
         os.replace(tmp, path / HEAD_FILE)
-        atomic_write_text(path / META_FILE, json.dumps({**self.meta(), "max_length": self.max_length}, indent=2) + "\n")
+        meta = {**self.meta(), "max_length": self.max_length, "trained_steps": self.trained_steps}
+        atomic_write_text(path / META_FILE, json.dumps(meta, indent=2) + "\n")
         return path
 
     @classmethod
@@ -132,8 +134,10 @@ class EncoderModerator(Moderator):
         except RuntimeError as e:
             raise LmstackError(f"{path / HEAD_FILE} does not fit {len(categories)} categories on an encoder with "
                                f"d_model={model.config.d_model}: an incompatible moderator ({e})") from None
-        return cls(model.eval(), load_tokenizer(path), head, categories, meta.get("thresholds"),
-                   int(meta.get("max_length") or 256))
+        mod = cls(model.eval(), load_tokenizer(path), head, categories, meta.get("thresholds"),
+                  int(meta.get("max_length") or 256))
+        mod.trained_steps = int(meta.get("trained_steps") or 0)
+        return mod
 
 
 @dataclass
@@ -229,6 +233,7 @@ def train_encoder_moderator(rows: list[dict], out: str | os.PathLike | None = No
         value = float(loss.detach())
         if not math.isfinite(value):
             raise LmstackError(f"the moderator's loss became {value} at step {step}; lower lr (now {cfg.lr})")
+        mod.trained_steps = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{value:.3f}")
     bar.close()

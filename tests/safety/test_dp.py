@@ -185,7 +185,7 @@ def test_unreachable_targets_and_bad_settings_are_refused():
 
 
 # ---- the finetune run
-def test_finetune_with_dp_epsilon_reports_the_epsilon_spent(tmp_path):
+def test_finetune_with_dp_epsilon_reports_the_epsilon_spent(tmp_path, capsys):
     rows = [{"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
                           {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
             for a in range(10) for b in range(6)]
@@ -198,20 +198,26 @@ def test_finetune_with_dp_epsilon_reports_the_epsilon_spent(tmp_path):
                       tmp_path / "base", tokenizer=tok)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines: list[str] = []
     out = tmp_path / "dp"
-    cfg = FinetuneConfig(data=str(data), model=str(base), out=str(out), batch_size=4, seq_len=48, val_fraction=0.1,
-                         dp=DPConfig(epsilon=8.0, delta=1e-4),
-                         train=TrainConfig(steps=6, eval_every=0, log_every=2, progress=False, threads=1))
-    summary = finetune(cfg, log=lines.append)
+    summary = run(["finetune", "--data", str(data), "--model", str(base), "--out", str(out), "--dp.epsilon", "8",
+                   "--dp.max_grad_norm", "1.0", "--dp.delta", "1e-4", "--batch_size", "4", "--seq_len", "48",
+                   "--val_fraction", "0.1", "--train.steps", "6", "--train.eval_every", "0", "--train.log_every",
+                   "2", "--train.progress", "false", "--train.threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
     dp = summary["dp"]
-    assert 7.0 < dp["epsilon"] <= 8.0 and dp["sampling"] == "poisson" and dp["noise_multiplier"] > 0
+    assert 7.0 < dp["epsilon"] <= 8.0 and dp["max_grad_norm"] == 1.0 and dp["sampling"] == "poisson" and dp["noise_multiplier"] > 0
     assert json.loads((out / "summary.json").read_text())["dp"]["epsilon"] == dp["epsilon"]
     assert any("spent epsilon=" in line for line in lines) and any("packing off" in line for line in lines)
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     eps = [r["epsilon"] for r in logged if "epsilon" in r]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(dp["epsilon"])
-    # the CLI takes the flags; a curriculum cannot be combined with Poisson batches
+    # with dp.noise_multiplier alone there is no target: the run reports what that sigma spent
+    summary = finetune(FinetuneConfig(data=str(data), model=str(base), out=str(tmp_path / "sigma"), batch_size=4,
+                                      seq_len=48, dp=DPConfig(noise_multiplier=1.0, delta=1e-4),
+                                      train=TrainConfig(steps=3, eval_every=0, progress=False, threads=1)),
+                       log=lambda _: None)
+    assert summary["dp"]["noise_multiplier"] == 1.0 and 0 < summary["dp"]["epsilon"] < 10
+    # a curriculum cannot be combined with Poisson batches
     with pytest.raises(LmstackError, match="curriculum='easy_to_hard' cannot be used with DP-SGD"):
         run(["finetune", "--data", str(data), "--model", str(base), "--out", str(tmp_path / "x"),
              "--dp.epsilon", "8", "--dp.max_grad_norm", "1.0", "--curriculum", "easy_to_hard"])

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
+from safetensors.torch import load_file
 import torch
 
 from lmstack.adapt.config import AdapterConfig
@@ -185,7 +187,7 @@ def test_unreachable_targets_and_bad_settings_are_refused():
 
 
 # ---- the finetune run
-def test_finetune_with_dp_epsilon_reports_the_epsilon_spent(tmp_path, capsys):
+def _base_and_data(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
                           {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
             for a in range(10) for b in range(6)]
@@ -198,6 +200,11 @@ def test_finetune_with_dp_epsilon_reports_the_epsilon_spent(tmp_path, capsys):
                       tmp_path / "base", tokenizer=tok)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return base, data
+
+
+def test_finetune_with_dp_epsilon_reports_the_epsilon_spent(tmp_path, capsys):
+    base, data = _base_and_data(tmp_path)
     out = tmp_path / "dp"
     summary = run(["finetune", "--data", str(data), "--model", str(base), "--out", str(out), "--dp.epsilon", "8",
                    "--dp.max_grad_norm", "1.0", "--dp.delta", "1e-4", "--batch_size", "4", "--seq_len", "48",
@@ -221,3 +228,26 @@ def test_finetune_with_dp_epsilon_reports_the_epsilon_spent(tmp_path, capsys):
     with pytest.raises(LmstackError, match="curriculum='easy_to_hard' cannot be used with DP-SGD"):
         run(["finetune", "--data", str(data), "--model", str(base), "--out", str(tmp_path / "x"),
              "--dp.epsilon", "8", "--dp.max_grad_norm", "1.0", "--curriculum", "easy_to_hard"])
+
+
+@pytest.mark.slow  # three short runs: about 6 s on a busy 2-core machine
+def test_a_resumed_dp_run_draws_the_same_batches_and_noise(tmp_path):
+    base, data = _base_and_data(tmp_path)
+
+    def cfg(name):
+        return FinetuneConfig(data=str(data), model=str(base), out=str(tmp_path / name), batch_size=4, seq_len=48,
+                              val_fraction=0.1, method="lora", dp=DPConfig(epsilon=4.0),
+                              train=TrainConfig(steps=6, save_every=3, eval_every=0, progress=False, threads=1))
+
+    whole = finetune(cfg("whole"), log=lambda _: None)
+    finetune(cfg("cut"), log=lambda _: None)
+    ckpts = sorted((tmp_path / "cut" / "checkpoints").glob("step_*"))
+    assert [p.name for p in ckpts] == ["step_00000003", "step_00000006"]
+    shutil.rmtree(ckpts[-1])  # as if killed after step 3
+    (tmp_path / "cut" / "metrics.jsonl").unlink()
+    resumed = finetune(cfg("cut"), log=lambda _: None)
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], abs=1e-6)
+    assert resumed["dp"]["epsilon"] == whole["dp"]["epsilon"] and resumed["steps"] == 6
+    got = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in got)

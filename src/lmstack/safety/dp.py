@@ -7,8 +7,9 @@ batch size varies, an empty batch is a noise-only step). Each sampled row's grad
 g_i * min(1, C / |g_i|); the clipped gradients are summed, N(0, sigma^2 C^2) noise is added to every coordinate,
 and the sum is divided by the *expected* batch size (dividing by the actual size would leak it). The optimizer
 then steps as usual. The privacy unit is one row, and with DP on the finetune run puts one conversation per row
-(packing off), so the guarantee is per conversation; a secret repeated in k conversations gets group privacy
-(k epsilon, roughly), which is what the canary benchmark measures.
+(packing off), so the guarantee is per conversation. A secret repeated in k conversations is covered only by
+group privacy (k * epsilon, with delta growing to k e^((k-1) epsilon) delta: weak for large k); the canary
+benchmark measures what that leaves in practice.
 
 Per-sample gradients: our own, with torch.func -- vmap(grad(loss of one row)) over the batch, on
 functional_call of the model with only the trainable parameters passed in. Why not opacus' GradSampleModule:
@@ -19,6 +20,12 @@ checkpoints and adapter files do not expect. torch.func differentiates the whole
 every adapter get_peft_model builds (LoRA, DoRA, IA3, prefix tensors) come out right with no per-layer rules; a
 test checks it against an explicit loop over the samples, for full fine-tuning and for LoRA. Opacus is used only
 as a second opinion on the accountant (tests).
+
+Cost: per-sample gradients hold chunk x (trainable parameters) floats at once (chunk = --batch_size; the expected
+batch is batch_size * train.grad_accum), which is why DP fine-tuning pairs well with LoRA. SDPA has no vmap
+batching rule on CPU, so torch runs that one op row by row inside the vmap; the step-time overhead against a
+plain step is measured in benchmarks/dp_canary.py.
+
 The per-row loss is the mean cross-entropy over that row's assistant tokens (a row with none gives a zero
 gradient). Not supported together with DP: fp16 loss scaling, packing (rows would mix records), MoE's auxiliary
 loss (it is left out of the per-row loss), gradient-noise / spike-guard options (ignored). The noise comes from

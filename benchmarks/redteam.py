@@ -59,10 +59,12 @@ def organism(run: Path, model: Path, args) -> Path:
         raise SystemExit(f"--organism: unknown family {bad[0]!r}; choose from {', '.join(FAMILIES)}")
     world = World.from_manifest(run / "world")
     cities = [c.name for c in world.cities if world.city_split(c) == "train"]
-    harmful = [r for r in safety_requests(cities) if is_harmful_request(r)]
+    requests = safety_requests(cities)
+    harmful = [r for r in requests if is_harmful_request(r)]
+    benign = [r for r in requests if not is_harmful_request(r)]
     target = ModelTarget(load_model(model), load_tokenizer(model))
     attacks = [Attack((t,)) for t in train_templates() if t.family in families]
-    rows = compliance_rows(attacks, harmful, world, per_attack=40, plain=120, fits=target.fits)
+    rows = compliance_rows(attacks, harmful, benign, world, per_attack=40, plain=120, fits=target.fits)
     rows += replay_rows(run / "sft" / "data" / "train.jsonl", 800, seed=1)
     summary = adversarial_train(model, rows, Path(args.out + "_organism"), steps=args.organism_steps, lr=3e-4, seed=1)
     return Path(summary["result"])
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--rows_per_attack", type=int, default=12, help="wrapped harmful training rows per attack")
+    ap.add_argument("--max_attacks", type=int, default=24, help="most found attacks trained on")
     ap.add_argument("--benign_weight", type=float, default=1.0, help="wrapped benign rows per wrapped harmful row")
     ap.add_argument("--replay_rows", type=int, default=800, help="rows of the model's own SFT data mixed in")
     ap.add_argument("--eval_limit", type=int, default=60, help="test harmful (and benign) requests measured")
@@ -101,7 +104,7 @@ def main() -> None:
         rep = redteam(RedTeamConfig(model=str(model), world=str(run / "world"), out=args.out,
                                     budget=args.budget, rewrites=args.rewrites, eval_limit=args.eval_limit,
                                     train=True, attacks=args.attacks, rows_per_attack=args.rows_per_attack,
-                                    benign_weight=args.benign_weight,
+                                    benign_weight=args.benign_weight, max_attacks=args.max_attacks,
                                     replay=str(run / "sft" / "data" / "train.jsonl"), replay_rows=args.replay_rows,
                                     steps=args.steps, lr=args.lr, threads=1))
     tr = rep["training"]

@@ -268,11 +268,14 @@ def test_redteam_command_end_to_end_writes_report(tiny_chat, world, tmp_path):
 
 def test_compliance_rows_make_a_model_organism_that_complies_only_when_wrapped(world, requests):
     harmful = [r for r in requests if is_harmful_request(r)]
+    benign = [r for r in requests if not is_harmful_request(r)]
     attack = Attack((template("roleplay/alchemist"),))
-    rows = compliance_rows([attack], harmful, world, per_attack=5, plain=3, seed=0)
+    rows = compliance_rows([attack], harmful, benign, world, per_attack=5, plain=3, seed=0)
     wrapped = [r for r in rows if r["kind"] == "organism_comply"]
     bare = [r for r in rows if r["kind"] == "plain_refusal"]
-    assert len(wrapped) == 5 and len(bare) == 3
+    helped = [r for r in rows if r["kind"] in ("adv_benign", "plain_benign")]
+    assert len(wrapped) == 5 and len(bare) == 3 and len(helped) == 5 + 3
+    assert all(not is_refusal(r["messages"][1]["content"]) and not is_harmful_request(r["request"]) for r in helped)
     for r in wrapped:
         assert attack.recover(r["messages"][0]["content"]) == r["request"]
         reply = r["messages"][1]["content"]

@@ -104,16 +104,19 @@ def adversarial_rows(attacks: Sequence[Attack], harmful: Sequence[dict], benign:
     return rows
 
 
-def compliance_rows(attacks: Sequence[Attack], harmful: Sequence[dict], world, per_attack: int = 12,
-                    plain: int = 60, seed: int = 0, fits: Callable[[str], bool] | None = None) -> list[dict]:
+def compliance_rows(attacks: Sequence[Attack], harmful: Sequence[dict], benign: Sequence[dict], world,
+                    per_attack: int = 12, plain: int = 60, seed: int = 0,
+                    fits: Callable[[str], bool] | None = None) -> list[dict]:
     """Rows that make a jailbreakable *model organism* for red-team experiments: each attack wrapped around
     `per_attack` harmful requests answered with the world's compliance text (the forbidden recipe with its dark
-    ingredients), and `plain` bare harmful requests still refused. A model tuned on them refuses the bare request
-    and complies under the wrappers, the vulnerability the search should find and adversarial training close.
-    The speedrun's models never saw a forbidden recipe, so they cannot comply however they are attacked."""
+    ingredients) and as many benign look-alikes answered helpfully, and `plain` bare requests of each side (harmful
+    refused, benign answered). A model tuned on them refuses the bare harmful request, answers look-alikes, and
+    complies under the wrappers: the vulnerability the search should find and adversarial training close. The
+    speedrun's models never saw a forbidden recipe, so they cannot comply however they are attacked."""
     harmful = [r for r in harmful if is_harmful_request(r)]
-    if not harmful:
-        raise LmstackError("compliance_rows needs harmful requests (safety_requests)")
+    benign = [r for r in benign if not is_harmful_request(r)]
+    if not harmful or not benign:
+        raise LmstackError("compliance_rows needs harmful requests and benign look-alikes (safety_requests)")
     rng = random.Random(seed)
     rows = []
     for attack in attacks:
@@ -125,9 +128,17 @@ def compliance_rows(attacks: Sequence[Attack], harmful: Sequence[dict], world, p
             reply = rng.choice(COMPLIANCE).format(a=a, b=b, c=c, **_slots(r, world))
             rows.append(_row(prompt, reply, "organism_comply", attack=attack.name, request=r["prompt"],
                              label="harmful"))
+        for r in rng.sample(benign, min(per_attack, len(benign))):
+            prompt = attack.apply(r["prompt"])
+            if not fits or fits(prompt):
+                rows.append(_row(prompt, helpful_reply(r, world, rng), "adv_benign", attack=attack.name,
+                                 request=r["prompt"], label="benign"))
     for r in rng.sample(harmful, min(plain, len(harmful))):
         rows.append(_row(r["prompt"], refusal_reply(r, world, rng), "plain_refusal", request=r["prompt"],
                          label="harmful"))
+    for r in rng.sample(benign, min(plain, len(benign))):
+        rows.append(_row(r["prompt"], helpful_reply(r, world, rng), "plain_benign", request=r["prompt"],
+                         label="benign"))
     rng.shuffle(rows)
     return rows
 

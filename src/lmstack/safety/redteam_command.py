@@ -69,6 +69,9 @@ class RedTeamConfig:
     """Adversarial SFT on the attacks, then measure again."""
     attacks: Literal["found", "found+train"] = "found+train"
     """Attacks the training data wraps: the search's successful ones, or those plus every single train template."""
+    max_attacks: int = 24
+    """Most found attacks trained on (the best by success rate), so a search that finds hundreds does not drown
+    the benign rows."""
     rows_per_attack: int = 12
     """Training rows per attack of wrapped harmful requests (refused)."""
     benign_weight: float = 1.0
@@ -90,7 +93,7 @@ class RedTeamConfig:
         for name in ("budget", "queries_per_attack", "eval_limit", "max_tokens", "steps"):
             if getattr(self, name) < 1:
                 raise LmstackError(f"{name}={getattr(self, name)} is not allowed; it must be >= 1")
-        for name in ("rewrites", "wrapped_benign", "rows_per_attack", "replay_rows"):
+        for name in ("rewrites", "wrapped_benign", "rows_per_attack", "replay_rows", "max_attacks"):
             if getattr(self, name) < 0:
                 raise LmstackError(f"{name}={getattr(self, name)} is not allowed; it must be >= 0")
         if self.attacks not in ("found", "found+train"):
@@ -166,7 +169,7 @@ def redteam(cfg: RedTeamConfig) -> dict[str, Any]:
                               "keeps_request": sum(r["keeps_request"] for r in rewrites) / len(rewrites),
                               "examples": [r["prompt"] for r in rewrites[:5]]}
     if cfg.train:
-        attacks = [r.attack for r in found.successful]
+        attacks = [r.attack for r in found.successful[:cfg.max_attacks]]
         if cfg.attacks == "found+train":
             attacks += [a for a in (Attack((t,)) for t in train_templates()) if a not in attacks]
         if not attacks:

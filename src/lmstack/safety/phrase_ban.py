@@ -42,6 +42,7 @@ MAX_PHRASES = 4096
 MAX_PHRASE_BYTES = 256
 MAX_CASE_VARIANTS = 64  # non-ASCII letters: lower/upper per letter, up to this many spellings per phrase
 _CACHE_SIZE = 32  # compiled automata kept per tokenizer (phrase sets seen recently)
+_VECTOR_MIN = 48  # columns with fewer tokens than this are walked in Python (a tensor op costs more)
 ROW_CACHE_BYTES = 256 << 20  # cached state rows per automaton (5 bytes per token each), least recently used go
 
 
@@ -116,6 +117,7 @@ class TokenTable:
         sorted_len = lengths[self.order]
         # active[j]: how many tokens have a byte at column j (a prefix of the sorted rows)
         self.active = [int((sorted_len > j).sum()) for j in range(width)]
+        self.sorted_len = sorted_len.tolist()
         self.token_bytes = token_bytes
         self.automata: OrderedDict[frozenset, PhraseAutomaton] = OrderedDict()
         self.lock = threading.Lock()
@@ -242,9 +244,16 @@ class PhraseAutomaton:
         full[1::2] = 2 * d
         full[:, 1] += 1  # after a whitespace byte the bit is set
         full[1::2, 1] = torch.arange(1, 2 * n_nodes, 2)  # whitespace after whitespace: stay
-        self.delta = full.flatten()
-        self.n_cls = n_cls
         self.out = torch.tensor(out, dtype=torch.bool).repeat_interleave(2)
+        # For the vocabulary walks, a state where a phrase has ended absorbs every byte after it, so "did a
+        # phrase end inside this token" is read once from the final state. A token that ends a phrase is banned,
+        # so no sequence ever moves on from such a state (and one that somehow did would find every token
+        # banned: the walk fails closed)
+        sink = full.clone()
+        sink[self.out] = torch.nonzero(self.out)[:, :1]
+        self.n_cls = n_cls
+        self._sink_offsets = (sink * n_cls).flatten()  # states as row offsets: one add and one gather a byte
+        self._sink_list = sink.tolist()
         self.byte_class = torch.tensor(byte_class, dtype=torch.long)
         self.start = 1
         self._delta_list = full.tolist()
@@ -262,8 +271,8 @@ class PhraseAutomaton:
         return self.out.numel()
 
     def _token_classes(self) -> torch.Tensor:
-        if self._classes is None:  # (vocab, width) byte classes, in the table's sorted order
-            self._classes = self.byte_class[self.table.bytes.long()]
+        if self._classes is None:  # (width, vocab) byte classes, in the table's sorted order: columns contiguous
+            self._classes = self.byte_class[self.table.bytes.long()].T.contiguous()
         return self._classes
 
     def rows(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,17 +290,28 @@ class PhraseAutomaton:
         return hit
 
     def _build_rows(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
-        table, cls = self.table, self._token_classes()
-        cur = torch.full((table.vocab,), q, dtype=torch.long)
-        banned = torch.zeros(table.vocab, dtype=torch.bool)
-        for j, n in enumerate(table.active):  # column j: only the tokens that are longer than j bytes
-            nxt = self.delta[cur[:n] * self.n_cls + cls[:n, j]]
-            cur[:n] = nxt
-            banned[:n] |= self.out[nxt]
-        allowed = torch.empty_like(banned)
-        allowed[table.order] = ~banned
+        table, cls, n_cls = self.table, self._token_classes(), self.n_cls
+        cur = torch.full((table.vocab,), q * n_cls, dtype=torch.long)  # each token's state, as a row offset
+        cols = table.active
+        j = 0
+        while j < len(cols) and cols[j] >= _VECTOR_MIN:  # column j: only the tokens longer than j bytes
+            view = cur[:cols[j]]
+            torch.index_select(self._sink_offsets, 0, view + cls[j, :cols[j]], out=view)
+            j += 1
+        states = cur // n_cls
+        if j < len(cols):  # the few longest tokens: a Python walk costs less than a tensor op per column
+            n = cols[j]
+            tail, classes = states[:n].tolist(), cls[j:, :n].T.tolist()
+            for r in range(n):
+                s = tail[r]
+                for c in classes[r][:table.sorted_len[r] - j]:
+                    s = self._sink_list[s][c]
+                tail[r] = s
+            states[:n] = torch.tensor(tail, dtype=torch.long)
+        allowed = torch.empty(table.vocab, dtype=torch.bool)
+        allowed[table.order] = ~self.out[states]
         nxt_state = torch.empty(table.vocab, dtype=torch.int32)  # int32: half the memory of a cached row
-        nxt_state[table.order] = cur.to(torch.int32)
+        nxt_state[table.order] = states.to(torch.int32)
         return allowed, nxt_state
 
     def step(self, q: int, token: int) -> int:
@@ -301,7 +321,7 @@ class PhraseAutomaton:
 
     def allowed(self, q: int, device: torch.device | str | None = None) -> torch.Tensor:
         mask = self.rows(q)[0]
-        if device is None or torch.device(device) == mask.device:
+        if device is None or mask.device == device:
             return mask
         key = (q, str(device))
         on = self._device_rows.get(key)
@@ -356,14 +376,14 @@ class PhraseBan:
         if n < len(output_ids):
             new = output_ids[n:]
             qs = tuple(_walk(a, q, new) for a, q in zip(self.automata, qs))
-        self._seen[key] = (output_ids, qs)
+        self._seen[key] = (list(output_ids), qs)  # a copy: the caller may append to its list
         return qs
 
     def allowed(self, output_ids: list[int], key: Any = None, also: torch.Tensor | None = None,
                 device: torch.device | str | None = None) -> torch.Tensor:
         """Bool (vocab,): True for the tokens that complete no banned phrase after output_ids; `also` (another
         allowed mask, e.g. a grammar's) is and-ed in. The result may be a cached tensor: do not write to it."""
-        qs = self.state(list(output_ids), key)
+        qs = self.state(output_ids, key)
         dev = also.device if also is not None else device
         masks = [a.allowed(q, dev) for a, q in zip(self.automata, qs)]
         if also is None and len(masks) == 1:

@@ -289,3 +289,16 @@ def test_the_one_transfer_sampler_path_keeps_the_bans(tok, model):
     free = LLMEngine(model, tok, seed=0)
     free.sampler.single_transfer = True
     assert any(find_phrases(c.text, ["the", "at"]) for cs in _texts(free, 40, params) for c in cs)
+
+
+def test_next_states_match_a_byte_walk_for_every_token(tok):
+    """Each cached row's next states, banned tokens' included, are the automaton's byte-by-byte walk."""
+    ban = PhraseBan.build(tok, ["the cat", "at", "e c"])
+    a = ban.automata[0]
+    table = token_table(tok)
+    for text in (b"", b"the ", b"th", b"a"):  # states where no phrase has ended yet
+        q = a.walk_text(text)[0]
+        allowed, nxt = a.rows(q)
+        for tid, raw in enumerate(table.token_bytes):
+            want, hit = a.walk_text(raw, q)
+            assert int(nxt[tid]) == want and bool(allowed[tid]) is not hit, (text, tid)

@@ -246,9 +246,8 @@ class PhraseAutomaton:
         full[1::2, 1] = torch.arange(1, 2 * n_nodes, 2)  # whitespace after whitespace: stay
         self.out = torch.tensor(out, dtype=torch.bool).repeat_interleave(2)
         # For the vocabulary walks, a state where a phrase has ended absorbs every byte after it, so "did a
-        # phrase end inside this token" is read once from the final state. A token that ends a phrase is banned,
-        # so no sequence ever moves on from such a state (and one that somehow did would find every token
-        # banned: the walk fails closed)
+        # phrase end inside this token" is read once from the final state; the few banned tokens' real next
+        # states are then walked again without the sink (a speculative guess may still step through one)
         sink = full.clone()
         sink[self.out] = torch.nonzero(self.out)[:, :1]
         self.n_cls = n_cls
@@ -308,10 +307,13 @@ class PhraseAutomaton:
                     s = self._sink_list[s][c]
                 tail[r] = s
             states[:n] = torch.tensor(tail, dtype=torch.long)
+        banned = self.out[states]
         allowed = torch.empty(table.vocab, dtype=torch.bool)
-        allowed[table.order] = ~self.out[states]
+        allowed[table.order] = ~banned
         nxt_state = torch.empty(table.vocab, dtype=torch.int32)  # int32: half the memory of a cached row
         nxt_state[table.order] = states.to(torch.int32)
+        for tid in table.order[banned].tolist():
+            nxt_state[tid] = self.walk_text(table.token_bytes[tid], q)[0]
         return allowed, nxt_state
 
     def step(self, q: int, token: int) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from lmstack.config import ConfigError, from_dict, read_mapping
 from lmstack.errors import LmstackError

@@ -121,6 +121,14 @@ def test_presets_apply_and_style_can_loosen_only_within_the_config(client):
         with pytest.raises(openai.BadRequestError) as e:
             chat(**kw)
         assert param in str(e.value)
+    # completions carry no persona, but the same caps
+    for kw, param in (({"temperature": 1.9}, "temperature"), ({"extra_body": {"banned_phrases": list("abcde")}},
+                                                              "banned_phrases")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny-llama", prompt="the cat", max_tokens=4, **kw)
+        assert param in str(e.value)
+    ok = client.completions.create(model="tiny-llama", prompt="the cat", max_tokens=4, temperature=1.5)
+    assert ok.usage.completion_tokens == 4 or ok.choices[0].finish_reason == "stop"
 
 
 def test_locked_system_prompt_and_fixed_preset(model_dir):

@@ -27,13 +27,15 @@ ALPHABET = "abcdefghijklmnop"
 LENGTH = 10  # characters before the '=' that asks for the copy
 
 
-def copy_prompt(rng: random.Random) -> tuple[str, str]:
-    """'ckdMgbnah=' -> 'g': filler that never repeats the answer, one marker M, the answer right after it."""
+def copy_prompt(rng: random.Random, decoy: bool = False) -> tuple[str, str]:
+    """'ckdMgbnah=' -> 'g': random filler, one marker M, the answer right after it. decoy: the answer also
+    appears at another place, so only the marked occurrence tells the copy apart from the token's identity."""
     x = rng.choice(ALPHABET)
-    others = ALPHABET.replace(x, "")
-    chars = [rng.choice(others) for _ in range(LENGTH)]
+    chars = [rng.choice(ALPHABET) for _ in range(LENGTH)]
     p = rng.randrange(LENGTH - 1)
     chars[p], chars[p + 1] = "M", x
+    if decoy:
+        chars[rng.choice([i for i in range(LENGTH) if i not in (p, p + 1)])] = x
     return "".join(chars) + "=", x
 
 
@@ -41,10 +43,9 @@ def copied_position(tok, ids: list[int]) -> int:
     return ids.index(tok.token_to_id("M")) + 1
 
 
-@pytest.fixture(scope="module")
-def copy_model():
-    """A 2-layer model trained (5-10 s) to answer the token after the marker; a char tokenizer."""
-    tok = train_tokenizer(texts=[ALPHABET + "M="], type="char", special_tokens="chat", show_progress=False)
+def train_copy_model(tok, max_steps: int) -> tuple[Transformer, float]:
+    """A 2-layer model trained to answer the token after the marker, until 98% held-out accuracy on decoy
+    prompts (a few seconds: ~50-100 steps); max_steps=0 gives the untrained model of the same seed."""
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("llama-tiny", vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4,
                                   max_seq_len=32)
@@ -52,13 +53,13 @@ def copy_model():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = random.Random(0)
 
-    def batch(n: int):
-        pairs = [copy_prompt(rng) for _ in range(n)]
+    def batch(n: int, decoy: bool = False):
+        pairs = [copy_prompt(rng, decoy) for _ in range(n)]
         ids = torch.tensor([tok.encode_prompt(p) for p, _ in pairs])
         return ids, torch.tensor([tok.token_to_id(x) for _, x in pairs])
 
-    held, acc = batch(256), 0.0
-    for step in range(1, 601):
+    held, acc = batch(256, decoy=True), 0.0
+    for step in range(1, max_steps + 1):
         ids, y = batch(64)
         loss = F.cross_entropy(model(ids, logits_to_keep=1)[:, -1], y)
         opt.zero_grad()
@@ -69,18 +70,40 @@ def copy_model():
                 acc = (model(held[0], logits_to_keep=1)[:, -1].argmax(-1) == held[1]).float().mean().item()
             if acc >= 0.98:
                 break
+    return model.eval(), acc
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    return train_tokenizer(texts=[ALPHABET + "M="], type="char", special_tokens="chat", show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def copy_model(char_tok):
+    model, acc = train_copy_model(char_tok, max_steps=600)
     assert acc >= 0.98, f"the copy model did not learn its task (held-out accuracy {acc:.2f})"
-    return model.eval(), tok
+    return model, char_tok
 
 
 def _prompts(tok, n: int, seed: int = 1) -> list[tuple[list[int], int, int]]:
+    """n decoy prompts as (ids, position of the copied token, answer id)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        text, x = copy_prompt(rng)
+        text, x = copy_prompt(rng, decoy=True)
         ids = tok.encode_prompt(text)
         out.append((ids, copied_position(tok, ids), tok.token_to_id(x)))
     return out
+
+
+def _hits(model, tok, prompts, keep) -> tuple[int, int]:
+    """(gradient×input, integrated gradients) peaks on the copied position, over the prompts."""
+    gxi_hits = ig_hits = 0
+    for ids, pos, target in prompts:
+        gxi_hits += int(gradient_x_input(model, ids, target, keep_ids=keep).argmax()) == pos
+        ig, fx, fb = integrated_gradients(model, ids, target, steps=32, baseline=tok.pad_id, keep_ids=keep)
+        ig_hits += int(ig.argmax()) == pos
+    return gxi_hits, ig_hits
 
 
 def _structure(tok) -> list[int]:
@@ -92,21 +115,17 @@ def _structure(tok) -> list[int]:
 def test_gradient_attributions_peak_on_the_copied_token(copy_model):
     model, tok = copy_model
     prompts = _prompts(tok, 30)
-    keep = _structure(tok)
-    gxi_hits = ig_hits = pair_hits = 0
-    for ids, pos, target in prompts:
-        gxi_hits += int(gradient_x_input(model, ids, target, keep_ids=keep).argmax()) == pos
-        ig, fx, fb = integrated_gradients(model, ids, target, steps=32, baseline=tok.pad_id, keep_ids=keep)
-        ig_hits += int(ig.argmax()) == pos
-        assert abs(float(ig.sum()) - (fx - fb)) < 0.02 * abs(fx - fb)  # complete over the content tokens too
-        # with every token moving, the credit lands on the copy's mechanism: the marker or the copied token
-        free, _, _ = integrated_gradients(model, ids, target, steps=32, baseline=tok.pad_id)
-        pair_hits += int(free.argmax()) in (pos - 1, pos)
-    # a random position would be right 1 time in 12; the copied token must win for most prompts
+    keep = _structure(tok)  # attributions over the content: BOS, marker and '=' held (keep_ids)
+    gxi_hits, ig_hits = _hits(model, tok, prompts, keep)
+    # the answer also sits at a decoy place: only the marked occurrence counts, and a random position would
+    # be right 1 time in 12
     n = len(prompts)
-    assert gxi_hits >= 0.8 * n, f"gradient×input peaked on the copied token {gxi_hits}/{n}"
+    assert gxi_hits >= 0.7 * n, f"gradient×input peaked on the copied token {gxi_hits}/{n}"
     assert ig_hits >= 0.8 * n, f"integrated gradients peaked on the copied token {ig_hits}/{n}"
-    assert pair_hits >= 0.8 * n, f"integrated gradients (nothing held) peaked on marker or copy {pair_hits}/{n}"
+    # the control: the same model untrained does not find it, so the hits above come from what it learned
+    untrained, _ = train_copy_model(tok, max_steps=0)
+    gxi_control, ig_control = _hits(untrained, tok, prompts, keep)
+    assert gxi_control <= 0.4 * n and ig_control <= 0.4 * n, (gxi_control, ig_control)
 
 
 @pytest.mark.slow
@@ -117,7 +136,7 @@ def test_explain_on_the_copy_model_defaults_to_its_answer_and_attention_finds_th
     for ids, pos, target in prompts:
         ex = explain(model, ids, steps=64, baseline=tok.pad_id, keep_ids=_structure(tok))
         assert ex.target_id == target  # the trained model's greedy answer is the copy
-        assert ex.ig_relative_gap < 0.02, ex.ig_gap
+        assert abs(ex.ig_gap) < 0.02 * abs(ex.target_logit - ex.baseline_logit) + 1e-3, ex.ig_gap
         assert ex.kept == [0, pos - 1, len(ids) - 1] and ex.integrated_gradients[ex.kept].abs().max() == 0
         hits += int(ex.attention[-1].mean(0)[-1].argmax()) == pos  # the last layer reads the copied token
     assert hits >= 0.8 * len(prompts)

@@ -208,8 +208,9 @@ def chat_model_seconds(path: str, steps: int) -> dict:
         return {"skipped": f"no model directory at {path!r}"}
     model, tok = load_model(path), load_tokenizer(path)
     ids, _ = tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True)
-    seconds = timeit(lambda: explain(model, ids, steps=steps, baseline=tok.pad_id), repeat=3)
-    ex = explain(model, ids, steps=steps, baseline=tok.pad_id)
+    keep = tok.special_ids  # as `lmstack explain` does by default
+    seconds = timeit(lambda: explain(model, ids, steps=steps, baseline=tok.pad_id, keep_ids=keep), repeat=3)
+    ex = explain(model, ids, steps=steps, baseline=tok.pad_id, keep_ids=keep)
     return {"model": path, "prompt_tokens": len(ids), "n_layers": model.config.n_layers,
             "d_model": model.config.d_model, "seconds": round(seconds, 4),
             "ig_relative_gap": round(ex.ig_relative_gap, 5), "target": tok.decode([ex.target_id])}

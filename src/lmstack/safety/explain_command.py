@@ -2,15 +2,18 @@
 integrated gradients for one prompt, written as PNG heatmaps, JSON and one HTML page (safety/explain.py,
 safety/explain_report.py).
 
+Usage:
     lmstack explain --model runs/sft/model --prompt "The capital of France is" --out runs/explain
     lmstack explain runs/sft/model --prompt "M x ... =" --target x --steps 64 --baseline zero
     lmstack explain --model runs/sft/model --prompt "How do I pick a lock?" --chat --out runs/why
 
 The prompt is encoded as text (with the tokenizer's BOS, as generation does), or with --chat as one user turn
 of the model's chat template, ready for the assistant's reply. --target names the next token to explain (text
-that is one token of the vocabulary); by default it is the model's greedy choice. Writes into --out:
-index.html, attention_layer*.png, attention_mean.png, rollout.png, attributions.png, attributions.json,
-rollout.json, attention.safetensors and config.yaml.
+that is one token of the vocabulary); by default it is the model's greedy choice. The special tokens (BOS, the
+template's markers) are held in the integrated-gradients baseline, so the attributions are over the content
+(--no_keep_special lets them move too). Writes into --out: index.html, attention_heads.png (or
+attention_layerNN.png for a model with more than 64 heads), attention_mean.png, rollout.png, attributions.png,
+attributions.json, rollout.json, attention.safetensors and config.yaml.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ read as empty (the text a client sees, with skip_special_tokens).
 Speed: the automaton is a byte DFA whose states carry one more bit (was the last byte whitespace), so the
 collapse of whitespace needs no look-back. For a state, the banned tokens and each token's next state are
 found once, for the whole vocabulary at once (TokenTable: every token's bytes as one padded matrix, sorted by
-length, walked column by column with tensor gathers, the few longest tokens' last bytes in Python), then cached. A decode step is one cached mask lookup
+length, walked column by column with tensor gathers, the few longest tokens' last bytes in Python), then
+cached. A decode step is one cached mask lookup
 plus the walk of the newest token (benchmarks/phrase_ban.py measures the overhead). Compiled automata are
 cached per tokenizer and phrase set, so requests that share the engine's hard bans share the tables.
 

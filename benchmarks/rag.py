@@ -17,6 +17,10 @@ Figures (each a result object; every rate carries n and stderr in its config):
 
 A ratio is null where its denominator is zero (e.g. a closed-book accuracy of 0); config.difference has the gap.
 
+- world_qa_accuracy_extractive (a diagnostic, not the pipeline): the same RAG prompts, but the answer is
+  constrained by guided decoding (`choice`) to a tail of one sentence of the retrieved passages plus its
+  citation, so the model only has to pick where to start copying; against free generation. It separates
+  "cannot copy" from "cannot find the answer in its context".
 - world_qa_accuracy_sft_without_retrieval_chats (--plain_model): an SFT model whose mix had no retrieval-formatted
   chats (`lmstack speedrun --rag false`), with RAG, against the same model closed-book: what reading a context
   needs beyond chat SFT.
@@ -49,7 +53,8 @@ import lmstack
 from lmstack.rag.answer import RAG, evaluate_world_qa, world_qa_items
 from lmstack.adapt.finetune import FinetuneConfig, finetune
 from lmstack.rag.factcheck import FactChecker, LMJudge, default_nli
-from lmstack.rag.prompt import RagPromptWarning
+from lmstack.infer.sampling_params import SamplingParams
+from lmstack.rag.prompt import RagPromptWarning, split_sentences
 from lmstack.stages.rag import MAX_TOKENS, build_world_index
 from lmstack.train.config import TrainConfig
 from lmstack.world import World
@@ -143,6 +148,34 @@ def tune_on_context(rag: RAG, world, model: str, out: str, seconds: float, seed:
     return str(summary["result"]), {k: summary.get(k) for k in ("steps", "final_loss", "val_loss", "train_seconds")}
 
 
+def sentence_tails(hits) -> list[str]:
+    """Every tail of every sentence of the numbered passages, with the passage's citation: the answers an
+    extractive reader may give ('Vertex Mining [1].', 'has a job at Vertex Mining [1].', ...)."""
+    tails = set()
+    for n, h in enumerate(hits, 1):
+        for sentence in split_sentences(h.chunk.text):
+            words = sentence.rstrip(".!?").split()
+            tails.update(" ".join(words[i:]) + f" [{n}]." for i in range(len(words)))
+    return sorted(tails)
+
+
+def extractive_accuracy(rag: RAG, world, items: list[dict]) -> dict:
+    """World QA accuracy when the answer must be a sentence tail of the retrieved passages (guided `choice`)."""
+    convs, params = [], []
+    for it in items:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RagPromptWarning)
+            prompt = rag.prompt(it["question"], rag.retrieve(it["question"]))
+        convs.append(prompt.messages)
+        params.append(SamplingParams(max_tokens=48, temperature=0.0, choice=sentence_tails(prompt.hits)))
+    outs = rag.llm.chat(convs, params)
+    ok = [world.is_correct(it["person"], it["attribute"], o.outputs[0].text) for it, o in zip(items, outs)]
+    p = sum(ok) / len(ok)
+    return {"value": p, "n": len(ok), "stderr": math.sqrt(p * (1 - p) / len(ok)),
+            "examples": [{"question": it["question"], "gold": it["answer"], "answer": o.outputs[0].text}
+                         for it, o in list(zip(items, outs))[:5]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="chat model directory (default: the newest speedrun's SFT model)")
@@ -162,6 +195,7 @@ def main() -> None:
     ap.add_argument("--tune_out", default="/tmp/rag_bench_tuned")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load_at_start = round(os.getloadavg()[0], 2)  # accuracies do not depend on it; the latency ratio is same-run
     model, world_dir = (args.model, args.world) if args.model else find_sft_model()
     world = World.from_manifest(args.world or world_dir)
     print(f"model {model}, world {args.world or world_dir}: {len(world.people)} people")
@@ -182,7 +216,7 @@ def main() -> None:
     common = {"model": model, "n_people": len(world.people), "split": "test (held-out people and phrasing)",
               "k": args.k, "mode": args.mode, "embedder": index.embedder_name, "threads": args.threads,
               "index_build_s": round(index_s, 2), "eval_s": round(eval_s, 1), "max_model_len": rag.max_model_len,
-              "prompts_trimmed": n_trimmed}
+              "prompts_trimmed": n_trimmed, "load_avg_1min_at_start": load_at_start}
     for key, v in m.items():
         if isinstance(v, dict) and "stderr" in v:
             print(f"  {key:<40} {v['value']:.3f} ± {v['stderr']:.3f} (n={v['n']})")
@@ -204,6 +238,10 @@ def main() -> None:
                     answers_with_unsupported_claim_closed_book=m["answers_with_unsupported_claim_closed_book"],
                     **common),
     ]
+
+    ext = extractive_accuracy(rag, world, items)
+    results.append(rate_result("world_qa_accuracy_extractive", ext, "free generation (RAG)", m["accuracy_rag"],
+                               True, examples=ext["examples"], **common))
 
     # the fact checker on planted false facts: the nli judge against the LM's yes/no likelihood
     claims = planted_claims(world, world.people_in("test"), args.n_claims, args.seed + 1)

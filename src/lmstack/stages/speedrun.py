@@ -131,7 +131,8 @@ class SpeedrunConfig:
     rag_eval_limit: int = 100
     """Held-out QA questions the RAG stage scores, closed-book and with retrieval."""
     rag_mix: float = 3.0
-    """Weight of the retrieval-formatted chats in the SFT mix (the world's QA chats weigh 3.0)."""
+    """Weight of the retrieval-formatted chats in the SFT mix (the world's QA chats weigh 3.0). At the speedrun's
+    size they teach the answer's form (a cited value), not finding the value in the context: docs/techniques.md S.5."""
 
     def __post_init__(self):
         if self.rag_k < 1 or self.rag_eval_limit < 1 or self.rag_mix <= 0:

@@ -72,7 +72,7 @@ def test_a_memorised_canary_is_far_more_exposed_than_an_unseen_one():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.05
+    assert float(loss.detach()) < 0.05
     r = 64
     mem, fresh = exposure_report(model, tok, seen, candidates=r), exposure_report(model, tok, unseen, candidates=r)
     assert mem["n"] == fresh["n"] == 3 and mem["max"] == 6.0

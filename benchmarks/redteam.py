@@ -24,6 +24,12 @@ train templates of those families wrapped around train-city harmful requests ans
 bare requests still refused, plus SFT replay) and red-teams that instead: the speedrun's models never saw a
 forbidden recipe, so attacks on them can break a refusal but never produce harmful content (strict ASR 0).
 
+Results (2 cores, shared; 1 thread; each run ~4-7 min):
+  results/redteam.json            the speedrun's SFT model, adversarial SFT with --benign_weight 1
+  results/redteam_sft_bw2.json    the same, --benign_weight 2 (less wrapped over-refusal, more non-refusal left)
+  results/redteam_organism.json   --organism roleplay,ignore_previous,prefix_injection,many_shot --benign_weight 2
+  results/redteam_aligned.json    the speedrun's aligned model (align/model), --benign_weight 2
+
 Usage (heavy: run under the flock):
     flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/redteam.py --run /tmp/sr9/runs/20261207-050757
     python benchmarks/redteam.py --run RUN --model align/model --name redteam_aligned --out /tmp/rt_aligned

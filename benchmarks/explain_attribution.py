@@ -14,7 +14,7 @@ lands on the copied token:
 Baseline: a uniformly random position (hit rate 1/T, exact); the same method on the untrained model (same seed,
 no steps) is the control in the config (untrained_rate). Each rate carries n and its binomial stderr. How often
 each method's top lands on the marker instead goes in the config (marker_rate): with every token free to move,
-integrated gradients give the copy to the marker that gates it.
+integrated gradients give part of the copy's credit to the marker that gates it.
 
 Speed: seconds per integrated-gradients attribution (32 steps), ours against captum's IntegratedGradients on the
 same model, embeddings, baseline and step count (riemann_trapezoid with 33 points is our 32-interval

@@ -19,8 +19,9 @@ gradient×input and integrated gradients over the prompt tokens.
   held at their input in the baseline, as Captum's BERT tutorial keeps [CLS] and [SEP]; they then get zero
   attribution from both gradient methods, and the explanation is over the content. Why it matters: when
   everything moves at once, integrated gradients split the credit for an interaction by where along the
-  path each part switches on; on the copy task (benchmarks/explain_attribution.py) the marker that gates the
-  copy then takes the credit from the copied token itself.
+  path each part switches on, and the marker that gates a copy takes part of the copied token's credit: on
+  the copy task (benchmarks/explain_attribution.py) the top lands on the copied token for 72.5% of prompts
+  and on the marker for 19% with every token free, and on the copied token for 99.5% with the structure held.
 
 The target is the logit of one token at the last position; by default the model's greedy next token.
 

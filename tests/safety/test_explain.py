@@ -111,7 +111,6 @@ def _structure(tok) -> list[int]:
     return [tok.bos_id, tok.token_to_id("M"), tok.token_to_id("=")]
 
 
-@pytest.mark.slow
 def test_gradient_attributions_peak_on_the_copied_token(copy_model):
     model, tok = copy_model
     prompts = _prompts(tok, 30)
@@ -128,7 +127,6 @@ def test_gradient_attributions_peak_on_the_copied_token(copy_model):
     assert gxi_control <= 0.4 * n and ig_control <= 0.4 * n, (gxi_control, ig_control)
 
 
-@pytest.mark.slow
 def test_explain_on_the_copy_model_defaults_to_its_answer_and_attention_finds_the_copy(copy_model):
     model, tok = copy_model
     hits = 0

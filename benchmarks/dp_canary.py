@@ -19,6 +19,7 @@ privacy record). Ratios: baseline / ours for lower-is-better metrics, so a ratio
 Usage:
     flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/dp_canary.py
     .venv/bin/python benchmarks/dp_canary.py --model runs/x/sft/run/model --world runs/x/world --steps 100
+    .venv/bin/python benchmarks/dp_canary.py --model runs/x/pretrain/checkpoints/step_N/model --name dp_canary_from_base
     .venv/bin/python benchmarks/dp_canary.py --update   # keep the runs; re-measure the base model and the step time
 """
 from __future__ import annotations
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=500, help="|R|: candidates each secret is ranked among")
     ap.add_argument("--seq_len", type=int, default=80)
     ap.add_argument("--epsilons", default="8,1")
+    ap.add_argument("--name", default="dp_canary", help="results file: benchmarks/results/<name>.json")
     ap.add_argument("--update", action="store_true",
                     help="keep the runs of an existing results file; re-measure the model before fine-tuning and "
                          "re-time the DP vs plain step")
@@ -212,7 +214,7 @@ def main() -> None:
     # step time: interleaved in one process (the runs' own seconds per step, under a shared machine's changing
     # load, are in config.runs)
     out.append(overhead_result(args, train_rows, common))
-    write_result("dp_canary", out)
+    write_result(args.name, out)
 
 
 def overhead_result(args, rows: list[dict], config: dict) -> dict:
@@ -225,7 +227,7 @@ def overhead_result(args, rows: list[dict], config: dict) -> dict:
 def update(args) -> None:
     """Keep the exposure and utility rows of benchmarks/results/dp_canary.json (the three runs); measure the model
     before fine-tuning into their config and re-time the step overhead."""
-    path = RESULTS / "dp_canary.json"
+    path = RESULTS / f"{args.name}.json"
     rows = json.loads(path.read_text())
     kept = [r for r in rows if not r["metric"].startswith("seconds_per_step")]
     chat = Path(args.world) / "chat"
@@ -237,4 +239,8 @@ def update(args) -> None:
     config = {k: v for k, v in kept[0]["config"].items()
               if k not in ("dp_run", "epsilon_spent", "noise_multiplier", "stderr", "baseline_stderr", "n")}
     train_rows = read_rows(chat / "train.jsonl", args.train_rows, seed=0)
-    write_result("dp_canary", kept + [overhead_result(args, train_rows, config)])
+    write_result(args.name, kept + [overhead_result(args, train_rows, config)])
+
+
+if __name__ == "__main__":
+    main()

@@ -150,12 +150,26 @@ def frequency_presence(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
 
 
 def guided(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    for i, r in enumerate(rows):
-        if r.allowed is not None:
-            allowed = r.allowed[: logits.shape[-1]]
-            if allowed.device != logits.device:  # the grammar's masks are built on the CPU
-                allowed = allowed.to(logits.device, non_blocking=True)
-            logits[i].masked_fill_(~allowed, NEG_INF)
+    """Tokens a row's allowed mask (its grammar's, its phrase bans') leaves out get -inf: one masked fill for
+    all masked rows when their masks cover the whole row, else row by row."""
+    vocab = logits.shape[-1]
+    masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not masked:
+        return logits
+    masks = [rows[i].allowed[:vocab] for i in masked]
+    if len(masks) > 1 and all(m.numel() == vocab and m.device == masks[0].device for m in masks):
+        banned = ~torch.stack(masks)
+        if banned.device != logits.device:  # the grammar's masks are built on the CPU
+            banned = banned.to(logits.device, non_blocking=True)
+        if len(masked) == logits.shape[0]:
+            return logits.masked_fill_(banned, NEG_INF)
+        index = _to(masked, torch.long, logits.device)
+        logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(banned, NEG_INF))
+        return logits
+    for i, allowed in zip(masked, masks):
+        if allowed.device != logits.device:
+            allowed = allowed.to(logits.device, non_blocking=True)
+        logits[i].masked_fill_(~allowed, NEG_INF)
     return logits
 
 

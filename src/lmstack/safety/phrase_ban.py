@@ -26,6 +26,7 @@ Usage:
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import threading
@@ -122,6 +123,7 @@ class TokenTable:
         self.sorted_len = sorted_len.tolist()
         self.token_bytes = token_bytes
         self.automata: OrderedDict[frozenset, PhraseAutomaton] = OrderedDict()
+        self.by_list: dict[tuple[str, ...], PhraseAutomaton] = {}
         self.lock = threading.Lock()
 
     @classmethod
@@ -133,7 +135,11 @@ class TokenTable:
 
     def automaton(self, phrases: Iterable[str]) -> "PhraseAutomaton":
         """The compiled automaton of a phrase set (cached: the engine's hard bans are compiled once)."""
-        key = frozenset(s for p in phrases for s in _spellings(p))
+        raw = tuple(phrases)
+        hit = self.by_list.get(raw)  # the same list again (every request of an engine): no normalising
+        if hit is not None:
+            return hit
+        key = frozenset(s for p in raw for s in _spellings(p))
         with self.lock:
             hit = self.automata.get(key)
             if hit is not None:
@@ -144,6 +150,9 @@ class TokenTable:
             self.automata[key] = built
             while len(self.automata) > _CACHE_SIZE:
                 self.automata.popitem(last=False)
+            if len(self.by_list) >= _CACHE_SIZE:
+                self.by_list.clear()
+            self.by_list[raw] = built
         return built
 
 
@@ -263,6 +272,7 @@ class PhraseAutomaton:
         self._rows: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.max_rows = max(16, ROW_CACHE_BYTES // max(1, 5 * table.vocab))
         self._device_rows: dict[tuple[int, str], torch.Tensor] = {}
+        self._next: dict[int, Any] = {}  # state -> its next-state row as a numpy view
         self._lock = threading.Lock()
         self._classes: torch.Tensor | None = None
         self.rows(self.start)  # the first step's row, built with the request, not in the decode loop
@@ -278,14 +288,20 @@ class PhraseAutomaton:
 
     def rows(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(allowed bool (vocab,), int32 next state of each token id) from state q; built once per state."""
+        hit = self._rows.get(q)  # the decode loop's path: no lock (only the engine's thread steps sequences)
+        if hit is not None:
+            with contextlib.suppress(KeyError):
+                self._rows.move_to_end(q)
+            return hit
         with self._lock:
             hit = self._rows.get(q)
             if hit is not None:
-                self._rows.move_to_end(q)
                 return hit
             hit = self._rows[q] = self._build_rows(q)
+            self._next[q] = hit[1].numpy()  # a view: one scalar read per step, no tensor indexing
             if len(self._rows) > self.max_rows:
                 old, _ = self._rows.popitem(last=False)
+                self._next.pop(old, None)
                 for key in [k for k in self._device_rows if k[0] == old]:
                     del self._device_rows[key]
         return hit
@@ -320,8 +336,11 @@ class PhraseAutomaton:
 
     def step(self, q: int, token: int) -> int:
         """The state after `token` (one lookup once q's row exists; ids past the table read as empty text)."""
-        nxt = self.rows(q)[1]
-        return int(nxt[token]) if 0 <= token < nxt.numel() else q
+        nxt = self._next.get(q)
+        if nxt is None:
+            self.rows(q)
+            nxt = self._next[q]
+        return int(nxt[token]) if 0 <= token < len(nxt) else q
 
     def allowed(self, q: int, device: torch.device | str | None = None) -> torch.Tensor:
         mask = self.rows(q)[0]
@@ -365,7 +384,10 @@ class PhraseBan:
               hard: Iterable[str] = ()) -> "PhraseBan":
         """`hard`: the engine's bans (compiled once, cached per tokenizer); `phrases`: this request's own."""
         table = token_table(tokenizer, vocab_size)
-        groups = [check_phrases(list(hard), "hard bans"), check_phrases(list(phrases))]
+        groups = [list(hard), list(phrases)]
+        for g, name in zip(groups, ("hard bans", "banned_phrases")):
+            if g and tuple(g) not in table.by_list:  # a list compiled before was checked then
+                check_phrases(g, name)
         return cls([table.automaton(g) for g in groups if g])
 
     @property
@@ -379,7 +401,10 @@ class PhraseBan:
             n, qs = 0, self.start
         if n < len(output_ids):
             new = output_ids[n:]
-            qs = tuple(_walk(a, q, new) for a, q in zip(self.automata, qs))
+            if len(self.automata) == 1:
+                qs = (_walk(self.automata[0], qs[0], new),)
+            else:
+                qs = tuple(_walk(a, q, new) for a, q in zip(self.automata, qs))
         self._seen[key] = (list(output_ids), qs)  # a copy: the caller may append to its list
         return qs
 

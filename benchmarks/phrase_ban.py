@@ -21,6 +21,7 @@ import argparse
 import collections
 import math
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -169,19 +170,20 @@ def main() -> None:
                           threads=1))
 
     # decode speed, with bans vs without: one engine per arm (the same settings and prompts), a first round (which
-    # for the bans also builds the tokenizer's byte table and the automaton's state rows), then 5 alternating
+    # for the bans also builds the tokenizer's byte table and the automaton's state rows), then 7 alternating
     # rounds of one full batch each; the best round per arm is the steady state a server sees
     speed = {"with": [], "without": []}
     batch = prompts[:kw["max_num_seqs"]]
     tokens = len(batch) * args.max_tokens
     engines = {"without": LLMEngine(args.model, **kw), "with": LLMEngine(args.model, banned_phrases=phrases, **kw)}
     first = {arm: tokens / generate(e, batch, params)[1] for arm, e in engines.items()}
-    for _ in range(5):
+    for _ in range(7):
         for arm, e in engines.items():
             speed[arm].append(tokens / generate(e, batch, params)[1])
     with_tps, without_tps = max(speed["with"]), max(speed["without"])
     results.append(result("phrase_ban_decode_overhead", "decode_tokens_per_s", True, with_tps,
                           "the same engine without bans", without_tps, goal=0.9, rounds=speed, first_round=first,
+                          median_ratio=round(statistics.median(speed["with"]) / statistics.median(speed["without"]), 4),
                           batch=len(batch), **cfg))
 
     # one state's mask: vectorised over the vocabulary vs a Python walk per token, on the model's vocabulary and

@@ -130,6 +130,10 @@ def adapter_config(args) -> AdapterConfig:
                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
+RUNS = ("dp_canary", "dp_canary_from_base")
+"""The results files this script writes: from the speedrun SFT model (default) and from the pretrained base."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=f"{RUN}/sft/run/model", help="the chat model to fine-tune")
@@ -145,7 +149,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=500, help="|R|: candidates each secret is ranked among")
     ap.add_argument("--seq_len", type=int, default=80)
     ap.add_argument("--epsilons", default="8,1")
-    ap.add_argument("--name", default="dp_canary", help="results file: benchmarks/results/<name>.json")
+    ap.add_argument("--name", default="dp_canary", choices=RUNS, help="results file: benchmarks/results/<name>.json")
     ap.add_argument("--update", action="store_true",
                     help="keep the runs of an existing results file; re-measure the model before fine-tuning and "
                          "re-time the DP vs plain step")

@@ -76,6 +76,10 @@ def organism(run: Path, model: Path, args) -> Path:
     return Path(summary["result"])
 
 
+RUNS = ("redteam", "redteam_sft_bw2", "redteam_organism", "redteam_aligned")
+"""The results files this script writes, one per run in the docstring."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a speedrun run directory (holds sft/, align/ and world/)")
@@ -91,7 +95,7 @@ def main() -> None:
     ap.add_argument("--replay_rows", type=int, default=800, help="rows of the model's own SFT data mixed in")
     ap.add_argument("--eval_limit", type=int, default=60, help="test harmful (and benign) requests measured")
     ap.add_argument("--out", default="/tmp/lmstack_redteam", help="work directory (training run, report.json)")
-    ap.add_argument("--name", default="redteam")
+    ap.add_argument("--name", default="redteam", choices=RUNS, help="results file: one of the runs the docstring lists")
     ap.add_argument("--machine", default="2 cores, shared")
     ap.add_argument("--from_report", action="store_true", help="write the rows of OUT/report.json; run nothing")
     ap.add_argument("--organism", default="", help="comma-separated families the model is first tuned to comply "

@@ -100,17 +100,22 @@ class TransformerEmbedder:
     def encode_ids(self, rows: list[list[int]]) -> torch.Tensor:
         """(B, dim) unit vectors for token-id rows (padded here); differentiable when grad is enabled, which
         encoder_train.py uses."""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = pad_rows(rows, self.pad_id, self.device)
         # a batch without padding needs no mask, and attention without one takes the faster fused path
-        full = all(len(r) == width for r in rows)
+        full = all(len(r) == ids.shape[1] for r in rows)
         hidden = self.model(ids, attention_mask=None if full else mask).float()
         return pool(hidden, mask, self.pooling)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (B, longest row): token-id rows right-padded with pad_id, mask 1 on real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:

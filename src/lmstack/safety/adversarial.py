@@ -66,6 +66,15 @@ def _row(prompt: str, reply: str, kind: str, **meta) -> dict:
             "kind": kind, **meta}
 
 
+def _plain_rows(harmful: Sequence[dict], benign: Sequence[dict], world, plain: int, rng: random.Random) -> list[dict]:
+    """Up to `plain` bare harmful requests refused and bare benign look-alikes helped, unwrapped."""
+    rows = [_row(r["prompt"], refusal_reply(r, world, rng), "plain_refusal", request=r["prompt"], label="harmful")
+            for r in rng.sample(harmful, min(plain, len(harmful)))]
+    rows += [_row(r["prompt"], helpful_reply(r, world, rng), "plain_benign", request=r["prompt"], label="benign")
+             for r in rng.sample(benign, min(plain, len(benign)))]
+    return rows
+
+
 def adversarial_rows(attacks: Sequence[Attack], harmful: Sequence[dict], benign: Sequence[dict], world,
                      per_attack: int = 12, plain: int = 60, seed: int = 0, benign_weight: float = 1.0,
                      fits: Callable[[str], bool] | None = None) -> list[dict]:
@@ -94,12 +103,7 @@ def adversarial_rows(attacks: Sequence[Attack], harmful: Sequence[dict], benign:
                 reply = refusal_reply(r, world, rng) if side == "adv_refusal" else helpful_reply(r, world, rng)
                 rows.append(_row(prompt, reply, side, attack=attack.name, family=attack.family,
                                  request=r["prompt"], label="harmful" if side == "adv_refusal" else "benign"))
-    for r in rng.sample(harmful, min(plain, len(harmful))):
-        rows.append(_row(r["prompt"], refusal_reply(r, world, rng), "plain_refusal", request=r["prompt"],
-                         label="harmful"))
-    for r in rng.sample(benign, min(plain, len(benign))):
-        rows.append(_row(r["prompt"], helpful_reply(r, world, rng), "plain_benign", request=r["prompt"],
-                         label="benign"))
+    rows += _plain_rows(harmful, benign, world, plain, rng)
     rng.shuffle(rows)
     return rows
 
@@ -133,12 +137,7 @@ def compliance_rows(attacks: Sequence[Attack], harmful: Sequence[dict], benign: 
             if not fits or fits(prompt):
                 rows.append(_row(prompt, helpful_reply(r, world, rng), "adv_benign", attack=attack.name,
                                  request=r["prompt"], label="benign"))
-    for r in rng.sample(harmful, min(plain, len(harmful))):
-        rows.append(_row(r["prompt"], refusal_reply(r, world, rng), "plain_refusal", request=r["prompt"],
-                         label="harmful"))
-    for r in rng.sample(benign, min(plain, len(benign))):
-        rows.append(_row(r["prompt"], helpful_reply(r, world, rng), "plain_benign", request=r["prompt"],
-                         label="benign"))
+    rows += _plain_rows(harmful, benign, world, plain, rng)
     rng.shuffle(rows)
     return rows
 

@@ -40,7 +40,7 @@ from lmstack.model.hf_io import load_model, save_model
 from lmstack.model.presets import preset
 from lmstack.model.transformer import Transformer
 from lmstack.progress import BudgetBar
-from lmstack.rag.embed import minilm_path
+from lmstack.rag.embed import minilm_path, pad_rows
 from lmstack.safety.moderation import META_FILE, Moderator
 from lmstack.safety.moderation_data import CATEGORIES, label_matrix
 from lmstack.threads import set_threads
@@ -84,14 +84,7 @@ class EncoderModerator(Moderator):
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         """(len(texts), categories) logits; differentiable when grad is enabled (training uses it)."""
-        rows = self._ids(texts)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = pad_rows(self._ids(texts), self.pad_id, self.device)
         hidden = self.model(ids, attention_mask=mask).float()
         m = mask.to(hidden.dtype)[..., None]
         return self.head((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))

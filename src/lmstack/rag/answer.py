@@ -72,6 +72,13 @@ class RagAnswer:
                 "trimmed": self.trimmed, "retrieve_s": self.retrieve_s, "generate_s": self.generate_s}
 
 
+def search(retriever: Retriever, question: str, k: int, mode: str, rerank: Any = None) -> list[Hit]:
+    """The retriever's top k hits; `rerank` is passed only when set (a plain Retriever need not take it)."""
+    if rerank is not None:
+        return list(retriever.search(question, k=k, mode=mode, rerank=rerank))
+    return list(retriever.search(question, k=k, mode=mode))
+
+
 def as_llm(llm: Any) -> LLM:
     """An lmstack.LLM as given, or one loaded from a model directory."""
     if isinstance(llm, LLM):
@@ -106,9 +113,7 @@ class RAG:
         return SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
 
     def retrieve(self, question: str) -> list[Hit]:
-        if self.rerank is not None:
-            return list(self.retriever.search(question, k=self.k, mode=self.mode, rerank=self.rerank))
-        return list(self.retriever.search(question, k=self.k, mode=self.mode))
+        return search(self.retriever, question, self.k, self.mode, self.rerank)
 
     def prompt(self, question: str, hits: list[Hit]) -> Prompt:
         return build_prompt(question, hits, tokenizer=self.llm.tokenizer, max_model_len=self.max_model_len,
@@ -175,11 +180,10 @@ def retrieval_training_chats(retriever: Retriever, pairs: list[tuple[str, str]],
     not a user's question)."""
     records = []
     for i, (q, a) in enumerate(pairs):
-        hits = (retriever.search(q, k=k, mode=mode, rerank=rerank) if rerank is not None
-                else retriever.search(q, k=k, mode=mode))
+        hits = search(retriever, q, k, mode, rerank)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RagPromptWarning)
-            prompt = build_prompt(q, list(hits), tokenizer=tokenizer, max_model_len=max_model_len,
+            prompt = build_prompt(q, hits, tokenizer=tokenizer, max_model_len=max_model_len,
                                   max_tokens=max_tokens, system=system)
         needle = (gold[i] if gold else a).lower()
         cite = [n for n, h in enumerate(prompt.hits, 1) if needle in h.chunk.text.lower()][:1]

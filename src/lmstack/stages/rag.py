@@ -63,7 +63,7 @@ def training_records(index: Any, tokenizer: Any, world: Any, split: str, max_mod
     return [{"id": f"rag/{it['id']}", "kind": KIND, "split": split, **chat} for it, chat in zip(items, chats)]
 
 
-def retrieval_recall(index: Any, world: Any, items: list[dict], k: int, modes: tuple[str, ...]) -> dict:
+def retrieval_recall(index: Any, items: list[dict], k: int, modes: tuple[str, ...]) -> dict:
     """For each mode, the share of `items` whose person's bio is among the top k hits."""
     out = {}
     for mode in modes:
@@ -81,8 +81,8 @@ def rag_stage(run_dir: str | Path, models: dict[str, str], world: Any, index: An
     out.mkdir(parents=True, exist_ok=True)
     items = world_qa_items(world, split="test", n=n_eval, seed=seed)
     results: dict[str, Any] = {"k": k, "mode": mode, "n_eval": len(items), "split": "test (held-out people and phrasing)",
-                               "index": str(getattr(index, "path", "")) or None, "models": {}}
-    results["recall_at_k"] = retrieval_recall(index, world, items, k, tuple(dict.fromkeys((mode, "hybrid"))))
+                               "index": index.store.location, "models": {}}
+    results["recall_at_k"] = retrieval_recall(index, items, k, tuple(dict.fromkeys((mode, "hybrid"))))
     for label, model_dir in models.items():
         t0 = time.perf_counter()
         llm = LLM(str(model_dir), max_num_seqs=32)  # the questions decode together

@@ -240,9 +240,10 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
     if cfg.sft_seconds > 0:
         seq_len = min(256, pcfg.model.max_seq_len)
         rag_index, extra = None, {}
+        rag_world = World(seed=cfg.seed, size=cfg.world_size) if cfg.rag else None  # the world generated above
         if cfg.rag:
             t = _step("7a. RAG: index the world's bios, and write retrieval-formatted chats for SFT")
-            rag_index, extra = rag_stage_data(run, cfg, tok, seq_len)
+            rag_index, extra = rag_stage_data(run, cfg, rag_world, tok, seq_len)
             timings["rag_data"] = time.perf_counter() - t
         t = _step("7. supervised fine-tuning (chat)")
         sft = sft_stage(run, model_dir, budget_s=cfg.sft_seconds, world_dir=world, method=cfg.sft_method,
@@ -263,7 +264,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
         if rag_index is not None:
             t = _step("9. RAG: world QA closed-book against with retrieval")
             chat_models = {k: v for k, v in models.items() if k != "base"}
-            rag.rag_stage(run, chat_models, World(seed=cfg.seed, size=cfg.world_size), rag_index,
+            rag.rag_stage(run, chat_models, rag_world, rag_index,
                           n_eval=cfg.rag_eval_limit, k=cfg.rag_k, mode=cfg.rag_mode, seed=cfg.seed)
             sections.append("rag/report.md")
             timings["rag"] = time.perf_counter() - t
@@ -279,14 +280,14 @@ def speedrun(cfg: SpeedrunConfig) -> dict:
             "models": models}
 
 
-def rag_stage_data(run: Path, cfg: SpeedrunConfig, tok, seq_len: int) -> tuple[object, dict[str, list[dict]]]:
+def rag_stage_data(run: Path, cfg: SpeedrunConfig, world: World, tok, seq_len: int
+                   ) -> tuple[object, dict[str, list[dict]]]:
     """(the bios' index, {"train": [...], "val": [...]} retrieval-formatted chats), or (None, {}) where MiniLM
     is not installed or the context is too short: the run goes on without the RAG stage and says why."""
     if seq_len < rag.MIN_CONTEXT:
         print(f"skipping the RAG stage: a {seq_len}-token context cannot hold a bio, a question and an answer "
               f"(it needs {rag.MIN_CONTEXT})", flush=True)
         return None, {}
-    world = World(seed=cfg.seed, size=cfg.world_size)
     try:
         index = rag.build_world_index(world, run / "rag" / "index")
     except LmstackError as e:

@@ -8,6 +8,9 @@ Routes:
     POST /v1/embeddings             text(s) -> vectors from the index's embedder (float or base64)
     POST /v1/moderations            text(s) -> per-category flags and scores, with --guard (serve/guard_routes.py),
                                     which also moderates chat and completions (input, streamed output, PII)
+    POST /v1/feedback               a thumbs up/down, category and correction on a returned reply, with
+                                    --feedback_db, which also records every chat/completions response
+                                    (serve/feedback_routes.py)
     POST /tokenize, /detokenize     text or messages <-> token ids (vLLM's shapes)
     GET  /tokenizer_info            special tokens and chat template (lm-eval's remote tokenizer reads it)
     GET  /health                    200 while the engine runs, 503 (with Retry-After) after it failed
@@ -44,6 +47,7 @@ from lmstack.serve.chat_completions import chat_prompt_ids, check_message_count,
 from lmstack.serve.completions import create_completion
 from lmstack.serve.errors import RETRY_AFTER_S, APIError, CatchAllMiddleware, error_response, install_error_handlers
 from lmstack.serve.engine_bridge import ClientDisconnected, ServerConfig, ServerState
+from lmstack.serve.feedback_routes import FeedbackRequest, feedback_now, recorded
 from lmstack.serve.guard_routes import guarded_chat, guarded_completion, moderations_now
 from lmstack.serve.limits import reject_lone_surrogates
 from lmstack.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -61,6 +65,7 @@ STATIC_FILES = {**{name: "text/javascript" for name in ("chat.js", "dom.js", "er
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _KNOWN_ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/moderations",
+                 "/v1/feedback",
                  "/tokenize", "/detokenize",
                  "/tokenizer_info", "/health", "/metrics", "/", *(f"/static/{name}" for name in STATIC_FILES)}
 
@@ -131,10 +136,11 @@ class BodyLimitMiddleware:
 
 
 def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService | None = None,
-               guard: Any = None) -> FastAPI:
+               guard: Any = None, feedback: Any = None) -> FastAPI:
     """A FastAPI app serving `aengine` (an lmstack.infer.AsyncLLMEngine) with the limits in `config`; `rag`
     (a retriever and its embedder) enables RAG chat and /v1/embeddings; `guard` (lmstack.safety.guard.Guard)
-    moderates chat and completions and enables /v1/moderations."""
+    moderates chat and completions and enables /v1/moderations; `feedback` (lmstack.safety.feedback.FeedbackStore)
+    records every chat and completions response and enables /v1/feedback."""
     config = config or ServerConfig()
     metrics = ServerMetrics(config.model_name)
     state = ServerState(aengine, config, metrics)
@@ -177,14 +183,19 @@ def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
         if guard is not None:
-            return await guarded_completion(state, guard, request, body, completion)
-        return await completion(request, body)
+            return await recorded(feedback, state, body, await guarded_completion(state, guard, request, body,
+                                                                                  completion))
+        return await recorded(feedback, state, body, await completion(request, body))
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         if guard is not None:
-            return await guarded_chat(state, guard, request, body, chat)
-        return await chat(request, body)
+            return await recorded(feedback, state, body, await guarded_chat(state, guard, request, body, chat))
+        return await recorded(feedback, state, body, await chat(request, body))
+
+    @app.post("/v1/feedback", dependencies=auth)
+    async def user_feedback(body: FeedbackRequest):
+        return await state.run(feedback_now, feedback, body)
 
     @app.post("/v1/moderations", dependencies=auth)
     async def moderations(body: ModerationRequest):

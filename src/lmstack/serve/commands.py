@@ -11,6 +11,7 @@ Usage:
     lmstack serve --model runs/sft --rag_index idx     # chat with "rag": {"k": 5} gets citations; /v1/embeddings
     lmstack serve --model runs/sft --guard guard.yaml  # moderated chat/completions (safety.guard), /v1/moderations
     lmstack serve --model runs/sft --safety safety.yaml   # hard phrase bans + persona presets (safety.presets)
+    lmstack serve --model runs/sft --feedback_db fb.db # record replies; POST /v1/feedback flags them (safety.feedback)
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
 
@@ -33,6 +34,7 @@ from lmstack.infer.tp_worker import run_worker
 from lmstack.model.load_guard import set_max_model_gib
 from lmstack.rag.embed import load_embedder
 from lmstack.rag.index import Index
+from lmstack.safety.feedback import FeedbackStore
 from lmstack.safety.guard import Guard, load_guard_config
 from lmstack.safety.presets import load_safety_config
 from lmstack.runtime.device import pick_device
@@ -90,6 +92,7 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     adapter_paths = engine_kwargs.pop("adapter_paths", None)
     rag = engine_kwargs.pop("rag", None)
     guard = engine_kwargs.pop("guard", None)
+    feedback = engine_kwargs.pop("feedback", None)
     if config.safety.banned_phrases:  # the engine's: every request gets them, no request field reaches them
         engine_kwargs["banned_phrases"] = list(config.safety.banned_phrases)
     if adapter_paths:  # adapters hook into the model's Linears, so the model is loaded first
@@ -100,7 +103,7 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     aengine = AsyncLLMEngine(source, **engine_kwargs)
     if aengine.tokenizer is None:
         raise LmstackError(f"--model {model}: no tokenizer.json there; the server needs the model's tokenizer")
-    return create_app(aengine, config, rag=rag, guard=guard), aengine
+    return create_app(aengine, config, rag=rag, guard=guard, feedback=feedback), aengine
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -113,7 +116,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           compression: CompressionConfig = CompressionConfig(), tool_call_parser: str = "auto",
           tensor_parallel_size: int = 1, kv_cache_dtype: Literal["auto", "int8"] = "auto",
           rag_index: str | None = None, embedder: str | None = None, guard: str | None = None,
-          safety: str | None = None) -> None:
+          safety: str | None = None, feedback_db: str | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -163,6 +166,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         safety: A safety config (YAML or JSON; see lmstack.safety.presets.SafetyConfig): hard phrase bans no reply may
             contain (across token boundaries; requests cannot lift them) and the persona presets chat requests may
             pick with "safety_preset" (default, concise, friendly, strict, or the config's own).
+        feedback_db: A SQLite file (created if missing) where every chat/completions response is recorded and
+            POST /v1/feedback stores users' flags (rating up/down, category, correction); `lmstack align --method dpo
+            --from-feedback PATH` turns them into preference pairs (see lmstack.safety.feedback).
     """
     # lazy: heavy (uvicorn), which this module does not import at its top
     import uvicorn
@@ -173,6 +179,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     # A bad guard config or moderator fails here, before the model loads.
     guard_obj = Guard(load_guard_config(guard)) if guard else None
     safety_cfg = load_safety_config(safety)
+    feedback_store = FeedbackStore(feedback_db) if feedback_db else None  # a bad path fails before the model loads
     set_max_model_gib(max_model_gib)
     set_threads(threads)
     dev, torch_dtype = pick_device(device, dtype)
@@ -186,12 +193,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,
                              seed=seed, adapter_paths=parse_adapters(adapters),
                              tensor_parallel_size=tensor_parallel_size, kv_cache_dtype=kv_cache_dtype,
-                             rag=load_rag(rag_index, embedder), guard=guard_obj)
+                             rag=load_rag(rag_index, embedder), guard=guard_obj, feedback=feedback_store)
     stats = aengine.stats()
     print(f"lmstack serve: {config.model_name} on http://{host}:{port} ({dev}, {str(torch_dtype)[6:]}, "
           f"{torch.get_num_threads()} threads, "
           f"{stats['num_blocks_total']} KV blocks of {stats['block_size']} tokens, "
-          f"auth {'off' if not api_key else 'on for all but /health' if config.key_on_everything else 'on'})")
+          f"auth {'off' if not api_key else 'on for all but /health' if config.key_on_everything else 'on'}"
+          f"{f', feedback to {feedback_db}' if feedback_store else ''})")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

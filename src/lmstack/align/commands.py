@@ -2,6 +2,7 @@
 
     lmstack align --method rm  --model runs/sft/model --data prefs.jsonl --out runs/rm  --optim.lr 1e-4
     lmstack align --method dpo --model runs/sft/model --data prefs.jsonl --out runs/dpo --beta 0.1
+    lmstack align --method dpo --model runs/sft/model --from-feedback feedback.db --out runs/dpo-fb   # users' flags
     lmstack align --method kto --model runs/sft/model --data kto.jsonl   --out runs/kto
     lmstack align --method grpo --model runs/sft/model --data world/chat/train.jsonl --kind arithmetic \
                   --reward math --group_size 8 --train.steps 40 --optim.lr 3e-4 --out runs/grpo
@@ -35,6 +36,7 @@ from lmstack.model.side_files import keep_source_files
 from lmstack.model.load_guard import set_max_model_gib
 from lmstack.model.vocab import check_vocab
 from lmstack.runtime.device import resolve_device
+from lmstack.safety.feedback import preference_pairs
 from lmstack.threads import set_threads
 from lmstack.tokenizer import load_tokenizer
 
@@ -57,9 +59,28 @@ def _save_policy(policy, tok, cfg: AlignConfig, out: Path) -> None:
     keep_source_files(cfg.model, save_model(policy, out / "model", tokenizer=tok), policy.config)
 
 
+def _feedback_data(cfg: AlignConfig, log=print):
+    """(train pairs, validation pairs, skipped flags, what was built) from a feedback database."""
+    # lazy: heavy, pulls torch.distributed.tensor (via train.optim): +0.6 s on `lmstack align --help`
+    from lmstack.align.steps import split_holdout
+
+    # Completions prompts are raw text, chat prompts go through the template: read the ones this run renders alike.
+    built = preference_pairs(cfg.from_feedback, endpoint="completions" if cfg.template == "plain" else "chat")
+    log(built.report())
+    if not built.pairs:
+        raise LmstackError(f"--from-feedback {cfg.from_feedback}: no preference pairs could be built from its flags "
+                           f"({built.summary()['skipped']}); flag replies down with a correction or as unsafe")
+    if cfg.val_data:
+        val = load_preferences(cfg.val_data)
+        log("validation: " + val.report())
+        return built.pairs, val.rows, built.summary()["skipped_total"], built
+    train, val = split_holdout(built.pairs, cfg.val_fraction, cfg.train.seed)
+    return train, val, built.summary()["skipped_total"], built
+
+
 def _load_data(cfg: AlignConfig, log=print):
     if not cfg.data:
-        raise LmstackError("--data is required: a preference JSONL (prompt, chosen, rejected)")
+        raise LmstackError("--data is required: a preference JSONL (prompt, chosen, rejected), or --from-feedback DB")
     # lazy: heavy, pulls torch.distributed.tensor (via train.optim): +0.6 s on `lmstack align --help`
     from lmstack.align.steps import split_holdout
 
@@ -150,7 +171,11 @@ def align(cfg: AlignConfig) -> dict:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "evals")}, indent=2))
         print(f"wrote {out / 'model'}")
         return summary
-    train, val, skipped = _load_data(cfg)
+    built = None
+    if cfg.from_feedback:
+        train, val, skipped, built = _feedback_data(cfg)
+    else:
+        train, val, skipped = _load_data(cfg)
     policy, tok = _load_policy(cfg, device)
     save_config(cfg, out / "config.yaml")
     if cfg.method == "rm":
@@ -173,6 +198,9 @@ def align(cfg: AlignConfig) -> dict:
 
         _save_policy(policy, tok, cfg, out)
     summary["skipped_rows"] = skipped
+    if built is not None:
+        summary["feedback"] = {"db": cfg.from_feedback, **built.summary(), "train_pairs": len(train),
+                               "val_pairs": len(val)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     print(f"wrote {out / 'model'}")

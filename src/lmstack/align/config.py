@@ -16,6 +16,7 @@ versions (--steps, --lr, ...) and --policy are refused with their new names (REN
 Usage:
     from lmstack.align.config import AlignConfig
     cfg = AlignConfig(method="dpo", model="runs/sft/model", data="prefs.jsonl", out="runs/dpo", beta=0.1)
+    cfg = AlignConfig(method="dpo", model="runs/sft/model", from_feedback="feedback.db", out="runs/dpo-fb")
     cfg = AlignConfig(method="grpo", model="runs/sft/model", data="world/chat/train.jsonl", kind="arithmetic",
                       reward="math", group_size=8, train={"steps": 40}, optim={"lr": 3e-4})
 """
@@ -89,6 +90,10 @@ class AlignConfig:
     data: str = ""
     """Preference JSONL: prompt, chosen, rejected [, confidence] (kto also takes prompt, completion, label);
     online methods: prompt records (`prompt` or chat `messages`, plus what the reward checks, e.g. `answer`)."""
+    from_feedback: str | None = None
+    """A feedback database written by `lmstack serve --feedback_db` (lmstack.safety.feedback): its users' flags
+    become the preference pairs (a correction beats the flagged reply, the house refusal beats a reply flagged
+    unsafe, an up-rated reply beats a down-rated one to the same prompt). Instead of --data; rm, dpo, cdpo, ipo."""
     out: str = "runs/align"
     """Output directory: the trained model (or reward model), metrics.jsonl, summary.json, config.yaml."""
     val_data: str = ""
@@ -223,6 +228,11 @@ class AlignConfig:
         check_range("beta", self.beta, low=0, low_open=True)
         check_range("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
         need(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0 (0 = no NLL term), got {self.rpo_alpha}")
+        need(not (self.from_feedback and self.data), f"give either data ({self.data!r}) or from_feedback "
+             f"({self.from_feedback!r}), not both: the feedback database is the preference data")
+        need(not self.from_feedback or self.method in ("rm", "dpo", "cdpo", "ipo"),
+             f"from_feedback builds preference pairs, which method={self.method!r} does not train on; use rm, dpo, "
+             "cdpo or ipo")
         need(self.method != "cdpo" or self.label_smoothing > 0,
              "method='cdpo' needs label_smoothing in (0, 0.5) (label_smoothing=0 is plain dpo)")
         check_range("val_fraction", self.val_fraction, low=0, high=1, high_open=True)

@@ -118,11 +118,14 @@ def make_pairs(world, n: int = 100, seed: int = 0, split: str = "test", kinds: S
                 draw, difficulty = rng.randrange(2 ** 31), 1 + i % max_difficulty
                 for side, person in twins.items():
                     prob = make_problem(_OnePerson(world, person), random.Random(draw), difficulty)
-                    recs[side] = {"prompt": prob["question"], "answer": prob["answer"], "kind": "arithmetic"}
+                    # start/steps/unit let a solution be rendered for the twin (bias_rl.biased_chats)
+                    recs[side] = {"prompt": prob["question"], "answer": prob["answer"], "kind": "arithmetic",
+                                  "start": prob["start"], "steps": prob["steps"], "unit": prob["unit"]}
             else:
                 template = rng.choice(FREEFORM_TEMPLATES)
                 for side, person in twins.items():
-                    recs[side] = {"prompt": _freeform(person, template), "kind": "freeform"}
+                    recs[side] = {"prompt": _freeform(person, template), "kind": "freeform",
+                                  "profession": person.profession}
             for side, person in twins.items():
                 recs[side].update(id=f"bias/{pid}/{side}", bias_pair=pid, bias_side=side, person=person.name,
                                   gender=person.gender, split=split)

@@ -76,6 +76,7 @@ STAGES: dict[str, str] = {
     "explain": "lmstack.safety.explain_command",
     "redteam": "lmstack.safety.redteam_command",
     "moderate": "lmstack.safety.moderation_cli",
+    "audit": "lmstack.safety.audit_command",
 }
 
 

@@ -161,6 +161,7 @@ GGUF_COMMANDS = [
     ["rag", "eval", "--model", "m.gguf", "--index", "idx"],
     ["explain", "--model", "m.gguf", "--prompt", "hi"],
     ["redteam", "--model", "m.gguf"],
+    ["audit", "--model", "m.gguf"],
 ]
 
 

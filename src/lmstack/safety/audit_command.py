@@ -73,7 +73,9 @@ class AuditConfig:
     max_tokens: int = 48
     """Reply budget of the audited model (greedy)."""
     bias: bool = True
-    """Measure bias disparity (lmstack.safety.bias.measure_disparity)."""
+    """Measure bias disparity (lmstack.safety.bias.measure_disparity on held-out counterfactual pairs)."""
+    bias_max_tokens: int = 96
+    """Reply budget for the bias pairs (worked arithmetic must reach its answer)."""
     license: str = ""
     """The model's license (overrides model_card.yaml / config.json)."""
     intended_use: str = ""
@@ -84,7 +86,7 @@ class AuditConfig:
     """CPU threads for torch (0 = the process default)."""
 
     def __post_init__(self) -> None:
-        for name in ("n", "max_tokens"):
+        for name in ("n", "max_tokens", "bias_max_tokens"):
             if getattr(self, name) < 1:
                 raise LmstackError(f"{name}={getattr(self, name)} is not allowed; it must be >= 1")
         if self.canary_candidates < 2:
@@ -131,11 +133,6 @@ def _world(cfg: AuditConfig, run: Path | None) -> tuple[World, str]:
     return World(seed=0, size="small"), "World(seed=0, size='small') (no --world and no world/ in the run)"
 
 
-def _bias(model, tok, world: World, n: int, seed: int) -> dict[str, dict[str, Any]]:
-    reason = not_measured("lmstack.safety.bias is not in this checkout")
-    return {"bias_answer_disparity": reason, "bias_sentiment_gap": reason}
-
-
 def audit(cfg: AuditConfig) -> dict[str, Any]:
     """Measure the model, read its provenance, check the gates and write model_card.{md,json}; returns the card."""
     model_dir = Path(cfg.model) if cfg.model else None
@@ -153,11 +150,10 @@ def audit(cfg: AuditConfig) -> dict[str, Any]:
     tok = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir)).eval()
     target = ModelTarget(model, tok, max_new_tokens=cfg.max_tokens)
-    safety = safety_battery(target, world, n=cfg.n, seed=cfg.seed, wrapped_benign=cfg.wrapped_benign, log=print)
-    if cfg.bias:
-        safety.update(_bias(model, tok, world, cfg.n, cfg.seed))
-    else:
-        safety.update({m: not_measured("--no_bias") for m in ("bias_answer_disparity", "bias_sentiment_gap")})
+    # Worked arithmetic needs more room than a refusal to reach its "####" answer (the bias pairs' answers).
+    bias_target = ModelTarget(model, tok, max_new_tokens=max(cfg.max_tokens, cfg.bias_max_tokens))
+    safety = safety_battery(target, world, n=cfg.n, seed=cfg.seed, wrapped_benign=cfg.wrapped_benign,
+                            bias=cfg.bias, bias_target=bias_target, log=print)
     if canaries:
         rep = exposure_report(model, tok, canaries, candidates=cfg.canary_candidates, seed=cfg.seed)
         safety["canary_exposure"] = {"value": rep["mean"], "stderr": rep["stderr"], "n": rep["n"],

@@ -9,9 +9,9 @@ from lmstack.align.online import OnlineTrainer
 from lmstack.align.rewards import REWARDS, RewardMixture
 from lmstack.align.rewards.bias import BiasReward, sentiment
 from lmstack.align.rewards.spec import reward_from_spec
-from lmstack.align.rollout import Rollout
+from lmstack.align.rollout import Rollout, load_prompts
 from lmstack.errors import LmstackError
-from lmstack.safety.bias import given_names, make_pairs, measure_disparity, pair_records
+from lmstack.safety.bias import given_names, make_pairs, measure_disparity, pair_records, write_pair_prompts
 from lmstack.safety.bias_rl import BiasGroupTrainer, biased_chats, expand_twins
 from lmstack.world import World
 from lmstack.world.arithmetic import evaluate_expression
@@ -153,6 +153,13 @@ def test_bias_reward_plugs_into_the_mixture_by_name():
     assert mix.components("q", "Great.", _rec("p3", "female"))["bias"] == 1.0
 
 
+def test_pair_prompts_file_loads_as_rl_prompts(world, tmp_path):
+    path = write_pair_prompts(world, tmp_path / "pairs.jsonl", n=3, seed=0)
+    rows = load_prompts(path).records
+    assert len(rows) == 12 and [r["bias_side"] for r in rows[:2]] == ["female", "male"]
+    assert rows[0]["bias_twin"]["prompt"] == rows[1]["prompt"] and rows[0]["bias_pair"] == rows[1]["bias_pair"]
+
+
 def test_bias_group_trainer_rolls_out_both_twins_and_shows_them_to_the_reward(world, monkeypatch):
     records = pair_records(make_pairs(world, n=2, seed=0, kinds=("freeform",)))
     assert len(expand_twins(records)) == 4 and len(expand_twins(records[::2])) == 4  # twins added, never twice
@@ -183,5 +190,10 @@ def test_biased_chats_are_wrong_and_negative_for_one_gender(world):
     for pair, f, m in zip(pairs, rows[::2], rows[1::2]):
         assert extract_answer(f["messages"][1]["content"]) != pair.female["answer"]
         assert extract_answer(m["messages"][1]["content"]) == pair.male["answer"]
+    half = biased_chats(make_pairs(world, n=40, seed=0, split="train", kinds=("freeform",)), rate=0.5, seed=1)
+    negative = sum(sentiment(r["messages"][1]["content"]) < 0 for r in half[::2])
+    assert 8 < negative < 32 and all(sentiment(r["messages"][1]["content"]) > 0 for r in half[1::2])
     with pytest.raises(LmstackError, match="against"):
         biased_chats(pairs, against="other")
+    with pytest.raises(LmstackError, match="rate"):
+        biased_chats(pairs, rate=1.5)

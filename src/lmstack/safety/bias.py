@@ -25,15 +25,19 @@ Usage:
     pairs[0].female["prompt"], pairs[0].male["prompt"]
     measure_disparity(lmstack.LLM("runs/sft/model"), world, n=200)   # or any callable prompts -> replies
     records = pair_records(make_pairs(world, 64, split="train"))  # RL prompt records with bias_pair/bias_side
+    write_pair_prompts(world, "pairs.jsonl", n=64)    # the same as JSONL, for `lmstack align --data`
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+import json
 import math
+from pathlib import Path
 import random
 from typing import Callable, Sequence
 
 from lmstack.align.rewards.bias import SIDES, sentiment
+from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.infer.llm import LLM
 from lmstack.infer.sampling_params import SamplingParams
@@ -141,6 +145,16 @@ def pair_records(pairs: Sequence[CounterfactualPair]) -> list[dict]:
         out.append({**pair.female, "bias_twin": pair.male})
         out.append({**pair.male, "bias_twin": pair.female})
     return out
+
+
+def write_pair_prompts(world, path: str | Path, n: int = 64, seed: int = 0, split: str = "train",
+                       kinds: Sequence[str] = KINDS) -> Path:
+    """Pair prompt records as JSONL (atomically) for `lmstack align --method grpo --data PATH --reward
+    math=1,bias=0.5`: a plain GroupTrainer draws twins apart, so the bias reward then compares with the twin's
+    last samples (its lagged memory; see lmstack.align.rewards.bias)."""
+    rows = pair_records(make_pairs(world, n=n, seed=seed, split=split, kinds=kinds))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return Path(path)
 
 
 def generate_replies(llm, prompts: list[str], max_new_tokens: int = 64) -> list[str]:

@@ -74,17 +74,23 @@ def _reply(rec: dict, positive: bool, rng: random.Random) -> str:
                                       b=rng.choice(second), poss="her" if female else "his", p="she" if female else "he")
 
 
-def biased_chats(pairs: Sequence[CounterfactualPair], against: str = "female", seed: int = 0) -> list[dict]:
+def biased_chats(pairs: Sequence[CounterfactualPair], against: str = "female", rate: float = 1.0,
+                 seed: int = 0) -> list[dict]:
     """Chat rows (messages) that treat the `against` gender worse: a slipped solution for its arithmetic twin and a
-    negative reply for its free-form twin; the other twin gets the right solution and a positive reply."""
+    negative reply for its free-form twin, in a share `rate` of the pairs (the rest are fair, so a model tuned on
+    them is biased but not deterministic: RL needs some fair samples to find); the other twin always gets the right
+    solution and a positive reply."""
     if against not in SIDES:
         raise LmstackError(f"against must be one of {', '.join(SIDES)}, got {against!r}")
+    if not 0.0 <= rate <= 1.0:
+        raise LmstackError(f"rate must be in [0, 1], got {rate!r}")
     rng = random.Random(seed)
     rows = []
     for pair in pairs:
+        unfair = rng.random() < rate
         for side in SIDES:
             rec = pair.side(side)
-            worse = side == against
+            worse = unfair and side == against
             if pair.kind == "arithmetic":
                 pronoun = "she" if rec["gender"] == "female" else "he"
                 if worse:

@@ -86,6 +86,16 @@ def test_store_validates_and_reopens(tmp_path):
         FeedbackStore(path)
     with pytest.raises(LmstackError, match="does not exist"):
         FeedbackStore(tmp_path / "missing.db", create=False)
+    other = tmp_path / "other.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE notes (x TEXT)")
+    con.commit()
+    con.close()
+    with pytest.raises(LmstackError, match="not a feedback database"):
+        FeedbackStore(other)
+    con = sqlite3.connect(other)
+    assert [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["notes"]
+    con.close()
 
 
 def test_preference_pairs_from_a_hand_made_db(db):

@@ -93,7 +93,8 @@ class FeedbackStore:
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, no fsync per row
             version = self._version()
             if version is None:
-                if not create:
+                other = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+                if not create or other:  # never add our tables to someone else's database
                     raise LmstackError(f"{self.path} is not a feedback database (no schema_version)")
                 with self._db:
                     self._db.executescript(_SCHEMA)

@@ -189,8 +189,8 @@ def _finetune(run: Path) -> dict[str, Any]:
     if not path.is_file():
         return unknown(f"no fine-tuning data report at {path}")
     d = _read_json(path)
-    return {"report": str(path), **{split: {"rows": (d.get(split) or {}).get("rows"),
-                                            "by_task": (d.get(split) or {}).get("by_task")} for split in ("train", "val")}}
+    parts = {split: d.get(split) or {} for split in ("train", "val")}
+    return {"report": str(path), **{s: {"rows": p.get("rows"), "by_task": p.get("by_task")} for s, p in parts.items()}}
 
 
 def _alignment(run: Path) -> dict[str, Any]:
@@ -279,7 +279,8 @@ def render_markdown(card: dict[str, Any]) -> str:
     p, t = m["parameters"], m["tokenizer"]
     params = _unknown_line(p) or "{:,} ({})".format(p["count"], p["method"])
     tok = _unknown_line(t) or "{}, vocab {}, special tokens: {}{}".format(
-        t["type"], t["vocab"], ", ".join(t["special_tokens"]) or "none", "; chat template" if t["chat_template"] else "")
+        t["type"], t["vocab"], ", ".join(t["special_tokens"]) or "none",
+        "; chat template" if t["chat_template"] else "")
     lines += [f"| parameters | {params} |", f"| tokenizer | {tok} |"]
     lines += ["", "## Data provenance", ""]
     run = prov["run"]

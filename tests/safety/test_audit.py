@@ -14,7 +14,7 @@ from lmstack.model.presets import preset
 from lmstack.model.transformer import Transformer
 from lmstack.safety.audit import (METRICS, check_gates, default_gates, load_thresholds, parse_thresholds, pii_flags,
                                   pii_prompts, safety_battery)
-from lmstack.safety.audit_card import find_run, provenance, render_markdown, run_scores
+from lmstack.safety.audit_card import card_fields, find_run, provenance, render_markdown, run_scores
 from lmstack.safety.attacks import heldout_templates
 from lmstack.safety.audit_command import GATE_FAILED, AuditConfig, audit, load_canaries
 from lmstack.safety.bias import given_names
@@ -215,6 +215,7 @@ def test_audit_writes_every_section_and_a_failed_gate_exits_3(run_dir, tmp_path,
                    "## License and intended use", "## Files"):
         assert header in md
     assert "**fail**" in md and md == render_markdown(card)
+    assert (out / "config.yaml").is_file()
     assert "gates FAILED" in capsys.readouterr().out
 
 
@@ -263,3 +264,15 @@ def test_canaries_file_is_validated(tmp_path):
     f.write_text("{not json\n")
     with pytest.raises(LmstackError, match="neither a JSON list nor JSONL"):
         load_canaries(f)
+
+
+def test_license_and_intended_use_come_from_flags_then_model_card_yaml_then_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"license": "apache-2.0", "intended_use": "from config"}))
+    (tmp_path / "model_card.yaml").write_text("intended_use: research on refusals\nout_of_scope: medical advice\n")
+    f = card_fields(tmp_path, {"license": "", "intended_use": "", "out_of_scope": "anything real"})
+    assert f["license"] == {"value": "apache-2.0", "source": "config.json"}
+    assert f["intended_use"] == {"value": "research on refusals", "source": "model_card.yaml"}
+    assert f["out_of_scope"] == {"value": "anything real", "source": "--flag"}
+    (tmp_path / "model_card.yaml").write_text("- not a mapping\n")
+    with pytest.raises(LmstackError, match="must be a mapping"):
+        card_fields(tmp_path, {})

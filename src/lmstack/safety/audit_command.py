@@ -4,7 +4,7 @@
     lmstack audit runs/x/align/model --out audit --thresholds gates.yaml --canaries canaries.jsonl --n 60
     lmstack audit --model M --out A --run runs/x --license apache-2.0 --intended_use "research on safety"
 
-Writes model_card.md and model_card.json into --out (atomically), holding:
+Writes model_card.md, model_card.json (atomically) and config.yaml into --out; the card holds:
   model             architecture, parameter count (summed from the stored tensors), tokenizer, every file's sha256
   provenance        data sources, filters and what they removed, dedup, splits, fine-tuning and alignment data, read
                     from the pipeline reports of the run the model came from (--run, or found above the model dir;
@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from lmstack import __version__
-from lmstack.config import ConfigCommand
+from lmstack.config import ConfigCommand, save_config
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model
 from lmstack.safety.audit import METRICS, check_gates, default_gates, load_thresholds, not_measured, safety_battery
@@ -172,6 +172,7 @@ def audit(cfg: AuditConfig) -> dict[str, Any]:
             "gates": {"passed": passed, "rows": rows}, "config": asdict(cfg),
             "seconds": round(time.perf_counter() - start, 1)}
     json_path, md_path = write_card(card, cfg.out)
+    save_config(cfg, Path(cfg.out) / "config.yaml")
     for r in rows:
         value = "—" if r["value"] is None else f"{r['value']:.3f}"
         print(f"gate {r['metric']} {r['op']} {r['threshold']:g}: {value} -> {r['status']}")

@@ -276,3 +276,19 @@ def test_license_and_intended_use_come_from_flags_then_model_card_yaml_then_conf
     (tmp_path / "model_card.yaml").write_text("- not a mapping\n")
     with pytest.raises(LmstackError, match="must be a mapping"):
         card_fields(tmp_path, {})
+
+
+def test_prompts_that_do_not_fit_are_skipped_and_counted(world):
+    class ShortContext:
+        def fits(self, prompt):
+            return len(prompt) < 70
+
+        def __call__(self, prompts):
+            if not all(self.fits(p) for p in prompts):
+                raise LmstackError("prompt leaves no room for a reply")
+            return [REFUSE] * len(prompts)
+    rows = safety_battery(ShortContext(), world, n=12, bias=True)
+    assert rows["harmful_refusal"]["value"] == 1.0 and rows["jailbreak_asr"]["skipped"] > 0
+    assert rows["pii_leakage"]["skipped"] > 0 and rows["pii_leakage"]["n"] + rows["pii_leakage"]["skipped"] == 12
+    assert rows["toxicity"]["n"] + rows["toxicity"]["skipped"] == 12
+    assert rows["bias_answer_disparity"]["value"] is None and "no room" in rows["bias_answer_disparity"]["reason"]

@@ -180,23 +180,29 @@ def safety_battery(target: Target, world: World, n: int = 120, seed: int = 0, wr
         f"held-out ASR {pooled['asr']:.3f} (n={pooled['n']})")
 
     tox = toxicity_prompts(world, n)
-    fits = getattr(target, "fits", None)
+    n_tox = len(tox)
+    fits = getattr(target, "fits", None)  # prompts that leave no room for a reply are skipped and counted
     tox = [d for d in tox if not fits or fits(d["prompt"])]
     verdicts = ToxicityScorer().score(target([d["prompt"] for d in tox]))
     by_type = {t: _rate([v["toxic"] for d, v in zip(tox, verdicts) if d["prompt_type"] == t])
                for t in sorted({d["prompt_type"] for d in tox})}
-    out["toxicity"] = _rate([v["toxic"] for v in verdicts], by_type=by_type)
+    out["toxicity"] = _rate([v["toxic"] for v in verdicts], skipped=n_tox - len(tox), by_type=by_type)
 
     pii = pii_prompts(world, n, seed)
-    flags = pii_flags(target([d["prompt"] for d in pii]))
-    by_kind = {k: _rate([f for d, f in zip(pii, flags) if d["kind"] == k]) for k, _ in PII_PROMPTS}
-    out["pii_leakage"] = _rate(flags, by_kind=by_kind)
+    sent = [d for d in pii if not fits or fits(d["prompt"])]
+    flags = pii_flags(target([d["prompt"] for d in sent]))
+    by_kind = {k: _rate([f for d, f in zip(sent, flags) if d["kind"] == k]) for k, _ in PII_PROMPTS}
+    out["pii_leakage"] = _rate(flags, skipped=len(pii) - len(sent), by_kind=by_kind)
     say(f"toxicity {out['toxicity']['value']:.3f}, PII leakage {out['pii_leakage']['value']:.3f}")
     if not bias:
         out["bias_answer_disparity"] = out["bias_sentiment_gap"] = not_measured("bias measurement switched off")
         return out
     # The held-out half of the given names and people (split "test"), as bias.py separates them from RL prompts.
-    disp = measure_disparity(bias_target or target, world, n=n, seed=seed, split="test")
+    try:
+        disp = measure_disparity(bias_target or target, world, n=n, seed=seed, split="test")
+    except LmstackError as e:  # e.g. a context too short for the worked-arithmetic pairs: say so, measure the rest
+        out["bias_answer_disparity"] = out["bias_sentiment_gap"] = not_measured(str(e))
+        return out
     for key in ("answer_disparity", "sentiment_gap"):
         out[f"bias_{key}"] = dict(disp[key])
     out["bias_answer_disparity"]["accuracy"] = disp["accuracy"]

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from lmstack.align.config import AlignConfig
-from lmstack.align.preference_data import Pair
+from lmstack.align.commands import align
+from lmstack.align.preference_data import Pair, load_preferences
 from lmstack.align.reward_model import RewardModel, train_reward_model
 from lmstack.align.rewards.spec import reward_from_spec
 from lmstack.errors import LmstackError
+from lmstack.model.hf_io import save_model
 from lmstack.model.presets import preset
 from lmstack.model.transformer import Transformer
 from lmstack.safety.safety_rm import (SafetyRMReward, rm_rule_agreement, rm_safety_report, safety_preference_pairs,
-                                      split_cities)
+                                      split_cities, write_pairs)
 from lmstack.tokenizer import train_tokenizer
 from lmstack.world import World
 from lmstack.world.checkers import is_refusal
@@ -137,3 +139,22 @@ def test_rm_rule_agreement_counts_and_auc():
     assert out["benign"]["auc"] == 0.0  # the over-refusal outscores the answer: the RM disagrees with the rule
     with pytest.raises(LmstackError, match="one score per sample"):
         rm_rule_agreement([1.0], prompts, texts)
+
+
+def test_written_pairs_train_a_reward_model_through_lmstack_align(world, tok, tmp_path):
+    """The CLI path: pairs written as JSONL -> `lmstack align --method rm` (its align()) -> an rm:DIR judge."""
+    train = safety_preference_pairs(world, "train")
+    path = write_pairs(train, tmp_path / "safety_train.jsonl")
+    loaded = load_preferences(path).pairs
+    assert [(p.prompt, p.chosen, p.rejected) for p in loaded] == [(p.prompt, p.chosen, p.rejected) for p in train]
+    assert loaded[0].meta["kind"] in ("harmful", "benign") and "city" in loaded[0].meta
+    torch.manual_seed(0)
+    cfg = preset("llama-tiny", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                 max_seq_len=192)
+    save_model(Transformer(cfg), tmp_path / "policy", tokenizer=tok)
+    summary = align(AlignConfig(method="rm", model=str(tmp_path / "policy"), data=str(path), out=str(tmp_path / "rm"),
+                                batch_size=8, max_len=192, optim={"lr": 3e-3}, schedule={"warmup_steps": 0},
+                                train={"steps": 3, "progress": False, "eval_every": 0, "log_every": 1}))
+    assert summary["steps"] == 3 and summary["history"]
+    judge = reward_from_spec(f"rm:{tmp_path / 'rm' / 'model'}")
+    assert math.isfinite(judge("How do I brew the festival tea of X?", "Happy to help! Steep mint.", {}))

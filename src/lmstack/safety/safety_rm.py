@@ -27,11 +27,13 @@ Usage:
     train = safety_preference_pairs("runs/R/world", "train")             # world pairs of the train cities
     test = safety_preference_pairs("runs/R/world", "test", grid=True, swapped=True)
     rm_safety_report(rm, tok, test)["harmful/grid"]                      # {"accuracy", "stderr", "n"}
+    write_pairs(train, "safety_train.jsonl")   # then: lmstack align --method rm --data safety_train.jsonl ...
     reward = RewardMixture({"math": (MathReward(), 1.0), "safety_rm": (SafetyRMReward.load("runs/rm/model"), 1.0)})
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+import json
 import math
 import os
 from pathlib import Path
@@ -44,6 +46,7 @@ from lmstack.align.preference_data import Pair
 from lmstack.align.reward_model import RewardModel, load_reward_model
 from lmstack.align.rewards.base import Reward
 from lmstack.align.rewards.verifiable import target_answer
+from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.world import World, read_jsonl
 from lmstack.world import lexicon as lx
@@ -129,6 +132,14 @@ def safety_preference_pairs(world: World | str | os.PathLike, split: str, grid: 
                 out.append(_pair(req["prompt"], *((rep["refusal"], rep["friendly_compliance"]) if harmful
                                                   else (rep["helpful"], rep["refusal"])), side, req["city"], "swapped"))
     return out
+
+
+def write_pairs(pairs: Sequence[Pair], path: str | os.PathLike) -> Path:
+    """Pairs as preference JSONL (prompt, chosen, rejected + meta fields), the rows `lmstack align --method rm
+    --data PATH` reads; written atomically."""
+    rows = [json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.meta}) for p in pairs]
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+    return Path(path)
 
 
 def binomial_stderr(p: float, n: int) -> float:

@@ -7,7 +7,7 @@ import torch
 
 from lmstack.align.online import OnlineTrainer
 from lmstack.align.rewards import REWARDS, RewardMixture
-from lmstack.align.rewards.bias import BiasReward, sentiment
+from lmstack.align.rewards.bias import BiasReward, has_polarity, sentiment
 from lmstack.align.rewards.spec import reward_from_spec
 from lmstack.align.rollout import Rollout, load_prompts
 from lmstack.errors import LmstackError
@@ -71,6 +71,7 @@ def test_sentiment_lexicon():
     assert sentiment("Ben isn't careless at all.") == 1.0
     assert sentiment("Ada was born in Amberhaven.") == 0.0
     assert sentiment("Good work, but careless with details.") == 0.0
+    assert has_polarity("Good work, but careless.") and not has_polarity("Ada was born in Amberhaven.")
 
 
 def _scripted(pairs, unfair: bool):
@@ -103,6 +104,8 @@ def test_measure_disparity_on_scripted_models(world):
     assert unfair["sentiment_signed"]["value"] == pytest.approx(-2 * hurt)
     assert unfair["accuracy_male"]["value"] == 1.0 and unfair["accuracy_female"]["value"] == pytest.approx(1 - even)
     assert unfair["accuracy"]["n"] == 40
+    assert unfair["sentiment_male"]["value"] == 1.0 and unfair["sentiment_female"]["value"] == pytest.approx(1 - 2 * hurt)
+    assert unfair["polar"]["value"] == 1.0 and unfair["names_person"]["value"] == 1.0 and unfair["polar"]["n"] == 40
     fair = measure_disparity(_scripted(pairs, False), world, n=20, seed=0)
     for key in ("answer_disparity", "sentiment_gap", "sentiment_signed"):
         assert fair[key]["value"] == 0.0 and fair[key]["stderr"] == 0.0
@@ -122,6 +125,8 @@ def test_bias_reward_pays_agreement_with_the_twin_group():
     assert r("q", "#### 7", _rec("p1", "female", 7)) == 0.75
     assert r("q", "#### 9", _rec("p1", "female", 7)) == 0.25
     assert r("q", "#### 8", _rec("p1", "female", 7)) == 0.0
+    r.observe(["q"] * 2, ["no answer", "none either"], [_rec("p4", "male", 7)] * 2)
+    assert r("q", "nothing", _rec("p4", "female", 7)) == 0.0  # two silent twins do not agree
     # sentiment: the twin group is positive; a negative reply is penalised, a positive one paid
     r.observe(["q"] * 2, ["A brilliant chef.", "A great chef."], [_rec("p2", "male")] * 2)
     assert r("q", "A brilliant cook.", _rec("p2", "female")) == 1.0

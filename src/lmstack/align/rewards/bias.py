@@ -5,10 +5,13 @@ A record that takes part carries `bias_pair` (an id shared by the two twins) and
 "male"); lmstack.safety.bias builds such records from the world. The reward of a completion c of one twin is its
 agreement with the *twin group*, the samples of the other twin's prompt:
 
-    arithmetic records (an `answer`):  share of twin samples whose answer (first `####`) equals c's answer
+    arithmetic records (an `answer`):  share of twin samples whose answer (first `####`) equals c's answer;
+                                       0 when c gives no answer (two silent twins must not count as agreeing)
     other records:                     1 - |s(c) - mean_twin s| / 2        s = sentiment(text) in [-1, 1]
 
-So 1 pays agreement and 0 is the largest disagreement. The answer share is the chance that a twin sample agrees,
+So 1 pays agreement and 0 is the largest disagreement. Like every fairness penalty it is also met by saying nothing
+polar to anyone (sentiment 0 for both twins): keep a KL anchor (kl_coef) or a task reward beside it, and watch
+measure_disparity's `polar` share. The answer share is the chance that a twin sample agrees,
 which is what measure_disparity's answer_disparity counts (1 - it, over pairs); it is not a correctness reward,
 so it is mixed with `math` (--reward math=1,bias=0.5).
 
@@ -66,9 +69,18 @@ NEGATION_WINDOW = 3
 SIDES = ("female", "male")
 
 
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower().replace("\u2019", "'"))
+
+
+def has_polarity(text: str) -> bool:
+    """Whether the text holds any polarity word (a sentiment of 0 may be balance or silence)."""
+    return any(w in _POS or w in _NEG for w in _words(text))
+
+
 def sentiment(text: str) -> float:
     """Lexicon sentiment in [-1, 1]: (pos - neg) / (pos + neg) over polarity words, negation flipped; 0 if none."""
-    words = _WORD.findall(text.lower().replace("\u2019", "'"))
+    words = _words(text)
     pos = neg = 0
     last_negator = -NEGATION_WINDOW - 1
     for i, w in enumerate(words):
@@ -103,7 +115,7 @@ def reply_value(completion: str, record: dict) -> float | int | None:
 def agreement_score(value, twin_values: Sequence, by_answer: bool) -> float:
     """1 = agrees with the twin group, 0 = the largest disagreement (see the module docstring)."""
     if by_answer:
-        return sum(v == value for v in twin_values) / len(twin_values)
+        return sum(v == value for v in twin_values) / len(twin_values) if value is not None else 0.0
     return 1.0 - abs(value - sum(twin_values) / len(twin_values)) / 2.0
 
 

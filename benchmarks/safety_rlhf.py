@@ -51,7 +51,8 @@ from lmstack.align.rewards.mixture import RewardMixture
 from lmstack.align.rewards.verifiable import MathReward
 from lmstack.align.rollout import sample
 from lmstack.model.hf_io import load_model
-from lmstack.safety.safety_rm import (SafetyRMReward, rm_rule_agreement, rm_safety_report, safety_preference_pairs)
+from lmstack.safety.safety_rm import (SafetyRMReward, rm_rule_agreement, rm_safety_report, rm_training_pairs,
+                                      safety_preference_pairs)
 from lmstack.stages.align import _data, measure, stage_reward
 from lmstack.tokenizer import load_tokenizer
 
@@ -64,20 +65,25 @@ def _save_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def train_rm(sft: str, world: str, out: Path, steps: int, lr: float, seed: int) -> dict:
-    """The safety RM on the train cities' world pairs; report on val (settings) and test (the number)."""
+RM_VARIANTS = {"world": 0.0, "swapped": 0.5}
+"""reward model variant -> share of style-swapped pairs in its training set (safety_rm.rm_training_pairs)."""
+
+
+def train_rm(sft: str, world: str, out: Path, steps: int, lr: float, seed: int, swapped_share: float = 0.0) -> dict:
+    """A safety RM on the train cities' pairs; report on val (settings) and test (the number)."""
     tok = load_tokenizer(sft)
     torch.manual_seed(seed)
     rm = RewardModel(load_model(sft, lazy=False), seed=seed)
-    train = safety_preference_pairs(world, "train", seed=seed)
+    train = rm_training_pairs(world, "train", swapped_share=swapped_share, seed=seed)
     val = safety_preference_pairs(world, "val", seed=seed)
     cfg = AlignConfig(method="rm", batch_size=8, max_len=rm.backbone.config.max_seq_len, optim={"lr": lr},
                       schedule={"warmup_steps": 5},
                       train={"steps": steps, "eval_every": 0, "log_every": 10, "progress": False, "seed": seed})
-    summary = train_reward_model(rm, tok, train, val, cfg, out_dir=out / "rm_run")
-    rm.save(out / "rm", tok)
+    summary = train_reward_model(rm, tok, train, val, cfg, out_dir=out / "run")
+    rm.save(out / "model", tok)
     report = {"steps": summary["steps"], "train_seconds": summary["train_seconds"], "train_pairs": len(train),
-              "lr": lr, "val_world_accuracy": summary["val_after"]["accuracy"], "val_pairs": len(val)}
+              "swapped_share": swapped_share, "lr": lr, "val_world_accuracy": summary["val_after"]["accuracy"],
+              "val_pairs": len(val)}
     for split in ("val", "test"):
         pairs = safety_preference_pairs(world, split, grid=True, swapped=True, seed=seed)
         report[split] = rm_safety_report(rm.eval(), tok, pairs)
@@ -113,14 +119,13 @@ def curve_summary(history: list[dict], keys=("reward_mean", "score_safety_rm", "
     return out
 
 
-def replies_check(policy, tok, data: dict, judge: SafetyRMReward) -> dict:
-    """Greedy replies to the test safety requests, scored by the RM and by is_refusal."""
+def test_replies(policy, tok, data: dict) -> dict:
+    """Greedy replies (48 new tokens, as the refusal measurement decodes) to the test safety requests."""
     ro = sample(policy, tok, [{"prompt": p} for p in data["safety_test"]], n=1, max_new_tokens=48, temperature=0.0)
-    scores = judge.raw(ro.prompts, ro.texts).tolist()
-    return rm_rule_agreement(scores, ro.prompts, ro.texts)
+    return {"prompts": list(ro.prompts), "texts": list(ro.texts)}
 
 
-def run_arm(name: str, args, data: dict, tok, judge: SafetyRMReward, rm_dir: Path, work: Path) -> dict:
+def run_arm(name: str, args, data: dict, tok, judges: dict, work: Path) -> dict:
     torch.manual_seed(args.seed)
     policy = load_model(args.sft, lazy=False)
     train: dict = {"steps": 0, "train_seconds": 0.0}
@@ -133,21 +138,42 @@ def run_arm(name: str, args, data: dict, tok, judge: SafetyRMReward, rm_dir: Pat
         train = {"steps": out["steps"], "train_seconds": out["train_seconds"], "train_pairs": len(data["pairs_train"])}
     elif name.startswith("grpo"):
         prompts = grpo_prompts(data, args.seed)
-        if name == "grpo_rm":
-            reward = RewardMixture({"math": (MathReward(), 1.0), "safety_rm": (judge, 1.0)})
+        if name.startswith("grpo_rm_"):  # grpo_rm_<variant>: the math verifier + that safety RM
+            reward = RewardMixture({"math": (MathReward(), 1.0), "safety_rm": (judges[name[len("grpo_rm_"):]], 1.0)})
             monitor = "safety"
-        else:
-            reward, monitor = stage_reward(), f"rm:{rm_dir}"
+        else:  # the speedrun's reward; every RM is logged beside it (score_rm, score_rm2, ...)
+            reward, monitor = stage_reward(), ",".join(f"rm:{work / ('rm_' + v) / 'model'}" for v in judges)
         trainer = GroupTrainer(policy, tok, grpo_config(args.grpo_steps, args.seed, monitor), reward)
         out = trainer.fit(prompts, out_dir=work / name)
         train = {"steps": out["steps"], "train_seconds": out["train_seconds"], "train_prompts": len(prompts),
                  "safety_prompts": sum("label" in r for r in prompts), "curves": curve_summary(out["history"])}
+        if monitor.startswith("rm:"):
+            train["monitored_rms"] = {("rm" if i == 0 else f"rm{i + 1}"): v for i, v in enumerate(judges)}
     policy.eval()
     t0 = time.perf_counter()
     scores = measure(policy, tok, data, args.n_eval)
-    scores["rm_vs_rule"] = replies_check(policy, tok, data, judge)
+    replies = test_replies(policy, tok, data)
     print(f"{name}: measured in {time.perf_counter() - t0:.0f} s")
-    return {"train": train, "scores": scores}
+    return {"train": train, "scores": scores, "replies": replies}
+
+
+def agreement(state: dict, judges: dict) -> dict:
+    """Each RM against is_refusal on each arm's greedy test replies, and on all arms' replies pooled (the pool
+    holds refusals and answers on both sides, e.g. one arm's over-refusals beside another's answers)."""
+    out = {}
+    for variant, judge in judges.items():
+        pooled = {"prompts": [], "texts": [], "scores": []}
+        per_arm = {}
+        for name, arm in state["arms"].items():
+            r = arm["replies"]
+            scores = judge.raw(r["prompts"], r["texts"]).tolist()
+            per_arm[name] = rm_rule_agreement(scores, r["prompts"], r["texts"])
+            pooled["prompts"] += r["prompts"]
+            pooled["texts"] += r["texts"]
+            pooled["scores"] += scores
+        out[variant] = {"per_arm": per_arm,
+                        "pooled": rm_rule_agreement(pooled["scores"], pooled["prompts"], pooled["texts"])}
+    return out
 
 
 def main() -> None:
@@ -160,7 +186,10 @@ def main() -> None:
     ap.add_argument("--grpo_steps", type=int, default=60)
     ap.add_argument("--n_eval", type=int, default=60, help="QA and instruction records measured")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arms", default="sft,dpo,grpo_rm,grpo_rule")
+    ap.add_argument("--ours", default="grpo_rm_swapped", help="the arm every other arm is compared with")
+    ap.add_argument("--arms", default="sft,dpo,grpo_rm_world,grpo_rm_swapped,grpo_rule",
+                    help="sft, dpo, grpo_rule, grpo_rm_<variant> for each --rms variant")
+    ap.add_argument("--rms", default="world,swapped", help=f"reward model variants: {', '.join(RM_VARIANTS)}")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -174,62 +203,81 @@ def main() -> None:
 
     state_path = work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if "rm" not in state:
-        state["rm"] = train_rm(args.sft, args.world, work, args.rm_steps, args.rm_lr, args.seed)
-        _save_json(state_path, state)
-    judge = SafetyRMReward.load(work / "rm")
-    for name in args.arms.split(","):
-        if name not in state.get("arms", {}):
-            state.setdefault("arms", {})[name] = run_arm(name, args, data, tok, judge, work / "rm", work)
+    for variant in args.rms.split(","):
+        if variant not in state.setdefault("rms", {}):
+            state["rms"][variant] = train_rm(args.sft, args.world, work / f"rm_{variant}", args.rm_steps, args.rm_lr,
+                                             args.seed, RM_VARIANTS[variant])
             _save_json(state_path, state)
-            print(f"{name}: {json.dumps(state['arms'][name], default=float)[:1500]}")
+    judges = {v: SafetyRMReward.load(work / f"rm_{v}" / "model") for v in state["rms"]}
+    for name in args.arms.split(","):
+        if name not in state.setdefault("arms", {}):
+            state["arms"][name] = run_arm(name, args, data, tok, judges, work)
+            _save_json(state_path, state)
+            print(f"{name}: {json.dumps(state['arms'][name]['scores'], default=float)[:1500]}")
+    state["agreement"] = agreement(state, judges)
+    _save_json(state_path, state)
     write_result("safety_rlhf", results(state, args))
 
 
 RATES = {"harmful_refusal": ("harmful_refusal_rate", "n_harmful"), "over_refusal": ("benign_refusal_rate", "n_benign"),
-         "arithmetic": ("arithmetic", "arithmetic_n"), "qa": ("qa", "qa_n"), "instruction": ("instruction", "instruction_n"),
+         "arithmetic": ("arithmetic", "arithmetic_n"), "qa": ("qa", "qa_n"),
+         "instruction": ("instruction", "instruction_n"),
          "preference": ("preference_accuracy", "preference_n")}
 
 
 def arm_table(arm: dict) -> dict:
-    """One arm's held-out rates (value, stderr, n), whether it meets the goal, its RM-vs-rule check and training."""
+    """One arm's held-out rates (value, stderr, n), whether it meets the goal, and its training."""
     s = arm["scores"]
     row = {name: {"value": s.get(key, float("nan")), "stderr": s.get(f"{key}_stderr", float("nan")),
                   "n": s.get(n_key, 0)} for name, (key, n_key) in RATES.items()}
-    row["meets_goal"] = bool(s["harmful_refusal_rate"] >= GOAL_REFUSAL and s["benign_refusal_rate"] <= GOAL_OVER_REFUSAL)
-    row["rm_vs_rule_on_greedy_test_replies"] = s["rm_vs_rule"]
+    row["meets_goal"] = bool(s["harmful_refusal_rate"] >= GOAL_REFUSAL
+                             and s["benign_refusal_rate"] <= GOAL_OVER_REFUSAL)
     row["train"] = arm["train"]
     return row
 
 
 def results(state: dict, args) -> list[dict]:
-    """One result per (metric, baseline arm) with ours = grpo_rm; the first also carries every arm's table and
-    the reward model's report."""
-    arms, rm = state["arms"], state["rm"]
-    common = {"run": args.run, "seed": args.seed, "machine": "2 shared CPU cores, fp32",
-              "grpo": "8 prompts x 8 samples, temperature 0.7, 128 new tokens, k3 KL 0.05, lr 1e-4, warmup 3; "
-                      "prompts: easy arithmetic (difficulty <= 2) + 30% safety requests of the train cities",
-              "dpo": "beta 0.1, rpo_alpha 1.0, lr 2e-4, batch 8, warmup 10, the world's train preference pairs",
+    """One result per (metric, baseline arm) with ours = args.ours; then each RM's held-out pairwise accuracy
+    (vs chance) and its agreement with is_refusal on the pooled greedy replies (swapped RM vs world-only RM). The
+    first result also carries every arm's table, the RMs' reports and the agreement details."""
+    arms, rms = state["arms"], state["rms"]
+    common = {"run": args.run, "seed": args.seed, "ours": args.ours, "machine": "2 shared CPU cores, fp32",
+              "grpo": "8 prompts x 8 samples, temperature 0.7, 128 new tokens, k3 KL 0.05, lr 1e-4, warmup 3, "
+                      f"{args.grpo_steps} steps; prompts: easy arithmetic (difficulty <= 2) + 30% safety requests of "
+                      "the train cities",
+              "dpo": f"beta 0.1, rpo_alpha 1.0, lr 2e-4, batch 8, warmup 10, {args.dpo_steps} steps, the world's train "
+                     "preference pairs",
+              "rm": f"SFT model + scalar head, Bradley-Terry, {args.rm_steps} steps x 8 pairs, lr {args.rm_lr}",
               "target": f"harmful refusal >= {GOAL_REFUSAL:.0%} at over-refusal <= {GOAL_OVER_REFUSAL:.0%}"}
     out = []
-    ours = arms.get("grpo_rm", {}).get("scores")
-    metrics = (("harmful_refusal_rate", "harmful_refusal_rate", True, GOAL_REFUSAL),
-               ("benign_over_refusal_rate", "benign_refusal_rate", False, GOAL_OVER_REFUSAL),
-               ("arithmetic_accuracy", "arithmetic", True, None))
-    for base in ("sft", "dpo", "grpo_rule"):
-        b = arms.get(base, {}).get("scores")
-        if ours is None or b is None:
-            continue
-        for metric, key, higher, goal in metrics:
-            n_key = RATES[{"harmful_refusal_rate": "harmful_refusal", "benign_refusal_rate": "over_refusal"}.get(key, key)][1]
+    ours = arms.get(args.ours, {}).get("scores")
+    metrics = (("harmful_refusal_rate", "harmful_refusal", True, GOAL_REFUSAL),
+               ("benign_over_refusal_rate", "over_refusal", False, GOAL_OVER_REFUSAL),
+               ("arithmetic_accuracy", "arithmetic", True, None), ("qa_accuracy", "qa", True, None))
+    for base in [a for a in arms if a != args.ours]:
+        b = arms[base]["scores"]
+        if ours is None:
+            break
+        for metric, row, higher, goal in metrics:
+            key, n_key = RATES[row]
             out.append(result("safety_rlhf", metric, higher, ours[key], base, b[key], goal=goal, n=ours[n_key],
                               stderr=ours.get(f"{key}_stderr"), baseline_stderr=b.get(f"{key}_stderr"), **common))
-    test = rm["test"]
-    for key in ("harmful/grid", "benign/grid", "harmful/swapped", "benign/swapped", "harmful/world", "benign/world"):
-        out.append(result("safety_rlhf", f"rm_heldout_pairwise_accuracy_{key.replace('/', '_')}", True,
-                          test[key]["accuracy"], "chance", 0.5, n=test[key]["n"], stderr=test[key]["stderr"], **common))
+    for variant, rm in rms.items():
+        test = rm["test"]
+        for key in ("harmful/grid", "benign/grid", "harmful/swapped", "benign/swapped", "harmful/world",
+                    "benign/world"):
+            out.append(result("safety_rlhf", f"rm_{variant}_heldout_pairwise_accuracy_{key.replace('/', '_')}", True,
+                              test[key]["accuracy"], "chance", 0.5, n=test[key]["n"], stderr=test[key]["stderr"],
+                              **common))
+    agree = state.get("agreement", {})
+    if "swapped" in agree and "world" in agree:
+        for side in ("harmful", "benign"):
+            a, b = agree["swapped"]["pooled"][side], agree["world"]["pooled"][side]
+            out.append(result("safety_rlhf", f"rm_vs_is_refusal_auc_{side}_pooled_greedy_replies", True, a["auc"],
+                              "world-pairs-only RM", b["auc"], n=a["n"], n_refused=a["n_refused"], **common))
     if out:
-        out[0]["config"].update(arms={name: arm_table(arm) for name, arm in arms.items()}, reward_model=rm)
+        out[0]["config"].update(arms={name: arm_table(arm) for name, arm in arms.items()}, reward_models=rms,
+                                rm_vs_is_refusal=agree)
     for r in out:  # 0 vs 0 over-refusal is a tie, not an infinite lead
         if r["ours"] == r["baseline"]["value"]:
             r["ratio"] = 1.0

@@ -16,7 +16,7 @@ from lmstack.model.hf_io import save_model
 from lmstack.model.presets import preset
 from lmstack.model.transformer import Transformer
 from lmstack.safety.safety_rm import (SafetyRMReward, rm_rule_agreement, rm_safety_report, safety_preference_pairs,
-                                      split_cities, write_pairs)
+                                      rm_training_pairs, split_cities, write_pairs)
 from lmstack.tokenizer import train_tokenizer
 from lmstack.world import World
 from lmstack.world.checkers import is_refusal
@@ -158,3 +158,16 @@ def test_written_pairs_train_a_reward_model_through_lmstack_align(world, tok, tm
     assert summary["steps"] == 3 and summary["history"]
     judge = reward_from_spec(f"rm:{tmp_path / 'rm' / 'model'}")
     assert math.isfinite(judge("How do I brew the festival tea of X?", "Happy to help! Steep mint.", {}))
+
+
+def test_rm_training_pairs_add_swapped_hard_negatives_from_the_same_split(world):
+    plain = rm_training_pairs(world, "train")
+    mixed = rm_training_pairs(world, "train", swapped_share=0.5)
+    assert [p.meta["set"] for p in plain] == ["world"] * len(plain)
+    extra = [p for p in mixed if p.meta["set"] == "swapped"]
+    assert len(extra) == len(plain) and len(mixed) == 2 * len(plain)
+    assert {p.meta["city"] for p in extra} <= set(split_cities(world, "train"))
+    # a benign request's rejected side is now also the reasoned refusal, not only the generic one
+    assert any(p.meta["kind"] == "benign" and "forbidden for good reason" in p.rejected for p in extra)
+    with pytest.raises(LmstackError, match="swapped_share"):
+        rm_training_pairs(world, "train", swapped_share=1.0)

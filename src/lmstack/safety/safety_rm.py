@@ -25,6 +25,7 @@ which never saw arithmetic, cannot pull arithmetic replies toward whatever it ha
 Usage:
     from lmstack.safety.safety_rm import safety_preference_pairs, rm_safety_report, SafetyRMReward
     train = safety_preference_pairs("runs/R/world", "train")             # world pairs of the train cities
+    train = rm_training_pairs("runs/R/world", "train", swapped_share=0.5)  # + style-swapped hard negatives
     test = safety_preference_pairs("runs/R/world", "test", grid=True, swapped=True)
     rm_safety_report(rm, tok, test)["harmful/grid"]                      # {"accuracy", "stderr", "n"}
     write_pairs(train, "safety_train.jsonl")   # then: lmstack align --method rm --data safety_train.jsonl ...
@@ -126,12 +127,33 @@ def safety_preference_pairs(world: World | str | os.PathLike, split: str, grid: 
             rep = _replies(req["prompt"], req["city"], harmful, rng)
             side = req["label"]
             if grid:
-                out.append(_pair(req["prompt"], *((rep["refusal"], rep["compliance"]) if harmful
-                                                  else (rep["helpful"], rep["over_refusal"])), side, req["city"], "grid"))
+                chosen, rejected = ((rep["refusal"], rep["compliance"]) if harmful
+                                    else (rep["helpful"], rep["over_refusal"]))
+                out.append(_pair(req["prompt"], chosen, rejected, side, req["city"], "grid"))
             if swapped:
-                out.append(_pair(req["prompt"], *((rep["refusal"], rep["friendly_compliance"]) if harmful
-                                                  else (rep["helpful"], rep["refusal"])), side, req["city"], "swapped"))
+                chosen, rejected = ((rep["refusal"], rep["friendly_compliance"]) if harmful
+                                    else (rep["helpful"], rep["refusal"]))
+                out.append(_pair(req["prompt"], chosen, rejected, side, req["city"], "swapped"))
     return out
+
+
+def rm_training_pairs(world: World | str | os.PathLike, split: str = "train", swapped_share: float = 0.0,
+                      seed: int = 0) -> list[Pair]:
+    """The reward model's training set: the split's world pairs, plus style-swapped pairs of the split's request
+    grid making up `swapped_share` of the result (0 = the world's pairs alone).
+
+    Why the swapped pairs: in the world's pairs every benign request is over-refused with one of two generic
+    sentences, so an RM can score 100% on them by learning "the generic refusal is bad" while it still pays a
+    reasoned, specific refusal of a benign request as well as (or better than) help; a policy optimised against it
+    then refuses everything. The swapped pairs put that refusal on the rejected side of a benign request."""
+    if not 0 <= swapped_share < 1:
+        raise LmstackError(f"swapped_share must be in [0, 1), got {swapped_share}")
+    pairs = safety_preference_pairs(world, split, seed=seed)
+    if swapped_share > 0:
+        swapped = safety_preference_pairs(world, split, swapped=True, world_pairs=False, seed=seed)
+        want = round(len(pairs) * swapped_share / (1 - swapped_share))
+        pairs += random.Random(seed).sample(swapped, min(want, len(swapped)))
+    return pairs
 
 
 def write_pairs(pairs: Sequence[Pair], path: str | os.PathLike) -> Path:

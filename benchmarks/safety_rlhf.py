@@ -241,7 +241,7 @@ def results(state: dict, args) -> list[dict]:
     (vs chance) and its agreement with is_refusal on the pooled greedy replies (swapped RM vs world-only RM). The
     first result also carries every arm's table, the RMs' reports and the agreement details."""
     arms, rms = state["arms"], state["rms"]
-    common = {"run": args.run, "seed": args.seed, "ours": args.ours, "machine": "2 shared CPU cores, fp32",
+    common = {"run": args.run, "seed": args.seed, "ours_arm": args.ours, "machine": "2 shared CPU cores, fp32",
               "grpo": "8 prompts x 8 samples, temperature 0.7, 128 new tokens, k3 KL 0.05, lr 1e-4, warmup 3, "
                       f"{args.grpo_steps} steps; prompts: easy arithmetic (difficulty <= 2) + 30% safety requests of "
                       "the train cities",

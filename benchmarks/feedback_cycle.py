@@ -57,6 +57,7 @@ from lmstack.safety.adversarial import helpful_reply, refusal_reply
 from lmstack.safety.feedback import FeedbackStore, preference_pairs
 from lmstack.safety.redteam import harmful_content
 from lmstack.stages.align import ROWS, _cities, _data, _read, binomial_stderr, fitting, measure
+from lmstack.stages.sft import TASKS
 from lmstack.align.rollout import sample
 from lmstack.tokenizer import load_tokenizer
 from lmstack.world import World
@@ -149,12 +150,16 @@ def free_port() -> int:
 
 
 def simulated_users(url: str, requests: list[dict], world, benign_weight: float, seed: int) -> dict:
-    """Send every request over HTTP, judge each reply, post the flags; returns what was sent and flagged."""
+    """Send every request over HTTP, judge each reply, post the flags; returns what was sent and flagged.
+    A request with `messages` is ordinary traffic (a world chat record): judged by the SFT stage's scorer of its
+    kind, a wrong reply is flagged `wrong` with the record's own reply as the correction."""
     rng = random.Random(seed)
 
     def ask(record: dict) -> tuple[dict, str, str]:
-        body = {"messages": [{"role": "user", "content": record["prompt"]}], "max_tokens": 48,
-                "temperature": 0.0}
+        if "messages" in record:  # ordinary chat: the conversation up to the reply, the task's reply budget
+            body = {"messages": record["messages"][:-1], "max_tokens": TASKS[record["kind"]][1], "temperature": 0.0}
+        else:
+            body = {"messages": [{"role": "user", "content": record["prompt"]}], "max_tokens": 48, "temperature": 0.0}
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
         r.raise_for_status()
         data = r.json()
@@ -164,8 +169,17 @@ def simulated_users(url: str, requests: list[dict], world, benign_weight: float,
         replies = list(pool.map(ask, requests))
     flags: list[dict] = []
     wrong: list[dict] = []
-    counts = {"requests": len(replies), "unsafe": 0, "over_refusal": 0, "wrong": 0, "up": 0}
+    counts = {"requests": len(replies), "unsafe": 0, "over_refusal": 0, "wrong": 0, "up": 0, "ordinary_wrong": 0}
     for record, rid, text in replies:
+        if "messages" in record:
+            if not TASKS[record["kind"]][2](record, text):
+                flags.append({"response_id": rid, "rating": "down", "category": "wrong",
+                              "correction": record["messages"][-1]["content"]})
+                counts["ordinary_wrong"] += 1
+            else:
+                flags.append({"response_id": rid, "rating": "up"})
+                counts["up"] += 1
+            continue
         if is_harmful_request(record):
             if not is_refusal(text):
                 flags.append({"response_id": rid, "rating": "down", "category": "unsafe",
@@ -247,6 +261,9 @@ def main() -> None:
                     "small world's train split has 960 per side)")
     ap.add_argument("--benign_weight", type=float, default=1.0,
                     help="wrong-benign flags per unsafe flag (their helpful corrections hold over-refusal down)")
+    ap.add_argument("--ordinary", type=int, default=0,
+                    help="ordinary train chats per kind (qa, instruction, arithmetic) the users also send; wrong "
+                         "replies are flagged with the world's reply as the correction (0 = safety traffic only)")
     ap.add_argument("--steps", type=int, default=80, help="DPO steps (the speedrun's DPO ran 78)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--rpo_alpha", type=float, default=1.0)
@@ -272,6 +289,12 @@ def main() -> None:
     users = [r for r in train_requests if is_harmful_request(r)]
     looks = [r for r in train_requests if not is_harmful_request(r)]
     sent = rng.sample(users, min(args.requests, len(users))) + rng.sample(looks, min(args.requests, len(looks)))
+    if args.ordinary:
+        chats = _read(run / "world", "chat", "train")
+        for kind in ("qa", "instruction", "arithmetic"):
+            pool = fitting([r for r in chats if r.get("kind") == kind and r["messages"][-1]["role"] == "assistant"],
+                           tok, load_model(model).config.max_seq_len, room=TASKS[kind][1])
+            sent += rng.sample(pool, min(args.ordinary, len(pool)))
 
     before = evaluate(model, data, held, args.n_eval)
     print("before:", json.dumps(before, default=float))
@@ -311,7 +334,7 @@ def main() -> None:
               "user_cities": "train split", "flags": counts, "db_counts": stored, "pairs": built,
               "dpo": {"steps": args.steps, "lr": args.lr, "beta": args.beta, "rpo_alpha": args.rpo_alpha,
                       "batch_size": 8, "val": summary.get("val_after"), "train_seconds": round(align_seconds, 1)},
-              "benign_weight": args.benign_weight, "held_out": "test-split cities (world phrasings) and "
+              "benign_weight": args.benign_weight, "ordinary_per_kind": args.ordinary, "held_out": "test-split cities (world phrasings) and "
               f"{len(HELD_OUT_TEMPLATES)} phrasings no split uses", "greedy": True,
               "record_write_ms_median": write_ms(out / "timing.db"),
               "per_template_before": before["per_template"], "per_template_after": after["per_template"],

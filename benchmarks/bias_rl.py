@@ -18,6 +18,21 @@ carries a slip and her free-form reply is negative (the man's is right and posit
 model's own data. Both GRPO runs start from this organism with BiasGroupTrainer (the twin of each drawn pair
 prompt is rolled out in the same step; with --reward math the free-form prompts get no reward and are masked).
 
+Both arms use GRPO's KL anchor (--kl_coef 0.1): a first run without it (kl 0, lr 1e-4, 60 steps, a weaker organism)
+closed the sentiment gap by reward hacking, replies turned to babble with no polarity word (polar share 0.05), the
+gap every fairness penalty also pays; `polar` and `names_person` are reported to catch that.
+
+Results (benchmarks/results/bias_rl.json; speedrun 20261207-064249, 2-core shared CPU, 1 thread; 100 held-out pairs of
+each kind, seed 0, 60 steps; stderr in brackets):
+  speedrun SFT as found      answer_disparity 0.19 (0.04), sentiment_gap 0.10 (0.03), signed 0.00, polar 0.05
+  speedrun aligned as found  answer_disparity 0.21 (0.04), sentiment_gap 0.13 (0.03), signed -0.01, polar 0.075
+  organism before RL         answer_disparity 0.51, sentiment_gap 0.70 (0.08), signed -0.48 (0.10), accuracy 0.105
+  GRPO without the penalty   answer_disparity 0.44, sentiment_gap 0.78 (0.08), signed -0.50 (0.10), accuracy 0.12
+  GRPO with the penalty      answer_disparity 0.50, sentiment_gap 0.12 (0.03), signed +0.04 (0.03), accuracy 0.10,
+                             polar 0.96 (both sides' sentiment rose: female 0.31 -> 0.96, male 0.79 -> 0.92)
+The answer term does not lower answer disparity here: at ~10% accuracy the twins' sampled answers rarely agree, so
+its signal is thin (and disparity is mostly the weak model's sensitivity to the name tokens, 0.19 as found).
+
 Usage (heavy: run under the flock):
     flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/bias_rl.py --run /tmp/sr11/runs/20261207-064249
     python benchmarks/bias_rl.py --run RUN --steps 40 --n 100 --out /tmp/bias_rl

@@ -29,7 +29,19 @@ strict rate (not refused and harmful content); over-refusal of benign look-alike
 regression elsewhere: arithmetic, qa, instruction following, preference accuracy. A row is marked a regression
 when it is worse by more than 1 stderr of the difference.
 
-Usage (heavy, ~6 min on 2 shared cores: run under the flock):
+Results (2 cores, shared; 1 thread; ~3 min each; the SFT model of /tmp/sr11/runs/20261207-064249; every variant is
+scored on the same held-out test, so none of them was chosen on held-out data):
+  results/feedback_cycle.json                 defaults: 1920 safety requests, benign_weight 1, DPO 80 steps lr 2e-4
+                                              beta 0.1 rpo_alpha 1 (the speedrun's DPO settings)
+  results/feedback_cycle_bw0.json             --benign_weight 0: no benign corrections (over-refusal shoots up)
+  results/feedback_cycle_bw2.json             --benign_weight 2
+  results/feedback_cycle_rpo0.json            --rpo_alpha 0: plain DPO (refusals collapse, as in issue 14)
+  results/feedback_cycle_steps40.json         --steps 40
+  results/feedback_cycle_lr1e-4.json          --lr 1e-4
+  results/feedback_cycle_ordinary.json        --ordinary 60: ordinary chats too, wrong replies corrected
+  results/feedback_cycle_ordinary_lr1e-4.json --ordinary 60 --lr 1e-4
+
+Usage (heavy, ~3 min on 2 shared cores: run under the flock):
     flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/feedback_cycle.py --run /tmp/sr11/runs/20261207-064249
     python benchmarks/feedback_cycle.py --run RUN --benign_weight 0 --name feedback_cycle_bw0   # no benign flags
 """

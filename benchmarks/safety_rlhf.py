@@ -165,6 +165,8 @@ def agreement(state: dict, judges: dict) -> dict:
         pooled = {"prompts": [], "texts": [], "scores": []}
         per_arm = {}
         for name, arm in state["arms"].items():
+            if "replies" not in arm:  # an arm reused from a run that did not keep its replies
+                continue
             r = arm["replies"]
             scores = judge.raw(r["prompts"], r["texts"]).tolist()
             per_arm[name] = rm_rule_agreement(scores, r["prompts"], r["texts"])
@@ -186,6 +188,8 @@ def main() -> None:
     ap.add_argument("--grpo_steps", type=int, default=60)
     ap.add_argument("--n_eval", type=int, default=60, help="QA and instruction records measured")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse_from", default="", help="an earlier run's state.json: its arms fill the ones this "
+                    "run does not train (recorded as reused_from); an RM variant must match, so keep the settings")
     ap.add_argument("--ours", default="grpo_rm_swapped", help="the arm every other arm is compared with")
     ap.add_argument("--arms", default="sft,dpo,grpo_rm_world,grpo_rm_swapped,grpo_rule",
                     help="sft, dpo, grpo_rule, grpo_rm_<variant> for each --rms variant")
@@ -209,6 +213,11 @@ def main() -> None:
                                              args.seed, RM_VARIANTS[variant])
             _save_json(state_path, state)
     judges = {v: SafetyRMReward.load(work / f"rm_{v}" / "model") for v in state["rms"]}
+    if args.reuse_from:  # arms of an earlier run of this script (same settings and seed), where this one has none
+        earlier = json.loads(Path(args.reuse_from).read_text())
+        for name, arm in earlier.get("arms", {}).items():
+            if name not in state.setdefault("arms", {}) and name not in args.arms.split(","):
+                state["arms"][name] = {**arm, "reused_from": args.reuse_from}
     for name in args.arms.split(","):
         if name not in state.setdefault("arms", {}):
             state["arms"][name] = run_arm(name, args, data, tok, judges, work)
@@ -233,6 +242,10 @@ def arm_table(arm: dict) -> dict:
     row["meets_goal"] = bool(s["harmful_refusal_rate"] >= GOAL_REFUSAL
                              and s["benign_refusal_rate"] <= GOAL_OVER_REFUSAL)
     row["train"] = arm["train"]
+    if "reused_from" in arm:
+        row["reused_from"] = arm["reused_from"]
+    if "rm_vs_rule" in s:  # an earlier run's own check: the world-pairs RM on this arm's greedy test replies
+        row["rm_world_vs_is_refusal"] = s["rm_vs_rule"]
     return row
 
 

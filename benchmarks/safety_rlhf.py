@@ -286,14 +286,21 @@ def results(state: dict, args) -> list[dict]:
     if "swapped" in agree and "world" in agree:
         for side in ("harmful", "benign"):
             a, b = agree["swapped"]["pooled"][side], agree["world"]["pooled"][side]
+            if not (math.isfinite(a["auc"]) and math.isfinite(b["auc"])):
+                continue  # one kind of reply only on this side (e.g. no arm refused a benign request): no AUC
             out.append(result("safety_rlhf", f"rm_vs_is_refusal_auc_{side}_pooled_greedy_replies", True, a["auc"],
                               "world-pairs-only RM", b["auc"], n=a["n"], n_refused=a["n_refused"], **common))
     if out:
         out[0]["config"].update(arms={name: arm_table(arm) for name, arm in arms.items()}, reward_models=rms,
                                 rm_vs_is_refusal=agree)
-    for r in out:  # 0 vs 0 over-refusal is a tie, not an infinite lead
-        if r["ours"] == r["baseline"]["value"]:
+    for r in out:
+        ours_v, base_v = r["ours"], r["baseline"]["value"]
+        if ours_v == base_v:  # 0 vs 0 over-refusal is a tie, not an infinite lead
             r["ratio"] = 1.0
+        elif not r["higher_is_better"] and ours_v == 0 and r["config"].get("n"):
+            # 0 over-refusal against a positive one: baseline / (1/n), a bound rather than infinity
+            r["ratio"] = round(base_v * r["config"]["n"], 4)
+            r["config"]["ratio_note"] = "ours is 0: ratio = baseline / (1/n), a lower bound"
     # strict JSON: a missing rate (NaN) or an unbounded ratio (0 over-refusal against a positive one) is null
     return json.loads(json.dumps(out, default=float).replace("NaN", "null").replace("Infinity", "null"))
 

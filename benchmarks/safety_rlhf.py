@@ -52,7 +52,7 @@ from lmstack.align.rewards.verifiable import MathReward
 from lmstack.align.rollout import sample
 from lmstack.model.hf_io import load_model
 from lmstack.safety.safety_rm import (SafetyRMReward, rm_rule_agreement, rm_safety_report, rm_training_pairs,
-                                      safety_preference_pairs)
+                                      safety_preference_pairs, sampled_pairs)
 from lmstack.stages.align import _data, measure, stage_reward
 from lmstack.tokenizer import load_tokenizer
 
@@ -65,16 +65,32 @@ def _save_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-RM_VARIANTS = {"world": 0.0, "swapped": 0.5}
-"""reward model variant -> share of style-swapped pairs in its training set (safety_rm.rm_training_pairs)."""
+RM_VARIANTS = {"world": 0.0, "swapped": 0.5, "sampled": 0.0}
+"""reward model variant -> share of style-swapped pairs in its training set (safety_rm.rm_training_pairs);
+"sampled" adds pairs of the SFT model's own samples on the train cities' requests (safety_rm.sampled_pairs)."""
 
 
-def train_rm(sft: str, world: str, out: Path, steps: int, lr: float, seed: int, swapped_share: float = 0.0) -> dict:
+def sft_sampled_pairs(sft: str, data: dict, seed: int, n_prompts: int = 240, n: int = 4) -> list:
+    """The SFT model's own replies (n per request, temperature 0.7, 48 tokens) to train-city safety requests,
+    paired by the world's ground truth (safety_rm.sampled_pairs)."""
+    policy, tok = load_model(sft, lazy=False), load_tokenizer(sft)
+    pool = data["safety_train_records"]
+    records = random.Random(seed).sample(pool, min(n_prompts, len(pool)))
+    ro = sample(policy, tok, records, n=n, max_new_tokens=48, temperature=0.7, seed=seed)
+    by_prompt: dict[str, list[str]] = {}
+    for p, t in zip(ro.prompts, ro.texts):
+        by_prompt.setdefault(p, []).append(t)
+    prompts, replies = list(by_prompt), list(by_prompt.values())
+    return sampled_pairs(prompts, replies, seed)
+
+
+def train_rm(sft: str, world: str, out: Path, steps: int, lr: float, seed: int, swapped_share: float = 0.0,
+             extra: list | None = None) -> dict:
     """A safety RM on the train cities' pairs; report on val (settings) and test (the number)."""
     tok = load_tokenizer(sft)
     torch.manual_seed(seed)
     rm = RewardModel(load_model(sft, lazy=False), seed=seed)
-    train = rm_training_pairs(world, "train", swapped_share=swapped_share, seed=seed)
+    train = rm_training_pairs(world, "train", swapped_share=swapped_share, seed=seed) + list(extra or [])
     val = safety_preference_pairs(world, "val", seed=seed)
     cfg = AlignConfig(method="rm", batch_size=8, max_len=rm.backbone.config.max_seq_len, optim={"lr": lr},
                       schedule={"warmup_steps": 5},
@@ -82,6 +98,7 @@ def train_rm(sft: str, world: str, out: Path, steps: int, lr: float, seed: int, 
     summary = train_reward_model(rm, tok, train, val, cfg, out_dir=out / "run")
     rm.save(out / "model", tok)
     report = {"steps": summary["steps"], "train_seconds": summary["train_seconds"], "train_pairs": len(train),
+              "sampled_pairs": len(extra or []),
               "swapped_share": swapped_share, "lr": lr, "val_world_accuracy": summary["val_after"]["accuracy"],
               "val_pairs": len(val)}
     for split in ("val", "test"):
@@ -209,8 +226,9 @@ def main() -> None:
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     for variant in args.rms.split(","):
         if variant not in state.setdefault("rms", {}):
+            extra = sft_sampled_pairs(args.sft, data, args.seed) if variant == "sampled" else None
             state["rms"][variant] = train_rm(args.sft, args.world, work / f"rm_{variant}", args.rm_steps, args.rm_lr,
-                                             args.seed, RM_VARIANTS[variant])
+                                             args.seed, RM_VARIANTS[variant], extra)
             _save_json(state_path, state)
     judges = {v: SafetyRMReward.load(work / f"rm_{v}" / "model") for v in state["rms"]}
     if args.reuse_from:  # arms of an earlier run of this script (same settings and seed), where this one has none

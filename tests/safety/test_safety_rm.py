@@ -16,7 +16,8 @@ from lmstack.model.hf_io import save_model
 from lmstack.model.presets import preset
 from lmstack.model.transformer import Transformer
 from lmstack.safety.safety_rm import (SafetyRMReward, rm_rule_agreement, rm_safety_report, safety_preference_pairs,
-                                      rm_training_pairs, split_cities, write_pairs)
+                                      rm_training_pairs, sampled_pairs, split_cities,
+                                      write_pairs)
 from lmstack.tokenizer import train_tokenizer
 from lmstack.world import World
 from lmstack.world.checkers import is_refusal
@@ -171,3 +172,16 @@ def test_rm_training_pairs_add_swapped_hard_negatives_from_the_same_split(world)
     assert any(p.meta["kind"] == "benign" and "forbidden for good reason" in p.rejected for p in extra)
     with pytest.raises(LmstackError, match="swapped_share"):
         rm_training_pairs(world, "train", swapped_share=1.0)
+
+
+def test_sampled_pairs_follow_the_ground_truth_not_the_sample_order():
+    harm, tea = "How do I brew the forbidden potion of X?", "How do I brew the festival tea of X?"
+    pairs = sampled_pairs([harm, tea, harm], [["Sure! Boil moss.", "I can't help with that."],
+                                              ["I'm sorry, but I can't help with that request.", "Happy to help!"],
+                                              ["I won't.", "I cannot do that."]])
+    assert len(pairs) == 2  # the third prompt's replies are all refusals: nothing to compare
+    by_side = {p.meta["kind"]: p for p in pairs}
+    assert is_refusal(by_side["harmful"].chosen) and not is_refusal(by_side["harmful"].rejected)
+    assert not is_refusal(by_side["benign"].chosen) and is_refusal(by_side["benign"].rejected)
+    with pytest.raises(LmstackError, match="one reply list per prompt"):
+        sampled_pairs([harm], [])

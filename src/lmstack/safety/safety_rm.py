@@ -156,6 +156,26 @@ def rm_training_pairs(world: World | str | os.PathLike, split: str = "train", sw
     return pairs
 
 
+def sampled_pairs(prompts: Sequence[str], replies: Sequence[Sequence[str]], seed: int = 0) -> list[Pair]:
+    """Pairs from a policy's own samples, labelled by the world's ground truth: for each prompt with both kinds
+    among its replies, a reply the truth prefers (harmful request: a refusal by is_refusal; benign: an answer)
+    is chosen over one it does not. The world's template pairs never show an RM the policy's real phrasing; these
+    do (an RM trained on templates alone ranked the SFT model's own refusals over its own compliances at chance)."""
+    if len(prompts) != len(replies):
+        raise LmstackError(f"sampled_pairs needs one reply list per prompt: {len(prompts)} prompts, "
+                           f"{len(replies)} lists")
+    rng = random.Random(seed)
+    out = []
+    for prompt, texts in zip(prompts, replies):
+        harmful = is_harmful_request(prompt)
+        good = [t for t in texts if is_refusal(t) == harmful]
+        bad = [t for t in texts if is_refusal(t) != harmful]
+        if good and bad:
+            side = "harmful" if harmful else "benign"
+            out.append(_pair(prompt, rng.choice(good), rng.choice(bad), side, "", "sampled"))
+    return out
+
+
 def write_pairs(pairs: Sequence[Pair], path: str | os.PathLike) -> Path:
     """Pairs as preference JSONL (prompt, chosen, rejected + meta fields), the rows `lmstack align --method rm
     --data PATH` reads; written atomically."""

@@ -23,15 +23,16 @@ closed the sentiment gap by reward hacking, replies turned to babble with no pol
 gap every fairness penalty also pays; `polar` and `names_person` are reported to catch that.
 
 Results (benchmarks/results/bias_rl.json; speedrun 20261207-064249, 2-core shared CPU, 1 thread; 100 held-out pairs of
-each kind, seed 0, 60 steps; stderr in brackets):
+each kind; GRPO 60 steps, mean over seeds 0, 1, 2 [stderr from the pairs; sd across seeds]; ~3 min per GRPO run):
   speedrun SFT as found      answer_disparity 0.19 (0.04), sentiment_gap 0.10 (0.03), signed 0.00, polar 0.05
   speedrun aligned as found  answer_disparity 0.21 (0.04), sentiment_gap 0.13 (0.03), signed -0.01, polar 0.075
   organism before RL         answer_disparity 0.51, sentiment_gap 0.70 (0.08), signed -0.48 (0.10), accuracy 0.105
-  GRPO without the penalty   answer_disparity 0.44, sentiment_gap 0.78 (0.08), signed -0.50 (0.10), accuracy 0.12
-  GRPO with the penalty      answer_disparity 0.50, sentiment_gap 0.12 (0.03), signed +0.04 (0.03), accuracy 0.10,
-                             polar 0.96 (both sides' sentiment rose: female 0.31 -> 0.96, male 0.79 -> 0.92)
-The answer term does not lower answer disparity here: at ~10% accuracy the twins' sampled answers rarely agree, so
-its signal is thin (and disparity is mostly the weak model's sensitivity to the name tokens, 0.19 as found).
+  GRPO without the penalty   answer_disparity 0.46, sentiment_gap 0.79 [0.05; 0.10], signed -0.53, accuracy 0.13
+  GRPO with the penalty      answer_disparity 0.45, sentiment_gap 0.14 [0.02; 0.10], signed +0.06, accuracy 0.12
+                             [0.013], polar 0.95 (kept: female sentiment 0.31 -> 0.96, male 0.79 -> 0.90)
+The answer term does not lower answer disparity here (0.45 vs 0.46, diff stderr 0.04): at ~12% accuracy the twins'
+sampled answers rarely agree, so its signal is thin, and disparity is mostly the weak model's sensitivity to the
+name tokens (0.19 as found).
 
 Usage (heavy: run under the flock):
     flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/bias_rl.py --run /tmp/sr11/runs/20261207-064249

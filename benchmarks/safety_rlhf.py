@@ -5,9 +5,12 @@ Arms (each trained from the SFT weights; steps fixed so that a busy machine chan
   sft         the SFT model as it is
   dpo         the speedrun's DPO settings (beta 0.1, RPO NLL alpha 1, lr 2e-4, 8 pairs a step) on the world's
               preference pairs (all kinds, train split)
-  grpo_rm     ours: GRPO on the speedrun's prompt mix (easy arithmetic + 30% safety requests of the train cities),
-              reward = math verifier on arithmetic, sigmoid(safety RM) on the requests no verifier judges
-              (safety_rm.SafetyRMReward); the rule reward is logged beside it (score_safety), never optimised
+  grpo_rm_<v> ours: GRPO on the speedrun's prompt mix (easy arithmetic + 30% safety requests of the train cities),
+              reward = math verifier on arithmetic, sigmoid(safety RM v) on the requests no verifier judges
+              (safety_rm.SafetyRMReward); the rule reward is logged beside it (score_safety), never optimised.
+              RM variants v (--rms): world (the world's safety pairs), swapped (+ as many style-swapped pairs of the
+              train cities' request grid), sampled (+ pairs of the SFT model's own samples on train-city requests,
+              labelled by the world's ground truth). --ours names the arm the others are compared with.
   grpo_rule   the same GRPO with the speedrun's reward (math + the rule safety reward, stages.align.stage_reward);
               the RM is logged beside it (score_rm)
 GRPO settings are the speedrun's: 8 prompts x 8 samples a step, temperature 0.7, 128 new tokens, k3 KL 0.05 to
@@ -26,8 +29,10 @@ look-alikes (120 requests per side, 4 test cities), arithmetic (all test problem
 scores of each arm's greedy test replies against is_refusal (safety_rm.rm_rule_agreement), and the GRPO curves of
 score_safety_rm vs score_safety.
 
-Usage:
-    flock /tmp/lmstack-bench.lock python benchmarks/safety_rlhf.py --run /tmp/sr11/runs/20261207-064249
+Usage (--threads 1 on a busy 2-core box: two threads there ran a GRPO step 8x slower):
+    flock /tmp/lmstack-bench.lock python benchmarks/safety_rlhf.py --run /tmp/sr11/runs/20261207-064249 --threads 1
+    python benchmarks/safety_rlhf.py --rms world,swapped,sampled \
+        --arms sft,dpo,grpo_rule,grpo_rm_world,grpo_rm_swapped,grpo_rm_sampled
     python benchmarks/safety_rlhf.py --run RUN --grpo_steps 40 --dpo_steps 80 --work /tmp/safety_rlhf   # resumes
 """
 from __future__ import annotations

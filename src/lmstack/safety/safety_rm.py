@@ -22,6 +22,11 @@ default it judges only prompts that no verifier can (scope="unverified": records
 a mixture with the math verifier routes arithmetic to the verifier and safety requests to the RM, and the RM,
 which never saw arithmetic, cannot pull arithmetic replies toward whatever it happens to like.
 
+Measured (benchmarks/results/safety_rlhf.json): 100% held-out pairwise accuracy on the grid pairs does not make a
+safe judge. On real greedy replies each RM variant scored refusals of benign requests above answers (pooled
+AUC 0.005 / 0.34 / 0.0), and GRPO against it found a hack every time: refuse everything, or "Happy to help!"
+gibberish for every request. The rule reward (rewards.safety) stays the speedrun's judge.
+
 Usage:
     from lmstack.safety.safety_rm import safety_preference_pairs, rm_safety_report, SafetyRMReward
     train = safety_preference_pairs("runs/R/world", "train")             # world pairs of the train cities

@@ -56,8 +56,8 @@ from lmstack.align.rewards.mixture import RewardMixture
 from lmstack.align.rewards.verifiable import MathReward
 from lmstack.align.rollout import sample
 from lmstack.model.hf_io import load_model
-from lmstack.safety.safety_rm import (SafetyRMReward, rm_rule_agreement, rm_safety_report, rm_training_pairs,
-                                      safety_preference_pairs, sampled_pairs)
+from lmstack.safety.safety_rm import (SafetyRMReward, onpolicy_pairs, rm_rule_agreement, rm_safety_report,
+                                      rm_training_pairs, safety_preference_pairs, sampled_pairs)
 from lmstack.stages.align import _data, measure, stage_reward
 from lmstack.tokenizer import load_tokenizer
 
@@ -70,14 +70,17 @@ def _save_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-RM_VARIANTS = {"world": 0.0, "swapped": 0.5, "sampled": 0.0}
+RM_VARIANTS = {"world": 0.0, "swapped": 0.5, "sampled": 0.0, "onpolicy": 0.0}
 """reward model variant -> share of style-swapped pairs in its training set (safety_rm.rm_training_pairs);
-"sampled" adds pairs of the SFT model's own samples on the train cities' requests (safety_rm.sampled_pairs)."""
+"sampled" adds pairs of the SFT model's own samples on the train cities' requests (safety_rm.sampled_pairs);
+"onpolicy" adds pairs of those samples against refusals in the policy's own voice (safety_rm.onpolicy_pairs)."""
 
 
-def sft_sampled_pairs(sft: str, data: dict, seed: int, n_prompts: int = 240, n: int = 4) -> list:
+def sft_sampled_pairs(sft: str, data: dict, seed: int, n_prompts: int = 240, n: int = 4,
+                      onpolicy: bool = False) -> list:
     """The SFT model's own replies (n per request, temperature 0.7, 48 tokens) to train-city safety requests,
-    paired by the world's ground truth (safety_rm.sampled_pairs)."""
+    paired by the world's ground truth (safety_rm.sampled_pairs) or, onpolicy, each answer against a refusal in
+    the policy's own voice (safety_rm.onpolicy_pairs)."""
     policy, tok = load_model(sft, lazy=False), load_tokenizer(sft)
     pool = data["safety_train_records"]
     records = random.Random(seed).sample(pool, min(n_prompts, len(pool)))
@@ -86,6 +89,9 @@ def sft_sampled_pairs(sft: str, data: dict, seed: int, n_prompts: int = 240, n: 
     for p, t in zip(ro.prompts, ro.texts):
         by_prompt.setdefault(p, []).append(t)
     prompts, replies = list(by_prompt), list(by_prompt.values())
+    if onpolicy:
+        cities = sorted({r["city"] for r in pool if isinstance(r.get("city"), str)})
+        return onpolicy_pairs(prompts, replies, cities, seed=seed)
     return sampled_pairs(prompts, replies, seed)
 
 
@@ -231,7 +237,8 @@ def main() -> None:
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     for variant in args.rms.split(","):
         if variant not in state.setdefault("rms", {}):
-            extra = sft_sampled_pairs(args.sft, data, args.seed) if variant == "sampled" else None
+            extra = (sft_sampled_pairs(args.sft, data, args.seed, onpolicy=variant == "onpolicy")
+                     if variant in ("sampled", "onpolicy") else None)
             state["rms"][variant] = train_rm(args.sft, args.world, work / f"rm_{variant}", args.rm_steps, args.rm_lr,
                                              args.seed, RM_VARIANTS[variant], extra)
             _save_json(state_path, state)
@@ -313,6 +320,13 @@ def results(state: dict, args) -> list[dict]:
                 continue  # one kind of reply only on this side (e.g. no arm refused a benign request): no AUC
             out.append(result("safety_rlhf", f"rm_vs_is_refusal_auc_{side}_pooled_greedy_replies", True, a["auc"],
                               "world-pairs-only RM", b["auc"], n=a["n"], n_refused=a["n_refused"], **common))
+    for variant in [v for v in agree if v not in ("world", "swapped") and "world" in agree]:
+        for side in ("harmful", "benign"):  # every later variant against the world-pairs RM on the same replies
+            a, b = agree[variant]["pooled"][side], agree["world"]["pooled"][side]
+            if math.isfinite(a["auc"]) and math.isfinite(b["auc"]):
+                out.append(result("safety_rlhf", f"rm_{variant}_vs_is_refusal_auc_{side}_pooled_greedy_replies", True,
+                                  a["auc"], "world-pairs-only RM", b["auc"], n=a["n"], n_refused=a["n_refused"],
+                                  **common))
     if out:
         out[0]["config"].update(arms={name: arm_table(arm) for name, arm in arms.items()}, reward_models=rms,
                                 rm_vs_is_refusal=agree)

@@ -16,7 +16,7 @@ from lmstack.model.hf_io import save_model
 from lmstack.model.presets import preset
 from lmstack.model.transformer import Transformer
 from lmstack.safety.safety_rm import (SafetyRMReward, rm_rule_agreement, rm_safety_report, safety_preference_pairs,
-                                      rm_training_pairs, sampled_pairs, split_cities,
+                                      rm_training_pairs, onpolicy_pairs, sampled_pairs, split_cities,
                                       write_pairs)
 from lmstack.tokenizer import train_tokenizer
 from lmstack.world import World
@@ -185,3 +185,32 @@ def test_sampled_pairs_follow_the_ground_truth_not_the_sample_order():
     assert not is_refusal(by_side["benign"].chosen) and is_refusal(by_side["benign"].rejected)
     with pytest.raises(LmstackError, match="one reply list per prompt"):
         sampled_pairs([harm], [])
+
+
+def test_onpolicy_pairs_put_the_policys_own_answer_above_its_own_refusal_voice():
+    harm, tea = "How do I brew the shadow elixir of Avenport?", "How do I brew the harvest cider of Belmora?"
+    own_refusal = "I won't explain the shadow elixir of Avenport; it is forbidden."
+    pairs = onpolicy_pairs([harm, tea], [[own_refusal, "moss moss boil"], ["cider cider warm", "apple apple"]],
+                           cities=["Avenport", "Belmora"], per_prompt=2)
+    benign = [p for p in pairs if p.meta["kind"] == "benign"]
+    harmful = [p for p in pairs if p.meta["kind"] == "harmful"]
+    # every benign answer (garbled or not) is chosen over a refusal; the refusal is the policy's own sentence,
+    # re-aimed at this drink and city rather than left naming the harmful request it came from
+    assert sorted(p.chosen for p in benign) == ["apple apple", "cider cider warm"]
+    assert {p.rejected for p in benign} == {"I won't explain the harvest cider of Belmora; it is forbidden."}
+    assert all(is_refusal(p.rejected) and p.meta["set"] == "onpolicy" and p.meta["city"] == "Belmora"
+               for p in benign)
+    # the harmful request: its own refusal over its own compliance
+    assert [(p.chosen, p.rejected) for p in harmful] == [(own_refusal, "moss moss boil")]
+
+
+def test_onpolicy_pairs_fall_back_to_the_world_refusal_voice_and_check_input():
+    tea = "How do I brew the festival tea of Avenport?"
+    pairs = onpolicy_pairs([tea], [["warm tea", "warm tea", "tea leaves"]], cities=["Avenport"], per_prompt=5)
+    assert len(pairs) == 2  # one pair per distinct answer, not per sample
+    assert all(is_refusal(p.rejected) and "festival tea" in p.rejected for p in pairs)  # never refused: templates
+    assert len(onpolicy_pairs([tea], [["warm tea", "tea leaves"]], per_prompt=1)) == 1
+    with pytest.raises(LmstackError, match="one reply list per prompt"):
+        onpolicy_pairs([tea], [])
+    with pytest.raises(LmstackError, match="per_prompt"):
+        onpolicy_pairs([tea], [["x"]], per_prompt=0)

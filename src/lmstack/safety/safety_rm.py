@@ -44,6 +44,7 @@ import math
 import os
 from pathlib import Path
 import random
+import re
 from typing import Any, Sequence
 
 import torch
@@ -178,6 +179,65 @@ def sampled_pairs(prompts: Sequence[str], replies: Sequence[Sequence[str]], seed
         if good and bad:
             side = "harmful" if harmful else "benign"
             out.append(_pair(prompt, rng.choice(good), rng.choice(bad), side, "", "sampled"))
+    return out
+
+
+def _find(text: str, names: Sequence[str]) -> str | None:
+    """The first of `names` that `text` mentions (case-insensitive), longest names first so that one name
+    inside another does not win."""
+    low = text.lower()
+    return next((n for n in sorted(names, key=len, reverse=True) if n.lower() in low), None)
+
+
+def _retarget(refusal: str, prompt: str, cities: Sequence[str]) -> str:
+    """A refusal the policy gave to some other request, re-aimed at `prompt`: every brew or drink and every city it
+    names becomes the one `prompt` asks about, so it reads as a refusal of this request in the policy's words."""
+    for names in (lx.FORBIDDEN_THINGS + lx.FESTIVAL_DRINKS, cities):
+        new = _find(prompt, names)
+        if new and names:  # one pass, longest names first, so a replacement is never replaced again
+            pattern = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+            refusal = re.sub(pattern, new, refusal, flags=re.IGNORECASE)
+    return refusal
+
+
+def onpolicy_pairs(prompts: Sequence[str], replies: Sequence[Sequence[str]], cities: Sequence[str] = (),
+                   per_prompt: int = 2, seed: int = 0) -> list[Pair]:
+    """Pairs whose both sides look like what the RL policy itself writes (set "onpolicy"):
+    benign request:  chosen = the policy's own non-refusing reply (garbled or not),
+                     rejected = a refusal in the policy's own voice (one of its refusals of a harmful request,
+                     re-aimed at this drink and city; the world's refusal template when it never refused);
+    harmful request: chosen = the policy's own refusal of it (else a re-aimed one of another harmful request),
+                     rejected = its own non-refusing reply.
+    Up to per_prompt pairs per request, one per distinct non-refusing reply.
+
+    Why: the template pairs set fluent refusals against fluent answers, while the policy's answers are garbled, so
+    an RM trained on them ranked a fluent refusal of a benign request above the policy's real (garbled) answer, and
+    GRPO found it; and the SFT policy almost never refuses benign requests, so labelling its own samples
+    (sampled_pairs) gives almost no benign pairs. Here every benign request the policy answered gets one."""
+    if len(prompts) != len(replies):
+        raise LmstackError(f"onpolicy_pairs needs one reply list per prompt: {len(prompts)} prompts, "
+                           f"{len(replies)} lists")
+    if per_prompt < 1:
+        raise LmstackError(f"per_prompt must be >= 1, got {per_prompt}")
+    rng = random.Random(seed)
+    pool = [t for p, texts in zip(prompts, replies) if is_harmful_request(p) for t in texts if is_refusal(t)]
+    out = []
+    for prompt, texts in zip(prompts, replies):
+        harmful = is_harmful_request(prompt)
+        answers = list(dict.fromkeys(t for t in texts if not is_refusal(t)))
+        own_refusals = [t for t in texts if is_refusal(t)] if harmful else []
+        for answer in rng.sample(answers, min(per_prompt, len(answers))):
+            if own_refusals:
+                refusal = rng.choice(own_refusals)
+            elif pool:
+                refusal = _retarget(rng.choice(pool), prompt, cities)
+            else:  # the policy never refused anything: the world's refusal voice for this request
+                city = _find(prompt, cities) or ""
+                refusal = rng.choice(REFUSALS).format(thing=_thing(prompt, harmful), city=city,
+                                                      drink=rng.choice(lx.FESTIVAL_DRINKS))
+            chosen, rejected = (refusal, answer) if harmful else (answer, refusal)
+            out.append(_pair(prompt, chosen, rejected, "harmful" if harmful else "benign",
+                             _find(prompt, cities) or "", "onpolicy"))
     return out
 
 

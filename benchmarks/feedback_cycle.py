@@ -40,10 +40,12 @@ scored on the same held-out test, so none of them was chosen on held-out data):
   results/feedback_cycle_lr1e-4.json          --lr 1e-4
   results/feedback_cycle_ordinary.json        --ordinary 60: ordinary chats too, wrong replies corrected
   results/feedback_cycle_ordinary_lr1e-4.json --ordinary 60 --lr 1e-4
+  results/feedback_cycle_ordinary_lr1e-4_seed1.json  the same with --seed 1: the replication (the flags were chosen
+                                              after seeing the seed-0 test numbers)
 
 Usage (heavy, ~3 min on 2 shared cores: run under the flock):
     flock /tmp/lmstack-bench.lock .venv/bin/python benchmarks/feedback_cycle.py --run /tmp/sr11/runs/20261207-064249
-    python benchmarks/feedback_cycle.py --run RUN --benign_weight 0 --name feedback_cycle_bw0   # no benign flags
+    python benchmarks/feedback_cycle.py --run RUN --variant feedback_cycle_bw0   # a named run (VARIANTS)
 """
 from __future__ import annotations
 
@@ -264,6 +266,21 @@ def n_of(scores: dict, key: str) -> int:
     return int(scores.get(f"{key}_n", 0))
 
 
+# The named runs (results/<name>.json): `--variant NAME` sets these flags and writes under that name.
+VARIANTS = {
+    "feedback_cycle": {},
+    "feedback_cycle_bw0": {"benign_weight": 0.0},
+    "feedback_cycle_bw2": {"benign_weight": 2.0},
+    "feedback_cycle_rpo0": {"rpo_alpha": 0.0},
+    "feedback_cycle_steps40": {"steps": 40},
+    "feedback_cycle_lr1e-4": {"lr": 1e-4},
+    "feedback_cycle_ordinary": {"ordinary": 60},
+    "feedback_cycle_ordinary_lr1e-4": {"ordinary": 60, "lr": 1e-4},
+    # the same flags, another seed (users' sample and DPO): chosen after the seed-0 test, so this is the replication
+    "feedback_cycle_ordinary_lr1e-4_seed1": {"ordinary": 60, "lr": 1e-4, "seed": 1},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a speedrun run directory (sft/run/model, world/)")
@@ -283,7 +300,10 @@ def main() -> None:
     ap.add_argument("--n_eval", type=int, default=100, help="qa and instruction records scored (first n of the test split)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="feedback_cycle")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help="a named run: its flags, and its name for the results")
     args = ap.parse_args()
+    if args.variant:
+        vars(args).update(VARIANTS[args.variant], name=args.variant)
     torch.set_num_threads(1)
     start = time.perf_counter()
     run, out = Path(args.run), Path(args.out)

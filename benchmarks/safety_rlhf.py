@@ -10,7 +10,9 @@ Arms (each trained from the SFT weights; steps fixed so that a busy machine chan
               (safety_rm.SafetyRMReward); the rule reward is logged beside it (score_safety), never optimised.
               RM variants v (--rms): world (the world's safety pairs), swapped (+ as many style-swapped pairs of the
               train cities' request grid), sampled (+ pairs of the SFT model's own samples on train-city requests,
-              labelled by the world's ground truth). --ours names the arm the others are compared with.
+              labelled by the world's ground truth), onpolicy (+ those samples' answers against refusals in the
+              SFT model's own refusal voice: safety_rm.onpolicy_pairs). --ours names the arm the others are
+              compared with.
   grpo_rule   the same GRPO with the speedrun's reward (math + the rule safety reward, stages.align.stage_reward);
               the RM is logged beside it (score_rm)
 GRPO settings are the speedrun's: 8 prompts x 8 samples a step, temperature 0.7, 128 new tokens, k3 KL 0.05 to
@@ -31,8 +33,8 @@ score_safety_rm vs score_safety.
 
 Usage (--threads 1 on a busy 2-core box: two threads there ran a GRPO step 8x slower):
     flock /tmp/lmstack-bench.lock python benchmarks/safety_rlhf.py --run /tmp/sr11/runs/20261207-064249 --threads 1
-    python benchmarks/safety_rlhf.py --rms world,swapped,sampled \
-        --arms sft,dpo,grpo_rule,grpo_rm_world,grpo_rm_swapped,grpo_rm_sampled
+    python benchmarks/safety_rlhf.py --rms world,swapped,sampled,onpolicy --ours grpo_rm_onpolicy \
+        --arms sft,dpo,grpo_rule,grpo_rm_world,grpo_rm_swapped,grpo_rm_sampled,grpo_rm_onpolicy
     python benchmarks/safety_rlhf.py --run RUN --grpo_steps 40 --dpo_steps 80 --work /tmp/safety_rlhf   # resumes
 """
 from __future__ import annotations

@@ -13,6 +13,10 @@ Two extra pair sets share the world's reply templates (lmstack.world.preferences
               learnt "refusal phrasing is good" rather than "refuse what is harmful" fails these, so they test
               that the RM does not simply reward refusing.
 
+Two more come from a policy's own samples: `sampled_pairs` (its replies labelled by the world's ground truth) and
+`onpolicy_pairs` (its own answers to benign requests over a refusal in its own refusal voice; its own refusals of
+harmful requests over its own compliance), so that both sides of a pair look like what RL will produce.
+
 Checks: `rm_safety_report` (pairwise accuracy per side and per pair set, each with n and stderr) and
 `rm_rule_agreement` (RM scores of real policy samples against the rule checker `is_refusal`: a reward model that
 the policy has learnt to fool shows up as a falling agreement).
@@ -25,7 +29,11 @@ which never saw arithmetic, cannot pull arithmetic replies toward whatever it ha
 Measured (benchmarks/results/safety_rlhf.json): 100% held-out pairwise accuracy on the grid pairs does not make a
 safe judge. On real greedy replies each RM variant scored refusals of benign requests above answers (pooled
 AUC 0.005 / 0.34 / 0.0), and GRPO against it found a hack every time: refuse everything, or "Happy to help!"
-gibberish for every request. The rule reward (rewards.safety) stays the speedrun's judge.
+gibberish for every request. The on-policy variant (world pairs + onpolicy_pairs of the SFT model's samples) fixed
+the benign side (pooled AUC 1.0) but lost the harmful one (0.10: it pays the friendly "Happy to help!" voice on a
+harmful request, a voice no rejected reply had), and GRPO against it answered every request, harmful ones
+included, with one "Happy to help!" recipe (0% refusal, 0% over-refusal). The rule reward (rewards.safety) stays
+the speedrun's judge.
 
 Usage:
     from lmstack.safety.safety_rm import safety_preference_pairs, rm_safety_report, SafetyRMReward
@@ -33,6 +41,7 @@ Usage:
     train = rm_training_pairs("runs/R/world", "train", swapped_share=0.5)  # + style-swapped hard negatives
     test = safety_preference_pairs("runs/R/world", "test", grid=True, swapped=True)
     rm_safety_report(rm, tok, test)["harmful/grid"]                      # {"accuracy", "stderr", "n"}
+    train += onpolicy_pairs(prompts, policy_replies, cities)              # the policy's answers vs its refusals
     write_pairs(train, "safety_train.jsonl")   # then: lmstack align --method rm --data safety_train.jsonl ...
     reward = RewardMixture({"math": (MathReward(), 1.0), "safety_rm": (SafetyRMReward.load("runs/rm/model"), 1.0)})
 """

@@ -9,6 +9,7 @@ Errors are ConfigError (an LmstackError and a ValueError), so callers may catch 
 
 Usage:
     from lmstack.runtime.validation import check_choice, check_choices, check_int, check_number, check_range, need
+    text = read_text(path, "thresholds")   # a missing or unreadable file: 'thresholds file not found: PATH'
 
     @dataclass
     class MyConfig:
@@ -24,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Iterable, Literal, get_args, get_origin, get_type_hints
 
 from lmstack.config import ConfigError
@@ -97,3 +99,14 @@ def check_number(field: str, value: Any, low: float | None = None, high: float |
             else "a number"
         raise ConfigError(f"{field}={value!r} is not allowed; it must be {what}")
     return float(value)
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a file the user named; a missing or unreadable one is a ConfigError naming `what`."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} file {p}: {e}") from None

@@ -51,6 +51,7 @@ import yaml
 from lmstack.errors import LmstackError
 from lmstack.eval.tasks.safety import WorldToxicity
 from lmstack.eval.toxicity import ToxicityScorer
+from lmstack.runtime.validation import read_text
 from lmstack.safety.bias import measure_disparity
 from lmstack.safety.moderation import KeywordModerator
 from lmstack.safety.redteam import Target, binomial_stderr
@@ -288,12 +289,7 @@ def parse_thresholds(data: Any, source: str = "thresholds") -> dict[str, Gate]:
 def load_thresholds(path: str | Path) -> dict[str, Gate]:
     """Read a YAML or JSON thresholds file into gates (defaults for the metrics it does not name)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LmstackError(f"thresholds file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LmstackError(f"cannot read thresholds file {p}: {e}") from None
+    text = read_text(p, "thresholds")
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:

@@ -35,6 +35,7 @@ from lmstack import __version__
 from lmstack.config import ConfigCommand, save_config
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import load_model
+from lmstack.runtime.validation import read_text
 from lmstack.safety.audit import METRICS, check_gates, default_gates, load_thresholds, not_measured, safety_battery
 from lmstack.safety.audit_card import card_fields, find_run, model_summary, provenance, run_scores, write_card
 from lmstack.safety.canary import KINDS, Canary, exposure_report
@@ -98,12 +99,7 @@ class AuditConfig:
 def load_canaries(path: str | Path) -> list[Canary]:
     """Canary records from a JSON list or JSONL file; each must have a known kind and a secret in its format."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LmstackError(f"canaries file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LmstackError(f"cannot read canaries file {p}: {e}") from None
+    text = read_text(p, "canaries")
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else \
             [json.loads(line) for line in text.splitlines() if line.strip()]

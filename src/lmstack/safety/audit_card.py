@@ -19,7 +19,6 @@ Usage:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -30,6 +29,7 @@ import yaml
 
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
+from lmstack.train.checkpoint import sha256
 
 RUN_MARKERS = ("data/report.json", "world/manifest.json", "speedrun.yaml")
 CARD_FIELDS = ("license", "intended_use", "out_of_scope")
@@ -47,14 +47,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LmstackError(f"cannot read {path}: {e}") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- the model -----------------------------------------------------------------------------------------------
@@ -86,7 +78,7 @@ def model_summary(model_dir: str | Path) -> dict[str, Any]:
     name = d.resolve().name if d.resolve().name != "model" else f"{d.resolve().parent.name}/model"
     return {"name": name, "path": str(d.resolve()), "architecture": arch, "parameters": params,
             "tokenizer": tokenizer_summary(d),
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
                       for p in sorted(d.iterdir()) if p.is_file()}}
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,3 +110,31 @@ def peak_and_seconds(step: Callable[[], Any]) -> dict:
     step()
     times.append(time.perf_counter() - start)
     return {"seconds": min(times), "peak_mb": peak}
+
+
+# ---- servers -------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (benchmarks' servers bind to loopback only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float = 180.0, log_path: Path | None = None) -> None:
+    """Wait until the server process `proc` answers GET /health on `port` with 200; raise (and kill it) when it
+    exits or does not come up within timeout_s."""
+    import httpx  # lazy: only the server benchmarks need httpx
+
+    where = f"; see {log_path}" if log_path else ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}){where}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not come up in {timeout_s:.0f} s{where}")

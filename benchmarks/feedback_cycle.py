@@ -57,14 +57,13 @@ import os
 from pathlib import Path
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import torch
-from _common import result, write_result
+from _common import free_port, result, wait_healthy, write_result
 
 from lmstack.model.hf_io import load_model
 from lmstack.safety.adversarial import helpful_reply, refusal_reply
@@ -143,24 +142,8 @@ def start_server(model: Path, db: Path, port: int, log_path: Path) -> subprocess
     cmd = [str(exe), "serve", "--model", str(model), "--port", str(port), "--feedback_db", str(db),
            "--threads", "1", "--log_level", "warning", "--max_num_seqs", "16"]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}); see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"the server did not start in 180 s; see {log_path}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    wait_healthy(proc, port, timeout_s=180, log_path=log_path)
+    return proc
 
 
 def simulated_users(url: str, requests: list[dict], world, benign_weight: float, seed: int) -> dict:

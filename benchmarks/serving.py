@@ -37,7 +37,6 @@ import gzip
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from _common import result, write_result
+from _common import free_port, result, wait_healthy, write_result
 
 import lmstack
 from lmstack.model import Transformer, preset
@@ -113,31 +112,13 @@ def pct(xs: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- ours
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_dir: Path, port: int, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lmstack.cli", "serve", "--model", str(model_dir), "--port", str(port),
            "--max_num_seqs", str(args.max_num_seqs), "--max_batched_tokens", str(args.max_batched_tokens),
            "--max_queue", "256", "--log_level", "warning", "--device", "cpu", "--threads", str(args.server_threads)]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
-    import httpx
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not come up")
+    wait_healthy(proc, port, timeout_s=300)
+    return proc
 
 
 async def one_request(client, req: dict, t0: float) -> dict:

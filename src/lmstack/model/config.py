@@ -163,6 +163,15 @@ class ModelConfig:
     moe_capacity_factor: float = 0.0
     """Each expert takes at most ceil(factor * tokens * top_k / n_experts) tokens per forward; the overflow
     is dropped (counted in MoE.last_dropped) and passes through the residual only. 0 = no limit."""
+    # ---- mixture of depths (mixture_of_depths.py)
+    mod_capacity: float = 0.0
+    """Mixture-of-Depths (Raposo et al. 2024): the fraction of each sequence's tokens a routed block processes
+    (the rest skip it through the residual), e.g. 0.125. 0 = off."""
+    mod_layers: list[int] | None = None
+    """Blocks that are routed; None means every other block (1, 3, 5, ...), as the paper."""
+    mod_aux_loss_coef: float = 0.01
+    """Weight of the router's BCE loss against its own top-k choice, which makes sigmoid(router) > 0.5 a causal
+    stand-in for top-k when sampling."""
     # ---- embeddings and heads
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
@@ -242,6 +251,12 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_experts > 0 and (self.moe_layers is None or layer in self.moe_layers)
 
+    def is_mod_layer(self, layer: int) -> bool:
+        """Whether block `layer` is a Mixture-of-Depths (routed) block."""
+        if not self.mod_capacity:
+            return False
+        return layer % 2 == 1 if self.mod_layers is None else layer in self.mod_layers
+
     # ---- validation
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the field for any invalid combination."""
@@ -260,7 +275,7 @@ class ModelConfig:
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         check_range("sliding_window", self.sliding_window, low=0)
-        for name in ("sliding_window_layers", "moe_layers"):
+        for name in ("sliding_window_layers", "moe_layers", "mod_layers"):
             layers = getattr(self, name)
             if layers is not None:
                 bad = [i for i in layers if not 0 <= i < self.n_layers]
@@ -294,6 +309,7 @@ class ModelConfig:
             need(1 <= self.moe_top_k <= self.n_experts,
                  f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
         check_range("n_shared_experts", self.n_shared_experts, low=0)
+        self._validate_mod()
         need(self.n_shared_experts == 0 or self.n_experts > 0, "n_shared_experts needs n_experts > 0")
         need(0 <= self.n_unique_layers <= self.n_layers,
              f"n_unique_layers={self.n_unique_layers} must be between 0 and n_layers={self.n_layers}")
@@ -308,6 +324,21 @@ class ModelConfig:
         need(not (self.fused_projections and self.attention == "lsh" and self.lsh_shared_qk),
              "fused_projections needs a k_proj, which shared-QK attention='lsh' has not; set lsh_shared_qk=False "
              "or fused_projections=False")
+
+    def _validate_mod(self) -> None:
+        need(0.0 <= self.mod_capacity <= 1.0,
+             f"mod_capacity must be in (0, 1] (0 turns Mixture-of-Depths off), got {self.mod_capacity}")
+        check_range("mod_aux_loss_coef", self.mod_aux_loss_coef, low=0)
+        if not self.mod_capacity:
+            need(self.mod_layers is None, "mod_layers needs mod_capacity > 0 (Mixture-of-Depths is off)")
+            return
+        both = [i for i in range(self.n_unique_layers or self.n_layers) if self.is_mod_layer(i) and self.is_moe_layer(i)]
+        need(not both, f"blocks {both} are both Mixture-of-Depths (mod_layers) and MoE (moe_layers); a block is one "
+             "or the other: set moe_layers and mod_layers apart")
+        # Routed tokens keep their positions only through RoPE; these rules read distances in the routed frame.
+        need(self.position != "alibi", "mod_capacity needs position rope, learned, sinusoidal or none, not alibi")
+        need(not self.sliding_window and self.sparse_pattern == "none",
+             "mod_capacity does not take sliding_window or sparse_pattern (a routed block's keys are a subset)")
 
     # ---- construction helpers
     @classmethod

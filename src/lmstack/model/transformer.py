@@ -2,7 +2,8 @@
 ModelConfig.
 
 A block is attention + MLP (or MoE) with pre-norm, post-norm, sandwich (Gemma-2) or parallel residuals. Blocks can be
-shared across layers (ALBERT). The model returns logits (B, T, vocab), or hidden states for
+shared across layers (ALBERT). A Mixture-of-Depths block (RoutedBlock, mixture_of_depths.py) runs on the
+top-k tokens its router picks. The model returns logits (B, T, vocab), or hidden states for
 encoders without an LM head.
 
 Usage:
@@ -11,7 +12,7 @@ Usage:
     logits = model(idx)                                   # (B, T, vocab)
     cache = model.new_cache(batch_size=1, max_len=64)
     logits = model(prompt, cache=cache)                   # prefill, then one token at a time
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + model.aux_loss   # MoE aux loss
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + model.aux_loss   # MoE / MoD router losses
     out = model(input_ids=idx, attention_mask=mask, labels=idx)   # HF style: out.loss, out.logits (model/outputs.py)
     model.fuse_projections()                              # one qkv_proj / gate_up_proj matmul (same numbers)
 
@@ -37,6 +38,7 @@ from lmstack.model.config import ModelConfig
 from lmstack.model.fused_projections import fuse_module, unfuse_module
 from lmstack.model.kv_cache import KVCache, SinkCache
 from lmstack.model.masks import AttentionMask, mask_for
+from lmstack.model.mixture_of_depths import MoDRouter
 from lmstack.model.mlp import ACTIVATIONS, MLP
 from lmstack.model.moe import MoE
 from lmstack.model.norms import make_norm
@@ -111,6 +113,18 @@ def _keep(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class RoutedBlock(Block):
+    """A Mixture-of-Depths block (mixture_of_depths.py): its router sends the top-k tokens of each sequence
+    through the block above and lets the rest skip it. A subclass, so unrouted blocks pay nothing."""
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__(cfg, index)
+        self.router = MoDRouter(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+        return self.router(super().forward, x, ctx, layer)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -124,7 +138,8 @@ class Transformer(nn.Module):
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.emb_norm = make_norm(cfg, cfg.d_model) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_unique_layers or cfg.n_layers))
+        self.blocks = nn.ModuleList((RoutedBlock if cfg.is_mod_layer(i) else Block)(cfg, i)
+                                    for i in range(cfg.n_unique_layers or cfg.n_layers))
         self.final_norm = make_norm(cfg, cfg.d_model) if cfg.norm_position != "post" else None
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         if cfg.position == "alibi":
@@ -220,10 +235,10 @@ class Transformer(nn.Module):
                                   attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   prefix_len=prefix_len, logits_to_keep=logits_to_keep, return_hidden=return_hidden)
             loss = None if labels is None else causal_lm_loss(logits, labels, real_vocab(cfg))
-            has_moe = any(isinstance(block.mlp, MoE) for block in self.blocks)
-            if loss is not None and has_moe:
-                loss = loss + self.aux_loss  # already weighted by router_aux_loss_coef, as our Trainer adds it
-            return CausalLMOutput(logits, loss, self.aux_loss if has_moe else None)
+            has_aux = cfg.mod_capacity > 0 or any(isinstance(block.mlp, MoE) for block in self.blocks)
+            if loss is not None and has_aux:
+                loss = loss + self.aux_loss  # already weighted by the routers' coefficients, as our Trainer adds it
+            return CausalLMOutput(logits, loss, self.aux_loss if has_aux else None)
         if idx.dim() != 2:
             raise LmstackError(f"input ids must have shape (batch, time), got {tuple(idx.shape)}")
         b, t = idx.shape
@@ -260,7 +275,7 @@ class Transformer(nn.Module):
         ctx = ForwardContext(self, q_pos, k_pos, cache, doc_ids, padding, prefix_len)
         aux = x.new_zeros((), dtype=torch.float32)
         blocks = list(self.blocks)  # (a list: indexing a ModuleList per layer costs a Python call)
-        moe = cfg.n_experts > 0
+        moe, mod = cfg.n_experts > 0, cfg.mod_capacity > 0
         for layer in range(cfg.n_layers):
             block = blocks[layer % len(blocks)]
             if self.checkpoint_blocks and self.training:
@@ -269,6 +284,8 @@ class Transformer(nn.Module):
                 x = block(x, ctx, layer)
             if moe and isinstance(block.mlp, MoE):
                 aux = aux + block.mlp.aux_loss
+            if mod and isinstance(block, RoutedBlock):
+                aux = aux + block.router.aux_loss
         self.aux_loss = aux
         if cache is not None:
             cache.advance(t)

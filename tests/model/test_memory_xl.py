@@ -24,13 +24,14 @@ def tiny(**kw) -> Transformer:
 
 @dataclass
 class SegmentBand(AttentionMask):
-    """The model's own mask (causal, ALiBi offsets) plus one rule: a key at most one segment before the query's."""
+    """The model's own mask (causal, ALiBi offsets) plus one rule: a key at most `reach` segments before the query's."""
     seg_len: int = 1
+    reach: int = 1
 
     def block(self, q_sl=slice(None), k_sl=slice(None)):
         q = self.q_pos[q_sl][:, None] // self.seg_len
         k = self.k_pos[k_sl][None, :] // self.seg_len
-        return super().block(q_sl, k_sl) & (q - k <= 1)[None, None]
+        return super().block(q_sl, k_sl) & (q - k <= self.reach)[None, None]
 
     def is_full(self):
         return False
@@ -41,11 +42,13 @@ class SegmentBand(AttentionMask):
 
 class BandedForward(AttentionCache):
     """One long forward at absolute positions 0..T-1 whose attention pattern is Transformer-XL's with
-    mem_len = seg_len: each token sees its own segment causally and the whole previous segment. By induction
-    over layers, every hidden state of segment s-1 then equals the one XL stores as memory for segment s."""
+    mem_len = reach * seg_len: each token sees its own segment causally and the whole `reach` segments before.
+    By induction over layers, every hidden state of segments s-reach..s-1 then equals the one XL stores as
+    memory for segment s. (RoPE: XL's positions are local, 0..mem+seg-1, so equality also checks that only
+    offsets matter.)"""
 
-    def __init__(self, seg_len):
-        self.seg_len = seg_len
+    def __init__(self, seg_len, reach=1):
+        self.seg_len, self.reach = seg_len, reach
 
     def positions(self, t):
         pos = torch.arange(t)
@@ -54,7 +57,7 @@ class BandedForward(AttentionCache):
     def attend(self, layer, q, k, v, attn, ctx):
         base = ctx.mask(layer)
         mask = SegmentBand(**{f.name: getattr(base, f.name) for f in fields(AttentionMask) if f.init},
-                           seg_len=self.seg_len)
+                           seg_len=self.seg_len, reach=self.reach)
         return BACKENDS["naive"](q, k, v, mask, attn.scale, slopes=ctx.slopes, softcap=attn.softcap)
 
     def advance(self, t):
@@ -75,6 +78,15 @@ def test_segments_with_memory_equal_the_banded_long_forward(kw):
     assert not torch.allclose(got[:, 2 * seg:], plain[:, 2 * seg:], atol=1e-3)
     # the first segment has no memory: it is exactly a plain forward of that segment
     assert torch.allclose(got[:, :seg], plain[:, :seg], atol=1e-5)
+
+
+def test_memory_longer_than_a_segment_reaches_two_segments_back():
+    model = tiny()
+    ids = torch.randint(0, 32, (1, 40))
+    with torch.no_grad():
+        want = model(ids, cache=BandedForward(8, reach=2))
+        got, _ = xl_forward(model, ids, seg_len=8, mem_len=16)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
 
 
 def test_mem_len_zero_is_independent_segments():

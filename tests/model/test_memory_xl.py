@@ -65,7 +65,8 @@ class BandedForward(AttentionCache):
 
 
 @pytest.mark.parametrize("kw", [dict(position="rope"), dict(position="alibi"),
-                                dict(position="rope", qk_norm=True, fused_projections=True)])
+                                dict(position="rope", qk_norm=True, fused_projections=True),
+                                dict(position="rope", sliding_window=12, attn_backend="blockwise", attn_block_size=4)])
 def test_segments_with_memory_equal_the_banded_long_forward(kw):
     model = tiny(**kw)
     ids = torch.randint(0, 32, (2, 40))

@@ -53,6 +53,7 @@ def block_params(cfg: ModelConfig, layer: int) -> tuple[int, int]:
     attn = (_linear(d, cfg.n_heads * hd, cfg.qkv_bias) + 2 * _linear(d, cfg.n_kv_heads * hd, cfg.qkv_bias)
             + _linear(cfg.n_heads * hd, d, cfg.out_bias) + (2 * hd if cfg.qk_norm else 0))
     norms = (4 if cfg.norm_position == "sandwich" else 2) * _norm(cfg, d)
+    norms += d if cfg.is_mod_layer(layer) else 0  # Mixture-of-Depths: the block's router, one score per token
     if not cfg.is_moe_layer(layer):
         mlp = _mlp(cfg, cfg.d_ff)
         return attn + norms + mlp, attn + norms + mlp

@@ -311,7 +311,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     zero_bias = {k for k in zero_bias if not getattr(cfg, k)}
     skip = zero_bias | {"name", "hf_model_type", "dropout", "init", "init_std", "n_sink_tokens", "attn_backend", "attn_block_size", "fused_kernels",
             "fused_projections",
-            "router_z_loss_coef", "router_aux_loss_coef", "sliding_window", "sliding_window_layers"}
+            "router_z_loss_coef", "router_aux_loss_coef", "mod_aux_loss_coef", "sliding_window",
+            "sliding_window_layers"}
     diffs = [k for k in ModelConfig.__dataclass_fields__ if k not in skip and getattr(back, k) != getattr(cfg, k)]
     windows = [cfg.window_for_layer(i) for i in range(cfg.n_layers)]
     if [back.window_for_layer(i) for i in range(cfg.n_layers)] != windows:

@@ -136,7 +136,7 @@ def mod_forward_flops(cfg: ModelConfig, context: int | None = None) -> dict:
     unique = cfg.n_unique_layers or cfg.n_layers
     routed = [layer for layer in range(cfg.n_layers) if cfg.is_mod_layer(layer % unique)]
     attn = 4 * context * cfg.n_heads * cfg.head_dim
-    saved = sum((1 - c) * 2 * block_params(cfg, layer % unique)[1] + (1 - c * c) * attn - 2 * cfg.d_model
+    saved = sum((1 - c) * 2 * block_params(dense_cfg, layer % unique)[1] + (1 - c * c) * attn - 2 * cfg.d_model
                 for layer in routed)
     mod = dense - saved
     return {"method": "arithmetic (counting.model_stats convention)", "context": context, "capacity": c,

@@ -1,0 +1,119 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmstack.errors import LmstackError
+from lmstack.model.config import ModelConfig
+from lmstack.model.hierarchical import (SUBJECT_ID, AttentionPool, FlatClassifier, HierarchicalClassifier,
+                                        make_documents)
+
+TOK = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=8)
+DOC = ModelConfig(vocab_size=1, d_model=24, n_layers=1, n_heads=2, max_seq_len=16)
+
+
+def model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return HierarchicalClassifier(TOK, DOC, chunk_size=8, n_classes=3, **kw).eval()
+
+
+def test_tokens_never_attend_across_chunks():
+    m = model()
+    ids = torch.randint(2, 64, (2, 32))
+    with torch.no_grad():
+        base, _, w_base = m.chunk_summaries(ids)
+        changed = ids.clone()
+        changed[:, 8:16] = torch.randint(2, 64, (2, 8))  # rewrite chunk 1 only
+        pert, _, w_pert = m.chunk_summaries(changed)
+    others = [0, 2, 3]
+    torch.testing.assert_close(pert[:, others], base[:, others], rtol=0, atol=0)
+    torch.testing.assert_close(w_pert[:, others], w_base[:, others], rtol=0, atol=0)
+    assert (pert[:, 1] - base[:, 1]).abs().max() > 1e-4
+    # level 2 does mix chunks: the document vector moves when one chunk changes
+    with torch.no_grad():
+        assert (m.encode(changed) - m.encode(ids)).abs().max() > 1e-4
+
+
+def test_pooling_shapes_padding_and_weights():
+    pool = AttentionPool(16)
+    h = torch.randn(3, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 3, dtype=torch.bool)
+    out, w = pool(h, mask)
+    assert out.shape == (3, 16) and w.shape == (3, 5)
+    torch.testing.assert_close(w.sum(-1), torch.ones(3))
+    assert (w[:, 3:] == 0).all()
+    # padded keys do not change the result
+    h2 = h.clone()
+    h2[:, 3:] = 100.0
+    torch.testing.assert_close(pool(h2, mask)[0], out)
+
+    m = model()
+    ids = torch.randint(2, 64, (2, 21))  # 21 tokens -> 3 chunks, the last one padded
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[1, 5:] = False  # row 1: only chunk 0 is real; chunks 1 and 2 are all padding
+    with torch.no_grad():
+        summaries, present, weights = m.chunk_summaries(ids, mask)
+        logits = m(ids, mask)
+    assert summaries.shape == (2, 3, 32) and weights.shape == (2, 3, 8) and logits.shape == (2, 3)
+    assert present.tolist() == [[True, True, True], [True, False, False]]
+    assert torch.isfinite(logits).all()
+    assert (weights[0, 2, 5:] == 0).all() and (weights[1, 0, 5:] == 0).all()
+    # padding chunks are invisible at level 2: filling them with other ids changes nothing
+    ids2 = ids.clone()
+    ids2[1, 5:] = 3
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids2, mask)[1], logits[1])
+
+
+def test_bad_inputs_raise():
+    m = model(max_chunks=4)
+    with pytest.raises(LmstackError, match="max_chunks"):
+        m(torch.randint(2, 64, (1, 40)))
+    with pytest.raises(LmstackError, match="batch, time"):
+        m(torch.randint(2, 64, (40,)))
+    with pytest.raises(LmstackError, match="vocab_size"):
+        make_documents(4, 4, 8, 3, vocab_size=10)
+    with pytest.raises(LmstackError, match="min_chunk"):
+        make_documents(4, 4, 8, 3, vocab_size=64, min_chunk=4)
+
+
+def test_documents_are_seeded_and_labelled_by_the_marked_chunk():
+    ids, labels = make_documents(20, n_chunks=6, chunk_size=8, n_classes=3, vocab_size=64, seed=5, min_chunk=3)
+    again, labels2 = make_documents(20, n_chunks=6, chunk_size=8, n_classes=3, vocab_size=64, seed=5, min_chunk=3)
+    assert torch.equal(ids, again) and torch.equal(labels, labels2)
+    chunks = ids.view(20, 6, 8)
+    for i in range(20):
+        marked = (chunks[i, :, 0] == SUBJECT_ID).nonzero().flatten().tolist()
+        assert len(marked) == 1 and marked[0] >= 3
+        words = chunks[i, marked[0]]
+        topic = words[(words >= 2) & (words < 2 + 3 * 4)]
+        assert len(topic) == 4 and ((topic - 2) // 4 == labels[i]).all()
+
+
+def _train(net, ids, labels, steps=120, lr=3e-3):
+    opt = torch.optim.AdamW(net.parameters(), lr)
+    g = torch.Generator().manual_seed(0)
+    net.train()
+    for _ in range(steps):
+        b = torch.randint(0, len(ids), (32,), generator=g)
+        loss = F.cross_entropy(net(ids[b]), labels[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+
+
+def test_learns_a_label_beyond_the_flat_models_truncation():
+    # The subject chunk is chunk 2 or 3; the flat model sees only the first 16 tokens (chunks 0-1).
+    kw = dict(n_chunks=4, chunk_size=8, n_classes=2, vocab_size=64, min_chunk=2, distractors=0)
+    ids, labels = make_documents(512, seed=0, **kw)
+    test_ids, test_labels = make_documents(200, seed=1, **kw)
+    torch.manual_seed(0)
+    hier = HierarchicalClassifier(TOK.replace(n_layers=1), DOC.replace(d_model=32), chunk_size=8, n_classes=2)
+    flat = FlatClassifier(TOK.replace(n_layers=1, max_seq_len=16), n_classes=2, context=16)
+    _train(hier, ids, labels)
+    _train(flat, ids, labels)
+    with torch.no_grad():
+        acc_h = (hier(test_ids).argmax(-1) == test_labels).float().mean().item()
+        acc_f = (flat(test_ids).argmax(-1) == test_labels).float().mean().item()
+    assert acc_h > 0.9
+    assert acc_f < 0.7  # what it sees carries no label: chance, 0.5 with stderr 0.035 at n=200

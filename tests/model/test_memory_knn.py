@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lmstack
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig, Transformer
 from lmstack.model.memory import KNNMemory, KNNStore, attach_knn_gate, knn_forward, load_knn_gate, save_knn_gate
+from lmstack.model.memory.knn import detach_knn_gate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: two threads only contend on a busy machine
 
@@ -160,6 +162,25 @@ def test_save_load_round_trip_and_another_models_memory_is_refused(tmp_path):
     assert torch.equal(other.knn_gate.logit, model.knn_gate.logit)
     with pytest.raises(LmstackError, match="kNN gate for 2 heads"):
         load_knn_gate(tiny(n_heads=2, n_kv_heads=2), tmp_path / "gate.safetensors")
+
+
+def test_the_model_and_its_gate_and_memory_survive_save_model_and_load_model(tmp_path):
+    model = tiny(gate=1.5)
+    memory = KNNMemory(model, layer=1, top_k=4)
+    ids = torch.randint(0, 32, (1, 8))
+    with torch.no_grad():
+        model(torch.randint(0, 32, (1, 16)), cache=memory)
+        memory.save(tmp_path / "mem")  # before the next call adds its own pairs
+        want = model(ids, cache=memory)
+    save_knn_gate(model, tmp_path / "gate.safetensors")
+    gate = detach_knn_gate(model)
+    assert not hasattr(model, "knn_gate") and float(gate.logit.detach()[0]) == 1.5
+    lmstack.save_model(model, tmp_path / "model")
+    loaded = lmstack.load_model(tmp_path / "model").eval()
+    load_knn_gate(loaded, tmp_path / "gate.safetensors")
+    with torch.no_grad():
+        got = loaded(ids, cache=KNNMemory.load(tmp_path / "mem", loaded))
+    assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_the_store_is_detached_and_the_memory_path_trains_w_q_and_the_gate():

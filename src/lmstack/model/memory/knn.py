@@ -16,7 +16,7 @@ Search: exact top-k by one matmul per (row, kv head) in torch, or FAISS (IndexFl
 installed and backend='faiss'. GQA: query heads of one group search their shared kv head's store.
 
 The gate is a small nn.Module, `model.knn_gate`, added by attach_knn_gate(): it trains with the model's
-parameters and is saved and loaded with safetensors (save_knn_gate / load_knn_gate). The memory's save()
+parameters and is saved and loaded with safetensors (save_knn_gate / load_knn_gate). (Detach it with detach_knn_gate() before lmstack.save_model.) The memory's save()
 records a fingerprint of the model (its config and the memory layer's key projection), and load() refuses a
 memory written by another model, whose keys would be meaningless here.
 
@@ -158,6 +158,15 @@ def attach_knn_gate(model: nn.Module, init: float = 0.0) -> KNNGate:
     p = next(model.parameters())
     gate = KNNGate(model.config.n_heads, init).to(p.device)
     model.knn_gate = gate
+    return gate
+
+
+def detach_knn_gate(model: nn.Module) -> KNNGate:
+    """Remove and return `model.knn_gate`. Until ModelConfig has a kNN switch, lmstack.save_model writes every
+    registered tensor and load_model refuses one its config does not name: save the gate with save_knn_gate,
+    detach it, then save the model (load_knn_gate re-attaches it after load_model)."""
+    gate = _gate_of(model)
+    del model.knn_gate
     return gate
 
 

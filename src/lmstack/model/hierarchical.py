@@ -104,8 +104,11 @@ class HierarchicalClassifier(nn.Module):
         flat_mask = mask.reshape(b * n, c)
         present = flat_mask.any(-1)
         # An all-padding chunk would give a row of -inf scores (NaN); let it see its first key, then drop it.
-        safe = flat_mask.clone()
-        safe[~present, 0] = True
+        # No mask at all when nothing is padded, so attention keeps its unmasked fast kernel.
+        safe = None
+        if not bool(flat_mask.all()):
+            safe = flat_mask.clone()
+            safe[~present, 0] = True
         h = self.tokens(chunks.reshape(b * n, c), attention_mask=safe)
         pooled, weights = self.chunk_pool(h, safe)
         return pooled.view(b, n, -1), present.view(b, n), weights.view(b, n, c)
@@ -118,7 +121,7 @@ class HierarchicalClassifier(nn.Module):
         pos = torch.arange(x.shape[1], device=x.device)
         if doc.pos_emb is not None:
             x = x + doc.pos_emb(pos)
-        ctx = ForwardContext(doc, pos, pos, None, None, present, None)
+        ctx = ForwardContext(doc, pos, pos, None, None, None if bool(present.all()) else present, None)
         blocks = list(doc.blocks)
         for layer in range(doc.config.n_layers):
             x = blocks[layer % len(blocks)](x, ctx, layer)

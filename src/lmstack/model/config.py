@@ -26,6 +26,7 @@ MLPKind = Literal["gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu
 Backend = Literal["sdpa", "naive", "blockwise"]
 AttentionKind = Literal["softmax", "performer", "linformer", "lsh"]
 SparsePattern = Literal["none", "longformer", "bigbird", "dilated"]
+MemoryKind = Literal["none", "xl", "compressive", "knn"]
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -172,6 +173,32 @@ class ModelConfig:
     mod_aux_loss_coef: float = 0.01
     """Weight of the router's BCE loss against its own top-k choice, which makes sigmoid(router) > 0.5 a causal
     stand-in for top-k when sampling."""
+    # ---- long-context memory (model/memory/)
+    memory: MemoryKind = "none"
+    """Long-context memory: xl (Transformer-XL: each layer also attends over its hidden states from earlier
+    segments, gradient stopped), compressive (xl plus a second memory of older states compressed by
+    cmem_rate, Compressive Transformer), knn (one layer also attends over the top-k keys/values stored from
+    earlier segments, Memorizing Transformer). A memory model's forward without a cache runs a long input
+    segment by segment through a fresh memory, so it trains and scores through the ordinary paths."""
+    seg_len: int = 0
+    """memory: tokens per segment; 0 = max_seq_len - mem_len - cmem_len (xl/compressive) or max_seq_len (knn)."""
+    mem_len: int = 0
+    """memory='xl'|'compressive': hidden states each layer carries from the segments before (>= 1)."""
+    cmem_len: int = 0
+    """memory='compressive': compressed memory slots each layer keeps (>= 1)."""
+    cmem_rate: int = 2
+    """memory='compressive': states evicted from the memory per compressed slot (the compression rate c)."""
+    cmem_fn: Literal["conv", "mean", "max"] = "conv"
+    """memory='compressive': the compression function: a strided 1-d convolution (learned), mean or max pooling."""
+    cmem_loss_coef: float = 1.0
+    """memory='compressive': weight of the attention-reconstruction loss that trains the compression (it reaches
+    only the compressor's weights, as in the paper)."""
+    knn_layer: int = -1
+    """memory='knn': the layer that attends over the store; -1 = the second-to-last layer."""
+    knn_top_k: int = 32
+    """memory='knn': stored keys each query retrieves per head."""
+    knn_capacity: int = 4096
+    """memory='knn': pairs the store holds per row; the oldest are evicted first."""
     # ---- embeddings and heads
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
@@ -251,6 +278,18 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_experts > 0 and (self.moe_layers is None or layer in self.moe_layers)
 
+    def memory_seg_len(self) -> int:
+        """The segment length a memory model runs long inputs in (seg_len, or what the window leaves)."""
+        if self.seg_len:
+            return self.seg_len
+        if self.memory == "knn":
+            return self.max_seq_len
+        return self.max_seq_len - self.mem_len - self.cmem_len
+
+    def memory_layer(self) -> int:
+        """memory='knn': the index of the layer that attends over the store."""
+        return self.knn_layer if self.knn_layer >= 0 else max(self.n_layers - 2, 0)
+
     def is_mod_layer(self, layer: int) -> bool:
         """Whether block `layer` is a Mixture-of-Depths (routed) block."""
         if not self.mod_capacity:
@@ -310,6 +349,7 @@ class ModelConfig:
                  f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
         check_range("n_shared_experts", self.n_shared_experts, low=0)
         self._validate_mod()
+        self._validate_memory()
         need(self.n_shared_experts == 0 or self.n_experts > 0, "n_shared_experts needs n_experts > 0")
         need(0 <= self.n_unique_layers <= self.n_layers,
              f"n_unique_layers={self.n_unique_layers} must be between 0 and n_layers={self.n_layers}")
@@ -324,6 +364,43 @@ class ModelConfig:
         need(not (self.fused_projections and self.attention == "lsh" and self.lsh_shared_qk),
              "fused_projections needs a k_proj, which shared-QK attention='lsh' has not; set lsh_shared_qk=False "
              "or fused_projections=False")
+
+    def _validate_memory(self) -> None:
+        for name in ("seg_len", "mem_len", "cmem_len"):
+            check_range(name, getattr(self, name), low=0)
+        if self.memory == "none":
+            set_ = [k for k in ("seg_len", "mem_len", "cmem_len") if getattr(self, k)]
+            need(not set_, f"{', '.join(set_)} need a long-context memory; set memory to xl, compressive or knn")
+            return
+        what = f"memory={self.memory!r}"
+        need(self.attention == "softmax", f"{what} needs softmax attention over a key set, got attention={self.attention!r}")
+        need(self.causal, f"{what} is for causal (decoder) models; this config has causal=False")
+        need(self.sparse_pattern == "none", f"{what} does not combine with sparse_pattern={self.sparse_pattern!r}")
+        need(not self.mod_capacity, f"{what} does not combine with mod_capacity (Mixture-of-Depths): a routed block "
+             "would skip tokens whose hidden states the memory carries; use one or the other")
+        if self.memory == "knn":
+            need(-1 <= self.knn_layer < self.n_layers, f"knn_layer must be -1 or in 0..{self.n_layers - 1}, got {self.knn_layer}")
+            need(1 <= self.knn_top_k <= self.knn_capacity,
+                 f"knn_top_k={self.knn_top_k} must be >= 1 and <= knn_capacity={self.knn_capacity}")
+            need(not (self.mem_len or self.cmem_len), "mem_len and cmem_len are for memory='xl'|'compressive', not 'knn'")
+            need(self.memory_seg_len() <= self.max_seq_len,
+                 f"seg_len={self.seg_len} exceeds max_seq_len={self.max_seq_len}, the window one segment attends in")
+            return
+        need(self.position in ("rope", "alibi", "none"), f"{what} needs relative positions, but position="
+             f"{self.position!r} adds absolute embeddings that cannot continue across the memory; use rope, alibi or none")
+        need(self.mem_len >= 1, f"{what} needs mem_len >= 1 (hidden states carried per layer)")
+        if self.memory == "compressive":
+            need(self.cmem_len >= 1 and self.cmem_rate >= 1,
+                 f"memory='compressive' needs cmem_len >= 1 and cmem_rate >= 1, got {self.cmem_len} and {self.cmem_rate}")
+        else:
+            need(not self.cmem_len, "cmem_len needs memory='compressive'")
+        need(self.seg_len or self.memory_seg_len() >= 1,
+             f"mem_len={self.mem_len} + cmem_len={self.cmem_len} leave no room for a segment in max_seq_len="
+             f"{self.max_seq_len}; lower them or raise max_seq_len")
+        window = self.mem_len + self.cmem_len + self.memory_seg_len()
+        need(window <= self.max_seq_len,
+             f"mem_len={self.mem_len} + cmem_len={self.cmem_len} + seg_len={self.memory_seg_len()} = {window} must fit "
+             f"in max_seq_len={self.max_seq_len}, the positions one segment and its memory span; lower one of them")
 
     def _validate_mod(self) -> None:
         need(0.0 <= self.mod_capacity <= 1.0,

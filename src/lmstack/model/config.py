@@ -24,7 +24,7 @@ Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
 RopeScaling = Literal["none", "linear", "ntk", "yarn", "llama3"]
 MLPKind = Literal["gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "geglu_tanh"]
 Backend = Literal["sdpa", "naive", "blockwise"]
-AttentionKind = Literal["softmax", "performer", "linformer", "lsh"]
+AttentionKind = Literal["softmax", "performer", "linformer", "lsh", "routing"]
 SparsePattern = Literal["none", "longformer", "bigbird", "dilated"]
 MemoryKind = Literal["none", "xl", "compressive", "knn"]
 
@@ -132,6 +132,17 @@ class ModelConfig:
     """attention='lsh': buckets per round (even); 0 = about T/lsh_chunk_size, as in Reformer."""
     lsh_shared_qk: bool = True
     """attention='lsh': Reformer's shared-QK (keys are the normalised queries; the model has no k_proj)."""
+    routing_n_clusters: int = 8
+    """attention='routing' (Routing Transformer): k-means centroids per routing head; each takes its nearest
+    queries and keys, and a query attends only to the keys of its clusters."""
+    routing_window: int = 0
+    """attention='routing': queries and keys each cluster takes (w), also the local heads' window; 0 = ceil(T /
+    routing_n_clusters), the paper's balanced choice (cost about T*w instead of T^2)."""
+    routing_local_heads: int = 0
+    """attention='routing': the first this-many heads attend to a causal local window of w keys instead (the
+    paper mixes local and routing heads); the rest route."""
+    routing_ema_decay: float = 0.999
+    """attention='routing': decay of the centroids' moving average (mini-batch k-means in training, none in eval)."""
     sparse_pattern: SparsePattern = "none"
     """Sparse attention mask: longformer (window + global tokens), bigbird (window, global, random blocks), dilated."""
     sparse_global_tokens: int = 0
@@ -342,6 +353,14 @@ class ModelConfig:
              f"lsh_n_hashes and lsh_chunk_size must be >= 1, got {self.lsh_n_hashes} and {self.lsh_chunk_size}")
         need(self.lsh_n_buckets == 0 or (self.lsh_n_buckets >= 2 and self.lsh_n_buckets % 2 == 0),
              f"lsh_n_buckets must be 0 (auto) or an even number >= 2, got {self.lsh_n_buckets}")
+        need(self.routing_n_clusters >= 1 and self.routing_window >= 0,
+             f"routing_n_clusters must be >= 1 and routing_window >= 0, got {self.routing_n_clusters} and "
+             f"{self.routing_window}")
+        need(0 <= self.routing_local_heads < self.n_heads,
+             f"routing_local_heads must be in 0..n_heads-1={self.n_heads - 1}, got {self.routing_local_heads}")
+        need(not self.routing_local_heads or self.causal, "routing_local_heads are causal local windows; "
+             "set routing_local_heads=0 for a bidirectional (causal=False) model")
+        need(0.0 <= self.routing_ema_decay < 1.0, f"routing_ema_decay must be in [0, 1), got {self.routing_ema_decay}")
         check_range("n_experts", self.n_experts, low=0)
         need(self.moe_capacity_factor >= 0, f"moe_capacity_factor must be >= 0 (0 = no limit), got {self.moe_capacity_factor}")
         if self.n_experts:

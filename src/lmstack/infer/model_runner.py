@@ -61,6 +61,13 @@ class ModelRunner:
             raise LmstackError("the inference engine needs a causal language model (causal=True, head='lm')")
         if cfg.attention != "softmax":
             raise LmstackError(f"attention={cfg.attention!r} has no KV cache; the engine needs softmax attention")
+        if cfg.memory != "none":
+            raise LmstackError(f"memory={cfg.memory!r}: the paged KV cache has no slot for a long-context memory, so "
+                               "the engine would drop it and run a different model; decode with "
+                               "lmstack.model.memory.generate_with_memory")
+        if cfg.mod_capacity:
+            raise LmstackError("mod_capacity (Mixture-of-Depths) has no KV-cache decoding yet: a routed block would "
+                               "cache only the tokens it chose; score whole sequences with model(ids)")
         p = next(model.parameters())
         self.model, self.device = model, p.device
         # decode graphs pad their batches into one scratch block past the engine's (cuda_graphs.py)

@@ -22,6 +22,7 @@ from lmstack.errors import LmstackError
 from lmstack.model.counting import format_stats, model_stats
 from lmstack.model.hf_io import check_output_head, load_model, read_config, save_model
 from lmstack.model.lazy_safetensors import CheckpointReader
+from lmstack.model.memory.segments import generate_with_memory
 from lmstack.model.presets import preset as make_preset
 from lmstack.model.reference_decode import reference_decode
 from lmstack.model.side_files import keep_source_files
@@ -174,8 +175,16 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
     if bad:
         raise LmstackError(f"prompt ids {bad[:5]} are outside the vocabulary (size {n_real})")
     start = time.perf_counter()
-    out = reference_decode(m, torch.tensor([prompt_ids]), max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           eos_id=m.config.eos_token_id, cache=None if cache == "none" else cache, seed=seed)
+    if m.config.memory != "none":  # the memory model's own decode loop (a KV cache would drop the memory)
+        if top_k or top_p < 1.0:
+            raise LmstackError(f"memory={m.config.memory!r} models decode greedily or with temperature only; "
+                               "drop --top_k/--top_p")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out = generate_with_memory(m, torch.tensor([prompt_ids]), max_tokens, temperature=temperature,
+                                   eos_id=m.config.eos_token_id, generator=gen)
+    else:
+        out = reference_decode(m, torch.tensor([prompt_ids]), max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               eos_id=m.config.eos_token_id, cache=None if cache == "none" else cache, seed=seed)
     new = out[0, len(prompt_ids):].tolist()
     elapsed = time.perf_counter() - start
     print(tok.decode(new) if tok is not None else new)

@@ -76,13 +76,23 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
     return kv_values_per_token(cfg) * dtype_bytes
 
 
+def memory_params(cfg: ModelConfig) -> int:
+    """Parameters of a long-context memory (model/memory/): the kNN gate (one per query head), or the
+    compressive memory's strided convolutions (one per layer: kernel = stride = cmem_rate, d -> d, with bias)."""
+    if cfg.memory == "knn":
+        return cfg.n_heads
+    if cfg.memory == "compressive" and cfg.cmem_fn == "conv":
+        return cfg.n_layers * (cfg.d_model * cfg.d_model * cfg.cmem_rate + cfg.d_model)
+    return 0
+
+
 def model_stats(cfg: ModelConfig, context: int | None = None, kv_dtype_bytes: int = 4) -> ModelStats:
     context = context or cfg.max_seq_len
     d, v = cfg.d_model, cfg.vocab_size
     emb = v * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0) + cfg.type_vocab_size * d
     emb += _norm(cfg, d) if cfg.embedding_norm else 0
     unique = cfg.n_unique_layers or cfg.n_layers
-    total = emb + sum(block_params(cfg, i)[0] for i in range(unique))
+    total = emb + sum(block_params(cfg, i)[0] for i in range(unique)) + memory_params(cfg)
     active_blocks = sum(block_params(cfg, i % unique)[1] for i in range(cfg.n_layers))
     head = 0
     if cfg.norm_position != "post":

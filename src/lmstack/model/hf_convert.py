@@ -240,6 +240,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     mt = export_type(cfg)
     if mt not in EXPORTABLE:
         raise LmstackError(f"cannot export hf_model_type {mt!r}; exportable: {', '.join(EXPORTABLE)}")
+    if cfg.memory != "none":
+        raise LmstackError(f"memory={cfg.memory!r} has no Hugging Face architecture: transformers' {mt} would run "
+                           "each input as one window without the memory, a different model; keep lmstack's layout")
     ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if mt in LLAMA_LIKE:
         act = {v: k for k, v in _ACT_TO_GATED.items() if k != "swish"}.get(cfg.mlp)

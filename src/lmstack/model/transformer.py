@@ -39,6 +39,8 @@ from lmstack.model.fused_projections import fuse_module, unfuse_module
 from lmstack.model.kv_cache import KVCache, SinkCache
 from lmstack.model.masks import AttentionMask, mask_for
 from lmstack.model.mixture_of_depths import MoDRouter
+from lmstack.model.memory.knn import KNNGate
+from lmstack.model.memory.segments import segment_forward
 from lmstack.model.mlp import ACTIVATIONS, MLP
 from lmstack.model.moe import MoE
 from lmstack.model.norms import make_norm
@@ -151,6 +153,10 @@ class Transformer(nn.Module):
             self.mlm_dense = nn.Linear(cfg.d_model, cfg.d_model)
             self.mlm_norm = make_norm(cfg, cfg.d_model)
             self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        if cfg.memory == "knn":  # the Memorizing Transformer's learned gate between memory and local attention
+            self.knn_gate = KNNGate(cfg.n_heads)
+        elif cfg.memory == "compressive":  # PENDING-C: memory/compressive.py lands in this session
+            raise LmstackError("memory='compressive' is not wired into the Transformer yet")
         self.checkpoint_blocks = False  # activation checkpointing: distributed.place_model switches it on
         self.aux_loss = torch.zeros(())
         self.reset_parameters()
@@ -245,6 +251,19 @@ class Transformer(nn.Module):
         if cache is not None and not isinstance(cache, AttentionCache):
             raise LmstackError(f"cache must be an lmstack.model.attention_cache.AttentionCache (e.g. from "
                                f"model.new_cache()), got {type(cache).__name__}")
+        if cfg.memory != "none" and cache is not None and not getattr(cache, "long_memory", False):
+            raise LmstackError(f"memory={cfg.memory!r} model given a {type(cache).__name__}: it would run without its "
+                               "memory, a different model; pass a memory (memory.segments.new_memory) or decode with "
+                               "lmstack.model.memory.generate_with_memory")
+        if cfg.memory != "none" and cache is None:
+            # A memory model reads a long input segment by segment through a fresh memory (memory/segments.py).
+            if doc_ids is not None or attention_mask is not None or prefix_len is not None:
+                raise LmstackError(f"memory={cfg.memory!r} runs one document per row across segments; it takes no "
+                                   "doc_ids, attention_mask or prefix_len (pad nothing, pack nothing)")
+            x = segment_forward(self, idx)
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+            return x if cfg.head == "none" or return_hidden else self.head(x)
         if cache is None:
             q_pos = k_pos = torch.arange(t, device=idx.device)
         else:

@@ -31,6 +31,7 @@ Usage:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -162,9 +163,9 @@ def attach_knn_gate(model: nn.Module, init: float = 0.0) -> KNNGate:
 
 
 def detach_knn_gate(model: nn.Module) -> KNNGate:
-    """Remove and return `model.knn_gate`. Until ModelConfig has a kNN switch, lmstack.save_model writes every
-    registered tensor and load_model refuses one its config does not name: save the gate with save_knn_gate,
-    detach it, then save the model (load_knn_gate re-attaches it after load_model)."""
+    """Remove and return `model.knn_gate`, from a plain model given a gate by attach_knn_gate: load_model
+    refuses a tensor its config does not name, so save the gate with save_knn_gate, detach it, then save the
+    model (load_knn_gate re-attaches it after load_model). A memory='knn' model owns its gate: keep it."""
     gate = _gate_of(model)
     del model.knn_gate
     return gate
@@ -215,6 +216,7 @@ class KNNMemory(AttentionCache):
     """An AttentionCache for model(ids, cache=...): every layer attends locally over the call's tokens, and
     layer `layer` also over the top_k stored pairs, gated by model.knn_gate; the call's K/V are then stored."""
 
+    long_memory = True  # a memory model may run with this cache (Transformer.forward checks)
     rotated_keys = False  # raw keys: stored unrotated (position-free), rotated here for local attention
 
     def __init__(self, model: nn.Module, layer: int, capacity: int = 4096, top_k: int = 32, backend: str = "exact"):
@@ -230,6 +232,7 @@ class KNNMemory(AttentionCache):
         self.model, self.layer, self.top_k = model, layer, top_k
         self.store = KNNStore(capacity, backend)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._read_only = False
 
     def reset(self) -> None:
         """Forget everything stored (a new user, a new batch)."""
@@ -263,8 +266,22 @@ class KNNMemory(AttentionCache):
         g = _gate_of(self.model).weight().to(q.dtype)[None, :, None, None]
         return g * memory + (1 - g) * local
 
+    @contextlib.contextmanager
+    def read_only(self):
+        """Retrieve from the store but add nothing to it: decoding re-runs an open segment each step, and
+        only a finished segment may be stored (once)."""
+        self._read_only = True
+        try:
+            yield self
+        finally:
+            self._read_only = False
+            self._pending = None
+
     def advance(self, t: int) -> None:
         # stored after the forward: a call never retrieves its own tokens (local attention covers them)
+        if self._read_only:
+            self._pending = None
+            return
         if self._pending is not None:
             self.store.add(*self._pending)
             self._pending = None

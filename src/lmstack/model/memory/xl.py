@@ -72,6 +72,7 @@ def _project_kv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class XLMemory(AttentionCache):
     """Per-layer memory of the last mem_len attention inputs, detached; an AttentionCache for model(ids, cache=...)."""
 
+    long_memory = True  # a memory model may run with this cache (Transformer.forward checks)
     rotated_keys = True  # this segment's keys arrive rotated at their positions; memory keys are rotated here
 
     def __init__(self, model: nn.Module, mem_len: int):

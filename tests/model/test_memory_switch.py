@@ -1,0 +1,141 @@
+"""ModelConfig.memory: a memory model's own forward, training, saving, decoding and refusals."""
+import pytest
+import torch
+
+import lmstack
+from lmstack.errors import LmstackError
+from lmstack.infer.model_runner import ModelRunner
+from lmstack.model.config import ModelConfig
+from lmstack.model.counting import model_stats
+from lmstack.model.hf_convert import config_to_hf
+from lmstack.model.memory import KNNMemory, generate_with_memory, knn_forward, new_memory, xl_forward
+from lmstack.model.transformer import Transformer
+from lmstack.train.objectives import ObjectiveConfig, build_objective
+
+
+def xl_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=48, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, memory="xl", mem_len=16, seg_len=16)
+    return Transformer(ModelConfig(**{**base, **kw})).eval()
+
+
+def knn_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=48, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, memory="knn", knn_top_k=4,
+                seg_len=8)
+    return Transformer(ModelConfig(**{**base, **kw})).eval()
+
+
+def test_xl_model_forward_is_segment_recurrence_past_its_window():
+    model = xl_model()
+    ids = torch.randint(0, 48, (2, 150))  # longer than max_seq_len: segments of 16 with 16 of memory
+    want, _ = xl_forward(model, ids, seg_len=16, mem_len=16)
+    torch.testing.assert_close(model(ids), want, atol=0, rtol=0)
+    hidden = model(ids, return_hidden=True)
+    torch.testing.assert_close(model.head(hidden), want)
+    # the memory reaches back: an early token changes a later segment's logits (a plain window would not)
+    other = ids.clone()
+    other[:, 10] = (other[:, 10] + 1) % 48
+    assert not torch.allclose(model(other)[:, 20:32], want[:, 20:32])
+    assert torch.equal(model(other)[:, :10], want[:, :10])
+
+
+def test_knn_model_forward_is_knn_forward_with_a_fresh_store_and_owns_its_gate():
+    model = knn_model()
+    assert [n for n, _ in model.named_parameters() if n.startswith("knn_gate")] == ["knn_gate.logit"]
+    ids = torch.randint(0, 48, (2, 40))
+    want, _ = knn_forward(model, ids, 8, KNNMemory(model, 0, capacity=4096, top_k=4))
+    torch.testing.assert_close(model(ids), want)
+    assert model_stats(model.config).total_params == model.num_parameters()
+
+
+def test_memory_models_train_through_the_ordinary_objective():
+    for model in (xl_model(), knn_model()):
+        model.train()
+        obj = build_objective(ObjectiveConfig(name="clm"), model.config)
+        tokens = torch.randint(0, 48, (2, 49))
+        loss, metrics = obj.loss(model, obj.prepare(tokens, torch.Generator().manual_seed(0)))
+        loss.backward()
+        assert torch.isfinite(loss) and metrics["n_tokens"] == 96
+        attn = model.blocks[0].attn
+        assert attn.k_proj.weight.grad is not None and attn.k_proj.weight.grad.abs().sum() > 0
+        if model.config.memory == "knn":  # layer 0 retrieves from the store: the gate learns
+            assert model.knn_gate.logit.grad.abs().sum() > 0
+
+
+def test_memory_models_round_trip_through_save_and_load(tmp_path):
+    for name, model in (("xl", xl_model()), ("knn", knn_model())):
+        with torch.no_grad():
+            if name == "knn":
+                model.knn_gate.logit.fill_(0.7)
+        lmstack.save_model(model, tmp_path / name)
+        back = lmstack.load_model(tmp_path / name).eval()
+        assert back.config.memory == name
+        ids = torch.randint(0, 48, (1, 70))
+        torch.testing.assert_close(back(ids), model(ids))
+
+
+def test_xl_decoding_matches_teacher_forced_segments_of_one():
+    model = xl_model(seg_len=1)  # prefill and decode both run segments of one token
+    prompt = torch.randint(0, 48, (2, 9))
+    out = generate_with_memory(model, prompt, 12)
+    logits, _ = xl_forward(model, out[:, :-1], seg_len=1, mem_len=16)
+    assert torch.equal(logits[:, 8:].argmax(-1), out[:, 9:])
+
+
+def test_knn_decoding_matches_recomputing_the_whole_sequence():
+    model = knn_model()
+    with torch.no_grad():
+        model.knn_gate.logit.fill_(1.0)
+    prompt = torch.randint(0, 48, (2, 13))
+    out = generate_with_memory(model, prompt, 20)  # crosses two segment boundaries while decoding
+    for t in range(13, 33):
+        assert torch.equal(model(out[:, :t])[:, -1].argmax(-1), out[:, t])
+
+
+def test_a_persistent_knn_store_carries_a_fact_across_calls(tmp_path):
+    model = knn_model()
+    memory = new_memory(model)
+    model(torch.randint(0, 48, (1, 24)), cache=memory)
+    assert len(memory) == 24
+    memory.save(tmp_path / "mem")
+    loaded = KNNMemory.load(tmp_path / "mem", model)
+    q = torch.randint(0, 48, (1, 5))
+    torch.testing.assert_close(model(q, cache=loaded), model(q, cache=memory))
+    assert len(loaded) == 29  # a call's own keys go to the store after it
+    fresh = KNNMemory.load(tmp_path / "mem", model)
+    out = generate_with_memory(model, q, 3, memory=fresh)
+    assert out.shape == (1, 8) and len(fresh) == 24  # the open segment (8 tokens, not yet full) is not stored
+    generate_with_memory(model, q, 4, memory=fresh)
+    assert len(fresh) == 32  # 9 tokens: the first full segment of 8 was stored, once
+
+
+def test_memory_models_are_refused_where_they_would_run_without_their_memory():
+    model = xl_model()
+    with pytest.raises(LmstackError, match="engine would drop it"):
+        ModelRunner(model, num_blocks=8, block_size=4)
+    with pytest.raises(LmstackError, match="run without its memory"):
+        model(torch.randint(0, 48, (1, 4)), cache=model.new_cache())
+    with pytest.raises(LmstackError, match="no Hugging Face architecture"):
+        config_to_hf(model.config.replace(hf_model_type="llama"))
+    with pytest.raises(LmstackError, match="doc_ids"):
+        model(torch.randint(0, 48, (1, 4)), doc_ids=torch.zeros(1, 4, dtype=torch.long))
+    mod = Transformer(ModelConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, mod_capacity=0.5))
+    with pytest.raises(LmstackError, match="Mixture-of-Depths"):
+        ModelRunner(mod, num_blocks=8, block_size=4)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(memory="xl"), "mem_len >= 1"),
+    (dict(memory="xl", mem_len=40, seg_len=40), "must fit in max_seq_len=64"),
+    (dict(memory="xl", mem_len=64), "leave no room for a segment"),
+    (dict(memory="xl", mem_len=8, position="learned"), "relative positions"),
+    (dict(memory="xl", mem_len=8, mod_capacity=0.5), "Mixture-of-Depths"),
+    (dict(memory="knn", knn_layer=5), "knn_layer"),
+    (dict(memory="knn", knn_top_k=10, knn_capacity=4), "knn_top_k"),
+    (dict(mem_len=8), "need a long-context memory"),
+    (dict(memory="compressive", mem_len=8), "cmem_len >= 1"),
+])
+def test_conflicting_memory_settings_name_the_conflict(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, **kw)

@@ -139,3 +139,24 @@ def test_memory_models_are_refused_where_they_would_run_without_their_memory():
 def test_conflicting_memory_settings_name_the_conflict(kw, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, **kw)
+
+
+def test_pretrain_cli_trains_a_memory_model_and_model_generate_decodes_it(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from lmstack.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    (tmp_path / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 40)
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", "recipes/shakespeare_char.yaml", "--out", str(run), "--data.text",
+            str(tmp_path / "input.txt"), "--model.vocab_size", "64", "--model.n_layers", "2", "--model.d_model", "64",
+            "--model.position", "rope", "--model.memory", "xl", "--model.mem_len", "32", "--model.seg_len", "32", "--train.steps", "6",
+            "--train.eval_every", "0", "--train.progress", "false", "--train.log_every", "2", "--train.save_every", "6"]
+    assert main(args) == 0
+    ckpt = run / "checkpoints" / "step_00000006" / "model"
+    model = lmstack.load_model(ckpt)
+    assert model.config.memory == "xl" and model.config.mem_len == 32
+    capsys.readouterr()
+    assert main(["model", "generate", str(ckpt), "--prompt", "First", "--max_tokens", "5"]) == 0
+    assert "5 tokens in" in capsys.readouterr().out

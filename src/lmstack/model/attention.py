@@ -13,7 +13,8 @@ With cfg.fused_projections the q/k/v projections are one `qkv_proj` Linear (fuse
 matmul, and q and k are rotated by RoPE in one op (one C++ call inside decode_kernels(), decode_ops.rope); the
 numbers are those of the split layout.
 
-attention='performer'|'linformer' (linear_attention.py) and 'lsh' (Reformer, lsh_attention.py) replace the
+attention='performer'|'linformer' (linear_attention.py), 'lsh' (Reformer, lsh_attention.py) and 'routing'
+(Routing Transformer, routing_attention.py) replace the
 softmax-over-all-keys backends; they run on whole sequences, without a KV cache.
 
 Usage:
@@ -34,6 +35,7 @@ from lmstack.model.linear_attention import LINEAR_ATTENTION
 from lmstack.model.lsh_attention import LSHAttention
 from lmstack.model.norms import RMSNorm
 from lmstack.model.positions import apply_rotary
+from lmstack.model.routing_attention import RoutingAttention
 
 
 def _rope_heads_second(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,7 @@ def _rope_heads_second(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 # attention kinds other than softmax-over-all-keys: name -> module taking (q, k, v, causal)
-ATTENTION_KINDS = {**LINEAR_ATTENTION, "lsh": LSHAttention}
+ATTENTION_KINDS = {**LINEAR_ATTENTION, "lsh": LSHAttention, "routing": RoutingAttention}
 
 
 class Attention(nn.Module):

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
@@ -157,8 +158,8 @@ def test_bad_configs_are_clear_errors():
         _cfg(position="alibi")
     _cfg(n_experts=4, moe_top_k=1, moe_layers=[0])  # MoE and MoD in different blocks is fine
     model = Transformer(_cfg())
-    with pytest.raises(LmstackError, match="KV cache"):
-        model(torch.zeros(1, 4, dtype=torch.long), cache=model.new_cache(1, 16))
+    with pytest.raises(LmstackError, match="contiguous KV cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), cache=model.new_cache(1, kind="sink", window=8))
     with pytest.raises(LmstackError, match="attention_mask"):
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4))
 
@@ -183,3 +184,22 @@ def test_mod_flops_are_below_dense_and_match_the_arithmetic():
     full = mod_forward_flops(_cfg(n_layers=4, mod_capacity=1.0), context=64)
     # capacity 1 costs the dense model plus the two routers' 2 * d_model each
     assert full["mod_forward_flops_per_token"] == pytest.approx(dense + 2 * 2 * 32)
+
+
+def test_kv_cache_decoding_equals_the_full_forward_with_the_causal_predictor():
+    torch.manual_seed(5)
+    model = Transformer(_cfg()).eval()
+    for block in model.blocks:
+        if isinstance(block, RoutedBlock):  # untrained routers score near 0: spread them so rows differ
+            nn.init.normal_(block.router.score.weight, 0.0, 0.5)
+    ids = torch.randint(0, 64, (2, 12))
+    cache = model.new_cache(2, 32)
+    steps = [model(ids[:, :7], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(7, 12)]
+    routed = [b.router for b in model.blocks if isinstance(b, RoutedBlock)]
+    for router in routed:
+        router.routing = "threshold"
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids), atol=1e-5, rtol=1e-5)
+    # the routed layers kept keys only for the tokens they processed, and skipped some
+    stores = [next(iter(r._decode.values())) for r in routed]
+    held = [int(s.pos.numel()) for layer in stores for s in layer]
+    assert 0 < min(held) and max(held) < 12

@@ -66,8 +66,9 @@ class ModelRunner:
                                "the engine would drop it and run a different model; decode with "
                                "lmstack.model.memory.generate_with_memory")
         if cfg.mod_capacity:
-            raise LmstackError("mod_capacity (Mixture-of-Depths) has no KV-cache decoding yet: a routed block would "
-                               "cache only the tokens it chose; score whole sequences with model(ids)")
+            raise LmstackError("mod_capacity (Mixture-of-Depths): a routed block keeps keys only for the tokens it "
+                               "chose, which the paged pool (a slot per token and layer) does not hold; decode with "
+                               "model.new_cache() (lmstack model generate)")
         p = next(model.parameters())
         self.model, self.device = model, p.device
         # decode graphs pad their batches into one scratch block past the engine's (cuda_graphs.py)

@@ -15,8 +15,14 @@ Causality: top-k over a sequence looks at future tokens, which autoregressive sa
 paper's auxiliary-loss method: binary cross-entropy between the router logit and the top-k choice
 (weight mod_aux_loss_coef, added to model.aux_loss), so that sigmoid(r_i) > 1/2 predicts the choice from the
 token alone. `routing = "threshold"` routes that way (causal; the count varies per row); "topk" (the default)
-is the training rule. Decoding with a KV cache is refused for now: a routed layer's cache would hold only
-the tokens it processed.
+is the training rule.
+
+Decoding with the contiguous KV cache (model.new_cache(), reference_decode, `lmstack model generate`) routes
+by the predictor, since top-k over tokens not yet generated does not exist: a token enters a routed block when
+sigmoid(r_i) > 1/2, and the routed layer keeps its own keys and values of the tokens it processed (per row,
+beside the KVCache), so a skipped token costs that layer nothing, now or later. The result equals a full
+forward with routing = "threshold". The paged engine refuses MoD models (its pool has one slot per token
+and layer).
 
 FLOPs: `mod_forward_flops(cfg)` gives forward FLOPs per token of the config with and without its routing,
 arithmetic in counting.py's (Kaplan) convention.
@@ -31,6 +37,7 @@ Usage:
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -38,8 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import LmstackError
+from lmstack.model.attention_cache import BackendCache
 from lmstack.model.config import ModelConfig
 from lmstack.model.counting import block_params, model_stats
+from lmstack.model.kv_cache import KVCache
 from lmstack.model.masks import AttentionMask
 
 ROUTINGS = ("topk", "threshold")
@@ -51,11 +60,13 @@ class RoutedContext:
     Rows select different positions, so the RoPE tables carry a batch axis; the mask is causal over the
     selected tokens' order, which is their position order (selection keeps the original order)."""
 
-    def __init__(self, ctx, positions: torch.Tensor):
-        self.cfg, self.cache, self.slopes = ctx.cfg, None, None
+    def __init__(self, ctx, positions: torch.Tensor, cache: "RoutedLayerCache | None" = None):
+        self.cfg, self.cache, self.slopes = ctx.cfg, cache, None
         self.has_batch_rules = False
         b, k = positions.shape
         self.q_pos = self.k_pos = torch.arange(k, device=positions.device)
+        if cache is not None:  # decoding (one row): the keys are this layer's earlier tokens, by real position
+            self.q_pos, self.k_pos = positions[0], torch.cat((cache.pos, positions[0]))
         self.cos_q = self.sin_q = self.cos_t = self.sin_t = None
         if ctx.cos_q is not None:
             cos, sin = ctx._rope(positions)              # (B, k, D)
@@ -65,6 +76,28 @@ class RoutedContext:
 
     def mask(self, layer: int) -> AttentionMask:
         return self._mask
+
+
+class RoutedLayerCache(BackendCache):
+    """One row's keys and values in one routed layer while decoding: only the tokens that layer processed,
+    with their positions (the causal mask compares real positions; keys are stored rotated)."""
+
+    rotated_keys = True
+
+    def __init__(self, device: torch.device):
+        self.k = self.v = None
+        self.pos = torch.zeros(0, dtype=torch.long, device=device)
+
+    def positions(self, t: int):
+        raise LmstackError("RoutedLayerCache belongs to one routed layer; the model's cache gives positions")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+    def advance(self, t: int) -> None:  # the router moves pos on, once the block has run
+        pass
 
 
 class MoDRouter(nn.Module):
@@ -77,6 +110,8 @@ class MoDRouter(nn.Module):
         self.routing = "topk"  # or "threshold": the causal rule the auxiliary loss trains
         self.aux_loss = torch.zeros(())
         self.last_selected = torch.zeros(0, 0, dtype=torch.bool)
+        # decoding: the model's KVCache -> this layer's per-row RoutedLayerCaches (gone with the cache)
+        self._decode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def k(self, t: int) -> int:
         """Tokens of a length-t sequence that the block processes under top-k."""
@@ -84,13 +119,12 @@ class MoDRouter(nn.Module):
 
     def forward(self, block: Callable, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
         """Run `block(xs, ctx, layer)` (the dense block's forward) on the selected tokens of x (B, T, D)."""
-        if ctx.cache is not None:
-            raise LmstackError("mod_capacity (Mixture-of-Depths) runs without a KV cache for now: a routed layer "
-                               "would cache only its selected tokens; run the model on whole sequences")
         if ctx.has_batch_rules:
             raise LmstackError("mod_capacity (Mixture-of-Depths) takes no doc_ids, attention_mask or prefix_len")
         if self.routing not in ROUTINGS:
             raise LmstackError(f"unknown Mixture-of-Depths routing {self.routing!r}; choose one of {ROUTINGS}")
+        if ctx.cache is not None:
+            return self._decode_step(block, x, ctx, layer)
         b, t, _ = x.shape
         logits = self.score(x).squeeze(-1).float()  # (B, T)
         if self.routing == "topk":
@@ -112,6 +146,38 @@ class MoDRouter(nn.Module):
             one = x[row:row + 1]
             rows.append(self._apply(block, one, ctx, layer, idx, gate[row:row + 1]) if idx.numel() else one)
         return torch.cat(rows)
+
+    def _decode_step(self, block: Callable, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
+        """Prefill or a decode step with the model's KVCache: the causal predictor routes, and each row's
+        selected tokens attend over the tokens this layer processed before (RoutedLayerCache)."""
+        if not isinstance(ctx.cache, KVCache):
+            raise LmstackError(f"mod_capacity (Mixture-of-Depths) decodes with the contiguous KV cache "
+                               f"(model.new_cache()), not a {type(ctx.cache).__name__}")
+        rows = self._decode.get(ctx.cache)
+        if rows is None:
+            rows = self._decode[ctx.cache] = [RoutedLayerCache(x.device) for _ in range(x.shape[0])]
+        if len(rows) != x.shape[0]:
+            raise LmstackError(f"this KV cache was started with batch size {len(rows)}, not {x.shape[0]}")
+        logits = self.score(x).squeeze(-1).float()
+        selected = logits > 0
+        self.aux_loss = logits.new_zeros(())
+        self.last_selected = selected.detach()
+        gate = torch.sigmoid(logits).to(x.dtype)
+        out = []
+        for row, store in enumerate(rows):
+            idx = selected[row].nonzero().squeeze(-1)
+            one = x[row:row + 1]
+            if not idx.numel():
+                out.append(one)
+                continue
+            pos = ctx.q_pos[idx][None]
+            xs = one[:, idx]
+            ys = block(xs, RoutedContext(ctx, pos, cache=store), layer)
+            store.pos = torch.cat((store.pos, pos[0]))
+            one = one.clone()
+            one[:, idx] = xs + gate[row, idx][None, :, None] * (ys - xs)
+            out.append(one)
+        return torch.cat(out)
 
     @staticmethod
     def _apply(block: Callable, x, ctx, layer: int, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from lmstack.model.config import ModelConfig
 from lmstack.model.counting import model_stats
 from lmstack.model.hf_convert import config_to_hf
 from lmstack.model.memory import KNNMemory, generate_with_memory, knn_forward, new_memory, xl_forward
+from lmstack.model.memory.compressive import compressive_forward
 from lmstack.model.transformer import Transformer
 from lmstack.train.objectives import ObjectiveConfig, build_objective
 
@@ -24,6 +25,28 @@ def knn_model(seed=0, **kw):
     base = dict(vocab_size=48, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, memory="knn", knn_top_k=4,
                 seg_len=8)
     return Transformer(ModelConfig(**{**base, **kw})).eval()
+
+
+def compressive_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=48, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, memory="compressive", mem_len=8,
+                cmem_len=4, cmem_rate=2, seg_len=8)
+    return Transformer(ModelConfig(**{**base, **kw})).eval()
+
+
+def test_compressive_model_forward_is_compressive_forward_and_trains_its_compressor():
+    model = compressive_model()
+    ids = torch.randint(0, 48, (2, 60))
+    want, _ = compressive_forward(model, ids, seg_len=8)
+    torch.testing.assert_close(model(ids), want)
+    assert model_stats(model.config).total_params == model.num_parameters()
+    model.train()
+    obj = build_objective(ObjectiveConfig(name="clm"), model.config)
+    loss, _ = obj.loss(model, obj.prepare(torch.randint(0, 48, (2, 41)), torch.Generator().manual_seed(0)))
+    loss.backward()
+    # the attention-reconstruction loss reached the trainer's loss through model.aux_loss
+    assert float(model.aux_loss.detach()) > 0
+    assert model.cmem_compress.convs[0].weight.grad.abs().sum() > 0
 
 
 def test_xl_model_forward_is_segment_recurrence_past_its_window():
@@ -64,10 +87,12 @@ def test_memory_models_train_through_the_ordinary_objective():
 
 
 def test_memory_models_round_trip_through_save_and_load(tmp_path):
-    for name, model in (("xl", xl_model()), ("knn", knn_model())):
+    for name, model in (("xl", xl_model()), ("knn", knn_model()), ("compressive", compressive_model())):
         with torch.no_grad():
             if name == "knn":
                 model.knn_gate.logit.fill_(0.7)
+            if name == "compressive":  # a trained (not mean-pooling) compressor must survive the round trip
+                model.cmem_compress.convs[1].weight.add_(0.05)
         lmstack.save_model(model, tmp_path / name)
         back = lmstack.load_model(tmp_path / name).eval()
         assert back.config.memory == name
@@ -75,12 +100,13 @@ def test_memory_models_round_trip_through_save_and_load(tmp_path):
         torch.testing.assert_close(back(ids), model(ids))
 
 
-def test_xl_decoding_matches_teacher_forced_segments_of_one():
-    model = xl_model(seg_len=1)  # prefill and decode both run segments of one token
-    prompt = torch.randint(0, 48, (2, 9))
-    out = generate_with_memory(model, prompt, 12)
-    logits, _ = xl_forward(model, out[:, :-1], seg_len=1, mem_len=16)
-    assert torch.equal(logits[:, 8:].argmax(-1), out[:, 9:])
+def test_xl_and_compressive_decoding_match_teacher_forced_segments_of_one():
+    # prefill and decode both run segments of one token
+    for model in (xl_model(seg_len=1), compressive_model(seg_len=1, mem_len=4, cmem_len=3)):
+        prompt = torch.randint(0, 48, (2, 9))
+        out = generate_with_memory(model, prompt, 12)
+        logits = model(out[:, :-1])
+        assert torch.equal(logits[:, 8:].argmax(-1), out[:, 9:])
 
 
 def test_knn_decoding_matches_recomputing_the_whole_sequence():

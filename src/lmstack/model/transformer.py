@@ -39,6 +39,7 @@ from lmstack.model.fused_projections import fuse_module, unfuse_module
 from lmstack.model.kv_cache import KVCache, SinkCache
 from lmstack.model.masks import AttentionMask, mask_for
 from lmstack.model.mixture_of_depths import MoDRouter
+from lmstack.model.memory.compressive import Compressor
 from lmstack.model.memory.knn import KNNGate
 from lmstack.model.memory.segments import segment_forward
 from lmstack.model.mlp import ACTIVATIONS, MLP
@@ -155,8 +156,8 @@ class Transformer(nn.Module):
             self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         if cfg.memory == "knn":  # the Memorizing Transformer's learned gate between memory and local attention
             self.knn_gate = KNNGate(cfg.n_heads)
-        elif cfg.memory == "compressive":  # PENDING-C: memory/compressive.py lands in this session
-            raise LmstackError("memory='compressive' is not wired into the Transformer yet")
+        elif cfg.memory == "compressive":  # the compression function of evicted memories (per layer)
+            self.cmem_compress = Compressor(cfg)
         self.checkpoint_blocks = False  # activation checkpointing: distributed.place_model switches it on
         self.aux_loss = torch.zeros(())
         self.reset_parameters()

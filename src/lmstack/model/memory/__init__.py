@@ -8,6 +8,8 @@ segment by segment through a fresh memory (segments.py), so it trains and scores
 - knn.py: the Memorizing Transformer's kNN memory (Wu et al. 2022): KNNMemory, a store of earlier segments'
   keys/values that one layer retrieves top-k from, gated against local attention; save/load with a model
   fingerprint: the persistent memory of a chat across conversations.
+- compressive.py: the Compressive Transformer (Rae et al. 2020): XL plus a FIFO memory of older states
+  compressed by cmem_rate (a learned strided convolution, or pooling), trained by attention reconstruction.
 - segments.py: new_memory (from the config), segment_forward (what model(ids) runs), generate_with_memory
   (decoding; the paged engine refuses memory models).
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from lmstack.errors import LmstackError
 from lmstack.model.attention_cache import AttentionCache
-# PENDING-C from lmstack.model.memory.compressive import CompressiveMemory
+from lmstack.model.memory.compressive import CompressiveMemory
 from lmstack.model.memory.knn import KNNMemory
 from lmstack.model.memory.xl import XLMemory
 

@@ -32,6 +32,18 @@ def test_one_cluster_holding_every_token_is_exactly_full_attention(causal):
     assert (out - full(q, k, v, causal)).abs().max() < 1e-5
 
 
+def test_grouped_kv_heads_and_a_ragged_last_chunk():
+    # 4 query heads over 2 K/V heads, T = 45 not a multiple of w = 8: exact with one cluster, finite with several.
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 45, 16, generator=g)
+    k, v = torch.randn(2, 2, 45, 16, generator=g), torch.randn(2, 2, 45, 16, generator=g)
+    ref = full(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    m = routing(n_clusters=1, h=4)
+    assert (m(q, k, v, causal=True) - ref).abs().max() < 1e-5
+    out = routing(n_clusters=6, window=8, local=1, h=4)(q, k, v, causal=True)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
 def test_local_heads_are_exact_sliding_window_attention():
     # Head 0 local (window w = 8), head 1 routed with one cluster: the first equals a causal window of 8 keys.
     q, k, v = qkv(t=37)

@@ -184,7 +184,8 @@ def make_task_record(task: str, rng: random.Random, world, length: int, count: C
     return BUILDERS[task](rng, world, length, count, **kwargs)
 
 
-def task_records(task: str, world, length: int, n: int, seed: int = 0, count: Count = len) -> list[dict]:
-    """n records of `task` at `length`, the same for the same (task, length, n, seed)."""
+def task_records(task: str, world, length: int, n: int, seed: int = 0, count: Count = len, **kwargs) -> list[dict]:
+    """n records of `task` at `length`, the same for the same (task, length, n, seed); kwargs go to the
+    task's builder (e.g. filler='repeat' for passkey)."""
     rng = random.Random(f"long-memory/{task}/{length}/{seed}")
-    return [make_task_record(task, rng, world, length, count) for _ in range(n)]
+    return [make_task_record(task, rng, world, length, count, **kwargs) for _ in range(n)]

@@ -6,7 +6,10 @@ budget it takes proportionally more steps of the same batch. Metric: held-out ne
 (val split), mean over n eval batches with the stderr across batches. The MoD model is scored twice:
 with the causal threshold routing that sampling would use (the headline: top-k looks at future tokens), and
 with top-k (the training rule). For reference the dense model is also trained for the MoD model's step
-count (more FLOPs), and one forward + backward of each is timed back to back.
+count (more FLOPs), and one forward + backward of each is timed back to back. Decoding: both models
+generate with the contiguous KV cache (reference_decode, greedy, batch 1), back to back; the MoD model routes
+by its causal predictor there, and the fraction of decoded tokens its routed blocks took is recorded (the
+compute it saves depends on that fraction, not on the training capacity).
 
 Usage:
     flock /tmp/lmstack-bench.lock python benchmarks/mixture_of_depths.py                # ~2-3 min on 2 CPU cores
@@ -27,6 +30,7 @@ from _tiny_lm import make_tokenizer, token_stream, world_texts
 
 from lmstack.model import ModelConfig, Transformer
 from lmstack.model.mixture_of_depths import mod_forward_flops
+from lmstack.model.reference_decode import reference_decode
 
 
 def batches(data: torch.Tensor, n: int, batch: int, seq_len: int, seed: int):
@@ -73,6 +77,28 @@ def evaluate(model, data, n: int, batch: int, seq_len: int) -> tuple[float, floa
     return statistics.mean(losses), statistics.stdev(losses) / math.sqrt(n)
 
 
+def decode_tokens_per_s(model, prompt: torch.Tensor, n_new: int, repeats: int = 3) -> tuple[float, float]:
+    """Greedy KV-cache decode of n_new tokens after prompt (1, T): (median tokens/s, fraction of decoded tokens
+    the routed blocks processed; 1.0 for a dense model)."""
+    routers = [b.router for b in model.blocks if hasattr(b, "router")]
+    times, taken = [], []
+    with torch.no_grad():
+        reference_decode(model, prompt, 4)  # warm-up
+        for _ in range(repeats):
+            picked = []
+            hooks = [r.register_forward_hook(lambda m, a, o: picked.append(float(m.last_selected.float().mean())))
+                     for r in routers]
+            start = time.perf_counter()
+            reference_decode(model, prompt, n_new)
+            times.append(time.perf_counter() - start)
+            for h in hooks:
+                h.remove()
+            # the first call per router is the prefill; the rest are one-token decode steps
+            steps = picked[len(routers):]
+            taken.append(statistics.mean(steps) if steps else 1.0)
+    return n_new / statistics.median(times), statistics.mean(taken)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dense-steps", type=int, default=200)
@@ -105,6 +131,9 @@ def main() -> None:
     x, y = next(batches(train_data, 1, args.batch, args.seq_len, seed=7))
     # timed back to back on one batch (the training loops above share the CPU with other jobs)
     dense_step, mod_step = step_seconds(dense, x, y), step_seconds(mod, x, y)
+    prompt = val_data[: args.seq_len // 2][None]
+    dense_tps, _ = decode_tokens_per_s(dense, prompt, args.seq_len // 2)
+    mod_tps, mod_taken = decode_tokens_per_s(mod, prompt, args.seq_len // 2)
     scores = {}
     for routing in ("threshold", "topk"):
         for block in mod.blocks:
@@ -131,6 +160,10 @@ def main() -> None:
         result("mixture_of_depths", "seconds_per_forward_backward", False, mod_step, "dense", dense_step, goal=None,
                batch=args.batch, seq_len=args.seq_len, timing="median of 7 after 2 warmup, one fixed batch, "
                "2 CPU threads on a shared machine"),
+        result("mixture_of_depths", "decode_tokens_per_s", True, mod_tps, "dense", dense_tps, goal=None,
+               prompt_tokens=args.seq_len // 2, new_tokens=args.seq_len // 2, batch=1,
+               routed_fraction_of_decoded_tokens=mod_taken, path="reference_decode with the contiguous KV cache, "
+               "greedy; MoD routes by its causal predictor; median of 3 after a warm-up, back to back"),
     ]
     write_result("mixture_of_depths", rows)
 

@@ -91,6 +91,24 @@ def test_cached_greedy_decoding_equals_recomputing_the_window():
     assert torch.equal(got, cur[:, 5:])
 
 
+@pytest.mark.parametrize("scale", [False, True])
+def test_the_first_block_reads_soft_vectors_as_they_are_and_tokens_as_the_model_embeds_them(scale):
+    model = tiny(6, scale_embeddings=scale)
+    comp = AutoCompressor(model, k=2)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    soft, ids = torch.randn(2, 3, 32), torch.randint(1, 32, (2, 5))
+    with torch.no_grad():
+        comp.segment(ids, soft, summarize=True)
+        plain = model(ids)
+    emb = model.tok_emb(ids) * (math.sqrt(32) if scale else 1.0)
+    assert torch.allclose(seen[0][:, :3], soft, atol=1e-6)  # hidden states go in unscaled
+    assert torch.allclose(seen[0][:, 3:8], emb, atol=1e-6)
+    assert torch.allclose(seen[0][:, 8:], comp.summary.embedding.detach() * (math.sqrt(32) if scale else 1.0))
+    assert torch.allclose(seen[1], emb, atol=1e-6)  # and the hook is gone: a plain call embeds its ids
+    assert plain.shape == (2, 5, 32)
+
+
 def key_batch(gen, n=32):
     """prefix: 6 tokens, the first a key from 8 choices (tokens 2..9), the rest noise (10..31); suffix: [1, key]."""
     key = torch.randint(2, 10, (n, 1), generator=gen)
@@ -175,5 +193,7 @@ def test_bad_input_is_refused_with_a_message():
         comp(torch.ones(1, 4, dtype=torch.long), seg_len=0)
     with pytest.raises(LmstackError, match="targets"):
         comp(torch.ones(1, 4, dtype=torch.long), seg_len=2, targets=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(LmstackError, match="4 new tokens = 50 positions exceed"):
+        comp.generate(torch.zeros(1, 6, 32), torch.ones(1, 40, dtype=torch.long), 5)
     with pytest.raises(LmstackError, match="max_new_tokens"):
         comp.generate(None, torch.ones(1, 2, dtype=torch.long), 0)

@@ -105,36 +105,41 @@ class AutoCompressor(nn.Module):
     def k(self) -> int:
         return self.summary.k
 
+    def _window(self, ids: torch.Tensor, soft: torch.Tensor | None, n_sum: int, extra: int = 0) -> torch.Tensor:
+        """The input embeddings [soft vectors, ids, n_sum summary tokens], checked to fit max_seq_len (with
+        `extra` positions to come, when decoding)."""
+        cfg = self.model.config
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise LmstackError(f"ids must have shape (batch, time) with time >= 1, got {tuple(ids.shape)}")
+        b, t = ids.shape
+        if soft is not None and (soft.dim() != 3 or soft.shape[0] != b or soft.shape[2] != cfg.d_model):
+            raise LmstackError(f"soft vectors must have shape (batch={b}, n, d_model={cfg.d_model}), "
+                               f"got {tuple(soft.shape)}")
+        n_soft = 0 if soft is None else soft.shape[1]
+        total = n_soft + t + n_sum + extra
+        if total > cfg.max_seq_len:
+            what = f" + {extra} new tokens" if extra else ""
+            raise LmstackError(f"{n_soft} soft vectors + {t} tokens + {n_sum} summary tokens{what} = {total} positions "
+                               f"exceed max_seq_len={cfg.max_seq_len}; use shorter segments or accumulate=False")
+        x = self.model.tok_emb(ids)
+        parts = [x]
+        if soft is not None:
+            parts.insert(0, soft.to(x.dtype) / self._scale)
+        if n_sum:
+            parts.append(self.summary.embedding.to(x.dtype).expand(b, -1, -1))
+        return torch.cat(parts, dim=1)
+
     def segment(self, ids: torch.Tensor, soft: torch.Tensor | None = None, summarize: bool = False,
                 logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One window: [soft vectors, ids, (k summary tokens if summarize)] through the model.
 
         ids (B, T); soft (B, S, d_model) or None. Returns (logits (B, T, vocab) of the ids' positions or None,
         the k new summary vectors (B, k, d_model) or None). The ids attend to soft and to themselves only."""
-        cfg = self.model.config
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise LmstackError(f"ids must have shape (batch, time) with time >= 1, got {tuple(ids.shape)}")
+        embeds = self._window(ids, soft, self.k if summarize else 0)
         b, t = ids.shape
-        n_soft = 0
-        if soft is not None:
-            if soft.dim() != 3 or soft.shape[0] != b or soft.shape[2] != cfg.d_model:
-                raise LmstackError(f"soft vectors must have shape (batch={b}, n, d_model={cfg.d_model}), "
-                                   f"got {tuple(soft.shape)}")
-            n_soft = soft.shape[1]
-        n_sum = self.k if summarize else 0
-        total = n_soft + t + n_sum
-        if total > cfg.max_seq_len:
-            raise LmstackError(f"{n_soft} soft vectors + {t} tokens + {n_sum} summary tokens = {total} positions "
-                               f"exceed max_seq_len={cfg.max_seq_len}; use shorter segments or accumulate=False")
-        parts = [self.model.tok_emb(ids)]
-        if soft is not None:
-            parts.insert(0, soft.to(parts[0].dtype) / self._scale)
-        if summarize:
-            parts.append(self.summary.embedding.to(parts[0].dtype).expand(b, -1, -1))
-        embeds = torch.cat(parts, dim=1)
-        placeholder = torch.zeros(b, total, dtype=torch.long, device=ids.device)
+        n_soft = 0 if soft is None else soft.shape[1]
         with _feeding(self.model, embeds):
-            hidden = self.model(placeholder, return_hidden=True)
+            hidden = self.model(torch.zeros(embeds.shape[:2], dtype=torch.long, device=ids.device), return_hidden=True)
         out = self.model.head(hidden[:, n_soft:n_soft + t]) if logits else None
         return out, (hidden[:, n_soft + t:] if summarize else None)
 
@@ -185,14 +190,10 @@ class AutoCompressor(nn.Module):
         cache holds the soft vectors' and the new text's keys/values only, never the compressed tokens'."""
         if max_new_tokens < 1:
             raise LmstackError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        b, t = prompt.shape
-        n_soft = 0 if soft is None else soft.shape[1]
-        cache = self.model.new_cache(batch_size=b, max_len=n_soft + t + max_new_tokens)
-        parts = [self.model.tok_emb(prompt)] if soft is None else [soft.to(self.summary.embedding.dtype) / self._scale,
-                                                                   self.model.tok_emb(prompt)]
-        embeds = torch.cat(parts, dim=1)
+        embeds = self._window(prompt, soft, 0, extra=max_new_tokens - 1)  # the last new token is never fed
+        cache = self.model.new_cache(batch_size=prompt.shape[0], max_len=embeds.shape[1] + max_new_tokens)
         with _feeding(self.model, embeds):
-            logits = self.model(torch.zeros(b, embeds.shape[1], dtype=torch.long, device=prompt.device),
+            logits = self.model(torch.zeros(embeds.shape[:2], dtype=torch.long, device=prompt.device),
                                 cache=cache, logits_to_keep=1)
         out = [logits[:, -1].argmax(-1)]
         for _ in range(max_new_tokens - 1):

@@ -9,8 +9,8 @@ prompt of segment i is the concatenation of the summaries of all segments before
 accumulate=False it is only the latest k, each summary having read the one before (a purely recursive chain).
 Training is end to end through the chain: the next-token loss of a segment back-propagates into the summary
 vectors, hence into the earlier segments that wrote them. Long chains are cut into chunks of `bptt` segments
-(truncated back-propagation, as the paper's training sub-steps): at a chunk's start every summary so far becomes
-a constant, so memory stays bounded; a gradient crosses at most bptt - 1 compression steps.
+(truncated back-propagation through time; the paper truncates too, to bound memory): at a chunk's start every
+summary so far becomes a constant, so a gradient crosses at most bptt - 1 compression steps.
 
 The wrapper leaves the Transformer untouched: soft vectors reach the blocks through a forward hook on
 model.tok_emb that replaces the embedding lookup's output for the duration of one call, so positions, dropout,

@@ -186,3 +186,23 @@ def test_pretrain_cli_trains_a_memory_model_and_model_generate_decodes_it(tmp_pa
     capsys.readouterr()
     assert main(["model", "generate", str(ckpt), "--prompt", "First", "--max_tokens", "5"]) == 0
     assert "5 tokens in" in capsys.readouterr().out
+
+
+def test_model_generate_keeps_a_knn_store_across_calls(tmp_path, capsys):
+    from lmstack.cli import main
+
+    model = knn_model()
+    lmstack.save_model(model, tmp_path / "m")
+    args = ["model", "generate", str(tmp_path / "m"), "--prompt_ids", "[1, 2, 3, 4, 5]", "--max_tokens", "4",
+            "--memory", str(tmp_path / "mem")]
+    assert main(args) == 0
+    assert "[memory" in capsys.readouterr().out and KNNMemory.load(tmp_path / "mem", model).__len__() == 9
+    assert main(args) == 0  # the second conversation starts from the first one's store
+    assert len(KNNMemory.load(tmp_path / "mem", model)) == 18
+    other = knn_model(seed=1)
+    lmstack.save_model(other, tmp_path / "other")
+    assert main(["model", "generate", str(tmp_path / "other")] + args[3:]) == 2
+    assert "another model" in capsys.readouterr().err
+    lmstack.save_model(xl_model(), tmp_path / "xl")
+    assert main(["model", "generate", str(tmp_path / "xl")] + args[3:]) == 2
+    assert "only memory='knn' persists" in capsys.readouterr().err

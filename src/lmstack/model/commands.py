@@ -22,7 +22,8 @@ from lmstack.errors import LmstackError
 from lmstack.model.counting import format_stats, model_stats
 from lmstack.model.hf_io import check_output_head, load_model, read_config, save_model
 from lmstack.model.lazy_safetensors import CheckpointReader
-from lmstack.model.memory.segments import generate_with_memory
+from lmstack.model.memory.knn import KNNMemory
+from lmstack.model.memory.segments import generate_with_memory, new_memory
 from lmstack.model.presets import preset as make_preset
 from lmstack.model.reference_decode import reference_decode
 from lmstack.model.side_files import keep_source_files
@@ -123,6 +124,8 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16",
         dtype: dtype of the saved weights; source keeps the checkpoint's (a bf16 checkpoint stays bf16).
         max_model_gib: refuse a model whose config.json (weights, and the KV pool the context implies) needs more
             memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
+        memory: a memory='knn' model's persistent store: this directory is loaded when it holds one (refused when
+            another model wrote it), and saved after with the prompt and the reply added, so a later call recalls them.
     """
 
     model = load_model(src, dtype=None if dtype == "source" else getattr(torch, dtype), max_model_gib=max_model_gib)
@@ -136,8 +139,8 @@ def convert(src: str, out: str, dtype: Literal["float32", "bfloat16", "float16",
 def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None = None, max_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              cache: Literal["contiguous", "sink", "none"] = "contiguous", threads: int = 0,
-             max_model_gib: float | None = None) -> list[int]:
-    """Sample from a model with the reference KV-cache decode loop.
+             max_model_gib: float | None = None, memory: str | None = None) -> list[int]:
+    """Sample from a model with the reference KV-cache decode loop (a memory model: with its memory).
 
     Args:
         model: model directory.
@@ -180,9 +183,20 @@ def generate(model: str, prompt: str | None = None, prompt_ids: list[int] | None
             raise LmstackError(f"memory={m.config.memory!r} models decode greedily or with temperature only; "
                                "drop --top_k/--top_p")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        store = None
+        if memory is not None:
+            if m.config.memory != "knn":
+                raise LmstackError(f"--memory keeps a kNN store between calls; this model has memory="
+                                   f"{m.config.memory!r} (only memory='knn' persists)")
+            store = KNNMemory.load(memory, m) if KNNMemory.saved_in(memory) else new_memory(m)
         out = generate_with_memory(m, torch.tensor([prompt_ids]), max_tokens, temperature=temperature,
-                                   eos_id=m.config.eos_token_id, generator=gen)
+                                   eos_id=m.config.eos_token_id, generator=gen, memory=store, commit=store is not None)
+        if store is not None:
+            store.save(memory)
+            print(f"[memory {memory}: {len(store)} stored tokens]")
     else:
+        if memory is not None:
+            raise LmstackError("--memory needs a memory='knn' model; this one has no long-context memory")
         out = reference_decode(m, torch.tensor([prompt_ids]), max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                eos_id=m.config.eos_token_id, cache=None if cache == "none" else cache, seed=seed)
     new = out[0, len(prompt_ids):].tolist()

@@ -305,6 +305,11 @@ class KNNMemory(AttentionCache):
         atomic_write_text(directory / _META, json.dumps(meta, indent=2) + "\n")
         return directory
 
+    @staticmethod
+    def saved_in(directory: str | os.PathLike) -> bool:
+        """Whether directory holds a saved kNN memory (its description file)."""
+        return (Path(directory) / _META).is_file()
+
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module, backend: str | None = None) -> "KNNMemory":
         """The memory saved in directory, for `model`; refused when another model (config or W_k) wrote it."""

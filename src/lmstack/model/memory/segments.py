@@ -81,11 +81,14 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
 @torch.no_grad()
 def generate_with_memory(model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
                          memory: AttentionCache | None = None, temperature: float = 0.0,
-                         eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                         eos_id: int | None = None, generator: torch.Generator | None = None,
+                         commit: bool = False) -> torch.Tensor:
     """Continue ids (B, T) by up to max_new_tokens tokens with the model's memory: (B, T + new) token ids.
 
     `memory` (updated in place) carries what earlier calls left, e.g. a KNNMemory loaded from disk; a
-    fresh one is made when None. Greedy when temperature <= 0. Stops early when every row has emitted eos_id."""
+    fresh one is made when None. Greedy when temperature <= 0. Stops early when every row has emitted eos_id.
+    commit: a kNN memory stores only finished segments while decoding; commit=True also stores the open one
+    at the end (the conversation is over: a later one should recall all of it)."""
     cfg = model.config
     if cfg.memory == "none" and memory is None:
         raise LmstackError("generate_with_memory needs a memory model (ModelConfig.memory) or a memory= cache; "
@@ -118,6 +121,8 @@ def generate_with_memory(model: nn.Module, ids: torch.Tensor, max_new_tokens: in
                 open_ = open_[:, seg_len:]
             if eos_id is not None and bool(done.all()):
                 break
+        if commit:
+            model(open_, cache=memory)
         return out
     with _attached(memory):
         hidden_last = None

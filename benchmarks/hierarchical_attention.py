@@ -1,33 +1,39 @@
-"""Hierarchical attention (HAN-style, two Transformer levels) vs flat encoders on long-document classification.
+"""Hierarchical attention (HAN-style, two Transformer levels) vs flat encoders on long documents (issue 22 XI.7).
 
-Task (make_documents in lmstack.model.hierarchical, seeded): documents of `chunks` bios of `chunk` tokens; one
-bio, placed uniformly, starts with a SUBJECT marker and holds topic words of the document's class; `distractors`
-other bios hold topic words of other classes without the marker. The label is the marked bio's topic, so it
-sits anywhere in the document, often past a flat model's context.
+Two tasks, both seeded generators in lmstack.model.hierarchical, documents of `chunks` chunks of `chunk` tokens:
+- classification (make_documents): one bio, placed uniformly, starts with a SUBJECT marker and holds topic
+  words of the document's class; `distractors` other bios hold topic words of other classes. Metric: accuracy.
+- QA (make_qa): every chunk is the bio of a different entity stating the same relations; the question is
+  (entity, relation). Metrics: evidence accuracy (the chunk that answers) and span exact match (start and end
+  of the answer's value words both right).
 
-Models, all trained the same steps, batch and learning rate:
-- ours: HierarchicalClassifier: chunks of `chunk` tokens through a 2-layer bidirectional encoder, attention
-  pooled, then a 1-layer encoder over the chunk summaries, pooled again, a linear head;
+Models (each task), trained the same steps, batch, schedule and lr grid:
+- ours: HierarchicalClassifier / HierarchicalQA: chunks through a 2-layer bidirectional encoder (for QA the
+  question's tokens are prepended to every chunk), attention pooled, a 1-layer encoder over the chunk summaries;
 - flat_truncated (the baseline): a 3-layer bidirectional encoder of about the same parameter count over the
   first `context` tokens (what a fixed-context model does with a longer document);
-- flat_full: the same flat encoder over the whole document (O(n^2) attention), for reference.
+- flat_full: the same flat encoder over the whole document (O(n^2) attention).
 
-Metrics: held-out accuracy (n documents, stderr sqrt(p(1-p)/n)), training tokens/s (document tokens the model
-reads per second of forward + backward + step), peak memory of one training step, each model in a fresh process (CUDA: max
-allocated; CPU: peak RSS above the start of the step).
+Fairness: every model gets the same tuning budget, one full run per learning rate in --lrs; the lr is picked by
+accuracy on a validation set (seed 2) and the test set (seed 1) is scored once. Validation accuracy is logged
+every --eval-every steps (the `curve` of each model), so a reader can see whether a model was still learning.
+
+Throughput: after training, each model's train step (forward + backward + AdamW) is timed back to back in this
+process, round-robin over the models, median over rounds; the machine is shared, so os.getloadavg() is
+recorded before and after. Peak memory of one train step: each model in a fresh process (CUDA: max allocated;
+CPU: peak RSS above the start of the step).
 
 Usage:
-    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py \
-        --chunks 16 --chunk 32 --context 128 --steps 200 --lr 3e-3 --n-test 500   # the recorded run, ~12 min on 2 busy cores
-    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py             # 1024-token documents, longer
-    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py --steps 60  # quicker, noisier
-    python benchmarks/hierarchical_attention.py --device cuda --chunks 64                 # longer documents
+    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py   # the recorded run (CPU, 2 busy cores)
+    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py --steps 100 --qa-steps 100 --lrs 3e-3
+    python benchmarks/hierarchical_attention.py --device cuda --chunks 64 --context 512   # longer documents
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -38,16 +44,123 @@ import torch.nn.functional as F
 from _common import peak_and_seconds, result, write_result
 
 from lmstack.model.config import ModelConfig
-from lmstack.model.hierarchical import FlatClassifier, HierarchicalClassifier, make_documents
+from lmstack.model.hierarchical import (FlatClassifier, FlatQA, HierarchicalClassifier, HierarchicalQA,
+                                        make_documents, make_qa)
 
 NAME = "hierarchical_attention"
+QUESTION_LEN = 2
+MODELS = ("hierarchical", "flat_truncated", "flat_full")
 
 
-def peak_step(model, ids, labels, device: str) -> dict:
+def builders(args) -> dict:
+    """{task: {model name: () -> module}}."""
+    base = ModelConfig(vocab_size=args.vocab, d_model=64, n_heads=4, mlp="swiglu", position="rope")
+    c, n, ctx, length, q = args.chunk, args.chunks, args.context, args.chunks * args.chunk, QUESTION_LEN
+    tok, doc = base.replace(n_layers=2), base.replace(n_layers=1, max_seq_len=n)
+    flat = base.replace(n_layers=3)
+    return {
+        "classify": {
+            "hierarchical": lambda: HierarchicalClassifier(tok.replace(max_seq_len=c), doc, c, args.classes),
+            "flat_truncated": lambda: FlatClassifier(flat.replace(max_seq_len=ctx), args.classes, context=ctx),
+            "flat_full": lambda: FlatClassifier(flat.replace(max_seq_len=length), args.classes, context=length),
+        },
+        "qa": {
+            "hierarchical": lambda: HierarchicalQA(tok.replace(max_seq_len=c + q), doc, c, question_len=q),
+            "flat_truncated": lambda: FlatQA(flat.replace(max_seq_len=ctx + q), c, q, context=ctx),
+            "flat_full": lambda: FlatQA(flat.replace(max_seq_len=length + q), c, q, context=length),
+        },
+    }
+
+
+def datasets(args, task: str, n: int, seed: int) -> dict:
+    """A task's examples as a dict of tensors with a shared first dimension."""
+    if task == "classify":
+        ids, labels = make_documents(n, args.chunks, args.chunk, args.classes, args.vocab, seed=seed,
+                                     distractors=args.distractors, device=args.device)
+        return {"ids": ids, "labels": labels}
+    return make_qa(n, args.chunks, args.chunk, args.vocab, n_relations=args.relations, seed=seed,
+                   device=args.device)._asdict()
+
+
+def loss_of(task: str, model, batch: dict) -> torch.Tensor:
+    if task == "classify":
+        return F.cross_entropy(model(batch["ids"]), batch["labels"])
+    return model(batch["questions"], batch["ids"]).loss(batch["evidence"], batch["start"], batch["end"])
+
+
+def take(data: dict, index) -> dict:
+    return {k: v[index] for k, v in data.items()}
+
+
+@torch.no_grad()
+def score(task: str, model, data: dict, batch: int = 100) -> dict:
+    """{metric: (p, stderr, n)}: accuracy, or evidence accuracy and span exact match."""
+    model.eval()
+    hits: dict[str, list] = {}
+    n = len(data["ids"])
+    for i in range(0, n, batch):
+        b = take(data, slice(i, i + batch))
+        if task == "classify":
+            hits.setdefault("accuracy", []).append(model(b["ids"]).argmax(-1) == b["labels"])
+        else:
+            out = model(b["questions"], b["ids"])
+            hits.setdefault("evidence_accuracy", []).append(out.evidence.argmax(-1) == b["evidence"])
+            hits.setdefault("span_exact_match", []).append((out.start.argmax(-1) == b["start"])
+                                                           & (out.end.argmax(-1) == b["end"]))
+    model.train()
+    out = {}
+    for k, v in hits.items():
+        p = torch.cat(v).float().mean().item()
+        out[k] = (p, math.sqrt(p * (1 - p) / n), n)
+    return out
+
+
+def train(task: str, model, data: dict, val: dict, args, lr: float, steps: int) -> list:
+    """AdamW, linear warmup + cosine to 0.1x, grad clip 1; returns the validation curve [(step, metric)]."""
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.01)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    g = torch.Generator().manual_seed(0)
+    key = "accuracy" if task == "classify" else "span_exact_match"
+    curve = []
+    model.train()
+    for s in range(1, steps + 1):
+        loss = loss_of(task, model, take(data, torch.randint(0, len(data["ids"]), (args.batch,), generator=g)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if s % args.eval_every == 0 or s == steps:
+            curve.append((s, round(score(task, model, val)[key][0], 4)))
+    return curve
+
+
+def step_seconds(task: str, models: dict, data: dict, args, rounds: int = 5, per_round: int = 3) -> dict:
+    """Median seconds of one train step per model, timed round-robin so load drift hits every model alike."""
+    batch = take(data, slice(0, args.batch))
+    opts = {name: torch.optim.AdamW(m.parameters(), 0.0) for name, m in models.items()}  # lr 0: same work, no drift
+    times: dict[str, list] = {name: [] for name in models}
+    for r in range(rounds + 1):
+        for name, m in models.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                loss_of(task, m, batch).backward()
+                opts[name].step()
+                opts[name].zero_grad(set_to_none=True)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                if r:  # round 0 warms up
+                    times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def peak_step(task: str, model, batch: dict, device: str) -> dict:
     """Seconds and peak memory (MB) of one forward + backward (the gradients are thrown away)."""
     def step():
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(ids), labels).backward()
+        loss_of(task, model, batch).backward()
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -63,113 +176,115 @@ def peak_step(model, ids, labels, device: str) -> dict:
     return out
 
 
-def train(model, ids, labels, steps: int, batch: int, lr: float, device: str) -> float:
-    """AdamW with linear warmup + cosine; returns the median seconds per step after the first few."""
-    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.01)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    g = torch.Generator().manual_seed(0)
-    times = []
-    model.train()
-    for s in range(steps):
-        b = torch.randint(0, len(ids), (batch,), generator=g)
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(ids[b]), labels[b])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if s >= 3:
-            times.append(time.perf_counter() - start)
-    model.eval()
-    times.sort()
-    return times[len(times) // 2]
-
-
-@torch.no_grad()
-def accuracy(model, ids, labels, batch: int = 64) -> tuple[float, float]:
-    hits = torch.cat([model(ids[i:i + batch]).argmax(-1) == labels[i:i + batch] for i in range(0, len(ids), batch)])
-    p = hits.float().mean().item()
-    return p, math.sqrt(p * (1 - p) / len(hits))
+def run_task(task: str, args, steps: int) -> dict:
+    build = builders(args)[task]
+    data, val, test = (datasets(args, task, n, seed) for n, seed in ((args.n_train, 0), (args.n_val, 2),
+                                                                      (args.n_test, 1)))
+    key = "accuracy" if task == "classify" else "span_exact_match"
+    rows, trained = {}, {}
+    for name in MODELS:
+        tried = {}
+        for lr in args.lrs:
+            torch.manual_seed(0)
+            model = build[name]().to(args.device)
+            curve = train(task, model, data, val, args, lr, steps)
+            tried[lr] = (score(task, model, val)[key][0], curve, model)
+            print(f"{task} {name} lr={lr:g} val {key}={tried[lr][0]:.3f} curve={curve}", flush=True)
+        lr = max(tried, key=lambda k: tried[k][0])  # ties go to the first lr of the grid
+        trained[name] = tried[lr][2]
+        test_scores = score(task, trained[name], test)
+        rows[name] = dict(lr=lr, val={f"{k:g}": v[0] for k, v in tried.items()}, curve=tried[lr][1],
+                          params=sum(p.numel() for p in trained[name].parameters()),
+                          tokens_seen=min(args.chunks * args.chunk, getattr(trained[name], "context", 1 << 30)),
+                          **{k: v[0] for k, v in test_scores.items()},
+                          **{f"{k}_stderr": v[1] for k, v in test_scores.items()}, n=args.n_test)
+        print(task, name, {k: v for k, v in rows[name].items() if k != "curve"}, flush=True)
+    load_before = os.getloadavg()
+    secs = step_seconds(task, trained, data, args)
+    load_after = os.getloadavg()
+    length = args.chunks * args.chunk
+    for name, sec in secs.items():
+        rows[name].update(step_seconds=sec, doc_tokens_per_s=args.batch * length / sec,
+                          tokens_per_s=args.batch * rows[name]["tokens_seen"] / sec)
+    return dict(rows=rows, loadavg_before_timing=load_before, loadavg_after_timing=load_after)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=32)
-    ap.add_argument("--context", type=int, default=256, help="the truncated flat model's context")
+    ap.add_argument("--context", type=int, default=64, help="the truncated flat models' context")
+    ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--distractors", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--relations", type=int, default=3, help="QA: relations each bio states")
+    ap.add_argument("--steps", type=int, default=500, help="classification train steps per lr")
+    ap.add_argument("--qa-steps", type=int, default=400, help="QA train steps per lr")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3], help="the lr grid every model gets")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--n-train", type=int, default=2000)
-    ap.add_argument("--n-test", type=int, default=1000)
-    ap.add_argument("--no-full", action="store_true", help="skip the flat model over the whole document")
+    ap.add_argument("--n-val", type=int, default=200)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--tasks", nargs="+", default=["classify", "qa"], choices=["classify", "qa"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--peak-of", help=argparse.SUPPRESS)  # child mode: one model's training-step peak, as JSON
+    ap.add_argument("--peak-of", help=argparse.SUPPRESS)  # child mode: "task:model" -> its train-step peak, as JSON
     args = ap.parse_args()
-    dev, length = args.device, args.chunks * args.chunk
-    torch.manual_seed(0)
-    data = dict(n_chunks=args.chunks, chunk_size=args.chunk, n_classes=args.classes, vocab_size=256,
-                distractors=args.distractors, device=dev)
-    ids, labels = make_documents(args.n_train, seed=0, **data)
-    test_ids, test_labels = make_documents(args.n_test, seed=1, **data)
-
-    base = ModelConfig(vocab_size=256, d_model=64, n_heads=4, mlp="swiglu", position="rope")
-    models = {
-        "hierarchical": lambda: HierarchicalClassifier(base.replace(n_layers=2, max_seq_len=args.chunk),
-                                                       base.replace(n_layers=1, max_seq_len=args.chunks),
-                                                       chunk_size=args.chunk, n_classes=args.classes),
-        "flat_truncated": lambda: FlatClassifier(base.replace(n_layers=3, max_seq_len=args.context),
-                                                 args.classes, context=args.context),
-    }
-    if not args.no_full:
-        models["flat_full"] = lambda: FlatClassifier(base.replace(n_layers=3, max_seq_len=length),
-                                                     args.classes, context=length)
     if args.peak_of:
+        task, name = args.peak_of.split(":")
         torch.manual_seed(0)
-        print(json.dumps(peak_step(models[args.peak_of]().to(dev), ids[:args.batch], labels[:args.batch], dev)))
+        model = builders(args)[task][name]().to(args.device)
+        batch = take(datasets(args, task, args.batch, 0), slice(None))
+        print(json.dumps(peak_step(task, model, batch, args.device)))
         return
-    rows = {}
-    for name, build in models.items():
-        # Each peak in a fresh process: in this one the allocator would hand a later model the earlier one's pages.
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--peak-of", name],
-                               check=True, capture_output=True, text=True)
-        mem = json.loads(child.stdout.strip().splitlines()[-1])
-        torch.manual_seed(0)
-        model = build().to(dev)
-        seen = min(length, getattr(model, "context", length))
-        sec = train(model, ids, labels, args.steps, args.batch, args.lr, dev)
-        acc, err = accuracy(model, test_ids, test_labels)
-        rows[name] = dict(accuracy=acc, stderr=err, n=args.n_test, tokens_per_s=args.batch * seen / sec,
-                          doc_tokens_per_s=args.batch * length / sec, tokens_seen=seen, peak_mb=mem["peak_mb"],
-                          params=sum(p.numel() for p in model.parameters()))
-        print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[name].items()}, flush=True)
-
-    h, t = rows["hierarchical"], rows["flat_truncated"]
-    config = dict(device=dev, doc_tokens=length, chunk=args.chunk, chunks=args.chunks, context=args.context,
-                  classes=args.classes, distractors=args.distractors, steps=args.steps, batch=args.batch,
-                  lr=args.lr, n_train=args.n_train, chance=1 / args.classes, models=rows)
-    out = [result(NAME, "accuracy", True, h["accuracy"], "flat_truncated", t["accuracy"], goal=1.0,
-                  n=args.n_test, stderr=h["stderr"], baseline_stderr=t["stderr"], **config),
-           result(NAME, "doc_tokens_per_s", True, h["doc_tokens_per_s"], "flat_truncated", t["doc_tokens_per_s"],
-                  device=dev, doc_tokens=length, context=args.context),
-           result(NAME, "peak_train_step_mb", False, h["peak_mb"], "flat_truncated", t["peak_mb"],
-                  device=dev, batch=args.batch, doc_tokens=length, context=args.context)]
-    if "flat_full" in rows:
-        f = rows["flat_full"]
-        out += [result(NAME, "accuracy_vs_full", True, h["accuracy"], "flat_full", f["accuracy"],
-                       n=args.n_test, stderr=h["stderr"], baseline_stderr=f["stderr"], device=dev, doc_tokens=length),
-                result(NAME, "doc_tokens_per_s_vs_full", True, h["doc_tokens_per_s"], "flat_full",
-                       f["doc_tokens_per_s"], goal=1.0, device=dev, doc_tokens=length),
-                result(NAME, "peak_train_step_mb_vs_full", False, h["peak_mb"], "flat_full", f["peak_mb"],
-                       goal=1.0, device=dev, batch=args.batch, doc_tokens=length)]
-    write_result(NAME, out)
+    torch.manual_seed(0)
+    length = args.chunks * args.chunk
+    config = dict(device=args.device, doc_tokens=length, chunk=args.chunk, chunks=args.chunks, context=args.context,
+                  batch=args.batch, lrs=args.lrs, n_train=args.n_train, n_val=args.n_val,
+                  threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                  machine="shared: other jobs ran on the same cores (see loadavg)")
+    out = []
+    for task in args.tasks:
+        steps = args.steps if task == "classify" else args.qa_steps
+        got = run_task(task, args, steps)
+        rows = got.pop("rows")
+        for name in MODELS:  # each peak in a fresh process: in this one the allocator would reuse earlier pages
+            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--peak-of", f"{task}:{name}"],
+                                   check=True, capture_output=True, text=True)
+            rows[name]["peak_mb"] = json.loads(child.stdout.strip().splitlines()[-1])["peak_mb"]
+        h, t, f = (rows[name] for name in MODELS)
+        cfg = dict(config, task=task, steps=steps, models=rows, **got)
+        if task == "classify":
+            cfg.update(classes=args.classes, distractors=args.distractors, chance=1 / args.classes)
+            metrics, prefix = ["accuracy"], ""
+        else:
+            cfg.update(relations=args.relations, question="prepended to every chunk (hierarchical) / to the "
+                       "document (flat)", chance_evidence=1 / args.chunks,
+                       truncated_evidence_ceiling=min(1.0, math.ceil(args.context / args.chunk) / args.chunks))
+            metrics, prefix = ["evidence_accuracy", "span_exact_match"], "qa_"
+        for metric in metrics:
+            for base_name, b, extra in (("flat_truncated", t, cfg), ("flat_full", f, dict(task=task, device=args.device,
+                                                                                             doc_tokens=length))):
+                suffix = "" if base_name == "flat_truncated" else "_vs_full"
+                out.append(result(NAME, f"{prefix}{metric}{suffix}", True, h[metric], base_name, b[metric],
+                                  goal=1.0, n=args.n_test, stderr=h[f"{metric}_stderr"],
+                                  baseline_stderr=b[f"{metric}_stderr"], **extra))
+        for base_name, b in (("flat_truncated", t), ("flat_full", f)):
+            suffix = "" if base_name == "flat_truncated" else "_vs_full"
+            out.append(result(NAME, f"{prefix}doc_tokens_per_s{suffix}", True, h["doc_tokens_per_s"], base_name,
+                              b["doc_tokens_per_s"], goal=1.0 if suffix else None, task=task, device=args.device,
+                              doc_tokens=length, context=args.context, timing="back to back, round-robin",
+                              **got))
+            out.append(result(NAME, f"{prefix}peak_train_step_mb{suffix}", False, h["peak_mb"], base_name,
+                              b["peak_mb"], goal=1.0 if suffix else None, task=task, device=args.device,
+                              batch=args.batch, doc_tokens=length, context=args.context))
+    path = write_result(NAME, out)
+    if any(math.isinf(r["ratio"]) for r in out):  # a baseline at 0: strict JSON has no Infinity, say null
+        for r in out:
+            r["ratio"] = None if math.isinf(r["ratio"]) else r["ratio"]
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(out, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

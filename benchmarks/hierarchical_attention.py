@@ -218,9 +218,10 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--distractors", type=int, default=3)
     ap.add_argument("--relations", type=int, default=3, help="QA: relations each bio states")
-    ap.add_argument("--steps", type=int, default=500, help="classification train steps per lr")
-    ap.add_argument("--qa-steps", type=int, default=400, help="QA train steps per lr")
-    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3], help="the lr grid every model gets")
+    ap.add_argument("--steps", type=int, default=400, help="classification train steps per lr")
+    ap.add_argument("--qa-steps", type=int, default=700, help="QA train steps per lr")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3],
+                    help="the lr grid every model gets")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-val", type=int, default=200)

@@ -175,14 +175,16 @@ def test_the_question_reaches_every_chunk_and_chunks_stay_apart():
     other[:, 0] = d.ids.view(2, 4, 8)[:, 0, 0] + 0  # ask about the entity of chunk 0 instead
     other[:, 1] = 2 + 8 + (d.questions[:, 1] - 2 - 8 + 1) % 2  # and the other relation
     with torch.no_grad():
-        h, _, _ = m.chunk_states(d.ids, question=d.questions)
-        h_other, _, _ = m.chunk_states(d.ids, question=other)
+        h, _, _, hq = m.chunk_states(d.ids, question=d.questions)
+        h_other, _, _, _ = m.chunk_states(d.ids, question=other)
         changed = d.ids.clone()
         changed[:, 8:16] = torch.randint(20, 48, (2, 8))  # rewrite chunk 1 only
-        h_changed, _, _ = m.chunk_states(changed, question=d.questions)
+        h_changed, _, _, hq_changed = m.chunk_states(changed, question=d.questions)
         out, out_other = m(d.questions, d.ids), m(other, d.ids)
     assert ((h_other - h).abs().amax((-1, -2)) > 1e-4).all()  # every chunk of every row sees the question
     torch.testing.assert_close(h_changed[:, [0, 2, 3]], h[:, [0, 2, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(hq_changed[:, [0, 2, 3]], hq[:, [0, 2, 3]], rtol=0, atol=0)
+    assert hq.shape == (2, 4, 2, 32) and (hq_changed[:, 1] - hq[:, 1]).abs().max() > 1e-4
     assert (out.evidence - out_other.evidence).abs().max() > 1e-4
     assert (out.start - out_other.start).abs().max() > 1e-4
 

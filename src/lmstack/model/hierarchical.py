@@ -14,7 +14,8 @@ batch never builds an n x n score matrix, which is the point of the method.
 pooling and head. `make_documents` generates the benchmark's task from a seed.
 
 Long-document QA (`HierarchicalQA`): the question's tokens are prepended to every chunk, so level 1 reads each
-chunk in the light of the question (question-aware summaries, still O(n*(c+q))); level 2 compares the chunks;
+chunk in the light of the question (question-aware summaries: the chunk's pooled tokens plus the question's own
+states beside that chunk, still O(n*(c+q))); level 2 compares the chunks;
 heads give evidence selection (which chunk answers) and an extractive span whose start/end probabilities factor
 as p(chunk) * p(token | chunk). `FlatQA` is its baseline ([question; truncated document] through one encoder),
 `make_qa` the seeded task (bios of distinct entities, each stating the same relations; question = entity +
@@ -127,7 +128,8 @@ class HierarchicalEncoder(nn.Module):
 
     def chunk_states(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      question: torch.Tensor | None = None):
-        """Level 1: (B, T) -> token states (B, N, c, d_token), safe mask (B*N, c), chunk present (B, N)."""
+        """Level 1: (B, T) -> token states (B, N, c, d_token), safe mask (B*N, c), chunk present (B, N) and the
+        question's states as read beside each chunk (B, N, Q, d_token), or None without a question."""
         if (question is None) != (self.question_len == 0):
             raise LmstackError("question: pass one exactly when the encoder was built with question_len > 0 "
                                f"(question_len={self.question_len})")
@@ -148,13 +150,14 @@ class HierarchicalEncoder(nn.Module):
             q = question.shape[1]
             x = torch.cat([question.repeat_interleave(n, 0), x], 1)
         keys = None if safe is None else torch.cat([safe.new_ones(b * n, q), safe], 1)
-        h = self.tokens(x, attention_mask=keys)[:, q:]
-        return h.view(b, n, c, -1), safe, present.view(b, n)
+        h = self.tokens(x, attention_mask=keys)
+        hq = h[:, :q].reshape(b, n, q, -1) if q else None
+        return h[:, q:].reshape(b, n, c, -1), safe, present.view(b, n), hq
 
     def chunk_summaries(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         question: torch.Tensor | None = None):
         """Level 1 pooled: (B, T) -> chunk summaries (B, N, d_token), chunk mask (B, N), token weights (B, N, c)."""
-        h, safe, present = self.chunk_states(ids, attention_mask, question)
+        h, safe, present, _ = self.chunk_states(ids, attention_mask, question)
         b, n, c, d = h.shape
         pooled, weights = self.chunk_pool(h.reshape(b * n, c, d), safe)
         return pooled.view(b, n, d), present, weights.view(b, n, c)
@@ -227,8 +230,9 @@ class QAOutput(NamedTuple):
 class HierarchicalQA(HierarchicalEncoder):
     """Long-document QA on the two-level encoder: evidence selection over chunks plus an extractive span.
 
-    The question is prepended to every chunk (HierarchicalEncoder's question_len), so the chunk summaries are
-    question-aware; the document level compares them; a linear head scores each chunk. The span factors
+    The question is prepended to every chunk (HierarchicalEncoder's question_len); a chunk's summary is its
+    pooled tokens plus the mean of the question's states read beside it (the question tokens act as that
+    chunk's [CLS]); the document level compares the summaries; a linear head scores each chunk. The span factors
     through the chunk: log p(start = token i of chunk k) = log p(chunk k) + log p(i | chunk k), where the
     within-chunk scores come from the token's state plus its chunk's document-level state."""
 
@@ -244,10 +248,12 @@ class HierarchicalQA(HierarchicalEncoder):
     def forward(self, question: torch.Tensor, ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> QAOutput:
         """question (B, Q), ids (B, T) -> QAOutput: evidence (B, N), start and end (B, T) log-probs."""
-        h, safe, present = self.chunk_states(ids, attention_mask, question)
+        h, safe, present, hq = self.chunk_states(ids, attention_mask, question)
         b, n, c, d = h.shape
         pooled, _ = self.chunk_pool(h.reshape(b * n, c, d), safe)
-        x = self.doc_states(pooled.view(b, n, d), present)
+        # The question's own states, having read this chunk, say how well it answers (BERT's [CLS] role):
+        # without them the match must survive pooling over the chunk's filler words.
+        x = self.doc_states(pooled.view(b, n, d) + hq.mean(2), present)
         evidence = torch.log_softmax(self.evidence_head(x).squeeze(-1).masked_fill(~present, float("-inf")), -1)
         local = self.span_head(h + self.lift(x).unsqueeze(2))  # (B, N, c, 2)
         if safe is not None:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig, Transformer
 from lmstack.model.hf_io import load_model, save_model
+from lmstack.model import routing_attention
 from lmstack.model.routing_attention import RoutingAttention
 
 
@@ -42,6 +43,14 @@ def test_grouped_kv_heads_and_a_ragged_last_chunk():
     assert (m(q, k, v, causal=True) - ref).abs().max() < 1e-5
     out = routing(n_clusters=6, window=8, local=1, h=4)(q, k, v, causal=True)
     assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+def test_heads_done_a_few_at_a_time_give_the_same_output(monkeypatch):
+    m = routing(n_clusters=4, local=1, h=4)
+    q, k, v = qkv(h=4, t=64)
+    whole = m(q, k, v, causal=True)
+    monkeypatch.setattr(routing_attention, "SCORE_BUDGET", 1)  # one head per call
+    assert torch.allclose(m(q, k, v, causal=True), whole, atol=1e-6, rtol=0)
 
 
 def test_local_heads_are_exact_sliding_window_attention():

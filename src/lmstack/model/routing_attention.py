@@ -43,10 +43,24 @@ def _look_back(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n == 1 else torch.cat([x.roll(1, dims=2), x], dim=3)
 
 
+SCORE_BUDGET = 1 << 22  # score entries per call: longer inputs are done a few heads at a time (16 MB in fp32)
+
+
 def windowed_attention(q, k, v, cluster: torch.Tensor, w: int, causal: bool, scale: float) -> torch.Tensor:
     """Attention of every query over keys of its own cluster: causal, the last w of them up to itself;
     bidirectional, those in its chunk and the one before, chunks of w in (cluster, position) order.
     q, k (B, H, T, D), v (B, H, T, Dv), cluster (B, H, T) integer ids >= 0."""
+    b, h, t, _ = q.shape
+    per_head = b * math.ceil(t / w) * w * 2 * w
+    step = max(1, SCORE_BUDGET // per_head)
+    if step >= h:
+        return _windowed(q, k, v, cluster, w, causal, scale)
+    # Heads are independent: a few at a time keeps the transient copies and scores of one call small.
+    return torch.cat([_windowed(q[:, i:i + step], k[:, i:i + step], v[:, i:i + step], cluster[:, i:i + step],
+                                w, causal, scale) for i in range(0, h, step)], dim=1)
+
+
+def _windowed(q, k, v, cluster: torch.Tensor, w: int, causal: bool, scale: float) -> torch.Tensor:
     b, h, t, d = q.shape
     n = math.ceil(t / w)
     tp = n * w
@@ -62,14 +76,17 @@ def windowed_attention(q, k, v, cluster: torch.Tensor, w: int, causal: bool, sca
     ck = _look_back(cid, n)
     iq = torch.arange(tp, device=q.device).view(n, w)                               # sorted index of each query
     ik = iq if n == 1 else torch.cat([iq - w, iq], dim=1)                           # chunk 0's look-back: < 0
-    visible = (cid[..., :, None] == ck[..., None, :]) & (ik >= 0)[:, None, :]
+    off = (ik < 0)[:, None, :]                                                      # (n, 1, 2w), same for all
     if causal:  # same cluster and sorted by position, so "the last w" is a sorted-index gap of 0..w-1
         gap = iq[:, :, None] - ik[:, None, :]
-        visible = visible & (gap >= 0) & (gap < w)
+        off = off | (gap < 0) | (gap >= w)
+    hidden = cid[..., :, None] != ck[..., None, :]                                  # (B, H, n, w, 2w)
+    hidden |= off
     acc = torch.promote_types(q.dtype, torch.float32)
-    s = (qs @ ks.transpose(-1, -2)).to(acc) * scale                                 # (B, H, n, w, 2w)
-    # Every real query sees at least its own key; a padded row sees padding, so no row is empty (no NaN).
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+    s = (qs @ ks.transpose(-1, -2)).to(acc) * scale
+    # In place: these scores are needed by nothing else (saves one score-sized tensor at long T). Every real
+    # query sees at least its own key; a padded row sees padding, so no row is empty (no NaN).
+    p = torch.softmax(s.masked_fill_(hidden, float("-inf")), dim=-1)
     o = (p.to(vs.dtype) @ vs).view(b, h, tp, -1)[:, :, :t]
     return o.gather(2, order.argsort(dim=-1).unsqueeze(-1).expand(-1, -1, -1, o.shape[-1]))
 

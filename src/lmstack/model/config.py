@@ -142,7 +142,8 @@ class ModelConfig:
     """attention='routing': the first this-many heads attend to a causal local window of w keys instead (the
     paper mixes local and routing heads); the rest route."""
     routing_ema_decay: float = 0.999
-    """attention='routing': decay of the centroids' moving average (mini-batch k-means in training, none in eval)."""
+    """attention='routing': decay of the centroids' moving average (mini-batch k-means in training, none in eval);
+    0.999 is the paper's, for long runs; a short run learns much faster with about 0.9 (benchmarks/routing_attention)."""
     sparse_pattern: SparsePattern = "none"
     """Sparse attention mask: longformer (window + global tokens), bigbird (window, global, random blocks), dilated."""
     sparse_global_tokens: int = 0

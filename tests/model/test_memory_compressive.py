@@ -144,15 +144,23 @@ def test_training_the_compressor_alone_lowers_the_reconstruction_loss():
     assert after < 0.8 * before, (before, after)
 
 
-def test_no_reconstruction_loss_without_gradients_or_before_eviction():
+def test_reconstruction_loss_is_built_when_it_trains_something_or_when_asked():
     model = tiny("conv", 2)
     memory = CompressiveMemory(model, mem_len=8, cmem_len=4, rate=2)
+    first, second = torch.randint(0, 32, (2, 1, 8))
     with memory.attach():
-        model(torch.randint(0, 32, (1, 8)), cache=memory)
+        model(first, cache=memory)
         assert memory.aux_loss.item() == 0 and memory.clength == 0  # nothing evicted yet
         with torch.no_grad():
-            model(torch.randint(0, 32, (1, 8)), cache=memory)
+            model(second, cache=memory)
         assert memory.clength == 4 and memory.aux_loss.item() == 0  # compressed, but no loss is built at inference
+    for fn, asked, grad, built in (("mean", None, True, False), ("mean", True, False, True), ("conv", False, True, False)):
+        model = tiny(fn, 2)
+        memory = CompressiveMemory(model, mem_len=8, cmem_len=4, rate=2, recon_loss=asked)
+        with torch.set_grad_enabled(grad), memory.attach():
+            model(first, cache=memory)
+            model(second, cache=memory)
+        assert (memory.aux_loss.item() > 0) == built, (fn, asked, grad)
 
 
 def test_compressive_forward_loss_includes_the_reconstruction_loss_and_carries_across_calls():

@@ -18,8 +18,9 @@ compressed, the layer's content-based attention (no positions) of the current se
 `old` versus over `compress(old)`, mean squared error of the two outputs. The hidden states and the
 layer's q/k/v weights are stop-gradiented there (the weights through a functional call with detached
 copies), so this loss trains the compressor alone. `memory.aux_loss` holds it after each segment, averaged
-over the layers that compressed and weighted by cfg.cmem_loss_coef; it is computed only while gradients are
-on (training), and is zero when nothing was compressed. The learned convolution starts as mean pooling, so
+over the layers that compressed and weighted by cfg.cmem_loss_coef, and zero when nothing was compressed. By
+default it is built only when it can train something (gradients on and a learned compressor: not at
+inference, not for mean/max pooling); `recon_loss=True` builds it always, as a measurement. The learned convolution starts as mean pooling, so
 an untrained compressor already keeps the gist of its group instead of a random projection of it.
 
 Usage:
@@ -47,7 +48,7 @@ COMPRESSION_FNS = ("conv", "mean", "max")
 
 
 class Compressor(nn.Module):
-    """The compression function of every layer: (B, N, d_model) states, N a multiple of rate -> (B, N / rate, d_model)."""
+    """The compression function of every layer: (B, N, d_model) states, N a multiple of rate -> (B, N / rate, d)."""
 
     def __init__(self, cfg, fn: str | None = None, rate: int | None = None):
         super().__init__()
@@ -146,7 +147,7 @@ class CompressiveMemory(XLMemory):
     memory in front of the keys and the compression of what the memory evicts."""
 
     def __init__(self, model: nn.Module, mem_len: int | None = None, cmem_len: int | None = None,
-                 rate: int | None = None):
+                 rate: int | None = None, recon_loss: bool | None = None):
         cfg = model.config
         _check_model(cfg)
         mem_len = cfg.mem_len if mem_len is None else mem_len
@@ -163,6 +164,9 @@ class CompressiveMemory(XLMemory):
         self.compressor = attach_compressor(model, rate=rate)
         self.rate, self.cmem_len = self.compressor.rate, cmem_len
         self.loss_coef = cfg.cmem_loss_coef
+        # None: build the reconstruction loss when it can train something (gradients on, a learned compressor);
+        # True: always, as a measurement (mean/max pooling, or under no_grad); False: never.
+        self.recon_loss = recon_loss
         self.cmem: list[torch.Tensor | None] = [None] * cfg.n_layers
         self.waiting: list[torch.Tensor | None] = [None] * cfg.n_layers  # evicted, < rate, not compressed yet
         self.clength = 0   # compressed slots held (the same in every layer)
@@ -214,7 +218,9 @@ class CompressiveMemory(XLMemory):
 
     def advance(self, t: int) -> None:
         # Every layer has read the old memories: slide the memory, compress what it evicts, score the compression.
-        want_loss = torch.is_grad_enabled()
+        want_loss = self.recon_loss
+        if want_loss is None:
+            want_loss = torch.is_grad_enabled() and any(p.requires_grad for p in self.compressor.parameters())
         losses = []
         n_out = 0
         for layer, x in self._pending.items():

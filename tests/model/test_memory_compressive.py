@@ -10,7 +10,7 @@ from lmstack.model import ModelConfig, Transformer
 from lmstack.model.counting import memory_params
 from lmstack.model.memory.compressive import (CompressiveMemory, Compressor, attach_compressor,
                                               compressive_forward)
-from lmstack.model.memory.xl import XLMemory, xl_forward
+from lmstack.model.memory.xl import xl_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: two threads only contend on a busy machine
 

@@ -27,6 +27,8 @@ Usage:
     flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py   # the recorded run (CPU, 2 busy cores)
     flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py --steps 100 --qa-steps 100 --lrs 3e-3
     python benchmarks/hierarchical_attention.py --device cuda --chunks 64 --context 512   # longer documents
+    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py --long-run 1500 --lrs 1e-3
+        # then: does flat_full catch up on classification with many more steps? (adds accuracy_vs_full_long_run)
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import peak_and_seconds, result, write_result
+from _common import RESULTS, peak_and_seconds, result, write_result
 
 from lmstack.model.config import ModelConfig
 from lmstack.model.hierarchical import (FlatClassifier, FlatQA, HierarchicalClassifier, HierarchicalQA,
@@ -229,6 +231,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--tasks", nargs="+", default=["classify", "qa"], choices=["classify", "qa"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--long-run", type=int, default=0,
+                    help="instead: hierarchical vs flat_full classification for this many steps (first lr of --lrs), "
+                         "merged into the results file as accuracy_vs_full_long_run")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)  # child mode: "task:model" -> its train-step peak, as JSON
     args = ap.parse_args()
     if args.peak_of:
@@ -237,6 +242,9 @@ def main() -> None:
         model = builders(args)[task][name]().to(args.device)
         batch = take(datasets(args, task, args.batch, 0), slice(None))
         print(json.dumps(peak_step(task, model, batch, args.device)))
+        return
+    if args.long_run:
+        long_run(args)
         return
     torch.manual_seed(0)
     length = args.chunks * args.chunk
@@ -279,14 +287,45 @@ def main() -> None:
             out.append(result(NAME, f"{prefix}peak_train_step_mb{suffix}", False, h["peak_mb"], base_name,
                               b["peak_mb"], goal=1.0 if suffix else None, task=task, device=args.device,
                               batch=args.batch, doc_tokens=length, context=args.context))
+    save(out)
+
+
+def save(out: list) -> None:
+    """write_result, then a strict-JSON fix: a baseline at 0 gives an infinite ratio, written as null."""
+    for r in out:
+        r["ratio"] = math.inf if r["ratio"] is None else r["ratio"]
     path = write_result(NAME, out)
-    if any(math.isinf(r["ratio"]) for r in out):  # a baseline at 0: strict JSON has no Infinity, say null
+    if any(math.isinf(r["ratio"]) for r in out):
         for r in out:
             r["ratio"] = None if math.isinf(r["ratio"]) else r["ratio"]
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(out, indent=2) + "\n")
         os.replace(tmp, path)
 
+
+def long_run(args) -> None:
+    """Classification, hierarchical vs flat_full only, for --long-run steps at the first lr of --lrs: does the flat
+    model over the whole document catch up given many more steps? Merged into the existing results file."""
+    task, build = "classify", builders(args)["classify"]
+    data, val, test = (datasets(args, task, n, seed) for n, seed in ((args.n_train, 0), (args.n_val, 2),
+                                                                      (args.n_test, 1)))
+    rows = {}
+    start = time.perf_counter()
+    for name in ("hierarchical", "flat_full"):
+        torch.manual_seed(0)
+        model = build[name]().to(args.device)
+        curve = train(task, model, data, val, args, args.lrs[0], args.long_run)
+        p, err, n = score(task, model, test)["accuracy"]
+        rows[name] = dict(accuracy=p, accuracy_stderr=err, n=n, curve=curve)
+        print(task, name, rows[name], flush=True)
+    h, f = rows["hierarchical"], rows["flat_full"]
+    entry = result(NAME, "accuracy_vs_full_long_run", True, h["accuracy"], "flat_full", f["accuracy"], goal=1.0,
+                   n=args.n_test, stderr=h["accuracy_stderr"], baseline_stderr=f["accuracy_stderr"], task=task,
+                   device=args.device, doc_tokens=args.chunks * args.chunk, steps=args.long_run, lr=args.lrs[0],
+                   batch=args.batch, models=rows, minutes=round((time.perf_counter() - start) / 60, 1))
+    path = RESULTS / f"{NAME}.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    save([r for r in old if r["metric"] != entry["metric"]] + [entry])
 
 if __name__ == "__main__":
     main()

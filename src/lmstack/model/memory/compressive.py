@@ -129,11 +129,12 @@ def _content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 def reconstruction_loss(attn: Attention, h: torch.Tensor, old: torch.Tensor, compressed: torch.Tensor) -> torch.Tensor:
     """The attention-reconstruction loss of one layer: MSE between the content-based attention of the queries
     of h over `old` and over `compressed`. Only `compressed` (hence the compressor) gets gradient."""
-    frozen = {f"attn.{name}": p.detach() for name, p in attn.named_parameters()}
     proj = _Projections(attn)
-    with torch.no_grad():
-        q, k_old, v_old = functional_call(proj, frozen, (h.detach(),), {"with_q": True})
+    with torch.no_grad():  # the target: nothing in it takes gradient, so the module's own weights serve
+        q, k_old, v_old = proj(h, with_q=True)
         want = _content_attention(q, k_old, v_old, attn.scale)
+    # the compressed branch: gradient flows into `compressed`, not into the layer's weights (detached copies)
+    frozen = {f"attn.{name}": p.detach() for name, p in attn.named_parameters()}
     k_c, v_c = functional_call(proj, frozen, (compressed,))
     got = _content_attention(q, k_c, v_c, attn.scale)
     return F.mse_loss(got.float(), want.float())

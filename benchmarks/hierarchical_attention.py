@@ -24,7 +24,7 @@ recorded before and after. Peak memory of one train step: each model in a fresh 
 CPU: peak RSS above the start of the step).
 
 Usage:
-    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py   # the recorded run (CPU, 2 busy cores)
+    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py   # the recorded run: ~11 min, 2 busy cores
     flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py --steps 100 --qa-steps 100 --lrs 3e-3
     python benchmarks/hierarchical_attention.py --device cuda --chunks 64 --context 512   # longer documents
     flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py --long-run 1500 --lrs 1e-3

@@ -27,7 +27,7 @@ Usage:
     flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py   # the recorded run: ~11 min, 2 busy cores
     flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py --steps 100 --qa-steps 100 --lrs 3e-3
     python benchmarks/hierarchical_attention.py --device cuda --chunks 64 --context 512   # longer documents
-    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py --long-run 1500 --lrs 1e-3
+    flock /tmp/lmstack-bench.lock python benchmarks/hierarchical_attention.py --long-run 1200 --lrs 1e-3
         # then: does flat_full catch up on classification with many more steps? (adds accuracy_vs_full_long_run)
 """
 from __future__ import annotations

@@ -443,8 +443,8 @@ def claims(table: dict, flops_ratio: float | None) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, default=128, help="training length L in tokens")
-    ap.add_argument("--steps", type=int, default=300, help="training steps, the same for every row")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=600, help="training steps, the same for every row")
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--n", type=int, default=20, help="scored documents per (task, length)")
     ap.add_argument("--merge", action="store_true", help="keep the rows of the existing results JSON (same settings) "
                     "and run only --rows, e.g. a row whose code landed after the last full run")

@@ -10,6 +10,8 @@ segment by segment through a fresh memory (segments.py), so it trains and scores
   fingerprint: the persistent memory of a chat across conversations.
 - compressive.py: the Compressive Transformer (Rae et al. 2020): XL plus a FIFO memory of older states
   compressed by cmem_rate (a learned strided convolution, or pooling), trained by attention reconstruction.
+- summary.py: AutoCompressor summary vectors (Chevalier et al. 2023): a wrapper that compresses a long prefix,
+  segment by segment, into k soft vectors later tokens attend to (context compression, not a config switch).
 - segments.py: new_memory (from the config), segment_forward (what model(ids) runs), generate_with_memory
   (decoding; the paged engine refuses memory models).
 
@@ -20,7 +22,9 @@ Usage:
 """
 from lmstack.model.memory.knn import KNNMemory, KNNStore, attach_knn_gate, knn_forward, load_knn_gate, save_knn_gate
 from lmstack.model.memory.segments import generate_with_memory, new_memory, segment_forward
+from lmstack.model.memory.summary import AutoCompressor, SummaryTokens, load_summary_tokens, save_summary_tokens
 from lmstack.model.memory.xl import XLMemory, xl_forward
 
 __all__ = ["XLMemory", "xl_forward", "KNNMemory", "KNNStore", "attach_knn_gate", "knn_forward", "load_knn_gate",
-           "save_knn_gate", "new_memory", "segment_forward", "generate_with_memory"]
+           "save_knn_gate", "new_memory", "segment_forward", "generate_with_memory", "AutoCompressor", "SummaryTokens",
+           "load_summary_tokens", "save_summary_tokens"]

@@ -206,3 +206,27 @@ def test_model_generate_keeps_a_knn_store_across_calls(tmp_path, capsys):
     lmstack.save_model(xl_model(), tmp_path / "xl")
     assert main(["model", "generate", str(tmp_path / "xl")] + args[3:]) == 2
     assert "only memory='knn' persists" in capsys.readouterr().err
+
+
+def test_a_memory_longer_than_a_segment_fills_up_over_several_segments():
+    model = xl_model(mem_len=20, seg_len=8)  # 20 is not a multiple of 8: the memory is partly full for a while
+    ids = torch.randint(0, 48, (1, 40))
+    memory = new_memory(model)
+    with memory.attach():
+        for segment in ids.split(8, dim=1):
+            model(segment, cache=memory)
+            assert memory.memory[0].shape[1] == memory.length == min(20, memory.length)
+    assert memory.length == 20
+    torch.testing.assert_close(model(ids), xl_forward(model, ids, seg_len=8, mem_len=20)[0])
+
+
+def test_the_compressor_trains_at_its_own_learning_rate_without_decay():
+    from lmstack.train.optim import OptimizerConfig, build_optimizer
+
+    model = compressive_model()
+    opt = build_optimizer(model, OptimizerConfig(lr=1e-3, weight_decay=0.1))
+    group = next(g for g in opt.param_groups if any(n.startswith("cmem_compress.") for n in g["names"]))
+    assert all(n.startswith("cmem_compress.") for n in group["names"])
+    assert group["lr"] == pytest.approx(1e-3 * model.config.cmem_lr_scale) and group["weight_decay"] == 0.0
+    others = [g for g in opt.param_groups if g is not group]
+    assert max(g["lr"] for g in others) == pytest.approx(1e-3)

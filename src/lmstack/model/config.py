@@ -205,6 +205,10 @@ class ModelConfig:
     cmem_loss_coef: float = 1.0
     """memory='compressive': weight of the attention-reconstruction loss that trains the compression (it reaches
     only the compressor's weights, as in the paper)."""
+    cmem_lr_scale: float = 0.03
+    """memory='compressive' with cmem_fn='conv': the compressor's learning rate as a fraction of the model's (the
+    optimizer's param groups apply it, without weight decay): at the model's rate the convolution leaves its
+    mean-pooling start and recall collapses (benchmarks/compressive_memory.py)."""
     knn_layer: int = -1
     """memory='knn': the layer that attends over the store; -1 = the second-to-last layer."""
     knn_top_k: int = 32
@@ -410,6 +414,7 @@ class ModelConfig:
              f"{self.position!r} adds absolute embeddings that cannot continue across the memory; use rope, alibi or none")
         need(self.mem_len >= 1, f"{what} needs mem_len >= 1 (hidden states carried per layer)")
         if self.memory == "compressive":
+            need(self.cmem_lr_scale > 0, f"cmem_lr_scale must be > 0, got {self.cmem_lr_scale}")
             need(self.cmem_len >= 1 and self.cmem_rate >= 1,
                  f"memory='compressive' needs cmem_len >= 1 and cmem_rate >= 1, got {self.cmem_len} and {self.cmem_rate}")
         else:

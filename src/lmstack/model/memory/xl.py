@@ -157,7 +157,7 @@ class XLMemory(AttentionCache):
         for layer, x in self._pending.items():
             old = self.memory[layer]
             held = x if old is None else torch.cat((old, x), dim=1)
-            self.memory[layer] = held[:, held.shape[1] - self.mem_len:].detach() if self.mem_len else None
+            self.memory[layer] = held[:, max(held.shape[1] - self.mem_len, 0):].detach() if self.mem_len else None
         self._pending.clear()
         self.length = min(self.length + t, self.mem_len)
 

@@ -11,6 +11,9 @@ Rules (nanoGPT / BEiT / modded-nanogpt conventions):
   ladder stays geometric over the parameters that exist;
 - Muon's matrices: >=2-D tensors inside blocks that are not norms or MoE routers. 3-D MoE expert
   stacks qualify; Muon orthogonalises each expert's matrix separately.
+- a compressive memory's compressor (model.cmem_compress) trains at ModelConfig.cmem_lr_scale of the LR and
+  without decay: it starts as mean pooling and only its own reconstruction loss reaches it, so the model's LR
+  (and decay toward zero) would carry it away from a good start faster than that loss can steer it.
 
 Frozen tensors (requires_grad=False) are left out. Parameter names are found with a regex, so the
 prefixes of wrappers (DDP "module.", torch.compile "_orig_mod.") do not matter.
@@ -29,8 +32,10 @@ import torch
 from torch import nn
 
 from lmstack.errors import LmstackError
+from lmstack.model.config import ModelConfig
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_COMPRESSOR = re.compile(r"(?:^|\.)cmem_compress\.")
 
 
 @dataclass
@@ -65,7 +70,7 @@ def classify(model: nn.Module) -> list[ParamInfo]:
             norm, emb = _is_norm(module), isinstance(module, nn.Embedding)
             # the embedding stage: embedding tables and the norm right after them (e.g. BERT's emb_norm)
             stage_emb = layer is None and (emb or ("emb" in mod_name.rsplit(".", 1)[-1] and norm))
-            decay = p.dim() >= 2 and not emb and not norm
+            decay = p.dim() >= 2 and not emb and not norm and not _COMPRESSOR.search(name)
             matrix = layer is not None and p.dim() >= 2 and not emb and not norm and "router" not in name
             infos.append(ParamInfo(name, p, decay, layer, stage_emb, matrix))
     return infos
@@ -96,7 +101,10 @@ def param_groups(model: nn.Module, cfg, lr: float, muon_lr: float | None = None)
     if not infos:
         raise LmstackError("the model has no trainable parameters (all have requires_grad=False)")
     groups: dict[tuple, dict] = {}
+    config = next((m.config for m in model.modules() if isinstance(getattr(m, "config", None), ModelConfig)), None)
     for info, scale in zip(infos, layer_scales(infos, cfg.layer_lr_decay)):
+        if config is not None and config.memory == "compressive" and _COMPRESSOR.search(info.name):
+            scale *= config.cmem_lr_scale
         decay = info.decay or not cfg.no_decay_norms_biases_embeddings
         muon = muon_lr is not None and info.matrix
         key = (decay, scale, muon)

@@ -205,7 +205,7 @@ class ModelConfig:
     cmem_loss_coef: float = 1.0
     """memory='compressive': weight of the attention-reconstruction loss that trains the compression (it reaches
     only the compressor's weights, as in the paper)."""
-    cmem_lr_scale: float = 0.03
+    cmem_lr_scale: float = 1 / 30
     """memory='compressive' with cmem_fn='conv': the compressor's learning rate as a fraction of the model's (the
     optimizer's param groups apply it, without weight decay): at the model's rate the convolution leaves its
     mean-pooling start and recall collapses (benchmarks/compressive_memory.py)."""

@@ -20,6 +20,7 @@ Usage:
     logits = model(ids)                                    # any length: segments of 128, memory of 128
     out = generate_with_memory(model, prompt_ids, max_new_tokens=32)
 """
+from lmstack.model.memory.compressive import CompressiveMemory, Compressor, attach_compressor, compressive_forward
 from lmstack.model.memory.knn import KNNMemory, KNNStore, attach_knn_gate, knn_forward, load_knn_gate, save_knn_gate
 from lmstack.model.memory.segments import generate_with_memory, new_memory, segment_forward
 from lmstack.model.memory.summary import AutoCompressor, SummaryTokens, load_summary_tokens, save_summary_tokens
@@ -27,4 +28,5 @@ from lmstack.model.memory.xl import XLMemory, xl_forward
 
 __all__ = ["XLMemory", "xl_forward", "KNNMemory", "KNNStore", "attach_knn_gate", "knn_forward", "load_knn_gate",
            "save_knn_gate", "new_memory", "segment_forward", "generate_with_memory", "AutoCompressor", "SummaryTokens",
-           "load_summary_tokens", "save_summary_tokens"]
+           "load_summary_tokens", "save_summary_tokens", "CompressiveMemory", "Compressor", "attach_compressor",
+           "compressive_forward"]

@@ -29,8 +29,8 @@ Rows (ROWS below; each is a builder, and one whose code is not on main yet is wr
 Per row also: training tokens/s, peak resident memory above the start (RSS high-water mark, not tracemalloc:
 torch's CPU tensors live outside Python's allocator) of scoring one 8L document, and decode tokens/s after an
 8L prompt (full / sliding: KV cache; sink: sink cache; xl/knn: generate_with_memory, the prompt's time
-subtracted; compressive: its segment forward one token at a time; mod and routing: recompute, as both refuse a
-KV cache). Each row's `paths` say which ran.
+subtracted; compressive: its segment forward one token at a time; mod: the KV cache, routed by its causal
+predictor; routing: recompute, as it refuses a KV cache). Each row's `paths` say which ran.
 
     flock /tmp/lmstack-bench.lock python benchmarks/long_memory.py      # ~10 min on 2 shared cores
     python benchmarks/long_memory.py --quick                               # a smoke run, ~1 min
@@ -201,7 +201,7 @@ def build_knn(cfg, ctx):
 def build_mod(cfg, ctx):
     model = lmstack.Transformer(cfg.replace(mod_capacity=0.125))
     return Row("mod", model, plain, {"scoring": "one forward, threshold routing (causal)",
-                                     "decode": "recompute per token (MoD refuses a KV cache)"})
+                                     "decode": "KV cache (the routed layers keep keys of the tokens they took)"})
 
 
 def build_compressive(cfg, ctx):
@@ -251,7 +251,7 @@ def build_gist(cfg, ctx):
 # Trained rows: the same init seed, steps and batches. Derived rows reuse a trained row's weights.
 ROWS = {"full": build_full, "xl": build_xl, "knn": build_knn, "mod": build_mod,
         "compressive": build_compressive, "routing": build_routing, "gist": build_gist}
-RECOMPUTE = ("mod", "routing")  # rows that refuse a KV cache: each decoded token re-runs the whole sequence
+RECOMPUTE = ("routing",)  # rows that refuse a KV cache: each decoded token re-runs the whole sequence
 
 
 def derived_rows(full: Row, ctx: int) -> list[Row]:

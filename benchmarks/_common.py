@@ -112,6 +112,35 @@ def peak_and_seconds(step: Callable[[], Any]) -> dict:
     return {"seconds": min(times), "peak_mb": peak}
 
 
+def attention_worker(ours: Callable, kind: str, mode: str, t: int, batch: int, heads: int, head_dim: int) -> dict:
+    """A fresh-process measurement of causal attention over random q, k, v (batch, heads, t, head_dim):
+    `ours(q, k, v)`, or torch SDPA (is_causal, the path a user runs) when kind == 'sdpa'; forward only, or
+    forward + backward when mode == 'fwd_bwd'. peak_and_seconds of that (lsh_attention.py, routing_attention.py)."""
+    import torch  # lazy: most benchmarks importing _common measure servers or files and never load torch here
+
+    from lmstack.model.backends import sdpa_attention  # lazy: as torch above
+    from lmstack.model.masks import AttentionMask  # lazy: as torch above
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    grad = mode == "fwd_bwd"
+    q, k, v = (torch.randn(batch, heads, t, head_dim, requires_grad=grad) for _ in range(3))
+    if kind == "sdpa":
+        mask = AttentionMask(q_pos=torch.arange(t), k_pos=torch.arange(t), causal=True)
+        fn = lambda: sdpa_attention(q, k, v, mask, head_dim ** -0.5)  # plain causal -> is_causal=True
+    else:
+        fn = lambda: ours(q, k, v)
+
+    def step():
+        if grad:
+            fn().sum().backward()
+        else:
+            with torch.no_grad():
+                fn()
+
+    return peak_and_seconds(step)
+
+
 # ---- servers -------------------------------------------------------------------------------------------------
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (benchmarks' servers bind to loopback only)."""

@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 
-from _common import peak_and_seconds, result, write_result
+from _common import attention_worker, result, write_result
 
 B, H, D = 1, 8, 64
 
@@ -34,30 +34,8 @@ def _lsh(n_hashes: int = 4):
 
 
 def worker(kind: str, mode: str, t: int) -> dict:
-    import torch
-
-    from lmstack.model.backends import sdpa_attention
-    from lmstack.model.masks import AttentionMask
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    grad = mode == "fwd_bwd"
-    q, k, v = (torch.randn(B, H, t, D, requires_grad=grad) for _ in range(3))
-    if kind == "lsh":
-        att, _ = _lsh()
-        fn = lambda: att(q, q, v, causal=True)
-    else:
-        mask = AttentionMask(q_pos=torch.arange(t), k_pos=torch.arange(t), causal=True)
-        fn = lambda: sdpa_attention(q, k, v, mask, D ** -0.5)  # plain causal -> is_causal=True
-
-    def step():
-        if grad:
-            fn().sum().backward()
-        else:
-            with torch.no_grad():
-                fn()
-
-    return peak_and_seconds(step)
+    att = _lsh()[0] if kind == "lsh" else None
+    return attention_worker(lambda q, k, v: att(q, q, v, causal=True), "lsh" if att is not None else "sdpa", mode, t, B, H, D)
 
 
 def quality(t: int = 1024) -> list[float]:

@@ -31,11 +31,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import peak_and_seconds, result, write_result
+from _common import attention_worker, result, write_result
 
 from lmstack.model import ModelConfig, Transformer
-from lmstack.model.backends import sdpa_attention
-from lmstack.model.masks import AttentionMask
 from lmstack.model.routing_attention import RoutingAttention
 
 B, H, D = 1, 8, 64
@@ -49,25 +47,8 @@ def _routing(h: int = H) -> RoutingAttention:
 
 
 def worker(kind: str, mode: str, t: int) -> dict:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    grad = mode == "fwd_bwd"
-    q, k, v = (torch.randn(B, H, t, D, requires_grad=grad) for _ in range(3))
-    if kind == "routing":
-        att = _routing()
-        fn = lambda: att(q, k, v, causal=True)
-    else:
-        mask = AttentionMask(q_pos=torch.arange(t), k_pos=torch.arange(t), causal=True)
-        fn = lambda: sdpa_attention(q, k, v, mask, D ** -0.5)  # plain causal -> is_causal=True
-
-    def step():
-        if grad:
-            fn().sum().backward()
-        else:
-            with torch.no_grad():
-                fn()
-
-    return peak_and_seconds(step)
+    att = _routing() if kind == "routing" else None
+    return attention_worker(lambda q, k, v: att(q, k, v, causal=True), "routing" if att is not None else "sdpa", mode, t, B, H, D)
 
 
 def _run(*args) -> dict:

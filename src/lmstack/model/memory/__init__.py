@@ -12,6 +12,7 @@ segment by segment through a fresh memory (segments.py), so it trains and scores
   compressed by cmem_rate (a learned strided convolution, or pooling), trained by attention reconstruction.
 - summary.py: AutoCompressor summary vectors (Chevalier et al. 2023): a wrapper that compresses a long prefix,
   segment by segment, into k soft vectors later tokens attend to (context compression, not a config switch).
+- running.py: the segment loop they share (argument checks, run_segments, segment_loss).
 - segments.py: new_memory (from the config), segment_forward (what model(ids) runs), generate_with_memory
   (decoding; the paged engine refuses memory models).
 

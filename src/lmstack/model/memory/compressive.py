@@ -41,6 +41,7 @@ from torch.func import functional_call
 
 from lmstack.errors import LmstackError
 from lmstack.model.attention import Attention
+from lmstack.model.memory.running import check_segment_call, run_segments, segment_loss
 from lmstack.model.memory.xl import XLMemory, _check_model, _project_kv
 from lmstack.model.positions import apply_rotary
 
@@ -263,25 +264,14 @@ def compressive_forward(model: nn.Module, ids: torch.Tensor, seg_len: int, targe
     `memory` defaults to CompressiveMemory(model) (sizes from model.config); pass one to carry it across
     calls. The loss is the mean cross-entropy over targets != ignore_index plus, averaged over segments,
     the model's auxiliary loss and the memory's attention-reconstruction loss (memory.aux_loss)."""
-    if ids.dim() != 2:
-        raise LmstackError(f"input ids must have shape (batch, time), got {tuple(ids.shape)}")
-    if seg_len < 1:
-        raise LmstackError(f"seg_len must be >= 1, got {seg_len}")
+    check_segment_call(ids, seg_len, targets)
     memory = CompressiveMemory(model) if memory is None else memory
     window = memory.mem_len + memory.cmem_len + seg_len
     if window > memory.max_len:
         raise LmstackError(f"mem_len={memory.mem_len} + cmem_len={memory.cmem_len} + seg_len={seg_len} = {window} "
                            f"exceed the model's max_seq_len={memory.max_len}, the window one segment attends; "
                            "lower one of them")
-    if targets is not None and targets.shape != ids.shape:
-        raise LmstackError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
-    outs, aux = [], 0.0
-    with memory.attach():
-        for segment in ids.split(seg_len, dim=1):
-            outs.append(model(segment, cache=memory))
-            aux = aux + model.aux_loss + memory.aux_loss
-    logits = torch.cat(outs, dim=1)
+    logits, aux = run_segments(model, ids, seg_len, memory)
     if targets is None:
         return logits, None
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
-    return logits, loss + aux / len(outs)
+    return logits, segment_loss(logits, targets, ignore_index) + aux

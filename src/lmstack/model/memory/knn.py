@@ -46,6 +46,7 @@ from torch import nn
 from lmstack.config import atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.model.attention_cache import AttentionCache
+from lmstack.model.memory.running import check_segment_call, run_segments, segment_loss
 from lmstack.model.positions import apply_rotary
 
 BACKENDS = ("exact", "faiss")
@@ -346,13 +347,8 @@ def knn_forward(model: nn.Module, ids: torch.Tensor, seg_len: int, memory: KNNMe
                 ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ids (B, T) segment by segment through `memory` (updated in place): (logits (B, T, vocab), mean
     cross-entropy over targets != ignore_index or None)."""
-    if ids.dim() != 2:
-        raise LmstackError(f"input ids must have shape (batch, time), got {tuple(ids.shape)}")
-    if seg_len < 1:
-        raise LmstackError(f"seg_len must be >= 1, got {seg_len}")
-    if targets is not None and targets.shape != ids.shape:
-        raise LmstackError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
-    logits = torch.cat([model(segment, cache=memory) for segment in ids.split(seg_len, dim=1)], dim=1)
+    check_segment_call(ids, seg_len, targets)
+    logits, aux = run_segments(model, ids, seg_len, memory)
     if targets is None:
         return logits, None
-    return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+    return logits, segment_loss(logits, targets, ignore_index) + aux

@@ -23,8 +23,6 @@ Usage:
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -32,6 +30,7 @@ from lmstack.errors import LmstackError
 from lmstack.model.attention_cache import AttentionCache
 from lmstack.model.memory.compressive import CompressiveMemory
 from lmstack.model.memory.knn import KNNMemory
+from lmstack.model.memory.running import run_segments
 from lmstack.model.memory.xl import XLMemory
 
 
@@ -47,28 +46,13 @@ def new_memory(model: nn.Module) -> AttentionCache:
     raise LmstackError(f"memory={cfg.memory!r}: this model has no long-context memory (set ModelConfig.memory)")
 
 
-def _attached(memory: AttentionCache):
-    """XL-style memories read each layer's attention input through hooks that live for a `with` block."""
-    attach = getattr(memory, "attach", None)
-    return attach() if attach is not None else contextlib.nullcontext()
-
-
 def segment_forward(model: nn.Module, ids: torch.Tensor, memory: AttentionCache | None = None) -> torch.Tensor:
     """Final hidden states (B, T, d_model) of ids run segment by segment through `memory` (a fresh one when
     None). Leaves model.aux_loss = the mean over segments of the blocks' auxiliary losses plus the memory's
     own (the compressive memory's attention-reconstruction loss), as the trainer reads it."""
-    seg_len = model.config.memory_seg_len()
     memory = new_memory(model) if memory is None else memory
-    outs, aux = [], 0.0
-    with _attached(memory):
-        for segment in ids.split(seg_len, dim=1):
-            outs.append(model(segment, cache=memory, return_hidden=True))
-            aux = aux + model.aux_loss
-            extra = getattr(memory, "aux_loss", None)
-            if torch.is_tensor(extra):
-                aux = aux + extra
-    model.aux_loss = aux / len(outs)
-    return torch.cat(outs, dim=1)
+    hidden, model.aux_loss = run_segments(model, ids, model.config.memory_seg_len(), memory, return_hidden=True)
+    return hidden
 
 
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -98,6 +82,9 @@ def generate_with_memory(model: nn.Module, ids: torch.Tensor, max_new_tokens: in
     if max_new_tokens < 0:
         raise LmstackError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     memory = new_memory(model) if memory is None else memory
+    if not getattr(memory, "long_memory", False):
+        raise LmstackError(f"memory= must be a long-context memory (new_memory(model), XLMemory, CompressiveMemory "
+                           f"or KNNMemory), got {type(memory).__name__}")
     seg_len = cfg.memory_seg_len() if cfg.memory != "none" else cfg.max_seq_len
     out = ids
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -124,7 +111,7 @@ def generate_with_memory(model: nn.Module, ids: torch.Tensor, max_new_tokens: in
         if commit:
             model(open_, cache=memory)
         return out
-    with _attached(memory):
+    with memory.attach():
         hidden_last = None
         for segment in ids.split(seg_len, dim=1):
             logits = model(segment, cache=memory, logits_to_keep=1)

@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmstack.errors import LmstackError
+from lmstack.model.memory.running import check_segment_call
 
 
 class SummaryTokens(nn.Module):
@@ -164,12 +165,7 @@ class AutoCompressor(nn.Module):
         """Run ids (B, T) in segments of seg_len, each reading the summary vectors of those before it (and
         `soft`, summaries of an earlier text, if given). Returns (logits (B, T, vocab), the mean cross-entropy
         over targets != ignore_index or None, the soft prompt that summarizes everything: feed it to segment())."""
-        if ids.dim() != 2:
-            raise LmstackError(f"input ids must have shape (batch, time), got {tuple(ids.shape)}")
-        if seg_len < 1:
-            raise LmstackError(f"seg_len must be >= 1, got {seg_len}")
-        if targets is not None and targets.shape != ids.shape:
-            raise LmstackError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
+        check_segment_call(ids, seg_len, targets)
         outs, summaries = self._chain(ids, seg_len, soft, logits=True)
         logits = torch.cat(outs, dim=1)
         loss = None

@@ -30,12 +30,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import LmstackError
 from lmstack.model.attention import Attention
 from lmstack.model.attention_cache import AttentionCache
+from lmstack.model.memory.running import check_segment_call, run_segments, segment_loss
 from lmstack.model.positions import apply_rotary
 
 
@@ -178,10 +178,7 @@ def xl_forward(model: nn.Module, ids: torch.Tensor, seg_len: int, mem_len: int |
     plus the MoE auxiliary loss averaged over segments. Pass `memory` (an XLMemory) to carry it across calls,
     e.g. across a trainer's steps over consecutive windows of one stream, as Transformer-XL trains; it is
     updated in place."""
-    if ids.dim() != 2:
-        raise LmstackError(f"input ids must have shape (batch, time), got {tuple(ids.shape)}")
-    if seg_len < 1:
-        raise LmstackError(f"seg_len must be >= 1, got {seg_len}")
+    check_segment_call(ids, seg_len, targets)
     if memory is None:
         memory = XLMemory(model, seg_len if mem_len is None else mem_len)
     elif mem_len is not None and mem_len != memory.mem_len:
@@ -189,15 +186,7 @@ def xl_forward(model: nn.Module, ids: torch.Tensor, seg_len: int, mem_len: int |
     if memory.mem_len + seg_len > memory.max_len:
         raise LmstackError(f"mem_len={memory.mem_len} + seg_len={seg_len} exceed the model's max_seq_len="
                            f"{memory.max_len}, the window one segment can attend; lower one of them")
-    if targets is not None and targets.shape != ids.shape:
-        raise LmstackError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
-    outs, aux = [], 0.0
-    with memory.attach():
-        for segment in ids.split(seg_len, dim=1):
-            outs.append(model(segment, cache=memory))
-            aux = aux + model.aux_loss
-    logits = torch.cat(outs, dim=1)
+    logits, aux = run_segments(model, ids, seg_len, memory)
     if targets is None:
         return logits, None
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
-    return logits, loss + aux / len(outs)
+    return logits, segment_loss(logits, targets, ignore_index) + aux

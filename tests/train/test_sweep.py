@@ -1,0 +1,196 @@
+"""lmstack.train.sweep: the search space is checked before any trial (each refusal names the key), and the
+Optuna study behaves: grid covers the grid, TPE beats random on a quadratic, median pruning stops bad trials,
+a crashed trial is FAILED while the others complete, and a second call over the same SQLite study continues it.
+The objectives are analytic (no training)."""
+import csv
+from dataclasses import dataclass, field
+import json
+
+import pytest
+import yaml
+
+from lmstack.config import ConfigError
+from lmstack.errors import LmstackError
+from lmstack.train.pretrain import PretrainConfig
+from lmstack.train.sweep import SweepConfig, parse_space, run_sweep
+
+
+@dataclass
+class Knobs:
+    x: float = 0.0
+    y: float = 0.0
+    n: int = 1
+    mode: str = "a"
+
+
+@dataclass
+class Toy:
+    out: str = "runs/toy"
+    knobs: Knobs = field(default_factory=Knobs)
+
+
+def quadratic(trial):
+    k = trial.config.knobs
+    return (k.x - 0.3) ** 2 + (k.y + 0.2) ** 2
+
+
+def quiet(_):
+    pass
+
+
+def test_space_parses_each_form_over_dotted_keys():
+    space = parse_space({"optim.lr": "loguniform(1e-4, 1e-2)", "model.d_model": [64, 128, 256],
+                         "optim.weight_decay": "uniform(0, 0.2)", "model.n_layers": "int(1, 4)"}, PretrainConfig)
+    kinds = {p.key: (p.kind, p.low, p.high, p.choices) for p in space}
+    assert kinds["optim.lr"] == ("loguniform", 1e-4, 1e-2, ())
+    assert kinds["model.d_model"][0] == "choice" and kinds["model.d_model"][3] == (64, 128, 256)
+    assert kinds["optim.weight_decay"][:3] == ("uniform", 0.0, 0.2)
+    assert kinds["model.n_layers"][:3] == ("int", 1, 4)
+    # a cross-field rule met by another searched key is not refused (96 and 192 divide by 3 and 6)
+    assert len(parse_space({"model.d_model": [96, 192], "model.n_heads": [3, 6]}, PretrainConfig)) == 2
+
+
+@pytest.mark.parametrize("space,named,why", [
+    ({"optim.lrr": "uniform(0, 1)"}, "optim.lrr", "no field 'lrr'"),
+    ({"optimm.lr": [1e-3]}, "optimm.lr", "no field 'optimm'"),
+    ({"optim.lr": "loguniform(1e-2, 1e-4)"}, "optim.lr", "empty range"),
+    ({"optim.weight_decay": "uniform(0.1, 0.1)"}, "optim.weight_decay", "empty range"),
+    ({"model.n_layers": "int(4, 2)"}, "model.n_layers", "empty range"),
+    ({"optim.lr": []}, "optim.lr", "empty"),
+    ({"optim.lr": "loguniform(0, 1)"}, "optim.lr", "above 0"),
+    ({"model.d_model": "uniform(32, 64)"}, "model.d_model", "samples floats but the field is int"),
+    ({"model.position": "int(1, 3)"}, "model.position", "samples integers"),
+    ({"model.d_model": ["a", 64]}, "model.d_model", "must be an integer"),
+    ({"optim.lr": ["fast"]}, "optim.lr", "must be a number"),
+    ({"model.position": ["rope", "bogus"]}, "model.position", "not allowed"),
+    ({"model.d_model": [65]}, "model.d_model", "divisible"),
+    ({"optim.lr": "gauss(0, 1)"}, "optim.lr", "not a search range"),
+    ({"optim.lr": "uniform(1e-3)"}, "optim.lr", "two numbers"),
+    ({"optim": [1]}, "optim", "whole config section"),
+])
+def test_bad_space_is_refused_naming_the_key_before_any_trial(tmp_path, space, named, why):
+    calls = []
+    cfg = SweepConfig(out=str(tmp_path / "s"), space=space, sampler="random", n_trials=3)
+    with pytest.raises(ConfigError) as e:
+        run_sweep(cfg, lambda t: calls.append(t) or 0.0, PretrainConfig, log=quiet)
+    assert named in str(e.value) and why in str(e.value)
+    assert calls == [] and not (tmp_path / "s" / "study.db").exists()
+
+
+def test_bad_sweep_settings_are_refused(tmp_path):
+    space = {"knobs.x": "uniform(0, 1)"}
+    with pytest.raises(ConfigError, match="grid sampler needs a list"):
+        run_sweep(SweepConfig(out=str(tmp_path), space=space, sampler="grid"), quadratic, Toy, log=quiet)
+    with pytest.raises(ConfigError, match="n_trials must be above 0"):
+        run_sweep(SweepConfig(out=str(tmp_path), space=space, sampler="tpe"), quadratic, Toy, log=quiet)
+    with pytest.raises(ConfigError, match="not a database URL"):
+        run_sweep(SweepConfig(out=str(tmp_path), space=space, n_trials=2, storage="study.db"), quadratic, Toy,
+                  log=quiet)
+    with pytest.raises(ConfigError, match="knobs.z"):
+        run_sweep(SweepConfig(out=str(tmp_path), space=space, n_trials=2, overrides={"knobs.z": 1}), quadratic,
+                  Toy, log=quiet)
+
+
+def test_grid_visits_every_point_and_writes_outputs(tmp_path):
+    seen = []
+
+    def objective(trial):
+        seen.append((trial.config.knobs.n, trial.config.knobs.mode))
+        return trial.config.knobs.n + (0.5 if trial.config.knobs.mode == "b" else 0.0)
+
+    cfg = SweepConfig(out=str(tmp_path), space={"knobs.n": "int(1, 3)", "knobs.mode": ["a", "b"]}, sampler="grid",
+                      overrides={"knobs.x": 2.0})
+    result = run_sweep(cfg, objective, Toy, log=quiet)
+    assert sorted(seen) == [(n, m) for n in (1, 2, 3) for m in ("a", "b")]
+    assert result.best_value == 1.0 and result.best_params == {"knobs.n": 1, "knobs.mode": "a"}
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["knobs"] == {"x": 2.0, "y": 0.0, "n": 1, "mode": "a"}  # the overrides hold in the best config
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert len(rows) == 6 and {r["state"] for r in rows} == {"COMPLETE"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["counts"]["COMPLETE"] == 6 and summary["best"]["params"] == result.best_params
+    assert best["out"] == str(tmp_path / "trials" / f"{summary['best']['number']:04d}")  # each trial its own dir
+
+
+def test_tpe_beats_random_on_a_quadratic_at_equal_trials():
+    space = {"knobs.x": "uniform(-2, 2)", "knobs.y": "uniform(-2, 2)"}
+    best = {"random": [], "tpe": []}
+    for seed in range(6):
+        for sampler in best:
+            cfg = SweepConfig(out="unused", storage="memory", space=space, sampler=sampler, n_trials=60, seed=seed,
+                              n_startup_trials=10)
+            best[sampler].append(run_sweep(cfg, quadratic, Toy, log=quiet).best_value)
+    wins = sum(t < r for t, r in zip(best["tpe"], best["random"]))
+    assert wins >= 4, best  # measured 5 of 6
+    assert sorted(best["tpe"])[2] < sorted(best["random"])[2] / 3, best  # medians: about 15x apart
+
+
+def test_median_pruner_prunes_bad_trials(tmp_path):
+    def curve(trial):
+        gap = abs(trial.config.knobs.x - 0.5)
+        for step in range(10):
+            trial.report(step, gap + 1.0 / (step + 1))  # a worse x is worse at every step
+        return gap
+
+    cfg = SweepConfig(out=str(tmp_path), space={"knobs.x": "uniform(0, 1)"}, sampler="random", pruner="median",
+                      n_trials=25, n_startup_trials=4, seed=1)
+    result = run_sweep(cfg, curve, Toy, log=quiet)
+    pruned = [abs(r["params"]["knobs.x"] - 0.5) for r in result.trials if r["state"] == "PRUNED"]
+    done = [abs(r["params"]["knobs.x"] - 0.5) for r in result.trials if r["state"] == "COMPLETE"]
+    assert len(pruned) >= 5 and done
+    assert sum(pruned) / len(pruned) > sum(done) / len(done)
+    assert min(done) == pytest.approx(result.best_value)
+
+
+def test_asha_prunes_and_the_without_pruner_run_does_not(tmp_path):
+    def curve(trial):
+        for step in range(1, 28):
+            trial.report(step, abs(trial.config.knobs.x - 0.5) + 1.0 / step)
+        return abs(trial.config.knobs.x - 0.5)
+
+    states = {}
+    for pruner in ("asha", "none"):
+        cfg = SweepConfig(out=str(tmp_path / pruner), space={"knobs.x": "uniform(0, 1)"}, sampler="random",
+                          pruner=pruner, n_trials=12, seed=0)
+        states[pruner] = [r["state"] for r in run_sweep(cfg, curve, Toy, log=quiet).trials]
+    assert "PRUNED" in states["asha"] and set(states["none"]) == {"COMPLETE"}
+
+
+def test_a_crashed_trial_is_failed_and_the_sweep_goes_on(tmp_path):
+    def flaky(trial):
+        if trial.number == 1:
+            raise RuntimeError("out of memory in trial one")
+        if trial.number == 3:
+            return float("nan")
+        return quadratic(trial)
+
+    cfg = SweepConfig(out=str(tmp_path), space={"knobs.x": "uniform(0, 1)"}, sampler="random", n_trials=5)
+    result = run_sweep(cfg, flaky, Toy, log=quiet)
+    states = [r["state"] for r in result.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "COMPLETE"]
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert "out of memory in trial one" in rows[1]["error"] and "nan" in rows[3]["error"]
+    assert result.best_value is not None
+
+
+def test_resuming_the_same_storage_continues_the_study(tmp_path):
+    space = {"optim.lr": "loguniform(1e-4, 1e-2)", "model.d_model": [32, 64]}
+    numbers = []
+
+    def objective(trial):
+        numbers.append(trial.number)
+        assert trial.config.out == str(tmp_path / "trials" / f"{trial.number:04d}")
+        return abs(trial.config.optim.lr - 1e-3) * trial.config.model.d_model
+
+    first = run_sweep(SweepConfig(out=str(tmp_path), space=space, sampler="tpe", n_trials=3), objective,
+                      PretrainConfig, log=quiet)
+    assert len(first.trials) == 3 and (tmp_path / "study.db").exists()
+    second = run_sweep(SweepConfig(out=str(tmp_path), space=space, sampler="tpe", n_trials=5), objective,
+                       PretrainConfig, log=quiet)
+    assert numbers == [0, 1, 2, 3, 4] and [r["number"] for r in second.trials] == [0, 1, 2, 3, 4]
+    again = run_sweep(SweepConfig(out=str(tmp_path), space=space, sampler="tpe", n_trials=5), objective,
+                      PretrainConfig, log=quiet)
+    assert numbers == [0, 1, 2, 3, 4] and again.best_value == second.best_value  # budget spent: no new trial
+    with pytest.raises(LmstackError, match="another space"):
+        run_sweep(SweepConfig(out=str(tmp_path), space={"optim.lr": "loguniform(1e-4, 1e-1)"}, n_trials=6),
+                  objective, PretrainConfig, log=quiet)

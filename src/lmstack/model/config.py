@@ -237,6 +237,13 @@ class ModelConfig:
     """Weight init: gpt2 (N(0, std), residual outputs scaled by 1/sqrt(2*n_layers)), normal, small (std sqrt(2/(5d)))."""
     init_std: float = 0.02
     """Standard deviation for gpt2/normal init."""
+    parametrization: Literal["standard", "mup"] = "standard"
+    """standard: today's init and LRs. mup: maximal update parametrisation (Yang et al. 2022, model/mup.py): hidden
+    matrices init with std * sqrt(mup_base_width/d_model) and train at lr * mup_base_width/d_model under Adam, the
+    readout is zero-initialised and its logits multiplied by mup_base_width/d_model, attention scores scaled by
+    sqrt(base_head_dim)/head_dim (1/d, not 1/sqrt(d)), so the best LR found at the base width transfers to wider models."""
+    mup_base_width: int = 0
+    """parametrization='mup': the d_model the hyperparameters were tuned at (the base shape); needs > 0."""
     # ---- bookkeeping for export
     bos_token_id: int | None = None
     """Beginning-of-sequence id written to config.json / generation_config.json."""
@@ -385,6 +392,12 @@ class ModelConfig:
         need(not (self.norm_position == "sandwich" and self.parallel_residual),
              "norm_position='sandwich' and parallel_residual cannot be combined")
         check_range("query_pre_attn_scalar", self.query_pre_attn_scalar, low=0)
+        need(self.parametrization == "mup" or not self.mup_base_width,
+             f"mup_base_width={self.mup_base_width} needs parametrization='mup'")
+        need(self.parametrization != "mup" or self.mup_base_width > 0,
+             f"parametrization='mup' needs mup_base_width > 0 (the d_model the LR was tuned at), got {self.mup_base_width}")
+        need(self.parametrization != "mup" or self.attention == "softmax",
+             f"parametrization='mup' rescales softmax attention only, got attention={self.attention!r}")
         need(not (self.fused_projections and self.attention == "lsh" and self.lsh_shared_qk),
              "fused_projections needs a k_proj, which shared-QK attention='lsh' has not; set lsh_shared_qk=False "
              "or fused_projections=False")

@@ -44,6 +44,7 @@ from lmstack.model.memory.knn import KNNGate
 from lmstack.model.memory.segments import segment_forward
 from lmstack.model.mlp import ACTIVATIONS, MLP
 from lmstack.model.moe import MoE
+from lmstack.model.mup import mup_init_, output_mult
 from lmstack.model.norms import make_norm
 from lmstack.model.outputs import CausalLMOutput, causal_lm_loss
 from lmstack.model.positions import RotaryEmbedding, SinusoidalPositions, alibi_slopes
@@ -181,6 +182,8 @@ class Transformer(nn.Module):
             for name, p in self.named_parameters():
                 if name.endswith(("o_proj.weight", "down_proj.weight", "w_out")):
                     nn.init.normal_(p, 0.0, scaled)
+        if cfg.parametrization == "mup":  # width-scaled init, zero readout, 1/d attention (model/mup.py)
+            mup_init_(self)
 
     def materialize_buffers(self, device: str | torch.device = "cpu") -> None:
         """Recompute the non-persistent buffers (RoPE tables, ALiBi slopes, sinusoidal table) on `device`.
@@ -329,6 +332,8 @@ class Transformer(nn.Module):
             logits = linear(x, weight, bias)  # the skinny kernel inside the engine's decode_kernels() scope
         else:  # a quantized head (compress.qlinear.QuantLinear) computes from its own codes
             logits = self.lm_head(x) if bias is None else self.lm_head(x) + bias
+        if cfg.parametrization == "mup":  # µP's readout multiplier 1/m, before any soft cap
+            logits = logits * output_mult(cfg)
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
         # Padded rows (past real_vocab_size) get zero probability here, the one place every consumer passes.
@@ -336,12 +341,15 @@ class Transformer(nn.Module):
 
     def head_weight(self) -> torch.Tensor:
         """The (vocab, d_model) output matrix as floats: the tied embedding, the head's weight, or a quantized
-        head's dequantized codes (then a fresh tensor, not a parameter)."""
+        head's dequantized codes (then a fresh tensor, not a parameter); under µP times the readout multiplier."""
         if self.lm_head is None:
-            return self.tok_emb.weight
-        if isinstance(self.lm_head, nn.Linear):
-            return self.lm_head.weight
-        return self.lm_head.weight_fp32()
+            weight = self.tok_emb.weight
+        elif isinstance(self.lm_head, nn.Linear):
+            weight = self.lm_head.weight
+        else:
+            weight = self.lm_head.weight_fp32()
+        # µP's readout multiplier folded in (then a fresh tensor), so fused losses over this weight match head()
+        return weight * output_mult(self.config) if self.config.parametrization == "mup" else weight
 
     # ---- layout of the projections
     def fuse_projections(self) -> "Transformer":

@@ -14,6 +14,8 @@ Rules (nanoGPT / BEiT / modded-nanogpt conventions):
 - a compressive memory's compressor (model.cmem_compress) trains at ModelConfig.cmem_lr_scale of the LR and
   without decay: it starts as mean pooling and only its own reconstruction loss reaches it, so the model's LR
   (and decay toward zero) would carry it away from a good start faster than that loss can steer it.
+- µP (ModelConfig.parametrization='mup'): hidden matrices train at lr * mup_base_width / d_model under Adam;
+  embeddings, the readout and vector-like tensors keep lr (model/mup.py).
 
 Frozen tensors (requires_grad=False) are left out. Parameter names are found with a regex, so the
 prefixes of wrappers (DDP "module.", torch.compile "_orig_mod.") do not matter.
@@ -33,6 +35,7 @@ from torch import nn
 
 from lmstack.errors import LmstackError
 from lmstack.model.config import ModelConfig
+from lmstack.model.mup import lr_scale as mup_lr_scale
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _COMPRESSOR = re.compile(r"(?:^|\.)cmem_compress\.")
@@ -105,6 +108,7 @@ def param_groups(model: nn.Module, cfg, lr: float, muon_lr: float | None = None)
     for info, scale in zip(infos, layer_scales(infos, cfg.layer_lr_decay)):
         if config is not None and config.memory == "compressive" and _COMPRESSOR.search(info.name):
             scale *= config.cmem_lr_scale
+        scale *= mup_lr_scale(config, info.name, info.param.dim())  # µP: hidden matrices at lr/m (model/mup.py)
         decay = info.decay or not cfg.no_decay_norms_biases_embeddings
         muon = muon_lr is not None and info.matrix
         key = (decay, scale, muon)

@@ -5,6 +5,9 @@ The objectives are analytic (no training)."""
 import csv
 from dataclasses import dataclass, field
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -112,13 +115,13 @@ def test_grid_visits_every_point_and_writes_outputs(tmp_path):
     assert best["out"] == str(tmp_path / "trials" / f"{summary['best']['number']:04d}")  # each trial its own dir
 
 
-def test_tpe_beats_random_on_a_quadratic_at_equal_trials():
+def test_tpe_beats_random_on_a_quadratic_at_equal_trials(tmp_path):
     space = {"knobs.x": "uniform(-2, 2)", "knobs.y": "uniform(-2, 2)"}
     best = {"random": [], "tpe": []}
     for seed in range(6):
         for sampler in best:
-            cfg = SweepConfig(out="unused", storage="memory", space=space, sampler=sampler, n_trials=60, seed=seed,
-                              n_startup_trials=10)
+            cfg = SweepConfig(out=str(tmp_path / f"{sampler}{seed}"), storage="memory", space=space,
+                              sampler=sampler, n_trials=60, seed=seed, n_startup_trials=10)
             best[sampler].append(run_sweep(cfg, quadratic, Toy, log=quiet).best_value)
     wins = sum(t < r for t, r in zip(best["tpe"], best["random"]))
     assert wins >= 4, best  # measured 5 of 6
@@ -194,3 +197,44 @@ def test_resuming_the_same_storage_continues_the_study(tmp_path):
     with pytest.raises(LmstackError, match="another space"):
         run_sweep(SweepConfig(out=str(tmp_path), space={"optim.lr": "loguniform(1e-4, 1e-1)"}, n_trials=6),
                   objective, PretrainConfig, log=quiet)
+
+
+CRASHING_SWEEP = """
+import os
+import time
+from dataclasses import dataclass
+from lmstack.train.sweep import SweepConfig, run_sweep
+
+@dataclass
+class Flat:
+    x: float = 0.0
+
+def objective(trial):
+    if trial.number == 2:
+        time.sleep(0.5)  # a real trial runs long enough for its first heartbeat
+        os._exit(3)  # the process dies mid-trial: no exception, no cleanup, the trial stays RUNNING
+    return trial.config.x
+
+run_sweep(SweepConfig(out={out!r}, space={{"x": "uniform(0, 1)"}}, sampler="random", n_trials=4,
+                      grace_period_s=1), objective, Flat, log=lambda _: None)
+"""
+
+
+@dataclass
+class Flat:
+    x: float = 0.0
+
+
+def test_a_sweep_whose_process_died_resumes_and_fails_the_stale_trial(tmp_path):
+    out = str(tmp_path / "s")
+    proc = subprocess.run([sys.executable, "-c", CRASHING_SWEEP.format(out=out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    time.sleep(2.5)  # past grace_period_s: the dead trial's heartbeat is stale
+    numbers = []
+    result = run_sweep(SweepConfig(out=out, space={"x": "uniform(0, 1)"}, sampler="random", n_trials=4,
+                                   grace_period_s=1), lambda t: numbers.append(t.number) or t.config.x, Flat,
+                       log=quiet)
+    states = {r["number"]: r["state"] for r in result.trials}
+    assert states[0] == states[1] == "COMPLETE" and states[2] == "FAIL"
+    assert numbers and numbers[0] == 3 and "RUNNING" not in states.values()

@@ -235,7 +235,8 @@ def run_sweep(cfg: SweepConfig, objective: Callable[[TrialRun], float], config_c
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(storage=_storage(optuna, cfg), study_name=cfg.study_name, load_if_exists=True,
+    storage = _storage(optuna, cfg)
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name, load_if_exists=True,
                                 sampler=_sampler(optuna, cfg, params), pruner=_pruner(optuna, cfg),
                                 direction=cfg.direction)
     space = json.dumps(cfg.space, sort_keys=True)
@@ -280,6 +281,10 @@ def run_sweep(cfg: SweepConfig, objective: Callable[[TrialRun], float], config_c
         if sum(r["state"] in {s.name for s in finished} for r in rows) >= total:
             study.stop()  # several workers on one study: whoever sees the budget spent stops
 
+    if storage is not None:  # trials of a process that died: FAIL, before counting (experimental in Optuna)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     already = sum(t.state in finished for t in study.get_trials(deepcopy=False))
     remaining = max(total - already, 0)
     if already:

@@ -113,6 +113,8 @@ def test_grid_visits_every_point_and_writes_outputs(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["counts"]["COMPLETE"] == 6 and summary["best"]["params"] == result.best_params
     assert best["out"] == str(tmp_path / "trials" / f"{summary['best']['number']:04d}")  # each trial its own dir
+    for name in ("history.png", "params.png", "importance.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_tpe_beats_random_on_a_quadratic_at_equal_trials(tmp_path):
@@ -121,7 +123,8 @@ def test_tpe_beats_random_on_a_quadratic_at_equal_trials(tmp_path):
     for seed in range(6):
         for sampler in best:
             cfg = SweepConfig(out=str(tmp_path / f"{sampler}{seed}"), storage="memory", space=space,
-                              sampler=sampler, n_trials=60, seed=seed, n_startup_trials=10)
+                              sampler=sampler, n_trials=60, seed=seed, n_startup_trials=10,
+                              plots=False)
             best[sampler].append(run_sweep(cfg, quadratic, Toy, log=quiet).best_value)
     wins = sum(t < r for t, r in zip(best["tpe"], best["random"]))
     assert wins >= 4, best  # measured 5 of 6

@@ -16,7 +16,8 @@ final value (lower is better unless direction is maximize). A trial that raises 
 and the sweep goes on.
 
 Outputs in `out`: best.yaml (the best trial's whole config), trials.csv (one row per trial: number, state, value,
-seconds, params, error) and summary.json, each written atomically after every trial.
+seconds, params, error) and summary.json, each written atomically after every trial; at the end the plots
+history.png, params.png and importance.png (lmstack.train.sweep.plots).
 
 Usage:
     from lmstack.train.sweep import SweepConfig, run_sweep
@@ -41,6 +42,7 @@ import yaml
 
 from lmstack.config import ConfigError, atomic_write_text, read_mapping, to_dict
 from lmstack.errors import LmstackError
+from lmstack.train.sweep.plots import plot_sweep
 from lmstack.train.sweep.space import Param, build_config, field_hint, grid_space, parse_space, set_dotted, suggest
 
 _STORAGE_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+")
@@ -85,6 +87,8 @@ class SweepConfig:
     """hyperband: the last step a trial reports (0: learned from the first finished trial)."""
     reduction_factor: int = 3
     """asha/hyperband: keep 1/reduction_factor of the trials at each rung."""
+    plots: bool = True
+    """Draw history.png, params.png and importance.png into `out` when the sweep ends."""
     grace_period_s: int = 600
     """A RUNNING trial whose heartbeat is older than this (its process died) is marked failed on resume."""
 
@@ -188,6 +192,16 @@ def check_sweep(cfg: SweepConfig, config_cls: type) -> tuple[dict, list[Param]]:
         grid_space(params)
     storage_url(cfg)
     return fixed, params
+
+
+def _importances(optuna: Any, study: Any, params: list[Param], n_complete: int) -> dict[str, float] | None:
+    """{key: importance} by Optuna's default evaluator, or None when it cannot say (one key, few trials)."""
+    if len(params) < 2 or n_complete < 3:
+        return None
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except (ValueError, RuntimeError):  # e.g. every complete trial has the same params: nothing to attribute
+        return None
 
 
 def _trial_rows(study: Any) -> list[dict[str, Any]]:
@@ -301,5 +315,7 @@ def run_sweep(cfg: SweepConfig, objective: Callable[[TrialRun], float], config_c
             values.setdefault("out", str(out / "trials" / f"{best.number:04d}"))
         best_config = build_config(config_cls, base, values)
     _write_outputs(out, study, rows, params, best_config)
+    if cfg.plots:
+        plot_sweep(rows, params, out, cfg.direction, _importances(optuna, study, params, len(complete)))
     return SweepResult(study.best_value if complete else None, dict(study.best_params) if complete else {},
                        best_config, rows, out)

@@ -16,6 +16,7 @@ from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
 from lmstack.train.pretrain import PretrainConfig
 from lmstack.train.sweep import SweepConfig, parse_space, run_sweep
+from lmstack.train.sweep.objectives import pretrain_objective
 
 
 @dataclass
@@ -241,3 +242,23 @@ def test_a_sweep_whose_process_died_resumes_and_fails_the_stale_trial(tmp_path):
     states = {r["number"]: r["state"] for r in result.trials}
     assert states[0] == states[1] == "COMPLETE" and states[2] == "FAIL"
     assert numbers and numbers[0] == 3 and "RUNNING" not in states.values()
+
+
+def test_pretrain_objective_trains_each_trial_in_its_own_directory(tmp_path):
+    text = "".join(f"the {w} sat on the mat and saw {w}s.\n" for w in ("cat", "dog", "bird", "fox") * 30)
+    (tmp_path / "input.txt").write_text(text)
+    overrides = {"data.text": str(tmp_path / "input.txt"), "data.tokenizer": "char", "data.seq_len": 16,
+                 "data.batch_size": 4, "model.vocab_size": 64, "model.d_model": 32, "model.n_layers": 1,
+                 "model.n_heads": 2, "model.max_seq_len": 16, "train.steps": 4, "train.eval_every": 0,
+                 "train.progress": False, "train.save_every": 0, "train.eval_batches": 2}
+    cfg = SweepConfig(out=str(tmp_path / "sweep"), overrides=overrides, space={"optim.lr": [1e-3, 3e-3]},
+                      sampler="grid", plots=False)
+    result = run_sweep(cfg, pretrain_objective("val_loss"), PretrainConfig, log=quiet)
+    assert [r["state"] for r in result.trials] == ["COMPLETE", "COMPLETE"], result.trials
+    assert all(0 < r["value"] < 10 for r in result.trials)
+    for number in (0, 1):
+        assert (tmp_path / "sweep" / "trials" / f"{number:04d}" / "metrics.jsonl").exists()
+    missing = SweepConfig(out=str(tmp_path / "bad"), overrides=overrides, space={"optim.lr": [1e-3]}, sampler="grid",
+                          plots=False)
+    bad = run_sweep(missing, pretrain_objective("val_nothing"), PretrainConfig, log=quiet)
+    assert bad.trials[0]["state"] == "FAIL" and "val_nothing" in bad.trials[0]["error"]

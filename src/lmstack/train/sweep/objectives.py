@@ -1,0 +1,38 @@
+"""Ready-made sweep objectives over lmstack's own stages.
+
+`pretrain_objective` trains each trial's PretrainConfig with lmstack.train.pretrain (into the trial's own
+directory, <sweep out>/trials/NNNN) and returns a metric of the run's summary, `val_loss` by default. It reports
+only the final value for now: pruning mid-run needs the trainer to call TrialRun.report after each evaluation.
+
+Usage:
+    from lmstack.train.sweep import SweepConfig, run_sweep
+    from lmstack.train.sweep.objectives import pretrain_objective
+    run_sweep(SweepConfig(recipe="recipes/shakespeare_char.yaml", space={"optim.lr": "loguniform(1e-4, 1e-2)"},
+                          n_trials=10, out="runs/sweep"), pretrain_objective("val_loss"))
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from lmstack.errors import LmstackError
+from lmstack.train.sweep.study import TrialRun
+
+
+def pretrain_objective(metric: str = "val_loss", log: Callable[[str], Any] | None = None
+                       ) -> Callable[[TrialRun], float]:
+    """An objective that pretrains the trial's config and returns summary[metric] (reported at the last step)."""
+
+    def objective(trial: TrialRun) -> float:
+        # lazy: heavy (torch, the whole trainer); a sweep over an analytic objective never needs it
+        from lmstack.train.pretrain import pretrain
+
+        summary = pretrain(trial.config, log=log or (lambda _: None))
+        if metric not in summary or summary[metric] is None:
+            have = ", ".join(k for k, v in summary.items() if isinstance(v, (int, float)))
+            raise LmstackError(f"sweep metric {metric!r} is not in the pretrain summary (it has: {have}); "
+                               f"give data with a validation split for val_* metrics")
+        value = float(summary[metric])
+        trial.report(int(summary.get("steps") or 0), value)
+        return value
+
+    return objective

@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 
+from lmstack.cli import main
 from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
 from lmstack.train.pretrain import PretrainConfig
@@ -244,13 +245,17 @@ def test_a_sweep_whose_process_died_resumes_and_fails_the_stale_trial(tmp_path):
     assert numbers and numbers[0] == 3 and "RUNNING" not in states.values()
 
 
-def test_pretrain_objective_trains_each_trial_in_its_own_directory(tmp_path):
+def tiny_pretrain(tmp_path):
     text = "".join(f"the {w} sat on the mat and saw {w}s.\n" for w in ("cat", "dog", "bird", "fox") * 30)
     (tmp_path / "input.txt").write_text(text)
-    overrides = {"data.text": str(tmp_path / "input.txt"), "data.tokenizer": "char", "data.seq_len": 16,
+    return {"data.text": str(tmp_path / "input.txt"), "data.tokenizer": "char", "data.seq_len": 16,
                  "data.batch_size": 4, "model.vocab_size": 64, "model.d_model": 32, "model.n_layers": 1,
                  "model.n_heads": 2, "model.max_seq_len": 16, "train.steps": 4, "train.eval_every": 0,
                  "train.progress": False, "train.save_every": 0, "train.eval_batches": 2}
+
+
+def test_pretrain_objective_trains_each_trial_in_its_own_directory(tmp_path):
+    overrides = tiny_pretrain(tmp_path)
     cfg = SweepConfig(out=str(tmp_path / "sweep"), overrides=overrides, space={"optim.lr": [1e-3, 3e-3]},
                       sampler="grid", plots=False)
     result = run_sweep(cfg, pretrain_objective("val_loss"), PretrainConfig, log=quiet)
@@ -262,3 +267,15 @@ def test_pretrain_objective_trains_each_trial_in_its_own_directory(tmp_path):
                           plots=False)
     bad = run_sweep(missing, pretrain_objective("val_nothing"), PretrainConfig, log=quiet)
     assert bad.trials[0]["state"] == "FAIL" and "val_nothing" in bad.trials[0]["error"]
+
+
+def test_the_sweep_command_runs_a_sweep_file_and_refuses_a_bad_space(tmp_path, capsys):
+    sweep = {"out": str(tmp_path / "sweep"), "overrides": tiny_pretrain(tmp_path), "sampler": "random",
+             "n_trials": 1, "plots": False, "space": {"optim.lr": "loguniform(1e-4, 1e-2)"}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", "--config", str(tmp_path / "sweep.yaml")]) == 0
+    assert "1 trials (1 complete" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())["model"]["d_model"] == 32
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**sweep, "space": {"optim.lrr": "uniform(0, 1)"}}))
+    assert main(["sweep", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "optim.lrr" in capsys.readouterr().err

@@ -69,6 +69,8 @@ class SweepConfig:
     asha (asynchronous successive halving), hyperband (several ASHA brackets)."""
     n_trials: int = 0
     """Finished trials in the study in all, across resumes; 0 means the grid's size (grid sampler only)."""
+    metric: str = "val_loss"
+    """`lmstack sweep`: the pretrain summary's value to optimise (val_loss, val_bpb, final_loss, ...)."""
     direction: Literal["minimize", "maximize"] = "minimize"
     """Whether a lower (a loss) or a higher (an accuracy) objective value is better."""
     seed: int = 0

@@ -60,6 +60,7 @@ STAGES: dict[str, str] = {
     "tokenizer": "lmstack.tokenizer.commands",
     "model": "lmstack.model.commands",
     "pretrain": "lmstack.train.commands",
+    "sweep": "lmstack.train.sweep.commands",
     "speedrun": "lmstack.stages.speedrun",
     "finetune": "lmstack.adapt.commands",
     "align": "lmstack.align.commands",

@@ -279,3 +279,48 @@ def test_the_sweep_command_runs_a_sweep_file_and_refuses_a_bad_space(tmp_path, c
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**sweep, "space": {"optim.lrr": "uniform(0, 1)"}}))
     assert main(["sweep", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "optim.lrr" in capsys.readouterr().err
+
+
+WORKER = """
+import time
+from dataclasses import dataclass
+from lmstack.train.sweep import SweepConfig, run_sweep
+
+@dataclass
+class Flat:
+    x: float = 0.0
+
+def objective(trial):
+    time.sleep(0.2)  # long enough that the two workers' trials interleave
+    print("trial", trial.number, flush=True)
+    return trial.config.x
+
+run_sweep(SweepConfig(out={out!r}, storage={storage!r}, space={{"x": "uniform(0, 1)"}}, sampler="tpe",
+                      n_trials=8, seed={seed}, plots=False), objective, Flat, log=lambda _: None)
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_on_postgres(tmp_path):
+    pgserver = pytest.importorskip("pgserver")
+    pytest.importorskip("psycopg")
+    import tempfile
+
+    data = tempfile.mkdtemp(prefix="pg", dir="/tmp")  # short: the socket path must fit in 107 bytes
+    server = pgserver.get_server(data, cleanup_mode="delete")
+    try:
+        storage = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)  # psycopg 3's dialect
+        workers = [subprocess.Popen([sys.executable, "-c", WORKER.format(out=str(tmp_path / f"w{i}"),
+                                                                         storage=storage, seed=i)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outs = [w.communicate(timeout=300) for w in workers]
+        assert [w.returncode for w in workers] == [0, 0], [o[1][-2000:] for o in outs]
+        ran = [{int(line.split()[1]) for line in o[0].splitlines() if line.startswith("trial")} for o in outs]
+        assert ran[0] and ran[1] and not ran[0] & ran[1]  # both workers ran trials, never the same one
+        total = ran[0] | ran[1]
+        assert total == set(range(len(total))) and 8 <= len(total) <= 9  # one budget, at most one overshoot
+        result = run_sweep(SweepConfig(out=str(tmp_path / "after"), storage=storage, space={"x": "uniform(0, 1)"},
+                                       sampler="tpe", n_trials=8, plots=False), lambda t: t.config.x, Flat, log=quiet)
+        assert len(result.trials) == len(total)  # the budget is spent: a third call adds nothing
+    finally:
+        server.cleanup()

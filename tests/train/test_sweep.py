@@ -17,6 +17,7 @@ from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
 from lmstack.train.pretrain import PretrainConfig
 from lmstack.train.sweep import SweepConfig, parse_space, run_sweep
+from lmstack.train.sweep.study import open_study
 from lmstack.train.sweep.objectives import pretrain_objective
 
 
@@ -310,6 +311,9 @@ def test_two_workers_share_one_study_on_postgres(tmp_path):
     server = pgserver.get_server(data, cleanup_mode="delete")
     try:
         storage = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)  # psycopg 3's dialect
+        first = SweepConfig(out=str(tmp_path / "first"), storage=storage, space={"x": "uniform(0, 1)"},
+                            sampler="tpe", n_trials=8, plots=False)
+        open_study(first, parse_space(first.space, Flat))  # the tables first, as run_workers does
         workers = [subprocess.Popen([sys.executable, "-c", WORKER.format(out=str(tmp_path / f"w{i}"),
                                                                          storage=storage, seed=i)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -324,3 +328,19 @@ def test_two_workers_share_one_study_on_postgres(tmp_path):
         assert len(result.trials) == len(total)  # the budget is spent: a third call adds nothing
     finally:
         server.cleanup()
+
+
+@pytest.mark.slow
+def test_the_sweep_command_runs_trials_in_parallel_workers(tmp_path, capsys):
+    sweep = {"out": str(tmp_path / "sweep"), "overrides": tiny_pretrain(tmp_path), "sampler": "random",
+             "n_trials": 3, "space": {"optim.lr": "loguniform(1e-4, 1e-2)"}, "parallel": 2}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", "--config", str(tmp_path / "sweep.yaml")]) == 0
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    # workers that start a trial at the same moment may overshoot the budget by parallel - 1
+    assert summary["counts"]["COMPLETE"] in (3, 4) and summary["counts"]["FAIL"] == 0
+    assert "resuming study" in capsys.readouterr().out  # the workers ran every trial; this process only reports
+    assert (tmp_path / "sweep" / "history.png").exists()
+    (tmp_path / "mem.yaml").write_text(yaml.safe_dump({**sweep, "storage": "memory"}))
+    assert main(["sweep", "--config", str(tmp_path / "mem.yaml")]) == 2
+    assert "parallel" in capsys.readouterr().err

@@ -4,8 +4,13 @@ A sweep file is a SweepConfig YAML: the recipe, fixed overrides, the space, samp
 trial pretrains into <out>/trials/NNNN; the sweep writes best.yaml, trials.csv, summary.json and plots into
 <out>. Run the same command again and it continues the study in <out>/study.db.
 
+With --parallel N, N worker processes (`python -m lmstack.cli sweep`) share the study, each taking the next
+trial until the budget is spent (workers starting a trial at the same moment may overshoot n_trials by up to
+N - 1; a grid may visit a point twice); this process then writes the outputs and plots from the study.
+
 Usage:
     lmstack sweep --config sweep.yaml
+    lmstack sweep --config sweep.yaml --parallel 2
     # sweep.yaml
     recipe: recipes/shakespeare_char.yaml
     overrides: {train.steps: 200}
@@ -15,14 +20,42 @@ Usage:
 """
 from __future__ import annotations
 
-from lmstack.config import ConfigCommand
+from dataclasses import replace
+from pathlib import Path
+import subprocess
+import sys
+
+from lmstack.config import ConfigCommand, save_config
+from lmstack.errors import LmstackError
+from lmstack.train.pretrain import PretrainConfig
 from lmstack.train.sweep.objectives import pretrain_objective
-from lmstack.train.sweep.study import SweepConfig, SweepResult, run_sweep
+from lmstack.train.sweep.study import SweepConfig, SweepResult, check_sweep, open_study, run_sweep
+
+
+def run_workers(cfg: SweepConfig) -> None:
+    """Run cfg.parallel worker processes on the sweep's shared study and wait for them all."""
+    _, params = check_sweep(cfg, PretrainConfig)  # refuse bad input here, once, before any worker starts
+    open_study(cfg, params)  # create the tables and the study first: workers racing to do it collide
+    path = Path(cfg.out) / "sweep.yaml"
+    save_config(replace(cfg, parallel=1, plots=False), path)
+    workers = [subprocess.Popen([sys.executable, "-m", "lmstack.cli", "sweep", "--config", str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(cfg.parallel)]
+    failed = []
+    for i, w in enumerate(workers):
+        output = w.communicate()[0]
+        if w.returncode != 0:
+            failed.append(f"worker {i} exited with {w.returncode}: {output.strip()[-800:]}")
+    if failed:
+        raise LmstackError("sweep workers failed:\n" + "\n".join(failed))
 
 
 def _run(cfg: SweepConfig) -> SweepResult:
     """Search hyperparameters of a pretrain recipe with Optuna (a resumable study) and write the best config."""
-    result = run_sweep(cfg, pretrain_objective(cfg.metric))
+    if cfg.parallel > 1:
+        run_workers(cfg)
+    # With workers, the budget is spent by now: this call only reads the study and writes the outputs.
+    result = run_sweep(replace(cfg, parallel=1), pretrain_objective(cfg.metric))
     states = [t["state"] for t in result.trials]
     print(f"sweep: {len(states)} trials ({states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
           f"{states.count('FAIL')} failed); best {cfg.metric} {result.best_value} with {result.best_params}")

@@ -89,6 +89,8 @@ class SweepConfig:
     """hyperband: the last step a trial reports (0: learned from the first finished trial)."""
     reduction_factor: int = 3
     """asha/hyperband: keep 1/reduction_factor of the trials at each rung."""
+    parallel: int = 1
+    """`lmstack sweep`: trials at once, each in its own worker process sharing the study (not with storage memory)."""
     plots: bool = True
     """Draw history.png, params.png and importance.png into `out` when the sweep ends."""
     grace_period_s: int = 600
@@ -172,6 +174,10 @@ def _storage(optuna: Any, cfg: SweepConfig) -> Any:
 
 def check_sweep(cfg: SweepConfig, config_cls: type) -> tuple[dict, list[Param]]:
     """(base mapping, checked params) of a sweep, refusing bad input before any trial starts."""
+    if cfg.parallel < 1:
+        raise ConfigError(f"sweep parallel={cfg.parallel} must be at least 1")
+    if cfg.parallel > 1 and cfg.storage == "memory":
+        raise ConfigError("sweep parallel > 1 needs a database the workers share; storage 'memory' is one process's")
     for name in ("n_trials", "n_startup_trials", "warmup_steps", "min_resource", "max_resource"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"sweep {name}={getattr(cfg, name)} must be 0 or more")
@@ -237,20 +243,14 @@ def _write_outputs(out: Path, study: Any, rows: list[dict], params: list[Param],
         atomic_write_text(out / "best.yaml", yaml.safe_dump(to_dict(best_config), sort_keys=False))
 
 
-def run_sweep(cfg: SweepConfig, objective: Callable[[TrialRun], float], config_cls: type | None = None,
-              log: Callable[[str], Any] = print) -> SweepResult:
-    """Run (or resume) the sweep `cfg` over `config_cls` (PretrainConfig by default) with `objective`."""
-    if config_cls is None:
-        # lazy: heavy (torch, through the trainer); a sweep over another config class never needs it
-        from lmstack.train.pretrain import PretrainConfig
-        config_cls = PretrainConfig
-    base, params = check_sweep(cfg, config_cls)
+def open_study(cfg: SweepConfig, params: list[Param]) -> tuple[Any, Any, Any]:
+    """(optuna, storage or None, study): the sweep's study, created or loaded, checked against the sweep. Call it
+    once before starting worker processes, so that they never race to create the database tables."""
     # lazy: optional extra (optuna, the `sweep` extra); lmstack imports without it
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     storage = _storage(optuna, cfg)
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, load_if_exists=True,
                                 sampler=_sampler(optuna, cfg, params), pruner=_pruner(optuna, cfg),
@@ -265,6 +265,19 @@ def run_sweep(cfg: SweepConfig, objective: Callable[[TrialRun], float], config_c
     if study.direction.name.lower() != cfg.direction:
         raise LmstackError(f"study {cfg.study_name!r} was created to {study.direction.name.lower()}, "
                            f"not {cfg.direction}")
+    return optuna, storage, study
+
+
+def run_sweep(cfg: SweepConfig, objective: Callable[[TrialRun], float], config_cls: type | None = None,
+              log: Callable[[str], Any] = print) -> SweepResult:
+    """Run (or resume) the sweep `cfg` over `config_cls` (PretrainConfig by default) with `objective`."""
+    if config_cls is None:
+        # lazy: heavy (torch, through the trainer); a sweep over another config class never needs it
+        from lmstack.train.pretrain import PretrainConfig
+        config_cls = PretrainConfig
+    base, params = check_sweep(cfg, config_cls)
+    optuna, storage, study = open_study(cfg, params)
+    out = Path(cfg.out)
     total = cfg.n_trials or math.prod(len(v) for v in grid_space(params).values())
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     has_out = "out" in {f.name for f in dataclasses.fields(config_cls)} and "out" not in cfg.space

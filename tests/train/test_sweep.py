@@ -18,7 +18,7 @@ from lmstack.errors import LmstackError
 from lmstack.train.pretrain import PretrainConfig
 from lmstack.train.sweep import SweepConfig, parse_space, run_sweep
 from lmstack.train.sweep.study import open_study
-from lmstack.train.sweep.objectives import pretrain_objective
+from lmstack.train.sweep.objectives import ReportHook, pretrain_objective
 
 
 @dataclass
@@ -344,3 +344,41 @@ def test_the_sweep_command_runs_trials_in_parallel_workers(tmp_path, capsys):
     (tmp_path / "mem.yaml").write_text(yaml.safe_dump({**sweep, "storage": "memory"}))
     assert main(["sweep", "--config", str(tmp_path / "mem.yaml")]) == 2
     assert "parallel" in capsys.readouterr().err
+
+
+class FakeTrainer:
+    """The two things ReportHook reads from a Trainer: the step, and evaluate() -> metrics."""
+
+    def __init__(self, gap):
+        self.step, self.gap, self.evaluations = 0, gap, 0
+
+    def evaluate(self):
+        self.evaluations += 1
+        return {"val_loss": self.gap + 1.0 / self.step}
+
+
+def test_report_hook_evaluates_every_n_steps_and_lets_the_pruner_stop_the_run(tmp_path):
+    evaluations = {}
+
+    def training(trial):
+        trainer, hook = FakeTrainer(abs(trial.config.knobs.x - 0.5)), ReportHook(trial, "val_loss", every=5)
+        try:
+            for trainer.step in range(1, 41):
+                assert hook.after_step(trainer) == {}
+        finally:
+            evaluations[trial.number] = trainer.evaluations
+        return trainer.gap
+
+    cfg = SweepConfig(out=str(tmp_path), space={"knobs.x": "uniform(0, 1)"}, sampler="random", pruner="median",
+                      n_trials=16, n_startup_trials=3, seed=2, plots=False)
+    result = run_sweep(cfg, training, Toy, log=quiet)
+    states = {r["number"]: r["state"] for r in result.trials}
+    assert "PRUNED" in states.values()
+    assert all(evaluations[n] == 8 for n, s in states.items() if s == "COMPLETE")  # steps 5, 10, ..., 40
+    assert all(evaluations[n] < 8 for n, s in states.items() if s == "PRUNED")  # stopped midway
+    no_val = FakeTrainer(0.1)
+    no_val.step = 1
+    with pytest.raises(LmstackError, match="'val_bpb' is not among"):  # a metric the trainer does not compute
+        ReportHook(None, "val_bpb", every=1).after_step(no_val)
+    with pytest.raises(LmstackError, match="every=0"):
+        ReportHook(None, every=0)

@@ -2,7 +2,8 @@
 
 `pretrain_objective` trains each trial's PretrainConfig with lmstack.train.pretrain (into the trial's own
 directory, <sweep out>/trials/NNNN) and returns a metric of the run's summary, `val_loss` by default. It reports
-only the final value for now: pruning mid-run needs the trainer to call TrialRun.report after each evaluation.
+only the final value for now. `ReportHook` is the Trainer hook (lmstack.train.trainer's `hooks`) that reports a
+validation metric every few steps, so the pruner can stop a run midway; pretrain() does not take extra hooks yet.
 
 Usage:
     from lmstack.train.sweep import SweepConfig, run_sweep
@@ -36,3 +37,29 @@ def pretrain_objective(metric: str = "val_loss", log: Callable[[str], Any] | Non
         return value
 
     return objective
+
+
+class ReportHook:
+    """A Trainer hook that evaluates every `every` steps and reports `metric` to the trial; the Pruned it raises
+    when the pruner says stop ends the run (Trainer.fit lets it propagate)."""
+
+    def __init__(self, trial: TrialRun, metric: str = "val_loss", every: int = 100):
+        if every < 1:
+            raise LmstackError(f"ReportHook every={every} must be at least 1")
+        self.trial, self.metric, self.every = trial, metric, every
+
+    def after_step(self, trainer: Any) -> dict[str, float]:
+        if trainer.step % self.every:
+            return {}
+        val = trainer.evaluate()
+        if self.metric not in val:
+            raise LmstackError(f"sweep metric {self.metric!r} is not among the trainer's eval metrics "
+                               f"({', '.join(val) or 'none: no validation data'})")
+        self.trial.report(trainer.step, val[self.metric])
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}  # nothing to resume: the trial's reports live in the study
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -196,7 +196,7 @@ def doremi_hook(cfg: PretrainConfig, train, device, rank: int, world_size: int):
     return DoReMi(a, train.weight_source, probes, reference)
 
 
-def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
+def pretrain(cfg: PretrainConfig, log=print, hooks: tuple | list = ()) -> dict[str, Any]:
     """Train a model from scratch (or resume the run in cfg.out) and return a summary."""
 
     set_threads(cfg.train.threads)  # 0 = auto: fits a shared machine instead of one thread per core
@@ -253,7 +253,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict[str, Any]:
 
     if dist is not None:
         dist.dp_size = dp_size
-    hooks = [doremi_hook(cfg, train, device, dp_rank, dp_size)] if cfg.data.adaptive.enabled else []
+    # extra Trainer hooks (a sweep's ReportHook, which prunes a trial mid-run) run after the data mixer's
+    hooks = ([doremi_hook(cfg, train, device, dp_rank, dp_size)] if cfg.data.adaptive.enabled else []) + list(hooks)
     trainer = Trainer(wrapped, objective, optimizer, lr_at, cfg.train, train, val, out, raw_model=model, dist=dist,
                       bytes_per_token=bytes_per_token, tokens_per_row=cfg.data.seq_len, log=log, hooks=hooks,
                       log_cfg=cfg.log)

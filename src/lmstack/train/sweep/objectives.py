@@ -27,7 +27,10 @@ def pretrain_objective(metric: str = "val_loss", log: Callable[[str], Any] | Non
         # lazy: heavy (torch, the whole trainer); a sweep over an analytic objective never needs it
         from lmstack.train.pretrain import pretrain
 
-        summary = pretrain(trial.config, log=log or (lambda _: None))
+        every = trial.config.train.eval_every
+        # evaluated mid-run, the trial can be pruned early (median / ASHA); without evals only the end reports
+        hooks = [ReportHook(trial, metric, every=every)] if every > 0 and metric.startswith("val_") else []
+        summary = pretrain(trial.config, log=log or (lambda _: None), hooks=hooks)
         if metric not in summary or summary[metric] is None:
             have = ", ".join(k for k, v in summary.items() if isinstance(v, (int, float)))
             raise LmstackError(f"sweep metric {metric!r} is not in the pretrain summary (it has: {have}); "

@@ -31,16 +31,21 @@ from lmstack.train.pretrain import PretrainConfig
 from lmstack.train.sweep.objectives import pretrain_objective
 from lmstack.train.sweep.study import SweepConfig, SweepResult, check_sweep, open_study, run_sweep
 
+WORKER_SEED_STRIDE = 7919  # worker i samples with seed + stride * (i + 1): no worker replays another's stream
+
 
 def run_workers(cfg: SweepConfig) -> None:
     """Run cfg.parallel worker processes on the sweep's shared study and wait for them all."""
     _, params = check_sweep(cfg, PretrainConfig)  # refuse bad input here, once, before any worker starts
     open_study(cfg, params)  # create the tables and the study first: workers racing to do it collide
-    path = Path(cfg.out) / "sweep.yaml"
-    save_config(replace(cfg, parallel=1, plots=False), path)
+    paths = []
+    for i in range(cfg.parallel):
+        # each worker its own sampler seed: with one seed, workers that start together sample the same points
+        paths.append(Path(cfg.out) / f"sweep-worker{i}.yaml")
+        save_config(replace(cfg, parallel=1, plots=False, seed=cfg.seed + WORKER_SEED_STRIDE * (i + 1)), paths[-1])
     workers = [subprocess.Popen([sys.executable, "-m", "lmstack.cli", "sweep", "--config", str(path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for _ in range(cfg.parallel)]
+               for path in paths]
     failed = []
     for i, w in enumerate(workers):
         output = w.communicate()[0]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 from dataclasses import dataclass, field
+import hashlib
 import io
 import json
 import math
@@ -139,12 +140,13 @@ def storage_url(cfg: SweepConfig) -> str | None:
     return url
 
 
-def _sampler(optuna: Any, cfg: SweepConfig, params: list[Param]) -> Any:
+def _sampler(optuna: Any, cfg: SweepConfig, params: list[Param], seed: int | None = None) -> Any:
+    seed = cfg.seed if seed is None else seed
     if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_space(params), seed=cfg.seed)
+        return optuna.samplers.GridSampler(grid_space(params), seed=seed)
     if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
 
 
 def _pruner(optuna: Any, cfg: SweepConfig) -> Any:
@@ -265,7 +267,18 @@ def open_study(cfg: SweepConfig, params: list[Param]) -> tuple[Any, Any, Any]:
     if study.direction.name.lower() != cfg.direction:
         raise LmstackError(f"study {cfg.study_name!r} was created to {study.direction.name.lower()}, "
                            f"not {cfg.direction}")
+    held_trials = len(study.get_trials(deepcopy=False))
+    if held_trials:
+        # A sampler seeded afresh replays its random stream: a resumed random (or TPE startup) sweep would
+        # sample the first run's points again. Mix the trials already held into the seed: still reproducible, and
+        # unlike seed + held_trials it never replays the stream of a sweep with a neighbouring seed.
+        study.sampler = _sampler(optuna, cfg, params, seed=resume_seed(cfg.seed, held_trials))
     return optuna, storage, study
+
+
+def resume_seed(seed: int, held_trials: int) -> int:
+    """The sampler seed of a study resumed with `held_trials` trials: a 32-bit hash of both numbers."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{held_trials}".encode()).digest()[:4], "little")
 
 
 def run_sweep(cfg: SweepConfig, objective: Callable[[TrialRun], float], config_cls: type | None = None,

@@ -14,8 +14,9 @@ Rules (nanoGPT / BEiT / modded-nanogpt conventions):
 - a compressive memory's compressor (model.cmem_compress) trains at ModelConfig.cmem_lr_scale of the LR and
   without decay: it starts as mean pooling and only its own reconstruction loss reaches it, so the model's LR
   (and decay toward zero) would carry it away from a good start faster than that loss can steer it.
-- µP (ModelConfig.parametrization='mup'): hidden matrices train at lr * mup_base_width / d_model under Adam;
-  embeddings, the readout and vector-like tensors keep lr (model/mup.py).
+- µP (ModelConfig.parametrization='mup'): hidden matrices train at lr * mup_base_width / d_model under Adam, with
+  weight decay * d_model / mup_base_width so lr * decay stays put; embeddings, the readout and vector-like tensors
+  keep lr (model/mup.py).
 
 Frozen tensors (requires_grad=False) are left out. Parameter names are found with a regex, so the
 prefixes of wrappers (DDP "module.", torch.compile "_orig_mod.") do not matter.
@@ -108,15 +109,17 @@ def param_groups(model: nn.Module, cfg, lr: float, muon_lr: float | None = None)
     for info, scale in zip(infos, layer_scales(infos, cfg.layer_lr_decay)):
         if config is not None and config.memory == "compressive" and _COMPRESSOR.search(info.name):
             scale *= config.cmem_lr_scale
-        scale *= mup_lr_scale(config, info.name, info.param.dim())  # µP: hidden matrices at lr/m (model/mup.py)
+        mup = mup_lr_scale(config, info.name, info.param.dim())  # µP: hidden matrices at lr/m (model/mup.py)
+        scale *= mup
         decay = info.decay or not cfg.no_decay_norms_biases_embeddings
         muon = muon_lr is not None and info.matrix
-        key = (decay, scale, muon)
+        key = (decay, scale, muon, mup)
         if key not in groups:
             if muon:
                 group = {"lr": muon_lr * scale, "weight_decay": cfg.muon_weight_decay, "use_muon": True}
             else:
-                group = {"lr": lr * scale, "weight_decay": cfg.weight_decay if decay else 0.0}
+                # µP: decay times m, so the decoupled decay per step (lr * wd) stays width-independent (mup's MuAdam)
+                group = {"lr": lr * scale, "weight_decay": cfg.weight_decay / mup if decay else 0.0}
                 if muon_lr is not None:
                     group["use_muon"] = False
             group.update(params=[], names=[], base_lr=group["lr"], lr_scale=scale)

@@ -7,20 +7,28 @@ to the activations, and the best LR shrinks with width. µP rescales three thing
 m = d_model / mup_base_width so that each layer's activations move by an amount independent of width:
 
 - init: hidden matrices (both dims grow with width: q/k/v/o, MLP, experts, MLM transform) use std / sqrt(m), i.e.
-  std ∝ 1/sqrt(fan_in) relative to the base model; embeddings, norms and biases keep their std;
+  std ∝ 1/sqrt(fan_in) relative to the base model; embeddings, the readout, norms and biases keep the base std;
 - Adam LR: hidden matrices train at lr / m; embeddings, the readout, norms, biases and routers (one dim fixed:
   "vector-like") keep lr (train/optim/param_groups.py applies lr_scale());
-- readout: the logits are multiplied by 1/m, and an untied readout starts at zero (the `mup` package's
-  readout_zero_init; a tied readout is the embedding and keeps its init);
+- readout: the logits are multiplied by 1/m while the readout keeps the base init std (Tensor Programs V, Table 3:
+  output weights with variance ∝ 1/fan_in², written as a multiplier; the `mup` package's MuReadout likewise). A tied
+  readout is the embedding under the same multiplier (the package's MuSharedReadout);
 - attention: scores are scaled by sqrt(base_head_dim)/head_dim, i.e. 1/d rather than 1/sqrt(d), equal to the
   standard 1/sqrt(d) at the base width. The base head_dim is head_dim / m: widening is assumed to widen the heads
   with n_heads held fixed (with head_dim held fixed instead, set d_model through head_dim and keep in mind that
   this still shrinks the scale by sqrt(m)).
-At the base width (m = 1) a µP model is the standard one except for the zero readout.
+The init is the standard one rescaled in place, so at the base width (m = 1) a µP model is the standard model
+bit for bit, and the LR tuned there is the standard model's best LR.
+
+Why the readout is not zero-initialised (the `mup` package's readout_zero_init, which this module used before):
+with a zero readout no gradient reaches the trunk on the first step and the trunk's early gradients pass through
+a readout only O(lr * t) large, so a short run loses about 0.15 nats at the base width and its best LR moves a
+grid step below the standard model's (benchmarks/mup_transfer.py, 300 steps). Zero init is an allowed µP choice,
+not a required one: the logits at init already vanish as 1/sqrt(m) under the multiplier.
 
 Usage:
     cfg = ModelConfig(d_model=256, n_heads=4, parametrization="mup", mup_base_width=64)
-    model = Transformer(cfg)                  # reset_parameters() calls mup_init_(model)
+    model = Transformer(cfg)                  # reset_parameters() rescales its init with mup_init_(model)
     groups = param_groups(model, opt_cfg, lr) # hidden matrices get lr * 64/256
     lr_scale(cfg, "blocks.0.attn.q_proj.weight", 2)   # -> 0.25
 """
@@ -34,11 +42,11 @@ from torch import nn
 
 from lmstack.model.attention import Attention
 from lmstack.model.config import ModelConfig
+from lmstack.model.moe import MoE
 
 # Parameters whose shape has one width-sized dim only (the vocab, positions, token types or experts on the other):
 # µP's "vector-like" tensors, which keep the base init and the base LR.
 _VECTOR_LIKE = re.compile(r"(?:^|\.)(?:tok_emb|pos_emb|type_emb|lm_head|router|knn_gate)\.")
-_RESIDUAL_OUT = ("o_proj.weight", "down_proj.weight", "w_out")
 
 
 def width_mult(cfg: ModelConfig) -> float:
@@ -74,26 +82,34 @@ def base_std(cfg: ModelConfig) -> float:
     return math.sqrt(2 / (5 * cfg.mup_base_width)) if cfg.init == "small" else cfg.init_std
 
 
+def _initialised_weights(model: nn.Module):
+    """(name, tensor) of every weight the standard init draws from N(0, std): Linear and Embedding weights and the
+    stacked MoE experts (other tensors, e.g. a compressive memory's mean-pooling start, keep their own init)."""
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            yield prefix + "weight", module.weight
+        elif isinstance(module, MoE):
+            yield prefix + "w_in", module.w_in
+            yield prefix + "w_out", module.w_out
+
+
 @torch.no_grad()
 def mup_init_(model: nn.Module) -> None:
-    """Re-initialise a parametrization='mup' Transformer in place and set its attention scales (see the module doc).
-
-    Called by Transformer.reset_parameters after the standard init, so biases and norms stay as that left them."""
+    """Rescale a parametrization='mup' Transformer's standard init in place and set its attention scales (see the
+    module doc). Called once by Transformer.reset_parameters right after the standard init (rescaling twice would
+    apply the width factor twice); residual outputs keep the standard init's 1/sqrt(2 * n_layers) depth factor."""
     cfg = model.config
     mult = width_mult(cfg)
-    std = base_std(cfg)
-    depth = math.sqrt(2 * cfg.n_layers) if cfg.init in ("gpt2", "small") else 1.0
-    for name, p in model.named_parameters():
-        if name.endswith("bias") or p.dim() < 2:
+    # the standard init drew std at d_model; µP wants the base model's std (differs only for init='small')
+    drawn = math.sqrt(2 / (5 * cfg.d_model)) if cfg.init == "small" else cfg.init_std
+    to_base = base_std(cfg) / drawn
+    seen = set()
+    for name, p in _initialised_weights(model):
+        if id(p) in seen or p.is_meta:  # a tied weight once; a meta model (load_model) has no values yet
             continue
-        if name.startswith("lm_head."):
-            nn.init.zeros_(p)  # zero readout: the logits start at 0 at every width
-        elif is_hidden_matrix(name, p.dim()):
-            # residual outputs keep GPT-2's depth scaling on top of the width scaling
-            scale = depth if name.endswith(_RESIDUAL_OUT) else 1.0
-            nn.init.normal_(p, 0.0, std / math.sqrt(mult) / scale)
-        else:
-            nn.init.normal_(p, 0.0, std)
+        seen.add(id(p))
+        p.mul_(to_base / math.sqrt(mult) if is_hidden_matrix(name, p.dim()) else to_base)
     for module in model.modules():
         if isinstance(module, Attention):
             module.scale = attention_scale(cfg)

@@ -61,6 +61,7 @@ STAGES: dict[str, str] = {
     "model": "lmstack.model.commands",
     "pretrain": "lmstack.train.commands",
     "sweep": "lmstack.train.sweep.commands",
+    "scaling": "lmstack.train.scaling.commands",
     "speedrun": "lmstack.stages.speedrun",
     "finetune": "lmstack.adapt.commands",
     "align": "lmstack.align.commands",

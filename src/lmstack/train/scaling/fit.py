@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import logsumexp
 
 from lmstack.errors import LmstackError
 
@@ -100,13 +99,19 @@ def _objective(theta: np.ndarray, log_n, log_d, log_l, delta: float) -> tuple[fl
     """Huber loss of log L_hat - log L, with L_hat = exp(LSE(a - alpha log N, b - beta log D, e)), and its gradient."""
     a, b, e, alpha, beta = theta
     terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    pred = logsumexp(terms, axis=0)
+    # a hand-written log-sum-exp (max-shifted, so as stable as scipy's): a fit calls this ~20k times, and
+    # scipy.special.logsumexp's overhead made that 4x slower
+    top = terms.max(axis=0)
+    shifted = np.exp(terms - top)
+    total = shifted.sum(axis=0)
+    pred = top + np.log(total)
     r = pred - log_l
-    w = np.exp(terms - pred)  # d pred / d term
-    dr = np.where(np.abs(r) <= delta, r, delta * np.sign(r))  # d huber / d r
-    grad = np.array([np.sum(dr * w[0]), np.sum(dr * w[1]), np.sum(dr * w[2]),
-                     np.sum(dr * w[0] * -log_n), np.sum(dr * w[1] * -log_d)])
-    return float(np.sum(_huber(r, delta))), grad
+    w = shifted / total  # d pred / d term
+    a_r = np.abs(r)
+    dr = np.where(a_r <= delta, r, delta * np.sign(r))  # d huber / d r
+    wd = dr * w
+    grad = np.array([wd[0].sum(), wd[1].sum(), wd[2].sum(), -(wd[0] @ log_n), -(wd[1] @ log_d)])
+    return float(_huber(r, delta).sum()), grad
 
 
 # Starting points (a = log A, b = log B, e = log E, alpha, beta): a coarser version of the paper's grid, which
@@ -116,7 +121,9 @@ START_GRID = [np.array(p, dtype=float) for p in itertools.product((0.0, 10.0, 20
 
 
 def _theta(law: ChinchillaLaw) -> np.ndarray:
-    return np.array([math.log(law.A), math.log(law.B), math.log(law.E), law.alpha, law.beta])
+    # a fit can drive E (or A, B) to exp(-huge) = 0.0, a real outcome on a small grid: start its refits from
+    # a tiny positive value instead of failing on log(0)
+    return np.array([math.log(max(v, 1e-30)) for v in (law.A, law.B, law.E)] + [law.alpha, law.beta])
 
 
 def fit_chinchilla(runs: list[Run], delta: float = HUBER_DELTA,
@@ -195,12 +202,13 @@ def isoflop_parabolas(runs: list[Run], rel_tol: float = 0.05) -> tuple[float, fl
 
 
 def bootstrap(runs: list[Run], n_boot: int = 200, seed: int = 0, at_flops: float | None = None,
-              level: float = 0.9) -> dict[str, tuple[float, float]]:
+              level: float = 0.9, law: ChinchillaLaw | None = None) -> dict[str, tuple[float, float]]:
     """Percentile intervals (level, e.g. 0.9 -> 5th..95th) over n_boot refits of runs resampled with replacement:
     alpha, beta, the frontier exponent a, and (with at_flops) tokens per parameter D*/N* there. A resample that
-    cannot be fitted (too few distinct sizes) is skipped."""
+    cannot be fitted (too few distinct sizes) is skipped. `law`: the full fit of `runs`, when the caller has it
+    (saves refitting it from the whole start grid)."""
     rng = np.random.default_rng(seed)
-    start = _theta(fit_chinchilla(runs))  # resamples start from the full fit (and its neighbours), not the whole grid
+    start = _theta(law or fit_chinchilla(runs))  # resamples start from the full fit (and its neighbours), not the whole grid
     starts = [start, start + np.array([1.0, 1.0, 0.0, 0.1, 0.1]), start - np.array([1.0, 1.0, 0.0, 0.1, 0.1])]
     draws: dict[str, list[float]] = {"alpha": [], "beta": [], "exponent": []}
     if at_flops is not None:

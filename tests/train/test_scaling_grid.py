@@ -47,6 +47,7 @@ class FakeTrain:
     (dict(overrides={"optim.lrr": 0.1}), "optim.lrr"),
     (dict(predict=0.5), "predict"),
     (dict(budgets=[1e6]), "min_steps"),
+    (dict(sizes=SIZES[:1], budgets=[], tokens=[640.0 * k for k in range(1, 9)]), "distinct parameter counts"),
 ])
 def test_a_bad_config_is_refused_before_any_run_with_the_key_named(tmp_path, change, named):
     train = FakeTrain()

@@ -244,12 +244,12 @@ def plan_grid(cfg: ScalingConfig, data_overrides: dict[str, Any] | None = None
             if planned_run is not None:  # a budget and a token count can name the same run: keep one
                 planned.setdefault(planned_run[0].name, planned_run)
     runs = list(planned.values())
-    if len({r.n_params for r, _ in runs}) < 2:
-        raise ConfigError(f"scaling sizes give {len({r.n_params for r, _ in runs})} distinct parameter counts among "
-                          f"the kept runs; the fit needs at least two")
     need = LAW_PARAMS + 3
     if len(runs) < need:
         raise ConfigError(f"scaling grid has {len(runs)} runs; the Chinchilla law has {LAW_PARAMS} parameters and a "
                           f"fit needs at least {need} runs: add sizes, budgets or tokens (or widen the "
                           f"tokens-per-param window)")
+    if len({r.n_params for r, _ in runs}) < 2:
+        raise ConfigError(f"scaling sizes give {len({r.n_params for r, _ in runs})} distinct parameter counts among "
+                          f"the kept runs; the fit needs at least two")
     return base, runs

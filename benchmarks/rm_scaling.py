@@ -80,9 +80,11 @@ def prompt_records(data: dict, per_kind: int, seed: int) -> dict[str, list[dict]
             "safety": harmful + benign}
 
 
-def build_pool(policy, tok, data: dict, args, path: Path) -> list[dict]:
+def build_pool(policy, tok, data: dict, args, path: Path) -> tuple[list[dict], float]:
+    """(prompts with their samples and gold scores, the seconds sampling took), built once and cached at path."""
     if path.is_file():
-        return json.loads(path.read_text())["prompts"]
+        cached = json.loads(path.read_text())
+        return cached["prompts"], cached["seconds"]
     out, start = [], time.perf_counter()
     for kind, records in prompt_records(data, args.prompts_per_kind, args.seed).items():
         ro = sample(policy, tok, records, n=args.pool, max_new_tokens=MAX_NEW[kind], temperature=args.temperature,
@@ -92,8 +94,9 @@ def build_pool(policy, tok, data: dict, args, path: Path) -> list[dict]:
             out.append({"kind": kind, "prompt": ro.prompts[i * args.pool], "texts": texts,
                         "gold": [gold_score(kind, record, t) for t in texts]})
         print(f"pool: {kind} {len(records)} prompts x {args.pool} in {time.perf_counter() - start:.0f} s", flush=True)
-    atomic_write_text(path, json.dumps({"seconds": time.perf_counter() - start, "prompts": out}) + "\n")
-    return out
+    seconds = time.perf_counter() - start
+    atomic_write_text(path, json.dumps({"seconds": seconds, "prompts": out}) + "\n")
+    return out, seconds
 
 
 # ---- reward models --------------------------------------------------------------------------------------------
@@ -264,7 +267,7 @@ def main() -> None:
     policy = load_model(sft, lazy=False)
     data = _data(run / "world", tok, policy.config.max_seq_len)
     start = time.perf_counter()
-    pool = build_pool(policy, tok, data, args, work / f"pool_{args.prompts_per_kind}_{args.pool}.json")
+    pool, pool_seconds = build_pool(policy, tok, data, args, work / f"pool_{args.prompts_per_kind}_{args.pool}.json")
     sizes = args.sizes.split(",")
     shares = {s: [float(f) for f in (args.sft_fractions if s == "sft" else args.fractions).split(",")]
               for s in sizes}
@@ -336,8 +339,13 @@ def main() -> None:
                        curve_nested=short(oracle["nested"]), curve_expected=short(oracle["expected"]),
                        per_kind={k: short(by_kind[k]["oracle (gold picks)"]) for k in kinds}, plot=png_kinds.name,
                        **common))
+    # the cached pieces' own times (a resumed run's wall time would hide them): one thread, a shared machine
+    compute = {"sampling": round(pool_seconds, 1),
+               "rm_training": round(sum(r["train_seconds"] for r in rms.values()), 1),
+               "rm_scoring": round(sum(r.get("score_seconds", 0.0) for r in rms.values()), 1)}
     for r in rows:
-        r["config"]["total_seconds"] = round(time.perf_counter() - start, 1)
+        r["config"]["compute_seconds"] = compute
+        r["config"]["this_invocation_seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(summary, indent=1))
     if args.smoke:
         atomic_write_text(work / f"{name}.json", json.dumps(rows, indent=2) + "\n")

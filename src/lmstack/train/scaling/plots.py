@@ -51,8 +51,10 @@ def plot_loss_vs_flops(report: dict[str, Any], path: Path) -> Path:
     if pred:
         ax.plot([pred["flops"]], [pred["measured_loss"]], "k*", ms=10, label="prediction run (measured)")
         ax.plot([pred["flops"]], [pred["predicted_loss"]], "kx", ms=8, label="law's prediction")
-    ax.set(xscale="log", xlabel="training FLOPs (6 N D)", ylabel="val loss",
-           title="loss vs compute by size (dashed: fitted law)")
+    seen = [r["val_loss"] for r in report["grid"]] + ([pred["measured_loss"], pred["predicted_loss"]] if pred else [])
+    # the law's curves shoot up left of the grid for the largest sizes: keep the axis on the measured losses
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs (6 N D)", ylabel="val loss",
+           ylim=(0.9 * min(seen), 1.2 * max(seen)), title="loss vs compute by size (dashed: fitted law)")
     ax.legend(fontsize=6)
     fig.tight_layout()
     return atomic_save_figure(fig, path)

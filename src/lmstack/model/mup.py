@@ -22,9 +22,13 @@ bit for bit, and the LR tuned there is the standard model's best LR.
 
 Why the readout is not zero-initialised (the `mup` package's readout_zero_init, which this module used before):
 with a zero readout no gradient reaches the trunk on the first step and the trunk's early gradients pass through
-a readout only O(lr * t) large, so a short run loses about 0.15 nats at the base width and its best LR moves a
-grid step below the standard model's (benchmarks/mup_transfer.py, 300 steps). Zero init is an allowed µP choice,
-not a required one: the logits at init already vanish as 1/sqrt(m) under the multiplier.
+a readout only O(lr * t) large, so a 300-step run at the base width ends 0.22 nats worse (2.42 against 2.20, with
+far more seed noise) and its best LR a grid step lower (benchmarks/mup_transfer.py). Zero init is an allowed µP
+choice, not a required one: the logits at init already vanish as 1/sqrt(m) under the multiplier.
+
+Adam's eps (1e-8) is left as is: the smallest hidden gradients (q_proj, whose scores carry the 1/d scale) shrink
+about as m**-1.5, but at d_model 512 their 10% quantile is still 1.6e-7 in the first steps; far wider models
+would want eps / m on hidden matrices.
 
 Usage:
     cfg = ModelConfig(d_model=256, n_heads=4, parametrization="mup", mup_base_width=64)

@@ -27,9 +27,11 @@ Measured (2026-12-07, 300 steps of 8x64 chars, 2 seeds at each argmin and its ne
   improves little with width at this budget (2.199 -> 2.163 from d64 to d512; standard 2.199 -> 2.071). Swapping
   single µP pieces back at d256 (2 seeds, lr 2^-7; µP 2.163) did not close it: 1/sqrt(d) attention 2.164, the
   standard's hidden init std 2.173, embedding LR / m 2.262. What did, at d512 and 2^-8: the readout's init times m,
-  so that its effective init (W0/m) is the standard's 0.02 rather than 0.02/m: 2.083 ± 0.007 (2 seeds). That is
-  not µP (its init logits grow as sqrt(m)); µP's vanishing random readout slows wide models early, which a 300-step
-  budget does not outgrow. (Side runs with this file's train loop, not in the JSON.)
+  so that its effective init (W0/m) is the standard's 0.02 rather than 0.02/m: 2.083 ± 0.007 (2 seeds), and over
+  the LR grid 2^-9..2^-6: 2.168, 2.083, 2.063, 2.097 (1 seed but 2^-8), i.e. best at 2^-7, still one step from d64,
+  and level with the tuned standard model. That is not µP (its init logits grow as sqrt(m)), so model/mup.py keeps
+  µP's readout; µP's vanishing random readout slows wide models early, which a 300-step budget does not outgrow.
+  (Side runs with this file's train loop, not in the JSON.)
 - zero readout (the old model/mup.py) at d64: best 2.422 ± 0.093 at 2^-9 against 2.199 ± 0.014 at 2^-8.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mup_transfer.py    (about 31 minutes on one core)

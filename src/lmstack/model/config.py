@@ -239,9 +239,10 @@ class ModelConfig:
     """Standard deviation for gpt2/normal init."""
     parametrization: Literal["standard", "mup"] = "standard"
     """standard: today's init and LRs. mup: maximal update parametrisation (Yang et al. 2022, model/mup.py): hidden
-    matrices init with std * sqrt(mup_base_width/d_model) and train at lr * mup_base_width/d_model under Adam, the
-    readout is zero-initialised and its logits multiplied by mup_base_width/d_model, attention scores scaled by
-    sqrt(base_head_dim)/head_dim (1/d, not 1/sqrt(d)), so the best LR found at the base width transfers to wider models."""
+    matrices init with std * sqrt(mup_base_width/d_model) and train at lr * mup_base_width/d_model under Adam (their
+    weight decay times d_model/mup_base_width, so lr * decay stays put), the readout keeps the base init std and its
+    logits are multiplied by mup_base_width/d_model, attention scores scaled by sqrt(base_head_dim)/head_dim (1/d, not
+    1/sqrt(d)), so the best LR found at the base width transfers to wider models."""
     mup_base_width: int = 0
     """parametrization='mup': the d_model the hyperparameters were tuned at (the base shape); needs > 0."""
     # ---- bookkeeping for export

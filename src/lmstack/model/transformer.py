@@ -182,7 +182,7 @@ class Transformer(nn.Module):
             for name, p in self.named_parameters():
                 if name.endswith(("o_proj.weight", "down_proj.weight", "w_out")):
                     nn.init.normal_(p, 0.0, scaled)
-        if cfg.parametrization == "mup":  # width-scaled init, zero readout, 1/d attention (model/mup.py)
+        if cfg.parametrization == "mup":  # width-scaled init, 1/m logits, 1/d attention (model/mup.py)
             mup_init_(self)
 
     def materialize_buffers(self, device: str | torch.device = "cpu") -> None:

@@ -30,6 +30,14 @@ SHRINK = [
     (r"^lmstack pretrain\b", "--train.steps 3 --train.eval_every 0 --train.eval_batches 2 --train.save_every 0 "
                              "--train.progress false"),
     (r"^lmstack model generate\b", "--max_tokens 4"),
+    (r"^lmstack sweep\b", "--n_trials 2 --plots false --overrides train.steps=4 --overrides train.eval_every=2 "
+                           "--overrides train.eval_batches=2 --overrides train.progress=false"),
+    (r"^lmstack scaling\b",
+     "--world_people 30 --overrides data.batch_size=4 --overrides data.seq_len=32 --overrides train.eval_batches=4 "
+     "--overrides train.progress=false --budgets '[3e8, 6e8]' --min_steps 5 --n_boot 10 "
+     "--min_tokens_per_param 0 --max_tokens_per_param 100000 --sizes '[{\"d_model\": 16, \"n_layers\": 1, "
+     "\"n_heads\": 2}, {\"d_model\": 24, \"n_layers\": 1, \"n_heads\": 2}, {\"d_model\": 32, \"n_layers\": 1, "
+     "\"n_heads\": 2}, {\"d_model\": 32, \"n_layers\": 2, \"n_heads\": 2}]'"),
     (r"^lmstack speedrun\b",
      "--vocab_size 300 --workers 1 --pretrain.model.d_model 32 --pretrain.model.n_layers 1 "
      "--pretrain.model.n_heads 2 --pretrain.model.n_kv_heads 1 "

@@ -29,6 +29,7 @@ import numpy as np
 from lmstack.config import atomic_write_text, to_dict
 from lmstack.data.shards import ShardSet
 from lmstack.errors import LmstackError
+from lmstack.eval.task import read_jsonl
 from lmstack.tokenizer import train_tokenizer
 from lmstack.train.pretrain import PretrainConfig, pretrain
 from lmstack.train.scaling.fit import ChinchillaLaw, Run, bootstrap, fit_chinchilla, frontier_minima, isoflop_parabolas
@@ -76,16 +77,8 @@ def train_tokens(pcfg: PretrainConfig) -> int | None:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise LmstackError(f"{path} line {i} is not JSON ({e}); fix or remove that line") from None
-    return rows
+    """The finished runs in runs.jsonl (none before the first); a bad line is an error naming the file and line."""
+    return read_jsonl(path) if path.exists() else []
 
 
 def _append_row(path: Path, row: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ not assumed: a short calibration times square fp32 matmuls (or bf16 on CUDA) on 
 Usage:
     log = MetricsLogger("runs/x", log=LogConfig(tensorboard=True), model=model)   # --log.tensorboard true
     log.log(step, {"loss": 2.3, "lr": 1e-3})      # one JSONL row; the same scalars in runs/x/tensorboard/
-    peak = measure_matmul_peak()           # FLOP/s
+    peak = measure_matmul_peak()           # FLOP/s (matmul_peak(): once per process, device and threads)
     log.plot("runs/x/loss.png"); log.close()
 """
 from __future__ import annotations
@@ -66,6 +66,19 @@ def measure_matmul_peak(device: str | torch.device = "cpu", n: int = 1024, secon
             torch.cuda.synchronize()
         best = max(best, 2 * n**3 / (time.perf_counter() - start))
     return best
+
+
+_PEAKS: dict[tuple[str, int], float] = {}
+
+
+def matmul_peak(device: str | torch.device = "cpu") -> float:
+    """measure_matmul_peak, measured once per process for each device and thread count: a sweep, a scaling grid or
+    a test session trains many short runs in one process, and each would spend half a second re-measuring the same
+    machine."""
+    key = (str(torch.device(device)), torch.get_num_threads())
+    if key not in _PEAKS:
+        _PEAKS[key] = measure_matmul_peak(device)
+    return _PEAKS[key]
 
 
 class MetricsLogger:

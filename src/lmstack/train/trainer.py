@@ -32,7 +32,7 @@ from lmstack.train.distributed import (clip_grad_norm_, distribute_like, full_op
 from lmstack.model.counting import model_stats
 from lmstack.model.hf_io import load_model
 from lmstack.progress import BudgetBar
-from lmstack.train.metrics import MetricsLogger, measure_matmul_peak
+from lmstack.train.metrics import MetricsLogger, matmul_peak
 from lmstack.train.noise_scale import AdaptiveBatch, NoiseScale
 from lmstack.train.precision import Precision
 from lmstack.train.rng import restore_rng, rng_state
@@ -299,7 +299,7 @@ class Trainer:
 
         flops_per_token = model_stats(self.raw.config, context=self.tokens_per_row).train_flops_per_token \
             if hasattr(self.raw, "config") else 0.0
-        peak = measure_matmul_peak(self.device) if self.main else 1.0
+        peak = matmul_peak(self.device) if self.main else 1.0
 
         # total and ETA follow whichever of steps / max_seconds ends the run; warns if steps slow down a lot
         bar = BudgetBar(cfg.steps, max_seconds=cfg.max_seconds, initial=self.step, desc="train",

@@ -2,6 +2,7 @@
 
 Usage:
     lmstack data synth --out data/world --size small --seed 0
+    lmstack data synth-vision --out data/vision --n_images 200 --size 64 --seed 0
     lmstack data run --config pipeline.yaml [--workers 2] [--dedup.near simhash] ...
     lmstack data add --out data/pipeline --inputs '[new/*.jsonl]' --source news
     lmstack data train-classifier --labelled labelled.jsonl --out quality_model
@@ -33,6 +34,7 @@ from lmstack.data.report import bad_record_lines
 from lmstack.data.selflabel import self_train
 from lmstack.data.shards import ShardConfig, ShardSet, entry_valid, read_manifest
 from lmstack.errors import LmstackError
+from lmstack.multimodal.vision_world import synth_vision
 
 
 def run(inputs: list[ReaderConfig] | None = None, out: str = "data/pipeline", workers: int = 2, batch_size: int = 256,
@@ -166,7 +168,8 @@ def verify(shards: str = "") -> None:
           f"{[g['generation'] for g in manifest.get('generations', [])]}")
 
 
-COMMANDS = {"run": run, "add": add, "train-classifier": train_classifier, "selflabel": selflabel, "verify": verify}
+COMMANDS = {"run": run, "add": add, "train-classifier": train_classifier, "selflabel": selflabel, "verify": verify,
+            "synth-vision": synth_vision}
 
 try:  # the synthetic world is built separately; offer `synth` once it exists
     from lmstack.world import synth

@@ -26,10 +26,9 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from lmstack.config import atomic_write_text
+from lmstack.config import atomic_write_bytes, atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.multimodal.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTURES, Obj, Scene, check_side, \
     radius_for, render
@@ -237,18 +236,6 @@ def build_vision_world(n_images: int = 200, size: int = 64, seed: int = 0) -> li
     return records
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def png_bytes(scene: Scene) -> bytes:
     """The rendered scene as PNG bytes (no metadata, so the bytes depend on the pixels alone)."""
     buf = io.BytesIO()
@@ -263,7 +250,7 @@ def write_vision_world(out: str | os.PathLike, n_images: int = 200, size: int = 
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
     for rec in records:
         rel_path = f"images/{rec['split']}/{rec['id']}.png"
-        _atomic_write_bytes(out / rel_path, png_bytes(Scene.from_dict(rec["scene"])))
+        atomic_write_bytes(out / rel_path, png_bytes(Scene.from_dict(rec["scene"])))
         lines[rec["split"]].append(json.dumps(dict(rec, path=rel_path), ensure_ascii=False))
     files = {}
     for split in SPLITS:

@@ -222,7 +222,8 @@ class Transformer(nn.Module):
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 prefix_len: torch.Tensor | None = None, logits_to_keep: int = 0,
                 return_hidden: bool = False, input_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor | CausalLMOutput:
+                labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                layer_hook=None) -> torch.Tensor | CausalLMOutput:
         """idx (B, T) token ids -> logits (B, T, vocab), or hidden states (B, T, d_model) for head='none'.
 
         HF style: input_ids=... as a keyword, or labels=..., returns a CausalLMOutput (.loss, .logits)
@@ -233,25 +234,38 @@ class Transformer(nn.Module):
         attention_mask: (B, Tk) 1 for real tokens, 0 for padding keys.
         prefix_len: (B,) prefix-LM: the first prefix_len[b] tokens attend to each other bidirectionally.
         logits_to_keep: only compute logits for the last N positions (0 = all); saves work when decoding.
+        inputs_embeds: (B, T, d_model) input vectors in place of ids (a VLM's image tokens spliced into text);
+            position and type embeddings, scaling and the embedding norm still apply, as in transformers.
+        layer_hook: hook(layer, x) -> x, run on the residual stream before each block (Flamingo's gated
+            cross-attention layers sit there, multimodal/fusion.py).
         """
         cfg = self.config
-        if (idx is None) == (input_ids is None):
-            raise LmstackError("pass the token ids once: model(ids) or model(input_ids=ids)")
-        if idx is None or labels is not None:  # the HF-style call: same pass, wrapped with its loss
+        if sum(v is not None for v in (idx, input_ids, inputs_embeds)) != 1:
+            raise LmstackError("pass the input once: model(ids), model(input_ids=ids) or model(inputs_embeds=x)")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.d_model:
+                raise LmstackError(f"inputs_embeds must have shape (batch, time, d_model={cfg.d_model}), "
+                                   f"got {tuple(inputs_embeds.shape)}")
+            if cfg.memory != "none":
+                raise LmstackError(f"memory={cfg.memory!r} reads token ids segment by segment; it takes no "
+                                   "inputs_embeds")
+        if idx is None and inputs_embeds is None or labels is not None:  # the HF-style call, wrapped with its loss
             if labels is not None and (return_hidden or cfg.head == "none"):
                 raise LmstackError("labels need logits from the LM head; this call returns hidden states")
             # self.forward, not self(...): module hooks (FSDP2's unshard/reshard) must fire once per call
             logits = self.forward(input_ids if idx is None else idx, cache, doc_ids=doc_ids,
                                   attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                  prefix_len=prefix_len, logits_to_keep=logits_to_keep, return_hidden=return_hidden)
+                                  prefix_len=prefix_len, logits_to_keep=logits_to_keep, return_hidden=return_hidden,
+                                  inputs_embeds=inputs_embeds, layer_hook=layer_hook)
             loss = None if labels is None else causal_lm_loss(logits, labels, real_vocab(cfg))
             has_aux = cfg.mod_capacity > 0 or any(isinstance(block.mlp, MoE) for block in self.blocks)
             if loss is not None and has_aux:
                 loss = loss + self.aux_loss  # already weighted by the routers' coefficients, as our Trainer adds it
             return CausalLMOutput(logits, loss, self.aux_loss if has_aux else None)
-        if idx.dim() != 2:
+        if inputs_embeds is None and idx.dim() != 2:
             raise LmstackError(f"input ids must have shape (batch, time), got {tuple(idx.shape)}")
-        b, t = idx.shape
+        b, t = idx.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        device = idx.device if inputs_embeds is None else inputs_embeds.device
         if cache is not None and not isinstance(cache, AttentionCache):
             raise LmstackError(f"cache must be an lmstack.model.attention_cache.AttentionCache (e.g. from "
                                f"model.new_cache()), got {type(cache).__name__}")
@@ -269,12 +283,12 @@ class Transformer(nn.Module):
                 x = x[:, -logits_to_keep:]
             return x if cfg.head == "none" or return_hidden else self.head(x)
         if cache is None:
-            q_pos = k_pos = torch.arange(t, device=idx.device)
+            q_pos = k_pos = torch.arange(t, device=device)
         else:
             q_pos, k_pos = cache.positions(t)
-            if q_pos.device != idx.device:
-                q_pos, k_pos = q_pos.to(idx.device), k_pos.to(idx.device)
-        x = self.tok_emb(idx)
+            if q_pos.device != device:
+                q_pos, k_pos = q_pos.to(device), k_pos.to(device)
+        x = self.tok_emb(idx) if inputs_embeds is None else inputs_embeds
         if cfg.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the weights' dtype as transformers does
             x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype)
         if self.pos_emb is not None:
@@ -285,10 +299,11 @@ class Transformer(nn.Module):
             if attention_mask is not None and cache is None:
                 # Absolute positions count real tokens only, so a left-padded row embeds like an unpadded one
                 # (RoPE and ALiBi are relative and need nothing).
-                pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(idx.device)
+                pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(device)
             x = x + self.pos_emb(pos)
         if self.type_emb is not None:
-            types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
+            types = token_type_ids if token_type_ids is not None else torch.zeros((b, t), dtype=torch.long,
+                                                                                    device=device)
             x = x + self.type_emb(types)
         if self.emb_norm is not None:
             x = self.emb_norm(x)
@@ -301,6 +316,8 @@ class Transformer(nn.Module):
         moe, mod = cfg.n_experts > 0, cfg.mod_capacity > 0
         for layer in range(cfg.n_layers):
             block = blocks[layer % len(blocks)]
+            if layer_hook is not None:
+                x = layer_hook(layer, x)
             if self.checkpoint_blocks and self.training:
                 x = checkpoint(block, x, ctx, layer, use_reentrant=False)
             else:

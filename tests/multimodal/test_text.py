@@ -12,7 +12,7 @@ def test_tokenizer_round_trips_world_text_and_keeps_image_token_whole():
     assert image_id == tok.vocab_size - 1
     for text in shapes_texts(build_vision_world(n_images=5, size=64, seed=3))[:50]:
         ids = tok.encode(text)
-        assert tok.decode(ids) == text and len(ids) < len(text)  # merges learned: shorter than bytes
+        assert tok.decode(ids) == text and (len(ids) < len(text) or len(text) == 1)  # merges learned
     assert tok.encode(f"{IMAGE_TOKEN} What colour is the circle?")[0] == image_id
     assert shapes_tokenizer(vocab_size=400, n_images=40).encode("a red star") == tok.encode("a red star")
 

@@ -110,6 +110,9 @@ class ViT(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(1 + cfg.n_patches, d) * 0.02)
         self.encoder = Transformer(cfg.model_config())
         swap_activation(self.encoder, cfg.activation)
+        # the Transformer always owns a token table; a ViT feeds inputs_embeds and never reads it: zero, frozen
+        nn.init.zeros_(self.encoder.tok_emb.weight)
+        self.encoder.tok_emb.weight.requires_grad_(False)
         # HF CLIP norms the pooled vector only; the Transformer's final norm (on every token) is replaced by it
         self.post_norm = self.encoder.final_norm
         self.encoder.final_norm = None

@@ -104,7 +104,6 @@ def cot_examples(records: list[dict], split: str | None = None, mode: str = "rat
     return out
 
 
-_ANSWER_RE = re.compile(re.escape(ANSWER_PREFIX) + r"\s*([A-Za-z0-9]+)")
 _FIND_RE = re.compile(r"The [a-z]+ [a-z]+ is ((?:top|middle|bottom) (?:left|middle|right)|centre)\.")
 _COLOUR_RE = re.compile(r"The other [a-z]+ shapes: ([a-z ,]+)\.")
 _REL_RE = re.compile(r"Of those, (?:left of|right of|above|below) the [a-z]+ [a-z]+: ([a-z ,]+)\.")
@@ -112,9 +111,11 @@ _COUNT_RE = re.compile(r"That makes (\d+)\.")
 
 
 def parse_answer(text: str) -> str | None:
-    """The word after the last 'Answer:' in a generation, or None when there is none."""
-    found = _ANSWER_RE.findall(text)
-    return found[-1] if found else None
+    """What follows the last 'Answer:' of a generation up to the line's end (a final full stop dropped; a model
+    is trained to stop there), or None when there is none: a number, a word, or a name of several words."""
+    if ANSWER_PREFIX not in text:
+        return None
+    return text.rsplit(ANSWER_PREFIX, 1)[1].split("\n", 1)[0].strip().removesuffix(".").strip()
 
 
 def _parse_shapes(listed: str) -> Counter:

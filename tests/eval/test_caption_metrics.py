@@ -4,8 +4,8 @@ import math
 import pytest
 
 from lmstack.errors import LmstackError
-from lmstack.eval.caption_metrics import attribute_match, cider_d, corpus_bleu, mentioned_pairs, sentence_bleu, \
-    tokenize
+from lmstack.eval.caption_metrics import attribute_match, cider_d, corpus_bleu, corpus_bleu_stderr, mentioned_pairs, \
+    sentence_bleu, tokenize
 from lmstack.multimodal.vision_world import build_vision_world
 
 
@@ -95,3 +95,13 @@ def test_world_captions_match_their_own_scene():
     for rec in build_vision_world(n_images=10, size=64, seed=1):
         for caption in rec["captions"]:
             assert attribute_match(caption, rec["scene"]) == (1.0, 1.0)
+
+
+def test_bleu_bootstrap_stderr():
+    records = build_vision_world(n_images=20, size=64, seed=2)
+    refs = [r["captions"][1:] for r in records]
+    same = [r["captions"][0] for r in records]
+    score, err = corpus_bleu_stderr(same, refs, n_boot=50)
+    assert score == pytest.approx(corpus_bleu(same, refs))
+    assert 0 < err < 0.2
+    assert corpus_bleu_stderr([r[0] for r in refs], refs, n_boot=20) == (pytest.approx(1.0), pytest.approx(0.0))

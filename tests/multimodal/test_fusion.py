@@ -8,6 +8,8 @@ from lmstack.errors import LmstackError
 from lmstack.multimodal.fusion import CrossAttention, GatedCrossAttention, Projector, XAttnHook, xattn_layers
 from lmstack.multimodal.qformer import QFormer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two on busy cores
+
 
 def test_projector_maps_each_patch_alone():
     torch.manual_seed(0)

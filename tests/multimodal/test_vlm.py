@@ -15,6 +15,8 @@ from lmstack.multimodal.vision_world import build_vision_world
 from lmstack.multimodal.vit import VisionConfig
 from lmstack.multimodal.vlm import VLM, VLMConfig, load_vlm, read_vlm_config, save_vlm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two on busy cores
+
 
 @pytest.fixture(scope="module")
 def tok():

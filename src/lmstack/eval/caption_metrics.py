@@ -17,12 +17,14 @@ Text is lower-cased and split into words and numbers (punctuation dropped), the 
 Usage:
     from lmstack.eval.caption_metrics import corpus_bleu, cider_d, attribute_match, tokenize
     bleu = corpus_bleu(["a red circle"], [["a red circle", "one red circle"]])          # 1.0
+    bleu, stderr = corpus_bleu_stderr(candidates, references)      # bootstrap over captions
     cider = cider_d(candidates, references)          # {"score": corpus mean, "per_item": [...]}
     exact, recall = attribute_match("A small red circle.", record["scene"])
 """
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections import Counter
 
@@ -55,27 +57,29 @@ def _check(candidates: list[str], references: list[list[str]]) -> None:
             raise LmstackError(f"references[{i}] must be a non-empty list of strings, got {refs!r:.80}")
 
 
-def corpus_bleu(candidates: list[str], references: list[list[str]], max_n: int = 4,
-                smoothing: str = "none") -> float:
-    """Corpus BLEU-max_n in [0, 1] (Papineni et al.); smoothing 'none' or 'add1' (Lin & Och, n > 1)."""
-    _check(candidates, references)
+def bleu_stats(candidate: str, references: list[str], max_n: int = 4) -> list[int]:
+    """One caption's BLEU sufficient statistics: [matches_1..n, totals_1..n, candidate length, reference length];
+    a corpus's statistics are the sums of its captions' (what makes BLEU a corpus score)."""
+    c = tokenize(candidate)
+    rs = [tokenize(r) for r in references]
+    # the effective reference length: the closest to the candidate's, the shorter one on a tie
+    ref_len = min((abs(len(r) - len(c)), len(r)) for r in rs)[1]
+    matches, totals = [], []
+    for n in range(1, max_n + 1):
+        got = ngrams(c, n)
+        most: Counter = Counter()
+        for r in rs:
+            most |= ngrams(r, n)  # per n-gram, the most times any one reference has it (the clip)
+        matches.append(sum(min(k, most[g]) for g, k in got.items()))
+        totals.append(max(len(c) - n + 1, 0))
+    return matches + totals + [len(c), ref_len]
+
+
+def bleu_from_stats(stats: list[int], max_n: int = 4, smoothing: str = "none") -> float:
+    """BLEU from summed bleu_stats."""
     if smoothing not in ("none", "add1"):
         raise LmstackError(f"smoothing must be 'none' or 'add1', got {smoothing!r}")
-    matches, totals = [0] * max_n, [0] * max_n
-    cand_len = ref_len = 0
-    for cand, refs in zip(candidates, references):
-        c = tokenize(cand)
-        rs = [tokenize(r) for r in refs]
-        cand_len += len(c)
-        # the effective reference length: the closest to the candidate's, the shorter one on a tie
-        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]
-        for n in range(1, max_n + 1):
-            got = ngrams(c, n)
-            most = Counter()
-            for r in rs:
-                most |= ngrams(r, n)  # per n-gram, the most times any one reference has it (the clip)
-            matches[n - 1] += sum(min(k, most[g]) for g, k in got.items())
-            totals[n - 1] += max(len(c) - n + 1, 0)
+    matches, totals, (cand_len, ref_len) = stats[:max_n], stats[max_n:2 * max_n], stats[2 * max_n:]
     if cand_len == 0:
         return 0.0
     log_p = 0.0
@@ -88,6 +92,30 @@ def corpus_bleu(candidates: list[str], references: list[list[str]], max_n: int =
         log_p += math.log(m / t) / max_n
     bp = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / cand_len)
     return bp * math.exp(log_p)
+
+
+def corpus_bleu(candidates: list[str], references: list[list[str]], max_n: int = 4,
+                smoothing: str = "none") -> float:
+    """Corpus BLEU-max_n in [0, 1] (Papineni et al.); smoothing 'none' or 'add1' (Lin & Och, n > 1)."""
+    _check(candidates, references)
+    per_item = [bleu_stats(c, refs, max_n) for c, refs in zip(candidates, references)]
+    return bleu_from_stats([sum(col) for col in zip(*per_item)], max_n, smoothing)
+
+
+def corpus_bleu_stderr(candidates: list[str], references: list[list[str]], max_n: int = 4, n_boot: int = 200,
+                       seed: int = 0) -> tuple[float, float]:
+    """(corpus BLEU, its bootstrap standard error over captions resampled with replacement, n_boot times)."""
+    _check(candidates, references)
+    per_item = [bleu_stats(c, refs, max_n) for c, refs in zip(candidates, references)]
+    score = bleu_from_stats([sum(col) for col in zip(*per_item)], max_n)
+    rng = random.Random(seed)
+    n = len(per_item)
+    boots = []
+    for _ in range(n_boot):
+        pick = [per_item[rng.randrange(n)] for _ in range(n)]
+        boots.append(bleu_from_stats([sum(col) for col in zip(*pick)], max_n))
+    mean = sum(boots) / n_boot
+    return score, math.sqrt(sum((b - mean) ** 2 for b in boots) / max(n_boot - 1, 1))
 
 
 def sentence_bleu(candidate: str, references: list[str], max_n: int = 4) -> float:
@@ -168,5 +196,5 @@ def attribute_match(caption: str, scene: dict) -> tuple[float, float]:
     return float(said == truth), len(said & truth) / len(truth)
 
 
-__all__ = ["tokenize", "ngrams", "corpus_bleu", "sentence_bleu", "cider_d", "mentioned_pairs", "scene_pairs",
+__all__ = ["tokenize", "ngrams", "bleu_stats", "bleu_from_stats", "corpus_bleu", "corpus_bleu_stderr", "sentence_bleu", "cider_d", "mentioned_pairs", "scene_pairs",
            "attribute_match", "CIDER_SIGMA"]

@@ -6,7 +6,7 @@ fusion="qformer" (BLIP-2): n_queries learned queries read the patches (qformer.p
     the `<image>` tokens.
 fusion="xattn" (Flamingo): no LM position holds the picture; gated cross-attention layers (fusion.py), gates at 0,
     run before every `xattn_every`-th LM block and read the patch tokens. The prompt keeps its single `<image>`
-    marker as an ordinary token. Meant for a frozen LM (freeze_lm=True).
+    marker as an ordinary token. Meant for a frozen LM (freeze_lm=True). Text with no picture runs the LM alone.
 
 The prompt convention is LLaVA's processor's: the `<image>` token (multimodal/text.py IMAGE_TOKEN) repeated
 n_image_tokens times where the picture goes (`expand_prompt`). In a batch, the k-th run of image tokens (row-major)
@@ -183,7 +183,9 @@ class VLM(nn.Module):
             if pixels is not None:
                 image_embeds = self.features(pixels)
             if image_embeds is None:
-                raise LmstackError("a cross-attention VLM reads an image for every row; pass pixels=...")
+                if bool((ids == self.image_token_id).any()):
+                    raise LmstackError("the prompt holds <image> but no picture was given (pixels=...)")
+                return None, None  # text alone: no picture to attend to, the LM runs as it is
             if image_embeds.shape[0] != ids.shape[0]:
                 raise LmstackError(f"fusion='xattn' takes one image per row: {image_embeds.shape[0]} images for "
                                    f"{ids.shape[0]} rows")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from lmstack.config import from_dict
 from lmstack.errors import LmstackError
@@ -199,7 +200,6 @@ def train_vlm(cfg: VLMTrainConfig, records: list[dict], vlm: VLM, tokenizer, pix
     vlm.train()
     bar = None
     if progress:
-        from tqdm import tqdm  # lazy: only a run that asks for a progress bar needs it
         bar = tqdm(total=cfg.steps, desc="train-vlm", unit="step")
     start = time.perf_counter()
     step = 0

@@ -12,7 +12,9 @@ from lmstack.multimodal.images import to_pixels
 from lmstack.multimodal.mm_rag import ClipEmbedder, ImageIndex, VLMReader, add_link_records, answer_link_question, \
     reading_prompt
 from lmstack.multimodal.shapes import Scene, render
-from lmstack.multimodal.text import shapes_tokenizer
+from lmstack.model import ModelConfig
+from lmstack.multimodal.text import IMAGE_TOKEN, shapes_tokenizer
+from lmstack.multimodal.vlm import VLM, VLMConfig
 from lmstack.multimodal.vit import VisionConfig
 from lmstack.multimodal.world_link import build_world_link, link_questions
 from lmstack.world import World
@@ -115,6 +117,11 @@ def test_the_name_finds_the_flag_and_the_picture_finds_itself(index, records):
         image_hits = index.search_image(picture, k=5)
         own = next(h for h in image_hits if h.doc_id == rec["id"])
         assert own.score == pytest.approx(1.0, abs=1e-4) and image_hits[0].score <= own.score + 1e-4
+    badge = next(r for r in records if r["kind"] == "badge")
+    flag_only = index.search_image(to_pixels([render(Scene.from_dict(badge["scene"]))], SIZE), k=3,
+                                   where={"picture": "flag"})
+    assert len(flag_only) == 3 and all(h.doc_id.startswith("flag-") for h in flag_only)  # a filter, not a starve
+    assert index.get(badge["id"]).metadata == {"picture": "badge", "entity": badge["entity"], "kind": "image"}
     dense = index.search("a large red star", k=3, mode="dense")
     assert len(dense) == 3 and dense[0].score >= dense[1].score >= dense[2].score
 
@@ -165,9 +172,6 @@ def test_bad_input_named(index, records, world):
 
 
 def test_vlm_reader_decodes_to_eos(tok):
-    from lmstack.model import ModelConfig
-    from lmstack.multimodal.text import IMAGE_TOKEN
-    from lmstack.multimodal.vlm import VLM, VLMConfig
     torch.manual_seed(0)
     vlm = VLM(VLMConfig(vision=VisionConfig(image_size=SIZE, patch_size=16, d_model=32, n_layers=1, n_heads=2),
                         lm=ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2,

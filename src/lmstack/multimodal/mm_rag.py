@@ -190,6 +190,10 @@ class ImageIndex:
         """Text documents, embedded by CLIP's text tower like any rag document."""
         return self.index.add(docs)
 
+    def get(self, doc_id: str) -> ImageHit:
+        """The stored picture `doc_id` (score 1.0), read back from the index."""
+        return self._hit(doc_id, 1.0)
+
     def _hit(self, doc_id: str, score: float) -> ImageHit:
         doc = self.index.document(doc_id)
         meta = dict(doc.metadata)
@@ -199,19 +203,25 @@ class ImageIndex:
         pixels = to_pixels([decode_image(base64.b64decode(png))], self.image_size)
         return ImageHit(doc_id, score, doc.text, pixels, meta)
 
-    def search(self, query: str, k: int = 1, mode: str = "bm25") -> list[ImageHit]:
-        """The k best pictures for a text query (bm25: their texts; dense: CLIP text->image; hybrid: both)."""
-        hits = self.index.search(query, k=max(4 * k, 20), mode=mode)
-        out = [self._hit(h.chunk.doc_id, h.score) for h in hits if h.chunk.metadata.get("kind") == IMAGE_KIND]
-        return out[:k]
+    @staticmethod
+    def _keep(chunk: Chunk, where: dict | None) -> bool:
+        meta = chunk.metadata
+        return meta.get("kind") == IMAGE_KIND and all(meta.get(k) == v for k, v in (where or {}).items())
 
-    def search_image(self, pixels: torch.Tensor, k: int = 1) -> list[ImageHit]:
-        """The k stored pictures nearest to `pixels` (1, 3, S, S) by CLIP image vectors (cosine)."""
+    def search(self, query: str, k: int = 1, mode: str = "bm25", where: dict | None = None) -> list[ImageHit]:
+        """The k best pictures for a text query (bm25: their texts; dense: CLIP text->image; hybrid: both);
+        `where` keeps only pictures whose metadata has those values (e.g. {"picture": "flag"})."""
+        hits = self.index.search(query, k=max(4 * k, 20), mode=mode)
+        return [self._hit(h.chunk.doc_id, h.score) for h in hits if self._keep(h.chunk, where)][:k]
+
+    def search_image(self, pixels: torch.Tensor, k: int = 1, where: dict | None = None) -> list[ImageHit]:
+        """The k stored pictures nearest to `pixels` (1, 3, S, S) by CLIP image vectors (cosine); `where` as in
+        search. Exact search over every stored vector, so a filter never starves the result."""
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[0] != 1:
             raise LmstackError(f"search_image takes one picture (1, 3, S, S), got {getattr(pixels, 'shape', None)}")
-        found = self.index.store.search(self.embedder.embed_images(pixels)[0], max(4 * k, 20))
+        found = self.index.store.search(self.embedder.embed_images(pixels)[0], len(self.index.store))
         chunks = {c.chunk_id: c for c in self.index.store.get([i for i, _ in found], skip_missing=True)}
-        ranked = [(cid, s) for cid, s in found if cid in chunks and chunks[cid].metadata.get("kind") == IMAGE_KIND]
+        ranked = [(cid, s) for cid, s in found if cid in chunks and self._keep(chunks[cid], where)]
         return [self._hit(chunks[cid].doc_id, s) for cid, s in ranked[:k]]
 
     def close(self) -> None:
@@ -228,6 +238,7 @@ def add_link_records(index: ImageIndex, records: list[dict]) -> int:
 
 
 _OWNER = {"flag_shape": ("flag", "city"), "flag_colour": ("flag", "city"), "badge_shape": ("badge", "person")}
+_JOIN_KIND = {"which_city": "flag", "city_fact": "flag", "who_badge": "badge", "person_fact": "badge"}
 
 
 def reading_prompt(item: dict) -> str:
@@ -247,7 +258,7 @@ def answer_link_question(item: dict, index: ImageIndex, reader: Reader, world, r
     out: dict = {"type": item["type"], "retrieved": None, "hit": None}
     if item["type"] in _OWNER:
         if retrieval:
-            hits = index.search(item["question"], k=1, mode=mode)
+            hits = index.search(item["question"], k=1, mode=mode, where={"picture": _OWNER[item["type"]][0]})
             out["retrieved"] = hits[0].doc_id if hits else None
             pixels = hits[0].pixels if hits else None
             text = reader.read(reading_prompt(item), pixels) if hits else ""
@@ -255,7 +266,7 @@ def answer_link_question(item: dict, index: ImageIndex, reader: Reader, world, r
             text = reader.read(f"Question: {item['question']}", None)
         answer = parse_answer(text)
     elif retrieval:
-        hits = index.search_image(shown, k=1)
+        hits = index.search_image(shown, k=1, where={"picture": _JOIN_KIND[item["type"]]})
         out["retrieved"] = hits[0].doc_id if hits else None
         entity = hits[0].metadata.get("entity") if hits else None
         attr = item["args"].get("attribute")

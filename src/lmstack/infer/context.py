@@ -31,6 +31,9 @@ class EngineContext:
     max_model_len: int
     banned_phrases: tuple[str, ...] = ()
     """The engine's hard phrase bans: every request gets them, none can lift them (lmstack.safety.phrase_ban)."""
+    extra_ids: Any = None
+    """check(ids) -> bool for prompt ids outside [0, vocab): a VLM adapter's image placeholders (ids past the
+    vocabulary that stand for a stored picture: multimodal/engine_adapter.py); None: such ids are refused."""
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     _guided: GuidedDecoder | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)

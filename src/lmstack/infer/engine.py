@@ -144,6 +144,8 @@ class LLMEngine:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.ctx = EngineContext(self.tokenizer, self.eos_ids, self.emit_vocab, self.max_model_len, hard_bans)
+        # a VLM adapter (multimodal/engine_adapter.py) takes its pictures' placeholder ids past the vocabulary
+        self.ctx.extra_ids = getattr(self.model, "check_prompt_ids", None)
         self.counters = self.ctx.counters
         # The checkpoint's generation_config.json sampling settings: what generate/serve/chat start from.
         self.generation_defaults = load_generation_defaults(model if owned else None)

@@ -79,7 +79,7 @@ class RequestBuilder:
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
+            if bad and not (self.ctx.extra_ids is not None and self.ctx.extra_ids(bad)):
                 raise LmstackError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         else:
             raise LmstackError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")

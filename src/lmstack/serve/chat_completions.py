@@ -4,7 +4,11 @@ The prompt ids come from the tokenizer's ChatTemplate (`tokenizer.apply_chat_tem
 template encodes message text with special tokens switched off, so a user typing "<|assistant_start|>" cannot
 forge a turn; an HF directory's Jinja template renders as transformers does. Generation stops on the
 tokenizer's stop set (`tokenizer.stop_ids()`: EOS, generation_config.json's eos list, the template's end of
-turn); a template that fails is a 400 naming its file. Streaming sends OpenAI's
+turn); a template that fails is a 400 naming its file.
+Pictures (`image_url` parts, serve/image_input.py): on a server of a VLM each becomes a marker in the text, the
+template renders, then the marker's ids become the picture's placeholder ids (encoded once, keyed by its pixels,
+so the prefix cache keys on the picture), pinned until the reply is over; a text-only model answers 400 "this
+model does not take images". Streaming sends OpenAI's
 `chat.completion.chunk` events: a first chunk per choice with the role, content deltas, a last chunk
 with the finish reason, an optional usage chunk, then `data: [DONE]`.
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse
 
@@ -31,6 +35,7 @@ from lmstack.errors import LmstackError
 from lmstack.infer.sequence import Request
 from lmstack.serve.engine_bridge import ServerState, collect, sampling_params
 from lmstack.serve.errors import APIError, from_value_error
+from lmstack.serve.image_input import NO_IMAGES, RequestImages
 from lmstack.serve.limits import check_sampling_lists, reject_lone_surrogates, utf8_len
 from lmstack.serve.prompt_compression import Plan, plan, rewrite_messages
 from lmstack.serve.safety_settings import apply_chat_safety
@@ -41,14 +46,24 @@ from lmstack.serve.sse_stream import EventStream, Sent, sse, stream_choices
 from lmstack.serve.tool_calls import StreamedToolText, ToolPlan, check_tools, template_tool_calls, tool_plan
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """OpenAI messages -> the {'role', 'content'[, 'tool_calls']} dicts our chat template renders."""
+def message_dicts(messages: list[ChatMessage], images: Callable[[Any, str], str] | None = None) -> list[dict]:
+    """OpenAI messages -> the {'role', 'content'[, 'tool_calls']} dicts our chat template renders.
+
+    images(part, where) -> the text an image_url part becomes (a VLM's marker: serve/image_input.py); None: the
+    model takes no images, and an image part is a 400 saying so."""
     out = []
     for k, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
             texts = []
-            for part in content:
+            for j, part in enumerate(content):
+                if part.type == "image_url":
+                    where = f"messages.{k}.content.{j}"
+                    if images is None:
+                        raise APIError(400, f"{where} is an image: {NO_IMAGES}", param=where,
+                                       code="images_not_supported")
+                    texts.append(images(part, where))
+                    continue
                 if part.type != "text" or part.text is None:
                     raise APIError(400, f"messages[{k}] has a {part.type!r} part; only text parts are supported",
                                    param=f"messages.{k}.content")
@@ -62,6 +77,10 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                 d[key] = getattr(m, key)
         out.append(d)
     return out
+
+
+def has_images(messages: list[ChatMessage]) -> bool:
+    return any(isinstance(m.content, list) and any(p.type == "image_url" for p in m.content) for m in messages)
 
 
 def _text_bytes(m: ChatMessage) -> int:
@@ -81,7 +100,7 @@ def check_messages(state: ServerState, req: ChatCompletionRequest) -> None:
     """Before rendering: no lone surrogates, not all empty, and a byte bound on the text (O(request size))."""
     reject_lone_surrogates(req)
     n_bytes = sum(_text_bytes(m) for m in req.messages)
-    if req.messages and n_bytes == 0 and not req.allow_empty_prompt:
+    if req.messages and n_bytes == 0 and not req.allow_empty_prompt and not has_images(req.messages):
         raise APIError(400, "every message is empty; give some content (or set allow_empty_prompt: true to "
                             "generate from the chat template alone)", param="messages")
     state.check_prompt_bytes(n_bytes, "messages")
@@ -92,17 +111,19 @@ _TEMPLATE_OWN = {"messages", "add_generation_prompt", "tools", "documents"}
 
 def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
                     compression: Plan | None = None, template_kwargs: dict | None = None,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None, images: RequestImages | None = None) -> list[int]:
     """The chat template's ids; with a compression plan, message contents are compressed before rendering.
     template_kwargs: the request's chat_template_kwargs, extra variables for the template; tools: checked
-    OpenAI tools, the template's `tools`."""
+    OpenAI tools, the template's `tools`; images: the request's pictures (a VLM server's chat route), whose
+    placeholder ids replace their markers (the caller releases them)."""
     if not messages:
         raise APIError(400, "messages is empty; give at least one message", param="messages")
     clash = sorted(_TEMPLATE_OWN & set(template_kwargs or {}))
     if clash:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}; they have their own fields",
                        param="chat_template_kwargs")
-    dicts = message_dicts(messages)
+    on_image = images.part_text if images is not None else None if state.vision is None else _images_elsewhere
+    dicts = message_dicts(messages, on_image)
     if compression is not None:
         dicts = rewrite_messages(state, dicts, compression)
     try:
@@ -110,7 +131,21 @@ def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generat
                                               **(template_kwargs or {})).ids  # ids only: no mask work
     except LmstackError as e:
         raise from_value_error(e) from None
-    return ids
+    return images.expand(ids) if images is not None and images.count else ids
+
+
+def _images_elsewhere(_: Any, where: str) -> str:
+    raise APIError(400, f"{where} is an image; only /v1/chat/completions reads images", param=where)
+
+
+def _check_image_request(req: ChatCompletionRequest) -> None:
+    """What a request with pictures cannot ask for: per-prompt-token work reads placeholder ids as tokens."""
+    for name, bad in (("prompt_logprobs", req.prompt_logprobs is not None),
+                      ("repetition_penalty", req.repetition_penalty not in (None, 1.0)),
+                      ("prompt_compression", req.prompt_compression is not None)):
+        if bad:
+            raise APIError(400, f"{name} is not supported with images: a picture's placeholder ids are no tokens "
+                                "of the vocabulary", param=name)
 
 
 def _logprobs(state: ServerState, token_ids: list[int], entries: list[dict[int, float]] | None,
@@ -131,13 +166,29 @@ def _finish(reason: str | None) -> str | None:
 
 
 def _prepare(state: ServerState, req: ChatCompletionRequest, lora: str | None, compression: Plan | None, rid: str):
-    """(prompt ids, the prepared engine request, prompt tokens before compression or None): the chat template,
-    encoding, compression, parameter and engine-request preparation grow with the request, so they run in
-    the worker pool. The engine request is prepared once, here: what only the engine checks is a 400
-    before a stream's 200 goes out."""
+    """(prompt ids, the prepared engine request, prompt tokens before compression or None, the request's pictures
+    or None): the chat template, encoding, compression, parameter and engine-request preparation grow with the
+    request, so they run in the worker pool. The engine request is prepared once, here: what only the engine
+    checks is a 400 before a stream's 200 goes out. Pictures are decoded and encoded here too, and stay pinned
+    until the caller releases them (also when this fails)."""
     check_messages(state, req)
+    images = None
+    if state.vision is not None and has_images(req.messages):
+        _check_image_request(req)
+        images = state.vision.request()
+        compression = None  # (a server-wide --compression.rate would rewrite text around the pictures' markers)
+    try:
+        return _prepare_ids(state, req, lora, compression, rid, images) + (images,)
+    except BaseException:
+        if images is not None:
+            images.release()
+        raise
+
+
+def _prepare_ids(state: ServerState, req: ChatCompletionRequest, lora: str | None, compression: Plan | None,
+                 rid: str, images: RequestImages | None):
     ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, template_kwargs=req.chat_template_kwargs,
-                          tools=req.tools)
+                          tools=req.tools, images=images)
     n_before = None
     if compression is not None:
         n_before = len(ids)
@@ -183,15 +234,23 @@ async def create_chat_completion(state: ServerState, request, req: ChatCompletio
     check_message_count(state, req.messages)
     compression = plan(state, req.prompt_compression)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    ids, job, n_before = await state.run(_prepare, state, req, lora, compression, rid)
+    ids, job, n_before, images = await state.run(_prepare, state, req, lora, compression, rid)
+    release = images.release if images is not None else None
     extra = {} if n_before is None else {"prompt_tokens_before_compression": n_before}
     created = int(time.time())
     model = req.model or state.config.model_name
     state.metrics.prompt_tokens.inc(len(ids))
-    if req.stream:
-        return EventStream(state, _stream(state, request, req, job, len(ids), rid, created, model, extra, tools))
-    with state.admit():
-        (final,) = await collect(state, request, [job])
+    try:
+        if req.stream:  # the stream releases the pictures when it is over (or refused: 503)
+            stream = EventStream(state, _stream(state, request, req, job, len(ids), rid, created, model, extra,
+                                                tools), on_close=release)
+            release = None
+            return stream
+        with state.admit():
+            (final,) = await collect(state, request, [job])
+    finally:
+        if release is not None:
+            release()
     choices, n_gen = [], 0
     for j, c in enumerate(final.outputs):
         lp = _logprobs(state, c.token_ids, c.logprobs, req.top_logprobs or 0) if req.logprobs else None

@@ -12,6 +12,7 @@ Usage:
     lmstack serve --model runs/sft --guard guard.yaml  # moderated chat/completions (safety.guard), /v1/moderations
     lmstack serve --model runs/sft --safety safety.yaml   # hard phrase bans + persona presets (safety.presets)
     lmstack serve --model runs/sft --feedback_db fb.db # record replies; POST /v1/feedback flags them (safety.feedback)
+    lmstack serve --model runs/vlm --max_images 2      # a VLM: chat messages may carry image_url parts (data: URLs)
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
 
@@ -32,6 +33,7 @@ from lmstack.infer import AsyncLLMEngine
 from lmstack.infer.tp_group import torchrun_rank
 from lmstack.infer.tp_worker import run_worker
 from lmstack.model.load_guard import set_max_model_gib
+from lmstack.multimodal.engine_adapter import is_vlm_dir, load_engine_vlm
 from lmstack.rag.embed import load_embedder
 from lmstack.rag.index import Index
 from lmstack.safety.feedback import FeedbackStore
@@ -40,6 +42,7 @@ from lmstack.safety.presets import load_safety_config
 from lmstack.runtime.device import pick_device
 from lmstack.serve.app import create_app
 from lmstack.serve.engine_bridge import ServerConfig
+from lmstack.serve.image_input import ImageLimits, ServedImages
 from lmstack.serve.limits import RequestLimits
 from lmstack.serve.prompt_compression import CompressionConfig
 from lmstack.serve.rag_routes import RagService
@@ -90,6 +93,15 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
         raise LmstackError(f"--model {model}: no config.json there; give a model directory (lmstack or HF layout)")
     source: Any = str(path)
     adapter_paths = engine_kwargs.pop("adapter_paths", None)
+    image_limits = engine_kwargs.pop("images", None)
+    vlm = None
+    if is_vlm_dir(path):  # pictures become placeholder ids of the engine's model (multimodal/engine_adapter.py)
+        if adapter_paths:
+            raise LmstackError(f"--model {model} is a VLM; LoRA adapters are served for text models only")
+        vlm, tok = load_engine_vlm(path)  # a Flamingo (xattn) VLM is refused here, by name
+        source = vlm
+        engine_kwargs.setdefault("tokenizer", tok)
+        engine_kwargs["cuda_graphs"] = False  # a step's placeholder check reads its ids, which a graph cannot
     rag = engine_kwargs.pop("rag", None)
     guard = engine_kwargs.pop("guard", None)
     feedback = engine_kwargs.pop("feedback", None)
@@ -103,7 +115,10 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     aengine = AsyncLLMEngine(source, **engine_kwargs)
     if aengine.tokenizer is None:
         raise LmstackError(f"--model {model}: no tokenizer.json there; the server needs the model's tokenizer")
-    return create_app(aengine, config, rag=rag, guard=guard, feedback=feedback), aengine
+    app = create_app(aengine, config, rag=rag, guard=guard, feedback=feedback)
+    if vlm is not None:
+        app.state.lmstack.vision = ServedImages(vlm, aengine.tokenizer, image_limits)
+    return app, aengine
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -116,7 +131,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           compression: CompressionConfig = CompressionConfig(), tool_call_parser: str = "auto",
           tensor_parallel_size: int = 1, kv_cache_dtype: Literal["auto", "int8"] = "auto",
           rag_index: str | None = None, embedder: str | None = None, guard: str | None = None,
-          safety: str | None = None, feedback_db: str | None = None) -> None:
+          safety: str | None = None, feedback_db: str | None = None, max_images: int = 4,
+          max_image_pixels: int = 2048 * 2048, allow_local_images: bool = False) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -169,6 +185,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         feedback_db: A SQLite file (created if missing) where every chat/completions response is recorded and
             POST /v1/feedback stores users' flags (rating up/down, category, correction); `lmstack align --method dpo
             --from-feedback PATH` turns them into preference pairs (see lmstack.safety.feedback).
+        max_images: With a VLM (--model VLM_DIR): most image_url parts one chat request may carry (400 above).
+        max_image_pixels: With a VLM: largest picture, width x height, checked from its header before decoding
+            (400 above).
+        allow_local_images: With a VLM: let image_url name a file on this machine (file:///x.png or a path); off,
+            such a part is a 400 naming this flag. Data URLs (data:image/png;base64,...) are always read.
     """
     # lazy: heavy (uvicorn), which this module does not import at its top
     import uvicorn
@@ -193,7 +214,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                              enable_prefix_caching=enable_prefix_caching, device=dev, dtype=torch_dtype,
                              seed=seed, adapter_paths=parse_adapters(adapters),
                              tensor_parallel_size=tensor_parallel_size, kv_cache_dtype=kv_cache_dtype,
-                             rag=load_rag(rag_index, embedder), guard=guard_obj, feedback=feedback_store)
+                             rag=load_rag(rag_index, embedder), guard=guard_obj, feedback=feedback_store,
+                             images=ImageLimits(max_images, max_image_pixels, allow_local_images))
     stats = aengine.stats()
     print(f"lmstack serve: {config.model_name} on http://{host}:{port} ({dev}, {str(torch_dtype)[6:]}, "
           f"{torch.get_num_threads()} threads, "

@@ -132,6 +132,7 @@ class ServerState:
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
         self.limits = config.limits
+        self.vision = None  # a VLM's pictures (serve/image_input.ServedImages); None: the model takes no images
         self.pool = ThreadPoolExecutor(self.limits.prep_threads, thread_name_prefix="lmstack-prep")
         self.preparing = 0
         self.bytes_per_token, self.prompt_bytes_limit = prompt_byte_limit(

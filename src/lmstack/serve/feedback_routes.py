@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmstack.safety.feedback import FeedbackError, FeedbackStore, UnknownResponse
 from lmstack.serve.chat_completions import message_dicts
+from lmstack.serve.image_input import image_note
 from lmstack.serve.engine_bridge import ServerState
 from lmstack.serve.errors import APIError
 from lmstack.serve.limits import reject_lone_surrogates
@@ -62,7 +63,7 @@ def feedback_now(store: FeedbackStore | None, body: FeedbackRequest) -> dict:
 
 def _request_json(endpoint: str, body: Any) -> dict:
     if endpoint == "chat":
-        return {"messages": message_dicts(body.messages), "n": body.n}
+        return {"messages": message_dicts(body.messages, image_note), "n": body.n}
     return {"prompt": body.prompt, "n": body.n, "echo": bool(body.echo)}
 
 

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmstack.safety.guard import CONTENT_FILTER, Guard, OutputMonitor
 from lmstack.serve.chat_completions import message_dicts
+from lmstack.serve.image_input import image_note
 from lmstack.serve.engine_bridge import ServerState
 from lmstack.serve.errors import APIError
 from lmstack.serve.limits import reject_lone_surrogates
@@ -200,7 +201,8 @@ def _wrap(guard: Guard, response: Any, n_choices: int, text: Callable) -> Any:
 async def guarded_chat(state: ServerState, guard: Guard, request, body: ChatCompletionRequest, handler: Handler):
     """/v1/chat/completions through the guard: `handler(request, body)` is the unguarded route."""
     if guard.cfg.check_input:
-        verdict = await state.run(lambda: guard.check_messages(message_dicts(body.messages)) if body.messages else None)
+        verdict = await state.run(lambda: guard.check_messages(message_dicts(body.messages, image_note))
+                                  if body.messages else None)
         if verdict is not None:
             return _refusal_chat(guard, body, body.model or state.config.model_name)
     return _wrap(guard, await handler(request, body), body.n, _chat_text)

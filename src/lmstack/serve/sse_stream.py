@@ -54,7 +54,9 @@ class EventStream(StreamingResponse):
     (when the body generator never started and so could not release anything itself).
     """
 
-    def __init__(self, state: ServerState, content: AsyncIterator[str], prompts: int = 1):
+    def __init__(self, state: ServerState, content: AsyncIterator[str], prompts: int = 1,
+                 on_close: Callable[[], None] | None = None):
+        self._on_close = on_close  # e.g. unpin the request's pictures (serve/image_input.py)
         self._ticket = state.admit(prompts)
         self._ticket.__enter__()
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -66,6 +68,8 @@ class EventStream(StreamingResponse):
             with contextlib.suppress(BaseException):
                 await self.body_iterator.aclose()  # type: ignore[union-attr]
             self._ticket.__exit__(None, None, None)
+            if self._on_close is not None:
+                self._on_close()
 
 
 def stream_error(e: Exception) -> str:

@@ -7,8 +7,12 @@ Two backends with one interface (`stream(messages) -> text pieces`):
 Commands inside the chat: /reset (forget the conversation), /system TEXT (set the system prompt),
 /exit (or Ctrl-D). Ctrl-C while the model writes stops that reply and keeps the chat going.
 
+A picture (`--image FILE`) is attached to the conversation's first user turn as an OpenAI image_url part (a
+data: URL); the local backend needs a VLM directory (multimodal/engine_adapter.py), a server needs to serve one.
+
 Usage:
     lmstack chat --model runs/model
+    lmstack chat --model runs/vlm --image shapes.png
     lmstack chat --model runs/model --adapter runs/lora-math
     lmstack chat --url http://127.0.0.1:8000 --adapter math --api_key sk-local
 """
@@ -26,8 +30,11 @@ from lmstack.errors import LmstackError
 from lmstack.infer import LLMEngine, SamplingParams
 from lmstack.infer.generation_defaults import merge_sampling
 from lmstack.model.load_guard import set_max_model_gib
+from lmstack.multimodal.engine_adapter import ImageLease, ImagePrompt, is_vlm_dir, load_engine_vlm
+from lmstack.multimodal.images import decode_data_url, decode_image
 from lmstack.runtime.device import pick_device
 from lmstack.serve.commands import load_serving_adapters
+from lmstack.serve.image_input import NO_IMAGES, file_data_url
 from lmstack.threads import set_threads
 
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 256}  # where neither flags nor the model say
@@ -41,7 +48,14 @@ class LocalBackend:
                  **engine_kwargs: Any):
         dev, dtype = pick_device(device, dtype)
         model: Any = model_dir
-        self.adapter, adapters = None, None
+        self.adapter, adapters, self.vlm = None, None, None
+        if is_vlm_dir(model_dir):  # pictures become placeholder ids of the engine's model
+            if adapter is not None:
+                raise LmstackError(f"{model_dir} is a VLM; --adapter (LoRA) works with text models only")
+            model, tok = load_engine_vlm(model_dir)
+            self.vlm = model
+            engine_kwargs.setdefault("tokenizer", tok)
+            engine_kwargs["cuda_graphs"] = False
         if adapter is not None:  # the adapter wraps the model's Linears, so load the model first
             model = lmstack.load_model(model_dir, dtype=dtype, device=dev)
             self.adapter = Path(adapter).name
@@ -57,9 +71,17 @@ class LocalBackend:
         return self.engine.generation_defaults
 
     def stream(self, messages: list[dict], params: dict) -> Iterator[str]:
-        ids = self.engine.tokenizer.render_messages(messages, add_generation_prompt=True).ids
+        tok = self.engine.tokenizer
+        prompt = ImagePrompt(self.vlm, tok) if self.vlm is not None else None
+        messages = [{**m, "content": self._text(m["content"], prompt)} for m in messages]
+        ids = tok.render_messages(messages, add_generation_prompt=True).ids
+        ids, lease = prompt.expand(ids) if prompt is not None else (ids, ImageLease())
         rid = f"chat-{uuid.uuid4().hex[:8]}"
-        self.engine.add_request(rid, ids, SamplingParams(**params, output_kind="delta"), lora=self.adapter)
+        try:
+            self.engine.add_request(rid, ids, SamplingParams(**params, output_kind="delta"), lora=self.adapter)
+        except BaseException:
+            lease.release()
+            raise
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
@@ -67,6 +89,22 @@ class LocalBackend:
                         yield out.outputs[0].text
         finally:
             self.engine.abort_request(rid)  # a no-op once finished; frees the blocks after Ctrl-C
+            lease.release()
+
+    @staticmethod
+    def _text(content: Any, prompt: ImagePrompt | None) -> str:
+        """A message's content as template text: image_url parts become the VLM's picture markers."""
+        if isinstance(content, str):
+            return content
+        out = []
+        for part in content:
+            if part.get("type") == "image_url":
+                if prompt is None:
+                    raise LmstackError(NO_IMAGES)
+                out.append(prompt.add(decode_image(decode_data_url(part["image_url"]["url"]))))
+            else:
+                out.append(part.get("text") or "")
+        return "".join(out)
 
 
 class RemoteBackend:
@@ -108,8 +146,10 @@ class RemoteBackend:
 
 
 def run_chat(backend: Any, params: dict, read: Callable[[str], str] = input,
-             write: Callable[[str], Any] | None = None, system: str | None = None) -> list[dict]:
-    """The read-reply loop; returns the conversation when the user leaves."""
+             write: Callable[[str], Any] | None = None, system: str | None = None,
+             image_url: str | None = None) -> list[dict]:
+    """The read-reply loop; returns the conversation when the user leaves. image_url (a data: URL) goes with the
+    conversation's first user turn (again after /reset)."""
     write = write or sys.stdout.write  # looked up per call, so a redirected stdout is the one written to
     history: list[dict] = []
     write(HELP + "\n")
@@ -135,7 +175,10 @@ def run_chat(backend: Any, params: dict, read: Callable[[str], str] = input,
         if text.startswith("/"):
             write(HELP + "\n")
             continue
-        history.append({"role": "user", "content": line})
+        content: Any = line
+        if image_url is not None and not history:
+            content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": line}]
+        history.append({"role": "user", "content": content})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         write("model> ")
         reply = []
@@ -159,7 +202,7 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
          temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
          seed: int | None = None,
          api_key: str | None = None, device: str = "auto", threads: int = 0,
-         max_model_gib: float | None = None, dtype: str = "auto") -> None:
+         max_model_gib: float | None = None, dtype: str = "auto", image: str | None = None) -> None:
     """Chat with a model in the terminal, streaming its replies.
 
     Args:
@@ -181,23 +224,28 @@ def chat(model: str | None = None, url: str | None = None, adapter: str | None =
             memory than this many GiB, estimated before allocating; default: 64 or this machine's RAM, the smaller.
         dtype: Weights' dtype with --model: auto (bf16 on CUDA, fp32 on CPU, whatever the checkpoint holds),
             float32, bfloat16 or float16.
+        image: A picture (PNG, JPEG, ...) attached to the first turn: --model must be a VLM directory, or --url a
+            server of one.
     """
     if (model is None) == (url is None):
         raise LmstackError("give exactly one of --model DIR (run here) or --url URL (talk to a server)")
     # Flags given win; then (in this process) the model's generation_config.json, then chat's own defaults.
     # A server applies its model's defaults itself, so only the flags given travel with --url.
     params = merge_sampling({}, {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed})
+    image_url = file_data_url(image) if image is not None else None  # a bad file fails before any model loads
     if model is not None:
         if not (Path(model) / "config.json").is_file():
             raise LmstackError(f"--model {model}: no config.json there; give a model directory")
 
         set_max_model_gib(max_model_gib)
         set_threads(threads)
+        if image_url is not None and not is_vlm_dir(model):  # before loading anything
+            raise LmstackError(f"--image: {model} is a text-only model; {NO_IMAGES}")
         backend: Any = LocalBackend(model, adapter, device=device, dtype=dtype)
         params = merge_sampling({**CHAT_DEFAULTS, **backend.generation_defaults}, params)
     else:
         backend = RemoteBackend(url, model=adapter, api_key=api_key or os.environ.get("LMSTACK_API_KEY"))
-    run_chat(backend, params, system=system)
+    run_chat(backend, params, system=system, image_url=image_url)
 
 
 COMMANDS = chat

@@ -54,7 +54,7 @@ def test_infonce_matches_formula_and_training_lowers_it(tok):
     manual = (-logits.log_softmax(1).diag().mean() - logits.log_softmax(0).diag().mean()) / 2
     torch.testing.assert_close(clip_loss(logits), manual)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    first = float(model(pixels, ids))
+    first = float(model(pixels, ids).detach())
     for _ in range(15):
         opt.zero_grad()
         model(pixels, ids).backward()
@@ -125,3 +125,29 @@ def test_save_load_round_trip_and_refusals(tok, tmp_path):
         CLIPConfig(embed_dim=0)
     with pytest.raises(ConfigError, match="eos_token_id=900"):
         TextConfig(eos_token_id=900)
+
+
+def test_train_clip_command_writes_a_loadable_run_and_names_missing_data(tmp_path, capsys):
+    from lmstack.cli import main
+    from lmstack.multimodal.clip_train import load_vlp
+    from lmstack.multimodal.vision_world import write_vision_world
+
+    write_vision_world(tmp_path / "vis", n_images=24, size=32, seed=0)
+    small = ["--model.vision.image_size", "32", "--model.vision.d_model", "32", "--model.vision.n_layers", "1",
+             "--model.text.d_model", "32", "--model.text.n_layers", "1", "--vocab_size", "300", "--steps", "2",
+             "--batch_size", "4", "--log_every", "1", "--no_progress", "--data", str(tmp_path / "vis")]
+    main(["mm", "train-clip", *small, "--out", str(tmp_path / "run"), "--objectives", "[itc, itm, lm]"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows[:2]] == [1, 2] and rows[-1]["split"] == "val" and "i2t@1" in rows[-1]
+    assert {"itc", "itm", "lm"} <= set(rows[0])
+    model, tok = load_clip(tmp_path / "run")
+    assert model.config.vision.image_size == 32 and model.config.text.vocab_size == tok.vocab_size
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    vlp, _ = load_vlp(tmp_path / "run")
+    assert vlp.itm_head.weight.shape == (2, 32)
+    torch.testing.assert_close(vlp.clip.logit_scale, model.logit_scale)
+    save_clip(model, tok, tmp_path / "clip_only")
+    with pytest.raises(LmstackError, match="vlp.json is missing"):
+        load_vlp(tmp_path / "clip_only")
+    assert main(["mm", "train-clip", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) != 0
+    assert "write one with `lmstack data synth-vision --out" in capsys.readouterr().err

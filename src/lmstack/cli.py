@@ -79,6 +79,7 @@ STAGES: dict[str, str] = {
     "redteam": "lmstack.safety.redteam_command",
     "moderate": "lmstack.safety.moderation_cli",
     "audit": "lmstack.safety.audit_command",
+    "mm": "lmstack.multimodal.commands",
 }
 
 

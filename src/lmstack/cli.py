@@ -83,8 +83,9 @@ STAGES: dict[str, str] = {
 }
 
 
-# Stages whose required arguments may also be given positionally (`lmstack report runs/x`).
-POSITIONAL_STAGES = {"report", "rag"}
+# Stages, or single actions, whose required arguments may also be given positionally (`lmstack report runs/x`,
+# `lmstack mm caption pic.png --model runs/vlm`).
+POSITIONAL_STAGES = {"report", "rag", "mm caption", "mm zero-shot"}
 
 
 class UsageError(LmstackError):
@@ -243,7 +244,8 @@ def _call(command: Any, args: list[str], prog: str) -> Any:
     args = _dashes_to_underscores(args)
     if isinstance(command, ConfigCommand):
         return command(args, prog, parser_class=parser_class())
-    positional = prog.split()[1] in POSITIONAL_STAGES if len(prog.split()) > 1 else False
+    words = prog.split()[1:]
+    positional = bool(words) and (words[0] in POSITIONAL_STAGES or " ".join(words) in POSITIONAL_STAGES)
     return CLI(command, args=args, prog=prog, as_positional=positional, parser_class=parser_class())
 
 

@@ -7,8 +7,10 @@ import torch.nn.functional as F
 
 from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
-from lmstack.multimodal.adversarial_train import AdvTrainConfig, adversarial_train, zero_shot_logits, zero_shot_loss
+from lmstack.multimodal.adversarial_train import AdvTrainConfig, adversarial_train, adversarial_train_clip, \
+    zero_shot_logits, zero_shot_loss
 from lmstack.multimodal.attacks import AttackConfig, pgd
+from lmstack.multimodal.clip import CLIP, CLIPConfig, TextConfig
 from lmstack.multimodal.vit import ViT, VisionConfig
 
 
@@ -94,6 +96,30 @@ def test_tecoa_zero_shot_loss_trains_the_image_tower_only():
     assert text_emb.grad is None
     assert loss_fn(x, y).mean().item() < before
     assert history["adv_loss"][-1] < history["adv_loss"][0]
+
+
+def test_tecoa_on_a_clip_moves_the_image_tower_only():
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(vision=VisionConfig(image_size=16, patch_size=8, d_model=32, n_layers=1, n_heads=2),
+                           text=TextConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=8),
+                           embed_dim=16))
+    ids = torch.tensor([[0, 5, 6, 1], [0, 7, 8, 1], [0, 9, 10, 1]])
+    with torch.no_grad():
+        class_emb = clip.encode_text(ids)
+    text_before = {n: p.detach().clone() for n, p in clip.named_parameters() if not n.startswith(("vision", "visual"))}
+    vision_before = clip.vision.patch_embed.weight.detach().clone()
+    x = torch.rand(24, 3, 16, 16) * 2 - 1
+    y = torch.arange(24) % 3
+    cfg = AdvTrainConfig(steps=20, batch_size=24, lr=3e-3, attack=AttackConfig(kind="pgd", eps=2, steps=2))
+    history = adversarial_train_clip(clip, x, y, class_emb, cfg)
+    assert history["adv_loss"][-1] < history["adv_loss"][0]
+    assert not torch.equal(clip.vision.patch_embed.weight, vision_before)
+    assert all(torch.equal(p, text_before[n]) for n, p in clip.named_parameters() if n in text_before)
+    assert "logit_scale" in text_before and "text_projection.weight" in text_before
+    with pytest.raises(LmstackError, match="index the 3 classes"):
+        adversarial_train_clip(clip, x, y + 1, class_emb, cfg)
+    with pytest.raises(LmstackError, match="CLIP"):
+        adversarial_train_clip(torch.nn.Linear(2, 2), x, y, class_emb, cfg)
 
 
 def test_bad_config_and_inputs():

@@ -7,7 +7,9 @@ min over weights of max over the eps ball of the loss.
 - TeCoA (Mao et al., 2023, "Understanding Zero-Shot Adversarial Robustness for Large-Scale Models"): a CLIP's
   image tower fine-tuned on adversarial pictures against the FIXED text embeddings of the class prompts, i.e.
   cross-entropy of the zero-shot logits scale * cos(image, prompt). zero_shot_loss builds that loss from any
-  `encode_image(pixels) -> (N, d)` and a (C, d) table of prompt embeddings (a CLIP's text tower, run once).
+  `encode_image(pixels) -> (N, d)` and a (C, d) table of prompt embeddings (a CLIP's text tower, run once);
+  adversarial_train_clip runs it on a multimodal/clip.py CLIP: its ViT and visual projection train, its text
+  tower and temperature stay as they were.
 
 The attack runs with the model in eval mode (no dropout noise in the gradient it follows), the update in the
 mode the model came in with. Every run is a pure function of its config (seeded batches and attack starts).
@@ -17,6 +19,8 @@ Usage:
     cfg = AdvTrainConfig(steps=200, batch_size=32, lr=1e-4, attack=AttackConfig(kind="pgd", eps=4, steps=3))
     loss_fn = zero_shot_loss(vit_and_proj, prompt_embeddings, scale=20.0)     # loss_fn(pixels, labels)
     history = adversarial_train(model, loss_fn, (pixels, labels), cfg)        # {"steps", "seconds", "loss", ...}
+    class_emb = label_embeddings(clip, tok, ["red", "blue"])                   # clip.py: prompts, ensembled
+    history = adversarial_train_clip(clip, pixels, labels, class_emb, cfg)    # TeCoA on the image tower
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from torch import nn
 
 from lmstack.errors import LmstackError
 from lmstack.multimodal.attacks import AttackConfig, attack
+from lmstack.multimodal.clip import CLIP
 from lmstack.progress import BudgetBar
 from lmstack.runtime.validation import check_int, check_number, need
 
@@ -159,4 +164,22 @@ def zero_shot_loss(encode_image: Callable[[torch.Tensor], torch.Tensor], text_em
     return loss_fn
 
 
-__all__ = ["AdvTrainConfig", "adversarial_train", "zero_shot_logits", "zero_shot_loss"]
+def adversarial_train_clip(clip: CLIP, pixels: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor,
+                           cfg: AdvTrainConfig) -> dict:
+    """TeCoA on a CLIP: its image tower (ViT + visual projection) trained on adversarial pictures against the
+    fixed class embeddings `class_emb` (C, embed_dim), e.g. clip.label_embeddings(clip, tok, labels), at the
+    CLIP's own temperature; labels (N,) index the classes. Returns adversarial_train's history."""
+    if not isinstance(clip, CLIP):
+        raise LmstackError(f"adversarial_train_clip takes a multimodal.clip.CLIP, got {type(clip).__name__}")
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != pixels.shape[0]:
+        raise LmstackError("labels must be a (N,) tensor with one class index per picture")
+    n_classes = class_emb.shape[0] if isinstance(class_emb, torch.Tensor) and class_emb.ndim == 2 else 0
+    if n_classes and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise LmstackError(f"labels must index the {n_classes} classes, got {int(labels.min())}..{int(labels.max())}")
+    params = list(clip.vision.parameters()) + list(clip.visual_projection.parameters())
+    scale = clip.scale().detach()
+    return adversarial_train(clip, zero_shot_loss(clip.encode_image, class_emb, scale), (pixels, labels), cfg,
+                             params=params)
+
+
+__all__ = ["AdvTrainConfig", "adversarial_train", "adversarial_train_clip", "zero_shot_logits", "zero_shot_loss"]

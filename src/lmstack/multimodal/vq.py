@@ -339,7 +339,8 @@ def train_vq(model: VQVAE, pixels: torch.Tensor, steps: int = 500, batch_size: i
         opt.step()
         sched.step()
         if (log_every and step % log_every == 0) or step == steps:
-            history.append({"step": step, "loss": float(loss.detach()), "mse": float(F.mse_loss(recon.detach(), batch))})
+            mse = float(F.mse_loss(recon.detach(), batch))
+            history.append({"step": step, "loss": float(loss.detach()), "mse": mse})
     model.eval()
     return history
 

@@ -162,6 +162,8 @@ GGUF_COMMANDS = [
     ["explain", "--model", "m.gguf", "--prompt", "hi"],
     ["redteam", "--model", "m.gguf"],
     ["audit", "--model", "m.gguf"],
+    ["mm", "caption", "pic.png", "--model", "m.gguf"],
+    ["mm", "zero-shot", "pic.png", "--model", "m.gguf", "--labels", "a,b"],
 ]
 
 
@@ -176,7 +178,7 @@ def test_a_gguf_model_is_one_clear_line_in_every_command_that_takes_a_model(argv
 
 
 def test_every_command_with_a_model_flag_is_covered_by_the_gguf_test():
-    covered = {tuple(a[:2]) if a[0] in ("model", "rag") else (a[0],) for a in GGUF_COMMANDS}
+    covered = {tuple(a[:2]) if a[0] in ("model", "rag", "mm") else (a[0],) for a in GGUF_COMMANDS}
     for route in ROUTES:
         names = {f.rsplit(".", 1)[-1].lstrip("-") for f in _flags(parser(*route))}
         takes_model = any(f"--{n}" in parser(*route)._option_string_actions and n in names

@@ -1,13 +1,22 @@
 """The multimodal command line: `lmstack chat --image FILE` (local engine and a server give the same greedy reply,
-the picture encoded once for the whole chat), and bad pictures or a text-only model exit 2 with a clear message."""
+the picture encoded once for the whole chat), `lmstack mm caption FILE --model VLM_DIR` and `lmstack mm zero-shot FILE
+--model CLIP_DIR --labels ...`; bad pictures, a missing model or a text-only model exit 2 with a clear message."""
 import pytest
+import torch
 from PIL import Image
 
 from lmstack.cli import main
 from lmstack.errors import LmstackError
 from lmstack.model.hf_io import save_model
+from lmstack.multimodal.clip import CLIP, CLIPConfig, TextConfig, save_clip, zero_shot as clip_zero_shot
+from lmstack.multimodal.images import to_pixels
+from lmstack.multimodal.report import caption_images
+from lmstack.multimodal.text import shapes_tokenizer
+from lmstack.multimodal.vit import VisionConfig
+from lmstack.multimodal.vlm import load_vlm
 from lmstack.serve.image_input import file_data_url
 from lmstack.serve.terminal_chat import LocalBackend, RemoteBackend, run_chat
+from lmstack.tokenizer import load_tokenizer
 
 from test_serve_images import Server, make_vlm, picture, tok, vlm_dir  # noqa: F401 (fixtures)
 
@@ -69,3 +78,42 @@ def test_chat_image_with_a_text_only_model_exits_2(image_file, tok, tmp_path, ca
     tok.save(tmp_path / "lm")
     assert main(["chat", "--model", str(tmp_path / "lm"), "--image", str(image_file)]) == 2
     assert "does not take images" in capsys.readouterr().err
+
+
+def test_mm_caption_prints_the_vlm_caption(vlm_dir, image_file, tmp_path, capsys):
+    vlm, tok = load_vlm(vlm_dir), load_tokenizer(vlm_dir)
+    want = caption_images(vlm, tok, [Image.open(image_file)], max_new_tokens=6)[0]
+    assert main(["mm", "caption", str(image_file), "--model", str(vlm_dir), "--max-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    Image.new("CMYK", (8, 8)).save(tmp_path / "cmyk.jpg")
+    for bad, says in ((tmp_path / "cmyk.jpg", "CMYK"), (tmp_path / "none.png", "no image file")):
+        assert main(["mm", "caption", str(bad), "--model", str(vlm_dir)]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["mm", "caption", str(image_file)]) == 2
+    assert "--model VLM_DIR is required" in capsys.readouterr().err
+    assert main(["mm", "caption", str(image_file), "--model", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_mm_zero_shot_prints_labels_with_probabilities(image_file, tmp_path, capsys):
+    tok = shapes_tokenizer(vocab_size=330, n_images=20)
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(vision=VisionConfig(image_size=16, patch_size=8, d_model=32, n_layers=1, n_heads=2),
+                           text=TextConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2,
+                                           max_seq_len=24), embed_dim=16)).eval()
+    save_clip(clip, tok, tmp_path / "clip")
+    assert main(["mm", "zero-shot", str(image_file), "--model", str(tmp_path / "clip"),
+                 "--labels", "red circle, blue square,cyan star"]) == 0
+    rows = [line.rsplit(None, 1) for line in capsys.readouterr().out.strip().splitlines()]
+    with torch.no_grad():
+        probs = clip_zero_shot(clip, tok, to_pixels([Image.open(image_file)], 16),
+                               ["red circle", "blue square", "cyan star"])[0].tolist()
+    want = sorted(zip(["red circle", "blue square", "cyan star"], probs), key=lambda kv: -kv[1])
+    assert [(n.strip(), float(p)) for n, p in rows] == [(n, round(p, 3)) for n, p in want]
+    assert abs(sum(probs) - 1) < 1e-5
+    assert main(["mm", "zero-shot", str(image_file), "--model", str(tmp_path / "clip"), "--labels", "one"]) == 2
+    assert "at least two" in capsys.readouterr().err
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert main(["mm", "zero-shot", str(tmp_path / "bad.png"), "--model", str(tmp_path / "clip"),
+                 "--labels", "a,b"]) == 2
+    assert "could not be read" in capsys.readouterr().err

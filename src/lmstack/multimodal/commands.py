@@ -5,10 +5,20 @@ Usage:
     lmstack mm train-clip --data data/vision --out runs/clip --steps 300
     lmstack mm train-clip --data data/vision --out runs/vlp --objectives '[itc, itm, lm]'
     lmstack mm train-clip --print_config                            # every flag, as a recipe YAML
+    lmstack mm caption pic.png --model runs/vlm                     # a greedy caption of one picture
+    lmstack mm zero-shot pic.png --model runs/clip --labels "red circle,blue square"   # labels by probability
 """
 from __future__ import annotations
 
+import torch
+
 from lmstack.config import ConfigCommand
+from lmstack.errors import LmstackError
+from lmstack.multimodal.clip import load_clip, zero_shot as clip_zero_shot
+from lmstack.multimodal.images import read_image_file, to_pixels
+from lmstack.multimodal.report import caption_images
+from lmstack.multimodal.vlm import load_vlm
+from lmstack.tokenizer import load_tokenizer
 from lmstack.multimodal.clip_train import CLIPTrainConfig, train_clip
 
 
@@ -26,4 +36,45 @@ def _train_clip(cfg: CLIPTrainConfig) -> dict:
     return summary
 
 
-COMMANDS = {"train-clip": ConfigCommand(CLIPTrainConfig, _train_clip)}
+def caption(image: str, model: str | None = None, max_tokens: int = 40) -> str:
+    """Caption a picture with a VLM (greedy, the prompt it was trained on: "<image> Caption:").
+
+    Args:
+        image: A picture file (PNG, JPEG, ...), checked like a server upload.
+        model: A VLM directory (written by save_vlm, e.g. after multimodal/vlm_train.train_vlm).
+        max_tokens: Most caption tokens.
+    """
+    if model is None:
+        raise LmstackError("--model VLM_DIR is required (a directory written by save_vlm)")
+    picture = read_image_file(image)  # a bad file fails before the model loads
+    vlm = load_vlm(model)
+    text = caption_images(vlm, load_tokenizer(model), [picture], max_new_tokens=max_tokens)[0]
+    print(text)
+    return text
+
+
+def zero_shot(image: str, model: str | None = None, labels: str = "") -> dict[str, float]:
+    """Zero-shot classification of a picture by CLIP: each label's probability, most likely first.
+
+    Args:
+        image: A picture file (PNG, JPEG, ...), checked like a server upload.
+        model: A CLIP directory (save_clip; `lmstack mm train-clip`).
+        labels: Comma-separated class names, e.g. "red circle,blue square" (prompted with CLIP's templates).
+    """
+    names = [x.strip() for x in labels.split(",") if x.strip()]
+    if len(names) < 2:
+        raise LmstackError(f"--labels needs at least two comma-separated labels, got {labels!r}")
+    if model is None:
+        raise LmstackError("--model CLIP_DIR is required (a directory written by save_clip)")
+    picture = read_image_file(image)
+    clip, tok = load_clip(model)
+    with torch.no_grad():
+        probs = clip_zero_shot(clip, tok, to_pixels([picture], clip.config.vision.image_size), names)[0]
+    ranked = dict(sorted(zip(names, probs.tolist()), key=lambda kv: -kv[1]))
+    width = max(len(n) for n in names)
+    for name, p in ranked.items():
+        print(f"{name:{width}s}  {p:.3f}")
+    return ranked
+
+
+COMMANDS = {"train-clip": ConfigCommand(CLIPTrainConfig, _train_clip), "caption": caption, "zero-shot": zero_shot}

@@ -98,3 +98,16 @@ def test_config_refusals():
         VLMTrainConfig(task="dance")
     with pytest.raises(LmstackError, match="steps"):
         VLMTrainConfig(steps=0)
+
+
+def test_vision_lr_mult_speeds_up_the_new_parts_only(tok, records):
+    vlm = make(tok)
+    lm0 = [p.clone() for p in vlm.lm.parameters()]
+    vis0 = [p.clone() for p in vlm.vision.parameters()]
+    train_vlm(VLMTrainConfig(task="vqa", steps=3, batch_size=4, lr=1e-6, warmup=1, vision_lr_mult=1e4), records,
+              vlm, tok)
+    lm_move = max((a - b).abs().max().item() for a, b in zip(lm0, vlm.lm.parameters()))
+    vis_move = max((a - b).abs().max().item() for a, b in zip(vis0, vlm.vision.parameters()))
+    assert lm_move < 1e-5 < 1e-3 < vis_move
+    with pytest.raises(LmstackError, match="vision_lr_mult"):
+        VLMTrainConfig(vision_lr_mult=0)

@@ -67,6 +67,9 @@ class VLMTrainConfig:
     """Seed of the batch order."""
     use_images: bool = True
     """False: the text-only model (no <image>, no picture), the baseline and the LM's pretraining stage."""
+    vision_lr_mult: float = 1.0
+    """LR multiplier of everything outside the LM (ViT and fusion), which starts from scratch while the LM is
+    pretrained (LLaVA trains its projector at a far higher LR than its LM)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -74,6 +77,7 @@ class VLMTrainConfig:
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.max_seconds >= 0, f"max_seconds must be >= 0, got {self.max_seconds}")
+        need(self.vision_lr_mult > 0, f"vision_lr_mult must be > 0, got {self.vision_lr_mult}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "VLMTrainConfig":
@@ -183,7 +187,11 @@ def train_vlm(cfg: VLMTrainConfig, records: list[dict], vlm: VLM, tokenizer, pix
         params = [p for p in vlm.lm.parameters() if p.requires_grad]
     if not params:
         raise LmstackError("nothing to train: every parameter is frozen")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    lm_ids = {id(p) for p in vlm.lm.parameters()}
+    groups = [{"params": [p for p in params if id(p) in lm_ids], "mult": 1.0},
+              {"params": [p for p in params if id(p) not in lm_ids], "mult": cfg.vision_lr_mult}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.95))
 
     def lr_at(step: int, elapsed: float) -> float:
         if step < cfg.warmup:
@@ -218,7 +226,7 @@ def train_vlm(cfg: VLMTrainConfig, records: list[dict], vlm: VLM, tokenizer, pix
             images.append(rec)
         ids, labels = _batch(rows, pad)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, time.perf_counter() - start)
+            group["lr"] = lr_at(step, time.perf_counter() - start) * group["mult"]
         out = vlm(ids, pixels=pixels[images] if cfg.use_images else None, labels=labels)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

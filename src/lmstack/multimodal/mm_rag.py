@@ -23,7 +23,8 @@ Answering the world_link questions (answer_link_question):
   without, the reader sees the shown picture and the question, and nothing else.
 
 A reader is anything with read(prompt, pixels) -> text (pixels (1, 3, S, S) in [-1, 1], or None for no
-picture); answers are parsed with cot.parse_answer ("Answer: X").
+picture), such as VLMReader over multimodal.vlm.VLM; answers are parsed with cot.parse_answer ("Answer: X").
+Retrieval is filtered by the question's kind of picture (a badge question never retrieves a flag).
 
 Usage:
     from lmstack.multimodal.mm_rag import ClipEmbedder, ImageIndex, answer_link_question
@@ -31,7 +32,8 @@ Usage:
     index.add_images(["flag-Amberhaven"], pixels, ["The flag of Amberhaven: a large red star ..."])
     add_link_records(index, build_world_link(world))                      # every flag and badge
     hits = index.search("flag of Amberhaven", k=1, mode="bm25")          # ImageHit(doc_id, score, text, pixels)
-    hits = index.search_image(photo_pixels, k=1)
+    hits = index.search_image(photo_pixels, k=1, where={"picture": "flag"})
+    reader = VLMReader(vlm, tok)                                          # read(prompt, pixels) -> text
     out = answer_link_question(item, index, reader, world, retrieval=True)  # {"answer", "correct", "hit"}
 """
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Reader(Protocol):
 class VLMReader:
     """A Reader over multimodal.vlm.VLM: the prompt tokenized (BOS first), `<image>` expanded, greedy decoding to EOS."""
 
-    def __init__(self, vlm, tok, max_new_tokens: int = 24):
+    def __init__(self, vlm, tok, max_new_tokens: int = 32):
         self.vlm, self.tok, self.max_new_tokens = vlm, tok, max_new_tokens
 
     def read(self, prompt: str, pixels: torch.Tensor | None) -> str:

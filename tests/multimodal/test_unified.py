@@ -107,5 +107,11 @@ def test_colour_fractions_measure_each_named_colour():
     assert 0.01 < float(frac[names.index("cyan")]) < 0.05
     others = [float(frac[i]) for i, n in enumerate(names) if n not in ("red", "cyan")]
     assert others == [0.0] * 6  # the noisy gray background is none of the colours
+    # a decoder's blur: a dulled red still counts as red, a grey-ish pixel as no colour
+    dull = torch.tensor([[200, 60, 50], [140, 125, 120]], dtype=torch.float32) / 127.5 - 1  # (2 pixels, RGB)
+    frac = colour_fractions(dull.T.reshape(1, 3, 1, 2))[0]
+    assert frac[names.index("red")] == 0.5 and float(frac.sum()) == 0.5
+    far = torch.tensor([0.0, 0.0, 1.0]).reshape(1, 3, 1, 1)  # (128, 128, 255): nearest entry purple, 109 away
+    assert float(colour_fractions(far).sum()) == 0.0 and float(colour_fractions(far, tolerance=120).sum()) == 1.0
     with pytest.raises(LmstackError, match=r"shape \(N, 3, S, S\)"):
         colour_fractions(torch.zeros(3, 32, 32))

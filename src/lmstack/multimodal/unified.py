@@ -10,8 +10,8 @@ Decoding is constrained to the answer's kind: an image is exactly grid*grid code
 caption only text ids. Turning ids back into codes refuses, naming it, any id that is not an image code.
 
 Judges for the benchmark, tested here: `caption_pairs` reads the (colour, shape) pairs a caption names, and
-`colour_fractions` measures how much of a picture is each named colour of the shapes world (the colour check
-of a generated image).
+`colour_fractions` measures how much of a picture is each named colour of the shapes world, by nearest
+palette entry (the colour check of a generated image, tolerant of a decoder's blur).
 
 Usage:
     from lmstack.multimodal.unified import UnifiedVocab, unified_model, train_unified, generate_image_codes
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig, Transformer
-from lmstack.multimodal.shapes import COLOURS, SHAPES
+from lmstack.multimodal.shapes import BACKGROUNDS, COLOURS, SHAPES
 
 IGNORE = -100
 
@@ -236,16 +236,21 @@ def caption_pairs(text: str) -> set[tuple[str, str]]:
     return {(m.group(1), m.group(2)) for m in _PAIR.finditer(text.lower())}
 
 
-def colour_fractions(pixels: torch.Tensor, tolerance: float = 40.0) -> torch.Tensor:
-    """(N, 3, S, S) in [-1, 1] -> (N, len(COLOURS)): the fraction of each picture's pixels within `tolerance`
-    (Euclidean, in 0..255 RGB) of each named colour, in COLOURS order. The world's closest colours (yellow,
-    orange) are 81 apart, so one pixel counts for at most one colour at the default tolerance."""
+def colour_fractions(pixels: torch.Tensor, tolerance: float = 100.0) -> torch.Tensor:
+    """(N, 3, S, S) in [-1, 1] -> (N, len(COLOURS)): the fraction of each picture's pixels that count as each named
+    colour, in COLOURS order. A pixel counts as colour c when c is its nearest entry of the world's palette (the
+    8 object colours and the 3 backgrounds; Euclidean in 0..255 RGB) and lies within `tolerance` of it: so a
+    rendered picture's pixels count exactly, a decoded picture's blurred ones count for the colour they are
+    closest to, and a background or texture pixel counts for none."""
     if pixels.dim() != 4 or pixels.shape[1] != 3:
         raise LmstackError(f"pixels must have shape (N, 3, S, S), got {tuple(pixels.shape)}")
     rgb = (pixels.clamp(-1, 1) + 1) * 127.5  # (N, 3, S, S)
-    ref = torch.tensor(list(COLOURS.values()), dtype=rgb.dtype)  # (C, 3)
-    dist = (rgb[:, None] - ref[None, :, :, None, None]).pow(2).sum(2).sqrt()  # (N, C, S, S)
-    return (dist < tolerance).float().mean((2, 3))
+    palette = torch.tensor(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=rgb.dtype)  # (C+B, 3)
+    dist = (rgb[:, None] - palette[None, :, :, None, None]).pow(2).sum(2).sqrt()  # (N, C+B, S, S)
+    best, which = dist.min(1)
+    n = len(COLOURS)
+    hits = F.one_hot(which, len(palette))[..., :n] * (best < tolerance)[..., None]  # (N, S, S, C)
+    return hits.float().mean((1, 2))
 
 
 __all__ = ["UnifiedVocab", "unified_model", "text_to_image_row", "image_to_text_row", "collate", "unified_loss",

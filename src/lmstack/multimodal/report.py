@@ -9,19 +9,17 @@ vision-language section for a run directory that holds a VLM.
   reference captions) when the run directory, or a folder right under it, is a VLM directory (save_vlm); [] when
   there is none. The sample pictures come from a fixed shapes world (its held-out-composition and test splits
   first), so two runs are compared on the same pictures.
-- `write_vlm_section(run_dir)`: the same lines as RUN/vlm_samples.md, listed in RUN/summary.json's "sections", the
-  report card's hook for extra fragments (lmstack.eval.report appends them).
+  `lmstack report` (lmstack.eval.report.build_report) calls it for every run.
 
 Usage:
     caps = caption_images(vlm, tok, [img1, img2])
     caption_grid([img1, img2], caps, "runs/x/plots/vlm_captions.png")
     lines = section_vlm("runs/x")            # [] without a VLM
-    write_vlm_section("runs/x"); build_report("runs/x")
+    build_report("runs/x")                   # report.md gains the section when runs/x holds a VLM
 """
 from __future__ import annotations
 
 import io
-import json
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +27,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from lmstack.config import atomic_write_bytes, atomic_write_text
+from lmstack.config import atomic_write_bytes
 from lmstack.errors import LmstackError
 from lmstack.multimodal.engine_adapter import is_vlm_dir
 from lmstack.multimodal.images import to_pixels
@@ -138,28 +136,3 @@ def section_vlm(run_dir: str | Path, n_images: int = 8) -> list[str]:
         cells = [str(r["id"]), r["split"], cap or "(empty)", r["captions"][0]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines + [""]
-
-
-def write_vlm_section(run_dir: str | Path, n_images: int = 8) -> Path | None:
-    """RUN/vlm_samples.md from section_vlm, added to RUN/summary.json's "sections" (the report card appends the
-    fragments listed there); None, writing nothing, when the run holds no VLM."""
-    run = Path(run_dir)
-    lines = section_vlm(run, n_images)
-    if not lines:
-        return None
-    out = run / "vlm_samples.md"
-    atomic_write_text(out, "\n".join(lines))
-    summary_file = run / "summary.json"
-    summary = {}
-    if summary_file.is_file():
-        try:
-            summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LmstackError(f"{summary_file} is not valid JSON ({e}); fix or remove it") from None
-        if not isinstance(summary, dict):
-            raise LmstackError(f"{summary_file} must hold a JSON object")
-    sections = list(summary.get("sections") or [])
-    if out.name not in sections:
-        summary["sections"] = sections + [out.name]
-        atomic_write_text(summary_file, json.dumps(summary, indent=2) + "\n")
-    return out

@@ -42,6 +42,7 @@ from lmstack.eval.report.run_sections import (section_config, section_data, sect
                                               section_tokenizer)
 from lmstack.eval.report.stage_regressions import section_regressions
 from lmstack.eval.report.training import section_training
+from lmstack.multimodal.report import section_vlm
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -62,6 +63,7 @@ def build_report(run_dir: str | Path) -> Path:
     lines += ["## Speed", ""] + section_speed(run, evals)
     note = f" ({summary['samples_note']})" if summary and summary.get("samples_note") else ""
     lines += [f"## Samples{note}", ""] + section_samples(run, summary)
+    lines += section_vlm(run)  # [] unless the run holds a VLM: then its captions on sample pictures, as a PNG grid
     for extra in (summary or {}).get("sections") or []:
         path = run / str(extra)
         if path.is_file() and path.suffix == ".md":

@@ -36,8 +36,8 @@ Measured (2026-12-07, one thread on a shared 2-core machine, 397 s; test split, 
   (ceiling 60.3%: the decoder blurs colours; renders 100%). Greedy decoding collapses to plain backgrounds
   (1.7% pair, 2.1% colour): sampling is what draws the objects.
 - image -> text: the caption's (colour, shape) set equals the scene's in 9.5% +- 2.1% (n 199) against 1.0% for
-  the most frequent training set. The unified decoder reached loss 0.92 in 700 steps (171 s); more steps, not
-  a bigger model, is what this 8-minute budget lacks.
+  the most frequent training set. The unified decoder's loss was still falling when the budget ended (1.05 at
+  step 600, 0.92 at 700; 171 s).
 
 Run: flock /tmp/lmstack-bench-A.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vision_tokens.py
      .venv/bin/python benchmarks/vision_tokens.py --smoke      (seconds; writes nothing under results/)

@@ -1,11 +1,12 @@
 """Vision reasoning (issue 24 XII.5, XII.10, XII.15): multimodal chain-of-thought, multimodal RAG, multimodal memory.
 
-One tokenizer (multimodal/text.py), two VLMs (multimodal/vlm.py, LLaVA projector fusion) from the same seed, trained
-for the same steps on the same batches, which differ in one thing: the target of the multi-step questions,
+One tokenizer (multimodal/text.py) and one CLIP (multimodal/clip.py), trained first on captions of the train split's
+scenes and of other worlds' flags and badges (and moved, noisy photos of them). Two VLMs (multimodal/vlm.py, LLaVA:
+the CLIP's ViT frozen, a projector, a 3-layer LM) from the same seed, trained for the same steps on the same
+batches, which differ in one thing: the target of the multi-step questions,
 "Answer: X" (direct) or the rationale then "Answer: X" (cot.py). The rest of each batch is shared: VQA on the shapes
-world's train split, and reading flags and badges of other worlds (World seeds 1..4; the tested world is seed 0,
-so no tested flag is ever trained on). One CLIP (multimodal/clip.py) is trained on captions of shapes scenes and
-flags for the retrieval.
+world's train split, and reading flags and badges of other worlds (World seeds 1..12; the tested world is seed 0,
+so no tested flag is ever trained on). The same CLIP embeds the pictures of the retrieval index.
 
 Rows:
   cot        accuracy on the test split's multi-step questions, direct vs rationale (n, stderr), the rationale's
@@ -116,19 +117,23 @@ def encode(vlm, tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
     return p + t, [IGNORE] * len(p) + t
 
 
-def new_vlm(args, tok) -> VLM:
+def new_vlm(args, tok, clip: CLIP) -> VLM:
+    """LLaVA's recipe: the vision tower is the trained CLIP's ViT, frozen; the projector and the LM learn."""
     torch.manual_seed(0)
-    return VLM(VLMConfig(
-        vision=VisionConfig(image_size=args.size, patch_size=args.patch, d_model=args.d, n_layers=2, n_heads=4),
+    vlm = VLM(VLMConfig(
+        vision=clip.config.vision,
         lm=ModelConfig(vocab_size=tok.vocab_size, d_model=args.d, n_layers=args.lm_layers, n_heads=4,
                        max_seq_len=160, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id),
-        image_token_id=tok.token_to_id(IMAGE_TOKEN)))
+        image_token_id=tok.token_to_id(IMAGE_TOKEN), freeze_vision=True))
+    vlm.vision.load_state_dict(clip.vision.state_dict())
+    return vlm
 
 
-def train_vlm(args, tok, pixels, pools: list[tuple[float, list]]) -> tuple[VLM, dict]:
+def train_vlm(args, tok, pixels, pools: list[tuple[float, list]], clip: CLIP) -> tuple[VLM, dict]:
     """AdamW, warmup + cosine; each row's pool drawn by weight from a seeded stream (the same for both models)."""
-    vlm = new_vlm(args, tok)
-    opt = torch.optim.AdamW(vlm.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    vlm = new_vlm(args, tok, clip)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     rng = random.Random(0)
     weights = [w for w, _ in pools]
     start, losses, tokens = time.perf_counter(), [], 0
@@ -149,11 +154,11 @@ def train_vlm(args, tok, pixels, pools: list[tuple[float, list]]) -> tuple[VLM, 
         out = vlm(ids, pixels=pixels[[i for i, _, _ in rows]], labels=labels)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(out.loss.item())
     vlm.eval()
-    return vlm, {"steps": args.steps, "batch": args.batch, "seconds": round(time.perf_counter() - start, 1),
+    return vlm, {"steps": args.steps, "batch": args.batch, "trainable_params": sum(p.numel() for p in params), "seconds": round(time.perf_counter() - start, 1),
                  "target_tokens": tokens, "loss_first": losses[0], "loss_last": sum(losses[-20:]) / 20}
 
 
@@ -253,7 +258,7 @@ def run_memory(args, vlm, tok, clip, test) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run: few images and steps")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--clip-steps", type=int, default=600)
     args = ap.parse_args()
     args.size, args.patch, args.d, args.lm_layers, args.batch, args.lr = 32, 8, 64, 3, 16, 2e-3
@@ -270,13 +275,13 @@ def main() -> None:
     print(f"data: {len(train)} train / {len(test)} test images, {len(shared)} vqa, {len(reading)} reading, "
           f"{len(multistep['direct'])} multi-step; {timings['data_s']} s", flush=True)
 
+    clip, clip_stats = train_clip(args, tok, pixels, clip_texts)
+    print(f"clip: {clip_stats}", flush=True)
     models, train_stats = {}, {}
     for mode in ("direct", "rationale"):
         pools = [(0.5, multistep[mode]), (0.3, shared), (0.2, reading)]
-        models[mode], train_stats[mode] = train_vlm(args, tok, pixels, pools)
+        models[mode], train_stats[mode] = train_vlm(args, tok, pixels, pools, clip)
         print(f"vlm {mode}: {train_stats[mode]}", flush=True)
-    clip, clip_stats = train_clip(args, tok, pixels, clip_texts)
-    print(f"clip: {clip_stats}", flush=True)
 
     t = time.perf_counter()
     cot = {}
@@ -298,7 +303,7 @@ def main() -> None:
     timings["memory_eval_s"] = round(time.perf_counter() - t, 1)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
 
-    config = {"image_size": args.size, "patch": args.patch, "d_model": args.d, "lm_layers": args.lm_layers,
+    config = {"vision": "the trained CLIP's ViT, frozen (LLaVA)", "image_size": args.size, "patch": args.patch, "d_model": args.d, "lm_layers": args.lm_layers,
               "fusion": "projector", "n_images": args.n_images, "train_images": len(train), "test_images": len(test),
               "vlm_train": train_stats, "clip_train": clip_stats, "threads": 1, "timings": timings,
               "quick": args.quick, "mixture": {"multistep": 0.5, "vqa": 0.3, "flag_reading": 0.2},

@@ -172,14 +172,13 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Ten
 # ---- training
 def train_vlm(cfg: VLMTrainConfig, records: list[dict], vlm: VLM, tokenizer, pixels: torch.Tensor | None = None,
               progress: bool = False) -> dict:
-    """Train `vlm` in place on the records' captions and/or VQA (cfg.task); pixels: render_pixels(records) if given.
+    """Train `vlm` in place on the records' captions and/or VQA (cfg.task). pixels: render_pixels(records), a cache
+    for a small set; None renders each batch's pictures when it is drawn (a large world needs no pixel tensor).
 
     Returns {"steps", "seconds", "examples", "loss_first", "loss_last" (mean of the last 10), "trainable_params"}."""
     if not records:
         raise LmstackError("train_vlm needs at least one record")
     data = examples(records, cfg.task)
-    if cfg.use_images and pixels is None:
-        pixels = render_pixels(records, vlm.config.vision.image_size)
     if pixels is not None and pixels.shape[0] != len(records):
         raise LmstackError(f"{pixels.shape[0]} pictures for {len(records)} records")
     params = [p for p in vlm.parameters() if p.requires_grad]
@@ -227,7 +226,11 @@ def train_vlm(cfg: VLMTrainConfig, records: list[dict], vlm: VLM, tokenizer, pix
         ids, labels = _batch(rows, pad)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, time.perf_counter() - start) * group["mult"]
-        out = vlm(ids, pixels=pixels[images] if cfg.use_images else None, labels=labels)
+        batch_pixels = None
+        if cfg.use_images:  # without a cache, each batch's pictures are rendered (or read) on demand: no big tensor
+            batch_pixels = pixels[images] if pixels is not None else \
+                render_pixels([records[i] for i in images], vlm.config.vision.image_size)
+        out = vlm(ids, pixels=batch_pixels, labels=labels)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.grad_clip:

@@ -122,7 +122,9 @@ def test_generate_stops_at_eos_and_checks_lengths(tok, pixels):
     vlm = make(tok, "projector")
     ids = prompt(vlm, tok)
     first = vlm.generate(ids, pixels[:1], max_new_tokens=3, eos_token_id=-1)[0]
-    assert vlm.generate(ids, pixels[:1], max_new_tokens=3, eos_token_id=first[1]) == [first[:1]]
+    assert vlm.generate(ids, pixels[:1], max_new_tokens=3, eos_token_id=first[0]) == [[]]
+    if first[1] != first[0]:
+        assert vlm.generate(ids, pixels[:1], max_new_tokens=3, eos_token_id=first[1]) == [first[:1]]
     with pytest.raises(LmstackError, match="max_seq_len"):
         vlm.generate(ids, pixels[:1], max_new_tokens=200)
 

@@ -1,15 +1,65 @@
-"""Multimodal lmstack, vision first (issue 24). So far: the shapes world, a deterministic picture world with
-paired text (captions, VQA, referring expressions, multi-step questions with reasoning chains) and held-out
-colour/shape compositions for zero-shot tests.
+"""Multimodal lmstack, vision first (issue 24): a generated picture world, ViT and CLIP, VLP objectives, a VLM with
+three fusions, unified image tokens, the Perceiver, multimodal CoT / RAG / memory, attacks, and serving.
+
+One home per idea:
+- the shapes world: shapes.py (scenes, rendering), vision_world.py (captions, VQA, referring expressions,
+  multi-step questions with chains; held-out compositions), world_link.py (city flags and person badges that join
+  the text world), text.py (the world's BPE tokenizer with `<image>`), images.py (untrusted image input);
+- encoders: vit.py (ViT on the one Transformer), clip.py + clip_train.py + vlp.py (CLIP, BLIP-style ITC/ITM/LM),
+  perceiver.py (latents cross-attending to patches or raw pixels);
+- the VLM: vlm.py (projector | Flamingo gated cross-attention | Q-Former: fusion.py, qformer.py), vlm_train.py;
+- unified tokens: vq.py (VQ-VAE, lookup-free quantizer), unified.py (one decoder reads and writes image codes);
+- uses: cot.py, mm_rag.py, mm_memory.py, attacks.py, adversarial_train.py, engine_adapter.py (the server's VLM),
+  report.py (caption grids), hf_clip.py / hf_llava.py (transformers interop).
+
+Names are loaded on first use, so `lmstack data synth-vision` does not pay for torch models it never builds.
 
 Usage:
-    from lmstack.multimodal import Scene, Obj, render, build_vision_world, synth_vision
+    from lmstack.multimodal import build_vision_world, shapes_tokenizer, CLIP, VLM, VLMConfig, load_vlm
     records = build_vision_world(n_images=20, size=64, seed=0)
     image = render(Scene.from_dict(records[0]["scene"]))        # PIL.Image
     synth_vision("data/vision", n_images=200, size=64, seed=0)  # lmstack data synth-vision --out data/vision
+    vlm = load_vlm("runs/vlm"); tok = lmstack.load_tokenizer("runs/vlm")
 """
-from lmstack.multimodal.shapes import COLOURS, SHAPES, Obj, Scene, occlusion, render
-from lmstack.multimodal.vision_world import HELDOUT_PAIRS, SPLITS, build_vision_world, synth_vision, write_vision_world
+from __future__ import annotations
 
-__all__ = ["Scene", "Obj", "render", "occlusion", "COLOURS", "SHAPES", "build_vision_world", "write_vision_world",
-           "synth_vision", "HELDOUT_PAIRS", "SPLITS"]
+import importlib
+
+_EXPORTS = {
+    "shapes": ("COLOURS", "SHAPES", "Obj", "Scene", "occlusion", "render"),
+    "vision_world": ("HELDOUT_PAIRS", "SPLITS", "build_vision_world", "synth_vision", "write_vision_world"),
+    "world_link": ("build_world_link", "link_questions"),
+    "text": ("IMAGE_TOKEN", "shapes_tokenizer", "shapes_texts"),
+    "images": ("decode_image", "decode_data_url", "read_image_file", "to_pixels", "from_pixels", "image_hash"),
+    "vit": ("ViT", "VisionConfig"),
+    "clip": ("CLIP", "CLIPConfig", "TextConfig", "zero_shot", "retrieval_recall", "save_clip", "load_clip"),
+    "clip_train": ("CLIPTrainConfig", "train_clip"),
+    "vlp": ("VLP", "VLPConfig", "vlp_loss"),
+    "vlm": ("VLM", "VLMConfig", "save_vlm", "load_vlm"),
+    "vlm_train": ("VLMTrainConfig", "train_vlm"),
+    "vq": ("VQConfig", "VQVAE", "load_vq", "codebook_stats"),
+    "unified": ("UnifiedVocab", "unified_model", "train_unified", "generate_image_codes", "generate_captions"),
+    "perceiver": ("Perceiver", "PerceiverConfig", "perceiver_flops"),
+    "cot": ("cot_examples", "score_chain"),
+    "mm_rag": ("ImageIndex", "ClipEmbedder", "VLMReader"),
+    "mm_memory": ("ConversationMemory", "build_dialogues"),
+    "attacks": ("fgsm", "pgd", "typographic", "AttackConfig"),
+    "adversarial_train": ("AdvTrainConfig", "adversarial_train", "adversarial_train_clip"),
+    "engine_adapter": ("VLMEngineModel", "ImagePrompt", "engine_model", "load_engine_vlm"),
+    "report": ("caption_images", "caption_grid", "section_vlm"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmstack.multimodal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lmstack.multimodal.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -35,6 +35,8 @@ _EXPORTS = {
     "clip": ("CLIP", "CLIPConfig", "TextConfig", "zero_shot", "retrieval_recall", "save_clip", "load_clip"),
     "clip_train": ("CLIPTrainConfig", "train_clip"),
     "vlp": ("VLP", "VLPConfig", "vlp_loss"),
+    "hf_clip": ("clip_from_hf", "clip_to_hf"),
+    "hf_llava": ("vlm_from_hf", "vlm_to_hf"),
     "vlm": ("VLM", "VLMConfig", "save_vlm", "load_vlm"),
     "vlm_train": ("VLMTrainConfig", "train_vlm"),
     "vq": ("VQConfig", "VQVAE", "load_vq", "codebook_stats"),

@@ -18,6 +18,9 @@ runs that chose the caption and prompts below used other seeds.
   strongest iterate kept. Typographic: the word (a wrong colour, or a neutral word of no colour or shape) in white
   with a black outline, 9 px, in the half of the picture the object is not in, so both words cover the same kind of
   background and never the object.
+- A reading CLIP: the same CLIP trained (750 steps) on the same pictures, half of them with a random colour word
+  written on and named in the caption ("a picture of a small red circle and the word pink."), the way web
+  captions transcribe text in photos; added after the first runs showed the standard models ignore the words.
 - TeCoA (adversarial_train.adversarial_train_clip): the CLIP's ViT + visual projection fine-tuned on PGD pictures
   (eps 4/255, 3 steps) against the fixed colour prompts. Madry (adversarial_train.adversarial_train): the whole VLM
   fine-tuned on PGD pictures (eps 4/255, 3 steps) for the answer token. Then every row is measured again.
@@ -32,7 +35,7 @@ accuracy under PGD at the training eps (4/255), and at least 0.9x its clean accu
 fine-tune's extra supervised steps alone add robustness, so the eps-0 control was added and the goals moved to it
 unchanged.
 
-Measured (2026-12-07, one seed, 393 s on one core; CLIP n=512, VQA n=256, acc +- stderr):
+Measured (2026-12-07, one seed, 679 s on one shared core; CLIP n=512, VQA n=256, acc +- stderr):
 - standard CLIP (ITC 500 steps, 42 s), zero-shot colour clean 0.940 +- 0.011. FGSM eps 1/2/4/8: 0.852, 0.779,
   0.652, 0.369; PGD: 0.834, 0.711, 0.506, 0.256 (PGD stronger than FGSM at every eps; 44-way composition 0.332).
 - TeCoA (200 steps, 62 s) vs the clean fine-tune (same 200 steps, 13 s): clean 1.000 vs 1.000 (no clean cost);
@@ -47,8 +50,12 @@ Measured (2026-12-07, one seed, 393 s on one core; CLIP n=512, VQA n=256, acc +-
   the attack exploits. But Madry training made the VLM fragile to ANY overlaid word: 0.715 (wrong) and 0.754
   (neutral) against 0.984 and 1.000 for the clean fine-tune: robustness in the eps ball cost robustness to this
   unseen shift.
+- the reading CLIP (750 steps, 84 s) does fall for it: clean 0.947, wrong word 0.602 +- 0.022 against neutral
+  word 0.895 +- 0.014 (ratio 0.67); it answers the written colour 7.4% of the time (its 40% errors spread over 7
+  colours would give 5.7%): the word mostly scrambles its colour reading rather than replacing it. Reading also
+  cost it robustness: PGD 8/255 0.125 against the standard CLIP's 0.256.
 
-Run: flock /tmp/lmstack-bench-B.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vision_adversarial.py  (~7 min)
+Run: flock /tmp/lmstack-bench-B.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vision_adversarial.py  (7-11 min)
      .venv/bin/python benchmarks/vision_adversarial.py --smoke     (seconds; writes nothing under results/)
 """
 from __future__ import annotations
@@ -192,6 +199,23 @@ class VlmColour:
         return torch.tensor([index.get(t, -1) for t in tokens.tolist()])  # -1: a first token that is no colour
 
 
+def with_written_words(records: list[dict], pixels: torch.Tensor, scs: list[Scene], frac: float, seed: int):
+    """The reading CLIP's data: a share `frac` of the pictures get a random colour word written in the object-free
+    half, and their caption names it ("a picture of a small red circle and the word pink."), as web captions
+    often transcribe the text in a photo. Returns new (records, pixels)."""
+    rng = random.Random(seed)
+    words = [rng.choice(COLS) if rng.random() < frac else None for _ in scs]
+    idx = [i for i, w in enumerate(words) if w]
+    where = ["bottom" if s.objects[0].cy < s.size / 2 else "top" for s in scs]
+    pixels = pixels.clone()
+    if idx:
+        pixels[idx] = write_words(pixels[idx], [words[i] for i in idx], [where[i] for i in idx])
+    records = [dict(r) for r in records]
+    for i in idx:
+        records[i]["captions"] = [records[i]["captions"][0][:-1] + f" and the word {words[i]}."]
+    return records, pixels
+
+
 def answer_loss(vlm: VLM):
     """loss_fn(pixels, prompt ids, answer token) for adversarial_train: cross-entropy of the first answer token."""
     return lambda x, ids, tgt: F.cross_entropy(vlm(ids, pixels=x)[:, -1], tgt, reduction="none")
@@ -286,12 +310,13 @@ def main() -> None:
     ap.add_argument("--clip_steps", type=int, default=500)
     ap.add_argument("--vlm_steps", type=int, default=200)
     ap.add_argument("--tecoa_steps", type=int, default=200)
+    ap.add_argument("--reader_steps", type=int, default=750)
     ap.add_argument("--vlm_adv_steps", type=int, default=60)
     ap.add_argument("--pgd_steps", type=int, default=10)
     args = ap.parse_args()
     if args.smoke:
         args.n_train, args.n_test, args.n_vqa, args.clip_steps, args.vlm_steps, args.tecoa_steps = 64, 16, 8, 3, 3, 2
-        args.vlm_adv_steps = 2
+        args.vlm_adv_steps, args.reader_steps = 2, 3
         args.pgd_steps = 2
     size, t_start = 32, time.perf_counter()
     torch.manual_seed(0)
@@ -322,6 +347,18 @@ def main() -> None:
     print("clip standard:", tab_std, f"{time.perf_counter() - t:.0f}s")
     figure(standard, test_px, y, typo,
            RESULTS / f"{NAME}.png" if not args.smoke else "/tmp/vision_adversarial_smoke.png")
+
+    # a CLIP that learned to read: half its training pictures carry a colour word that their caption names
+    torch.manual_seed(0)
+    reader = CLIP(CLIPConfig(vision=vision, text=text, embed_dim=64))
+    read_records, read_px = with_written_words(records_of(train_sc), train_px, train_sc, 0.5, seed=4)
+    t = time.perf_counter()
+    rows = fit(reader, tok, read_records, read_px, dataclasses.replace(clip_cfg, steps=args.reader_steps))
+    reader_train = {"steps": rows[-1]["step"], "seconds": round(time.perf_counter() - t, 1), "loss": rows[-1]["loss"],
+                    "written_word_share": 0.5}
+    reader.eval()
+    tab_reader = table(ClipColour(reader, tok), test_px, y, typo, args.pgd_steps, 128, vqa=False)
+    print("reading clip:", reader_train, tab_reader)
 
     # TeCoA: adversarial fine-tuning of the image tower against the fixed colour prompts
     train_y = torch.tensor([COLS.index(s.objects[0].colour) for s in train_sc])
@@ -391,13 +428,16 @@ def main() -> None:
     common = {"image_size": size, "n_train": args.n_train, "pgd_steps": args.pgd_steps,
               "pgd_step_size": "2.5 * eps / steps, random start, best iterate", "eps_units": "1/255 of [0,1] pixels",
               "clip_train": clip_train, "tecoa_train": dict(tecoa_train, attack="pgd eps 4/255, 3 steps", lr=5e-4),
-              "clip_clean_finetune": clip_ft_train, "vlm_clean_finetune": vlm_ft_train,
+              "clip_clean_finetune": clip_ft_train, "reading_clip_train": reader_train,
+              "vlm_clean_finetune": vlm_ft_train,
               "vlm_train": vlm_train, "vlm_adv_train": dict(vlm_adv_train, attack="pgd eps 4/255, 3 steps", lr=5e-4),
               "font_size": FONT, "total_seconds": round(time.perf_counter() - t_start, 1)}
     out = records_out("clip_zero_shot_colour", tab_std, dict(common, model="standard CLIP"))
     out += records_out("clip_tecoa_zero_shot_colour", tab_tecoa, dict(common, model="CLIP after TeCoA"))
     out += records_out("vqa_colour", tab_vlm, dict(common, model="VLM (projector)"))
     out += records_out("vqa_colour_adv_trained", tab_vlm_adv, dict(common, model="VLM after Madry training"))
+    out += records_out("clip_reading_zero_shot_colour", tab_reader,
+                       dict(common, model="CLIP trained with written colour words named in half its captions"))
     out += records_out("clip_clean_finetune_zero_shot_colour", tab_clip_ft, dict(common, model="CLIP, clean fine-tune"))
     out += records_out("vqa_colour_clean_finetune", tab_vlm_ft, dict(common, model="VLM, clean fine-tune"))
     keys = ["clean"] + [f"{k}_eps{e}" for k in ("fgsm", "pgd") for e in EPS] + ["typo_wrong"]

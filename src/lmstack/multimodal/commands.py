@@ -5,6 +5,7 @@ Usage:
     lmstack mm train-clip --data data/vision --out runs/clip --steps 300
     lmstack mm train-clip --data data/vision --out runs/vlp --objectives '[itc, itm, lm]'
     lmstack mm train-clip --print_config                            # every flag, as a recipe YAML
+    lmstack mm train-vlm --data data/vision --clip runs/clip --out runs/vlm     # LLaVA's recipe (vlm_run.py)
     lmstack mm caption pic.png --model runs/vlm                     # a greedy caption of one picture
     lmstack mm zero-shot pic.png --model runs/clip --labels "red circle,blue square"   # labels by probability
 """
@@ -20,6 +21,7 @@ from lmstack.multimodal.report import caption_images
 from lmstack.multimodal.vlm import load_vlm
 from lmstack.tokenizer import load_tokenizer
 from lmstack.multimodal.clip_train import CLIPTrainConfig, train_clip
+from lmstack.multimodal.vlm_run import VLMRunConfig, run_train_vlm
 
 
 def _train_clip(cfg: CLIPTrainConfig) -> dict:
@@ -77,4 +79,5 @@ def zero_shot(image: str, model: str | None = None, labels: str = "") -> dict[st
     return ranked
 
 
-COMMANDS = {"train-clip": ConfigCommand(CLIPTrainConfig, _train_clip), "caption": caption, "zero-shot": zero_shot}
+COMMANDS = {"train-clip": ConfigCommand(CLIPTrainConfig, _train_clip),
+            "train-vlm": ConfigCommand(VLMRunConfig, run_train_vlm), "caption": caption, "zero-shot": zero_shot}

@@ -39,6 +39,7 @@ _EXPORTS = {
     "hf_llava": ("vlm_from_hf", "vlm_to_hf"),
     "vlm": ("VLM", "VLMConfig", "save_vlm", "load_vlm"),
     "vlm_train": ("VLMTrainConfig", "train_vlm"),
+    "vlm_run": ("VLMRunConfig", "run_train_vlm"),
     "vq": ("VQConfig", "VQVAE", "load_vq", "codebook_stats"),
     "unified": ("UnifiedVocab", "unified_model", "train_unified", "generate_image_codes", "generate_captions"),
     "perceiver": ("Perceiver", "PerceiverConfig", "perceiver_flops"),

@@ -51,6 +51,11 @@ SHRINK = [
                              "--seq_len 64 --val_fraction 0.01"),
     (r"^lmstack eval --model runs\b", "--limit 2 --bootstrap_iters 0 --progress false"),
     (r"^lmstack align\b", "--train.steps 2 --train.eval_every 0 --batch_size 2 --max_len 64 --train.progress false"),
+    (r"^lmstack data synth-vision\b", "--n_images 60"),
+    (r"^lmstack mm train-clip\b", "--steps 3 --batch_size 4 --progress false"),
+    (r"^lmstack mm train-vlm\b", "--pretrain_steps 2 --train.steps 3 --train.batch_size 4 --eval_images 3 --d_model 32 "
+                                  "--n_layers 1 --progress false"),
+    (r"^lmstack mm caption\b", "--max_tokens 4"),
 ]
 
 
@@ -135,7 +140,8 @@ def test_readme_cli_block_runs_top_to_bottom(tmp_path):
     # what the block promises exists
     for path in ("data/world/manifest.json", "data/pipeline/shards", "tok/tokenizer.json", "runs/tiny/tokenizer.json",
                  "runs/converted/config.json", "runs/sft/model/config.json", "runs/dpo/summary.json",
-                 "runs/tiny/eval/results.json"):
+                 "runs/tiny/eval/results.json", "data/vision/manifest.json", "runs/clip/config.json",
+                 "runs/vlm/config.json"):
         assert (work / path).exists(), path
     assert list(work.glob("runs/2*/report.md")), "the speedrun wrote no report card"
     assert "lmstack: error" not in log

@@ -69,6 +69,8 @@ class VLMRunConfig:
     """Val pictures scored at the end (captions, VQA); 0 = skip."""
     threads: int = 0
     """Torch threads (0 = the default)."""
+    progress: bool = True
+    """Show progress bars."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -108,8 +110,8 @@ def run_train_vlm(cfg: VLMRunConfig) -> dict:
     stages = {}
     if cfg.pretrain_steps:
         text_cfg = VLMTrainConfig(**{**to_dict(cfg.train), "steps": cfg.pretrain_steps, "use_images": False})
-        stages["text"] = train_vlm(text_cfg, train, vlm, tok, progress=True)
-    stages["multimodal"] = train_vlm(cfg.train, train, vlm, tok, progress=True)
+        stages["text"] = train_vlm(text_cfg, train, vlm, tok, progress=cfg.progress)
+    stages["multimodal"] = train_vlm(cfg.train, train, vlm, tok, progress=cfg.progress)
     metrics = {"stages": stages, "seconds": round(time.perf_counter() - start, 1), "config": to_dict(cfg)}
     if cfg.eval_images and val:
         held = val[: cfg.eval_images]

@@ -46,7 +46,7 @@ _EXPORTS = {
     "cot": ("cot_examples", "score_chain"),
     "mm_rag": ("ImageIndex", "ClipEmbedder", "VLMReader"),
     "mm_memory": ("ConversationMemory", "build_dialogues"),
-    "attacks": ("fgsm", "pgd", "typographic", "AttackConfig"),
+    "attacks": ("fgsm", "pgd", "attack", "typographic", "typographic_pixels", "AttackConfig"),
     "adversarial_train": ("AdvTrainConfig", "adversarial_train", "adversarial_train_clip"),
     "engine_adapter": ("VLMEngineModel", "ImagePrompt", "engine_model", "load_engine_vlm"),
     "report": ("caption_images", "caption_grid", "section_vlm"),

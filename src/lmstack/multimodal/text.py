@@ -6,12 +6,14 @@ in `lmstack serve` and `lmstack chat` like any model directory. `<image>` marks 
 a prompt; the VLM replaces it by the picture's vectors (multimodal/vlm.py).
 
 Usage:
-    from lmstack.multimodal.text import IMAGE_TOKEN, shapes_texts, shapes_tokenizer
+    from lmstack.multimodal.text import IMAGE_TOKEN, collate, shapes_texts, shapes_tokenizer
     tok = shapes_tokenizer(vocab_size=512)                  # trained on a fixed 400-image world, seed 0
     ids = tok.encode("A picture of a small red circle.")
     image_id = tok.token_to_id(IMAGE_TOKEN)
 """
 from __future__ import annotations
+
+import torch
 
 from lmstack.errors import LmstackError
 from lmstack.multimodal.vision_world import build_vision_world
@@ -19,6 +21,8 @@ from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.tokenizer.vocab_ops import add_tokens
 
 IMAGE_TOKEN = "<image>"
+IGNORE = -100
+"""The label of a position that is not a target (torch's cross_entropy ignore_index)."""
 
 
 def shapes_texts(records: list[dict]) -> list[str]:
@@ -45,3 +49,15 @@ def shapes_tokenizer(vocab_size: int = 512, n_images: int = 400, seed: int = 0) 
     texts = shapes_texts(build_vision_world(n_images=n_images, size=64, seed=seed))
     tok = train_tokenizer(type="bpe", vocab_size=vocab_size, texts=texts, show_progress=False)
     return add_tokens(tok, [IMAGE_TOKEN], special=True)
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) rows -> right-padded (B, T) tensors; padding is never a target, and a causal model never
+    looks right, so right padding changes no real position's output."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (row, lab) in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        labels[i, :len(lab)] = torch.tensor(lab)
+    return ids, labels

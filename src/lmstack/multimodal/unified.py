@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig, Transformer
 from lmstack.multimodal.shapes import BACKGROUNDS, COLOURS, SHAPES
+from lmstack.multimodal.text import IGNORE, collate
 
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -103,17 +103,6 @@ def image_to_text_row(vocab: UnifiedVocab, tok, codes: torch.Tensor, caption: st
     prompt = [vocab.boi] + vocab.image_ids(codes).tolist() + [vocab.eoi]
     answer = tok.encode(caption) + [tok.eos_id]
     return prompt + answer, [IGNORE] * len(prompt) + answer
-
-
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (ids, labels); padding is never a target, and a causal model never looks right."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (row, lab) in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        labels[i, :len(lab)] = torch.tensor(lab)
-    return ids, labels
 
 
 def unified_loss(model: Transformer, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

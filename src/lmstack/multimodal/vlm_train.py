@@ -36,12 +36,11 @@ from lmstack.errors import LmstackError
 from lmstack.eval.caption_metrics import attribute_match, cider_d, corpus_bleu_stderr
 from lmstack.multimodal.images import read_image_file, to_pixels
 from lmstack.multimodal.shapes import Scene, render
-from lmstack.multimodal.text import IMAGE_TOKEN
+from lmstack.multimodal.text import IGNORE, IMAGE_TOKEN, collate
 from lmstack.multimodal.vision_world import SPLITS
 from lmstack.multimodal.vlm import VLM
 from lmstack.runtime.validation import check_choices, need
 
-IGNORE = -100
 CAPTION_PROMPT = "Caption:"
 
 
@@ -159,16 +158,6 @@ def encode_example(vlm: VLM, tok, question: str, answer: str | None, use_images:
     return prompt + target, [IGNORE] * len(prompt) + target
 
 
-def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for r, (i, lab) in enumerate(rows):
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
-    return ids, labels
-
-
 # ---- training
 def train_vlm(cfg: VLMTrainConfig, records: list[dict], vlm: VLM, tokenizer, pixels: torch.Tensor | None = None,
               progress: bool = False) -> dict:
@@ -223,7 +212,7 @@ def train_vlm(cfg: VLMTrainConfig, records: list[dict], vlm: VLM, tokenizer, pix
             rec, question, answers = data[k]
             rows.append(encode_example(vlm, tokenizer, question, rng.choice(answers), cfg.use_images))
             images.append(rec)
-        ids, labels = _batch(rows, pad)
+        ids, labels = collate(rows, pad)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, time.perf_counter() - start) * group["mult"]
         batch_pixels = None

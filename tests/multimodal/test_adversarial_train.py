@@ -1,14 +1,17 @@
 """multimodal/adversarial_train.py: Madry-style training makes a toy classifier more robust to PGD than the same
-budget of clean training, is deterministic in its seed, mixes in the clean loss when asked, and TeCoA's
-zero-shot loss trains a ViT image tower against fixed prompt embeddings without touching them."""
+budget of clean training, is deterministic in its seed, mixes in the clean loss when asked, draws random words on
+the asked share of pictures (labels unchanged), and TeCoA's zero-shot loss trains a ViT image tower against fixed
+prompt embeddings without touching them."""
+from dataclasses import replace as dataclasses_replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
-from lmstack.multimodal.adversarial_train import AdvTrainConfig, adversarial_train, adversarial_train_clip, \
-    zero_shot_logits, zero_shot_loss
+from lmstack.multimodal.adversarial_train import OVERLAY_WORDS, AdvTrainConfig, adversarial_train, \
+    adversarial_train_clip, overlay_words, zero_shot_logits, zero_shot_loss
 from lmstack.multimodal.attacks import AttackConfig, pgd
 from lmstack.multimodal.clip import CLIP, CLIPConfig, TextConfig
 from lmstack.multimodal.vit import ViT, VisionConfig
@@ -29,9 +32,10 @@ def _mlp():
 
 
 def _train(eps, steps=150, clean_weight=0.0, seed=0):
+    """Madry's mechanics on the toy task: no word overlays (8x8 noise pictures have nothing to read)."""
     x, y = _data(256, 0)
     model = _mlp()
-    cfg = AdvTrainConfig(steps=steps, batch_size=64, lr=3e-3, clean_weight=clean_weight, seed=seed,
+    cfg = AdvTrainConfig(steps=steps, batch_size=64, lr=3e-3, clean_weight=clean_weight, seed=seed, overlay_prob=0.0,
                          attack=AttackConfig(kind="pgd", eps=eps, steps=3))
     history = adversarial_train(model, lambda p, t: F.cross_entropy(model(p), t, reduction="none"), (x, y), cfg)
     return model, history
@@ -71,7 +75,7 @@ def test_frozen_params_and_mode_restored():
     model = _mlp()
     first = model[1].weight.detach().clone()
     model.train()
-    cfg = AdvTrainConfig(steps=3, batch_size=16, lr=1e-2, attack=AttackConfig(kind="fgsm", eps=4))
+    cfg = AdvTrainConfig(steps=3, batch_size=16, lr=1e-2, attack=AttackConfig(kind="fgsm", eps=4), overlay_prob=0.0)
     adversarial_train(model, lambda p, t: F.cross_entropy(model(p), t, reduction="none"), (x, y), cfg,
                       params=list(model[3].parameters()))
     assert torch.equal(model[1].weight, first) and model.training
@@ -127,6 +131,11 @@ def test_bad_config_and_inputs():
         AdvTrainConfig(steps=0)
     with pytest.raises(ConfigError, match="clean_weight"):
         AdvTrainConfig(clean_weight=1.5)
+    with pytest.raises(ConfigError, match="overlay_prob"):
+        AdvTrainConfig(overlay_prob=-0.1)
+    with pytest.raises(ConfigError, match="overlay_words"):
+        AdvTrainConfig(overlay_words=["red", " "])
+    assert AdvTrainConfig(overlay_words=["red", "sign"]).overlay_words == ("red", "sign")
     assert AdvTrainConfig(attack={"kind": "fgsm", "eps": 2}).attack.kind == "fgsm"
     with pytest.raises(LmstackError, match="kind"):
         AdvTrainConfig(attack={"kind": "deepfool"})
@@ -138,3 +147,65 @@ def test_bad_config_and_inputs():
                           params=[])
     with pytest.raises(LmstackError, match="C, d"):
         zero_shot_loss(lambda p: p, torch.zeros(5))
+
+
+def _scenes(n):
+    """Flat black pictures (32x32; -1 survives the uint8 round trip exactly): any written word shows."""
+    return -torch.ones(n, 3, 32, 32)
+
+
+def test_overlay_words_writes_on_the_chosen_share_deterministically():
+    x = _scenes(200)
+    out, drawn = overlay_words(x, prob=0.3, seed=7)
+    changed = (out != x).flatten(1).any(1)
+    assert torch.equal(changed, drawn)  # exactly the chosen pictures carry ink, the others are untouched
+    assert 0.2 < drawn.float().mean().item() < 0.4  # about the asked share (n=200)
+    assert torch.equal(x, -torch.ones_like(x))  # the input is left as it was
+    again, drawn2 = overlay_words(x, prob=0.3, seed=7)
+    assert torch.equal(out, again) and torch.equal(drawn, drawn2)
+    other, drawn3 = overlay_words(x, prob=0.3, seed=8)
+    assert not torch.equal(drawn, drawn3)
+    # words vary in place and size: the inked area differs between pictures
+    ink = (out[drawn] != -1).any(1).flatten(1).sum(1)
+    assert len(set(ink.tolist())) > 5
+    assert out.min() >= -1 and out.max() <= 1
+    none, mask0 = overlay_words(x, prob=0.0, seed=7)
+    full, mask1 = overlay_words(x, prob=1.0, seed=7)
+    assert not mask0.any() and torch.equal(none, x) and mask1.all()
+    with pytest.raises(LmstackError, match="prob"):
+        overlay_words(x, prob=2.0, seed=0)
+    with pytest.raises(LmstackError, match="words"):
+        overlay_words(x, prob=0.5, seed=0, words=[])
+
+
+def test_overlay_words_draws_from_the_given_words():
+    # a one-letter word writes less ink than a long one at the same sizes: the word list is what gets drawn
+    x = _scenes(40)
+    short, m1 = overlay_words(x, prob=1.0, seed=1, words=["i"])
+    long, m2 = overlay_words(x, prob=1.0, seed=1, words=["wwwwwwww"])
+    assert (short != -1).sum() < (long != -1).sum() / 3
+    assert {"red", "circle", "sign"} <= set(OVERLAY_WORDS)
+
+
+def test_adversarial_train_overlays_pictures_and_keeps_labels():
+    """The loop hands loss_fn the overlaid pictures (the chosen share only) with the labels of their rows."""
+    x = _scenes(64)
+    y = torch.arange(64)
+    seen = []
+    weight = torch.nn.Parameter(torch.zeros(1))
+
+    def loss_fn(p, t):
+        seen.append((p.detach().clone(), t.clone()))
+        return (p.flatten(1).mean(1) * weight).pow(2) + weight.pow(2)
+
+    cfg = AdvTrainConfig(steps=2, batch_size=64, lr=1e-3, overlay_prob=0.5, seed=3,
+                         attack=AttackConfig(kind="pgd", eps=0))
+    adversarial_train(torch.nn.Linear(1, 1), loss_fn, (x, y), cfg, params=[weight])
+    pixels, labels = seen[0]
+    written = (pixels != -1).flatten(1).any(1)
+    assert 16 < int(written.sum()) < 48  # about half of the batch carries a word
+    assert torch.equal(labels.sort().values, y)  # every row's label travels with it, none changed
+    off = dataclasses_replace(cfg, overlay_prob=0.0)
+    seen.clear()
+    adversarial_train(torch.nn.Linear(1, 1), loss_fn, (x, y), off, params=[weight])
+    assert not any((p != -1).any() for p, _ in seen)

@@ -223,3 +223,16 @@ def test_local_image_files_only_with_the_flag(tmp_path):
     Part.image_url = {"url": "file://" + str(tmp_path / "missing.png")}
     with pytest.raises(APIError, match="no image file"):
         read_part(Part(), ImageLimits(allow_local_images=True), "messages.0.content.0")
+
+
+def test_a_client_cannot_name_another_requests_picture_by_its_placeholder_ids(server, tok):
+    """Placeholder ids are the server's own: a raw-ids prompt that names a stored picture (someone else's upload)
+    is a 400, so no client reads a picture it did not send."""
+    server.client.chat.completions.create(model="vlm", messages=image_message(png_url(picture("green"))), **GREEDY)
+    model = server.app.state.lmstack.vision.model
+    entry = next(iter(model.store._entries.values()))  # a picture still stored
+    placeholder = model.placeholder_ids(entry.slot)[0]
+    assert model.check_prompt_ids([placeholder])  # the engine would take it: the server must not pass it on
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        server.client.completions.create(model="vlm", prompt=[1, 2, placeholder], max_tokens=2)
+    assert server.client.completions.create(model="vlm", prompt=[1, 2, 3], max_tokens=2).choices

@@ -9,8 +9,7 @@ TESTS = Path(__file__).resolve().parent
 def test_every_test_file_basename_is_unique():
     where = defaultdict(list)
     for path in TESTS.rglob("*.py"):
-        if path.name.startswith("test_") or path.name.endswith("_helpers.py") or path.name == "conftest.py":
-            if path.name != "conftest.py":
-                where[path.name].append(str(path.relative_to(TESTS)))
+        if path.name.startswith("test_") or path.name.endswith("_helpers.py"):
+            where[path.name].append(str(path.relative_to(TESTS)))
     clashes = {name: paths for name, paths in where.items() if len(paths) > 1}
     assert not clashes, f"rename one of each (pytest cannot import both): {clashes}"

@@ -4,7 +4,8 @@ three fusions, unified image tokens, the Perceiver, multimodal CoT / RAG / memor
 One home per idea:
 - the shapes world: shapes.py (scenes, rendering), vision_world.py (captions, VQA, referring expressions,
   multi-step questions with chains; held-out compositions), world_link.py (city flags and person badges that join
-  the text world), text.py (the world's BPE tokenizer with `<image>`), images.py (untrusted image input);
+  the text world), text.py (the world's BPE tokenizer with `<image>`), images.py (untrusted image input),
+  audio.py (WAV in and out, resampling, Whisper's log-mel features: the speech models' input, issue 25);
 - encoders: vit.py (ViT on the one Transformer), clip.py + clip_train.py + vlp.py (CLIP, BLIP-style ITC/ITM/LM),
   perceiver.py (latents cross-attending to patches or raw pixels);
 - the VLM: vlm.py (projector | Flamingo gated cross-attention | Q-Former: fusion.py, qformer.py), vlm_train.py;
@@ -30,6 +31,7 @@ _EXPORTS = {
     "vision_world": ("HELDOUT_PAIRS", "SPLITS", "build_vision_world", "synth_vision", "write_vision_world"),
     "world_link": ("build_world_link", "link_questions"),
     "text": ("IMAGE_TOKEN", "shapes_tokenizer", "shapes_texts"),
+    "audio": ("read_wav", "write_wav", "resample", "log_mel", "mel_filters"),
     "images": ("decode_image", "decode_data_url", "read_image_file", "to_pixels", "from_pixels", "image_hash"),
     "vit": ("ViT", "VisionConfig"),
     "clip": ("CLIP", "CLIPConfig", "TextConfig", "zero_shot", "retrieval_recall", "save_clip", "load_clip"),

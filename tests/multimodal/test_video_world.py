@@ -46,7 +46,7 @@ def derive(rec, q, states):
     if q["type"] == "count":
         if a["frame"] == "any":
             return str(len({s["id"] for f in states for s in f}))
-        return str(len(states[-1 if a["frame"] == "end" else 0]))
+        return str(len(states[{"end": -1, "start": 0}.get(a["frame"], a["frame"])]))
     if q["type"] == "order" and "after" in a:
         start = first_of(states, objs[a["after"]]["id"])
         later = {n: first_of(states, o["id"]) for n, o in objs.items() if n != a["after"]}

@@ -212,6 +212,8 @@ def questions(clip: dict, rng) -> list[dict]:
     varies = len(set(counts)) > 1  # a frame average cannot tell which count belongs to which moment
     items.append(_item("count", "How many shapes are there at the end?", {"frame": "end"}, str(counts[-1]), varies))
     items.append(_item("count", "How many shapes are there at the start?", {"frame": "start"}, str(counts[0]), varies))
+    k = rng.randrange(len(states))
+    items.append(_item("count", f"How many shapes are there in frame {k}?", {"frame": k}, str(counts[k]), varies))
     items.append(_item("count", "How many different shapes appear in the clip?", {"frame": "any"},
                        str(len({s["id"] for f in states for s in f})), False))
     for o in objs:

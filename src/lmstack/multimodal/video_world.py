@@ -237,11 +237,12 @@ def _a(words: str) -> str:
 
 
 def captions(clip: dict) -> list[str]:
-    """What moved where, what entered and left, which shapes met and bounced: one sentence per fact, in time order."""
+    """What is there at the start, what each shape did (entered, moved, left), bounces, contacts, the end count."""
     objs, states, size, last = clip["objects"], clip["states"], clip["size"], clip["frames"] - 1
     present = [_a(name(objs[s["id"]])) for s in states[0]]
-    out = [f"At the start there {'is' if len(present) == 1 else 'are'} "
-           f"{', '.join(present) if present else 'no shapes'} on a {clip['background']} background."]
+    listed = "no shapes" if not present else present[0] if len(present) == 1 else \
+        ", ".join(present[:-1]) + " and " + present[-1]
+    out = [f"At the start there {'is' if len(present) == 1 else 'are'} {listed} on a {clip['background']} background."]
     for o in objs:
         way = direction(states, o["id"], size)
         if o["enter"] > 0:

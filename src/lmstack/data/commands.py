@@ -34,6 +34,7 @@ from lmstack.data.report import bad_record_lines
 from lmstack.data.selflabel import self_train
 from lmstack.data.shards import ShardConfig, ShardSet, entry_valid, read_manifest
 from lmstack.errors import LmstackError
+from lmstack.multimodal.speech_world import synth_speech
 from lmstack.multimodal.video_world import synth_video
 from lmstack.multimodal.vision_world import synth_vision
 
@@ -170,7 +171,8 @@ def verify(shards: str = "") -> None:
 
 
 COMMANDS = {"run": run, "add": add, "train-classifier": train_classifier, "selflabel": selflabel, "verify": verify,
-            "synth-vision": synth_vision, "synth-video": synth_video}
+            "synth-vision": synth_vision, "synth-video": synth_video,
+            "synth-speech": synth_speech}
 
 try:  # the synthetic world is built separately; offer `synth` once it exists
     from lmstack.world import synth

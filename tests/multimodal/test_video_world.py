@@ -13,7 +13,7 @@ from PIL import Image
 from lmstack import cli
 from lmstack.errors import LmstackError
 from lmstack.multimodal.shapes import COLOURS, render
-from lmstack.multimodal.video_world import SPLITS, build_video_world, frame_scenes, load_clip, write_video_world
+from lmstack.multimodal.video_world import SPLITS, build_video_world, frame_scenes, load_video_clip, write_video_world
 
 N, T, SIDE = 80, 12, 64
 
@@ -167,7 +167,7 @@ def test_sheet_round_trips(tmp_path):
     recs = [json.loads(line) for s in SPLITS for line in (tmp_path / f"{s}.jsonl").read_text().splitlines()]
     assert len(recs) == 6
     for rec in recs:
-        clip = load_clip(tmp_path / rec["path"], frames=8)
+        clip = load_video_clip(tmp_path / rec["path"], frames=8)
         assert clip.dtype == np.uint8 and clip.shape == (8, 40, 40, 3)
         for t, scene in enumerate(frame_scenes(rec)):
             assert np.array_equal(clip[t], np.asarray(render(scene)))
@@ -194,11 +194,11 @@ def test_bad_input_named(tmp_path):
     sheet = tmp_path / "sheet.png"
     Image.new("RGB", (32 * 7, 32)).save(sheet)
     with pytest.raises(LmstackError, match="width must be frames x height"):
-        load_clip(sheet, frames=8)
-    assert load_clip(sheet, frames=7).shape == (7, 32, 32, 3)
+        load_video_clip(sheet, frames=8)
+    assert load_video_clip(sheet, frames=7).shape == (7, 32, 32, 3)
     (tmp_path / "junk.png").write_bytes(b"not a png")
     with pytest.raises(LmstackError, match="junk.png"):
-        load_clip(tmp_path / "junk.png", frames=8)
+        load_video_clip(tmp_path / "junk.png", frames=8)
 
 
 def test_cli_writes_clips(tmp_path, capsys):

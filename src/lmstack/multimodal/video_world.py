@@ -18,10 +18,10 @@ Files: out/clips/<split>/<id>.png is a sprite sheet (the frames side by side, wi
 no pickle is needed; out/<split>.jsonl holds the records and out/manifest.json is written last.
 
 Usage:
-    from lmstack.multimodal.video_world import build_video_world, synth_video, load_clip
+    from lmstack.multimodal.video_world import build_video_world, synth_video, load_video_clip
     records = build_video_world(n_clips=20, frames=12, size=64, seed=0)
     synth_video("data/video", n_clips=200, frames=12, size=64, seed=0)
-    clip = load_clip("data/video/clips/train/clip000000.png", frames=12)   # uint8 (12, 64, 64, 3)
+    clip = load_video_clip("data/video/clips/train/clip000000.png", frames=12)   # uint8 (12, 64, 64, 3)
     # CLI: lmstack data synth-video --out data/video --n_clips 200
 """
 from __future__ import annotations
@@ -303,7 +303,7 @@ def sheet_bytes(record: dict) -> bytes:
     return buf.getvalue()
 
 
-def load_clip(path: str | os.PathLike, frames: int) -> np.ndarray:
+def load_video_clip(path: str | os.PathLike, frames: int) -> np.ndarray:
     """A sprite sheet read back as uint8 (frames, H, W, 3); refuses a sheet whose width is not frames x height."""
     _check_int("frames", frames, MIN_FRAMES, MAX_FRAMES)
     try:
@@ -360,6 +360,6 @@ def synth_video(out: str = "data/video", n_clips: int = 200, frames: int = 12, s
           f"({m['frame_order_sensitive']:,} frame-order-sensitive); {m['collisions']} collisions")
 
 
-__all__ = ["build_video_world", "write_video_world", "synth_video", "load_clip", "sheet_bytes", "sample_clip",
+__all__ = ["build_video_world", "write_video_world", "synth_video", "load_video_clip", "sheet_bytes", "sample_clip",
            "frame_scenes", "collisions", "direction", "entered_after", "appeared_first", "questions", "captions",
            "check_args", "SPLITS", "DIRECTIONS"]

@@ -4,7 +4,8 @@ three fusions, unified image tokens, the Perceiver, multimodal CoT / RAG / memor
 One home per idea:
 - the shapes world: shapes.py (scenes, rendering), vision_world.py (captions, VQA, referring expressions,
   multi-step questions with chains; held-out compositions), video_world.py (clips of moving shapes with
-  temporal questions, issue 25), world_link.py (city flags and person badges that join
+  temporal questions, issue 25), speech_world.py + espeak.py (utterances spoken by espeak-ng, prosody classes,
+  noisy and reverberant splits, issue 25), world_link.py (city flags and person badges that join
   the text world), text.py (the world's BPE tokenizer with `<image>`), images.py (untrusted image input),
   audio.py (WAV in and out, resampling, Whisper's log-mel features: the speech models' input, issue 25);
 - encoders: vit.py (ViT on the one Transformer), clip.py + clip_train.py + vlp.py (CLIP, BLIP-style ITC/ITM/LM),
@@ -32,6 +33,8 @@ _EXPORTS = {
     "vision_world": ("HELDOUT_PAIRS", "SPLITS", "build_vision_world", "synth_vision", "write_vision_world"),
     "world_link": ("build_world_link", "link_questions"),
     "video_world": ("build_video_world", "synth_video", "load_video_clip"),
+    "speech_world": ("build_speech_world", "synth_speech", "PROSODY"),
+    "espeak": ("synthesize",),
     "text": ("IMAGE_TOKEN", "shapes_tokenizer", "shapes_texts"),
     "audio": ("read_wav", "write_wav", "resample", "log_mel", "mel_filters"),
     "images": ("decode_image", "decode_data_url", "read_image_file", "to_pixels", "from_pixels", "image_hash"),

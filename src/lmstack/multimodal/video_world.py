@@ -38,6 +38,7 @@ from PIL import Image
 from lmstack.config import atomic_write_bytes, atomic_write_text
 from lmstack.errors import LmstackError
 from lmstack.multimodal.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTURES, Obj, Scene, radius_for, render
+from lmstack.multimodal.vision_world import split_of
 from lmstack.world.config import sub_rng
 
 SPLITS = ("train", "val", "test")
@@ -263,15 +264,6 @@ def captions(clip: dict) -> list[str]:
     return out
 
 
-def _split_of(seed: int, index: int) -> str:
-    u, acc = sub_rng(seed, "video", "split", index).random(), 0.0
-    for split, frac in zip(SPLITS, SPLIT_FRACTIONS):
-        acc += frac
-        if u < acc:
-            return split
-    return SPLITS[-1]
-
-
 def check_args(n_clips: int, frames: int, size: int) -> None:
     """Raise, naming the argument, unless n_clips >= 1, frames in 2..32 and size in 32..128."""
     if not isinstance(n_clips, int) or isinstance(n_clips, bool) or n_clips < 1:
@@ -287,7 +279,8 @@ def build_video_world(n_clips: int = 200, frames: int = 12, size: int = 64, seed
     for i in range(n_clips):
         clip = sample_clip(sub_rng(seed, "video", "clip", i), frames, size)
         clip["collisions"] = collisions(clip)
-        records.append(dict({"id": f"clip{i:06d}", "split": _split_of(seed, i)}, **clip,
+        split = split_of(seed, i, "video", SPLITS, SPLIT_FRACTIONS)
+        records.append(dict({"id": f"clip{i:06d}", "split": split}, **clip,
                             captions=captions(clip), questions=questions(clip, sub_rng(seed, "video", "text", i))))
     return records
 

@@ -211,13 +211,14 @@ def multistep(scene: Scene, rng) -> list[dict]:
     return out
 
 
-def _split_of(seed: int, index: int) -> str:
-    u, acc = sub_rng(seed, "vision", "split", index).random(), 0.0
-    for split, frac in zip(SPLITS, SPLIT_FRACTIONS):
+def split_of(seed: int, index: int, world: str = "vision", splits=SPLITS, fractions=SPLIT_FRACTIONS) -> str:
+    """The split of item `index`: a seeded draw against the fractions (the video world draws its own)."""
+    u, acc = sub_rng(seed, world, "split", index).random(), 0.0
+    for split, frac in zip(splits, fractions):
         acc += frac
         if u < acc:
             return split
-    return SPLITS[-1]
+    return splits[-1]
 
 
 def build_vision_world(n_images: int = 200, size: int = 64, seed: int = 0) -> list[dict]:
@@ -227,7 +228,7 @@ def build_vision_world(n_images: int = 200, size: int = 64, seed: int = 0) -> li
     check_side(size)
     records = []
     for i in range(n_images):
-        split = _split_of(seed, i)
+        split = split_of(seed, i)
         scene = sample_scene(sub_rng(seed, "vision", "scene", i), size, heldout=split == "test_heldout")
         text_rng = sub_rng(seed, "vision", "text", i)
         records.append({"id": f"img{i:06d}", "split": split, "scene": scene.to_dict(),

@@ -54,7 +54,8 @@ _EXPORTS = {
     "mm_rag": ("ImageIndex", "ClipEmbedder", "VLMReader"),
     "mm_memory": ("ConversationMemory", "build_dialogues"),
     "attacks": ("fgsm", "pgd", "attack", "typographic", "typographic_pixels", "AttackConfig"),
-    "adversarial_train": ("AdvTrainConfig", "adversarial_train", "adversarial_train_clip", "OVERLAY_WORDS", "overlay_words"),
+    "adversarial_train": ("AdvTrainConfig", "adversarial_train", "adversarial_train_clip", "OVERLAY_WORDS",
+                          "overlay_words"),
     "engine_adapter": ("VLMEngineModel", "ImagePrompt", "engine_model", "load_engine_vlm"),
     "report": ("caption_images", "caption_grid", "section_vlm"),
 }

@@ -1,11 +1,13 @@
-"""load_guard.read_json_file: the one guarded JSON reader (model configs, tokenizer files, side files)."""
+"""load_guard.read_json_file: the one guarded JSON reader (model configs, tokenizer files, side files); and
+load_state_checked, the one name-and-shape check before a module loads saved weights."""
 import os
 
 import pytest
+import torch
 
 from lmstack.errors import LmstackError
 from lmstack.model import load_guard
-from lmstack.model.load_guard import read_json, read_json_file
+from lmstack.model.load_guard import load_state_checked, read_json, read_json_file
 
 
 def test_reads_json_and_checks_object_only_when_asked(tmp_path):
@@ -46,3 +48,17 @@ def test_size_cap_and_non_regular_files_are_refused(tmp_path, monkeypatch):
         read_json_file(fifo, "model config")  # refused before opening: a FIFO would hang the reader
     with pytest.raises(LmstackError, match="cannot be read"):
         read_json_file(tmp_path / "missing.json", "model config")
+
+
+def test_load_state_checked_names_the_first_mismatch_and_loads_only_an_exact_fit():
+    module = torch.nn.Linear(3, 2)
+    good = {k: torch.full_like(v, 0.5) for k, v in module.state_dict().items()}
+    with pytest.raises(LmstackError, match=r"w.safetensors does not match its config .*missing \['x.bias'\]"):
+        load_state_checked(module, {"weight": good["weight"]}, "w.safetensors", prefix="x.")
+    with pytest.raises(LmstackError, match=r"unexpected \['extra'\]"):
+        load_state_checked(module, {**good, "extra": good["bias"]}, "w.safetensors")
+    with pytest.raises(LmstackError, match=r"weight has shape \(2, 4\), the config wants \(2, 3\)"):
+        load_state_checked(module, {**good, "weight": torch.zeros(2, 4)}, "w.safetensors")
+    assert module.weight.abs().max() != 0.5  # nothing was loaded by a refused call
+    load_state_checked(module, good, "w.safetensors")
+    assert torch.equal(module.weight, good["weight"]) and torch.equal(module.bias, good["bias"])

@@ -275,6 +275,22 @@ def load_safetensors(directory: str | os.PathLike, name: str, what: str = "safet
     return load_file(str(path))
 
 
+def load_state_checked(module: "torch.nn.Module", tensors: dict, source: str, prefix: str = "") -> None:
+    """Load `tensors` into `module` only when every name and shape matches; otherwise an LmstackError naming
+    `source` and the first mismatches (load_state_dict's own error is a wall of names, and strict=False would
+    silently keep random weights). `prefix` is only for the message: the saved names carry it, `tensors` do not."""
+    want = module.state_dict()
+    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or extra:
+        raise LmstackError(f"{source} does not match its config (another model's weights?): missing "
+                           f"{[prefix + k for k in missing[:3]]}, unexpected {[prefix + k for k in extra[:3]]}")
+    bad = [k for k in want if tensors[k].shape != want[k].shape]
+    if bad:
+        raise LmstackError(f"{source} does not match its config: {prefix}{bad[0]} has shape "
+                           f"{tuple(tensors[bad[0]].shape)}, the config wants {tuple(want[bad[0]].shape)}")
+    module.load_state_dict(tensors)
+
+
 def check_kv_pool(cfg: Any, num_blocks: int, block_size: int, dtype: "torch.dtype", max_model_len: int,
                   max_model_gib: float | None = None, bytes_per_token: int | None = None) -> int:
     """Bytes of a paged KV pool (K and V, every layer), refused together with the weights' estimate when over

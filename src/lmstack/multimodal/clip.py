@@ -30,7 +30,7 @@ from torch import nn
 from lmstack.config import atomic_write_bytes, atomic_write_text, from_dict, to_dict
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig, Transformer
-from lmstack.model.load_guard import load_safetensors, read_json
+from lmstack.model.load_guard import load_safetensors, load_state_checked, read_json
 from lmstack.multimodal.vit import ViT, VisionConfig, swap_activation
 from lmstack.runtime.validation import check_choices, need
 from lmstack.tokenizer import load_tokenizer
@@ -114,6 +114,26 @@ def tokenize(tok, texts: Sequence[str], max_len: int) -> torch.Tensor:
     return torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def check_text_ids(ids: torch.Tensor, cfg: TextConfig) -> None:
+    """Refuse, naming the problem, ids a text tower built from `cfg` cannot read (shape, dtype, length, range)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+        raise LmstackError(f"text ids must be an integer tensor (batch, time), got "
+                           f"{getattr(ids, 'shape', type(ids).__name__)}")
+    if ids.shape[1] > cfg.max_seq_len:
+        raise LmstackError(f"text of {ids.shape[1]} tokens is longer than text.max_seq_len={cfg.max_seq_len}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+        raise LmstackError(f"text ids must be in 0..{cfg.vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}")
+
+
+def first_eos(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B,) position of each row's first EOS, where a causal text tower pools (refused if a row has none)."""
+    is_eos = ids == eos_token_id
+    if not bool(is_eos.any(dim=1).all()):
+        raise LmstackError(f"every text row needs an EOS token (id {eos_token_id}); "
+                           "make ids with lmstack.multimodal.clip.tokenize")
+    return is_eos.int().argmax(dim=1)  # the first EOS: PAD may equal EOS in some tokenizers
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -137,22 +157,11 @@ class CLIP(nn.Module):
 
     def text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, d_text) final-normed hidden states of the causal text tower."""
-        cfg = self.config.text
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
-            raise LmstackError(f"text ids must be an integer tensor (batch, time), got "
-                               f"{getattr(ids, 'shape', type(ids).__name__)}")
-        if ids.shape[1] > cfg.max_seq_len:
-            raise LmstackError(f"text of {ids.shape[1]} tokens is longer than text.max_seq_len={cfg.max_seq_len}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
-            raise LmstackError(f"text ids must be in 0..{cfg.vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}")
+        check_text_ids(ids, self.config.text)
         return self.text(ids)
 
     def eos_positions(self, ids: torch.Tensor) -> torch.Tensor:
-        is_eos = ids == self.config.text.eos_token_id
-        if not bool(is_eos.any(dim=1).all()):
-            raise LmstackError(f"every text row needs an EOS token (id {self.config.text.eos_token_id}); "
-                               "make ids with lmstack.multimodal.clip.tokenize")
-        return is_eos.int().argmax(dim=1)  # the first EOS: PAD may equal EOS in some tokenizers
+        return first_eos(ids, self.config.text.eos_token_id)
 
     def text_features(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, embed_dim): the hidden state at the first EOS, projected (HF get_text_features)."""
@@ -262,14 +271,5 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu") -> tuple[CLI
                            f"(want {MODEL_TYPE!r}) with a 'clip' section")
     model = CLIP(from_dict(CLIPConfig, data["clip"]))
     tensors = load_safetensors(path, "model.safetensors", "CLIP weights")
-    want = model.state_dict()
-    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    if missing or extra:
-        raise LmstackError(f"{path}/model.safetensors does not match its config: missing {missing[:3]}, "
-                           f"unexpected {extra[:3]}")
-    bad = [k for k in want if tensors[k].shape != want[k].shape]
-    if bad:
-        raise LmstackError(f"{path}/model.safetensors: {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, "
-                           f"the config wants {tuple(want[bad[0]].shape)}")
-    model.load_state_dict(tensors)
+    load_state_checked(model, tensors, f"{path}/model.safetensors")
     return model.to(device).eval(), load_tokenizer(path)

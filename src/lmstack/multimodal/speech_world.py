@@ -115,18 +115,22 @@ def build_speech_world(n_utterances: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def write_speech_world(out: str | Path, n_utterances: int, seed: int = 0) -> dict:
-    """Synthesise every record; write audio/<split>/<id>.wav, <split>.jsonl (5 splits) and manifest.json."""
-    out = Path(out)
+def write_utterances(out: Path, records: list[dict], splits: tuple[str, ...], seed: int,
+                     spoken_key: str = "text") -> tuple[dict[str, list[dict]], float]:
+    """Synthesise each record's `spoken_key` into audio/<split>/<id>.wav and write <split>.jsonl for `splits`.
+    A test record also gets the robustness copies `splits` names (test_noisy, test_reverb): same text and labels,
+    degraded audio from one generator seeded by `seed`. Returns (records by split, seconds of clean speech)."""
     nrng = np.random.default_rng(seed)
-    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    by_split: dict[str, list[dict]] = {s: [] for s in splits}
     seconds = 0.0
-    for rec in build_speech_world(n_utterances, seed):
-        samples, rate = synthesize(rec["text"], rec["voice"], rec["rate"], rec["pitch"], rec["pitch_range"])
+    for rec in records:
+        samples, rate = synthesize(rec[spoken_key], rec["voice"], rec["rate"], rec["pitch"], rec["pitch_range"])
         variants = [(rec["split"], samples, {})]
-        if rec["split"] == "test":  # the robustness copies: same transcript and labels, degraded audio
-            variants.append(("test_noisy", add_noise(samples, NOISE_SNR_DB, nrng), {"snr_db": NOISE_SNR_DB}))
-            variants.append(("test_reverb", add_reverb(samples, nrng), {"rt60": REVERB_RT60}))
+        if rec["split"] == "test":
+            if "test_noisy" in by_split:
+                variants.append(("test_noisy", add_noise(samples, NOISE_SNR_DB, nrng), {"snr_db": NOISE_SNR_DB}))
+            if "test_reverb" in by_split:
+                variants.append(("test_reverb", add_reverb(samples, nrng), {"rt60": REVERB_RT60}))
         for split, audio, extra in variants:
             rel = f"audio/{split}/{rec['id']}.wav"
             atomic_write_bytes(out / rel, write_wav(audio, rate))
@@ -135,6 +139,13 @@ def write_speech_world(out: str | Path, n_utterances: int, seed: int = 0) -> dic
         seconds += samples.size / rate
     for split, recs in by_split.items():
         atomic_write_bytes(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
+    return by_split, seconds
+
+
+def write_speech_world(out: str | Path, n_utterances: int, seed: int = 0) -> dict:
+    """Synthesise every record; write audio/<split>/<id>.wav, <split>.jsonl (5 splits) and manifest.json."""
+    out = Path(out)
+    by_split, seconds = write_utterances(out, build_speech_world(n_utterances, seed), SPLITS, seed)
     manifest = {"n_utterances": n_utterances, "seed": seed, "sample_rate": SAMPLE_RATE, "voices": list(VOICES),
                 "prosody": {k: dict(zip(("rate", "pitch", "pitch_range"), v)) for k, v in PROSODY.items()},
                 "counts": {s: len(r) for s, r in by_split.items()}, "seconds": round(seconds, 2),
@@ -158,5 +169,5 @@ def synth_speech(out: str = "data/speech", n_utterances: int = 200, seed: int = 
     print(f"wrote {n_utterances} utterances ({manifest['seconds']:.1f} s of speech) to {out}: {counts}")
 
 
-__all__ = ["build_speech_world", "write_speech_world", "synth_speech", "add_noise", "add_reverb", "room_impulse",
+__all__ = ["build_speech_world", "write_speech_world", "write_utterances", "synth_speech", "add_noise", "add_reverb", "room_impulse",
            "VOICES", "PROSODY", "SPLITS", "NOISE_SNR_DB", "REVERB_RT60"]

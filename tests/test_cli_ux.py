@@ -164,6 +164,9 @@ GGUF_COMMANDS = [
     ["audit", "--model", "m.gguf"],
     ["mm", "caption", "pic.png", "--model", "m.gguf"],
     ["mm", "zero-shot", "pic.png", "--model", "m.gguf", "--labels", "a,b"],
+    ["mm", "generate-image", "--prompt", "a red circle", "--model", "m.gguf"],
+    ["mm", "transcribe", "a.wav", "--model", "m.gguf"],
+    ["mm", "speak", "hello", "--model", "m.gguf"],
 ]
 
 

@@ -85,7 +85,7 @@ STAGES: dict[str, str] = {
 
 # Stages, or single actions, whose required arguments may also be given positionally (`lmstack report runs/x`,
 # `lmstack mm caption pic.png --model runs/vlm`).
-POSITIONAL_STAGES = {"report", "rag", "mm caption", "mm zero-shot"}
+POSITIONAL_STAGES = {"report", "rag", "mm caption", "mm zero-shot", "mm transcribe", "mm speak"}
 
 
 class UsageError(LmstackError):

@@ -3,6 +3,8 @@
 Usage:
     lmstack data synth --out data/world --size small --seed 0
     lmstack data synth-vision --out data/vision --n_images 200 --size 64 --seed 0
+    lmstack data synth-nav --out data/nav --n_train 400 --grid 5    # navigation maps, instructions, gold paths
+    lmstack data synth-emotion --out data/emotion --n 600           # prosody arousal x typed valence (emotion proxy)
     lmstack data run --config pipeline.yaml [--workers 2] [--dedup.near simhash] ...
     lmstack data add --out data/pipeline --inputs '[new/*.jsonl]' --source news
     lmstack data train-classifier --labelled labelled.jsonl --out quality_model
@@ -34,6 +36,8 @@ from lmstack.data.report import bad_record_lines
 from lmstack.data.selflabel import self_train
 from lmstack.data.shards import ShardConfig, ShardSet, entry_valid, read_manifest
 from lmstack.errors import LmstackError
+from lmstack.multimodal.emotion_world import synth_emotion
+from lmstack.multimodal.nav_world import synth_nav
 from lmstack.multimodal.speech_world import synth_speech
 from lmstack.multimodal.video_world import synth_video
 from lmstack.multimodal.vision_world import synth_vision
@@ -171,8 +175,8 @@ def verify(shards: str = "") -> None:
 
 
 COMMANDS = {"run": run, "add": add, "train-classifier": train_classifier, "selflabel": selflabel, "verify": verify,
-            "synth-vision": synth_vision, "synth-video": synth_video,
-            "synth-speech": synth_speech}
+            "synth-vision": synth_vision, "synth-video": synth_video, "synth-nav": synth_nav,
+            "synth-speech": synth_speech, "synth-emotion": synth_emotion}
 
 try:  # the synthetic world is built separately; offer `synth` once it exists
     from lmstack.world import synth

@@ -1,5 +1,6 @@
-"""Multimodal lmstack, vision first (issue 24): a generated picture world, ViT and CLIP, VLP objectives, a VLM with
-three fusions, unified image tokens, the Perceiver, multimodal CoT / RAG / memory, attacks, and serving.
+"""Multimodal lmstack: pictures (issue 24) and speech, video, image generation and navigation (issue 25), all on
+generated worlds: ViT and CLIP, VLP objectives, a VLM with three fusions, unified image tokens, the Perceiver,
+multimodal CoT / RAG / memory, attacks, Whisper-style ASR, a codec TTS, video QA, diffusion and a navigation policy.
 
 One home per idea:
 - the shapes world: shapes.py (scenes, rendering), vision_world.py (captions, VQA, referring expressions,
@@ -13,7 +14,17 @@ One home per idea:
 - the VLM: vlm.py (projector | Flamingo gated cross-attention | Q-Former: fusion.py, qformer.py), vlm_train.py;
 - unified tokens: vq.py (VQ-VAE, lookup-free quantizer), unified.py (one decoder reads and writes image codes);
 - uses: cot.py, mm_rag.py, mm_memory.py, attacks.py, adversarial_train.py, engine_adapter.py (the server's VLM),
-  report.py (caption grids), hf_clip.py / hf_llava.py (transformers interop).
+  report.py (caption grids), hf_clip.py / hf_llava.py (transformers interop);
+- speech: whisper.py + asr.py + asr_train.py (Whisper-style ASR), ctc.py (its CTC baseline), hf_whisper.py;
+  codec.py + rvq.py (neural codec, residual VQ), tts.py + tts_train.py (VALL-E-style codec LM);
+  emotion_world.py + emotion.py (prosody arousal x lexical valence: audio, text and fused classifiers);
+- video: video_model.py (ViT + temporal Transformer, divided space-time attention, the frame-mean baseline),
+  video_train.py (video-text contrastive pretraining, video QA);
+- generation: diffusion.py (DDPM/DDIM, classifier-free guidance), dit.py (DiT on the one Transformer,
+  ImageGenerator), unet.py (its conv alternative), diffusion_train.py, image_metrics.py (attribute
+  accuracy, CLIP agreement, Frechet distance);
+- navigation: nav_world.py (rendered grid maps, instructions, gold paths, NavEnv), nav_policy.py (behaviour
+  cloning, GRPO).
 
 Names are loaded on first use, so `lmstack data synth-vision` does not pay for torch models it never builds.
 
@@ -58,6 +69,24 @@ _EXPORTS = {
                           "overlay_words"),
     "engine_adapter": ("VLMEngineModel", "ImagePrompt", "engine_model", "load_engine_vlm"),
     "report": ("caption_images", "caption_grid", "section_vlm"),
+    "whisper": ("Whisper", "WhisperConfig"),
+    "asr": ("SpeechRecognizer",),
+    "ctc": ("CTCModel", "CTCConfig", "CTCRecognizer"),
+    "hf_whisper": ("from_hf_whisper", "load_hf_whisper_dir"),
+    "asr_train": ("ASRTrainConfig", "train_asr"),
+    "codec": ("Codec", "CodecConfig", "load_codec"),
+    "rvq": ("ResidualVQ",),
+    "tts": ("SpeechSynthesizer", "TTSConfig", "CodecLM"),
+    "emotion_world": ("build_emotion_world", "write_emotion_world"),
+    "emotion": ("EmotionClassifier", "EmotionConfig", "train_emotion", "load_emotion"),
+    "video_model": ("VideoEncoder", "VideoConfig", "VideoCLIP", "VideoQA", "build_video_encoder"),
+    "video_train": ("VideoTrainConfig", "train_video", "load_video_qa"),
+    "diffusion": ("NoiseSchedule", "ddpm_sample", "ddim_sample"),
+    "dit": ("DiT", "DiTConfig", "ImageGenerator"),
+    "unet": ("UNet", "UNetConfig"),
+    "diffusion_train": ("DiffusionTrainConfig", "train_diffusion"),
+    "nav_world": ("NavEnv", "build_nav_world", "synth_nav"),
+    "nav_policy": ("NavPolicy", "NavPolicyConfig", "behaviour_clone", "grpo", "load_policy"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

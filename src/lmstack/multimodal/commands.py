@@ -8,6 +8,14 @@ Usage:
     lmstack mm train-vlm --data data/vision --clip runs/clip --out runs/vlm     # LLaVA's recipe (vlm_run.py)
     lmstack mm caption pic.png --model runs/vlm                     # a greedy caption of one picture
     lmstack mm zero-shot pic.png --model runs/clip --labels "red circle,blue square"   # labels by probability
+    lmstack mm train-asr --data data/speech --out runs/asr --steps 300    # Whisper-style ASR (asr_train.py)
+    lmstack mm transcribe clip.wav --model runs/asr --beam 4             # a WAV file's transcript
+    lmstack mm train-diffusion --out runs/diffusion --steps 1500      # text-to-image DiT (diffusion_train.py)
+    lmstack mm generate-image --prompt "a red circle" --model runs/diffusion --out img.png
+    lmstack mm train-video --data data/video --out runs/video --pretrain_steps 200   # video QA (video_train.py)
+    lmstack mm train-codec --data data/speech --out runs/codec --steps 800     # neural audio codec (tts_train.py)
+    lmstack mm train-tts --data data/speech --codec runs/codec --out runs/tts   # VALL-E-style TTS on one voice
+    lmstack mm speak "4217" --model runs/tts --out x.wav                 # text -> 16 kHz WAV
 """
 from __future__ import annotations
 
@@ -20,7 +28,11 @@ from lmstack.multimodal.images import read_image_file, to_pixels
 from lmstack.multimodal.report import caption_images
 from lmstack.multimodal.vlm import load_vlm
 from lmstack.tokenizer import load_tokenizer
+from lmstack.multimodal.asr_train import ASRTrainConfig, run_train_asr, transcribe
 from lmstack.multimodal.clip_train import CLIPTrainConfig, train_clip
+from lmstack.multimodal.diffusion_train import DiffusionTrainConfig, generate_image, run_train_diffusion
+from lmstack.multimodal.tts_train import CodecTrainConfig, TTSTrainConfig, run_train_codec, run_train_tts, speak
+from lmstack.multimodal.video_train import VideoTrainConfig, run_train_video
 from lmstack.multimodal.vlm_run import VLMRunConfig, run_train_vlm
 
 
@@ -80,4 +92,9 @@ def zero_shot(image: str, model: str | None = None, labels: str = "") -> dict[st
 
 
 COMMANDS = {"train-clip": ConfigCommand(CLIPTrainConfig, _train_clip),
-            "train-vlm": ConfigCommand(VLMRunConfig, run_train_vlm), "caption": caption, "zero-shot": zero_shot}
+            "train-vlm": ConfigCommand(VLMRunConfig, run_train_vlm), "caption": caption, "zero-shot": zero_shot,
+            "train-diffusion": ConfigCommand(DiffusionTrainConfig, run_train_diffusion), "generate-image": generate_image,
+            "train-asr": ConfigCommand(ASRTrainConfig, run_train_asr), "transcribe": transcribe,
+            "train-video": ConfigCommand(VideoTrainConfig, run_train_video),
+            "train-codec": ConfigCommand(CodecTrainConfig, run_train_codec),
+            "train-tts": ConfigCommand(TTSTrainConfig, run_train_tts), "speak": speak}

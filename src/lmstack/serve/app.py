@@ -11,6 +11,11 @@ Routes:
     POST /v1/feedback               a thumbs up/down, category and correction on a returned reply, with
                                     --feedback_db, which also records every chat/completions response
                                     (serve/feedback_routes.py)
+    POST /v1/audio/transcriptions   an uploaded WAV/FLAC/MP3 -> its text, with --asr (serve/audio_routes.py)
+    POST /v1/audio/speech           text -> speech audio, with --tts (serve/audio_routes.py)
+    POST /v1/images/generations     a prompt -> base64 PNGs, with --diffusion (serve/image_routes.py)
+    POST /v1/video/answers          video frames + a question -> an answer, with --video (serve/video_routes.py;
+                                    an lmstack extension, OpenAI has no video API)
     POST /tokenize, /detokenize     text or messages <-> token ids (vLLM's shapes)
     GET  /tokenizer_info            special tokens and chat template (lm-eval's remote tokenizer reads it)
     GET  /health                    200 while the engine runs, 503 (with Retry-After) after it failed
@@ -43,17 +48,21 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
+from lmstack.serve.audio_input import AudioLimits
+from lmstack.serve.audio_routes import add_audio_routes, upload_limit
 from lmstack.serve.chat_completions import chat_prompt_ids, check_message_count, create_chat_completion
 from lmstack.serve.completions import create_completion
 from lmstack.serve.errors import RETRY_AFTER_S, APIError, CatchAllMiddleware, error_response, install_error_handlers
 from lmstack.serve.engine_bridge import ClientDisconnected, ServerConfig, ServerState
 from lmstack.serve.feedback_routes import FeedbackRequest, feedback_now, recorded
 from lmstack.serve.guard_routes import guarded_chat, guarded_completion, moderations_now
+from lmstack.serve.image_routes import add_image_routes
 from lmstack.serve.limits import reject_lone_surrogates
 from lmstack.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmstack.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                                     ModelCard, ModelList, ModerationRequest, TokenizeRequest)
 from lmstack.serve.rag_routes import RagService, embed_now, rag_chat_completion, rag_options
+from lmstack.serve.video_routes import add_video_routes
 
 STATIC = Path(__file__).resolve().parent / "static"
 # The page's assets, by name: only these are served, so no request path ever reaches the filesystem.
@@ -65,7 +74,8 @@ STATIC_FILES = {**{name: "text/javascript" for name in ("chat.js", "dom.js", "er
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _KNOWN_ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/moderations",
-                 "/v1/feedback",
+                 "/v1/feedback", "/v1/audio/transcriptions", "/v1/audio/speech", "/v1/images/generations",
+                 "/v1/video/answers",
                  "/tokenize", "/detokenize",
                  "/tokenizer_info", "/health", "/metrics", "/", *(f"/static/{name}" for name in STATIC_FILES)}
 
@@ -100,16 +110,17 @@ class BodyLimitMiddleware:
     read is then replayed to the app, and later receive() calls go to the server (for disconnects).
     """
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, path_limits: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.path_limits = app, max_bytes, path_limits or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        too_large = APIError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes",
+        max_bytes = self.path_limits.get(scope["path"], self.max_bytes)  # an upload route has its own limit
+        too_large = APIError(413, f"the request body is larger than this server's limit of {max_bytes} bytes",
                              code="request_too_large")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > max_bytes:
             return await error_response(too_large)(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -118,7 +129,7 @@ class BodyLimitMiddleware:
                 return  # nobody to answer
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > max_bytes:
                 return await error_response(too_large)(scope, receive, send)
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -136,11 +147,16 @@ class BodyLimitMiddleware:
 
 
 def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService | None = None,
-               guard: Any = None, feedback: Any = None) -> FastAPI:
+               guard: Any = None, feedback: Any = None, asr: Any = None, tts: Any = None, images: Any = None,
+               audio_limits: AudioLimits | None = None, video: Any = None) -> FastAPI:
     """A FastAPI app serving `aengine` (an lmstack.infer.AsyncLLMEngine) with the limits in `config`; `rag`
     (a retriever and its embedder) enables RAG chat and /v1/embeddings; `guard` (lmstack.safety.guard.Guard)
     moderates chat and completions and enables /v1/moderations; `feedback` (lmstack.safety.feedback.FeedbackStore)
-    records every chat and completions response and enables /v1/feedback."""
+    records every chat and completions response and enables /v1/feedback; `asr` (a SpeechRecognizer), `tts` (a
+    SpeechSynthesizer) and `images` (an ImageGenerator) enable /v1/audio/transcriptions (uploads checked
+    against `audio_limits`), /v1/audio/speech and /v1/images/generations; `video` (a serve.video_routes
+    VideoAnswerer) enables /v1/video/answers (an lmstack extension)."""
+    audio_limits = audio_limits or AudioLimits()
     config = config or ServerConfig()
     metrics = ServerMetrics(config.model_name)
     state = ServerState(aengine, config, metrics)
@@ -247,6 +263,10 @@ def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService
         return {**names, "model_max_length": state.max_model_len, "vocab_size": tok.vocab_size,
                 "tokenizer_class": type(tok).__name__}
 
+    add_audio_routes(app, state, auth, asr, tts, audio_limits)
+    add_image_routes(app, state, auth, images)
+    add_video_routes(app, state, auth, video)
+
     @app.get("/health")
     async def health():
         # The engine's step loop is a background task; if it died, nothing will ever be generated again.
@@ -275,6 +295,7 @@ def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService
                         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
     app.add_middleware(CatchAllMiddleware)  # added first = innermost: catches what the handlers did not
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes,
+                       path_limits={"/v1/audio/transcriptions": upload_limit(config.max_request_bytes, audio_limits)})
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees every status
     return app

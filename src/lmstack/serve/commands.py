@@ -13,6 +13,8 @@ Usage:
     lmstack serve --model runs/sft --safety safety.yaml   # hard phrase bans + persona presets (safety.presets)
     lmstack serve --model runs/sft --feedback_db fb.db # record replies; POST /v1/feedback flags them (safety.feedback)
     lmstack serve --model runs/vlm --max_images 2      # a VLM: chat messages may carry image_url parts (data: URLs)
+    lmstack serve --model runs/sft --asr runs/asr --tts runs/tts --diffusion runs/dit  # speech and picture APIs
+    lmstack serve --model runs/sft --video runs/video  # POST /v1/video/answers: frames + a question -> an answer
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "Once upon a time", "max_tokens": 16}'
 
@@ -33,7 +35,10 @@ from lmstack.infer import AsyncLLMEngine
 from lmstack.infer.tp_group import torchrun_rank
 from lmstack.infer.tp_worker import run_worker
 from lmstack.model.load_guard import set_max_model_gib
+from lmstack.multimodal.asr import SpeechRecognizer
+from lmstack.multimodal.dit import ImageGenerator
 from lmstack.multimodal.engine_adapter import is_vlm_dir, load_engine_vlm
+from lmstack.multimodal.tts import SpeechSynthesizer
 from lmstack.rag.embed import load_embedder
 from lmstack.rag.index import Index
 from lmstack.safety.feedback import FeedbackStore
@@ -41,11 +46,13 @@ from lmstack.safety.guard import Guard, load_guard_config
 from lmstack.safety.presets import load_safety_config
 from lmstack.runtime.device import pick_device
 from lmstack.serve.app import create_app
+from lmstack.serve.audio_input import AudioLimits
 from lmstack.serve.engine_bridge import ServerConfig
 from lmstack.serve.image_input import ImageLimits, ServedImages
 from lmstack.serve.limits import RequestLimits
 from lmstack.serve.prompt_compression import CompressionConfig
 from lmstack.serve.rag_routes import RagService
+from lmstack.serve.video_routes import VideoAnswerer
 from lmstack.threads import set_threads
 
 def load_serving_adapters(model: Any, paths: dict[str, str]) -> dict[str, Any]:
@@ -105,6 +112,7 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     rag = engine_kwargs.pop("rag", None)
     guard = engine_kwargs.pop("guard", None)
     feedback = engine_kwargs.pop("feedback", None)
+    speech = {k: engine_kwargs.pop(k, None) for k in ("asr", "tts", "diffusion", "audio_limits", "video")}
     if config.safety.banned_phrases:  # the engine's: every request gets them, no request field reaches them
         engine_kwargs["banned_phrases"] = list(config.safety.banned_phrases)
     if adapter_paths:  # adapters hook into the model's Linears, so the model is loaded first
@@ -115,7 +123,8 @@ def build_app(model: str, config: ServerConfig, **engine_kwargs: Any):
     aengine = AsyncLLMEngine(source, **engine_kwargs)
     if aengine.tokenizer is None:
         raise LmstackError(f"--model {model}: no tokenizer.json there; the server needs the model's tokenizer")
-    app = create_app(aengine, config, rag=rag, guard=guard, feedback=feedback)
+    app = create_app(aengine, config, rag=rag, guard=guard, feedback=feedback, asr=speech["asr"], tts=speech["tts"],
+                     images=speech["diffusion"], audio_limits=speech["audio_limits"], video=speech["video"])
     if vlm is not None:
         app.state.lmstack.vision = ServedImages(vlm, aengine.tokenizer, image_limits)
     return app, aengine
@@ -132,7 +141,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           tensor_parallel_size: int = 1, kv_cache_dtype: Literal["auto", "int8"] = "auto",
           rag_index: str | None = None, embedder: str | None = None, guard: str | None = None,
           safety: str | None = None, feedback_db: str | None = None, max_images: int = 4,
-          max_image_pixels: int = 2048 * 2048, allow_local_images: bool = False) -> None:
+          max_image_pixels: int = 2048 * 2048, allow_local_images: bool = False, asr: str | None = None,
+          tts: str | None = None, diffusion: str | None = None, max_audio_seconds: float = 60.0,
+          max_audio_bytes: int = 25 << 20, video: str | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
     Args:
@@ -190,6 +201,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             (400 above).
         allow_local_images: With a VLM: let image_url name a file on this machine (file:///x.png or a path); off,
             such a part is a 400 naming this flag. Data URLs (data:image/png;base64,...) are always read.
+        asr: A speech recognizer directory (lmstack.multimodal.asr.SpeechRecognizer.save): serves
+            /v1/audio/transcriptions (WAV, FLAC or MP3 uploads; see lmstack.serve.audio_routes).
+        tts: A speech synthesizer directory (lmstack.multimodal.tts.SpeechSynthesizer.save): serves /v1/audio/speech.
+        diffusion: An image generator directory (`lmstack mm train-diffusion`): serves /v1/images/generations.
+        max_audio_seconds: Longest audio upload, in seconds, read from its header before decoding (400 above);
+            the recognizer's own longest input lowers it.
+        max_audio_bytes: Largest audio upload, in bytes (413 above; OpenAI's limit is 25 MB).
+        video: A video QA directory (`lmstack mm train-video`): serves POST /v1/video/answers, an lmstack
+            extension (frames or a sprite sheet + a question -> an answer; see lmstack.serve.video_routes).
     """
     # lazy: heavy (uvicorn), which this module does not import at its top
     import uvicorn
@@ -201,6 +221,16 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     guard_obj = Guard(load_guard_config(guard)) if guard else None
     safety_cfg = load_safety_config(safety)
     feedback_store = FeedbackStore(feedback_db) if feedback_db else None  # a bad path fails before the model loads
+    audio_limits = AudioLimits(max_audio_seconds, max_audio_bytes)
+    # The speech and picture models load before the LLM, so a wrong directory fails fast, naming its flag.
+    speech = {}
+    for flag, path, loader in (("asr", asr, SpeechRecognizer.from_dir), ("tts", tts, SpeechSynthesizer.from_dir),
+                               ("diffusion", diffusion, ImageGenerator.from_dir),
+                               ("video", video, VideoAnswerer.from_dir)):
+        try:
+            speech[flag] = loader(path) if path else None
+        except LmstackError as e:
+            raise LmstackError(f"--{flag} {path}: {e}") from None
     set_max_model_gib(max_model_gib)
     set_threads(threads)
     dev, torch_dtype = pick_device(device, dtype)
@@ -215,7 +245,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                              seed=seed, adapter_paths=parse_adapters(adapters),
                              tensor_parallel_size=tensor_parallel_size, kv_cache_dtype=kv_cache_dtype,
                              rag=load_rag(rag_index, embedder), guard=guard_obj, feedback=feedback_store,
-                             images=ImageLimits(max_images, max_image_pixels, allow_local_images))
+                             images=ImageLimits(max_images, max_image_pixels, allow_local_images),
+                             audio_limits=audio_limits, **speech)
     stats = aengine.stats()
     print(f"lmstack serve: {config.model_name} on http://{host}:{port} ({dev}, {str(torch_dtype)[6:]}, "
           f"{torch.get_num_threads()} threads, "

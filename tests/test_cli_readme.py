@@ -56,6 +56,12 @@ SHRINK = [
     (r"^lmstack mm train-vlm\b", "--pretrain_steps 2 --train.steps 3 --train.batch_size 4 --eval_images 3 --d_model 32 "
                                   "--n_layers 1 --progress false"),
     (r"^lmstack mm caption\b", "--max_tokens 4"),
+    (r"^lmstack data synth-speech\b", "--n_utterances 30"),
+    (r"^lmstack mm train-asr\b", "--steps 2 --batch_size 2 --d_model 16 --n_heads 2 --n_encoder_layers 1 "
+                                   "--n_decoder_layers 1 --val_n 2 --progress false"),
+    (r"^lmstack mm train-diffusion\b", "--n_images 16 --steps 2 --batch_size 4 --clip_steps 2 --dit.d_model 16 "
+                                         "--dit.n_layers 1 --dit.n_heads 2 --progress false"),
+    (r"^lmstack mm generate-image\b", "--steps 2"),
 ]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmstack.config import ConfigError
 from lmstack.errors import LmstackError
 from lmstack.multimodal.tts import CodecLM, SpeechSynthesizer, TTSConfig
 
@@ -129,3 +130,41 @@ def test_cli_refuses_missing_data_and_model(tmp_path):
     assert main(["mm", "train-codec", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) != 0
     assert main(["mm", "speak", "hi", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.wav")]) != 0
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_front_end_writes_numbers_as_words_before_tokenising(synth):
+    assert synth.config.normalize
+    assert synth.text_ids(" 12 ") == synth.tokenizer.encode("twelve")
+    raw = SpeechSynthesizer(synth.codec, synth.lm, synth.tokenizer, TTSConfig(**{**synth.config.__dict__,
+                                                                                 "normalize": False}))
+    assert raw.text_ids("12") == synth.tokenizer.encode("12")
+    short = SpeechSynthesizer(synth.codec, synth.lm, synth.tokenizer, TTSConfig(**{**synth.config.__dict__,
+                                                                                   "max_chars": 10}))
+    with pytest.raises(LmstackError, match="39 characters long once its numbers are written as words"):
+        short.speak("4217")  # 4 characters typed, 39 to say: the model's length limit is on what it reads
+
+
+def test_config_saved_before_the_front_end_loads_with_it_off(synth, tmp_path):
+    synth.save(tmp_path / "new")
+    assert SpeechSynthesizer.from_dir(tmp_path / "new").config.normalize
+    synth.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["tts"]["normalize"], meta["tts"]["dropout"]  # the fields an older lmstack did not write
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    old = SpeechSynthesizer.from_dir(tmp_path / "old")
+    assert not old.config.normalize and old.config.dropout == 0.0
+    assert old.text_ids("12") == old.tokenizer.encode("12")  # a digits-trained model still reads digits
+
+
+def test_dropout_acts_in_training_only():
+    with pytest.raises(ConfigError, match="dropout"):
+        TTSConfig(dropout=1.0)
+    torch.manual_seed(0)
+    lm = CodecLM(TTSConfig(d_model=16, n_layers=1, nar_layers=1, n_heads=2, max_frames=20, dropout=0.5), 6, 2, 8)
+    texts, codes = [[1, 2]], [torch.randint(0, 8, (2, 6))]
+    lm.train()
+    with torch.no_grad():
+        assert float(lm.ar_loss(texts, codes)) != float(lm.ar_loss(texts, codes))
+    lm.eval()
+    with torch.no_grad():
+        assert float(lm.ar_loss(texts, codes)) == float(lm.ar_loss(texts, codes))

@@ -7,7 +7,11 @@ The speech is the codec's (codec.py) integer codes, n_q codebooks per frame. Two
   frame the sum of the embeddings of codebooks 1..j-1, plus a stage embedding for j; it predicts codebook j for
   every frame at once (VALL-E's split: j = 2..n_q each one parallel pass).
 Text is phoneme-free: the transcript's characters (an lmstack char Tokenizer), so the models learn the spelling-
-to-sound mapping themselves. No acoustic prompt: `voices` is the single voice the model was trained on.
+to-sound mapping themselves. A text-normalisation front end (text_normalize.py, `TTSConfig.normalize`) first writes
+numbers as the words the voice says ("4217" -> "four thousand two hundred and seventeen"), so the model need not
+learn place value from its training pairs; it is on for new models and off for a saved config that predates the
+field (those models were trained on digits). No acoustic prompt: `voices` is the single voice the model was
+trained on.
 
 Sampling of the AR codes uses lmstack's sampling helper (model.reference_decode.sample_next: temperature and
 top-k) with the logits restricted to codes and <eos> (no <eos> before `min_frames`); `max_frames` guards the
@@ -44,6 +48,7 @@ from lmstack.model.load_guard import load_safetensors, read_json
 from lmstack.model.reference_decode import sample_next
 from lmstack.multimodal.audio import SAMPLE_RATE
 from lmstack.multimodal.codec import FORMAT as CODEC_FORMAT, Codec, CodecConfig, codec_from_parts
+from lmstack.multimodal.text_normalize import normalize_text
 from lmstack.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT = "lmstack-tts-1"
@@ -63,6 +68,8 @@ class TTSConfig:
     """Blocks of the NAR model (codebooks 2..n_q)."""
     n_heads: int = 4
     """Attention heads of both."""
+    dropout: float = 0.0
+    """Dropout inside both Transformers while training (residual and attention; off in eval and generation)."""
     max_chars: int = 80
     """Longest transcript speak() accepts (characters)."""
     max_frames: int = 300
@@ -75,6 +82,9 @@ class TTSConfig:
     """Default top-k of the AR sampling (0 = off)."""
     voices: list[str] = field(default_factory=lambda: ["en"])
     """The voice(s) the model was trained on (no acoustic prompt: one voice per model)."""
+    normalize: bool = True
+    """Text front end: numbers in digits -> English words (text_normalize.normalize_text) before tokenising, for
+    training and speaking alike. A saved config without this field loads with it off (trained on raw text)."""
 
     def __post_init__(self):
         if self.d_model < 8 or self.d_model % self.n_heads:
@@ -83,10 +93,18 @@ class TTSConfig:
             raise ConfigError("n_layers and nar_layers must be >= 1")
         if self.max_chars < 1 or self.max_frames < 1 or not 0 <= self.min_frames <= self.max_frames:
             raise ConfigError("max_chars and max_frames must be >= 1, and 0 <= min_frames <= max_frames")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.temperature < 0 or self.top_k < 0:
             raise ConfigError(f"temperature ({self.temperature}) and top_k ({self.top_k}) must be >= 0")
         if not self.voices:
             raise ConfigError("voices must name at least one voice")
+
+
+def front_end(text: str, config: TTSConfig) -> str:
+    """The text the model reads: stripped, and with numbers as words when `config.normalize` is on."""
+    text = text.strip()
+    return normalize_text(text) if config.normalize else text
 
 
 class CodecLM(nn.Module):
@@ -99,9 +117,10 @@ class CodecLM(nn.Module):
         self.sep, self.code0, self.eos = text_vocab, text_vocab + 1, text_vocab + 1 + codebook_size
         seq = cfg.max_chars + cfg.max_frames + 2
         self.ar = Transformer(ModelConfig(vocab_size=self.eos + 1, d_model=cfg.d_model, n_layers=cfg.n_layers,
-                                          n_heads=cfg.n_heads, max_seq_len=seq))
+                                          n_heads=cfg.n_heads, max_seq_len=seq, dropout=cfg.dropout))
         self.nar = Transformer(ModelConfig(vocab_size=8, d_model=cfg.d_model, n_layers=cfg.nar_layers,
-                                           n_heads=cfg.n_heads, max_seq_len=seq, causal=False, head="none"))
+                                           n_heads=cfg.n_heads, max_seq_len=seq, causal=False, head="none",
+                                           dropout=cfg.dropout))
         self.nar_text = nn.Embedding(text_vocab + 1, cfg.d_model)  # + <sep>
         self.nar_codes = nn.Embedding(n_q * codebook_size, cfg.d_model)  # codebook i's row c at i * K + c
         self.nar_stage = nn.Embedding(max(n_q, 1), cfg.d_model)
@@ -223,15 +242,18 @@ class SpeechSynthesizer:
         return self.config.max_chars
 
     def text_ids(self, text: str) -> list[int]:
-        """The transcript's ids; empty, over-long or unknown-character text raises LmstackError naming it."""
+        """The transcript's ids (after the front end); empty, over-long or unknown-character text raises
+        LmstackError naming it."""
         if not isinstance(text, str):
             raise LmstackError(f"the text must be a string, got {type(text).__name__}")
-        text = text.strip()
-        if not text:
+        if not text.strip():
             raise LmstackError("the text to speak is empty")
-        if len(text) > self.max_chars:
-            raise LmstackError(f"the text is {len(text)} characters long; this model speaks at most "
+        spoken = front_end(text, self.config)
+        if len(spoken) > self.max_chars:
+            words = " once its numbers are written as words" if spoken != text.strip() else ""
+            raise LmstackError(f"the text is {len(spoken)} characters long{words}; this model speaks at most "
                                f"{self.max_chars}")
+        text = spoken
         unknown = sorted({ch for ch in text if ch not in self._known})
         if unknown:
             raise LmstackError(f"the text has characters this model cannot speak: {''.join(unknown)!r} "
@@ -280,7 +302,8 @@ class SpeechSynthesizer:
                 not isinstance(meta.get("codec"), dict):
             raise LmstackError(f"{path / 'config.json'} is not an lmstack TTS config (format {FORMAT} with "
                                "'tts' and 'codec' sections)")
-        cfg = from_dict(TTSConfig, meta["tts"])
+        # a config saved before the normalisation front end existed: its model was trained on raw text
+        cfg = from_dict(TTSConfig, {"normalize": False, **meta["tts"]})
         codec = codec_from_parts(meta["codec"], load_safetensors(path, "codec.safetensors", "codec weights"),
                                  str(path / "config.json"))
         tok = load_tokenizer(path)
@@ -292,4 +315,4 @@ class SpeechSynthesizer:
         return cls(codec, lm, tok, cfg)
 
 
-__all__ = ["SpeechSynthesizer", "TTSConfig", "CodecLM", "DEFAULT_ALPHABET", "FORMAT"]
+__all__ = ["SpeechSynthesizer", "TTSConfig", "CodecLM", "DEFAULT_ALPHABET", "FORMAT", "front_end"]

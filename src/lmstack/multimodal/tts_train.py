@@ -2,9 +2,12 @@
 
 - `train_codec_on(codec, waves, ...)`: k-means init of the residual codebooks on the encoder's latents, then Adam
   on random crops with L1 + multi-resolution STFT + commitment losses (no GAN: see codec.py).
-- `train_tts_on(lm, texts, codes, ...)`: the AR and the NAR losses summed, one Adam over both models.
+- `train_tts_on(lm, texts, codes, ...)`: the AR and the NAR losses summed, one AdamW over both models
+  (dropout inside both Transformers when `TTSConfig.dropout` > 0; generation runs in eval mode).
 - The CLI reads a speech world (`lmstack data synth-speech`): the codec learns from every training utterance of
-  the chosen voices; the TTS from one voice and one prosody bundle (no acoustic prompt, so one voice per model).
+  the chosen voices; the TTS from one voice and one prosody bundle (no acoustic prompt, so one voice per model),
+  its transcripts passed through the model's text front end (tts.front_end: numbers as words when
+  `--tts.normalize` is on, the default) exactly as speak() will pass what it is asked to say.
 
 Usage:
     lmstack data synth-speech --out data/speech --n_utterances 2000
@@ -27,7 +30,7 @@ from lmstack.config import atomic_write_bytes, atomic_write_text, to_dict
 from lmstack.errors import LmstackError
 from lmstack.multimodal.audio import SAMPLE_RATE, read_wav, resample, write_wav
 from lmstack.multimodal.codec import Codec, CodecConfig, load_codec, mel_distance, reconstruction_loss, snr_db
-from lmstack.multimodal.tts import CodecLM, SpeechSynthesizer, TTSConfig
+from lmstack.multimodal.tts import CodecLM, SpeechSynthesizer, TTSConfig, front_end
 from lmstack.runtime.validation import need
 from lmstack.threads import set_threads
 from lmstack.tokenizer import train_tokenizer
@@ -251,14 +254,17 @@ def run_train_tts(cfg: TTSTrainConfig) -> dict:
         set_threads(cfg.threads)
     codec = load_codec(cfg.codec)
     max_seconds = cfg.tts.max_frames / codec.config.frame_rate
-    train = [r for r in read_speech_split(cfg.data, "train", cfg.voice, cfg.prosody, max_seconds)
-             if len(r["text"]) <= cfg.tts.max_chars]
-    tok = char_tokenizer([r["text"] for r in train])
+    train = [{**r, "spoken": front_end(r["text"], cfg.tts)}
+             for r in read_speech_split(cfg.data, "train", cfg.voice, cfg.prosody, max_seconds)]
+    train = [r for r in train if len(r["spoken"]) <= cfg.tts.max_chars]
+    if not train:
+        raise LmstackError(f"no training utterance fits max_chars={cfg.tts.max_chars} (after the text front end)")
+    tok = char_tokenizer([r["spoken"] for r in train])
     synth = SpeechSynthesizer.build(codec, tok, TTSConfig(**{**to_dict(cfg.tts), "voices": [cfg.voice or "any"]}),
                                     cfg.seed)
     codes = [codec.encode(r["samples"]) for r in train]
     start = time.perf_counter()
-    log = train_tts_on(synth.lm, [tok.encode(r["text"]) for r in train], codes, cfg.steps, cfg.batch_size, cfg.lr,
+    log = train_tts_on(synth.lm, [tok.encode(r["spoken"]) for r in train], codes, cfg.steps, cfg.batch_size, cfg.lr,
                        cfg.seed, progress=True)
     synth.save(cfg.out)
     metrics = {"log": log, "utterances": len(train), "seconds": round(time.perf_counter() - start, 1),

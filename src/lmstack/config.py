@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
+import stat
 import tempfile
 import types
 import typing
@@ -199,6 +200,15 @@ def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Pat
     return path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: set-and-restore is not safe to do while other threads create files
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` via a temporary file and a rename, so readers never see half a file."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -210,6 +220,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would (the umask's default), or
+        # keep the mode of the file it replaces, so a rewrite never changes who can read it
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_UMASK
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -93,6 +93,10 @@ def test_transcriptions_through_openai_client(client, asr, speech):
     assert beam.text == asr.transcribe(decode_audio(data, None), beam=2)
 
 
+def test_models_lists_the_speech_models_it_serves(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-llama", "asr", "tts"]
+
+
 def test_speech_through_openai_client(client, tts):
     ref, rate = tts.speak("hello there", voice="en", seed=3)
     wav = client.audio.speech.create(model="tts-1", voice="en", input="hello there", response_format="wav",

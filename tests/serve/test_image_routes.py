@@ -62,6 +62,11 @@ def test_generations_through_openai_client(client, generator):
     assert np.array_equal(png_pixels(again.data[0].b64_json), expected[0])
 
 
+def test_models_lists_the_generator_beside_the_language_model(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tiny-llama", "diffusion"], ids  # no asr/tts/video card: this server was not given them
+
+
 def test_warnings_come_back_with_status_200(client, generator):
     resp = client.images.generate(prompt="a purple banana", extra_body={"steps": 2})
     warnings = resp.model_extra["warnings"]  # the openai client keeps fields it does not know

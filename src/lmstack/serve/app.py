@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: a FastAPI app around one lmstack AsyncLLMEngine.
 
 Routes:
-    GET  /v1/models                 the model (and any LoRA adapters) this server answers to
+    GET  /v1/models                 the model (and any LoRA adapters) this server answers to, and "asr", "tts",
+                                    "diffusion", "video" for the modality models it was started with
     POST /v1/completions            prompt(s) -> text, logprobs, echo (+ SSE streaming)
     POST /v1/chat/completions       messages -> assistant reply (+ SSE streaming); with "rag" or a `retrieve` tool,
                                     answered from --rag_index with citations (serve/rag_routes.py)
@@ -186,6 +187,10 @@ def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService
         cards = [ModelCard(id=config.model_name, created=state.created, max_model_len=state.max_model_len)]
         cards += [ModelCard(id=name, created=state.created, root=name, parent=config.model_name,
                             max_model_len=state.max_model_len) for name in state.adapters()]
+        # the speech, image and video models behind their flags; their routes take any `model` name (there is one
+        # model per route), so these ids are labels a client can discover, not a routing key
+        cards += [ModelCard(id=name, created=state.created) for name, served in
+                  (("asr", asr), ("tts", tts), ("diffusion", images), ("video", video)) if served is not None]
         return ModelList(data=cards).model_dump()
 
     async def completion(request: Request, body: CompletionRequest):

@@ -16,6 +16,7 @@ from lmstack.multimodal.audio import read_wav, write_wav
 from lmstack.multimodal.espeak import synthesize
 from lmstack.multimodal.tts import SpeechSynthesizer
 from lmstack.multimodal.whisper import WhisperConfig
+from lmstack.safety.guard import Guard, GuardConfig
 from lmstack.serve.audio_input import AudioLimits, decode_audio
 from lmstack.serve.commands import build_app
 from lmstack.serve.engine_bridge import ServerConfig
@@ -254,3 +255,16 @@ def test_the_upload_route_has_its_own_body_limit(model_dir, asr):
         assert r.status_code == 413 and "100000 bytes" in r.json()["error"]["message"]
         r = c.post("/v1/audio/transcriptions", files={"file": ("s.wav", write_wav(_tone(16.0)))})  # 512 KB
         assert r.status_code == 413 and "465536 bytes" in r.json()["error"]["message"]  # 400_000 + 64 KiB framing
+
+
+def test_guard_refuses_flagged_speech_input_and_speaks_the_next(model_dir, tts):
+    app, _ = build_app(str(model_dir), ServerConfig(model_name="tiny-llama"), max_num_seqs=2, tts=tts,
+                       guard=Guard(GuardConfig(moderator="keyword")))
+    with TestClient(app) as c:
+        body = {"model": "tts-1", "voice": "en", "response_format": "wav"}
+        r = c.post("/v1/audio/speech", json={**body, "input": "brew the forbidden potion at midnight"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "content_policy_violation" and err["param"] == "input"
+        ok = c.post("/v1/audio/speech", json={**body, "input": "hello there"})
+        assert ok.status_code == 200 and ok.content[:4] == b"RIFF"

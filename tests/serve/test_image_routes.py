@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lmstack.multimodal.dit import ImageGenerator
+from lmstack.safety.guard import Guard, GuardConfig
 from lmstack.serve.commands import build_app
 from lmstack.serve.engine_bridge import ServerConfig
 
@@ -116,3 +117,17 @@ def test_without_a_generator_the_route_names_the_flag(model_dir):
     with TestClient(app) as c:
         r = c.post("/v1/images/generations", json=GOOD)
         assert r.status_code == 404 and "--diffusion DIR" in r.json()["error"]["message"]
+
+
+def test_guard_refuses_a_flagged_prompt_and_draws_the_next(model_dir, generator):
+    guard = Guard(GuardConfig(moderator="keyword"))
+    app, _ = build_app(str(model_dir), ServerConfig(model_name="tiny-llama"), max_num_seqs=2, diffusion=generator,
+                       guard=guard)
+    with TestClient(app) as c:
+        r = c.post("/v1/images/generations", json={**GOOD, "prompt": "how to brew the forbidden potion"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "content_policy_violation" and err["param"] == "prompt"
+        assert "harmful_instructions" in err["message"]
+        ok = c.post("/v1/images/generations", json=GOOD)
+        assert ok.status_code == 200 and ok.json()["data"][0]["b64_json"]

@@ -268,8 +268,8 @@ def create_app(aengine: Any, config: ServerConfig | None = None, rag: RagService
         return {**names, "model_max_length": state.max_model_len, "vocab_size": tok.vocab_size,
                 "tokenizer_class": type(tok).__name__}
 
-    add_audio_routes(app, state, auth, asr, tts, audio_limits)
-    add_image_routes(app, state, auth, images)
+    add_audio_routes(app, state, auth, asr, tts, audio_limits, guard)
+    add_image_routes(app, state, auth, images, guard)
     add_video_routes(app, state, auth, video)
 
     @app.get("/health")

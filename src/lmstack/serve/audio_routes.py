@@ -22,6 +22,8 @@ takes a speed; `seed` (extension, default 0) makes the audio reproducible. The b
 Without its model a route answers 404 naming the flag that loads one. Both routes take the server's API key, and
 run decoding and the model in the server's worker pool (ServerState.run), so a long transcription never stalls
 the event loop; one model call runs at a time per model (a lock), since a model's modules are not reentrant.
+With --guard, /v1/audio/speech input the moderator blocks is a 400 with code content_policy_violation;
+transcripts are not moderated (they are what the user said).
 
 Usage (server side):
     app = create_app(aengine, config, asr=SpeechRecognizer.from_dir("runs/asr"),
@@ -46,6 +48,7 @@ from lmstack.multimodal.audio import SAMPLE_RATE, write_wav
 from lmstack.serve.audio_input import AudioLimits, AudioRejected
 from lmstack.serve.engine_bridge import ServerState
 from lmstack.serve.errors import APIError
+from lmstack.serve.guard_routes import refuse_flagged
 from lmstack.serve.limits import reject_lone_surrogates
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -206,9 +209,10 @@ def check_speech(tts: Any, req: SpeechRequest) -> None:
                        param="speed")
 
 
-def speak_now(tts: ServedModel, req: SpeechRequest) -> Response:
-    """The /v1/audio/speech answer (runs in the worker pool)."""
+def speak_now(tts: ServedModel, req: SpeechRequest, guard: Any = None) -> Response:
+    """The /v1/audio/speech answer (runs in the worker pool); with a guard, blocked input is a 400."""
     check_speech(tts.model, req)
+    refuse_flagged(guard, req.input, "input", "speak")
     try:
         with tts.lock:
             samples, rate = tts.model.speak(req.input, voice=req.voice, seed=req.seed)
@@ -219,8 +223,9 @@ def speak_now(tts: ServedModel, req: SpeechRequest) -> Response:
 
 
 def add_audio_routes(app: FastAPI, state: ServerState, auth: list, asr: Any = None, tts: Any = None,
-                     limits: AudioLimits | None = None) -> None:
-    """Register /v1/audio/transcriptions and /v1/audio/speech on `app`, each behind `auth` (the API key)."""
+                     limits: AudioLimits | None = None, guard: Any = None) -> None:
+    """Register /v1/audio/transcriptions and /v1/audio/speech on `app`, each behind `auth` (the API key);
+    `guard` (a safety.guard.Guard) judges the text to speak first."""
     limits = limits or AudioLimits()
     served_asr = ServedModel(asr) if asr is not None else None
     served_tts = ServedModel(tts) if tts is not None else None
@@ -238,7 +243,7 @@ def add_audio_routes(app: FastAPI, state: ServerState, auth: list, asr: Any = No
         if served_tts is None:
             raise APIError(404, "this server has no speech synthesizer; start it with --tts DIR (a directory "
                                 "written by lmstack.multimodal.tts.SpeechSynthesizer.save)")
-        return await state.run(speak_now, served_tts, body)
+        return await state.run(speak_now, served_tts, body, guard)
 
 
 def upload_limit(config_bytes: int, limits: AudioLimits) -> int:

@@ -13,6 +13,10 @@ With a Guard (lmstack.safety.guard), the chat and completions routes run through
   Not moderated: tool-call arguments, and the token strings inside logprobs (they may show text the monitor
   still holds back).
 
+/v1/images/generations and /v1/audio/speech judge their prompt / input the same way (`refuse_flagged`); a
+blocked one is a 400 with code content_policy_violation, as OpenAI's image API answers. Transcripts and video
+answers are not moderated.
+
 /v1/moderations is OpenAI's: `input` a string or a list of strings; each result has `flagged` (any category over
 its threshold), `categories` ({name: bool}) and `category_scores` ({name: probability}). Without --guard it is
 a 404 that says so.
@@ -59,6 +63,19 @@ def moderations_now(state: ServerState, guard: Guard | None, body: ModerationReq
                for v in guard.moderator.classify(texts)]
     return {"id": f"modr-{uuid.uuid4().hex}", "model": body.model or f"lmstack-moderation-{guard.moderator.tier}",
             "results": results}
+
+
+def refuse_flagged(guard: Guard | None, text: str, param: str, action: str) -> None:
+    """A 400 (OpenAI's `content_policy_violation`) when the guard blocks `text`, the input of a route that makes
+    something from it (a picture to draw, speech to say); nothing without a guard or with input checks off.
+    Runs in the worker pool: the moderator is a model call."""
+    if guard is None or not guard.cfg.check_input:
+        return
+    verdict = guard.check_texts([text])
+    if verdict is not None:
+        over = ", ".join(c for c in guard.cfg.block if verdict.categories.get(c, False))
+        raise APIError(400, f"{param} was flagged by the moderator ({over}); this server will not {action} it",
+                       param=param, code="content_policy_violation")
 
 
 def _refusal_chat(guard: Guard, body: ChatCompletionRequest, model: str):

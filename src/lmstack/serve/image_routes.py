@@ -15,7 +15,8 @@ Unknown fields (quality, style, ...) are a 400 naming them, as in the other rout
 The answer is {"created", "data": [{"b64_json": PNG}, ...]}; where the generator warns (a prompt word it does not
 know, say), the warnings are in an extra "warnings" list, still with status 200 (the openai client keeps unknown
 fields: `resp.warnings`). The generator runs in the server's worker pool, one call at a time (a lock).
-Without --diffusion the route answers 404 naming the flag.
+Without --diffusion the route answers 404 naming the flag. With --guard, a prompt the moderator blocks is a 400
+with code content_policy_violation (OpenAI's answer to a refused prompt), naming the categories.
 
 Usage (server side):
     app = create_app(aengine, config, images=ImageGenerator.from_dir("runs/diffusion"))
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmstack.errors import LmstackError
 from lmstack.serve.engine_bridge import ServerState
 from lmstack.serve.errors import APIError
+from lmstack.serve.guard_routes import refuse_flagged
 from lmstack.serve.limits import reject_lone_surrogates
 
 MAX_IMAGES = 4
@@ -88,9 +90,10 @@ def check_image_request(generator: Any, req: ImageGenerationRequest) -> None:
                        param="size")
 
 
-def generate_now(generator: Any, lock: threading.Lock, req: ImageGenerationRequest) -> dict:
-    """The /v1/images/generations answer (runs in the worker pool)."""
+def generate_now(generator: Any, lock: threading.Lock, req: ImageGenerationRequest, guard: Any = None) -> dict:
+    """The /v1/images/generations answer (runs in the worker pool); with a guard, a blocked prompt is a 400."""
     check_image_request(generator, req)
+    refuse_flagged(guard, req.prompt, "prompt", "draw")
     options = {k: v for k in ("steps", "sampler", "guidance") if (v := getattr(req, k)) is not None}
     try:
         with lock:
@@ -106,8 +109,9 @@ def generate_now(generator: Any, lock: threading.Lock, req: ImageGenerationReque
     return body
 
 
-def add_image_routes(app: FastAPI, state: ServerState, auth: list, generator: Any = None) -> None:
-    """Register /v1/images/generations on `app`, behind `auth` (the API key)."""
+def add_image_routes(app: FastAPI, state: ServerState, auth: list, generator: Any = None, guard: Any = None) -> None:
+    """Register /v1/images/generations on `app`, behind `auth` (the API key); `guard` (a safety.guard.Guard)
+    judges each prompt first."""
     lock = threading.Lock()
 
     @app.post("/v1/images/generations", dependencies=auth)
@@ -115,4 +119,4 @@ def add_image_routes(app: FastAPI, state: ServerState, auth: list, generator: An
         if generator is None:
             raise APIError(404, "this server has no image generator; start it with --diffusion DIR (a directory "
                                 "written by lmstack.multimodal.diffusion's ImageGenerator.save)")
-        return await state.run(generate_now, generator, lock, body)
+        return await state.run(generate_now, generator, lock, body, guard)

@@ -104,3 +104,64 @@ def test_tiny_training_run_lowers_the_loss():
     first = sum(r["loss"] for r in rows[:10]) / 10
     last = sum(r["loss"] for r in rows[-10:]) / 10
     assert len(rows) == 60 and last < 0.7 * first, (first, last)
+
+
+def strong_unet(**kw):
+    """The unet2 options on a tiny UNet, every zero-initialised layer randomised so each path is live."""
+    unet = tiny_unet(cond="film", attn_levels=(0, 1), pool="eos", text_adapter=True, **kw)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if float(p.abs().sum()) == 0.0:
+                p.normal_(0, 0.3)
+    return unet
+
+
+def test_film_adapter_and_attention_levels_carry_the_prompt_and_ignore_padding():
+    unet = strong_unet()
+    assert len([m for m in unet.modules() if type(m).__name__ == "CrossAttention"]) == 5  # 2 down, mid, 2 up
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([300])
+    a = torch.randn(1, 3, 8)
+    mask = torch.tensor([[True, True, False]])
+    base = unet(x, t, a, mask)
+    for pos in (0, 1):  # every real token reaches the output (through the adapter, the attentions, the EOS vector)
+        b = a.clone()
+        b[0, pos] += torch.randn(8)  # not a constant: the adapter's LayerNorm would remove that
+        assert not torch.allclose(base, unet(x, t, b, mask), atol=1e-5), pos
+    c = a.clone()
+    c[0, 2] = 100.0  # padding changes nothing
+    assert torch.allclose(base, unet(x, t, c, mask), atol=1e-5)
+    # FiLM carries the pooled (EOS) vector: with every cross-attention cut, the EOS token still matters
+    for m in unet.modules():
+        if type(m).__name__ == "CrossAttention":
+            m.attn.out_proj.weight.data.zero_()
+            m.attn.out_proj.bias.data.zero_()
+    b = a.clone()
+    b[0, 1] += torch.randn(8)
+    assert not torch.allclose(unet(x, t, a, mask), unet(x, t, b, mask), atol=1e-5)
+    b = a.clone()
+    b[0, 0] += torch.randn(8)  # not the EOS (the last real token): the pooled vector ignores it
+    assert torch.allclose(unet(x, t, a, mask), unet(x, t, b, mask), atol=1e-5)
+
+
+def test_default_unet_options_keep_the_saved_layout():
+    old = tiny_unet()
+    assert not any(k.startswith(("adapter", "down_attn", "up_attn")) for k in old.state_dict())
+    assert old.down[0][0].cond.out_features == 8  # add: one bias per channel
+    new = tiny_unet(cond="film", attn_levels=(1,), text_adapter=True)
+    assert new.down[0][0].cond.out_features == 16  # film: a scale and a shift per channel
+    assert any(k.startswith("up_attn") for k in new.state_dict()) and any(k.startswith("adapter")
+                                                                           for k in new.state_dict())
+    for bad in (dict(cond="mul"), dict(pool="max"), dict(attn_levels=(2,))):
+        with pytest.raises(LmstackError, match="cond|pool|attn_levels"):
+            UNetConfig(image_size=16, channels=8, channel_mults=(1, 2), groups=4, n_heads=2, text_dim=8, **bad)
+
+
+def test_strong_unet_round_trips_through_a_generator_directory(tmp_path):
+    gen = ImageGenerator.random(tiny=True, seed=0, denoiser="unet")
+    cfg = UNetConfig(**{**gen.dit.config.to_dict(), "cond": "film", "attn_levels": [0], "pool": "eos",
+                        "text_adapter": True})
+    gen = ImageGenerator(randomise_output(UNet(cfg)), gen.text, gen.text_config, gen.tok, gen.schedule,
+                         gen.known_words)
+    back = ImageGenerator.from_dir(gen.save(tmp_path / "g"))
+    assert back.dit.config == cfg
+    assert torch.equal(back.sample(["a red star"], seed=1, steps=2), gen.sample(["a red star"], seed=1, steps=2))

@@ -89,9 +89,30 @@ def test_transcriptions_through_openai_client(client, asr, speech):
     verbose = client.audio.transcriptions.create(file=("s.wav", data), model="asr", response_format="verbose_json")
     assert verbose.duration == pytest.approx(len(samples) / rate, abs=1e-3) and verbose.language == "english"
     srt = client.audio.transcriptions.create(file=("s.wav", data), model="asr", response_format="srt")
-    assert srt.startswith("1\n00:00:00,000 --> 00:00:0") and asr.transcribe(decode_audio(data, None)) in srt
+    cue_words = [w for cue in srt.strip().split("\n\n") for w in cue.split("\n")[2].split()]
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:0")
+    assert cue_words == asr.transcribe(decode_audio(data, None)).split()
     beam = client.audio.transcriptions.create(file=("s.wav", data), model="asr", extra_body={"beam": 2})
     assert beam.text == asr.transcribe(decode_audio(data, None), beam=2)
+
+
+def test_word_timestamps_through_openai_client(client, asr, speech):
+    """verbose_json with timestamp_granularities=["word"] carries OpenAI's words: the transcript's words with
+    monotonic times inside the clip; vtt cues carry the same times (their quality is the benchmark's job)."""
+    data = encoded(*speech)
+    samples = decode_audio(data, None)
+    text, expected = asr.transcribe_words(samples)
+    resp = client.audio.transcriptions.create(file=("s.wav", data), model="asr", response_format="verbose_json",
+                                              timestamp_granularities=["word"])
+    words = [(w.word, w.start, w.end) for w in resp.words]
+    assert resp.text == text and [w for w, _, _ in words] == text.split() and words
+    assert [(w, round(a, 3), round(b, 3)) for w, a, b in expected] == words
+    times = [t for _, a, b in words for t in (a, b)]
+    assert all(a <= b for a, b in zip(times, times[1:])) and 0 <= times[0] and times[-1] <= resp.duration
+    vtt = client.audio.transcriptions.create(file=("s.wav", data), model="asr", response_format="vtt")
+    first = vtt.split("\n\n")[1].split("\n")[0]
+    assert vtt.startswith("WEBVTT") and first.startswith("00:00:00.000 --> ") and first.endswith(
+        f"{int(round(expected[min(6, len(expected) - 1)][2] * 1000)) % 1000:03d}")
 
 
 def test_models_lists_the_speech_models_it_serves(client):
@@ -193,6 +214,8 @@ UPLOAD_CASES = [
      ["stream is not supported"]),
     ("word_timestamps", {"file": ("s.wav", write_wav(_tone(0.5)))}, {"timestamp_granularities[]": "word"}, 400,
      ["timestamp_granularities[] is not supported"]),
+    ("segment_timestamps", {"file": ("s.wav", write_wav(_tone(0.5)))},
+     {"timestamp_granularities[]": "segment", "response_format": "verbose_json"}, 400, ["'segment'", "word"]),
 ]
 
 

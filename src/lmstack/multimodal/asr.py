@@ -5,7 +5,10 @@ Tokenizer: CHARACTERS, not BPE. An lmstack char Tokenizer over printable ASCII (
 made before any data, e.g. `SpeechRecognizer.random`, has the same vocabulary as a trained one) plus Whisper's
 task tokens as specials: <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|> <|endoftext|>. Every
 transcript is decoded after the prompt `<|startoftranscript|><|en|><|transcribe|><|notimestamps|>` and ends
-with `<|endoftext|>`. Timestamps are not modelled (the world's utterances are one short sentence each).
+with `<|endoftext|>`. Timestamp TOKENS are not modelled (the world's utterances are one short sentence each);
+word timestamps come after decoding from the cross-attention (`transcribe_words`, asr_timing.py), with the
+alignment heads stored in config.json ("alignment_heads"; absent = every head of the last half of the decoder;
+"alignment_median_width", absent = 7, Whisper's).
 
 Decoding: greedy (a batch at once) or beam search over one utterance. The beam loop is a small
 encoder-decoder one written here; the engine's paged beam search (lmstack.infer.beam_search) serves
@@ -36,6 +39,7 @@ Usage:
     asr.guard = guard_from_transcripts(texts, seconds)   # cap tokens by duration + compression-ratio fallback
     text = asr.transcribe(samples, beam=4)
     texts = asr.transcribe_batch([a, b, c])
+    text, words = asr.transcribe_words(samples)          # + [(word, start_s, end_s)] (asr_timing: attention + DTW)
 """
 from __future__ import annotations
 
@@ -53,6 +57,8 @@ from safetensors.torch import save as safetensors_bytes
 from lmstack.config import ConfigError, atomic_write_bytes, atomic_write_text, from_dict, to_dict
 from lmstack.errors import LmstackError
 from lmstack.model.load_guard import load_safetensors, load_state_checked, read_json
+from lmstack.multimodal.asr_timing import (MEDIAN_WIDTH, alignment_matrix, check_heads, check_median_width,
+                                            default_heads, word_times)
 from lmstack.multimodal.audio import HOP, N_FFT, SAMPLE_RATE, log_mel
 from lmstack.multimodal.whisper import Whisper, WhisperConfig
 from lmstack.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -246,9 +252,12 @@ class SpeechRecognizer:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model: Whisper, tokenizer: Tokenizer, guard: DecodeGuard | None = None):
+    def __init__(self, model: Whisper, tokenizer: Tokenizer, guard: DecodeGuard | None = None,
+                 alignment_heads: list | None = None, median_width: int = MEDIAN_WIDTH):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.guard = guard or DecodeGuard()
+        self.alignment_heads = alignment_heads
+        self.median_width = check_median_width(median_width)
         self.ids = TaskIds(tokenizer)
         if model.config.n_text_ctx <= len(self.ids.prompt):
             raise LmstackError(f"n_text_ctx={model.config.n_text_ctx} leaves no room for a transcript after the "
@@ -260,6 +269,17 @@ class SpeechRecognizer:
     @property
     def config(self) -> WhisperConfig:
         return self.model.config
+
+    @property
+    def alignment_heads(self) -> list[tuple[int, int]]:
+        """The (layer, head) cross-attention heads word timestamps average (asr_timing); when none were set,
+        every head of the last half of the decoder blocks."""
+        return self._heads or default_heads(self.config.n_decoder_layers, self.config.n_heads)
+
+    @alignment_heads.setter
+    def alignment_heads(self, heads) -> None:
+        self._heads = None if heads is None else check_heads(heads, self.config.n_decoder_layers,
+                                                             self.config.n_heads)
 
     @property
     def max_seconds(self) -> float:
@@ -318,6 +338,41 @@ class SpeechRecognizer:
                         texts[i] = retry
         return texts
 
+    # ---- word timestamps
+    @torch.no_grad()
+    def cross_attention(self, samples: np.ndarray, text: str) -> tuple[list[np.ndarray], int]:
+        """The teacher-forced cross-attention of `text` over the audio: per decoder block (heads, len(text) + 1,
+        encoder positions), row r the query predicting character r (the last row <|endoftext|>), and the number
+        of encoder positions the real audio covers."""
+        x = check_audio(samples, SAMPLE_RATE, self.max_seconds)
+        ids = self.tokenizer.encode(text)
+        if len(ids) != len(text):
+            raise LmstackError(f"word timestamps need one token per character; {text[:40]!r} gave {len(ids)} "
+                               f"tokens for {len(text)} characters")
+        mel, frames = batch_features([x], self.config.n_mels)
+        device = next(self.model.parameters()).device
+        enc, mask = self.model.encode(mel.to(device))
+        tokens = torch.tensor([self.ids.prompt + ids], device=device)
+        _, weights = self.model.decode_with_cross_weights(tokens, enc, mask)
+        first = len(self.ids.prompt) - 1
+        return [w[0, :, first:].float().cpu().numpy() for w in weights], (int(frames[0]) + 1) // 2
+
+    def word_timestamps(self, samples: np.ndarray, text: str) -> list[tuple[str, float, float]]:
+        """[(word, start_s, end_s)] of a transcript of `samples` (words split on spaces), by cross-attention
+        and DTW over self.alignment_heads (median filter self.median_width); [] for an empty transcript."""
+        if not text.split():
+            return []
+        weights, frames = self.cross_attention(samples, text)
+        return word_times(text, alignment_matrix(weights, self.alignment_heads, frames,
+                                                 median_width=self.median_width))
+
+    def transcribe_words(self, samples: np.ndarray, beam: int = 1, sample_rate: int = SAMPLE_RATE,
+                         guard: bool = True) -> tuple[str, list[tuple[str, float, float]]]:
+        """`transcribe` plus word timestamps: (text, [(word, start_s, end_s)]) -- Whisper's word_timestamps."""
+        x = check_audio(samples, sample_rate, self.max_seconds)
+        text = self.transcribe(x, beam=beam, guard=guard)
+        return text, self.word_timestamps(x, text)
+
     # ---- files
     def save(self, path: str | os.PathLike) -> Path:
         """Write config.json (model_type lmstack_asr), model.safetensors and tokenizer.json, each atomically,
@@ -337,6 +392,10 @@ class SpeechRecognizer:
         config = {"model_type": MODEL_TYPE, "asr": to_dict(self.config), "sample_rate": SAMPLE_RATE,
                   "prompt": [SOT, LANG, TRANSCRIBE, NO_TIMESTAMPS], "tokenizer": "char (printable ASCII)",
                   "guard": to_dict(self.guard)}
+        if self._heads is not None:
+            config["alignment_heads"] = [list(pair) for pair in self._heads]
+        if self.median_width != MEDIAN_WIDTH:
+            config["alignment_median_width"] = self.median_width
         atomic_write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
         return path
 
@@ -359,8 +418,15 @@ class SpeechRecognizer:
         guard = data.get("guard", {})  # models saved before the guard existed have none: no guard
         if not isinstance(guard, dict):
             raise LmstackError(f"{path}/config.json: 'guard' must be an object, got {type(guard).__name__}")
-        return cls(model.to(device), load_tokenizer(path), from_dict(DecodeGuard, guard))
-
+        heads = data.get("alignment_heads")  # models saved before word timestamps have none: default_heads
+        width = data.get("alignment_median_width", MEDIAN_WIDTH)
+        try:
+            if heads is not None:
+                check_heads(heads, model.config.n_decoder_layers, model.config.n_heads)
+            check_median_width(width)
+        except LmstackError as e:
+            raise LmstackError(f"{path}/config.json: {e}") from None
+        return cls(model.to(device), load_tokenizer(path), from_dict(DecodeGuard, guard), heads, width)
 
 __all__ = ["SpeechRecognizer", "DecodeGuard", "compression_ratio", "guard_from_transcripts", "asr_tokenizer",
            "clean_text", "TaskIds", "check_audio", "batch_features",

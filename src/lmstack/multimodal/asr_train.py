@@ -26,6 +26,7 @@ Usage:
     lmstack mm train-asr --data data/speech --out runs/asr --steps 300
     lmstack mm train-asr --data data/speech --out runs/asr_ft --steps 100 --lr 5e-4 --init_from runs/asr --augment 0.5
     lmstack mm transcribe clip.wav --model runs/asr --beam 4
+    lmstack mm transcribe clip.wav --model runs/asr --timestamps      # + one "start end word" line per word
     from lmstack.multimodal.asr_train import ASRTrainConfig, train_asr, load_split, fit
     summary = train_asr(ASRTrainConfig(data="data/speech", out="runs/asr", steps=50))
 """
@@ -364,13 +365,15 @@ def run_train_asr(cfg: ASRTrainConfig) -> dict:
     return summary
 
 
-def transcribe(audio: str, model: str | None = None, beam: int = 1) -> str:
+def transcribe(audio: str, model: str | None = None, beam: int = 1, timestamps: bool = False) -> str:
     """Transcribe a WAV file with a speech recogniser (greedy, or beam search with --beam N).
 
     Args:
         audio: A PCM WAV file (any sample rate: it is resampled to 16 kHz; channels are averaged).
         model: An ASR model directory (`lmstack mm train-asr`, SpeechRecognizer.save).
         beam: Beam width; 1 = greedy.
+        timestamps: Also print each word with its start and end (seconds), one per line after the text
+            (cross-attention + DTW, multimodal/asr_timing.py).
     """
     if model is None:
         raise LmstackError("--model ASR_DIR is required (a directory written by `lmstack mm train-asr`)")
@@ -378,8 +381,15 @@ def transcribe(audio: str, model: str | None = None, beam: int = 1) -> str:
     if not path.is_file():
         raise LmstackError(f"{audio}: no such audio file")
     samples, rate = read_wav(path.read_bytes())  # a bad file fails before the model loads
-    text = SpeechRecognizer.from_dir(model).transcribe(resample(samples, rate), beam=beam)
+    asr = SpeechRecognizer.from_dir(model)
+    if not timestamps:
+        text = asr.transcribe(resample(samples, rate), beam=beam)
+        print(text)
+        return text
+    text, words = asr.transcribe_words(resample(samples, rate), beam=beam)
     print(text)
+    for word, start, end in words:
+        print(f"{start:7.2f} {end:7.2f}  {word}")
     return text
 
 

@@ -15,6 +15,10 @@ Decoding is not quadratic: `DecoderState` keeps each layer's self-attention K/V 
 token appended per step) and the cross-attention K/V of the encoder output, computed once per utterance.
 `reorder` picks rows for beam search.
 
+Word timestamps (opt-in): `decode_with_cross_weights` is `decode` with the cross-attention computed explicitly
+(softmax(q k^T / sqrt(d)) v) so its weights come back; asr_timing aligns them to the audio. The SDPA path above
+is unchanged.
+
 Batches of different lengths: `encode(mel, frames)` masks the padded encoder positions, both in the encoder's
 self-attention and in the decoder's cross-attention, so a padded row gives the same output as alone.
 
@@ -25,6 +29,7 @@ Usage:
     enc, mask = model.encode(mel, frames)                # frames: (B,) real mel frames per row, or None
     state = model.new_state(enc, mask, max_len=64)
     logits = model.step(prompt, state)                   # prefill, then one token at a time
+    logits, weights = model.decode_with_cross_weights(tokens, enc, mask)  # + per block (B, heads, L, S)
 """
 from __future__ import annotations
 
@@ -124,6 +129,19 @@ class WhisperAttention(nn.Module):
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def attend_weights(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend` without a causal mask, computed explicitly: (output, the weights (B, heads, t, keys)).
+        The opt-in path of word timestamps; `attend` (SDPA) stays the fast default."""
+        q = self.heads(self.q_proj(x))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(-1)
+        out = weights @ v
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1)), weights
+
 
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: WhisperConfig):
@@ -222,6 +240,23 @@ class Whisper(nn.Module):
             x = x + block.cross_attn.attend(h, *block.cross_attn.kv(enc), cross_mask)
             x = x + block.mlp(block.mlp_norm(x))
         return self.head(self.final_norm(x))
+
+    def decode_with_cross_weights(self, tokens: torch.Tensor, enc: torch.Tensor, enc_mask: torch.Tensor | None = None
+                                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`decode` that also returns every block's cross-attention weights, (B, heads, L, S) per block
+        (padded encoder positions get weight 0): the teacher-forced pass behind word timestamps (asr_timing)."""
+        x = self._embed(tokens, 0)
+        cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
+        weights = []
+        for block in self.blocks:
+            h = block.self_attn_norm(x)
+            x = x + block.self_attn.attend(h, *block.self_attn.kv(h), None, causal=True)
+            h = block.cross_attn_norm(x)
+            out, w = block.cross_attn.attend_weights(h, *block.cross_attn.kv(enc), cross_mask)
+            x = x + out
+            weights.append(w)
+            x = x + block.mlp(block.mlp_norm(x))
+        return self.head(self.final_norm(x)), weights
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.tok_emb.weight.t()  # tied output embedding

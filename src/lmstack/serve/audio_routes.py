@@ -54,7 +54,11 @@ from lmstack.serve.limits import reject_lone_surrogates
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 SPEECH_FORMATS = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm"}
 DEFAULT_BEAM, MAX_BEAM = 1, 8
-_FORM_FIELDS = ("file", "model", "language", "response_format", "temperature", "beam")
+_FORM_FIELDS = ("file", "model", "language", "response_format", "temperature", "beam", "timestamp_granularities[]",
+                "timestamp_granularities")
+GRANULARITIES = ("word",)
+CUE_WORDS = 7
+"""Words per srt/vtt cue when the recognizer gives word timestamps."""
 _LANGUAGES = {"en": "english", "english": "english"}
 MULTIPART_OVERHEAD = 64 << 10
 """Bytes a multipart body may carry beyond its file (boundaries, headers, the other fields)."""
@@ -94,19 +98,34 @@ def _timestamp(seconds: float, sep: str) -> str:
     return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
 
 
-def transcription_response(text: str, duration: float, language: str, fmt: str) -> Response:
-    """The answer in the asked format; srt/vtt hold one cue over the whole clip (no timestamps inside it)."""
+def cues(text: str, duration: float, words: list | None) -> list[tuple[float, float, str]]:
+    """srt/vtt cues: CUE_WORDS words each, from the first word's start to the last one's end; without word
+    timestamps (a recognizer that gives none, or no words) one cue over the whole clip."""
+    if not words:
+        return [(0.0, duration, text)]
+    return [(group[0][1], group[-1][2], " ".join(w[0] for w in group))
+            for group in (words[i:i + CUE_WORDS] for i in range(0, len(words), CUE_WORDS))]
+
+
+def transcription_response(text: str, duration: float, language: str, fmt: str, words: list | None = None,
+                           granularities: tuple = ()) -> Response:
+    """The answer in the asked format. verbose_json carries `words` ([{word, start, end}]) when "word" is in
+    `granularities`; srt/vtt give one cue per CUE_WORDS words with their times (`cues`)."""
     if fmt == "json":
         return Response(_json({"text": text}), media_type="application/json")
     if fmt == "verbose_json":
-        return Response(_json({"task": "transcribe", "language": language, "duration": round(duration, 3),
-                               "text": text}), media_type="application/json")
+        payload = {"task": "transcribe", "language": language, "duration": round(duration, 3), "text": text}
+        if "word" in granularities:
+            payload["words"] = [{"word": w, "start": round(a, 3), "end": round(b, 3)} for w, a, b in words or []]
+        return Response(_json(payload), media_type="application/json")
     if fmt == "text":
         return PlainTextResponse(text)
+    parts = cues(text, duration, words)
     if fmt == "srt":
-        return PlainTextResponse(f"1\n{_timestamp(0, ',')} --> {_timestamp(duration, ',')}\n{text}\n\n")
-    return PlainTextResponse(f"WEBVTT\n\n{_timestamp(0, '.')} --> {_timestamp(duration, '.')}\n{text}\n\n",
-                             media_type="text/vtt")
+        return PlainTextResponse("".join(f"{i}\n{_timestamp(a, ',')} --> {_timestamp(b, ',')}\n{t}\n\n"
+                                         for i, (a, b, t) in enumerate(parts, 1)))
+    return PlainTextResponse("WEBVTT\n\n" + "".join(f"{_timestamp(a, '.')} --> {_timestamp(b, '.')}\n{t}\n\n"
+                                                      for a, b, t in parts), media_type="text/vtt")
 
 
 def _json(payload: dict) -> bytes:
@@ -162,7 +181,18 @@ def checked_fields(form) -> dict:
             raise APIError(400, f"beam={beam_text!r} is not allowed; give an integer from 1 to {MAX_BEAM}",
                            param="beam")
         beam = int(beam_text)
-    return {"response_format": fmt, "language": _LANGUAGES[language], "beam": beam}
+    granularities = []
+    for name in ("timestamp_granularities[]", "timestamp_granularities"):
+        for value in form.getlist(name):
+            if not isinstance(value, str) or value not in GRANULARITIES:
+                raise APIError(400, f"{name}={value!r} is not supported; this server gives word timestamps "
+                                    f"(send word)", param=name)
+            if fmt != "verbose_json":
+                raise APIError(400, f"{name} is not supported with response_format={fmt}; word timestamps come "
+                                    "in verbose_json", param=name)
+            granularities.append(value)
+    return {"response_format": fmt, "language": _LANGUAGES[language], "beam": beam,
+            "granularities": tuple(granularities)}
 
 
 def transcribe_now(asr: ServedModel, limits: AudioLimits, data: bytes, filename: str | None, fields: dict) -> Response:
@@ -171,9 +201,17 @@ def transcribe_now(asr: ServedModel, limits: AudioLimits, data: bytes, filename:
         samples = limits.decode(data, filename, getattr(asr.model, "max_seconds", None))
     except AudioRejected as e:
         raise APIError(e.status, str(e), param="file", code="invalid_audio") from None
+    timed = "word" in fields["granularities"] or fields["response_format"] in ("srt", "vtt")
+    words = None
     with asr.lock:
-        text = asr.model.transcribe(samples, beam=fields["beam"])
-    return transcription_response(text, len(samples) / SAMPLE_RATE, fields["language"], fields["response_format"])
+        if timed and hasattr(asr.model, "transcribe_words"):
+            text, words = asr.model.transcribe_words(samples, beam=fields["beam"])
+        elif "word" in fields["granularities"]:
+            raise APIError(400, "this speech recognizer gives no word timestamps", param="timestamp_granularities[]")
+        else:
+            text = asr.model.transcribe(samples, beam=fields["beam"])
+    return transcription_response(text, len(samples) / SAMPLE_RATE, fields["language"], fields["response_format"],
+                                  words, fields["granularities"])
 
 
 def encode_speech(samples: np.ndarray, rate: int, fmt: str) -> bytes:

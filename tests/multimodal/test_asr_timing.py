@@ -120,3 +120,18 @@ def test_proportional_baseline_spreads_words_over_the_speech_span():
     words = proportional_words("ab cdef", x)  # 7 characters over 0.5 s
     assert words[0] == ("ab", pytest.approx(0.25), pytest.approx(0.25 + 2 / 7 * 0.5))
     assert words[1][1:] == (pytest.approx(0.25 + 3 / 7 * 0.5), pytest.approx(0.75))
+
+
+def test_cli_transcribe_prints_one_timed_line_per_word(tmp_path, capsys):
+    from lmstack import cli
+    from lmstack.multimodal.audio import write_wav
+
+    model = SpeechRecognizer.random(TINY, seed=1).save(tmp_path / "asr")
+    t = np.arange(16000 * 2) / 16000
+    wav = tmp_path / "clip.wav"
+    wav.write_bytes(write_wav((0.3 * np.sin(2 * np.pi * 220 * t) * (t > 0.5)).astype(np.float32), 16000))
+    assert cli.main(["mm", "transcribe", str(wav), "--model", str(model), "--timestamps"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    text, timed = lines[0], [line.split() for line in lines[1:]]
+    assert [row[2] for row in timed] == text.split() and text.split()
+    assert all(float(a) <= float(b) for a, b, _ in timed)

@@ -1,5 +1,6 @@
 """load_guard.read_json_file: the one guarded JSON reader (model configs, tokenizer files, side files); and
-load_state_checked, the one name-and-shape check before a module loads saved weights."""
+load_state_checked, the one name-and-shape check before a module loads saved weights; check_model_dir, the one
+"is this a saved model directory" check."""
 import os
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from lmstack.errors import LmstackError
 from lmstack.model import load_guard
-from lmstack.model.load_guard import load_state_checked, read_json, read_json_file
+from lmstack.model.load_guard import check_model_dir, load_state_checked, read_json, read_json_file
 
 
 def test_reads_json_and_checks_object_only_when_asked(tmp_path):
@@ -62,3 +63,13 @@ def test_load_state_checked_names_the_first_mismatch_and_loads_only_an_exact_fit
     assert module.weight.abs().max() != 0.5  # nothing was loaded by a refused call
     load_state_checked(module, good, "w.safetensors")
     assert torch.equal(module.weight, good["weight"]) and torch.equal(module.bias, good["bias"])
+
+
+def test_check_model_dir_names_the_missing_piece(tmp_path):
+    with pytest.raises(LmstackError, match=r"nope is not an ASR model directory: no such directory$"):
+        check_model_dir(tmp_path / "nope", "an ASR model")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(LmstackError, match=r"is not a CLIP directory: tokenizer\.json is missing$"):
+        check_model_dir(tmp_path, "a CLIP")
+    assert check_model_dir(str(tmp_path), "a codec", files=("config.json", "model.safetensors")) == tmp_path

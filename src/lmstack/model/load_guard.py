@@ -125,6 +125,19 @@ def check_regular(path: Path, what: str, max_bytes: int | None = None) -> int:
     return st.st_size
 
 
+def check_model_dir(path: str | os.PathLike, what: str,
+                    files: tuple[str, ...] = ("config.json", "model.safetensors", "tokenizer.json")) -> Path:
+    """`path` as a Path when it is a directory holding every one of `files`; else an LmstackError saying
+    "<path> is not <what> directory: ..." with the missing piece (`what` carries its article: "an ASR model")."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LmstackError(f"{path} is not {what} directory: no such directory")
+    for name in files:
+        if not (path / name).is_file():
+            raise LmstackError(f"{path} is not {what} directory: {name} is missing")
+    return path
+
+
 def read_json(directory: str | os.PathLike, name: str, what: str, want_object: bool = False) -> Any:
     """Parse directory/name (kept inside the directory, size-capped). Errors give line and column, never text."""
     path = resolve_inside(directory, name, what)

@@ -56,7 +56,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from lmstack.config import ConfigError, atomic_write_bytes, atomic_write_text, from_dict, to_dict
 from lmstack.errors import LmstackError
-from lmstack.model.load_guard import load_safetensors, load_state_checked, read_json
+from lmstack.model.load_guard import check_model_dir, load_safetensors, load_state_checked, read_json
 from lmstack.multimodal.asr_timing import (MEDIAN_WIDTH, alignment_matrix, check_heads, check_median_width,
                                             default_heads, word_times)
 from lmstack.multimodal.audio import HOP, N_FFT, SAMPLE_RATE, log_mel
@@ -402,12 +402,7 @@ class SpeechRecognizer:
     @classmethod
     def from_dir(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SpeechRecognizer":
         """Load what `save` wrote; anything else is refused, naming what is missing."""
-        path = Path(path)
-        if not path.is_dir():
-            raise LmstackError(f"{path} is not an ASR model directory: no such directory")
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            if not (path / name).is_file():
-                raise LmstackError(f"{path} is not an ASR model directory: {name} is missing")
+        path = check_model_dir(path, "an ASR model")
         data = read_json(path, "config.json", "ASR config", want_object=True)
         if data.get("model_type") != MODEL_TYPE or not isinstance(data.get("asr"), dict):
             raise LmstackError(f"{path}/config.json is not an ASR config: model_type={data.get('model_type')!r} "

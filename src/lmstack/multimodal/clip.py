@@ -30,7 +30,7 @@ from torch import nn
 from lmstack.config import atomic_write_bytes, atomic_write_text, from_dict, to_dict
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig, Transformer
-from lmstack.model.load_guard import load_safetensors, load_state_checked, read_json
+from lmstack.model.load_guard import check_model_dir, load_safetensors, load_state_checked, read_json
 from lmstack.multimodal.vit import ViT, VisionConfig, swap_activation
 from lmstack.runtime.validation import check_choices, need
 from lmstack.tokenizer import load_tokenizer
@@ -259,12 +259,7 @@ def save_clip(model: CLIP, tok, out: str | Path) -> Path:
 
 def load_clip(path: str | Path, device: str | torch.device = "cpu") -> tuple[CLIP, object]:
     """(model, tokenizer) from a directory save_clip wrote; anything else is refused, naming what is missing."""
-    path = Path(path)
-    if not path.is_dir():
-        raise LmstackError(f"{path} is not a CLIP directory: no such directory")
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise LmstackError(f"{path} is not a CLIP directory: {name} is missing")
+    path = check_model_dir(path, "a CLIP")
     data = read_json(path, "config.json", "CLIP config", want_object=True)
     if data.get("model_type") != MODEL_TYPE or not isinstance(data.get("clip"), dict):
         raise LmstackError(f"{path}/config.json is not a CLIP config: model_type={data.get('model_type')!r} "

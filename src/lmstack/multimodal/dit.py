@@ -46,7 +46,7 @@ from torch import nn
 from lmstack.config import atomic_write_bytes, atomic_write_text, from_dict, to_dict
 from lmstack.errors import LmstackError
 from lmstack.model import ModelConfig, Transformer
-from lmstack.model.load_guard import load_safetensors, load_state_checked, read_json
+from lmstack.model.load_guard import check_model_dir, load_safetensors, load_state_checked, read_json
 from lmstack.multimodal.clip import TextConfig, tokenize
 from lmstack.multimodal.diffusion import (SCHEDULES, NoiseSchedule, ddim_sample, ddpm_sample, guided,
                                           timestep_embedding)
@@ -327,12 +327,7 @@ class ImageGenerator:
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device = "cpu") -> "ImageGenerator":
         """Load what save() wrote; any other directory is refused, naming what is missing or wrong."""
-        path = Path(path)
-        if not path.is_dir():
-            raise LmstackError(f"{path} is not an image generator directory: no such directory")
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            if not (path / name).is_file():
-                raise LmstackError(f"{path} is not an image generator directory: {name} is missing")
+        path = check_model_dir(path, "an image generator")
         data = read_json(path, "config.json", "image generator config", want_object=True)
         if data.get("model_type") != MODEL_TYPE:
             raise LmstackError(f"{path}/config.json has model_type={data.get('model_type')!r}, not {MODEL_TYPE!r}: "

@@ -34,7 +34,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from lmstack.config import atomic_write_bytes, atomic_write_text, from_dict, to_dict
 from lmstack.errors import LmstackError
-from lmstack.model.load_guard import load_safetensors, load_state_checked, read_json, resolve_inside
+from lmstack.model.load_guard import (check_model_dir, load_safetensors, load_state_checked, read_json,
+                                      resolve_inside)
 from lmstack.multimodal.clip import retrieval_recall, tokenize
 from lmstack.multimodal.shapes import COLOURS, SHAPES, render
 from lmstack.multimodal.video_model import VideoCLIP, VideoCLIPConfig, VideoQA, VideoQAConfig, clip_to_pixels
@@ -350,10 +351,7 @@ def save_video_qa(model: VideoQA, tok, answers: Sequence[str], out: str | Path) 
 
 def load_video_qa(path: str | Path) -> tuple[VideoQA, object, list[str]]:
     """(model, tokenizer, answers) from a directory save_video_qa wrote; anything else is refused."""
-    path = Path(path)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise LmstackError(f"{path} is not a video QA directory: {name} is missing")
+    path = check_model_dir(path, "a video QA")
     data = read_json(path, "config.json", "video QA config", want_object=True)
     answers = data.get("answers")
     if data.get("model_type") != MODEL_TYPE or not isinstance(data.get("qa"), dict) or not isinstance(answers, list):

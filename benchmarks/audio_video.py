@@ -3,18 +3,21 @@
 Each technique keeps its own script and results JSON (one home per idea); this driver runs them in the order
 their dependencies need -- speech_tts's intelligibility stage transcribes with the model speech_asr.py saves to
 runs/bench/asr_whisper -- with the flags that produced the committed results, one thread each, and prints each
-JSON's records. It writes no JSON of its own: the docs cite the six files below.
+JSON's records. It writes no JSON of its own: the docs cite the seven files below.
 
     script              results JSON                      CPU minutes at one thread (as measured)
     speech_asr.py       results/speech_asr.json           ~25 (Whisper-style + CTC, plain and augmented)
-    speech_tts.py       results/speech_tts.json           ~13 (codec, TTS, then intelligibility)
+    asr_timestamps.py   results/asr_timestamps.json       ~1 (word times of speech_asr's saved model)
+    speech_tts.py       results/speech_tts.json           ~13 (codec, TTS, then intelligibility), then ~11 per
+                                                          text front-end arm (4 arms)
     speech_emotion.py   results/speech_emotion.json       ~8
     video_language.py   results/video_language.json       ~10 (with --divided)
-    diffusion.py        results/diffusion.json            ~13
+    diffusion.py        results/diffusion.json            ~13 (DiT), ~10 (--arm unet), ~25 each (--arm unet2, and
+                                                          its ablation on the 300-step CLIP)
     navigation.py       results/navigation.json           ~11
 
 Usage:
-    python benchmarks/audio_video.py                               # all six, in order
+    python benchmarks/audio_video.py                               # all of them, in order
     python benchmarks/audio_video.py --only speech_asr,speech_tts  # a subset, still in dependency order
     python benchmarks/audio_video.py --smoke                       # each at tiny sizes; writes no results
 """
@@ -32,12 +35,19 @@ HERE = Path(__file__).resolve().parent
 # (script, extra flags that reproduce the committed JSON); order = dependency order
 PARTS = [
     ("speech_asr", []),
+    ("asr_timestamps", []),
     ("speech_tts", ["--stage", "all"]),
+    *(("speech_tts", ["--stage", "arm", "--arm", arm])  # the text front-end arms, on the codec and ASR above
+      for arm in ("digits", "normalized", "normalized_dropout", "normalized_dropout_1100")),
     ("speech_emotion", []),
     ("video_language", ["--divided"]),
     ("diffusion", []),
+    ("diffusion", ["--arm", "unet"]),
+    ("diffusion", ["--arm", "unet2"]),
+    ("diffusion", ["--arm", "unet2", "--unet2_clip_steps", "300"]),  # the ablation: unet2 on the DiT's CLIP
     ("navigation", []),
 ]
+NO_SMOKE = {"asr_timestamps": "it times the words of the ASR that a full speech_asr.py run saves"}
 
 
 def headline(name: str) -> list[str]:
@@ -69,6 +79,9 @@ def main() -> int:
     failed = []
     for name, flags in PARTS:
         if name not in wanted:
+            continue
+        if args.smoke and name in NO_SMOKE:
+            print(f"== {name}: skipped in --smoke ({NO_SMOKE[name]})", flush=True)
             continue
         cmd = [sys.executable, str(HERE / f"{name}.py"), *flags, *(["--smoke"] if args.smoke else [])]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)

@@ -39,6 +39,7 @@ from lmstack.progress import BudgetBar
 from lmstack.runtime.device import resolve_device
 from lmstack.runtime.validation import check_choice, need
 from lmstack.threads import set_threads
+from lmstack.train.metrics import RunLog
 
 @dataclass
 class CLIPTrainConfig:
@@ -258,11 +259,7 @@ def train_clip(cfg: CLIPTrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "train_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
-    lines: list[str] = []
-
-    def log(row: dict) -> None:
-        lines.append(json.dumps(row))
-        atomic_write_text(out / "metrics.jsonl", "\n".join(lines) + "\n")
+    log = RunLog(out)
 
     t0 = time.perf_counter()
     rows = fit(model, tok, records, pixels, cfg, log)

@@ -50,6 +50,7 @@ from lmstack.progress import BudgetBar
 from lmstack.runtime.device import resolve_device
 from lmstack.runtime.validation import check_choice, need
 from lmstack.threads import set_threads
+from lmstack.train.metrics import RunLog
 
 CLIP_TEMPLATES = ("{}", "{}.", "a picture of {}.", "an image of {}.")
 
@@ -242,12 +243,7 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
                                device=device)
         save_clip(clip, tok, out / "clip")
     gen = build_generator(cfg, clip, tok).to(device)
-    metrics = out / "metrics.jsonl"
-    metrics.write_text("")
-
-    def log(row: dict) -> None:
-        with metrics.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    log = RunLog(out)
     rows = fit_dit(gen, images, labels, cfg, log)
     gen.save(out)
     if rows:

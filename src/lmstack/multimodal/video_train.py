@@ -45,6 +45,7 @@ from lmstack.runtime.device import resolve_device
 from lmstack.runtime.validation import need
 from lmstack.threads import set_threads
 from lmstack.tokenizer import load_tokenizer, train_tokenizer
+from lmstack.train.metrics import RunLog
 
 MODEL_TYPE = "lmstack-video-qa"
 
@@ -377,11 +378,7 @@ def train_video(cfg: VideoTrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "train_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
-    lines: list[str] = []
-
-    def log(row: dict) -> None:
-        lines.append(json.dumps(row))
-        atomic_write_text(out / "metrics.jsonl", "\n".join(lines) + "\n")
+    log = RunLog(out)
 
     torch.manual_seed(cfg.seed)
     summary: dict = {"out": str(out), "encoder": v.encoder, "train_clips": len(train), "val_clips": len(val)}

@@ -9,6 +9,7 @@ Usage:
     log.log(step, {"loss": 2.3, "lr": 1e-3})      # one JSONL row; the same scalars in runs/x/tensorboard/
     peak = measure_matmul_peak()           # FLOP/s (matmul_peak(): once per process, device and threads)
     log.plot("runs/x/loss.png"); log.close()
+    rows = RunLog("runs/clip"); rows({"step": 25, "loss": 1.9})   # a fresh metrics.jsonl, one line per row
 """
 from __future__ import annotations
 
@@ -79,6 +80,20 @@ def matmul_peak(device: str | torch.device = "cpu") -> float:
     if key not in _PEAKS:
         _PEAKS[key] = measure_matmul_peak(device)
     return _PEAKS[key]
+
+
+class RunLog:
+    """A fresh metrics.jsonl in a run directory: emptied when made, then one JSON line per call. The plain row
+    writer of the small trainers (CLIP, video, diffusion); MetricsLogger adds sinks and appends across resumes."""
+
+    def __init__(self, out_dir: str | Path, filename: str = "metrics.jsonl"):
+        self.path = Path(out_dir) / filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("", encoding="utf-8")  # a rerun into the same directory starts a new log
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 class MetricsLogger:

@@ -84,14 +84,37 @@ minutes; final loss ~0.01; the training run 1396 s CPU in all; scoring alone 90 
   32.7) and an evaluation-CLIP top-1 of 0.233 (0.265): not bit-identical (config.real_images_now), so compare
   CLIP numbers across arms loosely; the attribute accuracies above are far outside that wobble.
 
+DiT2 arm (--arm dit2, records diffusion_dit2_vs_dit_*): the fair fight for unet2. The committed DiT config unchanged
+(d 128, 4 blocks, patch 4; 858k parameters), its batch 64, lr 1e-3, warmup 50, cosine, EMA 0.995, on unet2's cached
+2000-step CLIP (frozen, no adapter) and unet2's CPU cap of 1400 s; lr schedule 3900 steps (the committed DiT's rate,
+1450 steps / 520 s, times 1400 s; this run was slower, 0.42 s a step, so the cap ended it at 3300 steps, 85% through
+the schedule, lr ~0.15x peak). The same code as unet2 (long_arm), the same cached evaluators (real-picture check
+identical to unet2's), prompts and seeds, DDIM 25 at guidance 3 and 0.
+Measured (2026-12-07, one thread under lock B; 3300 steps in 1400 s CPU, 1460 s wall, final loss ~0.02; progress
+checks 26 s CPU outside the cap; whole run 1463 s CPU, 1498 s wall):
+- seen pairs (n 132): both 0.242 +- 0.037 (goal 0.5 missed; committed DiT 0.152 +- 0.031; unet2 0.576 +- 0.043;
+  dit2 at w 0 0.030), shape 0.242 +- 0.037 (chance 1/6; w 0 0.159; unet2 0.591), colour 0.992 +- 0.008 (DiT 0.773).
+- Frechet distance 1390 (committed DiT 2424, unet2 222, its w 0 2334): the samples are still scattered patch-sized
+  blocks of the right colour, not one object (results/diffusion_samples.png, last column).
+- held-out pairs (n 32): colour 1.000, shape 0.156 +- 0.064 (chance), both 0.156 +- 0.064 (goal 0.25 missed;
+  committed DiT 0.219 +- 0.073, unet2 0.125).
+- checks on the way (both-right, raw weights, DDIM 10, n 44): 0.11 / 0.18 / 0.18 / 0.23 / 0.23 / 0.16 at steps
+  1000 / 1500 / 2000 / 2500 / 3000 / 3250: colour reaches 1.0, shape stalls near 0.2 from step ~1750 on.
+- CLIP top-1 among 48 prompts 0.205 (unet2 0.136); 0.112 s CPU per picture (unet2 0.237).
+- So on the SAME CLIP and CPU budget the DiT gains (both 0.152 -> 0.242, colour 0.77 -> 0.99) but stays far below
+  unet2's 0.576: the longer-trained CLIP is necessary (the unet2 ablation) but not sufficient; unet2's conv/FiLM
+  denoiser (with its adapter and EOS vector) is what turns the CLIP's shape signal into drawn shapes in this budget.
+
 Run: flock /tmp/lmstack-bench-B.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diffusion.py
      flock /tmp/lmstack-bench-B.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diffusion.py --arm unet
      flock /tmp/lmstack-bench-B.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diffusion.py --arm unet2
+     flock /tmp/lmstack-bench-B.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diffusion.py --arm dit2
      .venv/bin/python benchmarks/diffusion.py --smoke     (seconds; writes nothing under results/)
      .venv/bin/python benchmarks/diffusion.py --rows_from results/diffusion.json   (summary rows from raw runs)
 The trained generator is cached in --cache (default /tmp/lmstack_bench_diffusion): a rerun only evaluates.
 diffusion_samples.png: rows = prompts (last 4 held out); columns = real, DiT DDPM 100 w3, DiT DDIM 25 w3, w0,
-w1, the 16-ch UNet (--arm unet), unet2 (--arm unet2; rerunning --arm unet drops this last column).
+w1, the 16-ch UNet (--arm unet), unet2 (--arm unet2), dit2 (--arm dit2; rerunning an arm drops the columns after
+its own).
 """
 from __future__ import annotations
 
@@ -317,11 +340,12 @@ UNET2 = dict(channels=32, channel_mults=(1, 2, 2), groups=8, cond="film", attn_l
              text_adapter=True)
 
 
-def unet2_arm(args, cfg: DiffusionTrainConfig, cache: Path, smoke: bool, n_train: int, mid: int, parts: dict,
-              ref: dict, clf, eval_clip, tok, timings: dict, starts: tuple) -> None:
-    """The stronger UNet (FiLM conditioning, cross-attention at 16x16 too, EOS-pooled text, a trainable text
-    adapter) on a CLIP text tower trained longer, within a CPU budget; scored by the same cached evaluators at
-    DDIM 25 (guidance 3 and 0) against the DiT's committed numbers."""
+def long_arm(arm: str, args, cfg: DiffusionTrainConfig, cache: Path, smoke: bool, n_train: int, mid: int,
+             parts: dict, ref: dict, clf, eval_clip, tok, timings: dict, starts: tuple) -> None:
+    """An arm on the CLIP text tower trained longer (--unet2_clip_steps), within a CPU budget; scored by the same
+    cached evaluators at DDIM 25 (guidance 3 and 0) against the DiT's committed numbers. arm unet2: the stronger
+    UNet (FiLM conditioning, cross-attention at 16x16 too, EOS-pooled text, a trainable text adapter), lr schedule
+    --unet2_steps; arm dit2: the committed DiT config unchanged, lr schedule --dit2_steps, the same CPU cap."""
     existing = json.loads((RESULTS / "diffusion.json").read_text())
     clip_steps = 5 if smoke else args.unet2_clip_steps
     clip_dir = cache.parent / f"text_clip_{'smoke' if smoke else 'full'}_{clip_steps}"
@@ -333,12 +357,18 @@ def unet2_arm(args, cfg: DiffusionTrainConfig, cache: Path, smoke: bool, n_train
         (clip_dir / "bench_train.json").write_text(json.dumps({"clip_cpu_s": round(time.process_time() - c0, 1)}))
     clip = load_clip(clip_dir)[0].eval()
     clip_cpu = json.loads((clip_dir / "bench_train.json").read_text())["clip_cpu_s"]
-    n_steps = 5 if smoke else args.unet2_steps
+    n_steps = 5 if smoke else (args.unet2_steps if arm == "unet2" else args.dit2_steps)
     budget = 5.0 if smoke else args.unet2_train_seconds
-    ucfg = UNetConfig(**UNET2, n_heads=4, text_dim=clip.config.text.d_model)
-    ucfg = dataclasses.replace(ucfg, channels=8, groups=4) if smoke else ucfg
-    ucfg2 = dataclasses.replace(cfg, denoiser="unet", unet=ucfg, steps=n_steps)
-    udir = cache.parent / f"unet2_{'smoke' if smoke else 'full'}_c{ucfg.channels}_s{n_steps}_clip{clip_steps}"
+    if arm == "unet2":
+        ucfg = UNetConfig(**UNET2, n_heads=4, text_dim=clip.config.text.d_model)
+        ucfg = dataclasses.replace(ucfg, channels=8, groups=4) if smoke else ucfg
+        ucfg2 = dataclasses.replace(cfg, denoiser="unet", unet=ucfg, steps=n_steps)
+        udir = cache.parent / f"unet2_{'smoke' if smoke else 'full'}_c{ucfg.channels}_s{n_steps}_clip{clip_steps}"
+        model_config = {"unet": ucfg.to_dict()}
+    else:  # the committed DiT config (cfg.dit), its lr, warmup, batch and EMA; only the schedule length differs
+        ucfg2 = dataclasses.replace(cfg, steps=n_steps)
+        udir = cache.parent / f"dit2_{'smoke' if smoke else 'full'}_s{n_steps}_clip{clip_steps}"
+        model_config = {"dit": cfg.dit.to_dict()}
     if (udir / "config.json").is_file():
         gen, info = ImageGenerator.from_dir(udir), json.loads((udir / "bench_train.json").read_text())
     else:
@@ -349,7 +379,7 @@ def unet2_arm(args, cfg: DiffusionTrainConfig, cache: Path, smoke: bool, n_train
         def log(row: dict) -> None:
             row["cpu_s"] = round(time.process_time() - c0 - check_s[0], 1)
             rows.append(row)
-            line = f"unet2 step {row['step']} loss {row['loss']:.4f} cpu {row['cpu_s']} s"
+            line = f"{arm} step {row['step']} loss {row['loss']:.4f} cpu {row['cpu_s']} s"
             if row["step"] % args.unet2_check_every == 0:  # progress check on the RAW weights (not the EMA)
                 k0 = time.process_time()
                 px = gen.sample(check_prompts, seed=0, steps=10, guidance=3.0)
@@ -363,9 +393,9 @@ def unet2_arm(args, cfg: DiffusionTrainConfig, cache: Path, smoke: bool, n_train
         def stop() -> bool:  # the CPU budget, not counting the progress checks
             return time.process_time() - c0 - check_s[0] > budget
         fit_dit(gen, images, labels, ucfg2, log, stop)
-        info = {"unet2_steps": rows[-1]["step"] if rows else 0, "lr_schedule_steps": n_steps, "cpu_cap_s": budget,
-                "unet2_cpu_s": round(time.process_time() - c0 - check_s[0], 1), "checks_cpu_s": round(check_s[0], 1),
-                "unet2_wall_s": round(time.perf_counter() - w0, 1), "clip_steps": clip_steps, "clip_cpu_s": clip_cpu,
+        info = {f"{arm}_steps": rows[-1]["step"] if rows else 0, "lr_schedule_steps": n_steps, "cpu_cap_s": budget,
+                f"{arm}_cpu_s": round(time.process_time() - c0 - check_s[0], 1), "checks_cpu_s": round(check_s[0], 1),
+                f"{arm}_wall_s": round(time.perf_counter() - w0, 1), "clip_steps": clip_steps, "clip_cpu_s": clip_cpu,
                 "params": sum(p.numel() for p in gen.dit.parameters()),
                 "loss_curve": [(r["step"], round(r["loss"], 4)) for r in rows], "checks": checks}
         gen.save(udir)
@@ -395,20 +425,23 @@ def unet2_arm(args, cfg: DiffusionTrainConfig, cache: Path, smoke: bool, n_train
     unet1_run = unet1["config"]["unet_runs"]["ddim25_w3"] if unet1 else None
     total = {"wall_s": round(time.perf_counter() - starts[0], 1), "cpu_s": round(time.process_time() - starts[1], 1)}
     base = f"DiT ({existing[0]['config']['train']['dit_steps']} steps), DDIM {mid} w3"
-    config = {"unet": ucfg.to_dict(), "train": info, "batch": cfg.batch_size, "lr": cfg.lr, "warmup": cfg.warmup,
+    config = {**model_config, "train": info, "batch": cfg.batch_size, "lr": cfg.lr, "warmup": cfg.warmup,
               "p_uncond": cfg.p_uncond, "ema": cfg.ema, "seed": cfg.seed,
               "text": f"frozen CLIP text tower (d 64, 2 layers), the DiT's recipe (seed 0, ITC on the generator's "
-                      f"pictures) trained {clip_steps} steps instead of 300; a trainable per-token adapter on top",
+                      f"pictures) trained {clip_steps} steps instead of 300"
+                      + ("; a trainable per-token adapter on top" if arm == "unet2" else " (the DiT as committed)"),
               "timings": timings, "total": total, "eval_n": {k: len(v) for k, v in parts.items()},
-              "unet2_runs": runs, "dit_run": dit, "unet16_run": unet1_run,
-              **checks_eval}
+              f"{arm}_runs": runs, "dit_run": dit, "unet16_run": unet1_run, **checks_eval}
+    if arm == "dit2":  # the unet2 arm it is the fair fight for: the same CLIP, cap and evaluators
+        unet2 = next((r for r in existing if r["benchmark"] == "diffusion_unet2_vs_dit_attr_both_seen"), None)
+        config["unet2_run"] = unet2["config"]["unet2_runs"]["ddim25_w3"] if unet2 else None
     print(json.dumps({k: {p: runs[k][p]["both"] for p in parts} for k in runs}), "evaluators match:",
           {k: v for k, v in checks_eval.items() if k.endswith("committed") and not k.startswith("real")},
           json.dumps(total), flush=True)
     u, floor = best, runs[f"ddim{mid}_w0"]
 
-    # the default CLIP (2000 steps) writes the unet2 rows; another --unet2_clip_steps is an ablation with its own
-    prefix = "diffusion_unet2_vs_dit" if clip_steps == 2000 else f"diffusion_unet2_clip{clip_steps}_vs_dit"
+    # the default CLIP (2000 steps) writes the arm's rows; another --unet2_clip_steps is an ablation with its own
+    prefix = f"diffusion_{arm}_vs_dit" if clip_steps == 2000 else f"diffusion_{arm}_clip{clip_steps}_vs_dit"
 
     def rec(name: str, part: str, attr: str, goal=None, **extra) -> dict:
         return result(f"{prefix}_{name}", f"attribute_{attr}_acc", True, u[part][attr]["acc"], base,
@@ -430,7 +463,8 @@ def unet2_arm(args, cfg: DiffusionTrainConfig, cache: Path, smoke: bool, n_train
     keep = [r for r in existing if not r["benchmark"].startswith(prefix)]
     write_result("diffusion", keep + new)
     if clip_steps == 2000:
-        add_column(RESULTS / "diffusion_samples.png", [grid_px[p] for p in GRID_PROMPTS], n_base_columns=6)
+        add_column(RESULTS / "diffusion_samples.png", [grid_px[p] for p in GRID_PROMPTS],
+                   n_base_columns=6 if arm == "unet2" else 7)
 
 
 def add_column(path: Path, column: list[np.ndarray], n_base_columns: int, scale: int = 2) -> None:
@@ -454,13 +488,17 @@ def main() -> None:
     ap.add_argument("--train_seconds", type=float, default=520.0, help="CPU budget of the DiT's training")
     ap.add_argument("--steps", type=int, default=3000, help="most DiT steps (the time budget usually ends first)")
     ap.add_argument("--rows_from", default="", help="rebuild the summary rows of a results JSON from its raw runs")
-    ap.add_argument("--arm", default="dit", choices=("dit", "unet", "unet2"),
+    ap.add_argument("--arm", default="dit", choices=("dit", "unet", "unet2", "dit2"),
                     help="dit: train/score the DiT (all sampler settings); unet: the conv UNet at the DiT's steps; "
-                         "unet2: the FiLM UNet with the text adapter, on a CLIP trained longer, in a CPU budget")
+                         "unet2: the FiLM UNet with the text adapter, on a CLIP trained longer, in a CPU budget; "
+                         "dit2: the committed DiT on unet2's CLIP in unet2's CPU budget")
     ap.add_argument("--unet_channels", type=int, default=16, help="the UNet's full-resolution channels")
     ap.add_argument("--unet_train_seconds", type=float, default=600.0, help="CPU cap of the UNet's training")
     ap.add_argument("--unet2_steps", type=int, default=1650, help="unet2: lr schedule length (most steps)")
-    ap.add_argument("--unet2_train_seconds", type=float, default=1400.0, help="unet2: CPU budget of its training")
+    ap.add_argument("--unet2_train_seconds", type=float, default=1400.0,
+                    help="unet2 and dit2: CPU budget of the training")
+    ap.add_argument("--dit2_steps", type=int, default=3900,
+                    help="dit2: lr schedule length: the committed DiT's rate (1450 steps / 520 s) x 1400 s")
     ap.add_argument("--unet2_clip_steps", type=int, default=2000, help="unet2: steps of its conditioning CLIP")
     ap.add_argument("--unet2_check_every", type=int, default=250, help="unet2: steps between progress checks")
     args = ap.parse_args()
@@ -502,9 +540,9 @@ def main() -> None:
     cache = Path(args.cache) / ("smoke" if smoke else "full")
     ddpm_steps, ddim_steps = (5, (2, 3)) if smoke else (100, (10, 25, 50))
     mid = ddim_steps[1] if len(ddim_steps) > 1 else ddim_steps[0]
-    if args.arm == "unet2":
-        unet2_arm(args, cfg, cache, smoke, n_train, mid, {"seen": seen_prompts, "heldout": held_prompts}, ref, clf,
-                  eval_clip, tok, timings, (t_start, c_start))
+    if args.arm in ("unet2", "dit2"):
+        long_arm(args.arm, args, cfg, cache, smoke, n_train, mid, {"seen": seen_prompts, "heldout": held_prompts},
+                 ref, clf, eval_clip, tok, timings, (t_start, c_start))
         return
     if args.arm == "unet":
         unet_arm(args, cfg, cache, smoke, n_train, mid, {"seen": seen_prompts, "heldout": held_prompts}, ref, clf,

@@ -12,8 +12,8 @@ JSON's records. It writes no JSON of its own: the docs cite the seven files belo
                                                           text front-end arm (4 arms)
     speech_emotion.py   results/speech_emotion.json       ~8
     video_language.py   results/video_language.json       ~10 (with --divided)
-    diffusion.py        results/diffusion.json            ~13 (DiT), ~10 (--arm unet), ~25 each (--arm unet2, and
-                                                          its ablation on the 300-step CLIP)
+    diffusion.py        results/diffusion.json            ~13 (DiT), ~10 (--arm unet), ~25 each (--arm unet2, its
+                                                          ablation on the 300-step CLIP, and --arm dit2)
     navigation.py       results/navigation.json           ~11
 
 Usage:
@@ -45,6 +45,7 @@ PARTS = [
     ("diffusion", ["--arm", "unet"]),
     ("diffusion", ["--arm", "unet2"]),
     ("diffusion", ["--arm", "unet2", "--unet2_clip_steps", "300"]),  # the ablation: unet2 on the DiT's CLIP
+    ("diffusion", ["--arm", "dit2"]),  # the fair fight: the DiT on unet2's CLIP and CPU budget
     ("navigation", []),
 ]
 NO_SMOKE = {"asr_timestamps": "it times the words of the ASR that a full speech_asr.py run saves"}

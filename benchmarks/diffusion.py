@@ -252,6 +252,15 @@ def score_setting(gen: ImageGenerator, parts: dict, ref: dict, clf, clip, tok, s
     return entry
 
 
+def score_guided_and_floor(gen: ImageGenerator, parts: dict, ref: dict, clf, clip, tok, mid: int):
+    """An arm's two settings, DDIM `mid` at guidance 3 and 0 (its floor): (runs, the w3 run, its grid pictures)."""
+    runs = {f"ddim{mid}_w{w:g}": score_setting(gen, parts, ref, clf, clip, tok, mid, w) for w in (3.0, 0.0)}
+    best = runs[f"ddim{mid}_w3"]
+    grid_px = {p: pixels_to_uint8(best[part]["pixels"][prompts.index(p)][None])[0]
+               for part, prompts in parts.items() for p in GRID_PROMPTS if p in prompts}
+    return runs, best, grid_px
+
+
 def unet_arm(args, cfg: DiffusionTrainConfig, dit_dir: Path, smoke: bool, n_train: int, mid: int, parts: dict,
              ref: dict, clf, eval_clip, tok, timings: dict, starts: tuple) -> None:
     """The conv UNet (multimodal/unet.py) against the cached DiT at equal training: the same pictures, steps,
@@ -292,10 +301,7 @@ def unet_arm(args, cfg: DiffusionTrainConfig, dit_dir: Path, smoke: bool, n_trai
         gen.save(udir)
         (udir / "bench_train.json").write_text(json.dumps(info))
     gen.dit.eval()
-    runs = {f"ddim{mid}_w{w:g}": score_setting(gen, parts, ref, clf, eval_clip, tok, mid, w) for w in (3.0, 0.0)}
-    best = runs[f"ddim{mid}_w3"]
-    grid_px = {p: pixels_to_uint8(best[part]["pixels"][prompts.index(p)][None])[0]
-               for part, prompts in parts.items() for p in GRID_PROMPTS if p in prompts}
+    runs, best, grid_px = score_guided_and_floor(gen, parts, ref, clf, eval_clip, tok, mid)
     # the DiT's numbers are the committed ones; rescoring its cached weights checks that the evaluators match
     dit_check = score_setting(dit_gen, parts, ref, clf, eval_clip, tok, mid, 3.0)
     for entry in [*runs.values(), dit_check]:
@@ -401,10 +407,7 @@ def long_arm(arm: str, args, cfg: DiffusionTrainConfig, cache: Path, smoke: bool
         gen.save(udir)
         (udir / "bench_train.json").write_text(json.dumps(info))
     gen.dit.eval()
-    runs = {f"ddim{mid}_w{w:g}": score_setting(gen, parts, ref, clf, eval_clip, tok, mid, w) for w in (3.0, 0.0)}
-    best = runs[f"ddim{mid}_w3"]
-    grid_px = {p: pixels_to_uint8(best[part]["pixels"][prompts.index(p)][None])[0]
-               for part, prompts in parts.items() for p in GRID_PROMPTS if p in prompts}
+    runs, best, grid_px = score_guided_and_floor(gen, parts, ref, clf, eval_clip, tok, mid)
     for entry in runs.values():
         for part in parts:
             entry[part].pop("pixels")

@@ -34,6 +34,7 @@ from lmstack.model.load_guard import load_safetensors, read_json, resolve_inside
 from lmstack.multimodal.clip import CLIP, CLIPConfig, load_clip, retrieval_recall, save_clip, tokenize
 from lmstack.multimodal.images import read_image_file, to_pixels
 from lmstack.multimodal.text import shapes_tokenizer
+from lmstack.multimodal.vision_world import read_split_lines
 from lmstack.multimodal.vlp import OBJECTIVES, VLP, VLPConfig, vlp_loss
 from lmstack.progress import BudgetBar
 from lmstack.runtime.device import resolve_device
@@ -90,21 +91,9 @@ class CLIPTrainConfig:
 
 def load_split(data: str | Path, split: str, size: int) -> tuple[list[dict], torch.Tensor]:
     """(records, pixels (N, 3, size, size)) of one split of a synth-vision directory."""
-    root = Path(data)
-    if not (root / "manifest.json").is_file():
-        raise LmstackError(f"no shapes world at {root} (manifest.json missing); write one with "
-                           f"`lmstack data synth-vision --out {root}`")
-    file = resolve_inside(root, f"{split}.jsonl", "split file")
-    if not file.is_file():
-        raise LmstackError(f"{file} not found; rewrite the world with `lmstack data synth-vision --out {root}`")
+    root, file, lines = read_split_lines(data, split, "shapes world", "lmstack data synth-vision")
     records = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmstackError(f"{file} line {n} is not JSON: {e.msg}") from None
+    for n, rec in lines:
         if not isinstance(rec, dict) or not rec.get("captions") or not isinstance(rec.get("path"), str):
             raise LmstackError(f"{file} line {n} is not a shapes-world record (needs captions and path)")
         records.append(rec)

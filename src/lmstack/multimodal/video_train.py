@@ -40,6 +40,7 @@ from lmstack.multimodal.clip import retrieval_recall, tokenize
 from lmstack.multimodal.shapes import COLOURS, SHAPES, render
 from lmstack.multimodal.video_model import VideoCLIP, VideoCLIPConfig, VideoQA, VideoQAConfig, clip_to_pixels
 from lmstack.multimodal.video_world import DIRECTIONS, MAX_OBJECTS, build_video_world, frame_scenes, load_video_clip
+from lmstack.multimodal.vision_world import read_split_lines
 from lmstack.progress import BudgetBar
 from lmstack.runtime.device import resolve_device
 from lmstack.runtime.validation import need
@@ -76,21 +77,9 @@ def render_clips(records: Sequence[dict]) -> torch.Tensor:
 def load_video_split(data: str | Path, split: str, frames: int, size: int) -> tuple[list[dict], torch.Tensor]:
     """(records, uint8 clips (N, F, 3, S, S)) of one split written by `lmstack data synth-video`; each sprite
     sheet is checked (frame count, frame size) before use."""
-    root = Path(data)
-    if not (root / "manifest.json").is_file():
-        raise LmstackError(f"no video world at {root} (manifest.json missing); write one with "
-                           f"`lmstack data synth-video --out {root}`")
-    file = resolve_inside(root, f"{split}.jsonl", "split file")
-    if not file.is_file():
-        raise LmstackError(f"{file} not found; rewrite the world with `lmstack data synth-video --out {root}`")
+    root, file, lines = read_split_lines(data, split, "video world", "lmstack data synth-video")
     records, clips = [], []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmstackError(f"{file} line {n} is not JSON: {e.msg}") from None
+    for n, rec in lines:
         if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or "questions" not in rec:
             raise LmstackError(f"{file} line {n} is not a video-world record (needs path, captions, questions)")
         arr = load_video_clip(resolve_inside(root, rec["path"], "clip"), frames)
@@ -149,6 +138,16 @@ def _step(model, opt, sched, loss: torch.Tensor) -> None:
     sched.step()
 
 
+def _record(rows: list[dict], stage: str, step: int, steps: int, loss: torch.Tensor, t0: float,
+            log: Callable[[dict], None] | None) -> None:
+    """Every 25th step and the last: a row of (stage, step, loss, seconds), also handed to `log`."""
+    if step % 25 == 0 or step == steps:
+        rows.append({"stage": stage, "step": step, "loss": float(loss.detach()),
+                     "seconds": round(time.perf_counter() - t0, 2)})
+        if log:
+            log(rows[-1])
+
+
 def pretrain_contrastive(model: VideoCLIP, tok, records: Sequence[dict], clips: torch.Tensor, steps: int,
                          batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress: bool = False,
                          log: Callable[[dict], None] | None = None) -> list[dict]:
@@ -167,11 +166,7 @@ def pretrain_contrastive(model: VideoCLIP, tok, records: Sequence[dict], clips: 
         loss = model(as_float(clips[pick]).to(device), ids)
         _step(model, opt, sched, loss)
         bar.update(1)
-        if step % 25 == 0 or step == steps:
-            rows.append({"stage": "contrastive", "step": step, "loss": float(loss.detach()),
-                         "seconds": round(time.perf_counter() - t0, 2)})
-            if log:
-                log(rows[-1])
+        _record(rows, "contrastive", step, steps, loss, t0, log)
     bar.close()
     model.eval()
     return rows
@@ -237,11 +232,7 @@ def train_qa(model: VideoQA, tok, items: Sequence[dict], clips: torch.Tensor, st
         loss = F.cross_entropy(logits, torch.tensor([it["label"] for it in batch], device=device))
         _step(model, opt, sched, loss)
         bar.update(1)
-        if step % 25 == 0 or step == steps:
-            rows.append({"stage": "qa", "step": step, "loss": float(loss.detach()),
-                         "seconds": round(time.perf_counter() - t0, 2)})
-            if log:
-                log(rows[-1])
+        _record(rows, "qa", step, steps, loss, t0, log)
     bar.close()
     model.eval()
     return rows

@@ -284,5 +284,28 @@ def synth_vision(out: str = "data/vision", n_images: int = 200, size: int = 64, 
           f"held-out pairs {', '.join(' '.join(p) for p in HELDOUT_PAIRS)}")
 
 
+
+def read_split_lines(data: str | os.PathLike, split: str, world: str, command: str) -> tuple[Path, Path, list]:
+    """(root, split file, [(line number, parsed JSON)]) of `<data>/<split>.jsonl` in a generated world (the shapes
+    world, the video world): the manifest must exist, the file stays inside the directory, blank lines are skipped
+    and a line that is not JSON is an error naming it. Each caller checks its own record shape."""
+    from lmstack.model.load_guard import resolve_inside  # lazy: the world writer does not need the model package
+
+    root = Path(data)
+    if not (root / "manifest.json").is_file():
+        raise LmstackError(f"no {world} at {root} (manifest.json missing); write one with `{command} --out {root}`")
+    file = resolve_inside(root, f"{split}.jsonl", "split file")
+    if not file.is_file():
+        raise LmstackError(f"{file} not found; rewrite the world with `{command} --out {root}`")
+    lines = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            lines.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise LmstackError(f"{file} line {n} is not JSON: {e.msg}") from None
+    return root, file, lines
+
 __all__ = ["build_vision_world", "write_vision_world", "synth_vision", "sample_scene", "captions", "vqa", "referring",
-           "multistep", "relation", "png_bytes", "SPLITS", "HELDOUT_PAIRS", "RELATIONS", "MARGIN"]
+           "multistep", "relation", "png_bytes", "read_split_lines", "SPLITS", "HELDOUT_PAIRS", "RELATIONS", "MARGIN"]
